@@ -1,0 +1,79 @@
+"""napari reader contribution: whole slides as multiscale RGB layers, z-stacks with a Z slider.
+
+Following napari's convention, ``napari_get_reader`` returns ``None`` for paths it
+cannot read (so another plugin can try) and never raises into napari.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+LayerData = tuple[Any, dict, str]
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return a reader function for ``path`` or None if napari-pathfm cannot read it."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if _is_zstack(p):
+        return read_zstack
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
+        return None
+    try:
+        from .io.slide import open_slide
+
+        slide = open_slide(p)
+        slide.close()
+    except Exception as exc:  # a reader must never crash napari
+        log.info("napari-pathfm cannot read %s: %s", p, exc)
+        return None
+    return read_slide
+
+
+def _is_zstack(p: Path) -> bool:
+    try:
+        from .io.zstack import looks_like_zstack
+    except ImportError:
+        return False
+    try:
+        return bool(looks_like_zstack(p))
+    except Exception:
+        return False
+
+
+def slide_layer_data(slide, name: str | None = None) -> LayerData:
+    """LayerData for a :class:`~napari_pathfm.io.slide.Slide`: multiscale RGB, µm scale when known."""
+    scale = (slide.mpp, slide.mpp) if slide.mpp else (1.0, 1.0)
+    kwargs = {
+        "name": name or slide.path.name,
+        "rgb": True,
+        "multiscale": True,
+        "scale": scale,
+        "units": ("micrometer", "micrometer") if slide.mpp else ("pixel", "pixel"),
+        "contrast_limits": (0, 255),
+        "metadata": {"pathfm_slide": slide.metadata(), "pathfm_path": str(slide.path)},
+    }
+    return (slide.pyramid, kwargs, "image")
+
+
+def read_slide(path: str | list[str]) -> list[LayerData]:
+    from .io.slide import open_slide
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    return [slide_layer_data(open_slide(path))]
+
+
+def read_zstack(path: str | list[str]) -> list[LayerData]:
+    from .io.zstack import zstack_layer_data
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    return zstack_layer_data(Path(path))

@@ -1,0 +1,272 @@
+"""Whole-slide images as lazy dask pyramids: ``open_slide(path) -> Slide``.
+
+OpenSlide reads the vendor formats (SVS, NDPI, VMS/VMU, SCN, MRXS, SVSLIDE, BIF,
+generic tiled TIFF, DICOM WSI); tifffile + zarr 3 reads OME-TIFF and TIFFs
+OpenSlide refuses; Pillow reads plain PNG/JPEG images. Every level is a dask
+array (Y, X, 3) uint8 chunked on the file's native tiles, so viewing a slide
+reads only the tiles on screen and opening one costs almost no memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SlideError
+from ._levels import RegionArray
+from ._tiff_backend import MAX_PLAUSIBLE_MPP
+
+PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
+#: Suffixes the napari reader claims (folders are handled by the z-stack reader).
+SLIDE_SUFFIXES = [
+    ".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".tif", ".tiff", ".dcm",
+    ".btf", ".png", ".jpg", ".jpeg",
+]  # fmt: skip
+OVERVIEW_MAX = 2048  # a pyramid's smallest level should be at most this many px on its long side
+
+
+@dataclass(frozen=True)
+class SlideSignature:
+    """Identity of a slide file for caches: cheap, never a hash of pixel data."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    level_shapes: tuple[tuple[int, int], ...]
+
+    def key(self) -> str:
+        text = f"{self.path}|{self.size}|{self.mtime_ns}|{self.level_shapes}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Slide:
+    """An open whole-slide image.
+
+    Attributes
+    ----------
+    path : Path
+    backend : str
+        ``"openslide"``, ``"tifffile"`` or ``"image"``.
+    mpp : float or None
+        µm per pixel at level 0 (None when the file does not say).
+    level_shapes : list of (height, width)
+    level_downsamples : list of float
+        Level-0 pixels per pixel of each level.
+    properties : dict
+        Vendor properties as strings (OpenSlide's ``openslide.*`` keys and vendor keys).
+    background : (r, g, b)
+        Colour that transparent/unscanned regions are composited onto.
+
+    Examples
+    --------
+    >>> slide = open_slide("CMU-1-Small-Region.svs")  # doctest: +SKIP
+    >>> slide.read(0, 1000, 1000, 256, 256).shape  # doctest: +SKIP
+    (256, 256, 3)
+    """
+
+    def __init__(self, path: Path, backend):
+        self.path = path
+        self._backend = backend
+        self.backend: str = backend.name
+        self.mpp: float | None = backend.mpp
+        if self.mpp is not None and not 0 < self.mpp <= MAX_PLAUSIBLE_MPP:
+            backend.properties["pathfm.ignored-mpp"] = str(self.mpp)
+            self.mpp = None
+        self.level_shapes: list[tuple[int, int]] = list(backend.level_shapes)
+        self.level_downsamples: list[float] = list(backend.level_downsamples)
+        self.tile_sizes: list[tuple[int, int]] = list(backend.tile_sizes)
+        self.properties: dict[str, str] = dict(backend.properties)
+        self.vendor: str | None = backend.vendor
+        self.objective_power: float | None = backend.objective_power
+        self.background: tuple[int, int, int] = tuple(backend.background)  # type: ignore[assignment]
+
+    # -- geometry ---------------------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return len(self.level_shapes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Level-0 (height, width)."""
+        return self.level_shapes[0]
+
+    def level_mpp(self, level: int) -> float | None:
+        return None if self.mpp is None else self.mpp * self.level_downsamples[level]
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Deepest level whose downsample does not exceed ``downsample`` (never upsample)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = i
+        return best
+
+    # -- pixels -----------------------------------------------------------------
+    def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Read a region as (h, w, 3) uint8; y, x, h, w are in pixels of ``level``.
+
+        Parts outside the image are filled with the background colour. A tile that
+        fails to decode raises :class:`SlideError`; it is never silently zero-filled.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideError(self.path, f"has no level {level} (it has {self.level_count}).")
+        return self._backend.read_region(level, int(y), int(x), int(h), int(w))
+
+    @cached_property
+    def pyramid(self) -> list:
+        """Dask arrays (Y, X, 3) uint8, level 0 first, chunked on native tiles.
+
+        When the file's own pyramid stops above :data:`OVERVIEW_MAX` px, coarser
+        levels are added by lazy 2x averaging so that napari can show an overview.
+        """
+        import dask.array as da
+
+        token = self.signature().key()
+        levels = []
+        for i, shape in enumerate(self.level_shapes):
+            reader = _LevelReader(self, i)
+            th, tw = self.tile_sizes[i]
+            chunks = (min(th, shape[0]), min(tw, shape[1]), 3)
+            levels.append(
+                da.from_array(
+                    RegionArray(shape, reader),
+                    chunks=chunks,
+                    name=f"pathfm-slide-{token}-level{i}",
+                    lock=False,
+                    asarray=False,
+                    fancy=False,
+                    meta=np.empty((0, 0, 0), np.uint8),
+                )
+            )
+        while max(levels[-1].shape[:2]) > OVERVIEW_MAX:
+            levels.append(_coarsen2(levels[-1]))
+        return levels
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """An RGB overview whose long side is at most ``max_size`` px."""
+        from PIL import Image
+
+        h0, w0 = self.shape
+        ds = max(h0, w0) / max_size
+        level = self.best_level_for_downsample(max(ds, 1.0))
+        h, w = self.level_shapes[level]
+        img = self.read(level, 0, 0, h, w)
+        scale = max_size / max(h, w)
+        if scale < 1:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+        return img
+
+    # -- metadata ---------------------------------------------------------------
+    @property
+    def associated_image_names(self) -> list[str]:
+        return list(self._backend.associated_names)
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """Label, macro or thumbnail image stored beside the slide, as RGB uint8."""
+        if name not in self._backend.associated_names:
+            raise SlideError(self.path, f"has no associated image {name!r}.", f"Available: {self.associated_image_names}.")
+        return self._backend.associated(name)
+
+    def signature(self) -> SlideSignature:
+        st = os.stat(self.path)
+        return SlideSignature(str(self.path.resolve()), st.st_size, st.st_mtime_ns, tuple(self.level_shapes))
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-friendly summary: what ``pathfm open`` prints and napari attaches to the layer."""
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "mpp": self.mpp,
+            "objective_power": self.objective_power,
+            "level_count": self.level_count,
+            "level_shapes": [list(s) for s in self.level_shapes],
+            "level_downsamples": self.level_downsamples,
+            "tile_sizes": [list(s) for s in self.tile_sizes],
+            "background": list(self.background),
+            "associated_images": self.associated_image_names,
+            "properties": self.properties,
+        }
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({str(self.path)!r}, backend={self.backend}, levels={self.level_shapes}, mpp={self.mpp})"
+
+
+class _LevelReader:
+    """Picklable region reader for one level (dask may serialise graphs)."""
+
+    def __init__(self, slide: Slide, level: int):
+        self.slide, self.level = slide, level
+
+    def __call__(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.slide.read(self.level, y, x, h, w)
+
+
+def _coarsen2(arr):
+    """Halve a dask RGB level by 2x2 averaging (odd edges trimmed), keeping uint8."""
+    import dask.array as da
+
+    h, w = (arr.shape[0] // 2) * 2, (arr.shape[1] // 2) * 2
+    arr = arr[:h, :w]
+    cy, cx = arr.chunksize[0], arr.chunksize[1]
+    arr = arr.rechunk((max(2, cy - cy % 2), max(2, cx - cx % 2), 3))
+    out = da.coarsen(np.mean, arr.astype(np.float32), {0: 2, 1: 2}, trim_excess=True)
+    return out.round().astype(np.uint8)
+
+
+def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | None = None) -> Slide:
+    """Open a whole-slide image, OME-TIFF, generic TIFF or plain image.
+
+    Raises
+    ------
+    SlideError
+        When the file does not exist or no backend can read it; the message names
+        the file, what is wrong and what to do.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideError(p, "does not exist.", "Check the path.")
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
+        raise SlideError(p, "is a folder, not a slide file.", "Open a slide file (or use open_zstack for plane folders).")
+    suffix = p.suffix.lower()
+    if suffix in PLAIN_IMAGE_SUFFIXES:
+        from ._tiff_backend import PlainImageBackend
+
+        return Slide(p, PlainImageBackend(p, background))
+
+    from ._openslide_backend import OpenSlideBackend
+    from ._tiff_backend import TiffBackend
+
+    errors: list[str] = []
+    is_ome = p.name.lower().endswith((".ome.tif", ".ome.tiff"))
+    backends = [TiffBackend, OpenSlideBackend] if is_ome else [OpenSlideBackend]
+    if suffix in TIFF_SUFFIXES and not is_ome:
+        backends.append(TiffBackend)
+    for backend_cls in backends:
+        try:
+            return Slide(p, backend_cls(p, background))
+        except SlideError as exc:
+            errors.append(f"{backend_cls.name}: {exc.problem.rstrip('.')}")
+    raise SlideError(
+        p,
+        "cannot be read as a slide (" + "; ".join(errors) + ").",
+        "Check that the file is complete and in a supported format (SVS, NDPI, MRXS, SCN, BIF, DICOM, "
+        "OME-TIFF, pyramidal TIFF, PNG/JPEG); converting to pyramidal OME-TIFF usually helps.",
+    )

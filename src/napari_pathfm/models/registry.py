@@ -1,0 +1,183 @@
+"""Model registry: build any model of the package by name.
+
+Shaped like timm's ``_registry.py``: a model family is a module with small factory
+functions decorated with :func:`register_model`; :func:`create_model` builds one by
+name. Built-in models are listed in ``_BUILTINS`` as ``"module:function"`` strings
+with their description and default config, so :func:`list_models` and
+:func:`model_info` answer without importing torch (contract 6); the module is only
+imported by the first :func:`create_model` of one of its models.
+
+Every model built here carries ``model.pathfm_config = {"name": ..., **cfg}``, the
+full config needed to rebuild it, which :func:`~napari_pathfm.models.save_checkpoint`
+writes into the model card.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["register_model", "create_model", "list_models", "model_info", "ModelEntry"]
+
+# Config keys that point at files to load once at build time; they are not
+# recorded in ``pathfm_config`` because a checkpoint card carries the weights itself.
+_BUILD_ONLY_KEYS = ("weights",)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the registry knows about one model name.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"timm_classifier"``.
+    target : str
+        ``"module:function"`` of the factory (imported lazily).
+    family : str
+        Task family (``"classify"``, ``"segment"``, ``"mil"``, ...).
+    description : str
+        One line for users and GUI lists.
+    default_cfg : dict
+        Keyword arguments of the factory with their defaults.
+    """
+
+    name: str
+    target: str
+    family: str
+    description: str
+    default_cfg: dict = field(default_factory=dict)
+
+
+_BUILTINS: dict[str, ModelEntry] = {
+    e.name: e
+    for e in [
+        ModelEntry(
+            name="timm_classifier",
+            target="napari_pathfm.models.tile_classifier:timm_classifier",
+            family="classify",
+            description="Any timm image backbone with a linear classification head (tile classifier).",
+            default_cfg={"backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None},
+        ),
+    ]
+}
+
+# Filled by @register_model when a module is imported (built-in or user code).
+_ENTRYPOINTS: dict[str, Callable[..., Any]] = {}
+_RUNTIME: dict[str, ModelEntry] = {}
+
+
+def _signature_defaults(fn: Callable[..., Any]) -> dict:
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def register_model(fn: Callable | None = None, *, name: str | None = None, family: str = "", description: str = ""):
+    """Register a model factory under ``name`` (default: the function name).
+
+    Usable bare (``@register_model``) or with arguments
+    (``@register_model(family="classify")``). The description defaults to the
+    first docstring line and the default config to the factory's keyword defaults.
+
+    Examples
+    --------
+    >>> @register_model(family="classify")
+    ... def tiny_net(num_classes=2):
+    ...     '''A tiny test network.'''
+    ...     import torch
+    ...     return torch.nn.Linear(4, num_classes)
+    >>> "tiny_net" in list_models()
+    True
+    """
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        key = name or f.__name__
+        builtin = _BUILTINS.get(key)
+        if builtin is not None and builtin.target != f"{f.__module__}:{f.__name__}":
+            raise ValueError(f"model name {key!r} is already used by built-in {builtin.target}")
+        doc = (inspect.getdoc(f) or "").strip().splitlines()
+        _ENTRYPOINTS[key] = f
+        _RUNTIME[key] = ModelEntry(
+            name=key,
+            target=f"{f.__module__}:{f.__name__}",
+            family=family or (builtin.family if builtin else ""),
+            description=description or (doc[0] if doc else ""),
+            default_cfg=_signature_defaults(f),
+        )
+        return f
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def list_models(family: str | None = None) -> list[str]:
+    """Sorted names of all known models, optionally only those of one ``family``.
+
+    Does not import torch or any model module.
+    """
+    entries = {**_BUILTINS, **_RUNTIME}
+    return sorted(n for n, e in entries.items() if family is None or e.family == family)
+
+
+def _entry(name: str) -> ModelEntry:
+    entry = _RUNTIME.get(name) or _BUILTINS.get(name)
+    if entry is None:
+        known = ", ".join(list_models()) or "none"
+        raise KeyError(f"unknown model {name!r}; known models: {known}")
+    return entry
+
+
+def model_info(name: str) -> dict:
+    """Family, description, factory target and default config of model ``name``.
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is not registered; the message lists the known names.
+    """
+    e = _entry(name)
+    return {
+        "name": e.name,
+        "family": e.family,
+        "description": e.description,
+        "target": e.target,
+        "default_cfg": dict(e.default_cfg),
+    }
+
+
+def create_model(name: str, **cfg: Any):
+    """Build model ``name`` with factory keyword arguments ``cfg``.
+
+    Imports the family module on first use. Unknown config keys raise a
+    ``TypeError`` naming the accepted keys. The returned module has
+    ``pathfm_config`` (name + full config, without build-only keys such as
+    ``weights``) so a checkpoint card can rebuild it.
+
+    Examples
+    --------
+    >>> net = create_model("timm_classifier", backbone="resnet10t", num_classes=3)
+    >>> net.pathfm_config["num_classes"]
+    3
+    """
+    entry = _entry(name)
+    if name not in _ENTRYPOINTS:
+        module, _, func = entry.target.partition(":")
+        importlib.import_module(module)
+        if name not in _ENTRYPOINTS:  # module defines it without the decorator
+            register_model(getattr(importlib.import_module(module), func), name=name, family=entry.family)
+    fn = _ENTRYPOINTS[name]
+    defaults = _signature_defaults(fn)
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise TypeError(f"model {name!r} does not accept {unknown}; accepted config keys: {sorted(defaults)}")
+    model = fn(**cfg)
+    if not isinstance(getattr(model, "pathfm_config", None), dict):
+        full = {**defaults, **cfg}
+        for key in _BUILD_ONLY_KEYS:
+            full.pop(key, None)
+        model.pathfm_config = {"name": name, **full}
+    return model

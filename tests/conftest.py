@@ -1,0 +1,29 @@
+"""Shared fixtures: the real data in ``../shared/data`` (never copied into the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PATHFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the shared real data; skips the test with a reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared real data not found at {SHARED_DATA} (set PATHFM_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def wsi_dir(shared_data: Path) -> Path:
+    return shared_data / "wsi"
+
+
+@pytest.fixture(scope="session")
+def cmu_small(wsi_dir: Path) -> Path:
+    return wsi_dir / "CMU-1-Small-Region.svs"
