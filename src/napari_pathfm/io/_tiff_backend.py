@@ -119,12 +119,6 @@ class TiffBackend:
             self.properties["tiff.ImageDescription"] = page0.description[:2000]
         self._assoc = {s.name.lower(): s for s in self._tif.series[1:] if s.name and s.name.lower() in {"label", "macro", "thumbnail"}}
         self.associated_names = list(self._assoc)
-        self._probe()
-
-    def _probe(self) -> None:
-        """Decode one tile now so that an undecodable file fails at open, naming the file."""
-        h, w = self.tile_sizes[0]
-        self.read_region(0, 0, 0, min(h, self.level_shapes[0][0]), min(w, self.level_shapes[0][1]))
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         arr = self._levels[level]

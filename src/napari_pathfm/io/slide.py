@@ -109,6 +109,14 @@ class Slide:
         return best
 
     # -- pixels -----------------------------------------------------------------
+    def probe(self) -> None:
+        """Decode the first tile of the smallest level, so a file whose pixels cannot be
+        decoded fails when it is opened (naming the file) rather than later in a viewer."""
+        level = self.level_count - 1
+        h, w = self.level_shapes[level]
+        th, tw = self.tile_sizes[level]
+        self.read(level, 0, 0, min(h, th, 64), min(w, tw, 64))
+
     def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Read a region as (h, w, 3) uint8; y, x, h, w are in pixels of ``level``.
 
@@ -261,9 +269,17 @@ def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | No
         backends.append(TiffBackend)
     for backend_cls in backends:
         try:
-            return Slide(p, backend_cls(p, background))
+            slide = Slide(p, backend_cls(p, background))
         except SlideError as exc:
             errors.append(f"{backend_cls.name}: {exc.problem.rstrip('.')}")
+            continue
+        try:
+            slide.probe()
+        except SlideError as exc:
+            slide.close()
+            errors.append(f"{backend_cls.name}: {exc.problem.rstrip('.')}")
+            continue
+        return slide
     raise SlideError(
         p,
         "cannot be read as a slide (" + "; ".join(errors) + ").",

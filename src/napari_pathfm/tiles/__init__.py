@@ -1,0 +1,41 @@
+"""Tissue masks, tile grids, the streaming tile loader and overlap blending.
+
+Everything a slide-scale pipeline needs between a :class:`~napari_pathfm.io.Slide`
+and a model, with no torch dependency. Names are resolved lazily so importing
+``napari_pathfm.tiles`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TissueMask": "tissue",
+    "tissue_mask": "tissue",
+    "rgb_tissue_mask": "tissue",
+    "TileGrid": "grid",
+    "tile_grid": "grid",
+    "choose_level": "grid",
+    "Tile": "loader",
+    "TileBatch": "loader",
+    "read_tile": "loader",
+    "resize_tile": "loader",
+    "iter_tiles": "loader",
+    "iter_tile_batches": "loader",
+    "TileBlender": "blend",
+    "pyramidal_weights": "blend",
+    "gaussian_weights": "blend",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

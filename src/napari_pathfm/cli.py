@@ -1,0 +1,173 @@
+"""The ``pathfm`` command line: a thin front end over the pipelines and the training engine.
+
+Every command reports progress through the same ``progress(done, total, message)``
+callback the napari widgets use; Ctrl-C cancels cleanly between tiles/batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import Cancelled, PathFMError
+
+app = typer.Typer(
+    name="pathfm",
+    help="Computational pathology foundation models: slides, tiles, training, inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@contextmanager
+def cli_progress(description: str):
+    """Yield ``(progress, cancel)``: a rich progress bar callback and a Ctrl-C cancel event."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cancel = threading.Event()
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[msg]}"), transient=False, disable=not sys.stderr.isatty(),
+    )  # fmt: skip
+    task = bar.add_task(description, total=None, msg="")
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        bar.update(task, completed=done, total=total or None, msg=message)
+
+    with bar:
+        try:
+            yield progress, cancel
+        except KeyboardInterrupt:
+            cancel.set()
+            raise Cancelled(f"{description} cancelled by the user") from None
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(130 if isinstance(exc, Cancelled) else 1)
+
+
+@app.command()
+def info() -> None:
+    """Print versions, available devices and registered models."""
+    from .info import collect_info
+
+    typer.echo(json.dumps(collect_info(), indent=2))
+
+
+@app.command("open")
+def open_cmd(slide: Path = typer.Argument(..., help="Slide file (SVS, NDPI, MRXS, DICOM, OME-TIFF, …)")) -> None:
+    """Print a slide's metadata (levels, µm/px, vendor properties, associated images) as JSON."""
+    from .io.slide import open_slide
+
+    try:
+        with open_slide(slide) as s:
+            typer.echo(json.dumps(s.metadata(), indent=2, default=str))
+    except PathFMError as exc:
+        _fail(exc)
+
+
+@app.command()
+def tiles(
+    slide: Path = typer.Argument(..., help="Slide file"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
+    mpp: Optional[float] = typer.Option(0.5, help="Tile resolution in µm/px (ignored when --level is given)"),
+    level: Optional[int] = typer.Option(None, help="Pyramid level to tile instead of a µm/px target"),
+    size: int = typer.Option(256, help="Tile size in output pixels"),
+    overlap: int = typer.Option(0, help="Overlap between neighbouring tiles in output pixels"),
+    min_tissue: float = typer.Option(0.25, help="Keep tiles with at least this tissue fraction"),
+    mask_mpp: float = typer.Option(8.0, help="Resolution of the tissue mask in µm/px"),
+) -> None:
+    """Compute the tissue mask and the tile grid of a slide; write mask, grid and an overview PNG."""
+    from .pipelines.tissue_tiles import tissue_and_grid
+
+    try:
+        with cli_progress("tiles") as (progress, cancel):
+            written = tissue_and_grid(
+                slide, out, tile_size=size, mpp=None if level is not None else mpp, level=level,
+                overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp, progress=progress, cancel=cancel,
+            )  # fmt: skip
+    except PathFMError as exc:
+        _fail(exc)
+    for name, path in written.items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see training/)"),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe value: --set optim.lr=1e-4 (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the recipe's `output`)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps"),
+    resume: bool = typer.Option(True, help="Continue from the output folder's last checkpoint when present"),
+    json_progress: bool = typer.Option(False, "--json-progress", help="Stream progress as JSON lines on stdout"),
+) -> None:
+    """Train a model from a recipe with Lightning (checkpoints, resume, early stopping, logs)."""
+    from .training.engine import run_recipe
+
+    try:
+        if json_progress:
+            cancel = threading.Event()
+
+            def progress(done: int, total: int, message: str = "") -> None:
+                typer.echo(json.dumps({"event": "progress", "done": done, "total": total, "message": message}))
+                sys.stdout.flush()
+
+            try:
+                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, resume=resume, device=device, output=out)
+            except KeyboardInterrupt:
+                cancel.set()
+                raise Cancelled("training cancelled by the user") from None
+        else:
+            with cli_progress("train") as (progress, cancel):
+                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, resume=resume, device=device, output=out)
+    except PathFMError as exc:
+        _fail(exc)
+    summary = {
+        "checkpoint": str(result.checkpoint),
+        "metrics": result.metrics,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "cancelled": result.cancelled,
+        "log_dir": str(result.log_dir),
+    }
+    typer.echo(json.dumps({"event": "summary", **summary} if json_progress else summary, indent=None if json_progress else 2, default=str))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("pathfm-demo"), "--out", "-o", help="Where to write the demo outputs"),
+    slide: Optional[Path] = typer.Option(None, help="Slide to use (default: the bundled CMU-1 small region)"),
+    show: Optional[bool] = typer.Option(None, help="Open napari with the results (default: when a display is available)"),
+) -> None:
+    """Run the main job on the bundled slide: tissue mask, tile grid, OME-TIFF, GeoJSON, canvas PNG."""
+    from .demo import run_demo
+
+    try:
+        with cli_progress("demo") as (progress, cancel):
+            written = run_demo(out, slide=slide, show=False, progress=progress, cancel=cancel)
+    except PathFMError as exc:
+        _fail(exc)
+    typer.echo(f"napari-pathfm demo wrote {len(written)} files to {out.resolve()}:")
+    for name, path in written.items():
+        typer.echo(f"  {name}: {path}")
+    from .demo import display_available, show_in_napari
+
+    if show if show is not None else display_available():
+        show_in_napari(out, slide=slide)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Our checkpoint format: ``X.safetensors`` weights beside an ``X.json`` model card.
+
+The card says everything needed to use the weights without the training code:
+registry name + config (to rebuild the module), classes, normalisation, input
+µm/px, tile size, training data, metrics, package version, creation time and the
+sha256 of the weights file. Both files are written atomically (temporary file in
+the same folder, then ``os.replace``) so an interrupted save never leaves a
+half-written checkpoint over a good one. :func:`read_card` needs only ``json``, so
+widgets can list checkpoints without importing torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "CARD_FORMAT"]
+
+CARD_FORMAT = "napari-pathfm-checkpoint/1"
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, card)`` paths for ``X``, ``X.safetensors`` or ``X.json``."""
+    path = Path(path)
+    if path.suffix.lower() in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.parent / (path.name + ".safetensors"), path.parent / (path.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays/scalars, torch tensors
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    raise TypeError(f"model card value of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _cpu_tensors(model) -> dict:
+    """State dict as contiguous CPU tensors; tensors sharing memory are cloned (safetensors needs that)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def save_checkpoint(model, path: str | Path, card: dict | None = None) -> Path:
+    """Write ``model``'s weights to ``X.safetensors`` and its card to ``X.json``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Built by :func:`~napari_pathfm.models.create_model` (so it carries
+        ``pathfm_config``), or ``card`` must give ``name`` and ``config``.
+    path : str or Path
+        ``X``, ``X.safetensors`` or ``X.json``.
+    card : dict, optional
+        Extra card fields: ``classes``, ``normalization`` (``{"mean", "std"}``),
+        ``input_mpp``, ``tile_size``, ``training_data``, ``metrics``, ... They
+        override the defaults; version, time and sha256 are always filled in.
+
+    Returns
+    -------
+    Path
+        The ``.safetensors`` file.
+    """
+    from safetensors.torch import save_file
+
+    from .. import __version__
+    from .registry import model_info
+
+    weights_path, card_path = checkpoint_paths(path)
+    card = dict(card or {})
+    recorded = dict(getattr(model, "pathfm_config", None) or {})
+    name = card.get("name") or recorded.pop("name", None)
+    recorded.pop("name", None)
+    config = card.get("config", recorded)
+    if not name:
+        raise ValueError("save_checkpoint needs a model built by create_model or card['name'] and card['config']")
+    try:
+        family = model_info(name)["family"]
+    except KeyError:
+        family = ""
+    full = {
+        "format": CARD_FORMAT,
+        "family": family,
+        "classes": None,
+        "normalization": None,
+        "input_mpp": None,
+        "tile_size": None,
+        "training_data": None,
+        "metrics": {},
+        **card,
+        "name": name,
+        "config": config,
+        "package_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "weights_file": weights_path.name,
+    }
+    tensors = _cpu_tensors(model)
+    full["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "pathfm_name": name})
+        full["sha256"] = _sha256(tmp)
+
+    text = json.dumps(full, indent=2, default=_jsonable)  # fail before touching files
+    _atomic_write(weights_path, write_weights)
+    text = json.dumps(full, indent=2, default=_jsonable)
+    _atomic_write(card_path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    return weights_path
+
+
+def read_card(path: str | Path) -> dict:
+    """Read the JSON model card of checkpoint ``path`` (no torch import).
+
+    Raises
+    ------
+    CheckpointError
+        The card is missing or is not a valid card.
+    """
+    weights_path, card_path = checkpoint_paths(path)
+    if not card_path.is_file():
+        raise CheckpointError(
+            card_path,
+            f"model card not found (expected next to {weights_path.name}).",
+            "Checkpoints are a .safetensors file plus a .json card; export both with save_checkpoint, "
+            "or load bare foreign weights with napari_pathfm.models.weights.load_state_dict_file.",
+        )
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(card_path, f"is not a readable JSON model card ({exc}).", "Re-export the checkpoint.") from exc
+    if not isinstance(card, dict) or not card.get("name") or not isinstance(card.get("config", {}), dict):
+        raise CheckpointError(card_path, "is not a model card: it lacks 'name' or 'config'.", "Re-export the checkpoint.")
+    return card
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[Path, dict]]:
+    """``(weights path, card)`` of every readable checkpoint directly in ``folder``, by name."""
+    found = []
+    for card_path in sorted(Path(folder).glob("*.json")):
+        weights_path, _ = checkpoint_paths(card_path)
+        if not weights_path.is_file():
+            continue
+        try:
+            found.append((weights_path, read_card(card_path)))
+        except CheckpointError:
+            continue
+    return found
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = True):
+    """Rebuild the model described by the card of ``path`` and load its weights strictly.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``X``, ``X.safetensors`` or ``X.json``.
+    device : str
+        Torch device for the returned model (``"auto"`` allowed).
+    verify : bool
+        Check the weights file against the card's sha256.
+
+    Returns
+    -------
+    (torch.nn.Module, dict)
+        The model in eval mode and its card.
+
+    Raises
+    ------
+    CheckpointError
+        Missing card or weights, unknown model name, corrupt or altered weights
+        file, or tensors that do not fit the model (named in plain words).
+    """
+    from ..device import resolve_device
+    from .registry import create_model, list_models
+    from .weights import load_into, load_state_dict_file
+
+    weights_path, card_path = checkpoint_paths(path)
+    card = read_card(card_path)
+    if not weights_path.is_file():
+        raise CheckpointError(weights_path, "weights file not found next to its model card.", "Copy both files together.")
+    name = card["name"]
+    if name not in list_models():
+        raise CheckpointError(
+            card_path,
+            f"names model {name!r}, which this version of napari-pathfm does not know "
+            f"(known: {', '.join(list_models())}).",
+            "Update napari-pathfm or install the plugin that registers this model.",
+        )
+    if verify and card.get("sha256") and _sha256(weights_path) != card["sha256"]:
+        raise CheckpointError(
+            weights_path,
+            "does not match the sha256 in its model card; the file was changed or only partly copied.",
+            "Copy the checkpoint again, or pass verify=False if you changed it on purpose.",
+        )
+    state = load_state_dict_file(weights_path)
+    try:
+        model = create_model(name, **card.get("config", {}))
+    except TypeError as exc:
+        raise CheckpointError(card_path, f"has a config that model {name!r} does not accept ({exc}).", "Re-export the checkpoint.") from exc
+    load_into(model, state, strict=True, source=weights_path)
+    return model.to(resolve_device(device)).eval(), card

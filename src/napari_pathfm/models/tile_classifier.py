@@ -1,0 +1,58 @@
+"""Tile classifier family: any timm backbone with a linear head.
+
+The simplest ``classify`` model and the first one the training engine trains.
+Backbones are always built with ``pretrained=False`` (no downloads); pretrained
+weights come only from a local file through :mod:`napari_pathfm.models.weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .registry import register_model
+from .weights import load_into, load_state_dict_file
+
+__all__ = ["timm_classifier"]
+
+log = logging.getLogger(__name__)
+
+
+@register_model(family="classify")
+def timm_classifier(
+    backbone: str = "resnet18",
+    num_classes: int = 2,
+    in_chans: int = 3,
+    drop_rate: float = 0.0,
+    weights: str | Path | None = None,
+):
+    """Any timm image backbone with a linear classification head (tile classifier).
+
+    Parameters
+    ----------
+    backbone : str
+        timm model name, e.g. ``"resnet18"``, ``"resnet10t"``, ``"efficientnet_b0"``.
+    num_classes : int
+        Number of output logits.
+    in_chans : int
+        Input channels (3 for RGB H&E).
+    drop_rate : float
+        Dropout before the classifier.
+    weights : str or Path, optional
+        Local weights file (``.safetensors``/``.pt``/``.pth``/``.bin``) with timm
+        key names. Tensors whose shape does not fit (typically a head trained
+        for another number of classes) are skipped and reported in the log.
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps ``(N, in_chans, H, W)`` float images to ``(N, num_classes)`` logits.
+    """
+    import timm
+
+    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    if weights is not None:
+        report = load_into(model, load_state_dict_file(weights), source=weights)
+        log.info("%s: %s", weights, report)
+        model.pathfm_load_report = report
+    return model

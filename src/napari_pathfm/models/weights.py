@@ -1,0 +1,240 @@
+"""Load weight files safely and map them onto our modules with a plain-words report.
+
+Contract 3: ``.safetensors`` load through safetensors; ``.pt/.pth/.bin/.ckpt`` load
+only through ``torch.load(weights_only=True)``, so a file that holds arbitrary
+Python objects is refused instead of executed. Common containers (``{"model": ...}``,
+``{"state_dict": ...}``, DDP ``module.`` and Lightning ``model.`` prefixes) are
+unwrapped.
+
+Foreign checkpoints (SAM2, UNI, SAM, ...) get a *key map* in the style of timm's
+``checkpoint_filter_fn``: a function ``(state_dict, model) -> state_dict`` defined
+next to the model it serves and passed to :func:`load_into`. :func:`rename_keys`
+builds the common prefix-renaming kind.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import CheckpointError
+
+__all__ = ["load_state_dict_file", "unwrap_state_dict", "load_into", "rename_keys", "LoadReport", "KeyMap"]
+
+KeyMap = Callable[[dict, Any], dict]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+_CONVERT_HINT = (
+    "If you trust where this file comes from, convert it once to safetensors: "
+    "python -c \"import torch, safetensors.torch as st; "
+    "sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', sd); "
+    "st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\" "
+    "and load the .safetensors file instead."
+)
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def unwrap_state_dict(obj: Any) -> dict:
+    """Return the flat ``{name: tensor}`` mapping inside a loaded checkpoint object.
+
+    Descends into the usual container keys (``state_dict``, ``model``, ...), drops
+    non-tensor entries (optimizer steps, hyper-parameters) and strips a prefix
+    (``module.``, ``model.``, ``_orig_mod.``) when *every* key carries it.
+    """
+    while isinstance(obj, Mapping) and not any(_is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        return {}
+    sd = {str(k): v for k, v in obj.items() if _is_tensor(v)}
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
+    """Read a weights file into a ``{name: tensor}`` dict on the CPU.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.safetensors``, or ``.pt/.pth/.bin/.ckpt`` (read with ``weights_only=True``).
+    unwrap : bool
+        Apply :func:`unwrap_state_dict` to pickled containers.
+
+    Raises
+    ------
+    CheckpointError
+        Missing file, unknown suffix, corrupt file, or a pickle that holds objects
+        other than tensors and plain containers (refused, never unpickled).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found.", "Check the path.")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise CheckpointError(
+                path, f"is not a readable safetensors file ({exc}).", "The file is corrupt or truncated; re-export or re-download it."
+            ) from exc
+    if suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            path, f"unknown weights format {suffix!r}.", f"Use .safetensors or one of {', '.join(PICKLE_SUFFIXES)}."
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise CheckpointError(
+            path,
+            "refused to unpickle arbitrary objects: the file contains Python objects besides tensors "
+            f"({detail.strip()}), and loading them could run code.",
+            _CONVERT_HINT.format(path=path, stem=path.with_suffix("")),
+        ) from exc
+    except Exception as exc:
+        raise CheckpointError(
+            path, f"could not be read as a PyTorch weights file ({type(exc).__name__}: {exc}).", "The file is corrupt or not a checkpoint."
+        ) from exc
+    if not unwrap:
+        return obj
+    sd = unwrap_state_dict(obj)
+    if not sd:
+        raise CheckpointError(path, "contains no tensors.", "Point at the file that holds the model weights.")
+    return sd
+
+
+def rename_keys(rules: Mapping[str, str] | None = None, drop: tuple[str, ...] = ()) -> KeyMap:
+    """Build a key map that renames key prefixes and drops keys.
+
+    Parameters
+    ----------
+    rules : mapping
+        ``{old_prefix: new_prefix}``; the first matching rule applies.
+    drop : tuple of str
+        Keys starting with any of these prefixes are removed.
+
+    Examples
+    --------
+    >>> km = rename_keys({"encoder.": "backbone."}, drop=("head.",))
+    >>> sorted(km({"encoder.w": 1, "head.b": 2}, None))
+    ['backbone.w']
+    """
+    rules = dict(rules or {})
+
+    def key_map(state_dict: dict, model: Any = None) -> dict:
+        out = {}
+        for k, v in state_dict.items():
+            if drop and k.startswith(drop):
+                continue
+            for old, new in rules.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+                    break
+            out[k] = v
+        return out
+
+    return key_map
+
+
+def _names(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_into` did: which tensors loaded and which did not fit.
+
+    ``str(report)`` is a plain-words summary such as
+    ``"loaded 120 of 122 tensors; missing: head.weight, head.bias"``.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when every model tensor was loaded and nothing was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} of {self.total} tensors"]
+        if self.missing:
+            parts.append(f"missing (the model has them, the file does not): {_names(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected (in the file, not in the model): {_names(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} (file {list(a)} vs model {list(b)})" for k, a, b in self.mismatched]
+            parts.append(f"wrong shape: {_names(shapes)}")
+        return "; ".join(parts)
+
+
+def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict: bool = False, source: str | Path = "state dict") -> LoadReport:
+    """Copy matching tensors of ``state_dict`` into ``model`` and report the rest.
+
+    Tensors whose shape differs from the model's are skipped (not an exception
+    from deep inside torch), so a backbone can load into a model with a new head.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Target module.
+    state_dict : dict
+        ``{name: tensor}``, e.g. from :func:`load_state_dict_file`.
+    key_map : callable, optional
+        ``(state_dict, model) -> state_dict`` applied first (timm-style
+        ``checkpoint_filter_fn``), e.g. from :func:`rename_keys`.
+    strict : bool
+        Raise :class:`CheckpointError` unless every tensor fits exactly.
+    source : str or Path
+        File name used in error messages.
+
+    Returns
+    -------
+    LoadReport
+    """
+    if key_map is not None:
+        state_dict = key_map(state_dict, model)
+    own = model.state_dict()
+    report = LoadReport(total=len(own))
+    usable = {}
+    for k, v in state_dict.items():
+        if k not in own:
+            report.unexpected.append(k)
+        elif tuple(v.shape) != tuple(own[k].shape):
+            report.mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
+        else:
+            usable[k] = v
+    report.missing = [k for k in own if k not in state_dict]
+    report.loaded = list(usable)
+    if strict and not report.ok:
+        raise CheckpointError(source, f"does not fit the model: {report}.", "Use the checkpoint made for this model and config.")
+    model.load_state_dict(usable, strict=False)
+    return report

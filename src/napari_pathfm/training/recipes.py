@@ -1,0 +1,337 @@
+"""Training recipes: YAML files that say what to train, on what, and how.
+
+A recipe has the top-level keys ``family``, ``description``, ``seed``, ``output``,
+``model`` (registry ``name`` plus its config keys), ``data`` (family specific),
+``optim`` and ``trainer``. :data:`SCHEMA` lists every known key with its type,
+default and help text, so the CLI can validate and a GUI can render a form.
+
+Strings may use ``${VAR}`` or ``${VAR:-default}``; ``${PATHFM_SHARED_DATA}``
+defaults to ``<repo>/../shared/data``. Relative paths written in a recipe file
+resolve against the recipe's folder; relative paths given as overrides resolve
+against the current directory (where the command was typed).
+
+Examples
+--------
+>>> r = load_recipe("training/classify/crc_tiny.yaml", ["optim.lr=0.01"])  # doctest: +SKIP
+>>> r.get("optim.lr")  # doctest: +SKIP
+0.01
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import RecipeError
+
+__all__ = ["Recipe", "Field", "load_recipe", "parse_override", "schema", "SCHEMA", "FAMILIES", "default_shared_data"]
+
+# family -> module with ``build(recipe) -> (LightningModule, LightningDataModule)``
+FAMILIES = {
+    "classify": "napari_pathfm.training.tasks.classify",
+}
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGE_EXTENSIONS = [".tif", ".tiff", ".png", ".jpg", ".jpeg"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: accepted types, default, help text, and optional choices."""
+
+    types: tuple
+    default: Any = None
+    help: str = ""
+    choices: tuple | None = None
+    required: bool = False
+    path: bool = False
+
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+
+SCHEMA: dict[str, Field] = {
+    "family": Field((str,), None, "Task family: which trainer to use.", tuple(FAMILIES), required=True),
+    "description": Field((str,), "", "What this recipe is for, in words."),
+    "seed": Field((int,), 0, "Seed for weights init, data split and augmentation."),
+    "output": Field((str, type(None)), None, "Output folder (default runs/<recipe name>); relative to the current folder."),
+    "model.name": Field((str,), None, "Registry name of the model (see `pathfm models`).", required=True),
+    "optim.name": Field((str,), "adamw", "Optimizer.", ("adamw", "adam", "sgd")),
+    "optim.lr": Field(_NUM, 1e-3, "Learning rate."),
+    "optim.weight_decay": Field(_NUM, 0.0, "Weight decay."),
+    "optim.momentum": Field(_NUM, 0.9, "Momentum (SGD only)."),
+    "optim.scheduler": Field((str,), "none", "Learning-rate schedule over max_epochs.", ("none", "cosine")),
+    "trainer.max_epochs": Field((int,), 10, "Epochs to train in total (a resumed run continues up to this)."),
+    "trainer.batch_size": Field((int,), 32, "Images per batch (per device)."),
+    "trainer.num_workers": Field((int,), 0, "Data-loading worker processes."),
+    "trainer.devices": Field((int, str, list), "auto", "Lightning devices: 'auto', a count or a list of ids."),
+    "trainer.accelerator": Field((str,), "auto", "Lightning accelerator; 'auto' follows the device argument."),
+    "trainer.precision": Field((str, int, type(None)), None, "Lightning precision; default bf16/16-mixed on CUDA, 32 elsewhere."),
+    "trainer.strategy": Field((str,), "auto", "Lightning strategy, e.g. 'ddp' (passed through unchanged)."),
+    "trainer.num_nodes": Field((int,), 1, "Machines for multi-node DDP."),
+    "trainer.limit_train_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of train batches per epoch."),
+    "trainer.limit_val_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of validation batches."),
+    "trainer.log_every_n_steps": Field((int,), 10, "Log training metrics every n steps."),
+    "trainer.gradient_clip_val": Field(_OPT_NUM, None, "Clip gradient norm to this value."),
+    "trainer.accumulate_grad_batches": Field((int,), 1, "Accumulate gradients over n batches."),
+    "trainer.early_stopping.enabled": Field((bool,), True, "Stop when the monitored metric stops improving."),
+    "trainer.early_stopping.monitor": Field((str,), "val_loss", "Metric for early stopping and for the best checkpoint."),
+    "trainer.early_stopping.mode": Field((str,), "min", "Whether the metric should go down or up.", ("min", "max")),
+    "trainer.early_stopping.patience": Field((int,), 10, "Validation rounds without improvement before stopping."),
+    "trainer.early_stopping.min_delta": Field(_NUM, 0.0, "Smallest change that counts as an improvement."),
+}
+
+DATA_SCHEMA: dict[str, dict[str, Field]] = {
+    "classify": {
+        "data.root": Field((str,), None, "Folder with one sub-folder of images per class.", required=True, path=True),
+        "data.classes": Field((list, type(None)), None, "Class folder names in label order (default: all, sorted)."),
+        "data.image_size": Field((int,), 224, "Images are resized to this many pixels square."),
+        "data.val_fraction": Field(_NUM, 0.2, "Share of each class held out for validation (seeded, stratified)."),
+        "data.split_file": Field((str, type(None)), None, "JSON {'train': [...], 'val': [...]} of paths relative to root.", path=True),
+        "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image file suffixes to use."),
+        "data.mean": Field((list,), IMAGENET_MEAN, "Normalisation mean (RGB, 0-1 scale)."),
+        "data.std": Field((list,), IMAGENET_STD, "Normalisation std (RGB, 0-1 scale)."),
+        "data.augment": Field((bool,), True, "Random flips and 90-degree rotations while training."),
+        "data.input_mpp": Field(_OPT_NUM, None, "µm per pixel as the model sees the images (after resizing); goes on the model card."),
+    },
+}
+
+_SECTIONS = {"model", "data", "optim", "trainer", "trainer.early_stopping"}
+
+
+def default_shared_data() -> Path:
+    """``$PATHFM_SHARED_DATA`` or ``<repo>/../shared/data`` (the repo this package lives in)."""
+    env = os.environ.get("PATHFM_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def schema(family: str | None = None) -> dict[str, dict]:
+    """Known keys as plain dicts (``type``, ``default``, ``help``, ``choices``) for forms and docs."""
+    fields = dict(SCHEMA)
+    for fam, extra in DATA_SCHEMA.items():
+        if family in (None, fam):
+            fields.update(extra)
+    return {
+        key: {
+            "type": [t.__name__ for t in f.types],
+            "default": copy.deepcopy(f.default),
+            "help": f.help,
+            "choices": list(f.choices) if f.choices else None,
+            "required": f.required,
+        }
+        for key, f in fields.items()
+    }
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: ``config`` with every default filled in, and the file it came from."""
+
+    config: dict
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """Recipe file stem, used for the default output folder."""
+        return self.path.stem if self.path else "recipe"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Value at dotted ``key`` (``"trainer.max_epochs"``), or ``default``."""
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def to_yaml(self) -> str:
+        """The full recipe (defaults included) as YAML, for reproducibility."""
+        return yaml.safe_dump(self.config, sort_keys=False)
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match) -> str:
+        var, fallback = m.group(1), m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if var == "PATHFM_SHARED_DATA":
+            return str(default_shared_data())
+        if fallback is not None:
+            return fallback
+        raise RecipeError(where, f"uses ${{{var}}} but the environment variable {var} is not set.", f"Set {var} or write ${{{var}:-default}}.")
+
+    return _VAR.sub(sub, value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``"optim.lr=0.01"`` into ``("optim.lr", 0.01)``; the value is parsed as a YAML scalar."""
+    key, sep, raw = str(text).partition("=")
+    key = key.strip().removeprefix("--set").strip()
+    if not sep or not key:
+        raise ValueError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set(config: dict, key: str, value: Any) -> None:
+    node = config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _check(value: Any, key: str, f: Field, where: str) -> Any:
+    if isinstance(value, str) and float in f.types:
+        try:
+            value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    ok = isinstance(value, f.types) and not (isinstance(value, bool) and bool not in f.types)
+    if not ok:
+        want = " or ".join("null" if t is type(None) else t.__name__ for t in f.types)
+        raise RecipeError(where, f"key '{key}' must be {want}, not {value!r}.", f"Help: {f.help}")
+    if f.choices and value not in f.choices:
+        raise RecipeError(where, f"key '{key}' is {value!r}; choose one of {list(f.choices)}.", f"Help: {f.help}")
+    return value
+
+
+def _unknown(key: str, known: Iterable[str], where: str) -> RecipeError:
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"Did you mean '{close[0]}'? " if close else ""
+    section = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == section]
+    return RecipeError(where, f"unknown key '{key}'.", f"{hint}Known keys here: {', '.join(siblings or known)}.")
+
+
+def _validate(config: dict, where: str, base: Path | None) -> dict:
+    config = copy.deepcopy(config)
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and "early_stopping" in trainer and not isinstance(trainer["early_stopping"], dict):
+        if trainer["early_stopping"] in (None, False, True):
+            trainer["early_stopping"] = {"enabled": bool(trainer["early_stopping"])}
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise RecipeError(where, f"key 'family' is {family!r}; choose one of {list(FAMILIES)}.", "Every recipe starts with family: <name>.")
+    fields = {**SCHEMA, **DATA_SCHEMA.get(family, {})}
+    model_name = (config.get("model") or {}).get("name") if isinstance(config.get("model"), dict) else None
+    from ..models.registry import list_models, model_info
+
+    if model_name not in list_models():
+        raise RecipeError(where, f"key 'model.name' is {model_name!r}, which is not a known model.", f"Known models: {', '.join(list_models())}.")
+    model_keys = {f"model.{k}" for k in model_info(model_name)["default_cfg"]}
+    for key in model_keys:
+        fields[key] = Field((object,), None, "Model config (see the model's docstring).", path=key == "model.weights")
+
+    def walk(node: dict, prefix: str) -> None:
+        if not isinstance(node, dict):
+            raise RecipeError(where, f"key '{prefix}' must be a mapping of keys, not {node!r}.", "Check the indentation.")
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if key in _SECTIONS:
+                if v is not None:
+                    walk(v, key)
+            elif key not in fields:
+                raise _unknown(key, fields, where)
+
+    walk(config, "")
+    for key, f in fields.items():
+        value = _get(config, key, _MISSING)
+        if value is _MISSING:
+            if key in model_keys:
+                continue
+            if f.required:
+                raise RecipeError(where, f"required key '{key}' is missing.", f"Help: {f.help}")
+            _set(config, key, copy.deepcopy(f.default))
+            continue
+        if f.types != (object,):
+            value = _check(value, key, f, where)
+        if f.path and isinstance(value, str) and base is not None and not Path(value).is_absolute():
+            value = str((base / value).resolve())
+        _set(config, key, value)
+    return config
+
+
+_MISSING = object()
+
+
+def _get(config: dict, key: str, default: Any) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override, expand and validate a recipe.
+
+    Parameters
+    ----------
+    source : str, Path, dict or Recipe
+        A YAML file, or an already-loaded mapping (paths then resolve against
+        the current folder).
+    overrides : iterable of str
+        ``"key.sub=value"`` items (the CLI's ``--set``); values parse as YAML scalars.
+
+    Returns
+    -------
+    Recipe
+
+    Raises
+    ------
+    RecipeError
+        Unreadable YAML, unknown key, wrong type, bad choice or missing required
+        key; the message names the recipe file and the key.
+    """
+    if isinstance(source, Recipe):
+        source = source.config if source.path is None else source.path
+    path: Path | None = None
+    if isinstance(source, dict):
+        raw, where = copy.deepcopy(source), "<recipe dict>"
+    else:
+        path = Path(source).resolve()
+        where = str(path)
+        if not path.is_file():
+            raise RecipeError(path, "recipe file not found.", "Check the path; recipes live in the training/ folder of the repo.")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(path, f"is not valid YAML ({exc}).", "Fix the syntax at the line shown.") from exc
+        if not isinstance(raw, dict):
+            raise RecipeError(path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml.")
+    config = _validate(_expand(raw, where), where, path.parent if path else Path.cwd())
+    if overrides:
+        for item in overrides:
+            try:
+                key, value = parse_override(item)
+            except ValueError as exc:
+                raise RecipeError(where, str(exc), "Write overrides as --set section.key=value.") from exc
+            _set(config, key, _expand(value, where))
+        config = _validate(config, where, Path.cwd())
+    return Recipe(config=config, path=path)
