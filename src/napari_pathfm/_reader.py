@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from .coords import layer_units
+
 log = logging.getLogger(__name__)
 
 LayerData = tuple[Any, dict, str]
@@ -56,7 +58,7 @@ def slide_layer_data(slide, name: str | None = None) -> LayerData:
         "rgb": True,
         "multiscale": True,
         "scale": scale,
-        "units": ("micrometer", "micrometer") if slide.mpp else ("pixel", "pixel"),
+        "units": layer_units(slide.mpp),
         "contrast_limits": (0, 255),
         "metadata": {"pathfm_slide": slide.metadata(), "pathfm_path": str(slide.path)},
     }

@@ -31,3 +31,8 @@ def layer_transform(
     scale = (dy * unit, dx * unit)
     translate = ((offset[0] + (dy - 1) / 2) * unit, (offset[1] + (dx - 1) / 2) * unit)
     return scale, translate
+
+
+def layer_units(slide_mpp: float | None) -> tuple[str, str]:
+    """napari ``units`` matching :func:`layer_transform`: micrometres when µm/px is known."""
+    return ("micrometer", "micrometer") if slide_mpp else ("pixel", "pixel")

@@ -193,12 +193,13 @@ def compute_stats(
     >>> [(r["plane"], r["min"], r["max"], r["p50"]) for r in t.rows]
     [(0, 0.0, 3.0, 1.5), (1, 4.0, 7.0, 5.5)]
     """
-    data = getattr(stack, "data", stack)
+    is_zstack = hasattr(stack, "plane_names")  # a ZStack (numpy arrays have an unrelated ``.data``)
+    data = stack.data if is_zstack else stack
     if channel is None:
         channel = getattr(stack, "channel_name", "") or "input"
     jobs = [(channel, i, data[i] if data.ndim == 3 else data) for i in range(data.shape[0] if data.ndim == 3 else 1)]
     if include_targets:
-        jobs += [(name, 0, t) for name, t in (getattr(stack, "targets", None) or {}).items()]
+        jobs += [(name, 0, t) for name, t in (stack.targets if is_zstack else {}).items()]
     rows = []
     for done, (chan, plane, arr) in enumerate(jobs):
         check_cancel(cancel, "statistics")

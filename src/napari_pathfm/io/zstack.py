@@ -221,7 +221,8 @@ def _tiff_layout(tif: Any, path: Path, channel: int | str | None) -> tuple[Any, 
             raise ZStackError(path, f"has a {a} axis of size {n} besides the planes (axes {axes}).",
                               "Save one z-stack (one time point / position) per file.")
     if len(s.pages) != int(np.prod([n for _, n in outer])):
-        raise ZStackError(path, f"has an unsupported page layout (axes {axes}).", "Save it as an OME-TIFF with axes ZYX.")
+        raise ZStackError(path, f"has an unsupported page layout (axes {axes}).",
+                          "Save it as an OME-TIFF with axes ZYX.")
     nz = dict(outer).get(zaxis, 1) if zaxis else 1
     pos = [a for a, _ in outer].index(zaxis) if zaxis else None
     keys = []

@@ -155,7 +155,8 @@ def find_stack_files(
         Input channel (``"C04"``, ``"PHASE_CONTRAST"``). Default: HASTE ``C04`` when
         present, else the only channel with several planes.
     like : path, optional
-        One plane file: select its site and channel (the file given by the user).
+        One plane file: select its site, and its channel when that channel has
+        several planes (a single-plane target file keeps the default channel).
 
     Raises
     ------
@@ -166,14 +167,18 @@ def find_stack_files(
     folder = Path(folder)
     files = _scan(folder)
     if not files:
-        raise ZStackError(folder, "holds no plane files named like '..._z_depth-N,...' or '..._T0001F001L01A01Z01C01.tif'.",
+        raise ZStackError(folder, "holds no plane files named like '...,z_depth-N,...' or "
+                          "'..._T0001F001L01A01Z01C01.tif'.",
                           "Pass a folder of per-plane images, a multipage TIFF or an OME-TIFF with a Z axis.")
     if like is not None:
         ref = parse_plane_name(like)
         if ref is None:
-            raise ZStackError(like, "is not named like a z-stack plane file.", "Pass the folder or a multipage TIFF instead.")
+            raise ZStackError(like, "is not named like a z-stack plane file.",
+                              "Pass the folder or a multipage TIFF instead.")
         files = [f for f in files if f.site == ref.site]
-        if channel is None and ref.z is not None:
+        # A plane of a multi-plane channel selects that channel; a single-plane target
+        # file (HASTE C01..C03 Z01) selects its site with the default input channel.
+        if channel is None and sum(f.channel == ref.channel and f.z is not None for f in files) > 1:
             channel = ref.channel
     if well is not None:
         files = [f for f in files if f.well.upper() == str(well).upper()]

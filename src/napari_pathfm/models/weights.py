@@ -49,7 +49,8 @@ def unwrap_state_dict(obj: Any) -> dict:
 
     Descends into the usual container keys (``state_dict``, ``model``, ...), drops
     non-tensor entries (optimizer steps, hyper-parameters) and strips a prefix
-    (``module.``, ``model.``, ``_orig_mod.``) when *every* key carries it.
+    (``module.``, then ``model.``, then ``_orig_mod.``, each at most once) when
+    *every* key carries it, e.g. DDP-wrapped or Lightning checkpoints.
     """
     while isinstance(obj, Mapping) and not any(_is_tensor(v) for v in obj.values()):
         inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -59,13 +60,9 @@ def unwrap_state_dict(obj: Any) -> dict:
     if not isinstance(obj, Mapping):
         return {}
     sd = {str(k): v for k, v in obj.items() if _is_tensor(v)}
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in _PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
+    for prefix in _PREFIXES:  # each at most once, in this order
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
@@ -196,7 +193,7 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict: bool = False, source: str | Path = "state dict") -> LoadReport:
+def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict: bool = False, source: str | Path = "state dict", dry_run: bool = False) -> LoadReport:
     """Copy matching tensors of ``state_dict`` into ``model`` and report the rest.
 
     Tensors whose shape differs from the model's are skipped (not an exception
@@ -215,6 +212,8 @@ def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict:
         Raise :class:`CheckpointError` unless every tensor fits exactly.
     source : str or Path
         File name used in error messages.
+    dry_run : bool
+        Only compare keys and shapes; leave the model untouched.
 
     Returns
     -------
@@ -236,5 +235,6 @@ def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict:
     report.loaded = list(usable)
     if strict and not report.ok:
         raise CheckpointError(source, f"does not fit the model: {report}.", "Use the checkpoint made for this model and config.")
-    model.load_state_dict(usable, strict=False)
+    if not dry_run:
+        model.load_state_dict(usable, strict=False)
     return report

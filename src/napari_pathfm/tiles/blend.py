@@ -23,6 +23,7 @@ import numpy as np
 __all__ = ["pyramidal_weights", "gaussian_weights", "TileBlender"]
 
 _MIN_GAUSSIAN = 1e-4
+_NO_FLAT = (False, False, False, False)
 
 
 def pyramidal_weights(h: int, w: int) -> np.ndarray:
@@ -31,22 +32,32 @@ def pyramidal_weights(h: int, w: int) -> np.ndarray:
     Normalised to a maximum of 1; the border pixels get ``1 / (max distance + 1)``,
     so every pixel has a strictly positive weight.
 
-    >>> pyramidal_weights(1, 5).round(2).tolist()
-    [[0.33, 0.67, 1.0, 0.67, 0.33]]
+    >>> pyramidal_weights(5, 5)[2].round(2).tolist()
+    [0.33, 0.67, 1.0, 0.67, 0.33]
     """
-    return _pyramidal(int(h), int(w)).copy()
+    return _pyramidal(int(h), int(w), _NO_FLAT).copy()
 
 
-@lru_cache(maxsize=16)
-def _pyramidal(h: int, w: int) -> np.ndarray:
+@lru_cache(maxsize=64)
+def _pyramidal(h: int, w: int, flat: tuple[bool, bool, bool, bool] = _NO_FLAT) -> np.ndarray:
     if h < 1 or w < 1:
         raise ValueError(f"tile shape must be positive, got {(h, w)}")
-    dy = np.minimum(np.arange(h), np.arange(h)[::-1])
-    dx = np.minimum(np.arange(w), np.arange(w)[::-1])
-    wgt = np.minimum.outer(dy, dx).astype(np.float64) + 1.0
-    wgt /= wgt.max()
+    dy = _side_distance(h, flat[0], flat[1])
+    dx = _side_distance(w, flat[2], flat[3])
+    peak = min(_side_distance(h, False, False).max(), _side_distance(w, False, False).max()) + 1.0
+    wgt = np.minimum(np.minimum.outer(dy, dx) + 1.0, peak) / peak
     wgt.setflags(write=False)
     return wgt
+
+
+def _side_distance(n: int, flat_start: bool, flat_end: bool) -> np.ndarray:
+    i = np.arange(n, dtype=np.float64)
+    d = np.full(n, np.inf)
+    if not flat_start:
+        d = np.minimum(d, i)
+    if not flat_end:
+        d = np.minimum(d, i[::-1])
+    return d
 
 
 def gaussian_weights(h: int, w: int, sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -55,21 +66,34 @@ def gaussian_weights(h: int, w: int, sigma_scale: float = 1 / 8) -> np.ndarray:
     Normalised to a maximum of 1 and floored at 1e-4, so corners keep a small
     positive weight and single-tile areas are still defined.
     """
-    return _gaussian(int(h), int(w), float(sigma_scale)).copy()
+    return _gaussian(int(h), int(w), float(sigma_scale), _NO_FLAT).copy()
 
 
-@lru_cache(maxsize=16)
-def _gaussian(h: int, w: int, sigma_scale: float) -> np.ndarray:
+@lru_cache(maxsize=64)
+def _gaussian(
+    h: int, w: int, sigma_scale: float, flat: tuple[bool, bool, bool, bool] = _NO_FLAT
+) -> np.ndarray:
     if h < 1 or w < 1:
         raise ValueError(f"tile shape must be positive, got {(h, w)}")
     if sigma_scale <= 0:
         raise ValueError(f"sigma_scale must be positive, got {sigma_scale}")
-    gy = np.exp(-0.5 * ((np.arange(h) - (h - 1) / 2) / (sigma_scale * h)) ** 2)
-    gx = np.exp(-0.5 * ((np.arange(w) - (w - 1) / 2) / (sigma_scale * w)) ** 2)
-    wgt = np.outer(gy, gx)
-    wgt = np.maximum(wgt / wgt.max(), _MIN_GAUSSIAN)
+    gy = _gauss_1d(h, sigma_scale, flat[0], flat[1])
+    gx = _gauss_1d(w, sigma_scale, flat[2], flat[3])
+    wgt = np.maximum(np.outer(gy, gx), _MIN_GAUSSIAN)
     wgt.setflags(write=False)
     return wgt
+
+
+def _gauss_1d(n: int, sigma_scale: float, flat_start: bool, flat_end: bool) -> np.ndarray:
+    centre = (n - 1) / 2
+    i = np.arange(n)
+    g = np.exp(-0.5 * ((i - centre) / (sigma_scale * n)) ** 2)
+    g /= g.max()
+    if flat_start:
+        g[i <= centre] = 1.0
+    if flat_end:
+        g[i >= centre] = 1.0
+    return g
 
 
 class TileBlender:
@@ -95,12 +119,17 @@ class TileBlender:
         Value of pixels no tile covered (0, or ``np.nan`` to make gaps visible).
     sigma_scale : float
         Gaussian sigma as a fraction of the tile side, for ``weights="gaussian"``.
+    flatten_canvas_edges : bool
+        Do not taper the sides of a tile that lie on or beyond the canvas edge
+        (for the named profiles). Those sides have no neighbour to blend with;
+        tapering them would make two tiles overlapping along the canvas edge
+        meet with equal weights there, i.e. with a seam.
 
     Notes
     -----
     ``add`` is not thread-safe: call it from one thread (the consumer of the
     tile loader). Tiles may hang over any canvas edge; the outside part is cut
-    off, but the weights keep the profile of the full tile.
+    off.
 
     Examples
     --------
@@ -120,6 +149,7 @@ class TileBlender:
         chunks: Optional[Sequence[int]] = None,
         fill_value: float = 0.0,
         sigma_scale: float = 1 / 8,
+        flatten_canvas_edges: bool = True,
     ):
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
@@ -128,6 +158,7 @@ class TileBlender:
         self.dtype = np.dtype(dtype)
         self.fill_value = fill_value
         self.sigma_scale = sigma_scale
+        self.flatten_canvas_edges = bool(flatten_canvas_edges)
         if isinstance(weights, str):
             if weights not in ("pyramidal", "gaussian"):
                 raise ValueError(f"weights must be 'pyramidal', 'gaussian' or an array, not {weights!r}")
@@ -155,15 +186,19 @@ class TileBlender:
         """Sum of weights per pixel (numpy or zarr array); 0 where no tile landed."""
         return self._wsum
 
-    def tile_weights(self, h: int, w: int) -> np.ndarray:
-        """The weight profile used for an (h, w) tile."""
+    def tile_weights(self, h: int, w: int, y: Optional[int] = None, x: Optional[int] = None) -> np.ndarray:
+        """The weight profile of an (h, w) tile, placed at (y, x) when given."""
         if isinstance(self.weights, np.ndarray):
             if self.weights.shape != (h, w):
                 raise ValueError(f"weight array is {self.weights.shape} but the tile is {(h, w)}")
             return self.weights
+        flat = _NO_FLAT
+        if self.flatten_canvas_edges and y is not None and x is not None:
+            H, W = self.shape[:2]
+            flat = (y <= 0, y + h >= H, x <= 0, x + w >= W)
         if self.weights == "gaussian":
-            return _gaussian(h, w, float(self.sigma_scale))
-        return _pyramidal(h, w)
+            return _gaussian(h, w, float(self.sigma_scale), flat)
+        return _pyramidal(h, w, flat)
 
     def add(self, y: int, x: int, values: np.ndarray) -> None:
         """Add one tile whose top-left corner is at canvas (y, x).
@@ -174,10 +209,11 @@ class TileBlender:
         if values.ndim != len(self.shape) or values.shape[2:] != self.shape[2:]:
             raise ValueError(f"tile of shape {values.shape} does not fit a canvas of shape {self.shape}")
         h, w = values.shape[:2]
-        wgt = self.tile_weights(h, w)
+        y, x = int(y), int(x)
+        wgt = self.tile_weights(h, w, y, x)
         H, W = self.shape[:2]
-        y0, x0 = max(int(y), 0), max(int(x), 0)
-        y1, x1 = min(int(y) + h, H), min(int(x) + w, W)
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + h, H), min(x + w, W)
         if y1 <= y0 or x1 <= x0:
             return
         ty, tx = slice(y0 - y, y1 - y), slice(x0 - x, x1 - x)

@@ -183,9 +183,9 @@ def rgb_tissue_mask(
         tissue &= cmax >= exclude_dark
 
     if closing_radius > 0:
-        tissue = _pad_op(morphology.binary_closing, tissue, closing_radius)
+        tissue = _pad_op(ndi.binary_closing, tissue, closing_radius)
     if opening_radius > 0:
-        tissue = morphology.binary_opening(tissue, morphology.disk(opening_radius))
+        tissue = _pad_op(ndi.binary_opening, tissue, opening_radius)
     if fill_holes:
         tissue = ndi.binary_fill_holes(tissue)
     if min_object_area_px > 0 and tissue.any():
@@ -205,9 +205,10 @@ def _otsu(values: np.ndarray, default: float) -> float:
 
 
 def _pad_op(op: Callable, mask: np.ndarray, radius: int) -> np.ndarray:
-    # Closing without padding erodes tissue that touches the image border.
-    padded = np.pad(mask, radius, mode="edge")
-    return op(padded, morphology.disk(radius))[radius:-radius, radius:-radius]
+    # Without edge padding, closing/opening would erode tissue touching the border.
+    padded = np.pad(mask, 2 * radius, mode="edge")
+    out = op(padded, structure=morphology.disk(radius))
+    return out[2 * radius : -2 * radius, 2 * radius : -2 * radius]
 
 
 def tissue_mask(

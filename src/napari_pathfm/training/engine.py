@@ -1,0 +1,324 @@
+"""One training engine for every family, on Lightning.
+
+:func:`run_recipe` turns a recipe into a Lightning ``Trainer`` run: seeded,
+best + last checkpoints, early stopping, CSV and TensorBoard logs, resume from
+``<output>/last.ckpt``, progress/cancel (contract 1) and structured
+:class:`TrainEvent` dicts that a GUI can stream as JSON lines (they are also
+appended to ``<output>/events.jsonl``). At the end the best weights are exported
+as ``<output>/model.safetensors`` + ``model.json`` through
+:func:`~napari_pathfm.models.save_checkpoint`.
+
+Lightning's multi-device settings (``devices``, ``num_nodes``, ``strategy``) pass
+through from the recipe unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypedDict
+
+import lightning as L
+import torch
+
+from ..device import resolve_device
+from ..errors import RecipeError
+from ..models.checkpoint import save_checkpoint
+from ..models.weights import load_into, load_state_dict_file
+from ..progress import is_cancelled, report
+from .recipes import FAMILIES, Recipe, load_recipe
+
+__all__ = ["run_recipe", "TrainResult", "TrainEvent", "EngineCallback"]
+
+
+class TrainEvent(TypedDict, total=False):
+    """One progress event: ``{"event": "batch"|"epoch"|"done"|"error", ...}``.
+
+    ``epoch`` is 0-based, ``step`` is the optimizer step, ``done``/``total`` count
+    training batches over the whole run, ``metrics`` maps names to floats and
+    ``message`` is a line for humans.
+    """
+
+    event: str
+    epoch: int
+    step: int
+    done: int
+    total: int
+    metrics: dict
+    message: str
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    checkpoint: Path | None
+    card: dict
+    best_metrics: dict
+    last_metrics: dict
+    log_dir: Path
+    output: Path
+    start_epoch: int = 0
+    epochs_run: int = 0
+    epoch: int = 0
+    stopped_early: bool = False
+    cancelled: bool = False
+    history: list = field(default_factory=list)
+
+
+def _floats(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class EngineCallback(L.Callback):
+    """Reports progress, emits :class:`TrainEvent` s, checks cancel and keeps per-epoch metrics.
+
+    The metric history is part of the Lightning checkpoint, so a resumed run
+    still knows the metrics of earlier epochs.
+    """
+
+    def __init__(self, progress=None, cancel=None, on_event: Callable[[dict], Any] | None = None, events_file: Path | None = None):
+        self.progress, self.cancel, self.on_event, self.events_file = progress, cancel, on_event, events_file
+        self.history: list[dict] = []
+        self.cancelled = False
+        self.start_epoch = 0
+        self.epochs_run = 0
+
+    def emit(self, event: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+        if self.events_file is not None:
+            with open(self.events_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_epoch = trainer.current_epoch
+
+    def _totals(self, trainer, batch_idx: int) -> tuple[int, int]:
+        n = trainer.num_training_batches
+        n = n if math.isfinite(n) else batch_idx + 1
+        return trainer.current_epoch * n + batch_idx + 1, n * (trainer.max_epochs or 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done, total = self._totals(trainer, batch_idx)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        metrics = {"loss": float(loss)} if loss is not None else {}
+        msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, batch {batch_idx + 1}/{trainer.num_training_batches}"
+        msg += f": loss {metrics['loss']:.4f}" if metrics else ""
+        if trainer.is_global_zero:
+            report(self.progress, done, total, msg)
+            self.emit({"event": "batch", "epoch": trainer.current_epoch, "step": trainer.global_step, "done": done, "total": total, "metrics": metrics, "message": msg})
+        stop = trainer.strategy.reduce_boolean_decision(is_cancelled(self.cancel), all=False)
+        if stop:
+            self.cancelled = True
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        metrics = _floats(trainer.callback_metrics)
+        self.history.append({"epoch": trainer.current_epoch, **metrics})
+        self.epochs_run += 1
+        if trainer.is_global_zero:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+            msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done: {shown}"
+            done, total = self._totals(trainer, int(trainer.num_training_batches) - 1 if math.isfinite(trainer.num_training_batches) else 0)
+            report(self.progress, done, total, msg)
+            self.emit({"event": "epoch", "epoch": trainer.current_epoch, "step": trainer.global_step, "done": done, "total": total, "metrics": metrics, "message": msg})
+
+
+def _build(recipe: Recipe):
+    module = importlib.import_module(FAMILIES[recipe.get("family")])
+    return module.build(recipe)
+
+
+def _accelerator(recipe: Recipe, device: str) -> tuple[str, Any]:
+    acc, devices = recipe.get("trainer.accelerator"), recipe.get("trainer.devices")
+    if acc == "auto" or device == "cpu":
+        acc = {"cpu": "cpu", "mps": "mps"}.get(device.split(":")[0], "gpu")
+    if acc == "gpu" and ":" in device and devices == "auto":
+        devices = [int(device.split(":")[1])]
+    if acc == "cpu" and devices == "auto":
+        devices = 1
+    return acc, devices
+
+
+def _precision(recipe: Recipe, accelerator: str):
+    precision = recipe.get("trainer.precision")
+    if precision is not None:
+        return precision
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _check_resumable(task, last: Path) -> None:
+    """Fail early, in words, when ``last.ckpt`` was written by a different model."""
+    rep = load_into(task, load_state_dict_file(last, unwrap=False).get("state_dict", {}), dry_run=True)
+    if rep.missing or rep.mismatched:
+        raise RecipeError(
+            last,
+            f"was written for a different model and cannot be resumed: {rep}.",
+            "Use a new output folder, delete last.ckpt, or run with resume=False (--no-resume).",
+        )
+
+
+def run_recipe(
+    recipe: str | Path | dict | Recipe,
+    overrides: Iterable[str] = (),
+    *,
+    progress=None,
+    cancel=None,
+    resume: bool = True,
+    device: str = "auto",
+    output: str | Path | None = None,
+    on_event: Callable[[dict], Any] | None = None,
+) -> TrainResult:
+    """Train what ``recipe`` describes and export the best weights.
+
+    Parameters
+    ----------
+    recipe : str, Path, dict or Recipe
+        Recipe file or mapping (see :mod:`napari_pathfm.training.recipes`).
+    overrides : iterable of str
+        ``"key.sub=value"`` items applied on top of the recipe.
+    progress : callable, optional
+        ``progress(done, total, message)`` per batch and per epoch. When given,
+        Lightning's own progress bar is turned off.
+    cancel : Event-like or callable, optional
+        Checked after every batch. When set, training stops after that batch
+        (one validation pass still runs so the checkpoint has metrics), the state
+        is saved to ``last.ckpt``, the best weights are exported, and the result
+        has ``cancelled=True``.
+    resume : bool
+        Continue from ``<output>/last.ckpt`` if it exists (up to ``max_epochs``).
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``.
+    output : str or Path, optional
+        Output folder; overrides the recipe's ``output`` (default ``runs/<recipe>``).
+    on_event : callable, optional
+        Receives every :class:`TrainEvent`.
+
+    Returns
+    -------
+    TrainResult
+    """
+    recipe = load_recipe(recipe, overrides)
+    out = Path(output or recipe.get("output") or Path("runs") / recipe.name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    events = EngineCallback(progress, cancel, on_event, out / "events.jsonl")
+    try:
+        return _run(recipe, out, events, resume, device, progress is not None)
+    except BaseException as exc:
+        events.emit({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool) -> TrainResult:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    L.seed_everything(recipe.get("seed"), workers=True, verbose=False)
+    task, data, card = _build(recipe)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    if hasattr(data, "save_split"):
+        data.save_split(out / "split.json")
+
+    es_cfg = recipe.get("trainer.early_stopping")
+    has_val = bool(getattr(data, "val_items", True)) and recipe.get("trainer.limit_val_batches") != 0
+    monitor, mode = (es_cfg["monitor"], es_cfg["mode"]) if has_val else (None, "min")
+    ckpt = ModelCheckpoint(dirpath=out, filename="best-{epoch}", monitor=monitor, mode=mode, save_top_k=1, save_last=True)
+    callbacks = [events, ckpt]
+    stopper = None
+    if has_val and es_cfg["enabled"]:
+        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es_cfg["patience"], min_delta=es_cfg["min_delta"])
+        callbacks.append(stopper)
+
+    version = f"version_{len(list((out / 'logs').glob('version_*')))}"
+    loggers = [CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="tensorboard", version=version)]
+    accelerator, devices = _accelerator(recipe, resolve_device(device))
+    n_batches = max(1, len(data.train_dataloader()))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=recipe.get("trainer.num_nodes"),
+        strategy=recipe.get("trainer.strategy"),
+        precision=_precision(recipe, accelerator),
+        max_epochs=recipe.get("trainer.max_epochs"),
+        limit_train_batches=recipe.get("trainer.limit_train_batches"),
+        limit_val_batches=recipe.get("trainer.limit_val_batches"),
+        log_every_n_steps=max(1, min(recipe.get("trainer.log_every_n_steps"), n_batches)),
+        gradient_clip_val=recipe.get("trainer.gradient_clip_val"),
+        accumulate_grad_batches=recipe.get("trainer.accumulate_grad_batches"),
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=out,
+        enable_progress_bar=not quiet,
+        enable_model_summary=not quiet,
+    )
+    last = out / "last.ckpt"
+    ckpt_path = last if resume and last.is_file() else None
+    if ckpt_path is not None:
+        _check_resumable(task, last)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    if events.cancelled:
+        trainer.save_checkpoint(last)
+
+    best_path = Path(ckpt.best_model_path) if ckpt.best_model_path else None
+    if best_path is not None and best_path.is_file():
+        load_into(task.model, load_state_dict_file(best_path), strict=True, source=best_path)
+    history = events.history
+    best = history[-1] if history else {}
+    if monitor and any(monitor in h for h in history):
+        pick = min if mode == "min" else max
+        best = pick((h for h in history if monitor in h), key=lambda h: h[monitor])
+    last_metrics = _floats(trainer.callback_metrics)
+    card = {
+        **card,
+        "family": recipe.get("family"),
+        "metrics": {"best": best, "last": last_metrics, "monitor": monitor},
+        "recipe": recipe.to_yaml(),
+        "recipe_file": str(recipe.path) if recipe.path else None,
+        "epochs": trainer.current_epoch,
+        "description": recipe.get("description"),
+    }
+    weights = out / "model.safetensors"
+    if trainer.is_global_zero:
+        save_checkpoint(task.model, weights, card)
+        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
+    stopped = bool(stopper is not None and stopper.stopped_epoch > 0 and not events.cancelled)
+    result = TrainResult(
+        checkpoint=weights,
+        card=card,
+        best_metrics=best,
+        last_metrics=last_metrics,
+        log_dir=Path(loggers[0].log_dir),
+        output=out,
+        start_epoch=events.start_epoch,
+        epochs_run=events.epochs_run,
+        epoch=trainer.current_epoch,
+        stopped_early=stopped,
+        cancelled=events.cancelled,
+        history=list(history),
+    )
+    if trainer.is_global_zero:
+        events.emit({"event": "done", "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": best,
+                     "message": f"{'cancelled' if events.cancelled else 'finished'} after epoch {trainer.current_epoch}; weights in {weights}"})
+    return result

@@ -1,0 +1,114 @@
+"""Run a pipeline function off the GUI thread with a napari progress bar and a cancel flag.
+
+Widgets never compute: they hand a plain function that accepts ``progress`` and
+``cancel`` (the same protocol the CLI uses) to :class:`TaskRunner`, which runs it
+in a napari worker thread, feeds ``napari.utils.progress`` through a Qt signal
+(queued onto the GUI thread) and calls ``on_done``/``on_error`` on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+from qtpy.QtCore import QObject, Signal
+
+from ..errors import Cancelled
+
+
+class _Bridge(QObject):
+    progressed = Signal(int, int, str)
+
+
+class TaskRunner(QObject):
+    """One background task at a time, with progress and cancel, for a dock widget.
+
+    Parameters
+    ----------
+    on_state : callable, optional
+        Called with ``"running"``, ``"done"``, ``"cancelled"`` or ``"error"`` so the
+        widget can enable/disable its buttons.
+    """
+
+    def __init__(self, on_state: Optional[Callable[[str], None]] = None, parent=None):
+        super().__init__(parent)
+        self._bridge = _Bridge()
+        self._bridge.progressed.connect(self._on_progress)
+        self._on_state = on_state or (lambda state: None)
+        self._cancel = threading.Event()
+        self._pbar = None
+        self.worker = None
+        self.last_error: Optional[BaseException] = None
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def cancel(self) -> None:
+        """Ask the running task to stop at its next tile/batch boundary."""
+        self._cancel.set()
+
+    def start(
+        self,
+        fn: Callable[..., Any],
+        *,
+        description: str,
+        on_done: Callable[[Any], None],
+        on_error: Optional[Callable[[BaseException], None]] = None,
+    ):
+        """Run ``fn(progress=..., cancel=...)`` in a worker thread; returns the worker."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress as napari_progress
+
+        if self.worker is not None:
+            raise RuntimeError("a task is already running; cancel it first")
+        self._cancel = threading.Event()
+        cancel = self._cancel
+        bridge = self._bridge
+        self._pbar = napari_progress(total=0, desc=description)
+
+        def emit(done: int, total: int, message: str = "") -> None:
+            bridge.progressed.emit(int(done), int(total), str(message))
+
+        worker = create_worker(lambda: fn(progress=emit, cancel=cancel), _start_thread=False)
+
+        def finished_ok(result: Any) -> None:
+            self._finish("done")
+            on_done(result)
+
+        def failed(exc: BaseException) -> None:
+            self.last_error = exc
+            state = "cancelled" if isinstance(exc, Cancelled) else "error"
+            self._finish(state)
+            if on_error is not None:
+                on_error(exc)
+            elif state == "error":
+                from napari.utils.notifications import show_error
+
+                show_error(f"{description} failed: {exc}")
+
+        worker.returned.connect(finished_ok)
+        worker.errored.connect(failed)
+        self.worker = worker
+        self.last_error = None
+        self._on_state("running")
+        worker.start()
+        return worker
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        pbar = self._pbar
+        if pbar is None:
+            return
+        if total and pbar.total != total:
+            pbar.total = total
+        pbar.n = done
+        if message:
+            pbar.set_description(message)
+        pbar.refresh()
+
+    def _finish(self, state: str) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self._on_state(state)

@@ -1,0 +1,251 @@
+"""The "Slide" dock widget: open a slide, read its properties, overlay tissue mask and tile grid.
+
+It only arranges things: reading is :func:`~napari_pathfm.io.open_slide`, the
+work is :func:`~napari_pathfm.pipelines.tissue_tiles.compute_tissue_tiles`, run
+through :class:`~napari_pathfm.widgets._runner.TaskRunner` so the GUI stays live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import (
+    QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton,
+    QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+)  # fmt: skip
+
+from ..coords import layer_transform, layer_units
+from ._runner import TaskRunner
+
+MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets sluggish
+
+
+def slide_layers(viewer) -> list:
+    """Image layers that napari-pathfm opened as slides (they carry the slide's metadata)."""
+    return [layer for layer in viewer.layers if "pathfm_path" in getattr(layer, "metadata", {})]
+
+
+def _pixmap(rgb: np.ndarray, max_side: int = 220) -> QPixmap:
+    rgb = np.ascontiguousarray(rgb[..., :3])
+    h, w = rgb.shape[:2]
+    image = QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
+    return QPixmap.fromImage(image).scaled(max_side, max_side, Qt.AspectRatioMode.KeepAspectRatio)
+
+
+class SlideWidget(QWidget):
+    """Open whole-slide images, inspect their metadata and show tissue/tiles over them."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        self._slides: dict[str, object] = {}
+
+        open_btn = QPushButton("Open slide…")
+        open_btn.clicked.connect(self._choose_file)
+        self.layer_combo = QComboBox()
+        self.layer_combo.currentIndexChanged.connect(self._show_properties)
+
+        self.table = QTableWidget(0, 2)
+        self.table.setHorizontalHeaderLabels(["property", "value"])
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().setVisible(False)
+
+        self.assoc_combo = QComboBox()
+        self.assoc_combo.currentTextChanged.connect(self._show_associated)
+        self.assoc_label = QLabel()
+        self.assoc_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+
+        self.mask_mpp = self._spin(8.0, 0.5, 64.0, "Tissue mask resolution (µm/px)")
+        self.tile_mpp = self._spin(0.5, 0.1, 16.0, "Tile resolution (µm/px)")
+        self.tile_size = QSpinBox()
+        self.tile_size.setRange(32, 4096)
+        self.tile_size.setValue(256)
+        self.min_tissue = self._spin(0.25, 0.0, 1.0, "Minimum tissue fraction of a kept tile")
+        self.run_btn = QPushButton("Show tissue && tiles")
+        self.run_btn.clicked.connect(self.compute_tissue)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.runner.cancel)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("mask µm/px", self.mask_mpp)
+        form.addRow("tile µm/px", self.tile_mpp)
+        form.addRow("tile size (px)", self.tile_size)
+        form.addRow("min. tissue", self.min_tissue)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_btn)
+        buttons.addWidget(self.cancel_btn)
+        tissue_box = QGroupBox("Tissue and tile grid")
+        tissue_layout = QVBoxLayout(tissue_box)
+        tissue_layout.addLayout(form)
+        tissue_layout.addLayout(buttons)
+
+        assoc_box = QGroupBox("Associated images")
+        assoc_layout = QVBoxLayout(assoc_box)
+        assoc_layout.addWidget(self.assoc_combo)
+        assoc_layout.addWidget(self.assoc_label)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(open_btn)
+        layout.addWidget(QLabel("Slide layer"))
+        layout.addWidget(self.layer_combo)
+        layout.addWidget(self.table)
+        layout.addWidget(assoc_box)
+        layout.addWidget(tissue_box)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    @staticmethod
+    def _spin(value: float, lo: float, hi: float, tip: str) -> QDoubleSpinBox:
+        box = QDoubleSpinBox()
+        box.setRange(lo, hi)
+        box.setDecimals(3)
+        box.setSingleStep(0.25)
+        box.setValue(value)
+        box.setToolTip(tip)
+        return box
+
+    # -- slides -----------------------------------------------------------------
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", "Slides (*.svs *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.tif *.tiff *.dcm *.png *.jpg);;All files (*)")
+        if path:
+            self.open_path(path)
+
+    def open_path(self, path: str | Path):
+        """Open ``path`` as a slide layer (errors are shown to the user, never raised into napari)."""
+        from napari.utils.notifications import show_error
+
+        from .._reader import slide_layer_data
+        from ..io.slide import open_slide
+        from ..errors import SlideError
+
+        try:
+            slide = open_slide(path)
+        except SlideError as exc:
+            show_error(str(exc))
+            self.status.setText(str(exc))
+            return None
+        data, kwargs, _ = slide_layer_data(slide)
+        self._slides[str(slide.path)] = slide
+        layer = self.viewer.add_image(data, **kwargs)
+        self.layer_combo.setCurrentText(layer.name)
+        return layer
+
+    def current_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def current_slide(self):
+        layer = self.current_layer()
+        if layer is None:
+            return None
+        path = layer.metadata["pathfm_path"]
+        if path not in self._slides:
+            from ..io.slide import open_slide
+
+            self._slides[path] = open_slide(path)
+        return self._slides[path]
+
+    def _refresh_layers(self, *_) -> None:
+        current = self.layer_combo.currentText()
+        names = [layer.name for layer in slide_layers(self.viewer)]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._show_properties()
+
+    def _show_properties(self, *_) -> None:
+        layer = self.current_layer()
+        self.table.setRowCount(0)
+        self.assoc_combo.clear()
+        self.assoc_label.clear()
+        if layer is None:
+            return
+        meta = layer.metadata["pathfm_slide"]
+        rows = [
+            ("file", Path(meta["path"]).name),
+            ("format", f"{meta['vendor']} ({meta['backend']})"),
+            ("µm/px", f"{meta['mpp']:.4g}" if meta["mpp"] else "unknown"),
+            ("magnification", f"{meta['objective_power']:g}x" if meta["objective_power"] else "unknown"),
+            ("levels", "; ".join(f"{w}x{h}" for h, w in meta["level_shapes"])),
+            ("tile size", f"{meta['tile_sizes'][0][1]}x{meta['tile_sizes'][0][0]}"),
+        ]
+        rows += sorted((k, v) for k, v in meta["properties"].items() if not k.startswith("openslide.level["))
+        self.table.setRowCount(len(rows))
+        for i, (key, value) in enumerate(rows):
+            self.table.setItem(i, 0, QTableWidgetItem(str(key)))
+            self.table.setItem(i, 1, QTableWidgetItem(str(value)))
+        self.assoc_combo.addItems(meta["associated_images"])
+
+    def _show_associated(self, name: str) -> None:
+        slide = self.current_slide()
+        if not name or slide is None:
+            self.assoc_label.clear()
+            return
+        self.assoc_label.setPixmap(_pixmap(slide.associated_image(name)))
+
+    # -- tissue and tiles -------------------------------------------------------
+    def compute_tissue(self):
+        """Compute tissue mask + tile grid of the current slide in a worker; returns the worker."""
+        from ..pipelines.tissue_tiles import compute_tissue_tiles
+
+        slide = self.current_slide()
+        if slide is None:
+            self.status.setText("Open a slide first.")
+            return None
+        params = dict(
+            tile_size=self.tile_size.value(), mpp=self.tile_mpp.value(),
+            min_tissue=self.min_tissue.value(), mask_mpp=self.mask_mpp.value(),
+        )  # fmt: skip
+        name = self.current_layer().name
+
+        def job(progress, cancel):
+            return compute_tissue_tiles(slide, progress=progress, cancel=cancel, **params)
+
+        return self.runner.start(job, description=f"tissue & tiles: {name}", on_done=lambda r: self._add_results(name, r))
+
+    def _add_results(self, name: str, result) -> None:
+        slide, tissue, grid = result.slide, result.tissue, result.grid
+        scale, translate = layer_transform(slide.mpp, tissue.downsample)
+        labels_name, tiles_name = f"{name} tissue", f"{name} tiles"
+        for old in (labels_name, tiles_name):
+            if old in self.viewer.layers:
+                self.viewer.layers.remove(old)
+        self.viewer.add_labels(
+            tissue.mask.astype(np.uint8), name=labels_name, scale=scale, translate=translate, opacity=0.35,
+            units=layer_units(slide.mpp),
+            metadata={"pathfm_kind": "tissue", "classes": {0: "Background", 1: "Tissue"}},
+        )  # fmt: skip
+        n = len(grid.tiles)
+        if 0 < n <= MAX_TILE_SHAPES:
+            unit = slide.mpp or 1.0
+            s = grid.level0_size
+            boxes = [np.array([[y, x], [y, x + s], [y + s, x + s], [y + s, x]], float) - 0.5 for y, x in grid.tiles]
+            self.viewer.add_shapes(
+                boxes, shape_type="rectangle", name=tiles_name, edge_color="royalblue", face_color="transparent",
+                edge_width=max(2.0, s / 64), scale=(unit, unit), units=layer_units(slide.mpp), metadata={"pathfm_kind": "tiles", "grid": grid.to_dict()},
+            )  # fmt: skip
+        self.status.setText(f"{n} tissue tiles of {grid.tile_size} px at {grid.mpp or 'level'} µm/px; tissue covers {tissue.tissue_fraction:.0%} of the slide.")
+
+    def _on_state(self, state: str) -> None:
+        running = state == "running"
+        self.run_btn.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+        if state == "cancelled":
+            self.status.setText("Cancelled.")
+        elif state == "error" and self.runner.last_error is not None:
+            self.status.setText(f"Failed: {self.runner.last_error}")
