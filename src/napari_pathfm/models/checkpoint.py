@@ -3,8 +3,9 @@
 The card says everything needed to use the weights without the training code:
 registry name + config (to rebuild the module), classes, normalisation, input
 µm/px, tile size, training data, metrics, package version, creation time and the
-sha256 of the weights file. Both files are written atomically (temporary file in
-the same folder, then ``os.replace``) so an interrupted save never leaves a
+sha256 of the weights file. Both files are written atomically
+(:func:`napari_pathfm.io.atomic.atomic_path`: temporary file in the same folder,
+then ``os.replace``) so an interrupted save never leaves a
 half-written checkpoint over a good one. :func:`read_card` needs only ``json``, so
 widgets can list checkpoints without importing torch.
 """
@@ -14,12 +15,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import CheckpointError
+from ..io.atomic import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "CARD_FORMAT"]
 
@@ -40,19 +40,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -134,14 +121,12 @@ def save_checkpoint(model, path: str | Path, card: dict | None = None) -> Path:
     tensors = _cpu_tensors(model)
     full["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
 
-    def write_weights(tmp: Path) -> None:
+    json.dumps(full, default=_jsonable)  # fail on a bad card before touching any file
+    with atomic_path(weights_path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "pathfm_name": name})
         full["sha256"] = _sha256(tmp)
-
-    text = json.dumps(full, indent=2, default=_jsonable)  # fail before touching files
-    _atomic_write(weights_path, write_weights)
-    text = json.dumps(full, indent=2, default=_jsonable)
-    _atomic_write(card_path, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    with atomic_path(card_path) as tmp:
+        tmp.write_text(json.dumps(full, indent=2, default=_jsonable) + "\n", encoding="utf-8")
     return weights_path
 
 

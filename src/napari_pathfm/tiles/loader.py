@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import PathFMError, SlideError
+from ..errors import Cancelled, PathFMError, SlideError
 from ..progress import check_cancel, is_cancelled, report
 from .grid import TileGrid
 
@@ -147,6 +147,8 @@ def iter_tiles(
             check_cancel(cancel, "tile reading")
             tile = pending.popleft().result()
             check_cancel(cancel, "tile reading")
+            if tile is None:  # a worker saw the cancel flag, even if it was cleared since
+                raise Cancelled("tile reading cancelled by the user")
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(job, int(nxt)))

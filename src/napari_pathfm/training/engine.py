@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class EngineCallback(L.Callback):
         self.cancelled = False
         self.start_epoch = 0
         self.epochs_run = 0
+        self._last = (0, 0)
 
     def emit(self, event: dict) -> None:
         if self.on_event is not None:
@@ -116,7 +118,7 @@ class EngineCallback(L.Callback):
         return trainer.current_epoch * n + batch_idx + 1, n * (trainer.max_epochs or 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        done, total = self._totals(trainer, batch_idx)
+        done, total = self._last = self._totals(trainer, batch_idx)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         metrics = {"loss": float(loss)} if loss is not None else {}
         msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, batch {batch_idx + 1}/{trainer.num_training_batches}"
@@ -136,7 +138,7 @@ class EngineCallback(L.Callback):
         if trainer.is_global_zero:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
             msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done: {shown}"
-            done, total = self._totals(trainer, int(trainer.num_training_batches) - 1 if math.isfinite(trainer.num_training_batches) else 0)
+            done, total = self._last
             report(self.progress, done, total, msg)
             self.emit({"event": "epoch", "epoch": trainer.current_epoch, "step": trainer.global_step, "done": done, "total": total, "metrics": metrics, "message": msg})
 
@@ -164,6 +166,10 @@ def _precision(recipe: Recipe, accelerator: str):
     if accelerator == "gpu":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def _limit(value):
+    return None if value == 1.0 and isinstance(value, float) else value
 
 
 def _check_resumable(task, last: Path) -> None:
@@ -228,39 +234,35 @@ def run_recipe(
         raise
 
 
-def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool) -> TrainResult:
+def _callbacks(recipe: Recipe, data, events: EngineCallback):
+    """Engine callback, best+last checkpoints and early stopping (when there is validation data)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    L.seed_everything(recipe.get("seed"), workers=True, verbose=False)
-    task, data, card = _build(recipe)
-    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    if hasattr(data, "save_split"):
-        data.save_split(out / "split.json")
-
-    es_cfg = recipe.get("trainer.early_stopping")
+    es = recipe.get("trainer.early_stopping")
     has_val = bool(getattr(data, "val_items", True)) and recipe.get("trainer.limit_val_batches") != 0
-    monitor, mode = (es_cfg["monitor"], es_cfg["mode"]) if has_val else (None, "min")
-    ckpt = ModelCheckpoint(dirpath=out, filename="best-{epoch}", monitor=monitor, mode=mode, save_top_k=1, save_last=True)
-    callbacks = [events, ckpt]
+    monitor, mode = (es["monitor"], es["mode"]) if has_val else (None, "min")
+    ckpt = ModelCheckpoint(dirpath=events.events_file.parent, filename="best-{epoch}", monitor=monitor, mode=mode, save_top_k=1, save_last=True)
     stopper = None
-    if has_val and es_cfg["enabled"]:
-        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es_cfg["patience"], min_delta=es_cfg["min_delta"])
-        callbacks.append(stopper)
+    if has_val and es["enabled"]:
+        stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es["patience"], min_delta=es["min_delta"])
+    return [c for c in (events, ckpt, stopper) if c is not None], ckpt, stopper
+
+
+def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches: int, quiet: bool):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     version = f"version_{len(list((out / 'logs').glob('version_*')))}"
     loggers = [CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="tensorboard", version=version)]
     accelerator, devices = _accelerator(recipe, resolve_device(device))
-    n_batches = max(1, len(data.train_dataloader()))
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=recipe.get("trainer.num_nodes"),
         strategy=recipe.get("trainer.strategy"),
         precision=_precision(recipe, accelerator),
         max_epochs=recipe.get("trainer.max_epochs"),
-        limit_train_batches=recipe.get("trainer.limit_train_batches"),
-        limit_val_batches=recipe.get("trainer.limit_val_batches"),
+        limit_train_batches=_limit(recipe.get("trainer.limit_train_batches")),
+        limit_val_batches=_limit(recipe.get("trainer.limit_val_batches")),
         log_every_n_steps=max(1, min(recipe.get("trainer.log_every_n_steps"), n_batches)),
         gradient_clip_val=recipe.get("trainer.gradient_clip_val"),
         accumulate_grad_batches=recipe.get("trainer.accumulate_grad_batches"),
@@ -270,55 +272,72 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         enable_progress_bar=not quiet,
         enable_model_summary=not quiet,
     )
+
+
+def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool) -> TrainResult:
+    L.seed_everything(recipe.get("seed"), workers=True, verbose=False)
+    task, data, card = _build(recipe)
+    (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    if hasattr(data, "save_split"):
+        data.save_split(out / "split.json")
+    callbacks, ckpt, stopper = _callbacks(recipe, data, events)
     last = out / "last.ckpt"
     ckpt_path = last if resume and last.is_file() else None
     if ckpt_path is not None:
         _check_resumable(task, last)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
-        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    if events.cancelled:
-        trainer.save_checkpoint(last)
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    if quiet:  # the caller shows progress; keep Lightning's banners out of the way
+        lightning_log.setLevel(logging.WARNING)
+    try:
+        trainer = _trainer(recipe, out, callbacks, device, max(1, len(data.train_dataloader())), quiet)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        if events.cancelled:
+            trainer.save_checkpoint(last, weights_only=False)
+    finally:
+        lightning_log.setLevel(level)
 
     best_path = Path(ckpt.best_model_path) if ckpt.best_model_path else None
     if best_path is not None and best_path.is_file():
         load_into(task.model, load_state_dict_file(best_path), strict=True, source=best_path)
-    history = events.history
+    history, monitor = events.history, ckpt.monitor
     best = history[-1] if history else {}
     if monitor and any(monitor in h for h in history):
-        pick = min if mode == "min" else max
+        pick = min if ckpt.mode == "min" else max
         best = pick((h for h in history if monitor in h), key=lambda h: h[monitor])
     last_metrics = _floats(trainer.callback_metrics)
     card = {
         **card,
         "family": recipe.get("family"),
-        "metrics": {"best": best, "last": last_metrics, "monitor": monitor},
-        "recipe": recipe.to_yaml(),
-        "recipe_file": str(recipe.path) if recipe.path else None,
-        "epochs": trainer.current_epoch,
         "description": recipe.get("description"),
+        "metrics": {"best": best, "last": last_metrics, "monitor": monitor},
+        "epochs": trainer.current_epoch,
+        "recipe_file": str(recipe.path) if recipe.path else None,
+        "recipe": recipe.config,
     }
     weights = out / "model.safetensors"
     if trainer.is_global_zero:
         save_checkpoint(task.model, weights, card)
         card = json.loads((out / "model.json").read_text(encoding="utf-8"))
-    stopped = bool(stopper is not None and stopper.stopped_epoch > 0 and not events.cancelled)
-    result = TrainResult(
+        word = "cancelled" if events.cancelled else "finished"
+        events.emit({"event": "done", "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": best,
+                     "message": f"{word} after epoch {trainer.current_epoch}; weights in {weights}"})
+    return TrainResult(
         checkpoint=weights,
         card=card,
         best_metrics=best,
         last_metrics=last_metrics,
-        log_dir=Path(loggers[0].log_dir),
+        log_dir=Path(trainer.loggers[0].log_dir),
         output=out,
         start_epoch=events.start_epoch,
         epochs_run=events.epochs_run,
         epoch=trainer.current_epoch,
-        stopped_early=stopped,
+        stopped_early=bool(stopper is not None and stopper.stopped_epoch > 0 and not events.cancelled),
         cancelled=events.cancelled,
         history=list(history),
     )
-    if trainer.is_global_zero:
-        events.emit({"event": "done", "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": best,
-                     "message": f"{'cancelled' if events.cancelled else 'finished'} after epoch {trainer.current_epoch}; weights in {weights}"})
-    return result

@@ -219,27 +219,7 @@ class SlideWidget(QWidget):
         return self.runner.start(job, description=f"tissue & tiles: {name}", on_done=lambda r: self._add_results(name, r))
 
     def _add_results(self, name: str, result) -> None:
-        slide, tissue, grid = result.slide, result.tissue, result.grid
-        scale, translate = layer_transform(slide.mpp, tissue.downsample)
-        labels_name, tiles_name = f"{name} tissue", f"{name} tiles"
-        for old in (labels_name, tiles_name):
-            if old in self.viewer.layers:
-                self.viewer.layers.remove(old)
-        self.viewer.add_labels(
-            tissue.mask.astype(np.uint8), name=labels_name, scale=scale, translate=translate, opacity=0.35,
-            units=layer_units(slide.mpp),
-            metadata={"pathfm_kind": "tissue", "classes": {0: "Background", 1: "Tissue"}},
-        )  # fmt: skip
-        n = len(grid.tiles)
-        if 0 < n <= MAX_TILE_SHAPES:
-            unit = slide.mpp or 1.0
-            s = grid.level0_size
-            boxes = [np.array([[y, x], [y, x + s], [y + s, x + s], [y + s, x]], float) - 0.5 for y, x in grid.tiles]
-            self.viewer.add_shapes(
-                boxes, shape_type="rectangle", name=tiles_name, edge_color="royalblue", face_color="transparent",
-                edge_width=max(2.0, s / 64), scale=(unit, unit), units=layer_units(slide.mpp), metadata={"pathfm_kind": "tiles", "grid": grid.to_dict()},
-            )  # fmt: skip
-        self.status.setText(f"{n} tissue tiles of {grid.tile_size} px at {grid.mpp or 'level'} µm/px; tissue covers {tissue.tissue_fraction:.0%} of the slide.")
+        self.status.setText(add_tissue_tiles_layers(self.viewer, name, result))
 
     def _on_state(self, state: str) -> None:
         running = state == "running"
@@ -249,3 +229,35 @@ class SlideWidget(QWidget):
             self.status.setText("Cancelled.")
         elif state == "error" and self.runner.last_error is not None:
             self.status.setText(f"Failed: {self.runner.last_error}")
+
+
+def add_tissue_tiles_layers(viewer, name: str, result) -> str:
+    """Add the tissue mask (Labels) and kept tiles (Shapes) of ``result`` over slide layer ``name``.
+
+    Both layers use the slide's level-0 scale so they overlay it exactly; returns a
+    one-line summary for the user.
+    """
+    slide, tissue, grid = result.slide, result.tissue, result.grid
+    scale, translate = layer_transform(slide.mpp, tissue.downsample)
+    labels_name, tiles_name = f"{name} tissue", f"{name} tiles"
+    for old in (labels_name, tiles_name):
+        if old in viewer.layers:
+            viewer.layers.remove(old)
+    tissue_layer = viewer.add_labels(
+        tissue.mask.astype(np.uint8), name=labels_name, scale=scale, translate=translate, opacity=0.8,
+        units=layer_units(slide.mpp),
+        metadata={"pathfm_kind": "tissue", "classes": {0: "Background", 1: "Tissue"}, "downsample": tissue.downsample},
+    )  # fmt: skip
+    tissue_layer.contour = 1
+    n = len(grid.tiles)
+    if 0 < n <= MAX_TILE_SHAPES:
+        unit = slide.mpp or 1.0
+        s = grid.level0_size
+        boxes = [np.array([[y, x], [y, x + s], [y + s, x + s], [y + s, x]], float) - 0.5 for y, x in grid.tiles]
+        viewer.add_shapes(
+            boxes, shape_type="rectangle", name=tiles_name, edge_color="royalblue", face_color="transparent",
+            edge_width=max(2.0, s / 24), scale=(unit, unit), units=layer_units(slide.mpp),
+            metadata={"pathfm_kind": "tiles", "grid": grid.to_dict()},
+        )  # fmt: skip
+    where = f"{grid.target_mpp:g} µm/px" if grid.target_mpp else f"level {grid.level}"
+    return f"{n} tissue tiles of {grid.tile_size} px at {where}; tissue covers {tissue.tissue_fraction:.0%} of the slide."
