@@ -224,14 +224,14 @@ def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict:
     own = model.state_dict()
     report = LoadReport(total=len(own))
     usable = {}
-    for k, v in state_dict.items():
-        if k not in own:
-            report.unexpected.append(k)
-        elif tuple(v.shape) != tuple(own[k].shape):
-            report.mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
+    for k, ref in own.items():  # model order, so reports read like the architecture
+        if k not in state_dict:
+            report.missing.append(k)
+        elif tuple(state_dict[k].shape) != tuple(ref.shape):
+            report.mismatched.append((k, tuple(state_dict[k].shape), tuple(ref.shape)))
         else:
-            usable[k] = v
-    report.missing = [k for k in own if k not in state_dict]
+            usable[k] = state_dict[k]
+    report.unexpected = [k for k in state_dict if k not in own]
     report.loaded = list(usable)
     if strict and not report.ok:
         raise CheckpointError(source, f"does not fit the model: {report}.", "Use the checkpoint made for this model and config.")
