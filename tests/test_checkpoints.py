@@ -183,7 +183,9 @@ def test_load_report_plain_words(net):
     assert report.unexpected == ["projector.weight"]
     assert [k for k, _, _ in report.mismatched] == ["fc.weight", "fc.bias"]
     text = str(report)
-    assert text.startswith(f"loaded {total - 3} of {total} tensors; missing (the model has them, the file does not): conv1.0.weight")
+    assert text.startswith(
+        f"loaded {total - 3} of {total} tensors; missing (the model has them, the file does not): conv1.0.weight"
+    )
     assert "unexpected (in the file, not in the model): projector.weight" in text
     assert torch.equal(target.layer1[0].conv1.weight, net.layer1[0].conv1.weight)
     with pytest.raises(CheckpointError, match="does not fit the model"):

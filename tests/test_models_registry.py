@@ -14,8 +14,7 @@ from napari_pathfm.models import registry
 def test_listing_and_card_reading_do_not_import_torch(tmp_path):
     card = tmp_path / "m.json"
     card.write_text('{"name": "timm_classifier", "config": {"num_classes": 3}, "classes": ["a", "b", "c"]}')
-    code = textwrap.dedent(
-        f"""
+    code = textwrap.dedent(f"""
         import sys
         import napari_pathfm, napari_pathfm.models, napari_pathfm.training
         from napari_pathfm.models import list_models, model_info, read_card
@@ -28,8 +27,7 @@ def test_listing_and_card_reading_do_not_import_torch(tmp_path):
         heavy = [m for m in ("torch", "lightning", "timm", "torchvision") if m in sys.modules]
         assert not heavy, heavy
         print("ok")
-        """
-    )
+        """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
@@ -52,7 +50,13 @@ def test_create_timm_classifier_records_config():
     import torch
 
     net = registry.create_model("timm_classifier", backbone="resnet10t", num_classes=5)
-    assert net.pathfm_config == {"name": "timm_classifier", "backbone": "resnet10t", "num_classes": 5, "in_chans": 3, "drop_rate": 0.0}
+    assert net.pathfm_config == {
+        "name": "timm_classifier",
+        "backbone": "resnet10t",
+        "num_classes": 5,
+        "in_chans": 3,
+        "drop_rate": 0.0,
+    }
     with torch.no_grad():
         assert net.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 5)
 
@@ -100,7 +104,9 @@ def test_timm_classifier_loads_local_backbone_weights(tmp_path):
 
     source = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     save_file(source.state_dict(), str(tmp_path / "backbone.safetensors"))
-    net = registry.create_model("timm_classifier", backbone="resnet10t", num_classes=3, weights=tmp_path / "backbone.safetensors")
+    net = registry.create_model(
+        "timm_classifier", backbone="resnet10t", num_classes=3, weights=tmp_path / "backbone.safetensors"
+    )
     report = net.pathfm_load_report
     assert [k for k, _, _ in report.mismatched] == ["fc.weight", "fc.bias"]
     assert torch.equal(net.conv1[0].weight, source.conv1[0].weight)

@@ -70,3 +70,89 @@ class RegionArray:
         if ystep != 1 or xstep != 1:
             region = region[::ystep, ::xstep]
         return region[:, :, cs]
+
+
+class TileCache:
+    """Thread-safe LRU cache of decoded native tiles, bounded in bytes.
+
+    Viewing re-reads the same tiles constantly while panning and zooming; keeping
+    the decoded, composited RGB tiles avoids decoding them again. The bound keeps
+    memory flat however large the slide is.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 2**20):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes = int(max_bytes)
+        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+class TiledReader:
+    """Region reader that decodes whole native tiles once and serves windows from a :class:`TileCache`.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(y, x, h, w)`` of the level (uncached backend read).
+    shape, tile : (height, width)
+        Level size and native tile size.
+    cache : TileCache
+    key : hashable
+        Distinguishes this level's tiles in a cache shared by several levels.
+    """
+
+    def __init__(self, read: RegionReader, shape: tuple[int, int], tile: tuple[int, int], cache: TileCache, key):
+        self._read, self.shape, self.tile, self.cache, self.key = read, shape, tile, cache, key
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray:
+        k = (self.key, ty, tx)
+        arr = self.cache.get(k)
+        if arr is None:
+            th, tw = self.tile
+            y, x = ty * th, tx * tw
+            arr = self._read(y, x, min(th, self.shape[0] - y), min(tw, self.shape[1] - x))
+            self.cache.put(k, arr)
+        return arr
+
+    def __call__(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        th, tw = self.tile
+        ty0, ty1 = y // th, (y + h - 1) // th
+        tx0, tx1 = x // tw, (x + w - 1) // tw
+        if ty0 == ty1 and tx0 == tx1:
+            oy, ox = y - ty0 * th, x - tx0 * tw
+            return self._tile(ty0, tx0)[oy : oy + h, ox : ox + w]
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(ty0, ty1 + 1):
+            for tx in range(tx0, tx1 + 1):
+                t = self._tile(ty, tx)
+                sy0, sx0 = max(y, ty * th), max(x, tx * tw)
+                sy1, sx1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
+        return out

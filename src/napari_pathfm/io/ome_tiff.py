@@ -32,25 +32,17 @@ from ..errors import PathFMError, SlideError
 from ..progress import check_cancel, report
 from .atomic import atomic_path
 
-__all__ = [
-    "NAMESPACE",
-    "write_ome_tiff",
-    "read_ome_tiff",
-    "pyramid_shapes",
-    "downsample2",
-    "prepare_planes",
-    "iter_bands",
-]
+__all__ = ["NAMESPACE", "write_ome_tiff", "read_ome_tiff", "pyramid_shapes", "downsample2",
+           "prepare_planes", "iter_bands"]
 
 NAMESPACE = "napari-pathfm"
 _BAND_BYTES = 256 * 2**20
 _LOSSLESS = {"zlib", "deflate", "adobe_deflate", "lzw", "zstd", "lzma"}
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+_OME_DTYPE = {"bool": "uint8", "float16": "float32", "int64": "int32", "uint64": "uint32"}
 
 
-def pyramid_shapes(
-    shape_yx: Sequence[int], levels: int | str = "auto", min_size: int = 1024
-) -> list[tuple[int, int]]:
+def pyramid_shapes(shape_yx: Sequence[int], levels: int | str = "auto", min_size: int = 1024) -> list:
     """Return the (Y, X) shape of each pyramid level, halving (rounding up) each time.
 
     ``levels="auto"`` adds levels until the longest side is at most ``min_size``; an int is the
@@ -89,10 +81,7 @@ def downsample2(block: np.ndarray, is_labels: bool) -> np.ndarray:
         if np.issubdtype(block.dtype, np.integer):
             mean = np.floor(mean + 0.5)
         return mean.astype(block.dtype)
-    counts = np.stack(
-        [sum((q == other).astype(np.uint8) for other in quads) for q in quads], axis=0
-    )
-    best = np.argmax(counts, axis=0)
+    best = np.argmax(np.stack([sum((q == o).astype(np.uint8) for o in quads) for q in quads]), axis=0)
     out = quads[0].copy()
     for i in (1, 2, 3):
         sel = best == i
@@ -102,16 +91,7 @@ def downsample2(block: np.ndarray, is_labels: bool) -> np.ndarray:
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
     """OME has no bool, float16 or 64-bit integers; map them to the nearest supported type."""
-    dtype = np.dtype(dtype)
-    if dtype == bool:
-        return np.dtype(np.uint8)
-    if dtype == np.float16:
-        return np.dtype(np.float32)
-    if dtype == np.int64:
-        return np.dtype(np.int32)
-    if dtype == np.uint64:
-        return np.dtype(np.uint32)
-    return dtype
+    return np.dtype(_OME_DTYPE.get(np.dtype(dtype).name, dtype))
 
 
 def prepare_planes(data: Any, axes: str, *, rgb_ok: bool = True) -> tuple[list[Any], str]:
@@ -181,17 +161,13 @@ def _read(plane: Any, y0: int, y1: int, dtype: np.dtype | None) -> np.ndarray:
         if np.issubdtype(dtype, np.integer) and band.dtype != bool and band.size:
             info = np.iinfo(dtype)
             if band.min() < info.min or band.max() > info.max:
-                raise PathFMError(
-                    f"values {band.min()}..{band.max()} do not fit {dtype}; "
-                    "relabel to fewer labels or convert to float before writing"
-                )
+                raise PathFMError(f"values {band.min()}..{band.max()} do not fit {dtype}; relabel "
+                                  "to fewer labels or convert to float before writing")
         band = band.astype(dtype)
     return band
 
 
-def iter_bands(
-    plane: Any, unit: int, dtype: np.dtype | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
+def iter_bands(plane: Any, unit: int, dtype: np.dtype | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(y0, band)`` numpy bands of a plane, a multiple of ``unit`` (even) rows each.
 
     The source is read along its own chunk rows and re-cut into bands, so each dask chunk is
@@ -212,35 +188,19 @@ def iter_bands(
             y_out += len(band)
 
 
-class _Progress:
-    def __init__(self, progress: Callable | None, cancel: Any, total: int, what: str):
-        self.progress, self.cancel, self.total, self.what, self.done = progress, cancel, total, what, 0
-
-    def step(self, n: int = 1) -> None:
-        check_cancel(self.cancel, self.what)
-        self.done += n
-        report(self.progress, self.done, self.total, self.what)
-
-
-def _buffers(
-    n: int, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, scratch: Path, level: int
-) -> list[Any]:
+def _buffers(n: int, shape: tuple, dtype: np.dtype, chunk_rows: int, scratch: Path, level: int) -> list:
     """Per-plane buffers for the next level: numpy when small, else on-disk zarr (compressed)."""
     if n * int(np.prod(shape)) * dtype.itemsize <= _BAND_BYTES:
         return [np.zeros(shape, dtype) for _ in range(n)]
     import zarr
 
     chunks = (max(1, chunk_rows), min(shape[1], 4096)) + tuple(shape[2:])
-    return [
-        zarr.create_array(
-            store=str(scratch / f"level{level}_plane{i}.zarr"),
-            shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-        )
-        for i in range(n)
-    ]
+    return [zarr.create_array(store=str(scratch / f"level{level}_plane{i}.zarr"), shape=shape,
+                              dtype=dtype, chunks=chunks, fill_value=0) for i in range(n)]
 
 
-def _tiles(planes, tile, dtype, is_labels, nxt, prog) -> Iterator[np.ndarray]:
+def _tiles(planes, tile, dtype, is_labels, nxt, step: Callable[[], None]) -> Iterator[np.ndarray]:
+    """Tiles of every plane in TIFF order; fills ``nxt`` with the halved level on the way."""
     th, tw = tile
     for p, plane in enumerate(planes):
         for y0, band in iter_bands(plane, th, dtype):
@@ -249,7 +209,7 @@ def _tiles(planes, tile, dtype, is_labels, nxt, prog) -> Iterator[np.ndarray]:
                 nxt[p][y0 // 2 : y0 // 2 + small.shape[0]] = small
             for ty in range(0, band.shape[0], th):
                 for tx in range(0, band.shape[1], tw):
-                    prog.step()
+                    step()
                     yield band[ty : ty + th, tx : tx + tw]
 
 
@@ -266,7 +226,7 @@ def _json_payload(axes, is_labels, class_names, channel_names, mpp, metadata) ->
         "downsampling": "mode" if is_labels else "mean",
         "metadata": metadata or {},
     }
-    return json.dumps(payload)
+    return json.dumps(payload, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
 def write_ome_tiff(
@@ -290,35 +250,21 @@ def write_ome_tiff(
 
     Parameters
     ----------
-    path
-        Output file, conventionally ``*.ome.tif``; replaced atomically on success.
-    data
-        numpy, dask or zarr array (or anything with shape/dtype/slicing) laid out as ``axes``.
-    mpp
-        Level-0 pixel size in µm (isotropic). Stored as OME PhysicalSizeX/Y and resolution tags.
-    axes
-        ``"YX"``, ``"YXS"`` (RGB/RGBA), ``"YXC"`` (RGB if 3-4 uint8 channels, else channels) or
-        ``"CYX"``.
-    is_labels, class_names
-        Integer label image and its class names (``{value: name}`` or a list indexed by
-        value); labels get mode downsampling.
-    tile
-        Tile edge(s) in pixels, multiples of 16.
-    compression
-        Any tifffile codec; the default ``"zlib"`` (with predictor) is lossless. ``"jpeg"`` is
-        only sensible for uint8 images, never for labels.
-    levels, min_size
-        ``"auto"``: halve until the longest side is at most ``min_size``; an int: total levels.
-    metadata
-        JSON-serialisable dict stored in the file (see :func:`read_ome_tiff`).
-    progress, cancel
-        ``progress(done, total, message)`` per tile; ``cancel`` checked per tile, raises
-        :class:`~napari_pathfm.errors.Cancelled` (nothing is left on disk then).
-
-    Returns
-    -------
-    Path
-        The written file.
+    path : output ``*.ome.tif``; replaced atomically on success, returned.
+    data : numpy, dask or zarr array (anything with shape/dtype/slicing) laid out as ``axes``.
+    mpp : level-0 pixel size in µm; stored as OME PhysicalSizeX/Y and TIFF resolution tags.
+    axes : ``"YX"``, ``"YXS"`` (RGB/RGBA), ``"YXC"`` (RGB if 3-4 uint8 channels, else
+        channels) or ``"CYX"``.
+    is_labels, class_names : integer labels (mode downsampling) and ``{value: name}`` or a
+        list indexed by value.
+    tile : tile edge(s) in pixels, multiples of 16.
+    compression : a tifffile codec; default ``"zlib"`` is lossless; lossy codecs refused for
+        labels.
+    levels, min_size : ``"auto"`` halves until the longest side is <= ``min_size``; an int is
+        the total number of levels.
+    metadata : JSON-serialisable dict stored in the file (see :func:`read_ome_tiff`).
+    progress, cancel : ``progress(done, total, message)`` and ``cancel`` per tile;
+        :class:`~napari_pathfm.errors.Cancelled` leaves nothing on disk.
     """
     import tifffile
 
@@ -332,7 +278,12 @@ def write_ome_tiff(
     samples = tuple(planes[0].shape[2:])
     shapes = pyramid_shapes(planes[0].shape[:2], levels, min_size)
     total = sum(len(planes) * math.ceil(h / th) * math.ceil(w / tw) for h, w in shapes)
-    prog = _Progress(progress, cancel, total, f"writing {Path(path).name}")
+    what, done = f"writing {Path(path).name}", [0]
+
+    def step() -> None:
+        check_cancel(cancel, what)
+        done[0] += 1
+        report(progress, done[0], total, what)
 
     def full_shape(hw):
         return ((len(planes),) if store_axes == "CYX" else ()) + tuple(hw) + samples
@@ -345,24 +296,18 @@ def write_ome_tiff(
         if len(channel_names) != len(planes):
             raise ValueError(f"{len(channel_names)} channel names for {len(planes)} channels")
         ome["Channel"] = {"Name": [str(c) for c in channel_names]}
-    ome["MapAnnotation"] = {
-        "Namespace": NAMESPACE,
-        "Value": {"pathfm": _json_payload(store_axes, is_labels, class_names, channel_names, mpp, metadata)},
-    }
-    common: dict[str, Any] = dict(
-        tile=(th, tw),
-        compression=compression,
-        photometric="rgb" if store_axes == "YXS" else "minisblack",
-    )
-    if compression in _LOSSLESS:
-        common["predictor"] = True
-    if store_axes == "YXS":
+    payload = _json_payload(store_axes, is_labels, class_names, channel_names, mpp, metadata)
+    ome["MapAnnotation"] = {"Namespace": NAMESPACE, "Value": {"pathfm": payload}}
+    rgb = store_axes == "YXS"
+    common: dict[str, Any] = dict(tile=(th, tw), compression=compression,
+                                  photometric="rgb" if rgb else "minisblack")
+    if compression in _LOSSLESS and np.issubdtype(dtype, np.integer):
+        common["predictor"] = "horizontal"  # Bio-Formats/QuPath do not all read the float predictor
+    if rgb:
         common["planarconfig"] = "contig"
     raw_bytes = sum(int(np.prod(full_shape(s))) for s in shapes) * dtype.itemsize
     path = Path(path)
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(
-        dir=tmp.parent, prefix=f"{tmp.name}.scratch-"
-    ) as scratch:
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as scratch:
         with tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 2**31, ome=True) as tw_:
             src = planes
             for k, hw in enumerate(shapes):
@@ -374,11 +319,9 @@ def write_ome_tiff(
                 if mpp:
                     res = 1e4 / (float(mpp) * 2**k)
                     kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER")
-                if k == 0:
-                    kwargs.update(metadata=ome, subifds=len(shapes) - 1)
-                else:
-                    kwargs.update(metadata=None, subfiletype=1)
-                tw_.write(_tiles(src, (th, tw), dtype, is_labels, nxt, prog),
+                kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0
+                              else dict(metadata=None, subfiletype=1))
+                tw_.write(_tiles(src, (th, tw), dtype, is_labels, nxt, step),
                           shape=full_shape(hw), dtype=dtype, **kwargs)
                 src = nxt
     report(progress, total, total, f"wrote {path.name}")
@@ -405,14 +348,10 @@ def _mpp_from_ome(xml: str | None) -> tuple[float | None, dict]:
 
 
 def _mpp_from_tags(page) -> float | None:
-    tags = page.tags
-    if "XResolution" not in tags or "ResolutionUnit" not in tags:
+    if "XResolution" not in page.tags or page.tags.valueof(296, default=1) not in (2, 3):
         return None
-    num, den = tags["XResolution"].value
-    unit = int(tags["ResolutionUnit"].value)
-    if not num or unit not in (2, 3):
-        return None
-    return (2.54e4 if unit == 2 else 1e4) * den / num
+    per_um = page.get_resolution("MICROMETER")[0]
+    return 1.0 / per_um if per_um > 0 else None
 
 
 def read_ome_tiff(path: str | os.PathLike, *, lazy: bool = False) -> tuple[list[Any], float | None, dict]:
@@ -433,12 +372,8 @@ def read_ome_tiff(path: str | os.PathLike, *, lazy: bool = False) -> tuple[list[
             mpp, payload = _mpp_from_ome(tif.ome_metadata)
             if mpp is None:
                 mpp = _mpp_from_tags(series.pages[0])
-            axes = series.axes
-            if lazy:
-                levels = []
-            else:
-                levels = [lvl.asarray() for lvl in series.levels]
-            nlevels = len(series.levels)
+            axes, nlevels = series.axes, len(series.levels)
+            levels = [] if lazy else [lvl.asarray() for lvl in series.levels]
     except (OSError, ValueError, tifffile.TiffFileError, ET.ParseError) as exc:
         raise SlideError(path, f"cannot be read as OME-TIFF ({exc}).",
                          "Check that the file is complete and was written as OME-TIFF.") from exc
@@ -446,9 +381,8 @@ def read_ome_tiff(path: str | os.PathLike, *, lazy: bool = False) -> tuple[list[
         import dask.array as da
         import zarr
 
-        for k in range(nlevels):
-            store = tifffile.imread(path, aszarr=True, level=k)
-            levels.append(da.from_zarr(zarr.open_array(store, mode="r")))
+        stores = [tifffile.imread(path, aszarr=True, level=k) for k in range(nlevels)]
+        levels = [da.from_zarr(zarr.open_array(st, mode="r")) for st in stores]
     meta = dict(payload.get("metadata") or {})
     names = payload.get("class_names")
     meta.update(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SlideError
-from ._levels import RegionArray
+from ._levels import RegionArray, TileCache, TiledReader
 from ._tiff_backend import MAX_PLAUSIBLE_MPP
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -86,6 +86,8 @@ class Slide:
         self.vendor: str | None = backend.vendor
         self.objective_power: float | None = backend.objective_power
         self.background: tuple[int, int, int] = tuple(backend.background)  # type: ignore[assignment]
+        #: Decoded native tiles served to :attr:`pyramid` (viewing); :meth:`read` bypasses it.
+        self.tile_cache = TileCache()
 
     # -- geometry ---------------------------------------------------------------
     @property
@@ -131,6 +133,9 @@ class Slide:
     def pyramid(self) -> list:
         """Dask arrays (Y, X, 3) uint8, level 0 first, chunked on native tiles.
 
+        Whole native tiles are decoded once and kept in :attr:`tile_cache` (64 MB LRU)
+        so that panning and zooming do not decode the same tile again.
+
         When the file's own pyramid stops above :data:`OVERVIEW_MAX` px, coarser
         levels are added by lazy 2x averaging so that napari can show an overview.
         """
@@ -139,9 +144,9 @@ class Slide:
         token = self.signature().key()
         levels = []
         for i, shape in enumerate(self.level_shapes):
-            reader = _LevelReader(self, i)
             th, tw = self.tile_sizes[i]
             chunks = (min(th, shape[0]), min(tw, shape[1]), 3)
+            reader = TiledReader(_LevelReader(self, i), shape, chunks[:2], self.tile_cache, i)
             levels.append(
                 da.from_array(
                     RegionArray(shape, reader),

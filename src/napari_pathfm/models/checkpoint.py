@@ -149,9 +149,13 @@ def read_card(path: str | Path) -> dict:
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(card_path, f"is not a readable JSON model card ({exc}).", "Re-export the checkpoint.") from exc
+        raise CheckpointError(
+            card_path, f"is not a readable JSON model card ({exc}).", "Re-export the checkpoint."
+        ) from exc
     if not isinstance(card, dict) or not card.get("name") or not isinstance(card.get("config", {}), dict):
-        raise CheckpointError(card_path, "is not a model card: it lacks 'name' or 'config'.", "Re-export the checkpoint.")
+        raise CheckpointError(
+            card_path, "is not a model card: it lacks 'name' or 'config'.", "Re-export the checkpoint."
+        )
     return card
 
 
@@ -199,7 +203,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = Tru
     weights_path, card_path = checkpoint_paths(path)
     card = read_card(card_path)
     if not weights_path.is_file():
-        raise CheckpointError(weights_path, "weights file not found next to its model card.", "Copy both files together.")
+        raise CheckpointError(
+            weights_path, "weights file not found next to its model card.", "Copy both files together."
+        )
     name = card["name"]
     if name not in list_models():
         raise CheckpointError(
@@ -218,6 +224,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = Tru
     try:
         model = create_model(name, **card.get("config", {}))
     except TypeError as exc:
-        raise CheckpointError(card_path, f"has a config that model {name!r} does not accept ({exc}).", "Re-export the checkpoint.") from exc
+        raise CheckpointError(
+            card_path, f"has a config that model {name!r} does not accept ({exc}).", "Re-export the checkpoint."
+        ) from exc
     load_into(model, state, strict=True, source=weights_path)
     return model.to(resolve_device(device)).eval(), card

@@ -50,7 +50,9 @@ def timm_classifier(
     """
     import timm
 
-    model = timm.create_model(backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    model = timm.create_model(
+        backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
+    )
     if weights is not None:
         report = load_into(model, load_state_dict_file(weights), source=weights)
         log.info("%s: %s", weights, report)

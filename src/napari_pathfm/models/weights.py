@@ -31,7 +31,7 @@ _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 _CONVERT_HINT = (
     "If you trust where this file comes from, convert it once to safetensors: "
-    "python -c \"import torch, safetensors.torch as st; "
+    'python -c "import torch, safetensors.torch as st; '
     "sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', sd); "
     "st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\" "
     "and load the .safetensors file instead."
@@ -62,7 +62,7 @@ def unwrap_state_dict(obj: Any) -> dict:
     sd = {str(k): v for k, v in obj.items() if _is_tensor(v)}
     for prefix in _PREFIXES:  # each at most once, in this order
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -95,7 +95,9 @@ def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
             return load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(
-                path, f"is not a readable safetensors file ({exc}).", "The file is corrupt or truncated; re-export or re-download it."
+                path,
+                f"is not a readable safetensors file ({exc}).",
+                "The file is corrupt or truncated; re-export or re-download it.",
             ) from exc
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
@@ -114,7 +116,9 @@ def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
         ) from exc
     except Exception as exc:
         raise CheckpointError(
-            path, f"could not be read as a PyTorch weights file ({type(exc).__name__}: {exc}).", "The file is corrupt or not a checkpoint."
+            path,
+            f"could not be read as a PyTorch weights file ({type(exc).__name__}: {exc}).",
+            "The file is corrupt or not a checkpoint.",
         ) from exc
     if not unwrap:
         return obj
@@ -149,7 +153,7 @@ def rename_keys(rules: Mapping[str, str] | None = None, drop: tuple[str, ...] = 
                 continue
             for old, new in rules.items():
                 if k.startswith(old):
-                    k = new + k[len(old):]
+                    k = new + k[len(old) :]
                     break
             out[k] = v
         return out
@@ -193,7 +197,15 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict: bool = False, source: str | Path = "state dict", dry_run: bool = False) -> LoadReport:
+def load_into(
+    model,
+    state_dict: dict,
+    *,
+    key_map: KeyMap | None = None,
+    strict: bool = False,
+    source: str | Path = "state dict",
+    dry_run: bool = False,
+) -> LoadReport:
     """Copy matching tensors of ``state_dict`` into ``model`` and report the rest.
 
     Tensors whose shape differs from the model's are skipped (not an exception
@@ -234,7 +246,9 @@ def load_into(model, state_dict: dict, *, key_map: KeyMap | None = None, strict:
     report.unexpected = [k for k in state_dict if k not in own]
     report.loaded = list(usable)
     if strict and not report.ok:
-        raise CheckpointError(source, f"does not fit the model: {report}.", "Use the checkpoint made for this model and config.")
+        raise CheckpointError(
+            source, f"does not fit the model: {report}.", "Use the checkpoint made for this model and config."
+        )
     if not dry_run:
         model.load_state_dict(usable, strict=False)
     return report

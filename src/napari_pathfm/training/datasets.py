@@ -22,7 +22,9 @@ from .recipes import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["ClassFolderDataset", "find_class_files", "split_files", "classify_transforms", "RandomRot90"]
 
 
-def find_class_files(root: str | Path, classes: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[tuple[Path, int]]]:
+def find_class_files(
+    root: str | Path, classes: Sequence[str] | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names and ``(file, label)`` pairs under ``root/<class>/``, sorted.
 
     Raises
@@ -43,11 +45,21 @@ def find_class_files(root: str | Path, classes: Sequence[str] | None = None, ext
             raise RecipeError(root, f"has no folder for class {name!r}.", f"Create {folder} or fix data.classes.")
         items += [(f, label) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in exts]
     if not items:
-        raise RecipeError(root, f"contains no images with suffixes {sorted(exts)} in class folders.", "Check data.root and data.extensions.")
+        raise RecipeError(
+            root,
+            f"contains no images with suffixes {sorted(exts)} in class folders.",
+            "Check data.root and data.extensions.",
+        )
     return list(classes), items
 
 
-def split_files(items: list[tuple[Path, int]], val_fraction: float = 0.2, seed: int = 0, split_file: str | Path | None = None, root: str | Path | None = None) -> tuple[list, list]:
+def split_files(
+    items: list[tuple[Path, int]],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    root: str | Path | None = None,
+) -> tuple[list, list]:
     """Split ``(file, label)`` pairs into train and validation lists.
 
     With ``split_file`` (JSON ``{"train": [...], "val": [...]}``, paths relative
@@ -60,13 +72,19 @@ def split_files(items: list[tuple[Path, int]], val_fraction: float = 0.2, seed: 
         try:
             spec = json.loads(split_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise RecipeError(split_file, f"split file cannot be read ({exc}).", 'Write JSON {"train": [...], "val": [...]}.') from exc
+            raise RecipeError(
+                split_file, f"split file cannot be read ({exc}).", 'Write JSON {"train": [...], "val": [...]}.'
+            ) from exc
         by_rel = {str(Path(f).relative_to(root)) if root else str(f): (f, y) for f, y in items}
         out = []
         for part in ("train", "val"):
             missing = [p for p in spec.get(part, []) if p not in by_rel]
             if missing:
-                raise RecipeError(split_file, f"lists files not found under the data root: {missing[:5]}.", "Paths are relative to data.root.")
+                raise RecipeError(
+                    split_file,
+                    f"lists files not found under the data root: {missing[:5]}.",
+                    "Paths are relative to data.root.",
+                )
             out.append([by_rel[p] for p in spec.get(part, [])])
         return out[0], out[1]
     rng = np.random.default_rng(seed)
@@ -95,7 +113,13 @@ class RandomRot90:
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
 
 
-def classify_transforms(image_size: int, train: bool, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, augment: bool = True) -> Callable:
+def classify_transforms(
+    image_size: int,
+    train: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool = True,
+) -> Callable:
     """PIL image → normalised float tensor ``(3, image_size, image_size)``; random flips/rot90 when training."""
     import torch
     from torchvision.transforms import v2

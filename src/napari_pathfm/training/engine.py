@@ -15,6 +15,7 @@ through from the recipe unchanged.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -55,7 +56,31 @@ class TrainEvent(TypedDict, total=False):
 
 @dataclass
 class TrainResult:
-    """What a training run produced."""
+    """What a training run produced.
+
+    Attributes
+    ----------
+    checkpoint : Path
+        ``<output>/model.safetensors`` (best weights; card in ``model.json``).
+    card : dict
+        The model card as written.
+    best_metrics, last_metrics : dict
+        Metrics of the best epoch (by the monitored metric) and of the last one.
+    log_dir : Path
+        CSV log folder of this call (``<output>/logs/version_N``); TensorBoard
+        logs are in ``<output>/tensorboard/version_N``.
+    output : Path
+        The output folder.
+    start_epoch, epochs_run, epoch : int
+        Epoch this call started at (0, or where a resumed run continued),
+        epochs trained in this call, and epochs done in total. An epoch cut
+        short by cancel counts as done, as Lightning counts it; resuming goes on
+        with the next one.
+    stopped_early, cancelled : bool
+        Early stopping ended the run / the user stopped it.
+    history : list of dict
+        Metrics of every epoch, including those of earlier (resumed) calls.
+    """
 
     checkpoint: Path | None
     card: dict
@@ -88,7 +113,9 @@ class EngineCallback(L.Callback):
     still knows the metrics of earlier epochs.
     """
 
-    def __init__(self, progress=None, cancel=None, on_event: Callable[[dict], Any] | None = None, events_file: Path | None = None):
+    def __init__(
+        self, progress=None, cancel=None, on_event: Callable[[dict], Any] | None = None, events_file: Path | None = None
+    ):
         self.progress, self.cancel, self.on_event, self.events_file = progress, cancel, on_event, events_file
         self.history: list[dict] = []
         self.cancelled = False
@@ -125,7 +152,17 @@ class EngineCallback(L.Callback):
         msg += f": loss {metrics['loss']:.4f}" if metrics else ""
         if trainer.is_global_zero:
             report(self.progress, done, total, msg)
-            self.emit({"event": "batch", "epoch": trainer.current_epoch, "step": trainer.global_step, "done": done, "total": total, "metrics": metrics, "message": msg})
+            self.emit(
+                {
+                    "event": "batch",
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.global_step,
+                    "done": done,
+                    "total": total,
+                    "metrics": metrics,
+                    "message": msg,
+                }
+            )
         stop = trainer.strategy.reduce_boolean_decision(is_cancelled(self.cancel), all=False)
         if stop:
             self.cancelled = True
@@ -140,7 +177,17 @@ class EngineCallback(L.Callback):
             msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done: {shown}"
             done, total = self._last
             report(self.progress, done, total, msg)
-            self.emit({"event": "epoch", "epoch": trainer.current_epoch, "step": trainer.global_step, "done": done, "total": total, "metrics": metrics, "message": msg})
+            self.emit(
+                {
+                    "event": "epoch",
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.global_step,
+                    "done": done,
+                    "total": total,
+                    "metrics": metrics,
+                    "message": msg,
+                }
+            )
 
 
 def _build(recipe: Recipe):
@@ -149,11 +196,13 @@ def _build(recipe: Recipe):
 
 
 def _accelerator(recipe: Recipe, device: str) -> tuple[str, Any]:
+    """Lightning accelerator and devices: an explicit ``device`` argument wins over the recipe."""
     acc, devices = recipe.get("trainer.accelerator"), recipe.get("trainer.devices")
-    if acc == "auto" or device == "cpu":
+    if acc == "auto" or (device or "auto") != "auto":
+        device = resolve_device(device)
         acc = {"cpu": "cpu", "mps": "mps"}.get(device.split(":")[0], "gpu")
-    if acc == "gpu" and ":" in device and devices == "auto":
-        devices = [int(device.split(":")[1])]
+        if acc == "gpu" and ":" in device and devices == "auto":
+            devices = [int(device.split(":")[1])]
     if acc == "cpu" and devices == "auto":
         devices = 1
     return acc, devices
@@ -241,7 +290,14 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
     es = recipe.get("trainer.early_stopping")
     has_val = bool(getattr(data, "val_items", True)) and recipe.get("trainer.limit_val_batches") != 0
     monitor, mode = (es["monitor"], es["mode"]) if has_val else (None, "min")
-    ckpt = ModelCheckpoint(dirpath=events.events_file.parent, filename="best-{epoch}", monitor=monitor, mode=mode, save_top_k=1, save_last=True)
+    ckpt = ModelCheckpoint(
+        dirpath=events.events_file.parent,
+        filename="best-{epoch}",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=True,
+    )
     stopper = None
     if has_val and es["enabled"]:
         stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es["patience"], min_delta=es["min_delta"])
@@ -252,8 +308,11 @@ def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     version = f"version_{len(list((out / 'logs').glob('version_*')))}"
-    loggers = [CSVLogger(out, name="logs", version=version), TensorBoardLogger(out, name="tensorboard", version=version)]
-    accelerator, devices = _accelerator(recipe, resolve_device(device))
+    loggers = [
+        CSVLogger(out, name="logs", version=version),
+        TensorBoardLogger(out, name="tensorboard", version=version),
+    ]
+    accelerator, devices = _accelerator(recipe, device)
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -296,7 +355,8 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*exists and is not empty.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+            safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+            trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, **safe)
         if events.cancelled:
             trainer.save_checkpoint(last, weights_only=False)
     finally:
@@ -325,8 +385,15 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         save_checkpoint(task.model, weights, card)
         card = json.loads((out / "model.json").read_text(encoding="utf-8"))
         word = "cancelled" if events.cancelled else "finished"
-        events.emit({"event": "done", "epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": best,
-                     "message": f"{word} after epoch {trainer.current_epoch}; weights in {weights}"})
+        events.emit(
+            {
+                "event": "done",
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "metrics": best,
+                "message": f"{word} after epoch {trainer.current_epoch}; weights in {weights}",
+            }
+        )
     return TrainResult(
         checkpoint=weights,
         card=card,

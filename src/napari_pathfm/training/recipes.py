@@ -62,7 +62,9 @@ SCHEMA: dict[str, Field] = {
     "family": Field((str,), None, "Task family: which trainer to use.", tuple(FAMILIES), required=True),
     "description": Field((str,), "", "What this recipe is for, in words."),
     "seed": Field((int,), 0, "Seed for weights init, data split and augmentation."),
-    "output": Field((str, type(None)), None, "Output folder (default runs/<recipe name>); relative to the current folder."),
+    "output": Field(
+        (str, type(None)), None, "Output folder (default runs/<recipe name>); relative to the current folder."
+    ),
     "model.name": Field((str,), None, "Registry name of the model (see `pathfm models`).", required=True),
     "optim.name": Field((str,), "adamw", "Optimizer.", ("adamw", "adam", "sgd")),
     "optim.lr": Field(_NUM, 1e-3, "Learning rate."),
@@ -74,7 +76,9 @@ SCHEMA: dict[str, Field] = {
     "trainer.num_workers": Field((int,), 0, "Data-loading worker processes."),
     "trainer.devices": Field((int, str, list), "auto", "Lightning devices: 'auto', a count or a list of ids."),
     "trainer.accelerator": Field((str,), "auto", "Lightning accelerator; 'auto' follows the device argument."),
-    "trainer.precision": Field((str, int, type(None)), None, "Lightning precision; default bf16/16-mixed on CUDA, 32 elsewhere."),
+    "trainer.precision": Field(
+        (str, int, type(None)), None, "Lightning precision; default bf16/16-mixed on CUDA, 32 elsewhere."
+    ),
     "trainer.strategy": Field((str,), "auto", "Lightning strategy, e.g. 'ddp' (passed through unchanged)."),
     "trainer.num_nodes": Field((int,), 1, "Machines for multi-node DDP."),
     "trainer.limit_train_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of train batches per epoch."),
@@ -83,7 +87,9 @@ SCHEMA: dict[str, Field] = {
     "trainer.gradient_clip_val": Field(_OPT_NUM, None, "Clip gradient norm to this value."),
     "trainer.accumulate_grad_batches": Field((int,), 1, "Accumulate gradients over n batches."),
     "trainer.early_stopping.enabled": Field((bool,), True, "Stop when the monitored metric stops improving."),
-    "trainer.early_stopping.monitor": Field((str,), "val_loss", "Metric for early stopping and for the best checkpoint."),
+    "trainer.early_stopping.monitor": Field(
+        (str,), "val_loss", "Metric for early stopping and for the best checkpoint."
+    ),
     "trainer.early_stopping.mode": Field((str,), "min", "Whether the metric should go down or up.", ("min", "max")),
     "trainer.early_stopping.patience": Field((int,), 10, "Validation rounds without improvement before stopping."),
     "trainer.early_stopping.min_delta": Field(_NUM, 0.0, "Smallest change that counts as an improvement."),
@@ -95,16 +101,21 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         "data.classes": Field((list, type(None)), None, "Class folder names in label order (default: all, sorted)."),
         "data.image_size": Field((int,), 224, "Images are resized to this many pixels square."),
         "data.val_fraction": Field(_NUM, 0.2, "Share of each class held out for validation (seeded, stratified)."),
-        "data.split_file": Field((str, type(None)), None, "JSON {'train': [...], 'val': [...]} of paths relative to root.", path=True),
+        "data.split_file": Field(
+            (str, type(None)), None, "JSON {'train': [...], 'val': [...]} of paths relative to root.", path=True
+        ),
         "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image file suffixes to use."),
         "data.mean": Field((list,), IMAGENET_MEAN, "Normalisation mean (RGB, 0-1 scale)."),
         "data.std": Field((list,), IMAGENET_STD, "Normalisation std (RGB, 0-1 scale)."),
         "data.augment": Field((bool,), True, "Random flips and 90-degree rotations while training."),
-        "data.input_mpp": Field(_OPT_NUM, None, "µm per pixel as the model sees the images (after resizing); goes on the model card."),
+        "data.input_mpp": Field(
+            _OPT_NUM, None, "µm per pixel as the model sees the images (after resizing); goes on the model card."
+        ),
     },
 }
 
 _SECTIONS = {"model", "data", "optim", "trainer", "trainer.early_stopping"}
+_MISSING = object()
 
 
 def default_shared_data() -> Path:
@@ -145,12 +156,7 @@ class Recipe:
 
     def get(self, key: str, default: Any = None) -> Any:
         """Value at dotted ``key`` (``"trainer.max_epochs"``), or ``default``."""
-        node: Any = self.config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return _get(self.config, key, default)
 
     def to_yaml(self) -> str:
         """The full recipe (defaults included) as YAML, for reproducibility."""
@@ -176,7 +182,11 @@ def _expand(value: Any, where: str) -> Any:
             return str(default_shared_data())
         if fallback is not None:
             return fallback
-        raise RecipeError(where, f"uses ${{{var}}} but the environment variable {var} is not set.", f"Set {var} or write ${{{var}:-default}}.")
+        raise RecipeError(
+            where,
+            f"uses ${{{var}}} but the environment variable {var} is not set.",
+            f"Set {var} or write ${{{var}:-default}}.",
+        )
 
     return _VAR.sub(sub, value)
 
@@ -236,20 +246,32 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
             trainer["early_stopping"] = {"enabled": bool(trainer["early_stopping"])}
     family = config.get("family")
     if family not in FAMILIES:
-        raise RecipeError(where, f"key 'family' is {family!r}; choose one of {list(FAMILIES)}.", "Every recipe starts with family: <name>.")
+        raise RecipeError(
+            where,
+            f"key 'family' is {family!r}; choose one of {list(FAMILIES)}.",
+            "Every recipe starts with family: <name>.",
+        )
     fields = {**SCHEMA, **DATA_SCHEMA.get(family, {})}
     model_name = (config.get("model") or {}).get("name") if isinstance(config.get("model"), dict) else None
     from ..models.registry import list_models, model_info
 
+    if model_name is None:
+        raise RecipeError(where, "required key 'model.name' is missing.", f"Known models: {', '.join(list_models())}.")
     if model_name not in list_models():
-        raise RecipeError(where, f"key 'model.name' is {model_name!r}, which is not a known model.", f"Known models: {', '.join(list_models())}.")
+        raise RecipeError(
+            where,
+            f"key 'model.name' is {model_name!r}, which is not a known model.",
+            f"Known models: {', '.join(list_models())}.",
+        )
     model_keys = {f"model.{k}" for k in model_info(model_name)["default_cfg"]}
     for key in model_keys:
         fields[key] = Field((object,), None, "Model config (see the model's docstring).", path=key == "model.weights")
 
     def walk(node: dict, prefix: str) -> None:
         if not isinstance(node, dict):
-            raise RecipeError(where, f"key '{prefix}' must be a mapping of keys, not {node!r}.", "Check the indentation.")
+            raise RecipeError(
+                where, f"key '{prefix}' must be a mapping of keys, not {node!r}.", "Check the indentation."
+            )
         for k, v in node.items():
             key = f"{prefix}.{k}" if prefix else str(k)
             if key in _SECTIONS:
@@ -274,9 +296,6 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
             value = str((base / value).resolve())
         _set(config, key, value)
     return config
-
-
-_MISSING = object()
 
 
 def _get(config: dict, key: str, default: Any) -> Any:
@@ -309,22 +328,27 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
         Unreadable YAML, unknown key, wrong type, bad choice or missing required
         key; the message names the recipe file and the key.
     """
-    if isinstance(source, Recipe):
-        source = source.config if source.path is None else source.path
     path: Path | None = None
-    if isinstance(source, dict):
+    if isinstance(source, Recipe):
+        raw, path = copy.deepcopy(source.config), source.path
+        where = str(path) if path else "<recipe dict>"
+    elif isinstance(source, dict):
         raw, where = copy.deepcopy(source), "<recipe dict>"
     else:
         path = Path(source).resolve()
         where = str(path)
         if not path.is_file():
-            raise RecipeError(path, "recipe file not found.", "Check the path; recipes live in the training/ folder of the repo.")
+            raise RecipeError(
+                path, "recipe file not found.", "Check the path; recipes live in the training/ folder of the repo."
+            )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise RecipeError(path, f"is not valid YAML ({exc}).", "Fix the syntax at the line shown.") from exc
         if not isinstance(raw, dict):
-            raise RecipeError(path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml.")
+            raise RecipeError(
+                path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml."
+            )
     config = _validate(_expand(raw, where), where, path.parent if path else Path.cwd())
     if overrides:
         for item in overrides:

@@ -84,9 +84,13 @@ class ClassifyDataModule(L.LightningDataModule):
         self.root = Path(data["root"])
         self.batch_size, self.num_workers = batch_size, num_workers
         self.classes, items = find_class_files(self.root, data.get("classes"), data["extensions"])
-        self.train_items, self.val_items = split_files(items, data["val_fraction"], seed, data.get("split_file"), self.root)
+        self.train_items, self.val_items = split_files(
+            items, data["val_fraction"], seed, data.get("split_file"), self.root
+        )
         if not self.train_items:
-            raise RecipeError(self.root, "leaves no images for training after the split.", "Lower data.val_fraction or add images.")
+            raise RecipeError(
+                self.root, "leaves no images for training after the split.", "Lower data.val_fraction or add images."
+            )
 
     def _dataset(self, items, train: bool) -> ClassFolderDataset:
         tf = classify_transforms(self.cfg["image_size"], train, self.cfg["mean"], self.cfg["std"], self.cfg["augment"])
@@ -127,11 +131,17 @@ def build(recipe: Recipe):
     ``model.num_classes`` defaults to the number of class folders; a different
     explicit value is an error.
     """
-    data = ClassifyDataModule(recipe.get("data"), recipe.get("trainer.batch_size"), recipe.get("trainer.num_workers"), recipe.get("seed"))
+    data = ClassifyDataModule(
+        recipe.get("data"), recipe.get("trainer.batch_size"), recipe.get("trainer.num_workers"), recipe.get("seed")
+    )
     cfg = {k: v for k, v in recipe.get("model").items() if k != "name"}
     n = len(data.classes)
     if cfg.setdefault("num_classes", n) != n:
-        raise RecipeError(recipe.path or "<recipe>", f"model.num_classes is {cfg['num_classes']} but data.root has {n} classes.", "Remove model.num_classes or fix data.classes.")
+        raise RecipeError(
+            recipe.path or "<recipe>",
+            f"model.num_classes is {cfg['num_classes']} but data.root has {n} classes.",
+            "Remove model.num_classes or fix data.classes.",
+        )
     model = create_model(recipe.get("model.name"), **cfg)
     task = ClassifyTask(model, n, recipe.get("optim"), recipe.get("trainer.max_epochs"))
     card = {
