@@ -29,13 +29,7 @@ import numpy as np
 from ..errors import PathFMError
 from .atomic import atomic_path
 
-__all__ = [
-    "labels_to_geojson",
-    "write_geojson",
-    "geojson_to_labels",
-    "normalize_class_names",
-    "class_color",
-]
+__all__ = ["labels_to_geojson", "write_geojson", "geojson_to_labels", "normalize_class_names", "class_color"]
 
 _PALETTE = [
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -77,12 +71,8 @@ def _boundary_edges(mask: np.ndarray):
     bot = np.nonzero(m[:-1] & ~m[1:])
     left = np.nonzero(m[:, 1:] & ~m[:, :-1])
     right = np.nonzero(m[:, :-1] & ~m[:, 1:])
-    for (r, c), sy, sx, ey, ex, py, px in (
-        (top, 1, 0, 1, 1, 1, 0),
-        (bot, 1, 1, 1, 0, 0, 0),
-        (left, 1, 1, 0, 1, 0, 1),
-        (right, 0, 1, 1, 1, 0, 0),
-    ):
+    for (r, c), sy, sx, ey, ex, py, px in ((top, 1, 0, 1, 1, 1, 0), (bot, 1, 1, 1, 0, 0, 0),
+                                           (left, 1, 1, 0, 1, 0, 1), (right, 0, 1, 1, 1, 0, 0)):
         starts.append((r + sy) * v + c + sx)
         ends.append((r + ey) * v + c + ex)
         pixels.append((r + py) * w + c + px)
@@ -219,13 +209,9 @@ def _simplify(yx: np.ndarray, tol: float) -> np.ndarray:
 
 
 def _coords(yx: np.ndarray, downsample: float, offset: Sequence[float]) -> list:
-    x = offset[1] + yx[:, 1] * downsample
-    y = offset[0] + yx[:, 0] * downsample
-    xy = np.stack([x, y], axis=1)
+    xy = np.asarray(offset[::-1], np.float64) + yx[:, ::-1] * downsample
     xy = np.vstack([xy, xy[:1]])
-    if np.all(xy == np.round(xy)):
-        return xy.astype(np.int64).tolist()
-    return xy.tolist()
+    return xy.astype(np.int64).tolist() if np.all(xy == np.round(xy)) else xy.tolist()
 
 
 def labels_to_geojson(
@@ -244,21 +230,14 @@ def labels_to_geojson(
 
     Parameters
     ----------
-    labels
-        2-D integer (or bool) label image; ``background`` is skipped.
-    class_names
-        ``{value: name}`` or a list indexed by value; missing names become ``"class <value>"``.
-    downsample, offset
-        Level-0 pixels per label pixel and the level-0 ``(y0, x0)`` of label pixel (0, 0).
-    colors
-        ``{value: (r, g, b)}``; default a fixed palette.
-    min_area_px
-        Drop regions with fewer label pixels than this.
-    simplify_tolerance
-        Douglas-Peucker tolerance in label pixels; 0 keeps polygons exact.
-    connectivity
-        1: one Polygon per 4-connected region; 2: diagonal contacts join regions into one
-        MultiPolygon feature.
+    labels : 2-D integer (or bool) label image; ``background`` is skipped.
+    class_names : ``{value: name}`` or a list indexed by value; else ``"class <value>"``.
+    downsample, offset : level-0 pixels per label pixel; level-0 ``(y0, x0)`` of label (0, 0).
+    colors : ``{value: (r, g, b)}``; default a fixed palette.
+    min_area_px : drop regions with fewer label pixels than this.
+    simplify_tolerance : Douglas-Peucker tolerance in label pixels; 0 keeps polygons exact.
+    connectivity : 1: one Polygon per 4-connected region; 2: regions touching diagonally
+        form one MultiPolygon feature.
 
     Examples
     --------
@@ -302,36 +281,18 @@ def labels_to_geojson(
                 continue
             polys_by_group.setdefault(gid, []).extend(polys)
         for gid in sorted(polys_by_group):
-            polys = [
-                [_coords(_simplify(r, simplify_tolerance), downsample, offset) for r in poly]
-                for poly in polys_by_group[gid]
-            ]
-            geometry = (
-                {"type": "Polygon", "coordinates": polys[0]}
-                if len(polys) == 1
-                else {"type": "MultiPolygon", "coordinates": polys}
-            )
-            features.append({
-                "type": "Feature",
-                "geometry": geometry,
-                "properties": {
-                    "objectType": "annotation",
-                    "classification": {
-                        "name": names.get(value, f"class {value}"),
-                        "color": class_color(value, colors),
-                    },
-                    "label": value,
-                },
-            })
+            polys = [[_coords(_simplify(r, simplify_tolerance), downsample, offset) for r in poly]
+                     for poly in polys_by_group[gid]]
+            geometry = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
+                        else {"type": "MultiPolygon", "coordinates": polys})
+            classification = {"name": names.get(value, f"class {value}"), "color": class_color(value, colors)}
+            properties = {"objectType": "annotation", "classification": classification, "label": value}
+            features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(
-    path: str | os.PathLike,
-    labels: np.ndarray,
-    class_names: dict[int, str] | Sequence[str] | None = None,
-    **kwargs: Any,
-) -> Path:
+def write_geojson(path: str | os.PathLike, labels: np.ndarray,
+                  class_names: dict[int, str] | Sequence[str] | None = None, **kwargs: Any) -> Path:
     """Write :func:`labels_to_geojson` output to ``path`` atomically; returns the path."""
     collection = labels_to_geojson(labels, class_names, **kwargs)
     path = Path(path)
@@ -364,14 +325,11 @@ def _fill(rings: list[np.ndarray], shape: tuple[int, int]):
     c1 = min(shape[1], int(np.ceil(pts[:, 0].max())))
     if r1 <= r0 or c1 <= c0:
         return None
-    xa, ya, xb, yb = [], [], [], []
-    for ring in rings:
-        if not np.array_equal(ring[0], ring[-1]):
-            ring = np.vstack([ring, ring[:1]])
-        xa.append(ring[:-1, 0]); ya.append(ring[:-1, 1]); xb.append(ring[1:, 0]); yb.append(ring[1:, 1])
-    xa, ya, xb, yb = (np.concatenate(a) for a in (xa, ya, xb, yb))
-    keep = ya != yb
-    xa, ya, xb, yb = xa[keep], ya[keep], xb[keep], yb[keep]
+    open_rings = [r[:-1] if np.array_equal(r[0], r[-1]) else r for r in rings]
+    a = np.vstack(open_rings)
+    b = np.vstack([np.roll(r, -1, axis=0) for r in open_rings])
+    keep = a[:, 1] != b[:, 1]
+    (xa, ya), (xb, yb) = a[keep].T, b[keep].T
     lo = np.clip(np.ceil(np.minimum(ya, yb) - 0.5).astype(np.int64), r0, r1)
     hi = np.clip(np.ceil(np.maximum(ya, yb) - 0.5).astype(np.int64), r0, r1)
     n = hi - lo
@@ -421,10 +379,8 @@ def geojson_to_labels(
             elif not by_name:
                 value = 1
             else:
-                raise PathFMError(
-                    f"GeoJSON feature has class {name!r}, which is not among {sorted(by_name)}; "
-                    "pass class_names that include it"
-                )
+                raise PathFMError(f"GeoJSON feature has class {name!r}, which is not among "
+                                  f"{sorted(by_name)}; pass class_names that include it")
         polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
         items.append((int(value), polys))
     if dtype is None:
@@ -433,10 +389,8 @@ def geojson_to_labels(
     out = np.zeros(tuple(shape), dtype)
     for value, polys in items:
         for poly in polys:
-            rings = [
-                (np.asarray(r, np.float64)[:, :2] - [offset[1], offset[0]]) / downsample
-                for r in poly if len(r) >= 3
-            ]
+            rings = [(np.asarray(r, np.float64)[:, :2] - [offset[1], offset[0]]) / downsample
+                     for r in poly if len(r) >= 3]
             filled = _fill(rings, out.shape) if rings else None
             if filled is not None:
                 rs, cs, mask = filled

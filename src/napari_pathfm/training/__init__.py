@@ -15,7 +15,7 @@ import importlib
 _LAZY = {
     "run_recipe": "engine",
     "TrainResult": "engine",
-    "TrainEvent": "engine",
+    "TrainEvent": "callbacks",
     "load_recipe": "recipes",
     "parse_override": "recipes",
     "schema": "recipes",

@@ -1,0 +1,86 @@
+"""The ``pathfm`` command line on real slides: info, open, tiles, demo, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from napari_pathfm.cli import app
+
+runner = CliRunner()
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("pathfm") or str(Path(sys.executable).parent / "pathfm")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("info", "open", "tiles", "train", "demo"):
+        assert command in out.stdout
+
+
+def test_info_lists_versions_devices_and_models():
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["versions"]["napari-pathfm"] == "0.1.0"
+    assert info["versions"]["libopenslide"].startswith("4.")
+    assert info["devices"]["auto"] in {"cpu", "cuda", "mps"}
+    assert "timm_classifier" in info["models"]
+
+
+def test_open_prints_metadata_json(cmu_small):
+    result = runner.invoke(app, ["open", str(cmu_small)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads(result.output)
+    assert meta["mpp"] == pytest.approx(0.499)
+    assert meta["level_shapes"] == [[2967, 2220]]
+    assert meta["properties"]["openslide.vendor"] == "aperio"
+
+
+def test_open_unreadable_file_fails_with_a_clear_message(wsi_dir):
+    result = runner.invoke(app, ["open", str(wsi_dir / "unopenable.tiff")])
+    assert result.exit_code == 1
+    assert "unopenable.tiff" in result.output and "supported format" in result.output
+
+
+def test_tiles_writes_mask_grid_and_overview(cmu_small, tmp_path):
+    from napari_pathfm.io.geojson import geojson_to_labels
+    from napari_pathfm.io.ome_tiff import read_ome_tiff
+
+    result = runner.invoke(app, ["tiles", str(cmu_small), "--out", str(tmp_path), "--mpp", "1.0", "--size", "224"])
+    assert result.exit_code == 0, result.output
+    stem = "CMU-1-Small-Region"
+    levels, mpp, meta = read_ome_tiff(tmp_path / f"{stem}.tissue.ome.tif")
+    mask = np.asarray(levels[0])
+    assert mpp == pytest.approx(0.499 * 16, rel=0.01)
+    assert 0.2 < mask.mean() < 0.9
+    back = geojson_to_labels(tmp_path / f"{stem}.tissue.geojson", mask.shape, {1: "Tissue"}, downsample=16.0)
+    np.testing.assert_array_equal(back, mask)
+    rows = (tmp_path / f"{stem}.tiles.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("index,row,col,y0,x0")
+    grid = json.loads((tmp_path / f"{stem}.tiles.json").read_text())
+    assert grid["tile_size"] == 224 and len(rows) - 1 == len(grid["tiles"]) > 5
+    assert (tmp_path / f"{stem}.overview.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("*.tmp*")), "no temporary files are left behind"
+
+
+def test_demo_writes_everything_it_promises(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--no-show"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "demo-summary.json").read_text())
+    assert summary["tissue_tiles"] > 10
+    canvas = tmp_path / "napari-canvas-slide.png"
+    assert canvas.exists(), summary.get("napari_canvas_png")
+    from PIL import Image
+
+    img = np.asarray(Image.open(canvas).convert("RGB"))
+    assert img.mean() > 100, "the canvas shows the slide, not a black frame"
+    for key in ("tissue_mask", "tissue_geojson", "tiles_csv", "overview_png"):
+        assert Path(summary["files"][key]).exists()
