@@ -207,3 +207,37 @@ def test_early_stopping_and_overrides(shared_data, tmp_path, monkeypatch):
     assert result.stopped_early and result.epoch == 2 and not result.cancelled
     assert result.card["recipe"]["optim"]["lr"] == 0.01
     assert result.card["recipe"]["trainer"]["early_stopping"]["patience"] == 0
+
+
+# --- datasets and optimizers ------------------------------------------------------------
+
+
+def test_split_is_seeded_stratified_and_reusable(shared_data, tmp_path):
+    from napari_pathfm.training.datasets import ClassFolderDataset, find_class_files, split_files
+
+    root = shared_data / "crc-tiles" / "kather2016"
+    classes, items = find_class_files(root)
+    assert len(classes) == 8 and len(items) == 24
+    train, val = split_files(items, val_fraction=0.34, seed=0)
+    assert split_files(items, val_fraction=0.34, seed=0) == (train, val)
+    assert split_files(items, val_fraction=0.34, seed=1) != (train, val)
+    assert sorted(y for _, y in val) == list(range(8)) and len(train) == 16
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [str(f.relative_to(root)) for f, _ in val], "val": []}))
+    assert split_files(items, split_file=split, root=root) == (val, [])
+    ds = ClassFolderDataset(root, items=val)
+    image, label = ds[0]
+    assert image.size == (150, 150) and image.mode == "RGB" and label == val[0][1]
+    assert ds.class_counts() == {c: 1 for c in classes}
+
+
+def test_optimizers_and_cosine_schedule():
+    import torch
+
+    from napari_pathfm.training.tasks.classify import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer(params, {"name": "sgd", "lr": 0.1}, 5), torch.optim.SGD)
+    out = build_optimizer(params, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.005, "scheduler": "cosine"}, 50)
+    assert isinstance(out["optimizer"], torch.optim.AdamW) and out["optimizer"].defaults["weight_decay"] == 0.005
+    assert out["lr_scheduler"]["scheduler"].T_max == 50

@@ -172,7 +172,8 @@ def test_ome_tiff_dask_written_without_recomputing(tmp_path):
     assert len(counts) == 15 and max(counts.values()) == 1
     levels, _, _ = read_ome_tiff(tmp_path / "big.ome.tif", lazy=True)
     assert [lvl.shape for lvl in levels] == [(5000, 3000), (2500, 1500), (1250, 750), (625, 375)]
-    np.testing.assert_array_equal(levels[0][3900:4100, 2000:2300].compute(), (base * 2)[3900:4100, 2000:2300].compute())
+    window = (slice(3900, 4100), slice(2000, 2300))
+    np.testing.assert_array_equal(levels[0][window].compute(), (base * 2)[window].compute())
 
 
 def test_ome_tiff_large_levels_use_disk_buffers(tmp_path, monkeypatch):
@@ -201,7 +202,8 @@ def test_ome_tiff_failure_and_cancel_leave_nothing(tmp_path):
             raise RuntimeError("disk full")
         return block
 
-    failing = da.zeros((4000, 1500), dtype=np.uint8, chunks=(1000, 1500)).map_blocks(fail_late, dtype=np.uint8)
+    zeros = da.zeros((4000, 1500), dtype=np.uint8, chunks=(1000, 1500))
+    failing = zeros.map_blocks(fail_late, dtype=np.uint8)
     with pytest.raises(RuntimeError, match="disk full"):
         write_ome_tiff(final, failing, is_labels=True)
     assert final.read_bytes() == b"previous result"
@@ -210,7 +212,8 @@ def test_ome_tiff_failure_and_cancel_leave_nothing(tmp_path):
     seen = []
     cancel = lambda: len(seen) > 20  # noqa: E731
     with pytest.raises(Cancelled):
-        write_ome_tiff(final, np.zeros((3000, 3000), np.uint8), progress=lambda d, t, m="": seen.append(d), cancel=cancel)
+        write_ome_tiff(final, np.zeros((3000, 3000), np.uint8), cancel=cancel,
+                       progress=lambda d, t, m="": seen.append(d))
     assert final.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.ome.tif"]
 
@@ -228,7 +231,8 @@ def test_ome_tiff_dtype_rules(tmp_path):
     with pytest.raises(PathFMError, match="do not fit"):
         write_ome_tiff(tmp_path / "i.ome.tif", np.full((20, 20), 2**40, np.int64), is_labels=True)
     with pytest.raises(ValueError, match="lossy"):
-        write_ome_tiff(tmp_path / "j.ome.tif", np.zeros((20, 20), np.uint8), is_labels=True, compression="jpeg")
+        write_ome_tiff(tmp_path / "j.ome.tif", np.zeros((20, 20), np.uint8), is_labels=True,
+                       compression="jpeg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.ome.tif"]
 
 
@@ -331,9 +335,8 @@ def test_geojson_glas_downsample_offset_and_path(tmp_path, shared_data):
     np.testing.assert_array_equal(back, labels)
     for f in fc["features"]:  # QuPath exports carry no "label": map by class name
         del f["properties"]["label"]
-    np.testing.assert_array_equal(
-        geojson_to_labels(fc, labels.shape, {0: "bg", 1: "Tumor"}, downsample=4.0, offset=(1000, 2000)), labels
-    )
+    by_name = geojson_to_labels(fc, labels.shape, {0: "bg", 1: "Tumor"}, downsample=4.0, offset=(1000, 2000))
+    np.testing.assert_array_equal(by_name, labels)
     with pytest.raises(PathFMError, match="Tumor"):
         geojson_to_labels(fc, labels.shape, {1: "Stroma"}, downsample=4.0, offset=(1000, 2000))
 
@@ -404,7 +407,8 @@ def test_geojson_min_area_and_simplify():
 def test_geojson_accepts_feature_list_and_ignores_points():
     features = [
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}},
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
+        {"type": "Feature",
+         "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
          "properties": {"classification": {"name": "Tumor"}}},
     ]
     out = geojson_to_labels(features, (5, 6))

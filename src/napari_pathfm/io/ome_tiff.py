@@ -265,6 +265,8 @@ def write_ome_tiff(
     metadata : JSON-serialisable dict stored in the file (see :func:`read_ome_tiff`).
     progress, cancel : ``progress(done, total, message)`` and ``cancel`` per tile;
         :class:`~napari_pathfm.errors.Cancelled` leaves nothing on disk.
+
+    Channel-first dask data are computed once per channel: persist an expensive graph first.
     """
     import tifffile
 
@@ -302,12 +304,13 @@ def write_ome_tiff(
     common: dict[str, Any] = dict(tile=(th, tw), compression=compression,
                                   photometric="rgb" if rgb else "minisblack")
     if compression in _LOSSLESS and np.issubdtype(dtype, np.integer):
-        common["predictor"] = "horizontal"  # Bio-Formats/QuPath do not all read the float predictor
+        common["predictor"] = "horizontal"  # not all readers (Bio-Formats) know the float one
     if rgb:
         common["planarconfig"] = "contig"
     raw_bytes = sum(int(np.prod(full_shape(s))) for s in shapes) * dtype.itemsize
     path = Path(path)
-    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as scratch:
+    with (atomic_path(path) as tmp,
+          tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as scratch):
         with tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 2**31, ome=True) as tw_:
             src = planes
             for k, hw in enumerate(shapes):

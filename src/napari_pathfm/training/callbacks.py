@@ -1,7 +1,7 @@
 """Engine callback: progress reports, :class:`TrainEvent` dicts, cancel checks, metric history.
 
-Kept apart from :mod:`~napari_pathfm.training.engine` so every family shares it
-and a GUI can import the event format without the engine.
+Every family's run goes through this one callback, so progress, cancel and the
+event stream behave the same whatever is being trained.
 """
 
 from __future__ import annotations
