@@ -120,3 +120,36 @@ def test_importing_plugin_and_widgets_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reader_opens_zstack_folder_with_z_slider(make_napari_viewer, shared_data):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(shared_data / "isl-blue-sample"), plugin="napari-pathfm")
+    stack = layers[0]
+    assert stack.data.shape == (13, 1024, 1024) and stack.data.dtype == np.uint16
+    assert viewer.dims.ndim == 3 and viewer.dims.nsteps[0] == 13, "a Z slider with 13 planes"
+    assert {layer.name.split()[-1] for layer in layers[1:]} >= {"DAPI", "MAP2", "NFH"} or len(layers) == 4
+
+
+def test_labels_writer_saves_ome_tiff_and_qupath_geojson(make_napari_viewer, qtbot, cmu_small, tmp_path):
+    from napari_pathfm.io.geojson import geojson_to_labels
+    from napari_pathfm.io.ome_tiff import read_ome_tiff
+    from napari_pathfm.io.slide import open_slide
+    from napari_pathfm.pipelines.tissue_tiles import compute_tissue_tiles
+    from napari_pathfm.widgets.slide_widget import SlideWidget, add_tissue_tiles_layers
+
+    viewer = make_napari_viewer()
+    widget = SlideWidget(viewer)
+    layer = widget.open_path(cmu_small)
+    result = compute_tissue_tiles(open_slide(cmu_small))
+    add_tissue_tiles_layers(viewer, layer.name, result)
+    tissue = viewer.layers[f"{layer.name} tissue"]
+    tif = tmp_path / "tissue.ome.tif"
+    gj = tmp_path / "tissue.geojson"
+    tissue.save(str(tif), plugin="napari-pathfm")
+    tissue.save(str(gj), plugin="napari-pathfm")
+    levels, mpp, meta = read_ome_tiff(tif)
+    np.testing.assert_array_equal(np.asarray(levels[0]), tissue.data)
+    assert mpp == pytest.approx(tissue.scale[0])
+    back = geojson_to_labels(gj, tissue.data.shape, {1: "Tissue"}, downsample=result.tissue.downsample)
+    np.testing.assert_array_equal(back, tissue.data)
