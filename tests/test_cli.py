@@ -84,3 +84,26 @@ def test_demo_writes_everything_it_promises(tmp_path):
     assert img.mean() > 100, "the canvas shows the slide, not a black frame"
     for key in ("tissue_mask", "tissue_geojson", "tiles_csv", "overview_png"):
         assert Path(summary["files"][key]).exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_streams_json_events_and_exports_a_checkpoint(shared_data, tmp_path):
+    recipe = REPO / "training" / "classify" / "crc_tiny.yaml"
+    args = ["train", str(recipe), "--out", str(tmp_path), "--set", "trainer.max_epochs=1", "--json-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.strip().splitlines()]
+    kinds = {e["event"] for e in events}
+    assert {"batch", "epoch", "summary"} <= kinds
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["epochs_run"] == 1
+    assert Path(summary["checkpoint"]).exists() and Path(summary["checkpoint"]).with_suffix(".json").exists()
+
+
+def test_train_with_a_bad_override_names_the_recipe(tmp_path):
+    recipe = REPO / "training" / "classify" / "crc_tiny.yaml"
+    result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path), "--set", "optim.nonsense=1"])
+    assert result.exit_code == 1
+    assert "crc_tiny.yaml" in result.output and "nonsense" in result.output

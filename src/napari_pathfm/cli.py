@@ -112,33 +112,38 @@ def train(
     """Train a model from a recipe with Lightning (checkpoints, resume, early stopping, logs)."""
     from .training.engine import run_recipe
 
+    kwargs = dict(resume=resume, device=device, output=out)
     try:
         if json_progress:
             cancel = threading.Event()
 
-            def progress(done: int, total: int, message: str = "") -> None:
-                typer.echo(json.dumps({"event": "progress", "done": done, "total": total, "message": message}))
+            def on_event(event: dict) -> None:
+                typer.echo(json.dumps(event, default=str))
                 sys.stdout.flush()
 
             try:
-                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, resume=resume, device=device, output=out)
+                result = run_recipe(recipe, set_, cancel=cancel, on_event=on_event, **kwargs)
             except KeyboardInterrupt:
                 cancel.set()
                 raise Cancelled("training cancelled by the user") from None
         else:
             with cli_progress("train") as (progress, cancel):
-                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, resume=resume, device=device, output=out)
+                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, **kwargs)
     except PathFMError as exc:
         _fail(exc)
     summary = {
         "checkpoint": str(result.checkpoint),
-        "metrics": result.metrics,
+        "best_metrics": result.best_metrics,
+        "last_metrics": result.last_metrics,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "cancelled": result.cancelled,
         "log_dir": str(result.log_dir),
     }
-    typer.echo(json.dumps({"event": "summary", **summary} if json_progress else summary, indent=None if json_progress else 2, default=str))
+    if json_progress:
+        typer.echo(json.dumps({"event": "summary", **summary}, default=str))
+    else:
+        typer.echo(json.dumps(summary, indent=2, default=str))
 
 
 @app.command()

@@ -165,7 +165,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     events = EngineCallback(progress, cancel, on_event, out / "events.jsonl")
     try:
-        return _run(recipe, out, events, resume, device, progress is not None)
+        return _run(recipe, out, events, resume, device, progress is not None or on_event is not None)
     except BaseException as exc:
         events.emit({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
         raise
