@@ -21,7 +21,7 @@ def test_console_script_is_installed():
     exe = shutil.which("pathfm") or str(Path(sys.executable).parent / "pathfm")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("info", "open", "tiles", "train", "demo"):
+    for command in ("info", "models", "open", "tiles", "train", "demo"):
         assert command in out.stdout
 
 

@@ -62,6 +62,16 @@ def info() -> None:
     typer.echo(json.dumps(collect_info(), indent=2))
 
 
+@app.command()
+def models(family: Optional[str] = typer.Option(None, help="Only this family (e.g. classify)")) -> None:
+    """List registered models: name, family and what each is."""
+    from .models import list_models, model_info
+
+    for name in list_models(family):
+        info = model_info(name)
+        typer.echo(f"{name:<24} {info['family']:<10} {info['description']}")
+
+
 @app.command("open")
 def open_cmd(slide: Path = typer.Argument(..., help="Slide file (SVS, NDPI, MRXS, DICOM, OME-TIFF, …)")) -> None:
     """Print a slide's metadata (levels, µm/px, vendor properties, associated images) as JSON."""
