@@ -40,3 +40,7 @@ class RecipeError(SlideError):
 
 class Cancelled(PathFMError):
     """Raised by long-running functions when the user asked them to stop."""
+
+
+class FeatureError(SlideError):
+    """A patch-feature file is missing, incomplete, or inconsistent (lengths, NaN, dimension)."""
