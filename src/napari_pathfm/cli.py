@@ -157,6 +157,89 @@ def train(
 
 
 @app.command()
+def features(
+    inputs: List[Path] = typer.Argument(..., help="Slides, plain images, or folders of them"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr per slide"),
+    backbone: str = typer.Option("resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"),
+    weights: Optional[Path] = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
+    mpp: float = typer.Option(0.5, help="Tile resolution in µm/px"),
+    tile: int = typer.Option(256, help="Tile size in pixels"),
+    batch_size: int = typer.Option(32, help="Tiles per forward pass"),
+    min_tissue: float = typer.Option(0.25, help="Keep tiles with at least this tissue fraction"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+) -> None:
+    """Extract patch features of tissue tiles (resumable: finished slides are skipped)."""
+    from .pipelines.features import features_command
+
+    try:
+        with cli_progress("features") as (progress, cancel):
+            results = features_command(
+                inputs, out, backbone=backbone, weights=weights, mpp=mpp, tile=tile, batch_size=batch_size,
+                device=device, min_tissue=min_tissue, progress=progress, cancel=cancel,
+            )  # fmt: skip
+    except PathFMError as exc:
+        _fail(exc)
+    failed = 0
+    for slide, result in results.items():
+        ok = not isinstance(result, Exception) and not (isinstance(result, str) and result.startswith("error"))
+        failed += not ok
+        typer.echo(f"{'ok ' if ok else 'ERR'} {slide}: {result}")
+    if failed:
+        raise typer.Exit(1)
+
+
+mil_app = typer.Typer(help="Multiple-instance learning: slide prediction with patch heatmaps.", no_args_is_help=True)
+app.add_typer(mil_app, name="mil")
+
+
+@mil_app.command("predict")
+def mil_predict_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="MIL checkpoint (.safetensors + .json card)"),
+    slide: Optional[Path] = typer.Option(None, help="Slide to predict (features are extracted first)"),
+    features_path: Optional[Path] = typer.Option(None, "--features", help="Feature file (.zarr) from `pathfm features`"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
+    top_k: int = typer.Option(10, help="How many top patches to list"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+) -> None:
+    """Predict a slide's class with a MIL model and write the patch heatmap over the slide."""
+    from .pipelines.mil import mil_predict, write_mil_outputs
+
+    if (slide is None) == (features_path is None):
+        _fail(PathFMError("give exactly one of --slide or --features"))
+    try:
+        with cli_progress("mil predict") as (progress, cancel):
+            if slide is not None:
+                from .io.slide import open_slide
+
+                with open_slide(slide) as s:
+                    mpp = s.mpp
+                    pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel)
+            else:
+                pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
+                mpp = _features_slide_mpp(pred)
+            written = write_mil_outputs(pred, heatmap=out, json_path=json_out, mpp=mpp, top_k=top_k)
+    except PathFMError as exc:
+        _fail(exc)
+    typer.echo(json.dumps({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
+                           "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
+
+
+def _features_slide_mpp(pred) -> Optional[float]:
+    """Level-0 µm/px of the slide a feature file came from, when it can be known."""
+    from .io.slide import open_slide
+
+    path = pred.source.get("slide")
+    if path and Path(path).exists():
+        try:
+            with open_slide(path) as s:
+                return s.mpp
+        except PathFMError:
+            return None
+    return None
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("pathfm-demo"), "--out", "-o", help="Where to write the demo outputs"),
     slide: Optional[Path] = typer.Option(None, help="Slide to use (default: the bundled CMU-1 small region)"),

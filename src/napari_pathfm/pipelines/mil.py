@@ -1,0 +1,209 @@
+"""Slide-level MIL prediction and the patch heatmap that explains it.
+
+``mil_predict`` takes a trained MIL checkpoint and either a feature file (from
+``pathfm features``) or a slide (features are then extracted with the extractor
+named in the checkpoint's card), and returns class probabilities plus per-patch
+evidence. ``heatmap_grid`` lays that evidence on the tile grid so that napari can
+overlay it on the slide with level-0 scale/translate; ``write_mil_outputs`` writes
+the heatmap as OME-TIFF and the prediction as JSON, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError, FeatureError
+from ..progress import check_cancel, report
+
+
+@dataclass
+class MILPrediction:
+    """What a MIL model says about one slide.
+
+    Attributes
+    ----------
+    classes : list of str
+    probabilities : ndarray (C,)
+        Softmax of the slide logits.
+    patch_scores : ndarray (N, C)
+        Per-patch evidence in [0, 1] for each class (see ``models.mil.heatmap_scores``).
+    coords : ndarray (N, 2)
+        Level-0 (y, x) top-left of each patch, in the feature file's patch order.
+    level0_tile_size : float
+        Level-0 extent of one patch (the heatmap's cell size).
+    """
+
+    classes: list[str]
+    probabilities: np.ndarray
+    patch_scores: np.ndarray
+    coords: np.ndarray
+    level0_tile_size: float
+    source: dict = field(default_factory=dict)
+
+    @property
+    def predicted(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    def top_patches(self, k: int = 10, cls: int | None = None) -> list[dict]:
+        """The ``k`` patches with the most evidence for ``cls`` (default: the predicted class)."""
+        c = int(np.argmax(self.probabilities)) if cls is None else int(cls)
+        scores = self.patch_scores[:, c]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [
+            {"index": int(i), "y": int(self.coords[i, 0]), "x": int(self.coords[i, 1]), "score": float(scores[i])}
+            for i in order
+        ]
+
+    def to_dict(self, k: int = 10) -> dict:
+        return {
+            "classes": self.classes,
+            "probabilities": {c: float(p) for c, p in zip(self.classes, self.probabilities)},
+            "predicted": self.predicted,
+            "n_patches": int(len(self.coords)),
+            "level0_tile_size": self.level0_tile_size,
+            "top_patches": self.top_patches(k),
+            **self.source,
+        }
+
+
+def _load(checkpoint):
+    from ..models.checkpoint import load_checkpoint
+
+    if isinstance(checkpoint, tuple):
+        return checkpoint
+    return load_checkpoint(checkpoint)
+
+
+def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
+    config = card.get("config") or {}
+    in_dim = config.get("in_dim")
+    n_classes = config.get("n_classes") or len(card.get("classes") or []) or 2
+    if in_dim is None:
+        raise CheckpointError(checkpoint, "has no `in_dim` in its model card; it is not a MIL checkpoint.", "Pick a checkpoint trained with the `mil` family.")
+    classes = [str(c) for c in (card.get("classes") or [f"class {i}" for i in range(n_classes)])]
+    return int(in_dim), classes
+
+
+def features_for_slide(slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None):
+    """Extract features from ``slide`` the way the checkpoint's training features were made."""
+    import tempfile
+
+    from ..models.registry import create_model
+    from .features import extract_features, read_features
+
+    fx = card.get("feature_extractor") or {}
+    backbone = fx.get("backbone") or "resnet50_trunc"
+    kwargs = {}
+    if fx.get("weights"):
+        if not Path(fx["weights"]).exists():
+            raise FeatureError(
+                fx["weights"], "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
+                "Extract features yourself with `pathfm features --weights <file>` and pass --features.",
+            )  # fmt: skip
+        kwargs["weights"] = fx["weights"]
+    extractor = create_model(backbone, **kwargs) if backbone == "resnet50_trunc" else create_model("timm_features", backbone=backbone, **kwargs)
+    out_dir = Path(cache_dir or tempfile.mkdtemp(prefix="pathfm-features-"))
+    path = extract_features(
+        slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.zarr",
+        mpp=fx.get("target_mpp") or fx.get("mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
+        device=device, progress=progress, cancel=cancel,
+    )  # fmt: skip
+    return read_features(path)
+
+
+def mil_predict(
+    checkpoint,
+    *,
+    features=None,
+    slide=None,
+    device: str = "auto",
+    progress: Optional[Callable[..., Any]] = None,
+    cancel: Any = None,
+) -> MILPrediction:
+    """Predict a slide's class and per-patch evidence with a MIL checkpoint.
+
+    Parameters
+    ----------
+    checkpoint : path or (model, card)
+    features : path or FeatureBag, optional
+        A feature zarr from ``pathfm features``. Give this or ``slide``.
+    slide : Slide, optional
+        Features are extracted first, with the extractor recorded in the card.
+    """
+    import torch
+
+    from ..device import resolve_device
+    from ..models.mil import heatmap_scores
+    from .features import check_feature_dim, read_features
+
+    model, card = _load(checkpoint)
+    in_dim, classes = _model_dims(model, card, checkpoint)
+    if features is None and slide is None:
+        raise FeatureError(str(checkpoint), "needs features or a slide to predict on.", "Pass --features or --slide.")
+    report(progress, 0, 3, "features")
+    if features is None:
+        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel)
+    else:
+        bag = read_features(features) if isinstance(features, (str, Path)) else features
+    check_feature_dim(bag, in_dim, str(checkpoint) if not isinstance(checkpoint, tuple) else "the model")
+    check_cancel(cancel, "MIL prediction")
+    report(progress, 1, 3, f"MIL model on {len(bag.features)} patches")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))[None].to(dev)
+        out = model(x)
+        probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
+        scores = np.stack([heatmap_scores(out, c)[0].float().cpu().numpy() for c in range(len(classes))], axis=1)
+    report(progress, 3, 3, "done")
+    return MILPrediction(
+        classes=classes,
+        probabilities=probs,
+        patch_scores=scores.astype(np.float32),
+        coords=np.asarray(bag.coords, dtype=np.int64),
+        level0_tile_size=float(bag.attrs.get("level0_tile_size") or bag.attrs.get("tile_size") or 1.0),
+        source={"features": str(getattr(bag, "path", "")), "slide": bag.attrs.get("slide")},
+    )
+
+
+def heatmap_grid(pred: MILPrediction, cls: int | None = None) -> tuple[np.ndarray, float]:
+    """Patch evidence for ``cls`` on the tile grid: (rows, cols) float32, NaN where no patch.
+
+    Returns the grid and its cell size in level-0 pixels; cell (r, c) covers level-0
+    ``[r*cell, (r+1)*cell) x [c*cell, (c+1)*cell)``, so ``coords.layer_transform(mpp, cell)``
+    places it over the slide.
+    """
+    c = int(np.argmax(pred.probabilities)) if cls is None else int(cls)
+    cell = pred.level0_tile_size
+    if len(pred.coords) == 0:
+        return np.full((1, 1), np.nan, np.float32), cell
+    rc = np.round(pred.coords / cell).astype(np.int64)
+    rows, cols = int(rc[:, 0].max()) + 1, int(rc[:, 1].max()) + 1
+    grid = np.full((rows, cols), np.nan, np.float32)
+    grid[rc[:, 0], rc[:, 1]] = pred.patch_scores[:, c]
+    return grid, cell
+
+
+def write_mil_outputs(pred: MILPrediction, *, heatmap: Path | None, json_path: Path | None, mpp: float | None, top_k: int = 10) -> dict[str, Path]:
+    """Write the heatmap (OME-TIFF float32, cell-sized pixels) and the prediction JSON atomically."""
+    from ..io.atomic import atomic_path
+    from ..io.ome_tiff import write_ome_tiff
+
+    written: dict[str, Path] = {}
+    if heatmap is not None:
+        grid, cell = heatmap_grid(pred)
+        write_ome_tiff(
+            heatmap, np.nan_to_num(grid, nan=0.0), mpp=(mpp * cell) if mpp else None,
+            metadata={"kind": "mil-heatmap", "class": pred.predicted, "downsample": cell, **pred.to_dict(top_k)},
+        )  # fmt: skip
+        written["heatmap"] = Path(heatmap)
+    if json_path is not None:
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps(pred.to_dict(top_k), indent=2, default=str))
+        written["json"] = Path(json_path)
+    return written
