@@ -192,27 +192,42 @@ def test_opening_a_large_slide_costs_little_memory(tmp_path):
             yield tile
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(tiles((shape[0] // 512) * (shape[1] // 512)), shape=shape, dtype=np.uint8, tile=(512, 512),
-                 photometric="rgb", compression="zlib", subifds=1)  # fmt: skip
-        small = (shape[0] // 16, shape[1] // 16, 3)
-        tw.write(tiles((small[0] // 512) * (small[1] // 512)), shape=small, dtype=np.uint8, tile=(512, 512),
-                 photometric="rgb", compression="zlib", subfiletype=1)  # fmt: skip
+        for factor in (1, 4, 16):
+            n = shape[0] // factor
+            tw.write(tiles((n // 512) ** 2), shape=(n, n, 3), dtype=np.uint8, tile=(512, 512), photometric="rgb",
+                     compression="zlib", subfiletype=0 if factor == 1 else 1)  # fmt: skip
     code = textwrap.dedent(
         f"""
         import resource, json
         from napari_pathfm.io import open_slide
+        import openslide, tifffile, zarr, dask.array
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         s = open_slide({str(path)!r})
         levels = s.pyramid
         levels[0][20000:20512, 20000:20512].compute()
         levels[-1][:256, :256].compute()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({{"delta_mb": (after - before) / 1024, "shape": s.shape}}))
+        print(json.dumps({{"delta_mb": (after - before) / 1024, "shape": s.shape, "levels": s.level_count}}))
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     import json
 
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [40960, 40960]
+    assert result["shape"] == [40960, 40960] and result["levels"] == 3
     assert result["delta_mb"] < 150, result
+
+
+def test_subifd_pyramid_is_read_through_tifffile(tmp_path):
+    """OpenSlide sees one level when a TIFF keeps its pyramid in SubIFDs; tifffile sees all of them."""
+    rgb = np.full((2048, 2048, 3), 200, np.uint8)
+    rgb[:1024, :1024] = (120, 40, 160)
+    path = tmp_path / "subifds.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(rgb, tile=(256, 256), photometric="rgb", subifds=2)
+        tw.write(rgb[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+        tw.write(rgb[::4, ::4], tile=(256, 256), photometric="rgb", subfiletype=1)
+    with open_slide(path) as s:
+        assert s.backend == "tifffile"
+        assert s.level_shapes == [(2048, 2048), (1024, 1024), (512, 512)]
+        np.testing.assert_array_equal(s.pyramid[2].compute(), rgb[::4, ::4])

@@ -244,6 +244,23 @@ def _coarsen2(arr):
     return out.round().astype(np.uint8)
 
 
+def _prefer_tifffile_pyramid(path: Path, slide: Slide, background) -> Slide:
+    """OpenSlide sees one level in TIFFs whose pyramid lives in SubIFDs; tifffile sees them all."""
+    from ._tiff_backend import TiffBackend
+
+    try:
+        other = Slide(path, TiffBackend(path, background))
+        other.probe()
+    except SlideError:
+        return slide
+    if other.level_count > slide.level_count:
+        other.mpp = other.mpp if other.mpp is not None else slide.mpp
+        slide.close()
+        return other
+    other.close()
+    return slide
+
+
 def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | None = None) -> Slide:
     """Open a whole-slide image, OME-TIFF, generic TIFF or plain image.
 
@@ -284,6 +301,8 @@ def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | No
             slide.close()
             errors.append(f"{backend_cls.name}: {exc.problem.rstrip('.')}")
             continue
+        if slide.vendor == "generic-tiff" and slide.level_count == 1:
+            slide = _prefer_tifffile_pyramid(p, slide, background)
         return slide
     raise SlideError(
         p,

@@ -61,6 +61,20 @@ _BUILTINS: dict[str, ModelEntry] = {
             description="Any timm image backbone with a linear classification head (tile classifier).",
             default_cfg={"backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None},
         ),
+        ModelEntry(
+            name="resnet50_trunc",
+            target="napari_pathfm.models.feature_extractor:resnet50_trunc",
+            family="features",
+            description="ResNet50 truncated after layer3, average-pooled: 1024-d patch features (CLAM / S4 MIL).",
+            default_cfg={"backbone": "resnet50", "weights": None, "input_size": None},
+        ),
+        ModelEntry(
+            name="timm_features",
+            target="napari_pathfm.models.feature_extractor:timm_features",
+            family="features",
+            description="Any timm backbone without its classifier: pooled patch features.",
+            default_cfg={"backbone": "resnet50", "weights": None, "input_size": None, "mean": None, "std": None},
+        ),
     ]
 }
 
