@@ -107,3 +107,16 @@ def test_train_with_a_bad_override_names_the_recipe(tmp_path):
     result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path), "--set", "optim.nonsense=1"])
     assert result.exit_code == 1
     assert "crc_tiny.yaml" in result.output and "nonsense" in result.output
+
+
+def test_features_over_a_folder_reports_each_slide_and_resumes(wsi_dir, tmp_path):
+    from napari_pathfm.pipelines.features import read_features
+
+    args = ["features", str(wsi_dir), "--out", str(tmp_path), "--backbone", "resnet10t", "--mpp", "2.0", "--tile", "64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, "two shared slides are unreadable, so the run reports failure"
+    assert "failed   " in result.output and "unreadable.svs" in result.output
+    bag = read_features(tmp_path / "CMU-1-Small-Region.features.zarr")
+    assert bag.features.shape[0] == bag.coords.shape[0] > 10
+    again = runner.invoke(app, args)
+    assert "skipped" in again.output and "written 0" in again.output

@@ -179,12 +179,13 @@ def features(
             )  # fmt: skip
     except PathFMError as exc:
         _fail(exc)
-    failed = 0
-    for slide, result in results.items():
-        ok = not isinstance(result, Exception) and not (isinstance(result, str) and result.startswith("error"))
-        failed += not ok
-        typer.echo(f"{'ok ' if ok else 'ERR'} {slide}: {result}")
-    if failed:
+    for slide, info in results["slides"].items():
+        status = info.get("status")
+        detail = info.get("error") if status == "failed" else f"{info.get('n_tiles')} tiles -> {info.get('path')}"
+        typer.echo(f"{status:<8} {detail}" if status == "failed" else f"{status:<8} {slide}: {detail}")
+    counts = results["counts"]
+    typer.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
+    if counts.get("failed"):
         raise typer.Exit(1)
 
 

@@ -118,7 +118,11 @@ class FeatureExtractor(nn.Module):
             ``(x / 255 - mean) / std``, resized (bilinear, antialiased) to
             ``input_size`` when that differs from ``T``.
         """
-        x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        if isinstance(images, np.ndarray):
+            images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+            x = torch.from_numpy(images)
+        else:
+            x = images
         if x.ndim == 3:
             x = x[None]
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:

@@ -46,7 +46,7 @@ class Lookahead(torch.optim.Optimizer):
     >>> for _ in range(2):
     ...     w.grad = torch.ones(1)
     ...     _ = opt.step()
-    >>> float(w)  # fast weights went to -2, slow weights move half way
+    >>> w.item()  # fast weights went to -2, slow weights move half way
     -1.0
     """
 

@@ -36,6 +36,7 @@ __all__ = ["Recipe", "Field", "load_recipe", "parse_override", "schema", "SCHEMA
 # family -> module with ``build(recipe) -> (LightningModule, LightningDataModule)``
 FAMILIES = {
     "classify": "napari_pathfm.training.tasks.classify",
+    "mil": "napari_pathfm.training.tasks.mil",
 }
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -112,9 +113,34 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
             _OPT_NUM, None, "µm per pixel as the model sees the images (after resizing); goes on the model card."
         ),
     },
+    "mil": {
+        "data.features_dir": Field(
+            (str,), None, "Folder of per-slide feature files (<slide>.features.zarr).", required=True, path=True
+        ),
+        "data.csv": Field(
+            (str,), None, "CSV with columns slide,label and optional fold, split (train/val/test).", required=True, path=True
+        ),
+        "data.classes": Field((list, type(None)), None, "Labels in class-index order (default: CSV labels, sorted)."),
+        "data.val_fraction": Field(_NUM, 0.2, "Share of bags held out for validation when the CSV has no split/fold."),
+        "data.val_fold": Field((int, type(None)), None, "Validate on this fold (cross-validation); the others train."),
+        "data.n_folds": Field((int,), 5, "Folds to deal when val_fold is set and the CSV has no fold column."),
+        "data.max_patches": Field(
+            (int, type(None)), None, "Train on a random subset of this many patches per bag (None: whole bags)."
+        ),
+        "data.in_memory": Field((bool,), False, "Keep bags in memory after the first epoch (small data sets)."),
+        "trainer.batch_size": Field((int,), 1, "Bags per batch; MIL trains on one bag at a time.", (1,)),
+        "optim.name": Field((str,), "adam", "Inner optimizer (wrapped in Lookahead when lookahead_k > 0).", ("adamw", "adam", "sgd")),
+        "optim.lr": Field(_NUM, 2e-4, "Learning rate."),
+        "optim.weight_decay": Field(_NUM, 1e-4, "Weight decay."),
+        "optim.lookahead_k": Field((int,), 5, "Lookahead: fast steps per slow update (0 turns Lookahead off)."),
+        "optim.lookahead_alpha": Field(_NUM, 0.5, "Lookahead: slow-weights step size."),
+        "loss.patch_weight": Field(
+            _NUM, 5.0, "Weight λ of the patch cross-entropy (multitask models, labelled patches only)."
+        ),
+    },
 }
 
-_SECTIONS = {"model", "data", "optim", "trainer", "trainer.early_stopping"}
+_SECTIONS = {"model", "data", "optim", "loss", "trainer", "trainer.early_stopping"}
 _MISSING = object()
 
 

@@ -1,0 +1,352 @@
+"""The patch-feature file: one zarr v3 group per slide, and its checked reader.
+
+Layout of ``<slide>.features.zarr``::
+
+    features   (N, D) float32   one row per tissue tile, chunked by rows (~4 MB chunks)
+    coords     (N, 2) int64     level-0 (y, x) of each tile's top-left corner
+    attrs      format, format_version, slide, slide_signature, slide_bytes, slide_mpp,
+               level0_shape, grid_shape, tile_size, mpp (obtained; None when the slide has no
+               pixel size), target_mpp, level, read_size, level0_tile_size, min_tissue,
+               tissue_mpp, extractor, backbone, input_size, mean, std, weights, weights_sha256,
+               feature_dim, n_tiles, patch_order, created, pathfm_version, complete
+
+Row ``i`` of ``features`` belongs to row ``i`` of ``coords``. Rows follow
+:data:`PATCH_ORDER`; S4 MIL reads a bag as a sequence, so the order is part of the
+format. ``complete: true`` is set only after the last row is written, and the group
+is built in a temporary folder renamed into place, so a file without it is the
+remnant of an interrupted run. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import FeatureError
+
+__all__ = [
+    "FeatureBag",
+    "read_features",
+    "read_feature_attrs",
+    "write_features",
+    "check_feature_dim",
+    "feature_path",
+    "feature_paths",
+    "create_feature_store",
+    "RowWriter",
+    "PATCH_ORDER",
+    "FORMAT",
+]
+
+FORMAT = "pathfm-features"
+FORMAT_VERSION = 1
+PATCH_ORDER = "row-major over tissue tiles: top-to-bottom, then left-to-right, level-0 (y, x)"
+_CHUNK_BYTES = 1 << 22
+_RERUN = "Run pathfm features again (finished slides are skipped)."
+SUFFIX = ".features.zarr"
+
+
+@dataclass
+class FeatureBag:
+    """The patches of one slide: features, where they are, and how they were made.
+
+    Attributes
+    ----------
+    features : ndarray float32 (N, D)
+    coords : ndarray int64 (N, 2)
+        Level-0 (y, x) top-left corner of each patch, in :data:`PATCH_ORDER`.
+    attrs : dict
+        The file's attributes (see the module docstring).
+    path : Path or None
+        The file it came from.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict = field(default_factory=dict)
+    path: Optional[Path] = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Feature length ``D``."""
+        return int(self.features.shape[1])
+
+    @property
+    def level0_tile_size(self) -> Optional[float]:
+        """Side of one patch in level-0 pixels (to draw heatmaps over the slide)."""
+        v = self.attrs.get("level0_tile_size")
+        return None if v is None else float(v)
+
+
+def feature_path(out_dir: str | Path, slide_path: str | Path) -> Path:
+    """``out_dir / "<slide stem>.features.zarr"`` (``a.ome.tif`` → ``a.features.zarr``)."""
+    from ..io.atomic import split_suffix
+
+    return Path(out_dir) / (split_suffix(Path(slide_path).name)[0] + SUFFIX)
+
+
+def feature_paths(out_dir: str | Path, slides: list[Path]) -> list[Path]:
+    """:func:`feature_path` of each slide; slides sharing a stem keep their suffix (``a.svs.features.zarr``)."""
+    paths = [feature_path(out_dir, s) for s in slides]
+    return [Path(out_dir) / (Path(s).name + SUFFIX) if paths.count(p) > 1 else p for s, p in zip(slides, paths)]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, (np.ndarray, tuple)):
+        return [_jsonable(x) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def chunk_rows(dim: int) -> int:
+    """Rows per ``features`` chunk: about 4 MB of float32 per chunk."""
+    return max(1, _CHUNK_BYTES // (4 * max(1, int(dim))))
+
+
+def create_feature_store(path: str | Path, n: int, dim: int, attrs: dict):
+    """Create an empty feature group at ``path`` (normally a temporary folder).
+
+    ``features`` and ``coords`` are created with ``n`` rows; ``attrs`` get the
+    format fields, ``feature_dim``, ``n_tiles``, ``patch_order`` and the package
+    version, but not ``complete`` (:func:`finish_feature_store` sets it).
+
+    Returns
+    -------
+    zarr.Group
+    """
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("features", shape=(n, dim), dtype="float32", chunks=(max(1, min(n, chunk_rows(dim))), dim))
+    group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2))
+    full = {
+        "patch_order": PATCH_ORDER,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in attrs.items() if k != "complete"},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "feature_dim": int(dim),
+        "n_tiles": int(n),
+        "pathfm_version": _version(),
+    }
+    group.attrs.update(_jsonable(full))
+    return group
+
+
+def finish_feature_store(group) -> None:
+    """Mark a fully written group as complete (the last write of a feature file)."""
+    group.attrs["complete"] = True
+
+
+class RowWriter:
+    """Append feature rows to a zarr array in whole chunks.
+
+    Rows are buffered until a chunk is full, so every chunk is compressed and
+    written once; at most one chunk of features is held in memory.
+    """
+
+    def __init__(self, array):
+        self.array = array
+        self.rows = int(array.chunks[0])
+        self.start = 0
+        self._buf: list[np.ndarray] = []
+        self._held = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float32).reshape(-1, self.array.shape[1])
+        self._buf.append(rows)
+        self._held += rows.shape[0]
+        if self._held >= self.rows:
+            block = np.concatenate(self._buf)
+            cut = (block.shape[0] // self.rows) * self.rows
+            self._write(block[:cut])
+            self._buf, self._held = [block[cut:]], block.shape[0] - cut
+
+    def _write(self, block: np.ndarray) -> None:
+        end = self.start + block.shape[0]
+        if end > self.array.shape[0]:
+            raise ValueError(f"more feature rows ({end}) than tiles ({self.array.shape[0]})")
+        if block.shape[0]:
+            self.array[self.start : end] = block
+        self.start = end
+
+    def close(self) -> None:
+        """Write the remaining rows; raise if the array is not exactly filled."""
+        if self._held:
+            self._write(np.concatenate(self._buf))
+        self._buf, self._held = [], 0
+        if self.start != self.array.shape[0]:
+            raise ValueError(f"wrote {self.start} feature rows for {self.array.shape[0]} tiles")
+
+
+def write_features(path: str | Path, features: Any, coords: Any, attrs: Optional[dict] = None) -> Path:
+    """Write a complete feature file in one go, atomically (e.g. synthetic bags for benchmarks).
+
+    Parameters
+    ----------
+    path : str or Path
+        Target folder, conventionally ``<name>.features.zarr``; replaced only once
+        the new file is complete.
+    features : array (N, D)
+        Finite values; stored as float32.
+    coords : array (N, 2)
+        Level-0 (y, x) of each patch, in :data:`PATCH_ORDER`.
+    attrs : dict, optional
+        Extra attributes (``slide``, ``backbone``, ``level0_tile_size`` ...).
+
+    Examples
+    --------
+    >>> p = write_features(tmp / "bag.features.zarr", np.ones((3, 4)), [[0, 0], [0, 8], [8, 0]])  # doctest: +SKIP
+    >>> read_features(p).features.shape  # doctest: +SKIP
+    (3, 4)
+    """
+    from ..io.atomic import atomic_path
+
+    path = Path(path)
+    features = np.asarray(features, np.float32)
+    coords = np.asarray(coords, np.int64)
+    if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
+        raise FeatureError(
+            path, f"cannot be written: features {features.shape} and coords {coords.shape} do not match.",
+            "Give features (N, D) and coords (N, 2) with the same N.",
+        )  # fmt: skip
+    _check_finite(path, features)
+    with atomic_path(path, directory=True) as tmp:
+        group = create_feature_store(tmp, features.shape[0], features.shape[1], dict(attrs or {}))
+        if features.shape[0]:
+            group["features"][:] = features
+            group["coords"][:] = coords
+        finish_feature_store(group)
+    return path
+
+
+def _open(path: Path):
+    import zarr
+
+    if not path.exists():
+        raise FeatureError(path, "does not exist.", "Check the path, or extract features first with pathfm features.")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        names = set(group.array_keys())
+    except Exception as exc:
+        raise FeatureError(
+            path, f"is not a patch-feature file ({type(exc).__name__}: {exc}).",
+            "Point at a <slide>.features.zarr folder written by pathfm features.",
+        ) from exc  # fmt: skip
+    if not {"features", "coords"} <= names:
+        raise FeatureError(
+            path, "is not a patch-feature file: it has no 'features' and 'coords' arrays.",
+            "Point at a <slide>.features.zarr folder written by pathfm features.",
+        )  # fmt: skip
+    return group
+
+
+def _check_finite(path: Path, features: np.ndarray) -> None:
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise FeatureError(
+            path,
+            f"has NaN or infinite features in {int(bad.sum())} of {len(bad)} patches (first: row {first}).",
+            "Delete it and run pathfm features again (with --device cpu if it repeats: "
+            "fp16 overflow on a GPU or a broken weights file cause this).",
+        )
+
+
+def _check_layout(path: Path, group) -> dict:
+    attrs = dict(group.attrs)
+    feats, coords = group["features"], group["coords"]
+    if not attrs.get("complete"):
+        raise FeatureError(path, "is incomplete: the extraction that wrote it was interrupted.", _RERUN)
+    if len(feats.shape) != 2 or len(coords.shape) != 2 or coords.shape[1] != 2:
+        raise FeatureError(
+            path, f"has features of shape {feats.shape} and coords {coords.shape}; expected (N, D) and (N, 2).",
+            "Delete it and run pathfm features again.",
+        )  # fmt: skip
+    if feats.shape[0] != coords.shape[0]:
+        raise FeatureError(
+            path, f"has {feats.shape[0]} feature rows but {coords.shape[0]} coordinates; they must match.",
+            "The file was changed after writing; delete it and run pathfm features again.",
+        )  # fmt: skip
+    return attrs
+
+
+def read_feature_attrs(path: str | Path) -> Optional[dict]:
+    """Attributes of a complete, consistent feature file, or None (cheap: no data read).
+
+    Used to decide whether a slide's features can be reused.
+    """
+    try:
+        group = _open(Path(path))
+        return _check_layout(Path(path), group)
+    except FeatureError:
+        return None
+
+
+def read_features(path: str | Path) -> FeatureBag:
+    """Read and check a feature file written by ``pathfm features`` or :func:`write_features`.
+
+    Raises
+    ------
+    FeatureError
+        Naming the file, when it is missing, not a feature file, incomplete
+        (interrupted extraction), has features/coords of different lengths, holds
+        NaN/inf features, or has no patches (no tissue found on the slide).
+    """
+    path = Path(path)
+    group = _open(path)
+    attrs = _check_layout(path, group)
+    features = np.asarray(group["features"][:], np.float32)
+    coords = np.asarray(group["coords"][:], np.int64)
+    if features.shape[0] == 0:
+        raise FeatureError(
+            path,
+            f"has no patches: no tissue tiles were found on {attrs.get('slide', 'the slide')} "
+            f"(min_tissue={attrs.get('min_tissue', '?')}).",
+            "Run pathfm features again with a lower --min-tissue, or check that the slide shows tissue.",
+        )
+    _check_finite(path, features)
+    return FeatureBag(features, coords, attrs, path)
+
+
+def check_feature_dim(bag: FeatureBag, expected_dim: int, checkpoint_path: str | Path) -> None:
+    """Raise a :class:`FeatureError` naming both files when ``bag`` does not fit a model.
+
+    Parameters
+    ----------
+    bag : FeatureBag
+    expected_dim : int
+        Input feature length of the model (``in_dim`` of its card).
+    checkpoint_path : str or Path
+        The checkpoint the model came from, named in the message.
+    """
+    if bag.dim == int(expected_dim):
+        return
+    made_by = bag.attrs.get("backbone") or "an unknown backbone"
+    raise FeatureError(
+        bag.path or "feature bag",
+        f"has {bag.dim}-d features (from {made_by}), but the checkpoint {checkpoint_path} expects "
+        f"{int(expected_dim)}-d features.",
+        "Extract features with the backbone the checkpoint was trained on, or choose a checkpoint "
+        f"trained on {made_by} features.",
+    )
