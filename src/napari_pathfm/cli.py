@@ -218,26 +218,12 @@ def mil_predict_cmd(
                     pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel)
             else:
                 pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
-                mpp = _features_slide_mpp(pred)
+                mpp = pred.source.get("slide_mpp")
             written = write_mil_outputs(pred, heatmap=out, json_path=json_out, mpp=mpp, top_k=top_k)
     except PathFMError as exc:
         _fail(exc)
     typer.echo(json.dumps({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
                            "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
-
-
-def _features_slide_mpp(pred) -> Optional[float]:
-    """Level-0 µm/px of the slide a feature file came from, when it can be known."""
-    from .io.slide import open_slide
-
-    path = pred.source.get("slide")
-    if path and Path(path).exists():
-        try:
-            with open_slide(path) as s:
-                return s.mpp
-        except PathFMError:
-            return None
-    return None
 
 
 @app.command()

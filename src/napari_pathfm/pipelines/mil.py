@@ -89,29 +89,50 @@ def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
     return int(in_dim), classes
 
 
+EXTRACTOR_KEYS = (
+    "extractor", "backbone", "weights", "weights_sha256", "input_size", "mean", "std", "feature_dim",
+    "target_mpp", "tile_size", "min_tissue", "tissue_mpp",
+)  # fmt: skip
+
+
+def extractor_card(feature_attrs: dict) -> dict:
+    """The part of a feature file's attributes that a MIL model card keeps, so that
+    prediction on a new slide extracts features exactly as training did."""
+    return {k: feature_attrs.get(k) for k in EXTRACTOR_KEYS}
+
+
 def features_for_slide(slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None):
-    """Extract features from ``slide`` the way the checkpoint's training features were made."""
+    """Extract features from ``slide`` with the extractor recorded in the checkpoint's card."""
     import tempfile
 
     from ..models.registry import create_model
     from .features import extract_features, read_features
 
     fx = card.get("feature_extractor") or {}
-    backbone = fx.get("backbone") or "resnet50_trunc"
-    kwargs = {}
+    if not fx.get("extractor"):
+        raise CheckpointError(
+            card.get("weights_file", "checkpoint"), "does not record which feature extractor it was trained with.",
+            "Extract features with `pathfm features` (same settings as training) and pass them with --features.",
+        )  # fmt: skip
+    kwargs = {"backbone": fx.get("backbone"), "input_size": fx.get("input_size")}
     if fx.get("weights"):
         if not Path(fx["weights"]).exists():
             raise FeatureError(
                 fx["weights"], "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
-                "Extract features yourself with `pathfm features --weights <file>` and pass --features.",
+                "Copy it to that path, or extract features yourself with `pathfm features --weights <file>` and pass --features.",
             )  # fmt: skip
         kwargs["weights"] = fx["weights"]
-    extractor = create_model(backbone, **kwargs) if backbone == "resnet50_trunc" else create_model("timm_features", backbone=backbone, **kwargs)
+    if fx["extractor"] == "timm_features":
+        kwargs.update(mean=fx.get("mean"), std=fx.get("std"))
+    extractor = create_model(fx["extractor"], **{k: v for k, v in kwargs.items() if v is not None})
+    if fx.get("weights_sha256") and extractor.weights_sha256 != fx["weights_sha256"]:
+        raise FeatureError(fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch).")
     out_dir = Path(cache_dir or tempfile.mkdtemp(prefix="pathfm-features-"))
     path = extract_features(
-        slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.zarr",
-        mpp=fx.get("target_mpp") or fx.get("mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
-        device=device, progress=progress, cancel=cancel,
+        slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
+        mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
+        min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
+        tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel,
     )  # fmt: skip
     return read_features(path)
 
@@ -167,7 +188,7 @@ def mil_predict(
         patch_scores=scores.astype(np.float32),
         coords=np.asarray(bag.coords, dtype=np.int64),
         level0_tile_size=float(bag.attrs.get("level0_tile_size") or bag.attrs.get("tile_size") or 1.0),
-        source={"features": str(getattr(bag, "path", "")), "slide": bag.attrs.get("slide")},
+        source={"features": str(getattr(bag, "path", "")), "slide": bag.attrs.get("slide"), "slide_mpp": bag.attrs.get("slide_mpp")},
     )
 
 

@@ -32,6 +32,12 @@ def heat_colormap():
     return Colormap(HEAT_COLORS, controls=[0.0, 0.02, 0.4, 0.75, 1.0], name="pathfm-heat")
 
 
+def viewer_camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 class MILWidget(QWidget):
     """Run a MIL checkpoint on a slide and show where the evidence is."""
 
@@ -206,8 +212,9 @@ class MILWidget(QWidget):
 
     def _goto_patch(self, item: QListWidgetItem) -> None:
         centre = item.data(256)
-        self.viewer.camera.center = tuple(centre)
-        self.viewer.camera.zoom = max(self.viewer.camera.zoom, 1.0)
+        camera = viewer_camera(self.viewer)
+        camera.center = tuple(centre)
+        camera.zoom = max(camera.zoom, 1.0)
 
     def _on_state(self, state: str) -> None:
         running = state == "running"

@@ -225,19 +225,58 @@ class S4D(nn.Module):
             self._cache = (key, k_f)
         return k_f
 
-    def _fftconv(self, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+    def _block(self, B: int, n: int) -> int:
+        return max(1, self.fft_block // max(1, B * (n // 2 + 1)))
+
+    def _conv_autograd(self, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+        """``GELU(K * u + D·u)`` with autograd; channel blocks joined by ``cat``."""
+        L = u.shape[-1]
+        step = self._block(u.shape[0], n)
+        parts = [
+            torch.fft.irfft(torch.fft.rfft(u[:, s : s + step], n=n) * k_f[s : s + step], n=n)[..., :L]
+            for s in range(0, u.shape[1], step)
+        ]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return F.gelu(y + u * self.D[:, None])
+
+    @torch.no_grad()
+    def _conv_inference(self, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+        """Same as :meth:`_conv_autograd` without autograd, in reused per-block buffers.
+
+        Each channel block is copied (and transposed, if ``u`` is a transposed
+        view) into a zero-padded buffer, transformed, multiplied, transformed
+        back into a second buffer and written with the skip and GELU straight
+        into the output, so no full-size padded or frequency array exists.
+        """
         B, H, L = u.shape
-        step = max(1, self.fft_block // max(1, B * (n // 2 + 1)))
-        inplace = not torch.is_grad_enabled()
-        out = u.new_empty(B, H, L) if step < H else None
+        step = min(H, self._block(B, n))
+        out = u.new_empty(B, H, L)
         for s in range(0, H, step):
-            u_f = torch.fft.rfft(u[:, s : s + step], n=n)
-            u_f = u_f.mul_(k_f[s : s + step]) if inplace else u_f * k_f[s : s + step]
-            y = torch.fft.irfft(u_f, n=n)[..., :L]
-            if out is None:
-                return y
-            out[:, s : s + step] = y
+            e = min(H, s + step)
+            if s == 0 or e - s != step:
+                ubuf = u.new_zeros(B, e - s, n)
+                fbuf = torch.empty(B, e - s, n // 2 + 1, dtype=k_f.dtype, device=u.device)
+                ybuf = u.new_empty(B, e - s, n)
+            ubuf[..., :L].copy_(u[:, s:e])
+            torch.fft.rfft(ubuf, out=fbuf)
+            fbuf.mul_(k_f[s:e])
+            torch.fft.irfft(fbuf, n=n, out=ybuf)
+            block = out[:, s:e]
+            torch.addcmul(ybuf[..., :L], ubuf[..., :L], self.D[s:e, None], out=block)
+            torch.ops.aten.gelu_(block)
         return out
+
+    @torch.no_grad()
+    def _mix_inference(self, y: torch.Tensor) -> torch.Tensor:
+        """Output 1x1 conv + GLU without autograd, over blocks of positions, written into ``y``."""
+        H, L = y.shape[1], y.shape[2]
+        w, b = self.output_linear.weight[:, :, 0], self.output_linear.bias[:, None]
+        cols = max(1, self.fft_block // (2 * H))
+        for yb in y:
+            for l0 in range(0, L, cols):
+                z = torch.addmm(b, w, yb[:, l0 : l0 + cols])
+                torch.mul(z[:H], z[H:].sigmoid_(), out=yb[:, l0 : l0 + cols])
+        return y
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``u`` of shape (B, H, L) (or (B, L, H) if not ``transposed``)."""
@@ -245,15 +284,14 @@ class S4D(nn.Module):
             u = u.transpose(-1, -2)
         L = u.shape[-1]
         n = fft_length(2 * L)
+        fast = not torch.is_grad_enabled() and not self.training
         with torch.autocast(u.device.type, enabled=False):
-            u = u.float().contiguous()
-            y = self._fftconv(u, self.kernel_fft(L, n), n)
-            y = y + u * self.D[:, None]
-        y = self.dropout(F.gelu(y))
-        w, b = self.output_linear.weight[:, :, 0], self.output_linear.bias
-        if y.shape[0] == 1:
-            z = torch.addmm(b[:, None], w, y[0])[None]
+            u = u.float()
+            k_f = self.kernel_fft(L, n)
+            y = self._conv_inference(u, k_f, n) if fast else self._conv_autograd(u.contiguous(), k_f, n)
+        if fast and not torch.is_autocast_enabled(y.device.type):
+            y = self._mix_inference(y)
         else:
-            z = torch.matmul(w, y) + b[:, None]
-        y = F.glu(z, dim=-2)
+            z = torch.matmul(self.output_linear.weight[:, :, 0], self.dropout(y)) + self.output_linear.bias[:, None]
+            y = F.glu(z, dim=-2)
         return y if self.transposed else y.transpose(-1, -2)

@@ -1,0 +1,136 @@
+"""S4 MIL vs TransMIL forward speed on one long bag, s4mil length scaling and peak memory.
+
+Prints one table from one run:
+
+- forward time of ``s4mil`` and ``transmil`` on a bag of 30 000 x 1024 features (CPU,
+  ``torch.inference_mode()``, default thread count): s4mil cold (kernel and its
+  FFT computed), s4mil with the cached kernel, s4mil in training mode (autograd,
+  kernel recomputed, forward only), TransMIL as published and with the re-associated
+  Nyström product (same maths, cheaper; shown so the ratio is not flattered by a
+  slow baseline), and the ratios TransMIL / s4mil (target >= 4.5; paper 4.4 on GPU);
+- s4mil scaling time(200 000) / time(50 000) (target <= 4.5; linear would be 4) and
+  the peak RSS of the 200 000-patch run (target < 8 GB), each size in its own process;
+- the parameter count of the binary s4mil beside the paper's 1 085 954.
+
+Each time is the median of ``--repeats`` runs after one warm-up run.
+
+    .venv/bin/python benchmarks/bench_mil_speed.py [--quick] [--length 30000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _median_time(fn, repeats: int, before=None) -> float:
+    times = []
+    for i in range(repeats + 1):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bag(n: int, in_dim: int):
+    import torch
+
+    return torch.randn(1, n, in_dim, generator=torch.Generator().manual_seed(0))
+
+
+def child(n: int, in_dim: int, repeats: int) -> None:
+    """Time cold s4mil inference on one ``n``-patch bag and print JSON with the peak RSS."""
+    import torch
+
+    from napari_pathfm.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("s4mil", in_dim=in_dim).eval()
+    x = _bag(n, in_dim)
+    with torch.inference_mode():
+        seconds = _median_time(lambda: model(x), repeats, before=model.s4.clear_cache)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"n": n, "seconds": seconds, "peak_rss": peak, "input_bytes": x.numel() * 4}))
+
+
+def _run_child(n: int, in_dim: int, repeats: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(n), "--in-dim", str(in_dim), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run (3 000 patches, scaling 5 000 -> 20 000)")
+    ap.add_argument("--length", type=int, default=None, help="patches in the comparison bag (default 30 000)")
+    ap.add_argument("--in-dim", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.child is not None:
+        child(args.child, args.in_dim, repeats)
+        return 0
+
+    import torch
+
+    from napari_pathfm.models import create_model
+    from napari_pathfm.models.mil import PAPER_S4MIL_PARAMS
+
+    L = args.length or (3_000 if args.quick else 30_000)
+    small, large = (5_000, 20_000) if args.quick else (50_000, 200_000)
+    torch.manual_seed(0)
+    s4 = create_model("s4mil", in_dim=args.in_dim).eval()
+    tm = create_model("transmil", in_dim=args.in_dim).eval()
+    x = _bag(L, args.in_dim)
+    rows = []
+    with torch.inference_mode():
+        cold = _median_time(lambda: s4(x), repeats, before=s4.s4.clear_cache)
+        cached = _median_time(lambda: s4(x), repeats)
+        t_pub = _median_time(lambda: tm(x), repeats)
+        for layer in (tm.layer1, tm.layer2):
+            layer.attn.reassociate = True
+        t_re = _median_time(lambda: tm(x), repeats)
+    s4.train()
+    train = _median_time(lambda: s4(x)["logits"], repeats)
+    rows += [
+        ("s4mil inference, cold kernel", cold, t_pub / cold, t_re / cold),
+        ("s4mil inference, cached kernel", cached, t_pub / cached, t_re / cached),
+        ("s4mil training-mode forward (autograd)", train, t_pub / train, None),
+        ("transmil inference, as published", t_pub, None, None),
+        ("transmil inference, re-associated Nystrom", t_re, None, None),
+    ]
+    runs = {n: _run_child(n, args.in_dim, repeats) for n in (small, large)}
+    n_params = sum(p.numel() for p in create_model("s4mil").parameters())
+
+    print(f"# MIL forward speed: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median of {repeats} after 1 warm-up")  # fmt: skip
+    print(f"\nbag {L} x {args.in_dim}")
+    print(f"{'model / mode':44s} {'seconds':>8s} {'transmil/this':>14s} {'transmil-reassoc/this':>22s}")
+    for name, sec, r1, r2 in rows:
+        f1 = f"{r1:13.2f}x" if r1 else " " * 14
+        f2 = f"{r2:21.2f}x" if r2 else ""
+        print(f"{name:44s} {sec:8.3f} {f1} {f2}")
+    print("  target: transmil/s4mil >= 4.5x (paper: 4.4x on GPU)")
+    a, b = runs[small], runs[large]
+    print(f"\ns4mil scaling (cold inference, one process per size, in_dim {args.in_dim})")
+    for r in (a, b):
+        print(f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
+              f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)")  # fmt: skip
+    print(f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f}  "
+          f"(target <= 4.5; linear = {large / small:.1f});  peak RSS target < 8 GiB")  # fmt: skip
+    print(f"\ns4mil parameters (binary, in_dim 1024, d_state 32): {n_params:,}   paper: {PAPER_S4MIL_PARAMS:,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""MIL prediction on a real slide: CLI, bad input, and the napari widget with its heatmap layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from napari_pathfm.cli import app
+
+runner = CliRunner()
+SETTINGS = dict(mpp=2.0, tile_size=64)
+
+
+@pytest.fixture(scope="module")
+def features_and_checkpoint(cmu_small, tmp_path_factory):
+    """Real features of CMU-1 (resnet10t, random init) and a random-init s4mil checkpoint for them."""
+    import torch
+
+    from napari_pathfm.models import create_model, save_checkpoint
+    from napari_pathfm.pipelines.features import extract_features, read_features
+    from napari_pathfm.pipelines.mil import extractor_card
+
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("mil")
+    torch.manual_seed(0)
+    weights = root / "resnet10t-random.safetensors"
+    save_file(create_model("timm_features", backbone="resnet10t").trunk.state_dict(), str(weights))
+    extractor = create_model("timm_features", backbone="resnet10t", weights=str(weights))
+    feats = extract_features(cmu_small, extractor, root / "cmu.features.zarr", **SETTINGS)
+    bag = read_features(feats)
+    torch.manual_seed(0)
+    model = create_model("s4mil", in_dim=bag.dim, n_classes=2, d_model=64, d_state=8)
+    ckpt = save_checkpoint(model, root / "s4mil", {"classes": ["normal", "tumour"], "feature_extractor": extractor_card(bag.attrs)})
+    return feats, ckpt, bag
+
+
+def test_cli_predict_from_features_writes_heatmap_and_json(features_and_checkpoint, tmp_path):
+    from napari_pathfm.io.ome_tiff import read_ome_tiff
+
+    feats, ckpt, bag = features_and_checkpoint
+    heat, js = tmp_path / "heat.ome.tif", tmp_path / "pred.json"
+    result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--out", str(heat), "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    pred = json.loads(js.read_text())
+    assert set(pred["probabilities"]) == {"normal", "tumour"}
+    assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert pred["n_patches"] == len(bag) and len(pred["top_patches"]) == 10
+    levels, mpp, meta = read_ome_tiff(heat)
+    grid = np.asarray(levels[0])
+    assert grid.shape == tuple(bag.attrs["grid_shape"]) or grid.shape[0] <= bag.attrs["grid_shape"][0]
+    assert mpp == pytest.approx(0.499 * bag.level0_tile_size, rel=1e-3), "heatmap pixels are tile-sized, in µm"
+    top = pred["top_patches"][0]
+    r, c = round(top["y"] / bag.level0_tile_size), round(top["x"] / bag.level0_tile_size)
+    assert grid[r, c] == pytest.approx(top["score"], rel=1e-5)
+
+
+def test_cli_predict_from_slide_matches_features(features_and_checkpoint, cmu_small, tmp_path):
+    feats, ckpt, _ = features_and_checkpoint
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--json", str(a)]).exit_code == 0
+    result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--slide", str(cmu_small), "--json", str(b)])
+    assert result.exit_code == 0, result.output
+    pa, pb = json.loads(a.read_text())["probabilities"], json.loads(b.read_text())["probabilities"]
+    assert pa == pytest.approx(pb, abs=1e-4), "re-extracting with the card's extractor reproduces the features"
+
+
+def test_feature_dimension_mismatch_is_a_clear_error_and_writes_nothing(features_and_checkpoint, tmp_path):
+    from napari_pathfm.models import create_model, save_checkpoint
+
+    feats, _, bag = features_and_checkpoint
+    wrong = save_checkpoint(create_model("s4mil", in_dim=bag.dim + 1, n_classes=2, d_model=32, d_state=4), tmp_path / "wrong")
+    heat = tmp_path / "heat.ome.tif"
+    result = runner.invoke(app, ["mil", "predict", "-c", str(wrong), "--features", str(feats), "--out", str(heat)])
+    assert result.exit_code == 1
+    assert str(bag.dim) in result.output and str(bag.dim + 1) in result.output
+    assert "wrong.safetensors" in result.output and "cmu.features.zarr" in result.output
+    assert not list(tmp_path.glob("heat*")), "nothing is written half-way"
+
+
+@pytest.mark.parametrize("problem", ["nan", "empty", "lengths"])
+def test_bad_feature_files_are_refused(features_and_checkpoint, tmp_path, problem):
+    import zarr
+
+    feats, ckpt, bag = features_and_checkpoint
+    broken = tmp_path / "broken.features.zarr"
+    import shutil
+
+    shutil.copytree(feats, broken)
+    group = zarr.open_group(broken, mode="r+")
+    if problem == "nan":
+        values = group["features"][:]
+        values[3, 5] = np.nan
+        group["features"][:] = values
+    elif problem == "empty":
+        group.create_array("features", shape=(0, bag.dim), dtype="float32", overwrite=True)
+        group.create_array("coords", shape=(0, 2), dtype="int64", overwrite=True)
+    else:
+        group.create_array("coords", shape=(len(bag) - 1, 2), dtype="int64", overwrite=True)
+    result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(broken), "--json", str(tmp_path / "p.json")])
+    assert result.exit_code == 1
+    assert "broken.features.zarr" in result.output
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.gui
+def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napari_viewer, qtbot, cmu_small, features_and_checkpoint):
+    from napari_pathfm.coords import layer_transform
+    from napari_pathfm.widgets.mil_widget import MILWidget, viewer_camera
+    from napari_pathfm.widgets.slide_widget import SlideWidget
+
+    feats, ckpt, bag = features_and_checkpoint
+    viewer = make_napari_viewer()
+    slide_layer = SlideWidget(viewer).open_path(cmu_small)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pathfm", "MIL slide prediction")
+    assert isinstance(widget, MILWidget)
+    widget.set_checkpoint(ckpt)
+    widget.set_features(feats)
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: widget.prediction is not None, timeout=10_000)
+    assert "prediction:" in widget.result_label.text()
+    heat = viewer.layers[f"{slide_layer.name} MIL heatmap"]
+    scale, translate = layer_transform(0.499, bag.level0_tile_size)
+    assert tuple(heat.scale) == pytest.approx(scale) and tuple(heat.translate) == pytest.approx(translate)
+    assert widget.top_list.count() == 10
+    item = widget.top_list.item(0)
+    widget._goto_patch(item)
+    top = widget.prediction.top_patches(1, widget.class_combo.currentIndex())[0]
+    expected = ((top["y"] + bag.level0_tile_size / 2) * 0.499, (top["x"] + bag.level0_tile_size / 2) * 0.499)
+    assert tuple(viewer_camera(viewer).center[-2:]) == pytest.approx(expected)
+    widget.class_combo.setCurrentIndex(1 - widget.class_combo.currentIndex())
+    assert heat.metadata["class"] == widget.class_combo.currentText()
