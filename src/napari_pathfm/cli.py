@@ -226,6 +226,26 @@ def mil_predict_cmd(
                            "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
 
 
+@mil_app.command("cv")
+def mil_cv_cmd(
+    recipe: Path = typer.Argument(..., help="MIL recipe (see training/s4mil/)"),
+    k: Optional[int] = typer.Option(None, help="Folds (default: the CSV's fold column, else 5)"),
+    set_: List[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (one subfolder per fold)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+    resume: bool = typer.Option(True, help="Skip folds that already finished; resume interrupted ones"),
+) -> None:
+    """k-fold cross-validation of a MIL recipe; writes cv_summary.json (mean ± std of accuracy and AUROC)."""
+    from .training.crossval import cv_command
+
+    try:
+        with cli_progress("mil cv") as (progress, cancel):
+            summary = cv_command(recipe, k=k, set_=set_, out=out, device=device, resume=resume, progress=progress, cancel=cancel)
+    except PathFMError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pathfm-demo"), "--out", "-o", help="Where to write the demo outputs"),
