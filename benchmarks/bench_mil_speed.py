@@ -14,13 +14,18 @@ Prints one table from one run:
 
 Each time is the median of ``--repeats`` runs after one warm-up run.
 
-    .venv/bin/python benchmarks/bench_mil_speed.py [--quick] [--length 30000] [--repeats 3]
+    .venv/bin/python benchmarks/bench_mil_speed.py [--quick] [--length 30000] [--repeats 3] [--threads N]
+
+Timings on a machine shared with other jobs are unreliable with more threads than
+free cores (OpenMP threads wait for each other); ``--threads 1`` is the robust
+setting there. The load average is printed with the table for that reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -47,9 +52,12 @@ def _bag(n: int, in_dim: int):
     return torch.randn(1, n, in_dim, generator=torch.Generator().manual_seed(0))
 
 
-def child(n: int, in_dim: int, repeats: int) -> None:
+def child(n: int, in_dim: int, repeats: int, threads: int | None) -> None:
     """Time cold s4mil inference on one ``n``-patch bag and print JSON with the peak RSS."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from napari_pathfm.models import create_model
 
@@ -62,8 +70,9 @@ def child(n: int, in_dim: int, repeats: int) -> None:
     print(json.dumps({"n": n, "seconds": seconds, "peak_rss": peak, "input_bytes": x.numel() * 4}))
 
 
-def _run_child(n: int, in_dim: int, repeats: int) -> dict:
+def _run_child(n: int, in_dim: int, repeats: int, threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--in-dim", str(in_dim), "--repeats", str(repeats)]
+    cmd += ["--threads", str(threads)] if threads else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -74,14 +83,18 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=None, help="patches in the comparison bag (default 30 000)")
     ap.add_argument("--in-dim", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     if args.child is not None:
-        child(args.child, args.in_dim, repeats)
+        child(args.child, args.in_dim, repeats, args.threads)
         return 0
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from napari_pathfm.models import create_model
     from napari_pathfm.models.mil import PAPER_S4MIL_PARAMS
@@ -109,11 +122,13 @@ def main(argv=None) -> int:
         ("transmil inference, as published", t_pub, None, None),
         ("transmil inference, re-associated Nystrom", t_re, None, None),
     ]
-    runs = {n: _run_child(n, args.in_dim, repeats) for n in (small, large)}
+    runs = {n: _run_child(n, args.in_dim, repeats, args.threads) for n in (small, large)}
     n_params = sum(p.numel() for p in create_model("s4mil").parameters())
 
-    print(f"# MIL forward speed: CPU {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {repeats} after 1 warm-up")  # fmt: skip
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"# MIL forward speed: CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+          f"load avg {load}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"median of {repeats} after 1 warm-up")  # fmt: skip
     print(f"\nbag {L} x {args.in_dim}")
     print(f"{'model / mode':44s} {'seconds':>8s} {'transmil/this':>14s} {'transmil-reassoc/this':>22s}")
     for name, sec, r1, r2 in rows:

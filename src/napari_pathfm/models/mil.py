@@ -136,7 +136,7 @@ class S4MIL(MILModel):
         multitask: bool = False,
     ):
         super().__init__(in_dim, n_classes)
-        self.fc1 = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(), nn.Dropout(dropout))
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, d_model), nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.norm = nn.LayerNorm(d_model)
         self.s4 = S4D(d_model, d_state, dropout=dropout, transposed=True)
         self.classifier = nn.Linear(d_model, n_classes)

@@ -15,9 +15,14 @@ Why the kernel is computed in blocks: the direct Vandermonde product needs
 ``H·N/2·L`` complex exponentials and as much memory (0.5 GB for one 30 000-patch
 bag), which made a straightforward S4D slower than TransMIL on a CPU. Writing
 ``l = j·c + i`` with ``c ≈ √L`` splits ``exp(dtA·l) = exp(dtA·j·c) · exp(dtA·i)``,
-so two tables of ``H·N/2·√L`` exponentials and one batched matrix product give
-the exact same kernel in ``O(H·L)`` memory. The FFT convolution is done a few
-channels at a time, which keeps 200 000-patch bags small and is also faster.
+so small tables of ``O(H·N/2·√L)`` exponentials and one batched real matrix
+product give the same kernel (to float rounding) in ``O(H·L)`` memory.
+
+Without autograd (eval mode under ``no_grad``/``inference_mode``) the convolution,
+skip, GELU and output mixing run a block of channels (or positions) at a time in
+reused buffers: FFTs of a few channels stay in cache, and a 200 000-patch bag
+never holds a full padded or frequency-domain copy. Training uses the plain
+differentiable path.
 """
 
 from __future__ import annotations
@@ -87,6 +92,15 @@ def _exp_table(dtA: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return torch.polar(torch.exp(dtA.real[..., None] * steps), dtA.imag[..., None] * steps)
 
 
+def _copy_tiled(dst: torch.Tensor, src: torch.Tensor, tile: int = 1024) -> None:
+    """``dst.copy_(src)``; a transposed ``src`` is copied in column tiles, 3x faster on CPU."""
+    if src.stride(-1) == 1 or src.device.type != "cpu":
+        dst.copy_(src)
+        return
+    for l0 in range(0, src.shape[-1], tile):
+        dst[..., l0 : l0 + tile].copy_(src[..., l0 : l0 + tile])
+
+
 class S4DKernel(nn.Module):
     """Trainable S4D convolution kernel ``K`` of shape ``(H, L)`` for any length ``L``.
 
@@ -121,7 +135,7 @@ class S4DKernel(nn.Module):
         dtA = A * dt[:, None]
         return dtA, torch.view_as_complex(self.C) * torch.expm1(dtA) / A
 
-    def forward(self, L: int, chunk: int | None = None) -> torch.Tensor:
+    def forward(self, L: int, chunk: int | None = None, channels: slice | None = None) -> torch.Tensor:
         """Kernel ``K`` (H, L) float32 by the blocked Vandermonde product.
 
         With ``l = j·c + i``, ``Q[h, j, n] = 2·C̃·exp(dtA·j·c)`` (H, J, N/2) and
@@ -129,9 +143,12 @@ class S4DKernel(nn.Module):
         ``Re(Q @ P) = [Re Q, -Im Q] @ [Re P; Im P]``, one real batched matmul.
         ``Q`` itself is the outer product of two tables of ``√J`` powers each,
         so only ``H·N/2·(c + 2√J)`` complex exponentials are evaluated, as
-        ``polar(exp(Re), Im)``. ``chunk`` is ``c`` (default ``⌈√L⌉``).
+        ``polar(exp(Re), Im)``. ``chunk`` is ``c`` (default ``⌈√L⌉``);
+        ``channels`` restricts the kernel to a slice of the ``H`` channels.
         """
         dtA, Ct = self.discretize()
+        if channels is not None:
+            dtA, Ct = dtA[channels], Ct[channels]
         H, M = dtA.shape
         c = max(1, chunk or math.isqrt(max(L - 1, 0)) + 1)
         J = -(-L // c)
@@ -178,8 +195,11 @@ class S4D(nn.Module):
     cached for the last ``(L, FFT length, device)``; the cache is keyed on the
     kernel parameters' storage and version counters, so any optimizer step,
     ``load_state_dict`` or ``.to()`` recomputes it, and ``train()``/``eval()``
-    drop it. Set ``cache_kernel = False`` or call :meth:`clear_cache` to measure
-    cold times. The convolution runs in float32 even under autocast.
+    drop it. The cache only helps when the same bag length comes again (a
+    re-run, a benchmark); kernel FFTs larger than ``cache_max_bytes`` (512 MiB,
+    about 130 000 patches at ``H = 512``) are not kept. Set ``cache_kernel =
+    False`` or call :meth:`clear_cache` to measure cold times. The convolution
+    runs in the parameters' precision (float32) even under autocast.
     """
 
     def __init__(
@@ -200,6 +220,7 @@ class S4D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Conv1d(d_model, 2 * d_model, kernel_size=1)
         self.cache_kernel = True
+        self.cache_max_bytes = 512 * 2**20
         self._cache = None
 
     def clear_cache(self) -> None:
@@ -215,18 +236,34 @@ class S4D(nn.Module):
         return (L, n, torch.is_inference_mode_enabled(), params)
 
     def kernel_fft(self, L: int, n: int) -> torch.Tensor:
-        """``rfft`` of the length-``L`` kernel zero-padded to ``n``: (H, n//2 + 1) complex."""
+        """``rfft`` of the length-``L`` kernel zero-padded to ``n``: (H, n//2 + 1) complex.
+
+        Built a block of channels at a time, so the time-domain kernel never
+        exists in full.
+        """
         use_cache = self.cache_kernel and not self.training and not torch.is_grad_enabled()
         key = self._cache_key(L, n) if use_cache else None
         if use_cache and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        k_f = torch.fft.rfft(self.kernel(L), n=n)
-        if use_cache:
+        H, step = self.d_model, self._block(1, n)
+        if step >= H:
+            k_f = torch.fft.rfft(self.kernel(L), n=n)
+        elif torch.is_grad_enabled():
+            blocks = [self.kernel(L, channels=slice(s, s + step)) for s in range(0, H, step)]
+            k_f = torch.cat([torch.fft.rfft(k, n=n) for k in blocks])
+        else:
+            k_f = torch.empty(H, n // 2 + 1, dtype=self.D.dtype.to_complex(), device=self.D.device)
+            for s in range(0, H, step):
+                k_f[s : s + step] = torch.fft.rfft(self.kernel(L, channels=slice(s, s + step)), n=n)
+        if use_cache and self._cacheable(n):
             self._cache = (key, k_f)
         return k_f
 
     def _block(self, B: int, n: int) -> int:
-        return max(1, self.fft_block // max(1, B * (n // 2 + 1)))
+        return max(8, self.fft_block // max(1, B * (n // 2 + 1)))
+
+    def _cacheable(self, n: int) -> bool:
+        return self.cache_kernel and self.d_model * (n // 2 + 1) * 8 <= self.cache_max_bytes
 
     def _conv_autograd(self, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
         """``GELU(K * u + D·u)`` with autograd; channel blocks joined by ``cat``."""
@@ -240,13 +277,14 @@ class S4D(nn.Module):
         return F.gelu(y + u * self.D[:, None])
 
     @torch.no_grad()
-    def _conv_inference(self, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+    def _conv_inference(self, u: torch.Tensor, k_f: torch.Tensor | None, n: int) -> torch.Tensor:
         """Same as :meth:`_conv_autograd` without autograd, in reused per-block buffers.
 
         Each channel block is copied (and transposed, if ``u`` is a transposed
         view) into a zero-padded buffer, transformed, multiplied, transformed
         back into a second buffer and written with the skip and GELU straight
         into the output, so no full-size padded or frequency array exists.
+        Without ``k_f`` (too large to cache) the kernel's FFT is made per block.
         """
         B, H, L = u.shape
         step = min(H, self._block(B, n))
@@ -255,11 +293,11 @@ class S4D(nn.Module):
             e = min(H, s + step)
             if s == 0 or e - s != step:
                 ubuf = u.new_zeros(B, e - s, n)
-                fbuf = torch.empty(B, e - s, n // 2 + 1, dtype=k_f.dtype, device=u.device)
+                fbuf = torch.empty(B, e - s, n // 2 + 1, dtype=u.dtype.to_complex(), device=u.device)
                 ybuf = u.new_empty(B, e - s, n)
-            ubuf[..., :L].copy_(u[:, s:e])
+            _copy_tiled(ubuf[..., :L], u[:, s:e])
             torch.fft.rfft(ubuf, out=fbuf)
-            fbuf.mul_(k_f[s:e])
+            fbuf.mul_(k_f[s:e] if k_f is not None else torch.fft.rfft(self.kernel(L, channels=slice(s, e)), n=n))
             torch.fft.irfft(fbuf, n=n, out=ybuf)
             block = out[:, s:e]
             torch.addcmul(ybuf[..., :L], ubuf[..., :L], self.D[s:e, None], out=block)
@@ -286,9 +324,11 @@ class S4D(nn.Module):
         n = fft_length(2 * L)
         fast = not torch.is_grad_enabled() and not self.training
         with torch.autocast(u.device.type, enabled=False):
-            u = u.float()
-            k_f = self.kernel_fft(L, n)
-            y = self._conv_inference(u, k_f, n) if fast else self._conv_autograd(u.contiguous(), k_f, n)
+            u = u.to(self.D.dtype)
+            if fast:
+                y = self._conv_inference(u, self.kernel_fft(L, n) if self._cacheable(n) else None, n)
+            else:
+                y = self._conv_autograd(u.contiguous(), self.kernel_fft(L, n), n)
         if fast and not torch.is_autocast_enabled(y.device.type):
             y = self._mix_inference(y)
         else:
