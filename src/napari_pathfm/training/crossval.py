@@ -81,14 +81,15 @@ def _fold_ids(recipe, k: int | None) -> tuple[list[int], str]:
         return ids, "csv fold column"
     k = int(k or recipe.get("data.n_folds") or 5)
     if k < 2:
-        raise RecipeError(recipe.path or "<recipe>", f"cross-validation needs k >= 2, not {k}.", "Use k=5 (the default).")
+        raise RecipeError(
+            recipe.path or "<recipe>", f"cross-validation needs k >= 2, not {k}.", "Use k=5 (the default)."
+        )
     return list(range(k)), f"seeded stratified folds (seed {recipe.get('seed')})"
 
 
 def _test_metrics(result, recipe) -> dict:
     from ..models.checkpoint import load_checkpoint
-    from .mil_data import BagDataModule
-    from .tasks.mil import evaluate_bags
+    from .tasks.mil import BagDataModule, evaluate_bags
 
     data = BagDataModule(recipe.get("data"), recipe.get("seed"))
     if not data.test_items:
@@ -147,7 +148,10 @@ def run_cv(
     overrides = list(overrides)
     rec = load_recipe(recipe, overrides)
     if rec.get("family") != "mil":
-        raise RecipeError(rec.path or "<recipe>", f"is a {rec.get('family')!r} recipe; cross-validation runs mil recipes.", "Use a recipe from training/s4mil/.")
+        raise RecipeError(
+            rec.path or "<recipe>", f"is a {rec.get('family')!r} recipe; cross-validation runs mil recipes.",
+            "Use a recipe from training/s4mil/.",
+        )  # fmt: skip
     out = Path(output or f"{rec.get('output') or Path('runs') / rec.name}_cv").resolve()
     ids, source = _fold_ids(rec, k)
     folds, cancelled = [], False

@@ -18,7 +18,8 @@ Which bags validate:
 3. else a seeded, stratified ``data.val_fraction`` of the rows.
 
 Rows with ``split == test`` never train or validate; they are held out for
-:func:`napari_pathfm.training.tasks.mil.evaluate_bags`.
+:func:`napari_pathfm.training.tasks.mil.evaluate_bags`. The Lightning data
+module over these rules is :class:`napari_pathfm.training.tasks.mil.BagDataModule`.
 
 Batches hold one bag (``(1, L, D)`` features): bags differ in length and the
 paper trains on whole bags, one at a time.
@@ -27,22 +28,19 @@ paper trains on whole bags, one at a time.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..errors import FeatureError, RecipeError
 
 __all__ = [
     "BagItem",
     "BagDataset",
-    "BagDataModule",
+    "split_items",
     "read_bag_table",
     "assign_folds",
     "bag_info",
@@ -51,7 +49,8 @@ __all__ = [
     "FEATURE_ATTRS",
 ]
 
-# Feature-file attributes copied onto the model card so that inference can re-extract matching features.
+# Feature-file attributes copied onto the model card (with those of pipelines.mil.extractor_card, which
+# inference reads to re-extract matching features); these extra ones say where the patches came from.
 FEATURE_ATTRS = (
     "extractor", "backbone", "feature_dim", "input_size", "mean", "std", "weights", "weights_sha256",
     "mpp", "target_mpp", "tile_size", "level0_tile_size", "read_size", "min_tissue", "tissue_mpp", "patch_order",
@@ -143,12 +142,16 @@ def read_bag_table(
             )  # fmt: skip
         split = r.get("split", "").lower()
         if split not in _SPLITS:
-            raise RecipeError(csv_path, f"line {line}: split {r['split']!r} is not train, val or test.", "Fix the split column.")
+            raise RecipeError(
+                csv_path, f"line {line}: split {r['split']!r} is not train, val or test.", "Fix the split column."
+            )
         fold = r.get("fold", "")
         try:
             fold = int(fold) if fold != "" else None
         except ValueError:
-            raise RecipeError(csv_path, f"line {line}: fold {fold!r} is not an integer.", "Use 0, 1, ... in the fold column.") from None
+            raise RecipeError(
+                csv_path, f"line {line}: fold {fold!r} is not an integer.", "Use 0, 1, ... in the fold column."
+            ) from None
         path = _bag_path(features_dir, slide)
         if not path.exists():
             raise FeatureError(
@@ -182,9 +185,14 @@ def bag_info(path: str | Path) -> dict:
         attrs = dict(g.attrs)
         has_labels = "patch_labels" in g
     except Exception as exc:
-        raise FeatureError(path, f"is not a readable feature file ({type(exc).__name__}: {exc}).", "Re-extract it with `pathfm features`.") from exc
+        raise FeatureError(
+            path, f"is not a readable feature file ({type(exc).__name__}: {exc}).",
+            "Re-extract it with `pathfm features`.",
+        ) from exc  # fmt: skip
     if len(shape) != 2:
-        raise FeatureError(path, f"features have shape {shape}, expected (patches, dim).", "Re-extract it with `pathfm features`.")
+        raise FeatureError(
+            path, f"features have shape {shape}, expected (patches, dim).", "Re-extract it with `pathfm features`."
+        )
     return {"n": int(shape[0]), "dim": int(shape[1]), "attrs": attrs, "patch_labels": has_labels}
 
 
@@ -216,7 +224,9 @@ def write_bag(path: str | Path, features, coords, attrs: dict, patch_labels=None
         if patch_labels is not None:
             labels = np.asarray(patch_labels, dtype=np.int8).reshape(-1)
             if len(labels) != len(features):
-                raise FeatureError(path, f"{len(labels)} patch labels for {len(features)} patches.", "Pass one label per patch.")
+                raise FeatureError(
+                    path, f"{len(labels)} patch labels for {len(features)} patches.", "Pass one label per patch."
+                )
             g = zarr.open_group(str(tmp), mode="r+")
             g.create_array("patch_labels", data=labels, chunks=(max(1, min(len(labels), 1 << 16)),))
     return Path(path)
@@ -239,7 +249,15 @@ class BagDataset:
         Seed of the patch subsets.
     """
 
-    def __init__(self, items: Sequence[BagItem], dim: int, *, max_patches: int | None = None, in_memory: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        items: Sequence[BagItem],
+        dim: int,
+        *,
+        max_patches: int | None = None,
+        in_memory: bool = False,
+        seed: int = 0,
+    ):
         self.items, self.dim = list(items), int(dim)
         self.max_patches, self.in_memory = max_patches, in_memory
         self._cache: dict[int, tuple] = {}
@@ -258,7 +276,10 @@ class BagDataset:
         bag = read_features(item.path)
         feats = np.asarray(bag.features, dtype=np.float32)
         if feats.ndim != 2 or len(feats) == 0:
-            raise FeatureError(item.path, f"bag of slide {item.slide!r} is empty.", "Check the slide's tissue detection or drop it from the CSV.")
+            raise FeatureError(
+                item.path, f"bag of slide {item.slide!r} is empty.",
+                "Check the slide's tissue detection or drop it from the CSV.",
+            )  # fmt: skip
         if feats.shape[1] != self.dim:
             raise FeatureError(
                 item.path, f"has {feats.shape[1]}-d features but this run uses {self.dim}-d ones.",
@@ -282,7 +303,8 @@ class BagDataset:
         }
 
 
-def _split(items: list[BagItem], data: dict, seed: int) -> dict[str, list[BagItem]]:
+def split_items(items: list[BagItem], data: dict, seed: int) -> dict[str, list[BagItem]]:
+    """Train / val / test lists of ``items`` by the rules of the module docstring (``data``: the recipe section)."""
     pool = [it for it in items if it.split != "test"]
     test = [it for it in items if it.split == "test"]
     val_fold = data.get("val_fold")
@@ -290,7 +312,9 @@ def _split(items: list[BagItem], data: dict, seed: int) -> dict[str, list[BagIte
         given = [it.fold is not None for it in pool]
         if any(given) and not all(given):
             missing = next(it.slide for it, g in zip(pool, given) if not g)
-            raise RecipeError(data["csv"], f"fold column is empty for slide {missing!r}.", "Give every train/val row a fold.")
+            raise RecipeError(
+                data["csv"], f"fold column is empty for slide {missing!r}.", "Give every train/val row a fold."
+            )
         if all(given):
             folds = np.array([it.fold for it in pool])
         else:
@@ -311,78 +335,3 @@ def _split(items: list[BagItem], data: dict, seed: int) -> dict[str, list[BagIte
         train = [it for it, v in zip(pool, is_val) if not v]
         val = [it for it, v in zip(pool, is_val) if v]
     return {"train": train, "val": val, "test": test}
-
-
-class BagDataModule(L.LightningDataModule):
-    """Train/val/test bags of a ``mil`` recipe's ``data`` section (see the module docstring for the split rules).
-
-    Built eagerly so the classes, feature dimension and feature-extractor
-    attributes are known before the model is created.
-    """
-
-    def __init__(self, data: dict, seed: int = 0, num_workers: int = 0):
-        super().__init__()
-        self.cfg, self.seed, self.num_workers = dict(data), int(seed), int(num_workers)
-        self.features_dir, self.csv = Path(data["features_dir"]), Path(data["csv"])
-        items, self.classes = read_bag_table(self.csv, self.features_dir, data.get("classes"))
-        parts = _split(items, data, self.seed)
-        self.train_items, self.val_items, self.test_items = parts["train"], parts["val"], parts["test"]
-        if not self.train_items:
-            raise RecipeError(self.csv, "leaves no bags for training after the split.", "Check the split/fold columns or data.val_fold.")
-        self.infos = {it.slide: bag_info(it.path) for it in items}
-        self.dim, self.feature_attrs = self._check_consistent(items)
-        self.has_patch_labels = any(i["patch_labels"] for i in self.infos.values())
-        self._datasets = {"train": self.dataset("train", True), "val": self.dataset("val")}
-
-    def _check_consistent(self, items: list[BagItem]) -> tuple[int, dict]:
-        first = items[0]
-        ref = self.infos[first.slide]
-        for it in items[1:]:
-            info = self.infos[it.slide]
-            if info["dim"] != ref["dim"]:
-                raise FeatureError(
-                    it.path, f"has {info['dim']}-d features but {first.path.name} has {ref['dim']}-d ones.",
-                    "Extract all slides with the same backbone.",
-                )  # fmt: skip
-            for key in ("backbone", "weights_sha256", "tile_size"):
-                if info["attrs"].get(key) != ref["attrs"].get(key):
-                    raise FeatureError(
-                        it.path, f"was made with {key}={info['attrs'].get(key)!r} but {first.path.name} with {ref['attrs'].get(key)!r}.",
-                        "Features of one run must come from one extractor; re-extract the odd ones.",
-                    )  # fmt: skip
-        attrs = {k: ref["attrs"][k] for k in FEATURE_ATTRS if k in ref["attrs"]}
-        return ref["dim"], attrs
-
-    def dataset(self, part: str, train: bool = False) -> BagDataset:
-        """Bags of ``part`` (``"train"``, ``"val"`` or ``"test"``); patch subsets only when ``train``."""
-        items = {"train": self.train_items, "val": self.val_items, "test": self.test_items}[part]
-        return BagDataset(
-            items, self.dim, max_patches=self.cfg.get("max_patches") if train else None,
-            in_memory=bool(self.cfg.get("in_memory")), seed=self.seed,
-        )  # fmt: skip
-
-    def _loader(self, part: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self._datasets[part], batch_size=1, shuffle=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self):
-        return self._loader("val", False) if self.val_items else []
-
-    def save_split(self, path: str | Path) -> None:
-        """Write which slides train, validate and test, as JSON."""
-        parts = {"train": self.train_items, "val": self.val_items, "test": self.test_items}
-        doc = {"classes": self.classes, **{k: [it.slide for it in v] for k, v in parts.items()}}
-        Path(path).write_text(json.dumps(doc, indent=1), encoding="utf-8")
-
-    def describe(self) -> str:
-        """One line on the training bags, for the model card."""
-        n = {p: len(v) for p, v in (("train", self.train_items), ("val", self.val_items), ("test", self.test_items))}
-        return (
-            f"{sum(n.values())} feature bags ({self.dim}-d) in {len(self.classes)} classes from {self.csv} "
-            f"({n['train']} train / {n['val']} val / {n['test']} test held out)"
-        )

@@ -118,7 +118,11 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
             (str,), None, "Folder of per-slide feature files (<slide>.features.zarr).", required=True, path=True
         ),
         "data.csv": Field(
-            (str,), None, "CSV with columns slide,label and optional fold, split (train/val/test).", required=True, path=True
+            (str,),
+            None,
+            "CSV with columns slide,label and optional fold, split (train/val/test).",
+            required=True,
+            path=True,
         ),
         "data.classes": Field((list, type(None)), None, "Labels in class-index order (default: CSV labels, sorted)."),
         "data.val_fraction": Field(_NUM, 0.2, "Share of bags held out for validation when the CSV has no split/fold."),
@@ -129,7 +133,9 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         ),
         "data.in_memory": Field((bool,), False, "Keep bags in memory after the first epoch (small data sets)."),
         "trainer.batch_size": Field((int,), 1, "Bags per batch; MIL trains on one bag at a time.", (1,)),
-        "optim.name": Field((str,), "adam", "Inner optimizer (wrapped in Lookahead when lookahead_k > 0).", ("adamw", "adam", "sgd")),
+        "optim.name": Field(
+            (str,), "adam", "Inner optimizer (wrapped in Lookahead when lookahead_k > 0).", ("adamw", "adam", "sgd")
+        ),
         "optim.lr": Field(_NUM, 2e-4, "Learning rate."),
         "optim.weight_decay": Field(_NUM, 1e-4, "Weight decay."),
         "optim.lookahead_k": Field((int,), 5, "Lookahead: fast steps per slow update (0 turns Lookahead off)."),

@@ -15,23 +15,30 @@ Batches hold one bag.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
-from ...errors import RecipeError
+from ...errors import FeatureError, RecipeError
 from ...models.registry import create_model
+from ...pipelines.mil import extractor_card
 from ...progress import check_cancel, report
 from ..lookahead import Lookahead
-from ..mil_data import BagDataModule, BagDataset
+from ..mil_data import FEATURE_ATTRS, BagDataset, BagItem, bag_info, read_bag_table, split_items
 from ..recipes import Recipe
 from .classify import build_optimizer
 
-__all__ = ["MILTask", "build", "build_mil_optimizer", "mil_loss", "evaluate_bags", "slide_metrics", "patch_auroc"]
+__all__ = [
+    "MILTask", "BagDataModule", "build", "build_mil_optimizer", "mil_loss", "evaluate_bags", "slide_metrics",
+    "patch_auroc",
+]  # fmt: skip
 
 
 def build_mil_optimizer(params, optim: dict, max_epochs: int):
@@ -98,15 +105,21 @@ class MILTask(L.LightningModule):
         The model has a patch head; log ``val_patch_auroc``.
     """
 
-    def __init__(self, model, n_classes: int, optim: dict, max_epochs: int, patch_weight: float = 5.0, multitask: bool = False):
+    def __init__(
+        self, model, n_classes: int, optim: dict, max_epochs: int, patch_weight: float = 5.0, multitask: bool = False
+    ):
         super().__init__()
         self.model = model
         self.n_classes, self.optim_cfg, self.max_epochs = int(n_classes), dict(optim), max_epochs
         self.patch_weight, self.multitask = float(patch_weight), bool(multitask)
         self.val_acc = MulticlassAccuracy(num_classes=self.n_classes, average="micro")
-        self.val_auroc = BinaryAUROC() if self.n_classes == 2 else MulticlassAUROC(self.n_classes, average="macro")
+        self.val_auroc = self._auroc()
         if self.multitask:
-            self.val_patch_auroc = BinaryAUROC() if self.n_classes == 2 else MulticlassAUROC(self.n_classes, average="macro")
+            self.val_patch_auroc = self._auroc()
+
+    def _auroc(self):
+        """Binary AUROC on the positive class for two classes, one-vs-rest macro AUROC for more."""
+        return BinaryAUROC() if self.n_classes == 2 else MulticlassAUROC(self.n_classes, average="macro")
 
     def forward(self, x: torch.Tensor) -> dict:
         return self.model(x)
@@ -137,9 +150,10 @@ class MILTask(L.LightningModule):
             known = batch["patch_labels"] >= 0
             if bool(known.any()):
                 if self.n_classes == 2:
-                    self.val_patch_auroc.update(_scores(out, 1).float()[known], batch["patch_labels"][known])
+                    scores = _scores(out, 1).float()[known]
                 else:
-                    self.val_patch_auroc.update(out["patch_logits"].float().softmax(-1)[known], batch["patch_labels"][known])
+                    scores = out["patch_logits"].float().softmax(-1)[known]
+                self.val_patch_auroc.update(scores, batch["patch_labels"][known])
                 self.log("val_patch_auroc", self.val_patch_auroc, on_epoch=True, batch_size=1)
 
     def configure_optimizers(self):
@@ -173,7 +187,9 @@ def patch_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_bags(model, dataset: BagDataset, *, device: str = "cpu", positive: int = 1, progress=None, cancel=None) -> dict[str, Any]:
+def evaluate_bags(
+    model, dataset: BagDataset, *, device: str = "cpu", positive: int = 1, progress=None, cancel=None
+) -> dict[str, Any]:
     """Run ``model`` over every bag of ``dataset`` and collect what the metrics need.
 
     Parameters
@@ -216,6 +232,86 @@ def evaluate_bags(model, dataset: BagDataset, *, device: str = "cpu", positive: 
     }  # fmt: skip
 
 
+class BagDataModule(L.LightningDataModule):
+    """Train/val/test bags of a ``mil`` recipe's ``data`` section (split rules: :mod:`..mil_data`).
+
+    Built eagerly so the classes, feature dimension and feature-extractor
+    attributes are known before the model is created.
+    """
+
+    def __init__(self, data: dict, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.cfg, self.seed, self.num_workers = dict(data), int(seed), int(num_workers)
+        self.features_dir, self.csv = Path(data["features_dir"]), Path(data["csv"])
+        items, self.classes = read_bag_table(self.csv, self.features_dir, data.get("classes"))
+        parts = split_items(items, data, self.seed)
+        self.train_items, self.val_items, self.test_items = parts["train"], parts["val"], parts["test"]
+        if not self.train_items:
+            raise RecipeError(
+                self.csv, "leaves no bags for training after the split.",
+                "Check the split/fold columns or data.val_fold.",
+            )  # fmt: skip
+        self.infos = {it.slide: bag_info(it.path) for it in items}
+        self.dim, self.feature_attrs = self._check_consistent(items)
+        self.has_patch_labels = any(i["patch_labels"] for i in self.infos.values())
+        self._datasets = {"train": self.dataset("train", True), "val": self.dataset("val")}
+
+    def _check_consistent(self, items: list[BagItem]) -> tuple[int, dict]:
+        first = items[0]
+        ref = self.infos[first.slide]
+        for it in items[1:]:
+            info = self.infos[it.slide]
+            if info["dim"] != ref["dim"]:
+                raise FeatureError(
+                    it.path, f"has {info['dim']}-d features but {first.path.name} has {ref['dim']}-d ones.",
+                    "Extract all slides with the same backbone.",
+                )  # fmt: skip
+            for key in ("backbone", "weights_sha256", "tile_size"):
+                if info["attrs"].get(key) != ref["attrs"].get(key):
+                    raise FeatureError(
+                        it.path,
+                        f"was made with {key}={info['attrs'].get(key)!r} "
+                        f"but {first.path.name} with {ref['attrs'].get(key)!r}.",
+                        "Features of one run must come from one extractor; re-extract the odd ones.",
+                    )  # fmt: skip
+        attrs = {**{k: ref["attrs"][k] for k in FEATURE_ATTRS if k in ref["attrs"]}, **extractor_card(ref["attrs"])}
+        return ref["dim"], attrs
+
+    def dataset(self, part: str, train: bool = False) -> BagDataset:
+        """Bags of ``part`` (``"train"``, ``"val"`` or ``"test"``); patch subsets only when ``train``."""
+        items = {"train": self.train_items, "val": self.val_items, "test": self.test_items}[part]
+        return BagDataset(
+            items, self.dim, max_patches=self.cfg.get("max_patches") if train else None,
+            in_memory=bool(self.cfg.get("in_memory")), seed=self.seed,
+        )  # fmt: skip
+
+    def _loader(self, part: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self._datasets[part], batch_size=1, shuffle=train,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False) if self.val_items else []
+
+    def save_split(self, path: str | Path) -> None:
+        """Write which slides train, validate and test, as JSON."""
+        parts = {"train": self.train_items, "val": self.val_items, "test": self.test_items}
+        doc = {"classes": self.classes, **{k: [it.slide for it in v] for k, v in parts.items()}}
+        Path(path).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+
+    def describe(self) -> str:
+        """One line on the training bags, for the model card."""
+        n = {p: len(v) for p, v in (("train", self.train_items), ("val", self.val_items), ("test", self.test_items))}
+        return (
+            f"{sum(n.values())} feature bags ({self.dim}-d) in {len(self.classes)} classes from {self.csv} "
+            f"({n['train']} train / {n['val']} val / {n['test']} test held out)"
+        )
+
+
 def build(recipe: Recipe):
     """Task, data and model-card fields for a ``mil`` recipe.
 
@@ -226,7 +322,8 @@ def build(recipe: Recipe):
     where = recipe.path or "<recipe>"
     data = BagDataModule(recipe.get("data"), recipe.get("seed"), recipe.get("trainer.num_workers"))
     cfg = {k: v for k, v in recipe.get("model").items() if k != "name"}
-    for key, value, what in (("in_dim", data.dim, "feature dimension"), ("n_classes", len(data.classes), "number of classes")):
+    dims = (("in_dim", data.dim, "feature dimension"), ("n_classes", len(data.classes), "number of classes"))
+    for key, value, what in dims:
         if cfg.get(key) is None:
             cfg[key] = value
         elif int(cfg[key]) != value:
