@@ -204,6 +204,21 @@ def test_slide_and_patch_metrics():
     assert patch_auroc([0.1, 0.9, 0.5, 0.7], [0, 1, -1, 0]) == pytest.approx(1.0)
 
 
+def test_s4_state_parameters_train_without_weight_decay():
+    task = _task(False, lr=2e-4)
+    task.optim_cfg["weight_decay"] = 1e-3
+    opt = task.configure_optimizers()
+    groups = opt.param_groups
+    ssm = {id(p) for n, p in task.model.named_parameters() if n.split(".")[-1] in ("log_dt", "log_A_real", "A_imag")}
+    assert ssm
+    for g in groups:
+        assert g["lr"] == 2e-4
+        in_ssm = {id(p) in ssm for p in g["params"]}
+        assert len(in_ssm) == 1
+        assert g["weight_decay"] == (0.0 if in_ssm.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == len(list(task.model.parameters()))
+
+
 def test_multitask_loss_reduces_patch_error():
     rng = np.random.default_rng(0)
     direction = rng.normal(size=8).astype(np.float32)

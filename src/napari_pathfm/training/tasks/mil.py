@@ -42,7 +42,11 @@ __all__ = [
 
 
 def build_mil_optimizer(params, optim: dict, max_epochs: int):
-    """The recipe's optimizer wrapped in Lookahead (``optim.lookahead_k`` > 0), plus an optional cosine schedule."""
+    """The recipe's optimizer wrapped in Lookahead (``optim.lookahead_k`` > 0), plus an optional cosine schedule.
+
+    ``params`` may be parameter groups (:func:`napari_pathfm.models.layers.s4d.optim_groups`):
+    S4D's state-space parameters then train without weight decay, as in the S4 code.
+    """
     inner = build_optimizer(params, {**optim, "scheduler": "none"}, max_epochs)
     k = int(optim.get("lookahead_k", 5) or 0)
     opt = Lookahead(inner, k=k, alpha=float(optim.get("lookahead_alpha", 0.5))) if k > 0 else inner
@@ -157,7 +161,10 @@ class MILTask(L.LightningModule):
                 self.log("val_patch_auroc", self.val_patch_auroc, on_epoch=True, batch_size=1)
 
     def configure_optimizers(self):
-        return build_mil_optimizer(self.parameters(), self.optim_cfg, self.max_epochs)
+        from ...models.layers.s4d import optim_groups
+
+        lr, wd = float(self.optim_cfg.get("lr", 2e-4)), float(self.optim_cfg.get("weight_decay", 0.0))
+        return build_mil_optimizer(optim_groups(self.model, lr, wd), self.optim_cfg, self.max_epochs)
 
 
 def slide_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
