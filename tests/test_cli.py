@@ -82,8 +82,15 @@ def test_demo_writes_everything_it_promises(tmp_path):
 
     img = np.asarray(Image.open(canvas).convert("RGB"))
     assert img.mean() > 100, "the canvas shows the slide, not a black frame"
-    for key in ("tissue_mask", "tissue_geojson", "tiles_csv", "overview_png"):
+    for key in ("tissue_mask", "tissue_geojson", "tiles_csv", "overview_png", "mil_heatmap", "mil_json"):
         assert Path(summary["files"][key]).exists()
+    mil = summary["mil"]
+    assert mil["predicted"] in ("no gland", "gland") and sum(mil["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert mil["patches"] > 100 and mil["model_test_metrics"]["auroc"] > 0.8
+    prediction = json.loads((tmp_path / "mil-prediction.json").read_text())
+    assert prediction["predicted"] == mil["predicted"] and len(prediction["top_patches"]) == 10
+    heat = np.asarray(Image.open(tmp_path / "napari-canvas-mil.png").convert("RGB")).astype(float)
+    assert heat.shape == img.shape and np.abs(heat - img).mean() > 5, "the MIL canvas shows the heatmap over the slide"
 
 
 REPO = Path(__file__).resolve().parents[1]

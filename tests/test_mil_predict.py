@@ -136,3 +136,56 @@ def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napar
     assert tuple(viewer_camera(viewer).center[-2:]) == pytest.approx(expected)
     widget.class_combo.setCurrentIndex(1 - widget.class_combo.currentIndex())
     assert heat.metadata["class"] == widget.class_combo.currentText()
+
+
+# --- the bundled demo model --------------------------------------------------------------
+
+
+def test_bundled_demo_model_finds_its_extractor_beside_the_card_and_keeps_tile_size(tmp_path):
+    """The demo card names its extractor file without a folder; prediction finds it next to the checkpoint,
+    checks its sha256, and feeds 64 px tiles at their own size (the card's input_size None), as in training."""
+    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.demo import demo_mil_checkpoint
+    from napari_pathfm.io import open_slide
+    from napari_pathfm.models.checkpoint import read_card
+    from napari_pathfm.pipelines.mil import features_for_slide, mil_predict
+
+    ckpt = demo_mil_checkpoint()
+    card = read_card(ckpt.with_suffix(".json"))
+    fx = card["feature_extractor"]
+    assert "/" not in fx["weights"] and (ckpt.parent / fx["weights"]).is_file()
+    assert fx["input_size"] is None and fx["tile_size"] == 64
+    with open_slide(sample_slide_path()) as slide:
+        bag = features_for_slide(slide, card, checkpoint_dir=ckpt.parent, device="cpu")
+        assert bag.attrs["input_size"] is None and bag.attrs["weights_sha256"] == fx["weights_sha256"]
+        assert bag.path is None, "features extracted for one prediction are not left on disk"
+        pred = mil_predict(ckpt, slide=slide, device="cpu")
+    assert pred.classes == ["no gland", "gland"] and len(pred.coords) == len(bag.features) > 100
+    assert pred.level0_tile_size == pytest.approx(64 * 0.62 / 0.499, abs=1)
+    np.testing.assert_allclose(pred.probabilities.sum(), 1.0, rtol=1e-5)
+
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in (ckpt.name, ckpt.with_suffix(".json").name):
+        (moved / name).write_bytes((ckpt.parent / name).read_bytes())
+    with open_slide(sample_slide_path()) as slide, pytest.raises(Exception, match="missing") as err:
+        mil_predict(moved / ckpt.name, slide=slide, device="cpu")
+    assert fx["weights"] in str(err.value) and "next to the checkpoint" in str(err.value)
+
+
+def test_widget_task_imports_torch_safely_after_the_canvas_exists():
+    """Loading Triton (PyPI torch's dependency) after a Mesa OpenGL context exists segfaults; the widget runner
+    keeps it out. A fresh process: napari viewer first, then the guard, then torchvision + a model forward."""
+    import subprocess
+    import sys
+
+    code = (
+        "import napari; v = napari.Viewer(show=False)\n"
+        "from napari_pathfm.widgets._gl_safety import keep_triton_out; assert keep_triton_out()\n"
+        "import torch, torchvision, lightning\n"
+        "from napari_pathfm.models.registry import create_model\n"
+        "m = create_model('s4mil', in_dim=8, n_classes=2, d_model=16, d_state=4)\n"
+        "print('ok', tuple(m(torch.randn(1, 20, 8))['logits'].shape))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok (1, 2)" in proc.stdout, proc.stderr[-2000:]

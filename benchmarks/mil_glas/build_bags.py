@@ -277,7 +277,9 @@ def build(args) -> Path:
         if args.order == "raster" else "shuffled"
     )  # fmt: skip
     rows, stats = [], []
+    names = dict(zip(("negative", "positive"), args.labels.split(",")))
     for name, part, label, idx, flags in compose_bags(pools, counts, min_len, max_len, args.seed, args.order):
+        label = names[label]
         width = math.ceil(math.sqrt(len(idx)))
         coords = np.stack([np.arange(len(idx)) // width, np.arange(len(idx)) % width], 1) * args.tile
         bag_attrs = {**attrs, "slide": name, "split": part, "n_gland": int(flags.sum()),
@@ -318,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
         "--no-bn-calibration", dest="bn_calibration", action="store_false",
         help="keep BatchNorm's default statistics in the random extractor (features ~10x smaller)",
     )  # fmt: skip
+    p.add_argument("--labels", default="negative,positive", help="CSV labels of gland-free,gland bags")
     p.add_argument("--bags", help="bags per split 'train,val,test' (default from the setting)")
     p.add_argument("--min-len", type=int, help="shortest bag")
     p.add_argument("--max-len", type=int, help="longest bag")

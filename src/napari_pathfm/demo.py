@@ -2,9 +2,12 @@
 
 It opens the bundled CMU-1 small region (CC0), finds the tissue, lays the tile
 grid, writes the mask as pyramidal OME-TIFF and QuPath GeoJSON, the grid as
-CSV/JSON, an overview PNG, and a PNG of the napari canvas (slide + overlays).
-Without a display, the canvas is rendered on a virtual X server (``xvfb-run``)
-in a child process. Later families add their models here.
+CSV/JSON and an overview PNG; then runs the bundled S4 MIL demo model
+(:data:`DEMO_MIL`, trained on GlaS gland bags; see its card) for a slide-level
+prediction, a patch heatmap OME-TIFF and the top patches; and renders PNGs of
+the napari canvas (slide + tissue/tiles, and slide + MIL heatmap with the MIL
+widget docked). Without a display the canvases are rendered on a virtual X
+server (``xvfb-run``) in a child process. Later families add their models here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from typing import Any, Callable, Optional
 
 from .progress import check_cancel, report
 
+DEMO_MIL = "s4mil-glas-glands-demo"
+
+
+def demo_mil_checkpoint() -> Path:
+    """The bundled demo S4 MIL checkpoint (rebuilt by ``benchmarks/mil_glas/make_demo_model.py``)."""
+    from .checkpoints import BUNDLED_MODELS
+
+    return BUNDLED_MODELS / f"{DEMO_MIL}.safetensors"
+
 
 def display_available() -> bool:
     """True when a GUI can open (Windows/macOS, or an X/Wayland display on Linux)."""
@@ -34,8 +46,13 @@ def _default_slide(slide: Optional[Path]) -> Path:
     return Path(slide) if slide is not None else sample_slide_path()
 
 
-def build_viewer(slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256):
-    """A napari viewer with the slide, its tissue mask and tile grid, and the Slide widget docked."""
+def build_viewer(slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256, mil: bool = True):
+    """A napari viewer with the slide, its tissue mask and tile grid, and the Slide widget docked.
+
+    With ``mil`` the MIL widget is docked too, set to the bundled demo model, and
+    its prediction is started (in a worker; the heatmap layer appears when it ends).
+    Returns ``(viewer, MIL widget or None)``.
+    """
     import napari
 
     from .pipelines.tissue_tiles import compute_tissue_tiles
@@ -48,43 +65,74 @@ def build_viewer(slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5,
     result = compute_tissue_tiles(widget.current_slide(), tile_size=tile_size, mpp=tile_mpp)
     widget.status.setText(add_tissue_tiles_layers(viewer, layer.name, result))
     viewer.reset_view()
-    return viewer
+    mil_widget = None
+    if mil and demo_mil_checkpoint().is_file():
+        from .widgets.mil_widget import MILWidget
+
+        mil_widget = MILWidget(viewer)
+        viewer.window.add_dock_widget(mil_widget, name="MIL slide prediction (napari-pathfm)", area="right")
+        mil_widget.layer_combo.setCurrentText(layer.name)
+        mil_widget.set_checkpoint(demo_mil_checkpoint())
+        mil_widget.run()
+    return viewer, mil_widget
 
 
-def render_canvas_png(slide_path: Path, png: Path) -> Path:
+def _settle(viewer, turns: int = 20) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(turns):
+        QApplication.processEvents()
+    viewer.reset_view()
+    for _ in range(turns):
+        QApplication.processEvents()
+
+
+def render_canvas_png(slide_path: Path, png: Path, mil_png: Optional[Path] = None, timeout: float = 300.0) -> Path:
     """Render the napari canvas (slide + tissue + tiles) to ``png`` in this process.
 
-    Needs OpenGL and a (possibly virtual) display: a hidden viewer renders black,
-    so the window is shown and Qt gets a few event-loop turns to load the tiles.
+    With ``mil_png``, the MIL widget's prediction is awaited and a second canvas
+    (slide + MIL heatmap, tissue/tile overlays hidden) is written there. Needs
+    OpenGL and a (possibly virtual) display: a hidden viewer renders black, so the
+    window is shown and Qt gets a few event-loop turns to load the tiles.
     """
     from qtpy.QtWidgets import QApplication
 
     from .io.atomic import atomic_path
 
-    viewer = build_viewer(slide_path, show=True)
+    viewer, mil_widget = build_viewer(slide_path, show=True, mil=mil_png is not None)
     try:
-        for _ in range(10):
-            QApplication.processEvents()
-        viewer.reset_view()
-        for _ in range(20):
-            QApplication.processEvents()
+        _settle(viewer)
+        overlays = [layer for layer in viewer.layers if layer.metadata.get("pathfm_kind") in ("tissue", "tiles")]
         with atomic_path(png) as tmp:
             viewer.export_figure(str(tmp))
+        if mil_widget is not None:
+            deadline = time.monotonic() + timeout
+            while mil_widget.runner.running and time.monotonic() < deadline:
+                QApplication.processEvents()
+                time.sleep(0.02)
+            if mil_widget.prediction is None:
+                raise RuntimeError(f"the MIL prediction did not finish: {mil_widget.result_label.text()}")
+            for layer in overlays:
+                layer.visible = False
+            _settle(viewer)
+            with atomic_path(mil_png) as tmp:
+                viewer.export_figure(str(tmp))
     finally:
         viewer.close()
     return png
 
 
-def _render_canvas_elsewhere(slide_path: Path, png: Path) -> Optional[str]:
+def _render_canvas_elsewhere(slide_path: Path, png: Path, mil_png: Optional[Path] = None) -> Optional[str]:
     """Render in a child process, on a virtual X server when there is no display. Returns an error text or None."""
     cmd = [sys.executable, "-m", "napari_pathfm.demo", "--canvas", str(slide_path), str(png)]
+    cmd += [str(mil_png)] if mil_png is not None else []
     if not display_available():
         xvfb = shutil.which("xvfb-run")
         if xvfb is None:
             return "no display and no xvfb-run (apt-get install xvfb) to render the napari canvas"
         cmd = [xvfb, "-a", "-s", "-screen 0 1280x1024x24"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not png.exists():
+    if proc.returncode != 0 or not png.exists() or (mil_png is not None and not mil_png.exists()):
         return f"napari canvas rendering failed: {proc.stderr.strip()[-800:]}"
     return None
 
@@ -105,7 +153,8 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     slide_path = _default_slide(slide)
-    steps = 3 if render_canvas else 2
+    checkpoint = demo_mil_checkpoint()
+    steps = 4 if render_canvas else 3
     t0 = time.perf_counter()
     report(progress, 0, steps, "tissue & tiles")
     with open_slide(slide_path) as s:
@@ -120,16 +169,20 @@ def run_demo(
             "tile_size": result.grid.tile_size,
             "tile_mpp": result.grid.mpp,
         }
+        check_cancel(cancel, "demo")
+        report(progress, 1, steps, "MIL slide prediction")
+        summary["mil"] = _mil_step(s, checkpoint, out, written, cancel)
     check_cancel(cancel, "demo")
-    report(progress, 1, steps, "napari canvas")
+    report(progress, 2, steps, "napari canvas")
     if render_canvas:
-        png = out / "napari-canvas-slide.png"
-        error = _render_canvas_elsewhere(slide_path, png)
+        png, mil_png = out / "napari-canvas-slide.png", out / "napari-canvas-mil.png"
+        error = _render_canvas_elsewhere(slide_path, png, mil_png)
         if error is None:
             written["napari_canvas_png"] = png
+            written["napari_canvas_mil_png"] = mil_png
         else:
             summary["napari_canvas_png"] = error
-        report(progress, 2, steps, "summary")
+        report(progress, 3, steps, "summary")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["files"] = {k: str(v) for k, v in written.items()}
     summary_path = out / "demo-summary.json"
@@ -144,17 +197,38 @@ def run_demo(
     return written
 
 
+def _mil_step(slide, checkpoint: Path, out: Path, written: dict, cancel) -> dict:
+    """Slide-level prediction, heatmap OME-TIFF and top patches of the bundled S4 MIL model."""
+    from .models.checkpoint import read_card
+    from .pipelines.mil import mil_predict, write_mil_outputs
+
+    pred = mil_predict(checkpoint, slide=slide, device="cpu", cancel=cancel)
+    files = write_mil_outputs(
+        pred, heatmap=out / "mil-heatmap.ome.tif", json_path=out / "mil-prediction.json", mpp=slide.mpp
+    )
+    written.update({"mil_heatmap": files["heatmap"], "mil_json": files["json"]})
+    card = read_card(checkpoint.with_suffix(".json"))
+    return {
+        "model": checkpoint.name,
+        "model_test_metrics": card.get("test_metrics"),
+        "predicted": pred.predicted,
+        "probabilities": {c: round(float(p), 4) for c, p in zip(pred.classes, pred.probabilities)},
+        "patches": int(len(pred.coords)),
+        "note": "demo model: random-init feature extractor trained on GlaS colon-gland bags; not diagnostic",
+    }
+
+
 def show_in_napari(out: Path, *, slide: Optional[Path] = None) -> None:
-    """Open napari with the demo slide, its overlays and the plugin's widget docked; blocks until closed."""
+    """Open napari with the demo slide, its overlays and the plugin's widgets docked; blocks until closed."""
     import napari
 
-    build_viewer(_default_slide(slide), show=True)
+    viewer, _mil_widget = build_viewer(_default_slide(slide), show=True)  # keep the widget referenced
     napari.run()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--canvas":
-        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--canvas":
+        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) == 5 else None)
     else:
-        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png", file=sys.stderr)
+        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png]", file=sys.stderr)
         sys.exit(2)

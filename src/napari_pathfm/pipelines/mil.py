@@ -101,8 +101,33 @@ def extractor_card(feature_attrs: dict) -> dict:
     return {k: feature_attrs.get(k) for k in EXTRACTOR_KEYS}
 
 
-def features_for_slide(slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None):
-    """Extract features from ``slide`` with the extractor recorded in the checkpoint's card."""
+def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
+    """The extractor weights file the card names: as recorded, else the same name beside the checkpoint.
+
+    Bundled and shared models keep their extractor weights next to the card, so the
+    pair can be copied anywhere; the sha256 check that follows proves it is the same file.
+    """
+    recorded = Path(fx["weights"])
+    if recorded.is_file():
+        return str(recorded)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / recorded.name).is_file():
+        return str(Path(checkpoint_dir) / recorded.name)
+    raise FeatureError(
+        recorded, "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
+        "Copy it to that path or next to the checkpoint, or extract features yourself with "
+        "`pathfm features --weights <file>` and pass --features.",
+    )  # fmt: skip
+
+
+def features_for_slide(
+    slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+):  # fmt: skip
+    """Extract features from ``slide`` with the extractor recorded in the checkpoint's card.
+
+    Tiles, µm/px, tissue threshold, input size and normalisation all come from the
+    card, so the features match the ones the model was trained on.
+    """
     import tempfile
 
     from ..models.registry import create_model
@@ -114,27 +139,27 @@ def features_for_slide(slide, card: dict, *, device: str = "auto", progress=None
             card.get("weights_file", "checkpoint"), "does not record which feature extractor it was trained with.",
             "Extract features with `pathfm features` (same settings as training) and pass them with --features.",
         )  # fmt: skip
-    kwargs = {"backbone": fx.get("backbone"), "input_size": fx.get("input_size")}
+    # A recorded input_size of None means the trunk saw tiles at their own size (0 for create_model).
+    kwargs = {"backbone": fx.get("backbone"), "input_size": fx.get("input_size") or 0}
     if fx.get("weights"):
-        if not Path(fx["weights"]).exists():
-            raise FeatureError(
-                fx["weights"], "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
-                "Copy it to that path, or extract features yourself with `pathfm features --weights <file>` and pass --features.",
-            )  # fmt: skip
-        kwargs["weights"] = fx["weights"]
+        kwargs["weights"] = _extractor_weights(fx, checkpoint_dir)
     if fx["extractor"] == "timm_features":
         kwargs.update(mean=fx.get("mean"), std=fx.get("std"))
     extractor = create_model(fx["extractor"], **{k: v for k, v in kwargs.items() if v is not None})
     if fx.get("weights_sha256") and extractor.weights_sha256 != fx["weights_sha256"]:
         raise FeatureError(fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch).")
-    out_dir = Path(cache_dir or tempfile.mkdtemp(prefix="pathfm-features-"))
-    path = extract_features(
-        slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
-        mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
-        min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
-        tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel,
-    )  # fmt: skip
-    return read_features(path)
+    with tempfile.TemporaryDirectory(prefix="pathfm-features-") as tmp:
+        out_dir = Path(cache_dir or tmp)
+        path = extract_features(
+            slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
+            mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
+            min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
+            tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel,
+        )  # fmt: skip
+        bag = read_features(path)  # in memory: the temporary file can go
+    if cache_dir is None:
+        bag.path = None
+    return bag
 
 
 def mil_predict(
@@ -168,7 +193,8 @@ def mil_predict(
         raise FeatureError(str(checkpoint), "needs features or a slide to predict on.", "Pass --features or --slide.")
     report(progress, 0, 3, "features")
     if features is None:
-        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel)
+        where = None if isinstance(checkpoint, tuple) else Path(checkpoint).parent
+        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel, checkpoint_dir=where)
     else:
         bag = read_features(features) if isinstance(features, (str, Path)) else features
     check_feature_dim(bag, in_dim, str(checkpoint) if not isinstance(checkpoint, tuple) else "the model")
@@ -188,7 +214,7 @@ def mil_predict(
         patch_scores=scores.astype(np.float32),
         coords=np.asarray(bag.coords, dtype=np.int64),
         level0_tile_size=float(bag.attrs.get("level0_tile_size") or bag.attrs.get("tile_size") or 1.0),
-        source={"features": str(getattr(bag, "path", "")), "slide": bag.attrs.get("slide"), "slide_mpp": bag.attrs.get("slide_mpp")},
+        source={"features": str(bag.path) if getattr(bag, "path", None) else None, "slide": bag.attrs.get("slide"), "slide_mpp": bag.attrs.get("slide_mpp")},
     )
 
 

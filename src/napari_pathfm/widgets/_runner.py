@@ -60,6 +60,10 @@ class TaskRunner(QObject):
         from napari.qt.threading import create_worker
         from napari.utils import progress as napari_progress
 
+        from ._gl_safety import keep_triton_out
+
+        keep_triton_out()  # before the task imports torch; see _gl_safety
+
         if self.worker is not None:
             raise RuntimeError("a task is already running; cancel it first")
         self._cancel = threading.Event()
