@@ -15,6 +15,10 @@ Prints one table from one run:
 Each time is the median of ``--repeats`` runs after one warm-up run.
 
     .venv/bin/python benchmarks/bench_mil_speed.py [--quick] [--length 30000] [--repeats 3] [--threads N]
+    .venv/bin/python benchmarks/bench_mil_speed.py --device cuda     # the paper's setting (GPU)
+
+On ``--device cuda`` every time is taken after ``torch.cuda.synchronize()`` and the
+scaling runs report peak GPU memory (``torch.cuda.max_memory_allocated``) beside RSS.
 
 Timings on a machine shared with other jobs are unreliable with more threads than
 free cores (OpenMP threads wait for each other); ``--threads 1`` is the robust
@@ -34,25 +38,34 @@ import sys
 import time
 
 
-def _median_time(fn, repeats: int, before=None) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, before=None, device: str = "cpu") -> float:
     times = []
     for i in range(repeats + 1):
         if before is not None:
             before()
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def _bag(n: int, in_dim: int):
+def _bag(n: int, in_dim: int, device: str = "cpu"):
     import torch
 
-    return torch.randn(1, n, in_dim, generator=torch.Generator().manual_seed(0))
+    return torch.randn(1, n, in_dim, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def child(n: int, in_dim: int, repeats: int, threads: int | None) -> None:
+def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu") -> None:
     """Time cold s4mil inference on one ``n``-patch bag and print JSON with the peak RSS."""
     import torch
 
@@ -62,17 +75,19 @@ def child(n: int, in_dim: int, repeats: int, threads: int | None) -> None:
     from napari_pathfm.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("s4mil", in_dim=in_dim).eval()
-    x = _bag(n, in_dim)
+    model = create_model("s4mil", in_dim=in_dim).eval().to(device)
+    x = _bag(n, in_dim, device)
     with torch.inference_mode():
-        seconds = _median_time(lambda: model(x), repeats, before=model.s4.clear_cache)
+        seconds = _median_time(lambda: model(x), repeats, before=model.s4.clear_cache, device=device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"n": n, "seconds": seconds, "peak_rss": peak, "input_bytes": x.numel() * 4}))
+    gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    print(json.dumps({"n": n, "seconds": seconds, "peak_rss": peak, "peak_gpu": gpu, "input_bytes": x.numel() * 4}))
 
 
-def _run_child(n: int, in_dim: int, repeats: int, threads: int | None) -> dict:
+def _run_child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu") -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--in-dim", str(in_dim), "--repeats", str(repeats)]
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--device", device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -84,11 +99,12 @@ def main(argv=None) -> int:
     ap.add_argument("--in-dim", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     if args.child is not None:
-        child(args.child, args.in_dim, repeats, args.threads)
+        child(args.child, args.in_dim, repeats, args.threads, args.device)
         return 0
 
     import torch
@@ -102,19 +118,20 @@ def main(argv=None) -> int:
     L = args.length or (3_000 if args.quick else 30_000)
     small, large = (5_000, 20_000) if args.quick else (50_000, 200_000)
     torch.manual_seed(0)
-    s4 = create_model("s4mil", in_dim=args.in_dim).eval()
-    tm = create_model("transmil", in_dim=args.in_dim).eval()
-    x = _bag(L, args.in_dim)
+    dev = args.device
+    s4 = create_model("s4mil", in_dim=args.in_dim).eval().to(dev)
+    tm = create_model("transmil", in_dim=args.in_dim).eval().to(dev)
+    x = _bag(L, args.in_dim, dev)
     rows = []
     with torch.inference_mode():
-        cold = _median_time(lambda: s4(x), repeats, before=s4.s4.clear_cache)
-        cached = _median_time(lambda: s4(x), repeats)
-        t_pub = _median_time(lambda: tm(x), repeats)
+        cold = _median_time(lambda: s4(x), repeats, before=s4.s4.clear_cache, device=dev)
+        cached = _median_time(lambda: s4(x), repeats, device=dev)
+        t_pub = _median_time(lambda: tm(x), repeats, device=dev)
         for layer in (tm.layer1, tm.layer2):
             layer.attn.reassociate = True
-        t_re = _median_time(lambda: tm(x), repeats)
+        t_re = _median_time(lambda: tm(x), repeats, device=dev)
     s4.train()
-    train = _median_time(lambda: s4(x)["logits"], repeats)
+    train = _median_time(lambda: s4(x)["logits"], repeats, device=dev)
     rows += [
         ("s4mil inference, cold kernel", cold, t_pub / cold, t_re / cold),
         ("s4mil inference, cached kernel", cached, t_pub / cached, t_re / cached),
@@ -122,10 +139,12 @@ def main(argv=None) -> int:
         ("transmil inference, as published", t_pub, None, None),
         ("transmil inference, re-associated Nystrom", t_re, None, None),
     ]
-    runs = {n: _run_child(n, args.in_dim, repeats, args.threads) for n in (small, large)}
+    runs = {n: _run_child(n, args.in_dim, repeats, args.threads, dev) for n in (small, large)}
     n_params = sum(p.numel() for p in create_model("s4mil").parameters())
 
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    if dev.startswith("cuda"):
+        print(f"# device: {torch.cuda.get_device_name()} (float32, TF32 matmul {torch.backends.cuda.matmul.allow_tf32})")
     print(f"# MIL forward speed: CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
           f"load avg {load}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {repeats} after 1 warm-up")  # fmt: skip
@@ -140,7 +159,8 @@ def main(argv=None) -> int:
     print(f"\ns4mil scaling (cold inference, one process per size, in_dim {args.in_dim})")
     for r in (a, b):
         print(f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
-              f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)")  # fmt: skip
+              f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)"
+              + (f", peak GPU {r['peak_gpu'] / 2**30:5.2f} GiB" if r.get("peak_gpu") else ""))  # fmt: skip
     print(f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f}  "
           f"(target <= 4.5; linear = {large / small:.1f});  peak RSS target < 8 GiB")  # fmt: skip
     print(f"\ns4mil parameters (binary, in_dim 1024, d_state 32): {n_params:,}   paper: {PAPER_S4MIL_PARAMS:,}")

@@ -186,8 +186,11 @@ class S4D(nn.Module):
     lr : float
         Learning-rate hint for the state-space parameters.
     fft_block : int
-        Complex elements per FFT block: channels are convolved in groups of
-        ``fft_block // (B·(n/2+1))`` so that the frequency buffers stay small.
+        Complex elements per FFT block on the CPU: channels are convolved in groups
+        of ``fft_block // (B·(n/2+1))`` so that the frequency buffers stay in cache.
+    fft_block_gpu : int
+        The same on other devices, 64x larger: a GPU is limited by kernel launches,
+        not cache, and 128 Mi elements (1 GiB complex) fit any card that runs this.
 
     Notes
     -----
@@ -210,11 +213,12 @@ class S4D(nn.Module):
         transposed: bool = True,
         lr: float = 1e-3,
         fft_block: int = 1 << 21,
+        fft_block_gpu: int = 1 << 27,
     ):
         super().__init__()
         self.d_model = d_model
         self.transposed = transposed
-        self.fft_block = fft_block
+        self.fft_block, self.fft_block_gpu = fft_block, fft_block_gpu
         self.D = nn.Parameter(torch.randn(d_model))
         self.kernel = S4DKernel(d_model, d_state, lr=lr)
         self.dropout = nn.Dropout(dropout)
@@ -259,8 +263,11 @@ class S4D(nn.Module):
             self._cache = (key, k_f)
         return k_f
 
+    def _budget(self) -> int:
+        return self.fft_block if self.D.device.type == "cpu" else self.fft_block_gpu
+
     def _block(self, B: int, n: int) -> int:
-        return max(8, self.fft_block // max(1, B * (n // 2 + 1)))
+        return max(8, self._budget() // max(1, B * (n // 2 + 1)))
 
     def _cacheable(self, n: int) -> bool:
         return self.cache_kernel and self.d_model * (n // 2 + 1) * 8 <= self.cache_max_bytes
@@ -309,7 +316,7 @@ class S4D(nn.Module):
         """Output 1x1 conv + GLU without autograd, over blocks of positions, written into ``y``."""
         H, L = y.shape[1], y.shape[2]
         w, b = self.output_linear.weight[:, :, 0], self.output_linear.bias[:, None]
-        cols = max(1, self.fft_block // (2 * H))
+        cols = max(1, self._budget() // (2 * H))
         for yb in y:
             for l0 in range(0, L, cols):
                 z = torch.addmm(b, w, yb[:, l0 : l0 + cols])
