@@ -23,7 +23,7 @@ __all__ = ["register_model", "create_model", "list_models", "model_info", "Model
 
 # Config keys that point at files to load once at build time; they are not
 # recorded in ``pathfm_config`` because a checkpoint card carries the weights itself.
-_BUILD_ONLY_KEYS = ("weights",)
+_BUILD_ONLY_KEYS = ("weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,18 @@ _BUILTINS: dict[str, ModelEntry] = {
             family="classify",
             description="Any timm image backbone with a linear classification head (tile classifier).",
             default_cfg={"backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None},
+        ),
+        ModelEntry(
+            name="pathsam2",
+            target="napari_pathfm.models.pathsam2.model:pathsam2",
+            family="segment",
+            description="Path-SAM2: SAM2 Hiera + UNI encoders, KAN class prompts, SAM-style decoder; semantic masks.",
+            default_cfg={
+                "num_classes": 2, "encoder": "sam2_hiera_base_plus", "uni": "uni", "image_size": 1024,
+                "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8, "decoder_mlp_dim": 2048,
+                "prompt_head": "kan", "freeze_encoders": True, "sam2_checkpoint": None, "uni_checkpoint": None,
+                "sam_checkpoint": None,
+            },
         ),
         ModelEntry(
             name="s4mil",

@@ -1,0 +1,276 @@
+"""Path-SAM2: SAM2 Hiera + UNI encoders, KAN class prompts, SAM-style decoder → per-class masks.
+
+Forward: ``x (B, 3, S, S)`` normalised → ``{"logits": (B, K, S, S), "iou": (B, K)}``;
+``K`` includes the background class 0 and the class map is ``logits.argmax(1)``.
+:meth:`PathSAM2.preprocess` turns RGB uint8 tiles into ``x`` (ImageNet
+normalisation, which SAM2 and UNI both use, resized to ``input_size``).
+
+Pipeline (Zhang et al. 2024, "Path-SAM2"): Hiera trunk (last stage, stride 32,
+neck removed) and UNI (stride 16) → both at stride 16, concatenated →
+:class:`~.encoders.DimensionAlignment` (→ ``decoder_dim``) → two-way transformer
+with ``K`` class prompt tokens made by a 3-layer KAN from learned class
+embeddings (no clicks) → masks upsampled 4x by the decoder, then bilinearly to
+the input size. The encoders are frozen by default (``freeze_encoders``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import CheckpointError
+from ..registry import register_model
+from .decoder import MaskDecoder, PositionEmbeddingRandom
+from .encoders import (
+    DimensionAlignment,
+    build_hiera,
+    build_uni,
+    hiera_features,
+    sam2_trunk_keys,
+    to_stride16,
+    uni_features,
+)
+from .kan import head
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PathSAM2", "pathsam2", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PathSAM2(nn.Module):
+    """See the module docstring; build it with :func:`pathsam2` / ``create_model("pathsam2", ...)``."""
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        encoder: str = "sam2_hiera_base_plus",
+        uni: Optional[str] = "uni",
+        image_size: int = 1024,
+        decoder_dim: int = 256,
+        decoder_depth: int = 2,
+        decoder_heads: int = 8,
+        decoder_mlp_dim: int = 2048,
+        prompt_head: str = "kan",
+        freeze_encoders: bool = True,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError("num_classes counts the background too: at least 2")
+        if image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (Hiera's stride), not {image_size}")
+        self.num_classes, self.input_size = int(num_classes), int(image_size)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.freeze_encoders = bool(freeze_encoders)
+        self.trunk = build_hiera(encoder)
+        self.uni = build_uni(uni, image_size) if uni else None
+        in_dim = self.trunk.out_channels + (self.uni.out_channels if self.uni is not None else 0)
+        self.align = DimensionAlignment(in_dim, decoder_dim)
+        self.pe_layer = PositionEmbeddingRandom(decoder_dim // 2)
+        self.class_embed = nn.Embedding(num_classes, decoder_dim)
+        self.prompt_generator = head(prompt_head, [decoder_dim] * 4)  # 3 KAN layers
+        self.decoder = MaskDecoder(
+            num_classes, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim, head_kind=prompt_head
+        )
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.load_reports: dict[str, Any] = {}
+        self._apply_freeze()
+
+    # -- encoders -----------------------------------------------------------------
+    def encoders(self) -> list[nn.Module]:
+        return [m for m in (self.trunk, self.uni) if m is not None]
+
+    def _apply_freeze(self) -> None:
+        for enc in self.encoders():
+            enc.requires_grad_(not self.freeze_encoders)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoders:  # frozen encoders stay in eval mode (dropout/drop-path off)
+            for enc in self.encoders():
+                enc.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Aligned image embedding ``(B, decoder_dim, S/16, S/16)``."""
+        size = (x.shape[-2] // 16, x.shape[-1] // 16)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+            feats = [to_stride16(hiera_features(self.trunk, x), size)]
+            if self.uni is not None:
+                feats.append(to_stride16(uni_features(self.uni, x), size))
+        return self.align(torch.cat(feats, 1))
+
+    def class_prompts(self) -> torch.Tensor:
+        """``K`` class prompt tokens ``(K, decoder_dim)`` (they replace manual point prompts)."""
+        return self.prompt_generator(self.class_embed.weight)
+
+    # -- forward ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.shape[-1] % 32 or x.shape[-2] % 32:
+            raise ValueError(f"input sides must be multiples of 32, got {tuple(x.shape[-2:])}")
+        emb = self.embed(x)
+        prompts = self.class_prompts().unsqueeze(0).expand(x.shape[0], -1, -1)
+        masks, iou = self.decoder(emb, self.pe_layer(emb.shape[-2:]), prompts)
+        logits = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"logits": logits, "iou": iou}
+
+    def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:
+        """RGB uint8 tiles ``(B, T, T, 3)`` (numpy or tensor) → normalised ``(B, 3, S, S)`` at ``input_size``."""
+        x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+        if x.ndim == 3:
+            x = x[None]
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected RGB uint8 tiles (B, T, T, 3), got {x.dtype} {tuple(x.shape)}")
+        device = self._mean.device if device is None else device
+        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        s = self.input_size
+        if tuple(x.shape[-2:]) != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return (x - self._mean) / self._std
+
+    @torch.no_grad()
+    def predict(self, images: Any) -> np.ndarray:
+        """Class map ``(B, S, S)`` uint8 of RGB uint8 tiles (at ``input_size``)."""
+        return self(self.preprocess(images))["logits"].argmax(1).to(torch.uint8).cpu().numpy()
+
+    # -- foundation weights ------------------------------------------------------------
+    def load_sam2(self, path: str | Path, *, decoder: bool = True):
+        """Load an original SAM2 checkpoint (``sam2_hiera_*.pt``): trunk, and where compatible the decoder.
+
+        The trunk must load completely (a file for another Hiera size is refused).
+        Decoder parts that fit: the two-way transformer, the output upscaling, the
+        positional encoding and ``no_mask_embed``; SAM2's mask tokens, MLP heads,
+        neck, memory modules and high-res convs are reported as unused.
+        """
+        from ..weights import load_into, load_state_dict_file
+
+        sd = load_state_dict_file(path)
+        trunk_sd = sam2_trunk_keys(sd)
+        if not trunk_sd:
+            raise CheckpointError(
+                path, "has no image_encoder.trunk.* tensors; it is not an original SAM2 checkpoint.",
+                "Use sam2_hiera_tiny.pt / small / base_plus / large from the SAM2 release.",
+            )  # fmt: skip
+        rep = load_into(self.trunk, trunk_sd, source=path, dry_run=True)
+        missing = [k for k in rep.missing if not k.startswith("head.")]
+        if missing or rep.mismatched:
+            raise CheckpointError(path, f"does not fit the {self._encoder_name()} trunk: {rep}.",
+                                  "Pick the SAM2 checkpoint of the same size as model.encoder.")  # fmt: skip
+        self.load_reports["sam2_trunk"] = load_into(self.trunk, trunk_sd, source=path)
+        if decoder:
+            self.load_reports["sam2_decoder"] = self._load_decoder(sd, path, "sam_mask_decoder.", "sam_prompt_encoder.")
+        return self.load_reports
+
+    def load_sam_decoder(self, path: str | Path):
+        """Load the compatible decoder parts of an original SAM (v1) checkpoint (``sam_vit_*.pth``)."""
+        from ..weights import load_state_dict_file
+
+        sd = load_state_dict_file(path)
+        sd = {k.replace(".mlp.lin1.", ".mlp.layers.0.").replace(".mlp.lin2.", ".mlp.layers.1."): v for k, v in sd.items()}
+        self.load_reports["sam_decoder"] = self._load_decoder(sd, path, "mask_decoder.", "prompt_encoder.")
+        return self.load_reports
+
+    def _load_decoder(self, sd: dict, path, dec: str, prompt: str):
+        from ..weights import load_into
+
+        mapped = {}
+        for k, v in sd.items():
+            if k.startswith(dec + "transformer.") or k.startswith(dec + "output_upscaling."):
+                mapped["decoder." + k[len(dec) :]] = v
+            elif k.startswith(prompt + "pe_layer."):
+                mapped["pe_layer." + k[len(prompt + "pe_layer.") :]] = v
+            elif k.startswith(prompt + "no_mask_embed."):
+                mapped["decoder.no_mask_embed." + k[len(prompt + "no_mask_embed.") :]] = v
+        if not mapped:
+            raise CheckpointError(path, f"has no {dec}* tensors to load into the decoder.",
+                                  "Pass a SAM2 or SAM checkpoint, or leave the decoder random.")  # fmt: skip
+        report = load_into(self, mapped, source=path)
+        if report.mismatched:
+            log.warning("%s: decoder tensors of another width were skipped: %s", path, report)
+        return report
+
+    def load_uni(self, path: str | Path):
+        """Load UNI's ``pytorch_model.bin`` (timm ViT keys); the ViT must load completely."""
+        from ..weights import load_into, load_state_dict_file
+
+        if self.uni is None:
+            raise CheckpointError(path, "is UNI weights, but this model has no UNI encoder (uni: null).",
+                                  "Set model.uni: uni to use them.")  # fmt: skip
+        sd = load_state_dict_file(path)
+        rep = load_into(self.uni, sd, source=path, dry_run=True)
+        if rep.missing or rep.mismatched:
+            raise CheckpointError(path, f"does not fit the UNI encoder: {rep}.",
+                                  "Use UNI's pytorch_model.bin (ViT-L/16) with model.uni: uni.")  # fmt: skip
+        self.load_reports["uni"] = load_into(self.uni, sd, source=path)
+        return self.load_reports
+
+    def weights_report(self) -> str:
+        """Plain-words summary of every foundation-weights file loaded (or that none was)."""
+        if not self.load_reports:
+            return "no foundation weights loaded: encoders and decoder are randomly initialised"
+        return "; ".join(f"{k}: {v}" for k, v in self.load_reports.items())
+
+    def _encoder_name(self) -> str:
+        return getattr(self, "pathfm_config", {}).get("encoder", "Hiera")
+
+
+@register_model(family="segment")
+def pathsam2(
+    num_classes: int = 2,
+    encoder: str = "sam2_hiera_base_plus",
+    uni: Optional[str] = "uni",
+    image_size: int = 1024,
+    decoder_dim: int = 256,
+    decoder_depth: int = 2,
+    decoder_heads: int = 8,
+    decoder_mlp_dim: int = 2048,
+    prompt_head: str = "kan",
+    freeze_encoders: bool = True,
+    sam2_checkpoint: Optional[str] = None,
+    uni_checkpoint: Optional[str] = None,
+    sam_checkpoint: Optional[str] = None,
+) -> PathSAM2:
+    """Path-SAM2 semantic segmenter (see :class:`PathSAM2`).
+
+    Parameters
+    ----------
+    num_classes : int
+        Classes including background (class 0).
+    encoder : str
+        ``sam2_hiera_tiny|small|base_plus|large`` (timm) or ``hiera_micro`` (CPU preset).
+    uni : str or None
+        ``"uni"`` (ViT-L/16 as UNI), ``"uni_micro"``, any timm ViT name, or None (SAM2 alone).
+    image_size : int
+        Model input side (multiple of 32; SAM2 uses 1024).
+    decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim : int
+        Decoder size (SAM2: 256, 2, 8, 2048; the original decoder weights only fit that size).
+    prompt_head : str
+        ``"kan"`` (Path-SAM2) or ``"mlp"`` (ablation) for the class prompts and decoder heads.
+    freeze_encoders : bool
+        Keep the Hiera and UNI weights fixed (the paper's setting).
+    sam2_checkpoint, uni_checkpoint, sam_checkpoint : str, optional
+        Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin``,
+        SAM v1 (decoder only). Load reports: ``model.load_reports`` / ``weights_report()``.
+    """
+    model = PathSAM2(
+        num_classes, encoder, uni, image_size, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim,
+        prompt_head, freeze_encoders,
+    )  # fmt: skip
+    if sam_checkpoint:
+        model.load_sam_decoder(sam_checkpoint)
+    if sam2_checkpoint:
+        model.load_sam2(sam2_checkpoint)
+    if uni_checkpoint:
+        model.load_uni(uni_checkpoint)
+    if model.load_reports:
+        log.info("Path-SAM2 weights: %s", model.weights_report())
+    return model
