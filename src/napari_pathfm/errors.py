@@ -44,3 +44,7 @@ class Cancelled(PathFMError):
 
 class FeatureError(SlideError):
     """A patch-feature file is missing, incomplete, or inconsistent (lengths, NaN, dimension)."""
+
+
+class CorrectionError(SlideError):
+    """Painted corrections cannot be saved, or a corrections folder does not fit the model."""

@@ -1,0 +1,248 @@
+"""Painted corrections of a segmentation, saved tile by tile as a training set.
+
+The user paints on a Labels layer that holds the class map at the model's
+resolution (``mpp``; pixel ``(r, c)`` covers level-0 ``[r·s, (r+1)·s)`` with
+``s`` = level-0 px per label px, the layout of :func:`napari_pathfm.tiles.tile_grid`
+without overlap). :class:`CorrectionRecorder` listens to the layer's ``paint``
+events (brush, eraser, fill, polygon: one event per finished stroke), works out
+which ``tile_size`` tiles the stroke touched, and writes for each of them
+
+- ``images/<slide>_r<row>_c<col>.png``: the slide tile at the model's µm/px,
+- ``masks/<slide>_r<row>_c<col>.png``: the corrected class map of that tile
+  (255 where the tile runs past the slide),
+
+into ``<slide stem>.pathfm-corrections/`` next to the slide (or a folder you
+choose), plus ``corrections.json`` (slide, µm/px, tile size, classes, the
+tiles and when each was saved). Every file is written to a temporary name and
+renamed, image before mask, manifest last, so a crash loses at most the stroke
+in progress and never leaves a half-written pair: the training data set
+(``images/`` + ``masks/`` with the same stem) only pairs complete files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import CorrectionError
+from ..io.atomic import atomic_path
+
+__all__ = ["CorrectionRecorder", "corrections_dir", "paint_boxes", "IGNORE"]
+
+IGNORE = 255
+SUFFIX = ".pathfm-corrections"
+
+
+def corrections_dir(slide_path: str | Path) -> Path:
+    """``<folder>/<slide stem>.pathfm-corrections`` beside the slide (``a.ome.tif`` → ``a``)."""
+    p = Path(slide_path)
+    return p.parent / f"{p.name.split('.')[0]}{SUFFIX}"
+
+
+def paint_boxes(atoms: Iterable[Any]) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes ``(y0, y1, x0, x1)`` (half-open, last two axes) of napari Labels history atoms.
+
+    An atom is either napari's masked paint atom (``slice_key`` = bounding box)
+    or the ``(indices, old values, new values)`` tuple of ``data_setitem``.
+    """
+    boxes = []
+    for atom in atoms:
+        key = getattr(atom, "slice_key", None)
+        if key is not None:
+            ys, xs = key[-2], key[-1]
+            boxes.append((int(ys.start or 0), int(ys.stop), int(xs.start or 0), int(xs.stop)))
+            continue
+        indices = atom[0]
+        ys, xs = np.asarray(indices[-2]), np.asarray(indices[-1])
+        if ys.size:
+            boxes.append((int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1))
+    return boxes
+
+
+def _qt_app():
+    import sys
+
+    if "qtpy" not in sys.modules and "PyQt5" not in sys.modules and "PyQt6" not in sys.modules:
+        return None
+    from qtpy.QtWidgets import QApplication
+
+    return QApplication.instance()
+
+
+class CorrectionRecorder:
+    """Save the tiles a user corrects on a Labels layer (see the module docstring).
+
+    Parameters
+    ----------
+    slide : Slide
+        The slide under the Labels layer (from :func:`napari_pathfm.io.open_slide`).
+    labels : array-like (H, W)
+        The class map at ``mpp`` (numpy or zarr; the Labels layer's ``data``).
+    mpp : float
+        µm per label pixel (the model's working resolution).
+    classes : sequence of str
+        Class names by index (0 = background).
+    tile_size : int
+        Side of a saved tile in label pixels.
+    folder : path, optional
+        Where to save (default :func:`corrections_dir` of the slide).
+    """
+
+    def __init__(
+        self,
+        slide: Any,
+        labels: Any,
+        *,
+        mpp: float,
+        classes: Sequence[str],
+        tile_size: int = 256,
+        folder: Optional[str | Path] = None,
+    ):
+        from ..tiles import tile_grid
+
+        self.slide, self.labels = slide, labels
+        self.classes = [str(c) for c in classes]
+        self.tile_size = int(tile_size)
+        self.grid = tile_grid(slide, self.tile_size, mpp=mpp)
+        self.mpp = float(self.grid.mpp or mpp)
+        self.folder = Path(folder) if folder is not None else corrections_dir(slide.path)
+        self.stem = Path(slide.path).name.split(".")[0]
+        self.manifest_path = self.folder / "corrections.json"
+        self.saved: dict[str, dict] = self._load_manifest()
+        self.pending: set[int] = set()
+        self._scheduled = False
+
+    def _load_manifest(self) -> dict[str, dict]:
+        if not self.manifest_path.is_file():
+            return {}
+        doc = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        same = (
+            abs(float(doc.get("mpp", -1)) - self.mpp) < 1e-6 * max(1.0, self.mpp)
+            and int(doc.get("tile_size", -1)) == self.tile_size
+            and list(doc.get("classes", [])) == self.classes
+        )
+        if not same:
+            raise CorrectionError(
+                self.manifest_path,
+                f"holds corrections at {doc.get('mpp')} µm/px, {doc.get('tile_size')} px tiles, classes "
+                f"{doc.get('classes')}; this model works at {self.mpp:.4g} µm/px, {self.tile_size} px, {self.classes}.",
+                "Choose another corrections folder for this model, or move the old one away.",
+            )
+        return dict(doc.get("tiles", {}))
+
+    # -- geometry -------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        """Level-0 pixels per label pixel."""
+        return float(self.grid.scale)
+
+    def tiles_in_box(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
+        """Grid indices of the tiles that a label-pixel box (half-open) touches."""
+        T = self.tile_size
+        rows, cols = self.grid.grid_shape
+        r0, r1 = max(0, y0 // T), min(rows - 1, (max(y1, y0 + 1) - 1) // T)
+        c0, c1 = max(0, x0 // T), min(cols - 1, (max(x1, x0 + 1) - 1) // T)
+        return [r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+    def tile_name(self, i: int) -> str:
+        r, c = (int(v) for v in self.grid.tile_index[i])
+        return f"{self.stem}_r{r:04d}_c{c:04d}"
+
+    # -- saving ---------------------------------------------------------------------
+    def mask_tile(self, i: int) -> np.ndarray:
+        """The current labels under tile ``i``, ``tile_size`` square, 255 past the array's edge."""
+        T = self.tile_size
+        r, c = (int(v) for v in self.grid.tile_index[i])
+        H, W = self.labels.shape[-2:]
+        out = np.full((T, T), IGNORE, np.uint8)
+        y0, x0 = r * T, c * T
+        y1, x1 = min(H, y0 + T), min(W, x0 + T)
+        if y1 > y0 and x1 > x0:
+            window = np.asarray(self.labels[..., y0:y1, x0:x1]).reshape(y1 - y0, x1 - x0)
+            out[: y1 - y0, : x1 - x0] = window
+        return out
+
+    def save_tile(self, i: int) -> str:
+        """Write image + corrected mask of tile ``i`` atomically; returns its name."""
+        from PIL import Image
+
+        from ..tiles.loader import read_tile
+
+        name = self.tile_name(i)
+        mask = self.mask_tile(i)
+        labelled = mask[mask != IGNORE]
+        if labelled.size and int(labelled.max()) >= len(self.classes):
+            bad = sorted(set(np.unique(mask).tolist()) - set(range(len(self.classes))) - {IGNORE})
+            raise CorrectionError(
+                self.folder, f"tile {name} holds label values {bad}, but the model has classes 0..{len(self.classes) - 1}.",
+                f"Paint with labels 0..{len(self.classes) - 1} ({', '.join(self.classes)}).",
+            )  # fmt: skip
+        image = read_tile(self.slide, self.grid, i)
+        for sub, array in (("images", image), ("masks", mask)):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.folder / sub / f"{name}.png") as tmp:
+                Image.fromarray(array).save(tmp, format="PNG")
+        y, x = (int(v) for v in self.grid.tiles[i])
+        self.saved[name] = {"y": y, "x": x, "level0_size": self.grid.level0_size, "saved": time.time()}
+        return name
+
+    def save_tiles(self, indices: Iterable[int]) -> list[str]:
+        """Save several tiles, then the manifest once."""
+        names = [self.save_tile(i) for i in sorted(set(indices))]
+        if names:
+            self._write_manifest()
+        return names
+
+    def _write_manifest(self) -> None:
+        doc = {
+            "slide": str(self.slide.path),
+            "mpp": self.mpp,
+            "tile_size": self.tile_size,
+            "classes": self.classes,
+            "ignore_index": IGNORE,
+            "layout": "images/<name>.png (RGB at mpp) + masks/<name>.png (class index, 255 = outside the slide)",
+            "tiles": self.saved,
+        }
+        with atomic_path(self.manifest_path) as tmp:
+            Path(tmp).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+
+    def on_paint(self, event: Any) -> None:
+        """Handler for ``labels_layer.events.paint``: save every tile the stroke touched.
+
+        napari can emit the event before the new labels reach ``data`` (a
+        programmatic ``paint()``, or any write-back to a zarr array), so the tiles
+        are queued and written on the next turn of the Qt event loop (at once
+        when there is no Qt application).
+        """
+        for box in paint_boxes(event.value):
+            self.pending.update(self.tiles_in_box(*box))
+        app = _qt_app()
+        if app is None:
+            self.flush()
+        elif not self._scheduled:
+            from qtpy.QtCore import QTimer
+
+            self._scheduled = True
+            QTimer.singleShot(0, self.flush)
+
+    def flush(self) -> list[str]:
+        """Write the queued tiles now (the widget calls this before fine-tuning)."""
+        self._scheduled = False
+        tiles, self.pending = self.pending, set()
+        return self.save_tiles(tiles)
+
+    def attach(self, layer: Any) -> "CorrectionRecorder":
+        """Listen to ``layer``'s paint events (call :meth:`detach` to stop)."""
+        self._layer = layer
+        layer.events.paint.connect(self.on_paint)
+        return self
+
+    def detach(self) -> None:
+        layer = getattr(self, "_layer", None)
+        if layer is not None:
+            layer.events.paint.disconnect(self.on_paint)
+            self._layer = None
