@@ -101,3 +101,21 @@ def test_paint_boxes_reads_both_kinds_of_history_atoms():
     masked = _MaskedPaintAtom((slice(3, 9), slice(10, 20)), None, np.zeros(1), 1)
     legacy = ((np.array([5, 7]), np.array([1, 40])), np.zeros(2), 1)
     assert paint_boxes([masked, legacy]) == [(3, 9, 10, 20), (5, 8, 1, 41)]
+
+
+def test_level0_labels_are_saved_on_the_model_grid(slide, tmp_path):
+    """A level-0 class map (what `pathfm segment` writes) is sampled at the model's µm/px."""
+    from napari_pathfm.tiles import tile_grid
+
+    h, w = slide.pyramid[0].shape[:2]
+    labels = np.zeros((h, w), np.uint8)
+    labels[:, w // 2 :] = 1
+    rec = CorrectionRecorder(slide, labels, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
+                             labels_downsample=1.0)  # fmt: skip
+    g = tile_grid(slide, T, mpp=MPP)
+    col = int((w // 2) // g.level0_size)
+    tiles = rec.tiles_in_box(10, 12, w // 2 - 1, w // 2 + 1)
+    assert [int(v) for v in g.tile_index[tiles[0]]] == [0, col] and len(tiles) == 1
+    mask = rec.mask_tile(tiles[0])
+    edge = (w // 2 - col * g.level0_size) / g.scale  # model-pixel column where the label flips
+    assert (mask[:, : int(edge) - 1] == 0).all() and (mask[:, int(edge) + 1 :] == 1).all()

@@ -1,9 +1,12 @@
 """Painted corrections of a segmentation, saved tile by tile as a training set.
 
-The user paints on a Labels layer that holds the class map at the model's
-resolution (``mpp``; pixel ``(r, c)`` covers level-0 ``[r·s, (r+1)·s)`` with
-``s`` = level-0 px per label px, the layout of :func:`napari_pathfm.tiles.tile_grid`
-without overlap). :class:`CorrectionRecorder` listens to the layer's ``paint``
+The user paints on a Labels layer that holds the class map, either at level 0
+(what ``pathfm segment`` and the Segment widget produce) or at any coarser
+resolution (``labels_downsample`` level-0 px per label px; label pixel ``(r, c)``
+covers level-0 ``[r·d, (r+1)·d)``). Corrections are saved on the model's grid:
+``tile_size`` tiles at the model's µm/px (:func:`napari_pathfm.tiles.tile_grid`
+without overlap), the labels sampled nearest-neighbour at the centres of the
+model's pixels. :class:`CorrectionRecorder` listens to the layer's ``paint``
 events (brush, eraser, fill, polygon: one event per finished stroke), works out
 which ``tile_size`` tiles the stroke touched, and writes for each of them
 
@@ -22,6 +25,7 @@ in progress and never leaves a half-written pair: the training data set
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -81,15 +85,18 @@ class CorrectionRecorder:
     slide : Slide
         The slide under the Labels layer (from :func:`napari_pathfm.io.open_slide`).
     labels : array-like (H, W)
-        The class map at ``mpp`` (numpy or zarr; the Labels layer's ``data``).
+        The class map (numpy or zarr; the Labels layer's ``data``).
     mpp : float
-        µm per label pixel (the model's working resolution).
+        The model's µm per pixel: corrections are saved at this resolution.
     classes : sequence of str
         Class names by index (0 = background).
     tile_size : int
         Side of a saved tile in label pixels.
     folder : path, optional
         Where to save (default :func:`corrections_dir` of the slide).
+    labels_downsample : float, optional
+        Level-0 pixels per label pixel: 1 for a level-0 class map; default: the
+        model grid's own scale (labels drawn at ``mpp``).
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class CorrectionRecorder:
         classes: Sequence[str],
         tile_size: int = 256,
         folder: Optional[str | Path] = None,
+        labels_downsample: Optional[float] = None,
     ):
         from ..tiles import tile_grid
 
@@ -109,6 +117,7 @@ class CorrectionRecorder:
         self.tile_size = int(tile_size)
         self.grid = tile_grid(slide, self.tile_size, mpp=mpp)
         self.mpp = float(self.grid.mpp or mpp)
+        self.labels_downsample = float(labels_downsample or self.grid.scale)
         self.folder = Path(folder) if folder is not None else corrections_dir(slide.path)
         self.stem = Path(slide.path).name.split(".")[0]
         self.manifest_path = self.folder / "corrections.json"
@@ -142,10 +151,11 @@ class CorrectionRecorder:
 
     def tiles_in_box(self, y0: int, y1: int, x0: int, x1: int) -> list[int]:
         """Grid indices of the tiles that a label-pixel box (half-open) touches."""
-        T = self.tile_size
+        d, step = self.labels_downsample, self.grid.level0_size
         rows, cols = self.grid.grid_shape
-        r0, r1 = max(0, y0 // T), min(rows - 1, (max(y1, y0 + 1) - 1) // T)
-        c0, c1 = max(0, x0 // T), min(cols - 1, (max(x1, x0 + 1) - 1) // T)
+        y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
+        r0, r1 = max(0, int(y0 * d // step)), min(rows - 1, int(math.ceil(y1 * d / step)) - 1)
+        c0, c1 = max(0, int(x0 * d // step)), min(cols - 1, int(math.ceil(x1 * d / step)) - 1)
         return [r * cols + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
 
     def tile_name(self, i: int) -> str:
@@ -155,15 +165,18 @@ class CorrectionRecorder:
     # -- saving ---------------------------------------------------------------------
     def mask_tile(self, i: int) -> np.ndarray:
         """The current labels under tile ``i``, ``tile_size`` square, 255 past the array's edge."""
-        T = self.tile_size
-        r, c = (int(v) for v in self.grid.tile_index[i])
+        T, d = self.tile_size, self.labels_downsample
         H, W = self.labels.shape[-2:]
+        y, x = (float(v) for v in self.grid.tiles[i])
+        centres = (np.arange(T) + 0.5) * self.grid.scale
+        rows = np.floor((y + centres) / d).astype(np.int64)
+        cols = np.floor((x + centres) / d).astype(np.int64)
         out = np.full((T, T), IGNORE, np.uint8)
-        y0, x0 = r * T, c * T
-        y1, x1 = min(H, y0 + T), min(W, x0 + T)
-        if y1 > y0 and x1 > x0:
-            window = np.asarray(self.labels[..., y0:y1, x0:x1]).reshape(y1 - y0, x1 - x0)
-            out[: y1 - y0, : x1 - x0] = window
+        ry, cx = (rows >= 0) & (rows < H), (cols >= 0) & (cols < W)
+        if ry.any() and cx.any():
+            r0, r1, c0, c1 = rows[ry].min(), rows[ry].max() + 1, cols[cx].min(), cols[cx].max() + 1
+            window = np.asarray(self.labels[..., r0:r1, c0:c1]).reshape(r1 - r0, c1 - c0)
+            out[np.ix_(ry, cx)] = window[np.ix_(rows[ry] - r0, cols[cx] - c0)]
         return out
 
     def save_tile(self, i: int) -> str:
