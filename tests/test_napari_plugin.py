@@ -116,6 +116,8 @@ def test_slide_widget_reports_unreadable_file_without_crashing(make_napari_viewe
 def test_importing_plugin_and_widgets_does_not_import_torch():
     code = (
         "import sys, napari_pathfm, napari_pathfm._reader, napari_pathfm.widgets.slide_widget, napari_pathfm.widgets.mil_widget, "
+        "napari_pathfm.widgets.segment_widget, napari_pathfm.pipelines.segment, napari_pathfm.pipelines.corrections, "
+        "napari_pathfm.training.finetune, "
         "napari_pathfm.pipelines.mil, napari_pathfm.checkpoints, napari_pathfm.io, "
         "napari_pathfm.tiles, napari_pathfm.models, napari_pathfm.training, napari_pathfm.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"

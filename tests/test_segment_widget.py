@@ -1,0 +1,84 @@
+"""The Segment widget end to end in a real viewer: segment → paint → corrections saved → fine-tune → re-run."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+             decoder_mlp_dim=64, freeze_encoders=False)  # fmt: skip
+MPP = 2.0
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random-init toy Path-SAM2 saved as a segmentation checkpoint (64 px tiles at 2 µm/px)."""
+    from napari_pathfm.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("pathsam2", num_classes=2, **MODEL)
+    card = {"family": "segment", "classes": ["background", "gland"], "num_classes": 2, "input_mpp": MPP, "tile_size": 64}
+    return save_checkpoint(model, tmp_path / "models" / "toy-pathsam2", card)
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _wait(qtbot, widget, timeout=240_000):
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+    assert widget.runner.last_error is None, widget.runner.last_error
+
+
+def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny_checkpoint, tmp_path):
+    import shutil
+
+    from napari_pathfm.widgets.segment_widget import SegmentWidget
+
+    slide_path = tmp_path / "slides" / cmu_small.name  # corrections go next to the slide: keep them in tmp
+    slide_path.parent.mkdir()
+    shutil.copy(cmu_small, slide_path)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-pathfm")
+    widget = SegmentWidget(viewer)
+    widget.checkpoint.set_path(tiny_checkpoint)
+    before_sha = _sha(tiny_checkpoint)
+
+    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
+    layer = widget.labels_layer
+    slide_layer = viewer.layers[0]
+    assert layer.data.shape == slide_layer.data[0].shape[:2], "the mask has the slide's level-0 size"
+    np.testing.assert_allclose(layer.scale, slide_layer.scale)
+    assert list(layer.features["class"]) == ["background", "gland"]
+    first = np.asarray(layer.data).copy()
+
+    # paint a block of tissue as "gland" (class 1) with napari's brush, as a user would
+    box = (slice(1200, 1700), slice(700, 1200))
+    layer.brush_size = 60
+    layer.selected_label = 1
+    with layer.block_history():  # one stroke
+        for y in range(box[0].start, box[0].stop, 40):
+            for x in range(box[1].start, box[1].stop, 40):
+                layer.paint((y, x), 1, refresh=False)
+    qtbot.waitUntil(lambda: widget.recorder is not None and not widget.recorder.pending and bool(widget.recorder.saved))
+    folder = widget.corrections_folder()
+    assert folder == slide_path.parent / "CMU-1-Small-Region.pathfm-corrections"
+    saved = sorted(p.name for p in (folder / "masks").glob("*.png"))
+    assert saved and sorted(p.name for p in (folder / "images").glob("*.png")) == saved
+
+    widget.epochs.setValue(12)
+    widget.lr.setValue(3e-3)
+    _wait(qtbot, widget) if widget.finetune() is not None else pytest.fail(widget.status.text())
+    new = widget.checkpoint.path()
+    assert new and new != str(tiny_checkpoint) and str(folder) in new
+    assert _sha(tiny_checkpoint) == before_sha, "the old checkpoint is never overwritten"
+
+    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
+    second = np.asarray(widget.labels_layer.data)
+    inside_before = float((first[box] == 1).mean())
+    inside_after = float((second[box] == 1).mean())
+    assert inside_after > inside_before + 0.3, (inside_before, inside_after)
