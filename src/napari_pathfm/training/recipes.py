@@ -37,6 +37,7 @@ __all__ = ["Recipe", "Field", "load_recipe", "parse_override", "schema", "SCHEMA
 FAMILIES = {
     "classify": "napari_pathfm.training.tasks.classify",
     "mil": "napari_pathfm.training.tasks.mil",
+    "segment": "napari_pathfm.training.tasks.segment",
 }
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -143,6 +144,55 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         "loss.patch_weight": Field(
             _NUM, 5.0, "Weight λ of the patch cross-entropy (multitask models, labelled patches only)."
         ),
+    },
+    "segment": {
+        "data.root": Field(
+            (str,), None, "Folder with images/ and masks/ (one mask per image, same file name).", required=True, path=True
+        ),
+        "data.classes": Field(
+            (list, type(None)), None, "Class names, background first (default: background, foreground / class_i)."
+        ),
+        "data.mask_format": Field(
+            (str,), "auto",
+            "binary (0/255), index (class ids, ignore_index = unlabelled), nonzero (instance ids -> 1) or auto.",
+            ("auto", "binary", "index", "nonzero"),
+        ),
+        "data.mask_values": Field(
+            (dict, type(None)), None, "Map raw mask values to classes first, e.g. {0: 0, 128: 1, 255: 2}."
+        ),
+        "data.ignore_index": Field((int,), 255, "Mask value of unlabelled pixels (no loss, no metrics)."),
+        "data.val_names": Field(
+            (list, type(None)), None, "Image names (no suffix) held out for validation; overrides val_fraction."
+        ),
+        "data.val_fraction": Field(_NUM, 0.2, "Share of the images held out for validation (seeded, by image)."),
+        "data.extra_dirs": Field(
+            (list,), [], "More images/ + masks/ folders for training only (e.g. corrections): a path or "
+            "{path, repeat, mpp, mask_format, mask_values}.",
+        ),
+        "data.init_checkpoint": Field(
+            (str, type(None)), None, "Start from this checkpoint's weights (fine-tuning); it is never overwritten.",
+            path=True,
+        ),
+        "data.tile_size": Field((int, type(None)), None, "Training crop / validation tile size (default: model input size)."),
+        "data.samples_per_image": Field((int,), 4, "Random training crops per image and epoch."),
+        "data.val_stride": Field((int, type(None)), None, "Validation tile stride (default: tile_size; last tile at the edge)."),
+        "data.mpp": Field(_OPT_NUM, None, "µm per pixel of the image files (GlaS: 0.62)."),
+        "data.input_mpp": Field(
+            _OPT_NUM, None, "µm per pixel the model sees; images are resampled from data.mpp (default: no resampling)."
+        ),
+        "data.augment": Field((bool,), True, "Random flips and 90-degree rotations of training crops."),
+        "data.color_jitter": Field(_NUM, 0.1, "Brightness/contrast/saturation jitter strength (0 turns it off)."),
+        "data.in_memory": Field((bool,), True, "Keep decoded images in memory after first use."),
+        "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image and mask file suffixes to use."),
+        "trainer.batch_size": Field((int,), 4, "Training crops per batch; also tiles per forward pass in validation."),
+        "optim.lr": Field(_NUM, 1e-4, "Learning rate."),
+        "optim.weight_decay": Field(_NUM, 1e-2, "Weight decay."),
+        "loss.alpha": Field(_NUM, 0.125, "α: loss = (1-α)·Dice + α·Focal + β·MSE(IoU)."),
+        "loss.beta": Field(_NUM, 0.01, "β: weight of the IoU-prediction MSE."),
+        "trainer.early_stopping.monitor": Field(
+            (str,), "val_dice", "Metric for early stopping and for the best checkpoint."
+        ),
+        "trainer.early_stopping.mode": Field((str,), "max", "Whether the metric should go down or up.", ("min", "max")),
     },
 }
 
