@@ -18,9 +18,11 @@ from qtpy.QtWidgets import (
     QSpinBox, QVBoxLayout, QWidget,
 )  # fmt: skip
 
+from ._checkpoint_picker import CheckpointPicker
+
 from ..coords import layer_transform, layer_units
 from ._runner import TaskRunner
-from .slide_widget import slide_layers
+from .slide_widget import fill_slide_combo
 
 HEAT_COLORS = [[0, 0, 0, 0], [0.05, 0.0, 0.35, 0.75], [0.75, 0.1, 0.45, 0.85], [1.0, 0.55, 0.0, 0.9], [1.0, 1.0, 0.3, 1.0]]
 
@@ -49,10 +51,7 @@ class MILWidget(QWidget):
         self._slide_layer_name: Optional[str] = None
 
         self.layer_combo = QComboBox()
-        self.ckpt_combo = QComboBox()
-        ckpt_browse = QPushButton("…")
-        ckpt_browse.setToolTip("Choose a checkpoint (.safetensors with its .json card)")
-        ckpt_browse.clicked.connect(self._browse_checkpoint)
+        self.checkpoint = CheckpointPicker("mil", self)
         self.features_label = QLabel("extract from the slide")
         feat_browse = QPushButton("Features…")
         feat_browse.setToolTip("Use a feature file (.zarr folder) made by `pathfm features` instead of extracting")
@@ -74,15 +73,12 @@ class MILWidget(QWidget):
         self.top_list = QListWidget()
         self.top_list.itemClicked.connect(self._goto_patch)
 
-        ckpt_row = QHBoxLayout()
-        ckpt_row.addWidget(self.ckpt_combo, 1)
-        ckpt_row.addWidget(ckpt_browse)
         feat_row = QHBoxLayout()
         feat_row.addWidget(self.features_label, 1)
         feat_row.addWidget(feat_browse)
         form = QFormLayout()
         form.addRow("slide", self.layer_combo)
-        form.addRow("checkpoint", ckpt_row)
+        form.addRow("checkpoint", self.checkpoint)
         form.addRow("features", feat_row)
         form.addRow("top patches", self.topk)
         buttons = QHBoxLayout()
@@ -100,44 +96,17 @@ class MILWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
-        self.refresh_checkpoints()
 
     # -- inputs -----------------------------------------------------------------
     def _refresh_layers(self, *_) -> None:
-        current = self.layer_combo.currentText()
-        self.layer_combo.clear()
-        self.layer_combo.addItems([layer.name for layer in slide_layers(self.viewer)])
-        if current:
-            self.layer_combo.setCurrentText(current)
-
-    def refresh_checkpoints(self) -> None:
-        """List MIL checkpoints from the bundled, user and run folders (see ``napari_pathfm.checkpoints``)."""
-        from ..checkpoints import find_checkpoints
-
-        current = self.ckpt_combo.currentData()
-        self.ckpt_combo.clear()
-        for weights, card in find_checkpoints("mil"):
-            label = f"{card.get('name')} · {', '.join(map(str, card.get('classes') or []))} · {weights.parent.name}/{weights.name}"
-            self.ckpt_combo.addItem(label, str(weights))
-        if current:
-            self.set_checkpoint(current)
+        fill_slide_combo(self.layer_combo, self.viewer)
 
     def set_checkpoint(self, path: str | Path) -> None:
-        path = str(path)
-        index = self.ckpt_combo.findData(path)
-        if index < 0:
-            self.ckpt_combo.addItem(Path(path).name, path)
-            index = self.ckpt_combo.count() - 1
-        self.ckpt_combo.setCurrentIndex(index)
+        self.checkpoint.set_path(path)
 
     def set_features(self, path: str | Path | None) -> None:
         self.features_path = Path(path) if path else None
         self.features_label.setText(self.features_path.name if self.features_path else "extract from the slide")
-
-    def _browse_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "", "Checkpoints (*.safetensors)")
-        if path:
-            self.set_checkpoint(path)
 
     def _browse_features(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Feature file (.zarr folder)")
@@ -149,7 +118,7 @@ class MILWidget(QWidget):
         from ..pipelines.mil import mil_predict
 
         name = self.layer_combo.currentText()
-        checkpoint = self.ckpt_combo.currentData()
+        checkpoint = self.checkpoint.path()
         if not name or not checkpoint:
             self.result_label.setText("Choose a slide layer and a MIL checkpoint first.")
             return None

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 
 from ._checkpoint_picker import CheckpointPicker
 from ._runner import TaskRunner
-from .slide_widget import slide_layers
+from .slide_widget import fill_slide_combo
 
 __all__ = ["SegmentWidget"]
 
@@ -104,11 +104,7 @@ class SegmentWidget(QWidget):
 
     # -- inputs -----------------------------------------------------------------------
     def _refresh_layers(self, *_) -> None:
-        current = self.layer_combo.currentText()
-        self.layer_combo.clear()
-        self.layer_combo.addItems([layer.name for layer in slide_layers(self.viewer)])
-        if current:
-            self.layer_combo.setCurrentText(current)
+        fill_slide_combo(self.layer_combo, self.viewer)
         if self.labels_layer is not None and self.labels_layer not in self.viewer.layers:
             self._stop_recording()
             self.labels_layer = None

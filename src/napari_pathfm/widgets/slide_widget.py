@@ -8,7 +8,6 @@ through :class:`~napari_pathfm.widgets._runner.TaskRunner` so the GUI stays live
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -27,6 +26,15 @@ MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets
 def slide_layers(viewer) -> list:
     """Image layers that napari-pathfm opened as slides (they carry the slide's metadata)."""
     return [layer for layer in viewer.layers if "pathfm_path" in getattr(layer, "metadata", {})]
+
+
+def fill_slide_combo(combo, viewer) -> None:
+    """List the viewer's slide layers in ``combo``, keeping the current choice when it is still there."""
+    current = combo.currentText()
+    combo.clear()
+    combo.addItems([layer.name for layer in slide_layers(viewer)])
+    if current:
+        combo.setCurrentText(current)
 
 
 def _pixmap(rgb: np.ndarray, max_side: int = 220) -> QPixmap:
