@@ -189,6 +189,35 @@ def features(
         raise typer.Exit(1)
 
 
+@app.command()
+def segment(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="Slide or plain image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Mask OME-TIFF (e.g. mask.ome.tif), input's size, 0 = background"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"),
+    geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also write QuPath GeoJSON polygons"),
+    mpp: Optional[float] = typer.Option(None, help="µm/px the model runs at (default: the checkpoint's)"),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of an input that does not record it (PNG)"),
+    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile side"),
+    tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Run only tiles that touch tissue"),
+    batch_size: int = typer.Option(8, help="Tiles per forward pass"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+) -> None:
+    """Segment a slide or image into classes (Path-SAM2); write the mask as OME-TIFF (+ GeoJSON)."""
+    from .pipelines.segment import segment_slide
+
+    try:
+        with cli_progress("segment") as (progress, cancel):
+            result = segment_slide(
+                input_path, checkpoint, mpp=mpp, image_mpp=image_mpp, overlap=overlap, tissue_only=tissue_only,
+                batch_size=batch_size, device=device, progress=progress, cancel=cancel, out=out, geojson=geojson,
+            )  # fmt: skip
+    except (PathFMError, ValueError) as exc:
+        _fail(exc)
+    for message in result.messages:
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+
+
 mil_app = typer.Typer(help="Multiple-instance learning: slide prediction with patch heatmaps.", no_args_is_help=True)
 app.add_typer(mil_app, name="mil")
 
