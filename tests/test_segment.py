@@ -81,7 +81,7 @@ def pathsam2_checkpoint(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, encoder="hiera_micro", uni=None, image_size=128,
-                         decoder_dim=64, decoder_mlp_dim=128)  # fmt: skip
+                         decoder_dim=32, decoder_heads=2, decoder_mlp_dim=64)  # fmt: skip
     folder = tmp_path_factory.mktemp("segment-models")
     card = {"classes": ["background", "gland"], "input_mpp": 2.0, "tile_size": 128}
     return save_checkpoint(model, folder / "pathsam2-test", card)
@@ -325,3 +325,82 @@ def test_checkpoints_that_do_not_fit_are_refused(pathsam2_checkpoint, cmu_small,
     with pytest.raises(Exception, match=r"\.ome\.tif"):
         segment_slide(cmu_small, ColourThreshold(), out=tmp_path / "mask.png")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "image, mpp, backend",
+    [("glas", None, "numpy"), ("glas", None, "torch"), ("cmu", 1.0, "numpy"), ("cmu", 1.0, "torch"),
+     ("cmu", 0.5, "numpy")],
+)  # fmt: skip
+def test_banded_canvas_is_the_whole_slide_blend_resampled(cmu_small, glas_image, monkeypatch, image, mpp, backend):
+    """Tiles that disagree (random logits, per-tile offsets): blending them in narrow bands gives
+    exactly the shared TileBlender's blend of the whole canvas, resampled to level 0 the way
+    ``torch.nn.functional.interpolate`` (bilinear) does it; torch is the GPU code path."""
+    import torch.nn.functional as F
+
+    import napari_pathfm.pipelines.segment as seg
+    from napari_pathfm.io import open_slide
+    from napari_pathfm.tiles import TileBlender, tile_grid, tissue_mask
+
+    with open_slide(cmu_small if image == "cmu" else glas_image) as slide:
+        tissue = tissue_mask(slide, downsample=None if slide.mpp else 4)
+        grid = tile_grid(slide, 128, mpp=mpp, overlap=32, tissue=tissue, min_tissue=1e-9)
+    k, t = 3, grid.tile_size
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(grid), k, t, t)).astype(np.float32) + rng.normal(size=(len(grid), k, 1, 1)) * 3
+    logits = logits.astype(np.float32)
+    monkeypatch.setattr(seg, "BAND_BYTES", 120 * grid.output_shape[1] * (k + 1) * 4)  # bands of ~100 rows
+    store = np.zeros(grid.level0_shape, np.uint8)
+    canvas = seg._BandedCanvas(grid, k, store, None if backend == "numpy" else torch.device("cpu"))
+    assert canvas.core < grid.output_shape[0] // 3
+    whole = TileBlender(grid.output_shape + (k,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what is checked is the logic of the GPU path; this keeps it quick
+    try:
+        for (y, x), tile in zip(grid.output_coords, logits):
+            canvas.add(int(y), int(x), tile if backend == "numpy" else torch.from_numpy(tile))
+            whole.add(y, x, np.moveaxis(tile, 0, -1))
+        canvas.finish()
+    finally:
+        torch.set_num_threads(threads)
+    blended, covered = torch.from_numpy(whole.result()).permute(2, 0, 1), whole.weight_sum > 0
+    h0, w0 = grid.level0_shape
+    s = grid.scale
+    if s == 1.0:
+        expected = np.where(covered, blended.argmax(0).numpy(), 0)[:h0, :w0]
+    else:
+        rel = (blended[1:] - blended[:1])[None]
+        up = F.interpolate(rel, scale_factor=(s, s), mode="bilinear", align_corners=False,
+                           recompute_scale_factor=False)[0, :, :h0, :w0]  # fmt: skip
+        near_y = np.minimum(((np.arange(h0) + 0.5) / s).astype(int), covered.shape[0] - 1)
+        near_x = np.minimum(((np.arange(w0) + 0.5) / s).astype(int), covered.shape[1] - 1)
+        full = torch.cat([torch.zeros_like(up[:1]), up]).numpy()  # class 0 is 0
+        top2 = np.sort(full, axis=0)[-2:]
+        margin = top2[1] - top2[0]
+        expected = np.where(covered[near_y][:, near_x], full.argmax(0), 0)
+        mismatch = store != expected
+        # Float rounding differs between the two implementations only at near-ties.
+        assert np.all(margin[mismatch] < 1e-4), margin[mismatch].max()
+        expected[mismatch] = store[mismatch]
+    np.testing.assert_array_equal(store, expected)
+    assert len(np.unique(store)) == k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (CI has none)")
+def test_cuda_gives_the_cpu_mask():
+    """The GPU path (blending and resampling in torch on the device, bf16 autocast) on the
+    bundled sample slide: the exact colour model gives the CPU mask, Path-SAM2 nearly so."""
+    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.models.registry import create_model
+    from napari_pathfm.pipelines.segment import segment_slide
+
+    slide = sample_slide_path()
+    for mpp in (None, 1.0):
+        cpu = segment_slide(slide, ColourThreshold(), mpp=mpp, device="cpu")
+        gpu = segment_slide(slide, ColourThreshold(), mpp=mpp, device="cuda")
+        assert (cpu.labels != gpu.labels).mean() < 1e-5
+    torch.manual_seed(0)
+    model = create_model("pathsam2", num_classes=3, encoder="hiera_micro", uni=None, image_size=256)
+    cpu = segment_slide(slide, model, mpp=1.0, device="cpu")
+    gpu = segment_slide(slide, model, mpp=1.0, device="cuda")
+    assert gpu.labels.shape == cpu.labels.shape and (cpu.labels == gpu.labels).mean() > 0.97

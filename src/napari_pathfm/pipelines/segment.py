@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -226,97 +227,163 @@ def _class_names(card: dict, k: Optional[int]) -> Optional[list[str]]:
 # -- blending in bands -------------------------------------------------------------------------
 
 
+def _first_argmax(v: Any) -> tuple[Any, Any]:
+    """``(max, argmax as uint8)`` over the first axis of a numpy array or torch tensor (ties: first).
+
+    A loop of element-wise maxima: torch's CPU argmax over a leading axis is slow, and this
+    keeps one code path for numpy and torch.
+    """
+    if isinstance(v, np.ndarray):
+        xp, best, arg = np, v[0].copy(), np.zeros(v.shape[1:], np.uint8)
+    else:
+        import torch
+
+        xp, best, arg = torch, v[0].clone(), torch.zeros(v.shape[1:], dtype=torch.uint8, device=v.device)
+    for c in range(1, v.shape[0]):
+        arg[v[c] > best] = c
+        xp.maximum(best, v[c], out=best)
+    return best, arg
+
+
 class _BandedCanvas:
     """Blend tile logits on the model-resolution canvas band by band; write level-0 labels.
 
-    Band ``k`` owns canvas rows ``[k*core, (k+1)*core)``; it receives every tile reaching within
-    ``_HALO`` rows of them. Its accumulator spans one tile height more on each side, so no such
-    tile ever touches the accumulator's top or bottom edge unless that edge is the canvas edge:
-    each tile then gets the same weights (tapered, or flat at the canvas edge) as on a canvas of
-    the whole slide, and bands join without a seam. Tiles arrive row-major (non-decreasing y).
+    Accumulates ``sum(w * logits)`` and ``sum(w)`` per pixel, each tile weighted with its
+    :class:`~napari_pathfm.tiles.TileBlender` profile as on a canvas of the whole slide (tapered
+    inside, flat on sides that lie on the canvas edge). With a GPU model the arrays are torch
+    tensors on its device, so logits never leave it; on the CPU they are numpy arrays (torch's
+    multi-threaded in-place slice updates are slow when the cores are busy with the model).
+    Band ``k`` owns canvas rows ``[k*core, (k+1)*core)`` and accumulates ``_HALO`` rows more on
+    each side for resampling; it is finished (normalised, resampled to level 0, argmax, written
+    to ``store``) as soon as the incoming tiles (row-major, non-decreasing y) can no longer reach it.
     """
 
-    def __init__(self, grid: Any, n_classes: int, store: Any, *, weights: str = "pyramidal"):
-        self.grid, self.k, self.store, self.weights = grid, int(n_classes), store, weights
+    def __init__(self, grid: Any, n_classes: int, store: Any, device: Any = None, *, weights: str = "pyramidal"):
+        from ..tiles import TileBlender
+
+        self.k, self.store = int(n_classes), store
+        self.device = device  # None: numpy arrays; a torch device: tensors there
         self.hc, self.wc = grid.output_shape
-        self.t = grid.tile_size
+        self.t = t = grid.tile_size
         self.s = float(grid.scale)
         self.h0, self.w0 = grid.level0_shape
-        row_bytes = self.wc * (self.k + 1) * 4
-        rows = max(1, BAND_BYTES // row_bytes - 2 * (self.t + _HALO))
+        rows = max(1, BAND_BYTES // (self.wc * (self.k + 1) * 4) - 2 * _HALO)
         self.core = max(grid.stride, rows // grid.stride * grid.stride)
-        self.bands: dict[int, Any] = {}
+        self.bands: dict[int, tuple[int, Any, Any]] = {}
+        # Weights depend only on which tile sides lie on the canvas edge: a canvas of at most
+        # 3x3 tiles has every case, so it stands in for the whole slide.
+        self._proxy = TileBlender((min(self.hc, 3 * t), min(self.wc, 3 * t)), weights=weights)
+        self._weights: dict[tuple[bool, ...], Any] = {}
         if self.s != 1.0:
-            x = np.arange(self.w0, dtype=np.float64)
-            self.cols = self._lerp_index(x, self.wc)
+            self.cols = self._lerp_index(np.arange(self.w0, dtype=np.float64), self.wc)
 
-    def _lerp_index(self, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # numpy on the CPU, torch on an accelerator
+    def _asarray(self, a: np.ndarray) -> Any:
+        if self.device is None:
+            return a
+        import torch
+
+        return torch.from_numpy(a).to(self.device)
+
+    def _zeros(self, shape: tuple) -> Any:
+        return self._asarray(np.zeros(shape, np.float32)) if self.device is None else self._torch_zeros(shape)
+
+    def _torch_zeros(self, shape: tuple) -> Any:
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    def _numpy(self, x: Any) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+    def _tile_weights(self, y: int, x: int) -> Any:
+        t = self.t
+        flags = (y <= 0, y + t >= self.hc, x <= 0, x + t >= self.wc)
+        if flags not in self._weights:
+
+            def proxy(v: int, n: int, start: bool, end: bool) -> int:
+                return v if n < 3 * t else 0 if start else 2 * t if end else t
+
+            py, px = proxy(y, self.hc, *flags[:2]), proxy(x, self.wc, *flags[2:])
+            self._weights[flags] = self._asarray(np.asarray(self._proxy.tile_weights(t, t, py, px), np.float32))
+        return self._weights[flags]
+
+    def _lerp_index(self, j: np.ndarray, n: int) -> tuple:
         """Bilinear source indices/weights and nearest index of level-0 pixels ``j`` on an ``n``-canvas."""
         u = np.clip((j + 0.5) / self.s - 0.5, 0.0, n - 1.0)
         i0 = np.floor(u).astype(np.int64)
         i1 = np.minimum(i0 + 1, n - 1)
         near = np.minimum(np.floor((j + 0.5) / self.s).astype(np.int64), n - 1)
-        return i0, i1, (u - i0).astype(np.float32), near
+        return tuple(self._asarray(a) for a in (i0, i1, (u - i0).astype(np.float32), near))
 
-    def _band(self, k: int) -> Any:
-        from ..tiles import TileBlender
-
+    def _band(self, k: int) -> tuple[int, Any, Any]:
         if k not in self.bands:
-            top = max(0, k * self.core - _HALO - self.t)
-            bottom = min(self.hc, (k + 1) * self.core + _HALO + self.t)
-            self.bands[k] = (top, TileBlender((bottom - top, self.wc, self.k), weights=self.weights))
+            top = max(0, k * self.core - _HALO)
+            bottom = min(self.hc, (k + 1) * self.core + _HALO)
+            self.bands[k] = (top, self._zeros((self.k, bottom - top, self.wc)), self._zeros((bottom - top, self.wc)))
         return self.bands[k]
 
-    def add(self, y: int, x: int, logits: np.ndarray) -> None:
-        """Add one tile's logits ``(T, T, K)`` at canvas ``(y, x)``."""
+    def add(self, y: int, x: int, logits: Any) -> None:
+        """Add one tile's logits ``(K, T, T)`` (numpy, or torch on the device) at canvas ``(y, x)``."""
         for k in [k for k in self.bands if y >= (k + 1) * self.core + _HALO]:
             self._finish(k)
+        t = self.t
+        w = self._tile_weights(y, x)
+        x0, x1 = max(x, 0), min(x + t, self.wc)
         k_lo = max(0, (y - _HALO) // self.core - 1)
-        k_hi = min((self.hc - 1) // self.core, (y + self.t + _HALO) // self.core)
+        k_hi = min((self.hc - 1) // self.core, (y + t + _HALO) // self.core)
         for k in range(k_lo, k_hi + 1):
-            if y < (k + 1) * self.core + _HALO and y + self.t > k * self.core - _HALO:
-                top, band = self._band(k)
-                band.add(y - top, x, logits)
+            if not (y < (k + 1) * self.core + _HALO and y + t > k * self.core - _HALO):
+                continue
+            top, acc, wsum = self._band(k)
+            y0, y1 = max(y, top), min(y + t, top + wsum.shape[0])
+            if y1 <= y0 or x1 <= x0:
+                continue
+            wt = w[y0 - y : y1 - y, x0 - x : x1 - x]
+            acc[:, y0 - top : y1 - top, x0:x1] += logits[:, y0 - y : y1 - y, x0 - x : x1 - x] * wt
+            wsum[y0 - top : y1 - top, x0:x1] += wt
 
     def finish(self) -> None:
         for k in sorted(self.bands):
             self._finish(k)
 
     def _finish(self, k: int) -> None:
-        top, band = self.bands.pop(k)
-        values = band.result()
-        covered = np.asarray(band.weight_sum) > 0
+        top, acc, wsum = self.bands.pop(k)
         c0, c1 = k * self.core, min((k + 1) * self.core, self.hc)
-        if self.s == 1.0:
-            lab = np.argmax(values[c0 - top : c1 - top], axis=-1).astype(np.uint8)
+        covered = wsum > 0
+        if self.s == 1.0:  # level 0 is the canvas: argmax of the weighted sums (sum(w) > 0 changes nothing)
+            _, lab = _first_argmax(acc[:, c0 - top : c1 - top])
             lab[~covered[c0 - top : c1 - top]] = 0
-            self.store[c0:c1] = lab[:, : self.w0]
+            self.store[c0:c1] = self._numpy(lab[:, : self.w0])
             return
+        # Interpolation is linear, so the argmax of interpolated blended logits is the argmax of
+        # the interpolated differences to class 0 (class 0 itself being 0): one channel fewer.
+        rel = (acc[1:] - acc[:1]) / wsum.clip(min=1e-12)
+        del acc
         j0 = max(0, math.ceil(c0 * self.s - 0.5))
         j1 = self.h0 if c1 >= self.hc else min(self.h0, math.ceil(c1 * self.s - 0.5))
-        step = max(1, min(512, _RESAMPLE_BYTES // max(1, self.wc * self.k * 4)))
         ci0, ci1, ct, cnear = self.cols
-        col_step = max(256, _RESAMPLE_BYTES // max(1, step * self.k * 4))
+        step = max(1, min(1024, _RESAMPLE_BYTES // (4 * rel.shape[0] * max(self.wc, self.w0) * 3)))
         for ja in range(j0, j1, step):
             jb = min(j1, ja + step)
-            i0, i1, t, near = self._lerp_index(np.arange(ja, jb, dtype=np.float64), self.hc)
-            t = t[:, None, None]
-            rows = values[i0 - top] * (1 - t) + values[i1 - top] * t
+            i0, i1, ty, near = self._lerp_index(np.arange(ja, jb, dtype=np.float64), self.hc)
             rcov = covered[near - top]
-            for xa in range(0, self.w0, col_step):
-                xs = slice(xa, min(self.w0, xa + col_step))
-                tx = ct[xs][None, :, None]
-                vals = rows[:, ci0[xs]] * (1 - tx) + rows[:, ci1[xs]] * tx
-                lab = np.argmax(vals, axis=-1).astype(np.uint8)
-                lab[~rcov[:, cnear[xs]]] = 0
-                self.store[ja:jb, xs] = lab
+            if not bool(rcov.any()):
+                continue  # no tile here: the store is already background
+            ty = ty[None, :, None]
+            rows = rel[:, i0 - top] * (1 - ty) + rel[:, i1 - top] * ty
+            vals = rows[:, :, ci0] * (1 - ct) + rows[:, :, ci1] * ct
+            best, lab = _first_argmax(vals)
+            lab += 1
+            lab[~(best > 0) | ~rcov[:, cnear]] = 0
+            self.store[ja:jb] = self._numpy(lab)
 
 
 # -- the pipeline ------------------------------------------------------------------------------
 
 
 def _tile_logits(model: Any, images: np.ndarray, dev: str, t: int, k: Optional[int], source: Any):
-    """Model logits of a batch of uint8 tiles as ``(B, T, T, K)`` float32 numpy."""
+    """Model logits of a batch of uint8 tiles as ``(B, K, T, T)`` float32 torch on ``dev``."""
     import torch
     import torch.nn.functional as F
 
@@ -328,9 +395,10 @@ def _tile_logits(model: Any, images: np.ndarray, dev: str, t: int, k: Optional[i
             source or "the model", f"produced logits of shape {tuple(logits.shape)}, expected {k} classes "
             "(B, K, H, W) as its model card says.", "Use the card saved with these weights.",
         )  # fmt: skip
+    logits = logits.float()
     if tuple(logits.shape[-2:]) != (t, t):
-        logits = F.interpolate(logits.float(), size=(t, t), mode="bilinear", align_corners=False)
-    return logits.float().permute(0, 2, 3, 1).cpu().numpy()
+        logits = F.interpolate(logits, size=(t, t), mode="bilinear", align_corners=False)
+    return logits
 
 
 def _label_store(shape: tuple[int, int], tmp: Optional[Path]) -> Any:
@@ -390,7 +458,7 @@ def segment_slide(
     batch_size: int = 8,
     device: str = "auto",
     weights: str = "pyramidal",
-    workers: int = 2,
+    workers: Optional[int] = None,
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
     out: Optional[PathLike] = None,
@@ -428,8 +496,9 @@ def segment_slide(
         ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``...; bf16/fp16 autocast on CUDA.
     weights : {"pyramidal", "gaussian"}
         Blending weight profile of a tile.
-    workers : int
-        Tile reader threads (0 reads in this thread).
+    workers : int, optional
+        Tile reader threads (0 reads in this thread). Default: 2 when the model runs on the CPU
+        (which is busy with the model), up to 8 on a GPU.
     progress, cancel
         See :mod:`napari_pathfm.progress`; cancel is checked between batches and while writing
         and raises :class:`~napari_pathfm.errors.Cancelled`, leaving no output file.
@@ -486,6 +555,8 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
     except RuntimeError as exc:
         raise PathFMError(str(exc)) from None
     model, card, source = load_segmentation_model(model_or_checkpoint, device=dev)
+    if workers is None:
+        workers = 2 if dev == "cpu" else min(8, os.cpu_count() or 2)
     k = getattr(model, "num_classes", None)
     classes = _class_names(card, k)
     k = int(k) if k is not None else (len(classes) if classes else None)
@@ -530,7 +601,10 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
 
 
 def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, workers, source, progress, cancel) -> int:
-    """Run the model on every tile of ``grid`` and write blended level-0 labels into ``store``."""
+    """Run the model on every tile of ``grid`` and write blended level-0 labels into ``store``.
+
+    Reader threads decode tiles ahead while this thread runs the model and blends on its device.
+    """
     import torch
 
     from ..device import autocast_dtype
@@ -539,29 +613,31 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
     model.to(dev).eval()
     amp = autocast_dtype(dev)
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
-    coords = grid.output_coords
+    coords = grid.output_coords.tolist()
     n, done, canvas = len(grid), 0, None
     name = Path(slide.path).name
     report(progress, 0, n, f"{name}: segmenting")
-    batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 8), workers=workers,
+    batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 4 * workers), workers=workers,
                                 cancel=cancel)  # fmt: skip
-    with torch.inference_mode(), autocast:
-        try:
+    try:
+        with torch.inference_mode():
             for batch in batches:
                 check_cancel(cancel, "segmentation")
-                logits = _tile_logits(model, batch.images, dev, grid.tile_size, k, source)
+                with autocast:
+                    logits = _tile_logits(model, batch.images, dev, grid.tile_size, k, source)
+                if dev == "cpu":
+                    logits = logits.numpy()
                 if canvas is None:
-                    k = logits.shape[-1]
-                    canvas = _BandedCanvas(grid, k, store, weights=weights)
-                for i, idx in enumerate(batch.indices):
-                    y, x = coords[idx]
-                    canvas.add(int(y), int(x), logits[i])
+                    k = logits.shape[1]
+                    canvas = _BandedCanvas(grid, k, store, None if dev == "cpu" else dev, weights=weights)
+                for i, idx in enumerate(batch.indices.tolist()):
+                    canvas.add(*coords[idx], logits[i])
                 done += len(batch.indices)
                 report(progress, done, n, f"{name}: segmenting")
-        finally:
-            batches.close()
-    check_cancel(cancel, "segmentation")
-    canvas.finish()
+            check_cancel(cancel, "segmentation")
+            canvas.finish()
+    finally:
+        batches.close()
     return int(k)
 
 
