@@ -4,9 +4,10 @@ It opens the bundled CMU-1 small region (CC0), finds the tissue, lays the tile
 grid, writes the mask as pyramidal OME-TIFF and QuPath GeoJSON, the grid as
 CSV/JSON and an overview PNG; then runs the bundled S4 MIL demo model
 (:data:`DEMO_MIL`, trained on GlaS gland bags; see its card) for a slide-level
-prediction, a patch heatmap OME-TIFF and the top patches; and renders PNGs of
-the napari canvas (slide + tissue/tiles, and slide + MIL heatmap with the MIL
-widget docked). Without a display the canvases are rendered on a virtual X
+prediction, a patch heatmap OME-TIFF and the top patches; segments the slide
+with the default Path-SAM2 model (class map OME-TIFF + QuPath GeoJSON); and
+renders PNGs of the napari canvas (slide + tissue/tiles, slide + MIL heatmap,
+slide + class map, with the widgets docked). Without a display the canvases are rendered on a virtual X
 server (``xvfb-run``) in a child process. Later families add their models here.
 """
 
@@ -46,12 +47,16 @@ def _default_slide(slide: Optional[Path]) -> Path:
     return Path(slide) if slide is not None else sample_slide_path()
 
 
-def build_viewer(slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256, mil: bool = True):
+def build_viewer(
+    slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256, mil: bool = True,
+    segment: bool = True,
+):  # fmt: skip
     """A napari viewer with the slide, its tissue mask and tile grid, and the Slide widget docked.
 
     With ``mil`` the MIL widget is docked too, set to the bundled demo model, and
-    its prediction is started (in a worker; the heatmap layer appears when it ends).
-    Returns ``(viewer, MIL widget or None)``.
+    its prediction is started (in a worker; the heatmap layer appears when it ends);
+    with ``segment`` likewise the Segment widget with the default segmentation model.
+    Returns ``(viewer, {"mil": widget or None, "segment": widget or None})``.
     """
     import napari
 
@@ -74,7 +79,27 @@ def build_viewer(slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5,
         mil_widget.layer_combo.setCurrentText(layer.name)
         mil_widget.set_checkpoint(demo_mil_checkpoint())
         mil_widget.run()
-    return viewer, mil_widget
+    seg_widget = None
+    if segment and _segment_checkpoint() is not None:
+        from .widgets.segment_widget import SegmentWidget
+
+        seg_widget = SegmentWidget(viewer)
+        viewer.window.add_dock_widget(seg_widget, name="Segment (napari-pathfm)", area="right")
+        seg_widget.layer_combo.setCurrentText(layer.name)
+        seg_widget.checkpoint.set_path(_segment_checkpoint())
+        seg_widget.run()
+    return viewer, {"mil": mil_widget, "segment": seg_widget}
+
+
+def _segment_checkpoint() -> Optional[Path]:
+    """The default segmentation checkpoint, or None when none is installed."""
+    from .errors import CheckpointError
+    from .pipelines.segment import default_segment_checkpoint
+
+    try:
+        return default_segment_checkpoint()
+    except CheckpointError:
+        return None
 
 
 def _settle(viewer, turns: int = 20) -> None:
@@ -87,52 +112,62 @@ def _settle(viewer, turns: int = 20) -> None:
         QApplication.processEvents()
 
 
-def render_canvas_png(slide_path: Path, png: Path, mil_png: Optional[Path] = None, timeout: float = 300.0) -> Path:
+def render_canvas_png(
+    slide_path: Path, png: Path, mil_png: Optional[Path] = None, segment_png: Optional[Path] = None,
+    timeout: float = 300.0,
+) -> Path:  # fmt: skip
     """Render the napari canvas (slide + tissue + tiles) to ``png`` in this process.
 
-    With ``mil_png``, the MIL widget's prediction is awaited and a second canvas
-    (slide + MIL heatmap, tissue/tile overlays hidden) is written there. Needs
-    OpenGL and a (possibly virtual) display: a hidden viewer renders black, so the
-    window is shown and Qt gets a few event-loop turns to load the tiles.
+    With ``mil_png`` / ``segment_png``, the MIL / Segment widget's run is awaited
+    and one more canvas is written for each: the slide with only that widget's
+    layer (heatmap / class map) shown. Needs OpenGL and a (possibly virtual)
+    display: a hidden viewer renders black, so the window is shown and Qt gets a
+    few event-loop turns to load the tiles.
     """
     from qtpy.QtWidgets import QApplication
 
     from .io.atomic import atomic_path
 
-    viewer, mil_widget = build_viewer(slide_path, show=True, mil=mil_png is not None)
+    viewer, widgets = build_viewer(slide_path, show=True, mil=mil_png is not None, segment=segment_png is not None)
     try:
         _settle(viewer)
-        overlays = [layer for layer in viewer.layers if layer.metadata.get("pathfm_kind") in ("tissue", "tiles")]
         with atomic_path(png) as tmp:
             viewer.export_figure(str(tmp))
-        if mil_widget is not None:
-            deadline = time.monotonic() + timeout
-            while mil_widget.runner.running and time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        for key, target, kind in (("mil", mil_png, "mil-heatmap"), ("segment", segment_png, "segment")):
+            widget = widgets.get(key)
+            if widget is None or target is None:
+                continue
+            while widget.runner.running and time.monotonic() < deadline:
                 QApplication.processEvents()
                 time.sleep(0.02)
-            if mil_widget.prediction is None:
-                raise RuntimeError(f"the MIL prediction did not finish: {mil_widget.result_label.text()}")
-            for layer in overlays:
-                layer.visible = False
+            if widget.runner.running or widget.runner.last_error is not None:
+                raise RuntimeError(f"the {key} widget did not finish: {widget.runner.last_error or 'timed out'}")
+            for layer in viewer.layers:
+                meta_kind = layer.metadata.get("pathfm_kind")
+                layer.visible = "pathfm_path" in layer.metadata or meta_kind == kind
             _settle(viewer)
-            with atomic_path(mil_png) as tmp:
+            with atomic_path(target) as tmp:
                 viewer.export_figure(str(tmp))
     finally:
         viewer.close()
     return png
 
 
-def _render_canvas_elsewhere(slide_path: Path, png: Path, mil_png: Optional[Path] = None) -> Optional[str]:
-    """Render in a child process, on a virtual X server when there is no display. Returns an error text or None."""
+def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Optional[Path]) -> Optional[str]:
+    """Render in a child process, on a virtual X server when there is no display. Returns an error text or None.
+
+    ``extra``: the MIL and segmentation canvases (None to skip one).
+    """
     cmd = [sys.executable, "-m", "napari_pathfm.demo", "--canvas", str(slide_path), str(png)]
-    cmd += [str(mil_png)] if mil_png is not None else []
+    cmd += [str(p) if p is not None else "-" for p in extra]
     if not display_available():
         xvfb = shutil.which("xvfb-run")
         if xvfb is None:
             return "no display and no xvfb-run (apt-get install xvfb) to render the napari canvas"
         cmd = [xvfb, "-a", "-s", "-screen 0 1280x1024x24"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not png.exists() or (mil_png is not None and not mil_png.exists()):
+    if proc.returncode != 0 or not png.exists() or any(p is not None and not p.exists() for p in extra):
         return f"napari canvas rendering failed: {proc.stderr.strip()[-800:]}"
     return None
 
@@ -154,7 +189,8 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     slide_path = _default_slide(slide)
     checkpoint = demo_mil_checkpoint()
-    steps = 4 if render_canvas else 3
+    seg_checkpoint = _segment_checkpoint()
+    steps = 5 if render_canvas else 4
     t0 = time.perf_counter()
     report(progress, 0, steps, "tissue & tiles")
     with open_slide(slide_path) as s:
@@ -172,17 +208,23 @@ def run_demo(
         check_cancel(cancel, "demo")
         report(progress, 1, steps, "MIL slide prediction")
         summary["mil"] = _mil_step(s, checkpoint, out, written, cancel)
+        check_cancel(cancel, "demo")
+        report(progress, 2, steps, "segmentation")
+        summary["segment"] = _segment_step(s, seg_checkpoint, out, written, cancel)
     check_cancel(cancel, "demo")
-    report(progress, 2, steps, "napari canvas")
+    report(progress, 3, steps, "napari canvas")
     if render_canvas:
         png, mil_png = out / "napari-canvas-slide.png", out / "napari-canvas-mil.png"
-        error = _render_canvas_elsewhere(slide_path, png, mil_png)
+        seg_png = out / "napari-canvas-segment.png" if seg_checkpoint is not None else None
+        error = _render_canvas_elsewhere(slide_path, png, mil_png, seg_png)
         if error is None:
             written["napari_canvas_png"] = png
             written["napari_canvas_mil_png"] = mil_png
+            if seg_png is not None:
+                written["napari_canvas_segment_png"] = seg_png
         else:
             summary["napari_canvas_png"] = error
-        report(progress, 3, steps, "summary")
+        report(progress, 4, steps, "summary")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["files"] = {k: str(v) for k, v in written.items()}
     summary_path = out / "demo-summary.json"
@@ -195,6 +237,33 @@ def run_demo(
     if show:
         show_in_napari(out, slide=slide)
     return written
+
+
+def _segment_step(slide, checkpoint: Optional[Path], out: Path, written: dict, cancel) -> Any:
+    """Class map of the default segmentation model as OME-TIFF + GeoJSON, and what it found."""
+    if checkpoint is None:
+        return "no segmentation model installed (see docs/segment.md)"
+    import numpy as np
+
+    from .models.checkpoint import read_card
+    from .pipelines.segment import segment_slide
+
+    res = segment_slide(
+        slide, checkpoint, device="cpu", cancel=cancel, out=out / "segmentation.ome.tif",
+        geojson=out / "segmentation.geojson",
+    )  # fmt: skip
+    written.update({"segmentation_mask": res.written["mask"], "segmentation_geojson": res.written["geojson"]})
+    labels = np.asarray(res.labels)
+    card = read_card(checkpoint.with_suffix(".json"))
+    return {
+        "model": checkpoint.name,
+        "model_metrics": card.get("test_metrics") or (card.get("metrics") or {}).get("best"),
+        "classes": res.classes,
+        "fraction": {c: round(float((labels == i).mean()), 4) for i, c in enumerate(res.classes)},
+        "tiles": res.n_tiles,
+        "model_mpp": res.model_mpp,
+        "messages": res.messages,
+    }
 
 
 def _mil_step(slide, checkpoint: Path, out: Path, written: dict, cancel) -> dict:
@@ -222,13 +291,14 @@ def show_in_napari(out: Path, *, slide: Optional[Path] = None) -> None:
     """Open napari with the demo slide, its overlays and the plugin's widgets docked; blocks until closed."""
     import napari
 
-    viewer, _mil_widget = build_viewer(_default_slide(slide), show=True)  # keep the widget referenced
+    viewer, _widgets = build_viewer(_default_slide(slide), show=True)  # keep the widgets referenced
     napari.run()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) in (4, 5) and sys.argv[1] == "--canvas":
-        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]) if len(sys.argv) == 5 else None)
+    if 4 <= len(sys.argv) <= 6 and sys.argv[1] == "--canvas":
+        more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None, None]
+        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), more[0], more[1])
     else:
-        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png]", file=sys.stderr)
+        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-]", file=sys.stderr)
         sys.exit(2)
