@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import CheckpointError, PathFMError, SlideError
+from ..errors import Cancelled, CheckpointError, PathFMError, SlideError
 from ..progress import check_cancel, report
 
 __all__ = [
@@ -258,10 +259,11 @@ class _BandedCanvas:
     to ``store``) as soon as the incoming tiles (row-major, non-decreasing y) can no longer reach it.
     """
 
-    def __init__(self, grid: Any, n_classes: int, store: Any, device: Any = None, *, weights: str = "pyramidal"):
+    def __init__(self, grid: Any, n_classes: int, store: Any, device: Any = None, *, weights: str = "pyramidal",
+                 on_rows: Optional[Callable[[int], None]] = None):  # fmt: skip
         from ..tiles import TileBlender
 
-        self.k, self.store = int(n_classes), store
+        self.k, self.store, self.on_rows = int(n_classes), store, on_rows
         self.device = device  # None: numpy arrays; a torch device: tensors there
         self.hc, self.wc = grid.output_shape
         self.t = t = grid.tile_size
@@ -348,6 +350,12 @@ class _BandedCanvas:
             self._finish(k)
 
     def _finish(self, k: int) -> None:
+        """Write band ``k``'s level-0 rows, then tell ``on_rows`` how many leading rows are final."""
+        rows = self._write_band(k)
+        if self.on_rows is not None:
+            self.on_rows(rows)
+
+    def _write_band(self, k: int) -> int:
         top, acc, wsum = self.bands.pop(k)
         c0, c1 = k * self.core, min((k + 1) * self.core, self.hc)
         covered = wsum > 0
@@ -355,7 +363,7 @@ class _BandedCanvas:
             _, lab = _first_argmax(acc[:, c0 - top : c1 - top])
             lab[~covered[c0 - top : c1 - top]] = 0
             self.store[c0:c1] = self._numpy(lab[:, : self.w0])
-            return
+            return c1
         # Interpolation is linear, so the argmax of interpolated blended logits is the argmax of
         # the interpolated differences to class 0 (class 0 itself being 0): one channel fewer.
         rel = (acc[1:] - acc[:1]) / wsum.clip(min=1e-12)
@@ -377,6 +385,7 @@ class _BandedCanvas:
             lab += 1
             lab[~(best > 0) | ~rcov[:, cnear]] = 0
             self.store[ja:jb] = self._numpy(lab)
+        return j1
 
 
 # -- the pipeline ------------------------------------------------------------------------------
@@ -577,20 +586,23 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
         tmp_dir = tempfile.TemporaryDirectory(prefix="pathfm-segment-", dir=out.parent if out and out.parent.is_dir() else None)
     try:
         store = _label_store(grid.level0_shape, Path(tmp_dir.name) if tmp_dir else None)
-        if len(grid):
-            k = _run_tiles(slide, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
-                           workers=workers, source=source, progress=progress, cancel=cancel)  # fmt: skip
-        else:
+        if not len(grid):
             messages.append(f"no tissue found in {Path(slide.path).name}: the mask is all background.")
-        if classes is None:
-            classes = _class_names({}, k or 2)
         result = SegmentationResult(
-            labels=store, classes=classes, mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
+            labels=store, classes=classes or [], mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
             source=str(slide.path), checkpoint=source, messages=messages, _tmp=tmp_dir,
         )  # fmt: skip
-        if out is not None or geojson is not None:
-            write_segmentation(result, out=out, geojson=geojson, progress=progress, cancel=cancel,
-                               metadata={"overlap": ov, "tile_size": t, "blend": weights})  # fmt: skip
+        meta = {"overlap": ov, "tile_size": t, "blend": weights}
+        with _Outputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel) as outputs:
+            if classes is not None:
+                outputs.start()  # the OME-TIFF is written while the tiles run, band by band
+            if len(grid):
+                k = _run_tiles(slide, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
+                               workers=workers, source=source, progress=progress, cancel=cancel,
+                               on_rows=outputs.rows_done, poll=outputs.poll)  # fmt: skip
+            if classes is None:
+                result.classes = _class_names({}, k or 2)
+            outputs.finish()
     except BaseException:
         if tmp_dir is not None:
             tmp_dir.cleanup()
@@ -600,10 +612,12 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
     return result
 
 
-def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, workers, source, progress, cancel) -> int:
+def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, workers, source, progress, cancel,
+               on_rows=None, poll=None) -> int:  # fmt: skip
     """Run the model on every tile of ``grid`` and write blended level-0 labels into ``store``.
 
-    Reader threads decode tiles ahead while this thread runs the model and blends on its device.
+    Reader threads decode tiles ahead while this thread runs the model and blends on its device;
+    ``on_rows(n)`` hears when the first ``n`` level-0 rows are final, ``poll()`` runs per batch.
     """
     import torch
 
@@ -623,13 +637,15 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
         with torch.inference_mode():
             for batch in batches:
                 check_cancel(cancel, "segmentation")
+                if poll is not None:
+                    poll()
                 with autocast:
                     logits = _tile_logits(model, batch.images, dev, grid.tile_size, k, source)
                 if dev == "cpu":
                     logits = logits.numpy()
                 if canvas is None:
                     k = logits.shape[1]
-                    canvas = _BandedCanvas(grid, k, store, None if dev == "cpu" else dev, weights=weights)
+                    canvas = _BandedCanvas(grid, k, store, None if dev == "cpu" else dev, weights=weights, on_rows=on_rows)
                 for i, idx in enumerate(batch.indices.tolist()):
                     canvas.add(*coords[idx], logits[i])
                 done += len(batch.indices)
@@ -662,6 +678,126 @@ def _geojson_labels(labels: Any) -> tuple[np.ndarray, float]:
     return np.concatenate(parts), float(f)
 
 
+class _RowsReady:
+    """The level-0 class map as a sliceable array that blocks until the rows asked for are final.
+
+    Lets :func:`~napari_pathfm.io.ome_tiff.write_ome_tiff` run in a thread while the tiles are
+    still being segmented (bands finish top to bottom); :meth:`fail` releases a waiting reader
+    with :class:`~napari_pathfm.errors.Cancelled` when the run stops.
+    """
+
+    def __init__(self, labels: Any):
+        self.labels = labels
+        self.shape, self.dtype, self.ndim = tuple(labels.shape), np.dtype(labels.dtype), 2
+        self.chunks = tuple(getattr(labels, "chunks", None) or (256, self.shape[1]))
+        self._done, self._failed = 0, False
+        self._cond = threading.Condition()
+
+    def __dask_tokenize__(self) -> str:
+        return f"pathfm-rows-{id(self)}"
+
+    def mark(self, rows: int) -> None:
+        with self._cond:
+            self._done = max(self._done, int(rows))
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = key[0] if isinstance(key, tuple) else key
+        need = self.shape[0] if not isinstance(rows, slice) or rows.stop is None else min(rows.stop, self.shape[0])
+        with self._cond:
+            self._cond.wait_for(lambda: self._failed or self._done >= need)
+            if self._done < need:
+                raise Cancelled("segmentation stopped before the mask was complete")
+        return np.asarray(self.labels[key])
+
+
+class _Outputs:
+    """Write a segmentation's OME-TIFF and GeoJSON all or nothing.
+
+    Both go to temporary names (:func:`~napari_pathfm.io.atomic.atomic_path`) and replace their
+    targets only when the ``with`` block ends without error. :meth:`start` begins the OME-TIFF
+    in a background thread that reads rows as :meth:`rows_done` releases them; :meth:`finish`
+    waits for it and traces the GeoJSON.
+    """
+
+    def __init__(self, result: SegmentationResult, *, out, geojson, metadata=None, progress=None, cancel=None):
+        self.result, self.progress, self.cancel = result, progress, cancel
+        self.out = _check_suffix(out, (".ome.tif", ".ome.tiff"), "mask output")
+        self.geojson = _check_suffix(geojson, (".geojson", ".json"), "GeoJSON output")
+        self.metadata = metadata or {}
+        self.rows = _RowsReady(result.labels)
+        self.writer = None
+
+    def __enter__(self) -> "_Outputs":
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..io.atomic import atomic_path
+
+        self._stack = stack = ExitStack().__enter__()
+        try:
+            self._tmp_out = stack.enter_context(atomic_path(self.out)) if self.out is not None else None
+            self._tmp_geo = stack.enter_context(atomic_path(self.geojson)) if self.geojson is not None else None
+            self._pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathfm-write"))
+            stack.callback(self.rows.fail)  # unwinds first: a stopped run never leaves the writer waiting
+        except BaseException:
+            stack.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        suppress = self._stack.__exit__(*exc)
+        if exc[0] is None:  # both files are in place now
+            if self.out is not None:
+                self.result.written["mask"] = self.out
+            if self.geojson is not None:
+                self.result.written["geojson"] = self.geojson
+        return suppress
+
+    def start(self) -> None:
+        from ..io.ome_tiff import write_ome_tiff
+
+        if self._tmp_out is None or self.writer is not None:
+            return
+        r = self.result
+        meta = {
+            "kind": "segmentation", "source": r.source, "checkpoint": r.checkpoint, "model_mpp": r.model_mpp,
+            "tiles": r.n_tiles, "messages": r.messages, "downsample": 1.0, **self.metadata,
+        }  # fmt: skip
+        self.writer = self._pool.submit(write_ome_tiff, self._tmp_out, self.rows, mpp=r.mpp, is_labels=True,
+                                        class_names=r.classes, metadata=meta, cancel=self.cancel)  # fmt: skip
+
+    def rows_done(self, rows: int) -> None:
+        self.rows.mark(rows)
+
+    def poll(self) -> None:
+        """Raise the background writer's error (e.g. a full disk) in the segmenting thread."""
+        if self.writer is not None and self.writer.done() and self.writer.exception() is not None:
+            raise self.writer.exception()
+
+    def finish(self) -> None:
+        from ..io.geojson import write_geojson
+
+        r = self.result
+        self.rows.mark(r.labels.shape[0])
+        if self._tmp_out is not None:
+            self.start()
+            report(self.progress, 0, 1, f"writing {self.out.name}")
+            self.writer.result()
+            report(self.progress, 1, 1, f"wrote {self.out.name}")
+        if self._tmp_geo is not None:
+            check_cancel(self.cancel, "writing GeoJSON")
+            report(self.progress, 0, 1, f"writing {self.geojson.name}")
+            small, ds = _geojson_labels(r.labels)
+            write_geojson(self._tmp_geo, small, {i: n for i, n in enumerate(r.classes) if i}, downsample=ds)
+            report(self.progress, 1, 1, f"wrote {self.geojson.name}")
+        check_cancel(self.cancel, "writing the segmentation")
+
+
 def write_segmentation(
     result: SegmentationResult,
     *,
@@ -674,37 +810,11 @@ def write_segmentation(
     """Write the class map as pyramidal OME-TIFF and/or QuPath GeoJSON, all or nothing.
 
     Both files go to temporary names first and replace their targets only when both are
-    complete; a cancel or an error leaves existing files untouched and no new ones. Large class
-    maps are traced for GeoJSON after 2x2-mode downsampling to at most :data:`GEOJSON_MAX_PIXELS`
+    complete; a cancel or an error leaves existing files untouched and no new ones. The
+    OME-TIFF stores the input's µm/px and the class names; large class maps are traced for
+    GeoJSON after 2x2-mode downsampling to at most :data:`GEOJSON_MAX_PIXELS` pixels
     (coordinates stay level-0 pixels).
     """
-    from ..io.atomic import atomic_path
-    from ..io.geojson import write_geojson
-    from ..io.ome_tiff import write_ome_tiff
-
-    out = _check_suffix(out, (".ome.tif", ".ome.tiff"), "mask output")
-    geojson = _check_suffix(geojson, (".geojson", ".json"), "GeoJSON output")
-    meta = {
-        "kind": "segmentation", "source": result.source, "checkpoint": result.checkpoint,
-        "model_mpp": result.model_mpp, "tiles": result.n_tiles, "messages": result.messages, "downsample": 1.0,
-        **(metadata or {}),
-    }  # fmt: skip
-    # The GeoJSON goes to a temporary file first and is renamed only after the OME-TIFF (itself
-    # atomic) is complete, so a cancel or an error at any point leaves neither file.
-    with ExitStack() as stack:
-        if geojson is not None:
-            tmp_geo = stack.enter_context(atomic_path(geojson))
-            check_cancel(cancel, "writing GeoJSON")
-            report(progress, 0, 1, f"writing {geojson.name}")
-            small, ds = _geojson_labels(result.labels)
-            names = {i: n for i, n in enumerate(result.classes) if i}
-            write_geojson(tmp_geo, small, names, downsample=ds)
-            report(progress, 1, 1, f"wrote {geojson.name}")
-        if out is not None:
-            write_ome_tiff(out, result.labels, mpp=result.mpp, is_labels=True, class_names=result.classes,
-                           metadata=meta, progress=progress, cancel=cancel)  # fmt: skip
-    if out is not None:
-        result.written["mask"] = out
-    if geojson is not None:
-        result.written["geojson"] = geojson
+    with _Outputs(result, out=out, geojson=geojson, metadata=metadata, progress=progress, cancel=cancel) as o:
+        o.finish()
     return dict(result.written)
