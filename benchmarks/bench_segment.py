@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import _median_time  # noqa: E402  (median of repeats after a warm-up, CUDA-synchronised)
+from bench_mil_speed import _median_time  # median of repeats after a warm-up, CUDA-synchronised
 
 CONFIGS = {
     "small": dict(encoder="hiera_micro", uni=None, image_size=256, decoder_dim=128, decoder_heads=4,

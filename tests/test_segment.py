@@ -154,7 +154,8 @@ def test_bands_and_disk_store_give_the_same_mask_as_in_memory(coarse_result, cmu
     res = seg.segment_slide(cmu_small, ColourThreshold(), mpp=1.0, device="cpu", out=out, geojson=geo)
     assert not isinstance(res.labels, np.ndarray), "large class maps live in a temporary store"
     np.testing.assert_array_equal(np.asarray(res.labels[:]), coarse_result.labels)
-    levels, mpp, meta = read_ome_tiff(out)
+    levels, mpp, _ = read_ome_tiff(out)
+    assert mpp == pytest.approx(0.499)
     np.testing.assert_array_equal(levels[0], coarse_result.labels)
     quarter = levels[2]  # the pyramid's 2x2-mode level at 1/4, what the GeoJSON was traced on
     back = geojson_to_labels(geo, quarter.shape, {1: "class 1"}, downsample=4.0)
@@ -267,6 +268,7 @@ def test_no_tissue_writes_an_all_background_mask_and_says_so(tmp_path):
     res = segment_slide(blank, ColourThreshold(), device="cpu", out=out)
     assert res.empty and any("no tissue" in m for m in res.messages)
     levels, _, meta = read_ome_tiff(out)
+    assert any("no tissue" in m for m in meta["messages"]), "the file says so too"
     assert levels[0].shape == (300, 400) and not np.asarray(levels[0]).any()
 
 

@@ -178,7 +178,7 @@ def default_segment_checkpoint() -> Path:
             "train one with `pathfm train training/pathsam2/<recipe>.yaml`, or copy one into the user "
             "model folder (set PATHFM_MODELS to use another folder).",
         )
-    return sorted(found, key=rank)[0][0]
+    return min(found, key=rank)[0]
 
 
 def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu") -> tuple[Any, dict, Optional[str]]:
