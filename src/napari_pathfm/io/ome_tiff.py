@@ -81,11 +81,21 @@ def downsample2(block: np.ndarray, is_labels: bool) -> np.ndarray:
         if np.issubdtype(block.dtype, np.integer):
             mean = np.floor(mean + 0.5)
         return mean.astype(block.dtype)
-    best = np.argmax(np.stack([sum((q == o).astype(np.uint8) for o in quads) for q in quads]), axis=0)
     out = quads[0].copy()
+    # Most 2x2 blocks of a label map hold one label (the mode is then the top-left pixel):
+    # count votes only where they do not.
+    mixed = quads[0] != quads[1]
+    mixed |= quads[0] != quads[2]
+    mixed |= quads[0] != quads[3]
+    if not mixed.any():
+        return out
+    q = [quad[mixed] for quad in quads]
+    best = np.argmax(np.stack([sum((a == b).astype(np.uint8) for b in q) for a in q]), axis=0)
+    vals = q[0].copy()
     for i in (1, 2, 3):
         sel = best == i
-        out[sel] = quads[i][sel]
+        vals[sel] = q[i][sel]
+    out[mixed] = vals
     return out
 
 
@@ -213,6 +223,49 @@ def _tiles(planes, tile, dtype, is_labels, nxt, step: Callable[[], None]) -> Ite
                     yield band[ty : ty + th, tx : tx + tw]
 
 
+def _encoded_label_tiles(tiles: Iterator[np.ndarray], tile: tuple[int, int], dtype: np.dtype,
+                         compressionargs: dict | None) -> Iterator[bytes]:
+    """zlib-encode (horizontal predictor) label tiles as tifffile would, for its iterator of bytes.
+
+    Tiles of a single label (background, mostly) are encoded once per label and reused; the others
+    are encoded by as many threads as tifffile would use.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tifffile import TIFF, TiffWriter
+
+    compress, predict = TIFF.COMPRESSORS[8], TIFF.PREDICTORS[2]
+    kwargs = dict(compressionargs or {})
+    th, tw = tile
+    constant: dict[Any, bytes] = {}
+
+    def encode(t: np.ndarray) -> bytes:
+        t = np.ascontiguousarray(t, dtype)
+        if t.shape != (th, tw):
+            t = np.pad(t, ((0, th - t.shape[0]), (0, tw - t.shape[1])))
+        first = t.flat[0]
+        if (t == first).all():
+            key = first.item()
+            if key not in constant:
+                constant[key] = compress(predict(t, axis=-1), **kwargs)
+            return constant[key]
+        return compress(predict(t, axis=-1), **kwargs)
+
+    workers = TiffWriter._maxworkers(None, 2, th * tw * dtype.itemsize, 8)
+    if workers < 2:
+        yield from map(encode, tiles)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="pathfm-tiff") as pool:
+        pending: deque = deque()
+        for t in tiles:
+            pending.append(pool.submit(encode, t))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _json_payload(axes, is_labels, class_names, channel_names, mpp, metadata) -> str:
     if class_names is not None and not isinstance(class_names, dict):
         class_names = dict(enumerate(class_names))
@@ -245,6 +298,7 @@ def write_ome_tiff(
     metadata: dict | None = None,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
+    compressionargs: dict | None = None,
 ) -> Path:
     """Write a tiled, pyramidal OME-TIFF without holding a whole level in memory.
 
@@ -265,6 +319,7 @@ def write_ome_tiff(
     metadata : JSON-serialisable dict stored in the file (see :func:`read_ome_tiff`).
     progress, cancel : ``progress(done, total, message)`` and ``cancel`` per tile;
         :class:`~napari_pathfm.errors.Cancelled` leaves nothing on disk.
+    compressionargs : options of the codec, e.g. ``{"level": 1}`` for faster, larger zlib.
 
     Channel-first dask data are computed once per channel: persist an expensive graph first.
     """
@@ -307,6 +362,9 @@ def write_ome_tiff(
         common["predictor"] = "horizontal"  # not all readers (Bio-Formats) know the float one
     if rgb:
         common["planarconfig"] = "contig"
+    # Single-plane integer labels: tiles are encoded here, so that the many constant ones are encoded once.
+    encode_labels = (is_labels and store_axes == "YX" and compression == "zlib"
+                     and common.get("predictor") == "horizontal")  # fmt: skip
     raw_bytes = sum(int(np.prod(full_shape(s))) for s in shapes) * dtype.itemsize
     path = Path(path)
     with (atomic_path(path) as tmp,
@@ -324,8 +382,12 @@ def write_ome_tiff(
                     kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER")
                 kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0
                               else dict(metadata=None, subfiletype=1))
-                tw_.write(_tiles(src, (th, tw), dtype, is_labels, nxt, step),
-                          shape=full_shape(hw), dtype=dtype, **kwargs)
+                tiles = _tiles(src, (th, tw), dtype, is_labels, nxt, step)
+                if encode_labels:
+                    tiles = _encoded_label_tiles(tiles, (th, tw), dtype, compressionargs)
+                elif compressionargs:
+                    kwargs["compressionargs"] = compressionargs
+                tw_.write(tiles, shape=full_shape(hw), dtype=dtype, **kwargs)
                 src = nxt
     report(progress, total, total, f"wrote {path.name}")
     return path

@@ -828,7 +828,8 @@ class _Outputs:
             "tiles": r.n_tiles, "messages": r.messages, "downsample": 1.0, **self.metadata,
         }  # fmt: skip
         self.writer = self._pool.submit(write_ome_tiff, self._tmp_out, self.rows, mpp=r.mpp, is_labels=True,
-                                        class_names=r.classes, metadata=meta, cancel=self.cancel)  # fmt: skip
+                                        class_names=r.classes, metadata=meta, cancel=self.cancel,
+                                        compressionargs={"level": 1})  # fast zlib: ~1.3x larger masks  # fmt: skip
 
     def rows_done(self, rows: int) -> None:
         self.rows.mark(rows)
