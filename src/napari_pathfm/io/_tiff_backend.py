@@ -101,6 +101,8 @@ class TiffBackend:
         self.level_shapes = [(int(a.shape[yi]), int(a.shape[xi])) for a in self._levels]
         self.level_downsamples = [self.level_shapes[0][1] / s[1] for s in self.level_shapes]
         self.tile_sizes = []
+        #: Levels stored as tiles (region reads decode whole tiles, so reading them once pays off).
+        self.native_tiled = [bool(lvl.keyframe.is_tiled) for lvl in series.levels]
         for lvl in series.levels:
             page = lvl.keyframe
             self.tile_sizes.append((page.tilelength or min(512, page.imagelength), page.tilewidth or min(512, page.imagewidth)))

@@ -28,6 +28,7 @@ import math
 import os
 import tempfile
 import threading
+from collections import deque
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ BAND_BYTES = 256 * 2**20
 _RESAMPLE_BYTES = 64 * 2**20
 #: GeoJSON is traced on the class map downsampled by 2 until it has at most this many pixels.
 GEOJSON_MAX_PIXELS = 64 * 2**20
+_BAND_TILES = 4  # a band's core is at most this many tile sides tall (fewer when memory is short)
 _HALO = 1  # model-resolution rows beyond a band's core that bilinear resampling reads
 
 PathLike = Union[str, Path]
@@ -270,8 +272,19 @@ class _BandedCanvas:
         self.s = float(grid.scale)
         self.h0, self.w0 = grid.level0_shape
         rows = max(1, BAND_BYTES // (self.wc * (self.k + 1) * 4) - 2 * _HALO)
-        self.core = max(grid.stride, rows // grid.stride * grid.stride)
+        # Bands of ~4 tile rows at most, so that labels (and the OME-TIFF) stream out while tiles run.
+        stream = -(-_BAND_TILES * t // grid.stride) * grid.stride
+        self.core = max(grid.stride, min(rows // grid.stride * grid.stride, stream))
         self.bands: dict[int, tuple[int, Any, Any]] = {}
+        # On the CPU, finished bands are resampled and written by one background thread (at most
+        # one more band waits for it, which keeps the memory bound); in band order, so ``on_rows``
+        # hears rows in order. On an accelerator this is cheap and stays in the caller's thread.
+        self._pool = None
+        self._pending: deque = deque()
+        if device is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathfm-bands")
         # Weights depend only on which tile sides lie on the canvas edge: a canvas of at most
         # 3x3 tiles has every case, so it stands in for the whole slide.
         self._proxy = TileBlender((min(self.hc, 3 * t), min(self.wc, 3 * t)), weights=weights)
@@ -327,7 +340,9 @@ class _BandedCanvas:
 
     def add(self, y: int, x: int, logits: Any) -> None:
         """Add one tile's logits ``(K, T, T)`` (numpy, or torch on the device) at canvas ``(y, x)``."""
-        for k in [k for k in self.bands if y >= (k + 1) * self.core + _HALO]:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # raises a background band's error here
+        for k in sorted(k for k in self.bands if y >= (k + 1) * self.core + _HALO):
             self._finish(k)
         t = self.t
         w = self._tile_weights(y, x)
@@ -348,15 +363,32 @@ class _BandedCanvas:
     def finish(self) -> None:
         for k in sorted(self.bands):
             self._finish(k)
+        while self._pending:
+            self._pending.popleft().result()
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the background band writer and stop it (also after an error or a cancel)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _finish(self, k: int) -> None:
         """Write band ``k``'s level-0 rows, then tell ``on_rows`` how many leading rows are final."""
-        rows = self._write_band(k)
+        band = self.bands.pop(k)
+        if self._pool is None:
+            return self._finish_band(k, band)
+        while len(self._pending) > 1:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._finish_band, k, band))
+
+    def _finish_band(self, k: int, band: tuple) -> None:
+        rows = self._write_band(k, band)
         if self.on_rows is not None:
             self.on_rows(rows)
 
-    def _write_band(self, k: int) -> int:
-        top, acc, wsum = self.bands.pop(k)
+    def _write_band(self, k: int, band: tuple) -> int:
+        top, acc, wsum = band
         c0, c1 = k * self.core, min((k + 1) * self.core, self.hc)
         covered = wsum > 0
         if self.s == 1.0:  # level 0 is the canvas: argmax of the weighted sums (sum(w) > 0 changes nothing)
@@ -616,6 +648,7 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
              weights, workers, progress, cancel, out, geojson) -> SegmentationResult:  # fmt: skip
     from ..device import resolve_device
     from ..tiles import tile_grid
+    from ..tiles.loader import native_tile_cache
     from .tissue_tiles import compute_tissue_tiles
 
     try:
@@ -632,13 +665,16 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
     target = _resolve_mpp(slide, mpp, card, messages)
     t, ov = _tile_geometry(model, card, tile_size, overlap)
 
+    reader = _shared_level(slide, target, tissue_only, workers, cancel)  # decode a level read twice only once
     if tissue_only:
-        tt = compute_tissue_tiles(slide, tile_size=t, mpp=target, overlap=ov, min_tissue=max(min_tissue, 1e-9),
+        tt = compute_tissue_tiles(reader, tile_size=t, mpp=target, overlap=ov, min_tissue=max(min_tissue, 1e-9),
                                   progress=progress, cancel=cancel)  # fmt: skip
         grid, tissue = tt.grid, tt.tissue
     else:
-        grid, tissue = tile_grid(slide, t, mpp=target, overlap=ov), None
+        grid, tissue = tile_grid(reader, t, mpp=target, overlap=ov), None
     check_cancel(cancel, "segmentation")
+    if reader is slide:
+        reader = native_tile_cache(slide, grid)
 
     tmp_dir = None
     if grid.level0_shape[0] * grid.level0_shape[1] > IN_MEMORY_PIXELS:
@@ -656,7 +692,7 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
             if classes is not None:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
-                k = _run_tiles(slide, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
+                k = _run_tiles(reader, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
                                workers=workers, source=source, progress=progress, cancel=cancel,
                                on_rows=outputs.rows_done, poll=outputs.poll)  # fmt: skip
             if classes is None:
@@ -669,6 +705,25 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
     for m in messages:
         log.info(m)
     return result
+
+
+def _shared_level(slide: Any, target: Optional[float], tissue_only: bool, workers: int, cancel: Any) -> Any:
+    """``slide``, with the level the tiles are read from held in memory when it is read whole anyway.
+
+    On a slide without a pyramid the tissue mask decodes all of level 0, and the tiles (25 %
+    overlap) decode most of it again, ~1.6 times over: when the tissue mask and the tiles read the
+    same level and it fits :data:`~napari_pathfm.tiles.loader.LEVEL_CACHE_BYTES`, it is decoded
+    once (by several threads) and both read it from memory. Same pixels either way.
+    """
+    from ..tiles.grid import choose_level
+    from ..tiles.loader import level_in_memory
+
+    level = choose_level(slide, target) if target is not None and slide.mpp else 0
+    if tissue_only:  # the level compute_tissue_tiles / tissue_mask read (8 µm/px, or 2048 px across)
+        ds = 8.0 / slide.mpp if slide.mpp else max(slide.shape) / 2048
+        if slide.best_level_for_downsample(max(1.0, ds)) != level:
+            return slide
+    return level_in_memory(slide, level, workers=max(2, workers), cancel=cancel)
 
 
 def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, workers, source, progress, cancel,
@@ -713,6 +768,8 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
             canvas.finish()
     finally:
         batches.close()
+        if canvas is not None:
+            canvas.close()
     return int(k)
 
 

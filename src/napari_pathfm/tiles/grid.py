@@ -121,8 +121,9 @@ class TileGrid:
 
     def read_box(self, i: int) -> tuple[int, int, int, int, int]:
         """``(level, y, x, h, w)`` to pass to ``slide.read`` for tile ``i``."""
-        y, x = self.level_coords[i]
-        return self.level, int(y), int(x), self.read_size, self.read_size
+        # level coordinates of one tile (computing them for all tiles per call made reading O(N^2))
+        y, x = (int(v) for v in np.rint(self.tiles[i] / self.level_downsample))
+        return self.level, y, x, self.read_size, self.read_size
 
     def subset(self, keep: Any) -> "TileGrid":
         """A grid with only the tiles selected by ``keep`` (bool mask or indices), order kept."""

@@ -20,7 +20,12 @@ from ..errors import Cancelled, PathFMError, SlideError
 from ..progress import check_cancel, is_cancelled, report
 from .grid import TileGrid
 
-__all__ = ["Tile", "TileBatch", "read_tile", "resize_tile", "iter_tiles", "iter_tile_batches"]
+__all__ = ["Tile", "TileBatch", "read_tile", "resize_tile", "iter_tiles", "iter_tile_batches", "level_in_memory",
+           "native_tile_cache"]  # fmt: skip
+
+#: Memory a decoded level may take to be held whole (:func:`level_in_memory`), or a few rows of
+#: its native tiles (:func:`native_tile_cache`).
+LEVEL_CACHE_BYTES = 256 * 2**20
 
 
 class Tile(NamedTuple):
@@ -193,3 +198,103 @@ def _stack(tiles: list[Tile]) -> TileBatch:
         np.array([t.yx for t in tiles], np.int64).reshape(-1, 2),
         np.stack([t.image for t in tiles]),
     )
+
+
+class _LevelView:
+    """A slide whose reads of one level are served by ``_region``; everything else is the slide's."""
+
+    def __init__(self, slide: Any, level: int):
+        self._slide, self._level = slide, int(level)
+        self._shape = tuple(slide.level_shapes[level])
+        self._background = np.asarray(getattr(slide, "background", (255, 255, 255)), np.uint8)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._slide, name)
+
+    def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        if level != self._level:
+            return self._slide.read(level, y, x, h, w)
+        y, x, h, w = int(y), int(x), int(h), int(w)
+        H, W = self._shape
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        out = np.empty((h, w, 3), np.uint8)
+        if (y0, x0, y1, x1) != (y, x, y + h, x + w):
+            out[...] = self._background  # outside the level, as the backends fill it
+        if y1 > y0 and x1 > x0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._region(y0, x0, y1 - y0, x1 - x0)
+        return out
+
+    def _region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class _MemoryLevel(_LevelView):
+    def __init__(self, slide: Any, level: int, pixels: np.ndarray):
+        super().__init__(slide, level)
+        self.pixels = pixels
+
+    def _region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.pixels[y : y + h, x : x + w]
+
+
+class _TileCachedLevel(_LevelView):
+    def __init__(self, slide: Any, level: int, max_bytes: int):
+        from ..io._levels import TileCache, TiledReader
+
+        super().__init__(slide, level)
+
+        def read(y: int, x: int, h: int, w: int) -> np.ndarray:
+            return slide.read(level, y, x, h, w)
+
+        self._reader = TiledReader(read, self._shape, tuple(slide.tile_sizes[level]), TileCache(max_bytes), level)
+
+    def _region(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self._reader(y, x, h, w)
+
+
+def level_in_memory(slide: Any, level: int, *, workers: int = 2, max_bytes: int = LEVEL_CACHE_BYTES,
+                    cancel: Any = None) -> Any:  # fmt: skip
+    """``slide`` with ``level`` decoded once, whole, into memory (in strips, by ``workers`` threads).
+
+    For slides whose level is read more than once, e.g. a one-level slide where the tissue mask and
+    the tiles both read level 0: every later read of that level is a copy. Reads return exactly the
+    pixels ``slide.read`` returns. A level larger than ``max_bytes`` is not loaded (``slide`` is
+    returned as it is).
+    """
+    h, w = slide.level_shapes[level]
+    if h * w * 3 > max_bytes:
+        return slide
+    pixels = np.empty((h, w, 3), np.uint8)
+    rows = max(64, -(-h // max(1, 4 * workers)))
+
+    def strip(y: int) -> None:
+        check_cancel(cancel, "reading the slide")
+        pixels[y : y + rows] = slide.read(level, y, 0, min(rows, h - y), w)
+
+    if workers <= 1:
+        for y in range(0, h, rows):
+            strip(y)
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pathfm-level") as pool:
+            for f in [pool.submit(strip, y) for y in range(0, h, rows)]:
+                f.result()
+    return _MemoryLevel(slide, level, pixels)
+
+
+def native_tile_cache(slide: Any, grid: TileGrid, *, max_bytes: int = LEVEL_CACHE_BYTES) -> Any:
+    """``slide`` with reads of the grid's level served from whole native tiles decoded once.
+
+    Overlapping tiles (and tiles that do not line up with the file's own tiles) otherwise decode
+    the same native tiles again and again. Used for the tifffile backend, whose region reads
+    decode whole native tiles; the LRU holds a few rows of native tiles across the level (the grid
+    is read row by row), at most ``max_bytes``. Without room for them, ``slide`` is returned.
+    """
+    tiled = getattr(getattr(slide, "_backend", None), "native_tiled", None)  # tifffile backend only
+    if getattr(slide, "backend", None) != "tifffile" or not tiled or not tiled[grid.level]:
+        return slide
+    th, tw = slide.tile_sizes[grid.level]
+    width = slide.level_shapes[grid.level][1]
+    need = (-(-grid.read_size // th) + 2) * th * (-(-width // tw) * tw) * 3
+    if need > max_bytes:
+        return slide
+    return _TileCachedLevel(slide, grid.level, need)
