@@ -91,6 +91,20 @@ def test_demo_writes_everything_it_promises(tmp_path):
     assert prediction["predicted"] == mil["predicted"] and len(prediction["top_patches"]) == 10
     heat = np.asarray(Image.open(tmp_path / "napari-canvas-mil.png").convert("RGB")).astype(float)
     assert heat.shape == img.shape and np.abs(heat - img).mean() > 5, "the MIL canvas shows the heatmap over the slide"
+    from napari_pathfm.checkpoints import find_checkpoints
+
+    if not find_checkpoints("segment"):
+        assert "no segmentation model" in summary["segment"]
+        return
+    seg = summary["segment"]
+    assert seg["classes"][0] == "background" and abs(sum(seg["fraction"].values()) - 1) < 1e-3 and seg["tiles"] > 0
+    import tifffile
+
+    mask = tifffile.imread(summary["files"]["segmentation_mask"])
+    assert mask.shape == tuple(summary["slide_shape"][:2]) and mask.max() < len(seg["classes"])
+    assert Path(summary["files"]["segmentation_geojson"]).exists()
+    canvas = np.asarray(Image.open(tmp_path / "napari-canvas-segment.png").convert("RGB")).astype(float)
+    assert canvas.shape == img.shape
 
 
 REPO = Path(__file__).resolve().parents[1]
