@@ -315,3 +315,29 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
                                       "--set", init])  # fmt: skip
     assert result.exit_code != 0 and "would be overwritten" in result.output
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
+
+
+def test_bundled_glas_model_beats_trivial_baselines_on_held_out_images(shared_data):
+    """The shipped pathsam2-glas-small checkpoint: honest card, and better than all-gland on images it never saw."""
+    import torch
+
+    from napari_pathfm.models.checkpoint import load_checkpoint
+    from napari_pathfm.training.tasks.segment import _resize, mask_to_classes, predict_image, read_mask, read_rgb
+
+    root = _glas(shared_data)
+    path = REPO / "src" / "napari_pathfm" / "data" / "models" / "pathsam2-glas-small.safetensors"
+    model, card = load_checkpoint(path)
+    assert card["family"] == "segment" and card["classes"] == ["background", "gland"] and card["input_mpp"] == 1.24
+    assert "research use only" in card["data_license"] and len(card["split"]["train"]) == 68
+    assert path.stat().st_size <= 20 * 2**20
+    preds, targets = [], []
+    for name in card["split"]["val"][:4]:
+        image = _resize(read_rgb(root / "images" / f"{name}.png"), 0.5, labels=False)
+        target = _resize(mask_to_classes(read_mask(root / "masks" / f"{name}.png")), 0.5, labels=True)
+        logits, _ = predict_image(model, torch.from_numpy(np.array(image)), card["tile_size"])
+        preds.append(logits.argmax(0).numpy())
+        targets.append(target)
+    cm = sum(sm.confusion_matrix(p, t, 2) for p, t in zip(preds, targets))
+    dice = sm.dice_iou(cm)[0][1]
+    all_gland = sm.dice_iou(sum(sm.confusion_matrix(np.ones_like(t), t, 2) for t in targets))[0][1]
+    assert dice > all_gland + 0.1, (dice, all_gland)
