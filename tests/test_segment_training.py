@@ -300,11 +300,23 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     before = {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")}
     second = tmp_path / "second"
     init = f"data.init_checkpoint={first / 'model.safetensors'}"
-    _train([str(RECIPES / "glas_tiny.yaml"), "--out", str(second), "--set", init, "--set", "trainer.max_epochs=1"])
+    # a corrections folder as the Segment widget writes it: tiles at the model's µm/px, class-index masks
+    corr = tmp_path / "train_1.pathfm-corrections"
+    (corr / "images").mkdir(parents=True)
+    (corr / "masks").mkdir()
+    small = Image.open(shared_data / "glas" / "train" / "images" / "train_3.png").reduce(4).crop((0, 0, 64, 64))
+    small.save(corr / "images" / "train_3_r0_c0.png")
+    Image.fromarray(np.where(np.arange(64)[:, None] < 32, 1, 0).astype(np.uint8)).save(corr / "masks" / "train_3_r0_c0.png")
+    (corr / "corrections.json").write_text(json.dumps({"mpp": 2.48, "tile_size": 64, "classes": ["background", "gland"]}))
+    extra = f"data.extra_dirs=[{{path: {corr}, repeat: 4}}]"
+    _train([str(RECIPES / "glas_tiny.yaml"), "--out", str(second), "--set", init, "--set", extra,
+            "--set", "trainer.max_epochs=1"])  # fmt: skip
+    assert json.loads((second / "split.json").read_text())["extra"] == [str(corr / "images" / "train_3_r0_c0.png")]
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
     tuned = json.loads((second / "model.json").read_text())
     assert tuned["init_checkpoint"]["sha256"] == card["sha256"] and tuned["sha256"] != card["sha256"]
     assert tuned["config"] == card["config"]
+    assert f"1 training pairs from {corr}" in tuned["training_data"]
     load_checkpoint(second / "model.safetensors")
     # an export over the initial checkpoint is refused before training
     from typer.testing import CliRunner
