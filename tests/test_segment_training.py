@@ -177,6 +177,10 @@ def test_index_masks_ignore_and_mask_values(tmp_path):
     assert dm.num_classes == 3 and dm.classes == ["background", "class_1", "class_2"]
     assert {it.mask_format for it in dm.train_items} == {"index"}
     np.testing.assert_array_equal(dm.val_dataset()[0]["mask"].numpy(), idx)  # 255 stays "ignore"
+    nines = np.array([[0, 1, 9, 1]] * 4, np.uint8)  # another ignore value in the files
+    dm = _data(_folder(tmp_path / "nines", {"a": nines}), val_fraction=0.0, tile_size=4, ignore_index=9)
+    assert dm.num_classes == 2
+    np.testing.assert_array_equal(dm.store.mask(dm.train_items[0]), [[0, 1, 255, 1]] * 4)
     grey = np.array([[0, 128, 255, 128]] * 4, np.uint8)
     dm = _data(_folder(tmp_path / "grey", {"a": grey}), val_fraction=0.0, tile_size=4,
                mask_values={0: 0, 128: 1, 255: 2})  # fmt: skip

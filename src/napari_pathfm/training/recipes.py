@@ -160,7 +160,9 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         "data.mask_values": Field(
             (dict, type(None)), None, "Map raw mask values to classes first, e.g. {0: 0, 128: 1, 255: 2}."
         ),
-        "data.ignore_index": Field((int,), 255, "Mask value of unlabelled pixels (no loss, no metrics)."),
+        "data.ignore_index": Field(
+            (int,), 255, "Mask value of unlabelled pixels in the files (no loss, no metrics; 255 in the card)."
+        ),
         "data.val_names": Field(
             (list, type(None)), None, "Image names (no suffix) held out for validation; overrides val_fraction."
         ),

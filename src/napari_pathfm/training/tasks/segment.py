@@ -523,6 +523,8 @@ class SegmentDataModule(L.LightningDataModule):
         root_meta = _folder_meta(self.root) if self.root.is_dir() else {}
         self.mpp = data.get("mpp") if data.get("mpp") is not None else root_meta.get("mpp", defaults.get("mpp"))
         self.input_mpp = data.get("input_mpp") if data.get("input_mpp") is not None else defaults.get("input_mpp")
+        if data.get("input_mpp") is None and self.mpp is None:  # fine-tuning data without µm/px: at the model's
+            self.mpp = self.input_mpp
         if self.input_mpp is not None and self.mpp is None:
             raise RecipeError(
                 self.root, f"data.input_mpp is {self.input_mpp} but the µm/px of the images is unknown.",
@@ -948,7 +950,7 @@ def build(recipe: Recipe):
     data.tile_size = tile
     task = SegmentTask(
         model, data.classes, recipe.get("optim"), recipe.get("trainer.max_epochs"),
-        alpha=recipe.get("loss.alpha"), beta=recipe.get("loss.beta"), ignore_index=data.ignore_index,
+        alpha=recipe.get("loss.alpha"), beta=recipe.get("loss.beta"), ignore_index=IGNORE,
         tile_size=tile, val_stride=data_cfg.get("val_stride"), val_batch_size=recipe.get("trainer.batch_size"),
         init_checkpoint=init,
     )  # fmt: skip
@@ -960,7 +962,7 @@ def build(recipe: Recipe):
         "normalization": {"mean": list(mean), "std": list(std)} if mean is not None and std is not None else None,
         "input_mpp": data.input_mpp,
         "tile_size": tile,
-        "ignore_index": data.ignore_index,
+        "ignore_index": IGNORE,
         "training_data": data.describe(),
         "split": {"train": [it.name for it in data.train_items], "val": [it.name for it in data.val_items]},
     }
