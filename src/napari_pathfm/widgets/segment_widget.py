@@ -134,9 +134,7 @@ class SegmentWidget(QWidget):
         from ..io.slide import open_slide
 
         self._stop_recording()
-        if self.result is not None:
-            self.result.close()
-        self.result = result
+        previous, self.result = self.result, result
         kwargs = result.layer_kwargs()
         kwargs["name"] = f"{self._slide_layer_name} segmentation"
         existing = self.viewer.layers[kwargs["name"]] if kwargs["name"] in self.viewer.layers else None
@@ -148,6 +146,8 @@ class SegmentWidget(QWidget):
             layer = self.viewer.add_labels(result.labels, opacity=0.5, **kwargs)
         self._set_class_features(layer, result.classes)
         self.labels_layer = layer
+        if previous is not None:  # its temporary store (large slides) only goes once the layer holds the new map
+            previous.close()
         if self._slide is not None:
             self._slide.close()
         self._slide = open_slide(self.viewer.layers[self._slide_layer_name].metadata["pathfm_path"])
