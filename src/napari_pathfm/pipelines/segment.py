@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -747,6 +748,15 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
     report(progress, 0, n, f"{name}: segmenting")
     batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 4 * workers), workers=workers,
                                 cancel=cancel)  # fmt: skip
+    # On the CPU, blending a batch (numpy, releases the GIL) runs in one helper thread while the model runs the
+    # next batch; one thread keeps the adds in order, so the result is the same as blending inline.
+    blender = ThreadPoolExecutor(1, thread_name_prefix="pathfm-blend") if dev == "cpu" else None
+    pending: list = []
+
+    def blend(canvas, indices, logits):
+        for i, idx in enumerate(indices):
+            canvas.add(*coords[idx], logits[i])
+
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -760,14 +770,25 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
                 if canvas is None:
                     k = logits.shape[1]
                     canvas = _BandedCanvas(grid, k, store, None if dev == "cpu" else dev, weights=weights, on_rows=on_rows)
-                for i, idx in enumerate(batch.indices.tolist()):
-                    canvas.add(*coords[idx], logits[i])
+                if blender is None:
+                    blend(canvas, batch.indices.tolist(), logits)
+                else:
+                    pending.append(blender.submit(blend, canvas, batch.indices.tolist(), logits))
+                    while len(pending) > 2:  # bounded: at most two batches of logits wait
+                        pending.pop(0).result()
                 done += len(batch.indices)
                 report(progress, done, n, f"{name}: segmenting")
+            for future in pending:
+                future.result()
+            pending.clear()
             check_cancel(cancel, "segmentation")
             canvas.finish()
     finally:
         batches.close()
+        if blender is not None:
+            for future in pending:
+                future.cancel()
+            blender.shutdown(wait=True)
         if canvas is not None:
             canvas.close()
     return int(k)
