@@ -338,7 +338,8 @@ def test_bundled_glas_model_beats_trivial_baselines_on_held_out_images(shared_da
     import torch
 
     from napari_pathfm.models.checkpoint import load_checkpoint
-    from napari_pathfm.training.tasks.segment import _resize, mask_to_classes, predict_image, read_mask, read_rgb
+    from napari_pathfm.training.segment_data import _resize, mask_to_classes, read_mask, read_rgb
+    from napari_pathfm.training.tasks.segment import predict_image
 
     root = _glas(shared_data)
     path = REPO / "src" / "napari_pathfm" / "data" / "models" / "pathsam2-glas-small.safetensors"

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from napari_pathfm.models.checkpoint import load_checkpoint
 from napari_pathfm.training import seg_metrics as sm
-from napari_pathfm.training.tasks.segment import _resize, find_pairs, mask_to_classes, predict_image, read_mask, read_rgb
+from napari_pathfm.training.segment_data import _resize, find_pairs, mask_to_classes, read_mask, read_rgb
+from napari_pathfm.training.tasks.segment import predict_image
 
 GLAS_MPP = 0.62
 
