@@ -34,9 +34,12 @@ def _wait(qtbot, widget, timeout=240_000):
     assert widget.runner.last_error is None, widget.runner.last_error
 
 
-def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny_checkpoint, tmp_path):
+def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny_checkpoint, tmp_path, monkeypatch):
     import shutil
 
+    import napari_pathfm.checkpoints as ck
+
+    monkeypatch.setattr(ck, "_EXTRA", [])  # the fine-tune registers its run folder; keep that out of later tests
     from napari_pathfm.widgets.segment_widget import SegmentWidget
 
     slide_path = tmp_path / "slides" / cmu_small.name  # corrections go next to the slide: keep them in tmp
