@@ -79,14 +79,14 @@ def build_viewer(
         mil_widget.layer_combo.setCurrentText(layer.name)
         mil_widget.set_checkpoint(demo_mil_checkpoint())
         mil_widget.run()
-    seg_widget = None
-    if segment and _segment_checkpoint() is not None:
+    seg_widget, seg_checkpoint = None, _segment_checkpoint() if segment else None
+    if seg_checkpoint is not None:
         from .widgets.segment_widget import SegmentWidget
 
         seg_widget = SegmentWidget(viewer)
         viewer.window.add_dock_widget(seg_widget, name="Segment (napari-pathfm)", area="right")
         seg_widget.layer_combo.setCurrentText(layer.name)
-        seg_widget.checkpoint.set_path(_segment_checkpoint())
+        seg_widget.checkpoint.set_path(seg_checkpoint)
         seg_widget.run()
     return viewer, {"mil": mil_widget, "segment": seg_widget}
 
