@@ -218,6 +218,40 @@ def segment(
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
 
 
+@app.command()
+def classify(
+    slide: Path = typer.Argument(..., help="Slide or image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Tile classifier checkpoint (family 'classify')"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (class map, probabilities, tiles.csv, summary)"),
+    batch_size: int = typer.Option(32, help="Tiles per forward pass"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+    mpp: Optional[float] = typer.Option(None, help="µm/px the model runs at (default: the checkpoint's)"),
+    tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
+    gradcam: int = typer.Option(0, "--gradcam", help="Also write Grad-CAM PNGs of the top N tiles of each class"),
+) -> None:
+    """Classify the tiles of a slide: class map + per-class probabilities over the slide (OME-TIFF), CSV, JSON."""
+    from .io.slide import open_slide
+    from .pipelines.classify import classify_slide, write_classify_outputs
+
+    try:
+        with cli_progress("classify") as (progress, cancel), open_slide(slide) as s:
+            result = classify_slide(s, checkpoint, mpp=mpp, batch_size=batch_size, device=device,
+                                    tissue_only=tissue_only, progress=progress, cancel=cancel)  # fmt: skip
+            if gradcam > 0:
+                from .pipelines.gradcam import write_top_gradcam
+
+                pngs = write_top_gradcam(s, result, checkpoint, out / "gradcam", gradcam, device=device,
+                                         progress=progress, cancel=cancel)  # fmt: skip
+                if pngs:
+                    result.written["gradcam"] = out / "gradcam"
+            write_classify_outputs(result, out, progress=progress, cancel=cancel)
+    except (PathFMError, ValueError) as exc:
+        _fail(exc)
+    for message in result.messages:
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+
+
 mil_app = typer.Typer(help="Multiple-instance learning: slide prediction with patch heatmaps.", no_args_is_help=True)
 app.add_typer(mil_app, name="mil")
 

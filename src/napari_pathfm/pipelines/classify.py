@@ -1,0 +1,531 @@
+"""Whole-slide tile classification: tissue tiles → classifier → per-tile class map and probabilities.
+
+:func:`classify_slide` runs a ``classify`` checkpoint (a ``timm_classifier``, an ``slca`` model, or
+any module mapping normalised ``(B, 3, T, T)`` images to ``(B, C)`` logits) over the tissue tiles
+of a slide and returns, per tile, the softmax probabilities, plus the same numbers laid out on
+the tile grid so that napari can overlay them on the slide:
+
+- ``class_map`` (rows, cols) integer labels: **0 = background** (no tissue tile there), and
+  class ``k`` of the model (0-based, the card's ``classes[k]``) is stored as ``k + 1``.
+- ``prob_maps`` (C, rows, cols) float32: the probability of each class; 0 where there is no tile.
+
+One grid cell is one tile; with the result's ``scale``/``translate`` (level-0 µm when the slide's
+µm/px is known, else level-0 pixels) both layers sit exactly over the slide (contract 4).
+
+Tile size, µm/px and normalisation come from the checkpoint's model card (``tile_size``,
+``input_mpp``, ``normalization``, ``classes``, written by the classify trainer), so the model sees
+tiles as it saw them in training. Tiles are decoded by the prefetching loader in background
+threads while the model runs; cancel is checked between batches and raises
+:class:`~napari_pathfm.errors.Cancelled` before anything is written. :func:`write_classify_outputs`
+writes the class map (OME-TIFF labels with class names), the probabilities (multi-channel OME-TIFF),
+a per-tile CSV, a GeoJSON of the classified tiles and a JSON summary, each atomically.
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, PathFMError, SlideError
+from ..progress import check_cancel, report
+
+__all__ = [
+    "BACKGROUND",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ClassifyResult",
+    "classify_slide",
+    "load_classifier",
+    "preprocess_tiles",
+    "write_classify_outputs",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+PathLike = str | Path
+#: Name of label 0 of the class map (grid cells without a tissue tile).
+BACKGROUND = "background"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ClassifyResult:
+    """Per-tile classes and probabilities of one slide, and where they sit.
+
+    Attributes
+    ----------
+    classes : list of str
+        Class names of the model, in logit order.
+    probabilities : ndarray float32 (N, C)
+        Softmax probabilities of each classified tile (rows sum to 1).
+    grid : TileGrid
+        The classified tiles (row-major); ``grid.tiles`` are their level-0 (y, x).
+    mpp : float or None
+        µm/px of the slide's level 0 (None: the slide does not say; layers are then in pixels).
+    model_mpp : float or None
+        µm/px of the tiles the model saw.
+    source, checkpoint : str or None
+        The slide and checkpoint paths.
+    messages : list of str
+        Things the user should know (no tissue found, resolution fallback).
+    """
+
+    classes: list[str]
+    probabilities: np.ndarray
+    grid: Any
+    mpp: float | None
+    model_mpp: float | None
+    source: str | None = None
+    checkpoint: str | None = None
+    messages: list[str] = field(default_factory=list)
+    written: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.grid)
+
+    @property
+    def coords(self) -> np.ndarray:
+        """(N, 2) level-0 (y, x) of each tile's top-left corner."""
+        return self.grid.tiles
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(N,) int64 index of the most probable class of each tile (ties: the first)."""
+        return np.argmax(self.probabilities, axis=1) if self.n_tiles else np.zeros(0, np.int64)
+
+    @property
+    def cell(self) -> float:
+        """Level-0 pixels per grid cell (the tile side)."""
+        return float(self.grid.level0_size)
+
+    @property
+    def map_shape(self) -> tuple[int, int]:
+        return tuple(self.grid.grid_shape)  # type: ignore[return-value]
+
+    @property
+    def class_map(self) -> np.ndarray:
+        """(rows, cols) labels: 0 = background (no tile), class ``k`` → ``k + 1``."""
+        dtype = np.uint8 if len(self.classes) < 255 else np.uint16
+        out = np.zeros(self.map_shape, dtype)
+        r, c = self.grid.tile_index.T
+        out[r, c] = self.predicted + 1
+        return out
+
+    @property
+    def prob_maps(self) -> np.ndarray:
+        """(C, rows, cols) float32 probability of each class; 0 where there is no tile."""
+        out = np.zeros((len(self.classes), *self.map_shape), np.float32)
+        r, c = self.grid.tile_index.T
+        out[:, r, c] = self.probabilities.T
+        return out
+
+    def label_names(self) -> dict[int, str]:
+        """``{label value: name}`` of the class map: 0 is background, ``k + 1`` is ``classes[k]``."""
+        return {0: BACKGROUND, **{k + 1: name for k, name in enumerate(self.classes)}}
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        return self.transform()[0]
+
+    @property
+    def translate(self) -> tuple[float, float]:
+        return self.transform()[1]
+
+    def transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """napari ``(scale, translate)`` of the grid maps over the slide layer."""
+        from ..coords import layer_transform
+
+        return layer_transform(self.mpp, self.cell)
+
+    def tile_at(self, y0: float, x0: float) -> int | None:
+        """Index of the classified tile holding level-0 pixel ``(y0, x0)``, or None."""
+        if y0 < 0 or x0 < 0:
+            return None
+        r, c = int(y0 // self.cell), int(x0 // self.cell)
+        hit = np.nonzero((self.grid.tile_index[:, 0] == r) & (self.grid.tile_index[:, 1] == c))[0]
+        return int(hit[0]) if hit.size else None
+
+    def tiles_in_box(self, y0: float, x0: float, y1: float, x1: float) -> np.ndarray:
+        """Indices of tiles that overlap the level-0 box ``[y0, y1) x [x0, x1)``, in grid order."""
+        t = self.grid.tiles
+        s = self.cell
+        keep = (t[:, 0] < y1) & (t[:, 0] + s > y0) & (t[:, 1] < x1) & (t[:, 1] + s > x0)
+        return np.nonzero(keep)[0]
+
+    def class_fractions(self) -> dict[str, float]:
+        """Share of the classified tiles predicted as each class."""
+        n = max(1, self.n_tiles)
+        counts = np.bincount(self.predicted, minlength=len(self.classes))
+        return {name: float(counts[k] / n) for k, name in enumerate(self.classes)}
+
+    def layer_kwargs(self) -> dict:
+        """Common napari keyword arguments (scale, translate, units, metadata) of the result's layers."""
+        from ..coords import layer_units
+
+        scale, translate = self.transform()
+        return {
+            "scale": scale, "translate": translate, "units": layer_units(self.mpp),
+            "metadata": {"pathfm_kind": "classify", "classes": self.label_names(), "downsample": self.cell,
+                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp},
+        }  # fmt: skip
+
+    def summary(self) -> dict:
+        counts = np.bincount(self.predicted, minlength=len(self.classes))
+        return {
+            "input": self.source,
+            "checkpoint": self.checkpoint,
+            "classes": self.classes,
+            "tiles": self.n_tiles,
+            "grid_shape": list(self.map_shape),
+            "tile_size": int(self.grid.tile_size),
+            "level0_tile_size": self.cell,
+            "mpp": self.mpp,
+            "model_mpp": self.model_mpp,
+            "class_counts": {name: int(counts[k]) for k, name in enumerate(self.classes)},
+            "class_fractions": self.class_fractions(),
+            "mean_probabilities": {
+                name: float(self.probabilities[:, k].mean()) if self.n_tiles else 0.0
+                for k, name in enumerate(self.classes)
+            },
+            "label_values": {str(k): v for k, v in self.label_names().items()},
+            "messages": self.messages,
+            "written": {k: str(v) for k, v in self.written.items()},
+        }
+
+
+# -- model -------------------------------------------------------------------------------------
+
+
+def load_classifier(model_or_checkpoint: Any, device: str = "cpu") -> tuple[Any, dict, str | None]:
+    """``(model, card, source)`` from a checkpoint path, a ``(model, card)`` pair or a module.
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint is of another family (segment, mil, features, ...): the message names
+        the file, its family and what to pick instead.
+    """
+    if isinstance(model_or_checkpoint, (str, Path)):
+        from ..models.checkpoint import load_checkpoint, read_card
+        from ..models.registry import model_info
+
+        source = str(model_or_checkpoint)
+        card = read_card(model_or_checkpoint)
+        family = card.get("family")
+        if not family:
+            try:
+                family = model_info(card["name"])["family"]
+            except KeyError:
+                family = None
+        if family and family != "classify":
+            hint = {"segment": "pathfm segment / the Segment widget", "mil": "pathfm mil predict / the MIL widget",
+                    "features": "pathfm features"}.get(family)  # fmt: skip
+            raise CheckpointError(
+                source, f"is a {family!r} checkpoint (model {card['name']!r}), not a tile classifier.",
+                "Pick a checkpoint of family 'classify' (timm_classifier or slca, trained with a classify recipe)"
+                + (f"; use this one with {hint}." if hint else "."),
+            )  # fmt: skip
+        model, card = load_checkpoint(model_or_checkpoint, device=device)
+        return model, dict(card), source
+    if isinstance(model_or_checkpoint, tuple):
+        model, card = model_or_checkpoint
+        return model, dict(card), card.get("weights_file")
+    card = dict(getattr(model_or_checkpoint, "pathfm_card", None) or {})
+    return model_or_checkpoint, card, None
+
+
+def _classes(card: dict, n: int | None) -> list[str] | None:
+    names = card.get("classes")
+    if names:
+        return [str(c) for c in names]
+    n = n or (card.get("config") or {}).get("num_classes")
+    return [f"class {i}" for i in range(int(n))] if n else None
+
+
+def _normalization(card: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    norm = card.get("normalization") or {}
+    return tuple(norm.get("mean") or IMAGENET_MEAN), tuple(norm.get("std") or IMAGENET_STD)
+
+
+def preprocess_tiles(images: np.ndarray, dev: str, mean, std):
+    """uint8 ``(B, T, T, 3)`` tiles → normalised float32 ``(B, 3, T, T)`` torch tensor on ``dev``.
+
+    Same numbers as the classify trainer's ``ToDtype(scale=True)`` + ``Normalize(mean, std)``.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(dev, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _logits(out: Any):
+    return out["logits"] if isinstance(out, dict) else out
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+def _target_mpp(slide: Any, mpp: float | None, card: dict, messages: list[str]) -> float | None:
+    target = mpp if mpp is not None else card.get("input_mpp")
+    if target is None:
+        return None
+    if slide.mpp is None:
+        if mpp is not None:
+            raise SlideError(
+                slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be classified at {mpp} µm/px.",
+                "Leave out mpp to classify it at its own resolution.",
+            )  # fmt: skip
+        messages.append(
+            f"{Path(slide.path).name} has no pixel size; classified at its own resolution instead of the model's "
+            f"{target} µm/px."
+        )
+        return None
+    return float(target)
+
+
+def classify_slide(
+    slide: Any,
+    model_or_checkpoint: Any,
+    *,
+    mpp: float | None = None,
+    tile: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    tissue_only: bool = True,
+    min_tissue: float = 0.25,
+    workers: int | None = None,
+    progress: Callable[..., Any] | None = None,
+    cancel: Any = None,
+) -> ClassifyResult:
+    """Classify every tissue tile of a slide; see the module docstring for the outputs.
+
+    Parameters
+    ----------
+    slide : Slide or path
+        From :func:`napari_pathfm.io.open_slide` (a path is opened and closed here).
+    model_or_checkpoint : path, (model, card) or module
+        A ``classify`` checkpoint (``.safetensors`` + card). A checkpoint of another family is a
+        :class:`~napari_pathfm.errors.CheckpointError`.
+    mpp : float, optional
+        µm/px of the tiles the model sees. Default: the card's ``input_mpp``; without one (or
+        when the slide has no pixel size) the slide's level 0.
+    tile : int, optional
+        Tile side in pixels at ``mpp`` (default: the card's ``tile_size``, else 224). The model
+        gets the tiles at this size.
+    batch_size : int
+        Tiles per forward pass.
+    device : str
+        ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda"``...; bf16/fp16 autocast on CUDA.
+    tissue_only : bool
+        Classify only tiles with at least ``min_tissue`` tissue (mask at 8 µm/px); False: all tiles.
+    min_tissue : float
+        Minimum tissue fraction of a classified tile.
+    workers : int, optional
+        Tile reader threads (default 2 on the CPU, up to 8 with a GPU).
+    progress, cancel
+        See :mod:`napari_pathfm.progress`; cancel is checked between batches.
+
+    Returns
+    -------
+    ClassifyResult
+
+    Examples
+    --------
+    >>> res = classify_slide("slide.svs", "crc-resnet18.safetensors")  # doctest: +SKIP
+    >>> res.class_map.shape == res.grid.grid_shape  # doctest: +SKIP
+    True
+    """
+    from ..io.slide import open_slide
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    own = not hasattr(slide, "read")
+    s = open_slide(slide) if own else slide
+    try:
+        return _classify(s, model_or_checkpoint, mpp=mpp, tile=tile, batch_size=batch_size, device=device,
+                         tissue_only=tissue_only, min_tissue=min_tissue, workers=workers, progress=progress,
+                         cancel=cancel)  # fmt: skip
+    finally:
+        if own:
+            s.close()
+
+
+def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tissue_only, min_tissue, workers,
+              progress, cancel) -> ClassifyResult:  # fmt: skip
+    from ..device import resolve_device
+    from ..tiles import tile_grid
+    from ..tiles.loader import native_tile_cache
+    from .segment import _shared_level
+    from .tissue_tiles import compute_tissue_tiles
+
+    try:
+        dev = resolve_device(device)
+    except RuntimeError as exc:
+        raise PathFMError(str(exc)) from None
+    model, card, source = load_classifier(model_or_checkpoint, device=dev)
+    if workers is None:
+        workers = 2 if dev == "cpu" else min(8, os.cpu_count() or 2)
+    messages: list[str] = []
+    target = _target_mpp(slide, mpp, card, messages)
+    t = int(tile or card.get("tile_size") or 224)
+    if t < 8:
+        raise ValueError(f"tile must be at least 8 pixels, got {t}")
+
+    reader = _shared_level(slide, target, tissue_only, workers, cancel)  # decode a level read twice only once
+    if tissue_only:
+        grid = compute_tissue_tiles(reader, tile_size=t, mpp=target, min_tissue=min_tissue, progress=progress,
+                                    cancel=cancel).grid  # fmt: skip
+    else:
+        grid = tile_grid(reader, t, mpp=target)
+    check_cancel(cancel, "classification")
+    if reader is slide:
+        reader = native_tile_cache(slide, grid)
+    if not len(grid):
+        messages.append(f"no tissue found in {Path(slide.path).name}: nothing was classified.")
+    probs = _run_tiles(reader, grid, model, dev, card, source, batch_size=batch_size, workers=workers,
+                       progress=progress, cancel=cancel)  # fmt: skip
+    classes = _classes(card, probs.shape[1] if probs.size else getattr(model, "num_classes", None))
+    if classes is None:
+        classes = []
+    if probs.size and len(classes) != probs.shape[1]:
+        raise CheckpointError(
+            source or "the model card", f"lists {len(classes)} classes ({', '.join(classes)}) but the model "
+            f"predicts {probs.shape[1]}.", "Use the card that was saved with these weights, or fix its 'classes'.",
+        )  # fmt: skip
+    if not probs.size:
+        probs = np.zeros((0, len(classes)), np.float32)
+    for m in messages:
+        log.info(m)
+    return ClassifyResult(classes=classes, probabilities=probs, grid=grid, mpp=slide.mpp, model_mpp=grid.mpp,
+                          source=str(slide.path), checkpoint=source, messages=messages)  # fmt: skip
+
+
+def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, progress, cancel) -> np.ndarray:
+    """Softmax probabilities ``(N, C)`` float32 of every tile of ``grid``, in grid order."""
+    import torch
+
+    from ..device import autocast_dtype
+    from ..tiles import iter_tile_batches
+
+    n = len(grid)
+    if not n:
+        return np.zeros((0, 0), np.float32)
+    mean, std = _normalization(card)
+    model.to(dev).eval()
+    amp = autocast_dtype(dev)
+    autocast = torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
+    name = Path(slide.path).name
+    out: np.ndarray | None = None
+    done = 0
+    report(progress, 0, n, f"{name}: classifying")
+    batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 4 * workers), workers=workers,
+                                cancel=cancel)  # fmt: skip
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                check_cancel(cancel, "classification")
+                with autocast:
+                    logits = _logits(model(preprocess_tiles(batch.images, dev, mean, std)))
+                if logits.ndim != 2 or logits.shape[0] != len(batch.indices):
+                    raise CheckpointError(
+                        source or "the model", f"produced output of shape {tuple(logits.shape)}; a tile classifier "
+                        f"must give (batch, classes) logits, here ({len(batch.indices)}, C).",
+                        "Pick a checkpoint of family 'classify'.",
+                    )  # fmt: skip
+                p = torch.softmax(logits.float(), dim=1).cpu().numpy()
+                if out is None:
+                    out = np.empty((n, p.shape[1]), np.float32)
+                out[batch.indices] = p
+                done += len(batch.indices)
+                report(progress, done, n, f"{name}: classifying")
+    finally:
+        batches.close()
+    check_cancel(cancel, "classification")
+    return out
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def _write_csv(result: ClassifyResult, path: Path) -> Path:
+    from ..io.atomic import atomic_path
+
+    pred = result.predicted
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "row", "col", "y0", "x0", "size0", "class", "label", *[f"p_{c}" for c in result.classes]])
+        size0 = f"{result.cell:.6g}"
+        for i, ((y, x), (r, c)) in enumerate(zip(result.grid.tiles, result.grid.tile_index)):
+            k = int(pred[i])
+            probs = [f"{v:.6f}" for v in result.probabilities[i]]
+            w.writerow([i, int(r), int(c), int(y), int(x), size0, result.classes[k], k + 1, *probs])
+    return path
+
+
+def write_classify_outputs(
+    result: ClassifyResult,
+    out_dir: PathLike,
+    *,
+    geojson: bool = True,
+    progress: Callable[..., Any] | None = None,
+    cancel: Any = None,
+) -> dict[str, Path]:
+    """Write the result into ``out_dir``; every file atomically, ``summary.json`` last.
+
+    Files: ``class-map.ome.tif`` (labels, one pixel per tile, class names in the metadata, pixel
+    size = tile side in µm), ``probabilities.ome.tif`` (float32 CYX, one channel per class, named),
+    ``tiles.csv`` (one row per tile: level-0 position, class, probabilities), ``tiles.geojson``
+    (classified tile regions as QuPath polygons in level-0 pixels; with ``geojson``) and
+    ``summary.json`` (counts and fractions per class, geometry, the files written).
+    """
+    from ..io.atomic import atomic_path
+    from ..io.geojson import write_geojson
+    from ..io.ome_tiff import write_ome_tiff
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cell_mpp = result.mpp * result.cell if result.mpp else None
+    meta = {"kind": "classify", "slide": result.source, "checkpoint": result.checkpoint, "downsample": result.cell,
+            "model_mpp": result.model_mpp, "classes": result.classes, "tile_size": int(result.grid.tile_size)}  # fmt: skip
+    steps, done = 5 if geojson else 4, 0
+    written: dict[str, Path] = {}
+    report(progress, done, steps, "writing class map")
+    written["class_map"] = write_ome_tiff(out / "class-map.ome.tif", result.class_map, mpp=cell_mpp, is_labels=True,
+                                          class_names=result.label_names(), metadata=meta, cancel=cancel)  # fmt: skip
+    done += 1
+    report(progress, done, steps, "writing probabilities")
+    written["probabilities"] = write_ome_tiff(
+        out / "probabilities.ome.tif", result.prob_maps, mpp=cell_mpp, axes="CYX", channel_names=result.classes,
+        metadata=meta, cancel=cancel,
+    )  # fmt: skip
+    done += 1
+    check_cancel(cancel, "writing")
+    written["tiles_csv"] = _write_csv(result, out / "tiles.csv")
+    done += 1
+    if geojson:
+        report(progress, done, steps, "writing GeoJSON")
+        written["geojson"] = write_geojson(out / "tiles.geojson", result.class_map, result.label_names(),
+                                           downsample=result.cell)  # fmt: skip
+        done += 1
+    result.written = {**result.written, **written}
+    summary_path = out / "summary.json"
+    result.written["summary"] = summary_path
+    with atomic_path(summary_path) as tmp:
+        Path(tmp).write_text(json.dumps(result.summary(), indent=2, default=str))
+    report(progress, steps, steps, "written")
+    return dict(result.written)
