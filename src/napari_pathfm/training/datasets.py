@@ -2,7 +2,10 @@
 
 :func:`split_files` makes the train/validation split: seeded, deterministic and
 stratified (each class with at least two images keeps one or more for
-validation), or read from a JSON split file so a split can be fixed and shared.
+validation), or read from a JSON split file so a split can be fixed and shared
+(:func:`read_split_file`, which also knows an optional held-out ``"test"`` list).
+:func:`subsample_per_class` keeps a seeded share of each class's training images
+for label-efficiency runs (10 / 50 / 100 % of the labels).
 :func:`classify_transforms` gives the ImageNet-normalised resize pipeline and the
 flip/90-degree-rotation augmentation, which suits H&E tiles because tissue has no
 preferred orientation.
@@ -19,7 +22,17 @@ import numpy as np
 from ..errors import RecipeError
 from .recipes import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ClassFolderDataset", "find_class_files", "split_files", "classify_transforms", "RandomRot90"]
+__all__ = [
+    "ClassFolderDataset",
+    "RandomRot90",
+    "classify_transforms",
+    "find_class_files",
+    "read_split_file",
+    "split_files",
+    "subsample_per_class",
+]
+
+SPLIT_PARTS = ("train", "val", "test")
 
 
 def find_class_files(
@@ -63,30 +76,14 @@ def split_files(
     """Split ``(file, label)`` pairs into train and validation lists.
 
     With ``split_file`` (JSON ``{"train": [...], "val": [...]}``, paths relative
-    to ``root``) the split is read from it. Otherwise each class is shuffled with
+    to ``root``) the split is read from it by :func:`read_split_file` (a
+    ``"test"`` list there is left out of both). Otherwise each class is shuffled with
     ``seed`` and ``round(n * val_fraction)`` of it (at least 1 when the class has
     2 or more images, never all) goes to validation.
     """
     if split_file is not None:
-        split_file = Path(split_file)
-        try:
-            spec = json.loads(split_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RecipeError(
-                split_file, f"split file cannot be read ({exc}).", 'Write JSON {"train": [...], "val": [...]}.'
-            ) from exc
-        by_rel = {str(Path(f).relative_to(root)) if root else str(f): (f, y) for f, y in items}
-        out = []
-        for part in ("train", "val"):
-            missing = [p for p in spec.get(part, []) if p not in by_rel]
-            if missing:
-                raise RecipeError(
-                    split_file,
-                    f"lists files not found under the data root: {missing[:5]}.",
-                    "Paths are relative to data.root.",
-                )
-            out.append([by_rel[p] for p in spec.get(part, [])])
-        return out[0], out[1]
+        parts = read_split_file(split_file, items, root)
+        return parts["train"], parts["val"]
     rng = np.random.default_rng(seed)
     train, val = [], []
     labels = sorted({y for _, y in items})
@@ -101,6 +98,101 @@ def split_files(
         val += [group[i] for i in order[:n_val]]
         train += [group[i] for i in order[n_val:]]
     return train, val
+
+
+def read_split_file(
+    split_file: str | Path, items: list[tuple[Path, int]], root: str | Path | None = None
+) -> dict[str, list[tuple[Path, int]]]:
+    """The ``train``, ``val`` and ``test`` lists of a JSON split file.
+
+    Parameters
+    ----------
+    split_file : str or Path
+        JSON ``{"train": [...], "val": [...], "test": [...]}``; each list is
+        optional and holds paths relative to ``root`` (``test`` items are held
+        out: they never train or validate).
+    items : list of (Path, int)
+        All ``(file, label)`` pairs found under ``root`` (:func:`find_class_files`).
+    root : str or Path, optional
+        Folder the listed paths are relative to.
+
+    Returns
+    -------
+    dict
+        ``{"train": [...], "val": [...], "test": [...]}`` of ``(file, label)`` pairs.
+
+    Raises
+    ------
+    RecipeError
+        The file is unreadable, is not a JSON object, lists a file that is not
+        under ``root``, or lists one file in two parts.
+    """
+    split_file = Path(split_file)
+    try:
+        spec = json.loads(split_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecipeError(
+            split_file, f"split file cannot be read ({exc}).", 'Write JSON {"train": [...], "val": [...]}.'
+        ) from exc
+    if not isinstance(spec, dict):
+        raise RecipeError(
+            split_file, "is not a JSON object.", 'Write JSON {"train": [...], "val": [...], "test": [...]}.'
+        )
+    by_rel = {str(Path(f).relative_to(root)) if root else str(f): (f, y) for f, y in items}
+    out, seen = {}, {}
+    for part in SPLIT_PARTS:
+        listed = [str(Path(p)) for p in spec.get(part, [])]
+        missing = [p for p in listed if p not in by_rel]
+        if missing:
+            raise RecipeError(
+                split_file,
+                f"lists files not found under the data root: {missing[:5]}.",
+                "Paths are relative to data.root.",
+            )
+        twice = [p for p in listed if p in seen]
+        if twice:
+            raise RecipeError(
+                split_file,
+                f"lists {twice[:3]} in both '{seen[twice[0]]}' and '{part}'.",
+                "Put each file in one part only.",
+            )
+        seen.update((p, part) for p in listed)
+        out[part] = [by_rel[p] for p in listed]
+    return out
+
+
+def subsample_per_class(items: list[tuple[Path, int]], fraction: float = 1.0, seed: int = 0) -> list:
+    """Keep a seeded share of each class's ``(file, label)`` pairs (label-efficiency runs).
+
+    Each class keeps ``round(n * fraction)`` of its ``n`` items, at least one.
+    The kept items are the first ones of a per-class permutation drawn from
+    ``seed``, so with one seed a smaller fraction is a subset of a larger one
+    (10 % ⊂ 50 % ⊂ 100 %). The input order is preserved.
+
+    Raises
+    ------
+    ValueError
+        ``fraction`` is not in (0, 1].
+
+    Examples
+    --------
+    >>> items = [(f"a{i}", 0) for i in range(10)] + [("b0", 1)]
+    >>> kept = subsample_per_class(items, 0.3, seed=0)
+    >>> sum(y == 0 for _, y in kept), sum(y == 1 for _, y in kept)
+    (3, 1)
+    """
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], not {fraction}")
+    if fraction == 1.0:
+        return list(items)
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    for label in sorted({y for _, y in items}):
+        idx = [i for i, (_, y) in enumerate(items) if y == label]
+        n_keep = max(1, round(len(idx) * fraction))
+        keep.update(idx[j] for j in rng.permutation(len(idx))[:n_keep])
+    return [it for i, it in enumerate(items) if i in keep]
 
 
 class RandomRot90:

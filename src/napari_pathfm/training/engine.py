@@ -6,7 +6,9 @@ best + last checkpoints, early stopping, CSV and TensorBoard logs, resume from
 :class:`TrainEvent` dicts that a GUI can stream as JSON lines (they are also
 appended to ``<output>/events.jsonl``). At the end the best weights are exported
 as ``<output>/model.safetensors`` + ``model.json`` through
-:func:`~napari_pathfm.models.save_checkpoint`.
+:func:`~napari_pathfm.models.save_checkpoint`. When the data module holds out
+test items (``has_test``), the best weights are evaluated on them with
+``trainer.test`` and the ``test_*`` metrics go into the card (``metrics.test``).
 
 Lightning's multi-device settings (``devices``, ``num_nodes``, ``strategy``) pass
 through from the recipe unchanged.
@@ -62,6 +64,9 @@ class TrainResult:
         Early stopping ended the run / the user stopped it.
     history : list of dict
         Metrics of every epoch, including those of earlier (resumed) calls.
+    test_metrics : dict
+        ``test_*`` metrics of the best weights on the held-out test items
+        (empty when there are none, or the run was cancelled).
     """
 
     checkpoint: Path | None
@@ -76,6 +81,7 @@ class TrainResult:
     stopped_early: bool = False
     cancelled: bool = False
     history: list = field(default_factory=list)
+    test_metrics: dict = field(default_factory=dict)
 
 
 def _build(recipe: Recipe):
@@ -259,6 +265,7 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         pick = min if ckpt.mode == "min" else max
         best = pick((h for h in history if monitor in h), key=lambda h: h[monitor])
     last_metrics = floats(trainer.callback_metrics)
+    test_metrics = _test(trainer, task, data, quiet) if not events.cancelled else {}
     card = {
         **card,
         "family": recipe.get("family"),
@@ -268,6 +275,8 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         "recipe_file": str(recipe.path) if recipe.path else None,
         "recipe": recipe.config,
     }
+    if test_metrics:
+        card["metrics"]["test"] = test_metrics
     weights = out / "model.safetensors"
     if trainer.is_global_zero:
         save_checkpoint(task.model, weights, card)
@@ -278,7 +287,7 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
                 "event": "done",
                 "epoch": trainer.current_epoch,
                 "step": trainer.global_step,
-                "metrics": best,
+                "metrics": {**best, **test_metrics},
                 "message": f"{word} after epoch {trainer.current_epoch}; weights in {weights}",
             }
         )
@@ -295,4 +304,22 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         stopped_early=bool(stopper is not None and stopper.stopped_epoch > 0 and not events.cancelled),
         cancelled=events.cancelled,
         history=list(history),
+        test_metrics=test_metrics,
     )
+
+
+def _test(trainer, task, data, quiet: bool) -> dict:
+    """``test_*`` metrics of ``task`` (best weights loaded) on the data module's test items, if it has any."""
+    if not getattr(data, "has_test", False):
+        return {}
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    if quiet:
+        lightning_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            out = trainer.test(task, datamodule=data, verbose=False)
+    finally:
+        lightning_log.setLevel(level)
+    return floats(out[0]) if out else {}

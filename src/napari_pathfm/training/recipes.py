@@ -104,7 +104,14 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         "data.image_size": Field((int,), 224, "Images are resized to this many pixels square."),
         "data.val_fraction": Field(_NUM, 0.2, "Share of each class held out for validation (seeded, stratified)."),
         "data.split_file": Field(
-            (str, type(None)), None, "JSON {'train': [...], 'val': [...]} of paths relative to root.", path=True
+            (str, type(None)),
+            None,
+            "JSON {'train': [...], 'val': [...], 'test': [...]} of paths relative to root; "
+            "the best weights are evaluated on 'test' after training.",
+            path=True,
+        ),
+        "data.label_fraction": Field(
+            _NUM, 1.0, "Share of each class's training images used (seeded, at least 1 per class); val/test whole."
         ),
         "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image file suffixes to use."),
         "data.mean": Field((list,), IMAGENET_MEAN, "Normalisation mean (RGB, 0-1 scale)."),
@@ -112,6 +119,9 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
         "data.augment": Field((bool,), True, "Random flips and 90-degree rotations while training."),
         "data.input_mpp": Field(
             _OPT_NUM, None, "µm per pixel as the model sees the images (after resizing); goes on the model card."
+        ),
+        "optim.trainable": Field(
+            (str,), "all", "all: train every layer (deep-tune); head: only the classifier (fine-tune).", ("all", "head")
         ),
     },
     "mil": {

@@ -3,6 +3,17 @@
 Logs ``train_loss`` (epoch mean), ``val_loss``, ``val_acc`` and ``val_auroc``
 (one-vs-rest, macro-averaged) through torchmetrics, which ships with Lightning and
 synchronises metric state across DDP processes.
+
+Recipe options beyond a plain run:
+
+- ``data.label_fraction``: train on a seeded share of each class's training
+  images (:func:`~napari_pathfm.training.datasets.subsample_per_class`);
+  validation and test stay whole.
+- ``optim.trainable: head``: fine-tune only ``model.get_classifier()``; every other
+  parameter is frozen and BatchNorm layers outside the head keep their running
+  statistics (eval mode). ``all`` (default) trains everything (deep-tune).
+- a ``"test"`` list in ``data.split_file``: after training the engine evaluates
+  the best weights on it (``test_loss``, ``test_acc``, ``test_auroc``).
 """
 
 from __future__ import annotations
@@ -18,10 +29,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from ...errors import RecipeError
 from ...models.registry import create_model
-from ..datasets import ClassFolderDataset, classify_transforms, find_class_files, split_files
+from ..datasets import (
+    ClassFolderDataset,
+    classify_transforms,
+    find_class_files,
+    read_split_file,
+    split_files,
+    subsample_per_class,
+)
 from ..recipes import Recipe
 
-__all__ = ["ClassifyTask", "ClassifyDataModule", "build_optimizer", "build"]
+__all__ = ["ClassifyDataModule", "ClassifyTask", "build", "build_optimizer", "freeze_all_but_head"]
 
 
 def build_optimizer(params, optim: dict, max_epochs: int):
@@ -41,16 +59,75 @@ def build_optimizer(params, optim: dict, max_epochs: int):
     return opt
 
 
-class ClassifyTask(L.LightningModule):
-    """Trains ``model`` (any ``(N, C, H, W) -> (N, num_classes)`` module) with cross-entropy."""
+def freeze_all_but_head(model: torch.nn.Module, where: str | Path = "<recipe>") -> list[torch.nn.Module]:
+    """Freeze every parameter of ``model`` except those of ``model.get_classifier()``.
 
-    def __init__(self, model: torch.nn.Module, num_classes: int, optim: dict, max_epochs: int):
+    Returns the BatchNorm modules outside the head, which :class:`ClassifyTask`
+    keeps in eval mode so their running statistics stay those of the
+    initial weights (a real fine-tune of the head only).
+
+    Raises
+    ------
+    RecipeError
+        The model has no ``get_classifier()`` (timm models and ``slca`` have it)
+        or its head has no parameters.
+    """
+    get_head = getattr(model, "get_classifier", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Module) or not any(True for _ in head.parameters()):
+        raise RecipeError(
+            where,
+            f"optim.trainable is 'head' but {type(model).__name__} has no classifier head (get_classifier()).",
+            "Use optim.trainable: all, or a model with a head (timm_classifier, slca).",
+        )
+    head_params = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_params)
+    head_modules = {id(m) for m in head.modules()}
+    return [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in head_modules
+    ]
+
+
+class ClassifyTask(L.LightningModule):
+    """Trains ``model`` (any ``(N, C, H, W) -> (N, num_classes)`` module) with cross-entropy.
+
+    ``trainable="head"`` trains only ``model.get_classifier()`` (see
+    :func:`freeze_all_but_head`); ``"all"`` trains every parameter that is not
+    already frozen by the model itself (e.g. SLCA's SAM encoder).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_classes: int,
+        optim: dict,
+        max_epochs: int,
+        trainable: str = "all",
+        where: str | Path = "<recipe>",
+    ):
         super().__init__()
         self.model = model
         self.optim_cfg = dict(optim)
         self.max_epochs = max_epochs
+        self._frozen_norms = freeze_all_but_head(model, where) if trainable == "head" else []
+        for m in self._frozen_norms:  # Lightning keeps (and restores) the modes it finds; it never calls train()
+            m.eval()
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_auroc = MulticlassAUROC(num_classes=num_classes, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_auroc = MulticlassAUROC(num_classes=num_classes, average="macro")
+
+    def train(self, mode: bool = True):
+        """Switch train/eval mode; frozen BatchNorm layers (``trainable: head``) stay in eval."""
+        super().train(mode)
+        for m in self._frozen_norms:
+            m.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        for m in self._frozen_norms:
+            m.eval()
 
     def forward(self, x):
         return self.model(x)
@@ -71,12 +148,28 @@ class ClassifyTask(L.LightningModule):
         self.log("val_acc", self.val_acc, on_epoch=True)
         self.log("val_auroc", self.val_auroc, on_epoch=True)
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.test_acc.update(logits, y)
+        self.test_auroc.update(logits.float().softmax(-1), y)
+        self.log("test_loss", F.cross_entropy(logits, y), on_epoch=True, batch_size=len(y), sync_dist=True)
+        self.log("test_acc", self.test_acc, on_epoch=True)
+        self.log("test_auroc", self.test_auroc, on_epoch=True)
+
     def configure_optimizers(self):
-        return build_optimizer(self.parameters(), self.optim_cfg, self.max_epochs)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return build_optimizer(params, self.optim_cfg, self.max_epochs)
 
 
 class ClassifyDataModule(L.LightningDataModule):
-    """Class-folder images split into train/val once, at construction (so classes are known early)."""
+    """Class-folder images split into train/val(/test) once, at construction (so classes are known early).
+
+    A ``"test"`` list in ``data.split_file`` becomes :attr:`test_items`
+    (``has_test`` tells the engine to evaluate the best weights on it);
+    ``data.label_fraction`` < 1 then keeps a seeded share of each class's
+    training images (at least one per class).
+    """
 
     def __init__(self, data: dict, batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -84,13 +177,27 @@ class ClassifyDataModule(L.LightningDataModule):
         self.root = Path(data["root"])
         self.batch_size, self.num_workers = batch_size, num_workers
         self.classes, items = find_class_files(self.root, data.get("classes"), data["extensions"])
-        self.train_items, self.val_items = split_files(
-            items, data["val_fraction"], seed, data.get("split_file"), self.root
-        )
+        self.test_items: list = []
+        if data.get("split_file"):
+            parts = read_split_file(data["split_file"], items, self.root)
+            self.train_items, self.val_items, self.test_items = parts["train"], parts["val"], parts["test"]
+        else:
+            self.train_items, self.val_items = split_files(items, data["val_fraction"], seed)
+        self.label_fraction = float(data.get("label_fraction", 1.0))
+        self.n_train_labelled = len(self.train_items)
+        try:
+            self.train_items = subsample_per_class(self.train_items, self.label_fraction, seed)
+        except ValueError as exc:
+            raise RecipeError(self.root, f"data.label_fraction: {exc}.", "Use a share in (0, 1], e.g. 0.1.") from exc
         if not self.train_items:
             raise RecipeError(
                 self.root, "leaves no images for training after the split.", "Lower data.val_fraction or add images."
             )
+
+    @property
+    def has_test(self) -> bool:
+        """True when the split file held out test images."""
+        return bool(self.test_items)
 
     def _dataset(self, items, train: bool) -> ClassFolderDataset:
         tf = classify_transforms(self.cfg["image_size"], train, self.cfg["mean"], self.cfg["std"], self.cfg["augment"])
@@ -112,16 +219,34 @@ class ClassifyDataModule(L.LightningDataModule):
     def val_dataloader(self):
         return self._loader(self.val_items, False) if self.val_items else []
 
+    def test_dataloader(self):
+        return self._loader(self.test_items, False)
+
     def save_split(self, path: str | Path) -> None:
-        """Write the split as a JSON split file (reusable as ``data.split_file``)."""
+        """Write the split as a JSON split file (reusable as ``data.split_file``).
+
+        ``train`` lists the images that trained, i.e. after ``label_fraction``.
+        """
         rel = lambda items: [str(Path(f).relative_to(self.root)) for f, _ in items]  # noqa: E731
-        Path(path).write_text(json.dumps({"train": rel(self.train_items), "val": rel(self.val_items)}, indent=1))
+        spec = {"train": rel(self.train_items), "val": rel(self.val_items)}
+        if self.test_items:
+            spec["test"] = rel(self.test_items)
+        Path(path).write_text(json.dumps(spec, indent=1))
 
     def describe(self) -> str:
         """One line on what the model was trained on, for the model card."""
+        n_all = len(self.train_items) + len(self.val_items) + len(self.test_items)
+        test = f" / {len(self.test_items)} test" if self.test_items else ""
+        frac = ""
+        if self.label_fraction < 1.0:
+            frac = (
+                f"; label_fraction {self.label_fraction:g}: {len(self.train_items)} of "
+                f"{self.n_train_labelled} training images kept"
+            )
         return (
-            f"{len(self.train_items) + len(self.val_items)} images in {len(self.classes)} classes from {self.root} "
-            f"({len(self.train_items)} train / {len(self.val_items)} val, image_size {self.cfg['image_size']})"
+            f"{n_all} images in {len(self.classes)} classes from {self.root} "
+            f"({len(self.train_items)} train / {len(self.val_items)} val{test}, "
+            f"image_size {self.cfg['image_size']}{frac})"
         )
 
 
@@ -143,12 +268,15 @@ def build(recipe: Recipe):
             "Remove model.num_classes or fix data.classes.",
         )
     model = create_model(recipe.get("model.name"), **cfg)
-    task = ClassifyTask(model, n, recipe.get("optim"), recipe.get("trainer.max_epochs"))
+    trainable = recipe.get("optim.trainable", "all")
+    task = ClassifyTask(
+        model, n, recipe.get("optim"), recipe.get("trainer.max_epochs"), trainable, where=recipe.path or "<recipe>"
+    )
     card = {
         "classes": data.classes,
         "normalization": {"mean": list(data.cfg["mean"]), "std": list(data.cfg["std"])},
         "input_mpp": data.cfg.get("input_mpp"),
         "tile_size": data.cfg["image_size"],
-        "training_data": data.describe(),
+        "training_data": data.describe() + ("; head only (optim.trainable: head)" if trainable == "head" else ""),
     }
     return task, data, card
