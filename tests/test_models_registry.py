@@ -20,7 +20,7 @@ def test_listing_and_card_reading_do_not_import_torch(tmp_path):
         from napari_pathfm.models import list_models, model_info, read_card
         from napari_pathfm.training import load_recipe, schema
         assert "timm_classifier" in list_models()
-        assert list_models(family="classify") == ["timm_classifier"]
+        assert list_models(family="classify") == ["slca", "timm_classifier"]
         assert model_info("timm_classifier")["family"] == "classify"
         assert read_card({str(card)!r})["classes"] == ["a", "b", "c"]
         assert "data.root" in schema("classify")

@@ -23,7 +23,7 @@ __all__ = ["register_model", "create_model", "list_models", "model_info", "Model
 
 # Config keys that point at files to load once at build time; they are not
 # recorded in ``pathfm_config`` because a checkpoint card carries the weights itself.
-_BUILD_ONLY_KEYS = ("weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint")
+_BUILD_ONLY_KEYS = ("weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint", "backbone_weights")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,18 @@ _BUILTINS: dict[str, ModelEntry] = {
             family="classify",
             description="Any timm image backbone with a linear classification head (tile classifier).",
             default_cfg={"backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None},
+        ),
+        ModelEntry(
+            name="slca",
+            target="napari_pathfm.models.slca:slca",
+            family="classify",
+            description="SLCA: frozen SAM ViT taps steer a timm CNN/Swin through spatially localized channel attention.",
+            default_cfg={
+                "backbone": "resnet152", "sam": "samvit_base_patch16", "num_classes": 2, "sam_img_size": 1024,
+                "taps": ["patch_embed", "first", "middle", "last", "neck"], "fusion": "slca", "projector": True,
+                "projector_dim": 256, "slca_kernel": 3, "slca_reduction": 16, "drop_rate": 0.0, "freeze_sam": True,
+                "sam_kwargs": None, "backbone_kwargs": None, "sam_checkpoint": None, "backbone_weights": None,
+            },
         ),
         ModelEntry(
             name="pathsam2",
