@@ -282,3 +282,18 @@ def test_registry_entry_matches_the_factory():
     runtime, builtin = registry._RUNTIME["slca"], registry._BUILTINS["slca"]
     assert {**runtime.default_cfg, "taps": list(runtime.default_cfg["taps"])} == builtin.default_cfg
     assert (runtime.family, runtime.target) == (builtin.family, builtin.target) == ("classify", builtin.target)
+
+
+def test_recipe_file_keys_are_relative_to_the_recipe(tmp_path):
+    from napari_pathfm.training.recipes import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    path = tmp_path / "recipes" / "slca.yaml"
+    path.write_text(
+        "family: classify\nmodel: {name: slca, sam_checkpoint: ../weights/sam_vit_h_4b8939.pth, "
+        "backbone_weights: r152.safetensors, sam_kwargs: {depth: 4}}\ndata: {root: tiles}\n"
+    )
+    model = load_recipe(path).get("model")
+    assert model["sam_checkpoint"] == str(tmp_path / "weights" / "sam_vit_h_4b8939.pth")
+    assert model["backbone_weights"] == str(tmp_path / "recipes" / "r152.safetensors")
+    assert model["sam_kwargs"] == {"depth": 4}

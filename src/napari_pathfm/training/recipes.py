@@ -347,7 +347,7 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
         )
     fields = {**SCHEMA, **DATA_SCHEMA.get(family, {})}
     model_name = (config.get("model") or {}).get("name") if isinstance(config.get("model"), dict) else None
-    from ..models.registry import list_models, model_info
+    from ..models.registry import _BUILD_ONLY_KEYS, list_models, model_info
 
     if model_name is None:
         raise RecipeError(where, "required key 'model.name' is missing.", f"Known models: {', '.join(list_models())}.")
@@ -359,7 +359,9 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
         )
     model_keys = {f"model.{k}" for k in model_info(model_name)["default_cfg"]}
     for key in model_keys:
-        fields[key] = Field((object,), None, "Model config (see the model's docstring).", path=key == "model.weights")
+        # files loaded at build time (weights, sam_checkpoint, backbone_weights, ...) are relative to the recipe
+        is_file = key[len("model.") :] in _BUILD_ONLY_KEYS
+        fields[key] = Field((object,), None, "Model config (see the model's docstring).", path=is_file)
 
     def walk(node: dict, prefix: str) -> None:
         if not isinstance(node, dict):
