@@ -463,10 +463,8 @@ def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, pr
 
 
 def _write_csv(result: ClassifyResult, path: Path) -> Path:
-    from ..io.atomic import atomic_path
-
     pred = result.predicted
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "row", "col", "y0", "x0", "size0", "class", "label", *[f"p_{c}" for c in result.classes]])
         size0 = f"{result.cell:.6g}"
@@ -485,15 +483,20 @@ def write_classify_outputs(
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> dict[str, Path]:
-    """Write the result into ``out_dir``; every file atomically, ``summary.json`` last.
+    """Write the result into ``out_dir``, all files or none.
 
     Files: ``class-map.ome.tif`` (labels, one pixel per tile, class names in the metadata, pixel
     size = tile side in µm), ``probabilities.ome.tif`` (float32 CYX, one channel per class, named),
     ``tiles.csv`` (one row per tile: level-0 position, class, probabilities), ``tiles.geojson``
     (classified tile regions as QuPath polygons in level-0 pixels; with ``geojson``) and
     ``summary.json`` (counts and fractions per class, geometry, the files written).
+
+    Everything is written into a hidden temporary folder inside ``out_dir`` and moved into place
+    (``os.replace``, ``summary.json`` last) only when all files are complete: a cancel or an error
+    leaves earlier outputs untouched and no new ones.
     """
-    from ..io.atomic import atomic_path
+    import tempfile
+
     from ..io.geojson import write_geojson
     from ..io.ome_tiff import write_ome_tiff
 
@@ -502,30 +505,26 @@ def write_classify_outputs(
     cell_mpp = result.mpp * result.cell if result.mpp else None
     meta = {"kind": "classify", "slide": result.source, "checkpoint": result.checkpoint, "downsample": result.cell,
             "model_mpp": result.model_mpp, "classes": result.classes, "tile_size": int(result.grid.tile_size)}  # fmt: skip
-    steps, done = 5 if geojson else 4, 0
-    written: dict[str, Path] = {}
-    report(progress, done, steps, "writing class map")
-    written["class_map"] = write_ome_tiff(out / "class-map.ome.tif", result.class_map, mpp=cell_mpp, is_labels=True,
-                                          class_names=result.label_names(), metadata=meta, cancel=cancel)  # fmt: skip
-    done += 1
-    report(progress, done, steps, "writing probabilities")
-    written["probabilities"] = write_ome_tiff(
-        out / "probabilities.ome.tif", result.prob_maps, mpp=cell_mpp, axes="CYX", channel_names=result.classes,
-        metadata=meta, cancel=cancel,
-    )  # fmt: skip
-    done += 1
-    check_cancel(cancel, "writing")
-    written["tiles_csv"] = _write_csv(result, out / "tiles.csv")
-    done += 1
-    if geojson:
-        report(progress, done, steps, "writing GeoJSON")
-        written["geojson"] = write_geojson(out / "tiles.geojson", result.class_map, result.label_names(),
-                                           downsample=result.cell)  # fmt: skip
-        done += 1
-    result.written = {**result.written, **written}
-    summary_path = out / "summary.json"
-    result.written["summary"] = summary_path
-    with atomic_path(summary_path) as tmp:
-        Path(tmp).write_text(json.dumps(result.summary(), indent=2, default=str))
+    names = {"class_map": "class-map.ome.tif", "probabilities": "probabilities.ome.tif", "tiles_csv": "tiles.csv",
+             **({"geojson": "tiles.geojson"} if geojson else {}), "summary": "summary.json"}  # fmt: skip
+    steps = len(names)
+    with tempfile.TemporaryDirectory(prefix=".pathfm-classify-", dir=out) as tmp_dir:
+        tmp = {k: Path(tmp_dir) / v for k, v in names.items()}
+        report(progress, 0, steps, "writing class map")
+        write_ome_tiff(tmp["class_map"], result.class_map, mpp=cell_mpp, is_labels=True,
+                       class_names=result.label_names(), metadata=meta, cancel=cancel)  # fmt: skip
+        report(progress, 1, steps, "writing probabilities")
+        write_ome_tiff(tmp["probabilities"], result.prob_maps, mpp=cell_mpp, axes="CYX", channel_names=result.classes,
+                       metadata=meta, cancel=cancel)  # fmt: skip
+        check_cancel(cancel, "writing")
+        report(progress, 2, steps, "writing tiles.csv")
+        _write_csv(result, tmp["tiles_csv"])
+        if geojson:
+            write_geojson(tmp["geojson"], result.class_map, result.label_names(), downsample=result.cell)
+        check_cancel(cancel, "writing")
+        result.written = {**result.written, **{k: out / v for k, v in names.items()}}
+        tmp["summary"].write_text(json.dumps(result.summary(), indent=2, default=str))
+        for key, name in names.items():  # summary.json last: its presence means the set is complete
+            os.replace(tmp[key], out / name)
     report(progress, steps, steps, "written")
     return dict(result.written)

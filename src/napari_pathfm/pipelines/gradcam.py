@@ -9,8 +9,8 @@ scale/translate that puts them over the slide (contract 4).
 Target layers: ``model.gradcam_target_layers()`` when the model defines it (the ``slca`` model
 returns its last backbone stage after SLCA fusion); else the last feature stage that timm
 records in ``model.feature_info`` (``layer4`` of a ResNet, the last stage of a Swin/ConvNeXt,
-the last block of a ViT). Token (ViT) and channels-last (Swin) activations are reshaped to
-``(B, C, H, W)`` before Grad-CAM weighs them. Each map is scaled to [0, 1] per tile (as
+the first norm of the last block of a class-token ViT). Token (ViT) and channels-last (Swin)
+activations are reshaped to ``(B, C, H, W)`` before Grad-CAM weighs them. Each map is scaled to [0, 1] per tile (as
 pytorch-grad-cam does) and resized to the tile's pixels. Importing this module does not import
 torch.
 """
@@ -61,6 +61,10 @@ class GradCAMResult:
     capped: int = 0
     images: np.ndarray | None = None
 
+    def empty_tiles(self) -> list[int]:
+        """Tiles whose map is all 0: the class has no positive evidence there (Grad-CAM's ReLU)."""
+        return [int(i) for i, h in zip(self.indices, self.heat) if not h.any()]
+
     def mosaic(self) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
         """``(image, scale, translate)``: the maps on their bounding box of the grid, 0 elsewhere.
 
@@ -105,7 +109,12 @@ def default_target_layers(model: Any) -> tuple[list, Callable | None]:
     elif info is not None and hasattr(info, "module_name"):
         name = info.module_name()[-1]
     if name:
-        return [model.get_submodule(name)], _to_nchw(model, _find_num_chs(model))
+        layer = model.get_submodule(name)
+        if getattr(model, "global_pool", None) == "token" and hasattr(layer, "norm1"):
+            # class-token ViT: the last block's patch tokens never reach the head, so their gradient is 0;
+            # the input of its attention (norm1) does, through the class token (pytorch-grad-cam's ViT recipe)
+            layer = layer.norm1
+        return [layer], _to_nchw(model, _find_num_chs(model))
     children = [m for m in model.children() if any(True for _ in m.parameters())]
     if not children:
         raise ValueError(f"cannot find a layer for Grad-CAM in {type(model).__name__}")
