@@ -1,0 +1,284 @@
+"""The "Classify tiles (SLCA)" dock widget: slide → per-tile class map, class probabilities, Grad-CAM.
+
+Pick a slide layer and a ``classify`` checkpoint (a ``slca`` or ``timm_classifier`` model trained
+with a classify recipe), press *Classify*: :func:`~napari_pathfm.pipelines.classify.classify_slide`
+runs in a worker (progress bar, Cancel) and the results appear over the slide:
+
+- a Labels layer ``<slide> classes`` with one cell per tile (0 = no tissue tile, class ``k`` →
+  ``k + 1``) whose features hold the class names, so the status bar names the class under the
+  cursor;
+- one Image layer ``<slide> p(<class>)`` per class with its probability (only the first visible).
+
+Grad-CAM (``pytorch-grad-cam``) explains the classifier: with *Grad-CAM: click a tile* on, a click
+on the canvas computes the map of the tile under the cursor; *Grad-CAM: current view* does every
+classified tile in the visible part of the slide (at most
+:data:`~napari_pathfm.pipelines.gradcam.MAX_TILES`; the status says when tiles were left out). The
+map explains the class chosen in the *Grad-CAM class* list (default: each tile's predicted class)
+and is shown as the Image layer ``<slide> Grad-CAM`` (heat colours, zero transparent). Importing
+this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)  # fmt: skip
+
+from ..coords import layer_units
+from ._checkpoint_picker import CheckpointPicker
+from ._runner import TaskRunner
+from .mil_widget import heat_colormap, viewer_camera
+from .slide_widget import fill_slide_combo
+
+__all__ = ["ClassifyWidget"]
+
+PREDICTED = "predicted class"
+
+
+class ClassifyWidget(QWidget):
+    """Classify a slide's tiles, show class map + probabilities, and Grad-CAM on demand."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        self.result = None
+        self.gradcam = None
+        self.labels_layer = None
+        self.prob_layers: list = []
+        self._slide_layer_name: str | None = None
+        self._checkpoint: str | None = None
+        self._model = None  # (checkpoint path, (model, card)) loaded once for Grad-CAM
+
+        self.layer_combo = QComboBox()
+        self.checkpoint = CheckpointPicker("classify", self)
+        self.batch = QSpinBox()
+        self.batch.setRange(1, 1024)
+        self.batch.setValue(32)
+        self.batch.setToolTip("Tiles per forward pass")
+        self.run_btn = QPushButton("Classify")
+        self.run_btn.clicked.connect(self.run)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.runner.cancel)
+        self.cam_class = QComboBox()
+        self.cam_class.addItem(PREDICTED)
+        self.click_btn = QPushButton("Grad-CAM: click a tile")
+        self.click_btn.setCheckable(True)
+        self.click_btn.setToolTip("While on, clicking the slide computes Grad-CAM of the tile under the cursor")
+        self.click_btn.toggled.connect(self._arm_click)
+        self.view_btn = QPushButton("Grad-CAM: current view")
+        self.view_btn.setToolTip("Grad-CAM of every classified tile in the visible part of the slide (capped)")
+        self.view_btn.clicked.connect(self.gradcam_view)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("slide", self.layer_combo)
+        form.addRow("checkpoint", self.checkpoint)
+        form.addRow("batch size", self.batch)
+        run_row = QHBoxLayout()
+        run_row.addWidget(self.run_btn)
+        run_row.addWidget(self.cancel_btn)
+        cam_form = QFormLayout()
+        cam_form.addRow("Grad-CAM class", self.cam_class)
+        cam_row = QHBoxLayout()
+        cam_row.addWidget(self.click_btn)
+        cam_row.addWidget(self.view_btn)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(run_row)
+        layout.addLayout(cam_form)
+        layout.addLayout(cam_row)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._set_cam_enabled(False)
+
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # -- inputs -----------------------------------------------------------------------
+    def _refresh_layers(self, *_) -> None:
+        fill_slide_combo(self.layer_combo, self.viewer)
+
+    def _slide_path(self) -> str:
+        return self.viewer.layers[self._slide_layer_name].metadata["pathfm_path"]
+
+    # -- classify ----------------------------------------------------------------------
+    def run(self):
+        """Classify the chosen slide in a worker; returns the worker (None if inputs are missing)."""
+        from ..pipelines.classify import classify_slide
+
+        name, checkpoint = self.layer_combo.currentText(), self.checkpoint.path()
+        if not name:
+            self.status.setText("Open a slide first (File → Open, or the Slide widget).")
+            return None
+        if not checkpoint:
+            self.status.setText("No tile classifier: train one (pathfm train training/slca/…) or browse to one.")
+            return None
+        slide_path = self.viewer.layers[name].metadata["pathfm_path"]
+        batch = self.batch.value()
+
+        def job(progress, cancel):
+            return classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel)
+
+        self._slide_layer_name, self._checkpoint = name, checkpoint
+        return self.runner.start(job, description=f"Classify: {name}", on_done=self._show_result)
+
+    def _show_result(self, result) -> None:
+        import pandas as pd
+
+        self.result = result
+        base = self._slide_layer_name
+        kwargs = result.layer_kwargs()
+        names = result.label_names()
+        features = pd.DataFrame({"class": [names[v] for v in sorted(names)]}, index=sorted(names))
+        self.labels_layer = self._put(
+            "labels", f"{base} classes", result.class_map, opacity=0.45, features=features, **kwargs
+        )  # fmt: skip
+        self.prob_layers = []
+        for k, cls in enumerate(result.classes):
+            layer = self._put(
+                "image", f"{base} p({cls})", result.prob_maps[k], colormap=heat_colormap(), opacity=0.6,
+                contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest", visible=k == 0,
+                **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
+            )  # fmt: skip
+            self.prob_layers.append(layer)
+        self.cam_class.clear()
+        self.cam_class.addItems([PREDICTED, *result.classes])
+        fractions = ", ".join(f"{c} {f:.0%}" for c, f in result.class_fractions().items())
+        text = f"{result.n_tiles} tiles at {result.model_mpp or 0:.3g} µm/px: {fractions}."
+        self.status.setText(" ".join([text, *result.messages]))
+        self._set_cam_enabled(result.n_tiles > 0)
+
+    def _put(self, kind: str, name: str, data, *, features=None, **kwargs):
+        """Add layer ``name`` or update it in place when it is there (a re-run replaces its data)."""
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = data
+            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+            layer.metadata.update(kwargs["metadata"])
+        else:
+            add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
+            layer = add(data, name=name, **kwargs)
+        if features is not None:
+            layer.features = features
+        return layer
+
+    # -- Grad-CAM ----------------------------------------------------------------------
+    def _target(self) -> int | None:
+        i = self.cam_class.currentIndex()
+        return None if i <= 0 else i - 1
+
+    def _level0(self, world_yx) -> tuple[float, float]:
+        """Level-0 pixel coordinate (continuous, pixel edges at integers) of a world (y, x) point."""
+        unit = self.result.mpp or 1.0
+        return float(world_yx[-2]) / unit + 0.5, float(world_yx[-1]) / unit + 0.5
+
+    def gradcam_at(self, world_yx):
+        """Grad-CAM of the classified tile at world position ``(y, x)``; returns the worker or None."""
+        if self.result is None:
+            self.status.setText("Classify a slide first.")
+            return None
+        i = self.result.tile_at(*self._level0(world_yx))
+        if i is None:
+            self.status.setText("No classified tile there (background): click on tissue.")
+            return None
+        return self._start_gradcam([i], "clicked tile")
+
+    def visible_box(self) -> tuple[float, float, float, float]:
+        """Level-0 ``(y0, x0, y1, x1)`` of the part of the slide the canvas shows."""
+        camera = viewer_camera(self.viewer)
+        size = np.asarray(getattr(getattr(self.viewer, "canvas", None), "size", (800, 600)), float)
+        half = size / (2.0 * max(float(camera.zoom), 1e-12))
+        cy, cx = (float(v) for v in camera.center[-2:])
+        y0, x0 = self._level0((cy - half[0], cx - half[1]))
+        y1, x1 = self._level0((cy + half[0], cx + half[1]))
+        return y0, x0, y1, x1
+
+    def gradcam_view(self):
+        """Grad-CAM of the classified tiles in the current view (capped); returns the worker or None."""
+        if self.result is None:
+            self.status.setText("Classify a slide first.")
+            return None
+        idx = self.result.tiles_in_box(*self.visible_box())
+        if not idx.size:
+            self.status.setText("No classified tiles in view.")
+            return None
+        return self._start_gradcam(idx, "current view")
+
+    def _start_gradcam(self, indices, what: str):
+        from ..pipelines.classify import load_classifier
+        from ..pipelines.gradcam import gradcam_tiles
+
+        result, checkpoint, slide_path, target = self.result, self._checkpoint, self._slide_path(), self._target()
+        cached = self._model
+
+        def job(progress, cancel):
+            from ..io.slide import open_slide
+
+            model = cached[1] if cached and cached[0] == checkpoint else load_classifier(checkpoint)[:2]
+            with open_slide(slide_path) as slide:
+                cam = gradcam_tiles(slide, result, model, indices, target=target, progress=progress, cancel=cancel)
+            return model, cam
+
+        def done(out) -> None:
+            self._model = (checkpoint, out[0])
+            self._show_gradcam(out[1], what)
+
+        return self.runner.start(job, description=f"Grad-CAM: {what}", on_done=done)
+
+    def _show_gradcam(self, cam, what: str) -> None:
+        self.gradcam = cam
+        image, scale, translate = cam.mosaic()
+        name = f"{self._slide_layer_name} Grad-CAM"
+        meta = {"pathfm_kind": "gradcam", "tiles": cam.indices.tolist(), "targets": cam.targets.tolist(),
+                "classes": [self.result.classes[k] for k in cam.targets]}  # fmt: skip
+        kwargs = {"scale": scale, "translate": translate, "metadata": meta}
+        self._put("image", name, image, colormap=heat_colormap(), opacity=0.65, contrast_limits=(0.0, 1.0),
+                  blending="translucent", units=layer_units(self.result.mpp), **kwargs)  # fmt: skip
+        classes = sorted(set(meta["classes"]))
+        text = f"Grad-CAM of {len(cam.indices)} tile(s) ({what}) for {', '.join(classes)}."
+        if cam.capped:
+            text += f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}): zoom in."
+        self.status.setText(text)
+
+    def _arm_click(self, on: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+    def _on_click(self, viewer, event) -> None:
+        if event.type == "mouse_press" and not self.runner.running:
+            self.gradcam_at(event.position)
+
+    def _set_cam_enabled(self, on: bool) -> None:
+        for w in (self.click_btn, self.view_btn, self.cam_class):
+            w.setEnabled(on)
+        if not on and self.click_btn.isChecked():
+            self.click_btn.setChecked(False)
+
+    def _on_state(self, state: str) -> None:
+        running = state == "running"
+        self.run_btn.setEnabled(not running)
+        self.view_btn.setEnabled(not running and self.result is not None and self.result.n_tiles > 0)
+        self.cancel_btn.setEnabled(running)
+        if state == "cancelled":
+            self.status.setText("Stopped.")
+        elif state == "error" and self.runner.last_error is not None:
+            self.status.setText(f"Failed: {self.runner.last_error}")
+
+    def closeEvent(self, event) -> None:
+        self._arm_click(False)
+        super().closeEvent(event)
