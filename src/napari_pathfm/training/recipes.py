@@ -388,6 +388,8 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
             continue
         if f.types != (object,):
             value = _check(value, key, f, where)
+        if f.path and value == "":  # e.g. ${OPTIONAL_WEIGHTS:-} left unset: no file, not the recipe's folder
+            value = None
         if f.path and isinstance(value, str) and base is not None and not Path(value).is_absolute():
             value = str((base / value).resolve())
         _set(config, key, value)
