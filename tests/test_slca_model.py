@@ -250,6 +250,7 @@ def test_backbone_weights_load_and_wrong_ones_are_refused(tmp_path):
 # --- training through the classify engine -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_classify_recipe_trains_slca_and_the_export_reproduces_logits(shared_data, tmp_path, monkeypatch):
     from napari_pathfm.models import load_checkpoint
     from napari_pathfm.training import run_recipe
