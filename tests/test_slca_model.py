@@ -298,3 +298,21 @@ def test_recipe_file_keys_are_relative_to_the_recipe(tmp_path):
     assert model["sam_checkpoint"] == str(tmp_path / "weights" / "sam_vit_h_4b8939.pth")
     assert model["backbone_weights"] == str(tmp_path / "recipes" / "r152.safetensors")
     assert model["sam_kwargs"] == {"depth": 4}
+
+
+@pytest.mark.parametrize(
+    "backbone,kwargs,channels",
+    [
+        ("resnet152", None, [256, 512, 1024, 2048]),
+        ("legacy_senet154", None, [256, 512, 1024, 2048]),
+        ("swinv2_base_window8_256", {"img_size": 224, "window_size": 7}, [128, 256, 512, 1024]),
+    ],
+)
+def test_paper_backbones_with_sam_vit_h_build(backbone, kwargs, channels):
+    """The paper's configurations construct (on the meta device): 4 fused stages fed by SAM ViT-H's 1280-d taps."""
+    with torch.device("meta"):
+        model = create_model("slca", backbone=backbone, sam="samvit_huge_patch16", num_classes=4, backbone_kwargs=kwargs)
+    assert [s.fusion.proj.out_channels for s in model.fused] == channels
+    assert [s.fusion.proj.in_channels for s in model.fused] == [1280] * 4
+    assert model.projector.stem[0].in_channels == 256 and model.head.fc.in_features == channels[-1] + 256
+    assert sum(p.numel() for p in model.sam.parameters()) == 637_026_048  # timm samvit_huge_patch16 (SAM ViT-H)
