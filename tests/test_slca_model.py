@@ -206,6 +206,12 @@ def test_original_sam_checkpoint_loads_and_position_tables_follow_the_input_size
     with torch.no_grad():
         torch.testing.assert_close(smaller.sam.forward_features(x), enc.forward_features(x), rtol=1e-4, atol=1e-5)
     assert "sam: loaded" in smaller.weights_report()
+    # timm's own samvit key format (e.g. the Hugging Face timm/samvit_*.sa1b safetensors) loads too
+    from safetensors.torch import save_file
+
+    timm_file = tmp_path / "samvit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(timm_file))
+    assert small(sam_img_size=128, **kw).load_sam(timm_file).ok
 
 
 def test_foreign_checkpoints_are_refused_with_the_fix(tmp_path):
