@@ -83,6 +83,7 @@ FAMILIES = [
     ("legacy_seresnet18", None, False),
     ("swinv2_cr_tiny_ns_224", {"img_size": 64, "window_size": 4}, False),
     ("swinv2_tiny_window8_256", {"img_size": 64, "window_size": 4}, True),
+    ("efficientnet_b0", None, False),  # forward_features ends in a 1280-wide conv after the last stage
 ]
 
 
@@ -100,7 +101,7 @@ def test_each_backbone_family_fuses_after_every_stage(backbone, kwargs, nhwc):
         h.remove()
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     assert [s[-1] for s in seen] == [16, 8, 4, 2]  # strides 4..32 of 64 px, NCHW inside the fusion
-    assert cam == [(2, model.fused[-1].fusion.proj.out_channels, 2, 2)]  # NCHW for Grad-CAM whatever the layout
+    assert cam == [(2, model.backbone.num_features, 2, 2)]  # NCHW for Grad-CAM whatever the layout
     assert model.get_classifier() is model.head.fc and model.head.fc.in_features == cam[0][1] + 32
     assert all(s.tap is None for s in model.fused)  # taps are not kept after the pass
 

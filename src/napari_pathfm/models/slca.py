@@ -35,7 +35,8 @@ Architecture (``create_model("slca", ...)``)
 4. **Projector head**: the projector tap is resized to 8x the last stage's size
    (56x56 for 224-px tiles), 3x3 conv-BN-ReLU to ``projector_dim`` channels, then
    three stride-2 3x3 conv-BN-ReLU blocks down to the last stage's size (7x7),
-   concatenated on channels with the last stage's features.
+   concatenated on channels with the backbone's final features (timm ``forward_features``:
+   the fused last stage, plus e.g. Swin's final norm or EfficientNet's final 1x1 conv).
 
 5. **Classifier**: global average pool -> dropout -> linear (timm ``ClassifierHead``).
 
@@ -171,8 +172,8 @@ class FusedStage(nn.Module):
         self.nhwc = bool(nhwc)
         self.tap: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.stage(x)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = self.stage(*args, **kwargs)
         if self.fusion is None:
             return out
         if self.tap is None:
@@ -254,7 +255,7 @@ class SLCAClassifier(nn.Module):
             net.set_submodule(info["module"], wrapped)
             self.fused.append(wrapped)
         self.backbone = net
-        last_chs = stages[-1]["num_chs"]
+        last_chs = net.num_features  # forward_features width: the last stage's, or a final conv's (EfficientNet)
         self.projector = Projector(self._tap_channels(self.projector_tap), projector_dim) if projector else None
         self.cam_layer = nn.Identity()  # last backbone stage after fusion (NCHW), hooked by Grad-CAM
         in_features = last_chs + (projector_dim if projector else 0)
@@ -451,7 +452,7 @@ def slca(
     fusion : {"slca", "sigmoid", "add"}
         ``F + F*SLCA(P(tap))``; ``F + F*sigmoid(P(tap))``; ``F + P(tap)``.
     projector : bool
-        Concatenate the projector head's 7x7 map with the last stage before the classifier.
+        Concatenate the projector head's 7x7 map with the backbone's final features before the classifier.
     projector_dim : int
         Projector channels.
     slca_kernel, slca_reduction : int
