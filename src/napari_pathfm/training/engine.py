@@ -249,6 +249,8 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*exists and is not empty.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            # frozen encoders (SLCA's SAM) and frozen BatchNorm (optim.trainable: head) are in eval on purpose
+            warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")
             safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
             trainer.fit(task, datamodule=data, ckpt_path=ckpt_path, **safe)
         if events.cancelled:
