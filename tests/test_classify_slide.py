@@ -260,3 +260,13 @@ def test_importing_classify_modules_does_not_import_torch():
         "napari_pathfm.widgets.classify_widget, napari_pathfm.cli; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_card_classes_must_match_the_model_outputs(slide):
+    from napari_pathfm.models import create_model
+    from napari_pathfm.pipelines.classify import classify_slide
+
+    model = create_model("timm_classifier", backbone="resnet10t", num_classes=3)
+    card = {"classes": ["a", "b"], "tile_size": 64, "input_mpp": 4.0}
+    with pytest.raises(CheckpointError, match="lists 2 classes .* but the model predicts 3"):
+        classify_slide(slide, (model, card), device="cpu")
