@@ -134,6 +134,13 @@ _BUILTINS: dict[str, ModelEntry] = {
             description="Any timm backbone without its classifier: pooled patch features.",
             default_cfg={"backbone": "resnet50", "weights": None, "input_size": None, "mean": None, "std": None},
         ),
+        ModelEntry(
+            name="unet",
+            target="napari_pathfm.models.haste.unet:unet",
+            family="translate",
+            description="Plain U-Net (conv-BN-ReLU, max-pool, transposed conv): the z-stack translation baseline.",
+            default_cfg={"in_channels": 7, "out_channels": 1, "base": 32, "depth": 4},
+        ),
     ]
 }
 
