@@ -50,6 +50,7 @@ eval mode when the model is put in train mode (``freeze_sam=False`` fine-tunes i
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import logging
 from collections.abc import Sequence
@@ -158,11 +159,18 @@ def _foreign_kind(sd: dict) -> str | None:
 # --- modules ----------------------------------------------------------------------------------
 
 
+# SAM taps of the forward pass running in this thread/context, keyed by FusedStage. A context
+# variable rather than module state: the same model may run in two threads at once (e.g. a
+# classification worker and a Grad-CAM worker in napari), and modules stay deep-copyable.
+_STAGE_TAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("slca_stage_taps", default=None)
+
+
 class FusedStage(nn.Module):
     """One backbone stage followed by the fusion of its SAM tap.
 
-    The parent sets :attr:`tap` right before the backbone's forward pass and clears
-    it afterwards. ``fusion=None`` (a stage without a tap) passes the stage output on.
+    :meth:`SLCAClassifier.forward` publishes the taps of the current pass (a context
+    variable, so concurrent passes in other threads do not mix) before running the
+    backbone. ``fusion=None`` (a stage without a tap) passes the stage output on.
     """
 
     def __init__(self, stage: nn.Module, fusion: TapFusion | None, nhwc: bool = False):
@@ -170,17 +178,17 @@ class FusedStage(nn.Module):
         self.stage = stage
         self.fusion = fusion
         self.nhwc = bool(nhwc)
-        self.tap: torch.Tensor | None = None
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         out = self.stage(*args, **kwargs)
         if self.fusion is None:
             return out
-        if self.tap is None:
+        tap = (_STAGE_TAPS.get() or {}).get(self)
+        if tap is None:
             raise RuntimeError("FusedStage ran without its SAM tap; call the SLCA model, not its backbone alone")
         if self.nhwc:
-            return self.fusion(out.permute(0, 3, 1, 2), self.tap).permute(0, 2, 3, 1)
-        return self.fusion(out, self.tap)
+            return self.fusion(out.permute(0, 3, 1, 2), tap).permute(0, 2, 3, 1)
+        return self.fusion(out, tap)
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -397,13 +405,11 @@ class SLCAClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.sam_features(x)
+        token = _STAGE_TAPS.set({s: feats[k] for s, k in zip(self.fused, self.taps) if k is not None})
         try:
-            for stage, key in zip(self.fused, self.taps):
-                stage.tap = feats.get(key) if key is not None else None
             y = self.backbone.forward_features(x)
         finally:
-            for stage in self.fused:
-                stage.tap = None
+            _STAGE_TAPS.reset(token)
         if self.nhwc:
             y = y.permute(0, 3, 1, 2)
         y = self.cam_layer(y)
