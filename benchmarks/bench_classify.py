@@ -10,8 +10,9 @@ Times, on one slide and one tile classifier:
   the result's maps; phases are timed from the progress callback.
 
 and prints tiles/s of both and ``bare / pipeline`` (target >= 0.9). Same tiles, batch size,
-device, autocast and torch threads for both; each time is the median of ``--repeats`` runs
-after a warm-up.
+device, autocast and torch threads for both; after a warm-up of each, ``--repeats`` (pipeline,
+bare) pairs run interleaved so that a change of load on a shared machine hits both alike; times are
+medians, and the median of the per-pair ratios is printed too.
 
 The model is ``--checkpoint`` or a random-init one (speed does not depend on the weights):
 ``--model resnet18`` (timm_classifier, 224 px at 0.5 µm/px) or ``--model slca-small`` (slca:
@@ -37,9 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import (
-    _median_time,  # median of repeats after a warm-up, CUDA-synchronised
-)
+from bench_mil_speed import _sync  # CUDA synchronise (no-op on the CPU)
 from bench_segment import mosaic_slide  # n x n pyramidal OME-TIFF mosaic of a slide
 
 MODELS = {
@@ -47,6 +46,14 @@ MODELS = {
     "slca-small": ("slca", {"backbone": "resnet18", "num_classes": 8, "sam_img_size": 224,
                             "sam_kwargs": {"depth": 4, "embed_dim": 192, "num_heads": 3}}),
 }  # fmt: skip
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def load_model(args):
@@ -115,7 +122,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         state.setdefault("phases", []).append((phases.get("tiles", t0) - t0, t1 - phases.get("tiles", t0)))
 
-    t_pipe = _median_time(pipeline, args.repeats, device=dev)
+    pipeline()  # warm-up; gives the grid
     res = state["res"]
     grid = res.grid
     tiles = np.stack([read_tile(slide, grid, i) for i in range(len(grid))])
@@ -127,8 +134,15 @@ def main(argv=None) -> int:
             for i in range(0, len(tiles), B):
                 torch.softmax(model(preprocess_tiles(tiles[i : i + B], dev, mean, std)).float(), 1).cpu()
 
-    t_bare = _median_time(bare, args.repeats, device=dev)
-    ph = [statistics.median(p) for p in zip(*state["phases"][1:] or state["phases"])]
+    bare()  # warm-up
+    # Interleaved (pipeline, bare) pairs, so that a change of load on a shared machine hits both alike.
+    pipe_times, bare_times = [], []
+    for _ in range(args.repeats):
+        pipe_times.append(_timed(pipeline, dev))
+        bare_times.append(_timed(bare, dev))
+    t_pipe, t_bare = statistics.median(pipe_times), statistics.median(bare_times)
+    pair_ratio = statistics.median(b / p for b, p in zip(bare_times, pipe_times))
+    ph = [statistics.median(p) for p in zip(*state["phases"][1:])]
     n = len(grid)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
     print(f"# {args.slide.name} {slide.shape[0]}x{slide.shape[1]} px, {slide.level_count} levels at {slide.mpp} "
@@ -139,7 +153,7 @@ def main(argv=None) -> int:
     print(f"pipeline (total)    {t_pipe:8.3f} s   {n / t_pipe:8.2f} tiles/s")
     print(f"  tissue + grid     {ph[0]:8.3f} s")
     print(f"  tiles loop        {ph[1]:8.3f} s   (read, normalise, forward, softmax)")
-    print(f"ratio bare / pipeline     {t_bare / t_pipe:.3f}   (target >= 0.9)")
+    print(f"ratio bare / pipeline     {t_bare / t_pipe:.3f}   (target >= 0.9); median of pair ratios {pair_ratio:.3f}")
     print(f"ratio bare / tiles loop   {t_bare / ph[1]:.3f}")
     slide.close()
     tmp.cleanup()
