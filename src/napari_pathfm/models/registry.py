@@ -121,6 +121,34 @@ _BUILTINS: dict[str, ModelEntry] = {
             default_cfg={"in_dim": 1024, "n_classes": 2, "dropout": 0.1},
         ),
         ModelEntry(
+            name="dense_unet",
+            target="napari_pathfm.models.haste.dense_unet:dense_unet",
+            family="translate",
+            description="HASTE Dense U-Net (tiramisu): z-stack planes -> fluorescence in [0, 1], ~1.2M parameters.",
+            default_cfg={
+                "in_channels": 7, "out_channels": 1, "init_filters": 48, "down_blocks": (4, 4, 4, 4),
+                "up_blocks": (4, 4, 4, 4), "bottleneck_layers": 4, "growth_rate": 12, "dropout": 0.2,
+            },
+        ),
+        ModelEntry(
+            name="lupi_unet",
+            target="napari_pathfm.models.haste.lupi_unet:lupi_unet",
+            family="translate",
+            description="HASTE LUPI nuclei net: shared encoder, privileged-mask + regression decoders, side outputs.",
+            default_cfg={
+                "in_channels": 7, "out_channels": 1, "init_filters": 32, "down_blocks": (4, 4, 4, 4),
+                "up_blocks": (4, 4, 4, 4), "bottleneck_layers": 4, "growth_rate": 12, "dropout": 0.2,
+                "final_layers": 2, "final_growth": 2,
+            },
+        ),
+        ModelEntry(
+            name="patchgan",
+            target="napari_pathfm.models.haste.patchgan:patchgan",
+            family="translate",
+            description="Conditional PatchGAN discriminator (z-stack + channel), 70x70 patches, for the HASTE GAN.",
+            default_cfg={"in_channels": 8, "ndf": 48, "n_layers": 3},
+        ),
+        ModelEntry(
             name="resnet50_trunc",
             target="napari_pathfm.models.feature_extractor:resnet50_trunc",
             family="features",
