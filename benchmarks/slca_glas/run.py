@@ -13,11 +13,15 @@
    goes into ``README.md`` between the ``results`` markers and into ``table.md``.
 
 Finished runs (``runs/slca_glas/<model>_f<fraction>_s<seed>/model.json`` with test
-metrics) are reused, so an interrupted benchmark continues where it stopped.
+metrics) are reused and an interrupted run resumes from its ``last.ckpt``, so a
+stopped benchmark continues where it stopped. The table is always rebuilt from
+every finished run folder, so seeds can run in separate processes at once
+(``--seeds 0`` and ``--seeds 1``; give each ``--threads 1`` on 2 cores).
 
     nice -n 10 .venv/bin/python benchmarks/slca_glas/run.py                   # 0.1/0.5/1.0 x seeds 0,1
     nice -n 10 .venv/bin/python benchmarks/slca_glas/run.py --seeds 0 --fractions 1.0
-    .venv/bin/python benchmarks/slca_glas/run.py --report                     # table from results.csv only
+    nice -n 10 .venv/bin/python benchmarks/slca_glas/run.py --seeds 1 --threads 1 &   # a second seed alongside
+    .venv/bin/python benchmarks/slca_glas/run.py --report                     # table from the finished runs only
 
 The SAM encoder of the SLCA recipe is random-init (no SAM weights offline), so this
 measures the plumbing and what the SLCA path adds on top of random frozen SAM
@@ -62,17 +66,38 @@ def _row(model: str, fraction: float, seed: int, card: dict, seconds: float) -> 
     }  # fmt: skip
 
 
-def train_one(model: str, fraction: float, seed: int, tiles: Path, runs: Path, extra: list[str]) -> dict:
-    """Train (or reuse) one run and return its results row."""
-    from napari_pathfm.models import read_card
+def _finished(out: Path) -> dict | None:
+    """The card of a finished run folder (one with test metrics), else None."""
+    card = out / "model.json"
+    if not card.is_file():
+        return None
+    card = json.loads(card.read_text(encoding="utf-8"))
+    return card if "test" in card.get("metrics", {}) else None
+
+
+def collect(runs: Path) -> list[dict]:
+    """Results rows of every finished run folder ``<model>_f<fraction>_s<seed>`` under ``runs``."""
+    rows = []
+    for out in sorted(runs.glob("*_f*_s*")):
+        card = _finished(out)
+        if card is None:
+            continue
+        model, _, rest = out.name.rpartition("_f")
+        fraction, _, seed = rest.partition("_s")
+        timing = out / "seconds.txt"
+        secs = float(timing.read_text()) if timing.is_file() else float("nan")
+        rows.append(_row(model, float(fraction), int(seed), card, secs))
+    return sorted(rows, key=lambda r: (r["model"], r["label_fraction"], r["seed"]))
+
+
+def train_one(model: str, fraction: float, seed: int, tiles: Path, runs: Path, extra: list[str]) -> None:
+    """Train one run unless its folder already holds a finished one (resumes a cut-short run)."""
     from napari_pathfm.training.engine import run_recipe
 
     out = _run_dir(runs, model, fraction, seed)
-    done = out / "model.json"
     timing = out / "seconds.txt"
-    if done.is_file() and "test" in read_card(done).get("metrics", {}):
-        secs = float(timing.read_text()) if timing.is_file() else float("nan")
-        return _row(model, fraction, seed, read_card(done), secs)
+    if _finished(out) is not None:
+        return
     overrides = [f"data.root={tiles}", f"data.split_file={tiles / 'split.json'}", f"seed={seed}",
                  f"data.label_fraction={fraction}", *extra]  # fmt: skip
 
@@ -81,10 +106,11 @@ def train_one(model: str, fraction: float, seed: int, tiles: Path, runs: Path, e
             print(f"  [{model} f={fraction:g} s={seed}] {ev.get('message', '')}", flush=True)
 
     t0 = time.perf_counter()
-    result = run_recipe(RECIPES[model], overrides, output=out, device="cpu", on_event=on_event)
-    secs = time.perf_counter() - t0
-    timing.write_text(f"{secs:.1f}")
-    return _row(model, fraction, seed, result.card, secs)
+    try:
+        run_recipe(RECIPES[model], overrides, output=out, device="cpu", on_event=on_event)
+    finally:  # wall time adds up over a cut-short call and the call that resumes it
+        earlier = float(timing.read_text()) if timing.is_file() else 0.0
+        timing.write_text(f"{earlier + time.perf_counter() - t0:.1f}")
 
 
 def _stat(values: list) -> str:
@@ -141,11 +167,6 @@ def write_results(rows: list[dict]) -> str:
     return md
 
 
-def _read_results() -> list[dict]:
-    path = HERE / "results.csv"
-    return list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fractions", default="0.1,0.5,1.0")
@@ -154,11 +175,16 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "slca_glas")
     ap.add_argument("--tiles", type=Path, default=REPO / "runs" / "glas_tiles")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override (both models)")
-    ap.add_argument("--report", action="store_true", help="only rewrite the table from results.csv")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the table from the finished runs")
     a = ap.parse_args(argv)
     if a.report:
-        print(write_results(_read_results()))
+        print(write_results(collect(a.runs)))
         return
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
 
     from napari_pathfm.training.glas_tiles import build_glas_tiles
     from napari_pathfm.training.recipes import default_shared_data
@@ -168,13 +194,11 @@ def main(argv=None) -> None:
     fractions = [float(f) for f in a.fractions.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
     models = a.models.split(",")
-    keep = {(m, f, s) for m in models for f in fractions for s in seeds}
-    rows = [r for r in _read_results() if (r["model"], float(r["label_fraction"]), int(r["seed"])) not in keep]
     for seed in seeds:  # whole seeds first, so a cut-short benchmark still compares both models
         for fraction in sorted(fractions, reverse=True):
             for model in models:
-                rows.append(train_one(model, fraction, seed, a.tiles, a.runs, a.overrides))
-                print(write_results(rows), flush=True)
+                train_one(model, fraction, seed, a.tiles, a.runs, a.overrides)
+                print(write_results(collect(a.runs)), flush=True)
 
 
 if __name__ == "__main__":
