@@ -27,20 +27,12 @@ from napari_pathfm.models.haste.lupi_unet import PAPER_LUPI_UNET_PARAMS, LUPIOut
 from napari_pathfm.models.haste.patchgan import PAPER_PATCHGAN_PARAMS, receptive_field
 
 TRANSLATE = ("dense_unet", "lupi_unet", "patchgan")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine one intra-op thread is ~3x faster than two (no spin-waiting).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- registry
