@@ -232,6 +232,10 @@ def test_mask_bce_and_lwm_weight_map():
     logits = torch.zeros(1, 1, 4, 4)
     mask = torch.zeros(1, 4, 4)
     assert float(L.mask_bce_loss(logits, mask)) == pytest.approx(np.log(2))
+    assert float(L.mask_bce_loss(logits.half(), mask)) == pytest.approx(np.log(2))
+    mask[0, 0, 0] = 1                                       # one nucleus pixel counted pos_weight times
+    assert float(L.mask_bce_loss(logits, mask, pos_weight=3.0)) == pytest.approx(np.log(2) * (15 + 3) / 16)
+    mask[0, 0, 0] = 0
     logits = torch.full((1, 1, 4, 4), -5.0)
     logits[..., :2, :] = 5.0                                # predicts nuclei in the top half
     mask = torch.zeros(1, 1, 4, 4)
@@ -274,6 +278,8 @@ def test_losses_give_finite_gradients_even_on_dark_targets():
         loss = fn(pred, target)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(pred.grad).all(), fn.__name__
+    half = torch.zeros(2, 1, 16, 16, dtype=torch.float16)       # fp16 (autocast) outputs: eps must not vanish
+    assert torch.isfinite(L.log_squared_loss(half, target)) and L.log_squared_loss(half, target).dtype == torch.float32
     d_real, d_fake = torch.randn(2, 1, 6, 6, requires_grad=True), torch.randn(2, 1, 6, 6, requires_grad=True)
     (L.ralsgan_d_loss(d_real, d_fake) + L.ralsgan_g_loss(d_real, d_fake)).backward()
     assert torch.isfinite(d_real.grad).all() and torch.isfinite(d_fake.grad).all()

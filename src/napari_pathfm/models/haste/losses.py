@@ -54,7 +54,12 @@ __all__ = [
 
 
 def _weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    return err.mean() if weight is None else (err * weight).mean()
+    return err.mean() if weight is None else (err * weight.float()).mean()
+
+
+def _f32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as float32: under fp16 autocast ``eps = 1e-8`` would round to 0 and ratios overflow."""
+    return tuple(t.float() for t in tensors)
 
 
 def log_squared_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -64,6 +69,7 @@ def log_squared_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     Zero when ``pred == target``; symmetric in the ratio (predicting half or twice the
     target costs the same). ``weight`` broadcasts against the error map.
     """
+    pred, target = _f32(pred, target)
     ratio = torch.log((target + eps) / (pred + eps))
     return _weighted_mean(ratio * ratio, weight)
 
@@ -74,7 +80,7 @@ def median_normalizer(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     When the median is ≤ ``eps`` (mostly dark targets) the mean is used instead, and 1
     when the target is all ≈ 0. Detached: the target carries no gradient anyway.
     """
-    t = target.detach()
+    t = target.detach().float()
     med, mean = t.median(), t.mean()
     return torch.where(med > eps, med, torch.where(mean > eps, mean, torch.ones_like(mean)))
 
@@ -82,6 +88,7 @@ def median_normalizer(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def median_mae_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                     eps: float = 1e-6) -> torch.Tensor:
     """``mean(w · |pred − target|) / median(target)`` (see :func:`median_normalizer` for median 0)."""
+    pred, target = _f32(pred, target)
     return _weighted_mean((pred - target).abs(), weight) / median_normalizer(target, eps)
 
 
@@ -99,6 +106,7 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor, absolute: bool = Tru
     the right strength counts as right even if its sign flipped; ``False`` compares the
     signed differences. The mean runs over both directions and all pixels.
     """
+    pred, target = _f32(pred, target)
     gp, gt = image_gradients(pred), image_gradients(target)
     if absolute:
         gp, gt = [g.abs() for g in gp], [g.abs() for g in gt]
@@ -107,7 +115,9 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor, absolute: bool = Tru
 
 def _refs(real: torch.Tensor, fake: torch.Tensor, real_ref: torch.Tensor | None,
           fake_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return (real if real_ref is None else real_ref).mean(), (fake if fake_ref is None else fake_ref).mean()
+    r = real if real_ref is None else real_ref
+    f = fake if fake_ref is None else fake_ref
+    return r.float().mean(), f.float().mean()
 
 
 def ralsgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_ref: torch.Tensor | None = None,
@@ -120,6 +130,7 @@ def ralsgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_re
     of discriminator outputs, as HASTE kept the last 50); pass ``fake_logits``
     computed from detached generator outputs.
     """
+    real_logits, fake_logits = _f32(real_logits, fake_logits)
     r_avg, f_avg = _refs(real_logits, fake_logits, real_ref, fake_ref)
     return (((real_logits - f_avg - 1) ** 2).mean() + ((fake_logits - r_avg + 1) ** 2).mean()) / 2
 
@@ -132,6 +143,7 @@ def ralsgan_g_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_re
     Unlike the standard GAN, the generator also gets gradient through the real term
     (via ``E[D(fake)]``) when the averages come from the current batch.
     """
+    real_logits, fake_logits = _f32(real_logits, fake_logits)
     r_avg, f_avg = _refs(real_logits, fake_logits, real_ref, fake_ref)
     return (((real_logits - f_avg + 1) ** 2).mean() + ((fake_logits - r_avg - 1) ** 2).mean()) / 2
 
@@ -217,8 +229,8 @@ def mask_bce_loss(mask_logits: torch.Tensor, mask: torch.Tensor, weight: torch.T
     scales the nucleus term for sparse masks.
     """
     target = (_resize_mask(mask, mask_logits) > 0).float()
-    pw = None if pos_weight is None else torch.tensor(pos_weight, dtype=mask_logits.dtype, device=mask_logits.device)
-    bce = F.binary_cross_entropy_with_logits(mask_logits, target, reduction="none", pos_weight=pw)
+    pw = None if pos_weight is None else torch.tensor(pos_weight, device=mask_logits.device)
+    bce = F.binary_cross_entropy_with_logits(mask_logits.float(), target, reduction="none", pos_weight=pw)
     return _weighted_mean(bce, weight)
 
 
@@ -237,7 +249,7 @@ def lwm_weight_map(mask_logits: torch.Tensor, mask: torch.Tensor, pixel_weight: 
 
 
 _BASE_LOSSES = {"median_mae": median_mae_loss, "log_squared": log_squared_loss,
-                "l1": lambda p, t, weight=None: _weighted_mean((p - t).abs(), weight)}
+                "l1": lambda p, t, weight=None: _weighted_mean((p.float() - t.float()).abs(), weight)}
 
 
 def lwm_loss(out: Any, target: torch.Tensor, mask: torch.Tensor, *, base: str = "median_mae",

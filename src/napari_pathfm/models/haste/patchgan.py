@@ -52,6 +52,8 @@ class PatchGAN(nn.Module):
         Stride-2 convs (3 → 70×70 receptive field, 4 → 142×142).
     """
 
+    translate_kind = "discriminator"
+
     def __init__(self, in_channels: int = 8, ndf: int = 48, n_layers: int = 3):
         super().__init__()
         self.in_channels = in_channels
