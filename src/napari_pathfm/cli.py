@@ -11,7 +11,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -407,6 +407,94 @@ def tsne(
     except PathFMError as exc:
         _fail(exc)
     typer.echo(f"t-SNE plot: {written}")
+
+
+@app.command()
+def zstats(
+    stacks: List[Path] = typer.Argument(..., help="Z-stacks: folders of plane files (every site), plane files, TIFFs"),
+    out: Path = typer.Option(..., "--out", "-o", help="Stats table CSV to write"),
+    magnification: str = typer.Option("", help="Value of the magnification column (20x, 40x, 60x)"),
+    percentiles: Tuple[float, float] = typer.Option((1.0, 99.8), help="Two percentiles, stored as p<q> columns"),
+    rows: Optional[Tuple[int, int]] = typer.Option(None, help="Only rows START STOP (ISL training rows: 0 768)"),
+    channel: Optional[str] = typer.Option(None, help="Input channel of the planes (default: C04 / the z channel)"),
+    append: bool = typer.Option(False, help="Add the rows to an existing table (another magnification)"),
+) -> None:
+    """Per channel/plane min, max and percentiles of z-stacks (pooled over all of them) as a CSV stats table."""
+    from .io.atomic import atomic_path
+    from .io.normalize import StatsTable
+    from .training.translate_data import zstack_stats
+
+    try:
+        with cli_progress("zstats") as (progress, cancel):
+            table = zstack_stats(stacks, magnification=magnification, percentiles=percentiles, rows=rows,
+                                 channel=channel, progress=progress, cancel=cancel)
+        if append and out.is_file():
+            old = StatsTable.read_csv(out)
+            keys = {(r["magnification"], r["channel"], r["plane"]) for r in table.rows}
+            table = StatsTable([r for r in old.rows if (r["magnification"], r["channel"], r["plane"]) not in keys]
+                               + table.rows)
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp)
+    except (PathFMError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"{len(table)} rows ({sorted({r['channel'] for r in table.rows})}) written to {out}")
+
+
+@app.command()
+def translate(
+    stack: Path = typer.Argument(..., help="Z-stack: folder of plane files, one plane file, multipage/OME-TIFF"),
+    checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one OME-TIFF per channel + nuclei mask"),
+    tile: int = typer.Option(512, help="Tile side in pixels (multiple of 16)"),
+    stride: int = typer.Option(256, help="Step between tiles in pixels"),
+    batch_size: int = typer.Option(4, help="Tiles per forward pass"),
+    threshold: float = typer.Option(0.5, help="Nuclei confidence threshold (LUPI checkpoints)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+) -> None:
+    """Brightfield z-stack → fluorescence channels (HASTE), nuclei mask and confidence, as OME-TIFFs."""
+    from .pipelines.translate import translate_stack, write_translation
+
+    try:
+        with cli_progress("translate") as (progress, cancel):
+            result = translate_stack(stack, list(checkpoint), tile=tile, stride=stride, batch_size=batch_size,
+                                     threshold=threshold, device=device, progress=progress, cancel=cancel)  # fmt: skip
+            write_translation(result, out, progress=progress, cancel=cancel)
+    except (PathFMError, ValueError) as exc:
+        _fail(exc)
+    for message in result.messages:
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
+    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+
+
+@app.command("evaluate-translation")
+def evaluate_translation_cmd(
+    sources: List[Path] = typer.Argument(..., help="Translation checkpoints (.safetensors) and/or predicted images"),
+    stack: Optional[Path] = typer.Option(None, "--stack", "-s", help="Z-stack the checkpoints translate"),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Real channel: a target of the stack (DAPI) or an image file"),
+    channel: Optional[str] = typer.Option(None, help="Predicted channel to compare (default: the nuclei one)"),
+    rows: Optional[str] = typer.Option(None, help="Rows to evaluate, START:STOP (ISL validation: 768:1024)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as CSV"),
+    tile: int = typer.Option(512, help="Tile side for checkpoints"),
+    stride: int = typer.Option(256, help="Tile step for checkpoints"),
+    batch_size: int = typer.Option(4, help="Tiles per forward pass"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+) -> None:
+    """Compare predicted stains with the real one: MAE/median, PSNR, SSIM, nuclei count/area/intensity/texture."""
+    from .pipelines.translate_eval import evaluate_translation, format_table, parse_span, write_table
+
+    try:
+        with cli_progress("evaluate-translation") as (progress, cancel):
+            table = evaluate_translation(sources, stack=stack, target=target, channel=channel, rows=parse_span(rows),
+                                         tile=tile, stride=stride, batch_size=batch_size, device=device,
+                                         progress=progress, cancel=cancel)  # fmt: skip
+        if out is not None:
+            write_table(table, out)
+    except (PathFMError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(format_table(table))
+    typer.echo("*_rel = (predicted - real) / real over nuclei segmented by Otsu + watershed; 0 is perfect")
+    if out is not None:
+        typer.echo(f"table: {out}")
 
 
 @app.command()

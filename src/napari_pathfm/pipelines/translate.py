@@ -1,0 +1,618 @@
+"""Z-stack translation inference (HASTE): brightfield planes → fluorescence channels + nuclei.
+
+:func:`translate_stack` runs one or more ``translate`` checkpoints (``dense_unet``,
+``lupi_unet``, ``unet`` ... built from their model cards) over a z-stack of any size:
+
+1. The planes the checkpoint takes are min–max normalised with the card's
+   ``normalization.input_min/input_max`` (the training statistics), per plane.
+2. The field is cut into ``tile`` x ``tile`` tiles (512) every ``stride`` (256) pixels; the
+   last row/column of tiles is aligned with the far edge, and a field smaller than a tile
+   runs as one tile of the next multiple of 16, mirror-padded. Planes are read in
+   horizontal bands one tile tall, so a lazy (zarr/dask) stack is never loaded whole.
+3. Batches of tiles go through the model; outputs of overlapping tiles are blended with
+   pyramidal weights (:class:`~napari_pathfm.tiles.blend.TileBlender`): no seams.
+4. Channels are de-normalised with ``target_min/target_max`` into ``target_dtype``
+   (uint16 as the real stains), via :func:`~napari_pathfm.io.normalize.denormalize`.
+5. A LUPI checkpoint (its output has ``mask_logits``) also gives the nuclei confidence map
+   (sigmoid of the segmentation decoder, blended the same way) and a nuclei mask: the
+   pixels above ``threshold`` split into instances (:func:`~.nuclei.label_nuclei`). A
+   plain nuclei checkpoint gets its mask from the predicted channel (Otsu + watershed).
+
+Canvases above :data:`IN_MEMORY_PIXELS` (or with ``store=``) keep their accumulators and
+results in a zarr directory, so memory stays at a band of input plus one batch. Progress
+and cancel follow the package protocol; a cancel removes every file the run created.
+:func:`write_translation` writes one OME-TIFF per channel, the nuclei mask and the
+confidence map, all or nothing. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, ZStackError
+from ..progress import check_cancel, report
+
+__all__ = [
+    "IN_MEMORY_PIXELS",
+    "ROLE_COLORMAPS",
+    "TranslationResult",
+    "channel_role",
+    "load_translation_model",
+    "translate_stack",
+    "write_translation",
+]  # fmt: skip
+
+#: Canvases with more pixels than this blend in a zarr directory instead of memory.
+IN_MEMORY_PIXELS = 4096 * 4096
+#: Stacks whose planes are single dask chunks and smaller than this are read once, not per band.
+READ_ONCE_BYTES = 1 << 30
+#: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
+ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
+_ROLE_NAMES = {"nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"), "lipids": ("lipids", "lipid", "bodipy", "c02"),
+               "cytoplasm": ("cytoplasm", "cellmask", "c03")}  # fmt: skip
+
+PathLike = str | Path
+
+
+def channel_role(name: str, card_role: str | None = None) -> str:
+    """Role of an output channel (``nuclei``, ``lipids``, ``cytoplasm`` or the name itself).
+
+    >>> channel_role("DAPI"), channel_role("x", "lipids"), channel_role("MAP2")
+    ('nuclei', 'lipids', 'MAP2')
+    """
+    if card_role:
+        return str(card_role)
+    low = str(name).lower()
+    return next((role for role, names in _ROLE_NAMES.items() if low in names), str(name))
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class TranslationResult:
+    """Translated channels of one z-stack.
+
+    Attributes
+    ----------
+    channels : dict of str to array (Y, X)
+        De-normalised predictions in the card's ``target_dtype``, by channel name, in the
+        order of the checkpoints and their channels (numpy, or zarr for large canvases).
+    roles : dict of str to str
+        Role per channel (``nuclei``, ``lipids``, ``cytoplasm`` or the name).
+    confidence : array (Y, X) float32 in [0, 1] or None
+        Nuclei confidence of a LUPI checkpoint.
+    nuclei_labels : ndarray (Y, X) int32 or None
+        Nuclei instances: confidence > ``threshold`` (LUPI) or Otsu of the nuclei channel.
+    threshold : float
+        Confidence threshold used for ``nuclei_labels``.
+    """
+
+    channels: dict[str, Any]
+    roles: dict[str, str]
+    confidence: Any = None
+    nuclei_labels: np.ndarray | None = None
+    threshold: float = 0.5
+    source: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    cards: list[dict] = field(default_factory=list)
+    pixel_size: float | None = None
+    n_tiles: int = 0
+    messages: list[str] = field(default_factory=list)
+    written: dict[str, Path] = field(default_factory=dict)
+    _tmp: Any = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        first = next(iter(self.channels.values()))
+        return int(first.shape[0]), int(first.shape[1])
+
+    def nuclei_mask(self, threshold: float | None = None, *, min_distance: int = 5, min_size: int = 16) -> np.ndarray:
+        """Nuclei instances of the confidence map at ``threshold`` (no re-inference).
+
+        Only pixels whose confidence exceeds the threshold are kept, so raising it keeps
+        only the nuclei the model is sure of. Needs a LUPI checkpoint.
+        """
+        from .nuclei import label_nuclei
+
+        if self.confidence is None:
+            raise ValueError("this result has no nuclei confidence map (no LUPI checkpoint was run)")
+        t = self.threshold if threshold is None else float(threshold)
+        return label_nuclei(np.asarray(self.confidence) > t, min_distance=min_distance, min_size=min_size)
+
+    def summary(self) -> dict:
+        return {
+            "input": self.source, "checkpoints": self.checkpoints, "shape": list(self.shape),
+            "channels": {k: {"role": self.roles[k], "dtype": str(v.dtype)} for k, v in self.channels.items()},
+            "confidence": self.confidence is not None, "threshold": self.threshold,
+            "nuclei": int(self.nuclei_labels.max()) if self.nuclei_labels is not None else None,
+            "tiles": self.n_tiles, "pixel_size_um": self.pixel_size, "messages": self.messages,
+            "written": {k: str(v) for k, v in self.written.items()},
+        }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- model + card
+
+
+def load_translation_model(checkpoint: Any, device: str = "cpu") -> tuple[Any, dict, str]:
+    """``(model in eval mode, card, label)`` from a checkpoint path or a ``(module, card)`` pair."""
+    from ..models.checkpoint import load_checkpoint
+
+    if isinstance(checkpoint, (tuple, list)) and len(checkpoint) == 2 and not isinstance(checkpoint[0], (str, Path)):
+        model, card = checkpoint
+        return model.to(device).eval(), dict(card), str(card.get("name", type(model).__name__))
+    model, card = load_checkpoint(checkpoint, device=device)
+    if card.get("family") not in (None, "", "translate"):
+        raise CheckpointError(checkpoint, f"is a {card.get('family')!r} checkpoint, not a translation one.",
+                              "Choose a checkpoint of family 'translate' (HASTE dense_unet / lupi_unet).")
+    return model, card, str(checkpoint)
+
+
+def _plane_indices(card: dict, n_planes: int, stack_name: str, label: str) -> list[int]:
+    """Which stack planes the checkpoint takes, or a ZStackError naming the stack and checkpoint."""
+    picked = card.get("plane_indices") or card.get("planes")
+    wanted = int(card.get("input_planes") or (len(picked) if picked else n_planes))
+    if picked:
+        picked = [int(p) for p in picked]
+        if max(picked) >= n_planes:
+            raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} uses planes {picked}.",
+                              "Open the full z-stack the checkpoint was trained on.")
+        return picked
+    if n_planes != wanted:
+        raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} takes {wanted}.",
+                          f"Open a stack with {wanted} planes (HASTE: Z01..Z07), or use a checkpoint trained on "
+                          f"{n_planes}-plane stacks.")
+    return list(range(n_planes))
+
+
+def _limits(card: dict, key_lo: str, key_hi: str, n: int, label: str) -> tuple[np.ndarray, np.ndarray] | None:
+    norm = card.get("normalization") or {}
+    if key_lo not in norm or key_hi not in norm:
+        return None
+    lo, hi = np.asarray(norm[key_lo], np.float64).ravel(), np.asarray(norm[key_hi], np.float64).ravel()
+    if lo.size == 1 and n > 1:
+        lo, hi = np.repeat(lo, n), np.repeat(hi, n)
+    if lo.size != n or hi.size != n:
+        raise CheckpointError(label, f"normalization.{key_lo}/{key_hi} have {lo.size}/{hi.size} values for "
+                              f"{n} planes or channels.", "Re-export the checkpoint with the training statistics.")
+    return lo, hi
+
+
+def _sample(planes: Any) -> np.ndarray:
+    """A strided sample of every plane (about 1024 px across), for the input checks."""
+    step = max(1, int(max(planes.shape[-2:]) // 1024))
+    return np.asarray(planes[:, ::step, ::step])
+
+
+def _check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, names: Sequence[str],
+                 files: Sequence[Any], label: str, messages: list[str]) -> None:
+    """Constant/NaN planes and 8-bit vs 16-bit surprises, naming the plane file and the checkpoint."""
+    for i, plane in enumerate(sample):
+        if plane.dtype.kind == "f" and not np.isfinite(plane).all():
+            raise ZStackError(files[i], f"plane {names[i]} holds NaN or infinite values.",
+                              "Replace them (e.g. by the background value) before translating.")
+        if plane.min() == plane.max():
+            raise ZStackError(files[i], f"plane {names[i]} is constant (every pixel {plane.min()}).",
+                              "An empty or failed acquisition; re-acquire the plane or open another stack.")
+    card_dtype = card.get("input_dtype")
+    if lims is not None and np.dtype(dtype) == np.uint8 and float(lims[1].max()) > 255:
+        raise ZStackError(files[0], f"is 8-bit (uint8) but checkpoint {label} was trained on "
+                          f"{card_dtype or '16-bit'} planes with values up to {float(lims[1].max()):g}: every "
+                          "pixel would look dark to it.",
+                          "Open the 16-bit export of the planes (8-bit exports lose the intensity scale).")
+    if card_dtype and np.dtype(card_dtype) != np.dtype(dtype):
+        messages.append(f"the stack is {np.dtype(dtype)} but checkpoint {label} was trained on {card_dtype} planes;"
+                        " the card's intensity ranges are used as they are")
+    if lims is not None:
+        above = [names[i] for i, p in enumerate(sample) if np.mean(p > lims[1][i]) > 0.5]
+        if above:
+            messages.append(f"most pixels of planes {above} are brighter than checkpoint {label}'s training maximum "
+                            "(saturated after normalisation): different exposure or bit depth?")
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def _ceil16(n: int) -> int:
+    return -(-int(n) // 16) * 16
+
+
+def tile_positions(n: int, tile: int, stride: int) -> tuple[list[int], int]:
+    """Tile starts along one axis of length ``n`` and the tile size used there.
+
+    The last tile ends at ``n``; a side shorter than ``tile`` gets one tile of the next
+    multiple of 16 (mirror-padded).
+
+    >>> tile_positions(1024, 512, 256)
+    ([0, 256, 512], 512)
+    >>> tile_positions(1000, 512, 256)
+    ([0, 256, 488], 512)
+    >>> tile_positions(250, 512, 256)
+    ([0], 256)
+    """
+    t = min(int(tile), _ceil16(n))
+    if n <= t:
+        return [0], t
+    pos = list(range(0, n - t, int(stride)))
+    return pos + [n - t], t
+
+
+def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    ph, pw = h - a.shape[-2], w - a.shape[-1]
+    if ph <= 0 and pw <= 0:
+        return a
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, max(ph, 0)), (0, max(pw, 0))]
+    mode = "symmetric" if ph <= a.shape[-2] and pw <= a.shape[-1] else "edge"
+    return np.pad(a, pad, mode=mode)
+
+
+def _bands(data: Any, planes: list[int], ys: list[int], th: int, load_once: bool, cancel: Any):
+    """Yield ``(y, raw band (Z, th, X))`` per tile row; reads the stack once when that is cheap."""
+    whole = np.asarray(data[planes]) if load_once else None
+    for y in ys:
+        check_cancel(cancel, "translation")
+        band = whole[:, y:y + th] if whole is not None else np.asarray(data[planes, y:y + th])
+        yield y, band
+
+
+def _read_once(data: Any, planes: list[int]) -> bool:
+    """True for stacks held in memory, or lazy ones whose planes are single chunks (PNG/TIFF files)."""
+    chunks = getattr(data, "chunks", None)
+    nbytes = len(planes) * int(np.prod(data.shape[1:])) * np.dtype(data.dtype).itemsize
+    if isinstance(data, np.ndarray):
+        return True
+    single = chunks is not None and hasattr(data, "dask") and len(chunks[1]) == 1 and len(chunks[2]) == 1
+    return bool(single and nbytes <= READ_ONCE_BYTES)
+
+
+class _Forward:
+    """The model call of one batch: float32 tiles in, numpy ``(N, C[+1], h, w)`` out."""
+
+    def __init__(self, model: Any, device: str):
+        import torch
+
+        from ..device import autocast_dtype
+
+        self.torch, self.model, self.device = torch, model, device
+        self.amp = autocast_dtype(device)
+        self.has_mask: bool | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(batch).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.amp,
+                                                    enabled=self.amp is not None):  # fmt: skip
+            out = self.model(x)
+        if isinstance(out, tuple) and hasattr(out, "mask_logits"):
+            self.has_mask = True
+            out = torch.cat([out.image.float(), torch.sigmoid(out.mask_logits.float())], dim=1)
+        else:
+            self.has_mask = False
+            out = out.float()
+        return out.cpu().numpy()
+
+
+class _Run:
+    """Tiles of one checkpoint: pending batch, forward pass, blending canvas (made at the first batch)."""
+
+    def __init__(self, forward: _Forward, shape: tuple[int, int], tile: tuple[int, int], group: Any):
+        self.forward, self.shape, self.tile, self.group = forward, shape, tile, group
+        self.blender: Any = None
+        self.batch: list[np.ndarray] = []
+        self.where: list[tuple[int, int]] = []
+
+    def flush(self) -> int:
+        """Run the pending tiles, blend them in; returns how many there were."""
+        from ..tiles.blend import TileBlender
+
+        out = self.forward(np.stack(self.batch))
+        (H, W), (th, tw) = self.shape, self.tile
+        if self.blender is None:
+            self.blender = TileBlender((H, W, out.shape[1]), weights="pyramidal", chunks=(1024, 1024),
+                                       store=self.group)
+        for (y, x), values in zip(self.where, out):
+            self.blender.add(y, x, values.transpose(1, 2, 0)[: min(th, H - y), : min(tw, W - x)])
+        n = len(self.batch)
+        self.batch, self.where = [], []
+        return n
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def _stack_array(stack: Any) -> tuple[Any, str, list[str], list[Any], float | None]:
+    """``(data (Z, Y, X), name, plane names, plane files, pixel size µm)`` of a ZStack or an array."""
+    if hasattr(stack, "plane_names"):
+        meta = getattr(stack, "metadata", {}) or {}
+        return (stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
+                * stack.n_planes, meta.get("PhysicalSizeX"))  # fmt: skip
+    if isinstance(stack, (str, Path)):
+        from ..io.zstack import open_zstack
+
+        return _stack_array(open_zstack(stack))
+    data = stack if hasattr(stack, "shape") and hasattr(stack, "dtype") else np.asarray(stack)
+    if data.ndim != 3:
+        raise ZStackError("<array>", f"has shape {tuple(data.shape)}, not (Z, Y, X) planes.",
+                          "Pass a z-stack (open_zstack) or a 3-D array of planes.")
+    names = [f"z{i}" for i in range(data.shape[0])]
+    return data, "<array>", names, ["<array>"] * data.shape[0], None
+
+
+def translate_stack(
+    stack: Any,
+    checkpoint: Any,
+    *,
+    tile: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    threshold: float = 0.5,
+    nuclei_mask: bool = True,
+    store: PathLike | None = None,
+    progress: Callable[..., Any] | None = None,
+    cancel: Any = None,
+) -> TranslationResult:
+    """Predict fluorescence channels (and nuclei) from a brightfield z-stack, tile by tile.
+
+    Parameters
+    ----------
+    stack : ZStack, path, or array (Z, Y, X)
+        The planes (numpy, dask or zarr; lazy arrays are read one band of tiles at a time).
+    checkpoint : path, (module, card), or a list of them
+        ``translate`` checkpoints; each gives the channels its card names (``channels``).
+        Several checkpoints (nuclei, lipids, cytoplasm models) run one after the other.
+    tile, stride : int
+        Tile side (a multiple of 16; the model has 4 pooling levels) and step (default half
+        a tile). HASTE: 512/256.
+    batch_size : int
+        Tiles per forward pass.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``mps`` (mixed precision on CUDA).
+    threshold : float
+        Confidence above which a pixel belongs to a nucleus (LUPI checkpoints).
+    nuclei_mask : bool
+        Label nuclei instances (confidence map or predicted nuclei channel).
+    store : path, optional
+        Zarr directory for the blending canvases and the results (created, atomically:
+        a cancel leaves nothing). Default: memory, or a temporary directory for canvases
+        above :data:`IN_MEMORY_PIXELS`.
+    progress, cancel
+        ``progress(done, total, message)`` per batch; ``cancel`` checked per batch, raises
+        :class:`~napari_pathfm.errors.Cancelled`.
+
+    Returns
+    -------
+    TranslationResult
+
+    Raises
+    ------
+    ZStackError
+        Plane count different from the checkpoint's ``input_planes``, an 8-bit stack for a
+        checkpoint trained on 16-bit ranges, constant or NaN planes.
+    CheckpointError
+        A checkpoint that is not a translation model or whose card is inconsistent.
+
+    Examples
+    --------
+    >>> res = translate_stack("isl-blue-sample", "haste-isl-dapi.safetensors")   # doctest: +SKIP
+    >>> res.channels["DAPI"].dtype, res.nuclei_labels.max()                      # doctest: +SKIP
+    (dtype('uint16'), 85)
+    """
+    from ..device import resolve_device
+
+    if int(tile) % 16 or tile < 16:
+        raise ValueError(f"tile must be a positive multiple of 16 (the model pools 4 times), got {tile}")
+    stride = int(tile) // 2 if stride is None else stride
+    if not 0 < int(stride) <= int(tile):
+        raise ValueError(f"stride must be in 1..tile ({tile}), got {stride}")
+    data, name, plane_names, plane_files, pixel_size = _stack_array(stack)
+    checkpoints = list(checkpoint) if isinstance(checkpoint, list) else [checkpoint]
+    dev = resolve_device(device)
+    H, W = int(data.shape[1]), int(data.shape[2])
+    large = store is not None or H * W > IN_MEMORY_PIXELS
+    with _Store(store, large) as root:
+        result = _translate(data, name, plane_names, plane_files, checkpoints, dev, root, tile=int(tile),
+                            stride=int(stride), batch_size=int(batch_size), progress=progress, cancel=cancel)
+        result.pixel_size, result.threshold = pixel_size, float(threshold)
+        if nuclei_mask:
+            _label(result, cancel)
+        if root is not None and store is None:
+            result._tmp = root.keep()
+    if store is not None:  # the arrays were written under the temporary name: open them where they are now
+        _reopen(result, Path(store))
+    return result
+
+
+def _reopen(result: TranslationResult, root: Path) -> None:
+    import zarr
+
+    def again(arr: Any) -> Any:
+        return zarr.open_array(store=str(root), path=arr.path, mode="r") if arr is not None else None
+
+    result.channels = {k: again(v) for k, v in result.channels.items()}
+    result.confidence = again(result.confidence)
+
+
+class _Store:
+    """Where large canvases live: ``store`` (atomic directory), a temporary one, or nowhere (memory)."""
+
+    def __init__(self, store: PathLike | None, large: bool):
+        self.store, self.large = store, large
+        self._atomic = self._tmpdir = self._root = None
+        self.path: Path | None = None
+
+    def __enter__(self) -> _Store | None:
+        from ..io.atomic import atomic_path
+
+        if self.store is not None:
+            self._atomic = atomic_path(self.store, directory=True)
+            self.path = self._atomic.__enter__()
+            self.path.mkdir()
+        elif self.large:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="pathfm-translate-")
+            self.path = Path(self._tmpdir.name)
+        return self if self.path is not None else None
+
+    def group(self, key: str) -> Any:
+        """The zarr group ``key`` under the root (created when missing)."""
+        import zarr
+
+        if self._root is None:
+            self._root = zarr.open_group(str(self.path), mode="a")
+        return self._root.require_group(key)
+
+    def keep(self) -> Any:
+        """Hand the temporary directory to the result (removed when the result is garbage-collected)."""
+        tmp, self._tmpdir = self._tmpdir, None
+        return tmp
+
+    def __exit__(self, *exc: object) -> None:
+        if self._atomic is not None:
+            self._atomic.__exit__(*exc)
+        if self._tmpdir is not None and exc[0] is not None:
+            self._tmpdir.cleanup()
+
+
+def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, tile, stride, batch_size,
+               progress, cancel) -> TranslationResult:
+    from ..io.normalize import denormalize, normalize_minmax
+
+    H, W = int(data.shape[1]), int(data.shape[2])
+    ys, th = tile_positions(H, tile, stride)
+    xs, tw = tile_positions(W, tile, stride)
+    per_model = len(ys) * len(xs)
+    total = per_model * len(checkpoints)
+    result = TranslationResult(channels={}, roles={}, source=name, n_tiles=total)
+    done = 0
+    for k, ckpt in enumerate(checkpoints):
+        check_cancel(cancel, "translation")
+        model, card, label = load_translation_model(ckpt, dev)
+        result.checkpoints.append(label)
+        result.cards.append(card)
+        planes = _plane_indices(card, int(data.shape[0]), name, label)
+        lims = _limits(card, "input_min", "input_max", len(planes), label)
+        _check_input(_sample(data[planes]), data.dtype, card, lims,
+                     [plane_names[p] for p in planes], [plane_files[p] for p in planes], label, result.messages)
+        if lims is None:
+            sample = _sample(data[planes]).astype(np.float64)
+            lims = (sample.min(axis=(1, 2)), sample.max(axis=(1, 2)))
+            result.messages.append(f"checkpoint {label} has no input normalisation; each plane was scaled by its "
+                                   "own min/max")
+        run = _Run(_Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
+        report(progress, done, total, f"{label}: reading planes")
+        for y, band in _bands(data, planes, ys, th, _read_once(data, planes), cancel):
+            norm = normalize_minmax(band, lims[0], lims[1])
+            for x in xs:
+                run.batch.append(_pad_to(norm[:, :, x:x + tw], th, tw))
+                run.where.append((y, x))
+                if len(run.batch) == batch_size:
+                    done += run.flush()
+                    report(progress, done, total, f"{label}: tile {done - k * per_model}/{per_model}")
+                    check_cancel(cancel, "translation")
+        if run.batch:
+            done += run.flush()
+            report(progress, done, total, f"{label}: tile {done - k * per_model}/{per_model}")
+        forward, blender = run.forward, run.blender
+        canvas = blender.result()
+        n_img = canvas.shape[2] - (1 if forward.has_mask else 0)
+        names = [str(c) for c in (card.get("channels") or [])] or [f"{Path(label).stem}-{i}" for i in range(n_img)]
+        if len(names) != n_img:
+            raise CheckpointError(label, f"the card names {len(names)} channels {names} but the model outputs "
+                                  f"{n_img}.", "Fix 'channels' in the model card.")
+        roles = list(card.get("channel_roles") or [None] * n_img)
+        tlims = _limits(card, "target_min", "target_max", n_img, label)
+        tdtype = np.dtype((card.get("normalization") or {}).get("target_dtype") or ("uint16" if tlims else "float32"))
+        for c, cname in enumerate(names):
+            key = cname if cname not in result.channels else f"{cname} ({Path(label).stem})"
+            lo, hi = (tlims[0][c], tlims[1][c]) if tlims is not None else (0.0, 1.0)
+            result.channels[key] = _blockwise(canvas, c, partial(denormalize, mins=lo, maxs=hi, dtype=tdtype),
+                                              tdtype, root, f"canvas{k}", f"channel{c}")
+            result.roles[key] = channel_role(cname, roles[c] if c < len(roles) else None)
+        if forward.has_mask and result.confidence is None:
+            result.confidence = _blockwise(canvas, n_img, lambda v: v.clip(0, 1), np.float32, root,
+                                           f"canvas{k}", "confidence")
+        del model, run, forward
+    return result
+
+
+def _blockwise(canvas: Any, c: int, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, root: Any,
+               key: str, name: str) -> Any:
+    """``fn`` of channel ``c`` of a blended canvas, into memory or a zarr array beside it."""
+    if root is None:
+        return fn(np.asarray(canvas[..., c]))
+    out = root.group(key).create_array(name, shape=canvas.shape[:2], chunks=(1024, 1024), dtype=dtype, overwrite=True)
+    for y in range(0, canvas.shape[0], 1024):
+        out[y:y + 1024] = fn(np.asarray(canvas[y:y + 1024, :, c]))
+    return out
+
+
+def _label(result: TranslationResult, cancel: Any) -> None:
+    """Nuclei instances: confidence > threshold (LUPI), else Otsu + watershed of the nuclei channel."""
+    from .nuclei import segment_nuclei
+
+    check_cancel(cancel, "nuclei")
+    if result.confidence is not None:
+        result.nuclei_labels = result.nuclei_mask()
+        return
+    nuclei = [k for k, r in result.roles.items() if r == "nuclei"]
+    if nuclei:
+        result.nuclei_labels, _ = segment_nuclei(np.asarray(result.channels[nuclei[0]]))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def write_translation(result: TranslationResult, out_dir: PathLike, *, progress: Callable[..., Any] | None = None,
+                      cancel: Any = None) -> dict[str, Path]:
+    """Write the result into ``out_dir``, all files or none.
+
+    Files: ``<channel>.ome.tif`` per channel (its dtype, e.g. uint16), ``nuclei-mask.ome.tif``
+    (int32 labels), ``nuclei-confidence.ome.tif`` (float32, LUPI only) and ``summary.json``
+    (checkpoints, channels and roles, nucleus count, messages). Files go to a hidden
+    temporary folder in ``out_dir`` and are moved into place only when all are complete
+    (``summary.json`` last): a cancel or an error adds nothing to ``out_dir``.
+    """
+    from ..io.ome_tiff import write_ome_tiff
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"kind": "translate", "input": result.source, "checkpoints": result.checkpoints}
+    jobs: list[tuple[str, str, Any, dict]] = []
+    for cname, arr in result.channels.items():
+        jobs.append((f"channel:{cname}", f"{_safe(cname)}.ome.tif", arr,
+                     {"channel_names": [cname], "metadata": {**meta, "channel": cname, "role": result.roles[cname]}}))
+    if result.nuclei_labels is not None:
+        jobs.append(("nuclei_mask", "nuclei-mask.ome.tif", result.nuclei_labels,
+                     {"is_labels": True, "metadata": {**meta, "threshold": result.threshold}}))
+    if result.confidence is not None:
+        jobs.append(("nuclei_confidence", "nuclei-confidence.ome.tif", result.confidence,
+                     {"channel_names": ["nuclei confidence"], "metadata": meta}))
+    steps = len(jobs) + 1
+    with tempfile.TemporaryDirectory(prefix=".pathfm-translate-", dir=out) as tmp_dir:
+        tmp = Path(tmp_dir)
+        for i, (_key, fname, arr, kw) in enumerate(jobs):
+            report(progress, i, steps, f"writing {fname}")
+            check_cancel(cancel, "writing")
+            write_ome_tiff(tmp / fname, arr, mpp=result.pixel_size, cancel=cancel, **kw)
+        check_cancel(cancel, "writing")
+        written = {key: out / fname for key, fname, _a, _k in jobs}
+        result.written = {**written, "summary": out / "summary.json"}
+        (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2, default=str), encoding="utf-8")
+        for _key, fname, _a, _k in jobs:
+            os.replace(tmp / fname, out / fname)
+        os.replace(tmp / "summary.json", out / "summary.json")  # last: its presence means the set is complete
+    report(progress, steps, steps, "written")
+    return dict(result.written)
