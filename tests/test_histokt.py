@@ -12,13 +12,13 @@ from typer.testing import CliRunner
 
 from napari_pathfm.errors import CheckpointError, RecipeError
 from napari_pathfm.training.histokt.standardize import (
-    crop_positions,
     image_mpp,
     is_low_contrast,
     reflect_pad,
     split_by_source,
     standardize,
 )
+from napari_pathfm.training.segment_data import tile_starts
 
 
 def _png(path: Path, array: np.ndarray) -> None:
@@ -36,10 +36,10 @@ def _stem_of_crop(rel: str) -> str:
 
 
 def test_crop_grid_aligns_the_last_crop_to_the_edge():
-    assert crop_positions(600, 272, 272) == [0, 272, 328]
-    assert crop_positions(600, 272, 136) == [0, 136, 272, 328]
-    assert crop_positions(272, 272, 136) == [0]
-    assert crop_positions(100, 272, 272) == [0]
+    assert tile_starts(600, 272, 272) == [0, 272, 328]
+    assert tile_starts(600, 272, 136) == [0, 136, 272, 328]
+    assert tile_starts(272, 272, 136) == [0]
+    assert tile_starts(100, 272, 272) == [0]
 
 
 def test_reflect_pad_mirrors_small_images_up_to_the_crop():

@@ -48,10 +48,10 @@ import numpy as np
 from ...errors import RecipeError
 from ...io.atomic import atomic_path
 from ...progress import check_cancel, report
+from ..segment_data import tile_starts
 
 __all__ = [
     "Source",
-    "crop_positions",
     "find_sources",
     "image_mpp",
     "is_low_contrast",
@@ -146,22 +146,6 @@ def image_mpp(path: str | Path) -> float | None:
     except (OSError, ValueError, tifffile.TiffFileError):
         return None
     return mpp if mpp and 0 < mpp <= MAX_PLAUSIBLE_MPP else None
-
-
-def crop_positions(length: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of crops along one axis: every ``stride``, the last aligned to the edge.
-
-    >>> crop_positions(600, 272, 272)
-    [0, 272, 328]
-    >>> crop_positions(272, 272, 136)
-    [0]
-    """
-    if length <= crop:
-        return [0]
-    starts = list(range(0, length - crop + 1, stride))
-    if starts[-1] != length - crop:
-        starts.append(length - crop)
-    return starts
 
 
 def reflect_pad(image: np.ndarray, size: int) -> np.ndarray:
@@ -369,8 +353,8 @@ def standardize(
                 image, st["padded_images"] = reflect_pad(image, crop), st["padded_images"] + 1
             stem = _safe_stem(source.path, used[source.label])
             (tmp / source.label).mkdir(exist_ok=True)
-            for y in crop_positions(image.shape[0], crop, stride):
-                for x in crop_positions(image.shape[1], crop, stride):
+            for y in tile_starts(image.shape[0], crop, stride):
+                for x in tile_starts(image.shape[1], crop, stride):
                     tile = np.ascontiguousarray(image[y : y + crop, x : x + crop])
                     if is_low_contrast(tile, min_contrast):
                         st["dropped_low_contrast"] += 1

@@ -12,7 +12,8 @@
 
 It writes ``OUT/transfer.csv`` (rows = source, columns = target, cells = test accuracy; the diagonal is the
 model trained on the target itself), ``OUT/transfer.json`` (accuracy, AUROC, run folders, settings),
-``OUT/transfer.png`` (heatmap) and one run folder per model under ``OUT/runs/``. A finished run (it has
+``OUT/transfer.png`` (heatmap), the same three as ``transfer_<mode>.*`` (so a fine-tune and a deep-tune grid
+can share one folder and its source models) and one run folder per model under ``OUT/runs/``. A finished run (it has
 ``result.json``) is skipped when the command is run again, an interrupted one resumes from its
 ``last.ckpt``.
 """
@@ -237,6 +238,7 @@ def transfer_matrix(
             report(progress, done, total, f"{label}: test acc {acc[s][t]}")
     csv_path, json_path, png_path = out / "transfer.csv", out / "transfer.json", out / "transfer.png"
     _write_csv(csv_path, names, acc)
+    _write_csv(out / f"transfer_{tag}.csv", names, acc)  # kept when the other mode runs in the same folder
     info = {
         "mode": tag,
         "datasets": {n: str(r) for n, r in zip(names, roots)},
@@ -251,9 +253,11 @@ def transfer_matrix(
         "recipes": str(recipe_dir),
         "tiny": tiny,
     }
-    with atomic_path(json_path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
-    plot_matrix(names, acc, png_path, title=f"HistoKT transfer ({tag}): test accuracy")
+    for path in (json_path, out / f"transfer_{tag}.json"):
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    for path in (png_path, out / f"transfer_{tag}.png"):
+        plot_matrix(names, acc, path, title=f"HistoKT transfer ({tag}): test accuracy")
     return TransferResult(names, acc, auroc, runs, csv_path, json_path, png_path, skipped)
 
 
