@@ -260,7 +260,7 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
 
     best_path = Path(ckpt.best_model_path) if ckpt.best_model_path else None
     if best_path is not None and best_path.is_file():
-        load_into(task.model, load_state_dict_file(best_path), strict=True, source=best_path)
+        load_into(task.model, _model_state(best_path), strict=True, source=best_path)
     history, monitor = events.history, ckpt.monitor
     best = history[-1] if history else {}
     if monitor and any(monitor in h for h in history):
@@ -308,6 +308,17 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         history=list(history),
         test_metrics=test_metrics,
     )
+
+
+def _model_state(path: Path) -> dict:
+    """The exported model's tensors in a Lightning checkpoint: the ``model.`` entries, prefix removed.
+
+    Tasks may hold more modules than the exported model (the GAN's discriminator);
+    those stay in the checkpoint for resuming but are not part of ``model.safetensors``.
+    """
+    sd = load_state_dict_file(path, unwrap=False).get("state_dict") or {}
+    own = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    return own or load_state_dict_file(path)
 
 
 def _test(trainer, task, data, quiet: bool) -> dict:

@@ -38,6 +38,7 @@ FAMILIES = {
     "classify": "napari_pathfm.training.tasks.classify",
     "mil": "napari_pathfm.training.tasks.mil",
     "segment": "napari_pathfm.training.tasks.segment",
+    "translate": "napari_pathfm.training.tasks.translate",
 }
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -205,6 +206,63 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
             (str,), "val_dice", "Metric for early stopping and for the best checkpoint."
         ),
         "trainer.early_stopping.mode": Field((str,), "max", "Whether the metric should go down or up.", ("min", "max")),
+    },
+    "translate": {
+        "data.stacks": Field(
+            (list, str), None, "Training z-stacks: folders/plane files/TIFFs, or {path, well, field, channel}.",
+            required=True, path=True,
+        ),
+        "data.val_stacks": Field((list, str, type(None)), None, "Validation z-stacks (whole fields of view).", path=True),
+        "data.val_rows": Field(
+            (list, type(None)), None, "[start, stop] rows of every training stack held out for validation "
+            "(ISL convention: [768, 1024]).",
+        ),
+        "data.channels": Field((list,), None, "Target channel names in output order, e.g. [DAPI] or [lipids].",
+                               required=True),
+        "data.planes": Field((list, type(None)), None, "0-based input planes to use (default: all of them)."),
+        "data.stats": Field(
+            (str, type(None)), None, "Stats table CSV (`pathfm zstats`); default: computed on the training part.",
+            path=True,
+        ),
+        "data.magnification": Field((str, type(None)), None, "Rows of the stats table to use (20x, 40x, 60x)."),
+        "data.stats_columns": Field((list,), ["min", "max"], "Stats columns mapped to 0 and 1, e.g. [p1, p99.8]."),
+        "data.percentiles": Field((list,), [1.0, 99.8], "Percentiles computed when there is no data.stats table."),
+        "data.crop_size": Field((int,), 512, "Training crop size (multiple of 16)."),
+        "data.val_tile": Field((int, type(None)), None, "Validation tile size (default: crop_size)."),
+        "data.samples_per_epoch": Field((int,), 64, "Random training crops per epoch."),
+        "data.augment": Field((bool,), True, "Random flips and 90-degree rotations of training crops."),
+        "data.shift_scale_rotate": Field((bool,), False, "Affine shift-scale-rotate of training crops."),
+        "data.ssr_shift": Field(_NUM, 0.2, "Shift limit as a fraction of the crop size."),
+        "data.ssr_scale": Field(_NUM, 0.1, "Scale limit (1 ± this)."),
+        "data.ssr_rotate": Field(_NUM, 180.0, "Rotation limit in degrees."),
+        "data.nuclei_centred": Field(_NUM, 0.0, "Share of crops centred on a pixel of the nuclei (Otsu) mask."),
+        "data.mask": Field((bool,), False, "Compute the Otsu nuclei mask of the first target (always for lupi)."),
+        "data.input_dtype": Field((str, type(None)), None, "Required bit depth of the planes (uint16, uint8)."),
+        "data.target_dtype": Field((str, type(None)), None, "Required bit depth of the targets (uint16, uint8)."),
+        "loss.mode": Field((str,), "regression", "regression, gan (HASTE lipids/cytoplasm) or lupi (HASTE nuclei).",
+                           ("regression", "gan", "lupi")),
+        "loss.kind": Field((str,), "log_squared", "Regression loss.", ("log_squared", "l1", "mse", "median_mae")),
+        "loss.pretrain_epochs": Field((int,), 0, "GAN: epochs of log-squared pretraining before the GAN."),
+        "loss.adv_weight": Field(_NUM, 0.01, "GAN: weight of the relativistic average LS adversarial loss."),
+        "loss.grad_weight": Field(_NUM, 10.0, "GAN: weight of the gradient loss (10 lipids, 100 cytoplasm)."),
+        "loss.median_mae_weight": Field(_NUM, 1.0, "Weight of MAE/median (GAN 1; LUPI: the full-size image term, 0.5)."),
+        "loss.disc_lr": Field(_NUM, 1e-6, "GAN: discriminator learning rate (Adam)."),
+        "loss.pool_size": Field((int,), 50, "GAN: history pool of discriminator outputs."),
+        "loss.grad_clip": Field(_OPT_NUM, 1.0, "GAN: gradient-norm clip of both nets."),
+        "loss.discriminator": Field((dict, type(None)), None, "GAN: patchgan config (e.g. {ndf: 32, n_layers: 4})."),
+        "loss.side_weight": Field(_NUM, 1.0, "LUPI: weight of the side-output (deep supervision) regression terms."),
+        "loss.bce_weight": Field(_NUM, 1.0, "LUPI: weight of the mask BCE."),
+        "loss.lwm_pixel_weight": Field(_NUM, 2.0, "LUPI: loss weight where the predicted mask is wrong (1 elsewhere)."),
+        "loss.lupi_base": Field((str,), "median_mae", "LUPI: regression error.", ("median_mae", "log_squared", "l1")),
+        "optim.lr": Field(_NUM, 1e-3, "Learning rate (generator lr in GAN mode)."),
+        "optim.scheduler": Field(
+            (str,), "none", "none, cosine, or cosine_warm_restarts (per batch; HASTE nuclei).",
+            ("none", "cosine", "cosine_warm_restarts"),
+        ),
+        "optim.t0": Field((int,), 2, "Warm restarts: epochs of the first cycle."),
+        "optim.t_mult": Field((int,), 2, "Warm restarts: cycle length factor."),
+        "optim.low_lr_epoch": Field(_OPT_NUM, None, "From this epoch on, a constant optim.low_lr (low-lr phase)."),
+        "optim.low_lr": Field(_NUM, 1e-5, "Learning rate of the low-lr phase."),
     },
 }
 
