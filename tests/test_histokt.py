@@ -130,6 +130,31 @@ def test_standardize_refuses_empty_class_folders(tmp_path):
         standardize(tmp_path / "src", tmp_path / "dst", mpp=1.0)
 
 
+def test_standardize_cancel_leaves_nothing(shared_data, tmp_path):
+    from napari_pathfm.errors import Cancelled
+
+    with pytest.raises(Cancelled):
+        standardize(shared_data / "crc-tiles/kather2016", tmp_path / "out", mpp=0.495, cancel=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transfer_recipes_say_what_trains(monkeypatch):
+    from napari_pathfm.training.histokt.transfer import default_recipe_dir
+    from napari_pathfm.training.recipes import load_recipe
+
+    monkeypatch.setenv("HISTOKT_SOURCE_CHECKPOINT", "/src/model.safetensors")
+    monkeypatch.setenv("PATHFM_RESNET18_WEIGHTS", "/w/resnet18.safetensors")
+    expect = {"scratch": ("all", None), "finetune": ("head", "/src/model.safetensors"),
+              "deeptune": ("all", "/src/model.safetensors"), "twostage_source": ("all", "/w/resnet18.safetensors"),
+              "twostage_target": ("all", "/src/model.safetensors")}  # fmt: skip
+    for name, (trainable, weights) in expect.items():
+        for suffix in ("", "_tiny") if "twostage" not in name else ("",):
+            r = load_recipe(default_recipe_dir() / f"{name}{suffix}.yaml")
+            assert r.get("family") == "classify" and r.get("optim.trainable") == trainable, name
+            assert r.get("model.weights") == weights, name
+            assert r.get("model.backbone") == ("resnet10t" if suffix else "resnet18")
+
+
 def test_standardize_csv_with_overlap_on_nct_tiles(shared_data, tmp_path):
     rows = [(p, p.name.split("-")[0]) for p in sorted((shared_data / "crc-tiles/nct-crc-he").glob("*.tif"))]
     with open(tmp_path / "nct.csv", "w", newline="") as f:
