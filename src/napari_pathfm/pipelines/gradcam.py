@@ -146,14 +146,15 @@ def _logits_module(model: Any):
     """``model`` as a module returning the logits tensor (Grad-CAM needs a tensor, not ``{"logits": ...}``)."""
     import torch
 
+    from .classify import _logits
+
     class _Logits(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, x):
-            out = self.inner(x)
-            return out["logits"] if isinstance(out, dict) else out
+            return _logits(self.inner(x))
 
     return _Logits(model)
 
