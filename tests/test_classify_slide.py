@@ -270,3 +270,20 @@ def test_card_classes_must_match_the_model_outputs(slide):
     card = {"classes": ["a", "b"], "tile_size": 64, "input_mpp": 4.0}
     with pytest.raises(CheckpointError, match="lists 2 classes .* but the model predicts 3"):
         classify_slide(slide, (model, card), device="cpu")
+
+
+def test_slca_model_classifies_a_slide(slide):
+    """The slca model runs through the same pipeline (tiny SAM, coarse tiles so it stays fast)."""
+    from napari_pathfm.models import create_model, list_models
+    from napari_pathfm.pipelines.classify import classify_slide
+
+    if "slca" not in list_models():
+        pytest.skip("slca model not registered")
+    torch.manual_seed(0)
+    model = create_model("slca", backbone="resnet10t", num_classes=2, sam_img_size=64,
+                         sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2})  # fmt: skip
+    res = classify_slide(slide, (model, {"classes": ["gland", "stroma"], "tile_size": 64, "input_mpp": 8.0}),
+                         device="cpu")  # fmt: skip
+    assert res.n_tiles > 0 and res.probabilities.shape == (res.n_tiles, 2)
+    np.testing.assert_allclose(res.probabilities.sum(1), 1.0, atol=1e-5)
+    assert set(np.unique(res.class_map)) <= {0, 1, 2}
