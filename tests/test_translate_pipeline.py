@@ -11,12 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _translate_helpers import TINY, isl_card, train_tiny_lupi
+
 from napari_pathfm.errors import Cancelled, ZStackError
 from napari_pathfm.io.normalize import denormalize, normalize_minmax
 
-#: A tiny LUPI net: 13 ISL planes in, DAPI + nuclei mask out (~15k parameters).
-TINY = {"in_channels": 13, "init_filters": 8, "down_blocks": (1, 1, 1, 1), "up_blocks": (1, 1, 1, 1),
-        "bottleneck_layers": 1, "growth_rate": 4, "dropout": 0.0}
 ROWS, COLS = slice(640, 800), slice(300, 524)  # a 160 x 224 crop with nuclei, not a multiple of the tile
 
 
@@ -42,45 +41,19 @@ def planes(isl_planes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def norm_card(isl, isl_planes) -> dict:
-    data = isl_planes[:, :768:4, ::4].astype(np.float64)  # training rows only
-    dapi = np.asarray(isl.targets["DAPI"][:768])
-    return {"family": "translate", "channels": ["DAPI"], "channel_roles": ["nuclei"], "input_planes": 13,
-            "normalization": {"kind": "minmax", "input_min": data.min(axis=(1, 2)).tolist(),
-                              "input_max": data.max(axis=(1, 2)).tolist(), "target_min": [float(dapi.min())],
-                              "target_max": [float(dapi.max())], "target_dtype": "uint16"},
-            "tile_size": 64, "has_mask": True, "input_dtype": "uint16"}  # fmt: skip
+def isl_dapi(isl) -> np.ndarray:
+    return np.asarray(isl.targets["DAPI"])
 
 
 @pytest.fixture(scope="module")
-def lupi_checkpoint(isl, isl_planes, norm_card, tmp_path_factory):
+def norm_card(isl_planes, isl_dapi) -> dict:
+    return isl_card(isl_planes, isl_dapi)
+
+
+@pytest.fixture(scope="module")
+def lupi_checkpoint(isl_planes, isl_dapi, norm_card, tmp_path_factory):
     """The tiny LUPI net after 12 Adam steps on 64 px crops of the ISL training rows, saved with its card."""
-    from skimage.filters import threshold_otsu
-
-    from napari_pathfm.models import create_model, save_checkpoint
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(42)
-    n = norm_card["normalization"]
-    x_all = normalize_minmax(isl_planes[:, :768, :512], n["input_min"], n["input_max"])
-    dapi = np.asarray(isl.targets["DAPI"][:768, :512]).astype(np.float32)
-    y_all = normalize_minmax(dapi, n["target_min"][0], n["target_max"][0])
-    m_all = (dapi > threshold_otsu(dapi)).astype(np.float32)
-    model = create_model("lupi_unet", **TINY)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(12):
-        ys, xs = rng.integers(0, 768 - 64, 4), rng.integers(0, 512 - 64, 4)
-        x = torch.from_numpy(np.stack([x_all[:, a:a + 64, b:b + 64] for a, b in zip(ys, xs)]))
-        y = torch.from_numpy(np.stack([y_all[None, a:a + 64, b:b + 64] for a, b in zip(ys, xs)]))
-        m = torch.from_numpy(np.stack([m_all[None, a:a + 64, b:b + 64] for a, b in zip(ys, xs)]))
-        out = model(x)
-        loss = (out.image - y).abs().mean() + torch.nn.functional.binary_cross_entropy_with_logits(out.mask_logits, m)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("models") / "tiny-lupi-dapi", norm_card)
+    return train_tiny_lupi(isl_planes, isl_dapi, norm_card, tmp_path_factory.mktemp("models") / "tiny-lupi-dapi")
 
 
 def _bare(checkpoint, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -39,7 +39,7 @@ class CheckpointPicker(QWidget):
         current = self.path()
         self.combo.clear()
         for weights, card in find_checkpoints(self.family):
-            classes = ", ".join(map(str, card.get("classes") or []))
+            classes = ", ".join(map(str, card.get("classes") or card.get("channels") or []))
             self.combo.addItem(f"{card.get('name')} · {classes} · {weights.parent.name}/{weights.name}", str(weights))
         if current:
             self.set_path(current)
