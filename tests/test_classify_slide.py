@@ -110,6 +110,7 @@ def test_all_tiles_and_explicit_mpp(slide, trained):
 
 def test_cancel_raises_and_writes_nothing(slide, trained, result, tmp_path):
     from napari_pathfm.pipelines.classify import classify_slide, write_classify_outputs
+    from napari_pathfm.pipelines.gradcam import write_top_gradcam
 
     cancel = threading.Event()
     seen = []
@@ -130,6 +131,9 @@ def test_cancel_raises_and_writes_nothing(slide, trained, result, tmp_path):
     with pytest.raises(Cancelled):
         write_classify_outputs(result, out, cancel=stop)
     assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and (out / "summary.json").read_text() == "{}"
+    with pytest.raises(Cancelled):
+        write_top_gradcam(slide, result, trained, out / "gradcam", 1, device="cpu", cancel=stop)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"], "no Grad-CAM folder, no temporary left"
 
 
 def test_wrong_family_checkpoints_are_refused(slide, tmp_path):

@@ -269,8 +269,9 @@ def write_top_gradcam(
 ) -> list:
     """PNG of the ``top_n`` most probable tiles of each class: the tile beside its Grad-CAM overlay.
 
-    Files are ``<out_dir>/<class>_<rank>_tile<index>.png`` (written atomically); each map explains
-    its class, whatever the tile's predicted class. Returns the paths.
+    Files are ``<out_dir>/<class>_<rank>_tile<index>.png``; each map explains its class, whatever
+    the tile's predicted class. The folder is written as a whole (a temporary folder renamed into
+    place at the end, replacing an older one), so a cancel leaves no partial set. Returns the paths.
     """
     from pathlib import Path
 
@@ -280,21 +281,22 @@ def write_top_gradcam(
     from .classify import load_classifier
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model_card = load_classifier(model_or_checkpoint, device="cpu")[:2]  # load once for all classes
-    written = []
+    names = []
     n_classes = len(result.classes)
-    for k, name in enumerate(result.classes):
-        report(progress, k, n_classes, f"Grad-CAM: {name}")
-        order = np.argsort(-result.probabilities[:, k], kind="stable")[: max(0, int(top_n))]
-        if not order.size:
-            continue
-        cam = gradcam_tiles(slide, result, model_card, order, target=k, device=device, cancel=cancel)
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-        for rank, (i, tile, heat) in enumerate(zip(cam.indices, cam.images, cam.heat), start=1):
-            path = out / f"{safe}_{rank}_tile{int(i)}.png"
-            with atomic_path(path) as tmp:
-                Image.fromarray(np.concatenate([tile, overlay_rgb(tile, heat)], axis=1)).save(tmp, format="PNG")
-            written.append(path)
+    with atomic_path(out, directory=True) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        for k, name in enumerate(result.classes):
+            report(progress, k, n_classes, f"Grad-CAM: {name}")
+            order = np.argsort(-result.probabilities[:, k], kind="stable")[: max(0, int(top_n))]
+            if not order.size:
+                continue
+            cam = gradcam_tiles(slide, result, model_card, order, target=k, device=device, cancel=cancel)
+            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+            for rank, (i, tile, heat) in enumerate(zip(cam.indices, cam.images, cam.heat), start=1):
+                names.append(f"{safe}_{rank}_tile{int(i)}.png")
+                image = Image.fromarray(np.concatenate([tile, overlay_rgb(tile, heat)], axis=1))
+                image.save(Path(tmp) / names[-1], format="PNG")
+    written = [out / n for n in names]
     report(progress, n_classes, n_classes, "Grad-CAM written")
     return written

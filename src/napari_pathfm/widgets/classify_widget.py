@@ -146,9 +146,10 @@ class ClassifyWidget(QWidget):
             "labels", f"{base} classes", result.class_map, opacity=0.45, features=features, **kwargs
         )  # fmt: skip
         self.prob_layers = []
+        prob_maps = result.prob_maps
         for k, cls in enumerate(result.classes):
             layer = self._put(
-                "image", f"{base} p({cls})", result.prob_maps[k], colormap=heat_colormap(), opacity=0.6,
+                "image", f"{base} p({cls})", prob_maps[k], colormap=heat_colormap(), opacity=0.6,
                 contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest", visible=k == 0,
                 **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
             )  # fmt: skip
