@@ -211,16 +211,23 @@ class ClassifyWidget(QWidget):
         if self.result is None:
             self.status.setText("Classify a slide first.")
             return None
-        idx = self.result.tiles_in_box(*self.visible_box())
+        box = self.visible_box()
+        idx = self.result.tiles_in_box(*box)
         if not idx.size:
             self.status.setText("No classified tiles in view.")
             return None
-        return self._start_gradcam(idx, "current view")
+        # nearest the centre of the view first, so the cap keeps what the user looks at
+        centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+        dist = np.abs(self.result.grid.tiles[idx] + self.result.cell / 2 - centre).max(axis=1)
+        return self._start_gradcam(idx[np.argsort(dist, kind="stable")], "current view")
 
     def _start_gradcam(self, indices, what: str):
         from ..pipelines.classify import load_classifier
         from ..pipelines.gradcam import gradcam_tiles
 
+        if self._slide_layer_name not in self.viewer.layers:
+            self.status.setText("The classified slide's layer was closed: open it and classify again.")
+            return None
         result, checkpoint, slide_path, target = self.result, self._checkpoint, self._slide_path(), self._target()
         cached = self._model
 
@@ -249,8 +256,12 @@ class ClassifyWidget(QWidget):
                   blending="translucent", units=layer_units(self.result.mpp), **kwargs)  # fmt: skip
         classes = sorted(set(meta["classes"]))
         text = f"Grad-CAM of {len(cam.indices)} tile(s) ({what}) for {', '.join(classes)}."
+        empty = cam.empty_tiles()
+        if empty:
+            text += f" {len(empty)} map(s) are all 0: no positive evidence for the class in those tiles."
         if cam.capped:
-            text += f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}): zoom in."
+            text += (f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}, those nearest the "
+                     "centre): zoom in.")  # fmt: skip
         self.status.setText(text)
 
     def _arm_click(self, on: bool) -> None:
