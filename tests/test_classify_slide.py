@@ -291,3 +291,19 @@ def test_slca_model_classifies_a_slide(slide):
     assert res.n_tiles > 0 and res.probabilities.shape == (res.n_tiles, 2)
     np.testing.assert_allclose(res.probabilities.sum(1), 1.0, atol=1e-5)
     assert set(np.unique(res.class_map)) <= {0, 1, 2}
+
+
+def test_image_without_pixel_size_is_tiled_at_its_own_resolution(shared_data):
+    from napari_pathfm.errors import SlideError
+    from napari_pathfm.models import create_model
+    from napari_pathfm.pipelines.classify import classify_slide
+
+    png = shared_data / "glas" / "train" / "images" / "train_1.png"
+    model = create_model("timm_classifier", backbone="resnet10t", num_classes=2)
+    card = {"classes": ["gland", "other"], "tile_size": 64, "input_mpp": 1.0}
+    res = classify_slide(png, (model, card), tissue_only=False, device="cpu")
+    assert res.mpp is None and res.model_mpp is None and res.cell == 64
+    assert "no pixel size" in res.messages[0]
+    assert res.scale == (64.0, 64.0), "without µm/px the layers are in level-0 pixels"
+    with pytest.raises(SlideError, match="no pixel size"):
+        classify_slide(png, (model, card), mpp=1.0, device="cpu")
