@@ -190,6 +190,15 @@ def check_dtypes(zs, channels: Sequence[str], stats: StatsTable | None, *, magni
                               "files with `pathfm zstats`.")
 
 
+def check_targets(zs, channels: Sequence[str]) -> None:
+    """Raise when a target channel needed for training is missing from the stack's site."""
+    missing = [c for c in channels if c not in zs.targets]
+    if missing:
+        raise ZStackError(zs.path, f"has no target channel(s) {missing} (it has {sorted(zs.targets) or 'none'}).",
+                          "Training needs the fluorescence targets beside the planes: add the files, fix "
+                          "data.channels, or select another site with well/field.")
+
+
 def _check_finite(arr: np.ndarray, what: str, path: Any) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ZStackError(path, f"{what} holds NaN or infinite values.",
@@ -240,14 +249,10 @@ def load_fov(spec: StackSpec, zs, channels: Sequence[str], planes: Sequence[int]
     ``in_limits``/``target_limits`` are ``(lows, highs)`` per used plane / per channel.
     Raises for constant/NaN planes (naming the plane file) and missing targets.
     """
-    missing = [c for c in channels if c not in zs.targets]
-    if missing:
-        raise ZStackError(zs.path, f"has no target channel(s) {missing} (it has {sorted(zs.targets) or 'none'}).",
-                          "Training needs the fluorescence targets beside the planes: add the files, fix "
-                          "data.channels, or select another site with well/field.")
     raw = np.asarray(zs.data[list(planes)].compute())
     for i, p in enumerate(planes):
         _check_finite(raw[i], f"plane {zs.plane_names[p]}", zs.plane_files[p])
+    check_targets(zs, channels)
     x = normalize_minmax(raw, in_limits[0], in_limits[1])
     ys = []
     for j, name in enumerate(channels):

@@ -49,6 +49,7 @@ from ..translate_data import (
     TranslateTileDataset,
     check_dtypes,
     check_planes,
+    check_targets,
     fov_limits,
     load_fov,
     open_fov_stack,
@@ -106,6 +107,8 @@ class TranslateDataModule(L.LightningDataModule):
         rows = data.get("val_rows")
         self.val_rows = None if rows is None else (int(rows[0]), int(rows[1]))
         opened = [(s, open_fov_stack(s)) for s in train_specs + val_specs]
+        for _, zs in opened:
+            check_targets(zs, self.channels)
         ref = opened[0][1]
         self.planes = check_planes(ref, data.get("planes"), in_channels, self.where)
         for spec, zs in opened[1:]:
@@ -114,10 +117,8 @@ class TranslateDataModule(L.LightningDataModule):
         self.target_dtype = str(ref.targets[self.channels[0]].dtype) if self.channels[0] in ref.targets else None
         self.stats, self.stats_source = self._stats(opened[: len(train_specs)])
         for spec, zs in opened:
-            missing = [c for c in self.channels if c not in zs.targets]
-            if not missing:
-                check_dtypes(zs, self.channels, self.stats, magnification=self.magnification,
-                             input_dtype=data.get("input_dtype"), target_dtype=data.get("target_dtype"))
+            check_dtypes(zs, self.channels, self.stats, magnification=self.magnification,
+                         input_dtype=data.get("input_dtype"), target_dtype=data.get("target_dtype"))
         chan = ref.channel_name or "input"
         self.input_limits = fov_limits(self.stats, chan, len(self.planes), self.magnification, self.columns,
                                        self.where, planes=None if self._stats_planes_used else self.planes)
