@@ -260,3 +260,26 @@ def test_zstats_cli_on_the_isl_stack(isl: Path, tmp_path: Path):
     res = CliRunner().invoke(app, ["zstats", str(isl), "--out", str(out), "--magnification", "40x", "--append"])
     assert res.exit_code == 0, res.output
     assert len(StatsTable.read_csv(out)) == 32
+
+
+def test_haste_folder_of_sites_splits_by_well_and_pools_stats(tmp_path: Path):
+    import tifffile
+
+    from napari_pathfm.training.tasks.translate import TranslateDataModule
+    from napari_pathfm.training.translate_data import zstack_stats
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "20x_images"
+    folder.mkdir()
+    for well in ("B04", "D04"):
+        for c, planes in ((4, 3), (1, 1)):
+            for z in range(1, planes + 1):
+                tifffile.imwrite(folder / f"AssayPlate_Greiner_#655090_{well}_T0001F001L01A0{c}Z0{z}C0{c}.tif",
+                                 rng.integers(100, 5000, (48, 64), dtype=np.uint16))
+    table = zstack_stats([folder], magnification="20x", percentiles=(0.01, 99.99))
+    assert [r["channel"] for r in table.rows] == ["C04"] * 3 + ["nuclei"]
+    cfg = {"stacks": [str(folder)], "val_wells": ["D04"], "channels": ["nuclei"], "crop_size": 32,
+           "magnification": "20x"}
+    m = TranslateDataModule(cfg, 3, with_mask=True)
+    assert len(m.train_fovs) == 1 and len(m.val_fovs) == 1
+    assert "B04" in m.train_fovs[0].source and "D04" in m.val_fovs[0].source

@@ -213,6 +213,7 @@ DATA_SCHEMA: dict[str, dict[str, Field]] = {
             required=True, path=True,
         ),
         "data.val_stacks": Field((list, str, type(None)), None, "Validation z-stacks (whole fields of view).", path=True),
+        "data.val_wells": Field((list, type(None)), None, "Wells whose sites validate (HASTE folders of many sites)."),
         "data.val_rows": Field(
             (list, type(None)), None, "[start, stop] rows of every training stack held out for validation "
             "(ISL convention: [768, 1024]).",

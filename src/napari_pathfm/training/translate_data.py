@@ -132,6 +132,13 @@ def open_fov_stack(spec: StackSpec):
     return open_zstack(spec.path, well=spec.well, field=spec.field, channel=spec.channel)
 
 
+def open_spec_sites(spec: StackSpec) -> list:
+    """Every site a ``data.stacks`` entry names: one stack, or each site of a folder when none is selected."""
+    if spec.well is None and spec.field is None:
+        return open_stacks(spec.path, channel=spec.channel)
+    return [open_fov_stack(spec)]
+
+
 def check_planes(zs, planes: Sequence[int] | None, in_channels: int, where: Any) -> list[int]:
     """Plane indices to use; raises when their count differs from the model's ``in_channels``."""
     n = zs.n_planes
@@ -261,7 +268,10 @@ def load_fov(spec: StackSpec, zs, channels: Sequence[str], planes: Sequence[int]
         ys.append(normalize_minmax(t, target_limits[0][j], target_limits[1][j]))
     y = np.stack(ys).astype(np.float32)
     mask = otsu_mask(y[0]) if with_mask else None
-    return FieldOfView(spec.label, x, y, mask, {"path": str(zs.path)})
+    label = spec.label
+    if spec.well is None and spec.field is None and zs.metadata.get("site") and zs.path != spec.path:
+        label = f"{spec.path} ({zs.metadata['site']})"
+    return FieldOfView(label, x, y, mask, {"path": str(zs.path)})
 
 
 def tile_origins(size: int, tile: int) -> list[int]:

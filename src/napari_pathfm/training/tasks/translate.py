@@ -52,7 +52,7 @@ from ..translate_data import (
     check_targets,
     fov_limits,
     load_fov,
-    open_fov_stack,
+    open_spec_sites,
     pooled_stats,
     stack_specs,
     write_json,
@@ -106,17 +106,24 @@ class TranslateDataModule(L.LightningDataModule):
             raise RecipeError(self.where, "data.stacks names no z-stack.", "List at least one stack folder.")
         rows = data.get("val_rows")
         self.val_rows = None if rows is None else (int(rows[0]), int(rows[1]))
-        opened = [(s, open_fov_stack(s)) for s in train_specs + val_specs]
-        for _, zs in opened:
+        val_wells = {str(w).upper() for w in data.get("val_wells") or []}
+        opened = [(sp, zs, is_val or str(zs.metadata.get("well", "")).upper() in val_wells)
+                  for specs, is_val in ((train_specs, False), (val_specs, True))
+                  for sp in specs for zs in open_spec_sites(sp)]
+        if not any(not v for _, _, v in opened):
+            raise RecipeError(self.where, f"data.val_wells {sorted(val_wells)} leaves no training site.",
+                              "Hold out fewer wells.")
+        for _, zs, _ in opened:
             check_targets(zs, self.channels)
+        opened.sort(key=lambda t: t[2])  # training sites first
         ref = opened[0][1]
         self.planes = check_planes(ref, data.get("planes"), in_channels, self.where)
-        for spec, zs in opened[1:]:
+        for _, zs, _ in opened[1:]:
             check_planes(zs, self.planes, in_channels, self.where)
         self.input_dtype = str(ref.dtype)
         self.target_dtype = str(ref.targets[self.channels[0]].dtype) if self.channels[0] in ref.targets else None
-        self.stats, self.stats_source = self._stats(opened[: len(train_specs)])
-        for spec, zs in opened:
+        self.stats, self.stats_source = self._stats([zs for _, zs, v in opened if not v])
+        for _, zs, _ in opened:
             check_dtypes(zs, self.channels, self.stats, magnification=self.magnification,
                          input_dtype=data.get("input_dtype"), target_dtype=data.get("target_dtype"))
         chan = ref.channel_name or "input"
@@ -129,10 +136,10 @@ class TranslateDataModule(L.LightningDataModule):
             highs.append(float(hi[0]))
         self.target_limits = (np.array(lows), np.array(highs))
         self.train_fovs, self.val_fovs = [], []
-        for i, (spec, zs) in enumerate(opened):
+        for spec, zs, is_val in opened:
             fov = load_fov(spec, zs, self.channels, self.planes, self.input_limits, self.target_limits,
                            with_mask=with_mask, where=self.where)
-            if i >= len(train_specs):
+            if is_val:
                 self.val_fovs.append(fov)
             elif self.val_rows is not None:
                 a, b = self.val_rows
@@ -170,7 +177,7 @@ class TranslateDataModule(L.LightningDataModule):
             a, b = self.val_rows
             rows = (0, a) if a > 0 else (b, None)
         self._stats_planes_used = True
-        table = pooled_stats([zs for _, zs in train], percentiles=[float(q) for q in self.cfg.get("percentiles")
+        table = pooled_stats(list(train), percentiles=[float(q) for q in self.cfg.get("percentiles")
                                                                    or (1.0, 99.8)],
                              magnification=self.magnification or "", rows=rows, planes=self.planes,
                              channels=self.channels)
