@@ -52,7 +52,7 @@ __all__ = [
 ]  # fmt: skip
 
 #: Canvases with more pixels than this blend in a zarr directory instead of memory.
-IN_MEMORY_PIXELS = 4096 * 4096
+IN_MEMORY_PIXELS = 2048 * 2048
 #: Stacks whose planes are single dask chunks and smaller than this are read once, not per band.
 READ_ONCE_BYTES = 1 << 30
 #: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
@@ -187,10 +187,18 @@ def _limits(card: dict, key_lo: str, key_hi: str, n: int, label: str) -> tuple[n
     return lo, hi
 
 
-def _sample(planes: Any) -> np.ndarray:
-    """A strided sample of every plane (about 1024 px across), for the input checks."""
-    step = max(1, int(max(planes.shape[-2:]) // 1024))
-    return np.asarray(planes[:, ::step, ::step])
+def _sample(data: Any, planes: list[int]) -> np.ndarray:
+    """A sample of every used plane for the input checks (``(Z, h, w)``, at most ~1024 px across).
+
+    In-memory stacks are strided; lazy ones give up to 8 evenly spaced strips of 32 rows, so
+    only the chunks under those strips are read, not the whole stack.
+    """
+    H, W = int(data.shape[1]), int(data.shape[2])
+    step = max(1, max(H, W) // 1024)
+    if isinstance(data, np.ndarray) or H <= 1024:
+        return np.asarray(data[planes][:, ::step, ::step])
+    starts = np.linspace(0, H - 32, 8).astype(int)
+    return np.concatenate([np.asarray(data[planes, y:y + 32, ::step]) for y in starts], axis=1)
 
 
 def _check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, names: Sequence[str],
@@ -255,13 +263,20 @@ def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.pad(a, pad, mode=mode)
 
 
-def _bands(data: Any, planes: list[int], ys: list[int], th: int, load_once: bool, cancel: Any):
-    """Yield ``(y, raw band (Z, th, X))`` per tile row; reads the stack once when that is cheap."""
-    whole = np.asarray(data[planes]) if load_once else None
+def _bands(data: Any, planes: list[int], ys: list[int], th: int, cancel: Any):
+    """Yield ``(y, raw band (Z, th, X))`` per tile row, read from ``data`` (numpy or lazy)."""
     for y in ys:
         check_cancel(cancel, "translation")
-        band = whole[:, y:y + th] if whole is not None else np.asarray(data[planes, y:y + th])
-        yield y, band
+        yield y, (data[:, y:y + th] if isinstance(data, np.ndarray) else np.asarray(data[planes, y:y + th]))
+
+
+def _used_planes(data: Any, planes: list[int]) -> Any:
+    """The used planes as one numpy array when that is cheap (see :func:`_read_once`), else ``data``."""
+    if not _read_once(data, planes):
+        return data
+    if isinstance(data, np.ndarray) and planes == list(range(data.shape[0])):
+        return data
+    return np.asarray(data[planes])
 
 
 def _read_once(data: Any, planes: list[int]) -> bool:
@@ -500,16 +515,18 @@ def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, 
         result.cards.append(card)
         planes = _plane_indices(card, int(data.shape[0]), name, label)
         lims = _limits(card, "input_min", "input_max", len(planes), label)
-        _check_input(_sample(data[planes]), data.dtype, card, lims,
-                     [plane_names[p] for p in planes], [plane_files[p] for p in planes], label, result.messages)
+        used = _used_planes(data, planes)  # numpy (Z', Y, X) when cheap, else the lazy stack
+        in_memory = isinstance(used, np.ndarray)
+        sample = _sample(used, list(range(len(planes)))) if in_memory else _sample(data, planes)
+        _check_input(sample, data.dtype, card, lims, [plane_names[p] for p in planes],
+                     [plane_files[p] for p in planes], label, result.messages)
         if lims is None:
-            sample = _sample(data[planes]).astype(np.float64)
-            lims = (sample.min(axis=(1, 2)), sample.max(axis=(1, 2)))
+            lims = (sample.min(axis=(1, 2)).astype(np.float64), sample.max(axis=(1, 2)).astype(np.float64))
             result.messages.append(f"checkpoint {label} has no input normalisation; each plane was scaled by its "
                                    "own min/max")
         run = _Run(_Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
         report(progress, done, total, f"{label}: reading planes")
-        for y, band in _bands(data, planes, ys, th, _read_once(data, planes), cancel):
+        for y, band in _bands(used, planes, ys, th, cancel):
             norm = normalize_minmax(band, lims[0], lims[1])
             for x in xs:
                 run.batch.append(_pad_to(norm[:, :, x:x + tw], th, tw))
