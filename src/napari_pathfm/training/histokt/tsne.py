@@ -149,7 +149,8 @@ def tsne_plot(
             if sel:
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=18, marker=_MARKERS[di % len(_MARKERS)],
                            color=colours(ci % colours.N), label=f"{name}: {c}", alpha=0.8)  # fmt: skip
-    ax.set_title(f"t-SNE of encoder features: {Path(checkpoint).name} ({split}, perplexity {perp:g})", fontsize=9)
+    where = f"{Path(checkpoint).parent.name}/{Path(checkpoint).name}"
+    ax.set_title(f"t-SNE of encoder features: {where} ({split}, perplexity {perp:.3g})", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
