@@ -148,7 +148,7 @@ def test_transfer_recipes_say_what_trains(monkeypatch):
               "deeptune": ("all", "/src/model.safetensors"), "twostage_source": ("all", "/w/resnet18.safetensors"),
               "twostage_target": ("all", "/src/model.safetensors")}  # fmt: skip
     for name, (trainable, weights) in expect.items():
-        for suffix in ("", "_tiny") if "twostage" not in name else ("",):
+        for suffix in ("", "_tiny"):
             r = load_recipe(default_recipe_dir() / f"{name}{suffix}.yaml")
             assert r.get("family") == "classify" and r.get("optim.trainable") == trainable, name
             assert r.get("model.weights") == weights, name

@@ -200,8 +200,8 @@ def transfer_matrix(
     recipe_dir = Path(recipe_dir) if recipe_dir else default_recipe_dir()
     suffix = "_tiny.yaml" if tiny else ".yaml"
     if imagenet_weights is not None:
-        src_recipe = _read_recipe(recipe_dir, "twostage_source.yaml")
-        dst_recipe = _read_recipe(recipe_dir, "twostage_target.yaml")
+        src_recipe = _read_recipe(recipe_dir, "twostage_source" + suffix)
+        dst_recipe = _read_recipe(recipe_dir, "twostage_target" + suffix)
     else:
         src_recipe = _read_recipe(recipe_dir, "scratch" + suffix)
         dst_recipe = _read_recipe(recipe_dir, mode + suffix)
