@@ -208,3 +208,19 @@ def test_pathfm_checkpoint_transfers_into_a_new_head_and_head_only_trains_the_he
     assert body and all(torch.equal(out[k], src[k]) for k in body)  # incl. BatchNorm running statistics
     assert "head only" in read_card(res.checkpoint)["training_data"]
     assert set(res.test_metrics) == {"test_loss", "test_acc", "test_auroc"}
+
+
+def test_last_checkpoint_is_written_after_every_epoch(kather, tmp_path):
+    """Resuming continues from the last epoch, also when later epochs did not improve on the best one."""
+    import torch
+
+    from napari_pathfm.training.engine import run_recipe
+
+    # "best" = highest val_loss, usually epoch 0: Lightning's own save_last wrote last.ckpt only then
+    keep = FAST[:-1] + ["trainer.early_stopping.enabled=false", "trainer.early_stopping.mode=max"]
+    res = run_recipe(TINY, [*keep, "trainer.max_epochs=3"], output=tmp_path, progress=_quiet, device="cpu")
+    names = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert res.epoch == 3 and len(names) == 2 and names[0].startswith("best-epoch=") and names[1] == "last.ckpt"
+    assert torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+    again = run_recipe(TINY, [*keep, "trainer.max_epochs=4"], output=tmp_path, progress=_quiet, device="cpu")
+    assert again.start_epoch == 3 and again.epochs_run == 1

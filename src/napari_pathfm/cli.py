@@ -145,6 +145,7 @@ def train(
         "checkpoint": str(result.checkpoint),
         "best_metrics": result.best_metrics,
         "last_metrics": result.last_metrics,
+        "test_metrics": result.test_metrics,
         "epochs_run": result.epochs_run,
         "stopped_early": result.stopped_early,
         "cancelled": result.cancelled,

@@ -190,12 +190,15 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
         monitor=monitor,
         mode=mode,
         save_top_k=1,
-        save_last=True,
+    )
+    # ``last.ckpt`` after every epoch: Lightning's save_last=True only writes it when the best one changes
+    last = ModelCheckpoint(
+        dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
     )
     stopper = None
     if has_val and es["enabled"]:
         stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es["patience"], min_delta=es["min_delta"])
-    return [c for c in (events, ckpt, stopper) if c is not None], ckpt, stopper
+    return [c for c in (events, ckpt, last, stopper) if c is not None], ckpt, stopper
 
 
 def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches: int, quiet: bool):
