@@ -266,14 +266,18 @@ def test_distill_refuses_other_architectures_and_class_counts_without_drop_head(
 
 @pytest.fixture(scope="module")
 def grid(shared_data, tmp_path_factory):
-    """Two standardised real data sets and a finished 2x2 transfer grid (tiny recipes, timm test_resnet, 32 px, 1 epoch)."""
+    """Two standardised real data sets and a finished 2x2 transfer grid.
+
+    Tiny recipes with timm's test_resnet at 32 px, 1 epoch.
+    """
     from napari_pathfm.training.histokt.transfer import transfer_matrix
 
     tmp = tmp_path_factory.mktemp("histokt")
     standardize(shared_data / "crc-tiles/kather2016", tmp / "kather2016", mpp=0.495)
     standardize(_glas_source(shared_data, tmp, [f"train_{i}" for i in range(1, 5)]), tmp / "glas", mpp=0.62)
     datasets = [tmp / "kather2016", tmp / "glas"]
-    opts = {"mode": "deeptune", "tiny": True, "epochs": 1, "overrides": ["data.image_size=32", "model.backbone=test_resnet"], "device": "cpu"}
+    overrides = ["data.image_size=32", "model.backbone=test_resnet"]
+    opts = {"mode": "deeptune", "tiny": True, "epochs": 1, "overrides": overrides, "device": "cpu"}
     result = transfer_matrix(datasets, tmp / "tm", **opts)
     return tmp, datasets, result, opts
 
@@ -294,6 +298,8 @@ def test_transfer_matrix_writes_the_table_and_resumes(grid):
     assert card["classes"] == ["gland", "non_gland"] and "test" in card["metrics"]
     again = transfer_matrix(datasets, tmp / "tm", **opts)  # every run finished: nothing retrains
     assert len(again.skipped) == 4 and again.accuracy == result.accuracy
+    with pytest.raises(RecipeError, match=r"kather2016__scratch/result.json: was trained with other settings"):
+        transfer_matrix(datasets, tmp / "tm", **{**opts, "epochs": 2})
 
 
 def test_distilling_two_trained_models_gives_a_working_model(shared_data, tmp_path):

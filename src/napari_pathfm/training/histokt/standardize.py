@@ -121,7 +121,9 @@ def _sources_from_csv(path: Path) -> list[Source]:
         if not label:
             raise RecipeError(path, f"line {i} has no label.", "Give every image a class label.")
         if not file.is_file():
-            raise RecipeError(path, f"line {i} names {file}, which does not exist.", "Fix the path (relative to the CSV).")
+            raise RecipeError(
+                path, f"line {i} names {file}, which does not exist.", "Fix the path (relative to the CSV)."
+            )
         out.append(Source(file, label, (row.get("group") or "").strip()))
     return out
 
@@ -394,7 +396,9 @@ def _summary(src, dst, sources, resolutions, image_parts, crops, parts, stats, a
         for c in stats
     }
     images_per_split = {
-        c: {p: sum(1 for s, q in zip(sources, image_parts) if s.label == c and q == p) for p in ("train", "val", "test")}
+        c: {
+            p: sum(1 for s, q in zip(sources, image_parts) if s.label == c and q == p) for p in ("train", "val", "test")
+        }
         for c in stats
     }
     mpps = sorted({round(float(r), 6) for r in resolutions})

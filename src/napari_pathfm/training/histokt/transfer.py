@@ -14,8 +14,8 @@ It writes ``OUT/transfer.csv`` (rows = source, columns = target, cells = test ac
 model trained on the target itself), ``OUT/transfer.json`` (accuracy, AUROC, run folders, settings),
 ``OUT/transfer.png`` (heatmap), the same three as ``transfer_<mode>.*`` (so a fine-tune and a deep-tune grid
 can share one folder and its source models) and one run folder per model under ``OUT/runs/``. A finished run (it has
-``result.json``) is skipped when the command is run again, an interrupted one resumes from its
-``last.ckpt``.
+``result.json``) is skipped when the command is run again with the same settings (other settings are refused:
+the table would mix them), an interrupted one resumes from its ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -119,13 +119,22 @@ def _config(base: dict, data_root: Path, out: Path, weights: Path | None) -> dic
 def _run(cfg: dict, overrides: Sequence[str], out: Path, label: str, device: str, cancel, skipped: list) -> dict:
     """Train one cell (or reuse its ``result.json``) and return the result summary."""
     from ..engine import run_recipe
+    from ..recipes import load_recipe
 
+    recipe = load_recipe(cfg, overrides)
     done = out / "result.json"
     if done.is_file():
+        summary = json.loads(done.read_text(encoding="utf-8"))
+        if summary.get("recipe") not in (None, recipe.config):
+            raise RecipeError(
+                done,
+                f"was trained with other settings than this call asks for ({label}).",
+                "Use a new --out folder for new settings, or delete this run folder to retrain it.",
+            )
         skipped.append(label)
-        return json.loads(done.read_text(encoding="utf-8"))
+        return summary
     check_cancel(cancel, "transfer-matrix")
-    result = run_recipe(cfg, overrides, cancel=cancel, device=device, output=out, on_event=lambda e: None)
+    result = run_recipe(recipe, cancel=cancel, device=device, output=out, on_event=lambda e: None)
     if result.cancelled:
         raise Cancelled(f"transfer-matrix cancelled during {label}; run it again to resume")
     summary = {
@@ -134,6 +143,7 @@ def _run(cfg: dict, overrides: Sequence[str], out: Path, label: str, device: str
         "test": result.test_metrics,
         "best": result.best_metrics,
         "epochs": result.epoch,
+        "recipe": recipe.config,
     }
     with atomic_path(done) as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
