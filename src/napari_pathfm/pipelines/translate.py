@@ -527,9 +527,8 @@ def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, 
         run = _Run(_Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
         report(progress, done, total, f"{label}: reading planes")
         for y, band in _bands(used, planes, ys, th, cancel):
-            norm = normalize_minmax(band, lims[0], lims[1])
-            for x in xs:
-                run.batch.append(_pad_to(norm[:, :, x:x + tw], th, tw))
+            for x in xs:  # normalised per tile: a float32 band would be 2x the band's size, several times over
+                run.batch.append(_pad_to(normalize_minmax(band[:, :, x:x + tw], lims[0], lims[1]), th, tw))
                 run.where.append((y, x))
                 if len(run.batch) == batch_size:
                     done += run.flush()
@@ -567,8 +566,8 @@ def _blockwise(canvas: Any, c: int, fn: Callable[[np.ndarray], np.ndarray], dtyp
     if root is None:
         return fn(np.asarray(canvas[..., c]))
     out = root.group(key).create_array(name, shape=canvas.shape[:2], chunks=(1024, 1024), dtype=dtype, overwrite=True)
-    for y in range(0, canvas.shape[0], 1024):
-        out[y:y + 1024] = fn(np.asarray(canvas[y:y + 1024, :, c]))
+    for y in range(0, canvas.shape[0], 256):  # 256 rows at a time: fn works in float64
+        out[y:y + 256] = fn(np.asarray(canvas[y:y + 256, :, c]))
     return out
 
 

@@ -116,6 +116,12 @@ def _is_checkpoint(path: Path) -> bool:
     return path.suffix.lower() in _CHECKPOINT_SUFFIXES
 
 
+def _label(path: Path) -> str:
+    """Table name of a checkpoint: its stem, or its run folder for the engine's ``model.safetensors``."""
+    stem = path.with_suffix("").name
+    return path.resolve().parent.name if stem == "model" else stem
+
+
 def _read_image(path: Path) -> np.ndarray:
     """First plane of an image file (OME-TIFF level 0, TIFF, PNG), as numpy."""
     if not path.is_file():
@@ -240,7 +246,7 @@ def evaluate_translation(
                                   nuclei_mask=False, progress=step, cancel=cancel)  # fmt: skip
             card = res.cards[0]
             cname, pred = _pick_channel(res, card, channel, res.checkpoints[0])
-            label = str(card.get("name")) if is_pair else Path(source).with_suffix("").name
+            label = str(card.get("name")) if is_pair else _label(Path(source))
             real_name, real = _real_image(target, zs, cname, rows)
         else:
             label, cname = Path(source).name, channel or ""
@@ -256,13 +262,11 @@ def evaluate_translation(
     return out
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, signed: bool = False) -> str:
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf"
-        return f"{v:+.3f}" if abs(v) < 10 else f"{v:.2f}"
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:{'+' if signed else ''}.3f}" if abs(v) < 10 else f"{v:{'+' if signed else ''}.2f}"
     return str(v)
 
 
@@ -271,7 +275,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
     ``*_rel`` columns are relative differences (predicted - real) / real: 0 is perfect.
     """
-    cells = [list(COLUMNS)] + [[_fmt(r.get(c, "")) for c in COLUMNS] for r in rows]
+    cells = [list(COLUMNS)] + [[_fmt(r.get(c, ""), c.endswith("_rel")) for c in COLUMNS] for r in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths)))
              for row in cells]  # fmt: skip
