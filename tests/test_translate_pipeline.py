@@ -19,6 +19,15 @@ from napari_pathfm.io.normalize import denormalize, normalize_minmax
 ROWS, COLS = slice(640, 800), slice(300, 524)  # a 160 x 224 crop with nuclei, not a multiple of the tile
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def isl(shared_data):
     from napari_pathfm.io.zstack import open_zstack

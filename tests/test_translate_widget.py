@@ -10,6 +10,15 @@ torch = pytest.importorskip("torch")
 from _translate_helpers import TINY, isl_card, train_tiny_lupi
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def isl_inputs(shared_data, tmp_path_factory):
     """A 13-plane 160 x 224 crop of the ISL well as an OME-TIFF z-stack, a trained LUPI (DAPI) checkpoint and
