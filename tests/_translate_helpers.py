@@ -16,6 +16,19 @@ TINY = {"in_channels": 13, "init_filters": 8, "down_blocks": (1, 1, 1, 1), "up_b
         "bottleneck_layers": 1, "growth_rate": 4, "dropout": 0.0}
 
 
+def one_thread():
+    """Fixture body: one torch thread for the tiny models, restored afterwards.
+
+    On the shared 2-core machine OpenMP spin-waiting of two threads made these tests 5x slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def isl_card(planes: np.ndarray, dapi: np.ndarray, **extra) -> dict:
     """A translate model card with min/max statistics of the ISL training rows (top 768)."""
     data = planes[:, :768:4, ::4].astype(np.float64)

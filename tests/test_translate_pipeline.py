@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _translate_helpers import TINY, isl_card, train_tiny_lupi
+from _translate_helpers import TINY, isl_card, one_thread, train_tiny_lupi
 
 from napari_pathfm.errors import Cancelled, ZStackError
 from napari_pathfm.io.normalize import denormalize, normalize_minmax
@@ -19,13 +19,7 @@ from napari_pathfm.io.normalize import denormalize, normalize_minmax
 ROWS, COLS = slice(640, 800), slice(300, 524)  # a 160 x 224 crop with nuclei, not a multiple of the tile
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

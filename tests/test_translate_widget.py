@@ -7,16 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _translate_helpers import TINY, isl_card, train_tiny_lupi
+from _translate_helpers import TINY, isl_card, one_thread, train_tiny_lupi
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
