@@ -122,13 +122,13 @@ class TranslateDataModule(L.LightningDataModule):
             check_planes(zs, self.planes, in_channels, self.where)
         self.input_dtype = str(ref.dtype)
         self.target_dtype = str(ref.targets[self.channels[0]].dtype) if self.channels[0] in ref.targets else None
-        self.stats, self.stats_source = self._stats([zs for _, zs, v in opened if not v])
+        self.stats, self.stats_source, per_used_plane = self._stats([zs for _, zs, v in opened if not v])
         for _, zs, _ in opened:
             check_dtypes(zs, self.channels, self.stats, magnification=self.magnification,
                          input_dtype=data.get("input_dtype"), target_dtype=data.get("target_dtype"))
         chan = ref.channel_name or "input"
         self.input_limits = fov_limits(self.stats, chan, len(self.planes), self.magnification, self.columns,
-                                       self.where, planes=None if self._stats_planes_used else self.planes)
+                                       self.where, planes=None if per_used_plane else self.planes)
         lows, highs = [], []
         for c in self.channels:
             lo, hi = fov_limits(self.stats, c, 1, self.magnification, self.columns, self.where)
@@ -159,10 +159,14 @@ class TranslateDataModule(L.LightningDataModule):
         self.val_tile = int(data.get("val_tile") or self.crop)
         self.with_mask = with_mask
 
-    _stats_planes_used = False
+    def _stats(self, train) -> tuple:
+        """``(table, source, per_used_plane)``: ``data.stats``, or pooled over the training part.
 
-    def _stats(self, train):
-        """The stats table: ``data.stats`` or pooled over the training stacks (training rows only)."""
+        A computed table has one row per *used* plane (``per_used_plane`` True); a
+        ``pathfm zstats`` table has one per plane of the stack and is indexed with ``data.planes``.
+        Computed statistics read only training sites and, with ``val_rows``, the rows above them
+        (or below when validation starts at row 0).
+        """
         from ...io.normalize import StatsTable
 
         path = self.cfg.get("stats")
@@ -171,19 +175,17 @@ class TranslateDataModule(L.LightningDataModule):
             if not p.is_file():
                 raise RecipeError(self.where, f"data.stats {p} does not exist.",
                                   "Compute it with `pathfm zstats STACK... --out stats.csv` or set data.stats: null.")
-            return StatsTable.read_csv(p), str(p)
+            return StatsTable.read_csv(p), str(p), False
         rows = None
         if self.val_rows is not None:
             a, b = self.val_rows
             rows = (0, a) if a > 0 else (b, None)
-        self._stats_planes_used = True
-        table = pooled_stats(list(train), percentiles=[float(q) for q in self.cfg.get("percentiles")
-                                                                   or (1.0, 99.8)],
-                             magnification=self.magnification or "", rows=rows, planes=self.planes,
-                             channels=self.channels)
+        percentiles = [float(q) for q in self.cfg.get("percentiles") or (1.0, 99.8)]
+        table = pooled_stats(list(train), percentiles=percentiles, magnification=self.magnification or "",
+                             rows=rows, planes=self.planes, channels=self.channels)
         if self.magnification is None:
             self.magnification = ""
-        return table, f"computed on the training part ({'rows ' + str(rows) if rows else 'whole stacks'})"
+        return table, f"computed on the training part ({'rows ' + str(rows) if rows else 'whole stacks'})", True
 
     def setup(self, stage=None) -> None:
         ssr = None
