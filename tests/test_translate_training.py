@@ -204,6 +204,7 @@ def test_every_translate_recipe_validates():
 # --- training -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["regression", "gan", "lupi"])
 def test_tiny_training_exports_a_card_per_contract_and_reloads(mode: str, isl: Path, tmp_path: Path):
     import torch
