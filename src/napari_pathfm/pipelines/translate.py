@@ -196,9 +196,15 @@ def _sample(data: Any, planes: list[int]) -> np.ndarray:
     H, W = int(data.shape[1]), int(data.shape[2])
     step = max(1, max(H, W) // 1024)
     if isinstance(data, np.ndarray) or H <= 1024:
-        return np.asarray(data[planes][:, ::step, ::step])
+        return np.stack([np.asarray(data[p, ::step, ::step]) for p in planes])
     starts = np.linspace(0, H - 32, 8).astype(int)
-    return np.concatenate([np.asarray(data[planes, y:y + 32, ::step]) for y in starts], axis=1)
+    sel = _selector(data, planes)
+    return np.concatenate([np.asarray(data[sel, y:y + 32, ::step]) for y in starts], axis=1)
+
+
+def _selector(data: Any, planes: list[int]) -> Any:
+    """Index of the used planes: a plain slice when all are used (no fancy indexing of a lazy array)."""
+    return slice(None) if planes == list(range(int(data.shape[0]))) else planes
 
 
 def _check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, names: Sequence[str],
@@ -265,9 +271,10 @@ def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def _bands(data: Any, planes: list[int], ys: list[int], th: int, cancel: Any):
     """Yield ``(y, raw band (Z, th, X))`` per tile row, read from ``data`` (numpy or lazy)."""
+    sel = slice(None) if isinstance(data, np.ndarray) else _selector(data, planes)
     for y in ys:
         check_cancel(cancel, "translation")
-        yield y, (data[:, y:y + th] if isinstance(data, np.ndarray) else np.asarray(data[planes, y:y + th]))
+        yield y, np.asarray(data[sel, y:y + th])
 
 
 def _used_planes(data: Any, planes: list[int]) -> Any:
