@@ -180,6 +180,14 @@ def test_constant_and_nan_planes_are_refused(tmp_path: Path):
     assert "nan.ome.tif" in str(err.value)
 
 
+def test_nuclei_centred_crops_get_the_mask_in_every_mode(isl: Path):
+    from napari_pathfm.training.recipes import load_recipe
+    from napari_pathfm.training.tasks.translate import build
+
+    _, data, card = build(load_recipe(RECIPES / "tiny_regression.yaml", ["data.nuclei_centred=0.5"]))
+    assert data.train_fovs[0].mask is not None and card["has_mask"] is False  # centring only, no mask output
+
+
 def test_recipe_errors_are_plain():
     from napari_pathfm.training.recipes import load_recipe
     from napari_pathfm.training.tasks.translate import build

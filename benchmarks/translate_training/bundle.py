@@ -62,7 +62,7 @@ def bundle(run: Path, name: str) -> Path:
     card = _portable(card, str(default_shared_data().resolve()))
     card["weights_file"] = f"{name}.safetensors"
     card["data_license"] = ISL_LICENSE
-    card["command"] = f"pathfm train {card.get('recipe_file') or recipe} --out runs/translate/{recipe.stem} --device cpu"
+    card["command"] = f"OMP_NUM_THREADS=1 pathfm train {card.get('recipe_file') or recipe} --out runs/translate/{recipe.stem} --device cpu"
     card["training_time"] = {**_time_v(run / "stderr.log"),
                              "machine": "2 CPU cores shared with other jobs (see docs/translate.md)"}
     BUNDLED.mkdir(parents=True, exist_ok=True)

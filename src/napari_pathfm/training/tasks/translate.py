@@ -84,7 +84,8 @@ class TranslateDataModule(L.LightningDataModule):
     in_channels : int
         Planes the model takes (checked against ``data.planes`` / the stacks).
     with_mask : bool
-        Compute the Otsu nuclei mask of the first target (LUPI privileged information).
+        Compute the Otsu nuclei mask of the first target (LUPI privileged information, and
+        where ``data.nuclei_centred`` crops are centred).
     batch_size, num_workers : int
     where : str or Path
         The recipe, for messages.
@@ -487,7 +488,9 @@ def build(recipe: Recipe):
     cfg = {k: v for k, v in (recipe.get("model") or {}).items() if k != "name"}
     data_cfg = dict(recipe.get("data"))
     in_channels = int(cfg.get("in_channels") or model_info(name)["default_cfg"].get("in_channels") or 7)
-    data = TranslateDataModule(data_cfg, in_channels, with_mask=(mode == "lupi") or bool(data_cfg.get("mask")),
+    # the nuclei mask is the LUPI target and also where nuclei-centred crops are centred (any mode)
+    with_mask = mode == "lupi" or bool(data_cfg.get("mask")) or float(data_cfg.get("nuclei_centred") or 0) > 0
+    data = TranslateDataModule(data_cfg, in_channels, with_mask=with_mask,
                                batch_size=recipe.get("trainer.batch_size"),
                                num_workers=recipe.get("trainer.num_workers"), where=where,
                                base=recipe.path.parent if recipe.path else None)
