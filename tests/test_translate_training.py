@@ -157,7 +157,11 @@ def test_8bit_surprises_name_the_file(tmp_path: Path, isl: Path):
 def test_constant_and_nan_planes_are_refused(tmp_path: Path):
     import tifffile
 
-    from napari_pathfm.training.translate_data import StackSpec, load_fov, open_fov_stack
+    from napari_pathfm.training.translate_data import (
+        StackSpec,
+        load_fov,
+        open_fov_stack,
+    )
 
     rng = np.random.default_rng(0)
     planes = [rng.integers(0, 4000, (48, 48), dtype=np.uint16) for _ in range(3)]
