@@ -156,3 +156,16 @@ def test_labels_writer_saves_ome_tiff_and_qupath_geojson(make_napari_viewer, qtb
     assert mpp == pytest.approx(tissue.scale[0])
     back = geojson_to_labels(gj, tissue.data.shape, {1: "Tissue"}, downsample=result.tissue.downsample)
     np.testing.assert_array_equal(back, tissue.data)
+
+
+def test_image_writer_saves_a_heatmap_as_ome_tiff_with_its_pixel_size(make_napari_viewer, tmp_path):
+    from napari_pathfm.io.ome_tiff import read_ome_tiff
+
+    viewer = make_napari_viewer()
+    heat = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    layer = viewer.add_image(heat, name="heatmap", scale=(2.0, 2.0))
+    out = tmp_path / "heatmap.ome.tif"
+    layer.save(str(out), plugin="napari-pathfm")
+    levels, mpp, _ = read_ome_tiff(out)
+    np.testing.assert_allclose(np.asarray(levels[0]), heat)
+    assert mpp == pytest.approx(2.0)

@@ -49,6 +49,8 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
 
 def write_image(path: str, data: Any, attributes: dict) -> list[str]:
     """Save an Image layer (grey, RGB or heatmap) as a pyramidal OME-TIFF with its µm/px."""
+    from .io.ome_tiff import write_ome_tiff
+
     level0 = _level0(data)
     _, mpp, _ = _geometry(attributes)
     axes = "YXS" if attributes.get("rgb") else "YX"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ..errors import ZStackError
-from .zstack_naming import PLANE_SUFFIXES, find_stack_files, parse_plane_name
+from .zstack_naming import find_stack_files, parse_plane_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
