@@ -7,6 +7,7 @@ callback the napari widgets use; Ctrl-C cancels cleanly between tiles/batches.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from contextlib import contextmanager
@@ -131,6 +132,9 @@ def train(
                 typer.echo(json.dumps(event, default=str))
                 sys.stdout.flush()
 
+            # a GUI stops the run with SIGINT/SIGTERM: finish the batch, save last.ckpt, export, emit "done"
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: cancel.set())
             try:
                 result = run_recipe(recipe, set_, cancel=cancel, on_event=on_event, **kwargs)
             except KeyboardInterrupt:
@@ -251,6 +255,33 @@ def classify(
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
+
+
+@app.command()
+def batch(
+    manifest: Path = typer.Argument(..., help="CSV with a 'slide' column (relative paths: from the CSV's folder)"),
+    task: str = typer.Option(..., "--task", help="segment, classify, features, mil or translate"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one folder per slide + batch-summary.json/.csv"),
+    scheduler: Optional[str] = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
+    workers: int = typer.Option(2, help="Worker processes of the local cluster (one thread each)"),
+    checkpoint: List[Path] = typer.Option([], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"),
+    set_: List[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
+) -> None:
+    """Run a task over many slides on dask.distributed (resumable; failures reported in the summary)."""
+    from .pipelines.batch import parse_options, run_batch
+
+    try:
+        with cli_progress(f"batch {task}") as (progress, cancel):
+            summary = run_batch(manifest, task, out, scheduler=scheduler, n_workers=workers,
+                                checkpoint=list(checkpoint) or None, options=parse_options(set_),
+                                progress=progress, cancel=cancel)  # fmt: skip
+    except PathFMError as exc:
+        _fail(exc)
+    for row in summary.rows:
+        typer.echo(f"{row['status']:<8} {row['slide']}" + (f": {row['error']}" if row["error"] else ""))
+    typer.echo(", ".join(f"{k} {v}" for k, v in summary.counts.items()) + f"; summary: {summary.written['json']}")
+    if summary.counts["failed"]:
+        raise typer.Exit(1)
 
 
 mil_app = typer.Typer(help="Multiple-instance learning: slide prediction with patch heatmaps.", no_args_is_help=True)

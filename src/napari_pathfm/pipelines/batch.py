@@ -1,0 +1,336 @@
+"""Run one pipeline over many slides on dask.distributed (``pathfm batch``).
+
+A manifest CSV lists the slides (a ``slide`` column; relative paths resolve against the
+CSV's folder). Each slide becomes one dask future that runs the same pipeline function the
+single-slide CLI command runs and writes into its own folder ``OUT/<stem>-<hash8>/`` (the
+hash of the resolved path keeps slides with the same file name apart). The pipelines write
+each output atomically; ``done.json`` is written last, with the task, checkpoint and options
+used, so a slide whose folder has a matching ``done.json`` is complete and is skipped on the
+next run. A slide that fails is caught on the worker and reported in
+``batch-summary.json``/``batch-summary.csv`` (slide, status, error, seconds) without stopping
+the batch.
+
+By default a ``LocalCluster`` of ``n_workers`` single-threaded processes runs the slides;
+give ``scheduler="tcp://host:8786"`` to use a running cluster (``dask scheduler`` +
+``dask worker``, or dask-jobqueue; see ``docs/batch.md``). Workers need this package
+installed and must see the slide and checkpoint paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, PathFMError
+from ..progress import is_cancelled, report
+
+log = logging.getLogger(__name__)
+
+PathLike = str | Path
+DONE = "done.json"
+SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "output")
+
+
+def _features(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
+    from .features import features_command
+
+    weights = checkpoint[0] if checkpoint else None
+    result = features_command([slide], out, weights=weights, **opts)
+    info = next(iter(result["slides"].values()))
+    if info["status"] == "failed":
+        raise PathFMError(info["error"])
+    return {"n_tiles": info["n_tiles"], "path": info["path"], "extractor": result["extractor"]}
+
+
+def _segment(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
+    from .segment import segment_slide
+
+    ckpt = checkpoint[0] if checkpoint else None
+    result = segment_slide(slide, ckpt, out=out / "mask.ome.tif", geojson=out / "mask.geojson", **opts)
+    return result.summary()
+
+
+def _classify(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
+    from ..io.slide import open_slide
+    from .classify import classify_slide, write_classify_outputs
+
+    with open_slide(slide) as s:
+        result = classify_slide(s, _one(checkpoint, "classify"), **opts)
+        write_classify_outputs(result, out)
+    return result.summary()
+
+
+def _mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
+    from ..io.slide import open_slide
+    from .mil import mil_predict, write_mil_outputs
+
+    top_k = int(opts.pop("top_k", 10))
+    with open_slide(slide) as s:
+        pred = mil_predict(_one(checkpoint, "mil"), slide=s, **opts)
+        write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
+                          mpp=s.mpp, top_k=top_k)  # fmt: skip
+    return {"predicted": pred.predicted}
+
+
+def _translate(stack: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
+    from .translate import translate_stack, write_translation
+
+    if not checkpoint:
+        raise PathFMError("task 'translate' needs --checkpoint (one per channel). Give the translation checkpoints.")
+    result = translate_stack(stack, list(checkpoint), **opts)
+    write_translation(result, out)
+    return result.summary()
+
+
+def _one(checkpoint: list[str] | None, task: str) -> str:
+    if not checkpoint:
+        raise PathFMError(f"task '{task}' needs --checkpoint. Give a checkpoint of family '{task}'.")
+    return checkpoint[0]
+
+
+TASKS: dict[str, Callable[[Path, Path, list[str] | None, dict], dict]] = {
+    "segment": _segment, "classify": _classify, "features": _features, "mil": _mil, "translate": _translate,
+}  # fmt: skip
+
+
+@dataclass
+class BatchSummary:
+    """What a batch did: one row per slide plus where the summary files are."""
+
+    out_dir: Path
+    task: str
+    rows: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    written: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of slides per status (``ok``, ``skipped``, ``failed``)."""
+        return {k: sum(r["status"] == k for r in self.rows) for k in ("ok", "skipped", "failed")}
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form written to ``batch-summary.json``."""
+        return {"task": self.task, "out_dir": str(self.out_dir), "counts": self.counts,
+                "seconds": round(self.seconds, 3), "slides": self.rows}  # fmt: skip
+
+
+def read_manifest(manifest_csv: PathLike) -> list[Path]:
+    """Slide paths of a manifest CSV (``slide`` column), resolved against the CSV's folder, duplicates dropped."""
+    path = Path(manifest_csv)
+    if not path.is_file():
+        raise PathFMError(f"{path}: manifest not found. Give a CSV file with a 'slide' column.")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
+            raise PathFMError(f"{path}: no 'slide' column (columns: {reader.fieldnames}). "
+                              "Add a header line with a 'slide' column of slide paths.")  # fmt: skip
+        key = next(c for c in reader.fieldnames if c.strip() == "slide")
+        slides: list[Path] = []
+        for row in reader:
+            value = (row.get(key) or "").strip()
+            if not value:
+                continue
+            p = Path(value).expanduser()
+            p = (p if p.is_absolute() else path.parent / p).resolve()
+            if p not in slides:
+                slides.append(p)
+    if not slides:
+        raise PathFMError(f"{path}: the manifest lists no slides. Add one slide path per row.")
+    return slides
+
+
+def slide_out_dir(out_dir: PathLike, slide: Path) -> Path:
+    """``OUT/<stem>-<first 8 hex of sha1(resolved path)>``: one folder per slide, no stem clashes."""
+    digest = hashlib.sha1(str(Path(slide).resolve()).encode()).hexdigest()[:8]
+    return Path(out_dir) / f"{Path(slide).stem}-{digest}"
+
+
+def _key(task: str, checkpoint: list[str] | None, options: dict) -> dict:
+    return {"task": task, "checkpoint": checkpoint, "options": options}
+
+
+def is_complete(folder: Path, key: dict) -> bool:
+    """True when ``folder/done.json`` exists and records the same task, checkpoint and options."""
+    try:
+        done = json.loads((folder / DONE).read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: done.get(k) for k in key} == json.loads(json.dumps(key))
+
+
+def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, options: dict) -> dict:
+    """Run ``task`` on one slide into ``out`` and write ``done.json`` last; never raises.
+
+    This is what each dask worker runs. Errors are caught and returned as a ``failed`` row
+    (``"<ExceptionType>: <message>"``) so that one bad slide does not stop the batch.
+    """
+    from ..io.atomic import atomic_path
+
+    t0 = time.perf_counter()
+    folder = Path(out)
+    row = {"slide": slide, "status": "ok", "error": "", "seconds": 0.0, "output": str(folder)}
+    try:
+        if not Path(slide).exists():
+            raise PathFMError(f"{slide}: file not found. Fix the path in the manifest.")
+        folder.mkdir(parents=True, exist_ok=True)
+        info = TASKS[task](Path(slide), folder, checkpoint, dict(options))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info}
+        with atomic_path(folder / DONE) as tmp:
+            tmp.write_text(json.dumps(done, indent=2, default=str))
+    except Exception as exc:  # noqa: BLE001 - reported per slide, the batch goes on
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t0, 3))
+    return row
+
+
+def _write_summary(summary: BatchSummary) -> None:
+    from ..io.atomic import atomic_path
+
+    out = Path(summary.out_dir)
+    with atomic_path(out / "batch-summary.json") as tmp:
+        tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: r.get(k, "") for k in SUMMARY_FIELDS} for r in summary.rows)
+    with atomic_path(out / "batch-summary.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    summary.written = {"json": out / "batch-summary.json", "csv": out / "batch-summary.csv"}
+
+
+def _client(scheduler: str | None, n_workers: int):
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return Client(cluster), cluster
+
+
+def run_batch(
+    manifest_csv: PathLike,
+    task: str,
+    out: PathLike,
+    *,
+    scheduler: str | None = None,
+    n_workers: int = 2,
+    checkpoint: None | PathLike | Sequence[PathLike] = None,
+    options: dict | None = None,
+    progress: Callable[..., Any] | None = None,
+    cancel: Any = None,
+) -> BatchSummary:
+    """Run ``task`` over every slide of a manifest on dask.distributed.
+
+    Parameters
+    ----------
+    manifest_csv : path
+        CSV with a ``slide`` column; relative paths resolve against the CSV's folder.
+    task : str
+        ``segment``, ``classify``, ``features``, ``mil`` or ``translate``.
+    out : path
+        Output folder: one ``<stem>-<hash8>/`` folder per slide plus ``batch-summary.{json,csv}``.
+    scheduler : str, optional
+        Address of a running dask scheduler (``tcp://host:8786``); default: a LocalCluster.
+    n_workers : int
+        Worker processes of the LocalCluster (one thread each).
+    checkpoint : path or list of paths, optional
+        The task's checkpoint (``features``: backbone weights; ``translate``: one per channel).
+    options : dict, optional
+        Keyword arguments of the task's pipeline function (e.g. ``batch_size``, ``device``,
+        ``mpp``; ``features``: ``backbone``, ``tile``, ``min_tissue``; ``mil``: ``top_k``).
+    progress, cancel
+        ``progress(done, total, message)`` after each slide; cancel cancels the pending
+        futures, writes the summary so far and raises :class:`~napari_pathfm.errors.Cancelled`.
+
+    Returns
+    -------
+    BatchSummary
+        One row per slide with status ``ok``, ``skipped`` (``done.json`` matches) or ``failed``.
+    """
+    from distributed import wait
+
+    if task not in TASKS:
+        raise PathFMError(f"unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
+    options = dict(options or {})
+    if checkpoint is not None and not isinstance(checkpoint, (list, tuple)):
+        checkpoint = [checkpoint]
+    ckpts = [str(Path(c).expanduser().resolve()) for c in checkpoint] if checkpoint else None
+    slides = read_manifest(manifest_csv)
+    out = Path(out).expanduser().resolve()  # workers may run in another folder
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = BatchSummary(out, task)
+    key = _key(task, ckpts, options)
+    todo: list[tuple[Path, Path]] = []
+    for slide in slides:
+        folder = slide_out_dir(out, slide)
+        if is_complete(folder, key):
+            summary.rows.append({"slide": str(slide), "status": "skipped", "error": "", "seconds": 0.0,
+                                 "output": str(folder)})  # fmt: skip
+        else:
+            todo.append((slide, folder))
+    total = len(slides)
+    report(progress, len(summary.rows), total, f"{len(summary.rows)} complete slides skipped")
+    if todo:
+        client, cluster = _client(scheduler, n_workers)
+        try:
+            futures = {client.submit(run_slide, str(s), task, str(f), ckpts, options, key=f"pathfm-{task}-{f.name}",
+                                     pure=False): (s, f) for s, f in todo}  # fmt: skip
+            pending = set(futures)
+            while pending:
+                if is_cancelled(cancel):
+                    client.cancel(list(pending))
+                    summary.seconds = time.perf_counter() - t0
+                    _write_summary(summary)
+                    raise Cancelled(f"batch {task} cancelled by the user ({len(pending)} slides not run)")
+                done, pending = _wait_some(wait, pending)
+                for fut in done:
+                    slide, folder = futures[fut]
+                    if fut.status == "finished":
+                        row = fut.result()
+                    else:  # the worker died (e.g. a crash in a native reader): KilledWorker
+                        exc = fut.exception()
+                        row = {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                               "seconds": 0.0, "output": str(folder)}  # fmt: skip
+                    summary.rows.append(row)
+                    report(progress, len(summary.rows), total, f"{slide.name}: {row['status']}")
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    order = {str(s): i for i, s in enumerate(slides)}
+    summary.rows.sort(key=lambda r: order.get(r["slide"], len(order)))
+    summary.seconds = time.perf_counter() - t0
+    _write_summary(summary)
+    return summary
+
+
+def _wait_some(wait: Callable[..., Any], pending: set) -> tuple[set, set]:
+    """Wait up to 0.5 s for at least one future; returns ``(done, still pending)``."""
+    try:
+        result = wait(list(pending), timeout=0.5, return_when="FIRST_COMPLETED")
+    except TimeoutError:
+        return set(), pending
+    done = set(result.done)
+    return done, pending - done
+
+
+def parse_options(pairs: Sequence[str]) -> dict:
+    """``["batch_size=4", "device=cpu"]`` -> ``{"batch_size": 4, "device": "cpu"}`` (values parsed as YAML)."""
+    import yaml
+
+    options: dict = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k.strip():
+            raise PathFMError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set batch_size=4.")
+        options[k.strip()] = yaml.safe_load(v) if v.strip() else None
+    return options

@@ -1,0 +1,88 @@
+"""``pathfm batch`` on a real 2-worker dask LocalCluster over the shared test slides."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from napari_pathfm.errors import PathFMError
+from napari_pathfm.pipelines.batch import (
+    parse_options,
+    read_manifest,
+    run_batch,
+    slide_out_dir,
+)
+
+# cheapest real task: features of a randomly initialised timm resnet10t on a few coarse tiles
+OPTIONS = {"backbone": "resnet10t", "mpp": 4.0, "tile": 64, "batch_size": 8, "device": "cpu"}
+
+
+def test_manifest_and_options(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"")
+    m = tmp_path / "m.csv"
+    m.write_text("slide,label\na.svs,x\n\n a.svs ,y\n/abs/b.svs,z\n")
+    assert read_manifest(m) == [(tmp_path / "a.svs").resolve(), Path("/abs/b.svs").resolve()]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path\na.svs\n")
+    with pytest.raises(PathFMError, match="no 'slide' column"):
+        read_manifest(bad)
+    assert parse_options(["batch_size=4", "device=cpu", "mpp=0.5"]) == {"batch_size": 4, "device": "cpu", "mpp": 0.5}
+    with pytest.raises(PathFMError, match="KEY=VALUE"):
+        parse_options(["batch_size"])
+    with pytest.raises(PathFMError, match="unknown task"):
+        run_batch(m, "nope", tmp_path / "out")
+
+
+def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu_small):
+    from typer.testing import CliRunner
+
+    from napari_pathfm.cli import app
+
+    copy_dir = tmp_path / "copies"
+    copy_dir.mkdir()
+    copy = copy_dir / cmu_small.name  # same stem as the original: must get its own folder
+    shutil.copy(cmu_small, copy)
+    slides = [cmu_small, wsi_dir / "boxes.tiff", wsi_dir / "small.svs", wsi_dir / "unreadable.svs", copy]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("slide\n" + "\n".join(str(s) for s in slides[:-1]) + "\ncopies/" + copy.name + "\n")
+    out = tmp_path / "out"
+    seen = []
+
+    summary = run_batch(manifest, "features", out, n_workers=2, options=OPTIONS,
+                        progress=lambda d, t, m="": seen.append((d, t)))  # fmt: skip
+    rows = {r["slide"]: r for r in summary.rows}
+    assert summary.counts == {"ok": 4, "skipped": 0, "failed": 1}
+    bad = rows[str((wsi_dir / "unreadable.svs").resolve())]
+    assert bad["status"] == "failed" and "unreadable.svs" in bad["error"] and "Bogus marker" in bad["error"]
+    assert seen[-1] == (5, 5)
+    folders = {s: slide_out_dir(out, s.resolve()) for s in slides}
+    assert folders[cmu_small] != folders[copy]
+    for s in slides:
+        if s.name == "unreadable.svs":
+            assert not (folders[s] / "done.json").exists()
+            continue
+        done = json.loads((folders[s] / "done.json").read_text())
+        assert done["task"] == "features" and done["options"] == OPTIONS
+        assert list(folders[s].glob("*.features.zarr")), f"no feature file for {s}"
+    assert done["result"]["n_tiles"] > 0  # the copy of CMU-1 has tissue tiles
+    with open(out / "batch-summary.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["status"] for r in table] == ["ok", "ok", "ok", "failed", "ok"]
+    assert json.loads((out / "batch-summary.json").read_text())["counts"]["failed"] == 1
+
+    # second run: complete slides are skipped (no work), the failed one is retried and fails again
+    again = run_batch(manifest, "features", out, n_workers=2, options=OPTIONS)
+    assert again.counts == {"ok": 0, "skipped": 4, "failed": 1}
+
+    # a deleted done.json makes that slide run again; through the CLI (exit 1: a slide failed)
+    (folders[copy] / "done.json").unlink()
+    sets = [f"--set={k}={v}" for k, v in OPTIONS.items()]
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--task", "features", "--out", str(out),
+                                      "--workers", "1", *sets])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "ok 1, skipped 3, failed 1" in result.output
+    assert (folders[copy] / "done.json").exists()
