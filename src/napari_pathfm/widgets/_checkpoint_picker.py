@@ -8,12 +8,31 @@ minute ago shows up); Browse adds any other ``.safetensors`` with its card.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
-from typing import Optional
 
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
-__all__ = ["CheckpointPicker"]
+__all__ = ["CheckpointPicker", "refresh_all_pickers"]
+
+# every live picker, held weakly, so a finished training run can refresh them all at once
+_PICKERS: weakref.WeakSet[CheckpointPicker] = weakref.WeakSet()
+
+
+def refresh_all_pickers() -> int:
+    """Re-list the checkpoints in every open :class:`CheckpointPicker`; returns how many were refreshed.
+
+    Pickers whose Qt widget was already deleted (closed dock widgets) are skipped.
+    """
+    n = 0
+    for picker in list(_PICKERS):
+        try:
+            picker.refresh()
+        except RuntimeError:  # the C++ widget is gone; the Python wrapper lingers until collected
+            _PICKERS.discard(picker)
+            continue
+        n += 1
+    return n
 
 
 class CheckpointPicker(QWidget):
@@ -31,6 +50,7 @@ class CheckpointPicker(QWidget):
         row.addWidget(self.combo, 1)
         row.addWidget(browse)
         self.refresh()
+        _PICKERS.add(self)
 
     def refresh(self) -> None:
         """Re-list the checkpoints of the family, keeping the current choice."""
@@ -53,7 +73,7 @@ class CheckpointPicker(QWidget):
             index = self.combo.count() - 1
         self.combo.setCurrentIndex(index)
 
-    def path(self) -> Optional[str]:
+    def path(self) -> str | None:
         return self.combo.currentData()
 
     def _browse(self) -> None:
