@@ -24,7 +24,9 @@ def panel(make_napari_viewer, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from napari_pathfm.widgets.train_widget import TrainWidget
 
-    widget = TrainWidget(make_napari_viewer())
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pathfm", "Train a model")  # through the manifest
+    assert isinstance(widget, TrainWidget)
     widget.set_recipe(RECIPE)
     widget.out.setText(str(tmp_path / "run"))
     return widget
