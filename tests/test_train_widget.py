@@ -39,6 +39,8 @@ def test_form_follows_recipe_and_schema(panel):
     assert panel.form.value("trainer.max_epochs") == 3 and panel.form.value("data.augment") is True
     assert editors["optim.lr"][0].toolTip() == schema("classify")["optim.lr"]["help"]
     assert "model.name" not in editors and "family" not in editors
+    root = editors["data.root"][0]  # a path key: its row has a browse button next to the text
+    assert any(b.text() == "…" for b in root.parentWidget().findChildren(type(panel.start_btn)))
     assert panel.form.overrides() == []
     panel.form.set_value("optim.lr", "0.01")
     panel.form.set_value("data.augment", False)

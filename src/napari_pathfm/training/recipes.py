@@ -278,7 +278,7 @@ def default_shared_data() -> Path:
 
 
 def schema(family: str | None = None) -> dict[str, dict]:
-    """Known keys as plain dicts (``type``, ``default``, ``help``, ``choices``) for forms and docs."""
+    """Known keys as plain dicts (``type``, ``default``, ``help``, ``choices``, ``required``, ``path``) for forms."""
     fields = dict(SCHEMA)
     for fam, extra in DATA_SCHEMA.items():
         if family in (None, fam):
@@ -290,6 +290,7 @@ def schema(family: str | None = None) -> dict[str, dict]:
             "help": f.help,
             "choices": list(f.choices) if f.choices else None,
             "required": f.required,
+            "path": f.path,
         }
         for key, f in fields.items()
     }

@@ -127,7 +127,30 @@ class _Form(QWidget):
             editor = self._editor(value, field)
             editor.setToolTip(field.get("help") or "Recipe value (YAML syntax).")
             self.editors[key] = (editor, self.value(key, editor))
-            self.layout_.addRow(key, editor)
+            self.layout_.addRow(key, self._with_browse(key, editor) if field.get("path") else editor)
+
+    def _with_browse(self, key: str, editor: QLineEdit) -> QWidget:
+        """``editor`` plus a ``…`` button choosing a folder (``*root``/``*dir`` keys) or a file."""
+        folder = key.endswith(("root", "dir"))
+
+        def browse() -> None:
+            start = os.path.expandvars(editor.text())
+            if folder:
+                path = QFileDialog.getExistingDirectory(self, key, start)
+            else:
+                path, _ = QFileDialog.getOpenFileName(self, key, start)
+            if path:
+                editor.setText(path)
+
+        row = QWidget()
+        layout = QHBoxLayout(row)
+        layout.setContentsMargins(0, 0, 0, 0)
+        button = QPushButton("…")
+        button.setToolTip(f"Choose the {'folder' if folder else 'file'} for {key}")
+        button.clicked.connect(browse)
+        layout.addWidget(editor, 1)
+        layout.addWidget(button)
+        return row
 
     @staticmethod
     def _editor(value: Any, field: dict) -> QWidget:
