@@ -63,6 +63,8 @@ def test_ddp_two_cpu_ranks_split_the_data_and_save_once(tmp_path, shared_data):
            "--set", "trainer.max_epochs=1", "--json-progress"]  # fmt: skip
     proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sum(e.get("event") == "summary" for e in lines) == 1  # rank 1 does not print a second summary
 
     ranks = [json.loads(p.read_text()) for p in sorted(samples.glob("rank*-epoch0.json"))]
     assert [r["rank"] for r in ranks] == [0, 1], f"expected two ranks, got {ranks}"

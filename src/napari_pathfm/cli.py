@@ -145,6 +145,10 @@ def train(
                 result = run_recipe(recipe, set_, progress=progress, cancel=cancel, **kwargs)
     except PathFMError as exc:
         _fail(exc)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) != 0:  # DDP: the other ranks ran the same command; rank 0 reports
+        return
     summary = {
         "checkpoint": str(result.checkpoint),
         "best_metrics": result.best_metrics,
