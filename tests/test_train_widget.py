@@ -99,3 +99,24 @@ def test_import_does_not_load_torch():
     code = "import napari_pathfm.widgets.train_widget, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_corrections_from_the_viewer_join_extra_dirs(panel, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    slide = tmp_path / "biopsy.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(slide)
+    panel.set_recipe(RECIPE.parents[1] / "pathsam2" / "glas_tiny.yaml")
+    assert panel.family.currentText() == "segment" and not panel.viewer_data.isHidden()
+    assert panel.add_viewer_corrections() == []  # nothing open yet: said so, nothing changed
+    assert "No corrections" in panel.status.text() and panel.form.overrides() == []
+
+    panel.viewer.open(str(slide))
+    folder = tmp_path / "biopsy.pathfm-corrections"
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    assert panel.add_viewer_corrections() == [folder.resolve()]
+    assert panel.add_viewer_corrections() == []  # already listed
+    assert panel.form.overrides() == [f"data.extra_dirs=[{folder.resolve()}]"]
+    assert ["--set", f"data.extra_dirs=[{folder.resolve()}]"] == panel.command(False)[4:6]

@@ -114,6 +114,7 @@ class _Form(QWidget):
         self.layout_ = QFormLayout(self)
         self.layout_.setContentsMargins(0, 0, 0, 0)
         self.editors: dict[str, tuple[QWidget, Any]] = {}
+        self._fields: dict[str, dict] = {}
 
     def build(self, family: str, values: dict[str, Any]) -> None:
         while self.layout_.rowCount():
@@ -121,13 +122,17 @@ class _Form(QWidget):
         self.editors.clear()
         fields = schema(family)
         keys = [k for k in values if k not in SKIP_KEYS] + [k for k in COMMON_KEYS if k not in values]
+        self._fields = fields
         for key in keys:
-            field = fields.get(key, {})
-            value = values.get(key, field.get("default"))
-            editor = self._editor(value, field)
-            editor.setToolTip(field.get("help") or "Recipe value (YAML syntax).")
-            self.editors[key] = (editor, self.value(key, editor))
-            self.layout_.addRow(key, self._with_browse(key, editor) if field.get("path") else editor)
+            self.add_row(key, values.get(key, fields.get(key, {}).get("default")))
+
+    def add_row(self, key: str, value: Any) -> None:
+        """One editor row for ``key`` showing ``value``; it is only overridden once edited."""
+        field = self._fields.get(key, {})
+        editor = self._editor(value, field)
+        editor.setToolTip(field.get("help") or "Recipe value (YAML syntax).")
+        self.editors[key] = (editor, self.value(key, editor))
+        self.layout_.addRow(key, self._with_browse(key, editor) if field.get("path") else editor)
 
     def _with_browse(self, key: str, editor: QLineEdit) -> QWidget:
         """``editor`` plus a ``…`` button choosing a folder (``*root``/``*dir`` keys) or a file."""
@@ -238,6 +243,12 @@ class TrainWidget(QWidget):
         out_row.addWidget(out_browse)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
+        self.viewer_data = QPushButton("Add corrections from the viewer")
+        self.viewer_data.setToolTip(
+            "Train also on painted corrections of what is open (Segment widget recordings, "
+            "<slide>.pathfm-corrections folders of open files): appended to data.extra_dirs."
+        )
+        self.viewer_data.clicked.connect(self.add_viewer_corrections)
 
         self.start_btn, self.stop_btn, self.resume_btn = QPushButton("Start"), QPushButton("Stop"), QPushButton("Resume")
         self.start_btn.clicked.connect(lambda: self.start(resume=False))
@@ -268,6 +279,7 @@ class TrainWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addWidget(self.form)
+        layout.addWidget(self.viewer_data)
         layout.addWidget(self.extra)
         layout.addLayout(buttons)
         layout.addWidget(self.epoch_bar)
@@ -314,7 +326,47 @@ class TrainWidget(QWidget):
             self.status.setText(f"{path}: cannot read the recipe ({exc}). Fix the file or pick another.")
             return
         self.form.build(self.family.currentText(), flatten(raw))
+        self.viewer_data.setVisible(self.family.currentText() == "segment")
         self.out.setText(str(Path.cwd() / (raw.get("output") or f"runs/{Path(path).stem}")))
+
+    def viewer_corrections(self) -> list[Path]:
+        """Corrections folders of what is open in the viewer (images/ + masks/ training sets).
+
+        Found from Segment widgets that record corrections and from
+        ``<file>.pathfm-corrections`` folders beside the files of open layers.
+        """
+        from ..pipelines.corrections import corrections_dir
+
+        found: list[Path] = []
+        if self.viewer is None:
+            return found
+        for widget in list(self.viewer.window.dock_widgets.values()):
+            folder = getattr(widget, "corrections_folder", None)
+            folder = folder() if callable(folder) else None
+            if folder is not None:
+                found.append(Path(folder))
+        for layer in self.viewer.layers:
+            path = getattr(layer.source, "path", None)
+            if path and (corrections_dir(path) / "images").is_dir():
+                found.append(corrections_dir(path))
+        return list(dict.fromkeys(p.resolve() for p in found))
+
+    def add_viewer_corrections(self) -> list[Path]:
+        """Append the viewer's corrections folders to ``data.extra_dirs``; returns the folders added."""
+        folders = self.viewer_corrections()
+        if not folders:
+            self.status.setText("No corrections found: record some with the Segment widget (Record corrections).")
+            return []
+        if "data.extra_dirs" not in self.form.editors:
+            self.form.add_row("data.extra_dirs", [])
+        current = yaml.safe_load(str(self.form.value("data.extra_dirs")) or "[]") or []
+        listed = {str(d.get("path") if isinstance(d, dict) else d) for d in current}
+        added = [f for f in folders if str(f) not in listed]
+        self.form.set_value(
+            "data.extra_dirs", yaml.safe_dump(current + [str(f) for f in added], default_flow_style=True).strip()
+        )
+        self.status.setText(f"training also on {len(added)} corrections folder(s): " + ", ".join(map(str, added)))
+        return added
 
     def _browse_recipe(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Training recipe", str(RECIPES_DIR), "Recipes (*.yaml *.yml)")
