@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from napari_pathfm.errors import PathFMError
+from napari_pathfm.errors import Cancelled, PathFMError
 from napari_pathfm.pipelines.batch import (
     parse_options,
     read_manifest,
@@ -86,3 +86,17 @@ def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu
     assert result.exit_code == 1, result.output
     assert "ok 1, skipped 3, failed 1" in result.output
     assert (folders[copy] / "done.json").exists()
+
+
+def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_small):
+    import threading
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide\n{cmu_small}\n")
+    cancel = threading.Event()
+    with pytest.raises(Cancelled, match="1 slides not run"):
+        # the first progress call (before any slide finished) asks to stop
+        run_batch(manifest, "features", tmp_path / "out", n_workers=1, options=OPTIONS,
+                  progress=lambda *a: cancel.set(), cancel=cancel)  # fmt: skip
+    assert json.loads((tmp_path / "out" / "batch-summary.json").read_text())["slides"] == []
+    assert not (slide_out_dir(tmp_path / "out", cmu_small.resolve()) / "done.json").exists()

@@ -285,23 +285,20 @@ def run_batch(
             futures = {client.submit(run_slide, str(s), task, str(f), ckpts, options, key=f"pathfm-{task}-{f.name}",
                                      pure=False): (s, f) for s, f in todo}  # fmt: skip
             pending = set(futures)
-            while pending:
-                if is_cancelled(cancel):
-                    client.cancel(list(pending))
-                    summary.seconds = time.perf_counter() - t0
-                    _write_summary(summary)
-                    raise Cancelled(f"batch {task} cancelled by the user ({len(pending)} slides not run)")
-                done, pending = _wait_some(wait, pending)
-                for fut in done:
-                    slide, folder = futures[fut]
-                    if fut.status == "finished":
-                        row = fut.result()
-                    else:  # the worker died (e.g. a crash in a native reader): KilledWorker
-                        exc = fut.exception()
-                        row = {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                               "seconds": 0.0, "output": str(folder)}  # fmt: skip
-                    summary.rows.append(row)
-                    report(progress, len(summary.rows), total, f"{slide.name}: {row['status']}")
+            try:
+                while pending:
+                    if is_cancelled(cancel):
+                        raise Cancelled(f"batch {task} cancelled by the user ({len(pending)} slides not run)")
+                    done, pending = _wait_some(wait, pending)
+                    for fut in done:
+                        row = _row(fut, *futures[fut])
+                        summary.rows.append(row)
+                        report(progress, len(summary.rows), total, f"{Path(row['slide']).name}: {row['status']}")
+            except (Cancelled, KeyboardInterrupt):
+                client.cancel(list(pending))
+                summary.seconds = time.perf_counter() - t0
+                _write_summary(summary)
+                raise
         finally:
             client.close()
             if cluster is not None:
@@ -311,6 +308,15 @@ def run_batch(
     summary.seconds = time.perf_counter() - t0
     _write_summary(summary)
     return summary
+
+
+def _row(fut: Any, slide: Path, folder: Path) -> dict:
+    """The summary row of a finished future; a future that errored means its worker died (KilledWorker)."""
+    if fut.status == "finished":
+        return fut.result()
+    exc = fut.exception()
+    return {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": 0.0,
+            "output": str(folder)}  # fmt: skip
 
 
 def _wait_some(wait: Callable[..., Any], pending: set) -> tuple[set, set]:
