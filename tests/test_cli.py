@@ -105,6 +105,32 @@ def test_demo_writes_everything_it_promises(tmp_path):
     assert Path(summary["files"]["segmentation_geojson"]).exists()
     canvas = np.asarray(Image.open(tmp_path / "napari-canvas-segment.png").convert("RGB")).astype(float)
     assert canvas.shape == img.shape
+    _check_demo_classify_translate(tmp_path, summary, img)
+
+
+def _check_demo_classify_translate(out: Path, summary: dict, slide_canvas: np.ndarray) -> None:
+    """The demo's tile classes (bundled SLCA model) and z-stack translation (bundled ISL models + crop)."""
+    import tifffile
+    from PIL import Image
+
+    cls = summary["classify"]
+    assert cls["classes"] == ["gland", "non_gland"] and cls["tiles"] > 10
+    assert sum(cls["class_fractions"].values()) == pytest.approx(1, abs=1e-3) and cls["model_test_metrics"]["test_auroc"] > 0.8
+    class_map = tifffile.imread(summary["files"]["classify_class_map"])
+    assert (class_map > 0).sum() == cls["tiles"] and class_map.max() <= 2
+    tiles = json.loads((out / "classify" / "summary.json").read_text())
+    assert tiles["tiles"] == cls["tiles"] and (out / "classify" / "tiles.csv").exists()
+    canvas = np.asarray(Image.open(summary["files"]["napari_canvas_classify_png"]).convert("RGB")).astype(float)
+    assert canvas.shape == slide_canvas.shape and np.abs(canvas - slide_canvas).mean() > 5, "class map over the slide"
+    tr = summary["translate"]
+    assert set(tr["channels"]) == {"DAPI", "MAP2", "NFH"} and tr["shape"] == [256, 256]
+    for name in ("DAPI", "MAP2", "NFH"):
+        pred = tifffile.imread(summary["files"][f"translate_{name}"])
+        assert pred.shape == (256, 256) and pred.dtype == np.uint16 and pred.std() > 0
+        assert tr["pearson_r_vs_real"][name] > 0.2, "held-out crop: predictions follow the real stain"
+    assert Path(summary["files"]["translate_nuclei_confidence"]).exists()
+    canvas = np.asarray(Image.open(summary["files"]["napari_canvas_translate_png"]).convert("RGB")).astype(float)
+    assert canvas.shape[0] >= 256 and canvas.std() > 10, "the translate canvas shows the z-stack and predictions"
 
 
 REPO = Path(__file__).resolve().parents[1]

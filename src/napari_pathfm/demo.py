@@ -7,8 +7,12 @@ CSV/JSON and an overview PNG; then runs the bundled S4 MIL demo model
 prediction, a patch heatmap OME-TIFF and the top patches; segments the slide
 with the default Path-SAM2 model (class map OME-TIFF + QuPath GeoJSON); and
 renders PNGs of the napari canvas (slide + tissue/tiles, slide + MIL heatmap,
-slide + class map, with the widgets docked). Without a display the canvases are rendered on a virtual X
-server (``xvfb-run``) in a child process. Later families add their models here.
+slide + class map, with the widgets docked). It then classifies the slide's tiles with the bundled SLCA demo
+model (:data:`DEMO_CLASSIFY`: class map, probabilities, per-tile CSV into ``classify/``) and translates the
+bundled ISL z-stack crop (13 phase-contrast planes) into DAPI, MAP2 and NFH with the bundled ``haste-isl-*``
+models (:data:`DEMO_TRANSLATE`, into ``translate/``, with the Pearson r of each channel against the real
+confocal stain), each with its canvas PNG (Classify / Translate widget docked). Without a display the canvases
+are rendered on a virtual X server (``xvfb-run``) in a child process.
 """
 
 from __future__ import annotations
@@ -19,12 +23,19 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .progress import check_cancel, report
 
 DEMO_MIL = "s4mil-glas-glands-demo"
+#: Bundled SLCA tile classifier of the demo (GlaS gland / non-gland; see its card).
+DEMO_CLASSIFY = "slca-glas-glands-demo"
+#: Bundled translation models run on the demo z-stack: nuclei (LUPI, also gives nuclei), MAP2, NFH.
+DEMO_TRANSLATE = ("haste-isl-dapi", "haste-isl-map2", "haste-isl-nfh")
+#: Bundled z-stack sample (13 planes) and its real confocal targets (DAPI, MAP2, NFH).
+DEMO_ZSTACK, DEMO_ZSTACK_TARGETS = "isl-blue-crop.ome.tif", "isl-blue-crop-targets.ome.tif"
 
 
 def demo_mil_checkpoint() -> Path:
@@ -34,6 +45,26 @@ def demo_mil_checkpoint() -> Path:
     return BUNDLED_MODELS / f"{DEMO_MIL}.safetensors"
 
 
+def demo_classify_checkpoint() -> Path:
+    """The bundled demo SLCA classifier (rebuilt by ``training/slca/glas_demo_cpu.yaml``; see its card)."""
+    from .checkpoints import BUNDLED_MODELS
+
+    return BUNDLED_MODELS / f"{DEMO_CLASSIFY}.safetensors"
+
+
+def demo_translate_checkpoints() -> list[Path]:
+    """The bundled translation checkpoints of the demo that are installed (nuclei first)."""
+    from .checkpoints import BUNDLED_MODELS
+
+    return [p for p in (BUNDLED_MODELS / f"{n}.safetensors" for n in DEMO_TRANSLATE) if p.is_file()]
+
+
+def demo_zstack_paths() -> tuple[Path, Path]:
+    """``(z-stack, targets)`` of the bundled ISL crop (see ``data/README.md``)."""
+    data = Path(__file__).parent / "data"
+    return data / DEMO_ZSTACK, data / DEMO_ZSTACK_TARGETS
+
+
 def display_available() -> bool:
     """True when a GUI can open (Windows/macOS, or an X/Wayland display on Linux)."""
     if sys.platform in ("win32", "darwin"):
@@ -41,7 +72,7 @@ def display_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _default_slide(slide: Optional[Path]) -> Path:
+def _default_slide(slide: Path | None) -> Path:
     from ._sample_data import sample_slide_path
 
     return Path(slide) if slide is not None else sample_slide_path()
@@ -49,14 +80,15 @@ def _default_slide(slide: Optional[Path]) -> Path:
 
 def build_viewer(
     slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256, mil: bool = True,
-    segment: bool = True,
+    segment: bool = True, classify: bool = True,
 ):  # fmt: skip
     """A napari viewer with the slide, its tissue mask and tile grid, and the Slide widget docked.
 
     With ``mil`` the MIL widget is docked too, set to the bundled demo model, and
     its prediction is started (in a worker; the heatmap layer appears when it ends);
-    with ``segment`` likewise the Segment widget with the default segmentation model.
-    Returns ``(viewer, {"mil": widget or None, "segment": widget or None})``.
+    with ``segment`` likewise the Segment widget with the default segmentation model,
+    and with ``classify`` the Classify widget with the bundled SLCA demo model.
+    Returns ``(viewer, {"mil": widget or None, "segment": widget or None, "classify": widget or None})``.
     """
     import napari
 
@@ -88,10 +120,64 @@ def build_viewer(
         seg_widget.layer_combo.setCurrentText(layer.name)
         seg_widget.checkpoint.set_path(seg_checkpoint)
         seg_widget.run()
-    return viewer, {"mil": mil_widget, "segment": seg_widget}
+    cls_widget = None
+    if classify and demo_classify_checkpoint().is_file():
+        from .widgets.classify_widget import ClassifyWidget
+
+        cls_widget = ClassifyWidget(viewer)
+        viewer.window.add_dock_widget(cls_widget, name="Classify tiles (napari-pathfm)", area="right")
+        cls_widget.layer_combo.setCurrentText(layer.name)
+        cls_widget.checkpoint.set_path(demo_classify_checkpoint())
+        cls_widget.run()
+    return viewer, {"mil": mil_widget, "segment": seg_widget, "classify": cls_widget}
 
 
-def _segment_checkpoint() -> Optional[Path]:
+def build_translate_viewer(*, show: bool = False, predictions: Path | None = None):
+    """A napari viewer with the bundled ISL z-stack crop, its real stains and the Translate widget docked.
+
+    The widget's nuclei row is set to the bundled LUPI DAPI model and its run is started
+    (worker; DAPI, nuclei confidence and nuclei layers appear when it ends). The widget's rows
+    are nuclei / lipids / cytoplasm, so the MAP2 and NFH models run in the demo's translate step
+    and, with ``predictions`` (that step's output folder), their OME-TIFFs are added as layers.
+    The real confocal stains are added hidden, for comparison. Returns ``(viewer, widget or None)``.
+    """
+    import napari
+    import tifffile
+
+    from .io.zstack import TARGET_COLORMAPS, estimate_contrast_limits, zstack_layer_data
+    from .widgets.translate_widget import TranslateWidget
+
+    stack_path, targets_path = demo_zstack_paths()
+    viewer = napari.Viewer(show=show, title="napari-pathfm demo: z-stack translation")
+    stack_name = None
+    for data, kwargs, _kind in zstack_layer_data(stack_path):
+        stack_name = stack_name or viewer.add_image(data, **kwargs).name
+    names = ("DAPI", "MAP2", "NFH")
+    for name, target in zip(names, tifffile.imread(targets_path)):
+        viewer.add_image(target, name=f"{name} (real confocal)", blending="additive", visible=False,
+                         colormap=TARGET_COLORMAPS[name.lower()], contrast_limits=estimate_contrast_limits(target),
+                         metadata={"pathfm_kind": "translate-target", "target": name})  # fmt: skip
+    for name in names[1:]:
+        path = Path(predictions) / f"{name}.ome.tif" if predictions is not None else None
+        if path is not None and path.is_file():
+            pred = tifffile.imread(path)
+            viewer.add_image(pred, name=f"{name} (predicted)", blending="additive", colormap=TARGET_COLORMAPS[
+                name.lower()], contrast_limits=estimate_contrast_limits(pred), metadata={"pathfm_kind": "translate"})
+    checkpoints = demo_translate_checkpoints()
+    widget = None
+    if checkpoints:
+        widget = TranslateWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="Translate z-stack (napari-pathfm)", area="right")
+        widget.layer_combo.setCurrentText(stack_name)
+        for role in ("lipids", "cytoplasm"):
+            widget.set_checkpoint(role, None)
+        widget.set_checkpoint("nuclei", checkpoints[0])
+        widget.tile.setValue(256)
+        widget.run()
+    return viewer, widget
+
+
+def _segment_checkpoint() -> Path | None:
     """The default segmentation checkpoint, or None when none is installed."""
     from .errors import CheckpointError
     from .pipelines.segment import default_segment_checkpoint
@@ -112,52 +198,77 @@ def _settle(viewer, turns: int = 20) -> None:
         QApplication.processEvents()
 
 
+def _await(widget, key: str, deadline: float) -> None:
+    """Turn the Qt event loop until ``widget``'s run ends; raise if it failed or outlived ``deadline``."""
+    from qtpy.QtWidgets import QApplication
+
+    while widget.runner.running and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.02)
+    if widget.runner.running or widget.runner.last_error is not None:
+        raise RuntimeError(f"the {key} widget did not finish: {widget.runner.last_error or 'timed out'}")
+
+
+def _export(viewer, target: Path) -> None:
+    from .io.atomic import atomic_path
+
+    _settle(viewer)
+    with atomic_path(target) as tmp:
+        viewer.export_figure(str(tmp))
+
+
 def render_canvas_png(
-    slide_path: Path, png: Path, mil_png: Optional[Path] = None, segment_png: Optional[Path] = None,
-    timeout: float = 300.0,
+    slide_path: Path, png: Path, mil_png: Path | None = None, segment_png: Path | None = None,
+    classify_png: Path | None = None, translate_png: Path | None = None,
+    translate_dir: Path | None = None, timeout: float = 300.0,
 ) -> Path:  # fmt: skip
     """Render the napari canvas (slide + tissue + tiles) to ``png`` in this process.
 
-    With ``mil_png`` / ``segment_png``, the MIL / Segment widget's run is awaited
-    and one more canvas is written for each: the slide with only that widget's
-    layer (heatmap / class map) shown. Needs OpenGL and a (possibly virtual)
-    display: a hidden viewer renders black, so the window is shown and Qt gets a
-    few event-loop turns to load the tiles.
+    With ``mil_png`` / ``segment_png`` / ``classify_png``, the MIL / Segment / Classify
+    widget's run is awaited and one more canvas is written for each: the slide with only
+    that widget's layer (heatmap / class map / tile classes) shown. With ``translate_png``
+    a second viewer (:func:`build_translate_viewer`, MAP2/NFH predictions from
+    ``translate_dir``) is rendered once the Translate widget's run ends: the z-stack with the
+    predicted stains. Needs OpenGL and a (possibly virtual) display: a hidden viewer renders
+    black, so the window is shown and Qt gets a few event-loop turns to load the tiles.
     """
-    from qtpy.QtWidgets import QApplication
-
-    from .io.atomic import atomic_path
-
-    viewer, widgets = build_viewer(slide_path, show=True, mil=mil_png is not None, segment=segment_png is not None)
+    viewer, widgets = build_viewer(slide_path, show=True, mil=mil_png is not None, segment=segment_png is not None,
+                                   classify=classify_png is not None)  # fmt: skip
+    deadline = time.monotonic() + timeout
     try:
-        _settle(viewer)
-        with atomic_path(png) as tmp:
-            viewer.export_figure(str(tmp))
-        deadline = time.monotonic() + timeout
-        for key, target, kind in (("mil", mil_png, "mil-heatmap"), ("segment", segment_png, "segment")):
+        _export(viewer, png)
+        for key, target in (("mil", mil_png), ("segment", segment_png), ("classify", classify_png)):
             widget = widgets.get(key)
             if widget is None or target is None:
                 continue
-            while widget.runner.running and time.monotonic() < deadline:
-                QApplication.processEvents()
-                time.sleep(0.02)
-            if widget.runner.running or widget.runner.last_error is not None:
-                raise RuntimeError(f"the {key} widget did not finish: {widget.runner.last_error or 'timed out'}")
+            _await(widget, key, deadline)
+            kind = {"mil": "mil-heatmap", "segment": "segment"}.get(key)
+            only = getattr(widget, "labels_layer", None) if key == "classify" else None  # not the probabilities
             for layer in viewer.layers:
-                meta_kind = layer.metadata.get("pathfm_kind")
-                layer.visible = "pathfm_path" in layer.metadata or meta_kind == kind
-            _settle(viewer)
-            with atomic_path(target) as tmp:
-                viewer.export_figure(str(tmp))
+                shown = layer is only if only is not None else layer.metadata.get("pathfm_kind") == kind
+                layer.visible = "pathfm_path" in layer.metadata or shown
+            _export(viewer, target)
     finally:
         viewer.close()
+    if translate_png is not None:
+        tviewer, twidget = build_translate_viewer(show=True, predictions=translate_dir)
+        try:
+            if twidget is not None:
+                _await(twidget, "translate", deadline)
+                for layer in tviewer.layers:
+                    if layer.metadata.get("pathfm_kind") in ("translate-confidence", "translate-nuclei"):
+                        layer.visible = False
+            _export(tviewer, translate_png)
+        finally:
+            tviewer.close()
     return png
 
 
-def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Optional[Path]) -> Optional[str]:
+def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Path | None) -> str | None:
     """Render in a child process, on a virtual X server when there is no display. Returns an error text or None.
 
-    ``extra``: the MIL and segmentation canvases (None to skip one).
+    ``extra``: the MIL, segmentation, classify and translate canvases (None to skip one), then the
+    translate output folder (not checked for existence).
     """
     cmd = [sys.executable, "-m", "napari_pathfm.demo", "--canvas", str(slide_path), str(png)]
     cmd += [str(p) if p is not None else "-" for p in extra]
@@ -166,8 +277,8 @@ def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Optional[Path]
         if xvfb is None:
             return "no display and no xvfb-run (apt-get install xvfb) to render the napari canvas"
         cmd = [xvfb, "-a", "-s", "-screen 0 1280x1024x24"] + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not png.exists() or any(p is not None and not p.exists() for p in extra):
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not png.exists() or any(p is not None and not p.exists() for p in extra[:4]):
         return f"napari canvas rendering failed: {proc.stderr.strip()[-800:]}"
     return None
 
@@ -175,10 +286,10 @@ def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Optional[Path]
 def run_demo(
     out: Path = Path("pathfm-demo"),
     *,
-    slide: Optional[Path] = None,
+    slide: Path | None = None,
     show: bool = False,
     render_canvas: bool = True,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> dict[str, Path]:
     """Run every demo step on ``slide`` (default: the bundled slide); return {name: written path}."""
@@ -190,7 +301,7 @@ def run_demo(
     slide_path = _default_slide(slide)
     checkpoint = demo_mil_checkpoint()
     seg_checkpoint = _segment_checkpoint()
-    steps = 5 if render_canvas else 4
+    steps = 7 if render_canvas else 6
     t0 = time.perf_counter()
     report(progress, 0, steps, "tissue & tiles")
     with open_slide(slide_path) as s:
@@ -201,7 +312,7 @@ def run_demo(
             "slide_shape": list(s.shape),
             "mpp": s.mpp,
             "tissue_fraction": round(float(result.tissue.tissue_fraction), 4),
-            "tissue_tiles": int(len(result.grid.tiles)),
+            "tissue_tiles": len(result.grid.tiles),
             "tile_size": result.grid.tile_size,
             "tile_mpp": result.grid.mpp,
         }
@@ -211,20 +322,29 @@ def run_demo(
         check_cancel(cancel, "demo")
         report(progress, 2, steps, "segmentation")
         summary["segment"] = _segment_step(s, seg_checkpoint, out, written, cancel)
+        check_cancel(cancel, "demo")
+        report(progress, 3, steps, "tile classification")
+        summary["classify"] = _classify_step(s, out / "classify", written, cancel)
     check_cancel(cancel, "demo")
-    report(progress, 3, steps, "napari canvas")
+    report(progress, 4, steps, "z-stack translation")
+    summary["translate"] = _translate_step(out / "translate", written, cancel)
+    check_cancel(cancel, "demo")
+    report(progress, 5, steps, "napari canvas")
     if render_canvas:
         png, mil_png = out / "napari-canvas-slide.png", out / "napari-canvas-mil.png"
         seg_png = out / "napari-canvas-segment.png" if seg_checkpoint is not None else None
-        error = _render_canvas_elsewhere(slide_path, png, mil_png, seg_png)
+        cls_png = out / "napari-canvas-classify.png" if isinstance(summary["classify"], dict) else None
+        tr_png = out / "napari-canvas-translate.png" if isinstance(summary["translate"], dict) else None
+        error = _render_canvas_elsewhere(slide_path, png, mil_png, seg_png, cls_png, tr_png, out / "translate")
         if error is None:
             written["napari_canvas_png"] = png
             written["napari_canvas_mil_png"] = mil_png
-            if seg_png is not None:
-                written["napari_canvas_segment_png"] = seg_png
+            for key, path in (("segment", seg_png), ("classify", cls_png), ("translate", tr_png)):
+                if path is not None:
+                    written[f"napari_canvas_{key}_png"] = path
         else:
             summary["napari_canvas_png"] = error
-        report(progress, 4, steps, "summary")
+        report(progress, 6, steps, "summary")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["files"] = {k: str(v) for k, v in written.items()}
     summary_path = out / "demo-summary.json"
@@ -239,7 +359,7 @@ def run_demo(
     return written
 
 
-def _segment_step(slide, checkpoint: Optional[Path], out: Path, written: dict, cancel) -> Any:
+def _segment_step(slide, checkpoint: Path | None, out: Path, written: dict, cancel) -> Any:
     """Class map of the default segmentation model as OME-TIFF + GeoJSON, and what it found."""
     if checkpoint is None:
         return "no segmentation model installed (see docs/segment.md)"
@@ -266,6 +386,60 @@ def _segment_step(slide, checkpoint: Optional[Path], out: Path, written: dict, c
     }
 
 
+def _classify_step(slide, out_dir: Path, written: dict, cancel) -> Any:
+    """Tile classes of the bundled SLCA demo model: class map, probabilities, tiles CSV/GeoJSON, summary."""
+    checkpoint = demo_classify_checkpoint()
+    if not checkpoint.is_file():
+        return f"the demo classifier {checkpoint.name} is not installed"
+    from .models.checkpoint import read_card
+    from .pipelines.classify import classify_slide, write_classify_outputs
+
+    res = classify_slide(slide, checkpoint, device="cpu", cancel=cancel)
+    files = write_classify_outputs(res, out_dir, cancel=cancel)
+    written.update({f"classify_{k}": v for k, v in files.items()})
+    card = read_card(checkpoint.with_suffix(".json"))
+    return {
+        "model": checkpoint.name,
+        "model_test_metrics": card.get("test_metrics"),
+        "classes": res.classes,
+        "tiles": res.n_tiles,
+        "class_fractions": {c: round(float(v), 4) for c, v in res.class_fractions().items()},
+        "model_mpp": res.model_mpp,
+        "messages": res.messages,
+        "note": "demo model: random-init SAM encoder, trained on GlaS colon glands; CMU-1 is skin; not diagnostic",
+    }
+
+
+def _translate_step(out_dir: Path, written: dict, cancel) -> Any:
+    """Bundled haste-isl-* models on the bundled ISL z-stack crop; Pearson r of each channel vs the real stain."""
+    checkpoints = demo_translate_checkpoints()
+    stack_path, targets_path = demo_zstack_paths()
+    if not checkpoints or not stack_path.is_file():
+        return "no bundled translation model or z-stack sample installed"
+    import numpy as np
+    import tifffile
+
+    from .io.zstack import open_zstack
+    from .pipelines.translate import translate_stack, write_translation
+
+    res = translate_stack(open_zstack(stack_path), checkpoints, tile=256, device="cpu", cancel=cancel)
+    files = write_translation(res, out_dir, cancel=cancel)
+    written.update({f"translate_{k.replace('channel:', '')}": v for k, v in files.items()})
+    real = dict(zip(("DAPI", "MAP2", "NFH"), tifffile.imread(targets_path).astype(np.float64)))
+    pearson = {c: round(float(np.corrcoef(np.asarray(a, np.float64).ravel(), real[c].ravel())[0, 1]), 4)
+               for c, a in res.channels.items() if c in real}  # fmt: skip
+    return {
+        "input": stack_path.name,
+        "models": [p.name for p in checkpoints],
+        "channels": {c: res.roles[c] for c in res.channels},
+        "pearson_r_vs_real": pearson,
+        "nuclei": int(res.nuclei_labels.max()) if res.nuclei_labels is not None else None,
+        "shape": list(res.shape),
+        "note": "models trained on rows 0:768 of the same ISL well for a few CPU minutes; the crop is from rows "
+                "768:1024 (held out)",
+    }
+
+
 def _mil_step(slide, checkpoint: Path, out: Path, written: dict, cancel) -> dict:
     """Slide-level prediction, heatmap OME-TIFF and top patches of the bundled S4 MIL model."""
     from .models.checkpoint import read_card
@@ -282,23 +456,29 @@ def _mil_step(slide, checkpoint: Path, out: Path, written: dict, cancel) -> dict
         "model_test_metrics": card.get("test_metrics"),
         "predicted": pred.predicted,
         "probabilities": {c: round(float(p), 4) for c, p in zip(pred.classes, pred.probabilities)},
-        "patches": int(len(pred.coords)),
+        "patches": len(pred.coords),
         "note": "demo model: random-init feature extractor trained on GlaS colon-gland bags; not diagnostic",
     }
 
 
-def show_in_napari(out: Path, *, slide: Optional[Path] = None) -> None:
-    """Open napari with the demo slide, its overlays and the plugin's widgets docked; blocks until closed."""
+def show_in_napari(out: Path, *, slide: Path | None = None) -> None:
+    """Open napari with the demo slide, its overlays and the plugin's widgets docked; blocks until closed.
+
+    A second window holds the z-stack translation (the bundled ISL crop, the Translate widget and the
+    MAP2/NFH predictions the demo wrote to ``out/translate``).
+    """
     import napari
 
-    viewer, _widgets = build_viewer(_default_slide(slide), show=True)  # keep the widgets referenced
+    _viewer, _widgets = build_viewer(_default_slide(slide), show=True)  # keep the widgets referenced
+    _tviewer, _twidget = build_translate_viewer(show=True, predictions=Path(out) / "translate")
     napari.run()
 
 
 if __name__ == "__main__":
-    if 4 <= len(sys.argv) <= 6 and sys.argv[1] == "--canvas":
-        more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None, None]
-        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), more[0], more[1])
+    if 4 <= len(sys.argv) <= 9 and sys.argv[1] == "--canvas":
+        more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None] * 5
+        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), *more[:5])
     else:
-        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-]", file=sys.stderr)
+        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-] "
+              "[CLASSIFY.png|-] [TRANSLATE.png|-] [TRANSLATE_DIR|-]", file=sys.stderr)
         sys.exit(2)
