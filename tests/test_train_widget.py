@@ -120,3 +120,16 @@ def test_corrections_from_the_viewer_join_extra_dirs(panel, tmp_path):
     assert panel.add_viewer_corrections() == []  # already listed
     assert panel.form.overrides() == [f"data.extra_dirs=[{folder.resolve()}]"]
     assert ["--set", f"data.extra_dirs=[{folder.resolve()}]"] == panel.command(False)[4:6]
+
+
+def test_open_zstack_becomes_the_translate_data(panel, shared_data):
+    stack = shared_data / "isl-blue-sample"
+    if not stack.is_dir():
+        pytest.skip(f"ISL z-stack not found at {stack} (see ../shared/data/README)")
+    panel.set_recipe(RECIPE.parents[1] / "translate" / "tiny_lupi.yaml")
+    assert panel.viewer_data.text() == "Use the open z-stacks" and not panel.viewer_data.isHidden()
+    assert panel.add_viewer_data() == [] and "No z-stack" in panel.status.text()
+    panel.viewer.open(str(stack), plugin="napari-pathfm")
+    assert len(panel.viewer.layers) > 1  # the stack and its target layers
+    assert panel.add_viewer_data() == [stack]
+    assert panel.form.overrides() == [f"data.stacks=[{stack}]"]

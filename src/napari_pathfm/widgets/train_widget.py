@@ -46,7 +46,7 @@ from ..checkpoints import add_search_folder
 from ..training.recipes import FAMILIES, schema
 from ._checkpoint_picker import refresh_all_pickers
 
-__all__ = ["RECIPES_DIR", "RunState", "TrainWidget", "flatten", "list_recipes"]
+__all__ = ["RECIPES_DIR", "VIEWER_DATA", "RunState", "TrainWidget", "flatten", "list_recipes"]
 
 RECIPES_DIR = Path(__file__).resolve().parents[3] / "training"
 # shown for every recipe, whether or not it sets them
@@ -54,6 +54,20 @@ COMMON_KEYS = ("optim.lr", "optim.weight_decay", "trainer.max_epochs", "trainer.
 # identity of a recipe, not hyperparameters: not editable in the form
 SKIP_KEYS = {"family", "description", "output", "model.name"}
 LOG_LINES = 15
+# family -> (button text, tooltip) of the "data from what is open" button
+VIEWER_DATA = {
+    "segment": (
+        "Add corrections from the viewer",
+        (
+            "Train also on painted corrections of what is open (Segment widget recordings, "
+            "<file>.pathfm-corrections folders beside open files): appended to data.extra_dirs."
+        ),
+    ),
+    "translate": (
+        "Use the open z-stacks",
+        "Train on the z-stacks open in the viewer (with their target layers): they replace data.stacks.",
+    ),
+}
 
 
 def list_recipes(family: str, folder: Path = RECIPES_DIR) -> list[Path]:
@@ -243,12 +257,8 @@ class TrainWidget(QWidget):
         out_row.addWidget(out_browse)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.viewer_data = QPushButton("Add corrections from the viewer")
-        self.viewer_data.setToolTip(
-            "Train also on painted corrections of what is open (Segment widget recordings, "
-            "<slide>.pathfm-corrections folders of open files): appended to data.extra_dirs."
-        )
-        self.viewer_data.clicked.connect(self.add_viewer_corrections)
+        self.viewer_data = QPushButton()  # text, tooltip and visibility follow the family (VIEWER_DATA)
+        self.viewer_data.clicked.connect(self.add_viewer_data)
 
         self.start_btn, self.stop_btn, self.resume_btn = QPushButton("Start"), QPushButton("Stop"), QPushButton("Resume")
         self.start_btn.clicked.connect(lambda: self.start(resume=False))
@@ -326,7 +336,10 @@ class TrainWidget(QWidget):
             self.status.setText(f"{path}: cannot read the recipe ({exc}). Fix the file or pick another.")
             return
         self.form.build(self.family.currentText(), flatten(raw))
-        self.viewer_data.setVisible(self.family.currentText() == "segment")
+        text, tip = VIEWER_DATA.get(self.family.currentText(), ("", ""))
+        self.viewer_data.setText(text)
+        self.viewer_data.setToolTip(tip)
+        self.viewer_data.setVisible(bool(text))
         self.out.setText(str(Path.cwd() / (raw.get("output") or f"runs/{Path(path).stem}")))
 
     def viewer_corrections(self) -> list[Path]:
@@ -367,6 +380,32 @@ class TrainWidget(QWidget):
         )
         self.status.setText(f"training also on {len(added)} corrections folder(s): " + ", ".join(map(str, added)))
         return added
+
+    def viewer_zstacks(self) -> list[Path]:
+        """Files/folders of the z-stacks open in the viewer (layers the z-stack reader made)."""
+        if self.viewer is None:
+            return []
+        paths = [layer.metadata.get("path") for layer in self.viewer.layers if "plane_names" in layer.metadata]
+        return list(dict.fromkeys(Path(p) for p in paths if p))
+
+    def use_viewer_zstacks(self) -> list[Path]:
+        """Set ``data.stacks`` to the open z-stacks; returns them."""
+        stacks = self.viewer_zstacks()
+        if not stacks:
+            self.status.setText("No z-stack is open: open one (File > Open) with its target images first.")
+            return []
+        if "data.stacks" not in self.form.editors:
+            self.form.add_row("data.stacks", None)
+        value = [str(p) for p in stacks]
+        self.form.set_value("data.stacks", yaml.safe_dump(value, default_flow_style=True).strip())
+        self.status.setText("training on the open z-stack(s): " + ", ".join(value))
+        return stacks
+
+    def add_viewer_data(self) -> list[Path]:
+        """The family's "data from what is open" action (see :data:`VIEWER_DATA`)."""
+        if self.family.currentText() == "translate":
+            return self.use_viewer_zstacks()
+        return self.add_viewer_corrections()
 
     def _browse_recipe(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Training recipe", str(RECIPES_DIR), "Recipes (*.yaml *.yml)")
