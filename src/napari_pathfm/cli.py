@@ -539,7 +539,7 @@ def demo(
     slide: Optional[Path] = typer.Option(None, help="Slide to use (default: the bundled CMU-1 small region)"),
     show: Optional[bool] = typer.Option(None, help="Open napari with the results (default: when a display is available)"),
 ) -> None:
-    """Run the main job on the bundled slide: tissue mask, tile grid, OME-TIFF, GeoJSON, canvas PNG."""
+    """Run every family on the bundled samples: tissue/tiles, MIL, segment, classify, translate, canvas PNGs."""
     from .demo import run_demo
 
     try:
