@@ -100,3 +100,25 @@ def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_
                   progress=lambda *a: cancel.set(), cancel=cancel)  # fmt: skip
     assert json.loads((tmp_path / "out" / "batch-summary.json").read_text())["slides"] == []
     assert not (slide_out_dir(tmp_path / "out", cmu_small.resolve()) / "done.json").exists()
+
+
+def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
+    """The worker function on its own (no cluster): the classify task writes the classify outputs + done.json."""
+    from napari_pathfm.models import create_model, save_checkpoint
+    from napari_pathfm.pipelines.batch import run_slide
+
+    model = create_model("timm_classifier", backbone="resnet10t", num_classes=2)
+    ckpt = save_checkpoint(model, tmp_path / "cls", {"classes": ["a", "b"], "tile_size": 64, "input_mpp": 4.0})
+    out = tmp_path / "one"
+    row = run_slide(str(cmu_small), "classify", str(out), [str(ckpt)], {"device": "cpu", "batch_size": 16})
+    assert row["status"] == "ok", row["error"]
+    assert {"class-map.ome.tif", "probabilities.ome.tif", "tiles.csv", "summary.json", "done.json"} <= {
+        p.name for p in out.iterdir()}  # fmt: skip
+    done = json.loads((out / "done.json").read_text())
+    assert done["result"]["tiles"] > 0 and done["checkpoint"] == [str(ckpt)]
+
+    no_ckpt = run_slide(str(cmu_small), "mil", str(tmp_path / "two"), None, {})
+    assert no_ckpt["status"] == "failed" and "needs --checkpoint" in no_ckpt["error"]
+    typo = run_slide(str(cmu_small), "classify", str(tmp_path / "three"), [str(ckpt)], {"batchsize": 4})
+    assert typo["status"] == "failed" and "batchsize" in typo["error"]
+    assert not (tmp_path / "three" / "done.json").exists()
