@@ -366,20 +366,11 @@ class TrainWidget(QWidget):
 
     def add_viewer_corrections(self) -> list[Path]:
         """Append the viewer's corrections folders to ``data.extra_dirs``; returns the folders added."""
-        folders = self.viewer_corrections()
-        if not folders:
-            self.status.setText("No corrections found: record some with the Segment widget (Record corrections).")
-            return []
-        if "data.extra_dirs" not in self.form.editors:
-            self.form.add_row("data.extra_dirs", [])
-        current = yaml.safe_load(str(self.form.value("data.extra_dirs")) or "[]") or []
-        listed = {str(d.get("path") if isinstance(d, dict) else d) for d in current}
-        added = [f for f in folders if str(f) not in listed]
-        self.form.set_value(
-            "data.extra_dirs", yaml.safe_dump(current + [str(f) for f in added], default_flow_style=True).strip()
-        )
-        self.status.setText(f"training also on {len(added)} corrections folder(s): " + ", ".join(map(str, added)))
-        return added
+        return self._put_paths(
+            "data.extra_dirs", self.viewer_corrections(), append=True,
+            missing="No corrections found: record some with the Segment widget (Record corrections).",
+            done="training also on corrections folder(s): ",
+        )  # fmt: skip
 
     def viewer_zstacks(self) -> list[Path]:
         """Files/folders of the z-stacks open in the viewer (layers the z-stack reader made)."""
@@ -390,16 +381,26 @@ class TrainWidget(QWidget):
 
     def use_viewer_zstacks(self) -> list[Path]:
         """Set ``data.stacks`` to the open z-stacks; returns them."""
-        stacks = self.viewer_zstacks()
-        if not stacks:
-            self.status.setText("No z-stack is open: open one (File > Open) with its target images first.")
+        return self._put_paths(
+            "data.stacks", self.viewer_zstacks(), append=False,
+            missing="No z-stack is open: open one (File > Open) with its target images first.",
+            done="training on the open z-stack(s): ",
+        )  # fmt: skip
+
+    def _put_paths(self, key: str, paths: list[Path], append: bool, missing: str, done: str) -> list[Path]:
+        """Write ``paths`` into the form's ``key`` as a YAML list (after its current items with ``append``)."""
+        if not paths:
+            self.status.setText(missing)
             return []
-        if "data.stacks" not in self.form.editors:
-            self.form.add_row("data.stacks", None)
-        value = [str(p) for p in stacks]
-        self.form.set_value("data.stacks", yaml.safe_dump(value, default_flow_style=True).strip())
-        self.status.setText("training on the open z-stack(s): " + ", ".join(value))
-        return stacks
+        if key not in self.form.editors:
+            self.form.add_row(key, [])
+        current = (yaml.safe_load(str(self.form.value(key)) or "[]") or []) if append else []
+        current = current if isinstance(current, list) else [current]
+        listed = {str(d.get("path") if isinstance(d, dict) else d) for d in current}
+        added = [p for p in paths if str(p) not in listed]
+        self.form.set_value(key, yaml.safe_dump(current + [str(p) for p in added], default_flow_style=True).strip())
+        self.status.setText(done + ", ".join(map(str, added)))
+        return added
 
     def add_viewer_data(self) -> list[Path]:
         """The family's "data from what is open" action (see :data:`VIEWER_DATA`)."""
