@@ -55,6 +55,15 @@ def test_crash_is_reported_and_panel_recovers(panel, qtbot):
     assert "no_such_key" in panel.status.text() and "exit code 1" in panel.status.text()
     assert panel.start_btn.isEnabled() and not panel.stop_btn.isEnabled()
 
+    # a run that does not stop in time is killed by the second press; the panel recovers again
+    panel.extra.setText("")
+    panel.start()
+    qtbot.wait(1500)
+    panel.stop()
+    panel.stop()
+    qtbot.waitUntil(lambda: panel.state.value == "crashed", timeout=30_000)
+    assert "training killed" in panel.status.text() and panel.start_btn.isEnabled()
+
 
 def test_stop_resume_and_new_checkpoint_listed(panel, qtbot, tmp_path):
     from napari_pathfm.widgets._checkpoint_picker import CheckpointPicker

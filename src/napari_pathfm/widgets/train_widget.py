@@ -435,6 +435,7 @@ class TrainWidget(QWidget):
         if self.state.value in ("training", "stopping") or not self.recipe.currentData():
             return
         self.events, self.curves, self.summary, self._buffer, self._stderr = [], {}, None, b"", []
+        self._run_out, self._killed = Path(self.out.text()), False
         self._max_epochs = int(self.form.value("trainer.max_epochs"))
         self.epoch_bar.setRange(0, self._max_epochs)
         self.epoch_bar.setValue(0)
@@ -455,6 +456,7 @@ class TrainWidget(QWidget):
         if self.process is None or self.state.value not in ("training", "stopping"):
             return
         if self.state.value == "stopping":
+            self._killed = True
             self.process.kill()
             return
         self.state.set("stopping")
@@ -527,22 +529,25 @@ class TrainWidget(QWidget):
         self._end("done" if exit_code == 0 and done else "crashed", exit_code)
 
     def _end(self, state: str, exit_code: int | None = None) -> None:
-        out = Path(self.out.text())
+        out = self._run_out
         if (out / "model.safetensors").is_file():
             add_search_folder(out)
             refresh_all_pickers()
         if state == "done":
             s = self.summary or {}
             best = ", ".join(f"{k} {v:.4g}" for k, v in (s.get("best_metrics") or {}).items() if k != "epoch")
+            test = ", ".join(f"{k} {v:.4g}" for k, v in (s.get("test_metrics") or {}).items())
             word = "stopped" if s.get("cancelled") else ("stopped early" if s.get("stopped_early") else "finished")
             self.status.setText(
-                f"{word}: {s.get('epochs_run', '?')} epoch(s) this run; best {best or '-'}\n"
-                f"weights: {s.get('checkpoint', out / 'model.safetensors')}"
+                f"{word}: {s.get('epochs_run', '?')} epoch(s) this run; best {best or '-'}"
+                + (f"\ntest: {test}" if test else "")
+                + f"\nweights: {s.get('checkpoint', out / 'model.safetensors')}"
             )
             if not s.get("cancelled"):
                 self.batch_bar.setValue(self.batch_bar.maximum())
         else:
             tail = "\n".join(self._stderr[-LOG_LINES:]) or "(no output)"
-            self.status.setText(f"training failed (exit code {exit_code}); last lines of its log:\n{tail}")
+            how = "killed" if self._killed else f"failed (exit code {exit_code})"
+            self.status.setText(f"training {how}; last lines of its log:\n{tail}")
         self.process = None
         self.state.set(state)
