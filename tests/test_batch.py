@@ -11,6 +11,7 @@ import pytest
 
 from napari_pathfm.errors import Cancelled, PathFMError
 from napari_pathfm.pipelines.batch import (
+    check_options,
     parse_options,
     read_manifest,
     run_batch,
@@ -35,6 +36,14 @@ def test_manifest_and_options(tmp_path):
         parse_options(["batch_size"])
     with pytest.raises(PathFMError, match="unknown task"):
         run_batch(m, "nope", tmp_path / "out")
+    with pytest.raises(PathFMError, match=r"--set batchsize: not an option of task 'classify'.*batch_size"):
+        run_batch(m, "classify", tmp_path / "out", options={"batchsize": 4})
+    for task, ok in [("features", {"backbone": "x", "tile": 64, "min_tissue": 0.1}), ("segment", {"overlap": 0.1}),
+                     ("classify", {"tissue_only": False}), ("mil", {"top_k": 3, "device": "cpu"}),
+                     ("translate", {"stride": 128, "threshold": 0.4})]:  # fmt: skip
+        check_options(task, ok)
+        with pytest.raises(PathFMError, match="not an option"):
+            check_options(task, {**ok, "progress": None})  # filled in by the task itself
 
 
 def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu_small):

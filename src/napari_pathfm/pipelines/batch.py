@@ -101,6 +101,32 @@ TASKS: dict[str, Callable[[Path, Path, list[str] | None, dict], dict]] = {
 }  # fmt: skip
 
 
+# the function whose keyword arguments --set may give, the extra keys the task itself reads, and the
+# arguments the task fills in (slide, checkpoint, outputs)
+_SIGNATURES = {
+    "features": ("features_command", {"backbone"}, {"inputs", "out_dir", "weights", "progress", "cancel"}),
+    "segment": ("segment_slide", set(), {"slide_or_image", "model_or_checkpoint", "out", "geojson", "progress",
+                                         "cancel"}),
+    "classify": ("classify_slide", set(), {"slide", "model_or_checkpoint", "progress", "cancel"}),
+    "mil": ("mil_predict", {"top_k"}, {"checkpoint", "features", "slide", "progress", "cancel"}),
+    "translate": ("translate_stack", set(), {"stack", "checkpoint", "store", "progress", "cancel"}),
+}  # fmt: skip
+
+
+def check_options(task: str, options: dict) -> None:
+    """Refuse ``--set`` keys the task's pipeline function does not take, before any slide runs."""
+    import importlib
+    import inspect
+
+    name, extra, reserved = _SIGNATURES[task]
+    module = importlib.import_module(f"{__package__}.{task}")  # pipelines/<task>.py
+    allowed = (set(inspect.signature(getattr(module, name)).parameters) | extra) - reserved
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise PathFMError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({module.__name__}.{name}). "
+                          f"Use one of: {', '.join(sorted(allowed))}.")  # fmt: skip
+
+
 @dataclass
 class BatchSummary:
     """What a batch did: one row per slide plus where the summary files are."""
@@ -260,6 +286,7 @@ def run_batch(
     if task not in TASKS:
         raise PathFMError(f"unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
     options = dict(options or {})
+    check_options(task, options)
     if checkpoint is not None and not isinstance(checkpoint, (list, tuple)):
         checkpoint = [checkpoint]
     ckpts = [str(Path(c).expanduser().resolve()) for c in checkpoint] if checkpoint else None
