@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_
 def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
     """The worker function on its own (no cluster): the classify task writes the classify outputs + done.json."""
     from napari_pathfm.models import create_model, save_checkpoint
-    from napari_pathfm.pipelines.batch import run_slide
+    from napari_pathfm.pipelines.batch import _key, is_complete, run_slide
 
     model = create_model("timm_classifier", backbone="resnet10t", num_classes=2)
     ckpt = save_checkpoint(model, tmp_path / "cls", {"classes": ["a", "b"], "tile_size": 64, "input_mpp": 4.0})
@@ -125,6 +126,11 @@ def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
         p.name for p in out.iterdir()}  # fmt: skip
     done = json.loads((out / "done.json").read_text())
     assert done["result"]["tiles"] > 0 and done["checkpoint"] == [str(ckpt)]
+    key = {k: done[k] for k in ("task", "checkpoint", "checkpoint_files", "options")}
+    assert is_complete(out, key) and key["checkpoint_files"][0]["size"] == ckpt.stat().st_size
+    assert not is_complete(out, {**key, "options": {"device": "cpu"}})
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # checkpoint replaced in place
+    assert not is_complete(out, _key("classify", [str(ckpt)], {"device": "cpu", "batch_size": 16}))
 
     no_ckpt = run_slide(str(cmu_small), "mil", str(tmp_path / "two"), None, {})
     assert no_ckpt["status"] == "failed" and "needs --checkpoint" in no_ckpt["error"]

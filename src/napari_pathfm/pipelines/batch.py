@@ -180,7 +180,15 @@ def slide_out_dir(out_dir: PathLike, slide: Path) -> Path:
 
 
 def _key(task: str, checkpoint: list[str] | None, options: dict) -> dict:
-    return {"task": task, "checkpoint": checkpoint, "options": options}
+    """What makes an output complete: task, options and the checkpoints by path, size and mtime.
+
+    A checkpoint retrained in place (same path, new file) therefore reruns the slides.
+    """
+    files = []
+    for c in checkpoint or ():
+        st = Path(c).stat() if Path(c).exists() else None
+        files.append({"path": c, "size": st.st_size if st else None, "mtime_ns": st.st_mtime_ns if st else None})
+    return {"task": task, "checkpoint": checkpoint, "checkpoint_files": files, "options": options}
 
 
 def is_complete(folder: Path, key: dict) -> bool:
