@@ -132,9 +132,9 @@ def train(
                 typer.echo(json.dumps(event, default=str))
                 sys.stdout.flush()
 
-            # a GUI stops the run with SIGINT/SIGTERM: finish the batch, save last.ckpt, export, emit "done"
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: cancel.set())
+            # a GUI stops the run with SIGINT: finish the batch, save last.ckpt, export, emit "done"
+            # (SIGTERM stays Lightning's: it aborts the run with SIGTERMException, nothing exported)
+            signal.signal(signal.SIGINT, lambda *_: cancel.set())
             try:
                 result = run_recipe(recipe, set_, cancel=cancel, on_event=on_event, **kwargs)
             except KeyboardInterrupt:
