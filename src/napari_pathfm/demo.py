@@ -161,7 +161,7 @@ def build_translate_viewer(*, show: bool = False, predictions: Path | None = Non
         path = Path(predictions) / f"{name}.ome.tif" if predictions is not None else None
         if path is not None and path.is_file():
             pred = tifffile.imread(path)
-            viewer.add_image(pred, name=f"{name} (predicted)", blending="additive", colormap=TARGET_COLORMAPS[
+            viewer.add_image(pred, name=f"{stack_name} {name} (predicted)", blending="additive", colormap=TARGET_COLORMAPS[
                 name.lower()], contrast_limits=estimate_contrast_limits(pred), metadata={"pathfm_kind": "translate"})
     checkpoints = demo_translate_checkpoints()
     widget = None
