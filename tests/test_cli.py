@@ -128,7 +128,7 @@ def _check_demo_classify_translate(out: Path, summary: dict, slide_canvas: np.nd
         pred = tifffile.imread(summary["files"][f"translate_{name}"])
         assert pred.shape == (256, 256) and pred.dtype == np.uint16 and pred.std() > 0
         assert tr["pearson_r_vs_real"][name] > 0.2, "held-out crop: predictions follow the real stain"
-    assert Path(summary["files"]["translate_nuclei_confidence"]).exists()
+    assert Path(summary["files"]["translate_nuclei_confidence"]).exists() and tr["nuclei"] > 0
     canvas = np.asarray(Image.open(summary["files"]["napari_canvas_translate_png"]).convert("RGB")).astype(float)
     assert canvas.shape[0] >= 256 and canvas.std() > 10, "the translate canvas shows the z-stack and predictions"
 

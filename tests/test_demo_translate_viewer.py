@@ -47,6 +47,7 @@ def test_translate_viewer_docks_the_widget_and_loads_predictions(tmp_path):
             QApplication.processEvents()
             time.sleep(0.02)
         assert widget.runner.last_error is None and widget.result is not None
+        assert widget.result.threshold == pytest.approx(0.3) and widget.result.nuclei_labels.max() > 0
         names = [layer.name for layer in viewer.layers]
         assert "isl-blue-crop z-stack" in names and "DAPI (real confocal)" in names
         for stain in ("DAPI", "MAP2", "NFH"):

@@ -36,6 +36,10 @@ DEMO_CLASSIFY = "slca-glas-glands-demo"
 DEMO_TRANSLATE = ("haste-isl-dapi", "haste-isl-map2", "haste-isl-nfh")
 #: Bundled z-stack sample (13 planes) and its real confocal targets (DAPI, MAP2, NFH).
 DEMO_ZSTACK, DEMO_ZSTACK_TARGETS = "isl-blue-crop.ome.tif", "isl-blue-crop-targets.ome.tif"
+#: Nuclei confidence threshold of the demo: the bundled LUPI model is briefly trained and its confidence stays
+#: below the default 0.5 on the demo crop (max 0.45), so 0.3 is used to show its nuclei (the widget's slider
+#: changes it live).
+DEMO_NUCLEI_THRESHOLD = 0.3
 
 
 def demo_mil_checkpoint() -> Path:
@@ -173,6 +177,7 @@ def build_translate_viewer(*, show: bool = False, predictions: Path | None = Non
             widget.set_checkpoint(role, None)
         widget.set_checkpoint("nuclei", checkpoints[0])
         widget.tile.setValue(256)
+        widget.threshold.setValue(round(100 * DEMO_NUCLEI_THRESHOLD))
         widget.run()
     return viewer, widget
 
@@ -422,7 +427,8 @@ def _translate_step(out_dir: Path, written: dict, cancel) -> Any:
     from .io.zstack import open_zstack
     from .pipelines.translate import translate_stack, write_translation
 
-    res = translate_stack(open_zstack(stack_path), checkpoints, tile=256, device="cpu", cancel=cancel)
+    res = translate_stack(open_zstack(stack_path), checkpoints, tile=256, device="cpu",
+                          threshold=DEMO_NUCLEI_THRESHOLD, cancel=cancel)  # fmt: skip
     files = write_translation(res, out_dir, cancel=cancel)
     written.update({f"translate_{k.replace('channel:', '')}": v for k, v in files.items()})
     real = dict(zip(("DAPI", "MAP2", "NFH"), tifffile.imread(targets_path).astype(np.float64)))
@@ -434,6 +440,7 @@ def _translate_step(out_dir: Path, written: dict, cancel) -> Any:
         "channels": {c: res.roles[c] for c in res.channels},
         "pearson_r_vs_real": pearson,
         "nuclei": int(res.nuclei_labels.max()) if res.nuclei_labels is not None else None,
+        "nuclei_threshold": DEMO_NUCLEI_THRESHOLD,
         "shape": list(res.shape),
         "note": "models trained on rows 0:768 of the same ISL well for a few CPU minutes; the crop is from rows "
                 "768:1024 (held out)",
