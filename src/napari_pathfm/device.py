@@ -11,12 +11,14 @@ def resolve_device(device: str = "auto") -> str:
 
     ``"auto"`` → ``"cuda"`` if available, else ``"mps"``, else ``"cpu"``. Explicit
     names are checked so that asking for CUDA on a machine without it fails with
-    a clear message instead of deep inside torch.
+    a clear :class:`~napari_pathfm.errors.DeviceError` instead of deep inside torch.
 
     >>> resolve_device("cpu")
     'cpu'
     """
     import torch
+
+    from .errors import DeviceError
 
     name = (device or "auto").lower()
     if name == "auto":
@@ -27,10 +29,17 @@ def resolve_device(device: str = "auto") -> str:
             return "mps"
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} was requested but CUDA is not available; use --device cpu or auto")
+        raise DeviceError(f"device {device!r} was requested but CUDA is not available; use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("device 'mps' was requested but MPS is not available; use --device cpu or auto")
+        raise DeviceError("device 'mps' was requested but MPS is not available; use --device cpu or auto")
     return name
+
+
+def reader_workers(device: str) -> int:
+    """Tile-reading threads to pair with a model on ``device``: 2 beside a CPU model, more feeding a GPU."""
+    import os
+
+    return 2 if device == "cpu" else min(8, os.cpu_count() or 2)
 
 
 def autocast_dtype(device: str):

@@ -38,6 +38,10 @@ class RecipeError(SlideError):
     """A training recipe is malformed or refers to data that does not exist."""
 
 
+class DeviceError(PathFMError, RuntimeError):
+    """A requested device (CUDA, MPS) is not available on this machine."""
+
+
 class Cancelled(PathFMError):
     """Raised by long-running functions when the user asked them to stop."""
 

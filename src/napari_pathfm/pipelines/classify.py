@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, PathFMError, SlideError
+from ..errors import CheckpointError, SlideError
 from ..progress import check_cancel, report
 
 __all__ = [
@@ -367,19 +367,16 @@ def classify_slide(
 
 def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tissue_only, min_tissue, workers,
               progress, cancel) -> ClassifyResult:  # fmt: skip
-    from ..device import resolve_device
+    from ..device import reader_workers, resolve_device
     from ..tiles import tile_grid
     from ..tiles.loader import native_tile_cache
     from .segment import _shared_level
     from .tissue_tiles import compute_tissue_tiles
 
-    try:
-        dev = resolve_device(device)
-    except RuntimeError as exc:
-        raise PathFMError(str(exc)) from None
+    dev = resolve_device(device)
     model, card, source = load_classifier(model_or_checkpoint, device=dev)
     if workers is None:
-        workers = 2 if dev == "cpu" else min(8, os.cpu_count() or 2)
+        workers = reader_workers(dev)
     messages: list[str] = []
     target = _target_mpp(slide, mpp, card, messages)
     t = int(tile or card.get("tile_size") or 224)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import threading
 from collections import deque
@@ -647,18 +646,15 @@ def segment_slide(
 
 def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only, min_tissue, batch_size, device,
              weights, workers, progress, cancel, out, geojson) -> SegmentationResult:  # fmt: skip
-    from ..device import resolve_device
+    from ..device import reader_workers, resolve_device
     from ..tiles import tile_grid
     from ..tiles.loader import native_tile_cache
     from .tissue_tiles import compute_tissue_tiles
 
-    try:
-        dev = resolve_device(device)
-    except RuntimeError as exc:
-        raise PathFMError(str(exc)) from None
+    dev = resolve_device(device)
     model, card, source = load_segmentation_model(model_or_checkpoint, device=dev)
     if workers is None:
-        workers = 2 if dev == "cpu" else min(8, os.cpu_count() or 2)
+        workers = reader_workers(dev)
     k = getattr(model, "num_classes", None)
     classes = _class_names(card, k)
     k = int(k) if k is not None else (len(classes) if classes else None)
