@@ -75,25 +75,31 @@ def _mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> di
     top_k = int(opts.pop("top_k", 10))
     with open_slide(slide) as s:
         pred = mil_predict(_one(checkpoint, "mil"), slide=s, **opts)
-        write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
-                          mpp=s.mpp, top_k=top_k)  # fmt: skip
-    return {"predicted": pred.predicted}
+        written = write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
+                                    mpp=s.mpp, top_k=top_k)  # fmt: skip
+    info = pred.to_dict(0)
+    return {**{k: info[k] for k in ("predicted", "probabilities", "n_patches", "level0_tile_size")},
+            "written": {k: str(v) for k, v in written.items()}}  # fmt: skip
 
 
 def _translate(stack: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
     from .translate import translate_stack, write_translation
 
-    if not checkpoint:
-        raise PathFMError("task 'translate' needs --checkpoint (one per channel). Give the translation checkpoints.")
-    result = translate_stack(stack, list(checkpoint), **opts)
+    result = translate_stack(stack, _need(checkpoint, "translate"), **opts)
     write_translation(result, out)
     return result.summary()
 
 
 def _one(checkpoint: list[str] | None, task: str) -> str:
+    return _need(checkpoint, task)[0]
+
+
+def _need(checkpoint: Sequence[PathLike] | None, task: str) -> list[str]:
+    """The checkpoints of a task that cannot run without one (``classify``, ``mil``, ``translate``)."""
     if not checkpoint:
-        raise PathFMError(f"task '{task}' needs --checkpoint. Give a checkpoint of family '{task}'.")
-    return checkpoint[0]
+        each = " (one per channel)" if task == "translate" else ""
+        raise PathFMError(f"task '{task}' needs --checkpoint{each}. Give a checkpoint of family '{task}'.")
+    return [str(c) for c in checkpoint]
 
 
 TASKS: dict[str, Callable[[Path, Path, list[str] | None, dict], dict]] = {
@@ -174,9 +180,14 @@ def read_manifest(manifest_csv: PathLike) -> list[Path]:
 
 
 def slide_out_dir(out_dir: PathLike, slide: Path) -> Path:
-    """``OUT/<stem>-<first 8 hex of sha1(resolved path)>``: one folder per slide, no stem clashes."""
+    """``OUT/<stem>-<first 8 hex of sha1(resolved path)>``: one folder per slide, no stem clashes.
+
+    The stem drops ``.ome`` too (``stack.ome.tif`` -> ``stack-1a2b3c4d``).
+    """
     digest = hashlib.sha1(str(Path(slide).resolve()).encode()).hexdigest()[:8]
-    return Path(out_dir) / f"{Path(slide).stem}-{digest}"
+    stem = Path(slide).stem
+    stem = stem[:-4] if stem.lower().endswith(".ome") and len(stem) > 4 else stem
+    return Path(out_dir) / f"{stem}-{digest}"
 
 
 def _key(task: str, checkpoint: list[str] | None, options: dict) -> dict:
@@ -295,9 +306,7 @@ def run_batch(
         raise PathFMError(f"unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
     options = dict(options or {})
     check_options(task, options)
-    if checkpoint is not None and not isinstance(checkpoint, (list, tuple)):
-        checkpoint = [checkpoint]
-    ckpts = [str(Path(c).expanduser().resolve()) for c in checkpoint] if checkpoint else None
+    ckpts = _checkpoints(task, checkpoint)
     slides = read_manifest(manifest_csv)
     out = Path(out).expanduser().resolve()  # workers may run in another folder
     out.mkdir(parents=True, exist_ok=True)
@@ -343,6 +352,31 @@ def run_batch(
     summary.seconds = time.perf_counter() - t0
     _write_summary(summary)
     return summary
+
+
+def _checkpoints(task: str, checkpoint: None | PathLike | Sequence[PathLike]) -> list[str] | None:
+    """The task's checkpoints as resolved paths, checked before any slide runs.
+
+    ``segment`` without one gets :func:`~napari_pathfm.pipelines.segment.default_segment_checkpoint`
+    (as ``pathfm segment`` does), resolved here so that ``done.json`` names the model that ran and
+    a changed default model reruns the slides. Tasks that need a checkpoint and files that do not
+    exist are refused at once instead of failing every slide.
+    """
+    if checkpoint is not None and not isinstance(checkpoint, (list, tuple)):
+        checkpoint = [checkpoint]
+    if not checkpoint and task == "segment":
+        from .segment import default_segment_checkpoint
+
+        checkpoint = [default_segment_checkpoint()]
+    if not checkpoint:
+        if task in ("classify", "mil", "translate"):
+            _need(None, task)
+        return None
+    ckpts = [Path(c).expanduser().resolve() for c in checkpoint]
+    for c in ckpts:
+        if not c.is_file():
+            raise PathFMError(f"{c}: checkpoint not found. Fix the --checkpoint path (workers must see it too).")
+    return [str(c) for c in ckpts]
 
 
 def _row(fut: Any, slide: Path, folder: Path) -> dict:
