@@ -1,6 +1,6 @@
 """Small real translation checkpoints for the translate tests: a tiny LUPI net trained a few steps on ISL.
 
-Shared by ``test_translate_pipeline.py`` and ``test_translate_widget.py`` (not a test module).
+Used by ``test_translate_pipeline.py`` (not a test module; the widget tests use the bundled models).
 """
 
 from __future__ import annotations

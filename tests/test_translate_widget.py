@@ -1,87 +1,144 @@
-"""The Translate z-stack (HASTE) dock widget in a real viewer on a crop of the ISL well."""
+"""The Translate z-stack (HASTE) dock widget in a real viewer: bundled ISL models on the bundled ISL crop.
+
+The rows come from the checkpoints' targets (DAPI, MAP2, NFH here), not from fixed roles.
+"""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from _translate_helpers import TINY, isl_card, one_thread, train_tiny_lupi
-
-one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def isl_inputs(shared_data, tmp_path_factory):
-    """A 13-plane 160 x 224 crop of the ISL well as an OME-TIFF z-stack, a trained LUPI (DAPI) checkpoint and
-    a random-init dense_unet 'lipids' checkpoint."""
-    import tifffile
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    """Only the bundled models plus one user model: a copy of the MAP2 net whose card says it predicts GFAP."""
+    import napari_pathfm.checkpoints as ck
+    from napari_pathfm.demo import demo_translate_checkpoints
 
-    from napari_pathfm.io.zstack import open_zstack
-    from napari_pathfm.models import create_model, save_checkpoint
-
-    d = shared_data / "isl-blue-sample"
-    if not d.is_dir():
-        pytest.skip(f"ISL sample not found in {shared_data}")
-    zs = open_zstack(d)
-    planes, dapi = np.asarray(zs.data), np.asarray(zs.targets["DAPI"])
-    root = tmp_path_factory.mktemp("translate-widget")
-    stack = root / "isl-crop.ome.tif"
-    tifffile.imwrite(stack, planes[:, 640:800, 300:524], ome=True, metadata={"axes": "ZYX"})
-    card = isl_card(planes, dapi)
-    lupi = train_tiny_lupi(planes, dapi, card, root / "models" / "tiny-lupi-dapi")
-    torch.manual_seed(1)
-    cfg = {k: v for k, v in TINY.items()}
-    lipids = create_model("dense_unet", **cfg)
-    lip_card = {**card, "channels": ["lipids"], "channel_roles": ["lipids"], "has_mask": False}
-    lip = save_checkpoint(lipids, root / "models" / "tiny-dense-lipids", lip_card)
-    return stack, lupi, lip
+    bundled = demo_translate_checkpoints()
+    if len(bundled) != 3:
+        pytest.skip("the bundled haste-isl-* models are not installed")
+    user = tmp_path / "models"
+    user.mkdir()
+    monkeypatch.setenv("PATHFM_MODELS", str(user))
+    monkeypatch.setattr(ck, "_EXTRA", [])  # folders other tests' training runs registered
+    card = json.loads(bundled[1].with_suffix(".json").read_text())
+    card["channels"] = ["GFAP"]
+    card.pop("channel_roles")
+    (user / "isl-gfap.json").write_text(json.dumps(card))
+    shutil.copy(bundled[1], user / "isl-gfap.safetensors")
+    return bundled, user / "isl-gfap.safetensors"
 
 
-def _wait(qtbot, widget, timeout=120_000):
-    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+def _dock(make_napari_viewer):
+    from napari_pathfm.demo import demo_zstack_paths
+    from napari_pathfm.widgets.translate_widget import TranslateWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(demo_zstack_paths()[0]), plugin="napari-pathfm")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-pathfm", "Translate z-stack (HASTE)")
+    assert isinstance(widget, TranslateWidget)
+    return viewer, widget
+
+
+def _run(qtbot, widget):
+    if widget.run() is None:
+        pytest.fail(widget.status.text())
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=60_000)
     assert widget.runner.last_error is None, widget.runner.last_error
 
 
-def test_translate_widget_layers_colours_and_live_threshold(make_napari_viewer, qtbot, isl_inputs, monkeypatch):
+def test_rows_from_targets_run_dapi_map2_nfh_and_live_threshold(make_napari_viewer, qtbot, models, monkeypatch):
     import napari_pathfm.pipelines.translate as tr
-    from napari_pathfm.widgets.translate_widget import TranslateWidget
 
-    stack, lupi, lipids = isl_inputs
-    viewer = make_napari_viewer()
-    viewer.open(str(stack), plugin="napari-pathfm")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-pathfm", "Translate z-stack (HASTE)")
-    assert isinstance(widget, TranslateWidget)
-    stack_layer = viewer.layers[0]
-    assert widget.layer_combo.currentText() == stack_layer.name and stack_layer.data.shape == (13, 160, 224)
-    widget.set_checkpoint("nuclei", lupi)
-    widget.set_checkpoint("lipids", lipids)
-    widget.set_checkpoint("cytoplasm", None)
-    widget.tile.setValue(64)
-    assert widget.checkpoints() == [str(lupi), str(lipids)]
+    (dapi_ckpt, map2_ckpt, nfh_ckpt), _gfap = models  # the user's GFAP model: listed, but only 3 rows pre-fill
+    viewer, widget = _dock(make_napari_viewer)
+    stack = viewer.layers[0]
+    assert widget.layer_combo.currentText() == stack.name and stack.data.shape == (13, 256, 256)
+    # three rows pre-filled with the bundled models, one per target, each labelled with its card's channel
+    assert widget.checkpoints() == [str(dapi_ckpt), str(map2_ckpt), str(nfh_ckpt)]
+    assert [row.targets() for row in widget.rows] == [[("DAPI", "nuclei")], [("MAP2", "map2")], [("NFH", "nfh")]]
+    assert "DAPI" in widget.rows[0].label.text() and "color:blue" in widget.rows[0].label.text()
+    assert "MAP2" in widget.rows[1].label.text() and "NFH" in widget.rows[2].label.text()
+    assert widget.lupi_checkpoint() == str(dapi_ckpt) and widget.threshold.isEnabled()
+    widget.tile.setValue(256)
+    widget.threshold.setValue(30)  # the bundled LUPI model's confidence stays below 0.5 on this crop
 
-    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
-    names = [layer.name for layer in viewer.layers]
-    dapi = viewer.layers[f"{stack_layer.name} DAPI (predicted)"]
-    lip = viewer.layers[f"{stack_layer.name} lipids (predicted)"]
-    conf = viewer.layers[f"{stack_layer.name} nuclei confidence"]
-    nuclei = viewer.layers[f"{stack_layer.name} nuclei (predicted)"]
-    assert len(names) == 5
-    assert dapi.colormap.name == "blue" and lip.colormap.name == "green"
-    assert dapi.blending == lip.blending == "additive"
-    assert dapi.data.shape == lip.data.shape == nuclei.data.shape == (160, 224) and dapi.data.dtype == np.uint16
-    assert type(nuclei).__name__ == "Labels" and float(conf.data.max()) <= 1.0
-    assert widget.threshold.isEnabled()
-    assert "nuclei" in widget.status.text()
+    _run(qtbot, widget)
+    pred = {c: viewer.layers[f"{stack.name} {c} (predicted)"] for c in ("DAPI", "MAP2", "NFH")}
+    conf = viewer.layers[f"{stack.name} nuclei confidence"]
+    nuclei = viewer.layers[f"{stack.name} nuclei (predicted)"]
+    assert len(viewer.layers) == 1 + 3 + 2
+    assert {c: layer.colormap.name for c, layer in pred.items()} == {"DAPI": "blue", "MAP2": "magenta", "NFH": "green"}
+    for layer in pred.values():
+        assert layer.blending == "additive" and layer.data.shape == (256, 256) and layer.data.dtype == np.uint16
+        assert np.asarray(layer.data).std() > 0
+    assert type(nuclei).__name__ == "Labels" and 0 < float(conf.data.max()) <= 1.0
+    assert widget.result.nuclei_labels.max() > 0 and "nuclei" in widget.status.text()
 
-    # the slider re-labels from the confidence map without running the model again
+    # the slider re-labels from the LUPI confidence map without running any model again
     calls = []
     monkeypatch.setattr(tr, "translate_stack", lambda *a, **k: calls.append(1))
     widget.threshold.setValue(20)
     loose = (np.asarray(nuclei.data) > 0).sum()
-    widget.threshold.setValue(80)
+    widget.threshold.setValue(40)
     strict = (np.asarray(nuclei.data) > 0).sum()
     assert strict < loose and calls == [] and widget.runner.worker is None
-    assert np.array_equal(np.asarray(nuclei.data) > 0, np.asarray(widget.result.nuclei_mask(0.8)) > 0)
-    assert nuclei.metadata["threshold"] == pytest.approx(0.8)
+    assert np.array_equal(np.asarray(nuclei.data) > 0, np.asarray(widget.result.nuclei_mask(0.4)) > 0)
+    assert nuclei.metadata["threshold"] == pytest.approx(0.4)
+
+
+def test_add_remove_rows_refuse_duplicates_and_colour_other_targets(make_napari_viewer, qtbot, models):
+    from napari_pathfm.demo import demo_classify_checkpoint
+    from napari_pathfm.widgets._checkpoint_picker import refresh_all_pickers
+
+    (dapi_ckpt, map2_ckpt, nfh_ckpt), gfap_ckpt = models
+    viewer, widget = _dock(make_napari_viewer)
+    widget.tile.setValue(256)
+
+    # "+ add channel" picks the first listed checkpoint with a target no row has: the user's GFAP model
+    widget.add_btn.click()
+    assert len(widget.rows) == 4 and widget.rows[3].path() == str(gfap_ckpt)
+    assert widget.rows[3].targets() == [("GFAP", "GFAP")] and "cyan" in widget.rows[3].label.text()
+    # a fifth row finds nothing new: it starts empty and Run says which row lacks a checkpoint
+    widget.add_btn.click()
+    assert widget.rows[4].path() is None and widget.run() is None
+    assert "Row 5 has no checkpoint" in widget.status.text()
+    # the same target twice is refused before anything runs
+    widget.rows[4].picker.set_path(dapi_ckpt)
+    assert widget.run() is None and widget.runner.worker is None
+    assert "Rows 1 (haste-isl-dapi.safetensors) and 5 (haste-isl-dapi.safetensors) both predict nuclei" in (
+        widget.status.text())
+    # a checkpoint of another family is refused, naming it
+    widget.rows[4].picker.set_path(demo_classify_checkpoint())
+    assert widget.run() is None and "not a translation one" in widget.status.text()
+    widget.rows[4].remove_btn.click()
+    assert len(widget.rows) == 4 and widget.problem() is None
+
+    # removing the LUPI row unties the slider; set_checkpoint by target name adds a row, None removes one
+    widget.set_checkpoint("nuclei", None)
+    widget.set_checkpoint("MAP2", None)
+    assert widget.checkpoints() == [str(nfh_ckpt), str(gfap_ckpt)]
+    assert widget.lupi_checkpoint() is None and not widget.threshold.isEnabled()
+    assert refresh_all_pickers() >= 2 and widget.checkpoints() == [str(nfh_ckpt), str(gfap_ckpt)]
+
+    _run(qtbot, widget)
+    name = viewer.layers[0].name
+    gfap, nfh = viewer.layers[f"{name} GFAP (predicted)"], viewer.layers[f"{name} NFH (predicted)"]
+    assert gfap.colormap.name == "cyan" and nfh.colormap.name == "green" and gfap.blending == "additive"
+    assert widget.result.confidence is None and not widget.threshold.isEnabled()
+    # GFAP is the MAP2 net under another name: the same prediction
+    widget.set_checkpoint("DAPI", dapi_ckpt)
+    widget.set_checkpoint("GFAP", None)
+    widget.set_checkpoint("MAP2", map2_ckpt)
+    assert [r.targets()[0][0] for r in widget.rows] == ["NFH", "DAPI", "MAP2"] and widget.threshold.isEnabled()
+    before = np.asarray(gfap.data).copy()
+    _run(qtbot, widget)
+    assert np.array_equal(np.asarray(viewer.layers[f"{name} MAP2 (predicted)"].data), before)
+    assert widget.result.confidence is not None and f"{name} nuclei (predicted)" in viewer.layers

@@ -136,14 +136,13 @@ def build_viewer(
     return viewer, {"mil": mil_widget, "segment": seg_widget, "classify": cls_widget}
 
 
-def build_translate_viewer(*, show: bool = False, predictions: Path | None = None):
+def build_translate_viewer(*, show: bool = False):
     """A napari viewer with the bundled ISL z-stack crop, its real stains and the Translate widget docked.
 
-    The widget's nuclei row is set to the bundled LUPI DAPI model and its run is started
-    (worker; DAPI, nuclei confidence and nuclei layers appear when it ends). The widget's rows
-    are nuclei / lipids / cytoplasm, so the MAP2 and NFH models run in the demo's translate step
-    and, with ``predictions`` (that step's output folder), their OME-TIFFs are added as layers.
-    The real confocal stains are added hidden, for comparison. Returns ``(viewer, widget or None)``.
+    The widget gets one row per bundled ``haste-isl-*`` model (DAPI, the LUPI nuclei model, then
+    MAP2 and NFH), the demo's nuclei threshold, and its run is started (worker; the DAPI, MAP2
+    and NFH layers, the nuclei confidence and the nuclei appear when it ends). The real confocal
+    stains are added hidden, for comparison. Returns ``(viewer, widget or None)``.
     """
     import napari
     import tifffile
@@ -161,21 +160,13 @@ def build_translate_viewer(*, show: bool = False, predictions: Path | None = Non
         viewer.add_image(target, name=f"{name} (real confocal)", blending="additive", visible=False,
                          colormap=TARGET_COLORMAPS[name.lower()], contrast_limits=estimate_contrast_limits(target),
                          metadata={"pathfm_kind": "translate-target", "target": name})  # fmt: skip
-    for name in names[1:]:
-        path = Path(predictions) / f"{name}.ome.tif" if predictions is not None else None
-        if path is not None and path.is_file():
-            pred = tifffile.imread(path)
-            viewer.add_image(pred, name=f"{stack_name} {name} (predicted)", blending="additive", colormap=TARGET_COLORMAPS[
-                name.lower()], contrast_limits=estimate_contrast_limits(pred), metadata={"pathfm_kind": "translate"})
     checkpoints = demo_translate_checkpoints()
     widget = None
     if checkpoints:
         widget = TranslateWidget(viewer)
         viewer.window.add_dock_widget(widget, name="Translate z-stack (napari-pathfm)", area="right")
         widget.layer_combo.setCurrentText(stack_name)
-        for role in ("lipids", "cytoplasm"):
-            widget.set_checkpoint(role, None)
-        widget.set_checkpoint("nuclei", checkpoints[0])
+        widget.set_checkpoints(checkpoints)
         widget.tile.setValue(256)
         widget.threshold.setValue(round(100 * DEMO_NUCLEI_THRESHOLD))
         widget.run()
@@ -224,17 +215,15 @@ def _export(viewer, target: Path) -> None:
 
 def render_canvas_png(
     slide_path: Path, png: Path, mil_png: Path | None = None, segment_png: Path | None = None,
-    classify_png: Path | None = None, translate_png: Path | None = None,
-    translate_dir: Path | None = None, timeout: float = 300.0,
+    classify_png: Path | None = None, translate_png: Path | None = None, timeout: float = 300.0,
 ) -> Path:  # fmt: skip
     """Render the napari canvas (slide + tissue + tiles) to ``png`` in this process.
 
     With ``mil_png`` / ``segment_png`` / ``classify_png``, the MIL / Segment / Classify
     widget's run is awaited and one more canvas is written for each: the slide with only
     that widget's layer (heatmap / class map / tile classes) shown. With ``translate_png``
-    a second viewer (:func:`build_translate_viewer`, MAP2/NFH predictions from
-    ``translate_dir``) is rendered once the Translate widget's run ends: the z-stack with the
-    predicted stains. Needs OpenGL and a (possibly virtual) display: a hidden viewer renders
+    a second viewer (:func:`build_translate_viewer`) is rendered once its Translate widget's
+    run of the DAPI, MAP2 and NFH models ends: the z-stack with the predicted stains. Needs OpenGL and a (possibly virtual) display: a hidden viewer renders
     black, so the window is shown and Qt gets a few event-loop turns to load the tiles.
     """
     viewer, widgets = build_viewer(slide_path, show=True, mil=mil_png is not None, segment=segment_png is not None,
@@ -256,7 +245,7 @@ def render_canvas_png(
     finally:
         viewer.close()
     if translate_png is not None:
-        tviewer, twidget = build_translate_viewer(show=True, predictions=translate_dir)
+        tviewer, twidget = build_translate_viewer(show=True)
         try:
             if twidget is not None:
                 _await(twidget, "translate", deadline)
@@ -272,8 +261,7 @@ def render_canvas_png(
 def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Path | None) -> str | None:
     """Render in a child process, on a virtual X server when there is no display. Returns an error text or None.
 
-    ``extra``: the MIL, segmentation, classify and translate canvases (None to skip one), then the
-    translate output folder (not checked for existence).
+    ``extra``: the MIL, segmentation, classify and translate canvases (None to skip one).
     """
     cmd = [sys.executable, "-m", "napari_pathfm.demo", "--canvas", str(slide_path), str(png)]
     cmd += [str(p) if p is not None else "-" for p in extra]
@@ -283,7 +271,7 @@ def _render_canvas_elsewhere(slide_path: Path, png: Path, *extra: Path | None) -
             return "no display and no xvfb-run (apt-get install xvfb) to render the napari canvas"
         cmd = [xvfb, "-a", "-s", "-screen 0 1280x1024x24"] + cmd
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not png.exists() or any(p is not None and not p.exists() for p in extra[:4]):
+    if proc.returncode != 0 or not png.exists() or any(p is not None and not p.exists() for p in extra):
         return f"napari canvas rendering failed: {proc.stderr.strip()[-800:]}"
     return None
 
@@ -340,7 +328,7 @@ def run_demo(
         seg_png = out / "napari-canvas-segment.png" if seg_checkpoint is not None else None
         cls_png = out / "napari-canvas-classify.png" if isinstance(summary["classify"], dict) else None
         tr_png = out / "napari-canvas-translate.png" if isinstance(summary["translate"], dict) else None
-        error = _render_canvas_elsewhere(slide_path, png, mil_png, seg_png, cls_png, tr_png, out / "translate")
+        error = _render_canvas_elsewhere(slide_path, png, mil_png, seg_png, cls_png, tr_png)
         if error is None:
             written["napari_canvas_png"] = png
             written["napari_canvas_mil_png"] = mil_png
@@ -471,21 +459,21 @@ def _mil_step(slide, checkpoint: Path, out: Path, written: dict, cancel) -> dict
 def show_in_napari(out: Path, *, slide: Path | None = None) -> None:
     """Open napari with the demo slide, its overlays and the plugin's widgets docked; blocks until closed.
 
-    A second window holds the z-stack translation (the bundled ISL crop, the Translate widget and the
-    MAP2/NFH predictions the demo wrote to ``out/translate``).
+    A second window holds the z-stack translation: the bundled ISL crop, with the Translate widget
+    running the bundled DAPI, MAP2 and NFH models on it (the demo wrote the same to ``out/translate``).
     """
     import napari
 
     _viewer, _widgets = build_viewer(_default_slide(slide), show=True)  # keep the widgets referenced
-    _tviewer, _twidget = build_translate_viewer(show=True, predictions=Path(out) / "translate")
+    _tviewer, _twidget = build_translate_viewer(show=True)
     napari.run()
 
 
 if __name__ == "__main__":
-    if 4 <= len(sys.argv) <= 9 and sys.argv[1] == "--canvas":
-        more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None] * 5
-        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), *more[:5])
+    if 4 <= len(sys.argv) <= 8 and sys.argv[1] == "--canvas":
+        more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None] * 4
+        render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), *more[:4])
     else:
         print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-] "
-              "[CLASSIFY.png|-] [TRANSLATE.png|-] [TRANSLATE_DIR|-]", file=sys.stderr)
+              "[CLASSIFY.png|-] [TRANSLATE.png|-]", file=sys.stderr)
         sys.exit(2)

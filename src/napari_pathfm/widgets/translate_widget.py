@@ -1,14 +1,20 @@
 """The "Translate z-stack (HASTE)" dock widget: brightfield planes → fluorescence layers + nuclei.
 
 Pick a z-stack layer (the reader opens one as a ``(Z, Y, X)`` Image layer with a Z slider)
-and a translation checkpoint per channel — nuclei, lipids, cytoplasm — and press Run. The
-work runs in a worker thread through :func:`~napari_pathfm.pipelines.translate.translate_stack`
+and one translation checkpoint per channel row — as many rows as wanted ("+ add channel",
+✕ removes one). Each row shows the channel(s) its checkpoint's card predicts (DAPI, MAP2,
+lipids …) in the colour its layer will get. The rows start pre-filled with one checkpoint
+per target found (the bundled ISL DAPI, MAP2 and NFH models, or HASTE's nuclei / lipids /
+cytoplasm models). Two rows predicting the same target are refused before anything runs.
+
+Run works in a worker thread through :func:`~napari_pathfm.pipelines.translate.translate_stack`
 (the code path of ``pathfm translate``); the channels come back as Image layers named from
-the model cards, coloured by role (nuclei blue, lipids green, cytoplasm red) and blended
-additively, plus the nuclei mask as a Labels layer. A LUPI nuclei checkpoint also gives the
-per-pixel nuclei confidence (an Image layer) and enables the threshold slider, which
-re-labels the mask from the confidence map live, without running the model again: raising
-it keeps only the nuclei the model is sure of.
+the cards, coloured by role (nuclei blue, lipids green, cytoplasm red), else by stain name
+(MAP2 magenta, NFH green …), else a distinct spare colour, blended additively, plus the
+nuclei mask as a Labels layer. A LUPI nuclei checkpoint also gives the per-pixel nuclei
+confidence (an Image layer) and drives the threshold slider, which re-labels the mask from
+the confidence map live, without running the model again: raising it keeps only the nuclei
+the model is sure of.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFormLayout,
     QHBoxLayout,
@@ -29,13 +34,22 @@ from qtpy.QtWidgets import (
     QWidget,
 )  # fmt: skip
 
-from ._checkpoint_picker import CheckpointPicker
 from ._runner import TaskRunner
+from ._translate_rows import (
+    ChannelRow,
+    channel_colormaps,
+    default_checkpoints,
+    duplicate_targets,
+    is_lupi,
+)
 
-__all__ = ["ROLES", "TranslateWidget", "zstack_layers"]
+__all__ = ["ROLES", "TranslateWidget", "layer_colormap", "zstack_layers"]
 
-#: Channel rows of the widget, in display order.
+#: Roles with a colour of their own (HASTE: nuclei blue, lipids green, cytoplasm red); rows for checkpoints
+#: predicting them are pre-filled first. Any other target gets a row too (by its stain name).
 ROLES = ("nuclei", "lipids", "cytoplasm")
+#: Rows pre-filled when the widget opens (one checkpoint per target found, at most this many).
+DEFAULT_ROWS = 3
 
 
 def zstack_layers(viewer) -> list[str]:
@@ -47,15 +61,22 @@ def zstack_layers(viewer) -> list[str]:
 
 
 def layer_colormap(name: str, role: str) -> str:
-    """napari colormap of a predicted channel: by role, else by stain name, else gray."""
-    from ..io.zstack import TARGET_COLORMAPS
-    from ..pipelines.translate import ROLE_COLORMAPS
-
-    return ROLE_COLORMAPS.get(role) or TARGET_COLORMAPS.get(name.lower(), "gray")
+    """napari colormap of one predicted channel on its own: by role, else by stain name, else cyan."""
+    return channel_colormaps([(name, role)])[name]
 
 
 class TranslateWidget(QWidget):
-    """Translate a brightfield z-stack into fluorescence channels and nuclei."""
+    """Translate a brightfield z-stack into fluorescence channels and nuclei, one checkpoint per row.
+
+    Attributes
+    ----------
+    rows : list of ChannelRow
+        The channel rows, in display (and run) order.
+    result : TranslationResult or None
+        The last run's result (its confidence map drives the threshold slider).
+    layers : dict
+        Layers this widget created, by key (``channel:<name>``, ``confidence``, ``nuclei``).
+    """
 
     def __init__(self, napari_viewer):
         super().__init__()
@@ -63,21 +84,21 @@ class TranslateWidget(QWidget):
         self.runner = TaskRunner(on_state=self._on_state, parent=self)
         self.result = None
         self.layers: dict[str, object] = {}
+        self.rows: list[ChannelRow] = []
         self._stack_name: str | None = None
 
         self.layer_combo = QComboBox()
-        self.use: dict[str, QCheckBox] = {}
-        self.pickers: dict[str, CheckpointPicker] = {}
         form = QFormLayout()
         form.addRow("z-stack", self.layer_combo)
-        for role in ROLES:
-            self.use[role] = QCheckBox(role)
-            self.pickers[role] = CheckpointPicker("translate", self)
-            row = QHBoxLayout()
-            row.addWidget(self.use[role])
-            row.addWidget(self.pickers[role], 1)
-            form.addRow(row)
-        self._preselect()
+        self.rows_box = QVBoxLayout()
+        self.rows_box.setContentsMargins(0, 0, 0, 0)
+        form.addRow(QLabel("channels (one checkpoint each)"))
+        form.addRow(self.rows_box)
+        self.add_btn = QPushButton("+ add channel")
+        self.add_btn.setToolTip("Add a row for one more translation checkpoint")
+        self.add_btn.clicked.connect(lambda: self.add_row())
+        form.addRow(self.add_btn)
+
         self.tile = QSpinBox()
         self.tile.setRange(16, 4096)
         self.tile.setSingleStep(16)
@@ -89,7 +110,6 @@ class TranslateWidget(QWidget):
         self.threshold.setRange(1, 99)
         self.threshold.setValue(50)
         self.threshold.setEnabled(False)
-        self.threshold.setToolTip("Keep only pixels whose nuclei confidence is above this value (LUPI models)")
         self.threshold_label = QLabel("0.50")
         self.threshold.valueChanged.connect(self._rethreshold)
         trow = QHBoxLayout()
@@ -113,6 +133,7 @@ class TranslateWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch(1)
 
+        self._prefill()
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
@@ -126,45 +147,125 @@ class TranslateWidget(QWidget):
         if current in names:
             self.layer_combo.setCurrentText(current)
 
-    def _preselect(self) -> None:
-        """Tick each role whose list holds a checkpoint predicting that role, and select it."""
-        from ..models.checkpoint import read_card
-        from ..pipelines.translate import channel_role
+    def _prefill(self) -> None:
+        """One row per target among the checkpoints found (nuclei, lipids, cytoplasm first); one empty row if none."""
+        from ..checkpoints import find_checkpoints
 
-        for role, picker in self.pickers.items():
-            for i in range(picker.combo.count()):
-                card = read_card(picker.combo.itemData(i))  # listed checkpoints have readable cards
-                roles = card.get("channel_roles") or [None] * len(card.get("channels") or [])
-                if any(channel_role(c, r) == role for c, r in zip(card.get("channels") or [], roles)):
-                    picker.combo.setCurrentIndex(i)
-                    self.use[role].setChecked(True)
-                    break
+        paths = default_checkpoints(find_checkpoints("translate"), ROLES, DEFAULT_ROWS)
+        self.set_checkpoints(paths)
+        if not self.rows:
+            self.add_row()
 
-    def set_checkpoint(self, role: str, path: str | Path | None) -> None:
-        """Use ``path`` for the ``role`` row (None unticks the row)."""
-        self.use[role].setChecked(path is not None)
+    def add_row(self, path: str | Path | None = None) -> ChannelRow:
+        """Add a channel row with ``path``, else the first listed checkpoint no other row's target has."""
+        row = ChannelRow(self)
+        self.rows.append(row)
+        self.rows_box.addWidget(row)
+        row.remove_requested.connect(self.remove_row)
         if path is not None:
-            self.pickers[role].set_path(path)
+            row.picker.set_path(path)
+        else:
+            self._pick_unused(row)
+        row.changed.connect(self._rows_changed)
+        self._rows_changed()
+        return row
+
+    def _pick_unused(self, row: ChannelRow) -> None:
+        """Select the first checkpoint in the row's list predicting nothing the other rows predict."""
+        taken = {r.lower() for other in self.rows if other is not row for _n, r in other.targets()}
+        for i in range(row.picker.combo.count()):
+            row.picker.combo.setCurrentIndex(i)
+            if not {r.lower() for _n, r in row.targets()} & taken:
+                return
+        row.picker.combo.setCurrentIndex(-1)
+
+    def remove_row(self, row: ChannelRow | int) -> None:
+        """Remove a channel row (the row or its index)."""
+        row = self.rows[row] if isinstance(row, int) else row
+        if row not in self.rows:
+            return
+        self.rows.remove(row)
+        self.rows_box.removeWidget(row)
+        row.setParent(None)
+        row.deleteLater()
+        self._rows_changed()
+
+    def set_checkpoints(self, paths) -> None:
+        """Replace the rows by one row per checkpoint in ``paths`` (in that order)."""
+        for row in list(self.rows):
+            self.remove_row(row)
+        for path in paths:
+            self.add_row(path)
+
+    def set_checkpoint(self, target: str, path: str | Path | None) -> None:
+        """Use ``path`` for the row predicting ``target`` (channel name or role, e.g. ``DAPI`` or ``nuclei``).
+
+        A new row is added when no row predicts ``target``; ``None`` removes that row.
+        """
+        key = target.lower()
+        row = next((r for r in self.rows if any(key in (n.lower(), ro.lower()) for n, ro in r.targets())), None)
+        if path is None:
+            if row is not None:
+                self.remove_row(row)
+        elif row is None:
+            self.add_row(path)
+        else:
+            row.picker.set_path(path)
 
     def checkpoints(self) -> list[str]:
-        """Chosen checkpoint files, in row order, without repeats."""
-        out: list[str] = []
-        for role in ROLES:
-            path = self.pickers[role].path()
-            if self.use[role].isChecked() and path and path not in out:
-                out.append(path)
-        return out
+        """Chosen checkpoint files, in row order (rows without a checkpoint are left out)."""
+        return [row.path() for row in self.rows if row.path()]
+
+    def lupi_checkpoint(self) -> str | None:
+        """The checkpoint of the first row whose card is a LUPI nuclei model (it drives the slider), or None."""
+        return next((row.path() for row in self.rows if row.card is not None and is_lupi(row.card)), None)
+
+    def problem(self) -> str | None:
+        """Why the rows cannot run as they are (no checkpoint, unusable file, one target twice), or None."""
+        if not self.rows:
+            return "Add a channel (+ add channel) and choose a translation checkpoint for it."
+        for i, row in enumerate(self.rows, 1):
+            if row.error:
+                return f"Row {i}: {row.error}"
+            if not row.path():
+                return f"Row {i} has no checkpoint: choose one (… browses) or remove the row (✕)."
+        dup = duplicate_targets([row.targets() for row in self.rows])
+        if dup is not None:
+            i, j, target = dup
+            a, b = (Path(self.rows[k].path()).name for k in (i, j))
+            return (f"Rows {i + 1} ({a}) and {j + 1} ({b}) both predict {target}: one checkpoint per target. "
+                    "Remove one of the rows (✕) or choose a checkpoint for another target.")  # fmt: skip
+        return None
+
+    def _rows_changed(self) -> None:
+        """Re-colour the row labels, re-check the rows, and tie the slider to the LUPI row."""
+        colormaps = channel_colormaps([t for row in self.rows for t in row.targets()])
+        for row in self.rows:
+            row.show_targets(colormaps)
+        lupi = self.lupi_checkpoint()
+        has_conf = self.result is not None and self.result.confidence is not None
+        self.threshold.setEnabled(lupi is not None or has_conf)
+        self.threshold.setToolTip(
+            f"Nuclei confidence of {Path(lupi).name} (LUPI): keep only pixels above this value; moves re-label "
+            "the nuclei without running the model again" if lupi else "Needs a LUPI nuclei checkpoint in a row")
+        problem = self.problem()
+        if problem and (self.status.text().startswith("⚠") or not self.status.text()):
+            self.status.setText(f"⚠ {problem}")
+        elif not problem and self.status.text().startswith("⚠"):
+            self.status.setText("")
 
     # -- run --------------------------------------------------------------------
     def run(self):
-        """Start the translation in a worker; returns the worker (None if inputs are missing)."""
+        """Start the translation in a worker; returns the worker (None, with the reason in the status, if refused)."""
         from ..pipelines.translate import translate_stack
 
         name = self.layer_combo.currentText()
-        checkpoints = self.checkpoints()
-        if not name or not checkpoints:
-            self.status.setText("Choose a z-stack layer and tick at least one channel with a checkpoint.")
+        problem = None if name else "Choose a z-stack layer (open a plane folder or a multipage/OME-TIFF)."
+        problem = problem or self.problem()
+        if problem:
+            self.status.setText(problem)
             return None
+        checkpoints = self.checkpoints()
         layer = self.viewer.layers[name]
         path = layer.metadata.get("path") if "plane_names" in layer.metadata else None
         data = layer.data
@@ -193,7 +294,7 @@ class TranslateWidget(QWidget):
         layer = self.layers.get(key)
         if layer is not None and layer in self.viewer.layers:
             layer.data = data
-            for attr in ("contrast_limits",):
+            for attr in ("contrast_limits", "colormap"):
                 if attr in kwargs:
                     setattr(layer, attr, kwargs[attr])
             return layer
@@ -208,11 +309,11 @@ class TranslateWidget(QWidget):
         self.result = result
         stem = self._stack_name or "stack"
         place = self._place()
+        colormaps = channel_colormaps([(c, result.roles[c]) for c in result.channels])
         for cname, data in result.channels.items():
             role = result.roles[cname]
             self._put(f"channel:{cname}", "image", data, name=f"{stem} {cname} (predicted)",
-                      colormap=layer_colormap(cname, role), blending="additive",
-                      contrast_limits=estimate_contrast_limits(data),
+                      colormap=colormaps[cname], blending="additive", contrast_limits=estimate_contrast_limits(data),
                       metadata={"pathfm_kind": "translate", "channel": cname, "role": role,
                                 "checkpoints": result.checkpoints}, **place)  # fmt: skip
         if result.confidence is not None:
@@ -222,7 +323,7 @@ class TranslateWidget(QWidget):
         if result.nuclei_labels is not None:
             self._put("nuclei", "labels", result.nuclei_labels, name=f"{stem} nuclei (predicted)", opacity=0.5,
                       metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold}, **place)
-        self.threshold.setEnabled(result.confidence is not None)
+        self.threshold.setEnabled(result.confidence is not None or self.lupi_checkpoint() is not None)
         n = int(result.nuclei_labels.max()) if result.nuclei_labels is not None else 0
         channels = ", ".join(f"{c} ({result.roles[c]})" for c in result.channels)
         self.status.setText(f"{channels}; {n} nuclei" + ("; " + "; ".join(result.messages) if result.messages else ""))
@@ -246,6 +347,7 @@ class TranslateWidget(QWidget):
         running = state == "running"
         self.run_btn.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
+        self.add_btn.setEnabled(not running)
         if state == "cancelled":
             self.status.setText("Cancelled.")
         elif state == "error" and self.runner.last_error is not None:
