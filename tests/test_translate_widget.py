@@ -142,3 +142,36 @@ def test_add_remove_rows_refuse_duplicates_and_colour_other_targets(make_napari_
     _run(qtbot, widget)
     assert np.array_equal(np.asarray(viewer.layers[f"{name} MAP2 (predicted)"].data), before)
     assert widget.result.confidence is not None and f"{name} nuclei (predicted)" in viewer.layers
+
+
+def test_default_rows_colours_and_duplicates_from_cards():
+    """Which checkpoints pre-fill the rows, their colours and the duplicate check, from model cards alone."""
+    from pathlib import Path
+
+    from napari_pathfm.widgets._translate_rows import (
+        card_targets,
+        channel_colormaps,
+        default_checkpoints,
+        duplicate_targets,
+    )
+    from napari_pathfm.widgets.translate_widget import ROLES, layer_colormap
+
+    def ckpt(name, channels, roles=None):
+        return Path(f"{name}.safetensors"), {"name": "dense_unet", "channels": channels,
+                                             **({"channel_roles": roles} if roles else {})}  # fmt: skip
+
+    isl = [ckpt("dapi", ["DAPI"], ["nuclei"]), ckpt("map2", ["MAP2"], ["map2"]), ckpt("nfh", ["NFH"], ["nfh"])]
+    haste = [ckpt("hoechst", ["Hoechst"]), ckpt("bodipy", ["BODIPY"]), ckpt("cellmask", ["CellMask"])]
+    assert default_checkpoints(isl, ROLES) == ["dapi.safetensors", "map2.safetensors", "nfh.safetensors"]
+    # HASTE's three roles come first; the second nuclei model (Hoechst) is not pre-filled next to DAPI
+    assert default_checkpoints(isl + haste, ROLES) == ["dapi.safetensors", "bodipy.safetensors",
+                                                        "cellmask.safetensors"]  # fmt: skip
+    assert default_checkpoints([], ROLES) == []
+    assert card_targets({}, "x/gfap-net.safetensors") == [("gfap-net", "gfap-net")]
+    assert card_targets({"target": "GFAP", "role": "astrocytes"}) == [("GFAP", "astrocytes")]
+    targets = [t for _p, card in isl + haste[1:] for t in card_targets(card)]
+    assert channel_colormaps(targets) == {"DAPI": "blue", "MAP2": "magenta", "NFH": "green", "BODIPY": "cyan",
+                                          "CellMask": "red"}  # lipids' green is NFH's already: a spare colour
+    assert layer_colormap("lipids", "lipids") == "green" and layer_colormap("XYZ", "XYZ") == "cyan"
+    assert duplicate_targets([card_targets(c) for _p, c in isl]) is None
+    assert duplicate_targets([[("MAP2", "map2")], [("Hoechst", "nuclei")], [("map2", "MAP2")]]) == (0, 2, "MAP2")
