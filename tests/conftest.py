@@ -11,6 +11,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PATHFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _embedding_cache_in_tmp(tmp_path_factory):
+    """The tile-embedding cache of every test (and the ``pathfm`` subprocesses they start) lives in a
+    temporary folder, never in ``~/.napari-pathfm/cache``."""
+    old = os.environ.get("PATHFM_CACHE_DIR")
+    os.environ["PATHFM_CACHE_DIR"] = str(tmp_path_factory.mktemp("embedding-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PATHFM_CACHE_DIR", None)
+    else:
+        os.environ["PATHFM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Root of the shared real data; skips the test with a reason when it is absent."""

@@ -176,6 +176,7 @@ def features(
     batch_size: int = typer.Option(32, help="Tiles per forward pass"),
     min_tissue: float = typer.Option(0.25, help="Keep tiles with at least this tissue fraction"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Extract patch features of tissue tiles (resumable: finished slides are skipped)."""
     from .pipelines.features import features_command
@@ -184,7 +185,7 @@ def features(
         with cli_progress("features") as (progress, cancel):
             results = features_command(
                 inputs, out, backbone=backbone, weights=weights, mpp=mpp, tile=tile, batch_size=batch_size,
-                device=device, min_tissue=min_tissue, progress=progress, cancel=cancel,
+                device=device, min_tissue=min_tissue, progress=progress, cancel=cancel, cache=None if cache else False,
             )  # fmt: skip
     except PathFMError as exc:
         _fail(exc)
@@ -210,6 +211,7 @@ def segment(
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Run only tiles that touch tissue"),
     batch_size: int = typer.Option(8, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Segment a slide or image into classes (Path-SAM2); write the mask as OME-TIFF (+ GeoJSON)."""
     from .pipelines.segment import segment_slide
@@ -219,6 +221,7 @@ def segment(
             result = segment_slide(
                 input_path, checkpoint, mpp=mpp, image_mpp=image_mpp, overlap=overlap, tissue_only=tissue_only,
                 batch_size=batch_size, device=device, progress=progress, cancel=cancel, out=out, geojson=geojson,
+                cache=None if cache else False,
             )  # fmt: skip
     except (PathFMError, ValueError) as exc:
         _fail(exc)
@@ -237,6 +240,7 @@ def classify(
     mpp: Optional[float] = typer.Option(None, help="µm/px the model runs at (default: the checkpoint's)"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
     gradcam: int = typer.Option(0, "--gradcam", help="Also write Grad-CAM PNGs of the top N tiles of each class"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Classify the tiles of a slide: class map + per-class probabilities over the slide (OME-TIFF), CSV, JSON."""
     from .io.slide import open_slide
@@ -245,7 +249,8 @@ def classify(
     try:
         with cli_progress("classify") as (progress, cancel), open_slide(slide) as s:
             result = classify_slide(s, checkpoint, mpp=mpp, batch_size=batch_size, device=device,
-                                    tissue_only=tissue_only, progress=progress, cancel=cancel)  # fmt: skip
+                                    tissue_only=tissue_only, progress=progress, cancel=cancel,
+                                    cache=None if cache else False)  # fmt: skip
             if gradcam > 0:
                 from .pipelines.gradcam import write_top_gradcam
 
@@ -301,6 +306,7 @@ def mil_predict_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
     top_k: int = typer.Option(10, help="How many top patches to list"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Predict a slide's class with a MIL model and write the patch heatmap over the slide."""
     from .pipelines.mil import mil_predict, write_mil_outputs
@@ -314,7 +320,8 @@ def mil_predict_cmd(
 
                 with open_slide(slide) as s:
                     mpp = s.mpp
-                    pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel)
+                    pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel,
+                                       cache=None if cache else False)  # fmt: skip
             else:
                 pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
                 mpp = pred.source.get("slide_mpp")
@@ -554,6 +561,15 @@ def demo(
 
     if show if show is not None else display_available():
         show_in_napari(out, slide=slide)
+
+
+def _add_cache_commands() -> None:
+    from .cli_cache import cache_app
+
+    app.add_typer(cache_app, name="cache")
+
+
+_add_cache_commands()
 
 
 def main() -> None:

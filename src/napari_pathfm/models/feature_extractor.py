@@ -139,6 +139,19 @@ class FeatureExtractor(nn.Module):
             x = self.preprocess(x)
         return self.trunk(x)
 
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"features": (B, out_dim)}`` of a preprocessed batch (the tile-embedding cache protocol)."""
+        return {"features": self.trunk(x)}
+
+    def decode(self, x: Any, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The features themselves: an extractor is all encoder."""
+        return encoded["features"]
+
+    def embedding_spec(self) -> dict:
+        """What the tile-embedding cache keys on: the trunk's weights and how it was built."""
+        return {"name": f"{self.name}:{self.backbone}", "modules": [self.trunk],
+                "config": {"extractor": self.name, "backbone": self.backbone, "feature_dim": self.out_dim}}  # fmt: skip
+
     def describe(self) -> dict:
         """JSON-friendly record of how features are made (written into feature files)."""
         return {

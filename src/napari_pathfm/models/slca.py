@@ -404,7 +404,23 @@ class SLCAClassifier(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.sam_features(x)
+        return self.decode(x, self.sam_features(x))
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`sam_features` with string keys (``"patch_embed"``, ``"neck"``, ``"3"``): what the cache stores."""
+        return {str(k): v for k, v in self.sam_features(x).items()}
+
+    def embedding_spec(self) -> dict:
+        """What the tile-embedding cache keys on: the SAM encoder (by weights hash) and the taps used."""
+        cfg = getattr(self, "pathfm_config", {}) or {}
+        taps = sorted(str(k) for k in {*self.taps, self.projector_tap} if k is not None)
+        return {"name": f"sam:{self.sam_name}", "modules": [self.sam],
+                "config": {"sam": self.sam_name, "sam_img_size": self.sam_img_size, "taps": taps,
+                           "sam_kwargs": cfg.get("sam_kwargs")}}  # fmt: skip
+
+    def decode(self, x: torch.Tensor, feats: dict) -> torch.Tensor:
+        """Logits from the pixels ``x`` and the SAM taps ``feats`` (:meth:`sam_features` or :meth:`encode`)."""
+        feats = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in feats.items()}
         token = _STAGE_TAPS.set({s: feats[k] for s, k in zip(self.fused, self.taps) if k is not None})
         try:
             y = self.backbone.forward_features(x)

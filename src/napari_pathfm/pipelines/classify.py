@@ -79,6 +79,8 @@ class ClassifyResult:
         The slide and checkpoint paths.
     messages : list of str
         Things the user should know (no tissue found, resolution fallback).
+    cache : dict
+        What the tile-embedding cache did (entry, tiles encoded, tiles read from it).
     """
 
     classes: list[str]
@@ -90,6 +92,7 @@ class ClassifyResult:
     checkpoint: str | None = None
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
 
     @property
     def n_tiles(self) -> int:
@@ -202,6 +205,7 @@ class ClassifyResult:
             "label_values": {str(k): v for k, v in self.label_names().items()},
             "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
+            "cache": self.cache,
         }
 
 
@@ -311,6 +315,7 @@ def classify_slide(
     workers: int | None = None,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
+    cache: Any = None,
 ) -> ClassifyResult:
     """Classify every tissue tile of a slide; see the module docstring for the outputs.
 
@@ -339,6 +344,9 @@ def classify_slide(
         Tile reader threads (default 2 on the CPU, up to 8 with a GPU).
     progress, cancel
         See :mod:`napari_pathfm.progress`; cancel is checked between batches.
+    cache : None, False, path or EmbeddingCache
+        Tile-embedding cache (:mod:`napari_pathfm.tiles.embedding_cache`) of the frozen SAM encoder
+        of SLCA models: None = the default one (off with ``PATHFM_CACHE=0``), False = none.
 
     Returns
     -------
@@ -359,16 +367,17 @@ def classify_slide(
     try:
         return _classify(s, model_or_checkpoint, mpp=mpp, tile=tile, batch_size=batch_size, device=device,
                          tissue_only=tissue_only, min_tissue=min_tissue, workers=workers, progress=progress,
-                         cancel=cancel)  # fmt: skip
+                         cancel=cancel, cache=cache)  # fmt: skip
     finally:
         if own:
             s.close()
 
 
 def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tissue_only, min_tissue, workers,
-              progress, cancel) -> ClassifyResult:  # fmt: skip
-    from ..device import reader_workers, resolve_device
+              progress, cancel, cache=None) -> ClassifyResult:  # fmt: skip
+    from ..device import autocast_dtype, reader_workers, resolve_device
     from ..tiles import tile_grid
+    from ..tiles.cached_encoder import CachedEncoder
     from ..tiles.loader import native_tile_cache
     from .segment import _shared_level
     from .tissue_tiles import compute_tissue_tiles
@@ -394,8 +403,12 @@ def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tiss
         reader = native_tile_cache(slide, grid)
     if not len(grid):
         messages.append(f"no tissue found in {Path(slide.path).name}: nothing was classified.")
-    probs = _run_tiles(reader, grid, model, dev, card, source, batch_size=batch_size, workers=workers,
-                       progress=progress, cancel=cancel)  # fmt: skip
+    amp = autocast_dtype(dev)
+    mean, std = _normalization(card)
+    prep = {"mean": list(mean), "std": list(std), "tile_size": int(grid.tile_size)}
+    with CachedEncoder(model, slide, grid, cache=cache, preprocess=prep, precision=str(amp) if amp else None) as enc:
+        probs = _run_tiles(reader, grid, model, dev, card, source, batch_size=batch_size, workers=workers,
+                           progress=progress, cancel=cancel, encoder=enc)  # fmt: skip
     classes = _classes(card, probs.shape[1] if probs.size else getattr(model, "num_classes", None))
     if classes is None:
         classes = []
@@ -409,11 +422,17 @@ def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tiss
     for m in messages:
         log.info(m)
     return ClassifyResult(classes=classes, probabilities=probs, grid=grid, mpp=slide.mpp, model_mpp=grid.mpp,
-                          source=str(slide.path), checkpoint=source, messages=messages)  # fmt: skip
+                          source=str(slide.path), checkpoint=source, messages=messages,
+                          cache=enc.summary())  # fmt: skip
 
 
-def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, progress, cancel) -> np.ndarray:
-    """Softmax probabilities ``(N, C)`` float32 of every tile of ``grid``, in grid order."""
+def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, progress, cancel,
+               encoder=None) -> np.ndarray:  # fmt: skip
+    """Softmax probabilities ``(N, C)`` float32 of every tile of ``grid``, in grid order.
+
+    With an active ``encoder`` (:class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder`) the frozen
+    encoder's outputs come from the embedding cache where stored.
+    """
     import torch
 
     from ..device import autocast_dtype
@@ -437,7 +456,11 @@ def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, pr
             for batch in batches:
                 check_cancel(cancel, "classification")
                 with autocast:
-                    logits = _logits(model(preprocess_tiles(batch.images, dev, mean, std)))
+                    x = preprocess_tiles(batch.images, dev, mean, std)
+                    if encoder is not None and encoder.active:
+                        logits = _logits(model.decode(x, encoder(batch.indices, x, dev)))
+                    else:
+                        logits = _logits(model(x))
                 if logits.ndim != 2 or logits.shape[0] != len(batch.indices):
                     raise CheckpointError(
                         source or "the model", f"produced output of shape {tuple(logits.shape)}; a tile classifier "

@@ -115,12 +115,14 @@ def _is_up_to_date(path: Path, settings: dict) -> Optional[dict]:
     return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
 
-def _extract(slide, extractor, out_path: Path, settings: dict, *, batch_size, device, progress, cancel) -> int:
+def _extract(slide, extractor, out_path: Path, settings: dict, *, batch_size, device, progress, cancel,
+             cache=None) -> int:  # fmt: skip
     import torch
 
     from ..device import autocast_dtype, resolve_device
     from ..io.atomic import atomic_path
     from ..tiles import iter_tile_batches
+    from ..tiles.cached_encoder import CachedEncoder, stored_batches
     from .tissue_tiles import compute_tissue_tiles
 
     grid = compute_tissue_tiles(
@@ -155,12 +157,19 @@ def _extract(slide, extractor, out_path: Path, settings: dict, *, batch_size, de
         done = 0
         report(progress, 0, n, f"{name}: features")
         autocast = torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
-        batches = iter_tile_batches(slide, grid, batch_size, prefetch=2 * batch_size, cancel=cancel)
-        with torch.inference_mode(), autocast:
+        prep = {"mean": list(extractor.mean), "std": list(extractor.std), "input_size": extractor.input_size}
+        encoder = CachedEncoder(extractor, slide, grid, cache=cache, preprocess=prep,
+                                precision=str(amp) if amp else None)  # fmt: skip
+        if encoder.all_stored:  # the same tiles were encoded before: no pixels to read
+            batches = stored_batches(grid, batch_size)
+        else:
+            batches = iter_tile_batches(slide, grid, batch_size, prefetch=2 * batch_size, cancel=cancel)
+        with torch.inference_mode(), autocast, encoder:
             try:
                 for batch in batches:
                     check_cancel(cancel, "feature extraction")
-                    out = extractor(extractor.preprocess(batch.images, dev))
+                    x = None if batch.images is None else extractor.preprocess(batch.images, dev)
+                    out = extractor.decode(x, encoder(batch.indices, x, dev))
                     if tuple(out.shape) != (len(batch.indices), dim):
                         raise RuntimeError(f"extractor returned {tuple(out.shape)}, expected ({len(batch.indices)}, {dim})")
                     writer.append(out.float().cpu().numpy())
@@ -187,6 +196,7 @@ def extract_features(
     tissue_mpp: float = 8.0,
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
+    cache: Any = None,
 ) -> Path:
     """Extract one feature vector per tissue tile of a slide into a zarr feature file.
 
@@ -217,6 +227,10 @@ def extract_features(
     progress, cancel
         See :mod:`napari_pathfm.progress`; cancel is checked between batches and
         raises :class:`~napari_pathfm.errors.Cancelled`, leaving no output.
+    cache : None, False, path or EmbeddingCache
+        Tile-embedding cache (:mod:`napari_pathfm.tiles.embedding_cache`): None = the default one
+        (off with ``PATHFM_CACHE=0``), False = none. Tiles encoded before with the same extractor
+        weights are read from it instead of the slide.
 
     Returns
     -------
@@ -234,7 +248,7 @@ def extract_features(
             slide_path=Path(s.path),
         )  # fmt: skip
         _extract(s, extractor, Path(out_path), settings, batch_size=batch_size, device=device,
-                 progress=progress, cancel=cancel)  # fmt: skip
+                 progress=progress, cancel=cancel, cache=cache)  # fmt: skip
     finally:
         if own:
             s.close()
@@ -242,7 +256,7 @@ def extract_features(
 
 
 def _run_many(inputs, out_dir, *, extractor, extractor_kwargs, mpp, tile_size, min_tissue, batch_size,
-              device, tissue_mpp, overwrite, progress, cancel) -> list[SlideResult]:  # fmt: skip
+              device, tissue_mpp, overwrite, progress, cancel, cache=None) -> list[SlideResult]:  # fmt: skip
     from ..io.slide import open_slide
 
     slides = find_slides(inputs)
@@ -264,7 +278,7 @@ def _run_many(inputs, out_dir, *, extractor, extractor_kwargs, mpp, tile_size, m
                 continue
             with open_slide(slide_path) as slide:
                 n = _extract(slide, extractor, out_path, settings, batch_size=batch_size, device=device,
-                             progress=step, cancel=cancel)  # fmt: skip
+                             progress=step, cancel=cancel, cache=cache)  # fmt: skip
             status = "written" if n else "empty"
             if not n:
                 log.warning("%s: no tissue tiles at min_tissue=%s; wrote an empty bag", slide_path, min_tissue)
@@ -294,6 +308,7 @@ def extract_features_many(
     overwrite: bool = False,
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
+    cache: Any = None,
 ) -> dict[str, Union[Path, BaseException]]:
     """Extract features of many slides into ``out_dir``, one ``<stem>.features.zarr`` each.
 
@@ -307,7 +322,7 @@ def extract_features_many(
         A built extractor or a registry name, built once with ``extractor_kwargs``.
     overwrite : bool
         Recompute slides even when an up-to-date file exists.
-    mpp, tile_size, min_tissue, batch_size, device, tissue_mpp, progress, cancel
+    mpp, tile_size, min_tissue, batch_size, device, tissue_mpp, progress, cancel, cache
         As in :func:`extract_features`; ``progress`` messages start with ``[i/n]``.
 
     Returns
@@ -322,7 +337,7 @@ def extract_features_many(
     results = _run_many(
         inputs, out_dir, extractor=extractor, extractor_kwargs=extractor_kwargs, mpp=mpp, tile_size=tile_size,
         min_tissue=min_tissue, batch_size=batch_size, device=device, tissue_mpp=tissue_mpp, overwrite=overwrite,
-        progress=progress, cancel=cancel,
+        progress=progress, cancel=cancel, cache=cache,
     )  # fmt: skip
     return {str(r.slide): (r.error if r.status == "failed" else r.path) for r in results}
 
@@ -340,6 +355,7 @@ def features_command(
     overwrite: bool = False,
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
+    cache: Any = None,
 ) -> dict:
     """What ``pathfm features SLIDE_OR_FOLDER --out DIR`` runs; returns a JSON-friendly summary.
 
@@ -351,6 +367,8 @@ def features_command(
     weights : path, optional
         Local weights file for the backbone; without it the network is randomly
         initialised (features are then only good for testing).
+    cache : None, False, path or EmbeddingCache
+        Tile-embedding cache, as in :func:`extract_features`.
 
     Returns
     -------
@@ -373,6 +391,7 @@ def features_command(
     results = _run_many(
         inputs, out_dir, extractor=extractor, extractor_kwargs=None, mpp=mpp, tile_size=tile, min_tissue=min_tissue,
         batch_size=batch_size, device=device, tissue_mpp=8.0, overwrite=overwrite, progress=progress, cancel=cancel,
+        cache=cache,
     )  # fmt: skip
     counts = {k: sum(r.status == k for r in results) for k in ("written", "empty", "skipped", "failed")}
     return {

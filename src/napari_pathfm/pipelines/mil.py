@@ -121,12 +121,14 @@ def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
 
 def features_for_slide(
     slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None,
-    checkpoint_dir: Path | None = None,
+    checkpoint_dir: Path | None = None, cache: Any = None,
 ):  # fmt: skip
     """Extract features from ``slide`` with the extractor recorded in the checkpoint's card.
 
     Tiles, µm/px, tissue threshold, input size and normalisation all come from the
-    card, so the features match the ones the model was trained on.
+    card, so the features match the ones the model was trained on. ``cache`` is the tile-embedding
+    cache (:func:`~napari_pathfm.pipelines.features.extract_features`): a second prediction on the same
+    slide reads the features from it instead of running the extractor.
     """
     import tempfile
 
@@ -154,7 +156,7 @@ def features_for_slide(
             slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
             mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
             min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
-            tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel,
+            tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel, cache=cache,
         )  # fmt: skip
         bag = read_features(path)  # in memory: the temporary file can go
     if cache_dir is None:
@@ -170,6 +172,7 @@ def mil_predict(
     device: str = "auto",
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
+    cache: Any = None,
 ) -> MILPrediction:
     """Predict a slide's class and per-patch evidence with a MIL checkpoint.
 
@@ -180,6 +183,8 @@ def mil_predict(
         A feature zarr from ``pathfm features``. Give this or ``slide``.
     slide : Slide, optional
         Features are extracted first, with the extractor recorded in the card.
+    cache : None, False, path or EmbeddingCache
+        Tile-embedding cache used when features are extracted from ``slide`` (None = the default).
     """
     import torch
 
@@ -194,7 +199,8 @@ def mil_predict(
     report(progress, 0, 3, "features")
     if features is None:
         where = None if isinstance(checkpoint, tuple) else Path(checkpoint).parent
-        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel, checkpoint_dir=where)
+        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel, checkpoint_dir=where,
+                                 cache=cache)  # fmt: skip
     else:
         bag = read_features(features) if isinstance(features, (str, Path)) else features
     check_feature_dim(bag, in_dim, str(checkpoint) if not isinstance(checkpoint, tuple) else "the model")

@@ -82,6 +82,8 @@ class SegmentationResult:
         Things the user should know (no tissue found, resolution fallback, ...).
     written : dict of str to Path
         Files written (``"mask"``, ``"geojson"``).
+    cache : dict
+        What the tile-embedding cache did: its entry, tiles encoded, tiles read from it.
     """
 
     labels: Any
@@ -94,6 +96,7 @@ class SegmentationResult:
     checkpoint: Optional[str] = None
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
     _tmp: Any = field(default=None, repr=False)
 
     @property
@@ -138,6 +141,7 @@ class SegmentationResult:
             "tiles": self.n_tiles,
             "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
+            "cache": self.cache,
         }
 
     def close(self) -> None:
@@ -482,13 +486,20 @@ class _BandedCanvas:
 # -- the pipeline ------------------------------------------------------------------------------
 
 
-def _tile_logits(model: Any, images: np.ndarray, dev: str, t: int, k: Optional[int], source: Any):
-    """Model logits of a batch of uint8 tiles as ``(B, K, T, T)`` float32 torch on ``dev``."""
+def _tile_logits(model: Any, batch: Any, dev: str, t: int, k: Optional[int], source: Any, encoder: Any = None):
+    """Model logits of a batch of uint8 tiles as ``(B, K, T, T)`` float32 torch on ``dev``.
+
+    With an active :class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder` the encoder outputs come
+    from the embedding cache where stored (``batch.images`` is None when all of them are).
+    """
     import torch
     import torch.nn.functional as F
 
-    x = model.preprocess(torch.from_numpy(images).to(dev))
-    out = model(x.to(dev))
+    x = None if batch.images is None else model.preprocess(torch.from_numpy(batch.images).to(dev)).to(dev)
+    if encoder is not None and encoder.active:
+        out = model.decode(x, encoder(batch.indices, x, dev))
+    else:
+        out = model(x)
     logits = out["logits"] if isinstance(out, dict) else out
     if logits.ndim != 4 or (k is not None and logits.shape[1] != k):
         raise CheckpointError(
@@ -563,6 +574,7 @@ def segment_slide(
     cancel: Any = None,
     out: Optional[PathLike] = None,
     geojson: Optional[PathLike] = None,
+    cache: Any = None,
 ) -> SegmentationResult:
     """Segment a whole slide (or a plain image) into classes at the input's level-0 size.
 
@@ -607,6 +619,10 @@ def segment_slide(
         the class names in its metadata.
     geojson : path, optional
         Also write the classes as QuPath GeoJSON polygons in level-0 pixel coordinates.
+    cache : None, False, path or EmbeddingCache
+        Tile-embedding cache of the frozen encoders (:mod:`napari_pathfm.tiles.embedding_cache`):
+        None uses the default one (off with ``PATHFM_CACHE=0``), False none. A second run on the
+        same slide and tiles with the same encoder weights reads no pixels and skips the encoder.
 
     Returns
     -------
@@ -637,7 +653,7 @@ def segment_slide(
         return _segment(slide, model_or_checkpoint, mpp=mpp, tile_size=tile_size, overlap=overlap,
                         tissue_only=tissue_only, min_tissue=min_tissue, batch_size=batch_size, device=device,
                         weights=weights, workers=workers, progress=progress, cancel=cancel, out=out,
-                        geojson=geojson)  # fmt: skip
+                        geojson=geojson, cache=cache)  # fmt: skip
     finally:
         slide.mpp = saved_mpp
         if own:
@@ -645,9 +661,10 @@ def segment_slide(
 
 
 def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only, min_tissue, batch_size, device,
-             weights, workers, progress, cancel, out, geojson) -> SegmentationResult:  # fmt: skip
-    from ..device import reader_workers, resolve_device
+             weights, workers, progress, cancel, out, geojson, cache=None) -> SegmentationResult:  # fmt: skip
+    from ..device import autocast_dtype, reader_workers, resolve_device
     from ..tiles import tile_grid
+    from ..tiles.cached_encoder import CachedEncoder
     from ..tiles.loader import native_tile_cache
     from .tissue_tiles import compute_tissue_tiles
 
@@ -689,9 +706,15 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
             if classes is not None:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
-                k = _run_tiles(reader, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
-                               workers=workers, source=source, progress=progress, cancel=cancel,
-                               on_rows=outputs.rows_done, poll=outputs.poll)  # fmt: skip
+                amp = autocast_dtype(dev)
+                prep = {"mean": list(getattr(model, "mean", ())), "std": list(getattr(model, "std", ())),
+                        "input_size": getattr(model, "input_size", None)}  # fmt: skip
+                with CachedEncoder(model, slide, grid, cache=cache, preprocess=prep,
+                                   precision=str(amp) if amp else None) as encoder:  # fmt: skip
+                    k = _run_tiles(reader, grid, model, dev, k, store, batch_size=batch_size, weights=weights,
+                                   workers=workers, source=source, progress=progress, cancel=cancel,
+                                   on_rows=outputs.rows_done, poll=outputs.poll, encoder=encoder)  # fmt: skip
+                result.cache = encoder.summary()
             if classes is None:
                 result.classes = _class_names({}, k or 2)
             outputs.finish()
@@ -724,7 +747,7 @@ def _shared_level(slide: Any, target: Optional[float], tissue_only: bool, worker
 
 
 def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, workers, source, progress, cancel,
-               on_rows=None, poll=None) -> int:  # fmt: skip
+               on_rows=None, poll=None, encoder=None) -> int:  # fmt: skip
     """Run the model on every tile of ``grid`` and write blended level-0 labels into ``store``.
 
     Reader threads decode tiles ahead while this thread runs the model and blends on its device;
@@ -734,6 +757,7 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
 
     from ..device import autocast_dtype
     from ..tiles import iter_tile_batches
+    from ..tiles.cached_encoder import stored_batches
 
     model.to(dev).eval()
     amp = autocast_dtype(dev)
@@ -742,8 +766,11 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
     n, done, canvas = len(grid), 0, None
     name = Path(slide.path).name
     report(progress, 0, n, f"{name}: segmenting")
-    batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 4 * workers), workers=workers,
-                                cancel=cancel)  # fmt: skip
+    if encoder is not None and encoder.all_stored:  # a second run: no pixels to read, no encoder to run
+        batches = stored_batches(grid, batch_size)
+    else:
+        batches = iter_tile_batches(slide, grid, batch_size, prefetch=max(2 * batch_size, 4 * workers),
+                                    workers=workers, cancel=cancel)  # fmt: skip
     # On the CPU, blending a batch (numpy, releases the GIL) runs in one helper thread while the model runs the
     # next batch; one thread keeps the adds in order, so the result is the same as blending inline.
     blender = ThreadPoolExecutor(1, thread_name_prefix="pathfm-blend") if dev == "cpu" else None
@@ -760,7 +787,7 @@ def _run_tiles(slide, grid, model, dev, k, store, *, batch_size, weights, worker
                 if poll is not None:
                     poll()
                 with autocast:
-                    logits = _tile_logits(model, batch.images, dev, grid.tile_size, k, source)
+                    logits = _tile_logits(model, batch, dev, grid.tile_size, k, source, encoder)
                 if dev == "cpu":
                     logits = logits.numpy()
                 if canvas is None:

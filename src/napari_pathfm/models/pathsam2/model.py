@@ -102,12 +102,32 @@ class PathSAM2(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Aligned image embedding ``(B, decoder_dim, S/16, S/16)``."""
-        size = (x.shape[-2] // 16, x.shape[-1] // 16)
+        return self._align(self.encode(x), (x.shape[-2] // 16, x.shape[-1] // 16))
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw encoder outputs: ``hiera`` (stride 32) and, with UNI, ``uni`` (stride 16) feature maps.
+
+        These are what the embedding cache stores (see :meth:`embedding_spec`).
+        """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
-            feats = [to_stride16(hiera_features(self.trunk, x), size)]
+            out = {"hiera": hiera_features(self.trunk, x)}
             if self.uni is not None:
-                feats.append(to_stride16(uni_features(self.uni, x), size))
+                out["uni"] = uni_features(self.uni, x)
+        return out
+
+    def _align(self, encoded: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        feats = [to_stride16(encoded["hiera"], size)]
+        if self.uni is not None:
+            feats.append(to_stride16(encoded["uni"], size))
         return self.align(torch.cat(feats, 1))
+
+    def embedding_spec(self) -> dict:
+        """What the tile-embedding cache keys on: the Hiera (+ UNI) encoders, by weights hash (so entries
+        are shared by checkpoints whose encoders were frozen in training and never go stale)."""
+        cfg = getattr(self, "pathfm_config", {}) or {}
+        enc, uni = cfg.get("encoder", type(self.trunk).__name__), cfg.get("uni", None if self.uni is None else "vit")
+        return {"name": f"{enc}+{uni}" if uni else str(enc), "modules": self.encoders(),
+                "config": {"encoder": enc, "uni": uni, "image_size": self.input_size}}  # fmt: skip
 
     def class_prompts(self) -> torch.Tensor:
         """``K`` class prompt tokens ``(K, decoder_dim)`` (they replace manual point prompts)."""
@@ -117,10 +137,16 @@ class PathSAM2(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.shape[-1] % 32 or x.shape[-2] % 32:
             raise ValueError(f"input sides must be multiples of 32, got {tuple(x.shape[-2:])}")
-        emb = self.embed(x)
-        prompts = self.class_prompts().unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.decode(x, self.encode(x))
+
+    def decode(self, x: Optional[torch.Tensor], encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``forward`` from :meth:`encode`'s outputs; ``x`` is not needed (the output is ``input_size``, or
+        ``x``'s size when given)."""
+        size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
+        emb = self._align(encoded, (size[0] // 16, size[1] // 16))
+        prompts = self.class_prompts().unsqueeze(0).expand(emb.shape[0], -1, -1)
         masks, iou = self.decoder(emb, self.pe_layer(emb.shape[-2:]), prompts)
-        logits = F.interpolate(masks, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return {"logits": logits, "iou": iou}
 
     def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""Frozen-encoder outputs of tile batches, read from the embedding cache or computed and stored.
+
+A model takes part when it has the three methods of the cache protocol:
+
+- ``embedding_spec()`` → a dict with ``name`` (shown by ``pathfm cache list``), ``modules`` (the
+  encoder modules, whose weights are hashed into the key, so an entry never outlives the weights
+  that made it) and ``config`` (anything else that changes their output, e.g. the input size),
+  or ``None`` to opt out;
+- ``encode(x)`` → ``{name: (B, ...) tensor}``, the frozen encoder outputs of a preprocessed batch;
+- ``decode(x, encoded)`` → what ``forward(x)`` returns, computed from those outputs (``x`` may be
+  ``None`` when the rest of the model does not look at pixels, as in Path-SAM2).
+
+Path-SAM2 (segment), SLCA (classify) and the MIL feature extractors implement it; any other
+model runs unchanged through ``forward``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from .embedding_cache import resolve_cache, weights_sha256
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CachedEncoder", "encoder_key", "stored_batches"]
+
+
+def encoder_key(spec: dict, preprocess: dict, precision: Optional[str]) -> dict:
+    """The encoder part of a cache key: name, config, weights hash, how pixels were normalised, precision."""
+    return {
+        "name": str(spec["name"]),
+        "config": spec.get("config", {}),
+        "weights_sha256": weights_sha256(spec["modules"]),
+        "preprocess": preprocess,
+        "precision": precision or "float32",
+    }
+
+
+class CachedEncoder:
+    """Encoder outputs for batches of the tiles of ``grid`` on ``slide`` (see the module docstring).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Anything; only models with the cache protocol use the cache (:attr:`active`).
+    slide, grid
+        The open slide and the tile grid the run covers (both are part of the key).
+    cache : see :func:`~napari_pathfm.tiles.embedding_cache.resolve_cache`
+        ``None`` = the default cache, ``False`` = none, a folder or an ``EmbeddingCache``.
+    preprocess : dict
+        How tiles become the encoder's input (normalisation, resize), part of the key.
+    precision : str, optional
+        Autocast dtype the encoder runs in (None = float32), part of the key.
+    """
+
+    def __init__(self, model: Any, slide: Any, grid: Any, *, cache: Any = None, preprocess: dict,
+                 precision: Optional[str] = None):  # fmt: skip
+        self.model, self.grid = model, grid
+        self.entry = None
+        self.rows: Optional[np.ndarray] = None
+        self.computed = self.reused = 0
+        spec = model.embedding_spec() if hasattr(model, "embedding_spec") and hasattr(model, "decode") else None
+        self.protocol = spec is not None
+        store = resolve_cache(cache) if spec is not None and len(grid) else None
+        if store is not None and getattr(slide, "path", None) is not None and hasattr(slide, "signature"):
+            try:
+                self.entry = store.open(slide, grid, encoder_key(spec, preprocess, precision))
+                self.rows = self.entry.lookup(grid.tile_index)
+            except OSError as exc:
+                log.warning("embedding cache %s is not usable (%s): computing every tile", store.root, exc)
+                self.entry, self.rows = None, None
+
+    @property
+    def active(self) -> bool:
+        """True when the run goes through ``encode``/``decode`` (the model has the protocol)."""
+        return self.protocol
+
+    def stored(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
+        """Boolean mask of the tiles (grid positions ``indices``, default all) already in the cache."""
+        n = len(self.grid)
+        if self.rows is None:
+            return np.zeros(n if indices is None else len(indices), bool)
+        return self.rows >= 0 if indices is None else self.rows[np.asarray(indices)] >= 0
+
+    @property
+    def all_stored(self) -> bool:
+        """Every tile of the grid is in the cache: the run need not read a single pixel."""
+        return self.rows is not None and len(self.rows) > 0 and bool((self.rows >= 0).all())
+
+    def __call__(self, indices: np.ndarray, x: Any, device: Any) -> dict:
+        """Encoder outputs ``{name: (B, ...)}`` on ``device`` for the grid tiles ``indices``.
+
+        ``x`` is their preprocessed batch; it may be ``None`` when all of them are stored.
+        """
+        import torch
+
+        indices = np.asarray(indices, np.int64)
+        if self.entry is None:
+            self.computed += len(indices)
+            return self.model.encode(x)
+        rows = self.rows[indices]
+        hit = rows >= 0
+        if hit.all():
+            self.reused += len(indices)
+            return {k: torch.from_numpy(v).to(device) for k, v in self.entry.read(rows).items()}
+        if x is None:
+            raise ValueError("tiles that are not in the embedding cache need their pixels")
+        fresh = self.model.encode(x[torch.as_tensor(~hit, device=x.device)] if hit.any() else x)
+        self._store(indices[~hit], fresh)
+        self.computed += int((~hit).sum())
+        if not hit.any():
+            return fresh
+        self.reused += int(hit.sum())
+        cached = self.entry.read(rows[hit])
+        hit_t = torch.as_tensor(hit, device=device)
+        out = {}
+        for k, v in fresh.items():
+            full = torch.empty((len(indices), *v.shape[1:]), dtype=torch.float32, device=device)
+            full[~hit_t] = v.float().to(device)
+            full[hit_t] = torch.from_numpy(cached[k]).to(device)
+            out[k] = full
+        return out
+
+    def _store(self, indices: np.ndarray, fresh: dict) -> None:
+        try:
+            self.entry.append(self.grid.tile_index[indices], fresh)
+        except OSError as exc:  # a full or read-only disk never fails the run
+            log.warning("could not add to the embedding cache %s (%s): not storing this run", self.entry.path, exc)
+            self.entry.writable = False
+
+    def summary(self) -> dict:
+        """What the cache did in this run (for summaries and logs)."""
+        return {
+            "cache": str(self.entry.path) if self.entry is not None else None,
+            "tiles_encoded": self.computed,
+            "tiles_from_cache": self.reused,
+        }
+
+    def close(self) -> None:
+        """Release the entry (lock, last-used stamp, size cap)."""
+        if self.entry is not None:
+            try:
+                self.entry.close()
+            except OSError as exc:
+                log.warning("embedding cache %s: %s", self.entry.path, exc)
+            if self.computed or self.reused:
+                log.info("embedding cache: %d tiles encoded, %d read from %s", self.computed, self.reused,
+                         self.entry.path)  # fmt: skip
+
+    def __enter__(self) -> "CachedEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def stored_batches(grid: Any, batch_size: int):
+    """Batches of ``grid`` positions without pixels (``images`` None), for runs served by the cache alone."""
+    from .loader import TileBatch
+
+    tiles = np.asarray(grid.tiles, np.int64).reshape(-1, 2)
+    for i in range(0, len(tiles), batch_size):
+        idx = np.arange(i, min(i + batch_size, len(tiles)), dtype=np.int64)
+        yield TileBatch(idx, tiles[idx], None)
