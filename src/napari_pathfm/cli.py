@@ -122,33 +122,35 @@ def train(
 ) -> None:
     """Train a model from a recipe with Lightning (checkpoints, resume, early stopping, logs)."""
     from .training.engine import run_recipe
+    from .training.signals import GracefulStop
 
-    kwargs = dict(resume=resume, device=device, output=out)
+    cancel = threading.Event()
+    # SIGINT (the panel's Stop, Ctrl-C) and SIGTERM (what schedulers send before they kill) stop gracefully:
+    # finish the batch, save last.ckpt, export, emit "done"; a second signal stops at once. The callback puts
+    # our handler back after Lightning installs its own SIGTERM handler (which would abort without exporting).
+    stop = GracefulStop(cancel)
+    kwargs = dict(resume=resume, device=device, output=out, cancel=cancel, callbacks=[stop])
     try:
-        if json_progress:
-            cancel = threading.Event()
+        with stop:
+            if json_progress:
 
-            def on_event(event: dict) -> None:
-                typer.echo(json.dumps(event, default=str))
-                sys.stdout.flush()
+                def on_event(event: dict) -> None:
+                    typer.echo(json.dumps(event, default=str))
+                    sys.stdout.flush()
 
-            # a GUI stops the run with SIGINT: finish the batch, save last.ckpt, export, emit "done"
-            # (SIGTERM stays Lightning's: it aborts the run with SIGTERMException, nothing exported)
-            signal.signal(signal.SIGINT, lambda *_: cancel.set())
-            try:
-                result = run_recipe(recipe, set_, cancel=cancel, on_event=on_event, **kwargs)
-            except KeyboardInterrupt:
-                cancel.set()
-                raise Cancelled("training cancelled by the user") from None
-        else:
-            with cli_progress("train") as (progress, cancel):
-                result = run_recipe(recipe, set_, progress=progress, cancel=cancel, **kwargs)
+                result = run_recipe(recipe, set_, on_event=on_event, **kwargs)
+            else:
+                with cli_progress("train") as (progress, _):
+                    result = run_recipe(recipe, set_, progress=progress, **kwargs)
     except PathFMError as exc:
         _fail(exc)
+    # stopped by a signal: exit 128 + signal (SIGTERM 143), so schedulers and scripts can tell; the panel's
+    # Stop (SIGINT with --json-progress) is a normal end of its run: 0
+    code = 0 if json_progress and stop.received == signal.SIGINT else stop.exit_code()
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     if getattr(rank_zero_only, "rank", 0) != 0:  # DDP: the other ranks ran the same command; rank 0 reports
-        return
+        raise typer.Exit(code)
     summary = {
         "checkpoint": str(result.checkpoint),
         "best_metrics": result.best_metrics,
@@ -163,6 +165,8 @@ def train(
         typer.echo(json.dumps({"event": "summary", **summary}, default=str))
     else:
         typer.echo(json.dumps(summary, indent=2, default=str))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -21,9 +21,10 @@ import inspect
 import json
 import logging
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,7 +36,7 @@ from ..models.weights import load_into, load_state_dict_file
 from .callbacks import EngineCallback, TrainEvent, floats
 from .recipes import FAMILIES, Recipe, load_recipe
 
-__all__ = ["run_recipe", "TrainResult", "TrainEvent", "EngineCallback"]
+__all__ = ["EngineCallback", "TrainEvent", "TrainResult", "run_recipe"]
 
 
 @dataclass
@@ -136,6 +137,7 @@ def run_recipe(
     device: str = "auto",
     output: str | Path | None = None,
     on_event: Callable[[dict], Any] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Train what ``recipe`` describes and export the best weights.
 
@@ -161,6 +163,9 @@ def run_recipe(
         Output folder; overrides the recipe's ``output`` (default ``runs/<recipe>``).
     on_event : callable, optional
         Receives every :class:`TrainEvent`.
+    callbacks : sequence of lightning Callback, optional
+        Added to the trainer's (e.g. :class:`~napari_pathfm.training.signals.GracefulStop`,
+        which makes SIGTERM a graceful stop like ``cancel``).
 
     Returns
     -------
@@ -171,7 +176,7 @@ def run_recipe(
     out.mkdir(parents=True, exist_ok=True)
     events = EngineCallback(progress, cancel, on_event, out / "events.jsonl")
     try:
-        return _run(recipe, out, events, resume, device, progress is not None or on_event is not None)
+        return _run(recipe, out, events, resume, device, progress is not None or on_event is not None, callbacks)
     except BaseException as exc:
         events.emit({"event": "error", "message": f"{type(exc).__name__}: {exc}"})
         raise
@@ -230,13 +235,15 @@ def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches:
     )
 
 
-def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool) -> TrainResult:
+def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool,
+         extra_callbacks: Sequence[Any] = ()) -> TrainResult:  # fmt: skip
     L.seed_everything(recipe.get("seed"), workers=True, verbose=False)
     task, data, card = _build(recipe)
     (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     if hasattr(data, "save_split"):
         data.save_split(out / "split.json")
     callbacks, ckpt, stopper = _callbacks(recipe, data, events)
+    callbacks += list(extra_callbacks)
     last = out / "last.ckpt"
     ckpt_path = last if resume and last.is_file() else None
     if ckpt_path is not None:
