@@ -128,3 +128,32 @@ def test_pathsam2_paper_configuration_runs_at_1024_under_bf16():
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 1024, 1024, device="cuda"))
     assert out["logits"].shape == (1, 2, 1024, 1024) and torch.isfinite(out["logits"]).all()
+
+
+def test_embedding_cache_on_cuda_gives_the_uncached_answer_and_is_keyed_by_precision(tmp_path):
+    """Segment and classify the bundled slide on CUDA (bf16 autocast) with and without the cache:
+    the cached second run equals the uncached one, and CPU float32 runs get their own entries."""
+    import numpy as np
+
+    from napari_pathfm.checkpoints import BUNDLED_MODELS
+    from napari_pathfm.demo import demo_classify_checkpoint
+    from napari_pathfm.pipelines.classify import classify_slide
+    from napari_pathfm.pipelines.segment import segment_slide
+    from napari_pathfm.tiles.embedding_cache import EmbeddingCache
+
+    slide = BUNDLED_MODELS.parent / "CMU-1-Small-Region.svs"
+    cache = EmbeddingCache(tmp_path / "cache")
+    ref = segment_slide(slide, device="cuda", cache=False)
+    cold = segment_slide(slide, device="cuda", cache=cache)
+    warm = segment_slide(slide, device="cuda", cache=cache)
+    assert warm.cache["tiles_from_cache"] == ref.n_tiles and warm.cache["tiles_encoded"] == 0
+    assert np.mean(np.asarray(warm.labels) == np.asarray(ref.labels)) > 0.999
+    np.testing.assert_array_equal(np.asarray(cold.labels), np.asarray(ref.labels))
+    c_ref = classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=False)
+    classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=cache)
+    c_warm = classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=cache)
+    assert c_warm.cache["tiles_from_cache"] == c_ref.n_tiles
+    np.testing.assert_allclose(c_warm.probabilities, c_ref.probabilities, atol=2e-2)
+    n_entries = len(cache.entries())
+    assert segment_slide(slide, device="cpu", cache=cache).cache["tiles_encoded"] == ref.n_tiles
+    assert len(cache.entries()) == n_entries + 1

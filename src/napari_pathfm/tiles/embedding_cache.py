@@ -13,7 +13,9 @@ first.
 
 Layout: ``ROOT/<slide stem>-<signature>/<encoder>-<key hash>.zarr`` holds ``key.json``'s
 content in its attributes, one array per encoder output with a row per stored tile
-(``(slots, *shape)``, float32, appended batch by batch) and ``index``, ``(rows, cols)``
+(``(rows × cols, *shape)``, float32, uncompressed: encoder outputs hardly compress and decompressing
+would cost more than the encoder of a small model; filled in the order tiles are stored, so a batch
+is one contiguous write) and ``index``, ``(rows, cols)``
 int32 over the full tile grid giving each tile's row (``-1`` = not stored). Rows are
 written before the index points to them and zarr writes every chunk to a temporary file
 that is renamed into place, so a crash or cancel leaves at worst unused rows; nothing half
@@ -302,6 +304,7 @@ class CacheEntry:
         self.cache, self.path, self.key, self.grid_shape = cache, path, key, grid_shape
         self._group = None
         self._index: Optional[np.ndarray] = None
+        self._next = 0
         self._locked = False
         self.added = 0
         self.read_tiles = 0
@@ -326,6 +329,7 @@ class CacheEntry:
                 shutil.rmtree(self.path, ignore_errors=True)
             return
         self._group, self._index = group, index
+        self._next = int(index.max()) + 1 if index.size else 0
 
     def _lock(self) -> bool:
         """Take the write lock (once); False when another live process holds it."""
@@ -392,15 +396,16 @@ class CacheEntry:
         group = self._group
         if sorted(arrays) != sorted(group.attrs["outputs"]):
             raise ValueError(f"outputs {sorted(arrays)} differ from the stored {sorted(group.attrs['outputs'])}")
-        start = None
+        start = self._next
         for name, a in arrays.items():
             arr = group[name]
             if tuple(arr.shape[1:]) != a.shape[1:]:
                 raise ValueError(f"output {name!r} has shape {a.shape[1:]}, stored {tuple(arr.shape[1:])}")
-            start = arr.shape[0] if start is None else start
-            arr.resize((start + b, *arr.shape[1:]))
+            if start + b > arr.shape[0]:
+                raise ValueError("more tiles than the grid has: tiles stored twice?")
             arr[start : start + b] = a
         self._index[tile_index[:, 0], tile_index[:, 1]] = np.arange(start, start + b, dtype=np.int32)
+        self._next = start + b
         index = group[INDEX]
         r0, r1 = int(tile_index[:, 0].min()), int(tile_index[:, 0].max()) + 1
         index[r0:r1] = self._index[r0:r1]  # after the rows it points to
@@ -412,16 +417,17 @@ class CacheEntry:
 
         shutil.rmtree(self.path / INDEX, ignore_errors=True)
         group = zarr.open_group(str(self.path), mode="a")
+        capacity = self.grid_shape[0] * self.grid_shape[1]  # unwritten chunks take no space
         for name, a in arrays.items():
             per_tile = max(1, int(np.prod(a.shape[1:])) * 4)
             rows = int(min(256, max(1, CHUNK_BYTES // per_tile)))
-            group.create_array(name, shape=(0, *a.shape[1:]), chunks=(rows, *a.shape[1:]), dtype="float32",
-                               overwrite=True)  # fmt: skip
+            group.create_array(name, shape=(capacity, *a.shape[1:]), chunks=(rows, *a.shape[1:]), dtype="float32",
+                               compressors=None, overwrite=True)  # fmt: skip
         rows, cols = self.grid_shape
         index = group.create_array(INDEX, shape=(rows, cols), chunks=(min(rows, 1024), min(cols, 1024)),
                                    dtype="int32", fill_value=-1, overwrite=True)  # fmt: skip
         group.attrs.update({"key": self.key, "outputs": sorted(arrays)})
-        self._group, self._index = group, np.full((rows, cols), -1, np.int32)
+        self._group, self._index, self._next = group, np.full((rows, cols), -1, np.int32), 0
         del index
 
     def close(self) -> None:
