@@ -63,7 +63,7 @@ def _segment(path, model_card, cache, **kw):
 
 def test_second_segment_run_skips_encoder_and_pixels_with_identical_mask(slide_copy, segmenter, tmp_path):
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     reference = _segment(slide_copy, (model, card), False)
     calls = EncoderCalls(model.trunk.patch_embed)
     try:
@@ -98,7 +98,7 @@ def test_key_follows_slide_file_and_encoder_weights_but_not_the_decoder(slide_co
     import copy
 
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     n = _segment(slide_copy, (model, card), cache).n_tiles
 
     retrained_decoder = copy.deepcopy(model)
@@ -123,7 +123,7 @@ def test_key_follows_slide_file_and_encoder_weights_but_not_the_decoder(slide_co
 
 def test_tile_geometry_is_in_the_key_and_subsets_reuse_stored_tiles(cmu_small, segmenter, tmp_path):
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     few = _segment(cmu_small, (model, card), cache, min_tissue=0.6)
     full = _segment(cmu_small, (model, card), cache, min_tissue=0.0)
     assert 0 < few.n_tiles < full.n_tiles
@@ -137,7 +137,7 @@ def test_tile_geometry_is_in_the_key_and_subsets_reuse_stored_tiles(cmu_small, s
 
 def test_cancelled_run_keeps_what_it_stored_and_the_next_run_finishes(slide_copy, segmenter, tmp_path):
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
 
     def stop_after_first_batch(done, total, msg=""):
         if "segmenting" in msg and done >= 8:
@@ -159,7 +159,7 @@ def test_entry_locked_by_a_live_process_is_read_not_written_and_dead_locks_are_t
     import socket
 
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     first = _segment(slide_copy, (model, card), cache, min_tissue=0.6)
     (entry,) = cache.entries()
     lock = entry.path / LOCK
@@ -176,7 +176,7 @@ def test_entry_locked_by_a_live_process_is_read_not_written_and_dead_locks_are_t
 
 def test_damaged_entry_is_rebuilt(slide_copy, segmenter, tmp_path, caplog):
     model, card = segmenter
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     n = _segment(slide_copy, (model, card), cache).n_tiles
     (entry,) = cache.entries()
     (entry.path / "index" / "zarr.json").write_text("{not json")
@@ -188,9 +188,9 @@ def test_damaged_entry_is_rebuilt(slide_copy, segmenter, tmp_path, caplog):
 def test_size_cap_removes_least_recently_used_entries(cmu_small, slide_copy, segmenter, tmp_path):
     model, card = segmenter
     root = tmp_path / "cache"
-    _segment(slide_copy, (model, card), EmbeddingCache(root))
-    (old,) = EmbeddingCache(root).entries()
-    small = EmbeddingCache(root, max_bytes=old.bytes + 1000)  # room for about one entry
+    _segment(slide_copy, (model, card), EmbeddingCache(root, always_store=True))
+    (old,) = EmbeddingCache(root, always_store=True).entries()
+    small = EmbeddingCache(root, max_bytes=old.bytes + 1000, always_store=True)  # room for about one entry
     _segment(cmu_small, (model, card), small)
     entries = small.entries()
     assert [e.slide for e in entries] == [str(cmu_small.resolve())]
@@ -214,7 +214,7 @@ def test_features_and_mil_prediction_reuse_extractor_outputs(cmu_small, tmp_path
     from napari_pathfm.pipelines.features import extract_features, read_features
     from napari_pathfm.pipelines.mil import mil_predict
 
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     ckpt = demo_mil_checkpoint()
     with open_slide(cmu_small) as s:
         first = mil_predict(ckpt, slide=s, device="cpu", cache=cache)
@@ -239,13 +239,14 @@ def test_classify_reuses_the_sam_taps_of_slca(cmu_small, tmp_path):
     from napari_pathfm.demo import demo_classify_checkpoint
     from napari_pathfm.pipelines.classify import classify_slide
 
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     ckpt = demo_classify_checkpoint()
     ref = classify_slide(cmu_small, ckpt, device="cpu", cache=False)
     first = classify_slide(cmu_small, ckpt, device="cpu", cache=cache)
     second = classify_slide(cmu_small, ckpt, device="cpu", cache=cache)
     assert first.cache["tiles_encoded"] == ref.n_tiles > 0
-    assert second.cache == {**first.cache, "tiles_encoded": 0, "tiles_from_cache": ref.n_tiles}
+    assert second.cache["cache"] == first.cache["cache"] and first.cache["storing"] == "stored (always_store)"
+    assert second.cache["tiles_encoded"] == 0 and second.cache["tiles_from_cache"] == ref.n_tiles
     np.testing.assert_array_equal(first.probabilities, ref.probabilities)
     np.testing.assert_allclose(second.probabilities, ref.probabilities, rtol=0, atol=1e-6)
     assert cache.entries()[0].encoder.startswith("sam:")
@@ -254,11 +255,45 @@ def test_classify_reuses_the_sam_taps_of_slca(cmu_small, tmp_path):
 def test_cache_cli_lists_and_clears(slide_copy, segmenter, tmp_path):
     model, card = segmenter
     root = tmp_path / "cache"
-    _segment(slide_copy, (model, card), EmbeddingCache(root))
+    _segment(slide_copy, (model, card), EmbeddingCache(root, always_store=True))
     run = [sys.executable, "-m", "napari_pathfm.cli", "cache"]
     out = subprocess.run([*run, "list", "--dir", str(root), "--json"], capture_output=True, text=True, check=True)
     listed = json.loads(out.stdout)
     assert [e["slide"] for e in listed["entries"]] == [str(slide_copy.resolve())] and listed["bytes"] > 0
     out = subprocess.run([*run, "clear", "--dir", str(root), "--slide", str(slide_copy)], capture_output=True,
                          text=True, check=True)  # fmt: skip
-    assert "removed 1 entries" in out.stdout and EmbeddingCache(root).entries() == []
+    assert "removed 1 entries" in out.stdout and EmbeddingCache(root, always_store=True).entries() == []
+
+
+class BigCheapEncoder(torch.nn.Module):
+    """An encoder whose output is cheap to compute but large (1 MB per tile): not worth storing."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def embedding_spec(self):
+        return {"name": "big-cheap", "modules": [self], "config": {}}
+
+    def encode(self, x):
+        return {"map": self.w * torch.ones(x.shape[0], 256, 32, 32)}
+
+    def decode(self, x, encoded):
+        return encoded["map"].mean((1, 2, 3))
+
+
+def test_outputs_cheaper_to_recompute_than_to_store_are_not_cached(cmu_small, tmp_path):
+    from napari_pathfm.io import open_slide
+    from napari_pathfm.tiles import tile_grid
+    from napari_pathfm.tiles.cached_encoder import CachedEncoder
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    with open_slide(cmu_small) as slide:
+        grid = tile_grid(slide, 64)
+        with CachedEncoder(BigCheapEncoder(), slide, grid, cache=cache, preprocess={}) as enc:
+            for i in range(0, 64, 8):
+                idx = np.arange(i, i + 8)
+                out = enc(idx, torch.zeros(8, 3, 64, 64), "cpu")
+                assert out["map"].shape == (8, 256, 32, 32)
+    assert enc.decision.startswith("not stored") and enc.computed == 64
+    assert cache.entries() == [] and not enc.entry.path.exists()

@@ -142,18 +142,18 @@ def test_embedding_cache_on_cuda_gives_the_uncached_answer_and_is_keyed_by_preci
     from napari_pathfm.tiles.embedding_cache import EmbeddingCache
 
     slide = BUNDLED_MODELS.parent / "CMU-1-Small-Region.svs"
-    cache = EmbeddingCache(tmp_path / "cache")
+    cache = EmbeddingCache(tmp_path / "cache", always_store=True)  # these small models are cheaper to recompute
     ref = segment_slide(slide, device="cuda", cache=False)
     cold = segment_slide(slide, device="cuda", cache=cache)
     warm = segment_slide(slide, device="cuda", cache=cache)
     assert warm.cache["tiles_from_cache"] == ref.n_tiles and warm.cache["tiles_encoded"] == 0
-    assert np.mean(np.asarray(warm.labels) == np.asarray(ref.labels)) > 0.999
+    np.testing.assert_array_equal(np.asarray(warm.labels), np.asarray(ref.labels))  # bf16 outputs kept bit for bit
     np.testing.assert_array_equal(np.asarray(cold.labels), np.asarray(ref.labels))
     c_ref = classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=False)
     classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=cache)
     c_warm = classify_slide(slide, demo_classify_checkpoint(), device="cuda", cache=cache)
     assert c_warm.cache["tiles_from_cache"] == c_ref.n_tiles
-    np.testing.assert_allclose(c_warm.probabilities, c_ref.probabilities, atol=2e-2)
+    np.testing.assert_allclose(c_warm.probabilities, c_ref.probabilities, atol=1e-6)
     n_entries = len(cache.entries())
     assert segment_slide(slide, device="cpu", cache=cache).cache["tiles_encoded"] == ref.n_tiles
     assert len(cache.entries()) == n_entries + 1

@@ -17,15 +17,19 @@ model runs unchanged through ``forward``.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import numpy as np
 
-from .embedding_cache import resolve_cache, weights_sha256
+from .embedding_cache import as_tensor, resolve_cache, weights_sha256
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CachedEncoder", "encoder_key", "stored_batches"]
+
+#: Tiles timed (after the first batch) before deciding whether storing pays off.
+MIN_TILES = 8
 
 
 def encoder_key(spec: dict, preprocess: dict, precision: Optional[str]) -> dict:
@@ -62,6 +66,9 @@ class CachedEncoder:
         self.entry = None
         self.rows: Optional[np.ndarray] = None
         self.computed = self.reused = 0
+        self.decision: Optional[str] = None
+        self._batches, self._timed, self._encode_s, self._store_s = 0, 0, 0.0, 0.0
+        self._rows_before = 0
         spec = model.embedding_spec() if hasattr(model, "embedding_spec") and hasattr(model, "decode") else None
         self.protocol = spec is not None
         store = resolve_cache(cache) if spec is not None and len(grid) else None
@@ -69,6 +76,7 @@ class CachedEncoder:
             try:
                 self.entry = store.open(slide, grid, encoder_key(spec, preprocess, precision))
                 self.rows = self.entry.lookup(grid.tile_index)
+                self._rows_before = int((self.rows >= 0).sum())
             except OSError as exc:
                 log.warning("embedding cache %s is not usable (%s): computing every tile", store.root, exc)
                 self.entry, self.rows = None, None
@@ -105,24 +113,55 @@ class CachedEncoder:
         hit = rows >= 0
         if hit.all():
             self.reused += len(indices)
-            return {k: torch.from_numpy(v).to(device) for k, v in self.entry.read(rows).items()}
+            dtypes = self.entry.dtypes
+            return {k: as_tensor(v, dtypes[k], device) for k, v in self.entry.read(rows).items()}
         if x is None:
             raise ValueError("tiles that are not in the embedding cache need their pixels")
+        t0 = time.perf_counter()
         fresh = self.model.encode(x[torch.as_tensor(~hit, device=x.device)] if hit.any() else x)
-        self._store(indices[~hit], fresh)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)  # time the encoder, not its launch
+        t1 = time.perf_counter()
+        if self.entry.writable:
+            self._store(indices[~hit], fresh)
+            self._weigh(t1 - t0, time.perf_counter() - t1, int((~hit).sum()))
         self.computed += int((~hit).sum())
         if not hit.any():
             return fresh
         self.reused += int(hit.sum())
-        cached = self.entry.read(rows[hit])
+        cached, dtypes = self.entry.read(rows[hit]), self.entry.dtypes
         hit_t = torch.as_tensor(hit, device=device)
         out = {}
         for k, v in fresh.items():
-            full = torch.empty((len(indices), *v.shape[1:]), dtype=torch.float32, device=device)
-            full[~hit_t] = v.float().to(device)
-            full[hit_t] = torch.from_numpy(cached[k]).to(device)
+            c = as_tensor(cached[k], dtypes[k], device)
+            full = torch.empty((len(indices), *v.shape[1:]), dtype=c.dtype, device=device)
+            full[~hit_t] = v.to(device, c.dtype)
+            full[hit_t] = c
             out[k] = full
         return out
+
+    def _weigh(self, encode_s: float, store_s: float, n: int) -> None:
+        """Stop storing when writing the outputs costs more than computing them (a fast GPU and a big
+        encoder output, e.g. UNI's 1024 x 64 x 64 map): reading them back would not be faster either.
+        The first batch (warm-up) is not counted; the decision is made once, after MIN_TILES tiles."""
+        self._batches += 1
+        if self.entry.cache.always_store:
+            self.decision = "stored (always_store)"
+        if self._batches == 1 or self.decision is not None:
+            return
+        self._encode_s, self._store_s, self._timed = self._encode_s + encode_s, self._store_s + store_s, self._timed + n
+        if self._timed < MIN_TILES:
+            return
+        enc, st = 1e3 * self._encode_s / self._timed, 1e3 * self._store_s / self._timed
+        if st <= enc:
+            self.decision = f"stored: {st:.1f} ms per tile to store, {enc:.1f} ms to encode"
+            return
+        self.decision = f"not stored: {st:.1f} ms per tile to store, {enc:.1f} ms to encode"
+        log.info("embedding cache: %s (cheaper to recompute)", self.decision)
+        if self._rows_before == 0:
+            self.entry.discard()  # nothing of an earlier run in it: leave no partial entry
+        else:
+            self.entry.writable = False
 
     def _store(self, indices: np.ndarray, fresh: dict) -> None:
         try:
@@ -137,6 +176,7 @@ class CachedEncoder:
             "cache": str(self.entry.path) if self.entry is not None else None,
             "tiles_encoded": self.computed,
             "tiles_from_cache": self.reused,
+            "storing": self.decision,
         }
 
     def close(self) -> None:

@@ -11,12 +11,12 @@ compute precision) and the tile geometry (level, read size, tile size, overlap, 
 µm/px). An entry is shared by every pipeline that asks for the same key, whichever asked
 first.
 
-Layout: ``ROOT/<slide stem>-<signature>/<encoder>-<key hash>.zarr`` holds ``key.json``'s
-content in its attributes, one array per encoder output with a row per stored tile
-(``(rows × cols, *shape)``, float32, uncompressed: encoder outputs hardly compress and decompressing
-would cost more than the encoder of a small model; filled in the order tiles are stored, so a batch
-is one contiguous write) and ``index``, ``(rows, cols)``
-int32 over the full tile grid giving each tile's row (``-1`` = not stored). Rows are
+Layout: ``ROOT/<slide stem>-<signature>/<encoder>-<key hash>.zarr`` holds the key in its
+attributes, ``data``, one row of bytes per stored tile holding all its encoder outputs packed
+(their names, dtypes, shapes and offsets are in the attributes; bfloat16 kept as its bits, so a
+cached output is bit for bit what the encoder gave; uncompressed: encoder outputs hardly compress
+and one write per batch keeps storing cheap), filled in the order tiles are stored, and ``index``,
+``(rows, cols)`` int32 over the full tile grid giving each tile's row (``-1`` = not stored). Rows are
 written before the index points to them and zarr writes every chunk to a temporary file
 that is renamed into place, so a crash or cancel leaves at worst unused rows; nothing half
 written is ever read. One process writes an entry at a time (a lock file with host and
@@ -49,6 +49,7 @@ __all__ = ["EmbeddingCache", "CacheEntry", "EntryInfo", "resolve_cache", "weight
 
 FORMAT = "pathfm-tile-embeddings/1"
 INDEX = "index"
+DATA = "data"
 LOCK = ".lock"
 USED = ".last-used"
 #: Target bytes of one zarr chunk of an output array (rows of several tiles per chunk when they are small).
@@ -165,11 +166,15 @@ class EmbeddingCache:
     max_bytes : int, optional
         Size cap; after a run adds rows, least recently used entries are deleted until the
         cache is below it (default ``$PATHFM_CACHE_MAX_GB``, 50 GB).
+    always_store : bool
+        Store every encoded tile, even when storing takes longer than encoding (by default a run
+        stops storing then; see :class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder`).
     """
 
-    def __init__(self, root: Optional[PathLike] = None, max_bytes: Optional[int] = None):
+    def __init__(self, root: Optional[PathLike] = None, max_bytes: Optional[int] = None, always_store: bool = False):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.max_bytes = _max_bytes() if max_bytes is None else int(max_bytes)
+        self.always_store = bool(always_store)
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.root)!r})"
@@ -366,19 +371,23 @@ class CacheEntry:
         return self._index[tile_index[:, 0], tile_index[:, 1]].astype(np.int64)
 
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Stored outputs of the tiles at ``rows`` (from :meth:`lookup`, all ≥ 0), in that order."""
+        """Stored outputs of the tiles at ``rows`` (from :meth:`lookup`, all ≥ 0), in that order, as numpy
+        arrays of their storage dtype (:func:`as_tensor` turns them back into the encoder's tensors)."""
         rows = np.asarray(rows, np.int64)
         if self._group is None or (rows < 0).any():
             raise KeyError("asked for tiles that are not stored")
         order = np.argsort(rows, kind="stable")
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        out = {}
-        for name in self._group.attrs["outputs"]:
-            arr = self._group[name]
-            out[name] = arr.oindex[rows[order]][back] if len(rows) else np.empty((0, *arr.shape[1:]), arr.dtype)
+        raw = self._group[DATA].oindex[rows[order]][back] if len(rows) else None
         self.read_tiles += len(rows)
-        return out
+        return _unpack(raw, self._group.attrs["layout"], len(rows))
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """Torch dtype name of each stored output (``bfloat16`` outputs are stored as their int16 bits)."""
+        layout = self._group.attrs["layout"] if self._group is not None else []
+        return {item["name"]: item["dtype"] for item in layout}
 
     # -- writing ----------------------------------------------------------------------------
     def append(self, tile_index: np.ndarray, outputs: dict[str, Any]) -> bool:
@@ -386,24 +395,23 @@ class CacheEntry:
         if not self._lock():
             return False
         tile_index = np.asarray(tile_index, np.int64).reshape(-1, 2)
-        arrays = {k: _to_numpy(v) for k, v in outputs.items()}
+        self._open_existing()
+        want = self.dtypes
+        arrays, dtypes = {}, {}
+        for k, v in outputs.items():
+            arrays[k], dtypes[k] = _to_numpy(v, want.get(k))
         b = len(tile_index)
         if any(a.shape[0] != b for a in arrays.values()):
             raise ValueError("every output needs one row per tile")
-        self._open_existing()
         if self._group is None:
-            self._create(arrays)
+            self._create(arrays, dtypes)
         group = self._group
-        if sorted(arrays) != sorted(group.attrs["outputs"]):
-            raise ValueError(f"outputs {sorted(arrays)} differ from the stored {sorted(group.attrs['outputs'])}")
+        packed = _pack(arrays, group.attrs["layout"], b)
         start = self._next
-        for name, a in arrays.items():
-            arr = group[name]
-            if tuple(arr.shape[1:]) != a.shape[1:]:
-                raise ValueError(f"output {name!r} has shape {a.shape[1:]}, stored {tuple(arr.shape[1:])}")
-            if start + b > arr.shape[0]:
-                raise ValueError("more tiles than the grid has: tiles stored twice?")
-            arr[start : start + b] = a
+        data = group[DATA]
+        if start + b > data.shape[0]:
+            raise ValueError("more tiles than the grid has: tiles stored twice?")
+        data[start : start + b] = packed
         self._index[tile_index[:, 0], tile_index[:, 1]] = np.arange(start, start + b, dtype=np.int32)
         self._next = start + b
         index = group[INDEX]
@@ -412,23 +420,33 @@ class CacheEntry:
         self.added += b
         return True
 
-    def _create(self, arrays: dict[str, np.ndarray]) -> None:
+    def _create(self, arrays: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
         import zarr
 
         shutil.rmtree(self.path / INDEX, ignore_errors=True)
         group = zarr.open_group(str(self.path), mode="a")
+        layout, offset = [], 0
+        for name in sorted(arrays):
+            a = arrays[name]
+            layout.append({"name": name, "dtype": dtypes[name], "storage": a.dtype.str, "shape": list(a.shape[1:]),
+                           "offset": offset, "nbytes": int(a[0].nbytes) if len(a) else 0})  # fmt: skip
+            offset += layout[-1]["nbytes"]
         capacity = self.grid_shape[0] * self.grid_shape[1]  # unwritten chunks take no space
-        for name, a in arrays.items():
-            per_tile = max(1, int(np.prod(a.shape[1:])) * 4)
-            rows = int(min(256, max(1, CHUNK_BYTES // per_tile)))
-            group.create_array(name, shape=(capacity, *a.shape[1:]), chunks=(rows, *a.shape[1:]), dtype="float32",
-                               compressors=None, overwrite=True)  # fmt: skip
+        per_chunk = int(min(256, max(1, CHUNK_BYTES // max(1, offset))))
+        group.create_array(DATA, shape=(capacity, offset), chunks=(per_chunk, offset), dtype="uint8",
+                           compressors=None, overwrite=True)  # fmt: skip
         rows, cols = self.grid_shape
-        index = group.create_array(INDEX, shape=(rows, cols), chunks=(min(rows, 1024), min(cols, 1024)),
-                                   dtype="int32", fill_value=-1, overwrite=True)  # fmt: skip
-        group.attrs.update({"key": self.key, "outputs": sorted(arrays)})
+        group.create_array(INDEX, shape=(rows, cols), chunks=(min(rows, 1024), min(cols, 1024)), dtype="int32",
+                           fill_value=-1, overwrite=True)  # fmt: skip
+        group.attrs.update({"key": self.key, "layout": layout})
         self._group, self._index, self._next = group, np.full((rows, cols), -1, np.int32), 0
-        del index
+
+    def discard(self) -> None:
+        """Delete this entry (when this process holds its lock) and store nothing more in this run."""
+        if self._locked:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._locked, self._group, self._index = False, None, None
+        self.writable = False
 
     def close(self) -> None:
         """Release the write lock, mark the entry used now, and trim the cache to its cap."""
@@ -452,7 +470,55 @@ class CacheEntry:
         self.close()
 
 
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):
-        v = v.detach().float().cpu().numpy()
-    return np.ascontiguousarray(v, dtype=np.float32)
+_STORED = {"float32": "float32", "float16": "float16", "bfloat16": "int16"}
+
+
+def _to_numpy(v: Any, want: Optional[str] = None) -> tuple[np.ndarray, str]:
+    """``(array to store, torch dtype name)``: float32 and float16 as they are, bfloat16 as its int16
+    bits (numpy has no bfloat16), so a cached output is bit for bit the one the encoder gave."""
+    if not hasattr(v, "detach"):
+        return np.ascontiguousarray(v, dtype=np.float32), "float32"
+    import torch
+
+    v = v.detach()
+    name = want or {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(v.dtype, "float32")
+    v = v.to(getattr(torch, name)).cpu().contiguous()
+    if name == "bfloat16":
+        return v.view(torch.int16).numpy(), name
+    return v.numpy(), name
+
+
+def _pack(arrays: dict[str, np.ndarray], layout: list, b: int) -> np.ndarray:
+    """``(b, bytes per tile)`` uint8 rows holding every output of ``layout`` side by side."""
+    if sorted(arrays) != sorted(item["name"] for item in layout):
+        raise ValueError(f"outputs {sorted(arrays)} differ from the stored {[item['name'] for item in layout]}")
+    rows = np.empty((b, sum(item["nbytes"] for item in layout)), np.uint8)
+    for item in layout:
+        a = arrays[item["name"]]
+        if list(a.shape[1:]) != item["shape"] or a.dtype.str != item["storage"]:
+            raise ValueError(f"output {item['name']!r} is {a.dtype} {a.shape[1:]}, stored {item['storage']} "
+                             f"{tuple(item['shape'])}")  # fmt: skip
+        rows[:, item["offset"] : item["offset"] + item["nbytes"]] = np.ascontiguousarray(a).reshape(b, -1).view(np.uint8)
+    return rows
+
+
+def _unpack(raw: Optional[np.ndarray], layout: list, b: int) -> dict[str, np.ndarray]:
+    out = {}
+    for item in layout:
+        dt = np.dtype(item["storage"])
+        if raw is None:
+            out[item["name"]] = np.empty((0, *item["shape"]), dt)
+            continue
+        part = np.ascontiguousarray(raw[:, item["offset"] : item["offset"] + item["nbytes"]])
+        out[item["name"]] = part.view(dt).reshape(b, *item["shape"])
+    return out
+
+
+def as_tensor(a: np.ndarray, dtype_name: str, device: Any):
+    """A stored array back as the torch tensor the encoder gave (see :func:`_to_numpy`)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if dtype_name == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(device)
