@@ -141,7 +141,7 @@ def main() -> None:
             cache = EmbeddingCache(root)
             t_off, (ref, n) = _timed(fn, False, args.device)
             t_cold, _ = _timed(fn, cache, args.device)
-            stored = bool(cache.entries())
+            stored = any(e.tiles for e in cache.entries())
             t_warm, (res, _) = _timed(fn, cache, args.device)
             off.append(t_off), cold.append(t_cold), warm.append(t_warm)
             diff = max(diff, float(np.abs(res.astype(np.float64) - ref).max()) if ref.size else 0.0)

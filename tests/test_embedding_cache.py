@@ -296,4 +296,23 @@ def test_outputs_cheaper_to_recompute_than_to_store_are_not_cached(cmu_small, tm
                 out = enc(idx, torch.zeros(8, 3, 64, 64), "cpu")
                 assert out["map"].shape == (8, 256, 32, 32)
     assert enc.decision.startswith("not stored") and enc.computed == 64
-    assert cache.entries() == [] and not enc.entry.path.exists()
+    assert [e.tiles for e in cache.entries()] == [0], "only the decision is kept"
+
+
+def test_a_declined_key_is_remembered(cmu_small, tmp_path):
+    from napari_pathfm.io import open_slide
+    from napari_pathfm.tiles import tile_grid
+    from napari_pathfm.tiles.cached_encoder import CachedEncoder
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    model = BigCheapEncoder()
+    with open_slide(cmu_small) as slide:
+        grid = tile_grid(slide, 64)
+        for _ in range(2):
+            with CachedEncoder(model, slide, grid, cache=cache, preprocess={}) as enc:
+                for i in range(0, 32, 8):
+                    enc(np.arange(i, i + 8), torch.zeros(8, 3, 64, 64), "cpu")
+        assert enc.decision.startswith("not stored") and enc._batches == 0, "the second run timed nothing"
+    (entry,) = cache.entries()
+    assert entry.tiles == 0 and entry.bytes < 10_000
+    assert len(cache.clear()) == 1 and cache.entries() == []

@@ -404,11 +404,13 @@ class SLCAClassifier(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(x, self.sam_features(x))
+        return self.decode(x, self.encode(x))
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`sam_features` with string keys (``"patch_embed"``, ``"neck"``, ``"3"``): what the cache stores."""
-        return {str(k): v for k, v in self.sam_features(x).items()}
+        """:meth:`sam_features` with string keys (``"patch_embed"``, ``"neck"``, ``"3"``): what the cache stores.
+
+        Contiguous, so that fresh and cached taps take the same kernels (and give the same rounding)."""
+        return {str(k): v.contiguous() for k, v in self.sam_features(x).items()}
 
     def embedding_spec(self) -> dict:
         """What the tile-embedding cache keys on: the SAM encoder (by weights hash) and the taps used."""

@@ -77,6 +77,7 @@ class CachedEncoder:
                 self.entry = store.open(slide, grid, encoder_key(spec, preprocess, precision))
                 self.rows = self.entry.lookup(grid.tile_index)
                 self._rows_before = int((self.rows >= 0).sum())
+                self.decision = self.entry.declined  # an earlier run found storing slower than encoding
             except OSError as exc:
                 log.warning("embedding cache %s is not usable (%s): computing every tile", store.root, exc)
                 self.entry, self.rows = None, None
@@ -119,8 +120,8 @@ class CachedEncoder:
             raise ValueError("tiles that are not in the embedding cache need their pixels")
         t0 = time.perf_counter()
         fresh = self.model.encode(x[torch.as_tensor(~hit, device=x.device)] if hit.any() else x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)  # time the encoder, not its launch
+        if x.device.type == "cuda" and self.entry.writable and self.decision is None:
+            torch.cuda.synchronize(x.device)  # time the encoder, not its launch (only until decided)
         t1 = time.perf_counter()
         if self.entry.writable:
             self._store(indices[~hit], fresh)
@@ -158,10 +159,7 @@ class CachedEncoder:
             return
         self.decision = f"not stored: {st:.1f} ms per tile to store, {enc:.1f} ms to encode"
         log.info("embedding cache: %s (cheaper to recompute)", self.decision)
-        if self._rows_before == 0:
-            self.entry.discard()  # nothing of an earlier run in it: leave no partial entry
-        else:
-            self.entry.writable = False
+        self.entry.decline(self.decision, discard=self._rows_before == 0)
 
     def _store(self, indices: np.ndarray, fresh: dict) -> None:
         try:

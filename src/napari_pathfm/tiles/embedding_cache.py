@@ -310,6 +310,7 @@ class CacheEntry:
         self._group = None
         self._index: Optional[np.ndarray] = None
         self._next = 0
+        self._declined: Optional[str] = None
         self._locked = False
         self.added = 0
         self.read_tiles = 0
@@ -319,12 +320,16 @@ class CacheEntry:
     def _open_existing(self) -> None:
         import zarr
 
-        if self._group is not None or not (self.path / "zarr.json").exists():
+        if self._group is not None or self._declined or not (self.path / "zarr.json").exists():
             return
         try:
             group = zarr.open_group(str(self.path), mode="r+")
             if group.attrs.get("key") != self.key:
                 raise ValueError("key mismatch")
+            if group.attrs.get("declined"):
+                self._declined, self.writable = str(group.attrs["declined"]), False
+                if INDEX not in group:
+                    return
             index = group[INDEX][...]
             if tuple(index.shape) != self.grid_shape:
                 raise ValueError("index shape")
@@ -441,12 +446,29 @@ class CacheEntry:
         group.attrs.update({"key": self.key, "layout": layout})
         self._group, self._index, self._next = group, np.full((rows, cols), -1, np.int32), 0
 
-    def discard(self) -> None:
-        """Delete this entry (when this process holds its lock) and store nothing more in this run."""
-        if self._locked:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self._locked, self._group, self._index = False, None, None
+    def decline(self, reason: str, *, discard: bool) -> None:
+        """Store nothing more for this key, now and in later runs (``reason`` says why: storing costs more
+        than encoding). ``discard`` deletes what this run stored; the entry keeps the key and the reason,
+        so later runs neither store nor time anything (``pathfm cache clear`` forgets it)."""
+        import zarr
+
         self.writable = False
+        if not self._locked:
+            return
+        if discard:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._group, self._index = None, None
+            group = zarr.open_group(str(self.path), mode="a")
+            group.attrs.update({"key": self.key, "declined": reason})
+            (self.path / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        elif self._group is not None:
+            self._group.attrs["declined"] = reason
+
+    @property
+    def declined(self) -> Optional[str]:
+        """Why tiles of this key are not stored (a decision of an earlier run), or None."""
+        self._open_existing()
+        return self._declined
 
     def close(self) -> None:
         """Release the write lock, mark the entry used now, and trim the cache to its cap."""

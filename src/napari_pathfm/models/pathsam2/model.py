@@ -113,7 +113,9 @@ class PathSAM2(nn.Module):
             out = {"hiera": hiera_features(self.trunk, x)}
             if self.uni is not None:
                 out["uni"] = uni_features(self.uni, x)
-        return out
+        # one memory layout whether fresh or read from the cache: the decoder's kernels, and so its
+        # rounding, depend on it
+        return {k: v.contiguous() for k, v in out.items()}
 
     def _align(self, encoded: dict[str, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         feats = [to_stride16(encoded["hiera"], size)]
