@@ -316,3 +316,11 @@ def test_a_declined_key_is_remembered(cmu_small, tmp_path):
     (entry,) = cache.entries()
     assert entry.tiles == 0 and entry.bytes < 10_000
     assert len(cache.clear()) == 1 and cache.entries() == []
+
+
+def test_widgets_say_when_the_cache_was_used():
+    from napari_pathfm.tiles.cached_encoder import cache_note
+
+    assert cache_note({"tiles_from_cache": 21, "tiles_encoded": 0}) == (
+        "Encoder outputs of 21 tiles read from the embedding cache.")
+    assert cache_note({"tiles_from_cache": 0}) == "" and cache_note(None) == ""

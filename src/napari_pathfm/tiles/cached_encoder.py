@@ -26,7 +26,7 @@ from .embedding_cache import as_tensor, resolve_cache, weights_sha256
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CachedEncoder", "encoder_key", "stored_batches"]
+__all__ = ["CachedEncoder", "cache_note", "encoder_key", "stored_batches"]
 
 #: Tiles timed (after the first batch) before deciding whether storing pays off.
 MIN_TILES = 8
@@ -203,3 +203,9 @@ def stored_batches(grid: Any, batch_size: int):
     for i in range(0, len(tiles), batch_size):
         idx = np.arange(i, min(i + batch_size, len(tiles)), dtype=np.int64)
         yield TileBatch(idx, tiles[idx], None)
+
+
+def cache_note(summary: Optional[dict]) -> str:
+    """One sentence for a widget's status line about what the cache did in a run ("" when nothing)."""
+    n = int((summary or {}).get("tiles_from_cache") or 0)
+    return f"Encoder outputs of {n} tiles read from the embedding cache." if n else ""

@@ -157,8 +157,10 @@ class ClassifyWidget(QWidget):
         self.cam_class.clear()
         self.cam_class.addItems([PREDICTED, *result.classes])
         fractions = ", ".join(f"{c} {f:.0%}" for c, f in result.class_fractions().items())
+        from ..tiles.cached_encoder import cache_note
+
         text = f"{result.n_tiles} tiles at {result.model_mpp or 0:.3g} µm/px: {fractions}."
-        self.status.setText(" ".join([text, *result.messages]))
+        self.status.setText(" ".join(t for t in [text, cache_note(result.cache), *result.messages] if t))
         self._set_cam_enabled(result.n_tiles > 0)
 
     def _put(self, kind: str, name: str, data, *, features=None, **kwargs):

@@ -151,8 +151,10 @@ class SegmentWidget(QWidget):
         if self._slide is not None:
             self._slide.close()
         self._slide = open_slide(self.viewer.layers[self._slide_layer_name].metadata["pathfm_path"])
+        from ..tiles.cached_encoder import cache_note
+
         text = f"{len(result.grid)} tiles at {result.model_mpp or 0:.3g} µm/px; classes: {', '.join(result.classes)}."
-        self.status.setText(" ".join([text, *result.messages]))
+        self.status.setText(" ".join(t for t in [text, cache_note(result.cache), *result.messages] if t))
         if self.record.isChecked():
             self._start_recording()
 
