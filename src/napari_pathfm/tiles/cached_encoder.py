@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .embedding_cache import as_tensor, resolve_cache, weights_sha256
+from .cache_entry import as_tensor
+from .embedding_cache import resolve_cache, weights_sha256
 
 log = logging.getLogger(__name__)
 
