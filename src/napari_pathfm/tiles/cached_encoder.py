@@ -88,13 +88,6 @@ class CachedEncoder:
         """True when the run goes through ``encode``/``decode`` (the model has the protocol)."""
         return self.protocol
 
-    def stored(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
-        """Boolean mask of the tiles (grid positions ``indices``, default all) already in the cache."""
-        n = len(self.grid)
-        if self.rows is None:
-            return np.zeros(n if indices is None else len(indices), bool)
-        return self.rows >= 0 if indices is None else self.rows[np.asarray(indices)] >= 0
-
     @property
     def all_stored(self) -> bool:
         """Every tile of the grid is in the cache: the run need not read a single pixel."""
