@@ -314,7 +314,7 @@ def test_a_declined_key_is_remembered(cmu_small, tmp_path):
                     enc(np.arange(i, i + 8), torch.zeros(8, 3, 64, 64), "cpu")
         assert enc.decision.startswith("not stored") and enc._batches == 0, "the second run timed nothing"
     (entry,) = cache.entries()
-    assert entry.tiles == 0 and entry.bytes < 10_000
+    assert entry.tiles == 0 and entry.bytes < 10_000 and entry.declined.startswith("not stored")
     assert len(cache.clear()) == 1 and cache.entries() == []
 
 

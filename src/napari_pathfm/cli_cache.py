@@ -43,7 +43,7 @@ def list_cmd(
         return
     typer.echo(f"{cache.root}: {len(entries)} entries, {_size(total)} of {_size(cache.max_bytes)}")
     for e in entries:
-        flag = "  (stale)" if e.stale else ""
+        flag = ("  (stale)" if e.stale else "") + (f"  ({e.declined})" if e.declined else "")
         d = e.as_dict()
         typer.echo(f"  {Path(e.slide).name}  {e.encoder}  {e.tiles} tiles  {_size(e.bytes)}  {d['last_used']}{flag}")
 

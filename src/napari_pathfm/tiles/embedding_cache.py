@@ -142,11 +142,12 @@ class EntryInfo:
     bytes: int
     last_used: float
     stale: bool
+    declined: Optional[str] = None
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "slide": self.slide, "encoder": self.encoder, "tiles": self.tiles,
                 "bytes": self.bytes, "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_used)),
-                "stale": self.stale}  # fmt: skip
+                "stale": self.stale, "declined": self.declined}  # fmt: skip
 
 
 class EmbeddingCache:
@@ -192,13 +193,15 @@ class EmbeddingCache:
         """Every entry in the cache, most recently used first."""
         out = []
         for path in sorted(self.root.glob("*/*.zarr")) if self.root.is_dir() else []:
-            key = _read_key(path)
-            if key is None:
+            attrs = _read_attrs(path)
+            if attrs is None:
                 continue
+            key = attrs["key"]
             slide = key["slide"]
             out.append(EntryInfo(
                 path=path, slide=slide["path"], encoder=str(key["encoder"].get("name")), tiles=_count_tiles(path),
                 bytes=_dir_bytes(path), last_used=_last_used(path), stale=_is_stale(slide),
+                declined=attrs.get("declined"),
             ))  # fmt: skip
         return sorted(out, key=lambda e: -e.last_used)
 
@@ -229,13 +232,14 @@ class EmbeddingCache:
         return removed
 
 
-def _read_key(path: Path) -> Optional[dict]:
+def _read_attrs(path: Path) -> Optional[dict]:
+    """The attributes of an entry's group (its ``key``, ``layout``, ``declined``); None if it is not one."""
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-        key = meta.get("attributes", {}).get("key")
-        return key if isinstance(key, dict) and key.get("format") == FORMAT else None
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError):
         return None
+    key = attrs.get("key")
+    return attrs if isinstance(key, dict) and key.get("format") == FORMAT else None
 
 
 def _count_tiles(path: Path) -> int:
