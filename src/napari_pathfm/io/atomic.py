@@ -7,17 +7,24 @@ exception (including ``KeyboardInterrupt`` and :class:`~napari_pathfm.errors.Can
 temporary is removed and an existing file at the final path is left untouched.
 
 The temporary name keeps the final path's suffix (``.ome.tif``, ``.ome.zarr``, ``.geojson`` ...)
-because writers such as tifffile decide the format from it.
+because writers such as tifffile decide the format from it, and carries its owner (host and process
+id, :mod:`napari_pathfm.io.scratch`): a write first sweeps the target folder (one ``listdir``) for
+temporaries of dead processes, so what a killed run left is removed by the next write there.
+Cleanup after a failure never replaces the original error with its own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from .scratch import sweep, temp_name
+
+log = logging.getLogger(__name__)
 
 __all__ = ["atomic_path", "split_suffix"]
 
@@ -50,6 +57,22 @@ def _remove(path: Path) -> None:
             pass
 
 
+def _cleanup(path: Path) -> None:
+    """Remove a temporary after a failure; a failure to remove is logged, never raised over the first error."""
+    try:
+        _remove(path)
+    except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+        log.warning("could not remove the temporary %s (%s); the next write in that folder removes it", path, exc)
+
+
+def _restore(backup: Path, final: Path) -> None:
+    """Put a moved-aside output back; on failure the backup stays (a later sweep restores it)."""
+    try:
+        os.replace(backup, final)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not put %s back from %s (%s)", final, backup.name, exc)
+
+
 @contextmanager
 def atomic_path(final_path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``final_path`` that replaces it only on success.
@@ -73,24 +96,24 @@ def atomic_path(final_path: str | os.PathLike, *, directory: bool = False) -> It
     """
     final = Path(final_path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep(final.parent)
     stem, suffix = split_suffix(final.name)
-    token = uuid.uuid4().hex[:8]
-    tmp = final.parent / f".{stem}.tmp-{token}{suffix}"
+    tmp = final.parent / temp_name(stem, suffix)
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{final}: the writer did not create {tmp.name}")
         if directory and final.exists():
-            backup = final.parent / f".{stem}.old-{token}{suffix}"
+            backup = final.parent / temp_name(stem, suffix, kind="old")
             os.replace(final, backup)
             try:
                 os.replace(tmp, final)
             except BaseException:
-                os.replace(backup, final)
+                _restore(backup, final)
                 raise
             _remove(backup)
         else:
             os.replace(tmp, final)
     except BaseException:
-        _remove(tmp)
+        _cleanup(tmp)
         raise

@@ -515,9 +515,8 @@ def write_classify_outputs(
     (``os.replace``, ``summary.json`` last) only when all files are complete: a cancel or an error
     leaves earlier outputs untouched and no new ones.
     """
-    import tempfile
-
     from ..io.geojson import write_geojson
+    from ..io.scratch import scratch_dir
     from ..io.ome_tiff import write_ome_tiff
 
     out = Path(out_dir)
@@ -528,7 +527,7 @@ def write_classify_outputs(
     names = {"class_map": "class-map.ome.tif", "probabilities": "probabilities.ome.tif", "tiles_csv": "tiles.csv",
              **({"geojson": "tiles.geojson"} if geojson else {}), "summary": "summary.json"}  # fmt: skip
     steps = len(names)
-    with tempfile.TemporaryDirectory(prefix=".pathfm-classify-", dir=out) as tmp_dir:
+    with scratch_dir("classify", dir=out) as tmp_dir:
         tmp = {k: Path(tmp_dir) / v for k, v in names.items()}
         report(progress, 0, steps, "writing class map")
         write_ome_tiff(tmp["class_map"], result.class_map, mpp=cell_mpp, is_labels=True,

@@ -130,8 +130,7 @@ def features_for_slide(
     cache (:func:`~napari_pathfm.pipelines.features.extract_features`): a second prediction on the same
     slide reads the features from it instead of running the extractor.
     """
-    import tempfile
-
+    from ..io.scratch import scratch_dir
     from ..models.registry import create_model
     from .features import extract_features, read_features
 
@@ -150,7 +149,7 @@ def features_for_slide(
     extractor = create_model(fx["extractor"], **{k: v for k, v in kwargs.items() if v is not None})
     if fx.get("weights_sha256") and extractor.weights_sha256 != fx["weights_sha256"]:
         raise FeatureError(fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch).")
-    with tempfile.TemporaryDirectory(prefix="pathfm-features-") as tmp:
+    with scratch_dir("features") as tmp:
         out_dir = Path(cache_dir or tmp)
         path = extract_features(
             slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..errors import Cancelled, CheckpointError, PathFMError, SlideError
+from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
 
 __all__ = [
@@ -692,7 +692,7 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
 
     tmp_dir = None
     if grid.level0_shape[0] * grid.level0_shape[1] > IN_MEMORY_PIXELS:
-        tmp_dir = tempfile.TemporaryDirectory(prefix="pathfm-segment-", dir=out.parent if out and out.parent.is_dir() else None)
+        tmp_dir = scratch_dir("segment", dir=out.parent if out and out.parent.is_dir() else None)
     try:
         store = _label_store(grid.level0_shape, Path(tmp_dir.name) if tmp_dir else None)
         if not len(grid):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, ZStackError
+from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
 
 __all__ = [
@@ -480,7 +480,7 @@ class _Store:
             self.path = self._atomic.__enter__()
             self.path.mkdir()
         elif self.large:
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="pathfm-translate-")
+            self._tmpdir = scratch_dir("translate")
             self.path = Path(self._tmpdir.name)
         return self if self.path is not None else None
 
@@ -624,7 +624,7 @@ def write_translation(result: TranslationResult, out_dir: PathLike, *, progress:
         jobs.append(("nuclei_confidence", "nuclei-confidence.ome.tif", result.confidence,
                      {"channel_names": ["nuclei confidence"], "metadata": meta}))
     steps = len(jobs) + 1
-    with tempfile.TemporaryDirectory(prefix=".pathfm-translate-", dir=out) as tmp_dir:
+    with scratch_dir("translate", dir=out) as tmp_dir:
         tmp = Path(tmp_dir)
         for i, (_key, fname, arr, kw) in enumerate(jobs):
             report(progress, i, steps, f"writing {fname}")
