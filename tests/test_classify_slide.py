@@ -191,7 +191,7 @@ def test_cli_refuses_a_mil_checkpoint(cmu_small, tmp_path):
 
     mil = save_checkpoint(create_model("meanpool", in_dim=16, n_classes=2, d_model=8), tmp_path / "mil")
     run = CliRunner().invoke(app, ["classify", str(cmu_small), "-c", str(mil), "-o", str(tmp_path / "o")])
-    assert run.exit_code == 1 and "not a tile classifier" in run.output
+    assert run.exit_code == 2 and "not a tile classifier" in run.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

@@ -46,7 +46,7 @@ def test_open_prints_metadata_json(cmu_small):
 
 def test_open_unreadable_file_fails_with_a_clear_message(wsi_dir):
     result = runner.invoke(app, ["open", str(wsi_dir / "unopenable.tiff")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "unopenable.tiff" in result.output and "supported format" in result.output
 
 
@@ -152,7 +152,7 @@ def test_train_streams_json_events_and_exports_a_checkpoint(shared_data, tmp_pat
 def test_train_with_a_bad_override_names_the_recipe(tmp_path):
     recipe = REPO / "training" / "classify" / "crc_tiny.yaml"
     result = runner.invoke(app, ["train", str(recipe), "--out", str(tmp_path), "--set", "optim.nonsense=1"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "crc_tiny.yaml" in result.output and "nonsense" in result.output
 
 

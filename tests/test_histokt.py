@@ -386,7 +386,7 @@ def test_cli_reports_missing_mpp_and_wrong_architecture(shared_data, tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(app, ["standardize", str(shared_data / "crc-tiles/kather2016"), str(tmp_path / "o")])
-    assert res.exit_code == 1 and "--mpp" in res.output
+    assert res.exit_code == 2 and "--mpp" in res.output
     a, b = _save(tmp_path, "a"), _save(tmp_path, "b", backbone="resnet10t")
     res = runner.invoke(app, ["distill", str(a), str(b), "--out", str(tmp_path / "d")])
-    assert res.exit_code == 1 and "different architecture" in res.output
+    assert res.exit_code == 2 and "different architecture" in res.output

@@ -75,7 +75,7 @@ def test_feature_dimension_mismatch_is_a_clear_error_and_writes_nothing(features
     wrong = save_checkpoint(create_model("s4mil", in_dim=bag.dim + 1, n_classes=2, d_model=32, d_state=4), tmp_path / "wrong")
     heat = tmp_path / "heat.ome.tif"
     result = runner.invoke(app, ["mil", "predict", "-c", str(wrong), "--features", str(feats), "--out", str(heat)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert str(bag.dim) in result.output and str(bag.dim + 1) in result.output
     assert "wrong.safetensors" in result.output and "cmu.features.zarr" in result.output
     assert not list(tmp_path.glob("heat*")), "nothing is written half-way"
@@ -101,7 +101,7 @@ def test_bad_feature_files_are_refused(features_and_checkpoint, tmp_path, proble
     else:
         group.create_array("coords", shape=(len(bag) - 1, 2), dtype="int64", overwrite=True)
     result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(broken), "--json", str(tmp_path / "p.json")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "broken.features.zarr" in result.output
     assert not (tmp_path / "p.json").exists()
 

@@ -215,7 +215,7 @@ def test_default_checkpoint_is_found_or_the_error_says_how_to_get_one(pathsam2_c
     monkeypatch.setenv("PATHFM_MODELS", str(tmp_path / "user"))
     out = tmp_path / "mask.ome.tif"
     result = runner.invoke(app, ["segment", str(cmu_small), "--out", str(out), "--device", "cpu"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no segmentation model" in result.output and "--checkpoint" in result.output
     assert not out.exists()
 
@@ -261,7 +261,7 @@ def test_no_tissue_writes_an_all_background_mask_and_says_so(tmp_path):
     Image.fromarray(np.full((300, 400, 3), 243, np.uint8)).save(blank)
     out = tmp_path / "mask.ome.tif"
     result = runner.invoke(app, ["segment", str(blank), "-c", "unused", "--out", str(out), "--device", "cpu"])
-    assert result.exit_code == 1 and "unused" in result.output, "a missing checkpoint is named"
+    assert result.exit_code == 2 and "unused" in result.output, "a missing checkpoint is named"
 
     from napari_pathfm.pipelines.segment import segment_slide
 
@@ -303,7 +303,7 @@ def test_unreadable_slides_name_the_file_and_write_nothing(wsi_dir, cmu_small, t
     with pytest.raises(SlideError, match="broken.svs"):
         segment_slide(broken, ColourThreshold(), tissue_only=False, device="cpu", out=out)
     result = runner.invoke(app, ["segment", str(wsi_dir / "unreadable.svs"), "-c", "x", "--out", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.svs"]
 
 
@@ -316,7 +316,7 @@ def test_checkpoints_that_do_not_fit_are_refused(pathsam2_checkpoint, cmu_small,
     wrong = save_checkpoint(model, tmp_path / "three", {**card, "classes": ["background", "gland", "lumen"]})
     out = tmp_path / "mask.ome.tif"
     result = runner.invoke(app, ["segment", str(cmu_small), "-c", str(wrong), "--out", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "3 classes" in result.output and "predicts 2" in result.output and "three" in result.output
     with pytest.raises(CheckpointError, match="not a segmentation model"):
         segment_slide(cmu_small, BUNDLED_MODELS / "s4mil-glas-glands-demo.safetensors", out=out)

@@ -208,7 +208,7 @@ def test_cli_translate_writes_ome_tiffs(lupi_checkpoint, planes, tmp_path):
 
     bad = CliRunner().invoke(app, ["translate", str(stack), "--checkpoint", str(tmp_path / "missing.safetensors"),
                                    "--out", str(tmp_path / "o2")])
-    assert bad.exit_code == 1 and "missing" in bad.output
+    assert bad.exit_code == 2 and "missing" in bad.output
 
 
 def test_evaluate_translation_on_real_isl_dapi(isl, tmp_path):

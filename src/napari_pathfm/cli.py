@@ -15,8 +15,24 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import Cancelled, PathFMError
+from .errors import Cancelled, PathFMError, UsageError
+
+
+class BoundaryGroup(TyperGroup):
+    """The command group with the one error boundary: whatever a command raises becomes one plain
+    message on stderr and an exit code (:func:`napari_pathfm.error_boundary.describe`), never a
+    traceback unless asked for with ``--debug`` / ``PATHFM_DEBUG=1``."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.exceptions.TyperException, SystemExit):
+            raise  # exit codes and usage errors that typer prints itself
+        except BaseException as exc:  # noqa: BLE001 - the boundary: every failure gets one message
+            _fail(exc)
+
 
 app = typer.Typer(
     name="pathfm",
@@ -24,7 +40,19 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=BoundaryGroup,
 )
+
+
+@app.callback()
+def _main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or PATHFM_DEBUG=1)"),
+) -> None:
+    """Computational pathology foundation models: slides, tiles, training, inference."""
+    if debug:
+        import os
+
+        os.environ["PATHFM_DEBUG"] = "1"
 
 
 @contextmanager
@@ -50,9 +78,15 @@ def cli_progress(description: str):
             raise Cancelled(f"{description} cancelled by the user") from None
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(130 if isinstance(exc, Cancelled) else 1)
+def _fail(exc: BaseException) -> None:
+    """Print the one message for ``exc`` (traceback first with --debug) and exit with its code."""
+    from .error_boundary import debug_enabled, describe, format_traceback
+
+    if debug_enabled():
+        typer.echo(format_traceback(exc), err=True, nl=False)
+    message = describe(exc)
+    typer.secho(f"error: {message.text}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(message.exit_code)
 
 
 @app.command()
@@ -227,8 +261,8 @@ def segment(
                 batch_size=batch_size, device=device, progress=progress, cancel=cancel, out=out, geojson=geojson,
                 cache=None if cache else False,
             )  # fmt: skip
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
@@ -263,8 +297,8 @@ def classify(
                 if pngs:
                     result.written["gradcam"] = out / "gradcam"
             write_classify_outputs(result, out, progress=progress, cancel=cancel)
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
@@ -316,7 +350,7 @@ def mil_predict_cmd(
     from .pipelines.mil import mil_predict, write_mil_outputs
 
     if (slide is None) == (features_path is None):
-        _fail(PathFMError("give exactly one of --slide or --features"))
+        _fail(UsageError("give exactly one of --slide or --features."))
     try:
         with cli_progress("mil predict") as (progress, cancel):
             if slide is not None:
@@ -374,12 +408,12 @@ def standardize(
     try:
         shares = [float(x) for x in fractions.split(",")]
         if len(shares) != 3:
-            raise PathFMError(f"--fractions needs three numbers train,val,test, got {fractions!r}")
+            raise UsageError(f"--fractions needs three numbers train,val,test, got {fractions!r}.")
         with cli_progress("standardize") as (progress, cancel):
             info = run(src, dst, mpp=mpp, target_mpp=target_mpp, crop=crop, overlap=overlap, fractions=shares,
                        seed=seed, split_by=split_by, progress=progress, cancel=cancel)  # fmt: skip
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     typer.echo(json.dumps({k: info[k] for k in ("output", "classes", "classes_without_crops", "totals",
                                                   "crops_per_split")}, indent=2))  # fmt: skip
 
@@ -428,8 +462,8 @@ def transfer_matrix_cmd(
                 for name in result.names:
                     ckpt = Path(result.runs[name][name]) / "model.safetensors"
                     tsne_plot(ckpt, datasets, out / f"tsne_{name}.png", device=device, cancel=cancel)
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     typer.echo(result.csv.read_text(encoding="utf-8").rstrip())
     typer.echo(f"table: {result.csv}, {result.json}, {result.png}; reused finished runs: {len(result.skipped)}")
 
@@ -482,8 +516,8 @@ def zstats(
                                + table.rows)
         with atomic_path(out) as tmp:
             table.to_csv(tmp)
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     typer.echo(f"{len(table)} rows ({sorted({r['channel'] for r in table.rows})}) written to {out}")
 
 
@@ -506,8 +540,8 @@ def translate(
             result = translate_stack(stack, list(checkpoint), tile=tile, stride=stride, batch_size=batch_size,
                                      threshold=threshold, device=device, progress=progress, cancel=cancel)  # fmt: skip
             write_translation(result, out, progress=progress, cancel=cancel)
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(json.dumps(result.summary(), indent=2, default=str))
@@ -536,8 +570,8 @@ def evaluate_translation_cmd(
                                          progress=progress, cancel=cancel)  # fmt: skip
         if out is not None:
             write_table(table, out)
-    except (PathFMError, ValueError) as exc:
-        _fail(exc)
+    except ValueError as exc:  # the pipelines' checks of option values
+        _fail(UsageError(f"{exc}"))
     typer.echo(format_table(table))
     typer.echo("*_rel = (predicted - real) / real over nuclei segmented by Otsu + watershed; 0 is perfect")
     if out is not None:
