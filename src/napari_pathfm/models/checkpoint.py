@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..io import jsonsafe
 from ..io.atomic import atomic_path
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "CARD_FORMAT"]
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "refuse_pickle",
+    "CARD_FORMAT",
+]  # fmt: skip
 
 CARD_FORMAT = "napari-pathfm-checkpoint/1"
 
@@ -125,9 +129,42 @@ def save_checkpoint(model, path: str | Path, card: dict | None = None) -> Path:
     with atomic_path(weights_path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "pathfm_name": name})
         full["sha256"] = _sha256(tmp)
+    text = jsonsafe.dumps(full, where=f"{card_path} (model card)", default=_jsonable, indent=2)  # NaN -> null
     with atomic_path(card_path) as tmp:
-        tmp.write_text(json.dumps(full, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+        tmp.write_text(text + "\n", encoding="utf-8")
     return weights_path
+
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # models.weights.PICKLE_SUFFIXES, without importing torch
+
+
+def refuse_pickle(path: str | Path) -> None:
+    """Refuse a ``.pt/.pth/.ckpt/.bin`` file given where a pathfm checkpoint is expected, saying what it is.
+
+    The file is identified by searching its bytes (never unpickled): a Lightning
+    training checkpoint or a plain ``torch.save`` pickle. The message says that
+    pathfm checkpoints are ``.safetensors`` + ``.json`` card and how to get one.
+
+    Raises
+    ------
+    CheckpointError
+        ``path`` has a PyTorch pickle suffix.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in _PICKLE_SUFFIXES:
+        return
+    from .weights import describe_pickle
+
+    what = describe_pickle(path) if path.is_file() else "a PyTorch pickle name (the file does not exist)"
+    raise CheckpointError(
+        path,
+        f"is {what}; napari-pathfm loads models only from a .safetensors weights file with its .json "
+        "model card, and never unpickles checkpoints.",
+        "From a pathfm training run, use the run folder's exported model.safetensors (with model.json), not "
+        "last.ckpt. Foreign weights (timm, torchvision, SAM, UNI) go in as backbone weights instead "
+        "(model.weights / model.backbone_weights / --weights), which read tensors only, with "
+        "torch.load(weights_only=True).",
+    )
 
 
 def read_card(path: str | Path) -> dict:
@@ -136,8 +173,10 @@ def read_card(path: str | Path) -> dict:
     Raises
     ------
     CheckpointError
-        The card is missing or is not a valid card.
+        ``path`` is a PyTorch pickle (:func:`refuse_pickle`), or the card is
+        missing or is not a valid card.
     """
+    refuse_pickle(path)
     weights_path, card_path = checkpoint_paths(path)
     if not card_path.is_file():
         raise CheckpointError(
@@ -193,8 +232,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = Tru
     Raises
     ------
     CheckpointError
-        Missing card or weights, unknown model name, corrupt or altered weights
-        file, or tensors that do not fit the model (named in plain words).
+        A PyTorch pickle instead of a checkpoint, missing card or weights, unknown
+        model name, corrupt or altered weights file, NaN/Inf tensors (named, even
+        when the sha256 matches: a diverged run writes a valid card), or tensors
+        that do not fit the model (named in plain words).
     """
     from ..device import resolve_device
     from .registry import create_model, list_models

@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .checkpoint import _sha256
 from .registry import register_model
-from .weights import LoadReport, load_into, load_state_dict_file
+from .weights import LoadReport, check_fit, load_into, load_state_dict_file
 
 __all__ = ["FeatureExtractor", "resnet50_trunc", "timm_features", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -174,22 +174,26 @@ def _unused_summary(keys: Sequence[str]) -> str:
     return ", ".join(f"{g}.* ({n} tensors)" for g, n in groups.items())
 
 
-def _load_trunk_weights(trunk: nn.Module, weights: str | Path, what: str) -> tuple[LoadReport, str]:
-    """Load a local weights file into ``trunk``; refuse files that leave part of it random."""
+def _load_trunk_weights(
+    trunk: nn.Module, weights: str | Path, what: str, partial: bool = False
+) -> tuple[LoadReport, str]:
+    """Load a local weights file into ``trunk``; refuse files that leave part of it random.
+
+    The file's own head (``fc.*``, ``layer4.*``) may be unused. A file in which no
+    tensor fits is always refused; one that fits only partly is refused unless
+    ``partial`` (features from a partly random network are rarely what anyone wants).
+    """
     path = Path(weights)
     state_dict = load_state_dict_file(path)
-    report = load_into(trunk, state_dict, source=path, dry_run=True)
-    missing = [k for k in report.missing if not k.endswith("num_batches_tracked")]
-    if not report.loaded or missing or report.mismatched:
-        raise CheckpointError(
-            path,
-            f"does not fit the {what}: {report}.",
-            "Use weights of that backbone with torchvision/timm key names (e.g. conv1.weight, "
-            "layer3.5.bn3.running_var); features from a partly random network would be meaningless.",
-        )
+    check_fit(
+        load_into(trunk, state_dict, source=path, dry_run=True), path, what, partial=partial,
+        allow_unexpected=True, partial_hint="pass partial_weights=True (pathfm features --partial-weights)",
+    )  # fmt: skip
     report = load_into(trunk, state_dict, source=path)
     if report.unexpected:
         log.info("%s: unused by the %s: %s", path, what, _unused_summary(report.unexpected))
+    if report.missing or report.mismatched:
+        log.warning("%s: partial load into the %s (asked for): %s", path, what, report)
     return report, _sha256(path)
 
 
@@ -204,6 +208,7 @@ def resnet50_trunc(
     backbone: str = "resnet50",
     weights: str | Path | None = None,
     input_size: Optional[int] = None,
+    partial_weights: bool = False,
 ) -> FeatureExtractor:
     """ResNet50 truncated after layer3, average-pooled: 1024-d patch features (CLAM / S4 MIL).
 
@@ -219,6 +224,9 @@ def resnet50_trunc(
     input_size : int, optional
         Side tiles are resized to; None: 224 (the backbone's training size);
         0: keep the tile size.
+    partial_weights : bool
+        Accept ``weights`` that fit the trunk only partly (the rest stays random);
+        a file in which nothing fits is refused anyway.
 
     Returns
     -------
@@ -233,7 +241,8 @@ def resnet50_trunc(
         raise ValueError(f"{backbone!r} is not a ResNet-family timm model with layer3; use 'timm_features' instead")
     trunk.layer4 = nn.Identity()
     trunk.num_features = trunk.head_hidden_size = chans[0]
-    report, sha = _load_trunk_weights(trunk, weights, f"{backbone} trunk (up to layer3)") if weights else (None, None)
+    what = f"{backbone} trunk (up to layer3)"
+    report, sha = _load_trunk_weights(trunk, weights, what, partial_weights) if weights else (None, None)
     return FeatureExtractor(
         trunk.eval(),
         name="resnet50_trunc",
@@ -255,6 +264,7 @@ def timm_features(
     input_size: Optional[int] = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
+    partial_weights: bool = False,
 ) -> FeatureExtractor:
     """Any timm backbone without its classifier: pooled ``num_features``-d patch features.
 
@@ -271,6 +281,8 @@ def timm_features(
         (needed by ViTs); 0: keep the tile size.
     mean, std : sequence of 3 float, optional
         Input normalisation; default: the backbone's ``pretrained_cfg``.
+    partial_weights : bool
+        Accept ``weights`` that fit the backbone only partly (the rest stays random).
 
     Returns
     -------
@@ -280,7 +292,7 @@ def timm_features(
 
     trunk = timm.create_model(backbone, pretrained=False, num_classes=0)
     cfg = trunk.pretrained_cfg
-    report, sha = _load_trunk_weights(trunk, weights, f"{backbone} backbone") if weights else (None, None)
+    report, sha = _load_trunk_weights(trunk, weights, f"{backbone} backbone", partial_weights) if weights else (None, None)
     return FeatureExtractor(
         trunk.eval(),
         name="timm_features",

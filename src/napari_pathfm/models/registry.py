@@ -21,9 +21,11 @@ from typing import Any, Callable
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "ModelEntry"]
 
-# Config keys that point at files to load once at build time; they are not
+# Config keys that point at files to load once at build time (and how to load them); they are not
 # recorded in ``pathfm_config`` because a checkpoint card carries the weights itself.
-_BUILD_ONLY_KEYS = ("weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint", "backbone_weights")
+_BUILD_ONLY_KEYS = (
+    "weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint", "backbone_weights", "partial_weights",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ _BUILTINS: dict[str, ModelEntry] = {
             target="napari_pathfm.models.tile_classifier:timm_classifier",
             family="classify",
             description="Any timm image backbone with a linear classification head (tile classifier).",
-            default_cfg={"backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None},
+            default_cfg={
+                "backbone": "resnet18", "num_classes": 2, "in_chans": 3, "drop_rate": 0.0, "weights": None,
+                "partial_weights": False,
+            },
         ),
         ModelEntry(
             name="slca",
@@ -153,14 +158,17 @@ _BUILTINS: dict[str, ModelEntry] = {
             target="napari_pathfm.models.feature_extractor:resnet50_trunc",
             family="features",
             description="ResNet50 truncated after layer3, average-pooled: 1024-d patch features (CLAM / S4 MIL).",
-            default_cfg={"backbone": "resnet50", "weights": None, "input_size": None},
+            default_cfg={"backbone": "resnet50", "weights": None, "input_size": None, "partial_weights": False},
         ),
         ModelEntry(
             name="timm_features",
             target="napari_pathfm.models.feature_extractor:timm_features",
             family="features",
             description="Any timm backbone without its classifier: pooled patch features.",
-            default_cfg={"backbone": "resnet50", "weights": None, "input_size": None, "mean": None, "std": None},
+            default_cfg={
+                "backbone": "resnet50", "weights": None, "input_size": None, "mean": None, "std": None,
+                "partial_weights": False,
+            },
         ),
         ModelEntry(
             name="unet",

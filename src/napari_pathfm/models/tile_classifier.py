@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from .registry import register_model
-from .weights import load_into, load_state_dict_file
+from .weights import check_fit, load_into, load_state_dict_file
 
 __all__ = ["timm_classifier"]
 
@@ -25,6 +25,7 @@ def timm_classifier(
     in_chans: int = 3,
     drop_rate: float = 0.0,
     weights: str | Path | None = None,
+    partial_weights: bool = False,
 ):
     """Any timm image backbone with a linear classification head (tile classifier).
 
@@ -40,8 +41,14 @@ def timm_classifier(
         Dropout before the classifier.
     weights : str or Path, optional
         Local weights file (``.safetensors``/``.pt``/``.pth``/``.bin``) with timm
-        key names. Tensors whose shape does not fit (typically a head trained
-        for another number of classes) are skipped and reported in the log.
+        key names. A classifier head of another size (trained for another number
+        of classes) is skipped and reported in the log; any other tensor that is
+        missing, unexpected or of the wrong shape refuses the file with a table
+        (:func:`~napari_pathfm.models.weights.check_fit`), and a file in which
+        nothing fits is always refused.
+    partial_weights : bool
+        Load only the tensors of ``weights`` that fit, on purpose (recipe key
+        ``model.partial_weights: true``); at least one must fit.
 
     Returns
     -------
@@ -54,7 +61,13 @@ def timm_classifier(
         backbone, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate
     )
     if weights is not None:
-        report = load_into(model, load_state_dict_file(weights), source=weights)
+        state = load_state_dict_file(weights)
+        head = model.pretrained_cfg.get("classifier") or "fc"
+        check_fit(
+            load_into(model, state, source=weights, dry_run=True), weights, f"timm {backbone} classifier",
+            partial=partial_weights, ignore=(f"{head}.",), partial_hint="set model.partial_weights: true",
+        )  # fmt: skip
+        report = load_into(model, state, source=weights)
         log.info("%s: %s", weights, report)
         model.pathfm_load_report = report
     return model

@@ -21,7 +21,10 @@ from typing import Any, Callable, Mapping
 
 from ..errors import CheckpointError
 
-__all__ = ["load_state_dict_file", "unwrap_state_dict", "load_into", "rename_keys", "LoadReport", "KeyMap"]
+__all__ = [
+    "load_state_dict_file", "unwrap_state_dict", "load_into", "rename_keys", "LoadReport", "KeyMap",
+    "check_finite", "check_fit", "describe_pickle",
+]  # fmt: skip
 
 KeyMap = Callable[[dict, Any], dict]
 
@@ -66,7 +69,29 @@ def unwrap_state_dict(obj: Any) -> dict:
     return sd
 
 
-def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
+def check_finite(state_dict: Mapping[str, Any], source: str | Path, limit: int = 5) -> None:
+    """Refuse weights holding NaN or Inf, naming the first few such tensors and their count.
+
+    A diverged training run can export such weights with a perfectly valid card and
+    sha256; every output made with them would be NaN, so they are stopped at load.
+    Only floating-point tensors are checked (``torch.isfinite(t).all()``, one pass).
+
+    Raises
+    ------
+    CheckpointError
+        At least one tensor holds a NaN or Inf value.
+    """
+    bad = [k for k, t in state_dict.items() if _is_tensor(t) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise CheckpointError(
+            source,
+            f"holds NaN or Inf values in {len(bad)} of {len(state_dict)} tensors ({_names(bad, limit)}); "
+            "a model with such weights gives NaN everywhere (typically a training run that diverged).",
+            "Use an earlier checkpoint of the run, or retrain with a lower learning rate or gradient clipping.",
+        )
+
+
+def load_state_dict_file(path: str | Path, *, unwrap: bool = True, finite: bool = True) -> dict:
     """Read a weights file into a ``{name: tensor}`` dict on the CPU.
 
     Parameters
@@ -75,12 +100,15 @@ def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
         ``.safetensors``, or ``.pt/.pth/.bin/.ckpt`` (read with ``weights_only=True``).
     unwrap : bool
         Apply :func:`unwrap_state_dict` to pickled containers.
+    finite : bool
+        Refuse a (flat) state dict holding NaN/Inf with :func:`check_finite`.
 
     Raises
     ------
     CheckpointError
-        Missing file, unknown suffix, corrupt file, or a pickle that holds objects
-        other than tensors and plain containers (refused, never unpickled).
+        Missing file, unknown suffix, corrupt file, a pickle that holds objects
+        other than tensors and plain containers (refused, never unpickled), or
+        NaN/Inf tensors.
     """
     import torch
 
@@ -92,13 +120,16 @@ def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            sd = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(
                 path,
                 f"is not a readable safetensors file ({exc}).",
                 "The file is corrupt or truncated; re-export or re-download it.",
             ) from exc
+        if finite:
+            check_finite(sd, path)
+        return sd
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(
             path, f"unknown weights format {suffix!r}.", f"Use .safetensors or one of {', '.join(PICKLE_SUFFIXES)}."
@@ -125,7 +156,40 @@ def load_state_dict_file(path: str | Path, *, unwrap: bool = True) -> dict:
     sd = unwrap_state_dict(obj)
     if not sd:
         raise CheckpointError(path, "contains no tensors.", "Point at the file that holds the model weights.")
+    if finite:
+        check_finite(sd, path)
     return sd
+
+
+def describe_pickle(path: str | Path) -> str:
+    """Say in words what a ``.pt/.pth/.ckpt/.bin`` file is, *without* unpickling it.
+
+    ``torch.save`` files are zip archives whose ``data.pkl`` names its keys as plain
+    strings; those bytes are only searched (never loaded), so this is safe on any file.
+
+    Returns
+    -------
+    str
+        e.g. ``"a PyTorch Lightning training checkpoint (torch.save pickle)"``.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                head = zf.read(name)[: 1 << 20] if name else b""
+        else:
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+    except (OSError, zipfile.BadZipFile):
+        return "an unreadable file"
+    if b"pytorch-lightning_version" in head:
+        return "a PyTorch Lightning training checkpoint (a pickle written by torch.save)"
+    if head[:1] == b"\x80" or zipfile.is_zipfile(path):
+        return "a PyTorch pickle (written by torch.save)"
+    return f"not a PyTorch file either (starts with {head[:8]!r})"
 
 
 def rename_keys(rules: Mapping[str, str] | None = None, drop: tuple[str, ...] = ()) -> KeyMap:
@@ -196,6 +260,22 @@ class LoadReport:
             parts.append(f"wrong shape: {_names(shapes)}")
         return "; ".join(parts)
 
+    def table(self, limit: int = 4) -> str:
+        """Short table, one line per kind: count and the first ``limit`` tensor names.
+
+        Example::
+
+              matched        0 of 62 model tensors
+              missing       62  conv1.0.weight, conv1.1.weight, ... and 58 more
+              unexpected     2  encoder.weight, encoder.bias
+              wrong shape    0
+        """
+        shapes = [f"{k} (file {list(a)} vs model {list(b)})" for k, a, b in self.mismatched]
+        rows = [("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", shapes)]
+        lines = [f"  {'matched':<12}{len(self.loaded):>6} of {self.total} model tensors"]
+        lines += [f"  {label:<12}{len(keys):>6}  {_names(keys, limit)}".rstrip() for label, keys in rows]
+        return "\n".join(lines)
+
 
 def load_into(
     model,
@@ -251,4 +331,62 @@ def load_into(
         )
     if not dry_run:
         model.load_state_dict(usable, strict=False)
+    return report
+
+
+def check_fit(
+    report: LoadReport,
+    source: str | Path,
+    what: str,
+    *,
+    partial: bool = False,
+    ignore: tuple[str, ...] = (),
+    allow_unexpected: bool = False,
+    partial_hint: str = "pass partial_weights=True",
+) -> LoadReport:
+    """Refuse weights that do not fit the model, with a table of what matched and what did not.
+
+    Weights that leave part of a model random (or fit nothing at all) give silently
+    wrong results, so a mismatch is an error unless the caller asked for a partial
+    load explicitly. A file in which *no* tensor fits is always refused: it is
+    weights for another model.
+
+    Parameters
+    ----------
+    report : LoadReport
+        From :func:`load_into` (typically ``dry_run=True``).
+    source : str or Path
+        The weights file, named in the message.
+    what : str
+        What the weights were meant for, e.g. ``"resnet10t classifier"``.
+    partial : bool
+        Accept a partial fit (at least one tensor matched).
+    ignore : tuple of str
+        Key prefixes allowed to differ (e.g. a classifier head of another size).
+    allow_unexpected : bool
+        Tensors of the file that the model lacks are fine (a backbone file's head).
+    partial_hint : str
+        How the user asks for a partial load (a recipe key, a CLI flag).
+
+    Raises
+    ------
+    CheckpointError
+        Nothing matched, or something did not fit and ``partial`` is False.
+    """
+    missing = [k for k in report.missing if not k.startswith(ignore) and not k.endswith("num_batches_tracked")]
+    wrong = [k for k, _, _ in report.mismatched if not k.startswith(ignore)]
+    extra = [] if allow_unexpected else [k for k in report.unexpected if not k.startswith(ignore)]
+    if not report.loaded:
+        raise CheckpointError(
+            source,
+            f"has no tensor that fits the {what} (0 matched); it holds weights for another model:\n{report.table()}\n",
+            "Give weights made for this model (same architecture and key names), or leave them out to start "
+            "from random weights.",
+        )
+    if (missing or wrong or extra) and not partial:
+        raise CheckpointError(
+            source,
+            f"does not fit the {what}; loading it would leave part of the model random:\n{report.table()}\n",
+            f"Give weights made for this model, or, to load only the tensors that fit on purpose, {partial_hint}.",
+        )
     return report

@@ -356,6 +356,7 @@ def features_command(
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
     cache: Any = None,
+    partial_weights: bool = False,
 ) -> dict:
     """What ``pathfm features SLIDE_OR_FOLDER --out DIR`` runs; returns a JSON-friendly summary.
 
@@ -369,6 +370,9 @@ def features_command(
         initialised (features are then only good for testing).
     cache : None, False, path or EmbeddingCache
         Tile-embedding cache, as in :func:`extract_features`.
+    partial_weights : bool
+        Accept ``weights`` that fit the backbone only partly (``--partial-weights``);
+        by default such a file is refused with a table of what did not fit.
 
     Returns
     -------
@@ -385,6 +389,7 @@ def features_command(
         name, kwargs = "timm_features", {"backbone": backbone}
     if weights is not None:
         kwargs["weights"] = str(weights)
+        kwargs["partial_weights"] = bool(partial_weights)
     extractor = _as_extractor(name, kwargs)
     if weights is None:
         log.warning("no --weights given: %s is randomly initialised", backbone)

@@ -420,7 +420,7 @@ def _validate(config: dict, where: str, base: Path | None) -> dict:
     model_keys = {f"model.{k}" for k in model_info(model_name)["default_cfg"]}
     for key in model_keys:
         # files loaded at build time (weights, sam_checkpoint, backbone_weights, ...) are relative to the recipe
-        is_file = key[len("model.") :] in _BUILD_ONLY_KEYS
+        is_file = key[len("model.") :] in _BUILD_ONLY_KEYS and not key.endswith("partial_weights")
         fields[key] = Field((object,), None, "Model config (see the model's docstring).", path=is_file)
 
     def walk(node: dict, prefix: str) -> None:
