@@ -89,6 +89,46 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(message.exit_code)
 
 
+def _preflight(outputs, inputs=(), input_folders=(), need_bytes: int = 0) -> None:
+    """Refuse outputs over inputs and unwritable/full locations before anything heavy is imported or loaded."""
+    from .io.preflight import check_outputs
+
+    check_outputs(outputs, inputs, input_folders=input_folders, need_bytes=need_bytes)
+
+
+def _recipe_paths(config, skip=("output",)) -> list:
+    """Every existing file or folder a recipe names (data folders, CSVs, weights): the run's inputs."""
+    found = []
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k not in skip:
+                found += _recipe_paths(v, ())
+    elif isinstance(config, list):
+        for v in config:
+            found += _recipe_paths(v, ())
+    elif isinstance(config, str) and config and len(config) < 4096 and ("/" in config or "." in config):
+        if Path(config).exists():
+            found.append(Path(config))
+    return found
+
+
+def _preflight_recipe(recipe: Path, overrides, out: Optional[Path]) -> None:
+    """Check a training run's output folder against the recipe and the data it names, before training starts."""
+    from .io.preflight import Output
+    from .training.recipes import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    folder = Path(out or loaded.get("output") or Path("runs") / loaded.name)
+    inputs = _recipe_paths(loaded.config)
+    _preflight([Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs],
+               _folders(inputs))  # fmt: skip
+
+
+def _folders(paths) -> list:
+    """The paths among ``paths`` that are folders (z-stacks, data sets): nothing is written inside them."""
+    return [p for p in paths if p is not None and Path(p).is_dir()]
+
+
 @app.command()
 def info() -> None:
     """Print versions, available devices and registered models."""
@@ -131,6 +171,9 @@ def tiles(
     mask_mpp: float = typer.Option(8.0, help="Resolution of the tissue mask in µm/px"),
 ) -> None:
     """Compute the tissue mask and the tile grid of a slide; write mask, grid and an overview PNG."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [slide])
     from .pipelines.tissue_tiles import tissue_and_grid
 
     try:
@@ -155,6 +198,7 @@ def train(
     json_progress: bool = typer.Option(False, "--json-progress", help="Stream progress as JSON lines on stdout"),
 ) -> None:
     """Train a model from a recipe with Lightning (checkpoints, resume, early stopping, logs)."""
+    _preflight_recipe(recipe, set_, out)
     from .training.engine import run_recipe
     from .training.signals import GracefulStop
 
@@ -217,6 +261,9 @@ def features(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Extract patch features of tissue tiles (resumable: finished slides are skipped)."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [*inputs, weights])
     from .pipelines.features import features_command
 
     try:
@@ -252,6 +299,10 @@ def segment(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Segment a slide or image into classes (Path-SAM2); write the mask as OME-TIFF (+ GeoJSON)."""
+    from .io.preflight import Output
+
+    _preflight([Output(out), Output(geojson, option="--geojson") if geojson else None],
+               [input_path, checkpoint], _folders([input_path]))  # fmt: skip
     from .pipelines.segment import segment_slide
 
     try:
@@ -281,6 +332,9 @@ def classify(
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Classify the tiles of a slide: class map + per-class probabilities over the slide (OME-TIFF), CSV, JSON."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [slide, checkpoint], _folders([slide]))
     from .io.slide import open_slide
     from .pipelines.classify import classify_slide, write_classify_outputs
 
@@ -315,6 +369,9 @@ def batch(
     set_: List[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
 ) -> None:
     """Run a task over many slides on dask.distributed (resumable; failures reported in the summary)."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [manifest, *checkpoint])
     from .pipelines.batch import parse_options, run_batch
 
     try:
@@ -351,6 +408,10 @@ def mil_predict_cmd(
 
     if (slide is None) == (features_path is None):
         _fail(UsageError("give exactly one of --slide or --features."))
+    from .io.preflight import Output
+
+    _preflight([out, Output(json_out, option="--json") if json_out else None], [checkpoint, slide, features_path],
+               _folders([features_path]))  # fmt: skip
     try:
         with cli_progress("mil predict") as (progress, cancel):
             if slide is not None:
@@ -380,6 +441,8 @@ def mil_cv_cmd(
     resume: bool = typer.Option(True, help="Skip folds that already finished; resume interrupted ones"),
 ) -> None:
     """k-fold cross-validation of a MIL recipe; writes cv_summary.json (mean ± std of accuracy and AUROC)."""
+    if out is not None:
+        _preflight_recipe(recipe, set_, out)
     from .training.crossval import cv_command
 
     try:
@@ -403,6 +466,9 @@ def standardize(
     split_by: str = typer.Option("image", help="image (default) or crop (leaky; toy sets with one image per class)"),
 ) -> None:
     """HistoKT standardisation: rescale to one µm/px, crop (reflection-wrap small images), drop blank crops, split."""
+    from .io.preflight import Output
+
+    _preflight([Output(dst, folder=True, option="DST")], [src], _folders([src]))
     from .training.histokt.standardize import standardize as run
 
     try:
@@ -425,6 +491,7 @@ def distill(
     drop_head: bool = typer.Option(False, "--drop-head", help="Allow different class counts: keep the first head"),
 ) -> None:
     """HistoKT weight distillation: merge checkpoints by SVD of their stacked filters (no training)."""
+    _preflight([out, Path(out).with_suffix(".json")], checkpoints)
     from .training.histokt.distill import distill_checkpoints
 
     try:
@@ -449,6 +516,9 @@ def transfer_matrix_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """HistoKT cross-transfer grid: train on each data set, transfer to each other, table of test accuracy."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [*datasets, imagenet, recipes], _folders([*datasets, recipes]))
     from .training.histokt.transfer import transfer_matrix
 
     try:
@@ -479,6 +549,7 @@ def tsne(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """t-SNE of a checkpoint's encoder features over data sets (colour = class, marker = data set)."""
+    _preflight([out, Path(out).with_suffix(".csv")], [checkpoint, *datasets], _folders(datasets))
     from .training.histokt.tsne import tsne_plot
 
     try:
@@ -501,6 +572,7 @@ def zstats(
     append: bool = typer.Option(False, help="Add the rows to an existing table (another magnification)"),
 ) -> None:
     """Per channel/plane min, max and percentiles of z-stacks (pooled over all of them) as a CSV stats table."""
+    _preflight([out], stacks, _folders(stacks))
     from .io.atomic import atomic_path
     from .io.normalize import StatsTable
     from .training.translate_data import zstack_stats
@@ -533,6 +605,9 @@ def translate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """Brightfield z-stack → fluorescence channels (HASTE), nuclei mask and confidence, as OME-TIFFs."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [stack, *checkpoint], _folders([stack]))
     from .pipelines.translate import translate_stack, write_translation
 
     try:
@@ -561,6 +636,7 @@ def evaluate_translation_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """Compare predicted stains with the real one: MAE/median, PSNR, SSIM, nuclei count/area/intensity/texture."""
+    _preflight([out], [*sources, stack, target if target and Path(target).exists() else None], _folders([stack]))
     from .pipelines.translate_eval import evaluate_translation, format_table, parse_span, write_table
 
     try:
@@ -585,6 +661,9 @@ def demo(
     show: Optional[bool] = typer.Option(None, help="Open napari with the results (default: when a display is available)"),
 ) -> None:
     """Run every family on the bundled samples: tissue/tiles, MIL, segment, classify, translate, canvas PNGs."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [slide])
     from .demo import run_demo
 
     try:
