@@ -241,6 +241,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = Tru
     from .registry import create_model, list_models
     from .weights import load_into, load_state_dict_file
 
+    refuse_pickle(path)
     weights_path, card_path = checkpoint_paths(path)
     card = read_card(card_path)
     if not weights_path.is_file():
