@@ -501,6 +501,10 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
             )
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise RecipeError(path, f"is not UTF-8 text (line {line} has the byte 0x{exc.object[exc.start]:02x}).",
+                              "Save it as UTF-8.") from exc  # fmt: skip
         except yaml.YAMLError as exc:
             raise RecipeError(path, f"is not valid YAML ({exc}).", "Fix the syntax at the line shown.") from exc
         if not isinstance(raw, dict):
