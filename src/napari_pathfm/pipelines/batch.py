@@ -5,8 +5,10 @@ CSV's folder). Each slide becomes one dask future that runs the same pipeline fu
 single-slide CLI command runs and writes into its own folder ``OUT/<stem>-<hash8>/`` (the
 hash of the resolved path keeps slides with the same file name apart). The pipelines write
 each output atomically; ``done.json`` is written last, with the task, checkpoint and options
-used, so a slide whose folder has a matching ``done.json`` is complete and is skipped on the
-next run. A slide that fails is caught on the worker and reported in
+used and a record of every output file (path, size, CRC-32). On the next run a slide is skipped
+only when its ``done.json`` matches and every recorded output is still there with the same size
+and checksum; a slide whose outputs are missing or damaged (or whose marker predates the record)
+is run again and reported as ``redone``, with the reason. A slide that fails is caught on the worker and reported in
 ``batch-summary.json``/``batch-summary.csv`` (slide, status, error, seconds) without stopping
 the batch.
 
@@ -24,19 +26,20 @@ import io
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, PathFMError
+from ..errors import Cancelled, CheckpointError, ManifestError, PathFMError, SlideError, UsageError
 from ..progress import is_cancelled, report
 
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
 DONE = "done.json"
-SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "output")
+SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "output", "note")
 
 
 def _features(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
@@ -98,7 +101,7 @@ def _need(checkpoint: Sequence[PathLike] | None, task: str) -> list[str]:
     """The checkpoints of a task that cannot run without one (``classify``, ``mil``, ``translate``)."""
     if not checkpoint:
         each = " (one per channel)" if task == "translate" else ""
-        raise PathFMError(f"task '{task}' needs --checkpoint{each}. Give a checkpoint of family '{task}'.")
+        raise UsageError(f"task '{task}' needs --checkpoint{each}.", f"Give a checkpoint of family '{task}'.")
     return [str(c) for c in checkpoint]
 
 
@@ -129,8 +132,8 @@ def check_options(task: str, options: dict) -> None:
     allowed = (set(inspect.signature(getattr(module, name)).parameters) | extra) - reserved
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise PathFMError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({module.__name__}.{name}). "
-                          f"Use one of: {', '.join(sorted(allowed))}.")  # fmt: skip
+        raise UsageError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({module.__name__}.{name}).",
+                         f"Use one of: {', '.join(sorted(allowed))}.")  # fmt: skip
 
 
 @dataclass
@@ -145,8 +148,11 @@ class BatchSummary:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Number of slides per status (``ok``, ``skipped``, ``failed``)."""
-        return {k: sum(r["status"] == k for r in self.rows) for k in ("ok", "skipped", "failed")}
+        """Number of slides per status (``ok``, ``skipped``, ``failed``; ``redone`` too when any was)."""
+        counts = {k: sum(r["status"] == k for r in self.rows) for k in ("ok", "redone", "skipped", "failed")}
+        if not counts["redone"]:
+            del counts["redone"]
+        return counts
 
     def to_dict(self) -> dict:
         """JSON-friendly form written to ``batch-summary.json``."""
@@ -155,28 +161,45 @@ class BatchSummary:
 
 
 def read_manifest(manifest_csv: PathLike) -> list[Path]:
-    """Slide paths of a manifest CSV (``slide`` column), resolved against the CSV's folder, duplicates dropped."""
+    """Slide paths of a manifest CSV (``slide`` column), resolved against the CSV's folder, duplicates dropped.
+
+    The CSV must be UTF-8 (a byte-order mark is accepted); any other encoding is refused with a
+    :class:`~napari_pathfm.errors.ManifestError` naming the line of the first undecodable byte.
+    """
     path = Path(manifest_csv)
     if not path.is_file():
-        raise PathFMError(f"{path}: manifest not found. Give a CSV file with a 'slide' column.")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
-            raise PathFMError(f"{path}: no 'slide' column (columns: {reader.fieldnames}). "
-                              "Add a header line with a 'slide' column of slide paths.")  # fmt: skip
-        key = next(c for c in reader.fieldnames if c.strip() == "slide")
-        slides: list[Path] = []
-        for row in reader:
-            value = (row.get(key) or "").strip()
-            if not value:
-                continue
-            p = Path(value).expanduser()
-            p = (p if p.is_absolute() else path.parent / p).resolve()
-            if p not in slides:
-                slides.append(p)
+        raise ManifestError(path, "manifest not found.", "Give a CSV file with a 'slide' column.")
+    reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+    if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
+        raise ManifestError(path, f"no 'slide' column (columns: {reader.fieldnames}).",
+                            "Add a header line with a 'slide' column of slide paths.")  # fmt: skip
+    key = next(c for c in reader.fieldnames if c.strip() == "slide")
+    slides: list[Path] = []
+    for row in reader:
+        value = (row.get(key) or "").strip()
+        if not value:
+            continue
+        p = Path(value).expanduser()
+        p = (p if p.is_absolute() else path.parent / p).resolve()
+        if p not in slides:
+            slides.append(p)
     if not slides:
-        raise PathFMError(f"{path}: the manifest lists no slides. Add one slide path per row.")
+        raise ManifestError(path, "the manifest lists no slides.", "Add one slide path per row.")
     return slides
+
+
+def _manifest_text(path: Path) -> str:
+    """The manifest decoded as UTF-8 (BOM dropped); another encoding -> ManifestError naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            path, f"is not UTF-8 text: line {line} has a byte (0x{data[exc.start]:02x}) that UTF-8 cannot decode "
+            "(the file was probably saved as Latin-1 or Windows-1252).",
+            "Save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8) and run again.",
+        ) from None
 
 
 def slide_out_dir(out_dir: PathLike, slide: Path) -> Path:
@@ -203,12 +226,68 @@ def _key(task: str, checkpoint: list[str] | None, options: dict) -> dict:
 
 
 def is_complete(folder: Path, key: dict) -> bool:
-    """True when ``folder/done.json`` exists and records the same task, checkpoint and options."""
+    """True when ``folder/done.json`` records the same task, checkpoint and options and its outputs verify."""
+    return check_done(folder, key) == (True, "")
+
+
+def check_done(folder: Path, key: dict) -> tuple[bool, str]:
+    """Whether a slide's folder holds a finished run for ``key``, and if not, why it must be redone.
+
+    Returns ``(True, "")`` when ``done.json`` matches ``key`` and every output it records is there with
+    the same size and CRC-32; ``(False, "")`` when there is no matching marker (a new slide or changed
+    options); ``(False, reason)`` when a matching marker's outputs are missing or damaged, or the
+    marker has no output record (written by an older version: its outputs cannot be checked).
+    """
     try:
         done = json.loads((folder / DONE).read_text())
     except (OSError, ValueError):
-        return False
-    return {k: done.get(k) for k in key} == json.loads(json.dumps(key))
+        return False, ""
+    if not isinstance(done, dict) or {k: done.get(k) for k in key} != json.loads(json.dumps(key)):
+        return False, ""
+    if not isinstance(done.get("outputs"), list):
+        return False, "no output record in done.json (older version): outputs cannot be checked"
+    problem = verify_outputs(folder, done["outputs"])
+    return (False, f"output damaged: {problem}") if problem else (True, "")
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _is_temporary(rel: Path) -> bool:
+    name = rel.parts[0]
+    return name == DONE or ".tmp-" in name or ".old-" in name or name.startswith(".pathfm-")
+
+
+def record_outputs(folder: Path) -> list[dict]:
+    """Every file under a slide's folder (``done.json`` and temporaries aside): relative path, size, CRC-32.
+
+    Zarr / OME-Zarr outputs are folders: each of their files is listed, so a lost or changed chunk is seen.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temporary(p.relative_to(folder)))
+    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "crc32": _crc32(p)} for p in files]
+
+
+def verify_outputs(folder: Path, record: list[dict]) -> str:
+    """``""`` when every recorded output exists with its size and CRC-32, else what is wrong (first problem)."""
+    if not record:
+        return "done.json records no outputs"
+    for item in record:
+        try:
+            path = folder / item["path"]
+            if not path.is_file():
+                return f"{item['path']} is missing"
+            if path.stat().st_size != item["size"]:
+                return f"{item['path']} has {path.stat().st_size} bytes, {item['size']} when written"
+            if _crc32(path) != item["crc32"]:
+                return f"{item['path']} has changed since it was written (checksum differs)"
+        except (OSError, KeyError, TypeError) as exc:
+            return f"{item.get('path', '?') if isinstance(item, dict) else '?'} cannot be checked ({exc})"
+    return ""
 
 
 def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, options: dict) -> dict:
@@ -221,14 +300,15 @@ def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, opt
 
     t0 = time.perf_counter()
     folder = Path(out)
-    row = {"slide": slide, "status": "ok", "error": "", "seconds": 0.0, "output": str(folder)}
+    row = {"slide": slide, "status": "ok", "error": "", "seconds": 0.0, "output": str(folder), "note": ""}
     try:
         if not Path(slide).exists():
-            raise PathFMError(f"{slide}: file not found. Fix the path in the manifest.")
+            raise SlideError(slide, "file not found.", "Fix the path in the manifest.")
         folder.mkdir(parents=True, exist_ok=True)
         info = TASKS[task](Path(slide), folder, checkpoint, dict(options))
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info}
+        done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info,
+                "outputs": record_outputs(folder)}  # fmt: skip
         with atomic_path(folder / DONE) as tmp:
             tmp.write_text(json.dumps(done, indent=2, default=str))
     except Exception as exc:  # noqa: BLE001 - reported per slide, the batch goes on
@@ -298,12 +378,14 @@ def run_batch(
     Returns
     -------
     BatchSummary
-        One row per slide with status ``ok``, ``skipped`` (``done.json`` matches) or ``failed``.
+        One row per slide with status ``ok``, ``skipped`` (``done.json`` matches and its outputs verify),
+        ``redone`` (finished before, but its outputs were missing or damaged: run again; ``note`` says
+        why) or ``failed``.
     """
     from distributed import wait
 
     if task not in TASKS:
-        raise PathFMError(f"unknown task '{task}'. Use one of: {', '.join(TASKS)}.")
+        raise UsageError(f"unknown task '{task}'.", f"Use one of: {', '.join(TASKS)}.")
     options = dict(options or {})
     check_options(task, options)
     ckpts = _checkpoints(task, checkpoint)
@@ -313,14 +395,7 @@ def run_batch(
     t0 = time.perf_counter()
     summary = BatchSummary(out, task)
     key = _key(task, ckpts, options)
-    todo: list[tuple[Path, Path]] = []
-    for slide in slides:
-        folder = slide_out_dir(out, slide)
-        if is_complete(folder, key):
-            summary.rows.append({"slide": str(slide), "status": "skipped", "error": "", "seconds": 0.0,
-                                 "output": str(folder)})  # fmt: skip
-        else:
-            todo.append((slide, folder))
+    todo, notes = _plan(slides, out, key, summary)
     total = len(slides)
     report(progress, len(summary.rows), total, f"{len(summary.rows)} complete slides skipped")
     if todo:
@@ -335,7 +410,7 @@ def run_batch(
                         raise Cancelled(f"batch {task} cancelled by the user ({len(pending)} slides not run)")
                     done, pending = _wait_some(wait, pending)
                     for fut in done:
-                        row = _row(fut, *futures[fut])
+                        row = _noted(_row(fut, *futures[fut]), notes)
                         summary.rows.append(row)
                         report(progress, len(summary.rows), total, f"{Path(row['slide']).name}: {row['status']}")
             except (Cancelled, KeyboardInterrupt):
@@ -352,6 +427,41 @@ def run_batch(
     summary.seconds = time.perf_counter() - t0
     _write_summary(summary)
     return summary
+
+
+def _plan(slides: list[Path], out: Path, key: dict, summary: BatchSummary) -> tuple[list, dict[str, str]]:
+    """Split slides into verified complete ones (``skipped`` rows added) and those to run.
+
+    Returns the ``(slide, folder)`` pairs to run and, for slides whose finished outputs failed their
+    check, the reason by folder; their stale ``done.json`` is removed first, so the folder never claims
+    to be complete while it is redone.
+    """
+    todo: list[tuple[Path, Path]] = []
+    notes: dict[str, str] = {}
+    for slide in slides:
+        folder = slide_out_dir(out, slide)
+        complete, reason = check_done(folder, key)
+        if complete:
+            summary.rows.append({"slide": str(slide), "status": "skipped", "error": "", "seconds": 0.0,
+                                 "output": str(folder), "note": ""})  # fmt: skip
+            continue
+        if reason:
+            log.warning("%s: %s; running it again", slide, reason)
+            notes[str(folder)] = reason
+            (folder / DONE).unlink(missing_ok=True)
+        todo.append((slide, folder))
+    return todo, notes
+
+
+def _noted(row: dict, notes: dict[str, str]) -> dict:
+    """A worker's row, marked ``redone`` with the reason when the slide was rerun over damaged outputs."""
+    reason = notes.get(row.get("output", ""), "")
+    row.setdefault("note", "")
+    if reason:
+        row["note"] = f"redone: {reason}"
+        if row["status"] == "ok":
+            row["status"] = "redone"
+    return row
 
 
 def _checkpoints(task: str, checkpoint: None | PathLike | Sequence[PathLike]) -> list[str] | None:
@@ -375,7 +485,7 @@ def _checkpoints(task: str, checkpoint: None | PathLike | Sequence[PathLike]) ->
     ckpts = [Path(c).expanduser().resolve() for c in checkpoint]
     for c in ckpts:
         if not c.is_file():
-            raise PathFMError(f"{c}: checkpoint not found. Fix the --checkpoint path (workers must see it too).")
+            raise CheckpointError(c, "checkpoint not found.", "Fix the --checkpoint path (workers must see it too).")
     return [str(c) for c in ckpts]
 
 
@@ -385,7 +495,7 @@ def _row(fut: Any, slide: Path, folder: Path) -> dict:
         return fut.result()
     exc = fut.exception()
     return {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": 0.0,
-            "output": str(folder)}  # fmt: skip
+            "output": str(folder), "note": ""}  # fmt: skip
 
 
 def _wait_some(wait: Callable[..., Any], pending: set) -> tuple[set, set]:
@@ -406,6 +516,11 @@ def parse_options(pairs: Sequence[str]) -> dict:
     for pair in pairs:
         k, sep, v = pair.partition("=")
         if not sep or not k.strip():
-            raise PathFMError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set batch_size=4.")
-        options[k.strip()] = yaml.safe_load(v) if v.strip() else None
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE.", "Write it as --set batch_size=4.")
+        try:
+            options[k.strip()] = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError as exc:
+            problem = str(getattr(exc, "problem", None) or exc).strip()
+            raise UsageError(f"--set {pair!r}: the value is not valid YAML ({problem}).",
+                             "Quote it, e.g. --set 'key=\"a: b\"'.") from None  # fmt: skip
     return options

@@ -35,8 +35,8 @@ from .features_io import (
     feature_path,
     feature_paths,
     finish_feature_store,
-    read_feature_attrs,
     read_features,
+    reusable_feature_attrs,
     write_features,
 )
 
@@ -109,8 +109,16 @@ def _settings(extractor, *, mpp, tile_size, min_tissue, tissue_mpp, slide_path: 
     }
 
 
-def _is_up_to_date(path: Path, settings: dict) -> Optional[dict]:
-    attrs = read_feature_attrs(path) if path.exists() else None
+def _is_up_to_date(path: Path, settings: dict, slide_path: Optional[Path] = None) -> Optional[dict]:
+    """The attributes of an existing feature file that may be reused as is, else None.
+
+    A file is reused only when it is complete, passes its checksums and was made with the same
+    settings; a damaged or incomplete one is recomputed, with a warning naming the slide.
+    """
+    attrs, problem = reusable_feature_attrs(path)
+    if problem:
+        log.warning("%s: the existing feature file %s is damaged or incomplete (%s); recomputing it",
+                    Path(slide_path or path).name, path, problem)  # fmt: skip
     wanted = _jsonable(settings)
     return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
@@ -271,7 +279,7 @@ def _run_many(inputs, out_dir, *, extractor, extractor_kwargs, mpp, tile_size, m
         try:
             settings = _settings(extractor, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
                                  tissue_mpp=tissue_mpp, slide_path=slide_path)  # fmt: skip
-            done = None if overwrite else _is_up_to_date(out_path, settings)
+            done = None if overwrite else _is_up_to_date(out_path, settings, slide_path)
             if done is not None:
                 results.append(SlideResult(slide_path, "skipped", out_path, int(done.get("n_tiles", 0))))
                 report(step, 1, 1, f"{slide_path.name}: up to date, skipped")

@@ -8,13 +8,23 @@ Layout of ``<slide>.features.zarr``::
                level0_shape, grid_shape, tile_size, mpp (obtained; None when the slide has no
                pixel size), target_mpp, level, read_size, level0_tile_size, min_tissue,
                tissue_mpp, extractor, backbone, input_size, mean, std, weights, weights_sha256,
-               feature_dim, n_tiles, patch_order, created, pathfm_version, complete
+               feature_dim, n_tiles, patch_order, created, pathfm_version, complete,
+               checksums ({file under the group: [size, crc32 hex]}, format_version >= 2)
 
 Row ``i`` of ``features`` belongs to row ``i`` of ``coords``. Rows follow
 :data:`PATCH_ORDER`; S4 MIL reads a bag as a sequence, so the order is part of the
 format. ``complete: true`` is set only after the last row is written, and the group
 is built in a temporary folder renamed into place, so a file without it is the
-remnant of an interrupted run. Nothing here imports torch.
+remnant of an interrupted run.
+
+Integrity (format version 2): every chunk carries a CRC32C (``zarr.codecs.Crc32cCodec`` after the
+compressor), so a changed chunk fails to decode; and the last write records the size and CRC-32 of
+every file of the two arrays in ``checksums``, so a missing or truncated chunk (which zarr would
+otherwise read as zeros) is seen too. :func:`verify_feature_store` checks that record; a file that
+fails it is never reused by ``pathfm features`` (the slide is recomputed, with a warning) and is
+refused by :func:`read_features` with a :class:`~napari_pathfm.errors.FeatureError`. Files of format
+version 1 carry no record: they are read as before but recomputed rather than reused.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "pathfm-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC32C per chunk + checksum record of the arrays' files
 PATCH_ORDER = "row-major over tissue tiles: top-to-bottom, then left-to-right, level-0 (y, x)"
 _CHUNK_BYTES = 1 << 22
 _RERUN = "Run pathfm features again (finished slides are skipped)."
@@ -137,8 +147,10 @@ def create_feature_store(path: str | Path, n: int, dim: int, attrs: dict):
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array("features", shape=(n, dim), dtype="float32", chunks=(max(1, min(n, chunk_rows(dim))), dim))
-    group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2))
+    group.create_array("features", shape=(n, dim), dtype="float32", chunks=(max(1, min(n, chunk_rows(dim))), dim),
+                       compressors=_compressors())  # fmt: skip
+    group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2),
+                       compressors=_compressors())  # fmt: skip
     full = {
         "patch_order": PATCH_ORDER,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -153,9 +165,62 @@ def create_feature_store(path: str | Path, n: int, dim: int, attrs: dict):
     return group
 
 
-def finish_feature_store(group) -> None:
-    """Mark a fully written group as complete (the last write of a feature file)."""
-    group.attrs["complete"] = True
+def _compressors() -> list:
+    """Zstandard (zarr's default) followed by a CRC32C of each compressed chunk."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
+def _crc32(path: Path) -> str:
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _array_files(root: Path) -> list[Path]:
+    """The files of the ``features`` and ``coords`` arrays (metadata and chunks), sorted."""
+    return sorted(p for name in ("features", "coords") for p in (root / name).rglob("*") if p.is_file())
+
+
+def _checksums(root: Path) -> dict[str, list]:
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, _crc32(p)] for p in _array_files(root)}
+
+
+def finish_feature_store(group, path: Optional[str | Path] = None) -> None:
+    """Record the checksums of the arrays' files and mark the group complete (the last write of a feature file).
+
+    ``path`` is the group's folder (default: the root of its local store).
+    """
+    root = Path(path) if path is not None else Path(group.store.root)
+    group.attrs.update({"checksums": _checksums(root), "complete": True})
+
+
+def verify_feature_store(path: str | Path, attrs: dict) -> str:
+    """``""`` when every file the ``checksums`` record lists is there with its size and CRC-32, else the problem.
+
+    A file without the record (format version 1) gives ``"no checksum record"``: it cannot be verified.
+    """
+    path = Path(path)
+    record = attrs.get("checksums")
+    if not isinstance(record, dict) or not record:
+        return "no checksum record (written by an older version)"
+    on_disk = {p.relative_to(path).as_posix() for p in _array_files(path)}
+    for rel, expected in record.items():
+        f = path / rel
+        try:
+            if not f.is_file():
+                return f"{rel} is missing"
+            if [f.stat().st_size, _crc32(f)] != list(expected):
+                return f"{rel} has changed since it was written (size or checksum differs)"
+        except (OSError, TypeError, ValueError) as exc:
+            return f"{rel} cannot be checked ({exc})"
+    extra = sorted(on_disk - set(record))
+    return f"{extra[0]} was added after it was written" if extra else ""
 
 
 class RowWriter:
@@ -294,13 +359,30 @@ def _check_layout(path: Path, group) -> dict:
 def read_feature_attrs(path: str | Path) -> Optional[dict]:
     """Attributes of a complete, consistent feature file, or None (cheap: no data read).
 
-    Used to decide whether a slide's features can be reused.
+    Only the layout is checked here; :func:`reusable_feature_attrs` also verifies the checksums.
     """
     try:
         group = _open(Path(path))
         return _check_layout(Path(path), group)
     except FeatureError:
         return None
+
+
+def reusable_feature_attrs(path: str | Path) -> tuple[Optional[dict], str]:
+    """``(attrs, "")`` when a feature file is complete and passes :func:`verify_feature_store`.
+
+    Otherwise ``(None, why)``: used to decide whether a slide's features may be reused; ``why`` is
+    ``""`` when there is simply no file, else what is wrong with the one there (to warn about it).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None, ""
+    try:
+        attrs = _check_layout(path, _open(path))
+    except FeatureError as exc:
+        return None, exc.problem
+    problem = verify_feature_store(path, attrs)
+    return (None, problem) if problem else (attrs, "")
 
 
 def read_features(path: str | Path) -> FeatureBag:
@@ -310,14 +392,23 @@ def read_features(path: str | Path) -> FeatureBag:
     ------
     FeatureError
         Naming the file, when it is missing, not a feature file, incomplete
-        (interrupted extraction), has features/coords of different lengths, holds
+        (interrupted extraction), damaged (a chunk missing, truncated or changed), has features/coords of different lengths, holds
         NaN/inf features, or has no patches (no tissue found on the slide).
     """
     path = Path(path)
     group = _open(path)
     attrs = _check_layout(path, group)
-    features = np.asarray(group["features"][:], np.float32)
-    coords = np.asarray(group["coords"][:], np.int64)
+    problem = verify_feature_store(path, attrs) if "checksums" in attrs else ""
+    if problem:
+        raise FeatureError(path, f"is damaged: {problem}.", "Delete it and run pathfm features again.")
+    try:
+        features = np.asarray(group["features"][:], np.float32)
+        coords = np.asarray(group["coords"][:], np.int64)
+    except Exception as exc:  # a chunk that fails its CRC32C or does not decode
+        raise FeatureError(
+            path, f"is damaged: a chunk cannot be read ({type(exc).__name__}: {exc}).",
+            "Delete it and run pathfm features again.",
+        ) from exc  # fmt: skip
     if features.shape[0] == 0:
         raise FeatureError(
             path,
