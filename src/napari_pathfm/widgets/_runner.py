@@ -4,16 +4,31 @@ Widgets never compute: they hand a plain function that accepts ``progress`` and
 ``cancel`` (the same protocol the CLI uses) to :class:`TaskRunner`, which runs it
 in a napari worker thread, feeds ``napari.utils.progress`` through a Qt signal
 (queued onto the GUI thread) and calls ``on_done``/``on_error`` on the GUI thread.
+
+Failures take the one error path shared with the CLI (:func:`napari_pathfm.error_boundary.describe`):
+the task's exception is caught inside the worker and handed back as a value, so napari's own
+worker error relay (a second toast with a traceback) never fires; the dock shows one message.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Optional
 
 from qtpy.QtCore import QObject, Signal
 
+from ..error_boundary import describe
 from ..errors import Cancelled
+
+log = logging.getLogger(__name__)
+
+
+class _Failed:
+    """What a task that raised returns from the worker thread (see the module docstring)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
 
 
 class _Bridge(QObject):
@@ -39,6 +54,7 @@ class TaskRunner(QObject):
         self._pbar = None
         self.worker = None
         self.last_error: Optional[BaseException] = None
+        self.last_message: str = ""
 
     @property
     def running(self) -> bool:
@@ -74,27 +90,41 @@ class TaskRunner(QObject):
         def emit(done: int, total: int, message: str = "") -> None:
             bridge.progressed.emit(int(done), int(total), str(message))
 
-        worker = create_worker(lambda: fn(progress=emit, cancel=cancel), _start_thread=False)
+        def guarded() -> Any:
+            try:
+                return fn(progress=emit, cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001 - handed to the one error path on the GUI thread
+                return _Failed(exc)
 
-        def finished_ok(result: Any) -> None:
+        worker = create_worker(guarded, _start_thread=False)
+
+        def finished(result: Any) -> None:
+            if isinstance(result, _Failed):
+                failed(result.exc)
+                return
             self._finish("done")
             on_done(result)
 
         def failed(exc: BaseException) -> None:
-            self.last_error = exc
-            state = "cancelled" if isinstance(exc, Cancelled) else "error"
+            message = describe(exc)
+            self.last_error, self.last_message = exc, message.text
+            state = "cancelled" if message.kind == "cancelled" or isinstance(exc, Cancelled) else "error"
+            if message.unexpected:
+                log.error("%s failed", description, exc_info=exc)
+            else:
+                log.debug("%s failed", description, exc_info=exc)
             self._finish(state)
             if on_error is not None:
                 on_error(exc)
             elif state == "error":
                 from napari.utils.notifications import show_error
 
-                show_error(f"{description} failed: {exc}")
+                show_error(f"{description} failed: {message.text}")
 
-        worker.returned.connect(finished_ok)
-        worker.errored.connect(failed)
+        worker.returned.connect(finished)
+        worker.errored.connect(failed)  # only if the guard itself broke
         self.worker = worker
-        self.last_error = None
+        self.last_error, self.last_message = None, ""
         self._on_state("running")
         worker.start()
         return worker

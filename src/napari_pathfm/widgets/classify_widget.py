@@ -291,7 +291,7 @@ class ClassifyWidget(QWidget):
         if state == "cancelled":
             self.status.setText("Stopped.")
         elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_error}")
+            self.status.setText(f"Failed: {self.runner.last_message}")
 
     def closeEvent(self, event) -> None:
         self._arm_click(False)

@@ -192,4 +192,4 @@ class MILWidget(QWidget):
         if state == "cancelled":
             self.result_label.setText("Cancelled.")
         elif state == "error" and self.runner.last_error is not None:
-            self.result_label.setText(f"Failed: {self.runner.last_error}")
+            self.result_label.setText(f"Failed: {self.runner.last_message}")

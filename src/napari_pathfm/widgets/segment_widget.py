@@ -233,7 +233,7 @@ class SegmentWidget(QWidget):
         if state == "cancelled":
             self.status.setText("Stopped.")
         elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_error}")
+            self.status.setText(f"Failed: {self.runner.last_message}")
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
         self._stop_recording()

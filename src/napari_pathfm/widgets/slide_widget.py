@@ -236,7 +236,7 @@ class SlideWidget(QWidget):
         if state == "cancelled":
             self.status.setText("Cancelled.")
         elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_error}")
+            self.status.setText(f"Failed: {self.runner.last_message}")
 
 
 def add_tissue_tiles_layers(viewer, name: str, result) -> str:

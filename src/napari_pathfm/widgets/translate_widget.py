@@ -351,4 +351,4 @@ class TranslateWidget(QWidget):
         if state == "cancelled":
             self.status.setText("Cancelled.")
         elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_error}")
+            self.status.setText(f"Failed: {self.runner.last_message}")
