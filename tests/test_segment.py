@@ -257,8 +257,9 @@ def test_no_tissue_writes_an_all_background_mask_and_says_so(tmp_path):
 
     from napari_pathfm.io.ome_tiff import read_ome_tiff
 
-    blank = tmp_path / "glass.png"
-    Image.fromarray(np.full((300, 400, 3), 243, np.uint8)).save(blank)
+    blank = tmp_path / "glass.png"  # bright glass with scanner noise (a perfectly flat image is refused)
+    glass = np.random.default_rng(0).normal(243, 2, (300, 400, 3)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(glass).save(blank)
     out = tmp_path / "mask.ome.tif"
     result = runner.invoke(app, ["segment", str(blank), "-c", "unused", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 2 and "unused" in result.output, "a missing checkpoint is named"

@@ -63,7 +63,8 @@ def to_rgb_uint8(arr: np.ndarray, axes: str, background: tuple[int, int, int]) -
     if arr.dtype != np.uint8:
         if arr.dtype == np.uint16:
             arr = (arr >> 8).astype(np.uint8)
-        elif arr.dtype.kind == "f":
+        elif arr.dtype.kind == "f":  # NaN/Inf count as 0 (black); callers see them in TiffBackend.nonfinite
+            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
             arr = np.clip(arr * 255.0 if arr.max(initial=0) <= 1.0 else arr, 0, 255).astype(np.uint8)
         else:
             arr = np.clip(arr, 0, 255).astype(np.uint8)
@@ -121,6 +122,9 @@ class TiffBackend:
             self.properties["tiff.ImageDescription"] = page0.description[:2000]
         self._assoc = {s.name.lower(): s for s in self._tif.series[1:] if s.name and s.name.lower() in {"label", "macro", "thumbnail"}}
         self.associated_names = list(self._assoc)
+        #: ``[values read, of which NaN/Inf]`` over every float block read so far (float TIFFs only),
+        #: so an all-NaN image can be told from a black one (:func:`napari_pathfm.io.slide.check_has_content`).
+        self.nonfinite = [0, 0]
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         arr = self._levels[level]
@@ -139,6 +143,9 @@ class TiffBackend:
                 f"a tile could not be decoded (level {level}, y={y}, x={x}, {h}x{w} px): {exc}.",
                 "The file may be truncated, corrupt or use a compression imagecodecs cannot decode. " + UNREADABLE_FIX,
             ) from exc
+        if block.dtype.kind == "f":
+            self.nonfinite[0] += block.size
+            self.nonfinite[1] += block.size - int(np.count_nonzero(np.isfinite(block)))
         out[y0 - y : y1 - y, x0 - x : x1 - x] = to_rgb_uint8(block, self._axes, self.background)
         return out
 

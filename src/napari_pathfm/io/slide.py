@@ -129,6 +129,15 @@ class Slide:
             raise SlideError(self.path, f"has no level {level} (it has {self.level_count}).")
         return self._backend.read_region(level, int(y), int(x), int(h), int(w))
 
+    def nonfinite_fraction(self) -> float | None:
+        """Share of NaN/Inf among the float values read so far; None for integer images (or nothing read).
+
+        Float TIFFs are shown with NaN/Inf as black; this tells an image that was all
+        NaN apart from a black one (see :func:`check_has_content`).
+        """
+        read, bad = getattr(self._backend, "nonfinite", (0, 0))
+        return bad / read if read else None
+
     @cached_property
     def pyramid(self) -> list:
         """Dask arrays (Y, X, 3) uint8, level 0 first, chunked on native tiles.
@@ -310,3 +319,32 @@ def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | No
         "Check that the file is complete and in a supported format (SVS, NDPI, MRXS, SCN, BIF, DICOM, "
         "OME-TIFF, pyramidal TIFF, PNG/JPEG); converting to pyramidal OME-TIFF usually helps.",
     )
+
+
+def check_has_content(slide: Any, overview: np.ndarray) -> None:
+    """Refuse a slide whose low-resolution overview shows nothing at all: only NaN/Inf, or one flat colour.
+
+    A failed export or computation writes such files; treating them as "no tissue" would
+    hand back an empty result with success. ``overview`` is the (h, w, 3) image the
+    tissue detector has already read (whole blocks only), so the check reads no pixels.
+
+    Raises
+    ------
+    SlideError
+        Every float value read was NaN/Inf, or every overview pixel has the same colour.
+    """
+    fraction = slide.nonfinite_fraction() if hasattr(slide, "nonfinite_fraction") else None
+    if fraction is not None and fraction >= 1.0:
+        raise SlideError(
+            slide.path,
+            "holds only NaN/Inf values (a float image without one finite pixel), so there is no image to analyse.",
+            "A failed computation or export writes NaN; re-export the image or open the original scan.",
+        )
+    ov = np.asarray(overview, np.float32)
+    if ov.size and float(ov.max()) - float(ov.min()) < 0.5:
+        colour = tuple(int(round(float(v))) for v in ov.reshape(-1, ov.shape[-1])[0])
+        raise SlideError(
+            slide.path,
+            f"is one flat colour (every pixel is RGB {colour}), so there is neither tissue nor background to find.",
+            "Check that this is the scan you meant; a failed export or an empty placeholder writes a blank image.",
+        )

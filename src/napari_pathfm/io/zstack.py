@@ -118,23 +118,35 @@ def _probe(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _read_plane(path: str, shape: tuple[int, ...], dtype: str, key: int | None = None) -> np.ndarray:
-    """Decode one plane (a file, or page ``key`` of series 0 of a TIFF)."""
+    """Decode one plane (a file, or page ``key`` of series 0 of a TIFF).
+
+    Runs inside dask's lazy reads, so a plane that is truncated or damaged (its header,
+    read at open, was fine) fails here with a :class:`ZStackError` naming the plane file.
+    """
     p = Path(path)
-    if p.suffix.lower() in _TIFF_SUFFIXES:
-        import tifffile
-
-        arr = tifffile.imread(p, series=0, key=key) if key is not None else tifffile.imread(p)
-    else:
-        from PIL import Image
-
-        with Image.open(p) as im:
-            arr = np.asarray(im)
+    try:
+        arr = _decode(p, key)
+    except Exception as exc:  # tifffile / Pillow / imagecodecs raise many types for damaged files
+        where = f"page {key} of it" if key is not None else "the plane"
+        raise ZStackError(p, f"{where} could not be decoded ({type(exc).__name__}: {exc}); the file is truncated "
+                          "or damaged.", "Copy or re-export this plane file, then open the z-stack again.") from exc
     arr = np.squeeze(arr) if arr.ndim > 2 else arr
     if arr.shape != tuple(shape):
         raise ZStackError(p, f"decoded to shape {arr.shape} but its header said {tuple(shape)}.",
                           "The file may have changed since the stack was opened; open it again.")
     # Old Pillow decodes 16-bit PNGs as int32 ('I'); the header dtype is authoritative.
     return arr.astype(dtype, copy=False)
+
+
+def _decode(p: Path, key: int | None) -> np.ndarray:
+    if p.suffix.lower() in _TIFF_SUFFIXES:
+        import tifffile
+
+        return tifffile.imread(p, series=0, key=key) if key is not None else tifffile.imread(p)
+    from PIL import Image
+
+    with Image.open(p) as im:
+        return np.asarray(im)
 
 
 def _lazy_planes(reads: list[tuple[str, int | None]], shape: tuple[int, ...], dtype: np.dtype) -> "da.Array":
@@ -160,8 +172,14 @@ def _open_folder(folder: Path, like: Path | None, **select: Any) -> ZStack:
     for name, tfiles in files.targets.items():
         tshape, tdtype = _probe(tfiles[0].path)
         if tshape != ref_shape:
-            raise ZStackError(tfiles[0].path, f"target {name} has shape {tshape} but the planes are {ref_shape}.",
+            raise ZStackError(tfiles[0].path, f"target {name} has shape {tshape} but the planes are {ref_shape} "
+                              f"({files.planes[0].path.name}).",
                               "Targets must be registered to the z-stack; remove or re-export this file.")
+        for t in tfiles[1:]:  # a target made of several planes: every one like the first
+            if _probe(t.path) != (tshape, tdtype):
+                shape, dtype = _probe(t.path)
+                raise ZStackError(t.path, f"target {name} plane is {shape} {dtype} but {tfiles[0].path.name} is "
+                                  f"{tshape} {tdtype}.", "All planes of a target must match; re-export this file.")
         stack = _lazy_planes([(str(t.path), None) for t in tfiles], tshape, tdtype)
         targets[name] = stack[0] if len(tfiles) == 1 else stack.max(axis=0)  # several planes: max projection
     return ZStack(

@@ -281,6 +281,12 @@ def tissue_mask(
     -------
     TissueMask
 
+    Raises
+    ------
+    SlideError
+        A slide whose overview is only NaN/Inf or one flat colour: that is a broken
+        file, not a slide without tissue (:func:`napari_pathfm.io.slide.check_has_content`).
+
     Examples
     --------
     >>> rgb = np.full((64, 64, 3), 240, np.uint8)
@@ -320,6 +326,8 @@ def _prepare_array(rgb, mpp, downsample, image_mpp):
 
 
 def _read_slide(slide, mpp, downsample, progress, cancel):
+    from ..io.slide import check_has_content
+
     if downsample is None:
         downsample = mpp / slide.mpp if slide.mpp else DEFAULT_DOWNSAMPLE
     downsample = max(1.0, float(downsample))
@@ -337,6 +345,7 @@ def _read_slide(slide, mpp, downsample, progress, cancel):
         region = slide.read(level, r0 * k, 0, (r1 - r0) * k, out_w * k)
         out[r0:r1] = _block_mean(region, k, fill=bg)
         report(progress, r1, out_h, "detecting tissue")
+    check_has_content(slide, out[: max(1, lh // k), : max(1, lw // k)])  # whole blocks: no edge padding
     return out, k * level_ds, slide.mpp
 
 
