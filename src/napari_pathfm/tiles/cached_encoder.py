@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -70,6 +71,10 @@ class CachedEncoder:
         self.decision: Optional[str] = None
         self._batches, self._timed, self._encode_s, self._store_s = 0, 0, 0.0, 0.0
         self._rows_before = 0
+        self._verified = False
+        self.slide_name = Path(str(getattr(slide, "path", "") or "slide")).name
+        #: One line about damage found and repaired in this run (or why it was not), "" when none.
+        self.note = ""
         spec = model.embedding_spec() if hasattr(model, "embedding_spec") and hasattr(model, "decode") else None
         self.protocol = spec is not None
         store = resolve_cache(cache) if spec is not None and len(grid) else None
@@ -80,7 +85,8 @@ class CachedEncoder:
                 self._rows_before = int((self.rows >= 0).sum())
                 self.decision = self.entry.declined  # an earlier run found storing slower than encoding
             except OSError as exc:
-                log.warning("embedding cache %s is not usable (%s): computing every tile", store.root, exc)
+                self.note = f"embedding cache {store.root} is not usable ({exc}): computing every tile without it"
+                log.warning(self.note)
                 self.entry, self.rows = None, None
 
     @property
@@ -90,28 +96,55 @@ class CachedEncoder:
 
     @property
     def all_stored(self) -> bool:
-        """Every tile of the grid is in the cache: the run need not read a single pixel."""
-        return self.rows is not None and len(self.rows) > 0 and bool((self.rows >= 0).all())
+        """Every tile of the grid is in the cache and its stored outputs pass their checks: the run need
+        not read a single pixel. Checked once by reading every row (a run without pixels could not
+        recompute a tile found damaged later); damaged tiles are dropped, so the answer is then False."""
+        if self.rows is None or not len(self.rows) or not bool((self.rows >= 0).all()):
+            return False
+        if not self._verified:
+            self._verified = True
+            self._check_rows(np.arange(len(self.rows)), self.entry.verify)
+        return bool((self.rows >= 0).all())
+
+    def _check_rows(self, indices: np.ndarray, check) -> Any:
+        """Run ``check(rows)`` on the stored rows of ``indices``; tiles it drops as damaged become
+        misses (``-1`` in :attr:`rows`). Returns what ``check`` returned."""
+        rows = self.rows[indices]
+        out = check(rows)
+        damaged = self.entry.damaged[self.grid.tile_index[indices, 0], self.grid.tile_index[indices, 1]]
+        self.rows[indices[damaged]] = -1
+        return out
 
     def __call__(self, indices: np.ndarray, x: Any, device: Any) -> dict:
         """Encoder outputs ``{name: (B, ...)}`` on ``device`` for the grid tiles ``indices``.
 
         ``x`` is their preprocessed batch; it may be ``None`` when all of them are stored.
         """
-        import torch
-
         indices = np.asarray(indices, np.int64)
         if self.entry is None:
             self.computed += len(indices)
             return self.model.encode(x)
-        rows = self.rows[indices]
-        hit = rows >= 0
+        hit = self.rows[indices] >= 0
+        cached, ok = ({}, np.zeros(0, bool)) if not hit.any() else self._check_rows(indices[hit], self.entry.read)
+        hit[hit] = ok  # rows that failed their checks are computed like misses (and the entry repaired)
         if hit.all():
             self.reused += len(indices)
             dtypes = self.entry.dtypes
-            return {k: as_tensor(v, dtypes[k], device) for k, v in self.entry.read(rows).items()}
+            return {k: as_tensor(v, dtypes[k], device) for k, v in cached.items()}
         if x is None:
-            raise ValueError("tiles that are not in the embedding cache need their pixels")
+            raise RuntimeError(f"embedding cache for {self.slide_name}: stored tiles changed during the run; "
+                               "run it again (damaged tiles are recomputed)")  # fmt: skip
+        fresh = self._encode(indices, x, hit)
+        self.computed += int((~hit).sum())
+        if not hit.any():
+            return fresh
+        self.reused += int(hit.sum())
+        return _merge(fresh, cached, self.entry.dtypes, hit, device)
+
+    def _encode(self, indices: np.ndarray, x: Any, hit: np.ndarray) -> dict:
+        """Run the encoder on the tiles of the batch that are not ``hit``, store them, time both."""
+        import torch
+
         t0 = time.perf_counter()
         fresh = self.model.encode(x[torch.as_tensor(~hit, device=x.device)] if hit.any() else x)
         if x.device.type == "cuda" and self.entry.writable and self.decision is None:
@@ -120,20 +153,7 @@ class CachedEncoder:
         if self.entry.writable:
             self._store(indices[~hit], fresh)
             self._weigh(t1 - t0, time.perf_counter() - t1, int((~hit).sum()))
-        self.computed += int((~hit).sum())
-        if not hit.any():
-            return fresh
-        self.reused += int(hit.sum())
-        cached, dtypes = self.entry.read(rows[hit]), self.entry.dtypes
-        hit_t = torch.as_tensor(hit, device=device)
-        out = {}
-        for k, v in fresh.items():
-            c = as_tensor(cached[k], dtypes[k], device)
-            full = torch.empty((len(indices), *v.shape[1:]), dtype=c.dtype, device=device)
-            full[~hit_t] = v.to(device, c.dtype)
-            full[hit_t] = c
-            out[k] = full
-        return out
+        return fresh
 
     def _weigh(self, encode_s: float, store_s: float, n: int) -> None:
         """Stop storing when writing the outputs costs more than computing them (a fast GPU and a big
@@ -162,6 +182,24 @@ class CachedEncoder:
             log.warning("could not add to the embedding cache %s (%s): not storing this run", self.entry.path, exc)
             self.entry.writable = False
 
+    def damage_note(self) -> str:
+        """One line about damage this run found in its entry and what became of it ("" when none)."""
+        e = self.entry
+        if e is None:
+            return self.note
+        head = f"embedding cache for {self.slide_name}: "
+        if e.unusable:
+            return head + f"the entry is unreadable ({e.rebuilt}) and {e.unusable}; computed every tile without it"
+        if e.rebuilt:
+            return head + f"the entry was unreadable ({e.rebuilt}); rebuilt it, {self.computed} tiles recomputed"
+        n = int(e.damaged[self.grid.tile_index[:, 0], self.grid.tile_index[:, 1]].sum()) if len(self.grid) else 0
+        if not n and not e.index_fixed:
+            return ""
+        what = f"{n} damaged tiles recomputed" + (" (damaged index rebuilt)" if e.index_fixed else "")
+        if e.unrepaired:
+            return head + f"{what}; the entry could not be repaired ({e.unrepaired}), so it was not stored to"
+        return head + f"{what} and repaired"
+
     def summary(self) -> dict:
         """What the cache did in this run (for summaries and logs)."""
         return {
@@ -169,10 +207,15 @@ class CachedEncoder:
             "tiles_encoded": self.computed,
             "tiles_from_cache": self.reused,
             "storing": self.decision,
+            "damage": self.note or None,
         }
 
     def close(self) -> None:
         """Release the entry (lock, last-used stamp, size cap)."""
+        note = self.damage_note()
+        if note and note != self.note:
+            self.note = note
+            log.warning(note)
         if self.entry is not None:
             try:
                 self.entry.close()
@@ -200,6 +243,24 @@ def stored_batches(grid: Any, batch_size: int):
 
 
 def cache_note(summary: Optional[dict]) -> str:
-    """One sentence for a widget's status line about what the cache did in a run ("" when nothing)."""
+    """One sentence for a widget's status line about what the cache did in a run, with the damage it found
+    and repaired ("" when nothing)."""
     n = int((summary or {}).get("tiles_from_cache") or 0)
-    return f"Encoder outputs of {n} tiles read from the embedding cache." if n else ""
+    damage = (summary or {}).get("damage") or ""
+    text = f"Encoder outputs of {n} tiles read from the embedding cache." if n else ""
+    return " ".join(t for t in (text, damage[:1].upper() + damage[1:] + "." if damage else "") if t)
+
+
+def _merge(fresh: dict, cached: dict, dtypes: dict, hit: np.ndarray, device: Any) -> dict:
+    """One batch from freshly encoded outputs (tiles not ``hit``) and stored ones (tiles ``hit``)."""
+    import torch
+
+    hit_t = torch.as_tensor(hit, device=device)
+    out = {}
+    for k, v in fresh.items():
+        c = as_tensor(cached[k], dtypes[k], device)
+        full = torch.empty((len(hit), *v.shape[1:]), dtype=c.dtype, device=device)
+        full[~hit_t] = v.to(device, c.dtype)
+        full[hit_t] = c
+        out[k] = full
+    return out

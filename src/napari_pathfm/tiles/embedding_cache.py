@@ -40,13 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from .cache_entry import INDEX, LOCK, USED, CacheEntry, lock_holder_alive
+import numpy as np
+
+from .cache_entry import FORMAT, INDEX, LOCK, USED, CacheEntry, lock_holder_alive
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingCache", "CacheEntry", "EntryInfo", "resolve_cache", "weights_sha256", "default_cache_dir"]
-
-FORMAT = "pathfm-tile-embeddings/1"
+__all__ = ["EmbeddingCache", "CacheEntry", "EntryInfo", "FORMAT", "resolve_cache", "weights_sha256",
+           "default_cache_dir"]
 
 PathLike = Union[str, Path]
 
@@ -133,7 +134,15 @@ def _dir_bytes(path: Path) -> int:
 
 @dataclass
 class EntryInfo:
-    """One stored entry, as ``pathfm cache list`` shows it."""
+    """One stored entry, as ``pathfm cache list`` and ``pathfm cache verify`` show it.
+
+    ``health`` is one of ``healthy`` (every row read and checked), ``unverified`` (index, row table
+    and chunk files are in order; the data were not read), ``damaged`` (``damaged`` tiles failed their
+    checks), ``repaired`` (damage found and fixed: damaged tiles dropped, to be recomputed by the next
+    run; or an unreadable entry removed), ``partial`` (fewer tiles stored than a run asked for),
+    ``declined`` (storing was slower than encoding), ``unreadable`` (its metadata cannot be read) or
+    ``old format`` (made by an older version; never used). ``stale``: its slide changed or is gone.
+    """
 
     path: Path
     slide: str
@@ -143,11 +152,32 @@ class EntryInfo:
     last_used: float
     stale: bool
     declined: Optional[str] = None
+    health: str = "unverified"
+    damaged: int = 0
+    wanted: int = 0
+    problem: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """False while damage remains (damaged, unreadable)."""
+        return self.health not in ("damaged", "unreadable")
+
+    def status(self) -> str:
+        """One phrase: the health with its counts and reasons (``damaged (12 tiles)``)."""
+        text = self.health
+        if self.health in ("damaged", "repaired") and self.damaged:
+            text += f" ({self.damaged} tiles)"
+        elif self.health == "partial":
+            text += f" ({self.tiles} of {self.wanted} tiles)"
+        if self.problem:
+            text += f": {self.problem}"
+        return text
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "slide": self.slide, "encoder": self.encoder, "tiles": self.tiles,
                 "bytes": self.bytes, "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_used)),
-                "stale": self.stale, "declined": self.declined}  # fmt: skip
+                "stale": self.stale, "declined": self.declined, "health": self.health, "damaged": self.damaged,
+                "wanted": self.wanted, "problem": self.problem}  # fmt: skip
 
 
 class EmbeddingCache:
@@ -186,30 +216,43 @@ class EmbeddingCache:
         }  # fmt: skip
         folder = self.root / f"{_safe(Path(sig.path).stem)}-{sig.key()}"
         path = folder / f"{_safe(str(encoder.get('name', 'encoder')))}-{_hash(key)}.zarr"
-        return CacheEntry(self, path, key, tuple(int(v) for v in grid.grid_shape))
+        return CacheEntry(self, path, key, tuple(int(v) for v in grid.grid_shape), n_tiles=len(grid))
 
     # -- housekeeping -----------------------------------------------------------------------
-    def entries(self) -> list[EntryInfo]:
-        """Every entry in the cache, most recently used first."""
+    def entries(self, *, check: bool = True) -> list[EntryInfo]:
+        """Every entry in the cache, most recently used first.
+
+        ``check`` opens each entry for a cheap structural check (index, row table, data chunk files
+        present at their full size) and sets its health; without it only the attributes are read."""
         out = []
         for path in sorted(self.root.glob("*/*.zarr")) if self.root.is_dir() else []:
-            attrs = _read_attrs(path)
-            if attrs is None:
-                continue
-            key = attrs["key"]
-            slide = key["slide"]
-            out.append(EntryInfo(
-                path=path, slide=slide["path"], encoder=str(key["encoder"].get("name")), tiles=_count_tiles(path),
-                bytes=_dir_bytes(path), last_used=_last_used(path), stale=_is_stale(slide),
-                declined=attrs.get("declined"),
-            ))  # fmt: skip
+            out.append(self.inspect(path) if check else _quick_info(path))
         return sorted(out, key=lambda e: -e.last_used)
+
+    def inspect(self, path: Path, *, full: bool = False, repair: bool = False) -> EntryInfo:
+        """The health of the entry at ``path``: a structural check, or with ``full`` every row read and
+        checked; ``repair`` drops damaged tiles (the next run recomputes them) and removes entries that
+        are unreadable or of an old format."""
+        info = _quick_info(path)
+        if info.health in ("unreadable", "old format"):
+            if repair and _remove_entry(path):
+                info.problem, info.health = f"removed ({info.health})", "repaired"
+            return info
+        attrs = _read_attrs(path)
+        key = attrs["key"]
+        grid_shape = tuple(int(v) for v in key["tiles"]["grid_shape"])
+        entry = CacheEntry(self, path, key, grid_shape, repair=repair)
+        try:
+            entry.verify() if full else entry.lookup(np.zeros((0, 2), np.int64))
+        finally:
+            entry.close()
+        return _health(info, entry, full=full, repair=repair)
 
     def clear(self, slide: Optional[PathLike] = None, *, stale_only: bool = False) -> list[EntryInfo]:
         """Delete entries: all of them, those of one ``slide`` file, or those whose slide changed or is gone."""
         target = str(Path(slide).expanduser().resolve()) if slide is not None else None
         removed = []
-        for e in self.entries():
+        for e in self.entries(check=False):
             if (target is None or e.slide == target) and (not stale_only or e.stale):
                 if _remove_entry(e.path):
                     removed.append(e)
@@ -217,7 +260,7 @@ class EmbeddingCache:
 
     def trim(self, keep: Optional[Path] = None) -> list[EntryInfo]:
         """Delete least recently used entries (never ``keep``) until the cache fits :attr:`max_bytes`."""
-        entries = self.entries()
+        entries = self.entries(check=False)
         total = sum(e.bytes for e in entries)
         removed = []
         for e in sorted(entries, key=lambda e: e.last_used):
@@ -232,14 +275,73 @@ class EmbeddingCache:
         return removed
 
 
-def _read_attrs(path: Path) -> Optional[dict]:
-    """The attributes of an entry's group (its ``key``, ``layout``, ``declined``); None if it is not one."""
+def _read_attrs(path: Path, any_format: bool = False) -> Optional[dict]:
+    """The attributes of an entry's group (its ``key``, ``layout``, ``declined``); None if it is not one
+    (of this :data:`FORMAT`, unless ``any_format``)."""
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        key = attrs.get("key")
+        ok = isinstance(key, dict) and (any_format or (key.get("format") == FORMAT and _key_complete(key)))
+    except (OSError, ValueError, AttributeError):
         return None
-    key = attrs.get("key")
-    return attrs if isinstance(key, dict) and key.get("format") == FORMAT else None
+    return attrs if ok else None
+
+
+def _key_complete(key: dict) -> bool:
+    """The key has what listing and checking an entry need (slide path, encoder, grid shape)."""
+    try:
+        return (len([int(v) for v in key["tiles"]["grid_shape"]]) == 2 and isinstance(key["slide"]["path"], str)
+                and isinstance(key["encoder"], dict))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _quick_info(path: Path) -> EntryInfo:
+    """What the attributes alone say about an entry (tiles counted from its index when readable)."""
+    attrs = _read_attrs(path)
+    common = {"path": path, "bytes": _dir_bytes(path), "last_used": _last_used(path)}
+    if attrs is None:
+        old = _read_attrs(path, any_format=True)
+        if old is not None:
+            key = old["key"]
+            slide = key.get("slide") if isinstance(key.get("slide"), dict) else {}
+            return EntryInfo(slide=str(slide.get("path", path.parent.name)), encoder=str(path.stem.rsplit("-", 1)[0]),
+                             tiles=0, stale=_is_stale(slide), health="old format",
+                             problem=f"{key.get('format')}, never used", **common)  # fmt: skip
+        return EntryInfo(slide=path.parent.name, encoder=str(path.stem.rsplit("-", 1)[0]), tiles=0, stale=False,
+                         health="unreadable", problem="its zarr.json cannot be read", **common)  # fmt: skip
+    key = attrs["key"]
+    slide = key["slide"]
+    return EntryInfo(slide=slide["path"], encoder=str(key["encoder"].get("name")), tiles=_count_tiles(path),
+                     stale=_is_stale(slide), declined=attrs.get("declined"),
+                     health="declined" if attrs.get("declined") else "unverified", **common)  # fmt: skip
+
+
+def _health(info: EntryInfo, entry: CacheEntry, *, full: bool, repair: bool) -> EntryInfo:
+    """``info`` with the health :meth:`EmbeddingCache.inspect` found in ``entry``."""
+    info.tiles, info.wanted, info.bytes = entry.stored, entry.wanted, _dir_bytes(info.path)
+    info.damaged = int(entry.damaged.sum())
+    if entry.rebuilt is not None:
+        done = repair and entry.unusable is None
+        info.health, info.problem = ("repaired", f"removed (unreadable: {entry.rebuilt})") if done else (
+            "unreadable", entry.rebuilt + (f"; {entry.unusable}" if repair and entry.unusable else ""))
+        return info
+    if info.damaged or entry.index_fixed:
+        fixed = repair and entry.unrepaired is None
+        info.health = "repaired" if fixed else "damaged"
+        what = [("index rebuilt" if fixed else "index damaged")] if entry.index_fixed else []
+        if fixed and info.damaged:
+            what.append("damaged tiles dropped: the next run recomputes them")
+        if not fixed and repair:
+            what.append(f"not repaired: {entry.unrepaired}")
+        info.problem = "; ".join(what) or None
+    elif info.declined and not info.tiles:
+        info.health = "declined"
+    elif info.wanted and info.tiles < info.wanted:
+        info.health = "partial"
+    else:
+        info.health = "healthy" if full else "unverified"
+    return info
 
 
 def _count_tiles(path: Path) -> int:
