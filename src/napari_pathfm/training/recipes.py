@@ -506,7 +506,11 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
             raise RecipeError(path, f"is not UTF-8 text (line {line} has the byte 0x{exc.object[exc.start]:02x}).",
                               "Save it as UTF-8.") from exc  # fmt: skip
         except yaml.YAMLError as exc:
-            raise RecipeError(path, f"is not valid YAML ({exc}).", "Fix the syntax at the line shown.") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(path, f"is not valid YAML{where} ({problem}).",
+                              "Fix the syntax there (indentation, a missing ':', bracket or quote).") from exc  # fmt: skip
         if not isinstance(raw, dict):
             raise RecipeError(
                 path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml."
