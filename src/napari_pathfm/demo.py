@@ -344,7 +344,9 @@ def run_demo(
     from .io.atomic import atomic_path
 
     with atomic_path(summary_path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+        from .io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+        tmp.write_text(strict_dumps(summary, where=str(summary_path), indent=2))
     written["summary"] = summary_path
     report(progress, steps, steps, "done")
     if show:

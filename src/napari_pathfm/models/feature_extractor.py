@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
 from .checkpoint import _sha256
 from .registry import register_model
 from .weights import LoadReport, check_fit, load_into, load_state_dict_file

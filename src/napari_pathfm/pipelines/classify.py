@@ -25,7 +25,6 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -542,7 +541,10 @@ def write_classify_outputs(
             write_geojson(tmp["geojson"], result.class_map, result.label_names(), downsample=result.cell)
         check_cancel(cancel, "writing")
         result.written = {**result.written, **{k: out / v for k, v in names.items()}}
-        tmp["summary"].write_text(json.dumps(result.summary(), indent=2, default=str))
+        from ..io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+        text = strict_dumps(result.summary(), where=str(out / "summary.json"), indent=2, default=str)
+        tmp["summary"].write_text(text, encoding="utf-8")
         for key, name in names.items():  # summary.json last: its presence means the set is complete
             os.replace(tmp[key], out / name)
     report(progress, steps, steps, "written")

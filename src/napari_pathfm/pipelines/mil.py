@@ -256,6 +256,8 @@ def write_mil_outputs(pred: MILPrediction, *, heatmap: Path | None, json_path: P
         written["heatmap"] = Path(heatmap)
     if json_path is not None:
         with atomic_path(json_path) as tmp:
-            Path(tmp).write_text(json.dumps(pred.to_dict(top_k), indent=2, default=str))
+            from ..io.jsonsafe import dumps as strict_dumps  # undefined scores -> null, with a warning
+
+            Path(tmp).write_text(strict_dumps(pred.to_dict(top_k), where=str(json_path), indent=2, default=str))
         written["json"] = Path(json_path)
     return written

@@ -27,7 +27,6 @@ confidence map, all or nothing. Importing this module does not import torch.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -633,7 +632,10 @@ def write_translation(result: TranslationResult, out_dir: PathLike, *, progress:
         check_cancel(cancel, "writing")
         written = {key: out / fname for key, fname, _a, _k in jobs}
         result.written = {**written, "summary": out / "summary.json"}
-        (tmp / "summary.json").write_text(json.dumps(result.summary(), indent=2, default=str), encoding="utf-8")
+        from ..io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+        text = strict_dumps(result.summary(), where=str(out / "summary.json"), indent=2, default=str)
+        (tmp / "summary.json").write_text(text, encoding="utf-8")
         for _key, fname, _a, _k in jobs:
             os.replace(tmp / fname, out / fname)
         os.replace(tmp / "summary.json", out / "summary.json")  # last: its presence means the set is complete

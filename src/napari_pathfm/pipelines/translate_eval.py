@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PathFMError, ZStackError
+from ..errors import InputError, PathFMError, SlideError, UsageError, ZStackError
 
 __all__ = ["COLUMNS", "compare_images", "evaluate_translation", "format_table", "parse_span", "write_table"]
 
@@ -122,23 +122,60 @@ def _label(path: Path) -> str:
     return path.resolve().parent.name if stem == "model" else stem
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """First plane of an image file (OME-TIFF level 0, TIFF, PNG), as numpy."""
-    if not path.is_file():
-        raise PathFMError(f"{path}: file not found. Give a checkpoint (.safetensors) or a predicted image.")
-    if path.suffix.lower() in (".tif", ".tiff"):
+_TIFF_LIKE = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".bif")
+_IMAGE_FIX = ("Give a translation checkpoint (.safetensors with its .json card) or one predicted channel as "
+              "OME-TIFF/TIFF/PNG (pathfm translate writes them).")  # fmt: skip
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """Level 0 of a TIFF (checked from its header first, so a whole slide is never decoded) or a PIL image."""
+    if path.suffix.lower() in _TIFF_LIKE:
         import tifffile
 
-        arr = tifffile.imread(path, level=0) if ".ome." in path.name.lower() else tifffile.imread(path)
-    else:
-        from PIL import Image
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            _check_one_channel(path, series.shape)
+            return series.levels[0].asarray()
+    from PIL import Image
 
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    arr = np.squeeze(arr)
-    if arr.ndim != 2:
-        raise PathFMError(f"{path}: holds an image of shape {arr.shape}, not one 2-D channel. Save each predicted "
-                          "channel as its own file (pathfm translate does).")
+    with Image.open(path) as im:
+        _check_one_channel(path, (im.height, im.width, len(im.getbands())))
+        return np.asarray(im)
+
+
+def _check_one_channel(path: Path, shape: tuple) -> None:
+    if sum(int(n) > 1 for n in shape) != 2:
+        colour = " (a colour image, e.g. a slide or a photo)" if len(shape) >= 3 and shape[-1] in (3, 4) else ""
+        raise SlideError(path, f"holds an image of shape {tuple(shape)}{colour}, not one 2-D channel (one stain).",
+                         "Save each channel as its own grayscale file (pathfm translate does for predictions).")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """First plane of an image file (OME-TIFF level 0, TIFF, PNG), as numpy; wrong files raise an InputError.
+
+    A folder, a missing file, a PyTorch pickle, a text file, a colour image or slide, a damaged
+    file and an image holding NaN/Inf are each refused with a message naming the file.
+    """
+    from ..models.checkpoint import refuse_pickle
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder, not a predicted image or a checkpoint.",
+                         "Give the z-stack with --stack; sources are checkpoints or predicted images.")
+    if not path.is_file():
+        raise InputError(path, "file not found.", _IMAGE_FIX)
+    refuse_pickle(path)
+    try:
+        arr = np.squeeze(_decode_image(path))
+    except PathFMError:
+        raise
+    except Exception as exc:  # Pillow / tifffile raise many types for files that are not images
+        raise SlideError(path, f"is neither a checkpoint nor a readable image ({type(exc).__name__}: {exc}).",
+                         _IMAGE_FIX) from exc
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise SlideError(path, f"holds {bad} NaN/Inf values of {arr.size}; no metric is defined on them.",
+                         "Re-export the prediction (pathfm translate never writes NaN).")
     return arr
 
 
@@ -157,7 +194,7 @@ def _pick_channel(result: Any, card: dict, channel: str | None, label: str) -> t
     names = list(result.channels)
     if channel is not None:
         if channel not in result.channels:
-            raise PathFMError(f"{label}: predicts {names}, not {channel!r}. Choose one of them with --channel.")
+            raise InputError(label, f"predicts {names}, not {channel!r}.", "Choose one of them with --channel.")
         return channel, result.channels[channel]
     nuclei = [k for k in names if result.roles.get(k) == "nuclei"]
     key = (nuclei or names)[0]
@@ -167,9 +204,12 @@ def _pick_channel(result: Any, card: dict, channel: str | None, label: str) -> t
 def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int] | None) -> tuple[str, np.ndarray]:
     """The real channel: an image file, a target of the stack by name, or the stack's nuclei target."""
     if target is not None and Path(str(target)).suffix:
-        return Path(str(target)).name, np.asarray(_rows(_read_image(Path(target)), span, None))
+        real = np.asarray(_rows(_read_image(Path(target)), span, None))
+        _check_not_flat(Path(str(target)), real)
+        return Path(str(target)).name, real
     if zs is None:
-        raise PathFMError("evaluate-translation needs the real channel: --target FILE, or --stack with its targets.")
+        raise UsageError("evaluate-translation needs the real channel.",
+                         "Give --target FILE, or --stack with its targets.")
     names = list(zs.targets)
     wanted = target or channel
     if wanted is None or wanted not in zs.targets:
@@ -182,7 +222,16 @@ def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int]
         if not nuclei:
             raise ZStackError(zs.path, f"has no nuclei target among {names}.", "Pass --target NAME or FILE.")
         wanted = nuclei[0]
-    return str(wanted), np.asarray(_rows(zs.targets[wanted], span, None))
+    real = np.asarray(_rows(zs.targets[wanted], span, None))
+    _check_not_flat(zs.metadata.get("target_files", {}).get(wanted, [zs.path])[0], real)
+    return str(wanted), real
+
+
+def _check_not_flat(path: Any, real: np.ndarray) -> None:
+    """The real stain must vary: against a flat image MAE/median, SSIM and every nuclei measure are undefined."""
+    if real.size and float(real.min()) == float(real.max()):
+        raise SlideError(path, f"the real channel is one flat value ({real.flat[0]}) in the rows compared, so no "
+                         "metric is defined against it.", "Check --target (and --rows): it should be the real stain.")
 
 
 def evaluate_translation(
@@ -233,7 +282,7 @@ def evaluate_translation(
         is_pair = isinstance(source, (tuple, list))
         if is_pair or _is_checkpoint(Path(source)):
             if zs is None:
-                raise PathFMError(f"{source}: a checkpoint needs the z-stack to translate (--stack).")
+                raise InputError(source, "is a checkpoint: it needs the z-stack to translate.", "Pass it with --stack.")
             data = _rows(zs.data, rows, None)
             sub = type(zs)(path=zs.path, data=data, plane_names=zs.plane_names, plane_files=zs.plane_files,
                            channel_name=zs.channel_name, metadata=zs.metadata)  # fmt: skip
@@ -255,8 +304,8 @@ def evaluate_translation(
             real_name, real = _real_image(target, zs, channel, rows)
         pred = np.asarray(pred)
         if pred.shape != real.shape:
-            raise PathFMError(f"{label}: prediction is {pred.shape} but the real {real_name} is {real.shape}; "
-                              "give images of the same field (and the same --rows).")
+            raise InputError(source if not is_pair else label, f"prediction is {pred.shape} but the real {real_name} "
+                             f"is {real.shape}.", "Give images of the same field (and the same --rows).")
         metrics = compare_images(pred, real)
         out.append({"source": label, "channel": f"{cname or '?'} vs {real_name}", **metrics})
     return out
@@ -290,5 +339,18 @@ def write_table(rows: Sequence[dict], path: str | Path) -> Path:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(_blank_undefined(rows, path))
     return path
+
+
+def _blank_undefined(rows: Sequence[dict], path: Path) -> list[dict]:
+    """Rows with undefined (NaN/Inf) metrics as empty cells, with one warning naming them (never ``nan`` text)."""
+    import warnings
+
+    from ..io.jsonsafe import UndefinedMetricWarning, finite_or_none
+
+    cleaned, found = finite_or_none([{c: r.get(c) for c in COLUMNS} for r in rows])
+    if found:
+        warnings.warn(f"{path}: {len(found)} undefined metric(s) left empty: {', '.join(found[:8])}",
+                      UndefinedMetricWarning, stacklevel=3)
+    return [{k: ("" if v is None else v) for k, v in r.items()} for r in cleaned]

@@ -13,6 +13,7 @@ from typing import Any, Callable, TypedDict
 
 import lightning as L
 
+from ..io.jsonsafe import finite_or_none
 from ..progress import is_cancelled, report
 
 __all__ = ["TrainEvent", "EngineCallback", "floats"]
@@ -68,7 +69,7 @@ class EngineCallback(L.Callback):
             self.on_event(event)
         if self.events_file is not None:
             with open(self.events_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+                f.write(json.dumps(finite_or_none(event)[0], allow_nan=False) + "\n")  # NaN loss -> null
 
     def state_dict(self) -> dict:
         return {"history": self.history}

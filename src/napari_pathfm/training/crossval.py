@@ -103,7 +103,9 @@ def _write_json(path: Path, doc: dict) -> None:
     from ..io.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+        from ..io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+        tmp.write_text(strict_dumps(doc, where=str(path), indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def run_cv(

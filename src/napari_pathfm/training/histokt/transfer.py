@@ -146,7 +146,9 @@ def _run(cfg: dict, overrides: Sequence[str], out: Path, label: str, device: str
         "recipe": recipe.config,
     }
     with atomic_path(done) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        from ...io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+        tmp.write_text(strict_dumps(summary, where=str(done), indent=2, default=str) + "\n", encoding="utf-8")
     return summary
 
 
@@ -265,7 +267,9 @@ def transfer_matrix(
     }
     for path in (json_path, out / f"transfer_{tag}.json"):
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+            from ...io.jsonsafe import dumps as strict_dumps  # undefined metrics -> null, with a warning
+
+            tmp.write_text(strict_dumps(info, where=str(path), indent=2, default=str) + "\n", encoding="utf-8")
     for path in (png_path, out / f"transfer_{tag}.png"):
         plot_matrix(names, acc, path, title=f"HistoKT transfer ({tag}): test accuracy")
     return TransferResult(names, acc, auroc, runs, csv_path, json_path, png_path, skipped)
