@@ -9,6 +9,7 @@ test_reuse_integrity, test_garbage_*).
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
@@ -17,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "faults.py"
 def _faults():
     spec = importlib.util.spec_from_file_location("pathfm_faults", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
