@@ -183,3 +183,36 @@ def test_features_killed_mid_extraction_then_rerun(tmp_path):
     assert os.listdir(out) == ["CMU-1-Small-Region.features.zarr"]
     bag = read_features(out / "CMU-1-Small-Region.features.zarr")
     assert len(bag) > 10 and bag.dim == 512 and np.isfinite(bag.features).all()
+
+
+@pytest.mark.skipif(not SLIDE.is_file(), reason="bundled sample slide missing")
+def test_batch_killed_mid_slide_then_rerun(tmp_path):
+    """`pathfm batch --task segment` killed while its second slide is being written (workers die with it)."""
+    import tifffile
+
+    for name in ("a.svs", "b.svs"):
+        os.link(SLIDE, tmp_path / name) if SLIDE.stat().st_dev == tmp_path.stat().st_dev else shutil.copy(
+            SLIDE, tmp_path / name)  # fmt: skip
+    (tmp_path / "m.csv").write_text("slide\na.svs\nb.svs\n")
+    out = tmp_path / "out"
+    cmd = [str(PATHFM), "batch", str(tmp_path / "m.csv"), "--task", "segment", "--out", str(out), "--workers", "1",
+           "--set", "device=cpu", "--set", "cache=false"]  # fmt: skip
+    env = _env(tmp_path)
+
+    def second_slide_being_written() -> bool:
+        folders = [f for f in out.iterdir() if f.is_dir()] if out.is_dir() else []
+        done = [f for f in folders if (f / "done.json").exists()]
+        return len(done) == 1 and any(".tmp-" in n for f in folders if f not in done for n in os.listdir(f))
+
+    _kill_when(cmd, env, second_slide_being_written)
+    assert _leftovers(out)
+    time.sleep(0.5)  # the worker process notices its parent is gone and exits
+
+    result = _run(cmd, env)
+    assert "ok 1, skipped 1, failed 0" in result.stdout
+    assert _leftovers(out) == []
+    masks = [tifffile.imread(f / "mask.ome.tif") for f in sorted(out.iterdir()) if f.is_dir()]
+    assert len(masks) == 2 and masks[0].shape == (2967, 2220)
+    np.testing.assert_array_equal(masks[0], masks[1])  # same pixels, same model: same mask
+    rows = json.loads((out / "batch-summary.json").read_text())["slides"]
+    assert sorted(r["status"] for r in rows) == ["ok", "skipped"]
