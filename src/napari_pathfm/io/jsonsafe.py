@@ -34,9 +34,9 @@ class UndefinedMetricWarning(UserWarning):
 
 def _clean(obj: Any, key: str, found: list[str]) -> Any:
     if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):  # float, numpy floats
-        value = float(obj)
+        value = float(obj)  # numpy floats become plain floats (json cannot write np.float32)
         if math.isfinite(value):
-            return obj
+            return value
         found.append(key or "<value>")
         return None
     if isinstance(obj, dict):
