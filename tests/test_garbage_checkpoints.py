@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from napari_pathfm.cli import app
 from napari_pathfm.errors import CheckpointError
+from napari_pathfm.io.jsonsafe import UndefinedMetricWarning
 from napari_pathfm.models import create_model, load_checkpoint, read_card
 from napari_pathfm.models.weights import check_fit, load_into, load_state_dict_file
 
@@ -201,3 +202,19 @@ def test_lightning_ckpt_given_as_checkpoint_is_named_and_never_unpickled(tmp_pat
     )  # fmt: skip
     assert "model card not found" not in text
     assert not Path("/tmp/pathfm-garbage-pwned").exists()
+
+
+def test_diverged_training_warns_at_export_and_its_checkpoint_is_refused(shared_data, tmp_path, monkeypatch):
+    from napari_pathfm.training.engine import run_recipe
+
+    monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
+    sets = ["optim.lr=1e30", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.image_size=32",
+            "trainer.log_every_n_steps=1", "trainer.early_stopping=false"]  # fmt: skip
+    with pytest.warns(UndefinedMetricWarning, match="metrics.best.val_loss"), \
+            pytest.warns(RuntimeWarning, match="training diverged"):
+        result = run_recipe(TINY, sets, output=tmp_path / "run", device="cpu")
+    json.loads((tmp_path / "run" / "model.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "warning" and "diverged" in e["message"] for e in events)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: holds NaN or Inf"):
+        load_checkpoint(result.checkpoint)

@@ -292,6 +292,7 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
     weights = out / "model.safetensors"
     if trainer.is_global_zero:
         save_checkpoint(task.model, weights, card)
+        _warn_if_diverged(task.model, weights, events)
         card = json.loads((out / "model.json").read_text(encoding="utf-8"))
         word = "cancelled" if events.cancelled else "finished"
         events.emit(
@@ -318,6 +319,24 @@ def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device
         history=list(history),
         test_metrics=test_metrics,
     )
+
+
+def _warn_if_diverged(model, weights: Path, events) -> None:
+    """Say at once when the exported weights hold NaN/Inf (a diverged run): loading them is refused later.
+
+    They are still written, so the run can be inspected; the warning goes to the log, to
+    ``events.jsonl`` and to the ``on_event`` listener (CLI, training panel).
+    """
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    message = (
+        f"{weights}: the exported weights hold NaN/Inf in {len(bad)} tensors ({', '.join(bad[:3])}"
+        f"{' ...' if len(bad) > 3 else ''}): training diverged and this checkpoint will be refused at load. "
+        "Lower optim.lr or set trainer.gradient_clip_val, then train again."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    events.emit({"event": "warning", "message": message})
 
 
 def _model_state(path: Path) -> dict:

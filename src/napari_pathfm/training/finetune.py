@@ -52,9 +52,10 @@ def finetune_recipe(
     output : path, optional
         Run folder (default: ``<corrections>/finetune/<checkpoint stem>-<time>``).
     """
-    from ..models.checkpoint import checkpoint_paths, read_card
+    from ..models.checkpoint import checkpoint_paths, read_card, refuse_pickle
     from .recipes import Recipe, load_recipe
 
+    refuse_pickle(checkpoint)  # a .pt/.ckpt: say what it is, not "card not found"
     weights, card_path = checkpoint_paths(checkpoint)
     card = read_card(card_path)
     corrections = Path(corrections)

@@ -573,7 +573,7 @@ def build(recipe: Recipe):
     initial checkpoint's card, or the masks (in that order); any disagreement is an
     error. ``data.tile_size`` defaults to the model's input size.
     """
-    from ...models.checkpoint import checkpoint_paths
+    from ...models.checkpoint import checkpoint_paths, refuse_pickle
     from ...models.weights import load_into, load_state_dict_file
 
     where = recipe.path or "<recipe>"
@@ -582,6 +582,7 @@ def build(recipe: Recipe):
     name = recipe.get("model.name")
     init, init_card = None, None
     if data_cfg.get("init_checkpoint"):
+        refuse_pickle(data_cfg["init_checkpoint"])  # a .pt/.ckpt: say what it is, not "card not found"
         init, _ = checkpoint_paths(data_cfg["init_checkpoint"])
         init_card = _init_card(init, where)
         if init_card.get("name") != name:
