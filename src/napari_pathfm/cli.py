@@ -163,12 +163,12 @@ def open_cmd(slide: Path = typer.Argument(..., help="Slide file (SVS, NDPI, MRXS
 def tiles(
     slide: Path = typer.Argument(..., help="Slide file"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
-    mpp: Optional[float] = typer.Option(0.5, help="Tile resolution in µm/px (ignored when --level is given)"),
-    level: Optional[int] = typer.Option(None, help="Pyramid level to tile instead of a µm/px target"),
-    size: int = typer.Option(256, help="Tile size in output pixels"),
-    overlap: int = typer.Option(0, help="Overlap between neighbouring tiles in output pixels"),
-    min_tissue: float = typer.Option(0.25, help="Keep tiles with at least this tissue fraction"),
-    mask_mpp: float = typer.Option(8.0, help="Resolution of the tissue mask in µm/px"),
+    mpp: Optional[float] = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px (ignored when --level is given)"),
+    level: Optional[int] = typer.Option(None, min=0, help="Pyramid level to tile instead of a µm/px target"),
+    size: int = typer.Option(256, min=1, help="Tile size in output pixels"),
+    overlap: int = typer.Option(0, min=0, help="Overlap between neighbouring tiles in output pixels"),
+    min_tissue: float = typer.Option(0.25, min=0.0, max=1.0, help="Keep tiles with at least this tissue fraction"),
+    mask_mpp: float = typer.Option(8.0, min=1e-6, help="Resolution of the tissue mask in µm/px"),
 ) -> None:
     """Compute the tissue mask and the tile grid of a slide; write mask, grid and an overview PNG."""
     from .io.preflight import Output
@@ -253,10 +253,10 @@ def features(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr per slide"),
     backbone: str = typer.Option("resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"),
     weights: Optional[Path] = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
-    mpp: float = typer.Option(0.5, help="Tile resolution in µm/px"),
-    tile: int = typer.Option(256, help="Tile size in pixels"),
-    batch_size: int = typer.Option(32, help="Tiles per forward pass"),
-    min_tissue: float = typer.Option(0.25, help="Keep tiles with at least this tissue fraction"),
+    mpp: float = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px"),
+    tile: int = typer.Option(256, min=16, help="Tile size in pixels"),
+    batch_size: int = typer.Option(32, min=1, help="Tiles per forward pass"),
+    min_tissue: float = typer.Option(0.25, min=0.0, max=1.0, help="Keep tiles with at least this tissue fraction"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -290,11 +290,11 @@ def segment(
     out: Path = typer.Option(..., "--out", "-o", help="Mask OME-TIFF (e.g. mask.ome.tif), input's size, 0 = background"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"),
     geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also write QuPath GeoJSON polygons"),
-    mpp: Optional[float] = typer.Option(None, help="µm/px the model runs at (default: the checkpoint's)"),
-    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", help="µm/px of an input that does not record it (PNG)"),
-    overlap: float = typer.Option(0.25, help="Tile overlap as a fraction of the tile side"),
+    mpp: Optional[float] = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
+    overlap: float = typer.Option(0.25, min=0.0, max=0.9, help="Tile overlap as a fraction of the tile side"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Run only tiles that touch tissue"),
-    batch_size: int = typer.Option(8, help="Tiles per forward pass"),
+    batch_size: int = typer.Option(8, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -324,11 +324,11 @@ def classify(
     slide: Path = typer.Argument(..., help="Slide or image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Tile classifier checkpoint (family 'classify')"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (class map, probabilities, tiles.csv, summary)"),
-    batch_size: int = typer.Option(32, help="Tiles per forward pass"),
+    batch_size: int = typer.Option(32, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
-    mpp: Optional[float] = typer.Option(None, help="µm/px the model runs at (default: the checkpoint's)"),
+    mpp: Optional[float] = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
-    gradcam: int = typer.Option(0, "--gradcam", help="Also write Grad-CAM PNGs of the top N tiles of each class"),
+    gradcam: int = typer.Option(0, "--gradcam", min=0, help="Also write Grad-CAM PNGs of the top N tiles of each class"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Classify the tiles of a slide: class map + per-class probabilities over the slide (OME-TIFF), CSV, JSON."""
@@ -364,7 +364,7 @@ def batch(
     task: str = typer.Option(..., "--task", help="segment, classify, features, mil or translate"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one folder per slide + batch-summary.json/.csv"),
     scheduler: Optional[str] = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
-    workers: int = typer.Option(2, help="Worker processes of the local cluster (one thread each)"),
+    workers: int = typer.Option(2, min=1, help="Worker processes of the local cluster (one thread each)"),
     checkpoint: List[Path] = typer.Option([], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"),
     set_: List[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
 ) -> None:
@@ -399,7 +399,7 @@ def mil_predict_cmd(
     features_path: Optional[Path] = typer.Option(None, "--features", help="Feature file (.zarr) from `pathfm features`"),
     out: Optional[Path] = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
-    top_k: int = typer.Option(10, help="How many top patches to list"),
+    top_k: int = typer.Option(10, min=0, help="How many top patches to list"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -434,7 +434,7 @@ def mil_predict_cmd(
 @mil_app.command("cv")
 def mil_cv_cmd(
     recipe: Path = typer.Argument(..., help="MIL recipe (see training/s4mil/)"),
-    k: Optional[int] = typer.Option(None, help="Folds (default: the CSV's fold column, else 5)"),
+    k: Optional[int] = typer.Option(None, min=2, help="Folds (default: the CSV's fold column, else 5)"),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (one subfolder per fold)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
@@ -458,8 +458,8 @@ def standardize(
     src: Path = typer.Argument(..., help="Class-folder data set (SRC/<class>/*.png|jpg|tif) or a path,label[,group] CSV"),
     dst: Path = typer.Argument(..., help="New output folder (class folders + split.json + standardize.json)"),
     mpp: Optional[float] = typer.Option(None, help="µm/px of the source images (needed unless the TIFFs record it)"),
-    target_mpp: float = typer.Option(1.0, "--target-mpp", help="µm/px of the crops (HistoKT: 1.0)"),
-    crop: int = typer.Option(272, help="Crop size in pixels (HistoKT: 272)"),
+    target_mpp: float = typer.Option(1.0, "--target-mpp", min=1e-6, help="µm/px of the crops (HistoKT: 1.0)"),
+    crop: int = typer.Option(272, min=1, help="Crop size in pixels (HistoKT: 272)"),
     overlap: bool = typer.Option(False, "--overlap", help="Crops overlap by half (stride crop/2)"),
     fractions: str = typer.Option("0.7,0.15,0.15", help="train,val,test shares (per class, by source image)"),
     seed: int = typer.Option(0, help="Seed of the split"),
@@ -544,8 +544,8 @@ def tsne(
     datasets: List[Path] = typer.Argument(..., help="Class-folder data sets (standardised ones have split.json)"),
     out: Path = typer.Option(..., "--out", "-o", help="Scatter plot PNG (points also in <stem>.csv)"),
     split: str = typer.Option("test", help="test, val, train or all"),
-    max_per_dataset: int = typer.Option(500, help="Random subset per data set"),
-    perplexity: float = typer.Option(30.0, help="t-SNE perplexity"),
+    max_per_dataset: int = typer.Option(500, min=2, help="Random subset per data set"),
+    perplexity: float = typer.Option(30.0, min=1e-6, help="t-SNE perplexity"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """t-SNE of a checkpoint's encoder features over data sets (colour = class, marker = data set)."""
@@ -598,10 +598,10 @@ def translate(
     stack: Path = typer.Argument(..., help="Z-stack: folder of plane files, one plane file, multipage/OME-TIFF"),
     checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one OME-TIFF per channel + nuclei mask"),
-    tile: int = typer.Option(512, help="Tile side in pixels (multiple of 16)"),
-    stride: int = typer.Option(256, help="Step between tiles in pixels"),
-    batch_size: int = typer.Option(4, help="Tiles per forward pass"),
-    threshold: float = typer.Option(0.5, help="Nuclei confidence threshold (LUPI checkpoints)"),
+    tile: int = typer.Option(512, min=16, help="Tile side in pixels (multiple of 16)"),
+    stride: int = typer.Option(256, min=1, help="Step between tiles in pixels"),
+    batch_size: int = typer.Option(4, min=1, help="Tiles per forward pass"),
+    threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Nuclei confidence threshold (LUPI checkpoints)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """Brightfield z-stack → fluorescence channels (HASTE), nuclei mask and confidence, as OME-TIFFs."""
@@ -632,7 +632,7 @@ def evaluate_translation_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as CSV"),
     tile: int = typer.Option(512, help="Tile side for checkpoints"),
     stride: int = typer.Option(256, help="Tile step for checkpoints"),
-    batch_size: int = typer.Option(4, help="Tiles per forward pass"),
+    batch_size: int = typer.Option(4, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
     """Compare predicted stains with the real one: MAE/median, PSNR, SSIM, nuclei count/area/intensity/texture."""

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import Cancelled, CheckpointError, PathFMError, SlideError
+from ..errors import Cancelled, CheckpointError, OutputError, PathFMError, SlideError
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
 
@@ -552,7 +552,7 @@ def _check_suffix(path: Optional[PathLike], suffixes: tuple[str, ...], what: str
         return None
     path = Path(path)
     if not path.name.lower().endswith(suffixes):
-        raise PathFMError(f"{path}: the {what} must end in {' or '.join(suffixes)}.")
+        raise OutputError(path, f"the {what} must end in {' or '.join(suffixes)}.", "Change the file name.")
     return path
 
 
