@@ -344,13 +344,23 @@ def write_table(rows: Sequence[dict], path: str | Path) -> Path:
 
 
 def _blank_undefined(rows: Sequence[dict], path: Path) -> list[dict]:
-    """Rows with undefined (NaN/Inf) metrics as empty cells, with one warning naming them (never ``nan`` text)."""
+    """Rows with undefined (NaN) metrics as empty cells, with one warning naming them (never ``nan`` text).
+
+    An infinite PSNR (identical images) is defined and stays ``inf``.
+    """
     import warnings
 
-    from ..io.jsonsafe import UndefinedMetricWarning, finite_or_none
+    from ..io.jsonsafe import UndefinedMetricWarning
 
-    cleaned, found = finite_or_none([{c: r.get(c) for c in COLUMNS} for r in rows])
+    out, found = [], []
+    for i, r in enumerate(rows):
+        row = {c: r.get(c) for c in COLUMNS}
+        for c, v in row.items():
+            if isinstance(v, float) and math.isnan(v):
+                row[c] = ""
+                found.append(f"{r.get('source', i)}.{c}")
+        out.append(row)
     if found:
         warnings.warn(f"{path}: {len(found)} undefined metric(s) left empty: {', '.join(found[:8])}",
                       UndefinedMetricWarning, stacklevel=3)
-    return [{k: ("" if v is None else v) for k, v in r.items()} for r in cleaned]
+    return out
