@@ -439,7 +439,6 @@ def _(b: Bench):
 # garbage checkpoints
 # ---------------------------------------------------------------------------------------------
 def _nan_checkpoint(b: Bench) -> Path:
-    import torch
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(SEG_MODEL)

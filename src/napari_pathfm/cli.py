@@ -6,7 +6,6 @@ callback the napari widgets use; Ctrl-C cancels cleanly between tiles/batches.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
@@ -89,6 +88,13 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(message.exit_code)
 
 
+def _json(obj, **kwargs) -> str:
+    """JSON for stdout: undefined numbers (NaN/Inf) as null with a warning, never invalid JSON."""
+    from .io.jsonsafe import dumps
+
+    return dumps(obj, where="pathfm output", **{"default": str, **kwargs})
+
+
 def _preflight(outputs, inputs=(), input_folders=(), need_bytes: int = 0) -> None:
     """Refuse outputs over inputs and unwritable/full locations before anything heavy is imported or loaded."""
     from .io.preflight import check_outputs
@@ -134,7 +140,7 @@ def info() -> None:
     """Print versions, available devices and registered models."""
     from .info import collect_info
 
-    typer.echo(json.dumps(collect_info(), indent=2))
+    typer.echo(_json(collect_info(), indent=2))
 
 
 @app.command()
@@ -154,7 +160,7 @@ def open_cmd(slide: Path = typer.Argument(..., help="Slide file (SVS, NDPI, MRXS
 
     try:
         with open_slide(slide) as s:
-            typer.echo(json.dumps(s.metadata(), indent=2, default=str))
+            typer.echo(_json(s.metadata(), indent=2, default=str))
     except PathFMError as exc:
         _fail(exc)
 
@@ -213,7 +219,7 @@ def train(
             if json_progress:
 
                 def on_event(event: dict) -> None:
-                    typer.echo(json.dumps(event, default=str))
+                    typer.echo(_json(event, default=str))
                     sys.stdout.flush()
 
                 result = run_recipe(recipe, set_, on_event=on_event, **kwargs)
@@ -240,9 +246,9 @@ def train(
         "log_dir": str(result.log_dir),
     }
     if json_progress:
-        typer.echo(json.dumps({"event": "summary", **summary}, default=str))
+        typer.echo(_json({"event": "summary", **summary}, default=str))
     else:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(_json(summary, indent=2, default=str))
     if code:
         raise typer.Exit(code)
 
@@ -259,6 +265,7 @@ def features(
     min_tissue: float = typer.Option(0.25, min=0.0, max=1.0, help="Keep tiles with at least this tissue fraction"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
+    partial_weights: bool = typer.Option(False, "--partial-weights", help="Load only the --weights tensors that fit the backbone (others stay random)"),
 ) -> None:
     """Extract patch features of tissue tiles (resumable: finished slides are skipped)."""
     from .io.preflight import Output
@@ -271,6 +278,7 @@ def features(
             results = features_command(
                 inputs, out, backbone=backbone, weights=weights, mpp=mpp, tile=tile, batch_size=batch_size,
                 device=device, min_tissue=min_tissue, progress=progress, cancel=cancel, cache=None if cache else False,
+                partial_weights=partial_weights,
             )  # fmt: skip
     except PathFMError as exc:
         _fail(exc)
@@ -316,7 +324,7 @@ def segment(
         _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
-    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+    typer.echo(_json(result.summary(), indent=2, default=str))
 
 
 @app.command()
@@ -355,7 +363,7 @@ def classify(
         _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
-    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+    typer.echo(_json(result.summary(), indent=2, default=str))
 
 
 @app.command()
@@ -427,7 +435,7 @@ def mil_predict_cmd(
             written = write_mil_outputs(pred, heatmap=out, json_path=json_out, mpp=mpp, top_k=top_k)
     except PathFMError as exc:
         _fail(exc)
-    typer.echo(json.dumps({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
+    typer.echo(_json({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
                            "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
 
 
@@ -450,7 +458,7 @@ def mil_cv_cmd(
             summary = cv_command(recipe, k=k, set_=set_, out=out, device=device, resume=resume, progress=progress, cancel=cancel)
     except PathFMError as exc:
         _fail(exc)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(_json(summary, indent=2, default=str))
 
 
 @app.command()
@@ -480,7 +488,7 @@ def standardize(
                        seed=seed, split_by=split_by, progress=progress, cancel=cancel)  # fmt: skip
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
-    typer.echo(json.dumps({k: info[k] for k in ("output", "classes", "classes_without_crops", "totals",
+    typer.echo(_json({k: info[k] for k in ("output", "classes", "classes_without_crops", "totals",
                                                   "crops_per_split")}, indent=2))  # fmt: skip
 
 
@@ -619,7 +627,7 @@ def translate(
         _fail(UsageError(f"{exc}"))
     for message in result.messages:
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
-    typer.echo(json.dumps(result.summary(), indent=2, default=str))
+    typer.echo(_json(result.summary(), indent=2, default=str))
 
 
 @app.command("evaluate-translation")

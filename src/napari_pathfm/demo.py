@@ -17,7 +17,6 @@ are rendered on a virtual X server (``xvfb-run``) in a child process.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

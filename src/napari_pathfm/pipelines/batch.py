@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, CheckpointError, ManifestError, PathFMError, SlideError, UsageError
+from ..io.jsonsafe import dumps as safe_dumps
 from ..progress import is_cancelled, report
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, opt
         done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info,
                 "outputs": record_outputs(folder)}  # fmt: skip
         with atomic_path(folder / DONE) as tmp:
-            tmp.write_text(json.dumps(done, indent=2, default=str))
+            tmp.write_text(safe_dumps(done, where=str(folder / DONE), indent=2, default=str))
     except Exception as exc:  # noqa: BLE001 - reported per slide, the batch goes on
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}", seconds=round(time.perf_counter() - t0, 3))
     return row
@@ -321,7 +322,7 @@ def _write_summary(summary: BatchSummary) -> None:
 
     out = Path(summary.out_dir)
     with atomic_path(out / "batch-summary.json") as tmp:
-        tmp.write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+        tmp.write_text(safe_dumps(summary.to_dict(), where=str(out / "batch-summary.json"), indent=2, default=str))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()

@@ -10,7 +10,6 @@ the heatmap as OME-TIFF and the prediction as JSON, atomically.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional

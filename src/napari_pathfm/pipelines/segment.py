@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..errors import Cancelled, CheckpointError, OutputError, PathFMError, SlideError
+from ..errors import Cancelled, CheckpointError, OutputError, SlideError
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
 

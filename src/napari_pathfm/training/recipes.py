@@ -507,7 +507,11 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
                               "Save it as UTF-8.") from exc  # fmt: skip
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            where = ""
+            if mark is not None:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                text = lines[mark.line].strip() if mark.line < len(lines) else ""
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" + (f" ({text!r})" if text else "")
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise RecipeError(path, f"is not valid YAML{where} ({problem}).",
                               "Fix the syntax there (indentation, a missing ':', bracket or quote).") from exc  # fmt: skip
