@@ -179,10 +179,14 @@ def test_damaged_entry_is_rebuilt(slide_copy, segmenter, tmp_path, caplog):
     cache = EmbeddingCache(tmp_path / "cache", always_store=True)
     n = _segment(slide_copy, (model, card), cache).n_tiles
     (entry,) = cache.entries()
-    (entry.path / "index" / "zarr.json").write_text("{not json")
+    (entry.path / "data" / "zarr.json").write_text("{not json")  # the stored outputs cannot be read at all
     res = _segment(slide_copy, (model, card), cache)
     assert res.cache["tiles_encoded"] == n and "unreadable" in caplog.text
     assert cache.entries()[0].tiles == n
+    caplog.clear()
+    (entry.path / "index" / "zarr.json").write_text("{not json")  # the index alone is rebuilt from the row table
+    res = _segment(slide_copy, (model, card), cache)
+    assert res.cache["tiles_encoded"] == 0 and "index" in caplog.text
 
 
 def test_size_cap_removes_least_recently_used_entries(cmu_small, slide_copy, segmenter, tmp_path):
