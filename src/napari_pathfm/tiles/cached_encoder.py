@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..errors import ResourceError
 from .cache_entry import as_tensor
 from .embedding_cache import resolve_cache, weights_sha256
 
@@ -132,8 +133,9 @@ class CachedEncoder:
             dtypes = self.entry.dtypes
             return {k: as_tensor(v, dtypes[k], device) for k, v in cached.items()}
         if x is None:
-            raise RuntimeError(f"embedding cache for {self.slide_name}: stored tiles changed during the run; "
-                               "run it again (damaged tiles are recomputed)")  # fmt: skip
+            raise ResourceError(self.entry.path, f"the cached tiles of {self.slide_name} changed during the run "
+                                "(damaged on disk or by another process).",
+                                "Run the command again: damaged tiles are recomputed.")  # fmt: skip
         fresh = self._encode(indices, x, hit)
         self.computed += int((~hit).sum())
         if not hit.any():
