@@ -276,20 +276,31 @@ def _(b: Bench):
         _umount(where)
 
 
-@case("outputs", "disk fills up during the write (ENOSPC mid-run)", model=True)
+@case("outputs", "disk fills up during the run (ENOSPC mid-run)", model=True)
 def _(b: Bench):
     where = b.root / "fills"
-    _mount(where, "size=12m")
+    _mount(where, "size=16m")
     try:
-        with open(where / "filler", "wb") as f:  # leave ~8.5 MB: passes the 8 MB preflight, then fills
-            f.write(b"\0" * (3 << 19))
-        r = b.run("tiles", b.slide_copy(), "--out", where / "tiles", "--size", "32", "--mpp", "1", "--overlap", "0",
-                  "--min-tissue", "0")  # fmt: skip
+        out = where / "seg" / "mask.ome.tif"
+        p = subprocess.Popen([str(PATHFM), "segment", str(b.slide_copy()), "--out", str(out), "--no-cache"],
+                             env=b.env(), cwd=b.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        t0 = time.time()  # another program fills the disk once the run is past its preflight check
+        while time.time() - t0 < 60 and not out.parent.is_dir():
+            time.sleep(0.05)
+        time.sleep(1.0)
+        with open(where / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+        stdout, stderr = p.communicate(timeout=600)
+        r = Run(p.returncode, stdout, stderr, time.time() - t0)
         if r.rc == 0:
-            return "correct result", "the outputs fitted (no fault made)"
+            return "silent wrong", "exit 0 although the disk was full"
         res = judge_error(r, ["no space"], code=1)
-        left = stray_temps(where)
-        return ("unclear error", f"temp files left: {left}") if left and res[0] == "clear error" else res
+        left = [n for n in stray_temps(where) if "filler" not in n] + ([out.name] if out.exists() else [])
+        return ("unclear error", f"left behind: {left}") if left and res[0] == "clear error" else res
     finally:
         _umount(where)
 

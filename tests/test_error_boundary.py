@@ -134,3 +134,28 @@ def test_a_bad_set_value_and_a_broken_recipe_are_named(tmp_path):
     res = runner.invoke(app, ["train", str(latin), "--out", str(tmp_path / "run3")])
     assert res.exit_code == 2 and "Traceback" not in res.output and "UTF-8" in res.output
     assert "latin.yaml" in res.output and "line 2" in res.output
+
+
+def test_disk_full_during_an_atomic_write_names_the_output_and_leaves_nothing(tmp_path):
+    import shutil
+
+    from napari_pathfm.io.atomic import atomic_path
+
+    where = tmp_path / "tiny"
+    where.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here (needs root / CAP_SYS_ADMIN)")
+    try:
+        final = where / "mask.ome.tif"
+        with pytest.raises(OSError) as err:
+            with atomic_path(final) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(b"\0" * (1 << 20))  # the kernel refuses past 256 KB
+        assert err.value.errno == errno.ENOSPC
+        msg = describe(err.value)
+        assert msg.text.startswith(f"{final}: no space left") and msg.exit_code == 1
+        assert list(where.iterdir()) == [], "the temporary is removed and no partial output is left"
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

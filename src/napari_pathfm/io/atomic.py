@@ -114,6 +114,8 @@ def atomic_path(final_path: str | os.PathLike, *, directory: bool = False) -> It
             _remove(backup)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         _cleanup(tmp)
+        if isinstance(exc, OSError) and (not exc.filename or str(exc.filename).startswith(str(tmp))):
+            exc.filename = str(final)  # name the output the user asked for, not our temporary (or nothing)
         raise
