@@ -329,7 +329,7 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
 
     result = CliRunner().invoke(app, ["train", str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--no-resume",
                                       "--set", init])  # fmt: skip
-    assert result.exit_code != 0 and "would be overwritten" in result.output
+    assert result.exit_code == 2 and "is an input of this run" in result.output  # refused before training starts
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
 
 

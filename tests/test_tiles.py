@@ -308,15 +308,21 @@ def _loader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("pathfm-tiles")]
 
 
-def _wait_for_threads(baseline: int, timeout: float = 5.0) -> None:
+def _new_threads(baseline: set) -> set:
+    """Threads started since ``baseline`` (a set of threads) that are still alive; threads of earlier
+    tests that end meanwhile do not count, so the check is about this test's threads only."""
+    return set(threading.enumerate()) - baseline
+
+
+def _wait_for_threads(baseline: set, timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
-    while threading.active_count() > baseline and time.monotonic() < end:
+    while _new_threads(baseline) and time.monotonic() < end:
         time.sleep(0.01)
 
 
 def test_cancel_stops_early_without_leaking_threads(slide):
     g = tile_grid(slide, 256, level=0)
-    baseline = threading.active_count()
+    baseline = set(threading.enumerate())
     stop = threading.Event()
     seen = []
     with pytest.raises(Cancelled):
@@ -325,18 +331,18 @@ def test_cancel_stops_early_without_leaking_threads(slide):
             if len(seen) == 3:
                 stop.set()
     assert seen == [0, 1, 2]
-    assert threading.active_count() == baseline and not _loader_threads()
+    assert not _new_threads(baseline) and not _loader_threads()
 
     gen = iter_tiles(slide, g, workers=3)
     next(gen)
     assert _loader_threads()
     gen.close()  # abandoning the iterator also stops its threads
     _wait_for_threads(baseline)
-    assert threading.active_count() == baseline and not _loader_threads()
+    assert not _new_threads(baseline) and not _loader_threads()
 
     with pytest.raises(Cancelled):
         next(iter_tiles(slide, g, cancel=lambda: True))
-    assert threading.active_count() == baseline
+    assert not _new_threads(baseline)
 
 
 def test_read_errors_reach_the_consumer(wsi_dir):
@@ -347,27 +353,27 @@ def test_read_errors_reach_the_consumer(wsi_dir):
     from napari_pathfm.io.slide import Slide
 
     bad = Slide(path, OpenSlideBackend(path, None))  # opens, but every read_region fails
-    baseline = threading.active_count()
+    baseline = set(threading.enumerate())
     g = tile_grid(bad, 8, level=0)
     assert len(g) == 4
     with pytest.raises(SlideError, match="Bogus marker"):
         list(iter_tiles(bad, g, workers=2))
     with pytest.raises(SlideError):
         list(iter_tiles(bad, g, workers=0))
-    assert threading.active_count() == baseline
+    assert not _new_threads(baseline)
 
 
 def test_a_failing_tile_mid_stream_is_raised_not_zero_filled(slide):
     g = tile_grid(slide, 128, mpp=2.0)
     flaky = _Proxy(slide, read=_FailAt(slide, fail_at=(0, int(g.level_coords[5][0]), int(g.level_coords[5][1]))))
-    baseline = threading.active_count()
+    baseline = set(threading.enumerate())
     got = []
     with pytest.raises(SlideError, match="tile 5") as err:
         for t in iter_tiles(flaky, g, workers=2, prefetch=4):
             got.append(t.index)
     assert got == [0, 1, 2, 3, 4]
     assert isinstance(err.value.__cause__, OSError)
-    assert threading.active_count() == baseline
+    assert not _new_threads(baseline)
 
 
 class _FailAt:

@@ -52,7 +52,7 @@ def test_crash_is_reported_and_panel_recovers(panel, qtbot):
     panel.start()
     assert panel.state.value == "training" and not panel.start_btn.isEnabled()
     qtbot.waitUntil(lambda: panel.state.value == "crashed", timeout=60_000)
-    assert "no_such_key" in panel.status.text() and "exit code 1" in panel.status.text()
+    assert "no_such_key" in panel.status.text() and "exit code 2" in panel.status.text()
     assert panel.start_btn.isEnabled() and not panel.stop_btn.isEnabled()
 
     # a run that does not stop in time is killed by the second press; the panel recovers again
