@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from napari_pathfm.cli import app
+from _cli_helpers import cli_refuses
 from napari_pathfm.errors import CheckpointError
 from napari_pathfm.io.jsonsafe import UndefinedMetricWarning
 from napari_pathfm.models import create_model, load_checkpoint, read_card
@@ -29,7 +28,6 @@ TINY = REPO / "training" / "classify" / "crc_tiny.yaml"
 BACKBONE = MODELS / "resnet10t-trunc-glas-bncal.safetensors"  # resnet10t up to layer3, no card
 UNRELATED = MODELS / "s4mil-glas-glands-demo.safetensors"  # a MIL model: nothing in it fits a CNN
 
-runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -48,17 +46,6 @@ def poison(stem: str, dst: Path, value: float = float("nan"), n_tensors: int = 1
     card["weights_file"] = weights.name
     weights.with_suffix(".json").write_text(json.dumps(card))
     return weights
-
-
-def cli_refuses(args: list, *expected: str) -> str:
-    """Run ``pathfm args``; assert a clean refusal (exit 2, no traceback) whose text holds ``expected``."""
-    result = runner.invoke(app, [str(a) for a in args])
-    text = result.output
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text
-    for piece in expected:
-        assert piece in text, text
-    return text
 
 
 # --- NaN / Inf tensors ------------------------------------------------------------------------

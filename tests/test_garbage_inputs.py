@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from typer.testing import CliRunner
 
-from napari_pathfm.cli import app
+from _cli_helpers import cli_refuses
 from napari_pathfm.errors import CheckpointError, InputError, SlideError, ZStackError
 from napari_pathfm.io import open_slide
 from napari_pathfm.io.jsonsafe import UndefinedMetricWarning, dumps, write_json
@@ -28,19 +27,6 @@ from napari_pathfm.tiles import tissue_mask
 DATA = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data"
 DAPI = DATA / "models" / "haste-isl-dapi.safetensors"
 CROP = DATA / "isl-blue-crop.ome.tif"  # 13-plane 256 x 256 ISL crop; targets in isl-blue-crop-targets.ome.tif
-
-runner = CliRunner()
-
-
-def cli_refuses(args: list, *expected: str) -> str:
-    """Run ``pathfm args``; assert a clean refusal (exit 2, no traceback) whose text holds ``expected``."""
-    result = runner.invoke(app, [str(a) for a in args])
-    text = result.output
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text
-    for piece in expected:
-        assert piece in text, text
-    return text
 
 
 def strict_json(text: str):

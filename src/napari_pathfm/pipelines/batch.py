@@ -26,13 +26,13 @@ import io
 import json
 import logging
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, CheckpointError, ManifestError, PathFMError, SlideError, UsageError
+from ..io.checksums import file_crc32
 from ..io.jsonsafe import dumps as safe_dumps
 from ..progress import is_cancelled, report
 
@@ -251,14 +251,6 @@ def check_done(folder: Path, key: dict) -> tuple[bool, str]:
     return (False, f"output damaged: {problem}") if problem else (True, "")
 
 
-def _crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
-
-
 def _is_temporary(rel: Path) -> bool:
     name = rel.parts[0]
     return name == DONE or ".tmp-" in name or ".old-" in name or name.startswith(".pathfm-")
@@ -270,7 +262,7 @@ def record_outputs(folder: Path) -> list[dict]:
     Zarr / OME-Zarr outputs are folders: each of their files is listed, so a lost or changed chunk is seen.
     """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temporary(p.relative_to(folder)))
-    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "crc32": _crc32(p)} for p in files]
+    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "crc32": file_crc32(p)} for p in files]
 
 
 def verify_outputs(folder: Path, record: list[dict]) -> str:
@@ -284,7 +276,7 @@ def verify_outputs(folder: Path, record: list[dict]) -> str:
                 return f"{item['path']} is missing"
             if path.stat().st_size != item["size"]:
                 return f"{item['path']} has {path.stat().st_size} bytes, {item['size']} when written"
-            if _crc32(path) != item["crc32"]:
+            if file_crc32(path) != item["crc32"]:
                 return f"{item['path']} has changed since it was written (checksum differs)"
         except (OSError, KeyError, TypeError) as exc:
             return f"{item.get('path', '?') if isinstance(item, dict) else '?'} cannot be checked ({exc})"

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import FeatureError
+from ..io.checksums import file_crc32
 
 __all__ = [
     "FeatureBag",
@@ -172,23 +173,13 @@ def _compressors() -> list:
     return [ZstdCodec(level=0), Crc32cCodec()]
 
 
-def _crc32(path: Path) -> str:
-    import zlib
-
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
-
-
 def _array_files(root: Path) -> list[Path]:
     """The files of the ``features`` and ``coords`` arrays (metadata and chunks), sorted."""
     return sorted(p for name in ("features", "coords") for p in (root / name).rglob("*") if p.is_file())
 
 
 def _checksums(root: Path) -> dict[str, list]:
-    return {p.relative_to(root).as_posix(): [p.stat().st_size, _crc32(p)] for p in _array_files(root)}
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, file_crc32(p)] for p in _array_files(root)}
 
 
 def finish_feature_store(group, path: Optional[str | Path] = None) -> None:
@@ -215,7 +206,7 @@ def verify_feature_store(path: str | Path, attrs: dict) -> str:
         try:
             if not f.is_file():
                 return f"{rel} is missing"
-            if [f.stat().st_size, _crc32(f)] != list(expected):
+            if [f.stat().st_size, file_crc32(f)] != list(expected):
                 return f"{rel} has changed since it was written (size or checksum differs)"
         except (OSError, TypeError, ValueError) as exc:
             return f"{rel} cannot be checked ({exc})"
