@@ -13,15 +13,18 @@ SHARED_DATA = Path(os.environ.get("PATHFM_SHARED_DATA", REPO.parent / "shared" /
 
 @pytest.fixture(scope="session", autouse=True)
 def _embedding_cache_in_tmp(tmp_path_factory):
-    """The tile-embedding cache of every test (and the ``pathfm`` subprocesses they start) lives in a
-    temporary folder, never in ``~/.napari-pathfm/cache``."""
-    old = os.environ.get("PATHFM_CACHE_DIR")
-    os.environ["PATHFM_CACHE_DIR"] = str(tmp_path_factory.mktemp("embedding-cache"))
+    """The tile-embedding cache and the per-user data folder (corrections, fine-tunes, runs) of every
+    test and of the ``pathfm`` subprocesses they start live in temporary folders, never in the home folder."""
+    names = {"PATHFM_CACHE_DIR": "embedding-cache", "PATHFM_DATA_DIR": "user-data"}
+    old = {k: os.environ.get(k) for k in names}
+    for k, folder in names.items():
+        os.environ[k] = str(tmp_path_factory.mktemp(folder))
     yield
-    if old is None:
-        os.environ.pop("PATHFM_CACHE_DIR", None)
-    else:
-        os.environ["PATHFM_CACHE_DIR"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
