@@ -599,6 +599,39 @@ def _(b: Bench):
     return _damaged_cache_case(b, "meta", meta)
 
 
+@case("cache", "MIL: a damaged feature-extractor chunk", model=True)
+def _(b: Bench):
+    ck = BUNDLED / "models" / "s4mil-glas-glands-demo.safetensors"
+
+    def predict(tag: str, *extra) -> tuple[Run, Optional[dict]]:
+        out = b.path(f"milc/{tag}.json")
+        r = b.run("mil", "predict", "-c", ck, "--slide", b.slide_copy(), "--json", out, *extra,
+                  env=b.env(PATHFM_CACHE_DIR=b.root / "cache-mil"))  # fmt: skip
+        return r, (json.loads(out.read_text()) if r.rc == 0 else None)
+
+    ref_run, ref = predict("nocache", "--no-cache")
+    first_run, first = predict("first")
+    if ref is None or first is None:
+        return "unclear error", (ref_run.err + first_run.err)[-300:]
+    chunks = _chunks(b.root / "cache-mil", "data")
+    if not chunks:
+        return "unclear error", "the MIL run stored nothing in the cache"
+    data = bytearray(chunks[0].read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)
+    chunks[0].write_bytes(bytes(data))
+    r, again = predict("second")
+    if "Traceback (most recent call last)" in r.text:
+        return "traceback", r.err.strip().splitlines()[-1]
+    if again is None:
+        return "unclear error", r.err[-300:]
+    keys = ("probabilities", "predicted")
+    if any(again.get(k) != ref.get(k) for k in keys):
+        return "silent wrong", f"prediction changed: {again.get('probabilities')} vs {ref.get('probabilities')}"
+    if "cache" not in r.err.lower():
+        return "unclear error", "same prediction but no warning about the damaged cache"
+    return "correct result", f"same probabilities as without the cache; warned: {r.err.strip().splitlines()[-1][:100]}"
+
+
 # ---------------------------------------------------------------------------------------------
 # crashes and resumable outputs
 # ---------------------------------------------------------------------------------------------

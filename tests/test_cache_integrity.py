@@ -217,3 +217,29 @@ def test_cache_list_shows_structural_damage_and_old_or_unreadable_entries(cache,
     assert out.exit_code == 0, out.output
     assert not old.exists() and not junk.exists()
     assert store.inspect(entry, full=True).health == "partial"
+
+
+def test_mil_prediction_with_a_damaged_extractor_entry_is_unchanged(slide, tmp_path, caplog):
+    """MIL prediction reads the feature extractor's outputs from the cache: a damaged chunk there must not
+    change the slide's probabilities (the issue's "different score with exit 0")."""
+    from napari_pathfm.demo import demo_mil_checkpoint
+    from napari_pathfm.io import open_slide
+    from napari_pathfm.pipelines.mil import mil_predict
+
+    ckpt = demo_mil_checkpoint()
+    cache = EmbeddingCache(tmp_path / "mil-cache", always_store=True)
+    with open_slide(slide) as s:
+        reference = mil_predict(ckpt, slide=s, device="cpu", cache=False)
+        mil_predict(ckpt, slide=s, device="cpu", cache=cache)
+    (entry,) = cache.entries()
+    chunk = sorted(p for p in (entry.path / "data" / "c").rglob("*") if p.is_file())[0]
+    _flip(chunk, 0.3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), open_slide(slide) as s:
+        again = mil_predict(ckpt, slide=s, device="cpu", cache=cache)
+    np.testing.assert_array_equal(again.probabilities, reference.probabilities)
+    assert len(_warnings(caplog)) == 1, caplog.text
+    with caplog.at_level(logging.WARNING), open_slide(slide) as s:
+        third = mil_predict(ckpt, slide=s, device="cpu", cache=cache)
+    np.testing.assert_array_equal(third.probabilities, reference.probabilities)
+    assert len(_warnings(caplog)) == 1, "repaired: the third run finds nothing to warn about"
