@@ -183,12 +183,25 @@ def run_recipe(
 
 
 def _callbacks(recipe: Recipe, data, events: EngineCallback):
-    """Engine callback, best+last checkpoints and early stopping (when there is validation data)."""
+    """Engine callback, checkpoints and early stopping; returns ``(callbacks, exported checkpoint, stopper)``.
+
+    With validation data: the best epoch by the monitored validation metric (exported) plus
+    ``last.ckpt`` for resuming, and early stopping. Without (e.g. a fine-tune on one corrected
+    tile, or ``limit_val_batches=0``) there is nothing to rank epochs by, so only ``last.ckpt`` is
+    kept and exported: two unmonitored ModelCheckpoints would share one state key, which
+    Lightning refuses ("more than one stateful callback of type ModelCheckpoint").
+    """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     es = recipe.get("trainer.early_stopping")
     has_val = bool(getattr(data, "val_items", True)) and recipe.get("trainer.limit_val_batches") != 0
-    monitor, mode = (es["monitor"], es["mode"]) if has_val else (None, "min")
+    # ``last.ckpt`` after every epoch: Lightning's save_last=True only writes it when the best one changes
+    last = ModelCheckpoint(
+        dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
+    )
+    if not has_val:
+        return [events, last], last, None
+    monitor, mode = es["monitor"], es["mode"]
     ckpt = ModelCheckpoint(
         dirpath=events.events_file.parent,
         filename="best-{epoch}",
@@ -196,12 +209,8 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
         mode=mode,
         save_top_k=1,
     )
-    # ``last.ckpt`` after every epoch: Lightning's save_last=True only writes it when the best one changes
-    last = ModelCheckpoint(
-        dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
-    )
     stopper = None
-    if has_val and es["enabled"]:
+    if es["enabled"]:
         stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es["patience"], min_delta=es["min_delta"])
     return [c for c in (events, ckpt, last, stopper) if c is not None], ckpt, stopper
 

@@ -7,12 +7,22 @@
    layer over the slide, with the class names on hover.
 2. With *Record corrections* on, every brush, eraser or fill stroke on that layer
    saves the tiles it touched (image + corrected mask at the model's µm/px) into
-   ``<slide>.pathfm-corrections/`` next to the slide
-   (:class:`~napari_pathfm.pipelines.corrections.CorrectionRecorder`).
+   the slide's folder in the per-user data folder
+   (:func:`napari_pathfm.userdata.corrections_dir`, never beside the slide;
+   :class:`~napari_pathfm.pipelines.corrections.CorrectionRecorder`). Undo/redo
+   re-save the tiles (a tile back to the model's prediction is dropped).
+   *Restore corrections* writes the saved tiles of a slide (e.g. from an earlier
+   session) back into the mask.
 3. *Fine-tune* continues training the checkpoint on those tiles in the
-   background (progress, Stop) and saves a NEW checkpoint under the corrections
-   folder; it becomes the selected checkpoint. *Segment* again re-runs the slide
-   with it.
+   background (progress bar, Cancel) — one painted stroke is enough — and saves
+   a NEW checkpoint under :func:`napari_pathfm.userdata.finetune_dir`; it becomes
+   the selected checkpoint. *Segment* again re-runs the slide with it. A failed or
+   stopped fine-tune says why in the status line, removes its half-made folder,
+   and *Show log* shows what the training reported.
+
+A bundled demonstration model, or a run far from the resolution the model was
+trained at, is named in one line under the buttons and in the layer's metadata
+(``pathfm_notes``) and ``result.messages``.
 """
 
 from __future__ import annotations
@@ -20,15 +30,51 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
-    QCheckBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+    QCheckBox, QDialog, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QPushButton,
+    QSpinBox, QVBoxLayout, QWidget,
 )  # fmt: skip
 
 from ._checkpoint_picker import CheckpointPicker
 from ._runner import TaskRunner
 from .slide_widget import fill_slide_combo
 
-__all__ = ["SegmentWidget"]
+__all__ = ["SegmentWidget", "model_notes"]
+
+#: a run this many times coarser/finer than the model's training µm/px is called out of domain
+MPP_TOLERANCE = 1.5
+#: largest class map (pixels) kept as an unedited copy, so that fully undone tiles can be dropped
+BASELINE_MAX_PIXELS = 256 * 2**20
+
+
+def model_notes(checkpoint, card: dict, slide_mpp: Optional[float], run_mpp: Optional[float]) -> list[str]:
+    """Plain sentences about what the model is and how far this run is from its training domain.
+
+    - a checkpoint bundled with the package is a small demonstration model;
+    - the run's µm/px more than :data:`MPP_TOLERANCE` times off the card's ``input_mpp``;
+    - a slide scanned more than that much coarser than the model needs (it cannot show the detail).
+    """
+    from importlib.resources import files
+
+    notes = []
+    bundled = Path(str(files("napari_pathfm") / "data" / "models")).resolve()
+    if checkpoint and Path(checkpoint).resolve().parent == bundled:
+        data = str(card.get("training_data") or "").split(" ")[0] or "a small public set"
+        notes.append(f"Demonstration model ({Path(checkpoint).stem}: small, CPU-trained on {data}) — not for diagnosis.")
+    trained = card.get("input_mpp")
+    if trained and run_mpp and max(run_mpp / trained, trained / run_mpp) > MPP_TOLERANCE:
+        notes.append(f"Out of domain: run at {run_mpp:.3g} µm/px, but the model was trained at {trained:.3g} µm/px.")
+    if trained and slide_mpp and slide_mpp > MPP_TOLERANCE * trained:
+        notes.append(f"Out of domain: the slide has {slide_mpp:.3g} µm/px, coarser than the {trained:.3g} µm/px "
+                     "the model was trained at.")  # fmt: skip
+    return notes
+
+
+class _Progress(QObject):
+    """Carries a worker's ``progress(done, total, message)`` to the dock's progress bar (queued to the GUI thread)."""
+
+    progressed = Signal(int, int, str)
 
 
 class SegmentWidget(QWidget):
@@ -42,6 +88,12 @@ class SegmentWidget(QWidget):
         self.recorder = None
         self.labels_layer = None
         self._slide = None
+        self._baseline = None
+        self.notes: list[str] = []
+        self.log_lines: list[str] = []
+        self.log_dialog = None
+        self._progress = _Progress(self)
+        self._progress.progressed.connect(self._on_progress)
 
         from qtpy.QtWidgets import QComboBox
 
@@ -60,7 +112,8 @@ class SegmentWidget(QWidget):
         self.cancel_btn.clicked.connect(self.runner.cancel)
         self.record = QCheckBox("Record corrections")
         self.record.setChecked(True)
-        self.record.setToolTip("Save every painted tile (image + corrected mask) next to the slide for fine-tuning")
+        self.record.setToolTip("Save every painted tile (image + corrected mask) in your napari-pathfm data folder "
+                               "for fine-tuning")  # fmt: skip
         self.record.toggled.connect(self._toggle_recording)
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 500)
@@ -74,6 +127,20 @@ class SegmentWidget(QWidget):
         self.finetune_btn = QPushButton("Fine-tune")
         self.finetune_btn.setToolTip("Train the checkpoint further on the recorded corrections (new checkpoint)")
         self.finetune_btn.clicked.connect(self.finetune)
+        self.restore_btn = QPushButton("Restore corrections")
+        self.restore_btn.setToolTip("Put the corrections saved for this slide (earlier sessions) back into the mask")
+        self.restore_btn.setEnabled(False)
+        self.restore_btn.clicked.connect(self.restore_corrections)
+        self.log_btn = QPushButton("Show log")
+        self.log_btn.setToolTip("What the last fine-tune reported (training events and the error, if any)")
+        self.log_btn.setEnabled(False)
+        self.log_btn.clicked.connect(self.show_log)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.note = QLabel("")
+        self.note.setWordWrap(True)
+        self.note.setStyleSheet("color: #e0a040;")
+        self.note.setVisible(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
 
@@ -93,9 +160,17 @@ class SegmentWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(run_row)
-        layout.addWidget(self.record)
+        layout.addWidget(self.note)
+        corr_row = QHBoxLayout()
+        corr_row.addWidget(self.record)
+        corr_row.addWidget(self.restore_btn)
+        layout.addLayout(corr_row)
         layout.addLayout(tune_row)
-        layout.addWidget(self.status)
+        layout.addWidget(self.progress_bar)
+        log_row = QHBoxLayout()
+        log_row.addWidget(self.status, 1)
+        log_row.addWidget(self.log_btn)
+        layout.addLayout(log_row)
         layout.addStretch(1)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -125,17 +200,32 @@ class SegmentWidget(QWidget):
         mpp = self.mpp.value() or None
         self._slide_layer_name = name
 
+        report = self._reporter()
+
         def job(progress, cancel):
-            return segment_slide(slide_path, checkpoint, mpp=mpp, progress=progress, cancel=cancel)
+            import numpy as np
 
-        return self.runner.start(job, description=f"Segment: {name}", on_done=self._show_result)
+            from ..models.checkpoint import checkpoint_paths, read_card
 
-    def _show_result(self, result) -> None:
+            result = segment_slide(slide_path, checkpoint, mpp=mpp, progress=report(progress), cancel=cancel)
+            card = read_card(checkpoint_paths(result.checkpoint or checkpoint)[1])
+            notes = model_notes(result.checkpoint or checkpoint, card, result.mpp, result.model_mpp)
+            result.messages.extend(n for n in notes if n not in result.messages)
+            labels = result.labels
+            baseline = np.array(labels) if isinstance(labels, np.ndarray) and labels.size <= BASELINE_MAX_PIXELS else None
+            return result, baseline, notes, card
+
+        return self.runner.start(job, description=f"Segment: {name}", on_done=self._show_result,
+                                 on_error=self._failed)  # fmt: skip
+
+    def _show_result(self, done) -> None:
         from ..io.slide import open_slide
 
+        result, self._baseline, self.notes, self._card = done
         self._stop_recording()
         previous, self.result = self.result, result
         kwargs = result.layer_kwargs()
+        kwargs["metadata"]["pathfm_notes"] = list(self.notes)
         kwargs["name"] = f"{self._slide_layer_name} segmentation"
         existing = self.viewer.layers[kwargs["name"]] if kwargs["name"] in self.viewer.layers else None
         if existing is not None:
@@ -153,10 +243,18 @@ class SegmentWidget(QWidget):
         self._slide = open_slide(self.viewer.layers[self._slide_layer_name].metadata["pathfm_path"])
         from ..tiles.cached_encoder import cache_note
 
+        self.note.setText(" ".join(self.notes))
+        self.note.setVisible(bool(self.notes))
         text = f"{len(result.grid)} tiles at {result.model_mpp or 0:.3g} µm/px; classes: {', '.join(result.classes)}."
-        self.status.setText(" ".join(t for t in [text, cache_note(result.cache), *result.messages] if t))
+        others = [m for m in result.messages if m not in self.notes]
+        self.status.setText(" ".join(t for t in [text, cache_note(result.cache), *others] if t))
         if self.record.isChecked():
             self._start_recording()
+        n_saved = len(self.recorder.saved) if self.recorder is not None else 0
+        self.restore_btn.setEnabled(n_saved > 0)
+        if n_saved:
+            self.status.setText(self.status.text() + f" {n_saved} corrected tiles of this slide are saved: "
+                                "press Restore corrections to put them into the mask.")  # fmt: skip
 
     @staticmethod
     def _set_class_features(layer, classes) -> None:
@@ -177,12 +275,16 @@ class SegmentWidget(QWidget):
 
         if self.labels_layer is None or self.result is None or self.recorder is not None:
             return
-        card = read_card(Path(self.result.checkpoint).with_suffix(".json")) if self.result.checkpoint else {}
+        card = getattr(self, "_card", None)
+        if card is None:
+            card = read_card(Path(self.result.checkpoint).with_suffix(".json")) if self.result.checkpoint else {}
         tile = int(card.get("tile_size") or (card.get("config") or {}).get("image_size") or 256)
+        baseline = self._baseline if self._baseline is not None and self._baseline.shape == self.labels_layer.data.shape else None
         try:
             self.recorder = CorrectionRecorder(
                 self._slide, self.labels_layer.data, mpp=self.result.model_mpp or self._slide.mpp,
-                classes=self.result.classes, tile_size=tile, labels_downsample=1.0,
+                classes=self.result.classes, tile_size=tile, labels_downsample=1.0, baseline=baseline,
+                schedule=lambda fn: QTimer.singleShot(0, fn),  # napari may write a stroke after its paint event
             ).attach(self.labels_layer)  # fmt: skip
         except Exception as exc:  # a corrections folder of another model: say so, keep the mask
             self.status.setText(f"Corrections are not recorded: {exc}")
@@ -198,6 +300,23 @@ class SegmentWidget(QWidget):
     def corrections_folder(self) -> Optional[Path]:
         return self.recorder.folder if self.recorder is not None else None
 
+    def restore_corrections(self):
+        """Write the saved corrected tiles of this slide into the mask (in the worker); returns the worker."""
+        recorder, layer = self.recorder, self.labels_layer
+        if recorder is None or layer is None or not recorder.saved:
+            self.status.setText("No saved corrections for this slide and model.")
+            return None
+
+        def job(progress, cancel):
+            return recorder.restore()
+
+        def done(names) -> None:
+            layer.refresh()
+            self.restore_btn.setEnabled(False)
+            self.status.setText(f"Restored {len(names)} corrected tiles from {recorder.folder}.")
+
+        return self.runner.start(job, description="Restore corrections", on_done=done, on_error=self._failed)
+
     # -- fine-tune --------------------------------------------------------------------------
     def finetune(self):
         """Fine-tune the current checkpoint on the recorded corrections in a worker; returns the worker."""
@@ -211,11 +330,24 @@ class SegmentWidget(QWidget):
             self.status.setText("No corrections yet: paint on the segmentation layer first.")
             return None
         checkpoint, folder, epochs, lr = self.checkpoint.path(), self.recorder.folder, self.epochs.value(), self.lr.value()
+        n = len(self.recorder.saved)
+        report = self._reporter()
+        log = self.log_lines = [f"Fine-tune of {checkpoint} on {n} corrected tiles in {folder}"]
+
+        def on_event(event: dict) -> None:  # worker thread; list.append is atomic
+            import json
+
+            log.append(json.dumps(event, default=str))
 
         def job(progress, cancel):
-            return finetune_from_corrections(checkpoint, folder, epochs=epochs, lr=lr, progress=progress, cancel=cancel)
+            return finetune_from_corrections(checkpoint, folder, epochs=epochs, lr=lr, progress=report(progress),
+                                             cancel=cancel, on_event=on_event)  # fmt: skip
 
-        return self.runner.start(job, description="Fine-tune on corrections", on_done=self._finetuned)
+        self.log_btn.setEnabled(True)
+        self.status.setText(f"Fine-tuning on {n} corrected tile{'s' * (n != 1)}"
+                            f"{' (no validation tile: the last epoch is kept)' if n == 1 else ''}…")  # fmt: skip
+        return self.runner.start(job, description="Fine-tune on corrections", on_done=self._finetuned,
+                                 on_error=self._failed)  # fmt: skip
 
     def _finetuned(self, new_checkpoint: Path) -> None:
         from ..checkpoints import add_search_folder
@@ -223,13 +355,68 @@ class SegmentWidget(QWidget):
         add_search_folder(Path(new_checkpoint).parent.parent)
         self.checkpoint.refresh()
         self.checkpoint.set_path(new_checkpoint)
-        self.status.setText(f"New checkpoint {new_checkpoint}; press Segment to re-run with it.")
+        self.log_lines.append(f"New checkpoint: {new_checkpoint}")
+        self.status.setText(f"New checkpoint {Path(new_checkpoint).parent.name} is selected; press Segment to "
+                            f"re-run with it. (Saved in {Path(new_checkpoint).parent}.)")  # fmt: skip
+
+    # -- progress, errors, log -----------------------------------------------------------------
+    def _reporter(self):
+        """Wrap a worker's ``progress`` so the dock's own bar follows it too (through a queued signal)."""
+        signal = self._progress.progressed
+        self.progress_bar.setRange(0, 0)
+        self.progress_bar.setVisible(True)
+
+        def wrap(progress):
+            def both(done, total, message=""):
+                signal.emit(int(done), int(total), str(message))
+                progress(done, total, message)
+
+            return both
+
+        return wrap
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        if total > 0:
+            self.progress_bar.setRange(0, total)
+            self.progress_bar.setValue(min(done, total))
+        if message:
+            self.progress_bar.setFormat(f"{message} (%p%)" if total > 0 else message)
+
+    def _failed(self, exc: BaseException) -> None:
+        """The one message of a failed or stopped task (already mapped by the runner), in the status line."""
+        text = self.runner.last_message or str(exc)
+        if self.runner.last_error is not None and self.log_lines:
+            import traceback
+
+            self.log_lines.append("".join(traceback.format_exception(exc)).rstrip())
+        from ..errors import Cancelled
+
+        if isinstance(exc, (Cancelled, KeyboardInterrupt)):
+            self.status.setText(f"Stopped: {text}")
+        else:
+            more = " Show log for what the training reported." if self.log_btn.isEnabled() else ""
+            self.status.setText(f"Failed: {text}{more}")
+
+    def show_log(self) -> QDialog:
+        """Open the last fine-tune's log (training events, error) in a read-only dialog; returns it."""
+        if self.log_dialog is None:
+            self.log_dialog = QDialog(self)
+            self.log_dialog.setWindowTitle("Fine-tune log")
+            self.log_dialog.resize(720, 420)
+            self.log_dialog.text = QPlainTextEdit(self.log_dialog)
+            self.log_dialog.text.setReadOnly(True)
+            QVBoxLayout(self.log_dialog).addWidget(self.log_dialog.text)
+        self.log_dialog.text.setPlainText("\n".join(self.log_lines) or "No fine-tune has run yet.")
+        self.log_dialog.show()
+        return self.log_dialog
 
     def _on_state(self, state: str) -> None:
         running = state == "running"
         self.segment_btn.setEnabled(not running)
         self.finetune_btn.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
+        if not running:
+            self.progress_bar.setVisible(False)
         if state == "cancelled":
             self.status.setText("Stopped.")
         elif state == "error" and self.runner.last_error is not None:
