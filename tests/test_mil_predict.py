@@ -127,14 +127,51 @@ def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napar
     heat = viewer.layers[f"{slide_layer.name} MIL heatmap"]
     scale, translate = layer_transform(0.499, bag.level0_tile_size)
     assert tuple(heat.scale) == pytest.approx(scale) and tuple(heat.translate) == pytest.approx(translate)
+    # the slide prediction names its probability
+    best = int(np.argmax(widget.prediction.probabilities))
+    assert f"probability {widget.prediction.probabilities[best]:.3f}" in widget.result_label.text()
+    # contrast from the data (1st-99th percentiles of the shown class's scores), a colormap of its own, a colorbar
+    cls = widget.class_combo.currentIndex()
+    scores = widget.prediction.patch_scores[:, cls]
+    lo, hi = np.percentile(scores, [1, 99])
+    assert tuple(heat.contrast_limits) == pytest.approx((lo, hi), rel=1e-5) and tuple(heat.contrast_limits) != (0.0, 1.0)
+    assert heat.colormap.name == "pathfm-attention"
+    [bar] = widget.legend.entries
+    assert widget.legend.isVisibleTo(widget) and bar["kind"] == "colorbar" and bar["range"] == pytest.approx((lo, hi), rel=1e-5)
+    assert float(np.asarray(heat.data).min()) < lo  # cells without a patch sit under the transparent end
+
+    # clicking a top patch draws its box over the patch's level-0 pixels (in µm) and centres the view on it
     assert widget.top_list.count() == 10
-    item = widget.top_list.item(0)
-    widget._goto_patch(item)
-    top = widget.prediction.top_patches(1, widget.class_combo.currentIndex())[0]
-    expected = ((top["y"] + bag.level0_tile_size / 2) * 0.499, (top["x"] + bag.level0_tile_size / 2) * 0.499)
-    assert tuple(viewer_camera(viewer).center[-2:]) == pytest.approx(expected)
+    camera = viewer_camera(viewer)
+    before = tuple(camera.center[-2:])
+    widget.top_list.itemClicked.emit(widget.top_list.item(0))
+    top = widget.prediction.top_patches(1, cls)[0]
+    cell, mpp = bag.level0_tile_size, 0.499
+    box = viewer.layers[f"{slide_layer.name} MIL top patch"]
+    assert type(box).__name__ == "Shapes" and box.nshapes == 1 and box.shape_type == ["rectangle"]
+    world = box.data[0] * np.asarray(box.scale)
+    expected_box = np.array([[top["y"] - 0.5, top["x"] - 0.5], [top["y"] + cell - 0.5, top["x"] + cell - 0.5]]) * mpp
+    np.testing.assert_allclose(world.min(axis=0), expected_box[0])
+    np.testing.assert_allclose(world.max(axis=0), expected_box[1])
+    # the box's edges are those of the patch's heatmap cell
+    r, c = round(top["y"] / cell), round(top["x"] / cell)
+    cell_lo = np.asarray(heat.translate) + np.array([r, c]) * np.asarray(heat.scale) - np.asarray(heat.scale) / 2
+    np.testing.assert_allclose(world.min(axis=0), cell_lo, atol=1e-6)
+    centre = tuple(camera.center[-2:])
+    assert centre == pytest.approx(tuple(expected_box.mean(axis=0))) and centre != pytest.approx(before)
+    widget.top_list.itemClicked.emit(widget.top_list.item(1))
+    assert box.nshapes == 1, "a second click moves the box, it does not add one"
+
     widget.class_combo.setCurrentIndex(1 - widget.class_combo.currentIndex())
     assert heat.metadata["class"] == widget.class_combo.currentText()
+
+    # a second run replaces its layers: same layers, the stale patch box cleared
+    n_layers = len(viewer.layers)
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: widget._runs == 2, timeout=10_000)
+    assert len(viewer.layers) == n_layers and viewer.layers[heat.name] is heat and box.nshapes == 0
 
 
 # --- the bundled demo model --------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Layers made by napari-pathfm carry ``metadata["downsample"]`` (level-0 px per layer px)
 and are scaled in µm, so GeoJSON comes out in level-0 pixel coordinates of the slide,
-as QuPath expects, and OME-TIFFs keep their physical pixel size.
+as QuPath expects, and OME-TIFFs keep their physical pixel size. GeoJSON classes keep the colours
+the layer shows in napari (QuPath's ``classification.color``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,24 @@ def _level0(data: Any):
     return data[0] if isinstance(data, (list, tuple)) else data
 
 
+def _layer_colors(attributes: dict, values: list[int]) -> dict[int, tuple[int, int, int]]:
+    """``{value: (r, g, b)}`` the layer's own colormap shows for ``values`` (transparent ones left out).
+
+    So a GeoJSON written from a Labels layer carries the colours seen in napari, also when the
+    user changed them; napari-pathfm's layers use :func:`napari_pathfm.colors.label_colormap`.
+    """
+    import numpy as np
+
+    mapper = getattr(attributes.get("colormap"), "map", None)
+    if mapper is None or not values:
+        return {}
+    try:
+        rgba = np.asarray(mapper(np.asarray(values, dtype=np.int64)), dtype=float).reshape(len(values), -1)
+    except (TypeError, ValueError):
+        return {}
+    return {v: tuple(int(round(c * 255)) for c in row[:3]) for v, row in zip(values, rgba) if row.size < 4 or row[3] > 0}
+
+
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     """Save a Labels layer as ``.ome.tif`` (pyramidal, class names kept) or ``.geojson`` (QuPath)."""
     import numpy as np
@@ -42,8 +61,11 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     classes = {int(k): str(v) for k, v in classes.items()}
     ds, mpp, offset = _geometry(attributes)
     if path.lower().endswith(".geojson"):
+        from .colors import class_colors
+
         fg = {k: v for k, v in classes.items() if k != 0}
-        return [str(write_geojson(path, labels, fg, downsample=ds, offset=offset))]
+        colors = {**class_colors(classes), **_layer_colors(attributes, sorted(fg))}
+        return [str(write_geojson(path, labels, fg, downsample=ds, offset=offset, colors=colors))]
     return [str(write_ome_tiff(path, labels, mpp=mpp, is_labels=True, class_names=classes, metadata={"downsample": ds}))]
 
 

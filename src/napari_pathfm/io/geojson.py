@@ -26,16 +26,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..colors import PALETTE, class_colors
 from ..errors import PathFMError
 from .atomic import atomic_path
 
 __all__ = ["labels_to_geojson", "write_geojson", "geojson_to_labels", "normalize_class_names", "class_color"]
-
-_PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128),
-]
 
 
 def normalize_class_names(class_names: dict[int, str] | Sequence[str] | None) -> dict[int, str]:
@@ -48,13 +43,17 @@ def normalize_class_names(class_names: dict[int, str] | Sequence[str] | None) ->
 
 
 def class_color(value: int, colors: dict[int, Sequence[int]] | Sequence | None = None) -> list[int]:
-    """RGB colour of a label value: from ``colors`` if given, else a fixed 16-colour palette."""
+    """RGB colour of a label value: from ``colors`` if given, else :data:`~napari_pathfm.colors.PALETTE` by value.
+
+    :func:`labels_to_geojson` passes :func:`napari_pathfm.colors.class_colors` of the class names by
+    default, so a class has the colour its napari Labels layer shows.
+    """
     if colors is not None:
         try:
             return [int(c) for c in colors[value]][:3]
         except (KeyError, IndexError):
             pass
-    return list(_PALETTE[(int(value) - 1) % len(_PALETTE)])
+    return list(PALETTE[(int(value) - 1) % len(PALETTE)])
 
 
 def _boundary_edges(mask: np.ndarray):
@@ -233,7 +232,8 @@ def labels_to_geojson(
     labels : 2-D integer (or bool) label image; ``background`` is skipped.
     class_names : ``{value: name}`` or a list indexed by value; else ``"class <value>"``.
     downsample, offset : level-0 pixels per label pixel; level-0 ``(y0, x0)`` of label (0, 0).
-    colors : ``{value: (r, g, b)}``; default a fixed palette.
+    colors : ``{value: (r, g, b)}``; default :func:`napari_pathfm.colors.class_colors` of the class
+        names (the colours napari-pathfm's Labels layers show), else the palette by value.
     min_area_px : drop regions with fewer label pixels than this.
     simplify_tolerance : Douglas-Peucker tolerance in label pixels; 0 keeps polygons exact.
     connectivity : 1: one Polygon per 4-connected region; 2: regions touching diagonally
@@ -251,6 +251,8 @@ def labels_to_geojson(
     if labels.ndim != 2:
         raise ValueError(f"labels must be 2-D, got shape {labels.shape}")
     names = normalize_class_names(class_names)
+    if colors is None:
+        colors = class_colors(names)
     w = labels.shape[1]
     features = []
     for value in np.unique(labels):

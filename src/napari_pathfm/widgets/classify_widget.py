@@ -5,16 +5,24 @@ with a classify recipe), press *Classify*: :func:`~napari_pathfm.pipelines.class
 runs in a worker (progress bar, Cancel) and the results appear over the slide:
 
 - a Labels layer ``<slide> classes`` with one cell per tile (0 = no tissue tile, class ``k`` →
-  ``k + 1``) whose features hold the class names, so the status bar names the class under the
-  cursor;
-- one Image layer ``<slide> p(<class>)`` per class with its probability (only the first visible).
+  ``k + 1``) in the class colours of :mod:`napari_pathfm.colors` (the colours GeoJSON/QuPath
+  exports of the layer get), whose features hold the class names, so the status bar names the
+  class under the cursor;
+- one Image layer ``<slide> p(<class>)`` per class with its probability (only the first visible),
+  on a colormap of its own (transparent → blue → yellow, 0–1).
+
+A legend under the buttons names each class beside its colour and shows the colorbars (with their
+ranges) of the probability and Grad-CAM layers. A re-run replaces these layers (same names, data
+updated in place; probability layers of classes the new model lacks and a stale Grad-CAM are
+removed), it never adds a second set.
 
 Grad-CAM (``pytorch-grad-cam``) explains the classifier: with *Grad-CAM: click a tile* on, a click
 on the canvas computes the map of the tile under the cursor; *Grad-CAM: current view* does every
 classified tile in the visible part of the slide (at most
 :data:`~napari_pathfm.pipelines.gradcam.MAX_TILES`; the status says when tiles were left out). The
 map explains the class chosen in the *Grad-CAM class* list (default: each tile's predicted class)
-and is shown as the Image layer ``<slide> Grad-CAM`` (heat colours, zero transparent). Importing
+and is shown as the Image layer ``<slide> Grad-CAM`` (heat colours, zero transparent, a colormap
+distinct from the probabilities'). Importing
 this module does not import torch.
 """
 
@@ -32,15 +40,19 @@ from qtpy.QtWidgets import (
     QWidget,
 )  # fmt: skip
 
+from ..colors import label_colormap, napari_colormap
 from ..coords import layer_units
 from ._checkpoint_picker import CheckpointPicker
+from ._legend import Legend
 from ._runner import TaskRunner
-from .mil_widget import heat_colormap, viewer_camera
+from .mil_widget import viewer_camera
 from .slide_widget import fill_slide_combo
 
 __all__ = ["ClassifyWidget"]
 
 PREDICTED = "predicted class"
+#: Opacity of the class map and probability layers: the tissue under them stays visible.
+OVERLAY_OPACITY = 0.5
 
 
 class ClassifyWidget(QWidget):
@@ -57,6 +69,9 @@ class ClassifyWidget(QWidget):
         self._slide_layer_name: str | None = None
         self._checkpoint: str | None = None
         self._model = None  # (checkpoint path, (model, card)) loaded once for Grad-CAM
+        self._runs = 0  # results shown so far (the legend's title names the run)
+        self.legend = Legend("Legend")
+        self._legend_title: str | None = None
 
         self.layer_combo = QComboBox()
         self.checkpoint = CheckpointPicker("classify", self)
@@ -99,6 +114,7 @@ class ClassifyWidget(QWidget):
         layout.addLayout(cam_form)
         layout.addLayout(cam_row)
         layout.addWidget(self.status)
+        layout.addWidget(self.legend)
         layout.addStretch(1)
         self._set_cam_enabled(False)
 
@@ -137,23 +153,40 @@ class ClassifyWidget(QWidget):
     def _show_result(self, result) -> None:
         import pandas as pd
 
+        from pathlib import Path
+
         self.result = result
+        self._runs += 1
         base = self._slide_layer_name
         kwargs = result.layer_kwargs()
+        kwargs["metadata"] = {**kwargs["metadata"], "run": self._runs}
         names = result.label_names()
         features = pd.DataFrame({"class": [names[v] for v in sorted(names)]}, index=sorted(names))
         self.labels_layer = self._put(
-            "labels", f"{base} classes", result.class_map, opacity=0.45, features=features, **kwargs
+            "labels", f"{base} classes", result.class_map, opacity=OVERLAY_OPACITY, features=features,
+            colormap=label_colormap(names), **kwargs,
         )  # fmt: skip
+        old_probs = [layer for layer in self.prob_layers if layer in self.viewer.layers]
         self.prob_layers = []
         prob_maps = result.prob_maps
         for k, cls in enumerate(result.classes):
             layer = self._put(
-                "image", f"{base} p({cls})", prob_maps[k], colormap=heat_colormap(), opacity=0.6,
-                contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest", visible=k == 0,
+                "image", f"{base} p({cls})", prob_maps[k], colormap=napari_colormap("probability"),
+                opacity=OVERLAY_OPACITY, contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest",
+                visible=k == 0,
                 **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
             )  # fmt: skip
             self.prob_layers.append(layer)
+        # a re-run replaces, never piles up: drop what the previous run showed and this one does not
+        for layer in old_probs:
+            if layer not in self.prob_layers:
+                self.viewer.layers.remove(layer)
+        cam_name = f"{base} Grad-CAM"
+        if self.gradcam is not None and cam_name in self.viewer.layers:
+            self.viewer.layers.remove(cam_name)
+        self.gradcam = None
+        self._legend_title = f"{Path(self._checkpoint or 'model').stem}, run {self._runs}"
+        self.legend.show_layers([self.labels_layer, *self.prob_layers[:1]], title=self._legend_title)
         self.cam_class.clear()
         self.cam_class.addItems([PREDICTED, *result.classes])
         fractions = ", ".join(f"{c} {f:.0%}" for c, f in result.class_fractions().items())
@@ -164,12 +197,15 @@ class ClassifyWidget(QWidget):
         self._set_cam_enabled(result.n_tiles > 0)
 
     def _put(self, kind: str, name: str, data, *, features=None, **kwargs):
-        """Add layer ``name`` or update it in place when it is there (a re-run replaces its data)."""
+        """Add layer ``name`` or update it in place when it is there (a re-run replaces its data and looks)."""
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             layer.data = data
             layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
             layer.metadata.update(kwargs["metadata"])
+            for attr in ("colormap", "contrast_limits", "opacity"):
+                if attr in kwargs:
+                    setattr(layer, attr, kwargs[attr])
         else:
             add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
             layer = add(data, name=name, **kwargs)
@@ -254,8 +290,11 @@ class ClassifyWidget(QWidget):
         meta = {"pathfm_kind": "gradcam", "tiles": cam.indices.tolist(), "targets": cam.targets.tolist(),
                 "classes": [self.result.classes[k] for k in cam.targets]}  # fmt: skip
         kwargs = {"scale": scale, "translate": translate, "metadata": meta}
-        self._put("image", name, image, colormap=heat_colormap(), opacity=0.65, contrast_limits=(0.0, 1.0),
-                  blending="translucent", units=layer_units(self.result.mpp), **kwargs)  # fmt: skip
+        cam_layer = self._put("image", name, image, colormap=napari_colormap("gradcam"), opacity=0.6,
+                              contrast_limits=(0.0, 1.0), blending="translucent", units=layer_units(self.result.mpp),
+                              **kwargs)  # fmt: skip
+        shown = [self.labels_layer, *self.prob_layers[:1], cam_layer]
+        self.legend.show_layers([layer for layer in shown if layer in self.viewer.layers], title=self._legend_title)
         classes = sorted(set(meta["classes"]))
         text = f"Grad-CAM of {len(cam.indices)} tile(s) ({what}) for {', '.join(classes)}."
         empty = cam.empty_tiles()

@@ -3,8 +3,17 @@
 Pick a slide layer and a MIL checkpoint (and optionally a feature file from
 ``pathfm features``), press Run: the prediction runs in a worker thread through
 :func:`~napari_pathfm.pipelines.mil.mil_predict`; the class probabilities appear
-in the widget, the heatmap as an Image layer over the slide, and the top-k
-patches in a list — clicking one centres the view on it.
+in the widget (the predicted class with its probability first), the heatmap as an
+Image layer over the slide, and the top-k patches in a list — clicking one draws its
+box (a Shapes rectangle on the patch's level-0 pixels, in the slide's units) and
+centres the view on it.
+
+The heatmap has a colormap of its own (transparent → green → yellow → red, not the
+classify probabilities' or Grad-CAM's) and contrast limits from the data: the 1st–99th
+percentiles of the patch scores of the shown class, computed in the worker, so a map
+whose scores sit in a narrow band is not flat; cells without a patch are transparent.
+The dock's legend shows the colorbar with that range. A re-run replaces the heatmap
+(same layer, updated) and clears the patch box; it never adds layers.
 """
 
 from __future__ import annotations
@@ -18,20 +27,41 @@ from qtpy.QtWidgets import (
     QSpinBox, QVBoxLayout, QWidget,
 )  # fmt: skip
 
-from ._checkpoint_picker import CheckpointPicker
-
+from ..colors import CONTINUOUS, napari_colormap, robust_limits
 from ..coords import layer_transform, layer_units
+from ._checkpoint_picker import CheckpointPicker
+from ._legend import Legend
 from ._runner import TaskRunner
 from .slide_widget import fill_slide_combo
 
-HEAT_COLORS = [[0, 0, 0, 0], [0.05, 0.0, 0.35, 0.75], [0.75, 0.1, 0.45, 0.85], [1.0, 0.55, 0.0, 0.9], [1.0, 1.0, 0.3, 1.0]]
+HEAT_COLORS = CONTINUOUS["gradcam"][0]
+#: Percentiles of the shown class's patch scores that set the heatmap's contrast limits.
+HEAT_PERCENTILES = (1.0, 99.0)
+#: Edge colour of the box drawn around a clicked top patch.
+BOX_COLOR = "cyan"
 
 
 def heat_colormap():
-    """Inferno-like colormap whose zero is transparent, so tissue without evidence stays visible."""
-    from napari.utils.colormaps import Colormap
+    """Inferno-like colormap whose zero is transparent (Grad-CAM's; the MIL heatmap has its own)."""
+    return napari_colormap("gradcam")
 
-    return Colormap(HEAT_COLORS, controls=[0.0, 0.02, 0.4, 0.75, 1.0], name="pathfm-heat")
+
+def class_heatmaps(pred) -> list[tuple[np.ndarray, tuple[float, float]]]:
+    """Per class: the heatmap grid ready to show, and its robust contrast limits (run in the worker).
+
+    Cells without a patch (NaN) get a value below every score, so they stay transparent
+    under the colormap's transparent low end whatever limits the user picks later.
+    """
+    from ..pipelines.mil import heatmap_grid
+
+    out = []
+    for cls in range(len(pred.classes)):
+        grid, _cell = heatmap_grid(pred, cls)
+        lo, hi = robust_limits(grid, *HEAT_PERCENTILES)
+        finite = grid[np.isfinite(grid)]
+        floor = (float(finite.min()) if finite.size else lo) - (hi - lo)
+        out.append((np.nan_to_num(grid, nan=floor).astype(np.float32), (lo, hi)))
+    return out
 
 
 def viewer_camera(viewer):
@@ -48,7 +78,13 @@ class MILWidget(QWidget):
         self.viewer = napari_viewer
         self.runner = TaskRunner(on_state=self._on_state, parent=self)
         self.prediction = None
+        self.heatmaps: list = []  # per class: (grid, (lo, hi)) from class_heatmaps
+        self.heat_layer = None
+        self.box_layer = None
         self._slide_layer_name: Optional[str] = None
+        self._runs = 0
+        self._legend_title: Optional[str] = None
+        self.legend = Legend("Legend")
 
         self.layer_combo = QComboBox()
         self.checkpoint = CheckpointPicker("mil", self)
@@ -90,7 +126,8 @@ class MILWidget(QWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(QLabel("heatmap class"))
         layout.addWidget(self.class_combo)
-        layout.addWidget(QLabel("top patches (click to go there)"))
+        layout.addWidget(self.legend)
+        layout.addWidget(QLabel("top patches (click to draw the box and go there)"))
         layout.addWidget(self.top_list)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -131,16 +168,27 @@ class MILWidget(QWidget):
             from ..io.slide import open_slide
 
             if features is not None:
-                return mil_predict(checkpoint, features=features, progress=progress, cancel=cancel)
-            with open_slide(slide_path) as slide:
-                return mil_predict(checkpoint, slide=slide, progress=progress, cancel=cancel)
+                pred = mil_predict(checkpoint, features=features, progress=progress, cancel=cancel)
+            else:
+                with open_slide(slide_path) as slide:
+                    pred = mil_predict(checkpoint, slide=slide, progress=progress, cancel=cancel)
+            return pred, class_heatmaps(pred)
+
+        self._legend_title = Path(checkpoint).stem
 
         return self.runner.start(job, description=f"MIL: {name}", on_done=self._show_prediction)
 
-    def _show_prediction(self, pred) -> None:
+    def _show_prediction(self, out) -> None:
+        pred, self.heatmaps = out
         self.prediction = pred
-        text = " | ".join(f"{c}: {p:.3f}" for c, p in zip(pred.classes, pred.probabilities))
-        self.result_label.setText(f"prediction: {pred.predicted}  ({text}), {len(pred.coords)} patches")
+        self._runs += 1
+        best = int(np.argmax(pred.probabilities))
+        others = ", ".join(f"{c} {p:.3f}" for i, (c, p) in enumerate(zip(pred.classes, pred.probabilities)) if i != best)
+        self.result_label.setText(
+            f"prediction: <b>{pred.predicted}</b> (probability {float(pred.probabilities[best]):.3f}; {others}), "
+            f"{len(pred.coords)} patches")  # fmt: skip
+        if self.box_layer is not None and self.box_layer in self.viewer.layers:
+            self.box_layer.data = []  # the previous run's patch box is stale
         self.class_combo.blockSignals(True)
         self.class_combo.clear()
         self.class_combo.addItems(pred.classes)
@@ -148,41 +196,73 @@ class MILWidget(QWidget):
         self.class_combo.blockSignals(False)
         self._show_class()
 
-    def _show_class(self, *_) -> None:
-        from ..pipelines.mil import heatmap_grid
+    def _mpp(self) -> Optional[float]:
+        return self.viewer.layers[self._slide_layer_name].metadata["pathfm_slide"]["mpp"]
 
+    def _show_class(self, *_) -> None:
         pred = self.prediction
         if pred is None or self._slide_layer_name not in self.viewer.layers:
             return
         cls = max(0, self.class_combo.currentIndex())
-        grid, cell = heatmap_grid(pred, cls)
-        slide_meta = self.viewer.layers[self._slide_layer_name].metadata["pathfm_slide"]
-        mpp = slide_meta["mpp"]
+        data, limits = self.heatmaps[cls]
+        cell = pred.level0_tile_size
+        mpp = self._mpp()
         scale, translate = layer_transform(mpp, cell)
         name = f"{self._slide_layer_name} MIL heatmap"
-        data = np.nan_to_num(grid, nan=0.0)
+        look = {"colormap": napari_colormap("attention"), "contrast_limits": limits}
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             layer.data = data
             layer.scale, layer.translate = scale, translate
+            for attr, value in look.items():
+                setattr(layer, attr, value)
         else:
             layer = self.viewer.add_image(
-                data, name=name, scale=scale, translate=translate, units=layer_units(mpp), colormap=heat_colormap(),
-                opacity=0.6, contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest",
+                data, name=name, scale=scale, translate=translate, units=layer_units(mpp), opacity=0.6,
+                blending="translucent", interpolation2d="nearest", **look,
             )  # fmt: skip
-        layer.metadata.update({"pathfm_kind": "mil-heatmap", "class": pred.classes[cls], "downsample": cell})
+        layer.metadata.update({"pathfm_kind": "mil-heatmap", "class": pred.classes[cls], "downsample": cell,
+                               "contrast_percentiles": list(HEAT_PERCENTILES), "run": self._runs})  # fmt: skip
+        self.heat_layer = layer
+        self.legend.show_layers([layer], title=f"{self._legend_title or 'model'}, run {self._runs}")
         self.top_list.clear()
-        unit = mpp or 1.0
         for rank, patch in enumerate(pred.top_patches(self.topk.value(), cls), start=1):
-            centre = ((patch["y"] + cell / 2) * unit, (patch["x"] + cell / 2) * unit)
             item = QListWidgetItem(f"#{rank}  score {patch['score']:.3f}  at y={patch['y']}, x={patch['x']} px")
-            item.setData(256, centre)
+            item.setData(256, (patch["y"], patch["x"]))
             self.top_list.addItem(item)
 
+    def patch_box(self, y: int, x: int) -> np.ndarray:
+        """Level-0 pixel corners ``[[y0, x0], [y1, x1]]`` of the patch at level-0 ``(y, x)``, edges as the heatmap cell's."""
+        cell = self.prediction.level0_tile_size
+        return np.array([[y - 0.5, x - 0.5], [y + cell - 0.5, x + cell - 0.5]], float)
+
     def _goto_patch(self, item: QListWidgetItem) -> None:
-        centre = item.data(256)
+        """Draw the clicked patch's box (one rectangle, replacing the previous one) and centre the view on it."""
+        if self.prediction is None or self._slide_layer_name not in self.viewer.layers:
+            return
+        y, x = item.data(256)
+        box = self.patch_box(int(y), int(x))
+        mpp = self._mpp()
+        unit = mpp or 1.0
+        name = f"{self._slide_layer_name} MIL top patch"
+        selection = self.viewer.layers.selection.active
+        layer = self.box_layer if self.box_layer is not None and self.box_layer in self.viewer.layers else None
+        if layer is None and name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+        if layer is None:
+            layer = self.viewer.add_shapes(
+                name=name, scale=(unit, unit), units=layer_units(mpp), ndim=2, edge_color=BOX_COLOR,
+                face_color="transparent", metadata={"pathfm_kind": "mil-top-patch"},
+            )  # fmt: skip
+            if selection is not None:
+                self.viewer.layers.selection.active = selection  # keep the user's layer controls
+        layer.data = []
+        layer.add_rectangles(box, edge_color=BOX_COLOR, face_color="transparent",
+                             edge_width=max(2.0, 0.04 * self.prediction.level0_tile_size))  # fmt: skip
+        layer.metadata.update({"patch": [int(y), int(x)], "level0_box": box.tolist()})
+        self.box_layer = layer
         camera = viewer_camera(self.viewer)
-        camera.center = tuple(centre)
+        camera.center = tuple(float(v) for v in box.mean(axis=0) * unit)
         camera.zoom = max(camera.zoom, 1.0)
 
     def _on_state(self, state: str) -> None:

@@ -11,7 +11,13 @@ Run works in a worker thread through :func:`~napari_pathfm.pipelines.translate.t
 (the code path of ``pathfm translate``); the channels come back as Image layers named from
 the cards, coloured by role (nuclei blue, lipids green, cytoplasm red), else by stain name
 (MAP2 magenta, NFH green …), else a distinct spare colour, blended additively, plus the
-nuclei mask as a Labels layer. A LUPI nuclei checkpoint also gives the per-pixel nuclei
+nuclei mask as a Labels layer. Each channel gets contrast limits from its own data (the
+1st–99.5th percentiles, computed in the worker, not on the GUI thread), and an opacity that
+shrinks as channels are added (:func:`channel_opacity`), so where several additive channels
+overlap the sum stays readable instead of saturating to white; the nuclei mask is drawn
+translucent (``translucent_no_depth``) over them. The legend under the buttons shows each
+channel's colorbar with its range. A re-run updates the same layers in place and removes the
+ones the new rows no longer produce: layers never pile up. A LUPI nuclei checkpoint also gives the per-pixel nuclei
 confidence (an Image layer) and drives the threshold slider, which re-labels the mask from
 the confidence map live, without running the model again: raising it keeps only the nuclei
 the model is sure of.
@@ -34,6 +40,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )  # fmt: skip
 
+from ..colors import napari_colormap, robust_limits
+from ._legend import Legend
 from ._runner import TaskRunner
 from ._translate_rows import (
     ChannelRow,
@@ -50,6 +58,26 @@ __all__ = ["ROLES", "TranslateWidget", "layer_colormap", "zstack_layers"]
 ROLES = ("nuclei", "lipids", "cytoplasm")
 #: Rows pre-filled when the widget opens (one checkpoint per target found, at most this many).
 DEFAULT_ROWS = 3
+#: Percentiles of each predicted channel that set its contrast limits.
+CHANNEL_PERCENTILES = (1.0, 99.5)
+
+
+def channel_opacity(n_channels: int) -> float:
+    """Opacity of each of ``n_channels`` additive channel layers: 1 for one or two, down to 0.4 for many.
+
+    Additive blending sums the layers; with full opacity three bright channels over one pixel clip
+    to white. Scaling each by ``2 / n`` keeps the sum of the brightest overlaps near the display's
+    range while a lone channel stays clearly visible.
+
+    >>> [channel_opacity(n) for n in (1, 2, 3, 7)]
+    [1.0, 1.0, 0.67, 0.4]
+    """
+    return round(min(1.0, max(0.4, 2.0 / max(1, n_channels))), 2)
+
+
+def channel_limits(result) -> dict[str, tuple[float, float]]:
+    """Robust contrast limits of each predicted channel (worker thread: reads strided samples)."""
+    return {name: robust_limits(data, *CHANNEL_PERCENTILES) for name, data in result.channels.items()}
 
 
 def zstack_layers(viewer) -> list[str]:
@@ -86,6 +114,8 @@ class TranslateWidget(QWidget):
         self.layers: dict[str, object] = {}
         self.rows: list[ChannelRow] = []
         self._stack_name: str | None = None
+        self._runs = 0
+        self.legend = Legend("Legend")
 
         self.layer_combo = QComboBox()
         form = QFormLayout()
@@ -131,6 +161,7 @@ class TranslateWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.legend)
         layout.addStretch(1)
 
         self._prefill()
@@ -276,8 +307,9 @@ class TranslateWidget(QWidget):
             from ..io.zstack import open_zstack
 
             stack = open_zstack(path) if path else data  # a file stack: errors then name its planes
-            return translate_stack(stack, checkpoints, tile=tile, threshold=threshold, progress=progress,
-                                   cancel=cancel)  # fmt: skip
+            result = translate_stack(stack, checkpoints, tile=tile, threshold=threshold, progress=progress,
+                                     cancel=cancel)  # fmt: skip
+            return result, channel_limits(result)
 
         self.status.setText("Translating…")
         return self.runner.start(job, description=f"Translate: {name}", on_done=self._show)
@@ -294,35 +326,52 @@ class TranslateWidget(QWidget):
         layer = self.layers.get(key)
         if layer is not None and layer in self.viewer.layers:
             layer.data = data
-            for attr in ("contrast_limits", "colormap"):
+            for attr in ("contrast_limits", "colormap", "opacity", "blending", "scale", "translate"):
                 if attr in kwargs:
                     setattr(layer, attr, kwargs[attr])
+            layer.metadata.update(kwargs.get("metadata", {}))
             return layer
         add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
         layer = add(data, **kwargs)
         self.layers[key] = layer
         return layer
 
-    def _show(self, result) -> None:
-        from ..io.zstack import estimate_contrast_limits
-
+    def _show(self, out) -> None:
+        result, limits = out
         self.result = result
+        self._runs += 1
         stem = self._stack_name or "stack"
         place = self._place()
         colormaps = channel_colormaps([(c, result.roles[c]) for c in result.channels])
+        opacity = channel_opacity(len(result.channels))
+        run = {"run": self._runs, "checkpoints": result.checkpoints}
+        made = []
         for cname, data in result.channels.items():
             role = result.roles[cname]
             self._put(f"channel:{cname}", "image", data, name=f"{stem} {cname} (predicted)",
-                      colormap=colormaps[cname], blending="additive", contrast_limits=estimate_contrast_limits(data),
+                      colormap=colormaps[cname], blending="additive", contrast_limits=limits[cname], opacity=opacity,
                       metadata={"pathfm_kind": "translate", "channel": cname, "role": role,
-                                "checkpoints": result.checkpoints}, **place)  # fmt: skip
+                                "contrast_percentiles": list(CHANNEL_PERCENTILES), **run}, **place)  # fmt: skip
+            made.append(f"channel:{cname}")
         if result.confidence is not None:
-            self._put("confidence", "image", result.confidence, name=f"{stem} nuclei confidence", colormap="magma",
-                      blending="additive", contrast_limits=(0.0, 1.0), opacity=0.6, visible=False,
-                      metadata={"pathfm_kind": "translate-confidence"}, **place)  # fmt: skip
+            self._put("confidence", "image", result.confidence, name=f"{stem} nuclei confidence",
+                      colormap=napari_colormap("probability"), blending="translucent", contrast_limits=(0.0, 1.0),
+                      opacity=0.6, visible=False, metadata={"pathfm_kind": "translate-confidence", **run},
+                      **place)  # fmt: skip
+            made.append("confidence")
         if result.nuclei_labels is not None:
-            self._put("nuclei", "labels", result.nuclei_labels, name=f"{stem} nuclei (predicted)", opacity=0.5,
-                      metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold}, **place)
+            self._put("nuclei", "labels", result.nuclei_labels, name=f"{stem} nuclei (predicted)", opacity=0.4,
+                      blending="translucent_no_depth",
+                      metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold, **run},
+                      **place)  # fmt: skip
+            made.append("nuclei")
+        # a re-run replaces, never piles up: drop the previous run's layers this run does not produce
+        for key in [k for k in self.layers if k not in made]:
+            layer = self.layers.pop(key)
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        shown = [self.layers[k] for k in made if k != "nuclei"]
+        self.legend.show_layers(shown, title=f"run {self._runs}")
         self.threshold.setEnabled(result.confidence is not None or self.lupi_checkpoint() is not None)
         n = int(result.nuclei_labels.max()) if result.nuclei_labels is not None else 0
         channels = ", ".join(f"{c} ({result.roles[c]})" for c in result.channels)
