@@ -28,15 +28,23 @@ def _labels(slide):
     return np.zeros(g.output_shape, np.uint8), g
 
 
-def test_corrections_folder_sits_next_to_the_slide(cmu_small):
-    assert corrections_dir(cmu_small) == cmu_small.parent / "CMU-1-Small-Region.pathfm-corrections"
+def test_corrections_folder_is_in_the_user_data_folder_not_beside_the_slide(cmu_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATHFM_DATA_DIR", str(tmp_path / "data"))
+    folder = corrections_dir(cmu_small)
+    assert folder.parent == tmp_path / "data" / "corrections" and folder.name.startswith("CMU-1-Small-Region-")
+    assert cmu_small.parent not in folder.parents
+    assert corrections_dir(cmu_small) == folder, "the same slide file finds the same folder again"
 
 
 def test_a_brush_stroke_in_a_real_viewer_saves_exactly_the_touched_tiles(make_napari_viewer, qtbot, slide, tmp_path):
     labels, grid = _labels(slide)
     viewer = make_napari_viewer()
     layer = viewer.add_labels(labels, name="mask")
-    rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["background", "gland"], tile_size=T, folder=tmp_path)
+    from qtpy.QtCore import QTimer
+
+    # napari emits a single paint()'s event before writing it: the GUI defers saving to the event loop
+    rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["background", "gland"], tile_size=T, folder=tmp_path,
+                             schedule=lambda fn: QTimer.singleShot(0, fn))  # fmt: skip
     rec.attach(layer)
     layer.brush_size = 10
     layer.paint((T + 20, 2 * T - 3), 1)  # straddles the border between tile columns 1 and 2 of row 1
@@ -119,3 +127,29 @@ def test_level0_labels_are_saved_on_the_model_grid(slide, tmp_path):
     mask = rec.mask_tile(tiles[0])
     edge = (w // 2 - col * g.level0_size) / g.scale  # model-pixel column where the label flips
     assert (mask[:, : int(edge) - 1] == 0).all() and (mask[:, int(edge) + 1 :] == 1).all()
+
+
+def test_undo_drops_a_tile_back_at_the_baseline_and_restore_writes_saved_tiles_back(slide, tmp_path):
+    """Undo through the wrapped ``layer.undo``; a new class map gets the saved corrections back."""
+    from napari.layers import Labels
+
+    labels, grid = _labels(slide)
+    layer = Labels(labels)
+    rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
+                             baseline=labels.copy())  # fmt: skip
+    rec.attach(layer)
+    with layer.block_history():
+        layer.paint((T + 20, T + 20), 1, refresh=False)
+    name = rec.tile_name(rec.tiles_in_box(T + 20, T + 21, T + 20, T + 21)[0])
+    assert list(rec.saved) == [name]
+    layer.undo()
+    assert rec.saved == {} and not (tmp_path / "masks" / f"{name}.png").exists() and rec.removed == [name]
+    layer.redo()
+    assert list(rec.saved) == [name]
+    rec.detach()
+    assert "undo" not in vars(layer), "detach gives the layer its own undo back"
+
+    fresh = np.zeros_like(labels)
+    again = CorrectionRecorder(slide, fresh, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path)
+    assert again.restore() == [name]
+    np.testing.assert_array_equal(fresh, np.asarray(layer.data))

@@ -34,6 +34,9 @@ MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, dec
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random-init toy Path-SAM2 segmentation checkpoint: 64 px tiles at 2 µm/px."""
+    from napari_pathfm.widgets._gl_safety import keep_triton_out
+
+    keep_triton_out()  # this process shows napari canvases: Triton must not load next to Mesa's GL (see _gl_safety)
     from napari_pathfm.models import create_model, save_checkpoint
 
     torch.manual_seed(0)

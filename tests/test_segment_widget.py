@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ MPP = 2.0
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random-init toy Path-SAM2 saved as a segmentation checkpoint (64 px tiles at 2 µm/px)."""
+    from napari_pathfm.widgets._gl_safety import keep_triton_out
+
+    keep_triton_out()  # this process shows napari canvases: Triton must not load next to Mesa's GL (see _gl_safety)
     from napari_pathfm.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
@@ -42,7 +47,7 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     monkeypatch.setattr(ck, "_EXTRA", [])  # the fine-tune registers its run folder; keep that out of later tests
     from napari_pathfm.widgets.segment_widget import SegmentWidget
 
-    slide_path = tmp_path / "slides" / cmu_small.name  # corrections go next to the slide: keep them in tmp
+    slide_path = tmp_path / "slides" / cmu_small.name
     slide_path.parent.mkdir()
     shutil.copy(cmu_small, slide_path)
     viewer = make_napari_viewer()
@@ -69,7 +74,10 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
                 layer.paint((y, x), 1, refresh=False)
     qtbot.waitUntil(lambda: widget.recorder is not None and not widget.recorder.pending and bool(widget.recorder.saved))
     folder = widget.corrections_folder()
-    assert folder == slide_path.parent / "CMU-1-Small-Region.pathfm-corrections"
+    from napari_pathfm import userdata
+
+    assert folder == userdata.corrections_dir(slide_path), "corrections live in the per-user data folder"
+    assert sorted(p.name for p in slide_path.parent.iterdir()) == [slide_path.name], "nothing beside the slide"
     saved = sorted(p.name for p in (folder / "masks").glob("*.png"))
     assert saved and sorted(p.name for p in (folder / "images").glob("*.png")) == saved
 
@@ -77,7 +85,9 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     widget.lr.setValue(3e-3)
     _wait(qtbot, widget) if widget.finetune() is not None else pytest.fail(widget.status.text())
     new = widget.checkpoint.path()
-    assert new and new != str(tiny_checkpoint) and str(folder) in new
+    assert new and new != str(tiny_checkpoint) and userdata.finetune_dir(slide_path) in Path(new).parents
+    assert list(Path(new).parent.glob("best-*.ckpt")), "several corrected tiles: a validation split picks the best epoch"
+    assert json.loads(Path(new).with_suffix(".json").read_text())["metrics"]["monitor"]
     assert _sha(tiny_checkpoint) == before_sha, "the old checkpoint is never overwritten"
 
     _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
