@@ -1,11 +1,16 @@
 """The "Train a model" panel in a real viewer: a real ``pathfm train`` subprocess on the Kather 2016 tiles.
 
-One run is stopped gracefully after its first epoch (last.ckpt written, weights exported) and
-resumed to the end; a broken override ends in the crashed state with the run's error shown.
+One run (in the default folder under ``$PATHFM_DATA_DIR/runs``) is stopped gracefully after its
+first epoch (last.ckpt written, weights exported), resumed from the past-runs list, stopped again
+and resumed to the end; meanwhile the live plot gets points without a matplotlib notification, and
+the model is listed in a classify checkpoint picker. A broken override ends in the crashed state
+with the run's error shown.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +33,6 @@ def panel(make_napari_viewer, shared_data, tmp_path, monkeypatch):
     _, widget = viewer.window.add_plugin_dock_widget("napari-pathfm", "Train a model")  # through the manifest
     assert isinstance(widget, TrainWidget)
     widget.set_recipe(RECIPE)
-    widget.out.setText(str(tmp_path / "run"))
     return widget
 
 
@@ -37,7 +41,19 @@ def test_form_follows_recipe_and_schema(panel):
     assert "classify/crc_tiny.yaml" in [panel.recipe.itemText(i) for i in range(panel.recipe.count())]
     editors = panel.form.editors
     assert panel.form.value("trainer.max_epochs") == 3 and panel.form.value("data.augment") is True
-    assert editors["optim.lr"][0].toolTip() == schema("classify")["optim.lr"]["help"]
+    # human labels with units; the schema's help and the raw key in the tooltips
+    labels = {key: label.text() for key, label in panel.form.labels.items()}
+    assert labels["optim.lr"] == "Learning rate" and labels["trainer.max_epochs"] == "Epochs"
+    assert labels["trainer.batch_size"] == "Batch size (tiles)" and labels["data.image_size"] == "Image size (px)"
+    assert labels["data.input_mpp"] == "Resolution (µm/px)" and labels["model.backbone"] == "Backbone"
+    assert not any("." in text or "_" in text for text in labels.values()), labels
+    tip = schema("classify")["optim.lr"]["help"] + "\nrecipe key: optim.lr"
+    assert editors["optim.lr"][0].toolTip() == tip == panel.form.labels["optim.lr"].toolTip()
+    # the output goes to a new folder under the per-user runs folder, never the current folder
+    out = Path(panel.out.text())
+    assert out.parent == Path(os.environ["PATHFM_DATA_DIR"]) / "runs" and out.name.startswith("crc_tiny-")
+    assert Path.cwd() not in out.parents
+    assert panel.plot.minimumHeight() >= 200 and panel.plot.x_label == "epoch"
     assert "model.name" not in editors and "family" not in editors
     root = editors["data.root"][0]  # a path key: its row has a browse button next to the text
     assert any(b.text() == "…" for b in root.parentWidget().findChildren(type(panel.start_btn)))
@@ -65,40 +81,90 @@ def test_crash_is_reported_and_panel_recovers(panel, qtbot):
     assert "training killed" in panel.status.text() and panel.start_btn.isEnabled()
 
 
-def test_stop_resume_and_new_checkpoint_listed(panel, qtbot, tmp_path):
+def _wait_end(panel, qtbot, timeout=90_000):
+    qtbot.waitUntil(lambda: panel.state.value in ("done", "crashed"), timeout=timeout)
+    assert panel.state.value == "done", panel.status.text()
+
+
+def test_stop_resume_plot_runs_list_and_new_checkpoint_listed(panel, qtbot):
+    from napari.utils.notifications import notification_manager
+
     from napari_pathfm.widgets._checkpoint_picker import CheckpointPicker
 
     picker = CheckpointPicker("classify")
-    out = tmp_path / "run"
+    out = Path(panel.out.text())
     assert not any(str(out) in (picker.combo.itemData(i) or "") for i in range(picker.combo.count()))
+    panel.viewer.window.show()  # the dock at its real size
 
-    panel.form.set_value("trainer.max_epochs", 50)
-    panel.start()
-    qtbot.waitUntil(lambda: any(e.get("event") == "epoch" for e in panel.events), timeout=90_000)
-    panel.stop()
-    assert panel.state.value == "stopping" and panel.stop_btn.text() == "Kill"
-    qtbot.waitUntil(lambda: panel.state.value in ("done", "crashed"), timeout=60_000)
-    assert panel.state.value == "done", panel.status.text()
-    assert panel.summary["cancelled"] is True and "stopped" in panel.status.text()
-    assert (out / "last.ckpt").is_file() and (out / "model.safetensors").is_file()
-    stopped_at = next(e for e in panel.events if e["event"] == "done")["epoch"]
-    assert stopped_at < 50 and panel.resume_btn.isEnabled()
+    # warnings raised on the GUI thread become napari notifications (as in a napari session)
+    notification_manager.install_hooks()
+    try:
+        before = len(notification_manager.records)
+        panel.form.set_value("trainer.max_epochs", 50)
+        panel.start()
+        qtbot.waitUntil(lambda: any(e.get("event") == "epoch" for e in panel.events), timeout=90_000)
+        assert panel.runs.select(out).state == "running"
+        panel.stop()
+        assert panel.state.value == "stopping" and panel.stop_btn.text() == "Kill"
+        _wait_end(panel, qtbot)
+        assert panel.summary["cancelled"] is True and "stopped" in panel.status.text()
+        assert (out / "last.ckpt").is_file() and (out / "model.safetensors").is_file()
+        stopped_at = next(e for e in panel.events if e["event"] == "done")["epoch"]
+        assert stopped_at < 50 and panel.resume_btn.isEnabled()
 
-    # resume to one more epoch than the stop reached: the engine continues from last.ckpt
-    panel.form.set_value("trainer.max_epochs", stopped_at + 1)
-    panel.resume_btn.click()
-    qtbot.waitUntil(lambda: panel.state.value in ("done", "crashed"), timeout=90_000)
-    assert panel.state.value == "done", panel.status.text()
+        # the live plot: sized to the dock, labelled, with points, redrawn cheaply and throttled
+        plot = panel.plot
+        assert plot.height() >= 200 and plot.width() >= 200, plot.size()
+        assert len(panel.curves["loss"]) >= 1 and "val_loss" in panel.curves and plot.draws >= 1
+        assert {"training loss", "validation loss"} <= set(plot.legend()) and plot.y_label == "loss"
+        assert panel.curves["loss"][-1][0] <= stopped_at + 1  # x in epochs, not batches
+        t0 = time.perf_counter()
+        plot.redraw()
+        assert time.perf_counter() - t0 < 0.1
+
+        # the past-runs list: the run is stopped, shows its last metrics, and Resume continues it
+        run = panel.runs.selected()
+        assert run is not None and run.path == out and run.state == "stopped" and run.resumable
+        assert "val_loss" in panel.runs.details.text() and panel.runs.resume_btn.isEnabled()
+        panel.runs.resume_btn.click()  # its own recipe.yaml (50 epochs) in the same folder
+        assert panel.state.value == "training" and Path(panel.out.text()) == out
+        qtbot.waitUntil(lambda: any(e.get("event") == "epoch" for e in panel.events), timeout=90_000)
+        panel.stop()
+        _wait_end(panel, qtbot)
+        resumed = [e["epoch"] for e in panel.events if e["event"] == "epoch"]
+        assert resumed[0] == stopped_at, resumed  # continued from last.ckpt, not from epoch 0
+        stopped_at = next(e for e in panel.events if e["event"] == "done")["epoch"]
+
+        # resume to one more epoch than the stop reached: only the remaining epoch runs
+        panel.form.set_value("trainer.max_epochs", stopped_at + 1)
+        panel.resume_btn.click()
+        _wait_end(panel, qtbot)
+        new = notification_manager.records[before:]
+    finally:
+        notification_manager.restore_hooks()
     epochs = [e["epoch"] for e in panel.events if e["event"] == "epoch"]
-    assert epochs == [stopped_at], epochs  # only the remaining epoch ran
+    assert epochs == [stopped_at], epochs
     assert panel.summary["cancelled"] is False and "finished" in panel.status.text()
     assert panel.epoch_bar.value() == panel.epoch_bar.maximum() == stopped_at + 1
     assert panel.batch_bar.value() == panel.batch_bar.maximum() > 0
-    assert len(panel.curves["loss"]) >= 1 and "val_loss" in panel.curves
-    assert panel.axes.lines and len(panel.axes.lines[0].get_xdata()) >= 1
+    assert panel.runs.selected().state == "finished" and not panel.runs.resume_btn.isEnabled()
+    from_mpl = [str(r.message) for r in new if "matplotlib" in f"{getattr(r, 'filename', '')} {r.message}".lower()]
+    assert from_mpl == [], from_mpl
+    assert not [r for r in new if "layout" in str(r.message).lower()], [str(r.message) for r in new]
 
     listed = [picker.combo.itemData(i) for i in range(picker.combo.count())]
     assert str((out / "model.safetensors").resolve()) in listed, listed
+    # points arriving in a burst (a fast run) cost one redraw, not one each
+    from napari_pathfm.widgets._train_plot import REDRAW_MS
+
+    drawn = panel.plot.draws
+    for i in range(200):
+        panel.plot.add("loss", stopped_at + 1 + i / 200, 1.0)
+    qtbot.wait(3 * REDRAW_MS)
+    assert panel.plot.draws == drawn + 1
+    # a picker made later (another dock opened afterwards) lists it too: the runs folder is searched
+    later = CheckpointPicker("classify")
+    assert str((out / "model.safetensors").resolve()) in [later.combo.itemData(i) for i in range(later.combo.count())]
 
 
 def test_import_does_not_load_torch():

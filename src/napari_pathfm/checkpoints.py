@@ -1,7 +1,8 @@
 """Where widgets and the CLI look for checkpoints, without importing torch.
 
 Checkpoints are found in, in order: the package's bundled models, the user's model
-folder (``$PATHFM_MODELS`` or ``~/.napari-pathfm/models``), and any extra folders
+folder (``$PATHFM_MODELS`` or ``~/.napari-pathfm/models``), the training panel's runs
+folder (``<per-user data folder>/runs``), and any extra folders
 registered at run time (e.g. a training run's output), so a freshly trained
 model shows up in every inference widget's list.
 """
@@ -27,7 +28,14 @@ def add_search_folder(folder: str | Path) -> None:
 
 
 def search_folders() -> list[Path]:
-    return [BUNDLED_MODELS, user_models_dir(), *_EXTRA]
+    """Bundled models, the user's model folder, the training panel's runs folder, then registered folders.
+
+    The runs folder (``userdata.runs_dir()``, one sub-folder per run) is always searched, so a
+    model trained from the panel is listed in every inference widget, in this session and later ones.
+    """
+    from .userdata import runs_dir
+
+    return [BUNDLED_MODELS, user_models_dir(), runs_dir().resolve(), *_EXTRA]
 
 
 def find_checkpoints(family: str | None = None) -> list[tuple[Path, dict]]:

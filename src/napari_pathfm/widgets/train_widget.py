@@ -22,13 +22,13 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from qtpy.QtCore import QProcess, Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -37,22 +37,24 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )  # fmt: skip
 
 from ..checkpoints import add_search_folder
-from ..training.recipes import FAMILIES, schema
+from ..training.recipes import FAMILIES
+from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
+from ._train_form import COMMON_KEYS, SKIP_KEYS, Form
+from ._train_plot import LossPlot
+from ._train_runs import RunsList
 
-__all__ = ["RECIPES_DIR", "VIEWER_DATA", "RunState", "TrainWidget", "flatten", "list_recipes"]
+__all__ = [
+    "COMMON_KEYS", "RECIPES_DIR", "SKIP_KEYS", "VIEWER_DATA", "RunState", "TrainWidget", "default_output",
+    "flatten", "list_recipes",
+]  # fmt: skip
 
 RECIPES_DIR = Path(__file__).resolve().parents[3] / "training"
-# shown for every recipe, whether or not it sets them
-COMMON_KEYS = ("optim.lr", "optim.weight_decay", "trainer.max_epochs", "trainer.batch_size")
-# identity of a recipe, not hyperparameters: not editable in the form
-SKIP_KEYS = {"family", "description", "output", "model.name"}
 LOG_LINES = 15
 # family -> (button text, tooltip) of the "data from what is open" button
 VIEWER_DATA = {
@@ -81,6 +83,21 @@ def list_recipes(family: str, folder: Path = RECIPES_DIR) -> list[Path]:
         if isinstance(raw, dict) and raw.get("family") == family:
             found.append(path)
     return found
+
+
+def default_output(recipe: str | Path) -> Path:
+    """A new run folder for ``recipe``: ``runs_dir() / <recipe stem>-<YYYYmmdd-HHMMSS>`` (never the current folder).
+
+    A run folder of a recipe named ``recipe.yaml`` (a past run's copy) is named after that run.
+    """
+    recipe = Path(recipe)
+    stem = recipe.parent.name.rsplit("-", 2)[0] if recipe.name == "recipe.yaml" else recipe.stem
+    base = runs_dir() / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -120,107 +137,6 @@ class RunState:
         self._resume.setEnabled(not running and self._can_resume())
 
 
-class _Form(QWidget):
-    """Rows of editors for recipe keys; :meth:`overrides` gives ``key=value`` for the edited ones."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.layout_ = QFormLayout(self)
-        self.layout_.setContentsMargins(0, 0, 0, 0)
-        self.editors: dict[str, tuple[QWidget, Any]] = {}
-        self._fields: dict[str, dict] = {}
-
-    def build(self, family: str, values: dict[str, Any]) -> None:
-        while self.layout_.rowCount():
-            self.layout_.removeRow(0)
-        self.editors.clear()
-        fields = schema(family)
-        keys = [k for k in values if k not in SKIP_KEYS] + [k for k in COMMON_KEYS if k not in values]
-        self._fields = fields
-        for key in keys:
-            self.add_row(key, values.get(key, fields.get(key, {}).get("default")))
-
-    def add_row(self, key: str, value: Any) -> None:
-        """One editor row for ``key`` showing ``value``; it is only overridden once edited."""
-        field = self._fields.get(key, {})
-        editor = self._editor(value, field)
-        editor.setToolTip(field.get("help") or "Recipe value (YAML syntax).")
-        self.editors[key] = (editor, self.value(key, editor))
-        self.layout_.addRow(key, self._with_browse(key, editor) if field.get("path") else editor)
-
-    def _with_browse(self, key: str, editor: QLineEdit) -> QWidget:
-        """``editor`` plus a ``…`` button choosing a folder (``*root``/``*dir`` keys) or a file."""
-        folder = key.endswith(("root", "dir"))
-
-        def browse() -> None:
-            start = os.path.expandvars(editor.text())
-            if folder:
-                path = QFileDialog.getExistingDirectory(self, key, start)
-            else:
-                path, _ = QFileDialog.getOpenFileName(self, key, start)
-            if path:
-                editor.setText(path)
-
-        row = QWidget()
-        layout = QHBoxLayout(row)
-        layout.setContentsMargins(0, 0, 0, 0)
-        button = QPushButton("…")
-        button.setToolTip(f"Choose the {'folder' if folder else 'file'} for {key}")
-        button.clicked.connect(browse)
-        layout.addWidget(editor, 1)
-        layout.addWidget(button)
-        return row
-
-    @staticmethod
-    def _editor(value: Any, field: dict) -> QWidget:
-        types = field.get("type") or [type(value).__name__]
-        if field.get("choices") and isinstance(value, str):
-            editor = QComboBox()
-            editor.addItems([str(c) for c in field["choices"]])
-            editor.setCurrentText(value)
-        elif isinstance(value, bool) or types == ["bool"]:
-            editor = QCheckBox()
-            editor.setChecked(bool(value))
-        elif isinstance(value, int) and types == ["int"]:
-            editor = QSpinBox()
-            editor.setRange(-(2**31) + 1, 2**31 - 1)
-            editor.setValue(value)
-        else:  # floats, strings, lists, None: YAML text keeps 1e-3, [a, b] and null readable
-            editor = QLineEdit(value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True))
-            editor.setText(editor.text().strip().removesuffix("...").strip())
-        return editor
-
-    def value(self, key: str, editor: QWidget | None = None) -> Any:
-        editor = editor or self.editors[key][0]
-        if isinstance(editor, QComboBox):
-            return editor.currentText()
-        if isinstance(editor, QCheckBox):
-            return editor.isChecked()
-        if isinstance(editor, QSpinBox):
-            return editor.value()
-        return editor.text()
-
-    def set_value(self, key: str, value: Any) -> None:
-        editor = self.editors[key][0]
-        if isinstance(editor, QCheckBox):
-            editor.setChecked(bool(value))
-        elif isinstance(editor, QSpinBox):
-            editor.setValue(int(value))
-        elif isinstance(editor, QComboBox):
-            editor.setCurrentText(str(value))
-        else:
-            editor.setText(str(value))
-
-    def overrides(self) -> list[str]:
-        """``key=value`` for every row whose value differs from the recipe's."""
-        out = []
-        for key, (editor, initial) in self.editors.items():
-            value = self.value(key, editor)
-            if value != initial:
-                out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
-        return out
-
-
 class TrainWidget(QWidget):
     """Train any family from a recipe in a subprocess, with progress, a live plot, Stop and Resume."""
 
@@ -229,7 +145,6 @@ class TrainWidget(QWidget):
         self.viewer = napari_viewer
         self.process: QProcess | None = None
         self.events: list[dict] = []
-        self.curves: dict[str, list[tuple[int, float]]] = {}
         self.summary: dict | None = None
         self._buffer = b""
         self._stderr: list[str] = []
@@ -243,14 +158,19 @@ class TrainWidget(QWidget):
         recipe_row = QHBoxLayout()
         recipe_row.addWidget(self.recipe, 1)
         recipe_row.addWidget(browse)
-        self.form = _Form()
+        self.form = Form()
         self.extra = QLineEdit()
         self.extra.setPlaceholderText("more overrides: key=value key2=value2")
         self.extra.setToolTip("Any other recipe keys, as on the command line's --set (space separated).")
         self.out = QLineEdit()
-        self.out.setToolTip("Output folder: checkpoints, logs, model.safetensors; Resume continues here.")
+        self.out.setToolTip(
+            "Output folder of the run: checkpoints, logs, model.safetensors; Resume continues here.\n"
+            f"Default: a new folder per run under {runs_dir()} (per-user data folder; $PATHFM_DATA_DIR)."
+        )
+        self._auto_out = ""  # the last output folder the panel chose itself (renewed for each new run)
         self.out.textChanged.connect(lambda _: self.state.set(self.state.value))
         out_browse = QPushButton("…")
+        out_browse.setToolTip("Choose the output folder")
         out_browse.clicked.connect(self._browse_out)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out, 1)
@@ -274,18 +194,15 @@ class TrainWidget(QWidget):
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)  # copyable errors
 
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(3.5, 2.4), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.axes = self.figure.add_subplot(111)
+        self.plot = LossPlot()
+        self.runs = RunsList(runs_dir)
+        self.runs.resume_requested.connect(self.resume_run)
 
         top = QFormLayout()
-        top.addRow("family", self.family)
-        top.addRow("recipe", recipe_row)
-        top.addRow("output", out_row)
-        top.addRow("device", self.device)
+        top.addRow("Task", self.family)
+        top.addRow("Recipe", recipe_row)
+        top.addRow("Output folder", out_row)
+        top.addRow("Device", self.device)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addWidget(self.form)
@@ -294,9 +211,9 @@ class TrainWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.epoch_bar)
         layout.addWidget(self.batch_bar)
-        layout.addWidget(self.canvas)
         layout.addWidget(self.status)
-        layout.addStretch(1)
+        layout.addWidget(self.plot, 1)
+        layout.addWidget(self.runs)
 
         self.state = RunState(self.start_btn, self.stop_btn, self.resume_btn, self._can_resume)
         self.family.currentTextChanged.connect(self._fill_recipes)
@@ -320,7 +237,7 @@ class TrainWidget(QWidget):
             self.family.setCurrentText(raw["family"])
         index = self.recipe.findData(path)
         if index < 0:
-            self.recipe.addItem(Path(path).name, path)
+            self.recipe.addItem(f"{Path(path).parent.name}/{Path(path).name}", path)
             index = self.recipe.count() - 1
         self.recipe.setCurrentIndex(index)
         self._load_recipe()
@@ -340,7 +257,7 @@ class TrainWidget(QWidget):
         self.viewer_data.setText(text)
         self.viewer_data.setToolTip(tip)
         self.viewer_data.setVisible(bool(text))
-        self.out.setText(str(Path.cwd() / (raw.get("output") or f"runs/{Path(path).stem}")))
+        self._set_auto_out(path)
 
     def viewer_corrections(self) -> list[Path]:
         """Corrections folders of what is open in the viewer (images/ + masks/ training sets).
@@ -413,6 +330,22 @@ class TrainWidget(QWidget):
         if path:
             self.set_recipe(path)
 
+    def _set_auto_out(self, recipe: str | Path) -> None:
+        """Point the output at a new folder under the per-user runs folder (see :func:`default_output`)."""
+        self._auto_out = str(default_output(recipe))
+        self.out.setText(self._auto_out)
+
+    def resume_run(self, folder: str | Path) -> None:
+        """Continue the run in ``folder`` (stopped or crashed): its own recipe.yaml, same folder, from last.ckpt."""
+        folder = Path(folder)
+        recipe = folder / "recipe.yaml"
+        if not recipe.is_file():
+            self.status.setText(f"{folder}: no recipe.yaml, cannot resume. Start a new run instead.")
+            return
+        self.set_recipe(recipe)
+        self.out.setText(str(folder))
+        self.start(resume=True)
+
     def _browse_out(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Output folder", self.out.text())
         if path:
@@ -434,13 +367,15 @@ class TrainWidget(QWidget):
         """Start (or, with ``resume``, continue) a run in a subprocess."""
         if self.state.value in ("training", "stopping") or not self.recipe.currentData():
             return
-        self.events, self.curves, self.summary, self._buffer, self._stderr = [], {}, None, b"", []
+        if not resume and self.out.text() == self._auto_out and Path(self._auto_out).exists():
+            self._set_auto_out(self.recipe.currentData())  # a new run gets a new folder, never overwrites
+        self.events, self.summary, self._buffer, self._stderr = [], None, b"", []
         self._run_out, self._killed = Path(self.out.text()), False
         self._max_epochs = int(self.form.value("trainer.max_epochs"))
         self.epoch_bar.setRange(0, self._max_epochs)
         self.epoch_bar.setValue(0)
         self.batch_bar.setValue(0)
-        self._draw()
+        self.plot.clear()
         proc = QProcess(self)
         proc.readyReadStandardOutput.connect(self._read_stdout)
         proc.readyReadStandardError.connect(self._read_stderr)
@@ -450,6 +385,7 @@ class TrainWidget(QWidget):
         self.state.set("training")
         self.status.setText(("resuming" if resume else "starting") + f" {Path(self.recipe.currentData()).name} …")
         proc.start(sys.executable, self.command(resume))
+        self.runs.refresh(running=self._run_out)
 
     def stop(self) -> None:
         """First press: graceful stop (SIGINT → save last.ckpt and export); second press: kill the run."""
@@ -494,28 +430,21 @@ class TrainWidget(QWidget):
             per_epoch = max(1, total // max(1, self._max_epochs))
             self.batch_bar.setRange(0, per_epoch)
             self.batch_bar.setValue(int(event["done"]) - int(event["epoch"]) * per_epoch)
-            if "loss" in metrics:
-                self.curves.setdefault("loss", []).append((int(event["done"]), metrics["loss"]))
+            if "loss" in metrics:  # x in epochs: batch 5 of 10 in the 2nd epoch is 1.5
+                self.plot.add("loss", int(event["done"]) / per_epoch, metrics["loss"])
         elif kind == "epoch":
             self.epoch_bar.setValue(min(self._max_epochs, int(event["epoch"]) + 1))
             for name, value in metrics.items():
                 if name.startswith("val_"):
-                    self.curves.setdefault(name, []).append((int(event.get("done", 0)), value))
+                    self.plot.add(name, int(event["epoch"]) + 1, value)
+            self.runs.refresh(running=self._run_out)  # the run folder exists now; its last metrics
         if event.get("message"):
             self.status.setText(event["message"])
-        if kind in ("batch", "epoch"):
-            self._draw(lazy=kind == "batch")
 
-    def _draw(self, lazy: bool = False) -> None:
-        ax = self.axes
-        ax.clear()
-        for name, points in self.curves.items():
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="" if name == "loss" else "o", lw=1, label=name)
-        ax.set_xlabel("batch")
-        if self.curves:
-            ax.legend(fontsize=7)
-        self.canvas.draw_idle() if lazy else self.canvas.draw()
+    @property
+    def curves(self) -> dict[str, list[tuple[float, float]]]:
+        """The plotted points of this run: curve name → ``[(epoch, value), ...]``."""
+        return self.plot.curves
 
     def _process_error(self, error) -> None:
         if error == QProcess.ProcessError.FailedToStart:
@@ -530,6 +459,7 @@ class TrainWidget(QWidget):
 
     def _end(self, state: str, exit_code: int | None = None) -> None:
         out = self._run_out
+        self.plot.flush()
         if (out / "model.safetensors").is_file():
             add_search_folder(out)
             refresh_all_pickers()
@@ -551,3 +481,5 @@ class TrainWidget(QWidget):
             self.status.setText(f"training {how}; last lines of its log:\n{tail}")
         self.process = None
         self.state.set(state)
+        self.runs.refresh()
+        self.runs.select(out)

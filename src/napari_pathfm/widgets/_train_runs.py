@@ -1,0 +1,201 @@
+"""Past training runs of the panel: what each run folder holds, and a list widget of them.
+
+A run folder (``<runs_dir>/<recipe>-<timestamp>/``, or any folder the user chose) holds
+``events.jsonl`` (one :class:`~napari_pathfm.training.TrainEvent` per line, appended by every
+start and resume), ``last.ckpt`` (the state to resume from), ``recipe.yaml`` (the full recipe
+the run used) and, once a run ended, ``model.safetensors``. Its state is read from the last
+event that ends a run:
+
+* ``finished``: a ``done`` event of a run that was not stopped;
+* ``stopped``: a ``done`` event saying "cancelled" (the panel's Stop, Ctrl-C, SIGTERM);
+  it can be resumed from ``last.ckpt``;
+* ``crashed``: an ``error`` event, or epochs/batches with no end at all (the process was
+  killed); resumable too when ``last.ckpt`` exists;
+* ``running``: the folder the panel is training into right now.
+
+Only the last :data:`TAIL_BYTES` of ``events.jsonl`` are read, so listing stays cheap on the
+GUI thread however long the runs were.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+__all__ = ["TAIL_BYTES", "RunInfo", "RunsList", "read_run", "scan_runs"]
+
+TAIL_BYTES = 64 * 1024
+MARKERS = ("events.jsonl", "last.ckpt", "model.safetensors")
+
+
+@dataclass
+class RunInfo:
+    """One run folder: its state, last epoch and metrics, and whether Resume can continue it."""
+
+    path: Path
+    state: str
+    epoch: int | None = None
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    modified: float = 0.0
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in ("stopped", "crashed") and (self.path / "last.ckpt").is_file()
+
+    def summary(self) -> str:
+        """One readable line: state, epochs, last metrics, when."""
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, (int, float)))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.modified)) if self.modified else ""
+        epochs = f"{self.epoch + 1} epoch(s)" if self.epoch is not None else "no epoch finished"
+        return f"{self.state} · {epochs} · {shown or 'no metrics'} · {when}"
+
+
+def _tail_events(path: Path) -> list[dict]:
+    """The events in the last :data:`TAIL_BYTES` of ``events.jsonl`` (a cut first line is dropped)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - TAIL_BYTES))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return []
+    if size > TAIL_BYTES:
+        lines = lines[1:]
+    events = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def read_run(folder: str | Path, running: bool = False) -> RunInfo | None:
+    """The :class:`RunInfo` of ``folder``, or None when it is not a run folder (no marker file)."""
+    folder = Path(folder)
+    present = [folder / m for m in MARKERS if (folder / m).is_file()]
+    if not present:
+        return None
+    modified = max(p.stat().st_mtime for p in present)
+    events = [e for e in _tail_events(folder / "events.jsonl") if e.get("event") in ("batch", "epoch", "done", "error")]
+    epochs = [e for e in events if e.get("event") == "epoch"]
+    last_epoch = epochs[-1] if epochs else {}
+    info = RunInfo(folder, "crashed", last_epoch.get("epoch"), dict(last_epoch.get("metrics") or {}), "", modified)
+    end = events[-1] if events else None
+    if running:
+        info.state = "running"
+    elif end is None:
+        info.state = "finished" if (folder / "model.safetensors").is_file() else "crashed"
+    elif end.get("event") == "done":
+        info.state = "stopped" if str(end.get("message", "")).startswith("cancelled") else "finished"
+    elif end.get("event") == "error":
+        info.message = str(end.get("message", ""))
+    else:
+        info.message = "the run ended without a word (killed?)"
+    return info
+
+
+def scan_runs(parent: str | Path, running: Path | None = None) -> list[RunInfo]:
+    """Run folders directly under ``parent``, newest first; ``running`` is the folder being trained now."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    runs = []
+    for sub in parent.iterdir():
+        if sub.is_dir():
+            info = read_run(sub, running=running is not None and sub.resolve() == Path(running).resolve())
+            if info is not None:
+                runs.append(info)
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+class RunsList(QWidget):
+    """Past runs under a folder: select one to see its last metrics; Resume continues a stopped one.
+
+    Emits :attr:`resume_requested` with the run folder; the training panel does the resuming.
+    """
+
+    resume_requested = Signal(Path)
+
+    def __init__(self, folder_fn, parent=None):
+        super().__init__(parent)
+        self._folder_fn = folder_fn  # callable: the runs folder (re-read, $PATHFM_DATA_DIR may change)
+        self.runs: list[RunInfo] = []
+        self.list = QListWidget()
+        self.list.setMaximumHeight(120)
+        self.list.setToolTip("Runs in the per-user runs folder, newest first. Select one to see its last metrics.")
+        self.list.currentRowChanged.connect(self._show)
+        self.details = QLabel("")
+        self.details.setWordWrap(True)
+        self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.resume_btn = QPushButton("Resume selected")
+        self.resume_btn.setToolTip("Continue the selected stopped (or crashed) run from its last.ckpt.")
+        self.resume_btn.clicked.connect(self._resume)
+        refresh = QPushButton("Refresh")
+        refresh.clicked.connect(lambda: self.refresh())
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.resume_btn)
+        buttons.addWidget(refresh)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(QLabel("Past runs"))
+        layout.addWidget(self.list)
+        layout.addWidget(self.details)
+        layout.addLayout(buttons)
+        self.refresh()
+
+    def refresh(self, running: Path | None = None) -> None:
+        """Re-read the runs folder, keeping the selection."""
+        current = self.selected()
+        self.runs = scan_runs(self._folder_fn(), running)
+        self.list.blockSignals(True)
+        self.list.clear()
+        for run in self.runs:
+            item = QListWidgetItem(f"{run.path.name} — {run.state}")
+            item.setToolTip(f"{run.path}\n{run.summary()}")
+            self.list.addItem(item)
+        self.list.blockSignals(False)
+        rows = [i for i, r in enumerate(self.runs) if current is not None and r.path == current.path]
+        self.list.setCurrentRow(rows[0] if rows else -1)
+        self._show(self.list.currentRow())
+
+    def selected(self) -> RunInfo | None:
+        row = self.list.currentRow()
+        return self.runs[row] if 0 <= row < len(self.runs) else None
+
+    def select(self, folder: str | Path) -> RunInfo | None:
+        """Select the run in ``folder`` (if listed) and return it."""
+        for i, run in enumerate(self.runs):
+            if run.path.resolve() == Path(folder).resolve():
+                self.list.setCurrentRow(i)
+                return run
+        return None
+
+    def _show(self, row: int) -> None:
+        run = self.selected()
+        self.resume_btn.setEnabled(run is not None and run.resumable)
+        if run is None:
+            self.details.setText("" if self.runs else "No runs yet.")
+            return
+        self.details.setText(f"{run.summary()}" + (f"\n{run.message}" if run.message else "") + f"\n{run.path}")
+
+    def _resume(self) -> None:
+        run = self.selected()
+        if run is not None and run.resumable:
+            self.resume_requested.emit(run.path)
