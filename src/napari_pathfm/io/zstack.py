@@ -124,6 +124,9 @@ def _read_plane(path: str, shape: tuple[int, ...], dtype: str, key: int | None =
     read at open, was fine) fails here with a :class:`ZStackError` naming the plane file.
     """
     p = Path(path)
+    cached = _plane_cache.get(path, key)
+    if cached is not None:
+        return cached
     try:
         arr = _decode(p, key)
     except Exception as exc:  # tifffile / Pillow / imagecodecs raise many types for damaged files
@@ -135,7 +138,58 @@ def _read_plane(path: str, shape: tuple[int, ...], dtype: str, key: int | None =
         raise ZStackError(p, f"decoded to shape {arr.shape} but its header said {tuple(shape)}.",
                           "The file may have changed since the stack was opened; open it again.")
     # Old Pillow decodes 16-bit PNGs as int32 ('I'); the header dtype is authoritative.
-    return arr.astype(dtype, copy=False)
+    arr = arr.astype(dtype, copy=False)
+    _plane_cache.put(path, key, arr)
+    return arr
+
+
+class _PlaneCache:
+    """The last few decoded planes (LRU, 64 MB), keyed by file, page, size and mtime.
+
+    Opening a z-stack in napari decodes the shown plane twice otherwise: once for the contrast
+    limits and once more when napari slices the layer, both on the GUI thread. Hits return a copy,
+    so callers may modify what they get; a file changed on disk has a new key.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        import threading
+        from collections import OrderedDict
+
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(path: str, key: int | None) -> tuple | None:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return None
+        return (path, key, st.st_size, st.st_mtime_ns)
+
+    def get(self, path: str, key: int | None) -> np.ndarray | None:
+        k = self._key(path, key)
+        with self._lock:
+            arr = self._items.get(k) if k else None
+            if arr is None:
+                return None
+            self._items.move_to_end(k)
+        return arr.copy()
+
+    def put(self, path: str, key: int | None, arr: np.ndarray) -> None:
+        k = self._key(path, key)
+        if k is None or arr.nbytes > self.max_bytes // 4:
+            return
+        with self._lock:
+            if k in self._items:
+                return
+            self._items[k] = arr.copy()
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes and self._items:
+                self._bytes -= self._items.popitem(last=False)[1].nbytes
+
+
+_plane_cache = _PlaneCache()
 
 
 def _decode(p: Path, key: int | None) -> np.ndarray:
@@ -371,25 +425,38 @@ def zstack_layer_data(path: str | Path, **kwargs: Any) -> list[tuple]:
     """
     zs = open_zstack(path, **kwargs)
     stem = _stem(zs)
-    scale = None
-    if "PhysicalSizeX" in zs.metadata:
-        scale = (zs.metadata.get("PhysicalSizeZ", 1.0), zs.metadata.get("PhysicalSizeY", zs.metadata["PhysicalSizeX"]),
-                 zs.metadata["PhysicalSizeX"])
-    common = {"path": str(zs.path), "zstack": zs.metadata, "channel": zs.channel_name}
+    md = zs.metadata
+    xy = md.get("PhysicalSizeX")
+    scale = (md.get("PhysicalSizeZ", 1.0), md.get("PhysicalSizeY", xy), xy) if xy else None
+    # Axis names and units: napari labels an unnamed axis "-3"; the Z slider reads "z", in µm when
+    # the plane spacing is known, else as a plain plane index (napari's "pixel").
+    units = ("micrometer" if xy and "PhysicalSizeZ" in md else "pixel",) + (("micrometer",) * 2 if xy else ("pixel",) * 2)
+    # The shown (middle) plane and every target are decoded here anyway (contrast limits): decode
+    # them in parallel (Pillow/tifffile release the GIL). The middle plane stays in the plane cache
+    # and the 2-D targets are handed to napari in memory, so napari's own first slice of these
+    # layers on the GUI thread neither decodes them again nor pays dask's per-compute overhead.
+    from concurrent.futures import ThreadPoolExecutor
+
+    planes = [zs.data[zs.n_planes // 2], *zs.targets.values()]
+    with ThreadPoolExecutor(max_workers=min(4, len(planes))) as pool:
+        decoded = list(pool.map(np.asarray, planes))
+    limits = [estimate_contrast_limits(a) for a in decoded]
+    targets = dict(zip(zs.targets, decoded[1:]))
+    common = {"path": str(zs.path), "zstack": md, "channel": zs.channel_name}
     stack_kwargs: dict[str, Any] = {
-        "name": f"{stem} z-stack", "colormap": "gray",
-        "contrast_limits": estimate_contrast_limits(zs.data[zs.n_planes // 2]),
+        "name": f"{stem} z-stack", "colormap": "gray", "contrast_limits": limits[0],
+        "axis_labels": ("z", "y", "x"), "units": units,
         "metadata": {**common, "plane_names": zs.plane_names, "plane_files": [str(f) for f in zs.plane_files]},
     }
     if scale:
         stack_kwargs["scale"] = scale
     layers = [(zs.data, stack_kwargs, "image")]
-    for i, (name, target) in enumerate(zs.targets.items()):
+    for i, (name, target) in enumerate(targets.items()):
         layers.append((target, {
             "name": f"{stem} {name}", "blending": "additive",
             "colormap": TARGET_COLORMAPS.get(name.lower(), _SPARE_COLORMAPS[i % len(_SPARE_COLORMAPS)]),
-            "contrast_limits": estimate_contrast_limits(target),
-            "metadata": {**common, "target": name, "files": zs.metadata.get("target_files", {}).get(name, [])},
+            "contrast_limits": limits[1 + i], "axis_labels": ("y", "x"), "units": units[1:],
+            "metadata": {**common, "target": name, "files": md.get("target_files", {}).get(name, [])},
             **({"scale": scale[1:]} if scale else {}),
         }, "image"))
     return layers

@@ -3,6 +3,13 @@
 It only arranges things: reading is :func:`~napari_pathfm.io.open_slide`, the
 work is :func:`~napari_pathfm.pipelines.tissue_tiles.compute_tissue_tiles`, run
 through :class:`~napari_pathfm.widgets._runner.TaskRunner` so the GUI stays live.
+
+Units are honest: a slide whose file has no µm/px is shown in pixels and the dock says
+"pixel size unknown — enter µm/px"; the value entered moves the slide layer and all its
+overlays to µm together (:func:`~napari_pathfm.coords.rescale_slide_layers`) and is used
+by the dock's own tissue/tile run. The µm/px the dock reports for a tile grid is the one
+actually read (the read level's own µm/px), and tile boxes are clipped to the slide.
+Re-runs update the overlay layers in place instead of removing and re-adding them.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from qtpy.QtWidgets import (
     QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )  # fmt: skip
 
-from ..coords import layer_transform, layer_units
+from ..coords import layer_transform, layer_units, rescale_slide_layers
 from ._runner import TaskRunner
 
 MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets sluggish
@@ -63,6 +70,26 @@ class SlideWidget(QWidget):
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.verticalHeader().setVisible(False)
 
+        self.mpp_note = QLabel("pixel size unknown — enter µm/px")
+        self.mpp_note.setStyleSheet("color: orange")
+        self.mpp_note.setToolTip("The file does not say how large a pixel is. Until you enter it, all layers of "
+                                 "this slide are in pixels, tiles are read at level 0 and no µm/px is assumed.")
+        self.slide_mpp = QDoubleSpinBox()
+        self.slide_mpp.setRange(0.0, 100.0)
+        self.slide_mpp.setDecimals(4)
+        self.slide_mpp.setSingleStep(0.05)
+        self.slide_mpp.setSpecialValueText("unknown")
+        self.slide_mpp.setToolTip("µm per level-0 pixel of this slide (e.g. 0.25 at 40x, 0.5 at 20x)")
+        self.slide_mpp_btn = QPushButton("Set µm/px")
+        self.slide_mpp_btn.clicked.connect(lambda: self.set_slide_mpp(self.slide_mpp.value() or None))
+        self.mpp_box = QWidget()
+        mpp_row = QHBoxLayout(self.mpp_box)
+        mpp_row.setContentsMargins(0, 0, 0, 0)
+        mpp_row.addWidget(self.mpp_note)
+        mpp_row.addWidget(self.slide_mpp)
+        mpp_row.addWidget(self.slide_mpp_btn)
+        self.mpp_box.setVisible(False)
+
         self.assoc_combo = QComboBox()
         self.assoc_combo.currentTextChanged.connect(self._show_associated)
         self.assoc_label = QLabel()
@@ -104,6 +131,7 @@ class SlideWidget(QWidget):
         layout.addWidget(open_btn)
         layout.addWidget(QLabel("Slide layer"))
         layout.addWidget(self.layer_combo)
+        layout.addWidget(self.mpp_box)
         layout.addWidget(self.table)
         layout.addWidget(assoc_box)
         layout.addWidget(tissue_box)
@@ -163,7 +191,30 @@ class SlideWidget(QWidget):
             from ..io.slide import open_slide
 
             self._slides[path] = open_slide(path)
-        return self._slides[path]
+        slide = self._slides[path]
+        if layer.metadata.get("pathfm_mpp_source") == "entered":  # the user's value, not the file's
+            slide.mpp = layer.metadata["pathfm_slide"]["mpp"]
+        return slide
+
+    def set_slide_mpp(self, mpp: float | None) -> None:
+        """Use ``mpp`` µm/px for the current slide (one whose file has none): every layer of it moves to µm.
+
+        ``None`` (or 0) goes back to pixels. The value is kept in the slide layer's metadata
+        (``pathfm_slide["mpp"]``, ``pathfm_mpp_source = "entered"``) so docks that read the layer see it.
+        """
+        layer = self.current_layer()
+        if layer is None or layer.metadata.get("pathfm_mpp_source") == "file":
+            return
+        path = layer.metadata["pathfm_path"]
+        old = layer.metadata["pathfm_slide"].get("mpp")
+        mpp = float(mpp) if mpp else None
+        rescale_slide_layers(self.viewer.layers, path, mpp, old)
+        layer.metadata["pathfm_mpp_source"] = "entered" if mpp else "unknown"
+        if path in self._slides:
+            self._slides[path].mpp = mpp
+        self._show_properties()
+        self.status.setText(f"{layer.name}: {mpp:g} µm/px (entered) on all its layers." if mpp
+                            else f"{layer.name}: pixel size unknown; its layers are in pixels.")
 
     def _refresh_layers(self, *_) -> None:
         current = self.layer_combo.currentText()
@@ -181,13 +232,23 @@ class SlideWidget(QWidget):
         self.table.setRowCount(0)
         self.assoc_combo.clear()
         self.assoc_label.clear()
+        source = layer.metadata.get("pathfm_mpp_source", "file") if layer is not None else "file"
+        self.mpp_box.setVisible(source != "file")
+        self.mpp_note.setVisible(source == "unknown")
+        for box in (self.mask_mpp, self.tile_mpp):  # without µm/px tiles come from level 0 at a fixed mask size
+            box.setEnabled(source != "unknown")
         if layer is None:
             return
         meta = layer.metadata["pathfm_slide"]
+        if source != "file":
+            self.slide_mpp.blockSignals(True)
+            self.slide_mpp.setValue(meta["mpp"] or 0.0)
+            self.slide_mpp.blockSignals(False)
+        mpp_text = {"file": "{:.4g}", "entered": "{:.4g} (entered)"}.get(source, "unknown").format(meta["mpp"] or 0)
         rows = [
             ("file", Path(meta["path"]).name),
             ("format", f"{meta['vendor']} ({meta['backend']})"),
-            ("µm/px", f"{meta['mpp']:.4g}" if meta["mpp"] else "unknown"),
+            ("µm/px", mpp_text),
             ("magnification", f"{meta['objective_power']:g}x" if meta["objective_power"] else "unknown"),
             ("levels", "; ".join(f"{w}x{h}" for h, w in meta["level_shapes"])),
             ("tile size", f"{meta['tile_sizes'][0][1]}x{meta['tile_sizes'][0][0]}"),
@@ -247,25 +308,57 @@ def add_tissue_tiles_layers(viewer, name: str, result) -> str:
     """
     slide, tissue, grid = result.slide, result.tissue, result.grid
     scale, translate = layer_transform(slide.mpp, tissue.downsample)
+    units = layer_units(slide.mpp)
     labels_name, tiles_name = f"{name} tissue", f"{name} tiles"
-    for old in (labels_name, tiles_name):
-        if old in viewer.layers:
-            viewer.layers.remove(old)
-    tissue_layer = viewer.add_labels(
-        tissue.mask.astype(np.uint8), name=labels_name, scale=scale, translate=translate, opacity=0.8,
-        units=layer_units(slide.mpp),
-        metadata={"pathfm_kind": "tissue", "classes": {0: "Background", 1: "Tissue"}, "downsample": tissue.downsample},
-    )  # fmt: skip
-    tissue_layer.contour = 1
+    path = str(slide.path)
+    mask = tissue.mask.astype(np.uint8)
+    meta = {"pathfm_kind": "tissue", "pathfm_of": path, "classes": {0: "Background", 1: "Tissue"},
+            "downsample": tissue.downsample}
+    # A re-run updates the layers in place: removing a layer makes napari collect garbage and
+    # rebuild its visual on the GUI thread (~0.3 s here), replacing the data does not.
+    if labels_name in viewer.layers:
+        tissue_layer = viewer.layers[labels_name]
+        tissue_layer.units, tissue_layer.scale, tissue_layer.translate = units, scale, translate
+        tissue_layer.data = mask
+        tissue_layer.metadata.update(meta)
+    else:
+        tissue_layer = viewer.add_labels(mask, name=labels_name, scale=scale, translate=translate, opacity=0.8,
+                                         units=units, axis_labels=("y", "x"), metadata=meta)
+        tissue_layer.contour = 1
     n = len(grid.tiles)
-    if 0 < n <= MAX_TILE_SHAPES:
-        unit = slide.mpp or 1.0
-        s = grid.level0_size
-        boxes = [np.array([[y, x], [y, x + s], [y + s, x + s], [y + s, x]], float) - 0.5 for y, x in grid.tiles]
-        viewer.add_shapes(
-            boxes, shape_type="rectangle", name=tiles_name, edge_color="royalblue", face_color="transparent",
-            edge_width=max(2.0, s / 24), scale=(unit, unit), units=layer_units(slide.mpp),
-            metadata={"pathfm_kind": "tiles", "grid": grid.to_dict()},
-        )  # fmt: skip
-    where = f"{grid.target_mpp:g} µm/px" if grid.target_mpp else f"level {grid.level}"
-    return f"{n} tissue tiles of {grid.tile_size} px at {where}; tissue covers {tissue.tissue_fraction:.0%} of the slide."
+    boxes = tile_boxes(grid) if 0 < n <= MAX_TILE_SHAPES else []
+    unit = slide.mpp or 1.0
+    s = grid.level0_size
+    style = dict(edge_color="royalblue", face_color="transparent", edge_width=max(2.0, s / 24))
+    tiles_meta = {"pathfm_kind": "tiles", "pathfm_of": path, "grid": grid.to_dict()}
+    if tiles_name in viewer.layers:
+        tiles_layer = viewer.layers[tiles_name]
+        tiles_layer.units, tiles_layer.scale = units, (unit, unit)
+        tiles_layer.selected_data = set()
+        tiles_layer.data = []
+        if boxes:
+            tiles_layer.add_rectangles(boxes, **style)
+        tiles_layer.metadata.update(tiles_meta)
+    elif boxes:
+        viewer.add_shapes(boxes, shape_type="rectangle", name=tiles_name, scale=(unit, unit), units=units,
+                          axis_labels=("y", "x"), metadata=tiles_meta, **style)
+    level_mpp = slide.level_mpp(grid.level)
+    read = f"read at level {grid.level} ({level_mpp:.4g} µm/px)" if level_mpp else f"read at level {grid.level} (µm/px unknown)"
+    out = f", {grid.mpp:.4g} µm/px per tile pixel" if grid.mpp else ""
+    return (f"{n} tissue tiles of {grid.tile_size} px {read}{out}; tissue covers "
+            f"{tissue.tissue_fraction:.0%} of the slide.")
+
+
+def tile_boxes(grid) -> list[np.ndarray]:
+    """Rectangles (4 corners, level-0 pixel coordinates) of the grid's tiles, clipped to the slide.
+
+    Corners sit on pixel edges (pixel ``j`` is centred at ``j``), so a box covers its level-0
+    pixels exactly; tiles of the last row/column that overhang the slide stop at its edge.
+    """
+    h, w = grid.level0_shape
+    s = grid.level0_size
+    boxes = []
+    for y, x in np.asarray(grid.tiles, float):
+        y1, x1 = min(y + s, h), min(x + s, w)
+        boxes.append(np.array([[y, x], [y, x1], [y1, x1], [y1, x]], float) - 0.5)
+    return boxes

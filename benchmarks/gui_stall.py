@@ -1,0 +1,213 @@
+"""GUI-thread stalls of napari-pathfm against napari's own cost of showing equal layers, in one run.
+
+A 10 ms ``QTimer`` heartbeat runs on the GUI thread of a real napari Viewer (run under Xvfb); the
+longest gap between two beats while a step runs is that step's *stall*: the time a user's click or
+paint stroke would wait. Each opening step is followed by napari showing in-memory layers of the same
+shapes/dtypes (``add_image`` of a multiscale list / stack of zeros, ``add_labels``, ``add_shapes``),
+measured the same way, so the table gives the plugin's share beyond what napari itself needs.
+Each step runs ``--repeats`` times (median). Contract 10: the plugin's share should stay under 100 ms.
+
+    xvfb-run -a -s "-screen 0 1280x1024x24" .venv/bin/python benchmarks/gui_stall.py [--repeats 3] [--no-segment]
+
+Docks are opened in a fresh process each time only by ``--fresh-docks`` (their first opening pays
+for imports; later openings in the same process do not), otherwise once per run (the first opening).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIDE = ROOT / "src" / "napari_pathfm" / "data" / "CMU-1-Small-Region.svs"
+ZSTACK = Path("/work/shared/data/isl-blue-sample")
+DOCKS = ["Slide", "Segment (Path-SAM2)", "Classify tiles (SLCA)", "MIL slide prediction",
+         "Translate z-stack (HASTE)", "Train a model"]
+
+
+class Heartbeat:
+    """A 10 ms QTimer on the GUI thread; :meth:`measure` returns the longest gap (ms) while a step runs.
+
+    The gap includes the time spent in the step's own synchronous GUI-thread code (no beat can fire
+    while it runs) and everything the event loop does afterwards until ``until()`` holds and
+    ``settle_ms`` have passed (napari's drawing, queued worker callbacks).
+    """
+
+    def __init__(self, interval_ms: int = 10):
+        from qtpy.QtCore import QTimer
+
+        self.interval_ms = interval_ms
+        self._last = time.perf_counter()
+        self.max_gap = 0.0
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._beat)
+        self.timer.start()
+
+    def _beat(self) -> None:
+        now = time.perf_counter()
+        self.max_gap = max(self.max_gap, now - self._last)
+        self._last = now
+
+    def pump(self, seconds: float, until=None) -> None:
+        """Run the Qt event loop for ``seconds`` (or until ``until()`` is true, then ``seconds`` more)."""
+        from qtpy.QtCore import QEventLoop, QTimer
+
+        def once(s: float) -> None:
+            loop = QEventLoop()
+            QTimer.singleShot(int(s * 1000), loop.quit)
+            loop.exec_() if hasattr(loop, "exec_") else loop.exec()
+
+        if until is not None:
+            deadline = time.perf_counter() + 600
+            while not until() and time.perf_counter() < deadline:
+                once(0.05)
+        once(seconds)
+
+    def measure(self, step, *, until=None, settle: float = 0.5) -> float:
+        """Longest beat gap in ms from just before ``step()`` to ``settle`` s after ``until()``."""
+        self.pump(0.1)  # let pending paints finish first
+        self._last = time.perf_counter()
+        self.max_gap = 0.0
+        step()
+        self._beat()
+        self.pump(settle, until)
+        return self.max_gap * 1000
+
+
+def _remove_all(viewer) -> None:
+    while len(viewer.layers):
+        viewer.layers.pop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-segment", action="store_true", help="skip the Segment run and the painting step")
+    ap.add_argument("--zstack", default=str(ZSTACK))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PATHFM_DATA_DIR", tempfile.mkdtemp(prefix="pathfm-gui-stall-"))
+
+    import napari
+
+    viewer = napari.Viewer(show=True)
+    hb = Heartbeat()
+    hb.pump(1.0)
+    rows: list[tuple[str, float, float | None]] = []
+
+    def med(fn, until=None, settle=0.5, before=None):
+        values = []
+        for _ in range(args.repeats):
+            if before:
+                before()
+            values.append(hb.measure(fn, until=until, settle=settle))
+        return statistics.median(values)
+
+    # -- open the slide -------------------------------------------------------------
+    from napari_pathfm.io.slide import open_slide
+
+    with open_slide(SLIDE) as s:
+        shapes = [tuple(level.shape) for level in s.pyramid]
+    clear = lambda: _remove_all(viewer)  # noqa: E731
+    ours = med(lambda: viewer.open(str(SLIDE), plugin="napari-pathfm"), before=clear)
+    own = med(lambda: viewer.add_image([np.zeros(sh, np.uint8) for sh in shapes], multiscale=True, rgb=True,
+                                       contrast_limits=(0, 255)), before=clear)
+    rows.append(("open slide (reader)", ours, own))
+
+    # -- open the z-stack -------------------------------------------------------------
+    zpath = Path(args.zstack)
+    if zpath.exists():
+        from napari_pathfm.io.zstack import open_zstack
+
+        zs = open_zstack(zpath)
+        zshape, zdtype, tshapes = zs.shape, zs.dtype, [(t.shape, t.dtype) for t in zs.targets.values()]
+
+        def own_zstack():
+            viewer.add_image(np.zeros(zshape, zdtype), colormap="gray", contrast_limits=(0, 1))
+            for sh, dt in tshapes:
+                viewer.add_image(np.zeros(sh, dt), blending="additive", contrast_limits=(0, 1))
+
+        ours = med(lambda: viewer.open(str(zpath), plugin="napari-pathfm"), before=clear)
+        own = med(own_zstack, before=clear)
+        rows.append(("open z-stack (reader)", ours, own))
+    clear()
+
+    # -- docks (first opening in this process: includes their imports) -----------------
+    from qtpy.QtWidgets import QLabel
+
+    own_dock = med(lambda: viewer.window.add_dock_widget(QLabel("empty"), name=f"empty {time.perf_counter()}"))
+    viewer.open(str(SLIDE), plugin="napari-pathfm")
+    hb.pump(0.5)
+    docks = {}
+    for name in DOCKS:
+        def open_dock(name=name):
+            docks[name] = viewer.window.add_plugin_dock_widget("napari-pathfm", name)[1]
+
+        rows.append((f"open dock: {name}", hb.measure(open_dock), own_dock))
+
+    # -- Slide dock: tissue & tile overlay --------------------------------------------------
+    slide_dock = docks["Slide"]
+    slide_layer = viewer.layers[0]
+
+    def tissue():
+        slide_dock.compute_tissue()
+
+    ours = med(tissue, until=lambda: not slide_dock.runner.running)
+    tissue_layer = viewer.layers[f"{slide_layer.name} tissue"]
+    tiles_layer = viewer.layers[f"{slide_layer.name} tiles"] if f"{slide_layer.name} tiles" in viewer.layers else None
+    mask_shape, mask_scale = tissue_layer.data.shape, tissue_layer.scale
+    boxes = [np.asarray(b) for b in tiles_layer.data] if tiles_layer is not None else []
+
+    def own_tissue():
+        viewer.add_labels(np.zeros(mask_shape, np.uint8), scale=mask_scale, opacity=0.8)
+        if boxes:
+            viewer.add_shapes(boxes, shape_type="rectangle", edge_color="royalblue", face_color="transparent")
+
+    own = med(own_tissue)
+    rows.append(("Slide dock: tissue & tiles", ours, own))
+
+    # -- Segment run + painting ---------------------------------------------------------------
+    seg = docks["Segment (Path-SAM2)"]
+    if not args.no_segment and seg.layer_combo.findText(slide_layer.name) >= 0:
+        seg.layer_combo.setCurrentText(slide_layer.name)
+        ours = hb.measure(lambda: seg.run(), until=lambda: not seg.runner.running, settle=1.0)
+        labels = seg.labels_layer
+        if labels is not None:
+            own = hb.measure(lambda: viewer.add_labels(np.zeros(labels.data.shape, labels.data.dtype),
+                                                       scale=labels.scale, translate=labels.translate))
+            rows.append(("Segment run (start → layer)", ours, own))
+            plain = viewer.layers[-1]
+            h, w = labels.data.shape[:2]
+
+            def stroke(layer):
+                def go():
+                    layer.brush_size = 20
+                    for i in range(10):
+                        layer.paint(layer.data_to_world((h // 2, w // 4 + 4 * i)), 1, refresh=True)
+                return go
+
+            ours = med(stroke(labels), settle=1.0)
+            own = med(stroke(plain), settle=1.0)
+            rows.append(("paint a stroke on segmentation", ours, own))
+        else:
+            rows.append((f"Segment run: {seg.status.text()[:60]}", ours, None))
+
+    print(f"\n{'step':<40} {'stall ms':>9} {'napari ms':>10} {'plugin share ms':>16}")
+    for step, ours, own in rows:
+        share = f"{max(0.0, ours - own):16.0f}" if own is not None else f"{'—':>16}"
+        own_s = f"{own:10.0f}" if own is not None else f"{'—':>10}"
+        print(f"{step:<40} {ours:9.0f} {own_s} {share}")
+    sys.stdout.flush()
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
