@@ -31,7 +31,7 @@ def _wait(qtbot, widget, timeout=120_000):
     assert widget.runner.last_error is None, widget.runner.last_error
 
 
-def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small, checkpoint):
+def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small, checkpoint, tmp_path):
     from napari_pathfm.pipelines.gradcam import MAX_TILES
     from napari_pathfm.widgets.classify_widget import ClassifyWidget
 
@@ -62,6 +62,39 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
         np.testing.assert_allclose(layer.translate, result.translate)
     assert str(result.n_tiles) in widget.status.text()
 
+    # legible: class colours from napari_pathfm.colors in the layer and the legend, own colormaps, the tissue shows
+    from napari_pathfm.colors import class_colors
+
+    expected = class_colors(result.label_names())
+    assert sorted(expected) == [1, 2, 3]
+    rgba = labels.colormap.map(np.array([0, 1, 2, 3]))
+    assert rgba[0][3] == 0, "background (no tissue tile) is transparent"
+    assert [tuple(int(round(c * 255)) for c in rgba[v][:3]) for v in (1, 2, 3)] == [expected[v] for v in (1, 2, 3)]
+    classes_entry, prob_entry = widget.legend.entries
+    assert widget.legend.isVisibleTo(widget) and classes_entry["kind"] == "classes"
+    assert classes_entry["classes"] == [(c, expected[k + 1]) for k, c in enumerate(CLASSES)]
+    assert prob_entry["kind"] == "colorbar" and prob_entry["range"] == (0.0, 1.0)
+    assert labels.opacity == 0.5 and all(p.opacity == 0.5 for p in widget.prob_layers)
+
+    # the GeoJSON written from the Labels layer (napari's save, our writer) has the layer's colours
+    import json
+
+    out = tmp_path / "classes.geojson"
+    labels.save(str(out), plugin="napari-pathfm")
+    features = json.loads(out.read_text())["features"]
+    assert features
+    for feature in features:
+        cls = feature["properties"]["classification"]
+        value = feature["properties"]["label"]
+        assert cls["name"] == CLASSES[value - 1] and tuple(cls["color"]) == expected[value]
+
+    # a second Run replaces the layers: same count, same layer objects, new data
+    n_layers, layer_ids = len(viewer.layers), [id(layer) for layer in viewer.layers]
+    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
+    assert len(viewer.layers) == n_layers and [id(layer) for layer in viewer.layers] == layer_ids
+    assert widget.labels_layer is labels and "run 2" in widget.legend.title()
+    result = widget.result
+
     # a click on a tissue tile -> Grad-CAM of that tile, placed on it
     i = result.n_tiles // 2
     y, x = result.grid.tiles[i] + result.cell / 2
@@ -72,6 +105,9 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
     cam = viewer.layers[f"{slide_layer.name} Grad-CAM"]
     t = result.grid.tile_size
     assert cam.data.shape == (t, t) and 0 <= cam.data.min() and cam.data.max() <= 1
+    names = {labels.colormap.name, widget.prob_layers[0].colormap.name, cam.colormap.name}
+    assert len(names) == 3, f"class map, probabilities and Grad-CAM share a colormap: {names}"
+    assert [e["layer"] for e in widget.legend.entries][-1] == cam.name
     assert widget.gradcam.indices.tolist() == [i] and widget.gradcam.targets.tolist() == [result.predicted[i]]
     first_px = (np.asarray(cam.translate) / mpp - (result.grid.scale - 1) / 2)  # level-0 px of its first pixel
     np.testing.assert_allclose(first_px, result.grid.tiles[i], atol=1.0)

@@ -80,6 +80,18 @@ def test_rows_from_targets_run_dapi_map2_nfh_and_live_threshold(make_napari_view
         assert layer.blending == "additive" and layer.data.shape == (256, 256) and layer.data.dtype == np.uint16
         assert np.asarray(layer.data).std() > 0
     assert type(nuclei).__name__ == "Labels" and 0 < float(conf.data.max()) <= 1.0
+    # legible: per-channel contrast from the data (worker), lower opacity for 3 additive channels, translucent mask
+    for cname, layer in pred.items():
+        data = np.asarray(layer.data)
+        lo, hi = layer.contrast_limits
+        assert data.min() <= lo < hi <= data.max(), cname
+        assert (lo, hi) == pytest.approx(tuple(np.percentile(data, [1, 99.5])), rel=1e-6), cname
+        assert layer.opacity == pytest.approx(0.67)
+    assert len({tuple(layer.contrast_limits) for layer in pred.values()}) == 3, "each channel has its own limits"
+    assert nuclei.blending == "translucent_no_depth" and conf.blending == "translucent"
+    bars = {e["layer"]: e for e in widget.legend.entries}
+    assert set(bars) == {*(layer.name for layer in pred.values()), conf.name}
+    assert bars[pred["DAPI"].name]["range"] == pytest.approx(tuple(pred["DAPI"].contrast_limits))
     assert widget.result.nuclei_labels.max() > 0 and "nuclei" in widget.status.text()
 
     # the slider re-labels from the LUPI confidence map without running any model again
@@ -142,6 +154,9 @@ def test_add_remove_rows_refuse_duplicates_and_colour_other_targets(make_napari_
     _run(qtbot, widget)
     assert np.array_equal(np.asarray(viewer.layers[f"{name} MAP2 (predicted)"].data), before)
     assert widget.result.confidence is not None and f"{name} nuclei (predicted)" in viewer.layers
+    # the re-run replaced the results: NFH updated in place, the GFAP layer no row predicts any more removed
+    assert viewer.layers[f"{name} NFH (predicted)"] is nfh and gfap not in viewer.layers
+    assert len(viewer.layers) == 1 + 3 + 2 and "run 2" in widget.legend.title()
 
 
 def test_default_rows_colours_and_duplicates_from_cards():
