@@ -151,9 +151,9 @@ class ClassifyWidget(QWidget):
         return self.runner.start(job, description=f"Classify: {name}", on_done=self._show_result)
 
     def _show_result(self, result) -> None:
-        import pandas as pd
-
         from pathlib import Path
+
+        import pandas as pd
 
         self.result = result
         self._runs += 1
