@@ -20,9 +20,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytestqt")
 
-from qtpy.QtCore import Qt  # noqa: E402
+from qtpy.QtCore import Qt
 
-from napari_pathfm import userdata  # noqa: E402
+from napari_pathfm import userdata
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,7 +102,7 @@ def _saved_mask(folder, name):
 
 def test_one_stroke_finetune_rerun_reopen_and_undo(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint):
     beside = sorted(p.name for p in slide_copy.parent.iterdir())
-    viewer, widget = _segmented(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint)
+    _viewer, widget = _segmented(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint)
     layer, rec = widget.labels_layer, widget.recorder
     i, (y0, y1, x0, x1) = _tile_box(widget)
     cy, cx, half = (y0 + y1) // 2, (x0 + x1) // 2, (y1 - y0) // 4
@@ -152,7 +152,7 @@ def test_one_stroke_finetune_rerun_reopen_and_undo(make_napari_viewer, qtbot, sl
     assert sorted(p.name for p in slide_copy.parent.iterdir()) == beside, "nothing new beside the slide"
 
     # a new viewer + dock on the same slide file: the saved correction is offered and restored
-    viewer2, widget2 = _segmented(make_napari_viewer, qtbot, slide_copy, new)
+    _viewer2, widget2 = _segmented(make_napari_viewer, qtbot, slide_copy, new)
     assert widget2.corrections_folder() == folder and list(widget2.recorder.saved) == [name]
     assert widget2.restore_btn.isEnabled()
     _click(qtbot, widget2, widget2.restore_btn)
@@ -164,7 +164,7 @@ def test_one_stroke_finetune_rerun_reopen_and_undo(make_napari_viewer, qtbot, sl
 def test_a_failing_finetune_says_so_once_and_leaves_no_folder(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint):
     from napari.utils.notifications import notification_manager
 
-    viewer, widget = _segmented(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint)
+    _viewer, widget = _segmented(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint)
     i, (y0, y1, x0, x1) = _tile_box(widget)
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     before = np.asarray(widget.labels_layer.data[cy, cx])
