@@ -61,8 +61,8 @@ VIEWER_DATA = {
     "segment": (
         "Add corrections from the viewer",
         (
-            "Train also on painted corrections of what is open (Segment widget recordings, "
-            "<file>.pathfm-corrections folders beside open files): appended to data.extra_dirs."
+            "Train also on painted corrections of what is open (Segment widget recordings, and the "
+            "corrections saved in the per-user data folder for open files): appended to data.extra_dirs."
         ),
     ),
     "translate": (
@@ -262,8 +262,8 @@ class TrainWidget(QWidget):
     def viewer_corrections(self) -> list[Path]:
         """Corrections folders of what is open in the viewer (images/ + masks/ training sets).
 
-        Found from Segment widgets that record corrections and from
-        ``<file>.pathfm-corrections`` folders beside the files of open layers.
+        Found from Segment widgets that record corrections and from the per-user corrections
+        folders (:func:`napari_pathfm.userdata.corrections_dir`) of the files of open layers.
         """
         from ..pipelines.corrections import corrections_dir
 
@@ -335,16 +335,25 @@ class TrainWidget(QWidget):
         self._auto_out = str(default_output(recipe))
         self.out.setText(self._auto_out)
 
-    def resume_run(self, folder: str | Path) -> None:
-        """Continue the run in ``folder`` (stopped or crashed): its own recipe.yaml, same folder, from last.ckpt."""
+    def resume_run(self, folder: str | Path, start: bool = True) -> None:
+        """Continue the run in ``folder`` (stopped or crashed) from its last.ckpt, in the same folder.
+
+        When ``folder`` is the panel's own output folder (the run just stopped here), the form as it
+        is now applies (e.g. more epochs); otherwise the form is loaded from the run's own
+        ``recipe.yaml`` (the full recipe that run used). With ``start=False`` the panel is only
+        prepared, so the values can be edited before pressing Resume.
+        """
         folder = Path(folder)
-        recipe = folder / "recipe.yaml"
-        if not recipe.is_file():
-            self.status.setText(f"{folder}: no recipe.yaml, cannot resume. Start a new run instead.")
-            return
-        self.set_recipe(recipe)
-        self.out.setText(str(folder))
-        self.start(resume=True)
+        own = bool(self.recipe.currentData()) and Path(self.out.text()).resolve() == folder.resolve()
+        if not own:
+            recipe = folder / "recipe.yaml"
+            if not recipe.is_file():
+                self.status.setText(f"{folder}: no recipe.yaml, cannot resume. Start a new run instead.")
+                return
+            self.set_recipe(recipe)
+            self.out.setText(str(folder))
+        if start:
+            self.start(resume=True)
 
     def _browse_out(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Output folder", self.out.text())
