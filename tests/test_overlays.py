@@ -16,6 +16,16 @@ from napari_pathfm.colors import PALETTE, class_colors, label_colormap, robust_l
 NAMES = {0: "background", 1: "gland", 2: "stroma", 4: "necrosis"}
 
 
+@pytest.fixture
+def viewer(make_napari_viewer):
+    """A real viewer, with Triton kept out first, as the docks do (a later ``import torch`` in this process
+    would otherwise load Triton's LLVM next to Mesa's and crash; see ``widgets/_gl_safety.py``)."""
+    from napari_pathfm.widgets._gl_safety import keep_triton_out
+
+    keep_triton_out()
+    return make_napari_viewer()
+
+
 def _rgb255(rgba) -> tuple[int, int, int]:
     return tuple(int(round(c * 255)) for c in rgba[:3])
 
@@ -33,12 +43,11 @@ def test_class_colours_stable_background_transparent_and_pinned():
     assert [_rgb255(rgba[v]) for v in (1, 2, 4)] == [colors[v] for v in (1, 2, 4)]
 
 
-def test_geojson_of_a_labels_layer_has_the_layer_colours(make_napari_viewer, tmp_path):
+def test_geojson_of_a_labels_layer_has_the_layer_colours(viewer, tmp_path):
     """napari's own save of a Labels layer (our writer) writes each class in the colour the layer shows,
     also after the user recolours a class in napari; the legend shows the same colours."""
     from napari_pathfm.widgets._legend import Legend
 
-    viewer = make_napari_viewer()
     labels = np.zeros((40, 60), np.int32)
     labels[2:12, 3:20], labels[20:35, 10:30], labels[5:15, 40:55] = 1, 2, 4
     layer = viewer.add_labels(labels, colormap=label_colormap(NAMES), metadata={"classes": NAMES})
@@ -65,11 +74,10 @@ def test_geojson_of_a_labels_layer_has_the_layer_colours(make_napari_viewer, tmp
     assert dict(legend.entries[0]["classes"])["stroma"] == (0, 0, 255)
 
 
-def test_legend_colorbar_follows_contrast_limits(make_napari_viewer):
+def test_legend_colorbar_follows_contrast_limits(viewer):
     from napari_pathfm.colors import napari_colormap
     from napari_pathfm.widgets._legend import Legend
 
-    viewer = make_napari_viewer()
     layer = viewer.add_image(np.linspace(0, 3, 100, dtype=np.float32).reshape(10, 10),
                              colormap=napari_colormap("attention"), contrast_limits=(0.5, 2.5))  # fmt: skip
     legend = Legend()
