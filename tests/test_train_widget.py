@@ -210,3 +210,32 @@ def test_open_zstack_becomes_the_translate_data(panel, shared_data):
     assert len(panel.viewer.layers) > 1  # the stack and its target layers
     assert panel.add_viewer_data() == [stack]
     assert panel.form.overrides() == [f"data.stacks=[{stack}]"]
+
+
+def test_run_states_from_events_jsonl(tmp_path):
+    """The past-runs list reads a run's state from the last event of its events.jsonl."""
+    import json
+
+    from napari_pathfm.widgets._train_runs import TAIL_BYTES, scan_runs
+
+    batch = {"event": "batch", "epoch": 0, "done": 1, "total": 2, "metrics": {"loss": 1.0}, "message": "x" * 200}
+    epoch = {"event": "epoch", "epoch": 0, "metrics": {"val_loss": 0.5}}
+    runs = {
+        "finished": [batch, epoch, {"event": "done", "epoch": 1, "message": "finished after epoch 1"}],
+        "stopped": [batch, epoch, {"event": "done", "epoch": 1, "message": "cancelled after epoch 1"}],
+        "error": [batch, {"event": "error", "message": "RecipeError: no data"}],
+        "killed": [epoch] + [batch] * (2 * TAIL_BYTES // 300),  # the last epoch event is beyond the tail
+    }
+    for name, events in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        (tmp_path / name / "last.ckpt").write_bytes(b"")
+    (tmp_path / "not-a-run").mkdir()
+    found = {r.path.name: r for r in scan_runs(tmp_path, running=None)}
+    assert {n: r.state for n, r in found.items()} == {
+        "finished": "finished", "stopped": "stopped", "error": "crashed", "killed": "crashed"
+    }
+    assert found["stopped"].resumable and not found["finished"].resumable and found["error"].resumable
+    assert found["stopped"].metrics == {"val_loss": 0.5} and "RecipeError" in found["error"].message
+    assert found["killed"].epoch is None and "killed" in found["killed"].message
+    assert {r.path.name: r.state for r in scan_runs(tmp_path, running=tmp_path / "stopped")}["stopped"] == "running"

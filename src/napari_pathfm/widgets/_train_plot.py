@@ -48,7 +48,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+    return [first + i * step for i in range(math.ceil((hi - first) / step) + 1)]
 
 
 def _fmt(v: float) -> str:
@@ -105,7 +105,7 @@ class LossPlot(QWidget):
         return "loss" in name
 
     # ----------------------------------------------------------------- painting
-    def paintEvent(self, event) -> None:  # noqa: N802 (Qt API)
+    def paintEvent(self, event) -> None:
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         pal = self.palette()

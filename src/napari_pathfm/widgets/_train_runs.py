@@ -64,26 +64,36 @@ class RunInfo:
         return f"{self.state} · {epochs} · {shown or 'no metrics'} · {when}"
 
 
-def _tail_events(path: Path) -> list[dict]:
-    """The events in the last :data:`TAIL_BYTES` of ``events.jsonl`` (a cut first line is dropped)."""
+def _tail_events(path: Path) -> tuple[dict | None, dict | None]:
+    """``(last event ending or advancing a run, last epoch event)`` from the last :data:`TAIL_BYTES`.
+
+    Lines are scanned from the end and only the two needed are parsed, so a listing of many runs
+    costs a few small reads, not a JSON parse of every batch.
+    """
     try:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             f.seek(max(0, size - TAIL_BYTES))
             lines = f.read().split(b"\n")
     except OSError:
-        return []
+        return None, None
     if size > TAIL_BYTES:
-        lines = lines[1:]
-    events = []
-    for line in lines:
+        lines = lines[1:]  # cut by the seek
+    end = epoch = None
+    for line in reversed(lines):
+        if end is not None and b'"epoch"' not in line[:40]:
+            continue  # only the last epoch event is still wanted
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
+        kind = event.get("event") if isinstance(event, dict) else None
+        if end is None and kind in ("batch", "epoch", "done", "error"):
+            end = event
+        if kind == "epoch":
+            epoch = event
+            break
+    return end, epoch
 
 
 def read_run(folder: str | Path, running: bool = False) -> RunInfo | None:
@@ -93,11 +103,9 @@ def read_run(folder: str | Path, running: bool = False) -> RunInfo | None:
     if not present:
         return None
     modified = max(p.stat().st_mtime for p in present)
-    events = [e for e in _tail_events(folder / "events.jsonl") if e.get("event") in ("batch", "epoch", "done", "error")]
-    epochs = [e for e in events if e.get("event") == "epoch"]
-    last_epoch = epochs[-1] if epochs else {}
+    end, last_epoch = _tail_events(folder / "events.jsonl")
+    last_epoch = last_epoch or {}
     info = RunInfo(folder, "crashed", last_epoch.get("epoch"), dict(last_epoch.get("metrics") or {}), "", modified)
-    end = events[-1] if events else None
     if running:
         info.state = "running"
     elif end is None:
