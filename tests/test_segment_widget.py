@@ -64,6 +64,17 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     assert list(layer.features["class"]) == ["background", "gland"]
     first = np.asarray(layer.data).copy()
 
+    # the legend names the classes in the mask's colours, and the GeoJSON saved from the layer has the same colours
+    import json
+
+    (entry,) = widget.legend.entries
+    assert entry["kind"] == "classes" and [name for name, _ in entry["classes"]] == ["gland"]
+    out = tmp_path / "mask.geojson"
+    layer.save(str(out), plugin="napari-pathfm")
+    for feature in json.loads(out.read_text())["features"]:
+        cls = feature["properties"]["classification"]
+        assert cls["name"] == "gland" and tuple(cls["color"]) == tuple(entry["classes"][0][1])
+
     # paint a block of tissue as "gland" (class 1) with napari's brush, as a user would
     box = (slice(1200, 1700), slice(700, 1200))
     layer.brush_size = 60

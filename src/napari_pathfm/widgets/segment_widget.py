@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from ._checkpoint_picker import CheckpointPicker
+from ._legend import Legend
 from ._runner import TaskRunner
 from .slide_widget import fill_slide_combo
 
@@ -143,6 +144,8 @@ class SegmentWidget(QWidget):
         self.note.setVisible(False)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.legend = Legend("Legend")  # class names ↔ the colours of the mask (same as in its GeoJSON)
+        self._runs = 0
 
         form = QFormLayout()
         form.addRow("slide", self.layer_combo)
@@ -171,6 +174,7 @@ class SegmentWidget(QWidget):
         log_row.addWidget(self.status, 1)
         log_row.addWidget(self.log_btn)
         layout.addLayout(log_row)
+        layout.addWidget(self.legend)
         layout.addStretch(1)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -219,6 +223,7 @@ class SegmentWidget(QWidget):
                                  on_error=self._failed)  # fmt: skip
 
     def _show_result(self, done) -> None:
+        from ..colors import label_colormap
         from ..io.slide import open_slide
 
         result, self._baseline, self.notes, self._card = done
@@ -227,14 +232,20 @@ class SegmentWidget(QWidget):
         kwargs = result.layer_kwargs()
         kwargs["metadata"]["pathfm_notes"] = list(self.notes)
         kwargs["name"] = f"{self._slide_layer_name} segmentation"
+        kwargs["metadata"]["classes"] = dict(enumerate(result.classes))  # the legend and GeoJSON writer read it
+        colormap = label_colormap(result.classes)
         existing = self.viewer.layers[kwargs["name"]] if kwargs["name"] in self.viewer.layers else None
         if existing is not None:
             existing.data = result.labels
             existing.metadata.update(kwargs["metadata"])
+            existing.colormap = colormap
             layer = existing
         else:
-            layer = self.viewer.add_labels(result.labels, opacity=0.5, **kwargs)
+            layer = self.viewer.add_labels(result.labels, opacity=0.5, colormap=colormap, **kwargs)
         self._set_class_features(layer, result.classes)
+        self._runs += 1
+        model = Path(result.checkpoint).stem if getattr(result, "checkpoint", None) else "model"
+        self.legend.show_layers([layer], title=f"{model}, run {self._runs}")
         self.labels_layer = layer
         if previous is not None:  # its temporary store (large slides) only goes once the layer holds the new map
             previous.close()
