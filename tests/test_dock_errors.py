@@ -1,8 +1,9 @@
 """Docks take the CLI's one error path: a failed run is one message (no traceback toast, no duplicate).
 
 A user opens the bundled slide, points the Segment dock at a file that is not a checkpoint and at
-a checkpoint whose weights hold NaN, and clicks *Segment*: the status line says what is wrong with
-which file, and napari shows exactly one notification for the failure.
+a checkpoint file that does not exist, and clicks *Segment*: the dock's status line says what is
+wrong with which file (the Segment dock keeps its messages, with the log one click away), and napari
+shows no notification on top of it — no traceback toast from the worker, no duplicate.
 """
 
 from __future__ import annotations
@@ -55,10 +56,9 @@ def test_a_pickle_given_as_checkpoint_is_one_clear_message(dock, qtbot, tmp_path
     torch.save({"weight": torch.zeros(2)}, pickle)
     dock.checkpoint.set_path(pickle)
     toasts = _click_segment(qtbot, dock)
-    assert len(toasts) == 1, [n.message for n in toasts]
-    assert "model.pt" in toasts[0].message and "Traceback" not in toasts[0].message
+    assert toasts == [], [n.message for n in toasts]
     assert dock.status.text().startswith("Failed: ") and "model.pt" in dock.status.text()
-    assert dock.runner.last_message in toasts[0].message
+    assert "Traceback" not in dock.status.text() and dock.runner.last_message in dock.status.text()
     assert dock.segment_btn.isEnabled(), "the dock recovers for the next run"
 
 
@@ -68,4 +68,4 @@ def test_a_missing_checkpoint_file_is_one_clear_message(dock, qtbot, tmp_path):
     if dock.checkpoint.path() is None:
         pytest.skip("the picker refuses missing files itself")
     toasts = _click_segment(qtbot, dock)
-    assert len(toasts) == 1 and "gone" in toasts[0].message and "Traceback" not in toasts[0].message
+    assert toasts == [] and "gone" in dock.status.text() and "Traceback" not in dock.status.text()

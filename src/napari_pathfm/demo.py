@@ -110,7 +110,8 @@ def build_viewer(
         from .widgets.mil_widget import MILWidget
 
         mil_widget = MILWidget(viewer)
-        viewer.window.add_dock_widget(mil_widget, name="MIL slide prediction (napari-pathfm)", area="right")
+        viewer.window.add_dock_widget(mil_widget, name="MIL slide prediction (napari-pathfm)", area="right",
+                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
         mil_widget.layer_combo.setCurrentText(layer.name)
         mil_widget.set_checkpoint(demo_mil_checkpoint())
         mil_widget.run()
@@ -119,7 +120,8 @@ def build_viewer(
         from .widgets.segment_widget import SegmentWidget
 
         seg_widget = SegmentWidget(viewer)
-        viewer.window.add_dock_widget(seg_widget, name="Segment (napari-pathfm)", area="right")
+        viewer.window.add_dock_widget(seg_widget, name="Segment (napari-pathfm)", area="right",
+                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
         seg_widget.layer_combo.setCurrentText(layer.name)
         seg_widget.checkpoint.set_path(seg_checkpoint)
         seg_widget.run()
@@ -128,7 +130,8 @@ def build_viewer(
         from .widgets.classify_widget import ClassifyWidget
 
         cls_widget = ClassifyWidget(viewer)
-        viewer.window.add_dock_widget(cls_widget, name="Classify tiles (napari-pathfm)", area="right")
+        viewer.window.add_dock_widget(cls_widget, name="Classify tiles (napari-pathfm)", area="right",
+                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
         cls_widget.layer_combo.setCurrentText(layer.name)
         cls_widget.checkpoint.set_path(demo_classify_checkpoint())
         cls_widget.run()
