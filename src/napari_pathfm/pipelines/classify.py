@@ -77,7 +77,10 @@ class ClassifyResult:
     source, checkpoint : str or None
         The slide and checkpoint paths.
     messages : list of str
-        Things the user should know (no tissue found, resolution fallback).
+        Things the user should know (no tissue found, resolution fallback), ``notes`` first.
+    notes : list of str
+        What the model is and how far the run is from its training domain
+        (:func:`~napari_pathfm.pipelines.notes.model_notes`); also in summary.json and the OME-TIFFs.
     cache : dict
         What the tile-embedding cache did (entry, tiles encoded, tiles read from it).
     """
@@ -92,6 +95,7 @@ class ClassifyResult:
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_tiles(self) -> int:
@@ -180,7 +184,8 @@ class ClassifyResult:
         return {
             "scale": scale, "translate": translate, "units": layer_units(self.mpp),
             "metadata": {"pathfm_kind": "classify", "classes": self.label_names(), "downsample": self.cell,
-                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp},
+                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp,
+                         "pathfm_notes": list(self.notes)},
         }  # fmt: skip
 
     def summary(self) -> dict:
@@ -188,6 +193,7 @@ class ClassifyResult:
         return {
             "input": self.source,
             "checkpoint": self.checkpoint,
+            "notes": self.notes,
             "classes": self.classes,
             "tiles": self.n_tiles,
             "grid_shape": list(self.map_shape),
@@ -291,12 +297,10 @@ def _target_mpp(slide: Any, mpp: float | None, card: dict, messages: list[str]) 
         if mpp is not None:
             raise SlideError(
                 slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be classified at {mpp} µm/px.",
-                "Leave out mpp to classify it at its own resolution.",
+                "Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to classify it at its own "
+                "resolution.",
             )  # fmt: skip
-        messages.append(
-            f"{Path(slide.path).name} has no pixel size; classified at its own resolution instead of the model's "
-            f"{target} µm/px."
-        )
+        # the card's µm/px is not reached: model_notes says so ("has no pixel size (µm/px unknown) ...")
         return None
     return float(target)
 
@@ -306,6 +310,7 @@ def classify_slide(
     model_or_checkpoint: Any,
     *,
     mpp: float | None = None,
+    image_mpp: float | None = None,
     tile: int | None = None,
     batch_size: int = 32,
     device: str = "auto",
@@ -328,6 +333,10 @@ def classify_slide(
     mpp : float, optional
         µm/px of the tiles the model sees. Default: the card's ``input_mpp``; without one (or
         when the slide has no pixel size) the slide's level 0.
+    image_mpp : float, optional
+        µm per pixel of the slide's level 0, for images whose file does not record it (e.g. PNG, a
+        TIFF without resolution) or records it wrongly; it replaces the file's value for this run
+        (as in :func:`~napari_pathfm.pipelines.segment.segment_slide`).
     tile : int, optional
         Tile side in pixels at ``mpp`` (default: the card's ``tile_size``, else 224). The model
         gets the tiles at this size.
@@ -350,6 +359,8 @@ def classify_slide(
     Returns
     -------
     ClassifyResult
+        ``notes`` say when the model is a bundled demonstration or the slide is far from its
+        training domain (µm/px, tile size).
 
     Examples
     --------
@@ -361,13 +372,19 @@ def classify_slide(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if image_mpp is not None and not image_mpp > 0:
+        raise ValueError(f"image_mpp must be positive, got {image_mpp}")
     own = not hasattr(slide, "read")
     s = open_slide(slide) if own else slide
+    saved_mpp = s.mpp
     try:
+        if image_mpp is not None:
+            s.mpp = float(image_mpp)
         return _classify(s, model_or_checkpoint, mpp=mpp, tile=tile, batch_size=batch_size, device=device,
                          tissue_only=tissue_only, min_tissue=min_tissue, workers=workers, progress=progress,
                          cancel=cancel, cache=cache)  # fmt: skip
     finally:
+        s.mpp = saved_mpp
         if own:
             s.close()
 
@@ -378,6 +395,7 @@ def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tiss
     from ..tiles import tile_grid
     from ..tiles.cached_encoder import CachedEncoder
     from ..tiles.loader import native_tile_cache
+    from .notes import merge_notes, model_notes
     from .segment import _shared_level
     from .tissue_tiles import compute_tissue_tiles
 
@@ -392,9 +410,11 @@ def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tiss
         raise ValueError(f"tile must be at least 8 pixels, got {t}")
 
     reader = _shared_level(slide, target, tissue_only, workers, cancel)  # decode a level read twice only once
+    tissue = None
     if tissue_only:
-        grid = compute_tissue_tiles(reader, tile_size=t, mpp=target, min_tissue=min_tissue, progress=progress,
-                                    cancel=cancel).grid  # fmt: skip
+        tt = compute_tissue_tiles(reader, tile_size=t, mpp=target, min_tissue=min_tissue, progress=progress,
+                                  cancel=cancel)  # fmt: skip
+        grid, tissue = tt.grid, tt.tissue
     else:
         grid = tile_grid(reader, t, mpp=target)
     check_cancel(cancel, "classification")
@@ -418,11 +438,14 @@ def _classify(slide, model_or_checkpoint, *, mpp, tile, batch_size, device, tiss
         )  # fmt: skip
     if not probs.size:
         probs = np.zeros((0, len(classes)), np.float32)
+    notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
+                        run_tile=t, tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None)  # fmt: skip
+    messages = merge_notes(notes, messages)
     for m in messages:
         log.info(m)
     return ClassifyResult(classes=classes, probabilities=probs, grid=grid, mpp=slide.mpp, model_mpp=grid.mpp,
                           source=str(slide.path), checkpoint=source, messages=messages,
-                          cache=enc.summary())  # fmt: skip
+                          cache=enc.summary(), notes=notes)  # fmt: skip
 
 
 def _run_tiles(slide, grid, model, dev, card, source, *, batch_size, workers, progress, cancel,
@@ -522,7 +545,8 @@ def write_classify_outputs(
     out.mkdir(parents=True, exist_ok=True)
     cell_mpp = result.mpp * result.cell if result.mpp else None
     meta = {"kind": "classify", "slide": result.source, "checkpoint": result.checkpoint, "downsample": result.cell,
-            "model_mpp": result.model_mpp, "classes": result.classes, "tile_size": int(result.grid.tile_size)}  # fmt: skip
+            "model_mpp": result.model_mpp, "classes": result.classes, "tile_size": int(result.grid.tile_size),
+            "notes": result.notes}  # fmt: skip
     names = {"class_map": "class-map.ome.tif", "probabilities": "probabilities.ome.tif", "tiles_csv": "tiles.csv",
              **({"geojson": "tiles.geojson"} if geojson else {}), "summary": "summary.json"}  # fmt: skip
     steps = len(names)

@@ -35,6 +35,11 @@ class MILPrediction:
         Level-0 (y, x) top-left of each patch, in the feature file's patch order.
     level0_tile_size : float
         Level-0 extent of one patch (the heatmap's cell size).
+    notes : list of str
+        What the model is and how far the slide is from its training domain
+        (:func:`~napari_pathfm.pipelines.notes.model_notes`); in the prediction JSON and heatmap metadata.
+    messages : list of str
+        Things the user should know (``notes`` first).
     """
 
     classes: list[str]
@@ -43,6 +48,8 @@ class MILPrediction:
     coords: np.ndarray
     level0_tile_size: float
     source: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
 
     @property
     def predicted(self) -> str:
@@ -66,6 +73,7 @@ class MILPrediction:
             "n_patches": int(len(self.coords)),
             "level0_tile_size": self.level0_tile_size,
             "top_patches": self.top_patches(k),
+            "notes": list(self.notes),
             **self.source,
         }
 
@@ -167,6 +175,7 @@ def mil_predict(
     *,
     features=None,
     slide=None,
+    image_mpp: Optional[float] = None,
     device: str = "auto",
     progress: Optional[Callable[..., Any]] = None,
     cancel: Any = None,
@@ -181,24 +190,50 @@ def mil_predict(
         A feature zarr from ``pathfm features``. Give this or ``slide``.
     slide : Slide, optional
         Features are extracted first, with the extractor recorded in the card.
+    image_mpp : float, optional
+        µm per pixel of ``slide``'s level 0, for slides whose file does not record it (or records it
+        wrongly); it replaces the file's value for this run, as in
+        :func:`~napari_pathfm.pipelines.segment.segment_slide`. Ignored with ``features``.
     cache : None, False, path or EmbeddingCache
         Tile-embedding cache used when features are extracted from ``slide`` (None = the default).
+
+    Returns
+    -------
+    MILPrediction
+        ``notes`` say when the model is a bundled demonstration or the slide is far from its
+        training domain (µm/px, tile size).
     """
     import torch
 
     from ..device import resolve_device
     from ..models.mil import heatmap_scores
     from .features import check_feature_dim, read_features
+    from .notes import model_notes
 
     model, card = _load(checkpoint)
     in_dim, classes = _model_dims(model, card, checkpoint)
     if features is None and slide is None:
         raise FeatureError(str(checkpoint), "needs features or a slide to predict on.", "Pass --features or --slide.")
+    if image_mpp is not None and not image_mpp > 0:
+        raise ValueError(f"image_mpp must be positive, got {image_mpp}")
     report(progress, 0, 3, "features")
     if features is None:
         where = None if isinstance(checkpoint, tuple) else Path(checkpoint).parent
-        bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel, checkpoint_dir=where,
-                                 cache=cache)  # fmt: skip
+        own = not hasattr(slide, "read")
+        if own:
+            from ..io.slide import open_slide
+
+            slide = open_slide(slide)
+        saved_mpp = slide.mpp
+        try:
+            if image_mpp is not None:
+                slide.mpp = float(image_mpp)
+            bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel,
+                                     checkpoint_dir=where, cache=cache)  # fmt: skip
+        finally:
+            slide.mpp = saved_mpp
+            if own:
+                slide.close()
     else:
         bag = read_features(features) if isinstance(features, (str, Path)) else features
     check_feature_dim(bag, in_dim, str(checkpoint) if not isinstance(checkpoint, tuple) else "the model")
@@ -212,6 +247,13 @@ def mil_predict(
         probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
         scores = np.stack([heatmap_scores(out, c)[0].float().cpu().numpy() for c in range(len(classes))], axis=1)
     report(progress, 3, 3, "done")
+    fx = card.get("feature_extractor") or {}
+    notes_card = {**card, "tile_size": card.get("tile_size") or fx.get("tile_size"),
+                  "input_mpp": card.get("input_mpp") or fx.get("target_mpp")}  # fmt: skip
+    slide_name = Path(str(bag.attrs.get("slide") or "the slide")).name
+    notes = model_notes(notes_card, None if isinstance(checkpoint, tuple) else str(checkpoint),
+                        slide_mpp=bag.attrs.get("slide_mpp"), run_mpp=bag.attrs.get("mpp"), slide_name=slide_name,
+                        run_tile=bag.attrs.get("tile_size"))  # fmt: skip
     return MILPrediction(
         classes=classes,
         probabilities=probs,
@@ -219,6 +261,7 @@ def mil_predict(
         coords=np.asarray(bag.coords, dtype=np.int64),
         level0_tile_size=float(bag.attrs.get("level0_tile_size") or bag.attrs.get("tile_size") or 1.0),
         source={"features": str(bag.path) if getattr(bag, "path", None) else None, "slide": bag.attrs.get("slide"), "slide_mpp": bag.attrs.get("slide_mpp")},
+        notes=notes, messages=list(notes),
     )
 
 

@@ -79,7 +79,11 @@ class SegmentationResult:
     tissue : TissueMask or None
         The tissue mask used to choose tiles (None with ``tissue_only=False``).
     messages : list of str
-        Things the user should know (no tissue found, resolution fallback, ...).
+        Things the user should know (no tissue found, resolution fallback, ...), ``notes`` first.
+    notes : list of str
+        What the model is and how far the run is from its training domain
+        (:func:`~napari_pathfm.pipelines.notes.model_notes`): a bundled demonstration model, µm/px
+        far from or unknown to the card's. Also in the written files' metadata.
     written : dict of str to Path
         Files written (``"mask"``, ``"geojson"``).
     cache : dict
@@ -97,6 +101,7 @@ class SegmentationResult:
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     _tmp: Any = field(default=None, repr=False)
 
     @property
@@ -127,13 +132,15 @@ class SegmentationResult:
             "translate": translate,
             "units": layer_units(self.mpp),
             "metadata": {"pathfm_kind": "segment", "classes": self.class_names(), "downsample": 1.0,
-                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp},
+                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp,
+                         "pathfm_notes": list(self.notes)},
         }  # fmt: skip
 
     def summary(self) -> dict:
         return {
             "input": self.source,
             "checkpoint": self.checkpoint,
+            "notes": self.notes,
             "shape": list(self.shape),
             "mpp": self.mpp,
             "model_mpp": self.model_mpp,
@@ -530,10 +537,7 @@ def _resolve_mpp(slide: Any, mpp: Optional[float], card: dict, messages: list[st
             slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be segmented at {mpp} µm/px.",
             "Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to segment it at its own resolution.",
         )  # fmt: skip
-    messages.append(
-        f"{Path(slide.path).name} has no pixel size; segmented at its own resolution instead of the model's "
-        f"{target} µm/px (give --image-mpp to resample)."
-    )
+    # the card's µm/px is not reached: model_notes says so ("has no pixel size (µm/px unknown) ...")
     return None
 
 
@@ -666,6 +670,7 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
     from ..tiles import tile_grid
     from ..tiles.cached_encoder import CachedEncoder
     from ..tiles.loader import native_tile_cache
+    from .notes import merge_notes, model_notes
     from .tissue_tiles import compute_tissue_tiles
 
     dev = resolve_device(device)
@@ -697,9 +702,12 @@ def _segment(slide, model_or_checkpoint, *, mpp, tile_size, overlap, tissue_only
         store = _label_store(grid.level0_shape, Path(tmp_dir.name) if tmp_dir else None)
         if not len(grid):
             messages.append(f"no tissue found in {Path(slide.path).name}: the mask is all background.")
+        notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
+                            tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None)  # fmt: skip
+        messages[:] = merge_notes(notes, messages)  # before the OME-TIFF writer starts: its metadata has both
         result = SegmentationResult(
             labels=store, classes=classes or [], mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
-            source=str(slide.path), checkpoint=source, messages=messages, _tmp=tmp_dir,
+            source=str(slide.path), checkpoint=source, messages=messages, notes=notes, _tmp=tmp_dir,
         )  # fmt: skip
         meta = {"overlap": ov, "tile_size": t, "blend": weights}
         with _Outputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel) as outputs:
@@ -926,7 +934,7 @@ class _Outputs:
         r = self.result
         meta = {
             "kind": "segmentation", "source": r.source, "checkpoint": r.checkpoint, "model_mpp": r.model_mpp,
-            "tiles": r.n_tiles, "messages": r.messages, "downsample": 1.0, **self.metadata,
+            "tiles": r.n_tiles, "messages": r.messages, "notes": r.notes, "downsample": 1.0, **self.metadata,
         }  # fmt: skip
         self.writer = self._pool.submit(write_ome_tiff, self._tmp_out, self.rows, mpp=r.mpp, is_labels=True,
                                         class_names=r.classes, metadata=meta, cancel=self.cancel,

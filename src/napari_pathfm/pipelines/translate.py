@@ -94,6 +94,10 @@ class TranslationResult:
         Nuclei instances: confidence > ``threshold`` (LUPI) or Otsu of the nuclei channel.
     threshold : float
         Confidence threshold used for ``nuclei_labels``.
+    notes : list of str
+        What the models are and how the stack differs from what they were trained on (plane count,
+        dtype, pixel size; :func:`~napari_pathfm.pipelines.notes.translate_notes`). Also at the start of
+        ``messages``, in summary.json and in the written OME-TIFFs' metadata.
     """
 
     channels: dict[str, Any]
@@ -108,6 +112,7 @@ class TranslationResult:
     n_tiles: int = 0
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     _tmp: Any = field(default=None, repr=False)
 
     @property
@@ -134,7 +139,7 @@ class TranslationResult:
             "channels": {k: {"role": self.roles[k], "dtype": str(v.dtype)} for k, v in self.channels.items()},
             "confidence": self.confidence is not None, "threshold": self.threshold,
             "nuclei": int(self.nuclei_labels.max()) if self.nuclei_labels is not None else None,
-            "tiles": self.n_tiles, "pixel_size_um": self.pixel_size, "messages": self.messages,
+            "tiles": self.n_tiles, "pixel_size_um": self.pixel_size, "notes": self.notes, "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
         }  # fmt: skip
 
@@ -216,15 +221,12 @@ def _check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, nam
         if plane.min() == plane.max():
             raise ZStackError(files[i], f"plane {names[i]} is constant (every pixel {plane.min()}).",
                               "An empty or failed acquisition; re-acquire the plane or open another stack.")
-    card_dtype = card.get("input_dtype")
+    card_dtype = card.get("input_dtype")  # another dtype than the card's: a note (pipelines.notes.translate_notes)
     if lims is not None and np.dtype(dtype) == np.uint8 and float(lims[1].max()) > 255:
         raise ZStackError(files[0], f"is 8-bit (uint8) but checkpoint {label} was trained on "
                           f"{card_dtype or '16-bit'} planes with values up to {float(lims[1].max()):g}: every "
                           "pixel would look dark to it.",
                           "Open the 16-bit export of the planes (8-bit exports lose the intensity scale).")
-    if card_dtype and np.dtype(card_dtype) != np.dtype(dtype):
-        messages.append(f"the stack is {np.dtype(dtype)} but checkpoint {label} was trained on {card_dtype} planes;"
-                        " the card's intensity ranges are used as they are")
     if lims is not None:
         above = [names[i] for i, p in enumerate(sample) if np.mean(p > lims[1][i]) > 0.5]
         if above:
@@ -413,6 +415,8 @@ def translate_stack(
     Returns
     -------
     TranslationResult
+        ``notes`` say when a model is a bundled demonstration or the stack differs from its card
+        (plane count, dtype, pixel size).
 
     Raises
     ------
@@ -444,6 +448,7 @@ def translate_stack(
         result = _translate(data, name, plane_names, plane_files, checkpoints, dev, root, tile=int(tile),
                             stride=int(stride), batch_size=int(batch_size), progress=progress, cancel=cancel)
         result.pixel_size, result.threshold = pixel_size, float(threshold)
+        _add_notes(result, data)
         if nuclei_mask:
             _label(result, cancel)
         if root is not None and store is None:
@@ -451,6 +456,20 @@ def translate_stack(
     if store is not None:  # the arrays were written under the temporary name: open them where they are now
         _reopen(result, Path(store))
     return result
+
+
+def _add_notes(result: TranslationResult, data: Any) -> None:
+    """Fill ``result.notes`` from each checkpoint's card and put them first in ``result.messages``."""
+    from .notes import merge_notes, translate_notes
+
+    notes: list[str] = []
+    for label, card in zip(result.checkpoints, result.cards):
+        for note in translate_notes(card, label, planes=int(data.shape[0]),
+                                    dtype=data.dtype, pixel_size=result.pixel_size):  # fmt: skip
+            if note not in notes:
+                notes.append(note)
+    result.notes = notes
+    result.messages = merge_notes(notes, result.messages)
 
 
 def _reopen(result: TranslationResult, root: Path) -> None:
@@ -603,7 +622,7 @@ def write_translation(result: TranslationResult, out_dir: PathLike, *, progress:
 
     Files: ``<channel>.ome.tif`` per channel (its dtype, e.g. uint16), ``nuclei-mask.ome.tif``
     (int32 labels), ``nuclei-confidence.ome.tif`` (float32, LUPI only) and ``summary.json``
-    (checkpoints, channels and roles, nucleus count, messages). Files go to a hidden
+    (checkpoints, channels and roles, nucleus count, notes, messages). Files go to a hidden
     temporary folder in ``out_dir`` and are moved into place only when all are complete
     (``summary.json`` last): a cancel or an error adds nothing to ``out_dir``.
     """
@@ -611,7 +630,7 @@ def write_translation(result: TranslationResult, out_dir: PathLike, *, progress:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"kind": "translate", "input": result.source, "checkpoints": result.checkpoints}
+    meta = {"kind": "translate", "input": result.source, "checkpoints": result.checkpoints, "notes": result.notes}
     jobs: list[tuple[str, str, Any, dict]] = []
     for cname, arr in result.channels.items():
         jobs.append((f"channel:{cname}", f"{_safe(cname)}.ome.tif", arr,
