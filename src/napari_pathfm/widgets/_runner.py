@@ -1,9 +1,11 @@
-"""Run a pipeline function off the GUI thread with a napari progress bar and a cancel flag.
+"""Run a pipeline function off the GUI thread with progress and a cancel flag.
 
 Widgets never compute: they hand a plain function that accepts ``progress`` and
 ``cancel`` (the same protocol the CLI uses) to :class:`TaskRunner`, which runs it
-in a napari worker thread, feeds ``napari.utils.progress`` through a Qt signal
+in a napari worker thread, feeds ``on_progress(done, total, message)`` through a Qt signal
 (queued onto the GUI thread) and calls ``on_done``/``on_error`` on the GUI thread.
+The progress is shown by the dock's own bar (:class:`~napari_pathfm.widgets._dock.TaskDock`):
+no napari activity-dock progress bar is made, whose creation stalled the GUI thread ~0.1 s per run.
 
 Failures take the one error path shared with the CLI (:func:`napari_pathfm.error_boundary.describe`):
 the task's exception is caught inside the worker and handed back as a value, so napari's own
@@ -43,15 +45,18 @@ class TaskRunner(QObject):
     on_state : callable, optional
         Called with ``"running"``, ``"done"``, ``"cancelled"`` or ``"error"`` so the
         widget can enable/disable its buttons.
+    on_progress : callable, optional
+        Called on the GUI thread with ``(done, total, message)`` as the task reports progress.
     """
 
-    def __init__(self, on_state: Optional[Callable[[str], None]] = None, parent=None):
+    def __init__(self, on_state: Optional[Callable[[str], None]] = None, parent=None,
+                 on_progress: Optional[Callable[[int, int, str], None]] = None):
         super().__init__(parent)
         self._bridge = _Bridge()
         self._bridge.progressed.connect(self._on_progress)
         self._on_state = on_state or (lambda state: None)
         self._cancel = threading.Event()
-        self._pbar = None
+        self._on_progress_cb = on_progress or (lambda done, total, message: None)
         self.worker = None
         self.last_error: Optional[BaseException] = None
         self.last_message: str = ""
@@ -74,7 +79,6 @@ class TaskRunner(QObject):
     ):
         """Run ``fn(progress=..., cancel=...)`` in a worker thread; returns the worker."""
         from napari.qt.threading import create_worker
-        from napari.utils import progress as napari_progress
 
         from ._gl_safety import keep_triton_out
 
@@ -85,7 +89,6 @@ class TaskRunner(QObject):
         self._cancel = threading.Event()
         cancel = self._cancel
         bridge = self._bridge
-        self._pbar = napari_progress(total=0, desc=description)
 
         def emit(done: int, total: int, message: str = "") -> None:
             bridge.progressed.emit(int(done), int(total), str(message))
@@ -130,19 +133,9 @@ class TaskRunner(QObject):
         return worker
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
-        pbar = self._pbar
-        if pbar is None:
-            return
-        if total and pbar.total != total:
-            pbar.total = total
-        pbar.n = done
-        if message:
-            pbar.set_description(message)
-        pbar.refresh()
+        if self.worker is not None:  # a late report of a finished task is dropped
+            self._on_progress_cb(done, total, message)
 
     def _finish(self, state: str) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self.worker = None
         self._on_state(state)
