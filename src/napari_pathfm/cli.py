@@ -336,6 +336,7 @@ def classify(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     mpp: Optional[float] = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
     gradcam: int = typer.Option(0, "--gradcam", min=0, help="Also write Grad-CAM PNGs of the top N tiles of each class"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -350,7 +351,7 @@ def classify(
         with cli_progress("classify") as (progress, cancel), open_slide(slide) as s:
             result = classify_slide(s, checkpoint, mpp=mpp, batch_size=batch_size, device=device,
                                     tissue_only=tissue_only, progress=progress, cancel=cancel,
-                                    cache=None if cache else False)  # fmt: skip
+                                    cache=None if cache else False, image_mpp=image_mpp)  # fmt: skip
             if gradcam > 0:
                 from .pipelines.gradcam import write_top_gradcam
 
@@ -408,6 +409,7 @@ def mil_predict_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
     top_k: int = typer.Option(10, min=0, help="How many top patches to list"),
+    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of a --slide that does not record it (PNG)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -426,15 +428,17 @@ def mil_predict_cmd(
                 from .io.slide import open_slide
 
                 with open_slide(slide) as s:
-                    mpp = s.mpp
+                    mpp = image_mpp or s.mpp
                     pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel,
-                                       cache=None if cache else False)  # fmt: skip
+                                       cache=None if cache else False, image_mpp=image_mpp)  # fmt: skip
             else:
                 pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
                 mpp = pred.source.get("slide_mpp")
             written = write_mil_outputs(pred, heatmap=out, json_path=json_out, mpp=mpp, top_k=top_k)
     except PathFMError as exc:
         _fail(exc)
+    for message in getattr(pred, "messages", []):
+        typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(_json({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
                            "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
 
