@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 __all__ = [
-    "HEAT_PERCENTILES", "call_with_image_mpp", "class_features", "class_heatmaps", "entered_mpp", "patch_box",
+    "HEAT_PERCENTILES", "call_with_image_mpp", "class_features", "class_heatmaps", "entered_mpp", "nearest_first",
+    "patch_box",
     "tile_boxes", "visible_box",
 ]  # fmt: skip
 
@@ -88,6 +89,17 @@ def visible_box(center_yx, zoom: float, canvas_size, unit: float) -> tuple[float
     unit = unit or 1.0
     return ((cy - half[0]) / unit + 0.5, (cx - half[1]) / unit + 0.5,
             (cy + half[0]) / unit + 0.5, (cx + half[1]) / unit + 0.5)  # fmt: skip
+
+
+def nearest_first(indices, tiles, cell: float, box) -> np.ndarray:
+    """``indices`` of tiles (level-0 corners ``tiles``, side ``cell``) ordered by distance from ``box``'s centre.
+
+    Chebyshev distance of each tile centre; a stable sort keeps grid order among ties.
+    """
+    indices = np.asarray(indices)
+    centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
+    dist = np.abs(np.asarray(tiles)[indices] + cell / 2 - centre).max(axis=1)
+    return indices[np.argsort(dist, kind="stable")]
 
 
 def class_heatmaps(pred) -> list[tuple[np.ndarray, tuple[float, float]]]:

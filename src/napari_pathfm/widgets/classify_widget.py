@@ -28,23 +28,13 @@ this module does not import torch.
 
 from __future__ import annotations
 
-import numpy as np
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)  # fmt: skip
+from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout
 
 from ..colors import label_colormap, napari_colormap
 from ..coords import layer_units
 from ._checkpoint_picker import CheckpointPicker
+from ._dock import TaskDock
 from ._legend import Legend
-from ._runner import TaskRunner
 from .mil_widget import viewer_camera
 from .slide_widget import fill_slide_combo
 
@@ -55,13 +45,11 @@ PREDICTED = "predicted class"
 OVERLAY_OPACITY = 0.5
 
 
-class ClassifyWidget(QWidget):
+class ClassifyWidget(TaskDock):
     """Classify a slide's tiles, show class map + probabilities, and Grad-CAM on demand."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        super().__init__(napari_viewer)
         self.result = None
         self.gradcam = None
         self.labels_layer = None
@@ -81,9 +69,7 @@ class ClassifyWidget(QWidget):
         self.batch.setToolTip("Tiles per forward pass")
         self.run_btn = QPushButton("Classify")
         self.run_btn.clicked.connect(self.run)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
+        self.run_buttons = [self.run_btn]
         self.cam_class = QComboBox()
         self.cam_class.addItem(PREDICTED)
         self.click_btn = QPushButton("Grad-CAM: click a tile")
@@ -93,8 +79,6 @@ class ClassifyWidget(QWidget):
         self.view_btn = QPushButton("Grad-CAM: current view")
         self.view_btn.setToolTip("Grad-CAM of every classified tile in the visible part of the slide (capped)")
         self.view_btn.clicked.connect(self.gradcam_view)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("slide", self.layer_combo)
@@ -113,7 +97,7 @@ class ClassifyWidget(QWidget):
         layout.addLayout(run_row)
         layout.addLayout(cam_form)
         layout.addLayout(cam_row)
-        layout.addWidget(self.status)
+        layout.addWidget(self.task_pieces())
         layout.addWidget(self.legend)
         layout.addStretch(1)
         self._set_cam_enabled(False)
@@ -132,6 +116,7 @@ class ClassifyWidget(QWidget):
     # -- classify ----------------------------------------------------------------------
     def run(self):
         """Classify the chosen slide in a worker; returns the worker (None if inputs are missing)."""
+        from ..layers import call_with_image_mpp
         from ..pipelines.classify import classify_slide
 
         name, checkpoint = self.layer_combo.currentText(), self.checkpoint.path()
@@ -143,35 +128,39 @@ class ClassifyWidget(QWidget):
             return None
         slide_path = self.viewer.layers[name].metadata["pathfm_path"]
         batch = self.batch.value()
+        image_mpp = self.slide_image_mpp(name)  # the µm/px entered in the Slide dock (file has none)
 
         def job(progress, cancel):
-            return classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel)
+            from ..layers import class_features
+            from ..tiles.cached_encoder import cache_note
+
+            result = call_with_image_mpp(classify_slide, slide_path, checkpoint, batch_size=batch, progress=progress,
+                                         cancel=cancel, image_mpp=image_mpp)  # fmt: skip
+            return result, class_features(result.label_names()), cache_note(result.cache)
 
         self._slide_layer_name, self._checkpoint = name, checkpoint
-        return self.runner.start(job, description=f"Classify: {name}", on_done=self._show_result)
+        return self.start_task(job, description=f"Classify: {name}", on_done=self._show_result)
 
-    def _show_result(self, result) -> None:
+    def _show_result(self, done) -> None:
         from pathlib import Path
 
-        import pandas as pd
-
+        result, features, note = done
         self.result = result
         self._runs += 1
         base = self._slide_layer_name
         kwargs = result.layer_kwargs()
         kwargs["metadata"] = {**kwargs["metadata"], "run": self._runs}
         names = result.label_names()
-        features = pd.DataFrame({"class": [names[v] for v in sorted(names)]}, index=sorted(names))
-        self.labels_layer = self._put(
-            "labels", f"{base} classes", result.class_map, opacity=OVERLAY_OPACITY, features=features,
+        self.labels_layer = self.show_layer(
+            f"{base} classes", result.class_map, "labels", opacity=OVERLAY_OPACITY, features=features,
             colormap=label_colormap(names), **kwargs,
         )  # fmt: skip
         old_probs = [layer for layer in self.prob_layers if layer in self.viewer.layers]
         self.prob_layers = []
         prob_maps = result.prob_maps
         for k, cls in enumerate(result.classes):
-            layer = self._put(
-                "image", f"{base} p({cls})", prob_maps[k], colormap=napari_colormap("probability"),
+            layer = self.show_layer(
+                f"{base} p({cls})", prob_maps[k], "image", colormap=napari_colormap("probability"),
                 opacity=OVERLAY_OPACITY, contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest",
                 visible=k == 0,
                 **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
@@ -190,28 +179,12 @@ class ClassifyWidget(QWidget):
         self.cam_class.clear()
         self.cam_class.addItems([PREDICTED, *result.classes])
         fractions = ", ".join(f"{c} {f:.0%}" for c, f in result.class_fractions().items())
-        from ..tiles.cached_encoder import cache_note
-
+        notes = list(getattr(result, "notes", []) or [])
+        self.show_notes(notes)
         text = f"{result.n_tiles} tiles at {result.model_mpp or 0:.3g} µm/px: {fractions}."
-        self.status.setText(" ".join(t for t in [text, cache_note(result.cache), *result.messages] if t))
+        others = [m for m in result.messages if m not in notes]
+        self.status.setText(" ".join(t for t in [text, note, *others] if t))
         self._set_cam_enabled(result.n_tiles > 0)
-
-    def _put(self, kind: str, name: str, data, *, features=None, **kwargs):
-        """Add layer ``name`` or update it in place when it is there (a re-run replaces its data and looks)."""
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = data
-            layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
-            layer.metadata.update(kwargs["metadata"])
-            for attr in ("colormap", "contrast_limits", "opacity"):
-                if attr in kwargs:
-                    setattr(layer, attr, kwargs[attr])
-        else:
-            add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-            layer = add(data, name=name, **kwargs)
-        if features is not None:
-            layer.features = features
-        return layer
 
     # -- Grad-CAM ----------------------------------------------------------------------
     def _target(self) -> int | None:
@@ -236,13 +209,11 @@ class ClassifyWidget(QWidget):
 
     def visible_box(self) -> tuple[float, float, float, float]:
         """Level-0 ``(y0, x0, y1, x1)`` of the part of the slide the canvas shows."""
+        from ..layers import visible_box
+
         camera = viewer_camera(self.viewer)
-        size = np.asarray(getattr(getattr(self.viewer, "canvas", None), "size", (800, 600)), float)
-        half = size / (2.0 * max(float(camera.zoom), 1e-12))
-        cy, cx = (float(v) for v in camera.center[-2:])
-        y0, x0 = self._level0((cy - half[0], cx - half[1]))
-        y1, x1 = self._level0((cy + half[0], cx + half[1]))
-        return y0, x0, y1, x1
+        size = getattr(getattr(self.viewer, "canvas", None), "size", (800, 600))
+        return visible_box(camera.center, camera.zoom, size, self.result.mpp or 1.0)
 
     def gradcam_view(self):
         """Grad-CAM of the classified tiles in the current view (capped); returns the worker or None."""
@@ -254,10 +225,10 @@ class ClassifyWidget(QWidget):
         if not idx.size:
             self.status.setText("No classified tiles in view.")
             return None
+        from ..layers import nearest_first
+
         # nearest the centre of the view first, so the cap keeps what the user looks at
-        centre = np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
-        dist = np.abs(self.result.grid.tiles[idx] + self.result.cell / 2 - centre).max(axis=1)
-        return self._start_gradcam(idx[np.argsort(dist, kind="stable")], "current view")
+        return self._start_gradcam(nearest_first(idx, self.result.grid.tiles, self.result.cell, box), "current view")
 
     def _start_gradcam(self, indices, what: str):
         from ..pipelines.classify import load_classifier
@@ -281,7 +252,7 @@ class ClassifyWidget(QWidget):
             self._model = (checkpoint, out[0])
             self._show_gradcam(out[1], what)
 
-        return self.runner.start(job, description=f"Grad-CAM: {what}", on_done=done)
+        return self.start_task(job, description=f"Grad-CAM: {what}", on_done=done)
 
     def _show_gradcam(self, cam, what: str) -> None:
         self.gradcam = cam
@@ -290,7 +261,7 @@ class ClassifyWidget(QWidget):
         meta = {"pathfm_kind": "gradcam", "tiles": cam.indices.tolist(), "targets": cam.targets.tolist(),
                 "classes": [self.result.classes[k] for k in cam.targets]}  # fmt: skip
         kwargs = {"scale": scale, "translate": translate, "metadata": meta}
-        cam_layer = self._put("image", name, image, colormap=napari_colormap("gradcam"), opacity=0.6,
+        cam_layer = self.show_layer(name, image, "image", colormap=napari_colormap("gradcam"), opacity=0.6,
                               contrast_limits=(0.0, 1.0), blending="translucent", units=layer_units(self.result.mpp),
                               **kwargs)  # fmt: skip
         shown = [self.labels_layer, *self.prob_layers[:1], cam_layer]
@@ -322,15 +293,8 @@ class ClassifyWidget(QWidget):
         if not on and self.click_btn.isChecked():
             self.click_btn.setChecked(False)
 
-    def _on_state(self, state: str) -> None:
-        running = state == "running"
-        self.run_btn.setEnabled(not running)
-        self.view_btn.setEnabled(not running and self.result is not None and self.result.n_tiles > 0)
-        self.cancel_btn.setEnabled(running)
-        if state == "cancelled":
-            self.status.setText("Stopped.")
-        elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_message}")
+    def state_changed(self, state: str) -> None:
+        self.view_btn.setEnabled(state != "running" and self.result is not None and self.result.n_tiles > 0)
 
     def closeEvent(self, event) -> None:
         self._arm_click(False)

@@ -33,19 +33,17 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )  # fmt: skip
 
-from ..colors import CONTINUOUS, napari_colormap, robust_limits
+from ..colors import CONTINUOUS, napari_colormap
 from ..coords import layer_transform, layer_units
+from ..layers import HEAT_PERCENTILES, class_heatmaps
 from ._checkpoint_picker import CheckpointPicker
+from ._dock import TaskDock
 from ._legend import Legend
-from ._runner import TaskRunner
 from .slide_widget import fill_slide_combo
 
 HEAT_COLORS = CONTINUOUS["gradcam"][0]
-#: Percentiles of the shown class's patch scores that set the heatmap's contrast limits.
-HEAT_PERCENTILES = (1.0, 99.0)
 #: Edge colour of the box drawn around a clicked top patch.
 BOX_COLOR = "cyan"
 
@@ -55,37 +53,17 @@ def heat_colormap():
     return napari_colormap("gradcam")
 
 
-def class_heatmaps(pred) -> list[tuple[np.ndarray, tuple[float, float]]]:
-    """Per class: the heatmap grid ready to show, and its robust contrast limits (run in the worker).
-
-    Cells without a patch (NaN) get a value below every score, so they stay transparent
-    under the colormap's transparent low end whatever limits the user picks later.
-    """
-    from ..pipelines.mil import heatmap_grid
-
-    out = []
-    for cls in range(len(pred.classes)):
-        grid, _cell = heatmap_grid(pred, cls)
-        lo, hi = robust_limits(grid, *HEAT_PERCENTILES)
-        finite = grid[np.isfinite(grid)]
-        floor = (float(finite.min()) if finite.size else lo) - (hi - lo)
-        out.append((np.nan_to_num(grid, nan=floor).astype(np.float32), (lo, hi)))
-    return out
-
-
 def viewer_camera(viewer):
     """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
-class MILWidget(QWidget):
+class MILWidget(TaskDock):
     """Run a MIL checkpoint on a slide and show where the evidence is."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        super().__init__(napari_viewer)
         self.prediction = None
         self.heatmaps: list = []  # per class: (grid, (lo, hi)) from class_heatmaps
         self.heat_layer = None
@@ -110,9 +88,7 @@ class MILWidget(QWidget):
 
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
+        self.run_buttons = [self.run_btn]
         self.result_label = QLabel("")
         self.result_label.setWordWrap(True)
         self.top_list = QListWidget()
@@ -133,6 +109,7 @@ class MILWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.result_label)
+        layout.addWidget(self.task_pieces())
         layout.addWidget(QLabel("heatmap class"))
         layout.addWidget(self.class_combo)
         layout.addWidget(self.legend)
@@ -166,26 +143,29 @@ class MILWidget(QWidget):
         name = self.layer_combo.currentText()
         checkpoint = self.checkpoint.path()
         if not name or not checkpoint:
-            self.result_label.setText("Choose a slide layer and a MIL checkpoint first.")
+            self.status.setText("Choose a slide layer and a MIL checkpoint first.")
             return None
         layer = self.viewer.layers[name]
         slide_path = layer.metadata["pathfm_path"]
         features = self.features_path
+        image_mpp = self.slide_image_mpp(name)  # the µm/px entered in the Slide dock (file has none)
         self._slide_layer_name = name
 
         def job(progress, cancel):
             from ..io.slide import open_slide
+            from ..layers import call_with_image_mpp
 
             if features is not None:
                 pred = mil_predict(checkpoint, features=features, progress=progress, cancel=cancel)
             else:
                 with open_slide(slide_path) as slide:
-                    pred = mil_predict(checkpoint, slide=slide, progress=progress, cancel=cancel)
+                    pred = call_with_image_mpp(mil_predict, checkpoint, slide=slide, progress=progress, cancel=cancel,
+                                               image_mpp=image_mpp)  # fmt: skip
             return pred, class_heatmaps(pred)
 
         self._legend_title = Path(checkpoint).stem
 
-        return self.runner.start(job, description=f"MIL: {name}", on_done=self._show_prediction)
+        return self.start_task(job, description=f"MIL: {name}", on_done=self._show_prediction)
 
     def _show_prediction(self, out) -> None:
         pred, self.heatmaps = out
@@ -196,6 +176,8 @@ class MILWidget(QWidget):
         self.result_label.setText(
             f"prediction: <b>{pred.predicted}</b> (probability {float(pred.probabilities[best]):.3f}; {others}), "
             f"{len(pred.coords)} patches")  # fmt: skip
+        self.show_notes(getattr(pred, "notes", []))
+        self.status.setText("")
         if self.box_layer is not None and self.box_layer in self.viewer.layers:
             self.box_layer.data = []  # the previous run's patch box is stale
         self.class_combo.blockSignals(True)
@@ -218,18 +200,11 @@ class MILWidget(QWidget):
         mpp = self._mpp()
         scale, translate = layer_transform(mpp, cell)
         name = f"{self._slide_layer_name} MIL heatmap"
-        look = {"colormap": napari_colormap("attention"), "contrast_limits": limits}
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = data
-            layer.scale, layer.translate = scale, translate
-            for attr, value in look.items():
-                setattr(layer, attr, value)
-        else:
-            layer = self.viewer.add_image(
-                data, name=name, scale=scale, translate=translate, units=layer_units(mpp), opacity=0.6,
-                blending="translucent", interpolation2d="nearest", **look,
-            )  # fmt: skip
+        layer = self.show_layer(
+            name, data, "image", scale=scale, translate=translate, units=layer_units(mpp), opacity=0.6,
+            blending="translucent", interpolation2d="nearest", colormap=napari_colormap("attention"),
+            contrast_limits=limits,
+        )  # fmt: skip
         layer.metadata.update({"pathfm_kind": "mil-heatmap", "class": pred.classes[cls], "downsample": cell,
                                "contrast_percentiles": list(HEAT_PERCENTILES), "run": self._runs})  # fmt: skip
         self.heat_layer = layer
@@ -242,8 +217,9 @@ class MILWidget(QWidget):
 
     def patch_box(self, y: int, x: int) -> np.ndarray:
         """Level-0 pixel corners ``[[y0, x0], [y1, x1]]`` of the patch at level-0 ``(y, x)``, edges as the heatmap cell's."""
-        cell = self.prediction.level0_tile_size
-        return np.array([[y - 0.5, x - 0.5], [y + cell - 0.5, x + cell - 0.5]], float)
+        from ..layers import patch_box
+
+        return patch_box(y, x, self.prediction.level0_tile_size)
 
     def _goto_patch(self, item: QListWidgetItem) -> None:
         """Draw the clicked patch's box (one rectangle, replacing the previous one) and centre the view on it."""
@@ -273,12 +249,3 @@ class MILWidget(QWidget):
         camera = viewer_camera(self.viewer)
         camera.center = tuple(float(v) for v in box.mean(axis=0) * unit)
         camera.zoom = max(camera.zoom, 1.0)
-
-    def _on_state(self, state: str) -> None:
-        running = state == "running"
-        self.run_btn.setEnabled(not running)
-        self.cancel_btn.setEnabled(running)
-        if state == "cancelled":
-            self.result_label.setText("Cancelled.")
-        elif state == "error" and self.runner.last_error is not None:
-            self.result_label.setText(f"Failed: {self.runner.last_message}")

@@ -25,7 +25,11 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from ..coords import layer_transform, layer_units, rescale_slide_layers
-from ._runner import TaskRunner
+from ..layers import tile_boxes
+from ._dock import TaskDock
+
+__all__ = ["MAX_TILE_SHAPES", "SlideWidget", "add_tissue_tiles_layers", "fill_slide_combo", "slide_layers",
+           "tile_boxes"]  # fmt: skip
 
 MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets sluggish
 
@@ -51,13 +55,11 @@ def _pixmap(rgb: np.ndarray, max_side: int = 220) -> QPixmap:
     return QPixmap.fromImage(image).scaled(max_side, max_side, Qt.AspectRatioMode.KeepAspectRatio)
 
 
-class SlideWidget(QWidget):
+class SlideWidget(TaskDock):
     """Open whole-slide images, inspect their metadata and show tissue/tiles over them."""
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        super().__init__(napari_viewer)
         self._slides: dict[str, object] = {}
 
         open_btn = QPushButton("Open slide…")
@@ -103,11 +105,7 @@ class SlideWidget(QWidget):
         self.min_tissue = self._spin(0.25, 0.0, 1.0, "Minimum tissue fraction of a kept tile")
         self.run_btn = QPushButton("Show tissue && tiles")
         self.run_btn.clicked.connect(self.compute_tissue)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.run_buttons = [self.run_btn]
 
         form = QFormLayout()
         form.addRow("mask µm/px", self.mask_mpp)
@@ -135,7 +133,7 @@ class SlideWidget(QWidget):
         layout.addWidget(self.table)
         layout.addWidget(assoc_box)
         layout.addWidget(tissue_box)
-        layout.addWidget(self.status)
+        layout.addWidget(self.task_pieces())
         layout.addStretch(1)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -159,18 +157,16 @@ class SlideWidget(QWidget):
             self.open_path(path)
 
     def open_path(self, path: str | Path):
-        """Open ``path`` as a slide layer (errors are shown to the user, never raised into napari)."""
-        from napari.utils.notifications import show_error
-
+        """Open ``path`` as a slide layer (a failure is the dock's one status message, never raised into napari)."""
         from .._reader import slide_layer_data
-        from ..io.slide import open_slide
+        from ..error_boundary import describe
         from ..errors import SlideError
+        from ..io.slide import open_slide
 
         try:
             slide = open_slide(path)
-        except SlideError as exc:
-            show_error(str(exc))
-            self.status.setText(str(exc))
+        except (SlideError, OSError) as exc:
+            self.status.setText(f"Failed: {describe(exc).text}")
             return None
         data, kwargs, _ = slide_layer_data(slide)
         self._slides[str(slide.path)] = slide
@@ -285,19 +281,10 @@ class SlideWidget(QWidget):
         def job(progress, cancel):
             return compute_tissue_tiles(slide, progress=progress, cancel=cancel, **params)
 
-        return self.runner.start(job, description=f"tissue & tiles: {name}", on_done=lambda r: self._add_results(name, r))
+        return self.start_task(job, description=f"tissue & tiles: {name}", on_done=lambda r: self._add_results(name, r))
 
     def _add_results(self, name: str, result) -> None:
         self.status.setText(add_tissue_tiles_layers(self.viewer, name, result))
-
-    def _on_state(self, state: str) -> None:
-        running = state == "running"
-        self.run_btn.setEnabled(not running)
-        self.cancel_btn.setEnabled(running)
-        if state == "cancelled":
-            self.status.setText("Cancelled.")
-        elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_message}")
 
 
 def add_tissue_tiles_layers(viewer, name: str, result) -> str:
@@ -347,18 +334,3 @@ def add_tissue_tiles_layers(viewer, name: str, result) -> str:
     out = f", {grid.mpp:.4g} µm/px per tile pixel" if grid.mpp else ""
     return (f"{n} tissue tiles of {grid.tile_size} px {read}{out}; tissue covers "
             f"{tissue.tissue_fraction:.0%} of the slide.")
-
-
-def tile_boxes(grid) -> list[np.ndarray]:
-    """Rectangles (4 corners, level-0 pixel coordinates) of the grid's tiles, clipped to the slide.
-
-    Corners sit on pixel edges (pixel ``j`` is centred at ``j``), so a box covers its level-0
-    pixels exactly; tiles of the last row/column that overhang the slide stop at its edge.
-    """
-    h, w = grid.level0_shape
-    s = grid.level0_size
-    boxes = []
-    for y, x in np.asarray(grid.tiles, float):
-        y1, x1 = min(y + s, h), min(x + s, w)
-        boxes.append(np.array([[y, x], [y, x1], [y1, x1], [y1, x]], float) - 0.5)
-    return boxes

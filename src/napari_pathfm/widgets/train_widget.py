@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
@@ -45,6 +44,7 @@ from ..checkpoints import add_search_folder
 from ..training.recipes import FAMILIES
 from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
+from ._dock import DockLines
 from ._train_form import COMMON_KEYS, SKIP_KEYS, Form
 from ._train_plot import LossPlot
 from ._train_runs import RunsList
@@ -73,16 +73,10 @@ VIEWER_DATA = {
 
 
 def list_recipes(family: str, folder: Path = RECIPES_DIR) -> list[Path]:
-    """Recipe YAML files under ``folder`` whose ``family`` is ``family`` (unreadable files are skipped)."""
-    found = []
-    for path in sorted(folder.glob("*/*.yaml")) if folder.is_dir() else []:
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(raw, dict) and raw.get("family") == family:
-            found.append(path)
-    return found
+    """Recipe YAML files under ``folder`` whose ``family`` is ``family`` (:func:`napari_pathfm.recipe_files.list_recipes`)."""
+    from ..recipe_files import list_recipes as _list
+
+    return _list(family, folder)
 
 
 def default_output(recipe: str | Path) -> Path:
@@ -190,8 +184,8 @@ class TrainWidget(QWidget):
         self.epoch_bar, self.batch_bar = QProgressBar(), QProgressBar()
         self.epoch_bar.setFormat("epoch %v/%m")
         self.batch_bar.setFormat("batch %v/%m")
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.lines = DockLines()  # the docks' status and note lines (widgets/_dock.py)
+        self.status, self.note = self.lines.status, self.lines.note
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)  # copyable errors
 
         self.plot = LossPlot()
@@ -211,6 +205,7 @@ class TrainWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.epoch_bar)
         layout.addWidget(self.batch_bar)
+        layout.addWidget(self.note)
         layout.addWidget(self.status)
         layout.addWidget(self.plot, 1)
         layout.addWidget(self.runs)

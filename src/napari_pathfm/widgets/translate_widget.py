@@ -37,12 +37,11 @@ from qtpy.QtWidgets import (
     QSlider,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )  # fmt: skip
 
 from ..colors import napari_colormap, robust_limits
 from ._legend import Legend
-from ._runner import TaskRunner
+from ._dock import TaskDock
 from ._translate_rows import (
     ChannelRow,
     channel_colormaps,
@@ -93,7 +92,7 @@ def layer_colormap(name: str, role: str) -> str:
     return channel_colormaps([(name, role)])[name]
 
 
-class TranslateWidget(QWidget):
+class TranslateWidget(TaskDock):
     """Translate a brightfield z-stack into fluorescence channels and nuclei, one checkpoint per row.
 
     Attributes
@@ -107,9 +106,7 @@ class TranslateWidget(QWidget):
     """
 
     def __init__(self, napari_viewer):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.runner = TaskRunner(on_state=self._on_state, parent=self)
+        super().__init__(napari_viewer)
         self.result = None
         self.layers: dict[str, object] = {}
         self.rows: list[ChannelRow] = []
@@ -149,18 +146,14 @@ class TranslateWidget(QWidget):
 
         self.run_btn = QPushButton("Run")
         self.run_btn.clicked.connect(self.run)
-        self.cancel_btn = QPushButton("Cancel")
-        self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.run_buttons = [self.run_btn, self.add_btn]
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_btn)
         buttons.addWidget(self.cancel_btn)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
-        layout.addWidget(self.status)
+        layout.addWidget(self.task_pieces())
         layout.addWidget(self.legend)
         layout.addStretch(1)
 
@@ -312,7 +305,7 @@ class TranslateWidget(QWidget):
             return result, channel_limits(result)
 
         self.status.setText("Translating…")
-        return self.runner.start(job, description=f"Translate: {name}", on_done=self._show)
+        return self.start_task(job, description=f"Translate: {name}", on_done=self._show)
 
     def _place(self) -> dict:
         """Scale/translate of the (Y, X) axes of the z-stack layer, so the outputs overlay it."""
@@ -321,19 +314,12 @@ class TranslateWidget(QWidget):
             return {"scale": tuple(src.scale[-2:]), "translate": tuple(src.translate[-2:])}
         return {}
 
-    def _put(self, key: str, kind: str, data, **kwargs):
-        """Create the layer ``key`` or update its data (a re-run replaces the previous result)."""
+    def _put(self, key: str, kind: str, data, *, name: str, **kwargs):
+        """Create the layer ``key`` or update it in place (a re-run replaces the previous result)."""
         layer = self.layers.get(key)
-        if layer is not None and layer in self.viewer.layers:
-            layer.data = data
-            for attr in ("contrast_limits", "colormap", "opacity", "blending", "scale", "translate"):
-                if attr in kwargs:
-                    setattr(layer, attr, kwargs[attr])
-            layer.metadata.update(kwargs.get("metadata", {}))
-            return layer
-        add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-        layer = add(data, **kwargs)
-        self.layers[key] = layer
+        if layer is not None and layer in self.viewer.layers and layer.name != name:
+            layer.name = name  # another stack's run: the same layer takes the new name
+        layer = self.layers[key] = self.show_layer(name, data, kind, **kwargs)
         return layer
 
     def _show(self, out) -> None:
@@ -375,7 +361,10 @@ class TranslateWidget(QWidget):
         self.threshold.setEnabled(result.confidence is not None or self.lupi_checkpoint() is not None)
         n = int(result.nuclei_labels.max()) if result.nuclei_labels is not None else 0
         channels = ", ".join(f"{c} ({result.roles[c]})" for c in result.channels)
-        self.status.setText(f"{channels}; {n} nuclei" + ("; " + "; ".join(result.messages) if result.messages else ""))
+        notes = list(getattr(result, "notes", []) or [])
+        self.show_notes(notes)
+        others = [m for m in result.messages if m not in notes]
+        self.status.setText(f"{channels}; {n} nuclei" + ("; " + "; ".join(others) if others else ""))
 
     def _rethreshold(self, value: int) -> None:
         """Re-label the nuclei from the confidence map at the slider's value (no re-inference)."""
@@ -391,13 +380,3 @@ class TranslateWidget(QWidget):
             layer.data = labels
             layer.metadata["threshold"] = t
         self.status.setText(f"{int(labels.max())} nuclei with confidence ≥ {t:.2f}")
-
-    def _on_state(self, state: str) -> None:
-        running = state == "running"
-        self.run_btn.setEnabled(not running)
-        self.cancel_btn.setEnabled(running)
-        self.add_btn.setEnabled(not running)
-        if state == "cancelled":
-            self.status.setText("Cancelled.")
-        elif state == "error" and self.runner.last_error is not None:
-            self.status.setText(f"Failed: {self.runner.last_message}")
