@@ -1,0 +1,235 @@
+"""Screenshots of each napari-pathfm dock after a run on the bundled data, for the docs.
+
+    xvfb-run -a -s "-screen 0 1600x1200x24" .venv/bin/python docs/screenshots.py [--out docs/images] [DOCK ...]
+
+For each dock (slide, segment, classify, mil, translate, train) it opens napari on the bundled
+data (the CMU-1 small region; the ISL z-stack crop with its real stains for Translate), docks the
+widget, runs it with the bundled model and waits for the run, then writes
+
+* ``<dock>.png``: the whole napari window (canvas, layer list, dock), downscaled to ``--width`` px;
+* ``<dock>-dock.png``: the dock alone (``QWidget.grab()``).
+
+The Train dock is filled with ``training/classify/crc_tiny.yaml``; when the CRC tiles are present
+(``$PATHFM_SHARED_DATA/crc-tiles``) one epoch is trained so that the plot and the run list show it
+(into a temporary per-user data folder), else the form is shown as filled. The window has a fixed
+size and the camera is reset to the data, so a rerun gives the same pictures up to model output.
+PNGs are written atomically, reduced to 256 colours and optimised (about 0.25 MB a dock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOCKS = ("slide", "segment", "classify", "mil", "translate", "train")
+WINDOW = (1500, 900)  # napari main window size (px), fixed for every picture
+DOCK_WIDTH = 400  # width given to the right dock area (px)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dock(viewer, name: str):
+    """The Qt dock (title bar + widget) that napari made for the widget docked as ``name``, or None."""
+    inner = viewer.window.dock_widgets.get(name)
+    return None if inner is None else inner.parent()
+
+
+def _qapp_turns(n: int = 20) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(n):
+        QApplication.processEvents()
+        time.sleep(0.005)
+
+
+def _fix_window(viewer, dock_name: str | None) -> None:
+    """Fixed window size, the dock ``dock_name`` raised and given a fixed width, camera reset."""
+    from qtpy.QtCore import Qt
+
+    win = viewer.window._qt_window
+    win.showNormal()
+    win.resize(*WINDOW)
+    _qapp_turns()
+    dock = _dock(viewer, dock_name) if dock_name else None
+    if dock is not None:
+        dock.show()
+        dock.raise_()
+        win.resizeDocks([dock], [DOCK_WIDTH], Qt.Orientation.Horizontal)
+    _qapp_turns()
+    viewer.reset_view()
+    _qapp_turns(40)
+
+
+def _wait(widget, key: str, deadline: float) -> None:
+    """Turn the event loop until ``widget``'s run (worker) ends; raise if it failed or timed out."""
+    from napari_pathfm.demo import _await
+
+    _await(widget, key, deadline)
+    _qapp_turns(40)
+
+
+def _save_png(rgb, target: Path, width: int | None, colors: int = 256) -> Path:
+    """Write an RGB(A) array as an optimised PNG, downscaled to ``width`` px when wider; atomically.
+
+    With ``colors`` the picture is reduced to a palette of that many colours (median cut, no dither):
+    a third of the size, and the UI and slide look the same at this scale.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from napari_pathfm.io.atomic import atomic_path
+
+    img = Image.fromarray(np.ascontiguousarray(rgb)).convert("RGB")
+    if width and img.width > width:
+        img = img.resize((width, round(img.height * width / img.width)), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    img = img.quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE) if colors else img
+    with atomic_path(target) as tmp:
+        img.save(tmp, format="PNG", optimize=True)
+    return target
+
+
+def _grab(widget, margin: int = 8):
+    """``widget.grab()`` as an RGBA array, without the empty rows below the dock's content."""
+    import numpy as np
+    from napari._qt.utils import QImg2array
+
+    rgba = QImg2array(widget.grab().toImage())
+    rows = np.flatnonzero((rgba[..., :3] != rgba[-1:, :, :3]).any(axis=(1, 2)))  # differ from the bottom row
+    return rgba[: min(len(rgba), rows[-1] + 1 + margin)] if len(rows) else rgba
+
+
+def _show_only(viewer, keep) -> None:
+    """Show the slide/z-stack layers and those ``keep(layer)`` accepts; hide the rest."""
+    for layer in viewer.layers:
+        layer.visible = "pathfm_path" in layer.metadata or bool(keep(layer))
+
+
+def _slide_viewer(dock: str):
+    """A viewer with the bundled slide, tissue + tiles and the Slide dock; with ``dock`` that dock too, run."""
+    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.demo import build_viewer
+
+    viewer, widgets = build_viewer(sample_slide_path(), show=True, mil=dock == "mil", segment=dock == "segment",
+                                   classify=dock == "classify")  # fmt: skip
+    return viewer, widgets
+
+
+DOCK_NAMES = {
+    "slide": "Slide (napari-pathfm)",
+    "segment": "Segment (napari-pathfm)",
+    "classify": "Classify tiles (napari-pathfm)",
+    "mil": "MIL slide prediction (napari-pathfm)",
+    "translate": "Translate z-stack (napari-pathfm)",
+    "train": "Train a model (napari-pathfm)",
+}
+
+
+def _train(viewer, deadline: float, run: bool):
+    """Dock the Train widget with crc_tiny.yaml; with ``run`` train one epoch and wait for it."""
+    from napari_pathfm.widgets.train_widget import TrainWidget
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name=DOCK_NAMES["train"], area="right", tabify=True)
+    widget.set_recipe(REPO / "training" / "classify" / "crc_tiny.yaml")
+    widget.form.set_value("trainer.max_epochs", 1)  # one tiny epoch
+    widget.device.setCurrentText("cpu")
+    if run:
+        widget.start()
+        while widget.state.value in ("training", "stopping") and time.monotonic() < deadline:
+            _qapp_turns(5)
+            time.sleep(0.05)
+        if widget.state.value != "done":
+            raise RuntimeError(f"the train run did not finish ({widget.state.value}): {widget.status.text()}")
+    return widget
+
+
+def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, train_run: bool | None = None) -> dict:
+    """Render ``out/<dock>.png`` (window) and ``out/<dock>-dock.png`` (dock alone). Returns {kind: path}."""
+    from napari_pathfm.widgets._gl_safety import keep_triton_out
+
+    keep_triton_out()  # before any viewer: a later torch import next to Mesa's LLVM segfaults otherwise
+    deadline = time.monotonic() + timeout
+    out = Path(out)
+    if dock == "translate":
+        from napari_pathfm.demo import build_translate_viewer
+
+        viewer, widget = build_translate_viewer(show=True)
+        if widget is None:
+            raise RuntimeError("no bundled haste-isl-* model installed")
+    else:
+        viewer, widgets = _slide_viewer(dock)
+        widget = widgets.get(dock) if dock in widgets else None
+        if dock == "slide":
+            widget = viewer.window.dock_widgets[DOCK_NAMES["slide"]]
+    try:
+        if dock == "train":
+            if train_run is None:
+                from napari_pathfm.training.recipes import default_shared_data
+
+                train_run = (Path(default_shared_data()) / "crc-tiles").is_dir()
+            widget = _train(viewer, deadline, train_run)
+            _show_only(viewer, lambda layer: False)
+        elif dock in ("segment", "classify", "mil"):
+            if widget is None:
+                raise RuntimeError(f"no bundled model for the {dock} dock")
+            _wait(widget, dock, deadline)
+            if dock == "classify":
+                only = getattr(widget, "labels_layer", None)  # the tile classes, not the probabilities
+                _show_only(viewer, lambda layer: layer is only)
+            else:
+                kind = {"mil": "mil-heatmap", "segment": "segment"}[dock]
+                _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") == kind)
+        elif dock == "translate":
+            _wait(widget, dock, deadline)
+            for layer in viewer.layers:
+                if layer.metadata.get("pathfm_kind") == "translate-confidence":
+                    layer.visible = False
+        _fix_window(viewer, DOCK_NAMES[dock])
+        window = viewer.screenshot(canvas_only=False, flash=False)
+        dock_widget = _dock(viewer, DOCK_NAMES[dock])
+        written = {
+            "window": _save_png(window, out / f"{dock}.png", width),
+            "dock": _save_png(_grab(dock_widget), out / f"{dock}-dock.png", None),
+        }
+    finally:
+        viewer.close()
+        _qapp_turns()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("docks", nargs="*", help=f"docks to shoot (default: all of {DOCKS})")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
+    parser.add_argument("--width", type=int, default=1200, help="width of the window pictures (px)")
+    parser.add_argument("--no-train-run", action="store_true", help="show the Train form filled, without training")
+    args = parser.parse_args(argv)
+    docks = args.docks or list(DOCKS)
+    bad = [d for d in docks if d not in DOCKS]
+    if bad:
+        parser.error(f"unknown dock(s) {bad}; choose from {DOCKS}")
+    # A fixed per-user data folder (shown in the docks' text): the Train run and its run list go there.
+    data_dir = Path(tempfile.gettempdir()) / "napari-pathfm-screenshots"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.environ["PATHFM_DATA_DIR"] = str(data_dir)
+    failed = []
+    for dock in docks:
+        t0 = time.perf_counter()
+        try:
+            written = shoot(dock, args.out, width=args.width, train_run=False if args.no_train_run else None)
+        except Exception as exc:  # noqa: BLE001  (one dock failing should not stop the others)
+            failed.append(dock)
+            print(f"{dock}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        sizes = ", ".join(f"{p.name} {p.stat().st_size // 1024} KiB" for p in written.values())
+        print(f"{dock}: {sizes} ({time.perf_counter() - t0:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
