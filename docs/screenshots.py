@@ -152,6 +152,8 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
     """Render ``out/<dock>.png`` (window) and ``out/<dock>-dock.png`` (dock alone). Returns {kind: path}."""
     from napari_pathfm.widgets._gl_safety import keep_triton_out
 
+    if dock not in DOCKS:
+        raise ValueError(f"unknown dock {dock!r}; choose from {DOCKS}")
     keep_triton_out()  # before any viewer: a later torch import next to Mesa's LLVM segfaults otherwise
     deadline = time.monotonic() + timeout
     out = Path(out)
@@ -162,10 +164,8 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
         if widget is None:
             raise RuntimeError("no bundled haste-isl-* model installed")
     else:
-        viewer, widgets = _slide_viewer(dock)
-        widget = widgets.get(dock) if dock in widgets else None
-        if dock == "slide":
-            widget = viewer.window.dock_widgets[DOCK_NAMES["slide"]]
+        viewer, widgets = _slide_viewer(dock)  # the Slide dock has computed tissue & tiles already
+        widget = widgets.get(dock)
     try:
         if dock == "train":
             if train_run is None:
@@ -213,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in docks if d not in DOCKS]
     if bad:
         parser.error(f"unknown dock(s) {bad}; choose from {DOCKS}")
-    # A fixed per-user data folder (shown in the docks' text): the Train run and its run list go there.
+    # Fresh, fixed user folders (their paths show in the docks' text), so that every run starts the same:
+    # the Train run and the run list, an empty embedding cache (the encoders run), no user models.
     data_dir = Path(tempfile.gettempdir()) / "napari-pathfm-screenshots"
     shutil.rmtree(data_dir, ignore_errors=True)
     os.environ["PATHFM_DATA_DIR"] = str(data_dir)
+    os.environ["PATHFM_CACHE_DIR"] = str(data_dir / "cache")
+    os.environ["PATHFM_MODELS"] = str(data_dir / "models")
     failed = []
     for dock in docks:
         t0 = time.perf_counter()
