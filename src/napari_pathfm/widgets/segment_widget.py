@@ -252,8 +252,14 @@ class SegmentWidget(TaskDock):
         if isinstance(recorder, Exception):
             self.status.setText(f"Corrections are not recorded: {recorder}")
             return
-        recorder.labels = self.labels_layer.data
-        self.recorder = recorder.attach(self.labels_layer)
+        # a plugin dock gets napari's public-only proxies; the recorder wraps the layer's own undo/redo
+        layer = getattr(self.labels_layer, "__wrapped__", self.labels_layer)
+        recorder.labels = layer.data
+        try:
+            self.recorder = recorder.attach(layer)
+        except Exception as exc:  # never let the recorder break showing the result
+            self.status.setText(f"Corrections are not recorded: {exc}")
+            return
         self.status.setText(self.status.text() + f" Corrections go to {self.recorder.folder}.")
         n_saved = len(self.recorder.saved)
         self.restore_btn.setEnabled(n_saved > 0)
