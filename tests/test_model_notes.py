@@ -166,3 +166,14 @@ def test_translate_notes_for_bundled_models_and_plane_count(tmp_path):
     assert res2.notes == ["the stack has 14 planes; haste-isl-dapi.safetensors was trained on 13 (the planes it "
                           "names are used)."]  # fmt: skip
     assert res2.messages[0] == res2.notes[0]
+
+
+def test_demonstration_notes_of_several_models_read_as_one_sentence():
+    from napari_pathfm.pipelines.notes import join_demonstration_notes
+
+    notes = [f"Demonstration model (haste-isl-{c}: small, CPU-trained on ISL) — not for diagnosis." for c in
+             ("dapi", "map2", "nfh")] + ["The z-stack has 12 planes; the models were trained on 13."]  # fmt: skip
+    assert join_demonstration_notes(notes) == [
+        "Demonstration models (haste-isl-dapi, haste-isl-map2, haste-isl-nfh: small, CPU-trained on ISL) — not for "
+        "diagnosis.", notes[-1]]  # fmt: skip
+    assert join_demonstration_notes(notes[:1]) == notes[:1]

@@ -213,6 +213,35 @@ def translate_notes(
     return notes
 
 
+_DEMO = re.compile(r"^Demonstration model \((?P<name>[^:]+): (?P<how>.+)\) — not for diagnosis\.$")
+
+
+def join_demonstration_notes(notes: Sequence[str]) -> list[str]:
+    """Several "Demonstration model (name: how) — not for diagnosis." notes (one per checkpoint of a run,
+    e.g. the bundled DAPI, MAP2 and NFH models) as one sentence, in the place of the first.
+
+    >>> join_demonstration_notes(["Demonstration model (a: small, trained on X) — not for diagnosis.",
+    ...                           "Demonstration model (b: small, trained on X) — not for diagnosis."])
+    ['Demonstration models (a, b: small, trained on X) — not for diagnosis.']
+    """
+    demos = [(n, _DEMO.match(n)) for n in notes]
+    found = [m for _, m in demos if m]
+    if len(found) < 2:
+        return list(notes)
+    hows = list(dict.fromkeys(m["how"] for m in found))
+    if len(hows) == 1:
+        body = f"{', '.join(m['name'] for m in found)}: {hows[0]}"
+    else:
+        body = "; ".join(f"{m['name']}: {m['how']}" for m in found)
+    joined, out = f"Demonstration models ({body}) — not for diagnosis.", []
+    for note, m in demos:
+        if m is None:
+            out.append(note)
+        elif joined not in out:
+            out.append(joined)
+    return out
+
+
 def merge_notes(notes: Sequence[str], messages: list[str]) -> list[str]:
     """``notes`` followed by the ``messages`` not already among them (notes first: they say what the
     model is before what the run met)."""

@@ -460,7 +460,7 @@ def translate_stack(
 
 def _add_notes(result: TranslationResult, data: Any) -> None:
     """Fill ``result.notes`` from each checkpoint's card and put them first in ``result.messages``."""
-    from .notes import merge_notes, translate_notes
+    from .notes import join_demonstration_notes, merge_notes, translate_notes
 
     notes: list[str] = []
     for label, card in zip(result.checkpoints, result.cards):
@@ -468,8 +468,8 @@ def _add_notes(result: TranslationResult, data: Any) -> None:
                                     dtype=data.dtype, pixel_size=result.pixel_size):  # fmt: skip
             if note not in notes:
                 notes.append(note)
-    result.notes = notes
-    result.messages = merge_notes(notes, result.messages)
+    result.notes = join_demonstration_notes(notes)
+    result.messages = merge_notes(result.notes, result.messages)
 
 
 def _reopen(result: TranslationResult, root: Path) -> None:
