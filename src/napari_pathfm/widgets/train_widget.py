@@ -32,10 +32,12 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )  # fmt: skip
@@ -197,7 +199,16 @@ class TrainWidget(QWidget):
         top.addRow("Recipe", recipe_row)
         top.addRow("Output folder", out_row)
         top.addRow("Device", self.device)
-        layout = QVBoxLayout(self)
+        # the panel scrolls instead of forcing the napari window taller than the screen (form + plot + runs list)
+        content = QWidget()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        layout = QVBoxLayout(content)
         layout.addLayout(top)
         layout.addWidget(self.form)
         layout.addWidget(self.viewer_data)
