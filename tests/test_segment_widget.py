@@ -65,8 +65,6 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     first = np.asarray(layer.data).copy()
 
     # the legend names the classes in the mask's colours, and the GeoJSON saved from the layer has the same colours
-    import json
-
     (entry,) = widget.legend.entries
     assert entry["kind"] == "classes" and [name for name, _ in entry["classes"]] == ["gland"]
     out = tmp_path / "mask.geojson"

@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "PALETTE", "BACKGROUND_NAMES", "CONTINUOUS", "class_colors", "class_color", "label_colormap", "napari_colormap",
+    "normalize_class_names",
     "robust_limits",
 ]  # fmt: skip
 
@@ -51,7 +52,8 @@ CONTINUOUS: dict[str, tuple[list[list[float]], list[float]]] = {
 }  # fmt: skip
 
 
-def _names(class_names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
+def normalize_class_names(class_names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
+    """``{value: name}`` from a mapping, a list indexed by label value, or None (empty)."""
     if class_names is None:
         return {}
     if isinstance(class_names, Mapping):
@@ -81,7 +83,7 @@ def class_colors(
     >>> class_colors(["background", "gland"], pinned={"gland": [0, 0, 255]})
     {1: (0, 0, 255)}
     """
-    names = _names(class_names)
+    names = normalize_class_names(class_names)
     pinned = {str(k).lower(): v for k, v in (pinned or {}).items()}
     out: dict[int, tuple[int, int, int]] = {}
     k = 0
@@ -112,7 +114,7 @@ def label_colormap(class_names: Mapping[int, str] | Sequence[str] | None, pinned
 
     clear = np.zeros(4, np.float32)
     color_dict = {None: clear, 0: clear}
-    names = _names(class_names)
+    names = normalize_class_names(class_names)
     for value in names:
         color_dict.setdefault(value, clear)
     for value, rgb in class_colors(names, pinned).items():

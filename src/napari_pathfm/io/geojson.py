@@ -26,20 +26,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..colors import PALETTE, class_colors
+from ..colors import PALETTE, class_colors, normalize_class_names
 from ..errors import PathFMError
 from .atomic import atomic_path
 
 __all__ = ["labels_to_geojson", "write_geojson", "geojson_to_labels", "normalize_class_names", "class_color"]
-
-
-def normalize_class_names(class_names: dict[int, str] | Sequence[str] | None) -> dict[int, str]:
-    """``{value: name}`` from a dict, a list indexed by label value, or None (empty)."""
-    if class_names is None:
-        return {}
-    if isinstance(class_names, dict):
-        return {int(k): str(v) for k, v in class_names.items()}
-    return {i: str(n) for i, n in enumerate(class_names)}
 
 
 def class_color(value: int, colors: dict[int, Sequence[int]] | Sequence | None = None) -> list[int]:

@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import Cancelled, CheckpointError, ManifestError, PathFMError, SlideError, UsageError
 from ..io.checksums import file_crc32
 from ..io.jsonsafe import dumps as safe_dumps
+from ..io.text import read_utf8
 from ..progress import is_cancelled, report
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ def read_manifest(manifest_csv: PathLike) -> list[Path]:
     path = Path(manifest_csv)
     if not path.is_file():
         raise ManifestError(path, "manifest not found.", "Give a CSV file with a 'slide' column.")
-    reader = csv.DictReader(io.StringIO(_manifest_text(path), newline=""))
+    text = read_utf8(path, ManifestError,
+                     "Save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8) and run again.")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
         raise ManifestError(path, f"no 'slide' column (columns: {reader.fieldnames}).",
                             "Add a header line with a 'slide' column of slide paths.")  # fmt: skip
@@ -187,20 +190,6 @@ def read_manifest(manifest_csv: PathLike) -> list[Path]:
     if not slides:
         raise ManifestError(path, "the manifest lists no slides.", "Add one slide path per row.")
     return slides
-
-
-def _manifest_text(path: Path) -> str:
-    """The manifest decoded as UTF-8 (BOM dropped); another encoding -> ManifestError naming the line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ManifestError(
-            path, f"is not UTF-8 text: line {line} has a byte (0x{data[exc.start]:02x}) that UTF-8 cannot decode "
-            "(the file was probably saved as Latin-1 or Windows-1252).",
-            "Save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8) and run again.",
-        ) from None
 
 
 def slide_out_dir(out_dir: PathLike, slide: Path) -> Path:

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import yaml
 
 from ..errors import RecipeError
+from ..io.text import read_utf8
 
 __all__ = ["Recipe", "Field", "load_recipe", "parse_override", "schema", "SCHEMA", "FAMILIES", "default_shared_data"]
 
@@ -499,17 +500,14 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
             raise RecipeError(
                 path, "recipe file not found.", "Check the path; recipes live in the training/ folder of the repo."
             )
+        text = read_utf8(path, RecipeError, "Save it as UTF-8.")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            line = path.read_bytes()[: exc.start].count(b"\n") + 1
-            raise RecipeError(path, f"is not UTF-8 text (line {line} has the byte 0x{exc.object[exc.start]:02x}).",
-                              "Save it as UTF-8.") from exc  # fmt: skip
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = ""
             if mark is not None:
-                lines = path.read_text(encoding="utf-8").splitlines()
+                lines = text.splitlines()
                 text = lines[mark.line].strip() if mark.line < len(lines) else ""
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" + (f" ({text!r})" if text else "")
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
