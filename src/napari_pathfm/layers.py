@@ -3,19 +3,17 @@
 The docks (:mod:`napari_pathfm.widgets`) only arrange widgets; the little maths and table
 building they need lives here, free of Qt, so it can run in a worker and be tested alone:
 class-name feature tables, the µm/px a user entered for a slide, tile and patch boxes,
-MIL heatmaps with robust contrast limits, and calling a pipeline with ``image_mpp`` when
-it takes one.
+and MIL heatmaps with robust contrast limits.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
 __all__ = [
-    "HEAT_PERCENTILES", "call_with_image_mpp", "class_features", "class_heatmaps", "entered_mpp", "nearest_first",
+    "HEAT_PERCENTILES", "class_features", "class_heatmaps", "entered_mpp", "nearest_first",
     "patch_box",
     "tile_boxes", "visible_box",
 ]  # fmt: skip
@@ -44,18 +42,6 @@ def entered_mpp(layer) -> Optional[float]:
         return None
     mpp = (meta.get("pathfm_slide") or {}).get("mpp")
     return float(mpp) if mpp else None
-
-
-def call_with_image_mpp(fn: Callable[..., Any], *args, image_mpp: Optional[float] = None, **kwargs):
-    """Call ``fn(*args, **kwargs)``, passing ``image_mpp=`` only when given and ``fn`` accepts it."""
-    if image_mpp is not None:
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "image_mpp" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs["image_mpp"] = image_mpp
-    return fn(*args, **kwargs)
 
 
 def tile_boxes(grid) -> list[np.ndarray]:

@@ -116,7 +116,6 @@ class ClassifyWidget(TaskDock):
     # -- classify ----------------------------------------------------------------------
     def run(self):
         """Classify the chosen slide in a worker; returns the worker (None if inputs are missing)."""
-        from ..layers import call_with_image_mpp
         from ..pipelines.classify import classify_slide
 
         name, checkpoint = self.layer_combo.currentText(), self.checkpoint.path()
@@ -134,8 +133,8 @@ class ClassifyWidget(TaskDock):
             from ..layers import class_features
             from ..tiles.cached_encoder import cache_note
 
-            result = call_with_image_mpp(classify_slide, slide_path, checkpoint, batch_size=batch, progress=progress,
-                                         cancel=cancel, image_mpp=image_mpp)  # fmt: skip
+            result = classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel,
+                                    image_mpp=image_mpp)  # fmt: skip
             return result, class_features(result.label_names()), cache_note(result.cache)
 
         self._slide_layer_name, self._checkpoint = name, checkpoint

@@ -153,14 +153,12 @@ class MILWidget(TaskDock):
 
         def job(progress, cancel):
             from ..io.slide import open_slide
-            from ..layers import call_with_image_mpp
 
             if features is not None:
                 pred = mil_predict(checkpoint, features=features, progress=progress, cancel=cancel)
             else:
                 with open_slide(slide_path) as slide:
-                    pred = call_with_image_mpp(mil_predict, checkpoint, slide=slide, progress=progress, cancel=cancel,
-                                               image_mpp=image_mpp)  # fmt: skip
+                    pred = mil_predict(checkpoint, slide=slide, progress=progress, cancel=cancel, image_mpp=image_mpp)
             return pred, class_heatmaps(pred)
 
         self._legend_title = Path(checkpoint).stem

@@ -143,7 +143,6 @@ class SegmentWidget(TaskDock):
     # -- segment ----------------------------------------------------------------------
     def run(self):
         """Segment the chosen slide in a worker; returns the worker (None if inputs are missing)."""
-        from ..layers import call_with_image_mpp
         from ..pipelines.segment import segment_slide
 
         name, checkpoint = self.layer_combo.currentText(), self.checkpoint.path()
@@ -169,8 +168,8 @@ class SegmentWidget(TaskDock):
             from ..models.checkpoint import checkpoint_paths, read_card
             from ..tiles.cached_encoder import cache_note
 
-            result = call_with_image_mpp(segment_slide, slide_path, checkpoint, mpp=mpp, progress=progress,
-                                         cancel=cancel, image_mpp=image_mpp)  # fmt: skip
+            result = segment_slide(slide_path, checkpoint, mpp=mpp, progress=progress, cancel=cancel,
+                                   image_mpp=image_mpp)  # fmt: skip
             card = read_card(checkpoint_paths(result.checkpoint or checkpoint)[1])
             labels = result.labels
             baseline = np.array(labels) if isinstance(labels, np.ndarray) and labels.size <= BASELINE_MAX_PIXELS else None
