@@ -173,3 +173,13 @@ def _flat(d, prefix=""):
             yield from _flat(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def test_messages_name_paths_as_given_not_resolved_through_links(tmp_path):
+    real = tmp_path / "real-stack"
+    real.mkdir()
+    link = tmp_path / "stack-link"
+    link.symlink_to(real)
+    with pytest.raises(OutputError) as err:
+        check_outputs([Output(link / "out", folder=True)], input_folders=[link])
+    assert str(link / "out") in str(err.value) and f"input folder {link}" in str(err.value)

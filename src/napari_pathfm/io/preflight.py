@@ -51,8 +51,14 @@ class Output:
     option: str = "--out"
 
 
+def _shown(path: PathLike) -> Path:
+    """The path as the user gave it, made absolute (links kept): what messages name."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def _resolved(path: PathLike) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser())).resolve(strict=False)
+    """The path with links resolved: what comparisons use."""
+    return _shown(path).resolve(strict=False)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -65,19 +71,21 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _written_paths(out: Output) -> list[Path]:
-    base = _resolved(out.path)
+    base = _shown(out.path)
     return [base] + [base / name for name in out.names] if out.folder else [base]
 
 
-def _check_not_an_input(out: Output, inputs: list[Path], input_folders: list[Path]) -> None:
-    for target in _written_paths(out):
+def _check_not_an_input(out: Output, inputs: list[Path], input_folders: list[tuple[Path, Path]]) -> None:
+    """``input_folders``: (resolved, as given) pairs; messages name the paths as the user gave them."""
+    for shown in _written_paths(out):
+        target = _resolved(shown)
         for src in inputs:
             if _same(target, src):
-                raise OutputError(target, f"is an input of this run ({out.option} would overwrite it).",
+                raise OutputError(shown, f"is an input of this run ({out.option} would overwrite it).",
                                   f"Choose another {out.option} path; inputs are never overwritten.")  # fmt: skip
-        for folder in input_folders:
+        for folder, given in input_folders:
             if target == folder or folder in target.parents:
-                raise OutputError(target, f"is inside the input folder {folder} ({out.option} would add files to it "
+                raise OutputError(shown, f"is inside the input folder {given} ({out.option} would add files to it "
                                   "and change what is read next time).", f"Choose a {out.option} outside it.")  # fmt: skip
 
 
@@ -99,7 +107,7 @@ def _os_problem(where: Path, exc: OSError, out: Output) -> Exception:
 
 def _check_writable(out: Output) -> Path:
     """Make the folder the output goes to, write and remove a probe file there; returns that folder."""
-    path = _resolved(out.path)
+    path = _shown(out.path)
     if path.exists():
         if out.folder and not path.is_dir():
             raise OutputError(path, f"is a file, but {out.option} needs a folder.", f"Give a folder path for {out.option}.")
@@ -166,7 +174,7 @@ def check_outputs(outputs: Iterable[Union[Output, PathLike]], inputs: Iterable[O
     outs = [o if isinstance(o, Output) else Output(o) for o in outputs if o is not None]
     srcs = [_resolved(p) for p in inputs if p is not None]
     srcs += [s.with_suffix(".json") for s in srcs if s.suffix == ".safetensors"]  # a checkpoint's card
-    folders = [_resolved(p) for p in input_folders if p is not None]
+    folders = [(_resolved(p), _shown(p)) for p in input_folders if p is not None]
     for out in outs:
         _check_not_an_input(out, srcs, folders)
     made = []
