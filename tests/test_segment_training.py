@@ -116,7 +116,7 @@ def _folder(root: Path, masks: dict[str, np.ndarray], size=None, meta: dict | No
 
 
 def _data(root: Path, **cfg):
-    from napari_pathfm.training.tasks.segment import SegmentDataModule
+    from napari_pathfm.training.segment_datamodule import SegmentDataModule
 
     dm = SegmentDataModule({"root": str(root), **cfg}, batch_size=2, seed=0)
     dm.tile_size = cfg.get("tile_size", 32)
@@ -338,8 +338,8 @@ def test_bundled_glas_model_beats_trivial_baselines_on_held_out_images(shared_da
     import torch
 
     from napari_pathfm.models.checkpoint import load_checkpoint
-    from napari_pathfm.training.segment_data import _resize, mask_to_classes, read_mask, read_rgb
-    from napari_pathfm.training.tasks.segment import predict_image
+    from napari_pathfm.training.segment_data import mask_to_classes, read_mask, read_rgb, resize
+    from napari_pathfm.training.segment_predict import predict_image
 
     root = _glas(shared_data)
     path = REPO / "src" / "napari_pathfm" / "data" / "models" / "pathsam2-glas-small.safetensors"
@@ -349,8 +349,8 @@ def test_bundled_glas_model_beats_trivial_baselines_on_held_out_images(shared_da
     assert path.stat().st_size <= 20 * 2**20
     preds, targets = [], []
     for name in card["split"]["val"][:4]:
-        image = _resize(read_rgb(root / "images" / f"{name}.png"), 0.5, labels=False)
-        target = _resize(mask_to_classes(read_mask(root / "masks" / f"{name}.png")), 0.5, labels=True)
+        image = resize(read_rgb(root / "images" / f"{name}.png"), 0.5, labels=False)
+        target = resize(mask_to_classes(read_mask(root / "masks" / f"{name}.png")), 0.5, labels=True)
         logits, _ = predict_image(model, torch.from_numpy(np.array(image)), card["tile_size"])
         preds.append(logits.argmax(0).numpy())
         targets.append(target)

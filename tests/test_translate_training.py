@@ -34,7 +34,7 @@ def _data(isl: Path, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def dm(isl: Path):
-    from napari_pathfm.training.tasks.translate import TranslateDataModule
+    from napari_pathfm.training.translate_datamodule import TranslateDataModule
 
     m = TranslateDataModule(_data(isl, shift_scale_rotate=True, nuclei_centred=1.0), 13, with_mask=True)
     m.setup()
@@ -74,7 +74,8 @@ def test_row_split_and_normalisation_follow_the_stats(dm, isl: Path):
 
 
 def test_crops_keep_input_and_target_aligned_under_every_augmentation():
-    from napari_pathfm.training.translate_data import FieldOfView, TranslateCropDataset
+    from napari_pathfm.training.translate_crops import TranslateCropDataset
+    from napari_pathfm.training.translate_data import FieldOfView
 
     rng = np.random.default_rng(0)
     # blocks of 12 px: bilinear (planes) and nearest (mask) warps agree away from block edges
@@ -91,7 +92,7 @@ def test_crops_keep_input_and_target_aligned_under_every_augmentation():
 
 
 def test_nuclei_centred_crops_hit_nuclei(dm):
-    from napari_pathfm.training.translate_data import random_crop
+    from napari_pathfm.training.translate_crops import random_crop
 
     rng = np.random.default_rng(1)
     fov = dm.train_fovs[0]
@@ -104,7 +105,7 @@ def test_nuclei_centred_crops_hit_nuclei(dm):
 
 
 def test_validation_tiles_cover_the_validation_rows(dm):
-    from napari_pathfm.training.translate_data import TranslateTileDataset, tile_origins
+    from napari_pathfm.training.translate_crops import TranslateTileDataset, tile_origins
 
     assert tile_origins(256, 64) == [0, 64, 128, 192] and tile_origins(100, 64) == [0, 36]
     ds = TranslateTileDataset(dm.val_fovs, 256)
@@ -116,7 +117,7 @@ def test_validation_tiles_cover_the_validation_rows(dm):
 
 
 def test_plane_count_differing_from_the_model_names_the_stack_and_the_fix(isl: Path):
-    from napari_pathfm.training.tasks.translate import TranslateDataModule
+    from napari_pathfm.training.translate_datamodule import TranslateDataModule
 
     with pytest.raises(ZStackError) as err:
         TranslateDataModule(_data(isl), 7, with_mask=False)
@@ -127,7 +128,7 @@ def test_plane_count_differing_from_the_model_names_the_stack_and_the_fix(isl: P
 
 
 def test_missing_target_channel_lists_what_is_there(isl: Path):
-    from napari_pathfm.training.tasks.translate import TranslateDataModule
+    from napari_pathfm.training.translate_datamodule import TranslateDataModule
 
     with pytest.raises(ZStackError, match=r"no target channel\(s\) \['GFP'\].*DAPI.*MAP2.*NFH"):
         TranslateDataModule(_data(isl, channels=["GFP"], stats_columns=["min", "max"]), 13, with_mask=False)
@@ -135,7 +136,7 @@ def test_missing_target_channel_lists_what_is_there(isl: Path):
 
 def test_8bit_surprises_name_the_file(tmp_path: Path, isl: Path):
     from napari_pathfm.io.normalize import StatsTable
-    from napari_pathfm.training.tasks.translate import TranslateDataModule
+    from napari_pathfm.training.translate_datamodule import TranslateDataModule
 
     rng = np.random.default_rng(0)
     planes8 = [rng.integers(0, 255, (48, 48), dtype=np.uint8) for _ in range(3)]
@@ -278,8 +279,8 @@ def test_zstats_cli_on_the_isl_stack(isl: Path, tmp_path: Path):
 def test_haste_folder_of_sites_splits_by_well_and_pools_stats(tmp_path: Path):
     import tifffile
 
-    from napari_pathfm.training.tasks.translate import TranslateDataModule
-    from napari_pathfm.training.translate_data import zstack_stats
+    from napari_pathfm.training.translate_datamodule import TranslateDataModule
+    from napari_pathfm.training.translate_stats import zstack_stats
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "20x_images"

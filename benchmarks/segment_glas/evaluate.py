@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from napari_pathfm.models.checkpoint import load_checkpoint
 from napari_pathfm.training import seg_metrics as sm
-from napari_pathfm.training.segment_data import _resize, find_pairs, mask_to_classes, read_mask, read_rgb
-from napari_pathfm.training.tasks.segment import predict_image
+from napari_pathfm.training.segment_data import find_pairs, mask_to_classes, read_mask, read_rgb, resize
+from napari_pathfm.training.segment_predict import predict_image
 
 GLAS_MPP = 0.62
 
@@ -60,7 +60,7 @@ def main() -> None:
     for name in val:
         img_path, mask_path = pairs[name]
         image, target = read_rgb(img_path), mask_to_classes(read_mask(mask_path), "auto", k, where=mask_path)
-        small, small_t = _resize(image, scale, labels=False), _resize(target, scale, labels=True)
+        small, small_t = resize(image, scale, labels=False), resize(target, scale, labels=True)
         h, w = small_t.shape
         padded = np.full((max(h, tile), max(w, tile), 3), 255, np.uint8)
         padded[:h, :w] = small

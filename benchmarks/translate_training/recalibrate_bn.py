@@ -32,7 +32,7 @@ def recalibrate_run(run: Path, out: Path, *, samples: int = 64, crop: int = 256,
     from napari_pathfm.training.batchnorm import recalibrate_batchnorm
     from napari_pathfm.training.recipes import load_recipe
     from napari_pathfm.training.tasks.translate import build
-    from napari_pathfm.training.translate_data import TranslateCropDataset
+    from napari_pathfm.training.translate_crops import TranslateCropDataset
 
     model, card = load_checkpoint(run / "model.safetensors", device="cpu")
     _, data, _ = build(load_recipe(run / "recipe.yaml"))

@@ -587,7 +587,7 @@ def zstats(
     _preflight([out], stacks, _folders(stacks))
     from .io.atomic import atomic_path
     from .io.normalize import StatsTable
-    from .training.translate_data import zstack_stats
+    from .training.translate_stats import zstack_stats
 
     try:
         with cli_progress("zstats") as (progress, cancel):

@@ -2,8 +2,8 @@
 
 Plain numpy + Pillow (no torch, no Lightning), so it can be used to check a data set
 quickly; the Lightning datasets and data module built on it are in
-:mod:`napari_pathfm.training.tasks.segment`, whose docstring describes the layout and
-the mask formats.
+:mod:`napari_pathfm.training.segment_datamodule`; :mod:`napari_pathfm.training.tasks.segment`
+describes the layout and the mask formats.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RecipeError
-from .recipes import IMAGE_EXTENSIONS
+from .recipe_fields import IMAGE_EXTENSIONS
 
 IGNORE = 255
 MASK_FORMATS = ("auto", "binary", "index", "nonzero")
@@ -284,7 +284,8 @@ def tile_starts(n: int, tile: int, stride: int) -> list[int]:
 # --- datasets --------------------------------------------------------------------------------
 
 
-def _resize(arr: np.ndarray, scale: float, labels: bool) -> np.ndarray:
+def resize(arr: np.ndarray, scale: float, labels: bool) -> np.ndarray:
+    """``arr`` scaled by ``scale`` (Pillow: nearest for label maps, bilinear for images); unchanged at 1.0."""
     if scale == 1.0:
         return arr
     from PIL import Image
@@ -334,14 +335,14 @@ class _Store:
         if m is None:
             raw = read_mask(item.mask)
             m = mask_to_classes(raw, item.mask_format, self.num_classes, item.mask_values, self.ignore_index, item.mask)
-            m = _resize(m, item.scale, labels=True)
+            m = resize(m, item.scale, labels=True)
             self.masks[item.mask] = m  # masks are small (uint8): always kept
         return m
 
     def image(self, item: SegItem) -> np.ndarray:
         img = self.images.get(item.image)
         if img is None:
-            img = _resize(read_rgb(item.image), item.scale, labels=False)
+            img = resize(read_rgb(item.image), item.scale, labels=False)
             if self.in_memory:
                 self.images[item.image] = img
         mask = self.mask(item)

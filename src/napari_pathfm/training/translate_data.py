@@ -1,21 +1,15 @@
-"""Z-stack training data for the ``translate`` family (HASTE): fields of view, crops, augmentation.
+"""Fields of view of the ``translate`` family (HASTE): open z-stacks, check them, normalise them.
 
 One field of view (FOV) is N brightfield/phase planes plus fluorescence targets of
 the same site, opened with :func:`napari_pathfm.io.zstack.open_zstack` (HASTE
 ``...Z01C04.tif`` files or the in-silico-labeling ``z_depth-N`` layout). Every plane
 and target is min–max normalised to ``[0, 1]`` with limits from a
 :class:`~napari_pathfm.io.normalize.StatsTable` (a ``pathfm zstats`` CSV, or computed
-here from the training part when no table is given), so training and inference use
-the same numbers: they go on the model card as ``normalization``.
+from the training part when no table is given, :mod:`napari_pathfm.training.translate_stats`),
+so training and inference use the same numbers: they go on the model card as ``normalization``.
 
-Splits: whole FOVs (``val_stacks``) or rows of every FOV (``val_rows``; the ISL
-convention is rows 768–1024 for validation, the rest for training). Training crops
-come only from the training rows; augmentation never reads across the split.
-
-Augmentation (training only): random crops, flips and 90° rotations; with
-``shift_scale_rotate`` an affine warp around a centre that, for a share
-``nuclei_centred`` of the crops, is a pixel of the nuclei mask (Otsu threshold of the
-first target), as HASTE did for its nuclei model.
+Crops, augmentation and validation tiles are in :mod:`napari_pathfm.training.translate_crops`;
+the split into training and validation parts in :mod:`napari_pathfm.training.translate_datamodule`.
 
 Errors (:class:`~napari_pathfm.errors.RecipeError` / :class:`~napari_pathfm.errors.ZStackError`)
 name the file and the fix: a plane count that differs from the model's input
@@ -24,7 +18,6 @@ channels, 8-bit vs 16-bit surprises, constant or NaN planes, missing targets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,24 +26,21 @@ from typing import Any
 import numpy as np
 
 from ..errors import RecipeError, ZStackError
-from ..io.atomic import atomic_path
-from ..io.normalize import StatsTable, compute_stats, normalize_minmax
+from ..io.normalize import StatsTable, normalize_minmax
 
 __all__ = [
     "FieldOfView",
     "StackSpec",
-    "TranslateCropDataset",
-    "TranslateTileDataset",
     "check_dtypes",
     "check_planes",
+    "check_targets",
     "fov_limits",
     "load_fov",
     "open_fov_stack",
+    "open_spec_sites",
+    "open_stacks",
     "otsu_mask",
-    "pooled_stats",
-    "random_crop",
     "stack_specs",
-    "tile_origins",
 ]  # fmt: skip
 
 MAX_UINT8 = 255
@@ -274,201 +264,6 @@ def load_fov(spec: StackSpec, zs, channels: Sequence[str], planes: Sequence[int]
     return FieldOfView(label, x, y, mask, {"path": str(zs.path)})
 
 
-def tile_origins(size: int, tile: int) -> list[int]:
-    """Starts of ``tile``-long windows covering ``size`` (last one aligned to the end; [0] if shorter)."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile + 1, tile))
-    if starts[-1] != size - tile:
-        starts.append(size - tile)
-    return starts
-
-
-def _pad(a: np.ndarray, tile: int) -> np.ndarray:
-    h, w = a.shape[-2:]
-    if h >= tile and w >= tile:
-        return a
-    pads = [(0, 0)] * (a.ndim - 2) + [(0, max(0, tile - h)), (0, max(0, tile - w))]
-    return np.pad(a, pads, mode="reflect" if min(h, w) > 1 else "edge")
-
-
-def random_crop(fov: FieldOfView, tile: int, rng: np.random.Generator, *, centre_on_mask: bool = False,
-                ssr: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One ``tile`` crop ``(planes, targets, mask)`` of ``fov``.
-
-    Without ``ssr`` a plain random window. With ``ssr = (shift, scale, rotate_deg)`` an
-    affine shift-scale-rotate around a centre (a nuclei-mask pixel when
-    ``centre_on_mask``), sampled with reflection at the borders of ``fov`` only.
-    """
-    x, y, m = fov.planes, fov.targets, fov.mask
-    h, w = fov.shape
-    centre = None
-    if centre_on_mask and m is not None:
-        ys, xs = np.nonzero(m)
-        if len(ys):
-            k = int(rng.integers(0, len(ys)))
-            centre = (float(ys[k]), float(xs[k]))
-    if ssr is None:
-        if centre is not None:
-            y0 = int(np.clip(centre[0] - tile // 2, 0, max(0, h - tile)))
-            x0 = int(np.clip(centre[1] - tile // 2, 0, max(0, w - tile)))
-        else:
-            y0, x0 = int(rng.integers(0, max(0, h - tile) + 1)), int(rng.integers(0, max(0, w - tile) + 1))
-        sl = (slice(None), slice(y0, y0 + tile), slice(x0, x0 + tile))
-        cx, cy = _pad(x[sl], tile), _pad(y[sl], tile)
-        cm = None if m is None else _pad(m[sl[1:]], tile)
-        return cx, cy, cm
-    import cv2
-
-    shift, scale, rot = ssr
-    if centre is None:
-        centre = (float(rng.uniform(0, h)), float(rng.uniform(0, w)))
-    cyy = centre[0] + float(rng.uniform(-shift, shift)) * tile
-    cxx = centre[1] + float(rng.uniform(-shift, shift)) * tile
-    s = 1.0 + float(rng.uniform(-scale, scale))
-    a = np.deg2rad(float(rng.uniform(-rot, rot)))
-    # output pixel (u, v) relative to the crop centre -> source = centre + R(a) @ (u, v) / s
-    cos, sin = np.cos(a) / s, np.sin(a) / s
-    half = (tile - 1) / 2.0
-    mat = np.array([[cos, -sin, cxx - cos * half + sin * half],
-                    [sin, cos, cyy - sin * half - cos * half]], np.float64)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-
-    def warp(plane: np.ndarray, interp: int = flags) -> np.ndarray:
-        return cv2.warpAffine(np.ascontiguousarray(plane), mat, (tile, tile), flags=interp,
-                              borderMode=cv2.BORDER_REFLECT_101)
-
-    cx = np.stack([warp(p) for p in x])
-    cy = np.stack([warp(p) for p in y])
-    cm = None if m is None else warp(m, cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-    return cx, cy, cm
-
-
-def _flip_rot(arrays: list, rng: np.random.Generator) -> list:
-    k, flip = int(rng.integers(0, 4)), bool(rng.random() < 0.5)
-    out = []
-    for a in arrays:
-        if a is None:
-            out.append(None)
-            continue
-        a = np.rot90(a, k, axes=(-2, -1))
-        out.append(a[..., ::-1] if flip else a)
-    return out
-
-
-class TranslateCropDataset:
-    """Random training crops: ``samples`` per epoch over the training FOVs (torch ``Dataset`` protocol).
-
-    Items are dicts ``{"input": float32 (Z, T, T), "target": float32 (C, T, T)}`` plus
-    ``"mask"`` float32 (1, T, T) when the FOVs carry one. Randomness comes from
-    torch's generator, so ``seed_everything`` makes it reproducible.
-    """
-
-    def __init__(self, fovs: list[FieldOfView], tile: int, samples: int, *, augment: bool = True,
-                 nuclei_centred: float = 0.0, ssr: tuple[float, float, float] | None = None):
-        if not fovs:
-            raise ValueError("no training fields of view")
-        self.fovs, self.tile, self.samples = fovs, int(tile), int(samples)
-        self.augment, self.nuclei_centred, self.ssr = bool(augment), float(nuclei_centred), ssr
-        areas = np.array([f.shape[0] * f.shape[1] for f in fovs], np.float64)
-        self.p = areas / areas.sum()
-
-    def __len__(self) -> int:
-        return self.samples
-
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
-        fov = self.fovs[int(rng.choice(len(self.fovs), p=self.p))]
-        centred = self.augment and rng.random() < self.nuclei_centred
-        ssr = self.ssr if self.augment else None
-        x, y, m = random_crop(fov, self.tile, rng, centre_on_mask=centred, ssr=ssr)
-        if self.augment:
-            x, y, m = _flip_rot([x, y, m], rng)
-        item = {"input": torch.from_numpy(np.ascontiguousarray(x, np.float32)),
-                "target": torch.from_numpy(np.ascontiguousarray(y, np.float32))}
-        if m is not None:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(m, np.float32)[None])
-        return item
-
-
-class TranslateTileDataset:
-    """Validation tiles covering every validation FOV (last tile aligned to the edge, no augmentation)."""
-
-    def __init__(self, fovs: list[FieldOfView], tile: int):
-        self.fovs, self.tile = fovs, int(tile)
-        self.index = [(i, y, x) for i, f in enumerate(fovs)
-                      for y in tile_origins(f.shape[0], self.tile) for x in tile_origins(f.shape[1], self.tile)]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        import torch
-
-        k, y0, x0 = self.index[i]
-        f, t = self.fovs[k], self.tile
-        sl = (slice(None), slice(y0, y0 + t), slice(x0, x0 + t))
-        item = {"input": torch.from_numpy(np.ascontiguousarray(_pad(f.planes[sl], t))),
-                "target": torch.from_numpy(np.ascontiguousarray(_pad(f.targets[sl], t)))}
-        if f.mask is not None:
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(_pad(f.mask[sl[1:]], t))[None])
-        return item
-
-
-def pooled_stats(stacks: list, *, percentiles: Sequence[float] = (1.0, 99.8), magnification: str = "",
-                 rows: tuple[int, int] | None = None, planes: Sequence[int] | None = None,
-                 channels: Sequence[str] | None = None, progress=None, cancel=None) -> StatsTable:
-    """One stats table over several z-stacks (exact pooled min/max/percentiles per plane and target).
-
-    Parameters
-    ----------
-    stacks : list of ZStack
-        Stacks of one kind (same plane count, input channel and targets).
-    rows : (start, stop), optional
-        Only these rows of every stack (e.g. the ISL training rows ``(0, 768)``).
-    planes : list of int, optional
-        Only these planes (table rows keep their 0-based position among the used planes).
-    channels : list of str, optional
-        Targets to include (default: all targets every stack has).
-    """
-    import dask.array as da
-
-    if not stacks:
-        raise ValueError("no stacks")
-    ref = stacks[0]
-    for zs in stacks[1:]:
-        if zs.n_planes != ref.n_planes:
-            raise ZStackError(zs.path, f"has {zs.n_planes} planes but {ref.path} has {ref.n_planes}.",
-                              "Compute one table per kind of stack (same plane count).")
-    sel = slice(*rows) if rows else slice(None)
-    for zs in stacks:
-        height = int(zs.data.shape[-2])
-        if rows and not (0 <= rows[0] < rows[1] <= height):
-            raise ZStackError(zs.path, f"has rows 0..{height}, so rows {rows[0]}..{rows[1]} cannot be used.",
-                              f"Give --rows START STOP with 0 <= START < STOP <= {height}.")  # fmt: skip
-    idx = list(range(ref.n_planes)) if planes is None else list(planes)
-    flat = [zs.data[idx][:, sel].reshape(len(idx), 1, -1) for zs in stacks]
-    data = da.concatenate(flat, axis=2) if len(flat) > 1 else flat[0]
-    chan = ref.channel_name or "input"
-    table = compute_stats(data, percentiles=percentiles, magnification=magnification, channel=chan,
-                          include_targets=False, progress=progress, cancel=cancel)
-    names = list(channels) if channels is not None else [n for n in ref.targets if all(n in s.targets for s in stacks)]
-    for name in names:
-        parts = [zs.targets[name][sel].reshape(1, -1) for zs in stacks if name in zs.targets]
-        t = compute_stats(da.concatenate(parts, axis=1), percentiles=percentiles, magnification=magnification,
-                          channel=name, include_targets=False, cancel=cancel)
-        table.rows += t.rows
-    return table
-
-
-def write_json(path: Path, doc: dict) -> None:
-    """Write ``doc`` as JSON atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=1, default=str), encoding="utf-8")
-
-
 def open_stacks(path: str | Path, *, channel: str | None = None) -> list:
     """Every z-stack at ``path``: one per site of a folder (HASTE wells/fields), else the one stack.
 
@@ -488,19 +283,3 @@ def open_stacks(path: str | Path, *, channel: str | None = None) -> list:
     if len(sites) <= 1:
         return [open_zstack(path, channel=channel)]
     return [open_zstack(p, channel=channel) for p in sites.values()]
-
-
-def zstack_stats(paths: Sequence[str | Path], *, magnification: str = "", percentiles: Sequence[float] = (1.0, 99.8),
-                 rows: tuple[int, int] | None = None, channel: str | None = None, progress=None,
-                 cancel=None) -> StatsTable:
-    """The ``pathfm zstats`` table: pooled statistics of every stack (site) under ``paths``.
-
-    Examples
-    --------
-    >>> t = zstack_stats(["isl-blue-sample"], magnification="20x", rows=(0, 768))  # doctest: +SKIP
-    >>> t.limits("PHASE_CONTRAST", "20x", "p1", "p99.8")[0].shape  # doctest: +SKIP
-    (13,)
-    """
-    stacks = [zs for p in paths for zs in open_stacks(p, channel=channel)]
-    return pooled_stats(stacks, percentiles=percentiles, magnification=magnification, rows=rows, progress=progress,
-                        cancel=cancel)
