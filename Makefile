@@ -17,7 +17,7 @@ APT_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 
             libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test lint-imports install system-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -39,7 +39,12 @@ system-deps:
 demo: install system-deps
 	$(BIN)/pathfm demo
 
-test: install system-deps
+# The import contracts of pyproject.toml [tool.importlinter] (layers, GUI only in front ends, no cycles):
+# checked in about a second, before the tests, so a broken layer fails CI before anything slow runs.
+lint-imports: install
+	$(BIN)/lint-imports
+
+test: install lint-imports system-deps
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

@@ -45,21 +45,31 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
 
     result = widget.result
     labels = widget.labels_layer
-    np.testing.assert_array_equal(labels.data, result.class_map)
-    np.testing.assert_allclose(labels.scale, result.scale)
-    np.testing.assert_allclose(labels.translate, result.translate)
+    # one tile = k x k layer pixels of `sub` level-0 px, so that the map can stop at the slide's edge
+    sub = labels.metadata["downsample"]
+    k = round(result.cell / sub)
+    assert k > 1 and result.cell / k == pytest.approx(sub)
+    np.testing.assert_array_equal(labels.data[::k, ::k], result.class_map[: -(-labels.data.shape[0] // k),
+                                                                            : -(-labels.data.shape[1] // k)])
+    from napari_pathfm.coords import layer_transform
+
+    np.testing.assert_allclose(labels.scale, layer_transform(result.mpp, sub)[0])
+    np.testing.assert_allclose(labels.translate, layer_transform(result.mpp, sub)[1])
     assert list(labels.features["class"]) == ["background", *CLASSES], "status bar names the class"
-    # the labels layer spans the slide layer's extent (to within one tile)
+    # the labels layer ends at the slide's edge (to within one layer pixel), not a tile past it
     mpp = slide_layer.scale[-1]
     assert result.mpp == pytest.approx(mpp)
+    h0, w0 = slide_layer.data[0].shape[:2]
     rows, cols = result.grid.grid_shape
-    assert 0 <= rows * result.cell - slide_layer.data[0].shape[0] < result.cell
-    assert 0 <= cols * result.cell - slide_layer.data[0].shape[1] < result.cell
+    assert rows * result.cell - h0 >= sub or cols * result.cell - w0 >= sub, "the grid overhangs the slide"
+    assert 0 <= labels.data.shape[0] * sub - h0 < sub and 0 <= labels.data.shape[1] * sub - w0 < sub
     assert [p.name for p in widget.prob_layers] == [f"{slide_layer.name} p({c})" for c in CLASSES]
     assert [p.visible for p in widget.prob_layers] == [True, False, False]
-    for k, layer in enumerate(widget.prob_layers):
-        np.testing.assert_allclose(layer.data, result.prob_maps[k])
-        np.testing.assert_allclose(layer.translate, result.translate)
+    for k_, layer in enumerate(widget.prob_layers):
+        np.testing.assert_allclose(layer.data[::k, ::k], result.prob_maps[k_][: labels.data[::k].shape[0],
+                                                                               : labels.data[0, ::k].shape[0]])
+        assert layer.data.shape == labels.data.shape
+        np.testing.assert_allclose(layer.translate, labels.translate)
     assert str(result.n_tiles) in widget.status.text()
 
     # legible: class colours from napari_pathfm.colors in the layer and the legend, own colormaps, the tissue shows

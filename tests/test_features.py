@@ -23,7 +23,7 @@ from napari_pathfm.pipelines.features import (
     read_features,
     write_features,
 )
-from napari_pathfm.pipelines.features_io import create_feature_store
+from napari_pathfm.io.features import create_feature_store
 
 COARSE = {"mpp": 2.0, "tile_size": 64, "device": "cpu", "batch_size": 16}
 
@@ -31,7 +31,7 @@ COARSE = {"mpp": 2.0, "tile_size": 64, "device": "cpu", "batch_size": 16}
 def test_import_does_not_import_torch():
     code = textwrap.dedent("""
         import sys
-        import napari_pathfm.pipelines.features, napari_pathfm.pipelines.features_io
+        import napari_pathfm.pipelines.features, napari_pathfm.io.features
         from napari_pathfm.models import list_models, model_info
         assert list_models(family="features") == ["resnet50_trunc", "timm_features"], list_models()
         assert model_info("resnet50_trunc")["default_cfg"]["backbone"] == "resnet50"

@@ -21,7 +21,7 @@ def features_and_checkpoint(cmu_small, tmp_path_factory):
 
     from napari_pathfm.models import create_model, save_checkpoint
     from napari_pathfm.pipelines.features import extract_features, read_features
-    from napari_pathfm.pipelines.mil import extractor_card
+    from napari_pathfm.io.features import extractor_card
 
     from safetensors.torch import save_file
 
@@ -125,8 +125,14 @@ def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napar
     qtbot.waitUntil(lambda: widget.prediction is not None, timeout=10_000)
     assert "prediction:" in widget.result_label.text()
     heat = viewer.layers[f"{slide_layer.name} MIL heatmap"]
-    scale, translate = layer_transform(0.499, bag.level0_tile_size)
+    # one patch = k x k heatmap pixels of `sub` level-0 px, so that the heatmap stops at the slide's edge
+    sub = heat.metadata["downsample"]
+    k = round(bag.level0_tile_size / sub)
+    assert k > 1 and bag.level0_tile_size / k == pytest.approx(sub)
+    scale, translate = layer_transform(0.499, sub)
     assert tuple(heat.scale) == pytest.approx(scale) and tuple(heat.translate) == pytest.approx(translate)
+    h0, w0 = slide_layer.data[0].shape[:2]
+    assert heat.data.shape[0] * sub - h0 < sub and heat.data.shape[1] * sub - w0 < sub, "ends at the slide's edge"
     # the slide prediction names its probability
     best = int(np.argmax(widget.prediction.probabilities))
     assert f"probability {widget.prediction.probabilities[best]:.3f}" in widget.result_label.text()
@@ -150,11 +156,12 @@ def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napar
     box = viewer.layers[f"{slide_layer.name} MIL top patch"]
     assert type(box).__name__ == "Shapes" and box.nshapes == 1 and box.shape_type == ["rectangle"]
     world = box.data[0] * np.asarray(box.scale)
-    expected_box = np.array([[top["y"] - 0.5, top["x"] - 0.5], [top["y"] + cell - 0.5, top["x"] + cell - 0.5]]) * mpp
+    y1, x1 = min(top["y"] + cell, h0), min(top["x"] + cell, w0)  # a patch over the slide's edge stops there
+    expected_box = np.array([[top["y"] - 0.5, top["x"] - 0.5], [y1 - 0.5, x1 - 0.5]]) * mpp
     np.testing.assert_allclose(world.min(axis=0), expected_box[0])
     np.testing.assert_allclose(world.max(axis=0), expected_box[1])
     # the box's edges are those of the patch's heatmap cell
-    r, c = round(top["y"] / cell), round(top["x"] / cell)
+    r, c = k * round(top["y"] / cell), k * round(top["x"] / cell)
     cell_lo = np.asarray(heat.translate) + np.array([r, c]) * np.asarray(heat.scale) - np.asarray(heat.scale) / 2
     np.testing.assert_allclose(world.min(axis=0), cell_lo, atol=1e-6)
     centre = tuple(camera.center[-2:])

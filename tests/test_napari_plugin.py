@@ -113,18 +113,6 @@ def test_slide_widget_reports_unreadable_file_without_crashing(make_napari_viewe
     assert len(viewer.layers) == 0
 
 
-def test_importing_plugin_and_widgets_does_not_import_torch():
-    code = (
-        "import sys, napari_pathfm, napari_pathfm._reader, napari_pathfm.widgets.slide_widget, napari_pathfm.widgets.mil_widget, "
-        "napari_pathfm.widgets.segment_widget, napari_pathfm.pipelines.segment, napari_pathfm.pipelines.corrections, "
-        "napari_pathfm.training.finetune, "
-        "napari_pathfm.pipelines.mil, napari_pathfm.checkpoints, napari_pathfm.io, "
-        "napari_pathfm.tiles, napari_pathfm.models, napari_pathfm.training, napari_pathfm.cli; "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
 def test_reader_opens_zstack_folder_with_z_slider(make_napari_viewer, shared_data):
     viewer = make_napari_viewer()
     layers = viewer.open(str(shared_data / "isl-blue-sample"), plugin="napari-pathfm")

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from napari_pathfm.colors import PALETTE, class_colors, label_colormap, robust_limits
+from napari_pathfm.colors import PALETTE, class_colors, robust_limits
+from napari_pathfm.widgets._colormaps import label_colormap
 
 NAMES = {0: "background", 1: "gland", 2: "stroma", 4: "necrosis"}
 
@@ -75,7 +76,7 @@ def test_geojson_of_a_labels_layer_has_the_layer_colours(viewer, tmp_path):
 
 
 def test_legend_colorbar_follows_contrast_limits(viewer):
-    from napari_pathfm.colors import napari_colormap
+    from napari_pathfm.widgets._colormaps import napari_colormap
     from napari_pathfm.widgets._legend import Legend
 
     layer = viewer.add_image(np.linspace(0, 3, 100, dtype=np.float32).reshape(10, 10),

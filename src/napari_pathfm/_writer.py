@@ -34,7 +34,7 @@ def _layer_colors(attributes: dict, values: list[int]) -> dict[int, tuple[int, i
     """``{value: (r, g, b)}`` the layer's own colormap shows for ``values`` (transparent ones left out).
 
     So a GeoJSON written from a Labels layer carries the colours seen in napari, also when the
-    user changed them; napari-pathfm's layers use :func:`napari_pathfm.colors.label_colormap`.
+    user changed them; napari-pathfm's layers use :func:`napari_pathfm.widgets._colormaps.label_colormap`.
     """
     import numpy as np
 

@@ -10,7 +10,7 @@ transparent. A card may pin colours with ``class_colors: {name: [r, g, b]}``.
 The continuous overlays get colormaps of their own, so a class-probability map, a Grad-CAM map and
 a MIL attention heatmap are never confused on screen; each is transparent at its low end so the
 tissue under "no evidence" stays visible. They are plain RGBA control points here (no napari
-import); :func:`napari_colormap` and :func:`label_colormap` build the napari objects lazily.
+import: io/ exports use this module); ``widgets/_colormaps.py`` builds the napari objects from them.
 
 >>> class_colors({0: "background", 1: "tumour", 2: "stroma"})
 {1: (230, 25, 75), 2: (60, 180, 75)}
@@ -23,8 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "PALETTE", "BACKGROUND_NAMES", "CONTINUOUS", "class_colors", "class_color", "label_colormap", "napari_colormap",
-    "normalize_class_names",
+    "PALETTE", "BACKGROUND_NAMES", "CONTINUOUS", "class_colors", "class_color", "normalize_class_names",
     "robust_limits",
 ]  # fmt: skip
 
@@ -106,28 +105,6 @@ def class_color(value: int, class_names: Mapping[int, str] | Sequence[str] | Non
     if int(value) in colors:
         return colors[int(value)]
     return PALETTE[(int(value) - 1) % len(PALETTE)]
-
-
-def label_colormap(class_names: Mapping[int, str] | Sequence[str] | None, pinned=None, opacity: float = 1.0):
-    """napari ``DirectLabelColormap`` with :func:`class_colors`; background and unknown values transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    clear = np.zeros(4, np.float32)
-    color_dict = {None: clear, 0: clear}
-    names = normalize_class_names(class_names)
-    for value in names:
-        color_dict.setdefault(value, clear)
-    for value, rgb in class_colors(names, pinned).items():
-        color_dict[value] = np.array([*(c / 255.0 for c in rgb), opacity], np.float32)
-    return DirectLabelColormap(color_dict=color_dict)
-
-
-def napari_colormap(kind: str):
-    """napari ``Colormap`` of a continuous overlay kind (``probability``, ``gradcam``, ``attention``)."""
-    from napari.utils.colormaps import Colormap
-
-    colors, controls = CONTINUOUS[kind]
-    return Colormap(colors, controls=controls, name=f"pathfm-{kind}")
 
 
 def robust_limits(data, low: float = 1.0, high: float = 99.0, max_samples: int = 1_000_000) -> tuple[float, float]:

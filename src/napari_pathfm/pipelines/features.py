@@ -4,7 +4,7 @@
 folder of slides (resumable: finished slides with the same settings are skipped;
 a slide that fails is reported and the others go on), and :func:`features_command`
 is what ``pathfm features`` calls. The file format and its reader live in
-:mod:`.features_io` and are re-exported here.
+:mod:`napari_pathfm.io.features` and are re-exported here.
 
 Patch order: rows follow the tile grid, row-major over tissue tiles (top to bottom,
 then left to right, by level-0 (y, x)); S4 MIL treats a bag as a sequence, so the
@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from ..errors import Cancelled, PathFMError
 from ..progress import check_cancel, report
-from .features_io import (
+from ..io.features import (
     PATCH_ORDER,
     FeatureBag,
     RowWriter,

@@ -96,18 +96,6 @@ def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
     return int(in_dim), classes
 
 
-EXTRACTOR_KEYS = (
-    "extractor", "backbone", "weights", "weights_sha256", "input_size", "mean", "std", "feature_dim",
-    "target_mpp", "tile_size", "min_tissue", "tissue_mpp",
-)  # fmt: skip
-
-
-def extractor_card(feature_attrs: dict) -> dict:
-    """The part of a feature file's attributes that a MIL model card keeps, so that
-    prediction on a new slide extracts features exactly as training did."""
-    return {k: feature_attrs.get(k) for k in EXTRACTOR_KEYS}
-
-
 def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
     """The extractor weights file the card names: as recorded, else the same name beside the checkpoint.
 

@@ -25,16 +25,13 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .embedding_cache import EmbeddingCache
-
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheEntry", "FORMAT", "as_tensor", "lock_holder_alive"]
+__all__ = ["CacheEntry", "EntryOwner", "FORMAT", "as_tensor", "lock_holder_alive"]
 
 #: Version of the entry layout in every key: entries of another version are never opened.
 FORMAT = "pathfm-tile-embeddings/2"
@@ -49,6 +46,18 @@ CHUNK_BYTES = 4 << 20
 TABLE_CHUNK = 4096
 #: Size of the checksum zarr's crc32c codec appends to every chunk.
 CRC_BYTES = 4
+
+
+class EntryOwner(Protocol):
+    """What an entry needs of the cache folder that holds it (an
+    :class:`~napari_pathfm.tiles.embedding_cache.EmbeddingCache`, which imports this module, not the
+    reverse: the two would otherwise import each other)."""
+
+    #: Store every encoded tile, even when storing is slower than encoding.
+    always_store: bool
+
+    def trim(self, keep: Optional[Path] = None) -> Any:
+        """Delete least recently used entries (never ``keep``) until the cache fits its cap."""
 
 
 def lock_holder_alive(lock: Path) -> bool:
@@ -90,7 +99,7 @@ class CacheEntry:
     entry cannot be written; :attr:`damaged`, :attr:`rebuilt` and :attr:`unrepaired` say what happened.
     """
 
-    def __init__(self, cache: EmbeddingCache, path: Path, key: dict, grid_shape: tuple[int, int], *,
+    def __init__(self, cache: EntryOwner, path: Path, key: dict, grid_shape: tuple[int, int], *,
                  n_tiles: int = 0, repair: bool = True):  # fmt: skip
         self.cache, self.path, self.key, self.grid_shape = cache, path, key, tuple(grid_shape)
         self.n_tiles, self.repair = int(n_tiles), bool(repair)

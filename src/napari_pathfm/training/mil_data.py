@@ -49,7 +49,7 @@ __all__ = [
     "FEATURE_ATTRS",
 ]
 
-# Feature-file attributes copied onto the model card (with those of pipelines.mil.extractor_card, which
+# Feature-file attributes copied onto the model card (with those of io.features.extractor_card, which
 # inference reads to re-extract matching features); these extra ones say where the patches came from.
 FEATURE_ATTRS = (
     "extractor", "backbone", "feature_dim", "input_size", "mean", "std", "weights", "weights_sha256",
@@ -210,14 +210,14 @@ def read_patch_labels(path: str | Path, n: int) -> np.ndarray:
 
 
 def write_bag(path: str | Path, features, coords, attrs: dict, patch_labels=None) -> Path:
-    """Write a feature file with :func:`~napari_pathfm.pipelines.features.write_features`, plus patch labels.
+    """Write a feature file with :func:`~napari_pathfm.io.features.write_features`, plus patch labels.
 
     The whole folder appears at ``path`` only when features and labels are both written.
     """
     import zarr
 
     from ..io.atomic import atomic_path
-    from ..pipelines.features import write_features
+    from ..io.features import write_features
 
     with atomic_path(path, directory=True) as tmp:
         write_features(tmp, features, coords, attrs)
@@ -270,7 +270,7 @@ class BagDataset:
         """Features (L, D) float32, coords (L, 2) and patch labels (L,) of bag ``i``, checked."""
         if i in self._cache:
             return self._cache[i]
-        from ..pipelines.features import read_features
+        from ..io.features import read_features
 
         item = self.items[i]
         bag = read_features(item.path)

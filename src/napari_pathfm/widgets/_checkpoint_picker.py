@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qtpy.QtWidgets import QComboBox, QFileDialog, QHBoxLayout, QPushButton, QWidget
 
+from ._compact import compact_combo
+
 __all__ = ["CheckpointPicker", "refresh_all_pickers"]
 
 # every live picker, held weakly, so a finished training run can refresh them all at once
@@ -41,7 +43,7 @@ class CheckpointPicker(QWidget):
     def __init__(self, family: str, parent=None):
         super().__init__(parent)
         self.family = family
-        self.combo = QComboBox()
+        self.combo = compact_combo(QComboBox())
         browse = QPushButton("…")
         browse.setToolTip("Choose a checkpoint (.safetensors with its .json card)")
         browse.clicked.connect(self._browse)

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 from qtpy.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout
 
-from ..colors import label_colormap, napari_colormap
-from ..coords import layer_units
+from ..coords import layer_transform, layer_units
+from ..layers import slide_level0_shape
 from ._checkpoint_picker import CheckpointPicker
+from ._colormaps import label_colormap, napari_colormap
+from ._compact import compact_combo
 from ._dock import TaskDock
 from ._legend import Legend
 from .mil_widget import viewer_camera
@@ -61,7 +63,7 @@ class ClassifyWidget(TaskDock):
         self.legend = Legend("Legend")
         self._legend_title: str | None = None
 
-        self.layer_combo = QComboBox()
+        self.layer_combo = compact_combo(QComboBox())
         self.checkpoint = CheckpointPicker("classify", self)
         self.batch = QSpinBox()
         self.batch.setRange(1, 1024)
@@ -70,7 +72,7 @@ class ClassifyWidget(TaskDock):
         self.run_btn = QPushButton("Classify")
         self.run_btn.clicked.connect(self.run)
         self.run_buttons = [self.run_btn]
-        self.cam_class = QComboBox()
+        self.cam_class = compact_combo(QComboBox())
         self.cam_class.addItem(PREDICTED)
         self.click_btn = QPushButton("Grad-CAM: click a tile")
         self.click_btn.setCheckable(True)
@@ -128,14 +130,19 @@ class ClassifyWidget(TaskDock):
         slide_path = self.viewer.layers[name].metadata["pathfm_path"]
         batch = self.batch.value()
         image_mpp = self.slide_image_mpp(name)  # the µm/px entered in the Slide dock (file has none)
+        level0_shape = slide_level0_shape(self.viewer.layers[name])
 
         def job(progress, cancel):
-            from ..layers import class_features
+            from ..layers import class_features, clip_to_slide
             from ..tiles.cached_encoder import cache_note
 
             result = classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel,
                                     image_mpp=image_mpp)  # fmt: skip
-            return result, class_features(result.label_names()), cache_note(result.cache)
+            # per-tile maps refined to stop at the slide's edge (the last tiles hang over it)
+            class_map, cell = clip_to_slide(result.class_map, result.cell, level0_shape)
+            prob_maps, _ = clip_to_slide(result.prob_maps, result.cell, level0_shape)
+            maps = {"class_map": class_map, "prob_maps": prob_maps, "cell": cell}
+            return result, class_features(result.label_names()), cache_note(result.cache), maps
 
         self._slide_layer_name, self._checkpoint = name, checkpoint
         return self.start_task(job, description=f"Classify: {name}", on_done=self._show_result)
@@ -143,20 +150,21 @@ class ClassifyWidget(TaskDock):
     def _show_result(self, done) -> None:
         from pathlib import Path
 
-        result, features, note = done
+        result, features, note, maps = done
         self.result = result
         self._runs += 1
         base = self._slide_layer_name
         kwargs = result.layer_kwargs()
-        kwargs["metadata"] = {**kwargs["metadata"], "run": self._runs}
+        kwargs["scale"], kwargs["translate"] = layer_transform(result.mpp, maps["cell"])
+        kwargs["metadata"] = {**kwargs["metadata"], "run": self._runs, "downsample": maps["cell"]}
         names = result.label_names()
         self.labels_layer = self.show_layer(
-            f"{base} classes", result.class_map, "labels", opacity=OVERLAY_OPACITY, features=features,
+            f"{base} classes", maps["class_map"], "labels", opacity=OVERLAY_OPACITY, features=features,
             colormap=label_colormap(names), **kwargs,
         )  # fmt: skip
         old_probs = [layer for layer in self.prob_layers if layer in self.viewer.layers]
         self.prob_layers = []
-        prob_maps = result.prob_maps
+        prob_maps = maps["prob_maps"]
         for k, cls in enumerate(result.classes):
             layer = self.show_layer(
                 f"{base} p({cls})", prob_maps[k], "image", colormap=napari_colormap("probability"),

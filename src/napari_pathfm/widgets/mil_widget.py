@@ -35,10 +35,12 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )  # fmt: skip
 
-from ..colors import CONTINUOUS, napari_colormap
+from ..colors import CONTINUOUS
 from ..coords import layer_transform, layer_units
-from ..layers import HEAT_PERCENTILES, class_heatmaps
+from ..layers import HEAT_PERCENTILES, class_heatmaps, slide_level0_shape
 from ._checkpoint_picker import CheckpointPicker
+from ._colormaps import napari_colormap
+from ._compact import compact_combo
 from ._dock import TaskDock
 from ._legend import Legend
 from .slide_widget import fill_slide_combo
@@ -65,7 +67,7 @@ class MILWidget(TaskDock):
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
         self.prediction = None
-        self.heatmaps: list = []  # per class: (grid, (lo, hi)) from class_heatmaps
+        self.heatmaps: list = []  # per class: (grid, (lo, hi), cell) from class_heatmaps
         self.heat_layer = None
         self.box_layer = None
         self._slide_layer_name: Optional[str] = None
@@ -73,7 +75,7 @@ class MILWidget(TaskDock):
         self._legend_title: Optional[str] = None
         self.legend = Legend("Legend")
 
-        self.layer_combo = QComboBox()
+        self.layer_combo = compact_combo(QComboBox())
         self.checkpoint = CheckpointPicker("mil", self)
         self.features_label = QLabel("extract from the slide")
         feat_browse = QPushButton("Features…")
@@ -83,7 +85,7 @@ class MILWidget(TaskDock):
         self.topk = QSpinBox()
         self.topk.setRange(1, 200)
         self.topk.setValue(10)
-        self.class_combo = QComboBox()
+        self.class_combo = compact_combo(QComboBox())
         self.class_combo.currentIndexChanged.connect(self._show_class)
 
         self.run_btn = QPushButton("Run")
@@ -150,6 +152,7 @@ class MILWidget(TaskDock):
         features = self.features_path
         image_mpp = self.slide_image_mpp(name)  # the µm/px entered in the Slide dock (file has none)
         self._slide_layer_name = name
+        level0_shape = slide_level0_shape(layer)  # the heatmap stops at the slide's edge
 
         def job(progress, cancel):
             from ..io.slide import open_slide
@@ -159,7 +162,7 @@ class MILWidget(TaskDock):
             else:
                 with open_slide(slide_path) as slide:
                     pred = mil_predict(checkpoint, slide=slide, progress=progress, cancel=cancel, image_mpp=image_mpp)
-            return pred, class_heatmaps(pred)
+            return pred, class_heatmaps(pred, level0_shape)
 
         self._legend_title = Path(checkpoint).stem
 
@@ -193,8 +196,7 @@ class MILWidget(TaskDock):
         if pred is None or self._slide_layer_name not in self.viewer.layers:
             return
         cls = max(0, self.class_combo.currentIndex())
-        data, limits = self.heatmaps[cls]
-        cell = pred.level0_tile_size
+        data, limits, cell = self.heatmaps[cls]
         mpp = self._mpp()
         scale, translate = layer_transform(mpp, cell)
         name = f"{self._slide_layer_name} MIL heatmap"
@@ -217,7 +219,8 @@ class MILWidget(TaskDock):
         """Level-0 pixel corners ``[[y0, x0], [y1, x1]]`` of the patch at level-0 ``(y, x)``, edges as the heatmap cell's."""
         from ..layers import patch_box
 
-        return patch_box(y, x, self.prediction.level0_tile_size)
+        slide = self.viewer.layers[self._slide_layer_name] if self._slide_layer_name in self.viewer.layers else None
+        return patch_box(y, x, self.prediction.level0_tile_size, slide_level0_shape(slide) if slide else None)
 
     def _goto_patch(self, item: QListWidgetItem) -> None:
         """Draw the clicked patch's box (one rectangle, replacing the previous one) and centre the view on it."""

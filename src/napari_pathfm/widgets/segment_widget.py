@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from ._checkpoint_picker import CheckpointPicker
+from ._compact import compact_combo
 from ._dock import TaskDock
 from ._legend import Legend
 from .slide_widget import fill_slide_combo
@@ -62,7 +63,7 @@ class SegmentWidget(TaskDock):
 
         from qtpy.QtWidgets import QComboBox
 
-        self.layer_combo = QComboBox()
+        self.layer_combo = compact_combo(QComboBox())
         self.checkpoint = CheckpointPicker("segment", self)
         self.mpp = QDoubleSpinBox()
         self.mpp.setRange(0.0, 64.0)
@@ -162,7 +163,7 @@ class SegmentWidget(TaskDock):
             # everything the result's display needs is made here, off the GUI thread (contract 10)
             import numpy as np
 
-            from ..colors import label_colormap
+            from ._colormaps import label_colormap
             from ..io.slide import open_slide
             from ..layers import class_features
             from ..models.checkpoint import checkpoint_paths, read_card

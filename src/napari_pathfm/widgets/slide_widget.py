@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..coords import layer_transform, layer_units, rescale_slide_layers
 from ..layers import tile_boxes
+from ._compact import compact_combo
 from ._dock import TaskDock
 
 __all__ = ["MAX_TILE_SHAPES", "SlideWidget", "add_tissue_tiles_layers", "fill_slide_combo", "slide_layers",
@@ -64,7 +65,7 @@ class SlideWidget(TaskDock):
 
         open_btn = QPushButton("Open slide…")
         open_btn.clicked.connect(self._choose_file)
-        self.layer_combo = QComboBox()
+        self.layer_combo = compact_combo(QComboBox())
         self.layer_combo.currentIndexChanged.connect(self._show_properties)
 
         self.table = QTableWidget(0, 2)
@@ -92,7 +93,7 @@ class SlideWidget(TaskDock):
         mpp_row.addWidget(self.slide_mpp_btn)
         self.mpp_box.setVisible(False)
 
-        self.assoc_combo = QComboBox()
+        self.assoc_combo = compact_combo(QComboBox())
         self.assoc_combo.currentTextChanged.connect(self._show_associated)
         self.assoc_label = QLabel()
         self.assoc_label.setAlignment(Qt.AlignmentFlag.AlignCenter)

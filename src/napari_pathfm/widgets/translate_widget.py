@@ -39,7 +39,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )  # fmt: skip
 
-from ..colors import napari_colormap, robust_limits
+from ..colors import robust_limits
+from ._colormaps import napari_colormap
+from ._compact import compact_combo
 from ._legend import Legend
 from ._dock import TaskDock
 from ._translate_rows import (
@@ -114,7 +116,7 @@ class TranslateWidget(TaskDock):
         self._runs = 0
         self.legend = Legend("Legend")
 
-        self.layer_combo = QComboBox()
+        self.layer_combo = compact_combo(QComboBox())
         form = QFormLayout()
         form.addRow("z-stack", self.layer_combo)
         self.rows_box = QVBoxLayout()

@@ -28,7 +28,7 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 
 from ...errors import FeatureError, RecipeError
 from ...models.registry import create_model
-from ...pipelines.mil import extractor_card
+from ...io.features import extractor_card
 from ...progress import check_cancel, report
 from ..lookahead import Lookahead
 from ..mil_data import FEATURE_ATTRS, BagDataset, BagItem, bag_info, read_bag_table, split_items

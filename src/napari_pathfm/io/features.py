@@ -1,4 +1,7 @@
-"""The patch-feature file: one zarr v3 group per slide, and its checked reader.
+"""The patch-feature file: one zarr v3 group per slide, its checked reader, and the extractor card.
+
+Training (``training/mil_data.py``, the MIL task) and prediction (``pipelines/``) both read and write
+these files, so the format lives in ``io/``, below both (docs/architecture.md, "Layers").
 
 Layout of ``<slide>.features.zarr``::
 
@@ -37,7 +40,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import FeatureError
-from ..io.checksums import file_crc32
+from .checksums import file_crc32
 
 __all__ = [
     "FeatureBag",
@@ -51,6 +54,8 @@ __all__ = [
     "RowWriter",
     "PATCH_ORDER",
     "FORMAT",
+    "EXTRACTOR_KEYS",
+    "extractor_card",
 ]
 
 FORMAT = "pathfm-features"
@@ -98,7 +103,7 @@ class FeatureBag:
 
 def feature_path(out_dir: str | Path, slide_path: str | Path) -> Path:
     """``out_dir / "<slide stem>.features.zarr"`` (``a.ome.tif`` → ``a.features.zarr``)."""
-    from ..io.atomic import split_suffix
+    from .atomic import split_suffix
 
     return Path(out_dir) / (split_suffix(Path(slide_path).name)[0] + SUFFIX)
 
@@ -276,7 +281,7 @@ def write_features(path: str | Path, features: Any, coords: Any, attrs: Optional
     >>> read_features(p).features.shape  # doctest: +SKIP
     (3, 4)
     """
-    from ..io.atomic import atomic_path
+    from .atomic import atomic_path
 
     path = Path(path)
     features = np.asarray(features, np.float32)
@@ -432,3 +437,16 @@ def check_feature_dim(bag: FeatureBag, expected_dim: int, checkpoint_path: str |
         "Extract features with the backbone the checkpoint was trained on, or choose a checkpoint "
         f"trained on {made_by} features.",
     )
+
+
+#: Feature-file attributes that say how features were extracted (:func:`extractor_card`).
+EXTRACTOR_KEYS = (
+    "extractor", "backbone", "weights", "weights_sha256", "input_size", "mean", "std", "feature_dim",
+    "target_mpp", "tile_size", "min_tissue", "tissue_mpp",
+)  # fmt: skip
+
+
+def extractor_card(feature_attrs: dict) -> dict:
+    """The part of a feature file's attributes that a MIL model card keeps, so that
+    prediction on a new slide extracts features exactly as training did."""
+    return {k: feature_attrs.get(k) for k in EXTRACTOR_KEYS}
