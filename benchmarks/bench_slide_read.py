@@ -52,10 +52,10 @@ def time_ours(path, pos, size):
 
 
 def main(argv=None) -> int:
-    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.demo import demo_slide_path
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("slide", nargs="?", type=Path, default=sample_slide_path())
+    ap.add_argument("slide", nargs="?", type=Path, default=demo_slide_path())
     ap.add_argument("--tiles", type=int, default=500)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="alternate raw/ours this many times; best of each")

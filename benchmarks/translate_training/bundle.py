@@ -28,7 +28,7 @@ BUNDLED = REPO / "src" / "napari_pathfm" / "data" / "models"
 ISL_LICENSE = "Apache-2.0: in-silico labeling test data (Christiansen et al., Cell 2018), one well"
 
 
-def _time_v(log: Path) -> dict:
+def time_v(log: Path) -> dict:
     """Wall, user and system seconds from the ``/usr/bin/time -v`` report at the end of ``log``."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     out = {}
@@ -63,7 +63,7 @@ def bundle(run: Path, name: str) -> Path:
     card["weights_file"] = f"{name}.safetensors"
     card["data_license"] = ISL_LICENSE
     card["command"] = f"OMP_NUM_THREADS=1 pathfm train {card.get('recipe_file') or recipe} --out runs/translate/{recipe.stem} --device cpu"
-    card["training_time"] = {**_time_v(run / "stderr.log"),
+    card["training_time"] = {**time_v(run / "stderr.log"),
                              "machine": "2 CPU cores shared with other jobs (see docs/translate.md)"}
     BUNDLED.mkdir(parents=True, exist_ok=True)
     weights = BUNDLED / f"{name}.safetensors"

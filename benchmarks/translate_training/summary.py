@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bundle import _time_v  # the same /usr/bin/time parser the bundled cards use
+from bundle import time_v  # the same /usr/bin/time parser the bundled cards use
 
 KEYS = ("val_mae", "val_mae_median", "val_psnr", "val_ssim", "val_mask_iou")
 
@@ -23,7 +23,7 @@ def row(run: Path) -> str | None:
         return None
     card = json.loads(card_path.read_text(encoding="utf-8"))
     best = card.get("metrics", {}).get("best", {})
-    t = _time_v(run / "stderr.log")
+    t = time_v(run / "stderr.log")
     cells = [run.name, str(card.get("name")), f"{card.get('num_parameters', 0) / 1e6:.2f}M", str(best.get("epoch"))]
     cells += [f"{best[k]:.4g}" if k in best else "–" for k in KEYS]
     cpu = t.get("user_s", 0) + t.get("system_s", 0)

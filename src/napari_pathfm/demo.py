@@ -75,10 +75,15 @@ def display_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def _default_slide(slide: Path | None) -> Path:
+def demo_slide_path() -> Path:
+    """The bundled H&E slide (CMU-1 small region, CC0): the demo's default slide and the benchmarks'."""
     from ._sample_data import sample_slide_path
 
-    return Path(slide) if slide is not None else sample_slide_path()
+    return sample_slide_path()
+
+
+def _default_slide(slide: Path | None) -> Path:
+    return Path(slide) if slide is not None else demo_slide_path()
 
 
 def build_viewer(
