@@ -44,12 +44,17 @@ class TissueMask:
         past it (that part was read as background).
     mpp : float or None
         µm per pixel of the mask, when the slide's pixel size is known.
+    stain : dict or None
+        Mean and standard deviation of the stained tissue's colour in the overview the mask was
+        made from (:func:`napari_pathfm.tiles.stain.tissue_stain`), compared with a model card's
+        training stain by the run's notes.
     """
 
     mask: np.ndarray
     downsample: float
     level0_shape: tuple[int, int]
     mpp: Optional[float] = None
+    stain: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, dtype=bool)
@@ -315,7 +320,9 @@ def tissue_mask(
         min_object_area_px=min_object_area_px,
         fill_holes=fill_holes,
     )
-    return TissueMask(mask, ds, shape0, mask_mpp)
+    from .stain import tissue_stain
+
+    return TissueMask(mask, ds, shape0, mask_mpp, stain=tissue_stain(rgb, mask))
 
 
 def _prepare_array(rgb, mpp, downsample, image_mpp):

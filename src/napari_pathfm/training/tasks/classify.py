@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from ...errors import RecipeError
 from ...models.registry import create_model
+from ...tiles.stain import stain_reference_from_paths
 from ..datasets import (
     ClassFolderDataset,
     classify_transforms,
@@ -279,4 +280,7 @@ def build(recipe: Recipe):
         "tile_size": data.cfg["image_size"],
         "training_data": data.describe() + ("; head only (optim.trainable: head)" if trainable == "head" else ""),
     }
+    stain = stain_reference_from_paths([path for path, _label in data.train_items])
+    if stain:
+        card["stain"] = stain
     return task, data, card

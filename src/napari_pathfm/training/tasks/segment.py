@@ -61,6 +61,7 @@ import torch
 
 from ...errors import RecipeError
 from ...models.registry import create_model
+from ...tiles.stain import stain_reference_from_paths
 from ..recipes import Recipe
 from ..seg_metrics import dice_iou, f1_from_counts, object_counts
 from ..segment_data import IGNORE
@@ -307,6 +308,10 @@ def build(recipe: Recipe):
     }
     if foundation:
         card["foundation_weights"] = foundation
+    # the training images' stain (too few images, e.g. a fine-tune on painted tiles: the parent model's)
+    stain = stain_reference_from_paths([it.image for it in data.train_items]) or (init_card or {}).get("stain")
+    if stain:
+        card["stain"] = stain
     if init is not None:
         card["init_checkpoint"] = {"path": str(init), "sha256": init_card.get("sha256"), "name": init.stem}
     return task, data, card
