@@ -19,8 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import RecipeError
 from .recipe_fields import IMAGE_EXTENSIONS
 from .segment_data import (
-    IGNORE, MASK_FORMATS, SegItem, _jitter, _pad_to, _Store, _values_text, find_pairs, read_mask, split_names,
-)  # fmt: skip
+    IGNORE,
+    MASK_FORMATS,
+    SegItem,
+    _jitter,
+    _pad_to,
+    _Store,
+    _values_text,
+    find_pairs,
+    read_mask,
+    split_names,
+)
 
 __all__ = ["CORRECTIONS_META", "FOLDER_META", "SegmentDataModule", "SegmentImageDataset", "SegmentTileDataset"]
 

@@ -20,8 +20,14 @@ from ..errors import RecipeError
 from ..io.atomic import atomic_path
 from .translate_crops import TranslateCropDataset, TranslateTileDataset
 from .translate_data import (
-    check_dtypes, check_planes, check_targets, fov_limits, load_fov, open_spec_sites, stack_specs,
-)  # fmt: skip
+    check_dtypes,
+    check_planes,
+    check_targets,
+    fov_limits,
+    load_fov,
+    open_spec_sites,
+    stack_specs,
+)
 from .translate_stats import pooled_stats
 
 __all__ = ["TranslateDataModule"]
