@@ -216,7 +216,7 @@ def test_run_states_from_events_jsonl(tmp_path):
     """The past-runs list reads a run's state from the last event of its events.jsonl."""
     import json
 
-    from napari_pathfm.widgets._train_runs import TAIL_BYTES, scan_runs
+    from napari_pathfm.training.runs import TAIL_BYTES, scan_runs
 
     batch = {"event": "batch", "epoch": 0, "done": 1, "total": 2, "metrics": {"loss": 1.0}, "message": "x" * 200}
     epoch = {"event": "epoch", "epoch": 0, "metrics": {"val_loss": 0.5}}

@@ -1,0 +1,122 @@
+"""Training run folders: what each holds and what state its run ended in (no Qt, no torch).
+
+A run folder (``<runs_dir>/<recipe>-<timestamp>/``, or any folder the user chose) holds
+``events.jsonl`` (one :class:`~napari_pathfm.training.TrainEvent` per line, appended by every
+start and resume), ``last.ckpt`` (the state to resume from), ``recipe.yaml`` (the full recipe
+the run used) and, once a run ended, ``model.safetensors``. Its state is read from the last
+event that ends a run:
+
+* ``finished``: a ``done`` event of a run that was not stopped;
+* ``stopped``: a ``done`` event saying "cancelled" (the panel's Stop, Ctrl-C, SIGTERM);
+  it can be resumed from ``last.ckpt``;
+* ``crashed``: an ``error`` event, or epochs/batches with no end at all (the process was
+  killed); resumable too when ``last.ckpt`` exists;
+* ``running``: the folder the panel is training into right now.
+
+Only the last :data:`TAIL_BYTES` of ``events.jsonl`` are read, so listing stays cheap on the
+GUI thread however long the runs were.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["TAIL_BYTES", "RunInfo", "read_run", "scan_runs"]
+
+TAIL_BYTES = 64 * 1024
+MARKERS = ("events.jsonl", "last.ckpt", "model.safetensors")
+
+
+@dataclass
+class RunInfo:
+    """One run folder: its state, last epoch and metrics, and whether Resume can continue it."""
+
+    path: Path
+    state: str
+    epoch: int | None = None
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+    modified: float = 0.0
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in ("stopped", "crashed") and (self.path / "last.ckpt").is_file()
+
+    def summary(self) -> str:
+        """One readable line: state, epochs, last metrics, when."""
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items() if isinstance(v, (int, float)))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.modified)) if self.modified else ""
+        epochs = f"{self.epoch + 1} epoch(s)" if self.epoch is not None else "no epoch finished"
+        return f"{self.state} · {epochs} · {shown or 'no metrics'} · {when}"
+
+
+def _tail_events(path: Path) -> tuple[dict | None, dict | None]:
+    """``(last event ending or advancing a run, last epoch event)`` from the last :data:`TAIL_BYTES`.
+
+    Lines are scanned from the end and only the two needed are parsed, so a listing of many runs
+    costs a few small reads, not a JSON parse of every batch.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - TAIL_BYTES))
+            lines = f.read().split(b"\n")
+    except OSError:
+        return None, None
+    if size > TAIL_BYTES:
+        lines = lines[1:]  # cut by the seek
+    end = epoch = None
+    for line in reversed(lines):
+        if end is not None and b'"epoch"' not in line[:40]:
+            continue  # only the last epoch event is still wanted
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        kind = event.get("event") if isinstance(event, dict) else None
+        if end is None and kind in ("batch", "epoch", "done", "error"):
+            end = event
+        if kind == "epoch":
+            epoch = event
+            break
+    return end, epoch
+
+
+def read_run(folder: str | Path, running: bool = False) -> RunInfo | None:
+    """The :class:`RunInfo` of ``folder``, or None when it is not a run folder (no marker file)."""
+    folder = Path(folder)
+    present = [folder / m for m in MARKERS if (folder / m).is_file()]
+    if not present:
+        return None
+    modified = max(p.stat().st_mtime for p in present)
+    end, last_epoch = _tail_events(folder / "events.jsonl")
+    last_epoch = last_epoch or {}
+    info = RunInfo(folder, "crashed", last_epoch.get("epoch"), dict(last_epoch.get("metrics") or {}), "", modified)
+    if running:
+        info.state = "running"
+    elif end is None:
+        info.state = "finished" if (folder / "model.safetensors").is_file() else "crashed"
+    elif end.get("event") == "done":
+        info.state = "stopped" if str(end.get("message", "")).startswith("cancelled") else "finished"
+    elif end.get("event") == "error":
+        info.message = str(end.get("message", ""))
+    else:
+        info.message = "the run ended without a word (killed?)"
+    return info
+
+
+def scan_runs(parent: str | Path, running: Path | None = None) -> list[RunInfo]:
+    """Run folders directly under ``parent``, newest first; ``running`` is the folder being trained now."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    runs = []
+    for sub in parent.iterdir():
+        if sub.is_dir():
+            info = read_run(sub, running=running is not None and sub.resolve() == Path(running).resolve())
+            if info is not None:
+                runs.append(info)
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
