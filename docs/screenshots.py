@@ -30,6 +30,8 @@ DOCKS = ("slide", "segment", "classify", "mil", "translate", "train")
 WINDOW = (1500, 900)  # napari main window size (px), fixed for every picture
 DOCK_WIDTH = 400  # width given to the right dock area (px)
 REPO = Path(__file__).resolve().parents[1]
+# the data beside the checkout unless PATHFM_SHARED_DATA is set (the package's own default is a per-user folder)
+os.environ.setdefault("PATHFM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 
 def _dock(viewer, name: str):

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PATHFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+# recipes' ${PATHFM_SHARED_DATA} (in tests and the `pathfm` processes they start) means this folder; the
+# package itself defaults to a per-user folder, never to one beside the repository
+os.environ.setdefault("PATHFM_SHARED_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,10 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
 from napari_pathfm.training.recipes import default_shared_data
+
+# the data beside the checkout unless PATHFM_SHARED_DATA is set (the package's own default is a per-user folder)
+os.environ.setdefault("PATHFM_SHARED_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def build_datasets(data: Path, work: Path) -> list[Path]:

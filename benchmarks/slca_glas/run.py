@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+# the data beside the checkout unless PATHFM_SHARED_DATA is set (the package's own default is a per-user folder)
+os.environ.setdefault("PATHFM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 RECIPES = {"slca": REPO / "training/slca/glas_cpu.yaml", "noslca": REPO / "training/slca/glas_cpu_noslca.yaml"}
 LABELS = {"slca": "SLCA (ResNet-18 + random-init SAM)", "noslca": "ResNet-18 without SLCA"}
 FIELDS = ["model", "label_fraction", "seed", "n_train", "epochs", "best_epoch", "val_auroc", "test_acc",

@@ -13,6 +13,7 @@ paths under the shared data folder rewritten as ``${PATHFM_SHARED_DATA}``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
+# the data beside the checkout unless PATHFM_SHARED_DATA is set (the package's own default is a per-user folder)
+os.environ.setdefault("PATHFM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 
 from napari_pathfm.io.atomic import atomic_path
 from napari_pathfm.training.recipes import default_shared_data

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import typer
 from typer.core import TyperGroup
 
+from .cli_recipes import recipes_cmd
 from .errors import Cancelled, PathFMError, UsageError
 
 
@@ -119,10 +120,12 @@ def _recipe_paths(config, skip=("output",)) -> list:
 
 
 def _preflight_recipe(recipe: Path, overrides, out: Optional[Path]) -> None:
-    """Check a training run's output folder against the recipe and the data it names, before training starts."""
+    """Check a training run's output folder against the recipe (a file or bundled name) and the data it names."""
     from .io.preflight import Output
+    from .recipe_files import resolve_recipe
     from .training.recipes import load_recipe
 
+    recipe = resolve_recipe(recipe)  # as given when it is a file, else the bundled recipe of that name
     loaded = load_recipe(recipe, overrides)
     folder = Path(out or loaded.get("output") or Path("runs") / loaded.name)
     inputs = _recipe_paths(loaded.config)
@@ -196,14 +199,14 @@ def tiles(
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (see training/)"),
+    recipe: Path = typer.Argument(..., help="Recipe YAML, or a bundled recipe name (see `pathfm recipes`)"),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe value: --set optim.lr=1e-4 (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the recipe's `output`)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps"),
     resume: bool = typer.Option(True, help="Continue from the output folder's last checkpoint when present"),
     json_progress: bool = typer.Option(False, "--json-progress", help="Stream progress as JSON lines on stdout"),
 ) -> None:
-    """Train a model from a recipe with Lightning (checkpoints, resume, early stopping, logs)."""
+    """Train a model from a recipe (file or bundled name) with Lightning (checkpoints, resume, early stopping, logs)."""
     _preflight_recipe(recipe, set_, out)
     from .training.engine import run_recipe
     from .training.signals import GracefulStop
@@ -251,6 +254,9 @@ def train(
         typer.echo(_json(summary, indent=2, default=str))
     if code:
         raise typer.Exit(code)
+
+
+app.command("recipes")(recipes_cmd)
 
 
 @app.command()
@@ -445,7 +451,7 @@ def mil_predict_cmd(
 
 @mil_app.command("cv")
 def mil_cv_cmd(
-    recipe: Path = typer.Argument(..., help="MIL recipe (see training/s4mil/)"),
+    recipe: Path = typer.Argument(..., help="MIL recipe file or bundled name (e.g. s4mil/glas_bags)"),
     k: Optional[int] = typer.Option(None, min=2, help="Folds (default: the CSV's fold column, else 5)"),
     set_: List[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (one subfolder per fold)"),
@@ -521,7 +527,7 @@ def transfer_matrix_cmd(
     mode: str = typer.Option("deeptune", help="deeptune (all layers) or finetune (head only)"),
     epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: the recipes')"),
     set_: List[str] = typer.Option([], "--set", help="Recipe override for every run (repeatable)"),
-    recipes: Optional[Path] = typer.Option(None, help="Folder of the HistoKT recipes (default: training/histokt)"),
+    recipes: Optional[Path] = typer.Option(None, help="Folder of the HistoKT recipes (default: the bundled histokt/)"),
     tiny: bool = typer.Option(False, "--tiny", help="CPU smoke recipes (*_tiny.yaml: resnet10t, 64 px)"),
     imagenet: Optional[Path] = typer.Option(None, help="Two-stage: local ImageNet resnet18 weights for the sources"),
     tsne: bool = typer.Option(False, "--tsne", help="Also plot a t-SNE of every source model's features"),

@@ -6,7 +6,9 @@ A recipe has the top-level keys ``family``, ``description``, ``seed``, ``output`
 default and help text, so the CLI can validate and a GUI can render a form.
 
 Strings may use ``${VAR}`` or ``${VAR:-default}``; ``${PATHFM_SHARED_DATA}``
-defaults to ``<repo>/../shared/data``. Relative paths written in a recipe file
+defaults to ``<per-user data folder>/shared-data`` (:func:`default_shared_data`). A recipe is a
+file or the name of a bundled one (``pathsam2/glas_cpu``, :mod:`napari_pathfm.recipe_files`).
+Relative paths written in a recipe file
 resolve against the recipe's folder; relative paths given as overrides resolve
 against the current directory (where the command was typed).
 
@@ -273,9 +275,26 @@ _MISSING = object()
 
 
 def default_shared_data() -> Path:
-    """``$PATHFM_SHARED_DATA`` or ``<repo>/../shared/data`` (the repo this package lives in)."""
+    """The folder ``${PATHFM_SHARED_DATA}`` stands for: that variable, else ``shared-data`` in the per-user
+    data folder (:func:`napari_pathfm.userdata.data_dir`); never a folder found relative to the package."""
     env = os.environ.get("PATHFM_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    if env:
+        return Path(env).expanduser()
+    from ..userdata import data_dir
+
+    return data_dir() / "shared-data"
+
+
+def _shared_data(where: str) -> Path:
+    """:func:`default_shared_data` for a recipe that uses ``${PATHFM_SHARED_DATA}``; a missing folder is named."""
+    folder = default_shared_data()
+    if not folder.is_dir():
+        raise RecipeError(
+            where,
+            f"uses ${{PATHFM_SHARED_DATA}}, but its data folder {folder} does not exist.",
+            "Set PATHFM_SHARED_DATA to the folder holding the data sets (glas/, crc-tiles/, isl-blue-sample/, ...).",
+        )
+    return folder
 
 
 def schema(family: str | None = None) -> dict[str, dict]:
@@ -334,7 +353,7 @@ def _expand(value: Any, where: str) -> Any:
         if var in os.environ:
             return os.environ[var]
         if var == "PATHFM_SHARED_DATA":
-            return str(default_shared_data())
+            return str(_shared_data(where))
         if fallback is not None:
             return fallback
         raise RecipeError(
@@ -494,12 +513,10 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
     elif isinstance(source, dict):
         raw, where = copy.deepcopy(source), "<recipe dict>"
     else:
-        path = Path(source).resolve()
+        from ..recipe_files import resolve_recipe
+
+        path = resolve_recipe(source).resolve()  # a file, or the bundled recipe of that name
         where = str(path)
-        if not path.is_file():
-            raise RecipeError(
-                path, "recipe file not found.", "Check the path; recipes live in the training/ folder of the repo."
-            )
         text = read_utf8(path, RecipeError, "Save it as UTF-8.")
         try:
             raw = yaml.safe_load(text) or {}

@@ -43,6 +43,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from ..checkpoints import add_search_folder
+from ..recipe_files import recipes_dir
 from ..training.recipes import FAMILIES
 from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
@@ -56,7 +57,7 @@ __all__ = [
     "flatten", "list_recipes",
 ]  # fmt: skip
 
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "training"
+RECIPES_DIR = recipes_dir()  # the bundled recipes (napari_pathfm/recipes)
 LOG_LINES = 15
 # family -> (button text, tooltip) of the "data from what is open" button
 VIEWER_DATA = {

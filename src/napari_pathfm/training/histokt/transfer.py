@@ -36,8 +36,10 @@ MODES = ("finetune", "deeptune")
 
 
 def default_recipe_dir() -> Path:
-    """``training/histokt`` of the repository this package lives in."""
-    return Path(__file__).resolve().parents[4] / "training" / "histokt"
+    """The bundled ``histokt`` recipes (``training/histokt`` of the repository, shipped in the package)."""
+    from ...recipe_files import recipes_dir
+
+    return recipes_dir() / "histokt"
 
 
 @dataclass
@@ -181,7 +183,7 @@ def transfer_matrix(
     overrides : iterable of str
         ``key=value`` recipe overrides applied to every run (e.g. ``trainer.batch_size=16``).
     recipe_dir : path, optional
-        Folder of the HistoKT recipes (default: the repository's ``training/histokt``).
+        Folder of the HistoKT recipes (default: the bundled ``histokt`` recipes, :func:`default_recipe_dir`).
     tiny : bool
         Use the ``*_tiny.yaml`` CPU variants (resnet10t, 64 px, 2 epochs).
     imagenet_weights : path, optional
