@@ -122,7 +122,8 @@ def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_
 def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
     """The worker function on its own (no cluster): the classify task writes the classify outputs + done.json."""
     from napari_pathfm.models import create_model, save_checkpoint
-    from napari_pathfm.pipelines.batch import _key, is_complete, run_slide
+    from napari_pathfm.pipelines.batch import _key, run_slide
+    from napari_pathfm.pipelines.batch_done import is_complete
 
     model = create_model("timm_classifier", backbone="resnet10t", num_classes=2)
     ckpt = save_checkpoint(model, tmp_path / "cls", {"classes": ["a", "b"], "tile_size": 64, "input_mpp": 4.0})

@@ -24,7 +24,7 @@ from ..io.atomic import atomic_path
 
 __all__ = [
     "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "refuse_pickle",
-    "CARD_FORMAT",
+    "CARD_FORMAT", "card_family", "check_family", "load_family_checkpoint", "load_any",
 ]  # fmt: skip
 
 CARD_FORMAT = "napari-pathfm-checkpoint/1"
@@ -271,3 +271,98 @@ def load_checkpoint(path: str | Path, device: str = "cpu", *, verify: bool = Tru
         ) from exc
     load_into(model, state, strict=True, source=weights_path)
     return model.to(resolve_device(device)).eval(), card
+
+
+def card_family(card: dict) -> str | None:
+    """The family of a model card: its ``family`` key, else the family its model name is registered under."""
+    if card.get("family"):
+        return str(card["family"])
+    from .registry import model_info
+
+    try:
+        return model_info(str(card.get("name")))["family"] or None
+    except KeyError:
+        return None
+
+
+def _card_value(card: dict, dotted: str) -> Any:
+    node: Any = card
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def check_family(card: dict, family: str, source: str | Path) -> None:
+    """Refuse a card of another family, or one without the keys ``family``'s spec requires (no torch import).
+
+    The messages come from the family specs (:mod:`napari_pathfm.families`): what a checkpoint of
+    ``family`` is and which models make one, and where the given checkpoint can be used instead.
+
+    Raises
+    ------
+    CheckpointError
+        The card's family is another one, or a required card key (``FamilySpec.card_keys``) is missing.
+    """
+    from ..families import get_family
+
+    spec = get_family(family)
+    pick = f"Pick a checkpoint of family {family!r}" + (f" ({spec.examples})" if spec.examples else "")
+    found = card_family(card)
+    if found and found != family:
+        try:
+            use = get_family(found).use
+        except KeyError:
+            use = ""
+        raise CheckpointError(
+            source, f"is a {found!r} checkpoint (model {card.get('name')!r}), not {spec.noun}.",
+            pick + (f"; use this one with {use}." if use else "."),
+        )
+    for key in spec.card_keys:
+        if _card_value(card, key) is None:
+            raise CheckpointError(source, f"has no `{key}` in its model card; it is not {spec.noun}.", pick + ".")
+
+
+def load_family_checkpoint(path: str | Path, family: str, device: str = "cpu", *, verify: bool = True):
+    """:func:`load_checkpoint` of a checkpoint that must be of ``family``, checked (:func:`check_family`) first.
+
+    This is the core every family's loader (``FamilySpec.loader``) shares; a wrong family is
+    refused from the card alone, before any weights are read.
+
+    Returns
+    -------
+    (torch.nn.Module, dict)
+        The model in eval mode and its card.
+    """
+    check_family(read_card(path), family, path)
+    return load_checkpoint(path, device=device, verify=verify)
+
+
+def load_any(path: str | Path, device: str = "cpu", *, family: str | None = None) -> tuple:
+    """Load a checkpoint with its family's one loader (``FamilySpec.loader``): ``(model, card, ...)``.
+
+    ``family`` defaults to the family the card names; a family without its own loader gets
+    :func:`load_family_checkpoint`. Loaders of the built-in families also take a ``(model, card)``
+    pair and check what only their pipeline knows (e.g. classes against the model's outputs).
+
+    Raises
+    ------
+    CheckpointError
+        The card names no family this version knows (a plugin family not installed), or the
+        checkpoint is not of ``family``.
+    """
+    from ..families import get_family
+
+    family = family or card_family(read_card(path))
+    try:
+        spec = get_family(family or "")
+    except KeyError as exc:
+        raise CheckpointError(
+            path, f"is of family {family!r}, which this version of napari-pathfm does not know ({exc.args[0]}).",
+            "Install the plugin that registers this family (entry point group napari_pathfm.families, "
+            "or a module named in PATHFM_PLUGINS).",
+        ) from None
+    if spec.loader:
+        return spec.part("loader")(path, device=device)
+    return load_family_checkpoint(path, spec.name, device=device)

@@ -19,6 +19,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..families import load_plugins
+
 __all__ = ["register_model", "create_model", "list_models", "model_info", "ModelEntry"]
 
 # Config keys that point at files to load once at build time (and how to load them); they are not
@@ -39,7 +41,8 @@ class ModelEntry:
     target : str
         ``"module:function"`` of the factory (imported lazily).
     family : str
-        Task family (``"classify"``, ``"segment"``, ``"mil"``, ...).
+        Task family (``"classify"``, ``"segment"``, ``"mil"``, ...): the name of its
+        :class:`~napari_pathfm.families.FamilySpec`.
     description : str
         One line for users and GUI lists.
     default_cfg : dict
@@ -233,14 +236,19 @@ def register_model(fn: Callable | None = None, *, name: str | None = None, famil
 def list_models(family: str | None = None) -> list[str]:
     """Sorted names of all known models, optionally only those of one ``family``.
 
-    Does not import torch or any model module.
+    Does not import torch or any model module. Family plugins (:func:`napari_pathfm.families.load_plugins`)
+    are imported first, so the models they register are listed.
     """
+    load_plugins()
     entries = {**_BUILTINS, **_RUNTIME}
     return sorted(n for n, e in entries.items() if family is None or e.family == family)
 
 
 def _entry(name: str) -> ModelEntry:
     entry = _RUNTIME.get(name) or _BUILTINS.get(name)
+    if entry is None:
+        load_plugins()
+        entry = _RUNTIME.get(name)
     if entry is None:
         known = ", ".join(list_models()) or "none"
         raise KeyError(f"unknown model {name!r}; known models: {known}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,110 +30,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, CheckpointError, ManifestError, PathFMError, SlideError, UsageError
-from ..io.checksums import file_crc32
+from ..errors import Cancelled, CheckpointError, ManifestError, SlideError, UsageError
+from ..families import get_family, list_families
 from ..io.jsonsafe import dumps as safe_dumps
 from ..io.text import read_utf8
 from ..progress import is_cancelled, report
+from .batch_done import DONE, check_done, record_outputs
+from .batch_tasks import need_checkpoints
 
 log = logging.getLogger(__name__)
 
 PathLike = str | Path
-DONE = "done.json"
 SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "output", "note")
 
 
-def _features(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
-    from .features import features_command
-
-    weights = checkpoint[0] if checkpoint else None
-    result = features_command([slide], out, weights=weights, **opts)
-    info = next(iter(result["slides"].values()))
-    if info["status"] == "failed":
-        raise PathFMError(info["error"])
-    return {"n_tiles": info["n_tiles"], "path": info["path"], "extractor": result["extractor"]}
-
-
-def _segment(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
-    from .segment import segment_slide
-
-    ckpt = checkpoint[0] if checkpoint else None
-    result = segment_slide(slide, ckpt, out=out / "mask.ome.tif", geojson=out / "mask.geojson", **opts)
-    return result.summary()
-
-
-def _classify(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
-    from ..io.slide import open_slide
-    from .classify import classify_slide, write_classify_outputs
-
-    with open_slide(slide) as s:
-        result = classify_slide(s, _one(checkpoint, "classify"), **opts)
-        write_classify_outputs(result, out)
-    return result.summary()
-
-
-def _mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
-    from ..io.slide import open_slide
-    from .mil import mil_predict, write_mil_outputs
-
-    top_k = int(opts.pop("top_k", 10))
-    with open_slide(slide) as s:
-        pred = mil_predict(_one(checkpoint, "mil"), slide=s, **opts)
-        written = write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
-                                    mpp=s.mpp, top_k=top_k)  # fmt: skip
-    info = pred.to_dict(0)
-    return {**{k: info[k] for k in ("predicted", "probabilities", "n_patches", "level0_tile_size")},
-            "written": {k: str(v) for k, v in written.items()}}  # fmt: skip
-
-
-def _translate(stack: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
-    from .translate import translate_stack, write_translation
-
-    result = translate_stack(stack, _need(checkpoint, "translate"), **opts)
-    write_translation(result, out)
-    return result.summary()
-
-
-def _one(checkpoint: list[str] | None, task: str) -> str:
-    return _need(checkpoint, task)[0]
-
-
-def _need(checkpoint: Sequence[PathLike] | None, task: str) -> list[str]:
-    """The checkpoints of a task that cannot run without one (``classify``, ``mil``, ``translate``)."""
-    if not checkpoint:
-        each = " (one per channel)" if task == "translate" else ""
-        raise UsageError(f"task '{task}' needs --checkpoint{each}.", f"Give a checkpoint of family '{task}'.")
-    return [str(c) for c in checkpoint]
-
-
-TASKS: dict[str, Callable[[Path, Path, list[str] | None, dict], dict]] = {
-    "segment": _segment, "classify": _classify, "features": _features, "mil": _mil, "translate": _translate,
-}  # fmt: skip
-
-
-# the function whose keyword arguments --set may give, the extra keys the task itself reads, and the
-# arguments the task fills in (slide, checkpoint, outputs)
-_SIGNATURES = {
-    "features": ("features_command", {"backbone"}, {"inputs", "out_dir", "weights", "progress", "cancel"}),
-    "segment": ("segment_slide", set(), {"slide_or_image", "model_or_checkpoint", "out", "geojson", "progress",
-                                         "cancel"}),
-    "classify": ("classify_slide", set(), {"slide", "model_or_checkpoint", "progress", "cancel"}),
-    "mil": ("mil_predict", {"top_k"}, {"checkpoint", "features", "slide", "progress", "cancel"}),
-    "translate": ("translate_stack", set(), {"stack", "checkpoint", "store", "progress", "cancel"}),
-}  # fmt: skip
+def batch_task(task: str) -> Callable[[Path, Path, list[str] | None, dict], dict]:
+    """The batch task of family ``task`` (its spec's ``batch``), or a UsageError listing the tasks."""
+    tasks = list_families("batch")
+    if task not in tasks:
+        raise UsageError(f"unknown task '{task}'.", f"Use one of: {', '.join(tasks)}.")
+    return get_family(task).part("batch")
 
 
 def check_options(task: str, options: dict) -> None:
     """Refuse ``--set`` keys the task's pipeline function does not take, before any slide runs."""
-    import importlib
     import inspect
 
-    name, extra, reserved = _SIGNATURES[task]
-    module = importlib.import_module(f"{__package__}.{task}")  # pipelines/<task>.py
-    allowed = (set(inspect.signature(getattr(module, name)).parameters) | extra) - reserved
+    spec = get_family(task)
+    entry = spec.part("pipeline")  # pipelines/<task>.py: segment_slide, classify_slide, ...
+    allowed = (set(inspect.signature(entry).parameters) | spec.batch_options) - spec.batch_fills
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise UsageError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({module.__name__}.{name}).",
+        where = spec.pipeline.replace(":", ".")
+        raise UsageError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({where}).",
                          f"Use one of: {', '.join(sorted(allowed))}.")  # fmt: skip
 
 
@@ -215,63 +143,6 @@ def _key(task: str, checkpoint: list[str] | None, options: dict) -> dict:
     return {"task": task, "checkpoint": checkpoint, "checkpoint_files": files, "options": options}
 
 
-def is_complete(folder: Path, key: dict) -> bool:
-    """True when ``folder/done.json`` records the same task, checkpoint and options and its outputs verify."""
-    return check_done(folder, key) == (True, "")
-
-
-def check_done(folder: Path, key: dict) -> tuple[bool, str]:
-    """Whether a slide's folder holds a finished run for ``key``, and if not, why it must be redone.
-
-    Returns ``(True, "")`` when ``done.json`` matches ``key`` and every output it records is there with
-    the same size and CRC-32; ``(False, "")`` when there is no matching marker (a new slide or changed
-    options); ``(False, reason)`` when a matching marker's outputs are missing or damaged, or the
-    marker has no output record (written by an older version: its outputs cannot be checked).
-    """
-    try:
-        done = json.loads((folder / DONE).read_text())
-    except (OSError, ValueError):
-        return False, ""
-    if not isinstance(done, dict) or {k: done.get(k) for k in key} != json.loads(json.dumps(key)):
-        return False, ""
-    if not isinstance(done.get("outputs"), list):
-        return False, "no output record in done.json (older version): outputs cannot be checked"
-    problem = verify_outputs(folder, done["outputs"])
-    return (False, f"output damaged: {problem}") if problem else (True, "")
-
-
-def _is_temporary(rel: Path) -> bool:
-    name = rel.parts[0]
-    return name == DONE or ".tmp-" in name or ".old-" in name or name.startswith(".pathfm-")
-
-
-def record_outputs(folder: Path) -> list[dict]:
-    """Every file under a slide's folder (``done.json`` and temporaries aside): relative path, size, CRC-32.
-
-    Zarr / OME-Zarr outputs are folders: each of their files is listed, so a lost or changed chunk is seen.
-    """
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temporary(p.relative_to(folder)))
-    return [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "crc32": file_crc32(p)} for p in files]
-
-
-def verify_outputs(folder: Path, record: list[dict]) -> str:
-    """``""`` when every recorded output exists with its size and CRC-32, else what is wrong (first problem)."""
-    if not record:
-        return "done.json records no outputs"
-    for item in record:
-        try:
-            path = folder / item["path"]
-            if not path.is_file():
-                return f"{item['path']} is missing"
-            if path.stat().st_size != item["size"]:
-                return f"{item['path']} has {path.stat().st_size} bytes, {item['size']} when written"
-            if file_crc32(path) != item["crc32"]:
-                return f"{item['path']} has changed since it was written (checksum differs)"
-        except (OSError, KeyError, TypeError) as exc:
-            return f"{item.get('path', '?') if isinstance(item, dict) else '?'} cannot be checked ({exc})"
-    return ""
-
-
 def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, options: dict) -> dict:
     """Run ``task`` on one slide into ``out`` and write ``done.json`` last; never raises.
 
@@ -287,7 +158,7 @@ def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, opt
         if not Path(slide).exists():
             raise SlideError(slide, "file not found.", "Fix the path in the manifest.")
         folder.mkdir(parents=True, exist_ok=True)
-        info = TASKS[task](Path(slide), folder, checkpoint, dict(options))
+        info = batch_task(task)(Path(slide), folder, checkpoint, dict(options))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info,
                 "outputs": record_outputs(folder)}  # fmt: skip
@@ -341,7 +212,8 @@ def run_batch(
     manifest_csv : path
         CSV with a ``slide`` column; relative paths resolve against the CSV's folder.
     task : str
-        ``segment``, ``classify``, ``features``, ``mil`` or ``translate``.
+        A family with a batch task (:func:`napari_pathfm.families.list_families` ``("batch")``):
+        ``segment``, ``classify``, ``features``, ``mil``, ``translate`` or a plugin family.
     out : path
         Output folder: one ``<stem>-<hash8>/`` folder per slide plus ``batch-summary.{json,csv}``.
     scheduler : str, optional
@@ -366,8 +238,7 @@ def run_batch(
     """
     from distributed import wait
 
-    if task not in TASKS:
-        raise UsageError(f"unknown task '{task}'.", f"Use one of: {', '.join(TASKS)}.")
+    batch_task(task)
     options = dict(options or {})
     check_options(task, options)
     ckpts = _checkpoints(task, checkpoint)
@@ -449,20 +320,20 @@ def _noted(row: dict, notes: dict[str, str]) -> dict:
 def _checkpoints(task: str, checkpoint: None | PathLike | Sequence[PathLike]) -> list[str] | None:
     """The task's checkpoints as resolved paths, checked before any slide runs.
 
-    ``segment`` without one gets :func:`~napari_pathfm.pipelines.segment.default_segment_checkpoint`
-    (as ``pathfm segment`` does), resolved here so that ``done.json`` names the model that ran and
+    A family with a default checkpoint (``FamilySpec.default_checkpoint``; ``segment``:
+    :func:`~napari_pathfm.pipelines.segment.default_segment_checkpoint`, as ``pathfm segment`` does)
+    gets it when none is given, resolved here so that ``done.json`` names the model that ran and
     a changed default model reruns the slides. Tasks that need a checkpoint and files that do not
     exist are refused at once instead of failing every slide.
     """
+    spec = get_family(task)
     if checkpoint is not None and not isinstance(checkpoint, (list, tuple)):
         checkpoint = [checkpoint]
-    if not checkpoint and task == "segment":
-        from .segment import default_segment_checkpoint
-
-        checkpoint = [default_segment_checkpoint()]
+    if not checkpoint and spec.default_checkpoint:
+        checkpoint = [spec.part("default_checkpoint")()]
     if not checkpoint:
-        if task in ("classify", "mil", "translate"):
-            _need(None, task)
+        if spec.needs_checkpoint:
+            need_checkpoints(None, task)
         return None
     ckpts = [Path(c).expanduser().resolve() for c in checkpoint]
     for c in ckpts:

@@ -227,26 +227,10 @@ def load_classifier(model_or_checkpoint: Any, device: str = "cpu") -> tuple[Any,
         the file, its family and what to pick instead.
     """
     if isinstance(model_or_checkpoint, (str, Path)):
-        from ..models.checkpoint import load_checkpoint, read_card
-        from ..models.registry import model_info
+        from ..models.checkpoint import load_family_checkpoint
 
         source = str(model_or_checkpoint)
-        card = read_card(model_or_checkpoint)
-        family = card.get("family")
-        if not family:
-            try:
-                family = model_info(card["name"])["family"]
-            except KeyError:
-                family = None
-        if family and family != "classify":
-            hint = {"segment": "pathfm segment / the Segment widget", "mil": "pathfm mil predict / the MIL widget",
-                    "features": "pathfm features"}.get(family)  # fmt: skip
-            raise CheckpointError(
-                source, f"is a {family!r} checkpoint (model {card['name']!r}), not a tile classifier.",
-                "Pick a checkpoint of family 'classify' (timm_classifier or slca, trained with a classify recipe)"
-                + (f"; use this one with {hint}." if hint else "."),
-            )  # fmt: skip
-        model, card = load_checkpoint(model_or_checkpoint, device=device)
+        model, card = load_family_checkpoint(model_or_checkpoint, "classify", device=device)
         return model, dict(card), source
     if isinstance(model_or_checkpoint, tuple):
         model, card = model_or_checkpoint

@@ -78,12 +78,13 @@ class MILPrediction:
         }
 
 
-def _load(checkpoint):
-    from ..models.checkpoint import load_checkpoint
+def load_mil_model(checkpoint, device: str = "cpu"):
+    """``(model, card)`` from a checkpoint path (family ``mil``, checked) or a ``(model, card)`` pair."""
+    from ..models.checkpoint import load_family_checkpoint
 
     if isinstance(checkpoint, tuple):
         return checkpoint
-    return load_checkpoint(checkpoint)
+    return load_family_checkpoint(checkpoint, "mil", device=device)
 
 
 def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
@@ -198,7 +199,7 @@ def mil_predict(
     from .features import check_feature_dim, read_features
     from .notes import model_notes
 
-    model, card = _load(checkpoint)
+    model, card = load_mil_model(checkpoint)
     in_dim, classes = _model_dims(model, card, checkpoint)
     if features is None and slide is None:
         raise FeatureError(str(checkpoint), "needs features or a slide to predict on.", "Pass --features or --slide.")

@@ -204,16 +204,10 @@ def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu"
     if model_or_checkpoint is None:
         model_or_checkpoint = default_segment_checkpoint()
     if isinstance(model_or_checkpoint, (str, Path)):
-        from ..models.checkpoint import load_checkpoint, read_card
+        from ..models.checkpoint import load_family_checkpoint
 
         source = str(model_or_checkpoint)
-        family = read_card(model_or_checkpoint).get("family")
-        if family and family != "segment":
-            raise CheckpointError(
-                source, f"is a {family!r} checkpoint, not a segmentation model.",
-                "Pick a checkpoint of family 'segment' (e.g. a trained pathsam2 model).",
-            )  # fmt: skip
-        model, card = load_checkpoint(model_or_checkpoint, device=device)
+        model, card = load_family_checkpoint(model_or_checkpoint, "segment", device=device)
     elif isinstance(model_or_checkpoint, tuple):
         model, card = model_or_checkpoint
         source = card.get("weights_file")

@@ -149,15 +149,12 @@ class TranslationResult:
 
 def load_translation_model(checkpoint: Any, device: str = "cpu") -> tuple[Any, dict, str]:
     """``(model in eval mode, card, label)`` from a checkpoint path or a ``(module, card)`` pair."""
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_family_checkpoint
 
     if isinstance(checkpoint, (tuple, list)) and len(checkpoint) == 2 and not isinstance(checkpoint[0], (str, Path)):
         model, card = checkpoint
         return model.to(device).eval(), dict(card), str(card.get("name", type(model).__name__))
-    model, card = load_checkpoint(checkpoint, device=device)
-    if card.get("family") not in (None, "", "translate"):
-        raise CheckpointError(checkpoint, f"is a {card.get('family')!r} checkpoint, not a translation one.",
-                              "Choose a checkpoint of family 'translate' (HASTE dense_unet / lupi_unet).")
+    model, card = load_family_checkpoint(checkpoint, "translate", device=device)
     return model, card, str(checkpoint)
 
 

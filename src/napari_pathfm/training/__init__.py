@@ -20,7 +20,6 @@ _LAZY = {
     "parse_override": "recipes",
     "schema": "recipes",
     "Recipe": "recipes",
-    "FAMILIES": "recipes",
     "ClassFolderDataset": "datasets",
 }
 

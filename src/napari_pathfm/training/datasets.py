@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import RecipeError
-from .recipes import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
+from .recipe_fields import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ClassFolderDataset",

@@ -16,7 +16,6 @@ through from the recipe unchanged.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
@@ -31,10 +30,11 @@ import torch
 
 from ..device import resolve_device
 from ..errors import RecipeError
+from ..families import get_family
 from ..models.checkpoint import save_checkpoint
 from ..models.weights import load_into, load_state_dict_file
 from .callbacks import EngineCallback, TrainEvent, floats
-from .recipes import FAMILIES, Recipe, load_recipe
+from .recipes import Recipe, load_recipe
 
 __all__ = ["EngineCallback", "TrainEvent", "TrainResult", "run_recipe"]
 
@@ -86,8 +86,7 @@ class TrainResult:
 
 
 def _build(recipe: Recipe):
-    module = importlib.import_module(FAMILIES[recipe.get("family")])
-    return module.build(recipe)
+    return get_family(recipe.get("family")).part("training").build(recipe)
 
 
 def _accelerator(recipe: Recipe, device: str) -> tuple[str, Any]:

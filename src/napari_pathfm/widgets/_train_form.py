@@ -1,6 +1,6 @@
 """The training panel's recipe form: one row per recipe key, labelled in words, with units and help.
 
-Each row shows a human label and unit (:func:`napari_pathfm.training.recipes.field_label`, e.g.
+Each row shows a human label and unit (:func:`napari_pathfm.training.recipe_labels.field_label`, e.g.
 "Learning rate", "Batch size (tiles)", "Resolution (µm/px)"); the tooltip of the label and of
 the editor holds the schema's help text and the raw recipe key (``optim.lr``), for people who
 know the recipes or want to pass the same value with ``--set``. :meth:`Form.overrides` gives
@@ -26,7 +26,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )  # fmt: skip
 
-from ..training.recipes import field_label, schema
+from ..training.recipe_labels import field_label
+from ..training.recipes import schema
 
 __all__ = ["COMMON_KEYS", "SKIP_KEYS", "Form", "row_label", "row_tooltip"]
 

@@ -140,21 +140,18 @@ class ChannelRow(QWidget):
 
     def _on_pick(self, *_) -> None:
         from ..errors import CheckpointError
-        from ..models.checkpoint import read_card
+        from ..models.checkpoint import check_family, read_card
 
         self.card, self.error = None, None
         path = self.path()
         if path:
             try:
                 card = read_card(path)
+                check_family(card, "translate", Path(path).name)
             except CheckpointError as exc:
                 self.error = str(exc)
             else:
-                if card.get("family") not in (None, "", "translate"):
-                    self.error = (f"{Path(path).name} is a {card.get('family')!r} checkpoint, not a translation "
-                                  "one: choose a 'translate' checkpoint.")  # fmt: skip
-                else:
-                    self.card = card
+                self.card = card
         self.changed.emit()
 
     def show_targets(self, colormaps: dict[str, str]) -> None:

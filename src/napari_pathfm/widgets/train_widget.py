@@ -44,35 +44,23 @@ from qtpy.QtWidgets import (
 
 from ..checkpoints import add_search_folder
 from ..recipe_files import recipes_dir
-from ..training.recipes import FAMILIES
+from ..families import get_family, list_families
 from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
 from ._dock import DockLines
 from ._train_form import COMMON_KEYS, SKIP_KEYS, Form
 from ._train_plot import LossPlot
 from ._train_runs import RunsList
+from ._train_state import RunState
+from ._train_viewer_data import ViewerDataActions, viewer_data_button
 
 __all__ = [
-    "COMMON_KEYS", "RECIPES_DIR", "SKIP_KEYS", "VIEWER_DATA", "RunState", "TrainWidget", "default_output",
-    "flatten", "list_recipes",
+    "COMMON_KEYS", "RECIPES_DIR", "SKIP_KEYS", "RunState", "TrainWidget", "default_output", "flatten",
+    "list_recipes",
 ]  # fmt: skip
 
 RECIPES_DIR = recipes_dir()  # the bundled recipes (napari_pathfm/recipes)
 LOG_LINES = 15
-# family -> (button text, tooltip) of the "data from what is open" button
-VIEWER_DATA = {
-    "segment": (
-        "Add corrections from the viewer",
-        (
-            "Train also on painted corrections of what is open (Segment widget recordings, and the "
-            "corrections saved in the per-user data folder for open files): appended to data.extra_dirs."
-        ),
-    ),
-    "translate": (
-        "Use the open z-stacks",
-        "Train on the z-stacks open in the viewer (with their target layers): they replace data.stacks.",
-    ),
-}
 
 
 def list_recipes(family: str, folder: Path = RECIPES_DIR) -> list[Path]:
@@ -109,32 +97,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class RunState:
-    """The panel's run state; :meth:`set` updates which buttons are enabled.
-
-    ``idle`` → ``training`` → (``stopping`` →) ``done`` or ``crashed``; from ``done`` and
-    ``crashed`` a new run (Start) or a continued one (Resume) may begin.
-    """
-
-    STATES = ("idle", "training", "stopping", "done", "crashed")
-
-    def __init__(self, start: QPushButton, stop: QPushButton, resume: QPushButton, can_resume):
-        self.value = "idle"
-        self._start, self._stop, self._resume, self._can_resume = start, stop, resume, can_resume
-        self.set("idle")
-
-    def set(self, value: str) -> None:
-        if value not in self.STATES:
-            raise ValueError(f"unknown run state {value!r}; expected one of {self.STATES}")
-        self.value = value
-        running = value in ("training", "stopping")
-        self._start.setEnabled(not running)
-        self._stop.setEnabled(running)
-        self._stop.setText("Kill" if value == "stopping" else "Stop")
-        self._resume.setEnabled(not running and self._can_resume())
-
-
-class TrainWidget(QWidget):
+class TrainWidget(ViewerDataActions, QWidget):
     """Train any family from a recipe in a subprocess, with progress, a live plot, Stop and Resume."""
 
     def __init__(self, napari_viewer=None):
@@ -147,7 +110,7 @@ class TrainWidget(QWidget):
         self._stderr: list[str] = []
 
         self.family = QComboBox()
-        self.family.addItems(list(FAMILIES))
+        self.family.addItems(list_families("training"))
         self.recipe = QComboBox()
         browse = QPushButton("…")
         browse.setToolTip("Choose a recipe YAML file")
@@ -174,7 +137,7 @@ class TrainWidget(QWidget):
         out_row.addWidget(out_browse)
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])
-        self.viewer_data = QPushButton()  # text, tooltip and visibility follow the family (VIEWER_DATA)
+        self.viewer_data = QPushButton()  # text, tooltip and visibility follow the family's spec (viewer_data)
         self.viewer_data.clicked.connect(self.add_viewer_data)
 
         self.start_btn, self.stop_btn, self.resume_btn = QPushButton("Start"), QPushButton("Stop"), QPushButton("Resume")
@@ -240,7 +203,7 @@ class TrainWidget(QWidget):
         """Select the recipe file ``path`` (adding it to the list), switching family to the recipe's."""
         path = str(Path(path).resolve())
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if raw.get("family") in FAMILIES and raw["family"] != self.family.currentText():
+        if raw.get("family") in list_families("training") and raw["family"] != self.family.currentText():
             self.family.setCurrentText(raw["family"])
         index = self.recipe.findData(path)
         if index < 0:
@@ -260,80 +223,17 @@ class TrainWidget(QWidget):
             self.status.setText(f"{path}: cannot read the recipe ({exc}). Fix the file or pick another.")
             return
         self.form.build(self.family.currentText(), flatten(raw))
-        text, tip = VIEWER_DATA.get(self.family.currentText(), ("", ""))
+        text, tip, _ = viewer_data_button(self.family.currentText())
         self.viewer_data.setText(text)
         self.viewer_data.setToolTip(tip)
         self.viewer_data.setVisible(bool(text))
         self._set_auto_out(path)
 
-    def viewer_corrections(self) -> list[Path]:
-        """Corrections folders of what is open in the viewer (images/ + masks/ training sets).
-
-        Found from Segment widgets that record corrections and from the per-user corrections
-        folders (:func:`napari_pathfm.userdata.corrections_dir`) of the files of open layers.
-        """
-        from ..pipelines.corrections import corrections_dir
-
-        found: list[Path] = []
-        if self.viewer is None:
-            return found
-        for widget in list(self.viewer.window.dock_widgets.values()):
-            folder = getattr(widget, "corrections_folder", None)
-            folder = folder() if callable(folder) else None
-            if folder is not None:
-                found.append(Path(folder))
-        for layer in self.viewer.layers:
-            path = getattr(layer.source, "path", None)
-            if path and (corrections_dir(path) / "images").is_dir():
-                found.append(corrections_dir(path))
-        return list(dict.fromkeys(p.resolve() for p in found))
-
-    def add_viewer_corrections(self) -> list[Path]:
-        """Append the viewer's corrections folders to ``data.extra_dirs``; returns the folders added."""
-        return self._put_paths(
-            "data.extra_dirs", self.viewer_corrections(), append=True,
-            missing="No corrections found: record some with the Segment widget (Record corrections).",
-            done="training also on corrections folder(s): ",
-        )  # fmt: skip
-
-    def viewer_zstacks(self) -> list[Path]:
-        """Files/folders of the z-stacks open in the viewer (layers the z-stack reader made)."""
-        if self.viewer is None:
-            return []
-        paths = [layer.metadata.get("path") for layer in self.viewer.layers if "plane_names" in layer.metadata]
-        return list(dict.fromkeys(Path(p) for p in paths if p))
-
-    def use_viewer_zstacks(self) -> list[Path]:
-        """Set ``data.stacks`` to the open z-stacks; returns them."""
-        return self._put_paths(
-            "data.stacks", self.viewer_zstacks(), append=False,
-            missing="No z-stack is open: open one (File > Open) with its target images first.",
-            done="training on the open z-stack(s): ",
-        )  # fmt: skip
-
-    def _put_paths(self, key: str, paths: list[Path], append: bool, missing: str, done: str) -> list[Path]:
-        """Write ``paths`` into the form's ``key`` as a YAML list (after its current items with ``append``)."""
-        if not paths:
-            self.status.setText(missing)
-            return []
-        if key not in self.form.editors:
-            self.form.add_row(key, [])
-        current = (yaml.safe_load(str(self.form.value(key)) or "[]") or []) if append else []
-        current = current if isinstance(current, list) else [current]
-        listed = {str(d.get("path") if isinstance(d, dict) else d) for d in current}
-        added = [p for p in paths if str(p) not in listed]
-        self.form.set_value(key, yaml.safe_dump(current + [str(p) for p in added], default_flow_style=True).strip())
-        self.status.setText(done + ", ".join(map(str, added)))
-        return added
-
-    def add_viewer_data(self) -> list[Path]:
-        """The family's "data from what is open" action (see :data:`VIEWER_DATA`)."""
-        if self.family.currentText() == "translate":
-            return self.use_viewer_zstacks()
-        return self.add_viewer_corrections()
-
     def _browse_recipe(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Training recipe", str(RECIPES_DIR), "Recipes (*.yaml *.yml)")
+        """Choose a recipe file, starting in the family's recipe folder (its spec's ``recipe_folders``)."""
+        folders = [RECIPES_DIR / name for name in get_family(self.family.currentText()).recipe_folders]
+        start = next((f for f in folders if f.is_dir()), RECIPES_DIR)
+        path, _ = QFileDialog.getOpenFileName(self, "Training recipe", str(start), "Recipes (*.yaml *.yml)")
         if path:
             self.set_recipe(path)
 

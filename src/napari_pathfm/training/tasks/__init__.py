@@ -2,6 +2,7 @@
 
 The LightningModule keeps the registry model as ``.model`` (exported at the end of
 training); ``card`` holds the model-card fields the family knows (classes,
-normalisation, tile size, µm/px, training data). Families are listed in
-:data:`napari_pathfm.training.recipes.FAMILIES`.
+normalisation, tile size, µm/px, training data). Each family's spec names its module
+(``FamilySpec.training`` in :mod:`napari_pathfm.families`); the engine finds it by the
+recipe's ``family``.
 """
