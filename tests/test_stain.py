@@ -10,8 +10,9 @@ import pytest
 
 from napari_pathfm.pipelines.notes import STAIN_TOLERANCE, model_notes
 from napari_pathfm.tiles.stain import (
-    MIN_STD, record_in_card, stain_reference, stain_reference_from_folder, stain_reference_from_paths, tissue_stain,
+    MIN_STD, record_in_card, stain_reference, stain_reference_from_folder, stain_reference_from_paths,
 )  # fmt: skip
+from napari_pathfm.tiles.tissue import tissue_stain
 
 MODELS = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data" / "models"
 

@@ -15,6 +15,8 @@ about 8 µm/px; a training image read at 1/8 of its size). The spread has a floo
     python -m napari_pathfm.tiles.stain CARD.json IMAGES_FOLDER   # record a card's reference
 
 Pure numpy (no torch), cheap: the slide side reuses the overview the tissue mask was made from.
+The statistic of one image, :func:`~napari_pathfm.tiles.tissue.tissue_stain`, lives in ``tissue.py``
+(every tissue mask carries it); this module builds a card's reference from many images.
 """
 
 from __future__ import annotations
@@ -26,55 +28,18 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .tissue import rgb_tissue_mask, tissue_stain
+
 __all__ = [
-    "MIN_STD", "tissue_stain", "stain_reference", "stain_reference_from_paths", "stain_reference_from_folder",
+    "MIN_STD", "stain_reference", "stain_reference_from_paths", "stain_reference_from_folder",
     "record_in_card",
 ]  # fmt: skip
 
 #: floor of the reference's between-image standard deviation (RGB, 0-1)
 MIN_STD = 0.02
-#: grey level (0-255) at and above which a tissue-mask pixel is lumen/glass, not stained tissue
-WHITE = 220.0
-#: brightest channel (0-255) below which a pixel is ink or dirt, not stain
-DARK = 40.0
 #: images of a training folder are read at 1/STEP of their size
 STEP = 8
 _IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
-
-
-def tissue_stain(rgb: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional[dict]:
-    """Mean and standard deviation (RGB, 0-1) of the stained tissue pixels of ``rgb``.
-
-    Parameters
-    ----------
-    rgb : ndarray (h, w, 3)
-        uint8 (0-255) or float (0-1) image.
-    mask : ndarray of bool (h, w), optional
-        Tissue; None = every pixel. White (lumen, glass) and near-black pixels are left out.
-
-    Returns
-    -------
-    dict or None
-        ``{"mean": [r, g, b], "std": [r, g, b], "pixels": n}``; None without stained pixels.
-
-    Examples
-    --------
-    >>> img = np.full((4, 4, 3), 255, np.uint8); img[:2] = (200, 100, 180)
-    >>> tissue_stain(img)["mean"]
-    [0.784, 0.392, 0.706]
-    """
-    rgb = np.asarray(rgb)[..., :3].astype(np.float32)
-    if rgb.size and rgb.max() <= 1.0:
-        rgb = rgb * 255.0
-    grey = rgb @ np.array([0.2125, 0.7154, 0.0721], np.float32)
-    keep = (grey < WHITE) & (rgb.max(axis=-1) >= DARK) & np.isfinite(grey)
-    if mask is not None:
-        keep &= np.asarray(mask, bool)
-    pixels = rgb[keep] / 255.0
-    if len(pixels) == 0:
-        return None
-    return {"mean": [round(float(v), 3) for v in pixels.mean(axis=0)],
-            "std": [round(float(v), 3) for v in pixels.std(axis=0)], "pixels": int(len(pixels))}  # fmt: skip
 
 
 def stain_reference(images: Iterable[np.ndarray]) -> Optional[dict]:
@@ -83,8 +48,6 @@ def stain_reference(images: Iterable[np.ndarray]) -> Optional[dict]:
     Each image's tissue is found with :func:`~napari_pathfm.tiles.tissue.rgb_tissue_mask`;
     images without stained pixels are skipped. Returns None when none has any.
     """
-    from .tissue import rgb_tissue_mask
-
     means = []
     for rgb in images:
         stats = tissue_stain(rgb, rgb_tissue_mask(rgb, min_object_area_px=0))

@@ -22,9 +22,13 @@ from skimage import filters, morphology
 
 from ..progress import check_cancel, report
 
-__all__ = ["TissueMask", "tissue_mask", "rgb_tissue_mask"]
+__all__ = ["TissueMask", "tissue_mask", "rgb_tissue_mask", "tissue_stain"]
 
 DEFAULT_DOWNSAMPLE = 32.0
+#: grey level (0-255) at and above which a tissue-mask pixel is lumen/glass, not stained tissue
+WHITE = 220.0
+#: brightest channel (0-255) below which a pixel is ink or dirt, not stain
+DARK = 40.0
 _STRIP_PIXELS = 16_000_000
 
 
@@ -46,7 +50,7 @@ class TissueMask:
         µm per pixel of the mask, when the slide's pixel size is known.
     stain : dict or None
         Mean and standard deviation of the stained tissue's colour in the overview the mask was
-        made from (:func:`napari_pathfm.tiles.stain.tissue_stain`), compared with a model card's
+        made from (:func:`tissue_stain`), compared with a model card's
         training stain by the run's notes.
     """
 
@@ -202,6 +206,41 @@ def rgb_tissue_mask(
     return tissue.astype(bool)
 
 
+def tissue_stain(rgb: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional[dict]:
+    """Mean and standard deviation (RGB, 0-1) of the stained tissue pixels of ``rgb``.
+
+    Parameters
+    ----------
+    rgb : ndarray (h, w, 3)
+        uint8 (0-255) or float (0-1) image.
+    mask : ndarray of bool (h, w), optional
+        Tissue; None = every pixel. White (lumen, glass) and near-black pixels are left out.
+
+    Returns
+    -------
+    dict or None
+        ``{"mean": [r, g, b], "std": [r, g, b], "pixels": n}``; None without stained pixels.
+
+    Examples
+    --------
+    >>> img = np.full((4, 4, 3), 255, np.uint8); img[:2] = (200, 100, 180)
+    >>> tissue_stain(img)["mean"]
+    [0.784, 0.392, 0.706]
+    """
+    rgb = np.asarray(rgb)[..., :3].astype(np.float32)
+    if rgb.size and rgb.max() <= 1.0:
+        rgb = rgb * 255.0
+    grey = rgb @ np.array([0.2125, 0.7154, 0.0721], np.float32)
+    keep = (grey < WHITE) & (rgb.max(axis=-1) >= DARK) & np.isfinite(grey)
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    pixels = rgb[keep] / 255.0
+    if len(pixels) == 0:
+        return None
+    return {"mean": [round(float(v), 3) for v in pixels.mean(axis=0)],
+            "std": [round(float(v), 3) for v in pixels.std(axis=0)], "pixels": int(len(pixels))}  # fmt: skip
+
+
 def _otsu(values: np.ndarray, default: float) -> float:
     v = values[np.isfinite(values)]
     if v.size == 0 or float(v.min()) == float(v.max()):
@@ -320,8 +359,6 @@ def tissue_mask(
         min_object_area_px=min_object_area_px,
         fill_holes=fill_holes,
     )
-    from .stain import tissue_stain
-
     return TissueMask(mask, ds, shape0, mask_mpp, stain=tissue_stain(rgb, mask))
 
 
