@@ -200,7 +200,8 @@ def test_toy_family_trains_batches_and_loads(toy, tmp_path):
 
     model, loaded = load_any(ckpt)
     assert loaded["family"] == "toy" and model.in_features == 4 and not model.training
-    with pytest.raises(CheckpointError, match=r"is a 'toy' checkpoint .*not a tile classifier.*pathfm batch --task toy"):
+    refused = r"is a 'toy' checkpoint .*not a tile classifier.*use this one with pathfm batch --task toy"
+    with pytest.raises(CheckpointError, match=refused):
         load_family_checkpoint(ckpt, "classify")
     card_path = ckpt.with_suffix(".json")
     card_path.write_text(json.dumps({k: v for k, v in card.items() if k != "classes"}))

@@ -376,7 +376,7 @@ def classify(
 @app.command()
 def batch(
     manifest: Path = typer.Argument(..., help="CSV with a 'slide' column (relative paths: from the CSV's folder)"),
-    task: str = typer.Option(..., "--task", help="segment, classify, features, mil or translate"),
+    task: str = typer.Option(..., "--task", help="Family: segment, classify, features, mil, translate, ..."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one folder per slide + batch-summary.json/.csv"),
     scheduler: Optional[str] = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
     workers: int = typer.Option(2, min=1, help="Worker processes of the local cluster (one thread each)"),

@@ -151,7 +151,8 @@ def register_family(spec: FamilySpec) -> FamilySpec:
         raise TypeError(f"register_family takes a FamilySpec, not {type(spec).__name__}")
     old = _FAMILIES.get(spec.name)
     if old is not None and old != spec:
-        raise ValueError(f"family {spec.name!r} is already registered (by {old.loader or old.pipeline or 'the package'})")
+        by = old.loader or old.pipeline or "the package"
+        raise ValueError(f"family {spec.name!r} is already registered (by {by})")
     _FAMILIES[spec.name] = spec
     return spec
 
@@ -220,7 +221,8 @@ for _spec in (
         loader=f"{_P}.classify:load_classifier", pipeline=f"{_P}.classify:classify_slide",
         training=f"{_T}.tasks.classify", recipe_fields=f"{_T}.recipe_fields:CLASSIFY",
         recipe_folders=("classify", "histokt", "slca"),  # HistoKT's encoders are tile classifiers too
-        batch=f"{_P}.batch_tasks:classify", batch_fills=frozenset({"slide", "model_or_checkpoint", "progress", "cancel"}),
+        batch=f"{_P}.batch_tasks:classify",
+        batch_fills=frozenset({"slide", "model_or_checkpoint", "progress", "cancel"}),
         needs_checkpoint=True, dock=f"{_W}.classify_widget:ClassifyWidget",
     ),
     FamilySpec(
@@ -242,11 +244,13 @@ for _spec in (
         dock=f"{_W}.segment_widget:SegmentWidget",
     ),
     FamilySpec(
-        name="translate", title="Z-stack translation", noun="a translation one", examples="HASTE dense_unet / lupi_unet",
+        name="translate", title="Z-stack translation", noun="a translation one",
+        examples="HASTE dense_unet / lupi_unet",
         use="pathfm translate / the Translate widget", loader=f"{_P}.translate:load_translation_model",
         pipeline=f"{_P}.translate:translate_stack", training=f"{_T}.tasks.translate",
         recipe_fields=f"{_T}.recipe_fields:TRANSLATE", recipe_folders=("translate",),
-        batch=f"{_P}.batch_tasks:translate", batch_fills=frozenset({"stack", "checkpoint", "store", "progress", "cancel"}),
+        batch=f"{_P}.batch_tasks:translate",
+        batch_fills=frozenset({"stack", "checkpoint", "store", "progress", "cancel"}),
         needs_checkpoint=True, checkpoint_each="channel", batch_unit="crops", viewer_data="zstacks",
         dock=f"{_W}.translate_widget:TranslateWidget",
     ),
