@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     from napari_pathfm.device import autocast_dtype, resolve_device
     from napari_pathfm.io import open_slide
     from napari_pathfm.pipelines.classify import (
-        _normalization,
+        card_normalization,
         classify_slide,
         preprocess_tiles,
     )
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     res = state["res"]
     grid = res.grid
     tiles = np.stack([read_tile(slide, grid, i) for i in range(len(grid))])
-    mean, std = _normalization(card)
+    mean, std = card_normalization(card)
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def bare():

@@ -85,13 +85,13 @@ def build(args, planes: np.ndarray):
 def bare_tiles(planes: np.ndarray, card: dict, tile: int, stride: int) -> np.ndarray:
     """The pipeline's tiles, normalised float32 ``(N, Z, t, t)`` (same positions and padding)."""
     from napari_pathfm.io.normalize import normalize_minmax
-    from napari_pathfm.pipelines.translate import _pad_to, tile_positions
+    from napari_pathfm.pipelines.translate_tiles import pad_to, tile_positions
 
     n = card["normalization"]
     norm = normalize_minmax(planes, n["input_min"], n["input_max"])
     ys, th = tile_positions(planes.shape[1], tile, stride)
     xs, tw = tile_positions(planes.shape[2], tile, stride)
-    return np.stack([_pad_to(norm[:, y:y + th, x:x + tw], th, tw) for y in ys for x in xs])
+    return np.stack([pad_to(norm[:, y:y + th, x:x + tw], th, tw) for y in ys for x in xs])
 
 
 def bare_run(model, tiles: np.ndarray, batch: int, device: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -42,7 +41,7 @@ from ..io.features import (
 
 __all__ = [
     "extract_features", "extract_features_many", "features_command", "feature_path", "find_slides",
-    "FeatureBag", "read_features", "write_features", "check_feature_dim", "PATCH_ORDER",
+    "FeatureBag", "FeatureOptions", "read_features", "write_features", "check_feature_dim", "PATCH_ORDER",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,20 @@ MATCH_KEYS = (
     "extractor", "backbone", "weights_sha256", "input_size", "mean", "std", "feature_dim",
     "target_mpp", "tile_size", "min_tissue", "tissue_mpp", "slide_bytes",
 )  # fmt: skip
+
+
+@dataclass
+class FeatureOptions:
+    """How slides are tiled and run through the extractor (the keyword arguments of the same names of
+    :func:`extract_features` and :func:`extract_features_many`)."""
+
+    mpp: Optional[float] = 0.5
+    tile_size: int = 256
+    min_tissue: float = 0.25
+    batch_size: int = 32
+    device: str = "auto"
+    tissue_mpp: float = 8.0
+    cache: Any = None
 
 
 @dataclass
@@ -96,15 +109,16 @@ def _as_extractor(extractor: Any, kwargs: Optional[dict] = None):
     return extractor
 
 
-def _settings(extractor, *, mpp, tile_size, min_tissue, tissue_mpp, slide_path: Path) -> dict:
+def _settings(extractor: Any, o: FeatureOptions, slide_path: Path) -> dict:
+    """What a feature file records of how it was made (its reuse key, :data:`MATCH_KEYS`)."""
     if not hasattr(extractor, "describe"):
         raise TypeError(f"expected a feature extractor of the 'features' model family, got {type(extractor).__name__}")
     return {
         **extractor.describe(),
-        "target_mpp": None if mpp is None else float(mpp),
-        "tile_size": int(tile_size),
-        "min_tissue": float(min_tissue),
-        "tissue_mpp": float(tissue_mpp),
+        "target_mpp": None if o.mpp is None else float(o.mpp),
+        "tile_size": int(o.tile_size),
+        "min_tissue": float(o.min_tissue),
+        "tissue_mpp": float(o.tissue_mpp),
         "slide_bytes": slide_path.stat().st_size if slide_path.is_file() else None,
     }
 
@@ -123,20 +137,16 @@ def _is_up_to_date(path: Path, settings: dict, slide_path: Optional[Path] = None
     return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
 
-def _extract(slide, extractor, out_path: Path, settings: dict, *, batch_size, device, progress, cancel,
-             cache=None) -> int:  # fmt: skip
-    import torch
-
-    from ..device import autocast_dtype, resolve_device
+def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: FeatureOptions, *, progress: Any,
+             cancel: Any) -> int:  # fmt: skip
+    """Write the feature file of one open slide (atomically); returns the number of tiles."""
+    from ..device import resolve_device
     from ..io.atomic import atomic_path
-    from ..tiles import iter_tile_batches
-    from ..tiles.cached_encoder import CachedEncoder, stored_batches
-    from .tissue_tiles import compute_tissue_tiles
+    from .tile_run import plan_tiles, run_tiles, tile_encoder
 
-    grid = compute_tissue_tiles(
-        slide, tile_size=settings["tile_size"], mpp=settings["target_mpp"], min_tissue=settings["min_tissue"],
-        mask_mpp=settings["tissue_mpp"], progress=progress, cancel=cancel,
-    ).grid  # fmt: skip
+    _, grid, _ = plan_tiles(slide, settings["target_mpp"], settings["tile_size"], what="feature extraction",
+                            min_tissue=settings["min_tissue"], mask_mpp=settings["tissue_mpp"], share=False,
+                            progress=progress, cancel=cancel)  # fmt: skip
     if slide.mpp is None:
         log.warning("%s has no pixel size: tiles are read at level 0 without resizing (mpp None)", slide.path)
     n, dim = len(grid), int(extractor.out_dim)
@@ -153,42 +163,42 @@ def _extract(slide, extractor, out_path: Path, settings: dict, *, batch_size, de
         "level0_tile_size": float(grid.level0_size),
         **settings,
     }
-    dev = resolve_device(device)
-    amp = autocast_dtype(dev)
+    dev = resolve_device(o.device)
     extractor.to(dev).eval()
-    name = Path(slide.path).name
     with atomic_path(out_path, directory=True) as tmp:
         group = create_feature_store(tmp, n, dim, attrs)
         if n:
             group["coords"][:] = grid.tiles
         writer = RowWriter(group["features"])
-        done = 0
-        report(progress, 0, n, f"{name}: features")
-        autocast = torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
         prep = {"mean": list(extractor.mean), "std": list(extractor.std), "input_size": extractor.input_size}
-        encoder = CachedEncoder(extractor, slide, grid, cache=cache, preprocess=prep,
-                                precision=str(amp) if amp else None)  # fmt: skip
-        if encoder.all_stored:  # the same tiles were encoded before: no pixels to read
-            batches = stored_batches(grid, batch_size)
-        else:
-            batches = iter_tile_batches(slide, grid, batch_size, prefetch=2 * batch_size, cancel=cancel)
-        with torch.inference_mode(), autocast, encoder:
-            try:
-                for batch in batches:
-                    check_cancel(cancel, "feature extraction")
-                    x = None if batch.images is None else extractor.preprocess(batch.images, dev)
-                    out = extractor.decode(x, encoder(batch.indices, x, dev))
-                    if tuple(out.shape) != (len(batch.indices), dim):
-                        raise RuntimeError(f"extractor returned {tuple(out.shape)}, expected ({len(batch.indices)}, {dim})")
-                    writer.append(out.float().cpu().numpy())
-                    done += len(batch.indices)
-                    report(progress, done, n, f"{name}: features")
-            finally:
-                batches.close()
-        writer.close()
+        with tile_encoder(extractor, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
+            task = _feature_task(extractor, dev, dim, writer, encoder)
+            run_tiles(slide, grid, task, batch_size=o.batch_size, prefetch=2 * o.batch_size, encoder=encoder,
+                      progress=progress, cancel=cancel)  # fmt: skip
         check_cancel(cancel, "feature extraction")
         finish_feature_store(group)
     return n
+
+
+def _feature_task(extractor: Any, dev: str, dim: int, writer: RowWriter, encoder: Any) -> Any:
+    """Feature extraction's part of the tile run: one ``dim`` vector per tile, appended to ``writer`` in grid order.
+
+    The extractor's frozen trunk runs through ``encoder`` (the embedding cache), so a run whose tiles are
+    all stored reads no pixels (``batch.images`` None).
+    """
+    from .tile_run import TileTask, autocast
+
+    amp = autocast(dev)
+
+    def infer(batch: Any) -> Any:
+        with amp:
+            x = None if batch.images is None else extractor.preprocess(batch.images, dev)
+            out = extractor.decode(x, encoder(batch.indices, x, dev))
+            if tuple(out.shape) != (len(batch.indices), dim):
+                raise RuntimeError(f"extractor returned {tuple(out.shape)}, expected ({len(batch.indices)}, {dim})")
+            return out.float().cpu().numpy()
+
+    return TileTask("feature extraction", "features", infer, lambda batch, rows: writer.append(rows), writer.close)
 
 
 def extract_features(
@@ -245,31 +255,24 @@ def extract_features(
     Path
         ``out_path``. Read it with :func:`read_features`.
     """
-    from ..io.slide import open_slide
+    from .tile_run import opened_slide
 
     extractor = _as_extractor(extractor)
-    own = not hasattr(slide, "read")
-    s = open_slide(slide) if own else slide
-    try:
-        settings = _settings(
-            extractor, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, tissue_mpp=tissue_mpp,
-            slide_path=Path(s.path),
-        )  # fmt: skip
-        _extract(s, extractor, Path(out_path), settings, batch_size=batch_size, device=device,
-                 progress=progress, cancel=cancel, cache=cache)  # fmt: skip
-    finally:
-        if own:
-            s.close()
+    o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
+                       tissue_mpp=tissue_mpp, cache=cache)  # fmt: skip
+    with opened_slide(slide) as s:
+        _extract(s, extractor, Path(out_path), _settings(extractor, o, Path(s.path)), o, progress=progress,
+                 cancel=cancel)  # fmt: skip
     return Path(out_path)
 
 
-def _run_many(inputs, out_dir, *, extractor, extractor_kwargs, mpp, tile_size, min_tissue, batch_size,
-              device, tissue_mpp, overwrite, progress, cancel, cache=None) -> list[SlideResult]:  # fmt: skip
+def _run_many(inputs: Any, out_dir: PathLike, extractor: Any, o: FeatureOptions, *, overwrite: bool, progress: Any,
+              cancel: Any) -> list[SlideResult]:  # fmt: skip
+    """Extract the features of every slide of ``inputs`` (``extractor`` built), skipping up-to-date files."""
     from ..io.slide import open_slide
 
     slides = find_slides(inputs)
     out_dir = Path(out_dir)
-    extractor = _as_extractor(extractor, extractor_kwargs)
     results: list[SlideResult] = []
     for i, (slide_path, out_path) in enumerate(zip(slides, feature_paths(out_dir, slides))):
         check_cancel(cancel, "feature extraction")
@@ -277,19 +280,17 @@ def _run_many(inputs, out_dir, *, extractor, extractor_kwargs, mpp, tile_size, m
         tag = f"[{i + 1}/{len(slides)}] "
         step = None if progress is None else (lambda d, t, m="", _tag=tag: progress(d, t, _tag + m))
         try:
-            settings = _settings(extractor, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
-                                 tissue_mpp=tissue_mpp, slide_path=slide_path)  # fmt: skip
+            settings = _settings(extractor, o, slide_path)
             done = None if overwrite else _is_up_to_date(out_path, settings, slide_path)
             if done is not None:
                 results.append(SlideResult(slide_path, "skipped", out_path, int(done.get("n_tiles", 0))))
                 report(step, 1, 1, f"{slide_path.name}: up to date, skipped")
                 continue
             with open_slide(slide_path) as slide:
-                n = _extract(slide, extractor, out_path, settings, batch_size=batch_size, device=device,
-                             progress=step, cancel=cancel, cache=cache)  # fmt: skip
+                n = _extract(slide, extractor, out_path, settings, o, progress=step, cancel=cancel)
             status = "written" if n else "empty"
             if not n:
-                log.warning("%s: no tissue tiles at min_tissue=%s; wrote an empty bag", slide_path, min_tissue)
+                log.warning("%s: no tissue tiles at min_tissue=%s; wrote an empty bag", slide_path, o.min_tissue)
             results.append(SlideResult(slide_path, status, out_path, n, seconds=time.perf_counter() - t0))
         except (Cancelled, KeyboardInterrupt):
             raise
@@ -342,11 +343,10 @@ def extract_features_many(
         as is; anything else is recomputed. Cancelling raises
         :class:`~napari_pathfm.errors.Cancelled` (finished slides stay).
     """
-    results = _run_many(
-        inputs, out_dir, extractor=extractor, extractor_kwargs=extractor_kwargs, mpp=mpp, tile_size=tile_size,
-        min_tissue=min_tissue, batch_size=batch_size, device=device, tissue_mpp=tissue_mpp, overwrite=overwrite,
-        progress=progress, cancel=cancel, cache=cache,
-    )  # fmt: skip
+    o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
+                       tissue_mpp=tissue_mpp, cache=cache)  # fmt: skip
+    results = _run_many(inputs, out_dir, _as_extractor(extractor, extractor_kwargs), o, overwrite=overwrite,
+                        progress=progress, cancel=cancel)  # fmt: skip
     return {str(r.slide): (r.error if r.status == "failed" else r.path) for r in results}
 
 
@@ -401,11 +401,9 @@ def features_command(
     extractor = _as_extractor(name, kwargs)
     if weights is None:
         log.warning("no --weights given: %s is randomly initialised", backbone)
-    results = _run_many(
-        inputs, out_dir, extractor=extractor, extractor_kwargs=None, mpp=mpp, tile_size=tile, min_tissue=min_tissue,
-        batch_size=batch_size, device=device, tissue_mpp=8.0, overwrite=overwrite, progress=progress, cancel=cancel,
-        cache=cache,
-    )  # fmt: skip
+    o = FeatureOptions(mpp=mpp, tile_size=tile, min_tissue=min_tissue, batch_size=batch_size, device=device,
+                       cache=cache)  # fmt: skip
+    results = _run_many(inputs, out_dir, extractor, o, overwrite=overwrite, progress=progress, cancel=cancel)
     counts = {k: sum(r.status == k for r in results) for k in ("written", "empty", "skipped", "failed")}
     return {
         "out_dir": str(out_dir),

@@ -146,7 +146,7 @@ def _logits_module(model: Any):
     """``model`` as a module returning the logits tensor (Grad-CAM needs a tensor, not ``{"logits": ...}``)."""
     import torch
 
-    from .classify import _logits
+    from .classify import class_logits
 
     class _Logits(torch.nn.Module):
         def __init__(self, inner):
@@ -154,7 +154,7 @@ def _logits_module(model: Any):
             self.inner = inner
 
         def forward(self, x):
-            return _logits(self.inner(x))
+            return class_logits(self.inner(x))
 
     return _Logits(model)
 
@@ -225,7 +225,7 @@ def gradcam_tiles(
     """
     from ..device import resolve_device
     from ..tiles import iter_tiles
-    from .classify import _normalization, load_classifier
+    from .classify import card_normalization, load_classifier
 
     dev = resolve_device(device)
     model, card, _ = load_classifier(model_or_checkpoint, device=dev)
@@ -240,7 +240,7 @@ def gradcam_tiles(
     images = np.stack([t.image for t in iter_tiles(slide, result.grid, indices=idx, workers=0, cancel=cancel)])
     check_cancel(cancel, "Grad-CAM")
     report(progress, 1, 2, f"Grad-CAM: {idx.size} tiles")
-    mean, std = _normalization(card)
+    mean, std = card_normalization(card)
     heat = gradcam_images(model, images, targets, mean=mean, std=std, device=dev, batch_size=batch_size,
                           cancel=cancel)  # fmt: skip
     report(progress, 2, 2, "Grad-CAM done")

@@ -22,13 +22,15 @@ Canvases above :data:`IN_MEMORY_PIXELS` (or with ``store=``) keep their accumula
 results in a zarr directory, so memory stays at a band of input plus one batch. Progress
 and cancel follow the package protocol; a cancel removes every file the run created.
 :func:`write_translation` writes one OME-TIFF per channel, the nuclei mask and the
-confidence map, all or nothing. Importing this module does not import torch.
+confidence map, all or nothing. What a checkpoint takes from the stack (planes, normalisation,
+input checks) lives in :mod:`.translate_inputs`, the tiling, model call and blending canvases in
+:mod:`.translate_tiles`. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,9 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, ZStackError
+from ..errors import CheckpointError
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
+from .translate_inputs import check_input, limits, plane_indices, sample_planes, stack_array
+from .translate_tiles import BlendRun, CanvasStore, Forward, blockwise, pad_to, tile_bands, tile_positions, used_planes
 
 __all__ = [
     "IN_MEMORY_PIXELS",
@@ -52,8 +56,6 @@ __all__ = [
 
 #: Canvases with more pixels than this blend in a zarr directory instead of memory.
 IN_MEMORY_PIXELS = 2048 * 2048
-#: Stacks whose planes are single dask chunks and smaller than this are read once, not per band.
-READ_ONCE_BYTES = 1 << 30
 #: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
 ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
 _ROLE_NAMES = {"nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"), "lipids": ("lipids", "lipid", "bodipy", "c02"),
@@ -158,215 +160,6 @@ def load_translation_model(checkpoint: Any, device: str = "cpu") -> tuple[Any, d
     return model, card, str(checkpoint)
 
 
-def _plane_indices(card: dict, n_planes: int, stack_name: str, label: str) -> list[int]:
-    """Which stack planes the checkpoint takes, or a ZStackError naming the stack and checkpoint."""
-    picked = card.get("plane_indices") or card.get("planes")
-    wanted = int(card.get("input_planes") or (len(picked) if picked else n_planes))
-    if picked:
-        picked = [int(p) for p in picked]
-        if max(picked) >= n_planes:
-            raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} uses planes {picked}.",
-                              "Open the full z-stack the checkpoint was trained on.")
-        return picked
-    if n_planes != wanted:
-        raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} takes {wanted}.",
-                          f"Open a stack with {wanted} planes (HASTE: Z01..Z07), or use a checkpoint trained on "
-                          f"{n_planes}-plane stacks.")
-    return list(range(n_planes))
-
-
-def _limits(card: dict, key_lo: str, key_hi: str, n: int, label: str) -> tuple[np.ndarray, np.ndarray] | None:
-    norm = card.get("normalization") or {}
-    if key_lo not in norm or key_hi not in norm:
-        return None
-    lo, hi = np.asarray(norm[key_lo], np.float64).ravel(), np.asarray(norm[key_hi], np.float64).ravel()
-    if lo.size == 1 and n > 1:
-        lo, hi = np.repeat(lo, n), np.repeat(hi, n)
-    if lo.size != n or hi.size != n:
-        raise CheckpointError(label, f"normalization.{key_lo}/{key_hi} have {lo.size}/{hi.size} values for "
-                              f"{n} planes or channels.", "Re-export the checkpoint with the training statistics.")
-    return lo, hi
-
-
-def _sample(data: Any, planes: list[int]) -> np.ndarray:
-    """A sample of every used plane for the input checks (``(Z, h, w)``, at most ~1024 px across).
-
-    In-memory stacks are strided; lazy ones give up to 8 evenly spaced strips of 32 rows, so
-    only the chunks under those strips are read, not the whole stack.
-    """
-    H, W = int(data.shape[1]), int(data.shape[2])
-    step = max(1, max(H, W) // 1024)
-    if isinstance(data, np.ndarray) or H <= 1024:
-        return np.stack([np.asarray(data[p, ::step, ::step]) for p in planes])
-    starts = np.linspace(0, H - 32, 8).astype(int)
-    sel = _selector(data, planes)
-    return np.concatenate([np.asarray(data[sel, y:y + 32, ::step]) for y in starts], axis=1)
-
-
-def _selector(data: Any, planes: list[int]) -> Any:
-    """Index of the used planes: a plain slice when all are used (no fancy indexing of a lazy array)."""
-    return slice(None) if planes == list(range(int(data.shape[0]))) else planes
-
-
-def _check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, names: Sequence[str],
-                 files: Sequence[Any], label: str, messages: list[str]) -> None:
-    """Constant/NaN planes and 8-bit vs 16-bit surprises, naming the plane file and the checkpoint."""
-    for i, plane in enumerate(sample):
-        if plane.dtype.kind == "f" and not np.isfinite(plane).all():
-            raise ZStackError(files[i], f"plane {names[i]} holds NaN or infinite values.",
-                              "Replace them (e.g. by the background value) before translating.")
-        if plane.min() == plane.max():
-            raise ZStackError(files[i], f"plane {names[i]} is constant (every pixel {plane.min()}).",
-                              "An empty or failed acquisition; re-acquire the plane or open another stack.")
-    card_dtype = card.get("input_dtype")  # another dtype than the card's: a note (pipelines.notes.translate_notes)
-    if lims is not None and np.dtype(dtype) == np.uint8 and float(lims[1].max()) > 255:
-        raise ZStackError(files[0], f"is 8-bit (uint8) but checkpoint {label} was trained on "
-                          f"{card_dtype or '16-bit'} planes with values up to {float(lims[1].max()):g}: every "
-                          "pixel would look dark to it.",
-                          "Open the 16-bit export of the planes (8-bit exports lose the intensity scale).")
-    if lims is not None:
-        above = [names[i] for i, p in enumerate(sample) if np.mean(p > lims[1][i]) > 0.5]
-        if above:
-            messages.append(f"most pixels of planes {above} are brighter than checkpoint {label}'s training maximum "
-                            "(saturated after normalisation): different exposure or bit depth?")
-
-
-# --------------------------------------------------------------------------- tiling
-
-
-def _ceil16(n: int) -> int:
-    return -(-int(n) // 16) * 16
-
-
-def tile_positions(n: int, tile: int, stride: int) -> tuple[list[int], int]:
-    """Tile starts along one axis of length ``n`` and the tile size used there.
-
-    The last tile ends at ``n``; a side shorter than ``tile`` gets one tile of the next
-    multiple of 16 (mirror-padded).
-
-    >>> tile_positions(1024, 512, 256)
-    ([0, 256, 512], 512)
-    >>> tile_positions(1000, 512, 256)
-    ([0, 256, 488], 512)
-    >>> tile_positions(250, 512, 256)
-    ([0], 256)
-    """
-    t = min(int(tile), _ceil16(n))
-    if n <= t:
-        return [0], t
-    pos = list(range(0, n - t, int(stride)))
-    return pos + [n - t], t
-
-
-def _pad_to(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    ph, pw = h - a.shape[-2], w - a.shape[-1]
-    if ph <= 0 and pw <= 0:
-        return a
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, max(ph, 0)), (0, max(pw, 0))]
-    mode = "symmetric" if ph <= a.shape[-2] and pw <= a.shape[-1] else "edge"
-    return np.pad(a, pad, mode=mode)
-
-
-def _bands(data: Any, planes: list[int], ys: list[int], th: int, cancel: Any):
-    """Yield ``(y, raw band (Z, th, X))`` per tile row, read from ``data`` (numpy or lazy)."""
-    sel = slice(None) if isinstance(data, np.ndarray) else _selector(data, planes)
-    for y in ys:
-        check_cancel(cancel, "translation")
-        yield y, np.asarray(data[sel, y:y + th])
-
-
-def _used_planes(data: Any, planes: list[int]) -> Any:
-    """The used planes as one numpy array when that is cheap (see :func:`_read_once`), else ``data``."""
-    if not _read_once(data, planes):
-        return data
-    if isinstance(data, np.ndarray) and planes == list(range(data.shape[0])):
-        return data
-    return np.asarray(data[planes])
-
-
-def _read_once(data: Any, planes: list[int]) -> bool:
-    """True for stacks held in memory, or lazy ones whose planes are single chunks (PNG/TIFF files)."""
-    chunks = getattr(data, "chunks", None)
-    nbytes = len(planes) * int(np.prod(data.shape[1:])) * np.dtype(data.dtype).itemsize
-    if isinstance(data, np.ndarray):
-        return True
-    single = chunks is not None and hasattr(data, "dask") and len(chunks[1]) == 1 and len(chunks[2]) == 1
-    return bool(single and nbytes <= READ_ONCE_BYTES)
-
-
-class _Forward:
-    """The model call of one batch: float32 tiles in, numpy ``(N, C[+1], h, w)`` out."""
-
-    def __init__(self, model: Any, device: str):
-        import torch
-
-        from ..device import autocast_dtype
-
-        self.torch, self.model, self.device = torch, model, device
-        self.amp = autocast_dtype(device)
-        self.has_mask: bool | None = None
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        x = torch.from_numpy(batch).to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.amp,
-                                                    enabled=self.amp is not None):  # fmt: skip
-            out = self.model(x)
-        if isinstance(out, tuple) and hasattr(out, "mask_logits"):
-            self.has_mask = True
-            out = torch.cat([out.image.float(), torch.sigmoid(out.mask_logits.float())], dim=1)
-        else:
-            self.has_mask = False
-            out = out.float()
-        return out.cpu().numpy()
-
-
-class _Run:
-    """Tiles of one checkpoint: pending batch, forward pass, blending canvas (made at the first batch)."""
-
-    def __init__(self, forward: _Forward, shape: tuple[int, int], tile: tuple[int, int], group: Any):
-        self.forward, self.shape, self.tile, self.group = forward, shape, tile, group
-        self.blender: Any = None
-        self.batch: list[np.ndarray] = []
-        self.where: list[tuple[int, int]] = []
-
-    def flush(self) -> int:
-        """Run the pending tiles, blend them in; returns how many there were."""
-        from ..tiles.blend import TileBlender
-
-        out = self.forward(np.stack(self.batch))
-        (H, W), (th, tw) = self.shape, self.tile
-        if self.blender is None:
-            self.blender = TileBlender((H, W, out.shape[1]), weights="pyramidal", chunks=(1024, 1024),
-                                       store=self.group)
-        for (y, x), values in zip(self.where, out):
-            self.blender.add(y, x, values.transpose(1, 2, 0)[: min(th, H - y), : min(tw, W - x)])
-        n = len(self.batch)
-        self.batch, self.where = [], []
-        return n
-
-
-# --------------------------------------------------------------------------- main entry
-
-
-def _stack_array(stack: Any) -> tuple[Any, str, list[str], list[Any], float | None]:
-    """``(data (Z, Y, X), name, plane names, plane files, pixel size µm)`` of a ZStack or an array."""
-    if hasattr(stack, "plane_names"):
-        meta = getattr(stack, "metadata", {}) or {}
-        return (stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
-                * stack.n_planes, meta.get("PhysicalSizeX"))  # fmt: skip
-    if isinstance(stack, (str, Path)):
-        from ..io.zstack import open_zstack
-
-        return _stack_array(open_zstack(stack))
-    data = stack if hasattr(stack, "shape") and hasattr(stack, "dtype") else np.asarray(stack)
-    if data.ndim != 3:
-        raise ZStackError("<array>", f"has shape {tuple(data.shape)}, not (Z, Y, X) planes.",
-                          "Pass a z-stack (open_zstack) or a 3-D array of planes.")
-    names = [f"z{i}" for i in range(data.shape[0])]
-    return data, "<array>", names, ["<array>"] * data.shape[0], None
-
-
 def translate_stack(
     stack: Any,
     checkpoint: Any,
@@ -436,12 +229,12 @@ def translate_stack(
     stride = int(tile) // 2 if stride is None else stride
     if not 0 < int(stride) <= int(tile):
         raise ValueError(f"stride must be in 1..tile ({tile}), got {stride}")
-    data, name, plane_names, plane_files, pixel_size = _stack_array(stack)
+    data, name, plane_names, plane_files, pixel_size = stack_array(stack)
     checkpoints = list(checkpoint) if isinstance(checkpoint, list) else [checkpoint]
     dev = resolve_device(device)
     H, W = int(data.shape[1]), int(data.shape[2])
     large = store is not None or H * W > IN_MEMORY_PIXELS
-    with _Store(store, large) as root:
+    with CanvasStore(store, large) as root:
         result = _translate(data, name, plane_names, plane_files, checkpoints, dev, root, tile=int(tile),
                             stride=int(stride), batch_size=int(batch_size), progress=progress, cancel=cancel)
         result.pixel_size, result.threshold = pixel_size, float(threshold)
@@ -479,45 +272,6 @@ def _reopen(result: TranslationResult, root: Path) -> None:
     result.confidence = again(result.confidence)
 
 
-class _Store:
-    """Where large canvases live: ``store`` (atomic directory), a temporary one, or nowhere (memory)."""
-
-    def __init__(self, store: PathLike | None, large: bool):
-        self.store, self.large = store, large
-        self._atomic = self._tmpdir = self._root = None
-        self.path: Path | None = None
-
-    def __enter__(self) -> _Store | None:
-        from ..io.atomic import atomic_path
-
-        if self.store is not None:
-            self._atomic = atomic_path(self.store, directory=True)
-            self.path = self._atomic.__enter__()
-            self.path.mkdir()
-        elif self.large:
-            self._tmpdir = scratch_dir("translate")
-            self.path = Path(self._tmpdir.name)
-        return self if self.path is not None else None
-
-    def group(self, key: str) -> Any:
-        """The zarr group ``key`` under the root (created when missing)."""
-        import zarr
-
-        if self._root is None:
-            self._root = zarr.open_group(str(self.path), mode="a")
-        return self._root.require_group(key)
-
-    def keep(self) -> Any:
-        """Hand the temporary directory to the result (removed when the result is garbage-collected)."""
-        tmp, self._tmpdir = self._tmpdir, None
-        return tmp
-
-    def __exit__(self, *exc: object) -> None:
-        if self._atomic is not None:
-            self._atomic.__exit__(*exc)
-        if self._tmpdir is not None and exc[0] is not None:
-            self._tmpdir.cleanup()
-
 
 def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, tile, stride, batch_size,
                progress, cancel) -> TranslationResult:
@@ -535,22 +289,22 @@ def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, 
         model, card, label = load_translation_model(ckpt, dev)
         result.checkpoints.append(label)
         result.cards.append(card)
-        planes = _plane_indices(card, int(data.shape[0]), name, label)
-        lims = _limits(card, "input_min", "input_max", len(planes), label)
-        used = _used_planes(data, planes)  # numpy (Z', Y, X) when cheap, else the lazy stack
+        planes = plane_indices(card, int(data.shape[0]), name, label)
+        lims = limits(card, "input_min", "input_max", len(planes), label)
+        used = used_planes(data, planes)  # numpy (Z', Y, X) when cheap, else the lazy stack
         in_memory = isinstance(used, np.ndarray)
-        sample = _sample(used, list(range(len(planes)))) if in_memory else _sample(data, planes)
-        _check_input(sample, data.dtype, card, lims, [plane_names[p] for p in planes],
+        sample = sample_planes(used, list(range(len(planes)))) if in_memory else sample_planes(data, planes)
+        check_input(sample, data.dtype, card, lims, [plane_names[p] for p in planes],
                      [plane_files[p] for p in planes], label, result.messages)
         if lims is None:
             lims = (sample.min(axis=(1, 2)).astype(np.float64), sample.max(axis=(1, 2)).astype(np.float64))
             result.messages.append(f"checkpoint {label} has no input normalisation; each plane was scaled by its "
                                    "own min/max")
-        run = _Run(_Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
+        run = BlendRun(Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
         report(progress, done, total, f"{label}: reading planes")
-        for y, band in _bands(used, planes, ys, th, cancel):
+        for y, band in tile_bands(used, planes, ys, th, cancel):
             for x in xs:  # normalised per tile: a float32 band would be 2x the band's size, several times over
-                run.batch.append(_pad_to(normalize_minmax(band[:, :, x:x + tw], lims[0], lims[1]), th, tw))
+                run.batch.append(pad_to(normalize_minmax(band[:, :, x:x + tw], lims[0], lims[1]), th, tw))
                 run.where.append((y, x))
                 if len(run.batch) == batch_size:
                     done += run.flush()
@@ -567,30 +321,20 @@ def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, 
             raise CheckpointError(label, f"the card names {len(names)} channels {names} but the model outputs "
                                   f"{n_img}.", "Fix 'channels' in the model card.")
         roles = list(card.get("channel_roles") or [None] * n_img)
-        tlims = _limits(card, "target_min", "target_max", n_img, label)
+        tlims = limits(card, "target_min", "target_max", n_img, label)
         tdtype = np.dtype((card.get("normalization") or {}).get("target_dtype") or ("uint16" if tlims else "float32"))
         for c, cname in enumerate(names):
             key = cname if cname not in result.channels else f"{cname} ({Path(label).stem})"
             lo, hi = (tlims[0][c], tlims[1][c]) if tlims is not None else (0.0, 1.0)
-            result.channels[key] = _blockwise(canvas, c, partial(denormalize, mins=lo, maxs=hi, dtype=tdtype),
+            result.channels[key] = blockwise(canvas, c, partial(denormalize, mins=lo, maxs=hi, dtype=tdtype),
                                               tdtype, root, f"canvas{k}", f"channel{c}")
             result.roles[key] = channel_role(cname, roles[c] if c < len(roles) else None)
         if forward.has_mask and result.confidence is None:
-            result.confidence = _blockwise(canvas, n_img, lambda v: v.clip(0, 1), np.float32, root,
+            result.confidence = blockwise(canvas, n_img, lambda v: v.clip(0, 1), np.float32, root,
                                            f"canvas{k}", "confidence")
         del model, run, forward
     return result
 
-
-def _blockwise(canvas: Any, c: int, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, root: Any,
-               key: str, name: str) -> Any:
-    """``fn`` of channel ``c`` of a blended canvas, into memory or a zarr array beside it."""
-    if root is None:
-        return fn(np.asarray(canvas[..., c]))
-    out = root.group(key).create_array(name, shape=canvas.shape[:2], chunks=(1024, 1024), dtype=dtype, overwrite=True)
-    for y in range(0, canvas.shape[0], 256):  # 256 rows at a time: fn works in float64
-        out[y:y + 256] = fn(np.asarray(canvas[y:y + 256, :, c]))
-    return out
 
 
 def _label(result: TranslationResult, cancel: Any) -> None:

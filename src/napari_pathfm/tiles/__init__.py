@@ -25,6 +25,7 @@ _EXPORTS = {
     "TileBlender": "blend",
     "pyramidal_weights": "blend",
     "gaussian_weights": "blend",
+    "BandedCanvas": "canvas",
 }
 
 __all__ = sorted(_EXPORTS)
