@@ -236,11 +236,11 @@ for _spec in (
     ),
     FamilySpec(
         name="segment", title="Segmentation", noun="a segmentation model", examples="e.g. a trained pathsam2 model",
-        use="pathfm segment / the Segment widget", loader=f"{_P}.segment:load_segmentation_model",
+        use="pathfm segment / the Segment widget", loader=f"{_P}.segment_model:load_segmentation_model",
         pipeline=f"{_P}.segment:segment_slide", training=f"{_T}.tasks.segment",
         recipe_fields=f"{_T}.recipe_fields:SEGMENT", recipe_folders=("pathsam2",), batch=f"{_P}.batch_tasks:segment",
         batch_fills=frozenset({"slide_or_image", "model_or_checkpoint", "out", "geojson", "progress", "cancel"}),
-        default_checkpoint=f"{_P}.segment:default_segment_checkpoint", batch_unit="crops", viewer_data="corrections",
+        default_checkpoint=f"{_P}.segment_model:default_segment_checkpoint", batch_unit="crops", viewer_data="corrections",
         dock=f"{_W}.segment_widget:SegmentWidget",
     ),
     FamilySpec(

@@ -110,7 +110,9 @@ class TrainWidget(ViewerDataActions, QWidget):
         self._stderr: list[str] = []
 
         self.family = QComboBox()
-        self.family.addItems(list_families("training"))
+        for name in list_families("training"):
+            self.family.addItem(name)
+            self.family.setItemData(self.family.count() - 1, get_family(name).title, Qt.ItemDataRole.ToolTipRole)
         self.recipe = QComboBox()
         browse = QPushButton("…")
         browse.setToolTip("Choose a recipe YAML file")
