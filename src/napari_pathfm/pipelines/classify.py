@@ -209,7 +209,8 @@ def classify_slide(
         return _classify(s, model_or_checkpoint, options, progress=progress, cancel=cancel)
 
 
-def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progress: Any, cancel: Any) -> ClassifyResult:
+def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progress: Any,
+              cancel: Any) -> ClassifyResult:
     from ..device import reader_workers, resolve_device
     from .notes import merge_notes, model_notes
 

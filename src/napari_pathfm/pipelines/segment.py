@@ -296,7 +296,8 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Op
             source=str(slide.path), checkpoint=source, messages=messages, notes=notes, _tmp=tmp_dir,
         )  # fmt: skip
         meta = {"overlap": ov, "tile_size": t, "blend": o.weights}
-        with SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel) as outputs:
+        outputs = SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel)
+        with outputs:
             if classes is not None:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):

@@ -104,7 +104,8 @@ def run_mpp(slide: Any, mpp: float | None, card: dict, done: str, do: str) -> fl
         if mpp is not None:
             raise SlideError(
                 slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be {done} at {mpp} µm/px.",
-                f"Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to {do} it at its own resolution.",
+                f"Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to {do} it at its own "
+                "resolution.",
             )  # fmt: skip
         # the card's µm/px is not reached: model_notes says so ("has no pixel size (µm/px unknown) ...")
         return None
@@ -183,13 +184,14 @@ def autocast(dev: str) -> Any:
     return torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
 
 
-def run_tiles(reader: Any, grid: Any, task: TileTask, *, batch_size: int, workers: int = 2,
-              prefetch: int | None = None, encoder: Any = None, progress: Any = None, cancel: Any = None) -> None:  # fmt: skip
+def run_tiles(reader: Any, grid: Any, task: TileTask, *, batch_size: int, workers: int = 2, prefetch: int | None = None,
+              encoder: Any = None, progress: Any = None, cancel: Any = None) -> None:
     """Run ``task`` over every tile of ``grid``, in grid order, read from ``reader``.
 
     Reader threads (``workers``) decode up to ``prefetch`` tiles ahead (default
     ``max(2 * batch_size, 4 * workers)``) while this thread runs ``task.infer``. When ``encoder``
-    holds every tile in the embedding cache no pixel is read (batches without images). Progress
+    holds every tile in the embedding cache no pixel is read (batches without images); a task that
+    needs the pixels anyway (classify: the classifier's own branch sees them) passes no encoder. Progress
     is ``"<slide>: <task.label>"`` after each batch; cancel is checked before each batch and
     before ``task.finish``, and raises :class:`~napari_pathfm.errors.Cancelled`.
     """
