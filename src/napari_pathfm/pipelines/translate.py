@@ -41,8 +41,18 @@ import numpy as np
 from ..errors import CheckpointError
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
-from .translate_inputs import check_input, limits, plane_indices, sample_planes, stack_array
-from .translate_tiles import BlendRun, CanvasStore, Forward, blockwise, pad_to, tile_bands, tile_positions, used_planes
+from .translate_inputs import StackPlanes, check_input, limits, plane_indices, sample_planes, stack_array
+from .translate_tiles import (
+    BlendRun,
+    CanvasStore,
+    Forward,
+    TileOptions,
+    blockwise,
+    pad_to,
+    tile_bands,
+    tile_positions,
+    used_planes,
+)
 
 __all__ = [
     "IN_MEMORY_PIXELS",
@@ -224,21 +234,16 @@ def translate_stack(
     """
     from ..device import resolve_device
 
-    if int(tile) % 16 or tile < 16:
-        raise ValueError(f"tile must be a positive multiple of 16 (the model pools 4 times), got {tile}")
-    stride = int(tile) // 2 if stride is None else stride
-    if not 0 < int(stride) <= int(tile):
-        raise ValueError(f"stride must be in 1..tile ({tile}), got {stride}")
-    data, name, plane_names, plane_files, pixel_size = stack_array(stack)
+    o = TileOptions(tile, stride, batch_size)
+    planes = stack_array(stack)
     checkpoints = list(checkpoint) if isinstance(checkpoint, list) else [checkpoint]
     dev = resolve_device(device)
-    H, W = int(data.shape[1]), int(data.shape[2])
+    H, W = int(planes.data.shape[1]), int(planes.data.shape[2])
     large = store is not None or H * W > IN_MEMORY_PIXELS
     with CanvasStore(store, large) as root:
-        result = _translate(data, name, plane_names, plane_files, checkpoints, dev, root, tile=int(tile),
-                            stride=int(stride), batch_size=int(batch_size), progress=progress, cancel=cancel)
-        result.pixel_size, result.threshold = pixel_size, float(threshold)
-        _add_notes(result, data)
+        result = _translate(planes, checkpoints, dev, root, o, progress=progress, cancel=cancel)
+        result.pixel_size, result.threshold = planes.pixel_size, float(threshold)
+        _add_notes(result, planes.data)
         if nuclei_mask:
             _label(result, cancel)
         if root is not None and store is None:
@@ -272,11 +277,13 @@ def _reopen(result: TranslationResult, root: Path) -> None:
     result.confidence = again(result.confidence)
 
 
-
-def _translate(data, name, plane_names, plane_files, checkpoints, dev, root, *, tile, stride, batch_size,
-               progress, cancel) -> TranslationResult:
+def _translate(stack: StackPlanes, checkpoints: list, dev: str, root: CanvasStore | None, o: TileOptions, *,
+               progress: Any, cancel: Any) -> TranslationResult:
+    """Run every checkpoint over the tiles of ``stack``; the channels (and confidence) of all of them."""
     from ..io.normalize import denormalize, normalize_minmax
 
+    data, name, plane_names, plane_files, _ = stack
+    tile, stride, batch_size = o.tile, o.stride, o.batch_size
     H, W = int(data.shape[1]), int(data.shape[2])
     ys, th = tile_positions(H, tile, stride)
     xs, tw = tile_positions(W, tile, stride)

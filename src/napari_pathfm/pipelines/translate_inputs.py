@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..errors import CheckpointError, ZStackError
 from .translate_tiles import selector
 
-__all__ = ["check_input", "limits", "plane_indices", "sample_planes", "stack_array"]
+__all__ = ["StackPlanes", "check_input", "limits", "plane_indices", "sample_planes", "stack_array"]
 
 
 def plane_indices(card: dict, n_planes: int, stack_name: str, label: str) -> list[int]:
@@ -90,13 +90,22 @@ def check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, name
                             "(saturated after normalisation): different exposure or bit depth?")
 
 
+class StackPlanes(NamedTuple):
+    """The planes of a z-stack and what names them in messages."""
 
-def stack_array(stack: Any) -> tuple[Any, str, list[str], list[Any], float | None]:
-    """``(data (Z, Y, X), name, plane names, plane files, pixel size µm)`` of a ZStack or an array."""
+    data: Any  #: (Z, Y, X) numpy, dask or zarr
+    name: str  #: the stack's path, or ``"<array>"``
+    names: list[str]  #: one per plane (``Z01``..., or ``z0``... for an array)
+    files: list[Any]  #: the file of each plane (the stack's path when one file holds them all)
+    pixel_size: float | None  #: µm per pixel, when the stack says
+
+
+def stack_array(stack: Any) -> StackPlanes:
+    """The :class:`StackPlanes` of a ZStack, a path to one, or an array ``(Z, Y, X)``."""
     if hasattr(stack, "plane_names"):
         meta = getattr(stack, "metadata", {}) or {}
-        return (stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
-                * stack.n_planes, meta.get("PhysicalSizeX"))  # fmt: skip
+        return StackPlanes(stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
+                           * stack.n_planes, meta.get("PhysicalSizeX"))  # fmt: skip
     if isinstance(stack, (str, Path)):
         from ..io.zstack import open_zstack
 
@@ -106,4 +115,4 @@ def stack_array(stack: Any) -> tuple[Any, str, list[str], list[Any], float | Non
         raise ZStackError("<array>", f"has shape {tuple(data.shape)}, not (Z, Y, X) planes.",
                           "Pass a z-stack (open_zstack) or a 3-D array of planes.")
     names = [f"z{i}" for i in range(data.shape[0])]
-    return data, "<array>", names, ["<array>"] * data.shape[0], None
+    return StackPlanes(data, "<array>", names, ["<array>"] * data.shape[0], None)

@@ -14,6 +14,7 @@ does not import torch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,29 @@ import numpy as np
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel
 
-__all__ = ["BlendRun", "CanvasStore", "Forward", "blockwise", "pad_to", "selector", "tile_bands", "tile_positions",
+__all__ = ["BlendRun", "CanvasStore", "Forward", "TileOptions", "blockwise", "pad_to", "selector", "tile_bands", "tile_positions",
            "used_planes", "READ_ONCE_BYTES"]  # fmt: skip
 
 PathLike = str | Path
 #: Stacks whose planes are single dask chunks and smaller than this are read once, not per band.
 READ_ONCE_BYTES = 1 << 30
+
+
+@dataclass
+class TileOptions:
+    """Tile side (a multiple of 16: the models pool 4 times), step (None: half a tile) and tiles per batch."""
+
+    tile: int = 512
+    stride: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if int(self.tile) % 16 or self.tile < 16:
+            raise ValueError(f"tile must be a positive multiple of 16 (the model pools 4 times), got {self.tile}")
+        stride = int(self.tile) // 2 if self.stride is None else self.stride
+        if not 0 < int(stride) <= int(self.tile):
+            raise ValueError(f"stride must be in 1..tile ({self.tile}), got {stride}")
+        self.tile, self.stride, self.batch_size = int(self.tile), int(stride), int(self.batch_size)
 
 
 def _ceil16(n: int) -> int:
