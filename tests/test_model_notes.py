@@ -126,7 +126,11 @@ def test_classify_notes_in_summary_json_and_image_mpp(crop_png, tmp_path):
 
     mine = _copy_model("slca-glas-glands-demo", tmp_path / "mine")
     own = classify_slide(crop_png, mine, image_mpp=0.499, device="cpu", cache=False, workers=0, tissue_only=False)
+    # (tissue_only=False: no tissue overview is made, so there is no stain to compare with the card's)
     assert own.notes == [], "the user's model at its own µm/px: nothing to say"
+    tissue = classify_slide(crop_png, mine, image_mpp=0.499, device="cpu", cache=False, workers=0)
+    assert [n for n in tissue.notes if "tissue colour" in n] == tissue.notes and tissue.notes, \
+        "with the tissue overview: CMU-1's stain is far from the GlaS stain in the card"  # fmt: skip
 
 
 def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
@@ -137,7 +141,9 @@ def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
     pred = mil_predict(ckpt, slide=crop_png, image_mpp=0.499, device="cpu", cache=False)
     assert pred.source["slide_mpp"] == pytest.approx(0.499), "features were extracted with the given µm/px"
     assert pred.level0_tile_size == pytest.approx(64 * 0.62 / 0.499, abs=1)
-    assert pred.notes == ["Demonstration model (s4mil-glas-glands-demo: small, trained on GlaS) — not for diagnosis."]
+    assert pred.notes[0] == "Demonstration model (s4mil-glas-glands-demo: small, trained on GlaS) — not for diagnosis."
+    # CMU-1 (skin, another lab and scanner) is pinker than the GlaS colon the model saw: the card's stain says so
+    assert len(pred.notes) == 2 and "tissue colour" in pred.notes[1], pred.notes
     assert pred.messages == pred.notes
     written = write_mil_outputs(pred, heatmap=tmp_path / "heat.ome.tif", json_path=tmp_path / "pred.json",
                                 mpp=0.499)  # fmt: skip

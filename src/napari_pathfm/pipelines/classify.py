@@ -247,7 +247,8 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
     if not probs.size:
         probs = np.zeros((0, len(classes)), np.float32)
     notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
-                        run_tile=t, tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None)  # fmt: skip
+                        run_tile=t, tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
+                        stain=tissue.stain if tissue is not None else None)  # fmt: skip
     messages = merge_notes(notes, messages)
     for m in messages:
         log.info(m)

@@ -144,7 +144,7 @@ def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: Feat
     from ..io.atomic import atomic_path
     from .tile_run import plan_tiles, run_tiles, tile_encoder
 
-    _, grid, _ = plan_tiles(slide, settings["target_mpp"], settings["tile_size"], what="feature extraction",
+    _, grid, tissue = plan_tiles(slide, settings["target_mpp"], settings["tile_size"], what="feature extraction",
                             min_tissue=settings["min_tissue"], mask_mpp=settings["tissue_mpp"], share=False,
                             progress=progress, cancel=cancel)  # fmt: skip
     if slide.mpp is None:
@@ -161,6 +161,7 @@ def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: Feat
         "level": grid.level,
         "read_size": grid.read_size,
         "level0_tile_size": float(grid.level0_size),
+        "stain": tissue.stain if tissue is not None else None,  # the MIL notes compare it with the card's
         **settings,
     }
     dev = resolve_device(o.device)

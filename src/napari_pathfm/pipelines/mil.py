@@ -242,7 +242,7 @@ def mil_predict(
     slide_name = Path(str(bag.attrs.get("slide") or "the slide")).name
     notes = model_notes(notes_card, None if isinstance(checkpoint, tuple) else str(checkpoint),
                         slide_mpp=bag.attrs.get("slide_mpp"), run_mpp=bag.attrs.get("mpp"), slide_name=slide_name,
-                        run_tile=bag.attrs.get("tile_size"))  # fmt: skip
+                        run_tile=bag.attrs.get("tile_size"), stain=bag.attrs.get("stain"))  # fmt: skip
     return MILPrediction(
         classes=classes,
         probabilities=probs,

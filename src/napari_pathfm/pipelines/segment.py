@@ -289,7 +289,8 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Op
         if not len(grid):
             messages.append(f"no tissue found in {Path(slide.path).name}: the mask is all background.")
         notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
-                            tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None)  # fmt: skip
+                            tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
+                            stain=tissue.stain if tissue is not None else None)  # fmt: skip
         messages[:] = merge_notes(notes, messages)  # before the OME-TIFF writer starts: its metadata has both
         result = SegmentationResult(
             labels=store, classes=classes or [], mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
