@@ -163,7 +163,7 @@ def test_default_rows_colours_and_duplicates_from_cards():
     """Which checkpoints pre-fill the rows, their colours and the duplicate check, from model cards alone."""
     from pathlib import Path
 
-    from napari_pathfm.widgets._translate_rows import (
+    from napari_pathfm.pipelines.translate_channels import (
         card_targets,
         channel_colormaps,
         default_checkpoints,

@@ -40,17 +40,12 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 from ..colors import robust_limits
+from ..pipelines.translate_channels import channel_colormaps, default_checkpoints, duplicate_targets, is_lupi
 from ._colormaps import napari_colormap
 from ._compact import compact_combo
-from ._legend import Legend
 from ._dock import TaskDock
-from ._translate_rows import (
-    ChannelRow,
-    channel_colormaps,
-    default_checkpoints,
-    duplicate_targets,
-    is_lupi,
-)
+from ._legend import Legend
+from ._translate_rows import ChannelRow
 
 __all__ = ["ROLES", "TranslateWidget", "layer_colormap", "zstack_layers"]
 
