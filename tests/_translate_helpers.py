@@ -37,7 +37,7 @@ def isl_card(planes: np.ndarray, dapi: np.ndarray, **extra) -> dict:
             "normalization": {"kind": "minmax", "input_min": data.min(axis=(1, 2)).tolist(),
                               "input_max": data.max(axis=(1, 2)).tolist(), "target_min": [float(top.min())],
                               "target_max": [float(top.max())], "target_dtype": "uint16"},
-            "tile_size": 64, "has_mask": True, "input_dtype": "uint16"}  # fmt: skip
+            "tile_size": 64, "has_mask": True, "input_dtype": "uint16"}
     card.update(extra)
     return card
 

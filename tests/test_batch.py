@@ -48,7 +48,7 @@ def test_manifest_and_options(tmp_path):
     assert not (tmp_path / "out" / "batch-summary.json").exists()
     for task, ok in [("features", {"backbone": "x", "tile": 64, "min_tissue": 0.1}), ("segment", {"overlap": 0.1}),
                      ("classify", {"tissue_only": False}), ("mil", {"top_k": 3, "device": "cpu"}),
-                     ("translate", {"stride": 128, "threshold": 0.4})]:  # fmt: skip
+                     ("translate", {"stride": 128, "threshold": 0.4})]:
         check_options(task, ok)
         with pytest.raises(PathFMError, match="not an option"):
             check_options(task, {**ok, "progress": None})  # filled in by the task itself
@@ -70,7 +70,7 @@ def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu
     seen = []
 
     summary = run_batch(manifest, "features", out, n_workers=2, options=OPTIONS,
-                        progress=lambda d, t, m="": seen.append((d, t)))  # fmt: skip
+                        progress=lambda d, t, m="": seen.append((d, t)))
     rows = {r["slide"]: r for r in summary.rows}
     assert summary.counts == {"ok": 4, "skipped": 0, "failed": 1}
     bad = rows[str((wsi_dir / "unreadable.svs").resolve())]
@@ -99,7 +99,7 @@ def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu
     (folders[copy] / "done.json").unlink()
     sets = [f"--set={k}={v}" for k, v in OPTIONS.items()]
     result = CliRunner().invoke(app, ["batch", str(manifest), "--task", "features", "--out", str(out),
-                                      "--workers", "1", *sets])  # fmt: skip
+                                      "--workers", "1", *sets])
     assert result.exit_code == 1, result.output
     assert "ok 1, skipped 3, failed 1" in result.output
     assert (folders[copy] / "done.json").exists()
@@ -114,7 +114,7 @@ def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_
     with pytest.raises(Cancelled, match="1 slides not run"):
         # the first progress call (before any slide finished) asks to stop
         run_batch(manifest, "features", tmp_path / "out", n_workers=1, options=OPTIONS,
-                  progress=lambda *a: cancel.set(), cancel=cancel)  # fmt: skip
+                  progress=lambda *a: cancel.set(), cancel=cancel)
     assert json.loads((tmp_path / "out" / "batch-summary.json").read_text())["slides"] == []
     assert not (slide_out_dir(tmp_path / "out", cmu_small.resolve()) / "done.json").exists()
 
@@ -131,7 +131,7 @@ def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
     row = run_slide(str(cmu_small), "classify", str(out), [str(ckpt)], {"device": "cpu", "batch_size": 16})
     assert row["status"] == "ok", row["error"]
     assert {"class-map.ome.tif", "probabilities.ome.tif", "tiles.csv", "summary.json", "done.json"} <= {
-        p.name for p in out.iterdir()}  # fmt: skip
+        p.name for p in out.iterdir()}
     done = json.loads((out / "done.json").read_text())
     assert done["result"]["tiles"] > 0 and done["checkpoint"] == [str(ckpt)]
     key = {k: done[k] for k in ("task", "checkpoint", "checkpoint_files", "options")}
@@ -215,7 +215,7 @@ def test_batch_segment_shared_slides_bundled_model(tmp_path, wsi_dir, cmu_small,
     # rerun through the CLI on the same cluster: complete slides skipped untouched, unreadable ones retried
     stamp = (slide_out_dir(out, copy) / "mask.ome.tif").stat().st_mtime_ns
     result = CliRunner().invoke(app, ["batch", str(manifest), "--task", "segment", "--out", str(out),
-                                      "--scheduler", scheduler, "--set", "device=cpu"])  # fmt: skip
+                                      "--scheduler", scheduler, "--set", "device=cpu"])
     assert result.exit_code == 1, result.output  # a slide failed
     assert f"ok 0, skipped {len(slides) - n_bad}, failed {n_bad}" in result.output
     assert (slide_out_dir(out, copy) / "mask.ome.tif").stat().st_mtime_ns == stamp
@@ -234,7 +234,7 @@ def test_batch_mil_bundled_demo_model(tmp_path, wsi_dir, cmu_small, scheduler):
     slides = [cmu_small, copy, wsi_dir / "small.svs"]
     out = tmp_path / "mil"
     summary = run_batch(_manifest(tmp_path, slides), "mil", out, scheduler=scheduler, checkpoint=demo_mil_checkpoint(),
-                        options={"device": "cpu", "top_k": 3})  # fmt: skip
+                        options={"device": "cpu", "top_k": 3})
     # small.svs (a tiny test slide) has no tile with enough tissue for the extractor the model records
     assert [r["status"] for r in summary.rows] == ["ok", "ok", "failed"]
     assert "FeatureError" in summary.rows[2]["error"] and "small.svs" in summary.rows[2]["error"]
@@ -249,7 +249,7 @@ def test_batch_mil_bundled_demo_model(tmp_path, wsi_dir, cmu_small, scheduler):
         done = json.loads((folder / "done.json").read_text())
         assert done["options"] == {"device": "cpu", "top_k": 3}
         assert {k: done["result"][k] for k in ("predicted", "probabilities", "n_patches")} == {
-            k: pred[k] for k in ("predicted", "probabilities", "n_patches")}  # fmt: skip
+            k: pred[k] for k in ("predicted", "probabilities", "n_patches")}
         preds.append(pred["probabilities"])
     assert preds[0] == pytest.approx(preds[1])  # a copy of the slide gets the same prediction
 
@@ -267,7 +267,7 @@ def test_batch_translate_zstacks_bundled_dapi_model(tmp_path, scheduler):
     out = tmp_path / "tr"
     ckpt = BUNDLED_MODELS / "haste-isl-dapi.safetensors"
     summary = run_batch(_manifest(tmp_path, [stack, copy]), "translate", out, scheduler=scheduler, checkpoint=ckpt,
-                        options={"device": "cpu", "threshold": 0.3})  # fmt: skip
+                        options={"device": "cpu", "threshold": 0.3})
     assert summary.counts == {"ok": 2, "skipped": 0, "failed": 0}, summary.rows
     plane = tifffile.imread(stack)
     for s in (stack, copy):

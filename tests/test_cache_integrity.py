@@ -20,8 +20,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_pathfm.tiles.cache_entry import LOCK  # noqa: E402
-from napari_pathfm.tiles.embedding_cache import EmbeddingCache  # noqa: E402
+from napari_pathfm.tiles.cache_entry import LOCK
+from napari_pathfm.tiles.embedding_cache import EmbeddingCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,7 +119,7 @@ def _warnings(caplog) -> list[str]:
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damage_is_recomputed_bit_identically_and_repaired(damage, cache, filled, slide, segmenter, reference,
-                                                           caplog):  # fmt: skip
+                                                           caplog):
     store, entry = cache
     how, recomputed = DAMAGE[damage]
     how(entry)
@@ -203,7 +203,7 @@ def test_cache_list_shows_structural_damage_and_old_or_unreadable_entries(cache,
     old = store.root / "old-slide-0123456789abcdef" / "enc-0123456789abcdef.zarr"
     old.mkdir(parents=True)
     (old / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
-        "key": {"format": "pathfm-tile-embeddings/1", "slide": {"path": "/gone.svs"}}}}))  # fmt: skip
+        "key": {"format": "pathfm-tile-embeddings/1", "slide": {"path": "/gone.svs"}}}}))
     junk = store.root / "junk-0123456789abcdef" / "enc-fedcba9876543210.zarr"
     junk.mkdir(parents=True)
     (junk / "zarr.json").write_text("not json")
@@ -232,7 +232,7 @@ def test_mil_prediction_with_a_damaged_extractor_entry_is_unchanged(slide, tmp_p
         reference = mil_predict(ckpt, slide=s, device="cpu", cache=False)
         mil_predict(ckpt, slide=s, device="cpu", cache=cache)
     (entry,) = cache.entries()
-    chunk = sorted(p for p in (entry.path / "data" / "c").rglob("*") if p.is_file())[0]
+    chunk = min(p for p in (entry.path / "data" / "c").rglob("*") if p.is_file())
     _flip(chunk, 0.3)
     caplog.clear()
     with caplog.at_level(logging.WARNING), open_slide(slide) as s:

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
     "image, mpp, backend",
     [("glas", None, "numpy"), ("glas", None, "torch"), ("cmu", 1.0, "numpy"), ("cmu", 1.0, "torch"),
      ("cmu", 0.5, "numpy")],
-)  # fmt: skip
+)
 def test_banded_canvas_is_the_whole_slide_blend_resampled(cmu_small, shared_data, monkeypatch, image, mpp, backend):
     """Tiles that disagree (random logits, per-tile offsets): blending them in narrow bands gives
     exactly the shared TileBlender's blend of the whole canvas, resampled to level 0 the way
@@ -60,7 +60,7 @@ def test_banded_canvas_is_the_whole_slide_blend_resampled(cmu_small, shared_data
     else:
         rel = (blended[1:] - blended[:1])[None]
         up = F.interpolate(rel, scale_factor=(s, s), mode="bilinear", align_corners=False,
-                           recompute_scale_factor=False)[0, :, :h0, :w0]  # fmt: skip
+                           recompute_scale_factor=False)[0, :, :h0, :w0]
         near_y = np.minimum(((np.arange(h0) + 0.5) / s).astype(int), covered.shape[0] - 1)
         near_x = np.minimum(((np.arange(w0) + 0.5) / s).astype(int), covered.shape[1] - 1)
         full = torch.cat([torch.zeros_like(up[:1]), up]).numpy()  # class 0 is 0

@@ -35,7 +35,7 @@ def saved(net, tmp_path):
 
 
 def test_round_trip_outputs_identical(net, saved):
-    model, card = load_checkpoint(saved)
+    model, _card = load_checkpoint(saved)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(net(x), model(x))

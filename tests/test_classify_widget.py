@@ -22,7 +22,7 @@ def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = create_model("timm_classifier", backbone="resnet10t", num_classes=3)
     card = {"classes": CLASSES, "input_mpp": 2.0, "tile_size": 64,
-            "normalization": {"mean": [0.7, 0.5, 0.7], "std": [0.15, 0.2, 0.15]}}  # fmt: skip
+            "normalization": {"mean": [0.7, 0.5, 0.7], "std": [0.15, 0.2, 0.15]}}
     return save_checkpoint(model, tmp_path / "toy-classifier", card)
 
 

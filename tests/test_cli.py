@@ -57,7 +57,7 @@ def test_tiles_writes_mask_grid_and_overview(cmu_small, tmp_path):
     result = runner.invoke(app, ["tiles", str(cmu_small), "--out", str(tmp_path), "--mpp", "1.0", "--size", "224"])
     assert result.exit_code == 0, result.output
     stem = "CMU-1-Small-Region"
-    levels, mpp, meta = read_ome_tiff(tmp_path / f"{stem}.tissue.ome.tif")
+    levels, mpp, _meta = read_ome_tiff(tmp_path / f"{stem}.tissue.ome.tif")
     mask = np.asarray(levels[0])
     assert mpp == pytest.approx(0.499 * 16, rel=0.01)
     assert 0.2 < mask.mean() < 0.9

@@ -44,7 +44,7 @@ def test_a_brush_stroke_in_a_real_viewer_saves_exactly_the_touched_tiles(make_na
 
     # napari emits a single paint()'s event before writing it: the GUI defers saving to the event loop
     rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["background", "gland"], tile_size=T, folder=tmp_path,
-                             schedule=lambda fn: QTimer.singleShot(0, fn))  # fmt: skip
+                             schedule=lambda fn: QTimer.singleShot(0, fn))
     rec.attach(layer)
     layer.brush_size = 10
     layer.paint((T + 20, 2 * T - 3), 1)  # straddles the border between tile columns 1 and 2 of row 1
@@ -119,7 +119,7 @@ def test_level0_labels_are_saved_on_the_model_grid(slide, tmp_path):
     labels = np.zeros((h, w), np.uint8)
     labels[:, w // 2 :] = 1
     rec = CorrectionRecorder(slide, labels, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
-                             labels_downsample=1.0)  # fmt: skip
+                             labels_downsample=1.0)
     g = tile_grid(slide, T, mpp=MPP)
     col = int((w // 2) // g.level0_size)
     tiles = rec.tiles_in_box(10, 12, w // 2 - 1, w // 2 + 1)
@@ -133,10 +133,10 @@ def test_undo_drops_a_tile_back_at_the_baseline_and_restore_writes_saved_tiles_b
     """Undo through the wrapped ``layer.undo``; a new class map gets the saved corrections back."""
     from napari.layers import Labels
 
-    labels, grid = _labels(slide)
+    labels, _grid = _labels(slide)
     layer = Labels(labels)
     rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
-                             baseline=labels.copy())  # fmt: skip
+                             baseline=labels.copy())
     rec.attach(layer)
     with layer.block_history():
         layer.paint((T + 20, T + 20), 1, refresh=False)

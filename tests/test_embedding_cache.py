@@ -19,8 +19,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_pathfm.errors import Cancelled  # noqa: E402
-from napari_pathfm.tiles.embedding_cache import LOCK, EmbeddingCache, resolve_cache  # noqa: E402
+from napari_pathfm.errors import Cancelled
+from napari_pathfm.tiles.embedding_cache import LOCK, EmbeddingCache, resolve_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -230,7 +230,7 @@ def test_features_and_mil_prediction_reuse_extractor_outputs(cmu_small, tmp_path
     from napari_pathfm.models import create_model
 
     fx = create_model(card["extractor"], backbone=card["backbone"], input_size=card.get("input_size") or 0,
-                      weights=str(ckpt.parent / card["weights"].split("/")[-1]))  # fmt: skip
+                      weights=str(ckpt.parent / card["weights"].split("/")[-1]))
     kw = dict(mpp=card["target_mpp"], tile_size=card["tile_size"], device="cpu",
               min_tissue=card["min_tissue"] if card.get("min_tissue") is not None else 0.25)  # as mil_predict does
     a = read_features(extract_features(cmu_small, fx, tmp_path / "a.features.zarr", cache=False, **kw))
@@ -265,7 +265,7 @@ def test_cache_cli_lists_and_clears(slide_copy, segmenter, tmp_path):
     listed = json.loads(out.stdout)
     assert [e["slide"] for e in listed["entries"]] == [str(slide_copy.resolve())] and listed["bytes"] > 0
     out = subprocess.run([*run, "clear", "--dir", str(root), "--slide", str(slide_copy)], capture_output=True,
-                         text=True, check=True)  # fmt: skip
+                         text=True, check=True)
     assert "removed 1 entries" in out.stdout and EmbeddingCache(root, always_store=True).entries() == []
 
 

@@ -18,9 +18,16 @@ from typer.testing import CliRunner
 from napari_pathfm.cli import app
 from napari_pathfm.error_boundary import describe, message_for
 from napari_pathfm.errors import (
-    Cancelled, CheckpointError, DiskFullError, InputError, OutputError, PathFMError, RecipeError, SlideError,
+    Cancelled,
+    CheckpointError,
+    DiskFullError,
+    InputError,
+    OutputError,
+    PathFMError,
+    RecipeError,
+    SlideError,
     UsageError,
-)  # fmt: skip
+)
 
 runner = CliRunner()
 PATHFM = Path(sys.executable).with_name("pathfm")
@@ -54,13 +61,13 @@ def test_real_os_errors_become_one_sentence(tmp_path):
     not_dir = _kernel_error(lambda: (afile / "sub").mkdir())
     msg = describe(not_dir)
     assert msg.exit_code == 2 and str(afile / "sub") in msg.text and "is a file" in msg.text
-    missing = _kernel_error(lambda: open(tmp_path / "nope.csv"))
+    missing = _kernel_error(lambda: open(tmp_path / "nope.csv"))  # noqa: SIM115 - fails: no file to close
     assert describe(missing).text == f"{tmp_path / 'nope.csv'}: file or folder not found. Check the path."
-    is_dir = _kernel_error(lambda: open(tmp_path, "rb"))
+    is_dir = _kernel_error(lambda: open(tmp_path, "rb"))  # noqa: SIM115 - fails: no file to close
     assert "is a folder where a file was expected" in describe(is_dir).text
     exists = _kernel_error(lambda: os.mkdir(afile))
     assert describe(exists).exit_code == 2 and "already exists" in describe(exists).text
-    sys_err = _kernel_error(lambda: open("/sys/pathfm-probe", "w"))
+    sys_err = _kernel_error(lambda: open("/sys/pathfm-probe", "w"))  # noqa: SIM115 - fails: no file to close
     assert sys_err.errno in (errno.EACCES, errno.EROFS, errno.EPERM)
     assert describe(sys_err).exit_code == 2 and "/sys/pathfm-probe" in describe(sys_err).text
 
@@ -100,7 +107,7 @@ def test_unexpected_errors_say_so_and_debug_shows_the_traceback():
     (["open", "/no/such/slide.svs"], 2, ["/no/such/slide.svs", "does not exist"]),
     (["segment", "/no/such/slide.svs", "--out", "/sys/mask.ome.tif"], 2, ["/sys", "not writable"]),
     (["mil", "predict", "-c", "x.safetensors"], 2, ["exactly one of --slide or --features"]),
-])  # fmt: skip
+])
 def test_cli_errors_are_one_message_with_the_exit_code(args, code, words):
     result = runner.invoke(app, args)
     assert result.exit_code == code, result.output
@@ -114,7 +121,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path):
     plain = subprocess.run([str(PATHFM), "open", str(tmp_path / "gone.svs")], capture_output=True, text=True, env=env)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and "gone.svs" in plain.stderr
     debug = subprocess.run([str(PATHFM), "--debug", "open", str(tmp_path / "gone.svs")], capture_output=True,
-                           text=True, env=env)  # fmt: skip
+                           text=True, env=env)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "gone.svs" in debug.stderr.splitlines()[-1]
     env["PATHFM_DEBUG"] = "1"
     by_env = subprocess.run([str(PATHFM), "open", str(tmp_path / "gone.svs")], capture_output=True, text=True, env=env)
@@ -149,10 +156,8 @@ def test_disk_full_during_an_atomic_write_names_the_output_and_leaves_nothing(tm
         pytest.skip("mounting a tmpfs is not allowed here (needs root / CAP_SYS_ADMIN)")
     try:
         final = where / "mask.ome.tif"
-        with pytest.raises(OSError) as err:
-            with atomic_path(final) as tmp:
-                with open(tmp, "wb") as f:
-                    f.write(b"\0" * (1 << 20))  # the kernel refuses past 256 KB
+        with pytest.raises(OSError) as err, atomic_path(final) as tmp, open(tmp, "wb") as f:
+            f.write(b"\0" * (1 << 20))  # the kernel refuses past 256 KB
         assert err.value.errno == errno.ENOSPC
         msg = describe(err.value)
         assert msg.text.startswith(f"{final}: no space left") and msg.exit_code == 1

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from napari_pathfm.errors import Cancelled, CheckpointError, FeatureError
+from napari_pathfm.io.features import create_feature_store
 from napari_pathfm.pipelines.features import (
     PATCH_ORDER,
     check_feature_dim,
@@ -23,7 +24,6 @@ from napari_pathfm.pipelines.features import (
     read_features,
     write_features,
 )
-from napari_pathfm.io.features import create_feature_store
 
 COARSE = {"mpp": 2.0, "tile_size": 64, "device": "cpu", "batch_size": 16}
 
@@ -89,8 +89,8 @@ def test_features_equal_direct_extractor_on_read_tile(cmu_bag, cmu_small, small_
     import torch
 
     from napari_pathfm.io import open_slide
-    from napari_pathfm.tiles import read_tile
     from napari_pathfm.pipelines.tissue_tiles import compute_tissue_tiles
+    from napari_pathfm.tiles import read_tile
 
     bag = read_features(cmu_bag)
     with open_slide(cmu_small) as slide:
@@ -175,7 +175,7 @@ def resnet50_file(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     sd = timm.create_model("resnet50", pretrained=False, num_classes=1000).state_dict()
     sd = {k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if "running_var" in k else 0.0)).abs()
-          if v.is_floating_point() else v for k, v in sd.items()}  # fmt: skip
+          if v.is_floating_point() else v for k, v in sd.items()}
     path = tmp_path_factory.mktemp("w") / "resnet50_imagenet.pth"
     torch.save(sd, path)
     return path, sd
@@ -263,7 +263,7 @@ def test_read_features_errors_name_the_file(tmp_path):
         "mismatch.zarr": ("3 feature rows but 2 coordinates", lambda p: _raw(p, np.ones((3, 4)), coords[:2], {"complete": True})),
         "nan.zarr": ("NaN or infinite features in 1 of 3 patches .*row 1", lambda p: _raw(p, [[0.0] * 4, [np.nan, 0, np.inf, 0], [1.0] * 4], coords, {"complete": True})),
         "empty.zarr": ("no tissue tiles.*lower --min-tissue", lambda p: write_features(p, np.zeros((0, 4)), np.zeros((0, 2)), {"min_tissue": 0.25})),
-    }  # fmt: skip
+    }
     for name, (message, make) in cases.items():
         path = tmp_path / name
         if make:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUNDLED_SLIDE = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data" / "CMU-1-Small-Region.svs"
 MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-             decoder_mlp_dim=64, freeze_encoders=False)  # fmt: skip
+             decoder_mlp_dim=64, freeze_encoders=False)
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def test_a_failing_finetune_says_so_once_and_leaves_no_folder(make_napari_viewer
     from napari.utils.notifications import notification_manager
 
     _viewer, widget = _segmented(make_napari_viewer, qtbot, slide_copy, tiny_checkpoint)
-    i, (y0, y1, x0, x1) = _tile_box(widget)
+    _i, (y0, y1, x0, x1) = _tile_box(widget)
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     before = np.asarray(widget.labels_layer.data[cy, cx])
     _stroke(widget.labels_layer, int(1 - before), cy, cx - 40, cx + 40)

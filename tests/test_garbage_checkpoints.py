@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli_helpers import cli_refuses
 from safetensors.torch import load_file, save_file
 
-from _cli_helpers import cli_refuses
 from napari_pathfm.errors import CheckpointError
 from napari_pathfm.io.jsonsafe import UndefinedMetricWarning
 from napari_pathfm.models import create_model, load_checkpoint, read_card
@@ -83,7 +83,7 @@ def test_cli_translate_refuses_nan_checkpoint(tmp_path):
     cli_refuses(
         ["translate", DATA / "isl-blue-crop.ome.tif", "-c", weights, "--out", tmp_path / "out"],
         weights.name, "NaN or Inf",
-    )  # fmt: skip
+    )
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -141,7 +141,7 @@ def test_training_with_unrelated_weights_is_refused(shared_data, tmp_path, monke
     cli_refuses(
         ["train", TINY, "--out", tmp_path / "run2", "--set", f"model.weights={UNRELATED}"],
         "s4mil-glas-glands-demo.safetensors", "0 matched",
-    )  # fmt: skip
+    )
 
 
 def test_training_with_partial_weights_on_purpose(shared_data, tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_lightning_ckpt_given_as_checkpoint_is_named_and_never_unpickled(tmp_pat
     text = cli_refuses(
         ["classify", DATA / "CMU-1-Small-Region.svs", "-c", ckpt, "--out", tmp_path / "out"],
         "last.ckpt", "Lightning", ".safetensors",
-    )  # fmt: skip
+    )
     assert "model card not found" not in text
     assert not Path("/tmp/pathfm-garbage-pwned").exists()
 
@@ -196,7 +196,7 @@ def test_diverged_training_warns_at_export_and_its_checkpoint_is_refused(shared_
 
     monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
     sets = ["optim.lr=1e30", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.image_size=32",
-            "trainer.log_every_n_steps=1", "trainer.early_stopping=false"]  # fmt: skip
+            "trainer.log_every_n_steps=1", "trainer.early_stopping=false"]
     with pytest.warns(UndefinedMetricWarning, match="metrics.best.val_loss"), \
             pytest.warns(RuntimeWarning, match="training diverged"):
         result = run_recipe(TINY, sets, output=tmp_path / "run", device="cpu")

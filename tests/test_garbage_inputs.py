@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from _cli_helpers import cli_refuses
 from PIL import Image
 
-from _cli_helpers import cli_refuses
 from napari_pathfm.errors import CheckpointError, InputError, SlideError, ZStackError
 from napari_pathfm.io import open_slide
 from napari_pathfm.io.jsonsafe import UndefinedMetricWarning, dumps, write_json
@@ -52,9 +52,8 @@ def flat_png(tmp_path) -> Path:
 
 
 def test_all_nan_float_image_is_refused_not_no_tissue(nan_tiff):
-    with open_slide(nan_tiff) as slide:
-        with pytest.raises(SlideError, match=r"all-nan\.tif: holds only NaN/Inf values"):
-            tissue_mask(slide)
+    with open_slide(nan_tiff) as slide, pytest.raises(SlideError, match=r"all-nan\.tif: holds only NaN/Inf values"):
+        tissue_mask(slide)
 
 
 def test_flat_image_is_refused_but_a_partly_nan_image_is_not(flat_png, tmp_path):
@@ -168,7 +167,7 @@ def test_cli_evaluate_translation_wrong_sources(real_dapi, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     cli_refuses(["evaluate-translation", tmp_path / "notes.txt", "--target", real_dapi], "notes.txt", "readable image")
     cli_refuses(["evaluate-translation", DATA / "CMU-1-Small-Region.svs", "--target", real_dapi],
-                "CMU-1-Small-Region.svs", "colour image")  # fmt: skip
+                "CMU-1-Small-Region.svs", "colour image")
 
 
 # --- undefined metrics -----------------------------------------------------------------------

@@ -18,12 +18,11 @@ SETTINGS = dict(mpp=2.0, tile_size=64)
 def features_and_checkpoint(cmu_small, tmp_path_factory):
     """Real features of CMU-1 (resnet10t, random init) and a random-init s4mil checkpoint for them."""
     import torch
+    from safetensors.torch import save_file
 
+    from napari_pathfm.io.features import extractor_card
     from napari_pathfm.models import create_model, save_checkpoint
     from napari_pathfm.pipelines.features import extract_features, read_features
-    from napari_pathfm.io.features import extractor_card
-
-    from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("mil")
     torch.manual_seed(0)
@@ -49,7 +48,7 @@ def test_cli_predict_from_features_writes_heatmap_and_json(features_and_checkpoi
     assert set(pred["probabilities"]) == {"normal", "tumour"}
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert pred["n_patches"] == len(bag) and len(pred["top_patches"]) == 10
-    levels, mpp, meta = read_ome_tiff(heat)
+    levels, mpp, _meta = read_ome_tiff(heat)
     grid = np.asarray(levels[0])
     assert grid.shape == tuple(bag.attrs["grid_shape"]) or grid.shape[0] <= bag.attrs["grid_shape"][0]
     assert mpp == pytest.approx(0.499 * bag.level0_tile_size, rel=1e-3), "heatmap pixels are tile-sized, in µm"

@@ -12,16 +12,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_pathfm.errors import FeatureError, RecipeError  # noqa: E402
-from napari_pathfm.training.lookahead import Lookahead  # noqa: E402
-from napari_pathfm.training.mil_data import (  # noqa: E402
+from napari_pathfm.errors import FeatureError, RecipeError
+from napari_pathfm.training.lookahead import Lookahead
+from napari_pathfm.training.mil_data import (
     BagDataset,
     assign_folds,
     read_bag_table,
     write_bag,
 )
-from napari_pathfm.training.recipes import load_recipe  # noqa: E402
-from napari_pathfm.training.tasks.mil import BagDataModule  # noqa: E402
+from napari_pathfm.training.recipes import load_recipe
+from napari_pathfm.training.tasks.mil import BagDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 S4MIL = REPO / "training" / "s4mil"
@@ -258,7 +258,7 @@ def glas_bags(shared_data, tmp_path_factory) -> Path:
         ["--glas", str(shared_data / "glas" / "train"), "--images", "6", "--cache", str(root / "cache"),
          "--out", str(root / "bags"), "--extractor", "timm_features", "--backbone", "resnet10t",
          "--bags", "4,2,2", "--min-len", "16", "--max-len", "48"]
-    )  # fmt: skip
+    )
     return build_bags.build(args)
 
 

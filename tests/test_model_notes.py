@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_pathfm.pipelines.notes import bundled_models_dir, model_notes  # noqa: E402
+from napari_pathfm.pipelines.notes import bundled_models_dir, model_notes
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data"
 SLIDE = DATA / "CMU-1-Small-Region.svs"
@@ -117,7 +117,7 @@ def test_classify_notes_in_summary_json_and_image_mpp(crop_png, tmp_path):
     assert plain.mpp is None and plain.model_mpp is None
     assert any("cmu1-crop.png has no pixel size" in n for n in plain.notes), plain.notes
     given = classify_slide(crop_png, bundled, image_mpp=0.499, device="cpu", cache=False, workers=0,
-                           tissue_only=False)  # fmt: skip
+                           tissue_only=False)
     assert given.mpp == pytest.approx(0.499) and given.model_mpp == pytest.approx(1.24, rel=0.02)
     assert given.cell == pytest.approx(112 * 1.24 / 0.499, rel=0.02), "tiles of 112 px at 1.24 µm/px"
     assert not any("no pixel size" in n for n in given.notes) and len(_demo(given.notes)) == 1
@@ -130,7 +130,7 @@ def test_classify_notes_in_summary_json_and_image_mpp(crop_png, tmp_path):
     assert own.notes == [], "the user's model at its own µm/px: nothing to say"
     tissue = classify_slide(crop_png, mine, image_mpp=0.499, device="cpu", cache=False, workers=0)
     assert [n for n in tissue.notes if "tissue colour" in n] == tissue.notes and tissue.notes, \
-        "with the tissue overview: CMU-1's stain is far from the GlaS stain in the card"  # fmt: skip
+        "with the tissue overview: CMU-1's stain is far from the GlaS stain in the card"
 
 
 def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
@@ -146,7 +146,7 @@ def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
     assert len(pred.notes) == 2 and "tissue colour" in pred.notes[1], pred.notes
     assert pred.messages == pred.notes
     written = write_mil_outputs(pred, heatmap=tmp_path / "heat.ome.tif", json_path=tmp_path / "pred.json",
-                                mpp=0.499)  # fmt: skip
+                                mpp=0.499)
     assert json.loads(written["json"].read_text())["notes"] == pred.notes
     assert read_ome_tiff(written["heatmap"])[2]["notes"] == pred.notes
     with pytest.raises(ValueError, match="image_mpp"):
@@ -169,8 +169,9 @@ def test_translate_notes_for_bundled_models_and_plane_count(tmp_path):
     mine = _copy_model("haste-isl-dapi", tmp_path / "mine")
     extra = np.concatenate([planes, planes[-1:]])  # 14 planes: the card's 13 named planes are used
     res2 = translate_stack(extra, mine, tile=128, device="cpu", nuclei_mask=False)
-    assert res2.notes == ["the stack has 14 planes; haste-isl-dapi.safetensors was trained on 13 (the planes it "
-                          "names are used)."]  # fmt: skip
+    assert res2.notes == [
+        "the stack has 14 planes; haste-isl-dapi.safetensors was trained on 13 (the planes it names are used).",
+    ]
     assert res2.messages[0] == res2.notes[0]
 
 
@@ -178,8 +179,12 @@ def test_demonstration_notes_of_several_models_read_as_one_sentence():
     from napari_pathfm.pipelines.notes import join_demonstration_notes
 
     notes = [f"Demonstration model (haste-isl-{c}: small, CPU-trained on ISL) — not for diagnosis." for c in
-             ("dapi", "map2", "nfh")] + ["The z-stack has 12 planes; the models were trained on 13."]  # fmt: skip
+             ("dapi", "map2", "nfh")] + ["The z-stack has 12 planes; the models were trained on 13."]
     assert join_demonstration_notes(notes) == [
-        "Demonstration models (haste-isl-dapi, haste-isl-map2, haste-isl-nfh: small, CPU-trained on ISL) — not for "
-        "diagnosis.", notes[-1]]  # fmt: skip
+        (
+            "Demonstration models (haste-isl-dapi, haste-isl-map2, haste-isl-nfh: small, CPU-trained on ISL) — not for "
+            "diagnosis."
+        ),
+        notes[-1],
+    ]
     assert join_demonstration_notes(notes[:1]) == notes[:1]

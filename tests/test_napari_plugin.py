@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_pathfm._reader import napari_get_reader  # noqa: E402
-from napari_pathfm.coords import layer_transform  # noqa: E402
+from napari_pathfm._reader import napari_get_reader
+from napari_pathfm.coords import layer_transform
 
 pytestmark = pytest.mark.gui
 
@@ -88,7 +88,7 @@ def test_slide_widget_shows_properties_and_tissue_overlay(make_napari_viewer, qt
     qtbot.waitUntil(lambda: f"{layer.name} tissue" in viewer.layers, timeout=10_000)
     tissue = viewer.layers[f"{layer.name} tissue"]
     ds = 8.0 / 0.499
-    scale, translate = layer_transform(0.499, tissue.metadata.get("downsample", round(ds)))
+    scale, _translate = layer_transform(0.499, tissue.metadata.get("downsample", round(ds)))
     assert tissue.scale[0] == pytest.approx(scale[0], rel=0.07)
     assert 0.2 < tissue.data.mean() < 0.9
     tiles = viewer.layers[f"{layer.name} tiles"]
@@ -96,7 +96,7 @@ def test_slide_widget_shows_properties_and_tissue_overlay(make_napari_viewer, qt
     assert widget.run_btn.isEnabled()
     assert "tissue tiles" in widget.status.text()
     # the tissue overlay lies over the tissue: sample the slide under tissue vs background pixels
-    world_to_px = lambda p: np.round((np.asarray(p) - tissue.translate) / tissue.scale).astype(int)  # noqa: E731
+    world_to_px = lambda p: np.round((np.asarray(p) - tissue.translate) / tissue.scale).astype(int)
     ys, xs = np.nonzero(tissue.data)
     centre_world = np.array([ys.mean(), xs.mean()]) * tissue.scale + tissue.translate
     r, c = world_to_px(centre_world)
@@ -139,7 +139,7 @@ def test_labels_writer_saves_ome_tiff_and_qupath_geojson(make_napari_viewer, qtb
     gj = tmp_path / "tissue.geojson"
     tissue.save(str(tif), plugin="napari-pathfm")
     tissue.save(str(gj), plugin="napari-pathfm")
-    levels, mpp, meta = read_ome_tiff(tif)
+    levels, mpp, _meta = read_ome_tiff(tif)
     np.testing.assert_array_equal(np.asarray(levels[0]), tissue.data)
     assert mpp == pytest.approx(tissue.scale[0])
     back = geojson_to_labels(gj, tissue.data.shape, {1: "Tissue"}, downsample=result.tissue.downsample)

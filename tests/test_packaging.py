@@ -24,7 +24,7 @@ def test_wheel_contains_manifest_and_sample_slide(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w", str(tmp_path)],
         check=True, capture_output=True,
-    )  # fmt: skip
+    )
     (wheel,) = tmp_path.glob("napari_pathfm-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_pathfm.errors import CheckpointError  # noqa: E402
-from napari_pathfm.models.registry import create_model  # noqa: E402
+from napari_pathfm.errors import CheckpointError
+from napari_pathfm.models.registry import create_model
 
 SMALL = dict(encoder="hiera_micro", uni="uni_micro", image_size=64, decoder_dim=64, decoder_heads=4, decoder_mlp_dim=128)
 
@@ -173,9 +173,9 @@ def _sam2_checkpoint(path, encoder="sam2_hiera_tiny"):
     """``{"model": state_dict}`` as the SAM2 release ships it: trunk keys under image_encoder.trunk. with
     SAM2's ``mlp.layers.i`` names (timm renames them fc1/fc2), no classifier norm, plus decoder and others."""
     import timm
+    from timm.models.hieradet_sam2 import HieraDet
 
     from napari_pathfm.models.pathsam2.encoders import HIERA_PRESETS
-    from timm.models.hieradet_sam2 import HieraDet
 
     torch.manual_seed(2)
     trunk = HieraDet(num_classes=0, **HIERA_PRESETS[encoder]) if encoder in HIERA_PRESETS else timm.create_model(encoder, num_classes=0)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from napari_pathfm.errors import FeatureError, ManifestError
+from napari_pathfm.io.features import read_features, write_features
 from napari_pathfm.pipelines.batch import read_manifest, run_batch, slide_out_dir
 from napari_pathfm.pipelines.features import extract_features_many
-from napari_pathfm.io.features import read_features, write_features
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data"
 SLIDE = DATA / "CMU-1-Small-Region.svs"
@@ -64,7 +64,7 @@ def test_latin1_manifest_is_refused_naming_the_line(tmp_path):
 
 def test_damaged_feature_file_is_refused_by_name(tmp_path):
     path = write_features(tmp_path / "bag.features.zarr", np.random.default_rng(0).normal(size=(3000, 512)),
-                          np.zeros((3000, 2)), {"backbone": "toy"})  # fmt: skip
+                          np.zeros((3000, 2)), {"backbone": "toy"})
     assert len(read_features(path)) == 3000
     chunk = _chunk(path)
     _flip_byte(chunk)
@@ -87,10 +87,10 @@ def test_mil_predict_on_a_damaged_feature_file_is_a_clear_error(tmp_path):
     card = read_card(ckpt)
     dim = int(card.get("in_dim") or card.get("model_kwargs", {}).get("in_dim") or 1024)
     path = write_features(tmp_path / "case.features.zarr", np.ones((40, dim)),
-                          np.stack([np.arange(40) * 256, np.zeros(40)], 1))  # fmt: skip
+                          np.stack([np.arange(40) * 256, np.zeros(40)], 1))
     _flip_byte(next(p for p in sorted((path / "coords" / "c").rglob("*")) if p.is_file()))
     result = CliRunner().invoke(app, ["mil", "predict", "--checkpoint", str(ckpt), "--features", str(path),
-                                      "--json", str(tmp_path / "pred.json")])  # fmt: skip
+                                      "--json", str(tmp_path / "pred.json")])
     assert result.exit_code == 2, result.output
     assert "case.features.zarr" in result.output and "damaged" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "pred.json").exists()

@@ -81,7 +81,7 @@ def pathsam2_checkpoint(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, encoder="hiera_micro", uni=None, image_size=128,
-                         decoder_dim=32, decoder_heads=2, decoder_mlp_dim=64)  # fmt: skip
+                         decoder_dim=32, decoder_heads=2, decoder_mlp_dim=64)
     folder = tmp_path_factory.mktemp("segment-models")
     card = {"classes": ["background", "gland"], "input_mpp": 2.0, "tile_size": 128}
     return save_checkpoint(model, folder / "pathsam2-test", card)
@@ -143,9 +143,9 @@ def test_upsampled_class_map_is_aligned_with_the_slide(coarse_result, cmu_rgb):
 def test_bands_and_disk_store_give_the_same_mask_as_in_memory(coarse_result, cmu_small, tmp_path, monkeypatch):
     import napari_pathfm.pipelines.segment as seg
     import napari_pathfm.pipelines.segment_outputs as seg_out
-    import napari_pathfm.tiles.canvas as canvas
     from napari_pathfm.io.geojson import geojson_to_labels
     from napari_pathfm.io.ome_tiff import read_ome_tiff
+    from napari_pathfm.tiles import canvas
 
     # Tiny budgets force ~8 blending bands, a temporary zarr level-0 store and GeoJSON traced
     # on the class map downsampled 4x.
@@ -190,7 +190,7 @@ def test_cli_writes_ome_tiff_and_geojson_that_agree(pathsam2_checkpoint, cmu_sma
 
     out, geo = tmp_path / "mask.ome.tif", tmp_path / "mask.geojson"
     result = runner.invoke(app, ["segment", str(cmu_small), "-c", str(pathsam2_checkpoint), "--out", str(out),
-                                 "--geojson", str(geo), "--mpp", "4", "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+                                 "--geojson", str(geo), "--mpp", "4", "--device", "cpu", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["classes"] == ["background", "gland"] and summary["tiles"] > 3
@@ -207,7 +207,7 @@ def test_cli_writes_ome_tiff_and_geojson_that_agree(pathsam2_checkpoint, cmu_sma
 
 
 def test_default_checkpoint_is_found_or_the_error_says_how_to_get_one(pathsam2_checkpoint, cmu_small, tmp_path,
-                                                                       monkeypatch):  # fmt: skip
+                                                                       monkeypatch):
     import shutil
 
     import napari_pathfm.checkpoints as ck
@@ -249,7 +249,7 @@ def test_cancel_leaves_no_output_and_keeps_an_old_one(cmu_small, tmp_path, stage
 
     with pytest.raises(Cancelled):
         seg.segment_slide(cmu_small, ColourThreshold(), mpp=2.0, device="cpu", out=out, geojson=geo,
-                          progress=progress, cancel=cancel)  # fmt: skip
+                          progress=progress, cancel=cancel)
     assert cancel.is_set(), seen
     assert out.read_bytes() == b"old result" and not geo.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.ome.tif"], "no temporary files either"

@@ -183,7 +183,7 @@ def test_index_masks_ignore_and_mask_values(tmp_path):
     np.testing.assert_array_equal(dm.store.mask(dm.train_items[0]), [[0, 1, 255, 1]] * 4)
     grey = np.array([[0, 128, 255, 128]] * 4, np.uint8)
     dm = _data(_folder(tmp_path / "grey", {"a": grey}), val_fraction=0.0, tile_size=4,
-               mask_values={0: 0, 128: 1, 255: 2})  # fmt: skip
+               mask_values={0: 0, 128: 1, 255: 2})
     assert dm.num_classes == 3
     np.testing.assert_array_equal(dm.store.mask(dm.train_items[0]), [[0, 1, 2, 1]] * 4)
 
@@ -227,7 +227,7 @@ def test_extra_dirs_train_only_with_their_own_mpp(tmp_path):
     extra = _folder(tmp_path / "slide.pathfm-corrections", {"slide_r0_c0": corr})
     (extra / "corrections.json").write_text(json.dumps({"mpp": 2.0, "classes": ["background", "gland"], "tiles": []}))
     dm = _data(base, val_names=["b"], mpp=0.5, input_mpp=1.0, classes=["background", "gland"],
-               extra_dirs=[{"path": str(extra), "repeat": 3}], samples_per_image=2, tile_size=16)  # fmt: skip
+               extra_dirs=[{"path": str(extra), "repeat": 3}], samples_per_image=2, tile_size=16)
     assert [it.name for it in dm.val_items] == ["b"] and [it.name for it in dm.extra_items] == ["slide_r0_c0"]
     assert dm.extra_items[0].mask_format == "index" and dm.extra_items[0].scale == 2.0
     assert dm.store.mask(dm.train_items[0]).shape == (20, 20)  # 0.5 -> 1.0 µm/px
@@ -314,7 +314,7 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     (corr / "corrections.json").write_text(json.dumps({"mpp": 2.48, "tile_size": 64, "classes": ["background", "gland"]}))
     extra = f"data.extra_dirs=[{{path: {corr}, repeat: 4}}]"
     _train([str(RECIPES / "glas_tiny.yaml"), "--out", str(second), "--set", init, "--set", extra,
-            "--set", "trainer.max_epochs=1"])  # fmt: skip
+            "--set", "trainer.max_epochs=1"])
     assert json.loads((second / "split.json").read_text())["extra"] == [str(corr / "images" / "train_3_r0_c0.png")]
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
     tuned = json.loads((second / "model.json").read_text())
@@ -328,7 +328,7 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     from napari_pathfm.cli import app
 
     result = CliRunner().invoke(app, ["train", str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--no-resume",
-                                      "--set", init])  # fmt: skip
+                                      "--set", init])
     assert result.exit_code == 2 and "is an input of this run" in result.output  # refused before training starts
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
 

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-             decoder_mlp_dim=64, freeze_encoders=False)  # fmt: skip
+             decoder_mlp_dim=64, freeze_encoders=False)
 MPP = 2.0
 
 

@@ -30,7 +30,7 @@ def _sam_state(img_size: int, seed: int = 1) -> tuple[torch.nn.Module, dict]:
     enc = timm.create_model(
         "samvit_base_patch16", pretrained=False, num_classes=0, img_size=img_size,
         depth=4, embed_dim=64, num_heads=2, neck_chans=32, global_attn_indexes=[0, 1, 2, 3],
-    )  # fmt: skip
+    )
     for p in enc.parameters():  # zero-initialised position tables would hide resampling errors
         p.data.normal_(0, 0.02) if p.ndim > 1 else None
     sd = {"image_encoder." + k.replace("mlp.fc", "mlp.lin"): v.clone() for k, v in enc.state_dict().items()}
@@ -134,7 +134,7 @@ def test_ablation_switches_change_parameters_and_outputs():
     for tag, kw in {
         "slca": {}, "sigmoid": {"fusion": "sigmoid"}, "add": {"fusion": "add"}, "no_projector": {"projector": False},
         "neck_only": {"taps": [None, None, None, "neck", "neck"]},
-    }.items():  # fmt: skip
+    }.items():
         model = small(**kw).eval()
         outs[tag] = model(x)
         names[tag] = {n for n, _ in model.named_parameters()}
@@ -164,7 +164,7 @@ def test_one_step_trains_everything_but_the_frozen_sam():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert not any(n.startswith("sam.") for n in changed)
     for part in ("backbone.conv1.", "backbone.layer1.stage.", "backbone.layer1.fusion.attn.up.",
-                 "backbone.layer4.fusion.proj.", "projector.stem.", "projector.down.2.", "head.fc."):  # fmt: skip
+                 "backbone.layer4.fusion.proj.", "projector.stem.", "projector.down.2.", "head.fc."):
         assert any(n.startswith(part) for n in changed), part
     unfrozen = small(freeze_sam=False).train()
     assert unfrozen.sam.training and all(p.requires_grad for p in unfrozen.sam.parameters())
@@ -180,7 +180,7 @@ def test_parameter_count_of_the_paper_size_model():
     backbone = count(model.backbone) - fusions
     total, trainable = count(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"slca resnet152+samvit_base: total {total:,}; SAM {sam:,}; backbone {backbone:,}; fusions {fusions:,}; "
-          f"projector {count(model.projector):,}; head {head:,}; trainable {trainable:,}")  # fmt: skip
+          f"projector {count(model.projector):,}; head {head:,}; trainable {trainable:,}")
     assert sam == 89_670_912  # timm samvit_base_patch16 encoder at 1024 px (SAM ViT-B)
     assert backbone == 60_192_808 - 2048 * 1000 - 1000  # timm resnet152 without its ImageNet head
     assert head == (2048 + 256) * 9 + 9 and trainable == total - sam
@@ -193,7 +193,7 @@ def test_parameter_count_of_the_paper_size_model():
 def test_original_sam_checkpoint_loads_and_position_tables_follow_the_input_size(tmp_path):
     enc, sd = _sam_state(img_size=128)
     assert {"image_encoder.patch_embed.proj.weight", "image_encoder.blocks.3.attn.rel_pos_h",
-            "image_encoder.blocks.0.mlp.lin1.weight", "image_encoder.neck.3.bias"} <= set(sd)  # fmt: skip
+            "image_encoder.blocks.0.mlp.lin1.weight", "image_encoder.neck.3.bias"} <= set(sd)
     path = tmp_path / "sam_vit_tiny.pth"
     torch.save(sd, path)
     kw = {"sam_kwargs": {**TINY_SAM, "global_attn_indexes": [0, 1, 2, 3]}}
@@ -224,7 +224,7 @@ def test_foreign_checkpoints_are_refused_with_the_fix(tmp_path):
         small(sam_checkpoint=str(sam2))
     uni = tmp_path / "pytorch_model.bin"
     torch.save({"cls_token": torch.zeros(1, 1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
-                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, uni)  # fmt: skip
+                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, uni)
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*plain ViT.*UNI"):
         small(sam_checkpoint=str(uni))
     huge = tmp_path / "sam_vit_h_4b8939.pth"

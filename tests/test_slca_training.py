@@ -101,7 +101,7 @@ def test_slca_head_only_trains_only_its_classifier():
     model = create_model(
         "slca", backbone="resnet10t", sam_img_size=64, num_classes=3, projector_dim=16,
         sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2, "neck_chans": 16},
-    )  # fmt: skip
+    )
     ClassifyTask(model, 3, {}, 1, trainable="head")
     head = {id(p) for p in model.get_classifier().parameters()}
     assert head and {id(p) for p in model.parameters() if p.requires_grad} == head

@@ -194,7 +194,7 @@ def test_opening_a_large_slide_costs_little_memory(tmp_path):
         for factor in (1, 4, 16):
             n = shape[0] // factor
             tw.write(tiles((n // 512) ** 2), shape=(n, n, 3), dtype=np.uint8, tile=(512, 512), photometric="rgb",
-                     compression="zlib", subfiletype=0 if factor == 1 else 1)  # fmt: skip
+                     compression="zlib", subfiletype=0 if factor == 1 else 1)
     code = textwrap.dedent(
         f"""
         import resource, json

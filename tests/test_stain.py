@@ -10,8 +10,12 @@ import pytest
 
 from napari_pathfm.pipelines.notes import STAIN_TOLERANCE, model_notes
 from napari_pathfm.tiles.stain import (
-    MIN_STD, record_in_card, stain_reference, stain_reference_from_folder, stain_reference_from_paths,
-)  # fmt: skip
+    MIN_STD,
+    record_in_card,
+    stain_reference,
+    stain_reference_from_folder,
+    stain_reference_from_paths,
+)
 from napari_pathfm.tiles.tissue import tissue_stain
 
 MODELS = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data" / "models"
@@ -57,10 +61,10 @@ def test_glas_is_in_the_bundled_stain_and_cmu1_is_not(shared_data, cmu_small):
     card = json.loads((MODELS / "pathsam2-glas-small.json").read_text())
     assert ref["images"] == 85
     assert ref["mean"] == card["stain"]["mean"] and ref["std"] == card["stain"]["std"], \
-        "the bundled card's stain is what `python -m napari_pathfm.tiles.stain` measures on GlaS train"  # fmt: skip
+        "the bundled card's stain is what `python -m napari_pathfm.tiles.stain` measures on GlaS train"
 
     # a GlaS image opened as a slide (array input) is in the domain: no stain note
-    with Image.open(sorted(images.iterdir())[0]) as im:
+    with Image.open(min(images.iterdir())) as im:
         rgb = np.asarray(im.convert("RGB"))
     glas = tissue_mask(rgb, image_mpp=0.62)
     assert glas.stain is not None

@@ -208,7 +208,7 @@ def test_choose_level_never_upsamples_more_than_needed():
 
 def test_grid_on_a_pyramid_reads_from_the_right_level(slide):
     pyr = _Proxy(slide, mpp=0.25, level_count=3, level_downsamples=[1.0, 4.0, 16.0],
-                 level_shapes=[(4000, 3000), (1000, 750), (250, 188)])  # fmt: skip
+                 level_shapes=[(4000, 3000), (1000, 750), (250, 188)])
     g = tile_grid(pyr, 256, mpp=2.0)
     assert (g.level, g.read_size, g.scale) == (1, 512, 8.0)
     np.testing.assert_array_equal(g.level_coords, g.tile_index * 512)
@@ -246,7 +246,7 @@ def test_grid_json_and_csv_round_trip(slide, tissue, tmp_path):
     np.testing.assert_array_equal(back.tiles, g.tiles)
     np.testing.assert_allclose(back.tissue_fraction, g.tissue_fraction)
     assert (back.level, back.read_size, back.scale, back.mpp, back.grid_shape, back.output_shape) == (
-        g.level, g.read_size, g.scale, g.mpp, g.grid_shape, g.output_shape)  # fmt: skip
+        g.level, g.read_size, g.scale, g.mpp, g.grid_shape, g.output_shape)
     g.to_csv(tmp_path / "grid.csv")
     lines = (tmp_path / "grid.csv").read_text().splitlines()
     assert lines[0].startswith("index,row,col,y0,x0") and len(lines) == len(g) + 1

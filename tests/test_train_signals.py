@@ -24,12 +24,12 @@ def _env(shared_data: Path, tmp_path: Path) -> dict:
     if not (shared_data / "crc-tiles" / "kather2016").is_dir():
         pytest.skip(f"Kather 2016 tiles not found under {shared_data}/crc-tiles (see ../shared/data/README)")
     return {**os.environ, "PATHFM_SHARED_DATA": str(shared_data), "PATHFM_MODELS": str(tmp_path / "no-models"),
-            "OMP_NUM_THREADS": "1"}  # fmt: skip
+            "OMP_NUM_THREADS": "1"}
 
 
 def _start(out: Path, env: dict, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", str(RECIPE), "--out", str(out), "--json-progress",
-           "--set", "trainer.max_epochs=50", *extra]  # fmt: skip
+           "--set", "trainer.max_epochs=50", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent)
 
 

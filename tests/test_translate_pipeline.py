@@ -83,7 +83,7 @@ def test_one_tile_equals_the_bare_model_and_tiles_agree_with_it(lupi_checkpoint,
 
     seen = []
     tiled = translate_stack(planes, lupi_checkpoint, tile=64, stride=32, batch_size=3, device="cpu",
-                            progress=lambda d, t, m: seen.append((d, t)))  # fmt: skip
+                            progress=lambda d, t, m: seen.append((d, t)))
     assert tiled.n_tiles == 4 * 6 and seen[-1] == (24, 24)
     dapi = tiled.channels["DAPI"]
     assert dapi.dtype == np.uint16 and dapi.shape == planes.shape[1:]
@@ -159,7 +159,7 @@ def test_bad_input_errors_name_the_stack_and_checkpoint(lupi_checkpoint, planes,
     with pytest.raises(ZStackError, match="plane z5 holds NaN"):
         translate_stack(nan, lupi_checkpoint, tile=64, device="cpu")
     sub = type(isl)(path=isl.path, data=isl.data[:5, :64, :64], plane_names=isl.plane_names[:5],
-                    plane_files=isl.plane_files[:5])  # fmt: skip
+                    plane_files=isl.plane_files[:5])
     with pytest.raises(ZStackError, match="isl-blue-sample: has 5 planes"):
         translate_stack(sub, lupi_checkpoint, tile=64, device="cpu")
 
@@ -175,7 +175,7 @@ def test_cancel_leaves_no_files(lupi_checkpoint, planes, tmp_path):
 
     with pytest.raises(Cancelled):
         translate_stack(planes, lupi_checkpoint, tile=64, stride=32, batch_size=2, device="cpu",
-                        store=tmp_path / "run.zarr", progress=progress, cancel=stop)  # fmt: skip
+                        store=tmp_path / "run.zarr", progress=progress, cancel=stop)
     assert list(tmp_path.iterdir()) == []
 
     res = translate_stack(planes, lupi_checkpoint, tile=64, stride=32, device="cpu")

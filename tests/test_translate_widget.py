@@ -173,14 +173,14 @@ def test_default_rows_colours_and_duplicates_from_cards():
 
     def ckpt(name, channels, roles=None):
         return Path(f"{name}.safetensors"), {"name": "dense_unet", "channels": channels,
-                                             **({"channel_roles": roles} if roles else {})}  # fmt: skip
+                                             **({"channel_roles": roles} if roles else {})}
 
     isl = [ckpt("dapi", ["DAPI"], ["nuclei"]), ckpt("map2", ["MAP2"], ["map2"]), ckpt("nfh", ["NFH"], ["nfh"])]
     haste = [ckpt("hoechst", ["Hoechst"]), ckpt("bodipy", ["BODIPY"]), ckpt("cellmask", ["CellMask"])]
     assert default_checkpoints(isl, ROLES) == ["dapi.safetensors", "map2.safetensors", "nfh.safetensors"]
     # HASTE's three roles come first; the second nuclei model (Hoechst) is not pre-filled next to DAPI
     assert default_checkpoints(isl + haste, ROLES) == ["dapi.safetensors", "bodipy.safetensors",
-                                                        "cellmask.safetensors"]  # fmt: skip
+                                                        "cellmask.safetensors"]
     assert default_checkpoints([], ROLES) == []
     assert card_targets({}, "x/gfap-net.safetensors") == [("gfap-net", "gfap-net")]
     assert card_targets({"target": "GFAP", "role": "astrocytes"}) == [("GFAP", "astrocytes")]

@@ -168,6 +168,6 @@ def test_reader_hands_the_probed_slide_on(cmu_small):
 
     reader = _reader.napari_get_reader(str(cmu_small))
     probed = _reader._probed[str(cmu_small)]
-    data, kwargs, kind = reader(str(cmu_small))[0]
+    data, _kwargs, kind = reader(str(cmu_small))[0]
     assert kind == "image" and data is probed.pyramid and str(cmu_small) not in _reader._probed
     probed.close()

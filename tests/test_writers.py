@@ -50,11 +50,10 @@ def test_split_suffix():
 def test_atomic_failure_keeps_existing_file(tmp_path, exc):
     final = tmp_path / "result.ome.tif"
     final.write_bytes(b"old")
-    with pytest.raises(exc):
-        with atomic_path(final) as tmp:
-            assert tmp.parent == tmp_path and tmp.name.endswith(".ome.tif")
-            tmp.write_bytes(b"half")
-            raise exc("boom")
+    with pytest.raises(exc), atomic_path(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".ome.tif")
+        tmp.write_bytes(b"half")
+        raise exc("boom")
     assert final.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.ome.tif"]
 
@@ -140,7 +139,7 @@ def test_ome_tiff_rgb_real_image(tmp_path, shared_data):
     rgb = np.asarray(Image.open(shared_data / "glas" / "train" / "images" / "train_1.png").convert("RGB"))
     big = np.tile(rgb, (3, 2, 1))  # > 1024 px so a pyramid level is made
     write_ome_tiff(tmp_path / "rgb.ome.tif", big, mpp=0.62, axes="YXC", compression="zlib")
-    levels, mpp, meta = read_ome_tiff(tmp_path / "rgb.ome.tif")
+    levels, _mpp, meta = read_ome_tiff(tmp_path / "rgb.ome.tif")
     assert meta["axes"] == "YXS" and levels[0].dtype == np.uint8
     np.testing.assert_array_equal(levels[0], big)
     assert levels[1].shape == ((big.shape[0] + 1) // 2, (big.shape[1] + 1) // 2, 3)
@@ -177,7 +176,7 @@ def test_ome_tiff_dask_written_without_recomputing(tmp_path):
 
 
 def test_ome_tiff_large_levels_use_disk_buffers(tmp_path, monkeypatch):
-    import napari_pathfm.io.ome_tiff as ome_tiff
+    from napari_pathfm.io import ome_tiff
 
     labels = _blocks_labels((2600, 2100), seed=6)
     monkeypatch.setattr(ome_tiff, "_BAND_BYTES", 2**20)  # forces zarr scratch buffers and thin bands
@@ -210,7 +209,7 @@ def test_ome_tiff_failure_and_cancel_leave_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["mask.ome.tif"]
 
     seen = []
-    cancel = lambda: len(seen) > 20  # noqa: E731
+    cancel = lambda: len(seen) > 20
     with pytest.raises(Cancelled):
         write_ome_tiff(final, np.zeros((3000, 3000), np.uint8), cancel=cancel,
                        progress=lambda d, t, m="": seen.append(d))

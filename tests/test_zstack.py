@@ -18,7 +18,12 @@ from PIL import Image
 from napari_pathfm.errors import Cancelled, ZStackError
 from napari_pathfm.io import zstack as zmod
 from napari_pathfm.io.normalize import (
-    StatsTable, compute_stats, denormalize, example_stats_path, normalize_minmax, normalize_percentile,
+    StatsTable,
+    compute_stats,
+    denormalize,
+    example_stats_path,
+    normalize_minmax,
+    normalize_percentile,
 )
 from napari_pathfm.io.zstack import get_zstack_reader, looks_like_zstack, open_zstack, zstack_layer_data
 from napari_pathfm.io.zstack_naming import parse_plane_name
@@ -326,7 +331,7 @@ def test_normalize_round_trip_real(isl_stack, isl_array):
 
 def test_normalize_percentile_real(isl_array):
     sub = isl_array[:, :256, :256]
-    out, (lows, highs) = normalize_percentile(sub, 1, 99.8, return_limits=True)
+    out, (lows, _highs) = normalize_percentile(sub, 1, 99.8, return_limits=True)
     assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
     np.testing.assert_allclose(lows, np.percentile(sub, 1, axis=(1, 2)))
     lazy = normalize_percentile(da.from_array(sub, chunks=(1, 128, 128)), 1, 99.8)

@@ -7,7 +7,7 @@ imports the submodule on first access, plus a matching ``__dir__``.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Callable]:

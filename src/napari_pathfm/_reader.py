@@ -11,8 +11,9 @@ twice, and the layers are multiscale so napari reads only the tiles it shows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .coords import layer_units
 
@@ -36,7 +37,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         from .io.slide import open_slide
 
         slide = open_slide(p)
-    except Exception as exc:  # a reader must never crash napari
+    except Exception as exc:  # noqa: BLE001 - a reader must never crash napari
         log.info("napari-pathfm cannot read %s: %s", p, exc)
         return None
     _keep_probed(p, slide)
@@ -71,7 +72,7 @@ def _is_zstack(p: Path) -> bool:
         return False
     try:
         return bool(looks_like_zstack(p))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a reader's probe must never crash napari: not a z-stack
         return False
 
 

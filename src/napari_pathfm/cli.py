@@ -11,7 +11,6 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import typer
 from typer.core import TyperGroup
@@ -64,7 +63,7 @@ def cli_progress(description: str):
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.fields[msg]}"), transient=False, disable=not sys.stderr.isatty(),
-    )  # fmt: skip
+    )
     task = bar.add_task(description, total=None, msg="")
 
     def progress(done: int, total: int, message: str = "") -> None:
@@ -113,13 +112,18 @@ def _recipe_paths(config, skip=("output",)) -> list:
     elif isinstance(config, list):
         for v in config:
             found += _recipe_paths(v, ())
-    elif isinstance(config, str) and config and len(config) < 4096 and ("/" in config or "." in config):
-        if Path(config).exists():
-            found.append(Path(config))
+    elif (
+        isinstance(config, str)
+        and config
+        and len(config) < 4096
+        and ("/" in config or "." in config)
+        and Path(config).exists()
+    ):
+        found.append(Path(config))
     return found
 
 
-def _preflight_recipe(recipe: Path, overrides, out: Optional[Path]) -> None:
+def _preflight_recipe(recipe: Path, overrides, out: Path | None) -> None:
     """Check a training run's output folder against the recipe (a file or bundled name) and the data it names."""
     from .io.preflight import Output
     from .recipe_files import resolve_recipe
@@ -130,7 +134,7 @@ def _preflight_recipe(recipe: Path, overrides, out: Optional[Path]) -> None:
     folder = Path(out or loaded.get("output") or Path("runs") / loaded.name)
     inputs = _recipe_paths(loaded.config)
     _preflight([Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs],
-               _folders(inputs))  # fmt: skip
+               _folders(inputs))
 
 
 def _folders(paths) -> list:
@@ -147,7 +151,7 @@ def info() -> None:
 
 
 @app.command()
-def models(family: Optional[str] = typer.Option(None, help="Only this family (e.g. classify)")) -> None:
+def models(family: str | None = typer.Option(None, help="Only this family (e.g. classify)")) -> None:
     """List registered models: name, family and what each is."""
     from .models import list_models, model_info
 
@@ -172,8 +176,8 @@ def open_cmd(slide: Path = typer.Argument(..., help="Slide file (SVS, NDPI, MRXS
 def tiles(
     slide: Path = typer.Argument(..., help="Slide file"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder"),
-    mpp: Optional[float] = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px (ignored when --level is given)"),
-    level: Optional[int] = typer.Option(None, min=0, help="Pyramid level to tile instead of a µm/px target"),
+    mpp: float | None = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px (ignored when --level is given)"),
+    level: int | None = typer.Option(None, min=0, help="Pyramid level to tile instead of a µm/px target"),
     size: int = typer.Option(256, min=1, help="Tile size in output pixels"),
     overlap: int = typer.Option(0, min=0, help="Overlap between neighbouring tiles in output pixels"),
     min_tissue: float = typer.Option(0.25, min=0.0, max=1.0, help="Keep tiles with at least this tissue fraction"),
@@ -190,7 +194,7 @@ def tiles(
             written = tissue_and_grid(
                 slide, out, tile_size=size, mpp=None if level is not None else mpp, level=level,
                 overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp, progress=progress, cancel=cancel,
-            )  # fmt: skip
+            )
     except PathFMError as exc:
         _fail(exc)
     for name, path in written.items():
@@ -200,8 +204,8 @@ def tiles(
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, or a bundled recipe name (see `pathfm recipes`)"),
-    set_: List[str] = typer.Option([], "--set", help="Override a recipe value: --set optim.lr=1e-4 (repeatable)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the recipe's `output`)"),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set optim.lr=1e-4 (repeatable)"),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: the recipe's `output`)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps"),
     resume: bool = typer.Option(True, help="Continue from the output folder's last checkpoint when present"),
     json_progress: bool = typer.Option(False, "--json-progress", help="Stream progress as JSON lines on stdout"),
@@ -261,10 +265,10 @@ app.command("recipes")(recipes_cmd)
 
 @app.command()
 def features(
-    inputs: List[Path] = typer.Argument(..., help="Slides, plain images, or folders of them"),
+    inputs: list[Path] = typer.Argument(..., help="Slides, plain images, or folders of them"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr per slide"),
     backbone: str = typer.Option("resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"),
-    weights: Optional[Path] = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
+    weights: Path | None = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
     mpp: float = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px"),
     tile: int = typer.Option(256, min=16, help="Tile size in pixels"),
     batch_size: int = typer.Option(32, min=1, help="Tiles per forward pass"),
@@ -285,7 +289,7 @@ def features(
                 inputs, out, backbone=backbone, weights=weights, mpp=mpp, tile=tile, batch_size=batch_size,
                 device=device, min_tissue=min_tissue, progress=progress, cancel=cancel, cache=None if cache else False,
                 partial_weights=partial_weights,
-            )  # fmt: skip
+            )
     except PathFMError as exc:
         _fail(exc)
     for slide, info in results["slides"].items():
@@ -302,10 +306,10 @@ def features(
 def segment(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="Slide or plain image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"),
     out: Path = typer.Option(..., "--out", "-o", help="Mask OME-TIFF (e.g. mask.ome.tif), input's size, 0 = background"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"),
-    geojson: Optional[Path] = typer.Option(None, "--geojson", help="Also write QuPath GeoJSON polygons"),
-    mpp: Optional[float] = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
-    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"),
+    geojson: Path | None = typer.Option(None, "--geojson", help="Also write QuPath GeoJSON polygons"),
+    mpp: float | None = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
+    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
     overlap: float = typer.Option(0.25, min=0.0, max=0.9, help="Tile overlap as a fraction of the tile side"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Run only tiles that touch tissue"),
     batch_size: int = typer.Option(8, min=1, help="Tiles per forward pass"),
@@ -316,7 +320,7 @@ def segment(
     from .io.preflight import Output
 
     _preflight([Output(out), Output(geojson, option="--geojson") if geojson else None],
-               [input_path, checkpoint], _folders([input_path]))  # fmt: skip
+               [input_path, checkpoint], _folders([input_path]))
     from .pipelines.segment import segment_slide
 
     try:
@@ -325,7 +329,7 @@ def segment(
                 input_path, checkpoint, mpp=mpp, image_mpp=image_mpp, overlap=overlap, tissue_only=tissue_only,
                 batch_size=batch_size, device=device, progress=progress, cancel=cancel, out=out, geojson=geojson,
                 cache=None if cache else False,
-            )  # fmt: skip
+            )
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
     for message in result.messages:
@@ -340,9 +344,9 @@ def classify(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (class map, probabilities, tiles.csv, summary)"),
     batch_size: int = typer.Option(32, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
-    mpp: Optional[float] = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
+    mpp: float | None = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
-    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
+    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
     gradcam: int = typer.Option(0, "--gradcam", min=0, help="Also write Grad-CAM PNGs of the top N tiles of each class"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -357,12 +361,12 @@ def classify(
         with cli_progress("classify") as (progress, cancel), open_slide(slide) as s:
             result = classify_slide(s, checkpoint, mpp=mpp, batch_size=batch_size, device=device,
                                     tissue_only=tissue_only, progress=progress, cancel=cancel,
-                                    cache=None if cache else False, image_mpp=image_mpp)  # fmt: skip
+                                    cache=None if cache else False, image_mpp=image_mpp)
             if gradcam > 0:
                 from .pipelines.gradcam import write_top_gradcam
 
                 pngs = write_top_gradcam(s, result, checkpoint, out / "gradcam", gradcam, device=device,
-                                         progress=progress, cancel=cancel)  # fmt: skip
+                                         progress=progress, cancel=cancel)
                 if pngs:
                     result.written["gradcam"] = out / "gradcam"
             write_classify_outputs(result, out, progress=progress, cancel=cancel)
@@ -378,10 +382,10 @@ def batch(
     manifest: Path = typer.Argument(..., help="CSV with a 'slide' column (relative paths: from the CSV's folder)"),
     task: str = typer.Option(..., "--task", help="Family: segment, classify, features, mil, translate, ..."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one folder per slide + batch-summary.json/.csv"),
-    scheduler: Optional[str] = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
+    scheduler: str | None = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
     workers: int = typer.Option(2, min=1, help="Worker processes of the local cluster (one thread each)"),
-    checkpoint: List[Path] = typer.Option([], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"),
-    set_: List[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
+    checkpoint: list[Path] = typer.Option([], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"),
+    set_: list[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
 ) -> None:
     """Run a task over many slides on dask.distributed (resumable; failures reported in the summary)."""
     from .io.preflight import Output
@@ -393,7 +397,7 @@ def batch(
         with cli_progress(f"batch {task}") as (progress, cancel):
             summary = run_batch(manifest, task, out, scheduler=scheduler, n_workers=workers,
                                 checkpoint=list(checkpoint) or None, options=parse_options(set_),
-                                progress=progress, cancel=cancel)  # fmt: skip
+                                progress=progress, cancel=cancel)
     except PathFMError as exc:
         _fail(exc)
     for row in summary.rows:
@@ -410,12 +414,12 @@ app.add_typer(mil_app, name="mil")
 @mil_app.command("predict")
 def mil_predict_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="MIL checkpoint (.safetensors + .json card)"),
-    slide: Optional[Path] = typer.Option(None, help="Slide to predict (features are extracted first)"),
-    features_path: Optional[Path] = typer.Option(None, "--features", help="Feature file (.zarr) from `pathfm features`"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
+    slide: Path | None = typer.Option(None, help="Slide to predict (features are extracted first)"),
+    features_path: Path | None = typer.Option(None, "--features", help="Feature file (.zarr) from `pathfm features`"),
+    out: Path | None = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
+    json_out: Path | None = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
     top_k: int = typer.Option(10, min=0, help="How many top patches to list"),
-    image_mpp: Optional[float] = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of a --slide that does not record it (PNG)"),
+    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of a --slide that does not record it (PNG)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -427,7 +431,7 @@ def mil_predict_cmd(
     from .io.preflight import Output
 
     _preflight([out, Output(json_out, option="--json") if json_out else None], [checkpoint, slide, features_path],
-               _folders([features_path]))  # fmt: skip
+               _folders([features_path]))
     try:
         with cli_progress("mil predict") as (progress, cancel):
             if slide is not None:
@@ -436,7 +440,7 @@ def mil_predict_cmd(
                 with open_slide(slide) as s:
                     mpp = image_mpp or s.mpp
                     pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel,
-                                       cache=None if cache else False, image_mpp=image_mpp)  # fmt: skip
+                                       cache=None if cache else False, image_mpp=image_mpp)
             else:
                 pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
                 mpp = pred.source.get("slide_mpp")
@@ -446,15 +450,15 @@ def mil_predict_cmd(
     for message in getattr(pred, "messages", []):
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
     typer.echo(_json({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
-                           "written": {k: str(v) for k, v in written.items()}}, indent=2))  # fmt: skip
+                           "written": {k: str(v) for k, v in written.items()}}, indent=2))
 
 
 @mil_app.command("cv")
 def mil_cv_cmd(
     recipe: Path = typer.Argument(..., help="MIL recipe file or bundled name (e.g. s4mil/glas_bags)"),
-    k: Optional[int] = typer.Option(None, min=2, help="Folds (default: the CSV's fold column, else 5)"),
-    set_: List[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (one subfolder per fold)"),
+    k: int | None = typer.Option(None, min=2, help="Folds (default: the CSV's fold column, else 5)"),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)"),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (one subfolder per fold)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     resume: bool = typer.Option(True, help="Skip folds that already finished; resume interrupted ones"),
 ) -> None:
@@ -475,7 +479,7 @@ def mil_cv_cmd(
 def standardize(
     src: Path = typer.Argument(..., help="Class-folder data set (SRC/<class>/*.png|jpg|tif) or a path,label[,group] CSV"),
     dst: Path = typer.Argument(..., help="New output folder (class folders + split.json + standardize.json)"),
-    mpp: Optional[float] = typer.Option(None, help="µm/px of the source images (needed unless the TIFFs record it)"),
+    mpp: float | None = typer.Option(None, help="µm/px of the source images (needed unless the TIFFs record it)"),
     target_mpp: float = typer.Option(1.0, "--target-mpp", min=1e-6, help="µm/px of the crops (HistoKT: 1.0)"),
     crop: int = typer.Option(272, min=1, help="Crop size in pixels (HistoKT: 272)"),
     overlap: bool = typer.Option(False, "--overlap", help="Crops overlap by half (stride crop/2)"),
@@ -495,16 +499,16 @@ def standardize(
             raise UsageError(f"--fractions needs three numbers train,val,test, got {fractions!r}.")
         with cli_progress("standardize") as (progress, cancel):
             info = run(src, dst, mpp=mpp, target_mpp=target_mpp, crop=crop, overlap=overlap, fractions=shares,
-                       seed=seed, split_by=split_by, progress=progress, cancel=cancel)  # fmt: skip
+                       seed=seed, split_by=split_by, progress=progress, cancel=cancel)
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
     typer.echo(_json({k: info[k] for k in ("output", "classes", "classes_without_crops", "totals",
-                                                  "crops_per_split")}, indent=2))  # fmt: skip
+                                                  "crops_per_split")}, indent=2))
 
 
 @app.command()
 def distill(
-    checkpoints: List[Path] = typer.Argument(..., help="Checkpoints of one architecture (.safetensors + .json card)"),
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints of one architecture (.safetensors + .json card)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint (X.safetensors + X.json)"),
     drop_head: bool = typer.Option(False, "--drop-head", help="Allow different class counts: keep the first head"),
 ) -> None:
@@ -522,14 +526,14 @@ def distill(
 
 @app.command("transfer-matrix")
 def transfer_matrix_cmd(
-    datasets: List[Path] = typer.Argument(..., help="Two or more standardised data sets (pathfm standardize)"),
+    datasets: list[Path] = typer.Argument(..., help="Two or more standardised data sets (pathfm standardize)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: transfer.csv/.json/.png + runs/"),
     mode: str = typer.Option("deeptune", help="deeptune (all layers) or finetune (head only)"),
-    epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: the recipes')"),
-    set_: List[str] = typer.Option([], "--set", help="Recipe override for every run (repeatable)"),
-    recipes: Optional[Path] = typer.Option(None, help="Folder of the HistoKT recipes (default: the bundled histokt/)"),
+    epochs: int | None = typer.Option(None, help="Epochs of every run (default: the recipes')"),
+    set_: list[str] = typer.Option([], "--set", help="Recipe override for every run (repeatable)"),
+    recipes: Path | None = typer.Option(None, help="Folder of the HistoKT recipes (default: the bundled histokt/)"),
     tiny: bool = typer.Option(False, "--tiny", help="CPU smoke recipes (*_tiny.yaml: resnet10t, 64 px)"),
-    imagenet: Optional[Path] = typer.Option(None, help="Two-stage: local ImageNet resnet18 weights for the sources"),
+    imagenet: Path | None = typer.Option(None, help="Two-stage: local ImageNet resnet18 weights for the sources"),
     tsne: bool = typer.Option(False, "--tsne", help="Also plot a t-SNE of every source model's features"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
 ) -> None:
@@ -543,7 +547,7 @@ def transfer_matrix_cmd(
         with cli_progress("transfer-matrix") as (progress, cancel):
             result = transfer_matrix(datasets, out, mode=mode, epochs=epochs, overrides=set_, recipe_dir=recipes,
                                      tiny=tiny, imagenet_weights=imagenet, device=device, progress=progress,
-                                     cancel=cancel)  # fmt: skip
+                                     cancel=cancel)
             if tsne:
                 from .training.histokt.tsne import tsne_plot
 
@@ -559,7 +563,7 @@ def transfer_matrix_cmd(
 @app.command()
 def tsne(
     checkpoint: Path = typer.Argument(..., help="Classify checkpoint whose encoder features are embedded"),
-    datasets: List[Path] = typer.Argument(..., help="Class-folder data sets (standardised ones have split.json)"),
+    datasets: list[Path] = typer.Argument(..., help="Class-folder data sets (standardised ones have split.json)"),
     out: Path = typer.Option(..., "--out", "-o", help="Scatter plot PNG (points also in <stem>.csv)"),
     split: str = typer.Option("test", help="test, val, train or all"),
     max_per_dataset: int = typer.Option(500, min=2, help="Random subset per data set"),
@@ -573,7 +577,7 @@ def tsne(
     try:
         with cli_progress("tsne") as (progress, cancel):
             written = tsne_plot(checkpoint, datasets, out, split=split, max_per_dataset=max_per_dataset,
-                                perplexity=perplexity, device=device, progress=progress, cancel=cancel)  # fmt: skip
+                                perplexity=perplexity, device=device, progress=progress, cancel=cancel)
     except PathFMError as exc:
         _fail(exc)
     typer.echo(f"t-SNE plot: {written}")
@@ -581,12 +585,12 @@ def tsne(
 
 @app.command()
 def zstats(
-    stacks: List[Path] = typer.Argument(..., help="Z-stacks: folders of plane files (every site), plane files, TIFFs"),
+    stacks: list[Path] = typer.Argument(..., help="Z-stacks: folders of plane files (every site), plane files, TIFFs"),
     out: Path = typer.Option(..., "--out", "-o", help="Stats table CSV to write"),
     magnification: str = typer.Option("", help="Value of the magnification column (20x, 40x, 60x)"),
-    percentiles: Tuple[float, float] = typer.Option((1.0, 99.8), help="Two percentiles, stored as p<q> columns"),
-    rows: Optional[Tuple[int, int]] = typer.Option(None, help="Only rows START STOP (ISL training rows: 0 768)"),
-    channel: Optional[str] = typer.Option(None, help="Input channel of the planes (default: C04 / the z channel)"),
+    percentiles: tuple[float, float] = typer.Option((1.0, 99.8), help="Two percentiles, stored as p<q> columns"),
+    rows: tuple[int, int] | None = typer.Option(None, help="Only rows START STOP (ISL training rows: 0 768)"),
+    channel: str | None = typer.Option(None, help="Input channel of the planes (default: C04 / the z channel)"),
     append: bool = typer.Option(False, help="Add the rows to an existing table (another magnification)"),
 ) -> None:
     """Per channel/plane min, max and percentiles of z-stacks (pooled over all of them) as a CSV stats table."""
@@ -614,7 +618,7 @@ def zstats(
 @app.command()
 def translate(
     stack: Path = typer.Argument(..., help="Z-stack: folder of plane files, one plane file, multipage/OME-TIFF"),
-    checkpoint: List[Path] = typer.Option(..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"),
+    checkpoint: list[Path] = typer.Option(..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one OME-TIFF per channel + nuclei mask"),
     tile: int = typer.Option(512, min=16, help="Tile side in pixels (multiple of 16)"),
     stride: int = typer.Option(256, min=1, help="Step between tiles in pixels"),
@@ -631,7 +635,7 @@ def translate(
     try:
         with cli_progress("translate") as (progress, cancel):
             result = translate_stack(stack, list(checkpoint), tile=tile, stride=stride, batch_size=batch_size,
-                                     threshold=threshold, device=device, progress=progress, cancel=cancel)  # fmt: skip
+                                     threshold=threshold, device=device, progress=progress, cancel=cancel)
             write_translation(result, out, progress=progress, cancel=cancel)
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
@@ -642,12 +646,12 @@ def translate(
 
 @app.command("evaluate-translation")
 def evaluate_translation_cmd(
-    sources: List[Path] = typer.Argument(..., help="Translation checkpoints (.safetensors) and/or predicted images"),
-    stack: Optional[Path] = typer.Option(None, "--stack", "-s", help="Z-stack the checkpoints translate"),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Real channel: a target of the stack (DAPI) or an image file"),
-    channel: Optional[str] = typer.Option(None, help="Predicted channel to compare (default: the nuclei one)"),
-    rows: Optional[str] = typer.Option(None, help="Rows to evaluate, START:STOP (ISL validation: 768:1024)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table as CSV"),
+    sources: list[Path] = typer.Argument(..., help="Translation checkpoints (.safetensors) and/or predicted images"),
+    stack: Path | None = typer.Option(None, "--stack", "-s", help="Z-stack the checkpoints translate"),
+    target: str | None = typer.Option(None, "--target", "-t", help="Real channel: a target of the stack (DAPI) or an image file"),
+    channel: str | None = typer.Option(None, help="Predicted channel to compare (default: the nuclei one)"),
+    rows: str | None = typer.Option(None, help="Rows to evaluate, START:STOP (ISL validation: 768:1024)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as CSV"),
     tile: int = typer.Option(512, help="Tile side for checkpoints"),
     stride: int = typer.Option(256, help="Tile step for checkpoints"),
     batch_size: int = typer.Option(4, min=1, help="Tiles per forward pass"),
@@ -661,7 +665,7 @@ def evaluate_translation_cmd(
         with cli_progress("evaluate-translation") as (progress, cancel):
             table = evaluate_translation(sources, stack=stack, target=target, channel=channel, rows=parse_span(rows),
                                          tile=tile, stride=stride, batch_size=batch_size, device=device,
-                                         progress=progress, cancel=cancel)  # fmt: skip
+                                         progress=progress, cancel=cancel)
         if out is not None:
             write_table(table, out)
     except ValueError as exc:  # the pipelines' checks of option values
@@ -675,8 +679,8 @@ def evaluate_translation_cmd(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("pathfm-demo"), "--out", "-o", help="Where to write the demo outputs"),
-    slide: Optional[Path] = typer.Option(None, help="Slide to use (default: the bundled CMU-1 small region)"),
-    show: Optional[bool] = typer.Option(None, help="Open napari with the results (default: when a display is available)"),
+    slide: Path | None = typer.Option(None, help="Slide to use (default: the bundled CMU-1 small region)"),
+    show: bool | None = typer.Option(None, help="Open napari with the results (default: when a display is available)"),
 ) -> None:
     """Run every family on the bundled samples: tissue/tiles, MIL, segment, classify, translate, canvas PNGs."""
     from .io.preflight import Output

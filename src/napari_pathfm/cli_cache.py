@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 cache_app = typer.Typer(help="The shared tile-embedding cache (encoder outputs reused across runs).",
-                        no_args_is_help=True)  # fmt: skip
+                        no_args_is_help=True)
 
 _DIR_HELP = "Cache folder (default: $PATHFM_CACHE_DIR or ~/.napari-pathfm/cache)"
 
@@ -28,7 +27,7 @@ def _size(n: int) -> str:
 
 @cache_app.command("list")
 def list_cmd(
-    directory: Optional[Path] = typer.Option(None, "--dir", help=_DIR_HELP),
+    directory: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
     """List cached entries (slide, encoder, tiles, size, last used, health; stale = the slide changed or is gone).
@@ -42,7 +41,7 @@ def list_cmd(
     total = sum(e.bytes for e in entries)
     if as_json:
         typer.echo(json.dumps({"root": str(cache.root), "bytes": total, "max_bytes": cache.max_bytes,
-                               "entries": [e.as_dict() for e in entries]}, indent=2))  # fmt: skip
+                               "entries": [e.as_dict() for e in entries]}, indent=2))
         return
     typer.echo(f"{cache.root}: {len(entries)} entries, {_size(total)} of {_size(cache.max_bytes)}")
     for e in entries:
@@ -62,8 +61,8 @@ def _echo_entry(e) -> None:
 @cache_app.command("verify")
 def verify_cmd(
     repair: bool = typer.Option(False, "--repair", help="Drop damaged tiles (the next run recomputes them) and "
-                                "remove unreadable or old-format entries"),  # fmt: skip
-    directory: Optional[Path] = typer.Option(None, "--dir", help=_DIR_HELP),
+                                "remove unreadable or old-format entries"),
+    directory: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
     """Read and check every row of every entry: healthy, damaged (N tiles), partial, declined, stale,
@@ -76,7 +75,7 @@ def verify_cmd(
     bad = [e for e in entries if not e.ok]
     if as_json:
         typer.echo(json.dumps({"root": str(cache.root), "ok": not bad, "entries": [e.as_dict() for e in entries]},
-                              indent=2))  # fmt: skip
+                              indent=2))
     else:
         typer.echo(f"{cache.root}: {len(entries)} entries checked, {len(bad)} with damage")
         for e in entries:
@@ -88,9 +87,9 @@ def verify_cmd(
 
 @cache_app.command("clear")
 def clear_cmd(
-    slide: Optional[Path] = typer.Option(None, "--slide", help="Only the entries of this slide file"),
+    slide: Path | None = typer.Option(None, "--slide", help="Only the entries of this slide file"),
     stale: bool = typer.Option(False, "--stale", help="Only entries whose slide changed or no longer exists"),
-    directory: Optional[Path] = typer.Option(None, "--dir", help=_DIR_HELP),
+    directory: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
 ) -> None:
     """Delete cached embeddings (all, one slide's, or the stale ones); entries being written are kept."""
     from .tiles.embedding_cache import EmbeddingCache

@@ -23,16 +23,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "PALETTE", "BACKGROUND_NAMES", "CONTINUOUS", "class_colors", "class_color", "normalize_class_names",
+    "BACKGROUND_NAMES",
+    "CONTINUOUS",
+    "PALETTE",
+    "class_color",
+    "class_colors",
+    "normalize_class_names",
     "robust_limits",
-]  # fmt: skip
+]
 
 #: Fixed qualitative palette (RGB 0–255), in order of assignment to foreground classes.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
     (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128),
-)  # fmt: skip
+)
 
 #: Class names drawn transparent (compared case-insensitively).
 BACKGROUND_NAMES = frozenset({"background", "bg", "none", "unlabelled", "unlabeled"})
@@ -48,7 +53,7 @@ CONTINUOUS: dict[str, tuple[list[list[float]], list[float]]] = {
     # MIL attention / patch score: transparent → green → yellow → red
     "attention": ([[0, 0, 0, 0], [0.0, 0.55, 0.35, 0.6], [0.95, 0.85, 0.1, 0.85], [0.85, 0.05, 0.1, 1.0]],
                   [0.0, 0.02, 0.5, 1.0]),
-}  # fmt: skip
+}
 
 
 def normalize_class_names(class_names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:

@@ -19,11 +19,10 @@ import errno
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Optional
 
 from .errors import PathFMError
 
-__all__ = ["UserMessage", "describe", "debug_enabled", "format_traceback"]
+__all__ = ["UserMessage", "debug_enabled", "describe", "format_traceback"]
 
 EXIT_INPUT, EXIT_RUNTIME, EXIT_CANCELLED = 2, 1, 130
 
@@ -53,7 +52,7 @@ def _kind_of(exc: PathFMError) -> str:
     from . import errors as e
 
     for cls, name in ((e.Cancelled, "cancelled"), (e.CheckpointError, "checkpoint"), (e.OutputError, "output"),
-                      (e.ResourceError, "resource"), (e.InputError, "input")):  # fmt: skip
+                      (e.ResourceError, "resource"), (e.InputError, "input")):
         if isinstance(exc, cls):
             return name
     return "runtime"
@@ -77,8 +76,12 @@ _OS_ERRORS = {
     errno.EEXIST: ("already exists.", "Remove it or choose another name.", 2, "input"),
     errno.ENAMETOOLONG: ("the path is too long.", "Use a shorter path.", 2, "input"),
     errno.EMFILE: ("too many open files.", "Raise the limit (ulimit -n) or run fewer slides at once.", 1, "resource"),
-    errno.EIO: ("input/output error while reading or writing.", "Check the disk or network share; copy the "
-                "file elsewhere and retry.", 1, "resource"),  # fmt: skip
+    errno.EIO: (
+        "input/output error while reading or writing.",
+        "Check the disk or network share; copy the file elsewhere and retry.",
+        1,
+        "resource",
+    ),
 }
 
 
@@ -99,7 +102,7 @@ def _describe_unicode(exc: UnicodeDecodeError) -> UserMessage:
     return UserMessage(
         f"{head}is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start} cannot be decoded). "
         "Save it as UTF-8 and try again.", EXIT_INPUT, "input",
-    )  # fmt: skip
+    )
 
 
 def _describe_yaml(exc: BaseException) -> UserMessage:
@@ -107,7 +110,7 @@ def _describe_yaml(exc: BaseException) -> UserMessage:
     where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     return UserMessage(f"{where}not valid YAML ({problem}). Fix the syntax (indentation, a missing ':' or quote).",
-                       EXIT_INPUT, "input")  # fmt: skip
+                       EXIT_INPUT, "input")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -143,14 +146,14 @@ def describe(exc: BaseException) -> UserMessage:
     if _is_out_of_memory(exc):
         device = "GPU" if "cuda" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError" else "machine"
         return UserMessage(f"the {device} ran out of memory. Lower --batch-size (or the tile size), close other "
-                           "programs, or run on --device cpu.", EXIT_RUNTIME, "resource")  # fmt: skip
+                           "programs, or run on --device cpu.", EXIT_RUNTIME, "resource")
     if isinstance(exc, OSError):
         return _describe_os(exc)
     return UserMessage(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback "
-                       "and report it.", EXIT_RUNTIME, "internal", unexpected=True)  # fmt: skip
+                       "and report it.", EXIT_RUNTIME, "internal", unexpected=True)
 
 
-def message_for(exc: BaseException, *, debug: Optional[bool] = None) -> str:
+def message_for(exc: BaseException, *, debug: bool | None = None) -> str:
     """``describe(exc).text``, preceded by the traceback when debugging is on."""
     text = describe(exc).text
     if debug if debug is not None else debug_enabled():

@@ -20,13 +20,26 @@ Errors about a file take ``(path, problem, fix)`` and read ``"<path>: <problem> 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 __all__ = [
-    "PathFMError", "FileProblem", "InputError", "UsageError", "SlideError", "ZStackError", "RecipeError",
-    "ManifestError", "FeatureError", "CorrectionError", "CheckpointError", "OutputError", "ResourceError",
-    "DiskFullError", "OutOfMemory", "DeviceError", "Cancelled",
-]  # fmt: skip
+    "Cancelled",
+    "CheckpointError",
+    "CorrectionError",
+    "DeviceError",
+    "DiskFullError",
+    "FeatureError",
+    "FileProblem",
+    "InputError",
+    "ManifestError",
+    "OutOfMemory",
+    "OutputError",
+    "PathFMError",
+    "RecipeError",
+    "ResourceError",
+    "SlideError",
+    "UsageError",
+    "ZStackError",
+]
 
 
 class PathFMError(Exception):
@@ -38,7 +51,7 @@ class PathFMError(Exception):
 class FileProblem(PathFMError):
     """An error about one file: ``"<path>: <problem> <fix>"`` (``path`` may be None for option errors)."""
 
-    def __init__(self, path: Optional[str | Path], problem: str, fix: str = ""):
+    def __init__(self, path: str | Path | None, problem: str, fix: str = ""):
         self.path = None if path is None else str(path)
         self.problem = problem
         self.fix = fix

@@ -28,8 +28,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = [
-    "FamilySpec", "register_family", "get_family", "list_families", "load_plugins", "resolve", "PLUGINS_ENV",
     "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV",
+    "FamilySpec",
+    "get_family",
+    "list_families",
+    "load_plugins",
+    "register_family",
+    "resolve",
 ]
 
 PLUGINS_ENV = "PATHFM_PLUGINS"

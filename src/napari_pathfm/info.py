@@ -16,7 +16,7 @@ def _version(dist: str) -> str | None:
 DISTRIBUTIONS = [
     "napari-pathfm", "napari", "torch", "torchvision", "timm", "lightning", "openslide-python", "openslide-bin",
     "tifffile", "zarr", "dask", "numpy", "safetensors", "magicgui", "PyQt6",
-]  # fmt: skip
+]
 
 
 def collect_info() -> dict:
@@ -30,7 +30,7 @@ def collect_info() -> dict:
         import openslide
 
         info["versions"]["libopenslide"] = openslide.__library_version__
-    except Exception as exc:  # report, don't fail: info is for diagnosing broken installs
+    except Exception as exc:  # noqa: BLE001 - report, don't fail: info is for diagnosing broken installs
         info["versions"]["libopenslide"] = f"unavailable ({exc})"
     try:
         import torch
@@ -43,12 +43,12 @@ def collect_info() -> dict:
             "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
             "cpu_threads": torch.get_num_threads(),
         }
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken torch install is what info reports
         info["devices"] = f"torch unavailable ({exc})"
     try:
         from .models import list_models
 
         info["models"] = list_models()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken model folder is what info reports
         info["models"] = f"unavailable ({exc})"
     return info

@@ -9,14 +9,14 @@ and MIL heatmaps with robust contrast limits.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import numpy as np
 
 __all__ = [
     "HEAT_PERCENTILES", "class_features", "class_heatmaps", "clip_to_slide", "entered_mpp", "nearest_first",
     "patch_box", "slide_level0_shape", "tile_boxes", "visible_box",
-]  # fmt: skip
+]
 
 #: Percentiles of the shown class's patch scores that set the MIL heatmap's contrast limits.
 HEAT_PERCENTILES = (1.0, 99.0)
@@ -35,7 +35,7 @@ def class_features(names: Mapping[int, str] | list[str]):
     return pd.DataFrame({"class": [names[k] for k in keys]}, index=keys)
 
 
-def entered_mpp(layer) -> Optional[float]:
+def entered_mpp(layer) -> float | None:
     """The µm/px the user entered in the Slide dock for a slide layer without one in its file, else None."""
     meta = getattr(layer, "metadata", None) or {}
     if meta.get("pathfm_mpp_source") != "entered":
@@ -128,7 +128,7 @@ def visible_box(center_yx, zoom: float, canvas_size, unit: float) -> tuple[float
     cy, cx = (float(v) for v in center_yx[-2:])
     unit = unit or 1.0
     return ((cy - half[0]) / unit + 0.5, (cx - half[1]) / unit + 0.5,
-            (cy + half[0]) / unit + 0.5, (cx + half[1]) / unit + 0.5)  # fmt: skip
+            (cy + half[0]) / unit + 0.5, (cx + half[1]) / unit + 0.5)
 
 
 def nearest_first(indices, tiles, cell: float, box) -> np.ndarray:

@@ -11,18 +11,19 @@ The CLI adapts the callback to a terminal progress bar and widgets adapt it to
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .errors import Cancelled
 
-__all__ = ["Cancelled", "ProgressFn", "CancelLike", "check_cancel", "report", "is_cancelled"]
+__all__ = ["CancelLike", "Cancelled", "ProgressFn", "check_cancel", "is_cancelled", "report"]
 
 
 class ProgressFn(Protocol):
     def __call__(self, done: int, total: int, message: str = "") -> Any: ...
 
 
-CancelLike = Optional[Any]
+CancelLike = Any | None
 
 
 def is_cancelled(cancel: CancelLike) -> bool:
@@ -42,7 +43,7 @@ def check_cancel(cancel: CancelLike, what: str = "operation") -> None:
         raise Cancelled(f"{what} cancelled by the user")
 
 
-def report(progress: Optional[Callable[..., Any]], done: int, total: int, message: str = "") -> None:
+def report(progress: Callable[..., Any] | None, done: int, total: int, message: str = "") -> None:
     """Call ``progress`` if one was given; a missing callback is not an error."""
     if progress is not None:
         progress(done, total, message)

@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["data_dir", "slide_key", "corrections_dir", "finetune_dir", "runs_dir"]
+__all__ = ["corrections_dir", "data_dir", "finetune_dir", "runs_dir", "slide_key"]
 
 APP = "napari-pathfm"
 

@@ -23,6 +23,6 @@ _EXPORTS = {
     "atomic_path": "atomic",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

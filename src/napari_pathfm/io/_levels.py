@@ -8,7 +8,7 @@ napari only touches the tiles it shows.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -85,7 +85,7 @@ class TileCache:
         from collections import OrderedDict
 
         self.max_bytes = int(max_bytes)
-        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 

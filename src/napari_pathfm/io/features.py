@@ -35,7 +35,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -43,19 +43,19 @@ from ..errors import FeatureError
 from .checksums import file_crc32
 
 __all__ = [
+    "EXTRACTOR_KEYS",
+    "FORMAT",
+    "PATCH_ORDER",
     "FeatureBag",
-    "read_features",
-    "read_feature_attrs",
-    "write_features",
+    "RowWriter",
     "check_feature_dim",
+    "create_feature_store",
+    "extractor_card",
     "feature_path",
     "feature_paths",
-    "create_feature_store",
-    "RowWriter",
-    "PATCH_ORDER",
-    "FORMAT",
-    "EXTRACTOR_KEYS",
-    "extractor_card",
+    "read_feature_attrs",
+    "read_features",
+    "write_features",
 ]
 
 FORMAT = "pathfm-features"
@@ -84,7 +84,7 @@ class FeatureBag:
     features: np.ndarray
     coords: np.ndarray
     attrs: dict = field(default_factory=dict)
-    path: Optional[Path] = None
+    path: Path | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -95,7 +95,7 @@ class FeatureBag:
         return int(self.features.shape[1])
 
     @property
-    def level0_tile_size(self) -> Optional[float]:
+    def level0_tile_size(self) -> float | None:
         """Side of one patch in level-0 pixels (to draw heatmaps over the slide)."""
         v = self.attrs.get("level0_tile_size")
         return None if v is None else float(v)
@@ -154,9 +154,9 @@ def create_feature_store(path: str | Path, n: int, dim: int, attrs: dict):
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.create_array("features", shape=(n, dim), dtype="float32", chunks=(max(1, min(n, chunk_rows(dim))), dim),
-                       compressors=_compressors())  # fmt: skip
+                       compressors=_compressors())
     group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2),
-                       compressors=_compressors())  # fmt: skip
+                       compressors=_compressors())
     full = {
         "patch_order": PATCH_ORDER,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +187,7 @@ def _checksums(root: Path) -> dict[str, list]:
     return {p.relative_to(root).as_posix(): [p.stat().st_size, file_crc32(p)] for p in _array_files(root)}
 
 
-def finish_feature_store(group, path: Optional[str | Path] = None) -> None:
+def finish_feature_store(group, path: str | Path | None = None) -> None:
     """Record the checksums of the arrays' files and mark the group complete (the last write of a feature file).
 
     ``path`` is the group's folder (default: the root of its local store).
@@ -260,7 +260,7 @@ class RowWriter:
             raise ValueError(f"wrote {self.start} feature rows for {self.array.shape[0]} tiles")
 
 
-def write_features(path: str | Path, features: Any, coords: Any, attrs: Optional[dict] = None) -> Path:
+def write_features(path: str | Path, features: Any, coords: Any, attrs: dict | None = None) -> Path:
     """Write a complete feature file in one go, atomically (e.g. synthetic bags for benchmarks).
 
     Parameters
@@ -290,7 +290,7 @@ def write_features(path: str | Path, features: Any, coords: Any, attrs: Optional
         raise FeatureError(
             path, f"cannot be written: features {features.shape} and coords {coords.shape} do not match.",
             "Give features (N, D) and coords (N, 2) with the same N.",
-        )  # fmt: skip
+        )
     _check_finite(path, features)
     with atomic_path(path, directory=True) as tmp:
         group = create_feature_store(tmp, features.shape[0], features.shape[1], dict(attrs or {}))
@@ -313,12 +313,12 @@ def _open(path: Path):
         raise FeatureError(
             path, f"is not a patch-feature file ({type(exc).__name__}: {exc}).",
             "Point at a <slide>.features.zarr folder written by pathfm features.",
-        ) from exc  # fmt: skip
+        ) from exc
     if not {"features", "coords"} <= names:
         raise FeatureError(
             path, "is not a patch-feature file: it has no 'features' and 'coords' arrays.",
             "Point at a <slide>.features.zarr folder written by pathfm features.",
-        )  # fmt: skip
+        )
     return group
 
 
@@ -343,16 +343,16 @@ def _check_layout(path: Path, group) -> dict:
         raise FeatureError(
             path, f"has features of shape {feats.shape} and coords {coords.shape}; expected (N, D) and (N, 2).",
             "Delete it and run pathfm features again.",
-        )  # fmt: skip
+        )
     if feats.shape[0] != coords.shape[0]:
         raise FeatureError(
             path, f"has {feats.shape[0]} feature rows but {coords.shape[0]} coordinates; they must match.",
             "The file was changed after writing; delete it and run pathfm features again.",
-        )  # fmt: skip
+        )
     return attrs
 
 
-def read_feature_attrs(path: str | Path) -> Optional[dict]:
+def read_feature_attrs(path: str | Path) -> dict | None:
     """Attributes of a complete, consistent feature file, or None (cheap: no data read).
 
     Only the layout is checked here; :func:`reusable_feature_attrs` also verifies the checksums.
@@ -364,7 +364,7 @@ def read_feature_attrs(path: str | Path) -> Optional[dict]:
         return None
 
 
-def reusable_feature_attrs(path: str | Path) -> tuple[Optional[dict], str]:
+def reusable_feature_attrs(path: str | Path) -> tuple[dict | None, str]:
     """``(attrs, "")`` when a feature file is complete and passes :func:`verify_feature_store`.
 
     Otherwise ``(None, why)``: used to decide whether a slide's features may be reused; ``why`` is
@@ -404,7 +404,7 @@ def read_features(path: str | Path) -> FeatureBag:
         raise FeatureError(
             path, f"is damaged: a chunk cannot be read ({type(exc).__name__}: {exc}).",
             "Delete it and run pathfm features again.",
-        ) from exc  # fmt: skip
+        ) from exc
     if features.shape[0] == 0:
         raise FeatureError(
             path,
@@ -443,7 +443,7 @@ def check_feature_dim(bag: FeatureBag, expected_dim: int, checkpoint_path: str |
 EXTRACTOR_KEYS = (
     "extractor", "backbone", "weights", "weights_sha256", "input_size", "mean", "std", "feature_dim",
     "target_mpp", "tile_size", "min_tissue", "tissue_mpp",
-)  # fmt: skip
+)
 
 
 def extractor_card(feature_attrs: dict) -> dict:

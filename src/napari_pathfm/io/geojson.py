@@ -21,8 +21,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from ..colors import PALETTE, class_colors, normalize_class_names
 from ..errors import PathFMError
 from .atomic import atomic_path
 
-__all__ = ["labels_to_geojson", "write_geojson", "geojson_to_labels", "normalize_class_names", "class_color"]
+__all__ = ["class_color", "geojson_to_labels", "labels_to_geojson", "normalize_class_names", "write_geojson"]
 
 
 def class_color(value: int, colors: dict[int, Sequence[int]] | Sequence | None = None) -> list[int]:
@@ -54,7 +55,7 @@ def _boundary_edges(mask: np.ndarray):
     vertex ``(y, x)`` of the padded grid has id ``y * (W + 1) + x``.
     """
     m = np.pad(mask.astype(bool), 1)
-    h, w = m.shape
+    _h, w = m.shape
     v = w + 1
     starts, ends, pixels = [], [], []
     top = np.nonzero(m[1:] & ~m[:-1])
@@ -289,9 +290,8 @@ def write_geojson(path: str | os.PathLike, labels: np.ndarray,
     """Write :func:`labels_to_geojson` output to ``path`` atomically; returns the path."""
     collection = labels_to_geojson(labels, class_names, **kwargs)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(collection, fh, separators=(",", ":"))
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(collection, fh, separators=(",", ":"))
     return path
 
 

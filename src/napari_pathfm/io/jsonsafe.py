@@ -22,10 +22,11 @@ import json
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-__all__ = ["UndefinedMetricWarning", "finite_or_none", "dumps", "write_json"]
+__all__ = ["UndefinedMetricWarning", "dumps", "finite_or_none", "write_json"]
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -58,7 +59,7 @@ def finite_or_none(obj: Any) -> tuple[Any, list[str]]:
     return _clean(obj, "", found), found
 
 
-def dumps(obj: Any, *, where: str = "JSON output", default: Optional[Callable] = None, **kwargs) -> str:
+def dumps(obj: Any, *, where: str = "JSON output", default: Callable | None = None, **kwargs) -> str:
     """``json.dumps`` that writes undefined numbers as ``null`` and warns, naming them and ``where``.
 
     ``default`` converts other objects (Paths, arrays) and its results are cleaned too;
@@ -77,7 +78,7 @@ def dumps(obj: Any, *, where: str = "JSON output", default: Optional[Callable] =
     return json.dumps(cleaned, allow_nan=False, **kwargs)
 
 
-def write_json(path: str | Path, obj: Any, *, indent: Optional[int] = 2, default: Optional[Callable] = None) -> Path:
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, default: Callable | None = None) -> Path:
     """Write ``obj`` to ``path`` atomically as strict JSON (see :func:`dumps`), ending with a newline."""
     from .atomic import atomic_path
 

@@ -22,16 +22,23 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..progress import check_cancel, report
 
-__all__ = ["StatsTable", "example_stats_path", "compute_stats", "normalize_minmax",
-           "normalize_percentile", "denormalize"]
+__all__ = [
+    "StatsTable",
+    "compute_stats",
+    "denormalize",
+    "example_stats_path",
+    "normalize_minmax",
+    "normalize_percentile",
+]
 
 _KEY_COLUMNS = ("magnification", "channel", "plane")
 
@@ -92,7 +99,7 @@ class StatsTable:
         return path
 
     @classmethod
-    def read_csv(cls, path: str | Path) -> "StatsTable":
+    def read_csv(cls, path: str | Path) -> StatsTable:
         """Read a table; lines starting with ``#`` are comments."""
         with open(path, newline="") as fh:
             lines = [ln for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
@@ -103,9 +110,9 @@ class StatsTable:
             if missing:
                 raise ValueError(f"{path}: stats table lacks columns {missing}")
             row["plane"] = int(row["plane"])
-            for k in row:
+            for k, v in row.items():
                 if k not in _KEY_COLUMNS:
-                    row[k] = float(row[k])
+                    row[k] = float(v)
             rows.append(row)
         return cls(rows)
 

@@ -23,8 +23,9 @@ import math
 import os
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,15 @@ from ..errors import PathFMError, SlideError
 from ..progress import check_cancel, report
 from .atomic import atomic_path
 
-__all__ = ["NAMESPACE", "write_ome_tiff", "read_ome_tiff", "pyramid_shapes", "downsample2",
-           "prepare_planes", "iter_bands"]
+__all__ = [
+    "NAMESPACE",
+    "downsample2",
+    "iter_bands",
+    "prepare_planes",
+    "pyramid_shapes",
+    "read_ome_tiff",
+    "write_ome_tiff",
+]
 
 NAMESPACE = "napari-pathfm"
 _BAND_BYTES = 256 * 2**20
@@ -364,31 +372,33 @@ def write_ome_tiff(
         common["planarconfig"] = "contig"
     # Single-plane integer labels: tiles are encoded here, so that the many constant ones are encoded once.
     encode_labels = (is_labels and store_axes == "YX" and compression == "zlib"
-                     and common.get("predictor") == "horizontal")  # fmt: skip
+                     and common.get("predictor") == "horizontal")
     raw_bytes = sum(int(np.prod(full_shape(s))) for s in shapes) * dtype.itemsize
     path = Path(path)
-    with (atomic_path(path) as tmp,
-          tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as scratch):
-        with tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 2**31, ome=True) as tw_:
-            src = planes
-            for k, hw in enumerate(shapes):
-                nxt = None
-                if k + 1 < len(shapes):
-                    nxt = _buffers(len(planes), shapes[k + 1] + samples, dtype,
-                                   _band_rows(src[0], th) // 2, Path(scratch), k + 1)
-                kwargs = dict(common)
-                if mpp:
-                    res = 1e4 / (float(mpp) * 2**k)
-                    kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER")
-                kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0
-                              else dict(metadata=None, subfiletype=1))
-                tiles = _tiles(src, (th, tw), dtype, is_labels, nxt, step)
-                if encode_labels:
-                    tiles = _encoded_label_tiles(tiles, (th, tw), dtype, compressionargs)
-                elif compressionargs:
-                    kwargs["compressionargs"] = compressionargs
-                tw_.write(tiles, shape=full_shape(hw), dtype=dtype, **kwargs)
-                src = nxt
+    with (
+        atomic_path(path) as tmp,
+        tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f"{tmp.name}.") as scratch,
+        tifffile.TiffWriter(tmp, bigtiff=raw_bytes > 2**31, ome=True) as tw_,
+    ):
+        src = planes
+        for k, hw in enumerate(shapes):
+            nxt = None
+            if k + 1 < len(shapes):
+                nxt = _buffers(len(planes), shapes[k + 1] + samples, dtype,
+                               _band_rows(src[0], th) // 2, Path(scratch), k + 1)
+            kwargs = dict(common)
+            if mpp:
+                res = 1e4 / (float(mpp) * 2**k)
+                kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER")
+            kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0
+                          else dict(metadata=None, subfiletype=1))
+            tiles = _tiles(src, (th, tw), dtype, is_labels, nxt, step)
+            if encode_labels:
+                tiles = _encoded_label_tiles(tiles, (th, tw), dtype, compressionargs)
+            elif compressionargs:
+                kwargs["compressionargs"] = compressionargs
+            tw_.write(tiles, shape=full_shape(hw), dtype=dtype, **kwargs)
+            src = nxt
     report(progress, total, total, f"wrote {path.name}")
     return path
 

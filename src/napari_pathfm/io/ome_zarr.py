@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from ..progress import check_cancel, report
 from .atomic import atomic_path
 from .ome_tiff import _json_payload, downsample2, iter_bands, prepare_planes, pyramid_shapes
 
-__all__ = ["write_ome_zarr", "read_ome_zarr"]
+__all__ = ["read_ome_zarr", "write_ome_zarr"]
 
 _UNIT_TO_UM = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6}
 

@@ -16,17 +16,17 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 from ..errors import DiskFullError, OutputError
 
-__all__ = ["Output", "check_outputs", "MIN_FREE_BYTES"]
+__all__ = ["MIN_FREE_BYTES", "Output", "check_outputs"]
 
 #: Free space below which no run starts (a mask, a CSV and a summary need at least this much).
 MIN_FREE_BYTES = 8 << 20
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,11 @@ def _check_not_an_input(out: Output, inputs: list[Path], input_folders: list[tup
         for src in inputs:
             if _same(target, src):
                 raise OutputError(shown, f"is an input of this run ({out.option} would overwrite it).",
-                                  f"Choose another {out.option} path; inputs are never overwritten.")  # fmt: skip
+                                  f"Choose another {out.option} path; inputs are never overwritten.")
         for folder, given in input_folders:
             if target == folder or folder in target.parents:
                 raise OutputError(shown, f"is inside the input folder {given} ({out.option} would add files to it "
-                                  "and change what is read next time).", f"Choose a {out.option} outside it.")  # fmt: skip
+                                  "and change what is read next time).", f"Choose a {out.option} outside it.")
 
 
 def _first_existing(path: Path) -> Path:
@@ -101,7 +101,7 @@ def _os_problem(where: Path, exc: OSError, out: Output) -> Exception:
     reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
               errno.EPERM: "is not writable (operation not permitted)",
               errno.ENOTDIR: "cannot be created: a part of the path is a file"}.get(
-        exc.errno, f"cannot be written ({exc.strerror or exc})")  # fmt: skip
+        exc.errno, f"cannot be written ({exc.strerror or exc})")
     return OutputError(where, f"{reason}.", f"Choose a writable {out.option} location.")
 
 
@@ -113,12 +113,12 @@ def _check_writable(out: Output) -> Path:
             raise OutputError(path, f"is a file, but {out.option} needs a folder.", f"Give a folder path for {out.option}.")
         if not out.folder and path.is_dir():
             raise OutputError(path, f"is a folder, but {out.option} needs a file name.",
-                              f"Give a file path, e.g. {path / 'result.ome.tif'}.")  # fmt: skip
+                              f"Give a file path, e.g. {path / 'result.ome.tif'}.")
     folder = path if out.folder else path.parent
     existing = _first_existing(folder)
     if not existing.is_dir():
         raise OutputError(folder, f"cannot be created: {existing} is a file, not a folder.",
-                          f"Choose another {out.option} location.")  # fmt: skip
+                          f"Choose another {out.option} location.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -141,8 +141,8 @@ def _check_writable(out: Output) -> Path:
     return folder
 
 
-def check_outputs(outputs: Iterable[Union[Output, PathLike]], inputs: Iterable[Optional[PathLike]] = (), *,
-                  input_folders: Iterable[Optional[PathLike]] = (), need_bytes: int = 0) -> list[Path]:  # fmt: skip
+def check_outputs(outputs: Iterable[Output | PathLike], inputs: Iterable[PathLike | None] = (), *,
+                  input_folders: Iterable[PathLike | None] = (), need_bytes: int = 0) -> list[Path]:
     """Refuse outputs that would overwrite inputs or cannot be written; make their folders.
 
     Parameters
@@ -187,6 +187,6 @@ def check_outputs(outputs: Iterable[Union[Output, PathLike]], inputs: Iterable[O
             free = None
         if free is not None and free < need:
             raise DiskFullError(folder, f"has {free / 2**20:.1f} MB free; this run needs about {need / 2**20:.0f} MB.",
-                                f"Free some space or choose another {out.option}.")  # fmt: skip
+                                f"Free some space or choose another {out.option}.")
         made.append(folder)
     return made

@@ -34,7 +34,7 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["owner_tag", "temp_name", "scratch_dir", "sweep", "pid_alive", "LEGACY_AGE"]
+__all__ = ["LEGACY_AGE", "owner_tag", "pid_alive", "scratch_dir", "sweep", "temp_name"]
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 LEGACY_AGE = 24 * 3600.0
 
 _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-"
-_OWNED_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-" + _OWNER + r"(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.S)
-_OWNED_SCRATCH = re.compile(r"^\.pathfm-(?P<kind>[a-z]+)-" + _OWNER, re.S)
-_LEGACY_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.S)
+_OWNED_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-" + _OWNER + r"(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.DOTALL)
+_OWNED_SCRATCH = re.compile(r"^\.pathfm-(?P<kind>[a-z]+)-" + _OWNER, re.DOTALL)
+_LEGACY_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.DOTALL)
 _LEGACY_SCRATCH = re.compile(r"^\.?pathfm-(segment|translate|features|classify)-[a-z0-9_]{8}$")
 
 

@@ -28,7 +28,7 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
 SLIDE_SUFFIXES = [
     ".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".tif", ".tiff", ".dcm",
     ".btf", ".png", ".jpg", ".jpeg",
-]  # fmt: skip
+]
 OVERVIEW_MAX = 2048  # a pyramid's smallest level should be at most this many px on its long side
 
 
@@ -221,7 +221,7 @@ class Slide:
     def close(self) -> None:
         self._backend.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -23,4 +23,4 @@ def read_utf8(path: str | Path, error: type[FileProblem], fix: str) -> str:
         raise error(
             path, f"is not UTF-8 text: line {line} has a byte (0x{data[exc.start]:02x}) that UTF-8 cannot decode "
             "(the file was probably saved as Latin-1 or Windows-1252).", fix,
-        ) from None  # fmt: skip
+        ) from None

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import struct
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from .zstack_naming import find_stack_files, parse_plane_name
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
 
-__all__ = ["ZStack", "open_zstack", "looks_like_zstack", "zstack_layer_data", "get_zstack_reader"]
+__all__ = ["ZStack", "get_zstack_reader", "looks_like_zstack", "open_zstack", "zstack_layer_data"]
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _WSI_FLAGS = ("is_svs", "is_ndpi", "is_scn", "is_philips", "is_bif", "is_qpi")
@@ -62,10 +63,10 @@ class ZStack:
     """
 
     path: Path
-    data: "da.Array"
+    data: da.Array
     plane_names: list[str]
     plane_files: list[Path]
-    targets: dict[str, "da.Array"] = field(default_factory=dict)
+    targets: dict[str, da.Array] = field(default_factory=dict)
     channel_name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -156,7 +157,7 @@ class _PlaneCache:
         from collections import OrderedDict
 
         self.max_bytes, self._bytes = max_bytes, 0
-        self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -203,7 +204,7 @@ def _decode(p: Path, key: int | None) -> np.ndarray:
         return np.asarray(im)
 
 
-def _lazy_planes(reads: list[tuple[str, int | None]], shape: tuple[int, ...], dtype: np.dtype) -> "da.Array":
+def _lazy_planes(reads: list[tuple[str, int | None]], shape: tuple[int, ...], dtype: np.dtype) -> da.Array:
     import dask
     import dask.array as da
 
@@ -258,7 +259,7 @@ def _ome_info(tif: Any) -> dict[str, Any]:
             if key in pixels.attrib:
                 info[key] = float(pixels.attrib[key])
         info["channel_names"] = [el.attrib.get("Name", "") for el in pixels if el.tag.endswith("Channel")]
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - no or malformed OME-XML: sizes and names stay unknown
         pass
     return info
 
@@ -399,7 +400,7 @@ def looks_like_zstack(path: str | Path) -> bool:
         with tifffile.TiffFile(path) as tif:
             _, keys = _tiff_layout(tif, path, None)
         return len(keys) >= 2
-    except Exception:
+    except Exception:  # noqa: BLE001 - a probe: anything unreadable is not a z-stack
         return False
 
 

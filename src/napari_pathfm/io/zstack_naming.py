@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ZStackError
 
-__all__ = ["PLANE_SUFFIXES", "PlaneFile", "StackFiles", "parse_plane_name", "find_stack_files"]
+__all__ = ["PLANE_SUFFIXES", "PlaneFile", "StackFiles", "find_stack_files", "parse_plane_name"]
 
 PLANE_SUFFIXES = (".tif", ".tiff", ".png")
 

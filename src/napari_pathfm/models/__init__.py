@@ -26,6 +26,6 @@ _LAZY = {
     "LoadReport": "weights",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = list(_LAZY)
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -23,9 +23,18 @@ from ..io import jsonsafe
 from ..io.atomic import atomic_path
 
 __all__ = [
-    "save_checkpoint", "load_checkpoint", "read_card", "list_checkpoints", "checkpoint_paths", "refuse_pickle",
-    "CARD_FORMAT", "card_family", "check_family", "load_family_checkpoint", "load_any",
-]  # fmt: skip
+    "CARD_FORMAT",
+    "card_family",
+    "check_family",
+    "checkpoint_paths",
+    "list_checkpoints",
+    "load_any",
+    "load_checkpoint",
+    "load_family_checkpoint",
+    "read_card",
+    "refuse_pickle",
+    "save_checkpoint",
+]
 
 CARD_FORMAT = "napari-pathfm-checkpoint/1"
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .checkpoint import _sha256
 from .registry import register_model
 from .weights import LoadReport, check_fit, load_into, load_state_dict_file
 
-__all__ = ["FeatureExtractor", "resnet50_trunc", "timm_features", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FeatureExtractor", "resnet50_trunc", "timm_features"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ class FeatureExtractor(nn.Module):
         out_dim: int,
         mean: Sequence[float],
         std: Sequence[float],
-        input_size: Optional[int],
-        weights: Optional[str] = None,
-        weights_sha256: Optional[str] = None,
-        load_report: Optional[LoadReport] = None,
+        input_size: int | None,
+        weights: str | None = None,
+        weights_sha256: str | None = None,
+        load_report: LoadReport | None = None,
     ):
         super().__init__()
         self.trunk = trunk
@@ -149,7 +150,7 @@ class FeatureExtractor(nn.Module):
     def embedding_spec(self) -> dict:
         """What the tile-embedding cache keys on: the trunk's weights and how it was built."""
         return {"name": f"{self.name}:{self.backbone}", "modules": [self.trunk],
-                "config": {"extractor": self.name, "backbone": self.backbone, "feature_dim": self.out_dim}}  # fmt: skip
+                "config": {"extractor": self.name, "backbone": self.backbone, "feature_dim": self.out_dim}}
 
     def describe(self) -> dict:
         """JSON-friendly record of how features are made (written into feature files)."""
@@ -187,7 +188,7 @@ def _load_trunk_weights(
     check_fit(
         load_into(trunk, state_dict, source=path, dry_run=True), path, what, partial=partial,
         allow_unexpected=True, partial_hint="pass partial_weights=True (pathfm features --partial-weights)",
-    )  # fmt: skip
+    )
     report = load_into(trunk, state_dict, source=path)
     if report.unexpected:
         log.info("%s: unused by the %s: %s", path, what, _unused_summary(report.unexpected))
@@ -196,7 +197,7 @@ def _load_trunk_weights(
     return report, _sha256(path)
 
 
-def _resolve_input_size(input_size: Optional[int], model: nn.Module) -> Optional[int]:
+def _resolve_input_size(input_size: int | None, model: nn.Module) -> int | None:
     if input_size is None:
         return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     return int(input_size) or None
@@ -206,7 +207,7 @@ def _resolve_input_size(input_size: Optional[int], model: nn.Module) -> Optional
 def resnet50_trunc(
     backbone: str = "resnet50",
     weights: str | Path | None = None,
-    input_size: Optional[int] = None,
+    input_size: int | None = None,
     partial_weights: bool = False,
 ) -> FeatureExtractor:
     """ResNet50 truncated after layer3, average-pooled: 1024-d patch features (CLAM / S4 MIL).
@@ -260,9 +261,9 @@ def resnet50_trunc(
 def timm_features(
     backbone: str = "resnet50",
     weights: str | Path | None = None,
-    input_size: Optional[int] = None,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
+    input_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     partial_weights: bool = False,
 ) -> FeatureExtractor:
     """Any timm backbone without its classifier: pooled ``num_features``-d patch features.

@@ -27,7 +27,7 @@ from torch import nn
 from .layers.s4d import S4D
 from .registry import register_model
 
-__all__ = ["MILModel", "S4MIL", "s4mil", "heatmap_scores", "PAPER_S4MIL_PARAMS"]
+__all__ = ["PAPER_S4MIL_PARAMS", "S4MIL", "MILModel", "heatmap_scores", "s4mil"]
 
 PAPER_S4MIL_PARAMS = 1_085_954
 

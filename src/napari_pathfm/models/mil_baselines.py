@@ -15,7 +15,7 @@ from .layers.nystrom import NystromAttention
 from .mil import MILModel
 from .registry import register_model
 
-__all__ = ["PoolMIL", "ABMIL", "TransMIL", "meanpool", "maxpool", "abmil", "transmil"]
+__all__ = ["ABMIL", "PoolMIL", "TransMIL", "abmil", "maxpool", "meanpool", "transmil"]
 
 
 class PoolMIL(MILModel):

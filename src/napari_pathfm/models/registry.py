@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..families import load_plugins
 
-__all__ = ["register_model", "create_model", "list_models", "model_info", "ModelEntry"]
+__all__ = ["ModelEntry", "create_model", "list_models", "model_info", "register_model"]
 
 # Config keys that point at files to load once at build time (and how to load them); they are not
 # recorded in ``pathfm_config`` because a checkpoint card carries the weights itself.
 _BUILD_ONLY_KEYS = (
     "weights", "sam2_checkpoint", "uni_checkpoint", "sam_checkpoint", "backbone_weights", "partial_weights",
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)

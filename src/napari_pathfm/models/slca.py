@@ -222,7 +222,7 @@ class SLCAClassifier(nn.Module):
         self, *, backbone: str, sam: str, num_classes: int, sam_img_size: int, taps: Sequence[Tap], fusion: str,
         projector: bool, projector_dim: int, slca_kernel: int, slca_reduction: int, drop_rate: float,
         freeze_sam: bool, sam_kwargs: dict | None, backbone_kwargs: dict | None, backbone_weights: str | Path | None,
-    ):  # fmt: skip
+    ):
         super().__init__()
         import timm
         from timm.layers import ClassifierHead
@@ -317,7 +317,7 @@ class SLCAClassifier(nn.Module):
             raise CheckpointError(
                 path, f"does not fit the timm backbone {name!r}: {rep}.",
                 f"Give timm weights of {name} (a classifier head of any size is fine), or change model.backbone.",
-            )  # fmt: skip
+            )
         self.load_reports["backbone"] = load_into(net, sd, source=path)
 
     def load_sam(self, path: str | Path):
@@ -337,7 +337,7 @@ class SLCAClassifier(nn.Module):
                 path, f"is a {kind} checkpoint, not a SAM (v1) ViT image encoder.",
                 "Pass the original Segment Anything checkpoint (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or "
                 "sam_vit_h_4b8939.pth) as sam_checkpoint, with the matching model.sam.",
-            )  # fmt: skip
+            )
         mapped = sam_checkpoint_filter(sd, self.sam)
         rep = load_into(self.sam, mapped, source=path, dry_run=True)
         if rep.missing or rep.mismatched:
@@ -349,7 +349,7 @@ class SLCAClassifier(nn.Module):
                 path, f"does not fit the SAM encoder {self.sam_name!r}: {rep}.{hint}",
                 f"Set model.sam to {fits!r} (and no sam_kwargs)." if fits and fits != self.sam_name
                 else "Use the checkpoint made for this SAM size, or remove sam_kwargs.",
-            )  # fmt: skip
+            )
         self.load_reports["sam"] = load_into(self.sam, mapped, source=path)
         return self.load_reports["sam"]
 
@@ -418,7 +418,7 @@ class SLCAClassifier(nn.Module):
         taps = sorted(str(k) for k in {*self.taps, self.projector_tap} if k is not None)
         return {"name": f"sam:{self.sam_name}", "modules": [self.sam],
                 "config": {"sam": self.sam_name, "sam_img_size": self.sam_img_size, "taps": taps,
-                           "sam_kwargs": cfg.get("sam_kwargs")}}  # fmt: skip
+                           "sam_kwargs": cfg.get("sam_kwargs")}}
 
     def decode(self, x: torch.Tensor, feats: dict) -> torch.Tensor:
         """Logits from the pixels ``x`` and the SAM taps ``feats`` (:meth:`sam_features` or :meth:`encode`)."""

@@ -66,7 +66,7 @@ def timm_classifier(
         check_fit(
             load_into(model, state, source=weights, dry_run=True), weights, f"timm {backbone} classifier",
             partial=partial_weights, ignore=(f"{head}.",), partial_hint="set model.partial_weights: true",
-        )  # fmt: skip
+        )
         report = load_into(model, state, source=weights)
         log.info("%s: %s", weights, report)
         model.pathfm_load_report = report

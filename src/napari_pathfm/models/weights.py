@@ -15,16 +15,24 @@ builds the common prefix-renaming kind.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..errors import CheckpointError
 
 __all__ = [
-    "load_state_dict_file", "unwrap_state_dict", "load_into", "rename_keys", "LoadReport", "KeyMap",
-    "check_finite", "check_fit", "describe_pickle",
-]  # fmt: skip
+    "KeyMap",
+    "LoadReport",
+    "check_finite",
+    "check_fit",
+    "describe_pickle",
+    "load_into",
+    "load_state_dict_file",
+    "rename_keys",
+    "unwrap_state_dict",
+]
 
 KeyMap = Callable[[dict, Any], dict]
 

@@ -63,7 +63,7 @@ def check_options(task: str, options: dict) -> None:
     if unknown:
         where = spec.pipeline.replace(":", ".")
         raise UsageError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({where}).",
-                         f"Use one of: {', '.join(sorted(allowed))}.")  # fmt: skip
+                         f"Use one of: {', '.join(sorted(allowed))}.")
 
 
 @dataclass
@@ -87,7 +87,7 @@ class BatchSummary:
     def to_dict(self) -> dict:
         """JSON-friendly form written to ``batch-summary.json``."""
         return {"task": self.task, "out_dir": str(self.out_dir), "counts": self.counts,
-                "seconds": round(self.seconds, 3), "slides": self.rows}  # fmt: skip
+                "seconds": round(self.seconds, 3), "slides": self.rows}
 
 
 def read_manifest(manifest_csv: PathLike) -> list[Path]:
@@ -104,7 +104,7 @@ def read_manifest(manifest_csv: PathLike) -> list[Path]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
         raise ManifestError(path, f"no 'slide' column (columns: {reader.fieldnames}).",
-                            "Add a header line with a 'slide' column of slide paths.")  # fmt: skip
+                            "Add a header line with a 'slide' column of slide paths.")
     key = next(c for c in reader.fieldnames if c.strip() == "slide")
     slides: list[Path] = []
     for row in reader:
@@ -161,7 +161,7 @@ def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, opt
         info = batch_task(task)(Path(slide), folder, checkpoint, dict(options))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info,
-                "outputs": record_outputs(folder)}  # fmt: skip
+                "outputs": record_outputs(folder)}
         with atomic_path(folder / DONE) as tmp:
             tmp.write_text(safe_dumps(done, where=str(folder / DONE), indent=2, default=str))
     except Exception as exc:  # noqa: BLE001 - reported per slide, the batch goes on
@@ -255,7 +255,7 @@ def run_batch(
         client, cluster = _client(scheduler, n_workers)
         try:
             futures = {client.submit(run_slide, str(s), task, str(f), ckpts, options, key=f"pathfm-{task}-{f.name}",
-                                     pure=False): (s, f) for s, f in todo}  # fmt: skip
+                                     pure=False): (s, f) for s, f in todo}
             pending = set(futures)
             try:
                 while pending:
@@ -296,7 +296,7 @@ def _plan(slides: list[Path], out: Path, key: dict, summary: BatchSummary) -> tu
         complete, reason = check_done(folder, key)
         if complete:
             summary.rows.append({"slide": str(slide), "status": "skipped", "error": "", "seconds": 0.0,
-                                 "output": str(folder), "note": ""})  # fmt: skip
+                                 "output": str(folder), "note": ""})
             continue
         if reason:
             log.warning("%s: %s; running it again", slide, reason)
@@ -348,7 +348,7 @@ def _row(fut: Any, slide: Path, folder: Path) -> dict:
         return fut.result()
     exc = fut.exception()
     return {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": 0.0,
-            "output": str(folder), "note": ""}  # fmt: skip
+            "output": str(folder), "note": ""}
 
 
 def _wait_some(wait: Callable[..., Any], pending: set) -> tuple[set, set]:
@@ -375,5 +375,5 @@ def parse_options(pairs: Sequence[str]) -> dict:
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).strip()
             raise UsageError(f"--set {pair!r}: the value is not valid YAML ({problem}).",
-                             "Quote it, e.g. --set 'key=\"a: b\"'.") from None  # fmt: skip
+                             "Quote it, e.g. --set 'key=\"a: b\"'.") from None
     return options

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..io.checksums import file_crc32
 
-__all__ = ["DONE", "is_complete", "check_done", "record_outputs", "verify_outputs"]
+__all__ = ["DONE", "check_done", "is_complete", "record_outputs", "verify_outputs"]
 
 DONE = "done.json"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import PathFMError, UsageError
 
-__all__ = ["segment", "classify", "features", "mil", "translate", "need_checkpoints"]
+__all__ = ["classify", "features", "mil", "need_checkpoints", "segment", "translate"]
 
 
 def features(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
@@ -57,10 +57,10 @@ def mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dic
     with open_slide(slide) as s:
         pred = mil_predict(need_checkpoints(checkpoint, "mil")[0], slide=s, **opts)
         written = write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
-                                    mpp=s.mpp, top_k=top_k)  # fmt: skip
+                                    mpp=s.mpp, top_k=top_k)
     info = pred.to_dict(0)
     return {**{k: info[k] for k in ("predicted", "probabilities", "n_patches", "level0_tile_size")},
-            "written": {k: str(v) for k, v in written.items()}}  # fmt: skip
+            "written": {k: str(v) for k, v in written.items()}}
 
 
 def translate(stack: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
@@ -79,5 +79,5 @@ def need_checkpoints(checkpoint: Sequence[str | Path] | None, task: str) -> list
 
         each = get_family(task).checkpoint_each
         raise UsageError(f"task '{task}' needs --checkpoint" + (f" (one per {each})." if each else "."),
-                         f"Give a checkpoint of family '{task}'.")  # fmt: skip
+                         f"Give a checkpoint of family '{task}'.")
     return [str(c) for c in checkpoint]

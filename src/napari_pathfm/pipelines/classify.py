@@ -49,7 +49,7 @@ __all__ = [
     "load_classifier",
     "preprocess_tiles",
     "write_classify_outputs",
-]  # fmt: skip
+]
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def classify_slide(
     True
     """
     options = ClassifyOptions(mpp=mpp, tile=tile, batch_size=batch_size, device=device, tissue_only=tissue_only,
-                              min_tissue=min_tissue, workers=workers, cache=cache)  # fmt: skip
+                              min_tissue=min_tissue, workers=workers, cache=cache)
     with opened_slide(slide, image_mpp) as s:
         return _classify(s, model_or_checkpoint, options, progress=progress, cancel=cancel)
 
@@ -224,7 +224,7 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
         raise ValueError(f"tile must be at least 8 pixels, got {t}")
     # the level the tissue mask and the tiles both read is decoded only once
     reader, grid, tissue = plan_tiles(slide, target, t, what="classification", tissue_only=o.tissue_only,
-                                      min_tissue=o.min_tissue, workers=workers, progress=progress, cancel=cancel)  # fmt: skip
+                                      min_tissue=o.min_tissue, workers=workers, progress=progress, cancel=cancel)
     if not len(grid):
         messages.append(f"no tissue found in {Path(slide.path).name}: nothing was classified.")
     mean, std = card_normalization(card)
@@ -234,7 +234,7 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
         if len(grid):
             tiles = _ClassifyTiles(model, len(grid), dev, mean, std, source, enc)
             run_tiles(reader, grid, tiles.task(), batch_size=o.batch_size, workers=workers, progress=progress,
-                      cancel=cancel)  # fmt: skip
+                      cancel=cancel)
             probs = tiles.out
     classes = _classes(card, probs.shape[1] if probs.size else getattr(model, "num_classes", None))
     if classes is None:
@@ -243,18 +243,18 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
         raise CheckpointError(
             source or "the model card", f"lists {len(classes)} classes ({', '.join(classes)}) but the model "
             f"predicts {probs.shape[1]}.", "Use the card that was saved with these weights, or fix its 'classes'.",
-        )  # fmt: skip
+        )
     if not probs.size:
         probs = np.zeros((0, len(classes)), np.float32)
     notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
                         run_tile=t, tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
-                        stain=tissue.stain if tissue is not None else None)  # fmt: skip
+                        stain=tissue.stain if tissue is not None else None)
     messages = merge_notes(notes, messages)
     for m in messages:
         log.info(m)
     return ClassifyResult(classes=classes, probabilities=probs, grid=grid, mpp=slide.mpp, model_mpp=grid.mpp,
                           source=str(slide.path), checkpoint=source, messages=messages,
-                          cache=enc.summary(), notes=notes)  # fmt: skip
+                          cache=enc.summary(), notes=notes)
 
 
 class _ClassifyTiles:
@@ -288,7 +288,7 @@ class _ClassifyTiles:
                 self.source or "the model", f"produced output of shape {tuple(logits.shape)}; a tile classifier "
                 f"must give (batch, classes) logits, here ({len(batch.indices)}, C).",
                 "Pick a checkpoint of family 'classify'.",
-            )  # fmt: skip
+            )
         return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def collect(self, batch: Any, p: np.ndarray) -> None:

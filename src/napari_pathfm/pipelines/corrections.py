@@ -37,8 +37,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from ..errors import CorrectionError
 from ..io.atomic import atomic_path
 from ..userdata import corrections_dir
 
-__all__ = ["CorrectionRecorder", "corrections_dir", "paint_boxes", "IGNORE"]
+__all__ = ["IGNORE", "CorrectionRecorder", "corrections_dir", "paint_boxes"]
 
 IGNORE = 255
 
@@ -109,10 +110,10 @@ class CorrectionRecorder:
         mpp: float,
         classes: Sequence[str],
         tile_size: int = 256,
-        folder: Optional[str | Path] = None,
-        labels_downsample: Optional[float] = None,
+        folder: str | Path | None = None,
+        labels_downsample: float | None = None,
         baseline: Any = None,
-        schedule: Optional[Callable[[Callable[[], Any]], Any]] = None,
+        schedule: Callable[[Callable[[], Any]], Any] | None = None,
     ):
         from ..tiles import tile_grid
 
@@ -198,7 +199,7 @@ class CorrectionRecorder:
             raise CorrectionError(
                 self.folder, f"tile {name} holds label values {bad}, but the model has classes 0..{len(self.classes) - 1}.",
                 f"Paint with labels 0..{len(self.classes) - 1} ({', '.join(self.classes)}).",
-            )  # fmt: skip
+            )
         image = read_tile(self.slide, self.grid, i)
         for sub, array in (("images", image), ("masks", mask)):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
@@ -214,7 +215,7 @@ class CorrectionRecorder:
             return False
         return bool(np.array_equal(self.mask_tile(i), self.mask_tile(i, self.baseline)))
 
-    def remove_tile(self, i: int) -> Optional[str]:
+    def remove_tile(self, i: int) -> str | None:
         """Drop tile ``i`` from the corrections (mask first, so no half pair trains); returns its name if saved."""
         name = self.tile_name(i)
         for sub in ("masks", "images"):
@@ -238,7 +239,7 @@ class CorrectionRecorder:
             self._write_manifest()
         return names
 
-    def tile_of_name(self, name: str) -> Optional[int]:
+    def tile_of_name(self, name: str) -> int | None:
         """Grid index of a saved tile name (``<stem>_r<row>_c<col>``), None if off this grid."""
         try:
             r, c = (int(part[1:]) for part in name.rsplit("_", 2)[-2:])
@@ -321,7 +322,7 @@ class CorrectionRecorder:
         tiles, self.pending = self.pending, set()
         return self.save_tiles(tiles)
 
-    def attach(self, layer: Any) -> "CorrectionRecorder":
+    def attach(self, layer: Any) -> CorrectionRecorder:
         """Listen to ``layer``'s paint events and its undo/redo (call :meth:`detach` to stop).
 
         napari emits no event on undo/redo, so the layer's ``undo``/``redo`` are wrapped on

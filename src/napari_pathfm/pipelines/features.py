@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
 from ..errors import Cancelled, PathFMError
-from ..progress import check_cancel, report
 from ..io.features import (
     PATCH_ORDER,
     FeatureBag,
@@ -38,20 +38,30 @@ from ..io.features import (
     reusable_feature_attrs,
     write_features,
 )
+from ..progress import check_cancel, report
 
 __all__ = [
-    "extract_features", "extract_features_many", "features_command", "feature_path", "find_slides",
-    "FeatureBag", "FeatureOptions", "read_features", "write_features", "check_feature_dim", "PATCH_ORDER",
-]  # fmt: skip
+    "PATCH_ORDER",
+    "FeatureBag",
+    "FeatureOptions",
+    "check_feature_dim",
+    "extract_features",
+    "extract_features_many",
+    "feature_path",
+    "features_command",
+    "find_slides",
+    "read_features",
+    "write_features",
+]
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 #: Attributes that must match for an existing feature file to be reused.
 MATCH_KEYS = (
     "extractor", "backbone", "weights_sha256", "input_size", "mean", "std", "feature_dim",
     "target_mpp", "tile_size", "min_tissue", "tissue_mpp", "slide_bytes",
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -59,7 +69,7 @@ class FeatureOptions:
     """How slides are tiled and run through the extractor (the keyword arguments of the same names of
     :func:`extract_features` and :func:`extract_features_many`)."""
 
-    mpp: Optional[float] = 0.5
+    mpp: float | None = 0.5
     tile_size: int = 256
     min_tissue: float = 0.25
     batch_size: int = 32
@@ -78,13 +88,13 @@ class SlideResult:
 
     slide: Path
     status: str
-    path: Optional[Path] = None
-    n_tiles: Optional[int] = None
-    error: Optional[BaseException] = None
+    path: Path | None = None
+    n_tiles: int | None = None
+    error: BaseException | None = None
     seconds: float = 0.0
 
 
-def find_slides(inputs: Union[PathLike, Iterable[PathLike]]) -> list[Path]:
+def find_slides(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
     """Expand slide files and folders (their slide/image files, sorted, not recursive) into paths."""
     from ..io.slide import SLIDE_SUFFIXES
 
@@ -95,13 +105,13 @@ def find_slides(inputs: Union[PathLike, Iterable[PathLike]]) -> list[Path]:
             out += sorted(
                 p for p in item.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES
-            )  # fmt: skip
+            )
         else:
             out.append(item)
     return out
 
 
-def _as_extractor(extractor: Any, kwargs: Optional[dict] = None):
+def _as_extractor(extractor: Any, kwargs: dict | None = None):
     if isinstance(extractor, str):
         from ..models.registry import create_model
 
@@ -123,7 +133,7 @@ def _settings(extractor: Any, o: FeatureOptions, slide_path: Path) -> dict:
     }
 
 
-def _is_up_to_date(path: Path, settings: dict, slide_path: Optional[Path] = None) -> Optional[dict]:
+def _is_up_to_date(path: Path, settings: dict, slide_path: Path | None = None) -> dict | None:
     """The attributes of an existing feature file that may be reused as is, else None.
 
     A file is reused only when it is complete, passes its checksums and was made with the same
@@ -132,13 +142,13 @@ def _is_up_to_date(path: Path, settings: dict, slide_path: Optional[Path] = None
     attrs, problem = reusable_feature_attrs(path)
     if problem:
         log.warning("%s: the existing feature file %s is damaged or incomplete (%s); recomputing it",
-                    Path(slide_path or path).name, path, problem)  # fmt: skip
+                    Path(slide_path or path).name, path, problem)
     wanted = _jsonable(settings)
     return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
 
 def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: FeatureOptions, *, progress: Any,
-             cancel: Any) -> int:  # fmt: skip
+             cancel: Any) -> int:
     """Write the feature file of one open slide (atomically); returns the number of tiles."""
     from ..device import resolve_device
     from ..io.atomic import atomic_path
@@ -146,7 +156,7 @@ def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: Feat
 
     _, grid, tissue = plan_tiles(slide, settings["target_mpp"], settings["tile_size"], what="feature extraction",
                             min_tissue=settings["min_tissue"], mask_mpp=settings["tissue_mpp"], share=False,
-                            progress=progress, cancel=cancel)  # fmt: skip
+                            progress=progress, cancel=cancel)
     if slide.mpp is None:
         log.warning("%s has no pixel size: tiles are read at level 0 without resizing (mpp None)", slide.path)
     n, dim = len(grid), int(extractor.out_dim)
@@ -175,7 +185,7 @@ def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: Feat
         with tile_encoder(extractor, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
             task = _feature_task(extractor, dev, dim, writer, encoder)
             run_tiles(slide, grid, task, batch_size=o.batch_size, prefetch=2 * o.batch_size, encoder=encoder,
-                      progress=progress, cancel=cancel)  # fmt: skip
+                      progress=progress, cancel=cancel)
         check_cancel(cancel, "feature extraction")
         finish_feature_store(group)
     return n
@@ -207,13 +217,13 @@ def extract_features(
     extractor: Any,
     out_path: PathLike,
     *,
-    mpp: Optional[float] = 0.5,
+    mpp: float | None = 0.5,
     tile_size: int = 256,
     min_tissue: float = 0.25,
     batch_size: int = 32,
     device: str = "auto",
     tissue_mpp: float = 8.0,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
     cache: Any = None,
 ) -> Path:
@@ -260,15 +270,15 @@ def extract_features(
 
     extractor = _as_extractor(extractor)
     o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       tissue_mpp=tissue_mpp, cache=cache)  # fmt: skip
+                       tissue_mpp=tissue_mpp, cache=cache)
     with opened_slide(slide) as s:
         _extract(s, extractor, Path(out_path), _settings(extractor, o, Path(s.path)), o, progress=progress,
-                 cancel=cancel)  # fmt: skip
+                 cancel=cancel)
     return Path(out_path)
 
 
 def _run_many(inputs: Any, out_dir: PathLike, extractor: Any, o: FeatureOptions, *, overwrite: bool, progress: Any,
-              cancel: Any) -> list[SlideResult]:  # fmt: skip
+              cancel: Any) -> list[SlideResult]:
     """Extract the features of every slide of ``inputs`` (``extractor`` built), skipping up-to-date files."""
     from ..io.slide import open_slide
 
@@ -304,22 +314,22 @@ def _run_many(inputs: Any, out_dir: PathLike, extractor: Any, o: FeatureOptions,
 
 
 def extract_features_many(
-    inputs: Union[PathLike, Iterable[PathLike]],
+    inputs: PathLike | Iterable[PathLike],
     out_dir: PathLike,
     *,
     extractor: Any = "resnet50_trunc",
-    extractor_kwargs: Optional[dict] = None,
-    mpp: Optional[float] = 0.5,
+    extractor_kwargs: dict | None = None,
+    mpp: float | None = 0.5,
     tile_size: int = 256,
     min_tissue: float = 0.25,
     batch_size: int = 32,
     device: str = "auto",
     tissue_mpp: float = 8.0,
     overwrite: bool = False,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
     cache: Any = None,
-) -> dict[str, Union[Path, BaseException]]:
+) -> dict[str, Path | BaseException]:
     """Extract features of many slides into ``out_dir``, one ``<stem>.features.zarr`` each.
 
     Parameters
@@ -345,24 +355,24 @@ def extract_features_many(
         :class:`~napari_pathfm.errors.Cancelled` (finished slides stay).
     """
     o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       tissue_mpp=tissue_mpp, cache=cache)  # fmt: skip
+                       tissue_mpp=tissue_mpp, cache=cache)
     results = _run_many(inputs, out_dir, _as_extractor(extractor, extractor_kwargs), o, overwrite=overwrite,
-                        progress=progress, cancel=cancel)  # fmt: skip
+                        progress=progress, cancel=cancel)
     return {str(r.slide): (r.error if r.status == "failed" else r.path) for r in results}
 
 
 def features_command(
-    inputs: Union[PathLike, Iterable[PathLike]],
+    inputs: PathLike | Iterable[PathLike],
     out_dir: PathLike,
     backbone: str = "resnet50_trunc",
-    weights: Optional[PathLike] = None,
-    mpp: Optional[float] = 0.5,
+    weights: PathLike | None = None,
+    mpp: float | None = 0.5,
     tile: int = 256,
     batch_size: int = 32,
     device: str = "auto",
     min_tissue: float = 0.25,
     overwrite: bool = False,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
     cache: Any = None,
     partial_weights: bool = False,
@@ -403,7 +413,7 @@ def features_command(
     if weights is None:
         log.warning("no --weights given: %s is randomly initialised", backbone)
     o = FeatureOptions(mpp=mpp, tile_size=tile, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       cache=cache)  # fmt: skip
+                       cache=cache)
     results = _run_many(inputs, out_dir, extractor, o, overwrite=overwrite, progress=progress, cancel=cancel)
     counts = {k: sum(r.status == k for r in results) for k in ("written", "empty", "skipped", "failed")}
     return {

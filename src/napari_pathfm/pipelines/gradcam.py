@@ -242,7 +242,7 @@ def gradcam_tiles(
     report(progress, 1, 2, f"Grad-CAM: {idx.size} tiles")
     mean, std = card_normalization(card)
     heat = gradcam_images(model, images, targets, mean=mean, std=std, device=dev, batch_size=batch_size,
-                          cancel=cancel)  # fmt: skip
+                          cancel=cancel)
     report(progress, 2, 2, "Grad-CAM done")
     return GradCAMResult(heat=heat, indices=idx, targets=targets, grid=result.grid, mpp=result.mpp, capped=capped,
                          images=images)

@@ -10,9 +10,10 @@ the heatmap as OME-TIFF and the prediction as JSON, atomically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ class MILPrediction:
             "classes": self.classes,
             "probabilities": {c: float(p) for c, p in zip(self.classes, self.probabilities)},
             "predicted": self.predicted,
-            "n_patches": int(len(self.coords)),
+            "n_patches": len(self.coords),
             "level0_tile_size": self.level0_tile_size,
             "top_patches": self.top_patches(k),
             "notes": list(self.notes),
@@ -112,13 +113,13 @@ def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
         recorded, "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
         "Copy it to that path or next to the checkpoint, or extract features yourself with "
         "`pathfm features --weights <file>` and pass --features.",
-    )  # fmt: skip
+    )
 
 
 def features_for_slide(
     slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None,
     checkpoint_dir: Path | None = None, cache: Any = None,
-):  # fmt: skip
+):
     """Extract features from ``slide`` with the extractor recorded in the checkpoint's card.
 
     Tiles, µm/px, tissue threshold, input size and normalisation all come from the
@@ -135,7 +136,7 @@ def features_for_slide(
         raise CheckpointError(
             card.get("weights_file", "checkpoint"), "does not record which feature extractor it was trained with.",
             "Extract features with `pathfm features` (same settings as training) and pass them with --features.",
-        )  # fmt: skip
+        )
     # A recorded input_size of None means the trunk saw tiles at their own size (0 for create_model).
     kwargs = {"backbone": fx.get("backbone"), "input_size": fx.get("input_size") or 0}
     if fx.get("weights"):
@@ -152,7 +153,7 @@ def features_for_slide(
             mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
             min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
             tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel, cache=cache,
-        )  # fmt: skip
+        )
         bag = read_features(path)  # in memory: the temporary file can go
     if cache_dir is None:
         bag.path = None
@@ -164,9 +165,9 @@ def mil_predict(
     *,
     features=None,
     slide=None,
-    image_mpp: Optional[float] = None,
+    image_mpp: float | None = None,
     device: str = "auto",
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
     cache: Any = None,
 ) -> MILPrediction:
@@ -218,7 +219,7 @@ def mil_predict(
             if image_mpp is not None:
                 slide.mpp = float(image_mpp)
             bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel,
-                                     checkpoint_dir=where, cache=cache)  # fmt: skip
+                                     checkpoint_dir=where, cache=cache)
         finally:
             slide.mpp = saved_mpp
             if own:
@@ -238,11 +239,11 @@ def mil_predict(
     report(progress, 3, 3, "done")
     fx = card.get("feature_extractor") or {}
     notes_card = {**card, "tile_size": card.get("tile_size") or fx.get("tile_size"),
-                  "input_mpp": card.get("input_mpp") or fx.get("target_mpp")}  # fmt: skip
+                  "input_mpp": card.get("input_mpp") or fx.get("target_mpp")}
     slide_name = Path(str(bag.attrs.get("slide") or "the slide")).name
     notes = model_notes(notes_card, None if isinstance(checkpoint, tuple) else str(checkpoint),
                         slide_mpp=bag.attrs.get("slide_mpp"), run_mpp=bag.attrs.get("mpp"), slide_name=slide_name,
-                        run_tile=bag.attrs.get("tile_size"), stain=bag.attrs.get("stain"))  # fmt: skip
+                        run_tile=bag.attrs.get("tile_size"), stain=bag.attrs.get("stain"))
     return MILPrediction(
         classes=classes,
         probabilities=probs,
@@ -283,7 +284,7 @@ def write_mil_outputs(pred: MILPrediction, *, heatmap: Path | None, json_path: P
         write_ome_tiff(
             heatmap, np.nan_to_num(grid, nan=0.0), mpp=(mpp * cell) if mpp else None,
             metadata={"kind": "mil-heatmap", "class": pred.predicted, "downsample": cell, **pred.to_dict(top_k)},
-        )  # fmt: skip
+        )
         written["heatmap"] = Path(heatmap)
     if json_path is not None:
         with atomic_path(json_path) as tmp:

@@ -28,13 +28,20 @@ Pure Python: no Qt, no torch.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 __all__ = [
-    "MPP_TOLERANCE", "STAIN_TOLERANCE", "bundled_models_dir", "is_demonstration", "demonstration_note",
-    "model_notes", "translate_notes", "merge_notes",
-]  # fmt: skip
+    "MPP_TOLERANCE",
+    "STAIN_TOLERANCE",
+    "bundled_models_dir",
+    "demonstration_note",
+    "is_demonstration",
+    "merge_notes",
+    "model_notes",
+    "translate_notes",
+]
 
 #: a run this many times coarser/finer than the model's training µm/px is called out of domain
 MPP_TOLERANCE = 1.5
@@ -43,7 +50,7 @@ STAIN_TOLERANCE = 3.0
 
 #: public data sets named in bundled cards, matched case-insensitively in training_data / description
 _DATASETS = (("glas", "GlaS"), ("isl-blue", "the ISL well"), ("in-silico labeling", "the ISL well"),
-             ("camelyon", "CAMELYON"), ("tcga", "TCGA"), ("panda", "PANDA"))  # fmt: skip
+             ("camelyon", "CAMELYON"), ("tcga", "TCGA"), ("panda", "PANDA"))
 
 
 def bundled_models_dir() -> Path:
@@ -79,7 +86,7 @@ def _cpu_trained(card: dict) -> bool:
     return bool(re.search(r"\bcpu\b|_cpu\b|cpu\.yaml|cpu cores", text, re.IGNORECASE))
 
 
-def demonstration_note(checkpoint: Any, card: dict) -> Optional[str]:
+def demonstration_note(checkpoint: Any, card: dict) -> str | None:
     """``"Demonstration model (name: small, CPU-trained on GlaS) — not for diagnosis."`` or None."""
     if not is_demonstration(checkpoint, card):
         return None
@@ -99,12 +106,12 @@ def model_notes(
     card: dict,
     checkpoint: Any,
     *,
-    slide_mpp: Optional[float],
-    run_mpp: Optional[float],
-    slide_name: Optional[str] = None,
-    run_tile: Optional[int] = None,
-    tissue_fraction: Optional[float] = None,
-    stain: Optional[dict] = None,
+    slide_mpp: float | None,
+    run_mpp: float | None,
+    slide_name: str | None = None,
+    run_tile: int | None = None,
+    tissue_fraction: float | None = None,
+    stain: dict | None = None,
 ) -> list[str]:
     """Plain sentences about what the model is and how far this run is from its training domain.
 
@@ -148,25 +155,25 @@ def model_notes(
     if trained and slide_mpp is None:
         name = slide_name or "the slide"
         notes.append(f"{name} has no pixel size (µm/px unknown): run at its own resolution, not at the model's "
-                     f"{trained:.3g} µm/px; give --image-mpp (or enter it in the Slide dock) to resample.")  # fmt: skip
+                     f"{trained:.3g} µm/px; give --image-mpp (or enter it in the Slide dock) to resample.")
     if trained and run_mpp and _ratio(run_mpp, trained) > MPP_TOLERANCE:
         notes.append(f"Out of domain: run at {run_mpp:.3g} µm/px, but the model was trained at {trained:.3g} µm/px.")
     if trained and slide_mpp and slide_mpp > MPP_TOLERANCE * trained:
         notes.append(f"Out of domain: the slide has {slide_mpp:.3g} µm/px, coarser than the {trained:.3g} µm/px "
-                     "the model was trained at.")  # fmt: skip
+                     "the model was trained at.")
     card_tile = card.get("tile_size")
     if card_tile and run_tile and _ratio(float(run_tile), float(card_tile)) > MPP_TOLERANCE:
         notes.append(f"Out of domain: tiles of {int(run_tile)} px, but the model was trained on {int(card_tile)} px "
-                     "tiles.")  # fmt: skip
+                     "tiles.")
     if tissue_fraction is not None and 0 < tissue_fraction < 0.01:
         notes.append(f"Only {100 * tissue_fraction:.2g} % of the slide was detected as tissue.")
     ref = card.get("stain") if isinstance(card.get("stain"), dict) else None
     if ref and stain and ref.get("mean") and ref.get("std") and stain.get("mean"):
         dist = max(abs(float(m) - float(r)) / max(float(s), 1e-3)
-                   for m, r, s in zip(stain["mean"], ref["mean"], ref["std"]))  # fmt: skip
+                   for m, r, s in zip(stain["mean"], ref["mean"], ref["std"]))
         if dist > STAIN_TOLERANCE:
             notes.append(f"Out of domain: the slide's tissue colour is {dist:.1f} standard deviations from the "
-                         "stain the model was trained on (different stain or scanner?).")  # fmt: skip
+                         "stain the model was trained on (different stain or scanner?).")
     return notes
 
 
@@ -176,8 +183,8 @@ def translate_notes(
     *,
     planes: int,
     dtype: Any,
-    pixel_size: Optional[float] = None,
-    magnification: Optional[float] = None,
+    pixel_size: float | None = None,
+    magnification: float | None = None,
 ) -> list[str]:
     """Sentences for a translation checkpoint run on a z-stack: demonstration model, and plane count,
     dtype, pixel size or magnification that differ from the card's ``input_planes``, ``input_dtype``,
@@ -198,15 +205,15 @@ def translate_notes(
     n = card.get("input_planes")
     if n and int(n) != int(planes):
         notes.append(f"the stack has {int(planes)} planes; {label} was trained on {int(n)} (the planes it names "
-                     "are used).")  # fmt: skip
+                     "are used).")
     card_dtype = card.get("input_dtype")
     if card_dtype and np.dtype(card_dtype) != np.dtype(dtype):
         notes.append(f"the stack is {np.dtype(dtype)} but checkpoint {label} was trained on {card_dtype} planes;"
-                     " the card's intensity ranges are used as they are")  # fmt: skip
+                     " the card's intensity ranges are used as they are")
     trained = card.get("input_mpp")
     if trained and pixel_size and _ratio(float(pixel_size), float(trained)) > MPP_TOLERANCE:
         notes.append(f"Out of domain: the stack has {pixel_size:.3g} µm/px, but {label} was trained at "
-                     f"{float(trained):.3g} µm/px (not resampled).")  # fmt: skip
+                     f"{float(trained):.3g} µm/px (not resampled).")
     mag = card.get("magnification")
     if mag and magnification and _ratio(float(magnification), float(mag)) > MPP_TOLERANCE:
         notes.append(f"Out of domain: the stack is at {magnification:g}x, but {label} was trained at {float(mag):g}x.")

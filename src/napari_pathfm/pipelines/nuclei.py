@@ -150,7 +150,7 @@ def measure_nuclei(labels: Any, image: Any, *, value_range: tuple[float, float] 
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return {"count": 0, "mean_area": float("nan"), "mean_intensity": float("nan"),
-                "texture_contrast": float("nan")}  # fmt: skip
+                "texture_contrast": float("nan")}
     index = np.arange(1, n + 1)
     areas = ndi.sum_labels(np.ones_like(img), labels, index)
     present = areas > 0

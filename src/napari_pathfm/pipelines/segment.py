@@ -25,10 +25,11 @@ atomically: a cancel or an error leaves no file behind. Importing this module do
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -39,16 +40,21 @@ from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
 from .tile_run import TileTask, autocast, opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder
 
 __all__ = [
-    "SegmentationResult", "SegmentOptions", "segment_slide", "default_segment_checkpoint", "load_segmentation_model",
-    "write_segmentation", "IN_MEMORY_PIXELS",
-]  # fmt: skip
+    "IN_MEMORY_PIXELS",
+    "SegmentOptions",
+    "SegmentationResult",
+    "default_segment_checkpoint",
+    "load_segmentation_model",
+    "segment_slide",
+    "write_segmentation",
+]
 
 log = logging.getLogger(__name__)
 
 #: Level-0 class maps up to this many pixels are kept in memory; larger ones in a temporary zarr.
 IN_MEMORY_PIXELS = 256 * 2**20
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 @dataclass
@@ -58,15 +64,15 @@ class SegmentOptions:
     ``mpp``/``tile_size`` None take the model card's; ``workers`` None the device's default.
     """
 
-    mpp: Optional[float] = None
-    tile_size: Optional[int] = None
+    mpp: float | None = None
+    tile_size: int | None = None
     overlap: float = 0.25
     tissue_only: bool = True
     min_tissue: float = 0.0
     batch_size: int = 8
     device: str = "auto"
     weights: str = "pyramidal"
-    workers: Optional[int] = None
+    workers: int | None = None
     cache: Any = None
 
     def __post_init__(self) -> None:
@@ -106,12 +112,12 @@ class SegmentationResult:
 
     labels: Any
     classes: list[str]
-    mpp: Optional[float]
-    model_mpp: Optional[float]
+    mpp: float | None
+    model_mpp: float | None
     grid: Any
     tissue: Any = None
-    source: Optional[str] = None
-    checkpoint: Optional[str] = None
+    source: str | None = None
+    checkpoint: str | None = None
     messages: list[str] = field(default_factory=list)
     written: dict[str, Path] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
@@ -148,7 +154,7 @@ class SegmentationResult:
             "metadata": {"pathfm_kind": "segment", "classes": self.class_names(), "downsample": 1.0,
                          "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp,
                          "pathfm_notes": list(self.notes)},
-        }  # fmt: skip
+        }
 
     def summary(self) -> dict:
         return {
@@ -176,20 +182,20 @@ def segment_slide(
     slide_or_image: Any,
     model_or_checkpoint: Any = None,
     *,
-    mpp: Optional[float] = None,
-    image_mpp: Optional[float] = None,
-    tile_size: Optional[int] = None,
+    mpp: float | None = None,
+    image_mpp: float | None = None,
+    tile_size: int | None = None,
     overlap: float = 0.25,
     tissue_only: bool = True,
     min_tissue: float = 0.0,
     batch_size: int = 8,
     device: str = "auto",
     weights: str = "pyramidal",
-    workers: Optional[int] = None,
-    progress: Optional[Callable[..., Any]] = None,
+    workers: int | None = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
-    out: Optional[PathLike] = None,
-    geojson: Optional[PathLike] = None,
+    out: PathLike | None = None,
+    geojson: PathLike | None = None,
     cache: Any = None,
 ) -> SegmentationResult:
     """Segment a whole slide (or a plain image) into classes at the input's level-0 size.
@@ -256,14 +262,14 @@ def segment_slide(
     geojson = check_suffix(geojson, (".geojson", ".json"), "GeoJSON output")
     options = SegmentOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, tissue_only=tissue_only,
                              min_tissue=min_tissue, batch_size=batch_size, device=device, weights=weights,
-                             workers=workers, cache=cache)  # fmt: skip
+                             workers=workers, cache=cache)
     with opened_slide(slide_or_image, image_mpp) as slide:
         return _segment(slide, model_or_checkpoint, options, out=out, geojson=geojson, progress=progress,
-                        cancel=cancel)  # fmt: skip
+                        cancel=cancel)
 
 
-def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Optional[Path], geojson: Optional[Path],
-             progress: Any, cancel: Any) -> SegmentationResult:  # fmt: skip
+def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Path | None, geojson: Path | None,
+             progress: Any, cancel: Any) -> SegmentationResult:
     from ..device import reader_workers, resolve_device
     from .notes import merge_notes, model_notes
 
@@ -279,7 +285,7 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Op
     # the level the tissue mask and the tiles both read is decoded only once
     reader, grid, tissue = plan_tiles(slide, target, t, what="segmentation", tissue_only=o.tissue_only,
                                       min_tissue=max(o.min_tissue, 1e-9), overlap=ov, workers=workers,
-                                      progress=progress, cancel=cancel)  # fmt: skip
+                                      progress=progress, cancel=cancel)
 
     tmp_dir = None
     if grid.level0_shape[0] * grid.level0_shape[1] > IN_MEMORY_PIXELS:
@@ -290,12 +296,12 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Op
             messages.append(f"no tissue found in {Path(slide.path).name}: the mask is all background.")
         notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
                             tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
-                            stain=tissue.stain if tissue is not None else None)  # fmt: skip
+                            stain=tissue.stain if tissue is not None else None)
         messages[:] = merge_notes(notes, messages)  # before the OME-TIFF writer starts: its metadata has both
         result = SegmentationResult(
             labels=store, classes=classes or [], mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
             source=str(slide.path), checkpoint=source, messages=messages, notes=notes, _tmp=tmp_dir,
-        )  # fmt: skip
+        )
         meta = {"overlap": ov, "tile_size": t, "blend": o.weights}
         outputs = SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel)
         with outputs:
@@ -303,12 +309,12 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Op
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
                 prep = {"mean": list(getattr(model, "mean", ())), "std": list(getattr(model, "std", ())),
-                        "input_size": getattr(model, "input_size", None)}  # fmt: skip
+                        "input_size": getattr(model, "input_size", None)}
                 with tile_encoder(model, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
                     tiles = _SegmentTiles(model, grid, dev, k, store, weights=o.weights, source=source,
-                                          outputs=outputs, encoder=encoder, cancel=cancel)  # fmt: skip
+                                          outputs=outputs, encoder=encoder, cancel=cancel)
                     run_tiles(reader, grid, tiles.task(), batch_size=o.batch_size, workers=workers, encoder=encoder,
-                              progress=progress, cancel=cancel)  # fmt: skip
+                              progress=progress, cancel=cancel)
                     k = tiles.k
                 result.cache = encoder.summary()
             if classes is None:
@@ -333,8 +339,8 @@ class _SegmentTiles:
     keeps the adds in order, so the result is the same as blending inline.
     """
 
-    def __init__(self, model: Any, grid: Any, dev: str, k: Optional[int], store: Any, *, weights: str, source: Any,
-                 outputs: SegmentOutputs, encoder: Any, cancel: Any):  # fmt: skip
+    def __init__(self, model: Any, grid: Any, dev: str, k: int | None, store: Any, *, weights: str, source: Any,
+                 outputs: SegmentOutputs, encoder: Any, cancel: Any):
         model.to(dev).eval()
         self.model, self.grid, self.dev, self.k, self.store = model, grid, dev, k, store
         self.weights, self.source, self.outputs, self.encoder, self.cancel = weights, source, outputs, encoder, cancel
@@ -360,7 +366,7 @@ class _SegmentTiles:
         if self.canvas is None:
             self.k = logits.shape[1]
             self.canvas = BandedCanvas(self.grid, self.k, self.store, None if self.dev == "cpu" else self.dev,
-                                       weights=self.weights, on_rows=self.outputs.rows_done)  # fmt: skip
+                                       weights=self.weights, on_rows=self.outputs.rows_done)
         if self.blender is None:
             self._blend(batch.indices.tolist(), logits)
             return
@@ -388,11 +394,11 @@ class _SegmentTiles:
             self.canvas.close()
 
 
-def _label_store(shape: tuple[int, int], tmp: Optional[Path]) -> Any:
+def _label_store(shape: tuple[int, int], tmp: Path | None) -> Any:
     """The level-0 class map, zeros: in memory up to :data:`IN_MEMORY_PIXELS`, else a zarr array in ``tmp``."""
     if shape[0] * shape[1] <= IN_MEMORY_PIXELS or tmp is None:
         return np.zeros(shape, np.uint8)
     import zarr
 
     return zarr.create_array(store=str(tmp / "labels.zarr"), shape=shape, dtype=np.uint8,
-                             chunks=(512, 4096), fill_value=0)  # fmt: skip
+                             chunks=(512, 4096), fill_value=0)

@@ -10,11 +10,11 @@ import torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["default_segment_checkpoint", "load_segmentation_model", "class_names", "tile_geometry", "tile_logits"]
+__all__ = ["class_names", "default_segment_checkpoint", "load_segmentation_model", "tile_geometry", "tile_logits"]
 
 
 def default_segment_checkpoint() -> Path:
@@ -50,7 +50,7 @@ def default_segment_checkpoint() -> Path:
     return min(found, key=rank)[0]
 
 
-def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu") -> tuple[Any, dict, Optional[str]]:
+def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu") -> tuple[Any, dict, str | None]:
     """``(model, card, source)`` from a checkpoint path, a ``(model, card)`` pair or a module.
 
     ``None`` loads :func:`default_segment_checkpoint`. A checkpoint of another family, or a card
@@ -75,11 +75,11 @@ def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu"
         raise CheckpointError(
             source or "the model card", f"lists {len(names)} classes ({', '.join(map(str, names))}) but the model "
             f"predicts {int(k)}.", "Use the card that was saved with these weights, or fix its 'classes'.",
-        )  # fmt: skip
+        )
     return model, dict(card), source
 
 
-def class_names(card: dict, k: Optional[int]) -> Optional[list[str]]:
+def class_names(card: dict, k: int | None) -> list[str] | None:
     """Class names of the card, else ``background, class 1, ...`` for ``k`` outputs (None: unknown yet)."""
     names = card.get("classes")
     if names:
@@ -89,7 +89,7 @@ def class_names(card: dict, k: Optional[int]) -> Optional[list[str]]:
     return ["background"] + [f"class {i}" for i in range(1, int(k))]
 
 
-def tile_geometry(model: Any, card: dict, tile_size: Optional[int], overlap: float) -> tuple[int, int]:
+def tile_geometry(model: Any, card: dict, tile_size: int | None, overlap: float) -> tuple[int, int]:
     """``(tile side, overlap in pixels)`` at the model's µm/px: the argument, else the card's, else the model's."""
     t = int(tile_size or card.get("tile_size") or getattr(model, "input_size", 0) or 256)
     if t < 16:
@@ -100,7 +100,7 @@ def tile_geometry(model: Any, card: dict, tile_size: Optional[int], overlap: flo
     return t, px
 
 
-def tile_logits(model: Any, batch: Any, dev: str, t: int, k: Optional[int], source: Any, encoder: Any = None):
+def tile_logits(model: Any, batch: Any, dev: str, t: int, k: int | None, source: Any, encoder: Any = None):
     """Model logits of a batch of uint8 tiles as ``(B, K, T, T)`` float32 torch on ``dev``.
 
     With an active :class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder` the encoder outputs come
@@ -119,7 +119,7 @@ def tile_logits(model: Any, batch: Any, dev: str, t: int, k: Optional[int], sour
         raise CheckpointError(
             source or "the model", f"produced logits of shape {tuple(logits.shape)}, expected {k} classes "
             "(B, K, H, W) as its model card says.", "Use the card saved with these weights.",
-        )  # fmt: skip
+        )
     logits = logits.float()
     if tuple(logits.shape[-2:]) != (t, t):
         logits = F.interpolate(logits, size=(t, t), mode="bilinear", align_corners=False)

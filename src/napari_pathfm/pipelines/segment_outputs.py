@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import numpy as np
 
 from ..errors import Cancelled, OutputError
 from ..progress import check_cancel, report
 
-__all__ = ["SegmentOutputs", "RowsReady", "write_segmentation", "check_suffix", "GEOJSON_MAX_PIXELS"]
+__all__ = ["GEOJSON_MAX_PIXELS", "RowsReady", "SegmentOutputs", "check_suffix", "write_segmentation"]
 
 #: GeoJSON is traced on the class map downsampled by 2 until it has at most this many pixels.
 GEOJSON_MAX_PIXELS = 64 * 2**20
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
-def check_suffix(path: Optional[PathLike], suffixes: tuple[str, ...], what: str) -> Optional[Path]:
+def check_suffix(path: PathLike | None, suffixes: tuple[str, ...], what: str) -> Path | None:
     """``path`` as a Path, or an OutputError when its name does not end in one of ``suffixes``."""
     if path is None:
         return None
@@ -112,7 +113,7 @@ class SegmentOutputs:
         self.rows = RowsReady(result.labels)
         self.writer = None
 
-    def __enter__(self) -> "SegmentOutputs":
+    def __enter__(self) -> SegmentOutputs:
         from ..io.atomic import atomic_path
 
         self._stack = stack = ExitStack().__enter__()
@@ -126,7 +127,7 @@ class SegmentOutputs:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> Any:
+    def __exit__(self, *exc: object) -> Any:
         suppress = self._stack.__exit__(*exc)
         if exc[0] is None:  # both files are in place now
             if self.out is not None:
@@ -144,10 +145,10 @@ class SegmentOutputs:
         meta = {
             "kind": "segmentation", "source": r.source, "checkpoint": r.checkpoint, "model_mpp": r.model_mpp,
             "tiles": r.n_tiles, "messages": r.messages, "notes": r.notes, "downsample": 1.0, **self.metadata,
-        }  # fmt: skip
+        }
         self.writer = self._pool.submit(write_ome_tiff, self._tmp_out, self.rows, mpp=r.mpp, is_labels=True,
                                         class_names=r.classes, metadata=meta, cancel=self.cancel,
-                                        compressionargs={"level": 1})  # fast zlib: ~1.3x larger masks  # fmt: skip
+                                        compressionargs={"level": 1})  # fast zlib: ~1.3x larger masks
 
     def rows_done(self, rows: int) -> None:
         self.rows.mark(rows)
@@ -179,10 +180,10 @@ class SegmentOutputs:
 def write_segmentation(
     result: Any,
     *,
-    out: Optional[PathLike] = None,
-    geojson: Optional[PathLike] = None,
-    metadata: Optional[dict] = None,
-    progress: Optional[Callable[..., Any]] = None,
+    out: PathLike | None = None,
+    geojson: PathLike | None = None,
+    metadata: dict | None = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> dict[str, Path]:
     """Write the class map as pyramidal OME-TIFF and/or QuPath GeoJSON, all or nothing.

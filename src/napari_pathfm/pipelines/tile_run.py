@@ -106,7 +106,7 @@ def run_mpp(slide: Any, mpp: float | None, card: dict, done: str, do: str) -> fl
                 slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be {done} at {mpp} µm/px.",
                 f"Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to {do} it at its own "
                 "resolution.",
-            )  # fmt: skip
+            )
         # the card's µm/px is not reached: model_notes says so ("has no pixel size (µm/px unknown) ...")
         return None
     return float(target)
@@ -133,7 +133,7 @@ def shared_level(slide: Any, target: float | None, tissue_only: bool, workers: i
 
 def plan_tiles(slide: Any, target: float | None, tile: int, *, what: str, tissue_only: bool = True,
                min_tissue: float = 0.0, overlap: int = 0, workers: int = 2, share: bool = True,
-               mask_mpp: float = 8.0, progress: Any = None, cancel: Any = None) -> tuple[Any, Any, Any]:  # fmt: skip
+               mask_mpp: float = 8.0, progress: Any = None, cancel: Any = None) -> tuple[Any, Any, Any]:
     """``(reader, grid, tissue)``: where tiles are read from, the tiles to run, the tissue mask (or None).
 
     With ``tissue_only`` the grid keeps tiles with more than ``min_tissue`` tissue (mask at
@@ -149,7 +149,7 @@ def plan_tiles(slide: Any, target: float | None, tile: int, *, what: str, tissue
     tissue = None
     if tissue_only:
         tt = compute_tissue_tiles(reader, tile_size=tile, mpp=target, overlap=overlap, min_tissue=min_tissue,
-                                  mask_mpp=mask_mpp, progress=progress, cancel=cancel)  # fmt: skip
+                                  mask_mpp=mask_mpp, progress=progress, cancel=cancel)
         grid, tissue = tt.grid, tt.tissue
     else:
         grid = tile_grid(reader, tile, mpp=target, overlap=overlap)

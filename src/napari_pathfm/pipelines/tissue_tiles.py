@@ -7,9 +7,10 @@ JSON, and an overview PNG with the tissue outline and the kept tiles drawn on it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +33,12 @@ def compute_tissue_tiles(
     slide,
     *,
     tile_size: int = 256,
-    mpp: Optional[float] = 0.5,
-    level: Optional[int] = None,
+    mpp: float | None = 0.5,
+    level: int | None = None,
     overlap: int = 0,
     min_tissue: float = 0.25,
     mask_mpp: float = 8.0,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> TissueTiles:
     """Tissue mask at ``mask_mpp`` and the tile grid at ``mpp`` (or ``level``) keeping tissue tiles.
@@ -58,7 +59,7 @@ def compute_tissue_tiles(
     grid = tile_grid(
         slide, tile_size, mpp=None if level is not None else mpp, level=level,
         overlap=overlap, tissue=tissue, min_tissue=min_tissue,
-    )  # fmt: skip
+    )
     report(progress, 2, 2, f"{len(grid.tiles)} tissue tiles")
     return TissueTiles(slide, tissue, grid)
 
@@ -71,13 +72,13 @@ def overview_png(result: TissueTiles, path: Path, max_size: int = 1600) -> Path:
     from ..io.atomic import atomic_path
 
     thumb = result.slide.thumbnail(max_size)
-    h0, w0 = result.slide.shape
+    h0, _w0 = result.slide.shape
     f = thumb.shape[0] / h0
     tissue = result.tissue
     mask = np.asarray(Image.fromarray(tissue.mask.astype(np.uint8) * 255).resize(
         (max(1, round(tissue.mask.shape[1] * tissue.downsample * f)), max(1, round(tissue.mask.shape[0] * tissue.downsample * f))),
         Image.Resampling.NEAREST,
-    ))[: thumb.shape[0], : thumb.shape[1]] > 0  # fmt: skip
+    ))[: thumb.shape[0], : thumb.shape[1]] > 0
     edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
     img = thumb.copy()
     img[: edge.shape[0], : edge.shape[1]][edge] = (0, 170, 90)
@@ -105,11 +106,11 @@ def write_tissue_tiles(result: TissueTiles, out_dir: Path) -> dict[str, Path]:
             out_dir / f"{stem}.tissue.ome.tif", tissue.mask.astype(np.uint8), mpp=tissue.mpp, is_labels=True,
             class_names=TISSUE_CLASSES,
             metadata={"slide": str(result.slide.path), "downsample": tissue.downsample},
-        ),  # fmt: skip
+        ),
         "tissue_geojson": write_geojson(
             out_dir / f"{stem}.tissue.geojson", tissue.mask.astype(np.uint8), {1: "Tissue"},
             downsample=tissue.downsample, colors=TISSUE_COLOURS,
-        ),  # fmt: skip
+        ),
     }
     csv_path, json_path = out_dir / f"{stem}.tiles.csv", out_dir / f"{stem}.tiles.json"
     with atomic_path(csv_path) as tmp:

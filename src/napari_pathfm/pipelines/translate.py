@@ -62,14 +62,14 @@ __all__ = [
     "load_translation_model",
     "translate_stack",
     "write_translation",
-]  # fmt: skip
+]
 
 #: Canvases with more pixels than this blend in a zarr directory instead of memory.
 IN_MEMORY_PIXELS = 2048 * 2048
 #: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
 ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
 _ROLE_NAMES = {"nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"), "lipids": ("lipids", "lipid", "bodipy", "c02"),
-               "cytoplasm": ("cytoplasm", "cellmask", "c03")}  # fmt: skip
+               "cytoplasm": ("cytoplasm", "cellmask", "c03")}
 
 PathLike = str | Path
 
@@ -153,7 +153,7 @@ class TranslationResult:
             "nuclei": int(self.nuclei_labels.max()) if self.nuclei_labels is not None else None,
             "tiles": self.n_tiles, "pixel_size_um": self.pixel_size, "notes": self.notes, "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
-        }  # fmt: skip
+        }
 
 
 # --------------------------------------------------------------------------- model + card
@@ -260,7 +260,7 @@ def _add_notes(result: TranslationResult, data: Any) -> None:
     notes: list[str] = []
     for label, card in zip(result.checkpoints, result.cards):
         for note in translate_notes(card, label, planes=int(data.shape[0]),
-                                    dtype=data.dtype, pixel_size=result.pixel_size):  # fmt: skip
+                                    dtype=data.dtype, pixel_size=result.pixel_size):
             if note not in notes:
                 notes.append(note)
     result.notes = join_demonstration_notes(notes)

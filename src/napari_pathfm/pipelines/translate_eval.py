@@ -34,7 +34,7 @@ __all__ = ["COLUMNS", "compare_images", "evaluate_translation", "format_table", 
 
 #: Columns of the table, in order (``source`` first).
 COLUMNS = ("source", "channel", "mae_over_median", "psnr", "ssim", "nuclei_real", "nuclei_pred", "count_rel",
-           "area_rel", "intensity_rel", "texture_rel")  # fmt: skip
+           "area_rel", "intensity_rel", "texture_rel")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -108,7 +108,7 @@ def compare_images(pred: Any, real: Any) -> dict:
         "intensity_rel": _rel(m_pred["mean_intensity"], m_real["mean_intensity"]),
         "texture_rel": _rel(m_pred["texture_contrast"], m_real["texture_contrast"]),
         "real": m_real, "pred": m_pred,
-    })  # fmt: skip
+    })
     return out
 
 
@@ -124,7 +124,7 @@ def _label(path: Path) -> str:
 
 _TIFF_LIKE = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".bif")
 _IMAGE_FIX = ("Give a translation checkpoint (.safetensors with its .json card) or one predicted channel as "
-              "OME-TIFF/TIFF/PNG (pathfm translate writes them).")  # fmt: skip
+              "OME-TIFF/TIFF/PNG (pathfm translate writes them).")
 
 
 def _decode_image(path: Path) -> np.ndarray:
@@ -285,14 +285,14 @@ def evaluate_translation(
                 raise InputError(source, "is a checkpoint: it needs the z-stack to translate.", "Pass it with --stack.")
             data = _rows(zs.data, rows, None)
             sub = type(zs)(path=zs.path, data=data, plane_names=zs.plane_names, plane_files=zs.plane_files,
-                           channel_name=zs.channel_name, metadata=zs.metadata)  # fmt: skip
+                           channel_name=zs.channel_name, metadata=zs.metadata)
 
             def step(done: int, total: int, message: str = "", i: int = i) -> None:
                 if progress is not None:
                     progress(i * 1000 + done * 1000 // max(total, 1), len(sources) * 1000, message)
 
             res = translate_stack(sub, source, tile=tile, stride=stride, batch_size=batch_size, device=device,
-                                  nuclei_mask=False, progress=step, cancel=cancel)  # fmt: skip
+                                  nuclei_mask=False, progress=step, cancel=cancel)
             card = res.cards[0]
             cname, pred = _pick_channel(res, card, channel, res.checkpoints[0])
             label = str(card.get("name")) if is_pair else _label(Path(source))
@@ -327,7 +327,7 @@ def format_table(rows: Sequence[dict]) -> str:
     cells = [list(COLUMNS)] + [[_fmt(r.get(c, ""), c.endswith("_rel")) for c in COLUMNS] for r in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(COLUMNS))]
     lines = ["  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths)))
-             for row in cells]  # fmt: skip
+             for row in cells]
     return "\n".join(lines)
 
 

@@ -105,7 +105,7 @@ def stack_array(stack: Any) -> StackPlanes:
     if hasattr(stack, "plane_names"):
         meta = getattr(stack, "metadata", {}) or {}
         return StackPlanes(stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
-                           * stack.n_planes, meta.get("PhysicalSizeX"))  # fmt: skip
+                           * stack.n_planes, meta.get("PhysicalSizeX"))
     if isinstance(stack, (str, Path)):
         from ..io.zstack import open_zstack
 

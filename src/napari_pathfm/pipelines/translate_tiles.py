@@ -23,8 +23,19 @@ import numpy as np
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel
 
-__all__ = ["BlendRun", "CanvasStore", "Forward", "TileOptions", "blockwise", "pad_to", "selector", "tile_bands", "tile_positions",
-           "used_planes", "READ_ONCE_BYTES"]  # fmt: skip
+__all__ = [
+    "READ_ONCE_BYTES",
+    "BlendRun",
+    "CanvasStore",
+    "Forward",
+    "TileOptions",
+    "blockwise",
+    "pad_to",
+    "selector",
+    "tile_bands",
+    "tile_positions",
+    "used_planes",
+]
 
 PathLike = str | Path
 #: Stacks whose planes are single dask chunks and smaller than this are read once, not per band.
@@ -129,7 +140,7 @@ class Forward:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device)
         with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.amp,
-                                                    enabled=self.amp is not None):  # fmt: skip
+                                                    enabled=self.amp is not None):
             out = self.model(x)
         if isinstance(out, tuple) and hasattr(out, "mask_logits"):
             self.has_mask = True

@@ -28,6 +28,6 @@ _EXPORTS = {
     "BandedCanvas": "canvas",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,13 +14,14 @@ are normalised chunk by chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
-__all__ = ["pyramidal_weights", "gaussian_weights", "TileBlender"]
+__all__ = ["TileBlender", "gaussian_weights", "pyramidal_weights"]
 
 _MIN_GAUSSIAN = 1e-4
 _NO_FLAT = (False, False, False, False)
@@ -144,9 +145,9 @@ class TileBlender:
         shape: Sequence[int],
         *,
         dtype: Any = np.float32,
-        weights: Union[str, np.ndarray] = "pyramidal",
+        weights: str | np.ndarray = "pyramidal",
         store: Any = None,
-        chunks: Optional[Sequence[int]] = None,
+        chunks: Sequence[int] | None = None,
         fill_value: float = 0.0,
         sigma_scale: float = 1 / 8,
         flatten_canvas_edges: bool = True,
@@ -186,7 +187,7 @@ class TileBlender:
         """Sum of weights per pixel (numpy or zarr array); 0 where no tile landed."""
         return self._wsum
 
-    def tile_weights(self, h: int, w: int, y: Optional[int] = None, x: Optional[int] = None) -> np.ndarray:
+    def tile_weights(self, h: int, w: int, y: int | None = None, x: int | None = None) -> np.ndarray:
         """The weight profile of an (h, w) tile, placed at (y, x) when given."""
         if isinstance(self.weights, np.ndarray):
             if self.weights.shape != (h, w):

@@ -25,13 +25,13 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CacheEntry", "EntryOwner", "FORMAT", "as_tensor", "lock_holder_alive"]
+__all__ = ["FORMAT", "CacheEntry", "EntryOwner", "as_tensor", "lock_holder_alive"]
 
 #: Version of the entry layout in every key: entries of another version are never opened.
 FORMAT = "pathfm-tile-embeddings/2"
@@ -56,7 +56,7 @@ class EntryOwner(Protocol):
     #: Store every encoded tile, even when storing is slower than encoding.
     always_store: bool
 
-    def trim(self, keep: Optional[Path] = None) -> Any:
+    def trim(self, keep: Path | None = None) -> Any:
         """Delete least recently used entries (never ``keep``) until the cache fits its cap."""
 
 
@@ -100,16 +100,16 @@ class CacheEntry:
     """
 
     def __init__(self, cache: EntryOwner, path: Path, key: dict, grid_shape: tuple[int, int], *,
-                 n_tiles: int = 0, repair: bool = True):  # fmt: skip
+                 n_tiles: int = 0, repair: bool = True):
         self.cache, self.path, self.key, self.grid_shape = cache, path, key, tuple(grid_shape)
         self.n_tiles, self.repair = int(n_tiles), bool(repair)
         self._group = self._data = self._tab = None
-        self._index: Optional[np.ndarray] = None
-        self._table: Optional[np.ndarray] = None
+        self._index: np.ndarray | None = None
+        self._table: np.ndarray | None = None
         self._next = 0
-        self._declined: Optional[str] = None
+        self._declined: str | None = None
         self._locked = False
-        self._lock_problem: Optional[str] = None
+        self._lock_problem: str | None = None
         self._opened = False
         self.added = 0
         self.read_tiles = 0
@@ -117,13 +117,13 @@ class CacheEntry:
         #: Tiles (grid mask) found damaged and dropped in this process.
         self.damaged = np.zeros(self.grid_shape, bool)
         #: Why the entry's metadata was unreadable (it was then started again, or left alone when not ``repair``).
-        self.rebuilt: Optional[str] = None
+        self.rebuilt: str | None = None
         #: The index was damaged and rebuilt from the row table.
         self.index_fixed = False
         #: Why damage found could not be repaired (read-only folder, lock held, …).
-        self.unrepaired: Optional[str] = None
+        self.unrepaired: str | None = None
         #: Why the entry cannot be used at all in this run (unreadable and not removable).
-        self.unusable: Optional[str] = None
+        self.unusable: str | None = None
 
     # -- opening and checking ------------------------------------------------------------------
     def _open_existing(self) -> None:
@@ -159,7 +159,7 @@ class CacheEntry:
         self._group, self._data, self._tab, self._table = group, data.with_config({"write_empty_chunks": True}), tab, table
         self._reconcile(index, bad_table)
 
-    def _reconcile(self, index: Optional[np.ndarray], bad_table: np.ndarray) -> None:
+    def _reconcile(self, index: np.ndarray | None, bad_table: np.ndarray) -> None:
         """Make the index agree with the row table, drop tiles whose rows the table does not back or whose
         data chunk is missing or truncated, and write the repaired index and table (when allowed).
 
@@ -217,7 +217,7 @@ class CacheEntry:
         self.unusable = problem
         self.writable = False
 
-    def verify(self, rows: Optional[np.ndarray] = None, batch_bytes: int = 64 << 20) -> int:
+    def verify(self, rows: np.ndarray | None = None, batch_bytes: int = 64 << 20) -> int:
         """Read and check the data rows ``rows`` (default: every stored row), about ``batch_bytes`` at a
         time; damaged ones are dropped as :meth:`read` does. Returns the number of tiles found damaged."""
         self._open_existing()
@@ -322,7 +322,7 @@ class CacheEntry:
             except OSError:
                 pass
 
-    def _cannot_write(self) -> Optional[str]:
+    def _cannot_write(self) -> str | None:
         """None when this process may write the entry now (takes the lock), else why not."""
         if not self.repair:
             return "checking only"
@@ -330,7 +330,7 @@ class CacheEntry:
             return self._lock_problem
         return None
 
-    def _write_index(self, tiles: Optional[np.ndarray] = None) -> None:
+    def _write_index(self, tiles: np.ndarray | None = None) -> None:
         """Write the index from memory: all of it, or the chunks holding ``tiles``; always whole chunks,
         so a damaged chunk on disk is replaced without being read."""
         import zarr
@@ -430,7 +430,7 @@ class CacheEntry:
             self._data[start : start + len(packed)] = packed
         except OSError:
             raise
-        except Exception as exc:  # noqa: BLE001 - read-modify-write of a damaged chunk
+        except Exception as exc:
             per = self._data.chunks[0]
             log.debug("embedding cache %s: rewriting a damaged chunk (%s)", self.path, _reason(exc))
             self._drop(chunks=[start // per, (start + len(packed) - 1) // per])
@@ -464,14 +464,14 @@ class CacheEntry:
         for name in sorted(arrays):
             a = arrays[name]
             layout.append({"name": name, "dtype": dtypes[name], "storage": a.dtype.str, "shape": list(a.shape[1:]),
-                           "offset": offset, "nbytes": int(a[0].nbytes) if len(a) else 0})  # fmt: skip
+                           "offset": offset, "nbytes": int(a[0].nbytes) if len(a) else 0})
             offset += layout[-1]["nbytes"]
         capacity = max(1, self.grid_shape[0] * self.grid_shape[1])  # unwritten chunks take no space
         per_chunk = int(min(256, max(1, CHUNK_BYTES // max(1, offset))))
         data = group.create_array(DATA, shape=(capacity, offset), chunks=(per_chunk, offset), dtype="uint8",
-                                  compressors=[Crc32cCodec()], overwrite=True)  # fmt: skip
+                                  compressors=[Crc32cCodec()], overwrite=True)
         tab = group.create_array(TABLE, shape=(capacity, 3), chunks=(TABLE_CHUNK, 3), dtype="int64", fill_value=-1,
-                                 compressors=[Crc32cCodec()], overwrite=True)  # fmt: skip
+                                 compressors=[Crc32cCodec()], overwrite=True)
         _create_index(group, *self.grid_shape)
         group.attrs.update({"key": self.key, "layout": layout})
         self._group, self._data, self._tab = group, data.with_config({"write_empty_chunks": True}), tab
@@ -498,7 +498,7 @@ class CacheEntry:
             self._group.attrs["declined"] = reason
 
     @property
-    def declined(self) -> Optional[str]:
+    def declined(self) -> str | None:
         """Why tiles of this key are not stored (a decision of an earlier run), or None."""
         self._open_existing()
         return self._declined
@@ -532,7 +532,7 @@ class CacheEntry:
         except OSError:
             pass
 
-    def __enter__(self) -> "CacheEntry":
+    def __enter__(self) -> CacheEntry:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -549,10 +549,10 @@ def _create_index(group: Any, rows: int, cols: int) -> Any:
     from zarr.codecs import Crc32cCodec
 
     return group.create_array(INDEX, shape=(rows, cols), chunks=(min(rows, 1024), min(cols, 1024)), dtype="int32",
-                              fill_value=-1, compressors=[Crc32cCodec()], overwrite=True)  # fmt: skip
+                              fill_value=-1, compressors=[Crc32cCodec()], overwrite=True)
 
 
-def _read_whole(group: Any, name: str, shape: tuple[int, int]) -> Optional[np.ndarray]:
+def _read_whole(group: Any, name: str, shape: tuple[int, int]) -> np.ndarray | None:
     """The index, or None when its metadata or a chunk is damaged (or a chunk of it is missing while
     the table says tiles are stored: found by :meth:`CacheEntry._reconcile`)."""
     try:
@@ -588,7 +588,7 @@ def _index_from_table(table: np.ndarray, grid_shape: tuple[int, int]) -> np.ndar
     return index
 
 
-def _to_numpy(v: Any, want: Optional[str] = None) -> tuple[np.ndarray, str]:
+def _to_numpy(v: Any, want: str | None = None) -> tuple[np.ndarray, str]:
     """``(array to store, torch dtype name)``: float32 and float16 as they are, bfloat16 as its int16
     bits (numpy has no bfloat16), so a cached output is bit for bit the one the encoder gave."""
     if not hasattr(v, "detach"):
@@ -612,12 +612,12 @@ def _pack(arrays: dict[str, np.ndarray], layout: list, b: int) -> np.ndarray:
         a = arrays[item["name"]]
         if list(a.shape[1:]) != item["shape"] or a.dtype.str != item["storage"]:
             raise ValueError(f"output {item['name']!r} is {a.dtype} {a.shape[1:]}, stored {item['storage']} "
-                             f"{tuple(item['shape'])}")  # fmt: skip
+                             f"{tuple(item['shape'])}")
         rows[:, item["offset"] : item["offset"] + item["nbytes"]] = np.ascontiguousarray(a).reshape(b, -1).view(np.uint8)
     return rows
 
 
-def _unpack(raw: Optional[np.ndarray], layout: list, b: int) -> dict[str, np.ndarray]:
+def _unpack(raw: np.ndarray | None, layout: list, b: int) -> dict[str, np.ndarray]:
     out = {}
     for item in layout:
         dt = np.dtype(item["storage"])

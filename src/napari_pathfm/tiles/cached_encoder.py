@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +35,7 @@ __all__ = ["CachedEncoder", "cache_note", "encoder_key", "stored_batches"]
 MIN_TILES = 8
 
 
-def encoder_key(spec: dict, preprocess: dict, precision: Optional[str]) -> dict:
+def encoder_key(spec: dict, preprocess: dict, precision: str | None) -> dict:
     """The encoder part of a cache key: name, config, weights hash, how pixels were normalised, precision."""
     return {
         "name": str(spec["name"]),
@@ -64,12 +64,12 @@ class CachedEncoder:
     """
 
     def __init__(self, model: Any, slide: Any, grid: Any, *, cache: Any = None, preprocess: dict,
-                 precision: Optional[str] = None):  # fmt: skip
+                 precision: str | None = None):
         self.model, self.grid = model, grid
         self.entry = None
-        self.rows: Optional[np.ndarray] = None
+        self.rows: np.ndarray | None = None
         self.computed = self.reused = 0
-        self.decision: Optional[str] = None
+        self.decision: str | None = None
         self._batches, self._timed, self._encode_s, self._store_s = 0, 0, 0.0, 0.0
         self._rows_before = 0
         self._verified = False
@@ -135,7 +135,7 @@ class CachedEncoder:
         if x is None:
             raise ResourceError(self.entry.path, f"the cached tiles of {self.slide_name} changed during the run "
                                 "(damaged on disk or by another process).",
-                                "Run the command again: damaged tiles are recomputed.")  # fmt: skip
+                                "Run the command again: damaged tiles are recomputed.")
         fresh = self._encode(indices, x, hit)
         self.computed += int((~hit).sum())
         if not hit.any():
@@ -225,9 +225,9 @@ class CachedEncoder:
                 log.warning("embedding cache %s: %s", self.entry.path, exc)
             if self.computed or self.reused:
                 log.info("embedding cache: %d tiles encoded, %d read from %s", self.computed, self.reused,
-                         self.entry.path)  # fmt: skip
+                         self.entry.path)
 
-    def __enter__(self) -> "CachedEncoder":
+    def __enter__(self) -> CachedEncoder:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,7 +244,7 @@ def stored_batches(grid: Any, batch_size: int):
         yield TileBatch(idx, tiles[idx], None)
 
 
-def cache_note(summary: Optional[dict]) -> str:
+def cache_note(summary: dict | None) -> str:
     """One sentence for a widget's status line about what the cache did in a run, with the damage it found
     and repaired ("" when nothing)."""
     n = int((summary or {}).get("tiles_from_cache") or 0)

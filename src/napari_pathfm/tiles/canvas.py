@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
-__all__ = ["BandedCanvas", "first_argmax", "BAND_BYTES"]
+__all__ = ["BAND_BYTES", "BandedCanvas", "first_argmax"]
 
 #: Memory budget of the blending accumulators of one band (float32 sums + weights).
 BAND_BYTES = 256 * 2**20
@@ -60,7 +61,7 @@ class BandedCanvas:
     """
 
     def __init__(self, grid: Any, n_classes: int, store: Any, device: Any = None, *, weights: str = "pyramidal",
-                 on_rows: Optional[Callable[[int], None]] = None):  # fmt: skip
+                 on_rows: Callable[[int], None] | None = None):
         from .blend import TileBlender
 
         self.k, self.store, self.on_rows = int(n_classes), store, on_rows

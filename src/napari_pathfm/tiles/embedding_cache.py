@@ -36,9 +36,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +47,17 @@ from .cache_entry import FORMAT, INDEX, LOCK, USED, CacheEntry, lock_holder_aliv
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EmbeddingCache", "CacheEntry", "EntryInfo", "FORMAT", "resolve_cache", "weights_sha256",
-           "default_cache_dir"]
+__all__ = [
+    "FORMAT",
+    "CacheEntry",
+    "EmbeddingCache",
+    "EntryInfo",
+    "default_cache_dir",
+    "resolve_cache",
+    "weights_sha256",
+]
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def default_cache_dir() -> Path:
@@ -62,7 +70,7 @@ def _max_bytes() -> int:
     return int(float(os.environ.get("PATHFM_CACHE_MAX_GB", "50")) * (1 << 30))
 
 
-def resolve_cache(cache: Any = None) -> Optional["EmbeddingCache"]:
+def resolve_cache(cache: Any = None) -> EmbeddingCache | None:
     """The cache a pipeline should use: ``None`` → the default one unless ``PATHFM_CACHE=0``;
     ``False`` → none; a folder → a cache there; an :class:`EmbeddingCache` → itself."""
     if cache is False:
@@ -109,7 +117,7 @@ def grid_key(grid: Any) -> dict:
         "tile_size": int(grid.tile_size), "overlap": int(grid.overlap), "grid_shape": [int(v) for v in grid.grid_shape],
         "target_mpp": None if grid.target_mpp is None else float(grid.target_mpp),
         "mpp": None if grid.mpp is None else round(float(grid.mpp), 9),
-    }  # fmt: skip
+    }
 
 
 def _hash(obj: Any) -> str:
@@ -151,11 +159,11 @@ class EntryInfo:
     bytes: int
     last_used: float
     stale: bool
-    declined: Optional[str] = None
+    declined: str | None = None
     health: str = "unverified"
     damaged: int = 0
     wanted: int = 0
-    problem: Optional[str] = None
+    problem: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -177,7 +185,7 @@ class EntryInfo:
         return {"path": str(self.path), "slide": self.slide, "encoder": self.encoder, "tiles": self.tiles,
                 "bytes": self.bytes, "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_used)),
                 "stale": self.stale, "declined": self.declined, "health": self.health, "damaged": self.damaged,
-                "wanted": self.wanted, "problem": self.problem}  # fmt: skip
+                "wanted": self.wanted, "problem": self.problem}
 
 
 class EmbeddingCache:
@@ -195,7 +203,7 @@ class EmbeddingCache:
         stops storing then; see :class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder`).
     """
 
-    def __init__(self, root: Optional[PathLike] = None, max_bytes: Optional[int] = None, always_store: bool = False):
+    def __init__(self, root: PathLike | None = None, max_bytes: int | None = None, always_store: bool = False):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.max_bytes = _max_bytes() if max_bytes is None else int(max_bytes)
         self.always_store = bool(always_store)
@@ -203,7 +211,7 @@ class EmbeddingCache:
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.root)!r})"
 
-    def open(self, slide: Any, grid: Any, encoder: dict) -> "CacheEntry":
+    def open(self, slide: Any, grid: Any, encoder: dict) -> CacheEntry:
         """The entry of ``slide`` tiled as ``grid`` for ``encoder`` (a JSON-able description that
         includes its weights hash); created on the first :meth:`CacheEntry.append`."""
         sig = slide.signature()
@@ -213,7 +221,7 @@ class EmbeddingCache:
                       "level_shapes": [list(s) for s in sig.level_shapes]},
             "encoder": encoder,
             "tiles": grid_key(grid),
-        }  # fmt: skip
+        }
         folder = self.root / f"{_safe(Path(sig.path).stem)}-{sig.key()}"
         path = folder / f"{_safe(str(encoder.get('name', 'encoder')))}-{_hash(key)}.zarr"
         return CacheEntry(self, path, key, tuple(int(v) for v in grid.grid_shape), n_tiles=len(grid))
@@ -248,17 +256,16 @@ class EmbeddingCache:
             entry.close()
         return _health(info, entry, full=full, repair=repair)
 
-    def clear(self, slide: Optional[PathLike] = None, *, stale_only: bool = False) -> list[EntryInfo]:
+    def clear(self, slide: PathLike | None = None, *, stale_only: bool = False) -> list[EntryInfo]:
         """Delete entries: all of them, those of one ``slide`` file, or those whose slide changed or is gone."""
         target = str(Path(slide).expanduser().resolve()) if slide is not None else None
         removed = []
         for e in self.entries(check=False):
-            if (target is None or e.slide == target) and (not stale_only or e.stale):
-                if _remove_entry(e.path):
-                    removed.append(e)
+            if (target is None or e.slide == target) and (not stale_only or e.stale) and _remove_entry(e.path):
+                removed.append(e)
         return removed
 
-    def trim(self, keep: Optional[Path] = None) -> list[EntryInfo]:
+    def trim(self, keep: Path | None = None) -> list[EntryInfo]:
         """Delete least recently used entries (never ``keep``) until the cache fits :attr:`max_bytes`."""
         entries = self.entries(check=False)
         total = sum(e.bytes for e in entries)
@@ -275,7 +282,7 @@ class EmbeddingCache:
         return removed
 
 
-def _read_attrs(path: Path, any_format: bool = False) -> Optional[dict]:
+def _read_attrs(path: Path, any_format: bool = False) -> dict | None:
     """The attributes of an entry's group (its ``key``, ``layout``, ``declined``); None if it is not one
     (of this :data:`FORMAT`, unless ``any_format``)."""
     try:
@@ -291,7 +298,7 @@ def _key_complete(key: dict) -> bool:
     """The key has what listing and checking an entry need (slide path, encoder, grid shape)."""
     try:
         return (len([int(v) for v in key["tiles"]["grid_shape"]]) == 2 and isinstance(key["slide"]["path"], str)
-                and isinstance(key["encoder"], dict))  # fmt: skip
+                and isinstance(key["encoder"], dict))
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -307,14 +314,14 @@ def _quick_info(path: Path) -> EntryInfo:
             slide = key.get("slide") if isinstance(key.get("slide"), dict) else {}
             return EntryInfo(slide=str(slide.get("path", path.parent.name)), encoder=str(path.stem.rsplit("-", 1)[0]),
                              tiles=0, stale=_is_stale(slide), health="old format",
-                             problem=f"{key.get('format')}, never used", **common)  # fmt: skip
+                             problem=f"{key.get('format')}, never used", **common)
         return EntryInfo(slide=path.parent.name, encoder=str(path.stem.rsplit("-", 1)[0]), tiles=0, stale=False,
-                         health="unreadable", problem="its zarr.json cannot be read", **common)  # fmt: skip
+                         health="unreadable", problem="its zarr.json cannot be read", **common)
     key = attrs["key"]
     slide = key["slide"]
     return EntryInfo(slide=slide["path"], encoder=str(key["encoder"].get("name")), tiles=_count_tiles(path),
                      stale=_is_stale(slide), declined=attrs.get("declined"),
-                     health="declined" if attrs.get("declined") else "unverified", **common)  # fmt: skip
+                     health="declined" if attrs.get("declined") else "unverified", **common)
 
 
 def _health(info: EntryInfo, entry: CacheEntry, *, full: bool, repair: bool) -> EntryInfo:
@@ -350,7 +357,7 @@ def _count_tiles(path: Path) -> int:
 
         index = zarr.open_array(str(path / INDEX), mode="r")[...]
         return int((index >= 0).sum())
-    except Exception:  # an entry another process is creating or a damaged one: counted as empty
+    except Exception:  # noqa: BLE001 - an entry another process is creating or a damaged one: counted as empty
         return 0
 
 

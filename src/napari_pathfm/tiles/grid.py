@@ -17,14 +17,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
 from ..errors import SlideError
 from .tissue import TissueMask
 
-__all__ = ["TileGrid", "tile_grid", "choose_level"]
+__all__ = ["TileGrid", "choose_level", "tile_grid"]
 
 
 @dataclass
@@ -69,12 +69,12 @@ class TileGrid:
     tile_size: int
     overlap: int
     scale: float
-    mpp: Optional[float]
-    target_mpp: Optional[float]
+    mpp: float | None
+    target_mpp: float | None
     grid_shape: tuple[int, int]
     level0_shape: tuple[int, int]
-    tissue_fraction: Optional[np.ndarray] = None
-    slide_path: Optional[str] = None
+    tissue_fraction: np.ndarray | None = None
+    slide_path: str | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ class TileGrid:
         y, x = (int(v) for v in np.rint(self.tiles[i] / self.level_downsample))
         return self.level, y, x, self.read_size, self.read_size
 
-    def subset(self, keep: Any) -> "TileGrid":
+    def subset(self, keep: Any) -> TileGrid:
         """A grid with only the tiles selected by ``keep`` (bool mask or indices), order kept."""
         keep = np.asarray(keep)
         if keep.dtype != bool:
@@ -143,7 +143,7 @@ class TileGrid:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TileGrid":
+    def from_dict(cls, d: dict) -> TileGrid:
         kw = {k: d.get(k) for k in _SCALARS}
         return cls(
             tiles=np.asarray(d["tiles"], np.int64).reshape(-1, 2),
@@ -154,7 +154,7 @@ class TileGrid:
             **kw,
         )
 
-    def to_json(self, path: Union[str, Path, None] = None) -> str:
+    def to_json(self, path: str | Path | None = None) -> str:
         """Serialise to JSON text, and write it to ``path`` when given."""
         text = json.dumps(self.to_dict(), default=_json_default)
         if path is not None:
@@ -162,13 +162,13 @@ class TileGrid:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: Union[str, Path]) -> "TileGrid":
+    def from_json(cls, text_or_path: str | Path) -> TileGrid:
         """Load a grid from JSON text or from a file written by :meth:`to_json`."""
         if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
             text_or_path = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text_or_path))
 
-    def to_csv(self, path: Union[str, Path]) -> None:
+    def to_csv(self, path: str | Path) -> None:
         """Write one row per tile: index, row, col, level-0 y, x, size and tissue fraction."""
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
@@ -216,10 +216,10 @@ def tile_grid(
     slide: Any,
     tile_size: int = 256,
     *,
-    mpp: Optional[float] = None,
-    level: Optional[int] = None,
+    mpp: float | None = None,
+    level: int | None = None,
     overlap: int = 0,
-    tissue: Optional[TissueMask] = None,
+    tissue: TissueMask | None = None,
     min_tissue: float = 0.25,
 ) -> TileGrid:
     """Lay a grid of square tiles over a slide at a target resolution.

@@ -10,8 +10,9 @@ iterator stops the threads before it returns.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -20,8 +21,16 @@ from ..errors import Cancelled, PathFMError, SlideError
 from ..progress import check_cancel, is_cancelled, report
 from .grid import TileGrid
 
-__all__ = ["Tile", "TileBatch", "read_tile", "resize_tile", "iter_tiles", "iter_tile_batches", "level_in_memory",
-           "native_tile_cache"]  # fmt: skip
+__all__ = [
+    "Tile",
+    "TileBatch",
+    "iter_tile_batches",
+    "iter_tiles",
+    "level_in_memory",
+    "native_tile_cache",
+    "read_tile",
+    "resize_tile",
+]
 
 #: Memory a decoded level may take to be held whole (:func:`level_in_memory`), or a few rows of
 #: its native tiles (:func:`native_tile_cache`).
@@ -84,10 +93,10 @@ def iter_tiles(
     slide: Any,
     grid: TileGrid,
     *,
-    indices: Optional[Sequence[int]] = None,
+    indices: Sequence[int] | None = None,
     prefetch: int = 8,
     workers: int = 2,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> Iterator[Tile]:
     """Yield the tiles of ``grid`` in order, read ahead by background threads.
@@ -134,7 +143,7 @@ def iter_tiles(
             yield tile
         return
 
-    def job(i: int) -> Optional[Tile]:
+    def job(i: int) -> Tile | None:
         if is_cancelled(cancel):
             return None
         return make(i)
@@ -253,7 +262,7 @@ class _TileCachedLevel(_LevelView):
 
 
 def level_in_memory(slide: Any, level: int, *, workers: int = 2, max_bytes: int = LEVEL_CACHE_BYTES,
-                    cancel: Any = None) -> Any:  # fmt: skip
+                    cancel: Any = None) -> Any:
     """``slide`` with ``level`` decoded once, whole, into memory (in strips, by ``workers`` threads).
 
     For slides whose level is read more than once, e.g. a one-level slide where the tissue mask and

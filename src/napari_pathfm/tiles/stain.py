@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import numpy as np
 
 from .tissue import rgb_tissue_mask, tissue_stain
 
 __all__ = [
-    "MIN_STD", "stain_reference", "stain_reference_from_paths", "stain_reference_from_folder",
+    "MIN_STD",
     "record_in_card",
-]  # fmt: skip
+    "stain_reference",
+    "stain_reference_from_folder",
+    "stain_reference_from_paths",
+]
 
 #: floor of the reference's between-image standard deviation (RGB, 0-1)
 MIN_STD = 0.02
@@ -42,7 +45,7 @@ STEP = 8
 _IMAGE_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
-def stain_reference(images: Iterable[np.ndarray]) -> Optional[dict]:
+def stain_reference(images: Iterable[np.ndarray]) -> dict | None:
     """A card's ``stain``: mean and between-image spread of the images' mean tissue colours.
 
     Each image's tissue is found with :func:`~napari_pathfm.tiles.tissue.rgb_tissue_mask`;
@@ -58,11 +61,11 @@ def stain_reference(images: Iterable[np.ndarray]) -> Optional[dict]:
     means = np.asarray(means, float)
     std = np.maximum(means.std(axis=0), MIN_STD)
     return {"mean": [round(float(v), 3) for v in means.mean(axis=0)],
-            "std": [round(float(v), 3) for v in std], "images": int(len(means))}  # fmt: skip
+            "std": [round(float(v), 3) for v in std], "images": len(means)}
 
 
 def stain_reference_from_paths(paths, *, step: int = STEP, max_images: int = 200,
-                               min_images: int = 10) -> Optional[dict]:
+                               min_images: int = 10) -> dict | None:
     """:func:`stain_reference` of image files (each read at 1/``step``), as a training task records it.
 
     At most ``max_images`` files are read, spread evenly over the list (a tile data set has
@@ -84,7 +87,7 @@ def stain_reference_from_paths(paths, *, step: int = STEP, max_images: int = 200
     return stain_reference(images())
 
 
-def stain_reference_from_folder(folder: str | Path, step: int = STEP) -> Optional[dict]:
+def stain_reference_from_folder(folder: str | Path, step: int = STEP) -> dict | None:
     """:func:`stain_reference` of every image in ``folder`` (PNG/BMP/JPEG/TIFF), each read at 1/``step``."""
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
     return stain_reference_from_paths(paths, step=step, max_images=len(paths) or 1, min_images=1)
@@ -106,10 +109,10 @@ def record_in_card(card_path: str | Path, images_folder: str | Path) -> dict:
     lines = text.splitlines()
     indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 else 2
     card["stain"] = {**ref, "source": "/".join(Path(images_folder).resolve().parts[-3:]),
-                     "how": "mean tissue RGB (0-1) per image at 1/8 size; std between images"}  # fmt: skip
+                     "how": "mean tissue RGB (0-1) per image at 1/8 size; std between images"}
     with atomic_path(card_path) as tmp:
         Path(tmp).write_text(json.dumps(card, indent=indent or None, ensure_ascii="\\u" in text) + "\n",
-                             encoding="utf-8")  # fmt: skip
+                             encoding="utf-8")
     return card["stain"]
 
 

@@ -13,8 +13,9 @@ gaps, removes specks of dust and fills holes such as gland lumens and fat.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -22,7 +23,7 @@ from skimage import filters, morphology
 
 from ..progress import check_cancel, report
 
-__all__ = ["TissueMask", "tissue_mask", "rgb_tissue_mask", "tissue_stain"]
+__all__ = ["TissueMask", "rgb_tissue_mask", "tissue_mask", "tissue_stain"]
 
 DEFAULT_DOWNSAMPLE = 32.0
 #: grey level (0-255) at and above which a tissue-mask pixel is lumen/glass, not stained tissue
@@ -57,14 +58,14 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
     level0_shape: tuple[int, int]
-    mpp: Optional[float] = None
-    stain: Optional[dict] = None
+    mpp: float | None = None
+    stain: dict | None = None
 
     def __post_init__(self) -> None:
         self.mask = np.asarray(self.mask, dtype=bool)
         self.downsample = float(self.downsample)
         self.level0_shape = (int(self.level0_shape[0]), int(self.level0_shape[1]))
-        self._integral: Optional[np.ndarray] = None
+        self._integral: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,9 +158,9 @@ def rgb_tissue_mask(
     rgb: np.ndarray,
     *,
     method: str = "otsu",
-    saturation_threshold: Optional[float] = None,
-    exclude_white: Optional[float] = 220.0,
-    exclude_dark: Optional[float] = 40.0,
+    saturation_threshold: float | None = None,
+    exclude_white: float | None = 220.0,
+    exclude_dark: float | None = 40.0,
     closing_radius: int = 2,
     opening_radius: int = 1,
     min_object_area_px: int = 16,
@@ -206,7 +207,7 @@ def rgb_tissue_mask(
     return tissue.astype(bool)
 
 
-def tissue_stain(rgb: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional[dict]:
+def tissue_stain(rgb: np.ndarray, mask: np.ndarray | None = None) -> dict | None:
     """Mean and standard deviation (RGB, 0-1) of the stained tissue pixels of ``rgb``.
 
     Parameters
@@ -238,7 +239,7 @@ def tissue_stain(rgb: np.ndarray, mask: Optional[np.ndarray] = None) -> Optional
     if len(pixels) == 0:
         return None
     return {"mean": [round(float(v), 3) for v in pixels.mean(axis=0)],
-            "std": [round(float(v), 3) for v in pixels.std(axis=0)], "pixels": int(len(pixels))}  # fmt: skip
+            "std": [round(float(v), 3) for v in pixels.std(axis=0)], "pixels": len(pixels)}
 
 
 def _otsu(values: np.ndarray, default: float) -> float:
@@ -259,18 +260,18 @@ def tissue_mask(
     slide_or_rgb: Any,
     *,
     mpp: float = 8.0,
-    downsample: Optional[float] = None,
-    image_mpp: Optional[float] = None,
+    downsample: float | None = None,
+    image_mpp: float | None = None,
     method: str = "otsu",
-    saturation_threshold: Optional[float] = None,
-    exclude_white: Optional[float] = 220.0,
-    exclude_dark: Optional[float] = 40.0,
+    saturation_threshold: float | None = None,
+    exclude_white: float | None = 220.0,
+    exclude_dark: float | None = 40.0,
     closing_radius: int = 2,
     opening_radius: int = 1,
     min_object_area_um2: float = 10_000.0,
-    min_object_area_px: Optional[int] = None,
+    min_object_area_px: int | None = None,
     fill_holes: bool = True,
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> TissueMask:
     """Find the tissue on a slide (or on an RGB image) at low resolution.

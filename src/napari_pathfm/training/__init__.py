@@ -23,6 +23,6 @@ _LAZY = {
     "ClassFolderDataset": "datasets",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = list(_LAZY)
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypedDict
+from typing import Any, TypedDict
 
 import lightning as L
 
 from ..io.jsonsafe import finite_or_none
 from ..progress import is_cancelled, report
 
-__all__ = ["TrainEvent", "EngineCallback", "floats"]
+__all__ = ["EngineCallback", "TrainEvent", "floats"]
 
 
 class TrainEvent(TypedDict, total=False):

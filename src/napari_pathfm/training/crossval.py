@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from ..errors import RecipeError
 from ..progress import report
 from .recipes import load_recipe
 
-__all__ = ["CVResult", "run_cv", "cv_command", "summarize"]
+__all__ = ["CVResult", "cv_command", "run_cv", "summarize"]
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _fold_ids(recipe, k: int | None) -> tuple[list[int], str]:
             raise RecipeError(
                 recipe.get("data.csv"), f"has {len(ids)} folds in its fold column but {k} were asked for.",
                 "Leave k out to use the CSV's folds, or remove the fold column to deal k folds.",
-            )  # fmt: skip
+            )
         return ids, "csv fold column"
     k = int(k or recipe.get("data.n_folds") or 5)
     if k < 2:
@@ -153,7 +154,7 @@ def run_cv(
         raise RecipeError(
             rec.path or "<recipe>", f"is a {rec.get('family')!r} recipe; cross-validation runs mil recipes.",
             "Use a recipe from training/s4mil/.",
-        )  # fmt: skip
+        )
     out = Path(output or f"{rec.get('output') or Path('runs') / rec.name}_cv").resolve()
     ids, source = _fold_ids(rec, k)
     folds, cancelled = [], False
@@ -175,14 +176,14 @@ def run_cv(
         result = run_recipe(
             rec, fold_overrides, output=fold_out, progress=fold_progress if progress else None, cancel=cancel,
             device=device, resume=resume, on_event=fold_event if on_event else None,
-        )  # fmt: skip
+        )
         best = result.best_metrics
         record = {
             "fold": fold, "output": str(fold_out), "checkpoint": str(result.checkpoint),
             "val_loss": best.get("val_loss"), "val_acc": best.get("val_acc"), "val_auroc": best.get("val_auroc"),
             **({"val_patch_auroc": best["val_patch_auroc"]} if "val_patch_auroc" in best else {}),
             "epoch": best.get("epoch"), "epochs_run": result.epoch, "stopped_early": result.stopped_early,
-        }  # fmt: skip
+        }
         if result.cancelled:
             cancelled = True
             folds.append({**record, "cancelled": True})

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..errors import Cancelled, CorrectionError
 
-__all__ = ["finetune_recipe", "finetune_from_corrections", "default_output"]
+__all__ = ["default_output", "finetune_from_corrections", "finetune_recipe"]
 
 
 def _pairs(folder: Path) -> list[str]:
@@ -67,8 +68,8 @@ def finetune_recipe(
     epochs: int = 5,
     lr: float = 1e-4,
     batch_size: int = 4,
-    base_root: Optional[str | Path] = None,
-    output: Optional[str | Path] = None,
+    base_root: str | Path | None = None,
+    output: str | Path | None = None,
     seed: int = 0,
 ):
     """A ``segment`` recipe that continues training ``checkpoint`` on the corrections.
@@ -98,7 +99,7 @@ def finetune_recipe(
         raise CorrectionError(
             corrections, "holds no corrected tiles (images/*.png with masks/*.png).",
             "Paint on the segmentation layer with 'Record corrections' on, then fine-tune.",
-        )  # fmt: skip
+        )
     tile = int(card.get("tile_size") or (card.get("config") or {}).get("image_size") or 256)
     mpp = card.get("input_mpp")
     corr = {"path": str(corrections), "mpp": mpp, "mask_format": "index"}
@@ -109,7 +110,7 @@ def finetune_recipe(
         # two or more: a seeded ~20 % (at least one tile) is held out and picks the best epoch
         _, val = split_names(names, val_fraction=0.2, seed=seed) if len(names) > 1 else (names, [])
         data = {"root": str(corrections), "mask_format": "index", "mpp": mpp,
-                "val_names": val, "extra_dirs": []}  # fmt: skip
+                "val_names": val, "extra_dirs": []}
     else:
         data = {"root": str(base_root), "extra_dirs": [{**corr, "repeat": 4}], "mpp": card.get("data_mpp") or mpp}
     data.update(
@@ -135,12 +136,12 @@ def finetune_from_corrections(
     *,
     epochs: int = 5,
     lr: float = 1e-4,
-    base_root: Optional[str | Path] = None,
-    output: Optional[str | Path] = None,
+    base_root: str | Path | None = None,
+    output: str | Path | None = None,
     device: str = "auto",
-    progress: Optional[Callable[..., Any]] = None,
+    progress: Callable[..., Any] | None = None,
     cancel: Any = None,
-    on_event: Optional[Callable[[dict], Any]] = None,
+    on_event: Callable[[dict], Any] | None = None,
 ) -> Path:
     """Run :func:`finetune_recipe` through the engine; returns the new checkpoint's ``.safetensors``.
 
@@ -160,7 +161,7 @@ def finetune_from_corrections(
             raise Cancelled("fine-tuning stopped by the user; no new model was kept.")
         if result.checkpoint is None or not Path(result.checkpoint).is_file():
             raise CorrectionError(corrections, "fine-tuning ended before the first epoch; nothing was saved.",
-                                  "Let it run at least one epoch.")  # fmt: skip
+                                  "Let it run at least one epoch.")
     except BaseException:
         if made:
             shutil.rmtree(out, ignore_errors=True)

@@ -159,7 +159,7 @@ def build_glas_tiles(
         "format": _FORMAT, "source": str(src.resolve()), "tile": tile, "stride": stride, "gland_min": gland_min,
         "non_gland_max": non_gland_max, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
         "images": sorted(images) if images is not None else None,
-    }  # fmt: skip
+    }
     existing = out / "tiles.json"
     if existing.is_file():
         info = json.loads(existing.read_text(encoding="utf-8"))
@@ -169,7 +169,7 @@ def build_glas_tiles(
             raise RecipeError(
                 out, "already holds a GlaS tile data set built with other parameters.",
                 "Choose another output folder or pass overwrite=True.",
-            )  # fmt: skip
+            )
     elif out.exists() and any(out.iterdir()):
         raise RecipeError(out, "exists and is not a GlaS tile data set.", "Choose an empty or new output folder.")
 
@@ -201,7 +201,7 @@ def build_glas_tiles(
                 part = part_of[name]
                 counts[part][label] += 1
                 tiles.append({"file": rel, "image": name, "y": y, "x": x, "gland_fraction": round(frac, 6),
-                              "label": label, "split": part})  # fmt: skip
+                              "label": label, "split": part})
             report(progress, i + 1, len(pairs), f"GlaS tiles: {name}")
         if not tiles:
             raise RecipeError(
@@ -210,7 +210,7 @@ def build_glas_tiles(
         files = {part: [t["file"] for t in tiles if t["split"] == part] for part in split}
         (tmp / "split.json").write_text(json.dumps(files, indent=1), encoding="utf-8")
         info = {**params, "mpp": GLAS_MPP, "classes": list(CLASSES), "split": split, "counts": counts,
-                "dropped": dropped, "tiles": tiles}  # fmt: skip
+                "dropped": dropped, "tiles": tiles}
         (tmp / "tiles.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     return info
 

@@ -28,9 +28,10 @@ paper trains on whole bags, one at a time.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,15 +39,15 @@ import torch
 from ..errors import FeatureError, RecipeError
 
 __all__ = [
-    "BagItem",
+    "FEATURE_ATTRS",
     "BagDataset",
-    "split_items",
-    "read_bag_table",
+    "BagItem",
     "assign_folds",
     "bag_info",
-    "write_bag",
+    "read_bag_table",
     "read_patch_labels",
-    "FEATURE_ATTRS",
+    "split_items",
+    "write_bag",
 ]
 
 # Feature-file attributes copied onto the model card (with those of io.features.extractor_card, which
@@ -54,7 +55,7 @@ __all__ = [
 FEATURE_ATTRS = (
     "extractor", "backbone", "feature_dim", "input_size", "mean", "std", "weights", "weights_sha256",
     "mpp", "target_mpp", "tile_size", "level0_tile_size", "read_size", "min_tissue", "tissue_mpp", "patch_order",
-)  # fmt: skip
+)
 _SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "": None}
 
 
@@ -126,7 +127,7 @@ def read_bag_table(
         raise RecipeError(
             csv_path, "needs a header with columns 'slide' and 'label' and at least one row.",
             "Write e.g. 'slide,label' then 'tumor_001,tumor'; optional columns: fold, split.",
-        )  # fmt: skip
+        )
     classes = [str(c) for c in classes] if classes else _class_order([r["label"] for r in rows])
     index = {c: i for i, c in enumerate(classes)}
     items, seen = [], set()
@@ -139,7 +140,7 @@ def read_bag_table(
             raise RecipeError(
                 csv_path, f"line {line}: label {label!r} of slide {slide!r} is not one of the classes {classes}.",
                 "Fix the label or the recipe's data.classes list.",
-            )  # fmt: skip
+            )
         split = r.get("split", "").lower()
         if split not in _SPLITS:
             raise RecipeError(
@@ -157,7 +158,7 @@ def read_bag_table(
             raise FeatureError(
                 path, f"has no features for slide {slide!r} (line {line} of {csv_path.name}).",
                 "Extract its features with `pathfm features`, or remove the row.",
-            )  # fmt: skip
+            )
         items.append(BagItem(slide, path, index[label], fold, _SPLITS[split]))
     return items, classes
 
@@ -188,7 +189,7 @@ def bag_info(path: str | Path) -> dict:
         raise FeatureError(
             path, f"is not a readable feature file ({type(exc).__name__}: {exc}).",
             "Re-extract it with `pathfm features`.",
-        ) from exc  # fmt: skip
+        ) from exc
     if len(shape) != 2:
         raise FeatureError(
             path, f"features have shape {shape}, expected (patches, dim).", "Re-extract it with `pathfm features`."
@@ -279,12 +280,12 @@ class BagDataset:
             raise FeatureError(
                 item.path, f"bag of slide {item.slide!r} is empty.",
                 "Check the slide's tissue detection or drop it from the CSV.",
-            )  # fmt: skip
+            )
         if feats.shape[1] != self.dim:
             raise FeatureError(
                 item.path, f"has {feats.shape[1]}-d features but this run uses {self.dim}-d ones.",
                 "Use features from one extractor for all slides (and the model's in_dim).",
-            )  # fmt: skip
+            )
         out = (feats, np.asarray(bag.coords), read_patch_labels(item.path, len(feats)))
         if self.in_memory:
             self._cache[i] = out

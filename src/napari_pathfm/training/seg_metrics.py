@@ -31,7 +31,7 @@ Examples
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,10 +39,10 @@ __all__ = [
     "confusion_matrix",
     "dice_iou",
     "dice_per_class",
+    "f1_from_counts",
     "iou_per_class",
     "object_counts",
     "object_f1",
-    "f1_from_counts",
     "segmentation_metrics",
 ]
 

@@ -9,9 +9,9 @@ describes the layout and the mask formats.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def read_mask(path: str | Path) -> np.ndarray:
             raise RecipeError(
                 path, "is a colour mask (its R, G and B channels differ).",
                 "Save masks as single-channel images of class indices (or 0/255 for binary masks).",
-            )  # fmt: skip
+            )
         arr = arr[..., 0]
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise RecipeError(path, f"has shape {arr.shape} and type {arr.dtype}; expected a 2-D integer mask.", "Save masks as 8-bit PNG.")
@@ -129,7 +129,7 @@ def mask_to_classes(
             raise RecipeError(
                 where, f"has mask values {_values_text(unknown)} that data.mask_values does not map "
                 f"(values found: {_values_text(values)}).", "Add them to data.mask_values.",
-            )  # fmt: skip
+            )
         lut_keys = np.array(sorted(table), dtype=np.int64)
         lut_vals = np.array([table[k] for k in lut_keys], dtype=np.int64)
         raw = lut_vals[np.searchsorted(lut_keys, raw.astype(np.int64))]
@@ -146,7 +146,7 @@ def mask_to_classes(
                 where, f"is read as a binary mask (0 = background, 255 = foreground) but holds the values "
                 f"{_values_text(values)}.", "Set data.mask_format: index for class-index masks, or map the "
                 "values with data.mask_values (e.g. {0: 0, 128: 1}).",
-            )  # fmt: skip
+            )
         return (raw > 0).astype(np.uint8)
     if mask_format != "index":
         raise ValueError(f"mask_format must be one of {MASK_FORMATS}, not {mask_format!r}")
@@ -158,7 +158,7 @@ def mask_to_classes(
             where, f"has mask values {_values_text(bad)} that are not {what} or the ignore value "
             f"{ignore_index} (values found: {_values_text(values)}).",
             "Map them with data.mask_values, fix model.num_classes / data.classes, or fix the mask.",
-        )  # fmt: skip
+        )
     out = raw.astype(np.int64)
     out[out == ignore_index] = IGNORE
     return out.astype(np.uint8)
@@ -217,7 +217,7 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
             raise RecipeError(
                 root, f"has no '{d.name}/' folder.",
                 "A segmentation data folder holds images/ and masks/ with one mask per image of the same name.",
-            )  # fmt: skip
+            )
     exts = _exts(extensions)
     images, masks = _files(images_dir, exts), _files(masks_dir, exts)
     if not images:
@@ -228,7 +228,7 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
         raise RecipeError(
             masks_dir, f"has no mask for {len(lonely)} image(s): {shown}.",
             "Add masks with the same file name (any of PNG/TIFF/JPG) or remove those images.",
-        )  # fmt: skip
+        )
     return [(n, images[n], masks[n]) for n in sorted(images, key=_natural)]
 
 
@@ -256,7 +256,7 @@ def split_names(
             raise RecipeError(
                 where, f"has no images named {missing[:10]} (listed in data.val_names).",
                 f"Use image names without suffix, e.g. {names[:3]}.",
-            )  # fmt: skip
+            )
         held = set(want)
     else:
         n_val = int(round(len(names) * float(val_fraction)))
@@ -350,5 +350,5 @@ class _Store:
             raise RecipeError(
                 item.mask, f"is {mask.shape[1]}x{mask.shape[0]} px but its image {item.image.name} is "
                 f"{img.shape[1]}x{img.shape[0]} px.", "Masks must have the size of their image.",
-            )  # fmt: skip
+            )
         return img

@@ -46,7 +46,7 @@ class SegmentTileDataset(Dataset):
     """
 
     def __init__(self, items: list[SegItem], store: _Store, tile: int, samples_per_image: int = 1,
-                 augment: bool = True, color_jitter: float = 0.0):  # fmt: skip
+                 augment: bool = True, color_jitter: float = 0.0):
         self.store, self.tile, self.augment, self.color_jitter = store, int(tile), bool(augment), float(color_jitter)
         self.index = [it for it in items for _ in range(max(1, int(samples_per_image)) * max(1, int(it.repeat)))]
         self.items = items
@@ -138,7 +138,7 @@ class SegmentDataModule(L.LightningDataModule):
     """
 
     def __init__(self, data: dict, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 num_classes: int | None = None, base: Path | None = None, defaults: dict | None = None):  # fmt: skip
+                 num_classes: int | None = None, base: Path | None = None, defaults: dict | None = None):
         super().__init__()
         self.cfg, self.seed = dict(data), int(seed)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -154,7 +154,7 @@ class SegmentDataModule(L.LightningDataModule):
             raise RecipeError(
                 self.root, f"data.input_mpp is {self.input_mpp} but the µm/px of the images is unknown.",
                 "Set data.mpp to the µm/px of the image files (GlaS: 0.62) or drop data.input_mpp.",
-            )  # fmt: skip
+            )
         if self.input_mpp is None:
             self.input_mpp = self.mpp
         base_items = self._folder_items(self.root, {**root_meta, **self._recipe_mask_cfg()}, extra=False)
@@ -182,7 +182,7 @@ class SegmentDataModule(L.LightningDataModule):
                 raise RecipeError(
                     folder, f"was labelled with classes {meta['classes']} but this model has {self.classes}.",
                     "Use corrections made with this model, or train on them with a matching data.classes.",
-                )  # fmt: skip
+                )
         self.tile_size: int | None = data.get("tile_size")
 
     def _recipe_mask_cfg(self) -> dict:
@@ -220,7 +220,7 @@ class SegmentDataModule(L.LightningDataModule):
             raise RecipeError(
                 self.root, f"data.extra_dirs entry has unknown keys {sorted(unknown)}.",
                 "Known: path, repeat, mpp, mask_format, mask_values.",
-            )  # fmt: skip
+            )
         folder = Path(spec["path"])
         folder = folder if folder.is_absolute() else (base / folder).resolve()
         meta = {**_folder_meta(folder), **{k: v for k, v in spec.items() if k not in ("path", "repeat")}}
@@ -247,7 +247,7 @@ class SegmentDataModule(L.LightningDataModule):
                 found[values[-1]], f"holds mask value {values[-1]}, but no mask holds the values {_values_text(gaps)}: "
                 f"class ids must run 0..K-1 (values found in {self.root}: {_values_text(values)}).",
                 "Set data.classes (one name per class) or map the values with data.mask_values.",
-            )  # fmt: skip
+            )
         return k
 
     def _class_names(self, names) -> list[str]:
@@ -256,7 +256,7 @@ class SegmentDataModule(L.LightningDataModule):
                 raise RecipeError(
                     self.root, f"has {len(names)} class names {list(names)} for {self.num_classes} classes.",
                     "List one name per class, background first, in data.classes.",
-                )  # fmt: skip
+                )
             return [str(n) for n in names]
         if self.num_classes == 2:
             return ["background", "foreground"]
@@ -268,7 +268,7 @@ class SegmentDataModule(L.LightningDataModule):
         return SegmentTileDataset(
             self.train_items + self.extra_items, self.store, self._tile(), self.cfg.get("samples_per_image", 1),
             self.cfg.get("augment", True), self.cfg.get("color_jitter", 0.0),
-        )  # fmt: skip
+        )
 
     def val_dataset(self) -> SegmentImageDataset:
         return SegmentImageDataset(self.val_items, self.store, self._tile())
@@ -283,7 +283,7 @@ class SegmentDataModule(L.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, drop_last=len(ds) > self.batch_size,
-        )  # fmt: skip
+        )
 
     def val_dataloader(self):
         if not self.val_items:
@@ -291,7 +291,7 @@ class SegmentDataModule(L.LightningDataModule):
         return DataLoader(
             self.val_dataset(), batch_size=None, shuffle=False, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        )
 
     def save_split(self, path: str | Path) -> None:
         """Write the image names of each part (and the extra folders) as JSON."""

@@ -17,7 +17,7 @@ __all__ = ["fit_target", "predict_image"]
 
 @torch.no_grad()
 def predict_image(model, image: torch.Tensor, tile: int, stride: int | None = None, batch_size: int = 4,
-                  target: torch.Tensor | None = None, loss_fn=None):  # fmt: skip
+                  target: torch.Tensor | None = None, loss_fn=None):
     """Logits ``(K, H, W)`` of one uint8 ``(H, W, 3)`` image (H, W ≥ tile) by sliding tiles, averaged in overlaps.
 
     With ``target`` (H, W) and ``loss_fn(out, target_tiles)``, also the mean loss

@@ -41,7 +41,7 @@ __all__ = [
     "open_stacks",
     "otsu_mask",
     "stack_specs",
-]  # fmt: skip
+]
 
 MAX_UINT8 = 255
 

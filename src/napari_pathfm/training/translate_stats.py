@@ -47,7 +47,7 @@ def pooled_stats(stacks: list, *, percentiles: Sequence[float] = (1.0, 99.8), ma
         height = int(zs.data.shape[-2])
         if rows and not (0 <= rows[0] < rows[1] <= height):
             raise ZStackError(zs.path, f"has rows 0..{height}, so rows {rows[0]}..{rows[1]} cannot be used.",
-                              f"Give --rows START STOP with 0 <= START < STOP <= {height}.")  # fmt: skip
+                              f"Give --rows START STOP with 0 <= START < STOP <= {height}.")
     idx = list(range(ref.n_planes)) if planes is None else list(planes)
     flat = [zs.data[idx][:, sel].reshape(len(idx), 1, -1) for zs in stacks]
     data = da.concatenate(flat, axis=2) if len(flat) > 1 else flat[0]

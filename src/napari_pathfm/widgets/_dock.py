@@ -13,7 +13,8 @@ toast would say the same thing twice. Unexpected failures are logged with their 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
@@ -168,7 +169,7 @@ class TaskDock(QWidget):
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
 
-    def slide_image_mpp(self, layer_name: str) -> Optional[float]:
+    def slide_image_mpp(self, layer_name: str) -> float | None:
         """The µm/px the user entered in the Slide dock for this slide layer, or None (see :mod:`..layers`)."""
         from ..layers import entered_mpp
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from qtpy.QtCore import QObject, Signal
 
@@ -49,8 +50,8 @@ class TaskRunner(QObject):
         Called on the GUI thread with ``(done, total, message)`` as the task reports progress.
     """
 
-    def __init__(self, on_state: Optional[Callable[[str], None]] = None, parent=None,
-                 on_progress: Optional[Callable[[int, int, str], None]] = None):
+    def __init__(self, on_state: Callable[[str], None] | None = None, parent=None,
+                 on_progress: Callable[[int, int, str], None] | None = None):
         super().__init__(parent)
         self._bridge = _Bridge()
         self._bridge.progressed.connect(self._on_progress)
@@ -58,7 +59,7 @@ class TaskRunner(QObject):
         self._cancel = threading.Event()
         self._on_progress_cb = on_progress or (lambda done, total, message: None)
         self.worker = None
-        self.last_error: Optional[BaseException] = None
+        self.last_error: BaseException | None = None
         self.last_message: str = ""
 
     @property
@@ -75,7 +76,7 @@ class TaskRunner(QObject):
         *,
         description: str,
         on_done: Callable[[Any], None],
-        on_error: Optional[Callable[[BaseException], None]] = None,
+        on_error: Callable[[BaseException], None] | None = None,
     ):
         """Run ``fn(progress=..., cancel=...)`` in a worker thread; returns the worker."""
         from napari.qt.threading import create_worker

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QWidget,
-)  # fmt: skip
+)
 
 from ..training.recipe_labels import field_label
 from ..training.recipes import schema

@@ -114,7 +114,7 @@ class LossPlot(QWidget):
         grid.setAlpha(40)
         m = _MARGIN
         area = QRectF(m["left"], m["top"], max(10, self.width() - m["left"] - m["right"]),
-                      max(10, self.height() - m["top"] - m["bottom"]))  # fmt: skip
+                      max(10, self.height() - m["top"] - m["bottom"]))
         p.setPen(QPen(fg, 1))
         p.drawRect(area)
         self._labels(p, area, fg)
@@ -135,7 +135,7 @@ class LossPlot(QWidget):
 
             def to_px(x, y, y0=y0, y1=y1):
                 return QPointF(area.left() + (x - x0) / (x1 - x0) * area.width(),
-                               area.bottom() - (y - y0) / ((y1 - y0) or 1) * area.height())  # fmt: skip
+                               area.bottom() - (y - y0) / ((y1 - y0) or 1) * area.height())
 
             p.setPen(QPen(fg, 1))
             for t in yticks:

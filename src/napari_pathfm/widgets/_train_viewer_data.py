@@ -76,7 +76,7 @@ class ViewerDataActions:
             "data.extra_dirs", self.viewer_corrections(), append=True,
             missing="No corrections found: record some with the Segment widget (Record corrections).",
             done="training also on corrections folder(s): ",
-        )  # fmt: skip
+        )
 
     def viewer_zstacks(self) -> list[Path]:
         """Files/folders of the z-stacks open in the viewer (layers the z-stack reader made)."""
@@ -91,7 +91,7 @@ class ViewerDataActions:
             "data.stacks", self.viewer_zstacks(), append=False,
             missing="No z-stack is open: open one (File > Open) with its target images first.",
             done="training on the open z-stack(s): ",
-        )  # fmt: skip
+        )
 
     def _put_paths(self, key: str, paths: list[Path], append: bool, missing: str, done: str) -> list[Path]:
         """Write ``paths`` into the form's ``key`` as a YAML list (after its current items with ``append``)."""

@@ -137,7 +137,7 @@ class ClassifyWidget(TaskDock):
             from ..tiles.cached_encoder import cache_note
 
             result = classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel,
-                                    image_mpp=image_mpp)  # fmt: skip
+                                    image_mpp=image_mpp)
             # per-tile maps refined to stop at the slide's edge (the last tiles hang over it)
             class_map, cell = clip_to_slide(result.class_map, result.cell, level0_shape)
             prob_maps, _ = clip_to_slide(result.prob_maps, result.cell, level0_shape)
@@ -161,7 +161,7 @@ class ClassifyWidget(TaskDock):
         self.labels_layer = self.show_layer(
             f"{base} classes", maps["class_map"], "labels", opacity=OVERLAY_OPACITY, features=features,
             colormap=label_colormap(names), **kwargs,
-        )  # fmt: skip
+        )
         old_probs = [layer for layer in self.prob_layers if layer in self.viewer.layers]
         self.prob_layers = []
         prob_maps = maps["prob_maps"]
@@ -171,7 +171,7 @@ class ClassifyWidget(TaskDock):
                 opacity=OVERLAY_OPACITY, contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest",
                 visible=k == 0,
                 **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
-            )  # fmt: skip
+            )
             self.prob_layers.append(layer)
         # a re-run replaces, never piles up: drop what the previous run showed and this one does not
         for layer in old_probs:
@@ -266,11 +266,11 @@ class ClassifyWidget(TaskDock):
         image, scale, translate = cam.mosaic()
         name = f"{self._slide_layer_name} Grad-CAM"
         meta = {"pathfm_kind": "gradcam", "tiles": cam.indices.tolist(), "targets": cam.targets.tolist(),
-                "classes": [self.result.classes[k] for k in cam.targets]}  # fmt: skip
+                "classes": [self.result.classes[k] for k in cam.targets]}
         kwargs = {"scale": scale, "translate": translate, "metadata": meta}
         cam_layer = self.show_layer(name, image, "image", colormap=napari_colormap("gradcam"), opacity=0.6,
                               contrast_limits=(0.0, 1.0), blending="translucent", units=layer_units(self.result.mpp),
-                              **kwargs)  # fmt: skip
+                              **kwargs)
         shown = [self.labels_layer, *self.prob_layers[:1], cam_layer]
         self.legend.show_layers([layer for layer in shown if layer in self.viewer.layers], title=self._legend_title)
         classes = sorted(set(meta["classes"]))
@@ -280,7 +280,7 @@ class ClassifyWidget(TaskDock):
             text += f" {len(empty)} map(s) are all 0: no positive evidence for the class in those tiles."
         if cam.capped:
             text += (f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}, those nearest the "
-                     "centre): zoom in.")  # fmt: skip
+                     "centre): zoom in.")
         self.status.setText(text)
 
     def _arm_click(self, on: bool) -> None:

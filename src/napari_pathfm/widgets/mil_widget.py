@@ -19,7 +19,6 @@ The dock's legend shows the colorbar with that range. A re-run replaces the heat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from qtpy.QtWidgets import (
@@ -33,7 +32,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-)  # fmt: skip
+)
 
 from ..colors import CONTINUOUS
 from ..coords import layer_transform, layer_units
@@ -70,9 +69,9 @@ class MILWidget(TaskDock):
         self.heatmaps: list = []  # per class: (grid, (lo, hi), cell) from class_heatmaps
         self.heat_layer = None
         self.box_layer = None
-        self._slide_layer_name: Optional[str] = None
+        self._slide_layer_name: str | None = None
         self._runs = 0
-        self._legend_title: Optional[str] = None
+        self._legend_title: str | None = None
         self.legend = Legend("Legend")
 
         self.layer_combo = compact_combo(QComboBox())
@@ -81,7 +80,7 @@ class MILWidget(TaskDock):
         feat_browse = QPushButton("Features…")
         feat_browse.setToolTip("Use a feature file (.zarr folder) made by `pathfm features` instead of extracting")
         feat_browse.clicked.connect(self._browse_features)
-        self.features_path: Optional[Path] = None
+        self.features_path: Path | None = None
         self.topk = QSpinBox()
         self.topk.setRange(1, 200)
         self.topk.setValue(10)
@@ -176,7 +175,7 @@ class MILWidget(TaskDock):
         others = ", ".join(f"{c} {p:.3f}" for i, (c, p) in enumerate(zip(pred.classes, pred.probabilities)) if i != best)
         self.result_label.setText(
             f"prediction: <b>{pred.predicted}</b> (probability {float(pred.probabilities[best]):.3f}; {others}), "
-            f"{len(pred.coords)} patches")  # fmt: skip
+            f"{len(pred.coords)} patches")
         self.show_notes(getattr(pred, "notes", []))
         self.status.setText("")
         if self.box_layer is not None and self.box_layer in self.viewer.layers:
@@ -188,7 +187,7 @@ class MILWidget(TaskDock):
         self.class_combo.blockSignals(False)
         self._show_class()
 
-    def _mpp(self) -> Optional[float]:
+    def _mpp(self) -> float | None:
         return self.viewer.layers[self._slide_layer_name].metadata["pathfm_slide"]["mpp"]
 
     def _show_class(self, *_) -> None:
@@ -204,9 +203,9 @@ class MILWidget(TaskDock):
             name, data, "image", scale=scale, translate=translate, units=layer_units(mpp), opacity=0.6,
             blending="translucent", interpolation2d="nearest", colormap=napari_colormap("attention"),
             contrast_limits=limits,
-        )  # fmt: skip
+        )
         layer.metadata.update({"pathfm_kind": "mil-heatmap", "class": pred.classes[cls], "downsample": cell,
-                               "contrast_percentiles": list(HEAT_PERCENTILES), "run": self._runs})  # fmt: skip
+                               "contrast_percentiles": list(HEAT_PERCENTILES), "run": self._runs})
         self.heat_layer = layer
         self.legend.show_layers([layer], title=f"{self._legend_title or 'model'}, run {self._runs}")
         self.top_list.clear()
@@ -239,12 +238,12 @@ class MILWidget(TaskDock):
             layer = self.viewer.add_shapes(
                 name=name, scale=(unit, unit), units=layer_units(mpp), ndim=2, edge_color=BOX_COLOR,
                 face_color="transparent", metadata={"pathfm_kind": "mil-top-patch"},
-            )  # fmt: skip
+            )
             if selection is not None:
                 self.viewer.layers.selection.active = selection  # keep the user's layer controls
         layer.data = []
         layer.add_rectangles(box, edge_color=BOX_COLOR, face_color="transparent",
-                             edge_width=max(2.0, 0.04 * self.prediction.level0_tile_size))  # fmt: skip
+                             edge_width=max(2.0, 0.04 * self.prediction.level0_tile_size))
         layer.metadata.update({"patch": [int(y), int(x)], "level0_box": box.tolist()})
         self.box_layer = layer
         camera = viewer_camera(self.viewer)

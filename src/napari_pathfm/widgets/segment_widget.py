@@ -28,13 +28,20 @@ trained at, is named in one line under the buttons and in the layer's metadata
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
-    QCheckBox, QDialog, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QSpinBox,
+    QCheckBox,
+    QDialog,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
     QVBoxLayout,
-)  # fmt: skip
+)
 
 from ._checkpoint_picker import CheckpointPicker
 from ._compact import compact_combo
@@ -76,7 +83,7 @@ class SegmentWidget(TaskDock):
         self.record = QCheckBox("Record corrections")
         self.record.setChecked(True)
         self.record.setToolTip("Save every painted tile (image + corrected mask) in your napari-pathfm data folder "
-                               "for fine-tuning")  # fmt: skip
+                               "for fine-tuning")
         self.record.toggled.connect(self._toggle_recording)
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 500)
@@ -163,14 +170,14 @@ class SegmentWidget(TaskDock):
             # everything the result's display needs is made here, off the GUI thread (contract 10)
             import numpy as np
 
-            from ._colormaps import label_colormap
             from ..io.slide import open_slide
             from ..layers import class_features
             from ..models.checkpoint import checkpoint_paths, read_card
             from ..tiles.cached_encoder import cache_note
+            from ._colormaps import label_colormap
 
             result = segment_slide(slide_path, checkpoint, mpp=mpp, progress=progress, cancel=cancel,
-                                   image_mpp=image_mpp)  # fmt: skip
+                                   image_mpp=image_mpp)
             card = read_card(checkpoint_paths(result.checkpoint or checkpoint)[1])
             labels = result.labels
             baseline = np.array(labels) if isinstance(labels, np.ndarray) and labels.size <= BASELINE_MAX_PIXELS else None
@@ -178,7 +185,7 @@ class SegmentWidget(TaskDock):
             if image_mpp is not None and slide.mpp is None:
                 slide.mpp = image_mpp
             look = {"colormap": label_colormap(result.classes), "features": class_features(list(result.classes)),
-                    "cache_note": cache_note(result.cache)}  # fmt: skip
+                    "cache_note": cache_note(result.cache)}
             recorder = self._make_recorder(slide, labels, result, card, baseline) if record else None
             return result, baseline, card, slide, look, recorder
 
@@ -194,7 +201,7 @@ class SegmentWidget(TaskDock):
         kwargs["metadata"]["classes"] = dict(enumerate(result.classes))  # the legend and GeoJSON writer read it
         kwargs.pop("name", None)
         layer = self.show_layer(f"{self._slide_layer_name} segmentation", result.labels, "labels", opacity=0.5,
-                                colormap=look["colormap"], features=look["features"], **kwargs)  # fmt: skip
+                                colormap=look["colormap"], features=look["features"], **kwargs)
         self._runs += 1
         model = Path(result.checkpoint).stem if getattr(result, "checkpoint", None) else "model"
         self.legend.show_layers([layer], title=f"{model}, run {self._runs}")
@@ -223,7 +230,7 @@ class SegmentWidget(TaskDock):
         if self.labels_layer is None or self.result is None or self.recorder is not None:
             return
         recorder = self._make_recorder(self._slide, self.labels_layer.data, self.result, getattr(self, "_card", None),
-                                       self._baseline)  # fmt: skip
+                                       self._baseline)
         self._attach_recorder(recorder)
 
     @staticmethod
@@ -244,8 +251,8 @@ class SegmentWidget(TaskDock):
                 slide, labels, mpp=result.model_mpp or slide.mpp, classes=result.classes, tile_size=tile,
                 labels_downsample=1.0, baseline=baseline,
                 schedule=lambda fn: QTimer.singleShot(0, fn),  # napari may write a stroke after its paint event
-            )  # fmt: skip
-        except Exception as exc:  # a corrections folder of another model: say so, keep the mask
+            )
+        except Exception as exc:  # noqa: BLE001 - a corrections folder of another model: say so, keep the mask
             return exc
 
     def _attach_recorder(self, recorder) -> None:
@@ -257,7 +264,7 @@ class SegmentWidget(TaskDock):
         recorder.labels = layer.data
         try:
             self.recorder = recorder.attach(layer)
-        except Exception as exc:  # never let the recorder break showing the result
+        except Exception as exc:  # noqa: BLE001 - never let the recorder break showing the result
             self.status.setText(f"Corrections are not recorded: {exc}")
             return
         self.status.setText(self.status.text() + f" Corrections go to {self.recorder.folder}.")
@@ -265,7 +272,7 @@ class SegmentWidget(TaskDock):
         self.restore_btn.setEnabled(n_saved > 0)
         if n_saved:
             self.status.setText(self.status.text() + f" {n_saved} corrected tiles of this slide are saved: "
-                                "press Restore corrections to put them into the mask.")  # fmt: skip
+                                "press Restore corrections to put them into the mask.")
 
     def _stop_recording(self) -> None:
         if self.recorder is not None:
@@ -273,7 +280,7 @@ class SegmentWidget(TaskDock):
             self.recorder.detach()
             self.recorder = None
 
-    def corrections_folder(self) -> Optional[Path]:
+    def corrections_folder(self) -> Path | None:
         return self.recorder.folder if self.recorder is not None else None
 
     def restore_corrections(self):
@@ -316,11 +323,11 @@ class SegmentWidget(TaskDock):
 
         def job(progress, cancel):
             return finetune_from_corrections(checkpoint, folder, epochs=epochs, lr=lr, progress=progress,
-                                             cancel=cancel, on_event=on_event)  # fmt: skip
+                                             cancel=cancel, on_event=on_event)
 
         self.log_btn.setEnabled(True)
         self.status.setText(f"Fine-tuning on {n} corrected tile{'s' * (n != 1)}"
-                            f"{' (no validation tile: the last epoch is kept)' if n == 1 else ''}…")  # fmt: skip
+                            f"{' (no validation tile: the last epoch is kept)' if n == 1 else ''}…")
         return self.start_task(job, description="Fine-tune on corrections", on_done=self._finetuned)
 
     def _finetuned(self, new_checkpoint: Path) -> None:
@@ -331,7 +338,7 @@ class SegmentWidget(TaskDock):
         self.checkpoint.set_path(new_checkpoint)
         self.log_lines.append(f"New checkpoint: {new_checkpoint}")
         self.status.setText(f"New checkpoint {Path(new_checkpoint).parent.name} is selected; press Segment to "
-                            f"re-run with it. (Saved in {Path(new_checkpoint).parent}.)")  # fmt: skip
+                            f"re-run with it. (Saved in {Path(new_checkpoint).parent}.)")
 
     # -- errors, log -------------------------------------------------------------------------
     def task_failed(self, exc: BaseException) -> None:
@@ -358,7 +365,7 @@ class SegmentWidget(TaskDock):
         self.log_dialog.show()
         return self.log_dialog
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         self._stop_recording()
         if self._slide is not None:
             self._slide.close()

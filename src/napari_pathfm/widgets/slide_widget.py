@@ -20,9 +20,20 @@ import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
-    QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton,
-    QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
-)  # fmt: skip
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..coords import layer_transform, layer_units, rescale_slide_layers
 from ..layers import tile_boxes
@@ -30,7 +41,7 @@ from ._compact import compact_combo
 from ._dock import TaskDock
 
 __all__ = ["MAX_TILE_SHAPES", "SlideWidget", "add_tissue_tiles_layers", "fill_slide_combo", "slide_layers",
-           "tile_boxes"]  # fmt: skip
+           "tile_boxes"]
 
 MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets sluggish
 
@@ -276,7 +287,7 @@ class SlideWidget(TaskDock):
         params = dict(
             tile_size=self.tile_size.value(), mpp=self.tile_mpp.value(),
             min_tissue=self.min_tissue.value(), mask_mpp=self.mask_mpp.value(),
-        )  # fmt: skip
+        )
         name = self.current_layer().name
 
         def job(progress, cancel):

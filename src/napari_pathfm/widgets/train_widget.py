@@ -40,11 +40,11 @@ from qtpy.QtWidgets import (
     QScrollArea,
     QVBoxLayout,
     QWidget,
-)  # fmt: skip
+)
 
 from ..checkpoints import add_search_folder
-from ..recipe_files import recipes_dir
 from ..families import get_family, list_families
+from ..recipe_files import recipes_dir
 from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
 from ._dock import DockLines
@@ -57,7 +57,7 @@ from ._train_viewer_data import ViewerDataActions, viewer_data_button
 __all__ = [
     "COMMON_KEYS", "RECIPES_DIR", "SKIP_KEYS", "RunState", "TrainWidget", "default_output", "flatten",
     "list_recipes",
-]  # fmt: skip
+]
 
 RECIPES_DIR = recipes_dir()  # the bundled recipes (napari_pathfm/recipes)
 LOG_LINES = 15

@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QSlider,
     QSpinBox,
     QVBoxLayout,
-)  # fmt: skip
+)
 
 from ..colors import robust_limits
 from ..pipelines.translate_channels import channel_colormaps, default_checkpoints, duplicate_targets, is_lupi
@@ -81,7 +81,7 @@ def zstack_layers(viewer) -> list[str]:
     from napari.layers import Image
 
     return [layer.name for layer in viewer.layers
-            if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb and not layer.multiscale]  # fmt: skip
+            if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb and not layer.multiscale]
 
 
 def layer_colormap(name: str, role: str) -> str:
@@ -255,7 +255,7 @@ class TranslateWidget(TaskDock):
             i, j, target = dup
             a, b = (Path(self.rows[k].path()).name for k in (i, j))
             return (f"Rows {i + 1} ({a}) and {j + 1} ({b}) both predict {target}: one checkpoint per target. "
-                    "Remove one of the rows (✕) or choose a checkpoint for another target.")  # fmt: skip
+                    "Remove one of the rows (✕) or choose a checkpoint for another target.")
         return None
 
     def _rows_changed(self) -> None:
@@ -298,7 +298,7 @@ class TranslateWidget(TaskDock):
 
             stack = open_zstack(path) if path else data  # a file stack: errors then name its planes
             result = translate_stack(stack, checkpoints, tile=tile, threshold=threshold, progress=progress,
-                                     cancel=cancel)  # fmt: skip
+                                     cancel=cancel)
             return result, channel_limits(result)
 
         self.status.setText("Translating…")
@@ -334,19 +334,19 @@ class TranslateWidget(TaskDock):
             self._put(f"channel:{cname}", "image", data, name=f"{stem} {cname} (predicted)",
                       colormap=colormaps[cname], blending="additive", contrast_limits=limits[cname], opacity=opacity,
                       metadata={"pathfm_kind": "translate", "channel": cname, "role": role,
-                                "contrast_percentiles": list(CHANNEL_PERCENTILES), **run}, **place)  # fmt: skip
+                                "contrast_percentiles": list(CHANNEL_PERCENTILES), **run}, **place)
             made.append(f"channel:{cname}")
         if result.confidence is not None:
             self._put("confidence", "image", result.confidence, name=f"{stem} nuclei confidence",
                       colormap=napari_colormap("probability"), blending="translucent", contrast_limits=(0.0, 1.0),
                       opacity=0.6, visible=False, metadata={"pathfm_kind": "translate-confidence", **run},
-                      **place)  # fmt: skip
+                      **place)
             made.append("confidence")
         if result.nuclei_labels is not None:
             self._put("nuclei", "labels", result.nuclei_labels, name=f"{stem} nuclei (predicted)", opacity=0.4,
                       blending="translucent_no_depth",
                       metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold, **run},
-                      **place)  # fmt: skip
+                      **place)
             made.append("nuclei")
         # a re-run replaces, never piles up: drop the previous run's layers this run does not produce
         for key in [k for k in self.layers if k not in made]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .kan import MLP, head
 
-__all__ = ["LayerNorm2d", "Attention", "TwoWayTransformer", "PositionEmbeddingRandom", "MaskDecoder"]
+__all__ = ["Attention", "LayerNorm2d", "MaskDecoder", "PositionEmbeddingRandom", "TwoWayTransformer"]
 
 
 class LayerNorm2d(nn.Module):

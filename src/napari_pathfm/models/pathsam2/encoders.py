@@ -22,7 +22,7 @@ from torch import nn
 
 from .decoder import LayerNorm2d
 
-__all__ = ["HIERA_PRESETS", "UNI_PRESETS", "build_hiera", "build_uni", "DimensionAlignment", "sam2_trunk_keys"]
+__all__ = ["HIERA_PRESETS", "UNI_PRESETS", "DimensionAlignment", "build_hiera", "build_uni", "sam2_trunk_keys"]
 
 # Small Hiera for CPU training and tests: 4 stages of 1-1-2-1 blocks, 32→256 channels.
 HIERA_PRESETS = {
@@ -71,7 +71,7 @@ def hiera_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def uni_features(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """UNI patch tokens as a map ``(B, C, H/16, W/16)``."""
     tokens = vit.forward_features(x)[:, vit.num_prefix_tokens :]
-    B, N, C = tokens.shape
+    B, _N, C = tokens.shape
     h, w = x.shape[-2] // 16, x.shape[-1] // 16
     return tokens.transpose(1, 2).reshape(B, C, h, w)
 

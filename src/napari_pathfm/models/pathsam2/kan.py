@@ -18,14 +18,15 @@ hypernetwork and IoU heads.
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KANLinear", "KAN", "MLP"]
+__all__ = ["KAN", "MLP", "KANLinear"]
 
 
 class KANLinear(nn.Module):
@@ -107,7 +108,7 @@ class KAN(nn.Module):
 
     def __init__(self, widths: Sequence[int], **kan_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList(KANLinear(a, b, **kan_kwargs) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(KANLinear(a, b, **kan_kwargs) for a, b in itertools.pairwise(widths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -120,7 +121,7 @@ class MLP(nn.Module):
 
     def __init__(self, widths: Sequence[int]):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):

@@ -42,7 +42,7 @@ def pathsam2_loss(
         ``parts`` holds the detached mean ``dice``, ``focal`` and ``iou_mse``.
     """
     logits = out["logits"].float()
-    B, K = logits.shape[:2]
+    _B, K = logits.shape[:2]
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     valid = (target != ignore_index).unsqueeze(1).float()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from .kan import head
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PathSAM2", "pathsam2", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PathSAM2", "pathsam2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +53,7 @@ class PathSAM2(nn.Module):
         self,
         num_classes: int = 2,
         encoder: str = "sam2_hiera_base_plus",
-        uni: Optional[str] = "uni",
+        uni: str | None = "uni",
         image_size: int = 1024,
         decoder_dim: int = 256,
         decoder_depth: int = 2,
@@ -129,7 +129,7 @@ class PathSAM2(nn.Module):
         cfg = getattr(self, "pathfm_config", {}) or {}
         enc, uni = cfg.get("encoder", type(self.trunk).__name__), cfg.get("uni", None if self.uni is None else "vit")
         return {"name": f"{enc}+{uni}" if uni else str(enc), "modules": self.encoders(),
-                "config": {"encoder": enc, "uni": uni, "image_size": self.input_size}}  # fmt: skip
+                "config": {"encoder": enc, "uni": uni, "image_size": self.input_size}}
 
     def class_prompts(self) -> torch.Tensor:
         """``K`` class prompt tokens ``(K, decoder_dim)`` (they replace manual point prompts)."""
@@ -141,7 +141,7 @@ class PathSAM2(nn.Module):
             raise ValueError(f"input sides must be multiples of 32, got {tuple(x.shape[-2:])}")
         return self.decode(x, self.encode(x))
 
-    def decode(self, x: Optional[torch.Tensor], encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def decode(self, x: torch.Tensor | None, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``forward`` from :meth:`encode`'s outputs; ``x`` is not needed (the output is ``input_size``, or
         ``x``'s size when given)."""
         size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
@@ -187,12 +187,12 @@ class PathSAM2(nn.Module):
             raise CheckpointError(
                 path, "has no image_encoder.trunk.* tensors; it is not an original SAM2 checkpoint.",
                 "Use sam2_hiera_tiny.pt / small / base_plus / large from the SAM2 release.",
-            )  # fmt: skip
+            )
         rep = load_into(self.trunk, trunk_sd, source=path, dry_run=True)
         missing = [k for k in rep.missing if not k.startswith("head.")]
         if missing or rep.mismatched:
             raise CheckpointError(path, f"does not fit the {self._encoder_name()} trunk: {rep}.",
-                                  "Pick the SAM2 checkpoint of the same size as model.encoder.")  # fmt: skip
+                                  "Pick the SAM2 checkpoint of the same size as model.encoder.")
         self.load_reports["sam2_trunk"] = load_into(self.trunk, trunk_sd, source=path)
         if decoder:
             self.load_reports["sam2_decoder"] = self._load_decoder(sd, path, "sam_mask_decoder.", "sam_prompt_encoder.")
@@ -212,7 +212,7 @@ class PathSAM2(nn.Module):
 
         mapped = {}
         for k, v in sd.items():
-            if k.startswith(dec + "transformer.") or k.startswith(dec + "output_upscaling."):
+            if k.startswith((dec + "transformer.", dec + "output_upscaling.")):
                 mapped["decoder." + k[len(dec) :]] = v
             elif k.startswith(prompt + "pe_layer."):
                 mapped["pe_layer." + k[len(prompt + "pe_layer.") :]] = v
@@ -220,7 +220,7 @@ class PathSAM2(nn.Module):
                 mapped["decoder.no_mask_embed." + k[len(prompt + "no_mask_embed.") :]] = v
         if not mapped:
             raise CheckpointError(path, f"has no {dec}* tensors to load into the decoder.",
-                                  "Pass a SAM2 or SAM checkpoint, or leave the decoder random.")  # fmt: skip
+                                  "Pass a SAM2 or SAM checkpoint, or leave the decoder random.")
         report = load_into(self, mapped, source=path)
         if report.mismatched:
             log.warning("%s: decoder tensors of another width were skipped: %s", path, report)
@@ -232,12 +232,12 @@ class PathSAM2(nn.Module):
 
         if self.uni is None:
             raise CheckpointError(path, "is UNI weights, but this model has no UNI encoder (uni: null).",
-                                  "Set model.uni: uni to use them.")  # fmt: skip
+                                  "Set model.uni: uni to use them.")
         sd = load_state_dict_file(path)
         rep = load_into(self.uni, sd, source=path, dry_run=True)
         if rep.missing or rep.mismatched:
             raise CheckpointError(path, f"does not fit the UNI encoder: {rep}.",
-                                  "Use UNI's pytorch_model.bin (ViT-L/16) with model.uni: uni.")  # fmt: skip
+                                  "Use UNI's pytorch_model.bin (ViT-L/16) with model.uni: uni.")
         self.load_reports["uni"] = load_into(self.uni, sd, source=path)
         return self.load_reports
 
@@ -255,7 +255,7 @@ class PathSAM2(nn.Module):
 def pathsam2(
     num_classes: int = 2,
     encoder: str = "sam2_hiera_base_plus",
-    uni: Optional[str] = "uni",
+    uni: str | None = "uni",
     image_size: int = 1024,
     decoder_dim: int = 256,
     decoder_depth: int = 2,
@@ -263,9 +263,9 @@ def pathsam2(
     decoder_mlp_dim: int = 2048,
     prompt_head: str = "kan",
     freeze_encoders: bool = True,
-    sam2_checkpoint: Optional[str] = None,
-    uni_checkpoint: Optional[str] = None,
-    sam_checkpoint: Optional[str] = None,
+    sam2_checkpoint: str | None = None,
+    uni_checkpoint: str | None = None,
+    sam_checkpoint: str | None = None,
 ) -> PathSAM2:
     """Path-SAM2 semantic segmenter (see :class:`PathSAM2`).
 
@@ -292,7 +292,7 @@ def pathsam2(
     model = PathSAM2(
         num_classes, encoder, uni, image_size, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim,
         prompt_head, freeze_encoders,
-    )  # fmt: skip
+    )
     if sam_checkpoint:
         model.load_sam_decoder(sam_checkpoint)
     if sam2_checkpoint:

@@ -228,7 +228,7 @@ class ClassifyDataModule(L.LightningDataModule):
 
         ``train`` lists the images that trained, i.e. after ``label_fraction``.
         """
-        rel = lambda items: [str(Path(f).relative_to(self.root)) for f, _ in items]  # noqa: E731
+        rel = lambda items: [str(Path(f).relative_to(self.root)) for f, _ in items]
         spec = {"train": rel(self.train_items), "val": rel(self.val_items)}
         if self.test_items:
             spec["test"] = rel(self.test_items)

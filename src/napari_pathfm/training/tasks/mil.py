@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
 from ...errors import FeatureError, RecipeError
-from ...models.registry import create_model
 from ...io.features import extractor_card
+from ...models.registry import create_model
 from ...progress import check_cancel, report
 from ..lookahead import Lookahead
 from ..mil_data import FEATURE_ATTRS, BagDataset, BagItem, bag_info, read_bag_table, split_items
@@ -36,9 +36,15 @@ from ..recipes import Recipe
 from .classify import build_optimizer
 
 __all__ = [
-    "MILTask", "BagDataModule", "build", "build_mil_optimizer", "mil_loss", "evaluate_bags", "slide_metrics",
+    "BagDataModule",
+    "MILTask",
+    "build",
+    "build_mil_optimizer",
+    "evaluate_bags",
+    "mil_loss",
     "patch_auroc",
-]  # fmt: skip
+    "slide_metrics",
+]
 
 
 def build_mil_optimizer(params, optim: dict, max_epochs: int):
@@ -135,7 +141,7 @@ class MILTask(L.LightningModule):
         return out, loss, slide_loss, patch_loss
 
     def training_step(self, batch, batch_idx):
-        _, loss, slide_loss, patch_loss = self.compute_loss(batch)
+        _, loss, _slide_loss, patch_loss = self.compute_loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         if patch_loss is not None:
             self.log("train_patch_loss", patch_loss, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
@@ -236,7 +242,7 @@ def evaluate_bags(
     return {
         "probs": probs_arr, "labels": labels, "patch_scores": scores, "patch_labels": patch_labels,
         "slides": [it.slide for it in dataset.items], "metrics": metrics,
-    }  # fmt: skip
+    }
 
 
 class BagDataModule(L.LightningDataModule):
@@ -257,7 +263,7 @@ class BagDataModule(L.LightningDataModule):
             raise RecipeError(
                 self.csv, "leaves no bags for training after the split.",
                 "Check the split/fold columns or data.val_fold.",
-            )  # fmt: skip
+            )
         self.infos = {it.slide: bag_info(it.path) for it in items}
         self.dim, self.feature_attrs = self._check_consistent(items)
         self.has_patch_labels = any(i["patch_labels"] for i in self.infos.values())
@@ -272,7 +278,7 @@ class BagDataModule(L.LightningDataModule):
                 raise FeatureError(
                     it.path, f"has {info['dim']}-d features but {first.path.name} has {ref['dim']}-d ones.",
                     "Extract all slides with the same backbone.",
-                )  # fmt: skip
+                )
             for key in ("backbone", "weights_sha256", "tile_size"):
                 if info["attrs"].get(key) != ref["attrs"].get(key):
                     raise FeatureError(
@@ -280,7 +286,7 @@ class BagDataModule(L.LightningDataModule):
                         f"was made with {key}={info['attrs'].get(key)!r} "
                         f"but {first.path.name} with {ref['attrs'].get(key)!r}.",
                         "Features of one run must come from one extractor; re-extract the odd ones.",
-                    )  # fmt: skip
+                    )
         attrs = {**{k: ref["attrs"][k] for k in FEATURE_ATTRS if k in ref["attrs"]}, **extractor_card(ref["attrs"])}
         return ref["dim"], attrs
 
@@ -290,13 +296,13 @@ class BagDataModule(L.LightningDataModule):
         return BagDataset(
             items, self.dim, max_patches=self.cfg.get("max_patches") if train else None,
             in_memory=bool(self.cfg.get("in_memory")), seed=self.seed,
-        )  # fmt: skip
+        )
 
     def _loader(self, part: str, train: bool) -> DataLoader:
         return DataLoader(
             self._datasets[part], batch_size=1, shuffle=train,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -337,16 +343,16 @@ def build(recipe: Recipe):
             raise RecipeError(
                 where, f"model.{key} is {cfg[key]} but the feature bags give a {what} of {value}.",
                 f"Remove model.{key} (it follows the data) or use matching features.",
-            )  # fmt: skip
+            )
     multitask = bool(cfg.get("multitask", False))
     if multitask and not data.has_patch_labels:
         raise RecipeError(
             where, "model.multitask is true but no feature file has a patch_labels array.",
             "Add per-patch labels (int8, -1 = unknown) to the feature files, or set model.multitask: false.",
-        )  # fmt: skip
+        )
     model = create_model(recipe.get("model.name"), **cfg)
     task = MILTask(model, len(data.classes), recipe.get("optim"), recipe.get("trainer.max_epochs"),
-                   recipe.get("loss.patch_weight"), multitask)  # fmt: skip
+                   recipe.get("loss.patch_weight"), multitask)
     fx = data.feature_attrs
     card = {
         "classes": data.classes,

@@ -104,7 +104,7 @@ class SegmentTask(L.LightningModule):
 
     def __init__(self, model, classes: list[str], optim: dict, max_epochs: int, alpha: float = 0.125,
                  beta: float = 0.01, ignore_index: int = IGNORE, tile_size: int = 256, val_stride: int | None = None,
-                 val_batch_size: int = 4, init_checkpoint: Path | None = None):  # fmt: skip
+                 val_batch_size: int = 4, init_checkpoint: Path | None = None):
         super().__init__()
         self.model = model
         self.classes = list(classes)
@@ -138,7 +138,7 @@ class SegmentTask(L.LightningModule):
             raise RecipeError(
                 self.init_checkpoint, "is data.init_checkpoint and would be overwritten by this run's export.",
                 "Choose another output folder (--out) so the new checkpoint is saved beside the old one.",
-            )  # fmt: skip
+            )
 
     def training_step(self, batch, batch_idx):
         out = self(batch["image"])
@@ -148,7 +148,7 @@ class SegmentTask(L.LightningModule):
         for k, v in (parts or {}).items():
             if k != "loss":
                 self.log(f"train_loss_{k}", torch.as_tensor(v, dtype=torch.float32).detach().mean(), on_step=False,
-                         on_epoch=True, batch_size=n, sync_dist=True)  # fmt: skip
+                         on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -159,7 +159,7 @@ class SegmentTask(L.LightningModule):
         logits, loss = predict_image(
             self.model, batch["image"], self.tile_size, self.val_stride, self.val_batch_size, batch["mask"],
             lambda out, t: self.loss(out, t)[0],
-        )  # fmt: skip
+        )
         pred = logits[:, :h, :w].argmax(0)
         target = batch["mask"][:h, :w]
         keep = target != self.ignore_index
@@ -231,7 +231,7 @@ def _init_card(path: Path, where) -> dict:
         raise RecipeError(
             where, f"data.init_checkpoint {path} is a {card.get('family')!r} checkpoint, not a segmentation one.",
             "Pick a checkpoint trained with a segment recipe.",
-        )  # fmt: skip
+        )
     return card
 
 
@@ -258,7 +258,7 @@ def build(recipe: Recipe):
             raise RecipeError(
                 where, f"model.name is {name!r} but data.init_checkpoint was trained as {init_card.get('name')!r}.",
                 f"Set model.name: {init_card.get('name')}.",
-            )  # fmt: skip
+            )
         base = dict(init_card.get("config") or {})
         for key in list(base):  # foundation weights are inside the checkpoint already
             if key == "weights" or key.endswith("_checkpoint"):
@@ -275,12 +275,12 @@ def build(recipe: Recipe):
     data = SegmentDataModule(
         data_cfg, recipe.get("trainer.batch_size"), recipe.get("trainer.num_workers"), recipe.get("seed"),
         num_classes=known, base=recipe.path.parent if recipe.path else Path.cwd(), defaults=defaults,
-    )  # fmt: skip
+    )
     if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != data.num_classes:
         raise RecipeError(
             where, f"model.num_classes is {cfg['num_classes']} but the data have {data.num_classes} classes.",
             "Remove model.num_classes (it follows data.classes) or fix data.classes.",
-        )  # fmt: skip
+        )
     cfg["num_classes"] = data.num_classes
     model = create_model(name, **cfg)
     foundation = _forget_weight_files(model)
@@ -293,7 +293,7 @@ def build(recipe: Recipe):
         alpha=recipe.get("loss.alpha"), beta=recipe.get("loss.beta"), ignore_index=IGNORE,
         tile_size=tile, val_stride=data_cfg.get("val_stride"), val_batch_size=recipe.get("trainer.batch_size"),
         init_checkpoint=init,
-    )  # fmt: skip
+    )
     mean = getattr(model, "mean", None)
     std = getattr(model, "std", None)
     card = {

@@ -122,7 +122,7 @@ class TranslateTask(L.LightningModule):
                 out, target, batch["mask"], base=c.get("lupi_base", "median_mae"),
                 pixel_weight=float(c.get("lwm_pixel_weight", 2.0)), image_weight=float(c.get("median_mae_weight", 0.5)),
                 mask_weight=float(c.get("bce_weight", 1.0)), side_weight=float(c.get("side_weight", 1.0)),
-            )  # fmt: skip
+            )
             return total, {k: torch.tensor(v) for k, v in parts.items()}
         if self.mode == "gan" and (validation or self.current_epoch >= int(c.get("pretrain_epochs", 0))):
             grad = losses.gradient_loss(out, target)
