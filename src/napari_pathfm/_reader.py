@@ -92,8 +92,11 @@ def slide_layer_data(slide, name: str | None = None) -> LayerData:
         "units": layer_units(slide.mpp),
         "axis_labels": ("y", "x"),
         "contrast_limits": (0, 255),
-        "metadata": {"pathfm_slide": slide.metadata(), "pathfm_path": str(slide.path),
-                     "pathfm_mpp_source": "file" if slide.mpp else "unknown"},
+        "metadata": {
+            "pathfm_slide": slide.metadata(),
+            "pathfm_path": str(slide.path),
+            "pathfm_mpp_source": "file" if slide.mpp else "unknown",
+        },
     }
     return (slide.pyramid, kwargs, "image")
 

@@ -45,7 +45,9 @@ def _layer_colors(attributes: dict, values: list[int]) -> dict[int, tuple[int, i
         rgba = np.asarray(mapper(np.asarray(values, dtype=np.int64)), dtype=float).reshape(len(values), -1)
     except (TypeError, ValueError):
         return {}
-    return {v: tuple(int(round(c * 255)) for c in row[:3]) for v, row in zip(values, rgba) if row.size < 4 or row[3] > 0}
+    return {
+        v: tuple(int(round(c * 255)) for c in row[:3]) for v, row in zip(values, rgba) if row.size < 4 or row[3] > 0
+    }
 
 
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
@@ -66,7 +68,9 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
         fg = {k: v for k, v in classes.items() if k != 0}
         colors = {**class_colors(classes), **_layer_colors(attributes, sorted(fg))}
         return [str(write_geojson(path, labels, fg, downsample=ds, offset=offset, colors=colors))]
-    return [str(write_ome_tiff(path, labels, mpp=mpp, is_labels=True, class_names=classes, metadata={"downsample": ds}))]
+    return [
+        str(write_ome_tiff(path, labels, mpp=mpp, is_labels=True, class_names=classes, metadata={"downsample": ds}))
+    ]
 
 
 def write_image(path: str, data: Any, attributes: dict) -> list[str]:

@@ -61,8 +61,13 @@ def cli_progress(description: str):
 
     cancel = threading.Event()
     bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[msg]}"), transient=False, disable=not sys.stderr.isatty(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[msg]}"),
+        transient=False,
+        disable=not sys.stderr.isatty(),
     )
     task = bar.add_task(description, total=None, msg="")
 
@@ -133,8 +138,9 @@ def _preflight_recipe(recipe: Path, overrides, out: Path | None) -> None:
     loaded = load_recipe(recipe, overrides)
     folder = Path(out or loaded.get("output") or Path("runs") / loaded.name)
     inputs = _recipe_paths(loaded.config)
-    _preflight([Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs],
-               _folders(inputs))
+    _preflight(
+        [Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs], _folders(inputs)
+    )
 
 
 def _folders(paths) -> list:
@@ -192,8 +198,16 @@ def tiles(
     try:
         with cli_progress("tiles") as (progress, cancel):
             written = tissue_and_grid(
-                slide, out, tile_size=size, mpp=None if level is not None else mpp, level=level,
-                overlap=overlap, min_tissue=min_tissue, mask_mpp=mask_mpp, progress=progress, cancel=cancel,
+                slide,
+                out,
+                tile_size=size,
+                mpp=None if level is not None else mpp,
+                level=level,
+                overlap=overlap,
+                min_tissue=min_tissue,
+                mask_mpp=mask_mpp,
+                progress=progress,
+                cancel=cancel,
             )
     except PathFMError as exc:
         _fail(exc)
@@ -267,7 +281,9 @@ app.command("recipes")(recipes_cmd)
 def features(
     inputs: list[Path] = typer.Argument(..., help="Slides, plain images, or folders of them"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr per slide"),
-    backbone: str = typer.Option("resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"),
+    backbone: str = typer.Option(
+        "resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"
+    ),
     weights: Path | None = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
     mpp: float = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px"),
     tile: int = typer.Option(256, min=16, help="Tile size in pixels"),
@@ -275,7 +291,9 @@ def features(
     min_tissue: float = typer.Option(0.25, min=0.0, max=1.0, help="Keep tiles with at least this tissue fraction"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
-    partial_weights: bool = typer.Option(False, "--partial-weights", help="Load only the --weights tensors that fit the backbone (others stay random)"),
+    partial_weights: bool = typer.Option(
+        False, "--partial-weights", help="Load only the --weights tensors that fit the backbone (others stay random)"
+    ),
 ) -> None:
     """Extract patch features of tissue tiles (resumable: finished slides are skipped)."""
     from .io.preflight import Output
@@ -286,8 +304,18 @@ def features(
     try:
         with cli_progress("features") as (progress, cancel):
             results = features_command(
-                inputs, out, backbone=backbone, weights=weights, mpp=mpp, tile=tile, batch_size=batch_size,
-                device=device, min_tissue=min_tissue, progress=progress, cancel=cancel, cache=None if cache else False,
+                inputs,
+                out,
+                backbone=backbone,
+                weights=weights,
+                mpp=mpp,
+                tile=tile,
+                batch_size=batch_size,
+                device=device,
+                min_tissue=min_tissue,
+                progress=progress,
+                cancel=cancel,
+                cache=None if cache else False,
                 partial_weights=partial_weights,
             )
     except PathFMError as exc:
@@ -304,12 +332,20 @@ def features(
 
 @app.command()
 def segment(
-    input_path: Path = typer.Argument(..., metavar="INPUT", help="Slide or plain image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"),
-    out: Path = typer.Option(..., "--out", "-o", help="Mask OME-TIFF (e.g. mask.ome.tif), input's size, 0 = background"),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"),
+    input_path: Path = typer.Argument(
+        ..., metavar="INPUT", help="Slide or plain image (SVS, NDPI, OME-TIFF, TIFF, PNG, …)"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Mask OME-TIFF (e.g. mask.ome.tif), input's size, 0 = background"
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="Segmentation checkpoint (default: the bundled model)"
+    ),
     geojson: Path | None = typer.Option(None, "--geojson", help="Also write QuPath GeoJSON polygons"),
     mpp: float | None = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
-    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
+    image_mpp: float | None = typer.Option(
+        None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"
+    ),
     overlap: float = typer.Option(0.25, min=0.0, max=0.9, help="Tile overlap as a fraction of the tile side"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Run only tiles that touch tissue"),
     batch_size: int = typer.Option(8, min=1, help="Tiles per forward pass"),
@@ -319,15 +355,28 @@ def segment(
     """Segment a slide or image into classes (Path-SAM2); write the mask as OME-TIFF (+ GeoJSON)."""
     from .io.preflight import Output
 
-    _preflight([Output(out), Output(geojson, option="--geojson") if geojson else None],
-               [input_path, checkpoint], _folders([input_path]))
+    _preflight(
+        [Output(out), Output(geojson, option="--geojson") if geojson else None],
+        [input_path, checkpoint],
+        _folders([input_path]),
+    )
     from .pipelines.segment import segment_slide
 
     try:
         with cli_progress("segment") as (progress, cancel):
             result = segment_slide(
-                input_path, checkpoint, mpp=mpp, image_mpp=image_mpp, overlap=overlap, tissue_only=tissue_only,
-                batch_size=batch_size, device=device, progress=progress, cancel=cancel, out=out, geojson=geojson,
+                input_path,
+                checkpoint,
+                mpp=mpp,
+                image_mpp=image_mpp,
+                overlap=overlap,
+                tissue_only=tissue_only,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+                out=out,
+                geojson=geojson,
                 cache=None if cache else False,
             )
     except ValueError as exc:  # the pipelines' checks of option values
@@ -346,8 +395,12 @@ def classify(
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     mpp: float | None = typer.Option(None, min=1e-6, help="µm/px the model runs at (default: the checkpoint's)"),
     tissue_only: bool = typer.Option(True, "--tissue-only/--all-tiles", help="Classify only tissue tiles"),
-    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"),
-    gradcam: int = typer.Option(0, "--gradcam", min=0, help="Also write Grad-CAM PNGs of the top N tiles of each class"),
+    image_mpp: float | None = typer.Option(
+        None, "--image-mpp", min=1e-6, help="µm/px of an input that does not record it (PNG)"
+    ),
+    gradcam: int = typer.Option(
+        0, "--gradcam", min=0, help="Also write Grad-CAM PNGs of the top N tiles of each class"
+    ),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
     """Classify the tiles of a slide: class map + per-class probabilities over the slide (OME-TIFF), CSV, JSON."""
@@ -359,14 +412,24 @@ def classify(
 
     try:
         with cli_progress("classify") as (progress, cancel), open_slide(slide) as s:
-            result = classify_slide(s, checkpoint, mpp=mpp, batch_size=batch_size, device=device,
-                                    tissue_only=tissue_only, progress=progress, cancel=cancel,
-                                    cache=None if cache else False, image_mpp=image_mpp)
+            result = classify_slide(
+                s,
+                checkpoint,
+                mpp=mpp,
+                batch_size=batch_size,
+                device=device,
+                tissue_only=tissue_only,
+                progress=progress,
+                cancel=cancel,
+                cache=None if cache else False,
+                image_mpp=image_mpp,
+            )
             if gradcam > 0:
                 from .pipelines.gradcam import write_top_gradcam
 
-                pngs = write_top_gradcam(s, result, checkpoint, out / "gradcam", gradcam, device=device,
-                                         progress=progress, cancel=cancel)
+                pngs = write_top_gradcam(
+                    s, result, checkpoint, out / "gradcam", gradcam, device=device, progress=progress, cancel=cancel
+                )
                 if pngs:
                     result.written["gradcam"] = out / "gradcam"
             write_classify_outputs(result, out, progress=progress, cancel=cancel)
@@ -384,7 +447,9 @@ def batch(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one folder per slide + batch-summary.json/.csv"),
     scheduler: str | None = typer.Option(None, help="dask scheduler address (tcp://host:8786); default: local"),
     workers: int = typer.Option(2, min=1, help="Worker processes of the local cluster (one thread each)"),
-    checkpoint: list[Path] = typer.Option([], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"),
+    checkpoint: list[Path] = typer.Option(
+        [], "--checkpoint", "-c", help="The task's checkpoint (repeat for translate)"
+    ),
     set_: list[str] = typer.Option([], "--set", help="Option of the task's pipeline: --set batch_size=4 (repeatable)"),
 ) -> None:
     """Run a task over many slides on dask.distributed (resumable; failures reported in the summary)."""
@@ -395,9 +460,17 @@ def batch(
 
     try:
         with cli_progress(f"batch {task}") as (progress, cancel):
-            summary = run_batch(manifest, task, out, scheduler=scheduler, n_workers=workers,
-                                checkpoint=list(checkpoint) or None, options=parse_options(set_),
-                                progress=progress, cancel=cancel)
+            summary = run_batch(
+                manifest,
+                task,
+                out,
+                scheduler=scheduler,
+                n_workers=workers,
+                checkpoint=list(checkpoint) or None,
+                options=parse_options(set_),
+                progress=progress,
+                cancel=cancel,
+            )
     except PathFMError as exc:
         _fail(exc)
     for row in summary.rows:
@@ -419,7 +492,9 @@ def mil_predict_cmd(
     out: Path | None = typer.Option(None, "--out", help="Heatmap OME-TIFF (e.g. heatmap.ome.tif)"),
     json_out: Path | None = typer.Option(None, "--json", help="Prediction JSON (probabilities, top patches)"),
     top_k: int = typer.Option(10, min=0, help="How many top patches to list"),
-    image_mpp: float | None = typer.Option(None, "--image-mpp", min=1e-6, help="µm/px of a --slide that does not record it (PNG)"),
+    image_mpp: float | None = typer.Option(
+        None, "--image-mpp", min=1e-6, help="µm/px of a --slide that does not record it (PNG)"
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
 ) -> None:
@@ -430,8 +505,11 @@ def mil_predict_cmd(
         _fail(UsageError("give exactly one of --slide or --features."))
     from .io.preflight import Output
 
-    _preflight([out, Output(json_out, option="--json") if json_out else None], [checkpoint, slide, features_path],
-               _folders([features_path]))
+    _preflight(
+        [out, Output(json_out, option="--json") if json_out else None],
+        [checkpoint, slide, features_path],
+        _folders([features_path]),
+    )
     try:
         with cli_progress("mil predict") as (progress, cancel):
             if slide is not None:
@@ -439,8 +517,15 @@ def mil_predict_cmd(
 
                 with open_slide(slide) as s:
                     mpp = image_mpp or s.mpp
-                    pred = mil_predict(checkpoint, slide=s, device=device, progress=progress, cancel=cancel,
-                                       cache=None if cache else False, image_mpp=image_mpp)
+                    pred = mil_predict(
+                        checkpoint,
+                        slide=s,
+                        device=device,
+                        progress=progress,
+                        cancel=cancel,
+                        cache=None if cache else False,
+                        image_mpp=image_mpp,
+                    )
             else:
                 pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
                 mpp = pred.source.get("slide_mpp")
@@ -449,8 +534,16 @@ def mil_predict_cmd(
         _fail(exc)
     for message in getattr(pred, "messages", []):
         typer.secho(message, fg=typer.colors.YELLOW, err=True)
-    typer.echo(_json({"predicted": pred.predicted, "probabilities": pred.to_dict(top_k)["probabilities"],
-                           "written": {k: str(v) for k, v in written.items()}}, indent=2))
+    typer.echo(
+        _json(
+            {
+                "predicted": pred.predicted,
+                "probabilities": pred.to_dict(top_k)["probabilities"],
+                "written": {k: str(v) for k, v in written.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 @mil_app.command("cv")
@@ -469,7 +562,9 @@ def mil_cv_cmd(
 
     try:
         with cli_progress("mil cv") as (progress, cancel):
-            summary = cv_command(recipe, k=k, set_=set_, out=out, device=device, resume=resume, progress=progress, cancel=cancel)
+            summary = cv_command(
+                recipe, k=k, set_=set_, out=out, device=device, resume=resume, progress=progress, cancel=cancel
+            )
     except PathFMError as exc:
         _fail(exc)
     typer.echo(_json(summary, indent=2, default=str))
@@ -477,7 +572,9 @@ def mil_cv_cmd(
 
 @app.command()
 def standardize(
-    src: Path = typer.Argument(..., help="Class-folder data set (SRC/<class>/*.png|jpg|tif) or a path,label[,group] CSV"),
+    src: Path = typer.Argument(
+        ..., help="Class-folder data set (SRC/<class>/*.png|jpg|tif) or a path,label[,group] CSV"
+    ),
     dst: Path = typer.Argument(..., help="New output folder (class folders + split.json + standardize.json)"),
     mpp: float | None = typer.Option(None, help="µm/px of the source images (needed unless the TIFFs record it)"),
     target_mpp: float = typer.Option(1.0, "--target-mpp", min=1e-6, help="µm/px of the crops (HistoKT: 1.0)"),
@@ -498,12 +595,26 @@ def standardize(
         if len(shares) != 3:
             raise UsageError(f"--fractions needs three numbers train,val,test, got {fractions!r}.")
         with cli_progress("standardize") as (progress, cancel):
-            info = run(src, dst, mpp=mpp, target_mpp=target_mpp, crop=crop, overlap=overlap, fractions=shares,
-                       seed=seed, split_by=split_by, progress=progress, cancel=cancel)
+            info = run(
+                src,
+                dst,
+                mpp=mpp,
+                target_mpp=target_mpp,
+                crop=crop,
+                overlap=overlap,
+                fractions=shares,
+                seed=seed,
+                split_by=split_by,
+                progress=progress,
+                cancel=cancel,
+            )
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
-    typer.echo(_json({k: info[k] for k in ("output", "classes", "classes_without_crops", "totals",
-                                                  "crops_per_split")}, indent=2))
+    typer.echo(
+        _json(
+            {k: info[k] for k in ("output", "classes", "classes_without_crops", "totals", "crops_per_split")}, indent=2
+        )
+    )
 
 
 @app.command()
@@ -545,9 +656,19 @@ def transfer_matrix_cmd(
 
     try:
         with cli_progress("transfer-matrix") as (progress, cancel):
-            result = transfer_matrix(datasets, out, mode=mode, epochs=epochs, overrides=set_, recipe_dir=recipes,
-                                     tiny=tiny, imagenet_weights=imagenet, device=device, progress=progress,
-                                     cancel=cancel)
+            result = transfer_matrix(
+                datasets,
+                out,
+                mode=mode,
+                epochs=epochs,
+                overrides=set_,
+                recipe_dir=recipes,
+                tiny=tiny,
+                imagenet_weights=imagenet,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+            )
             if tsne:
                 from .training.histokt.tsne import tsne_plot
 
@@ -576,8 +697,17 @@ def tsne(
 
     try:
         with cli_progress("tsne") as (progress, cancel):
-            written = tsne_plot(checkpoint, datasets, out, split=split, max_per_dataset=max_per_dataset,
-                                perplexity=perplexity, device=device, progress=progress, cancel=cancel)
+            written = tsne_plot(
+                checkpoint,
+                datasets,
+                out,
+                split=split,
+                max_per_dataset=max_per_dataset,
+                perplexity=perplexity,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+            )
     except PathFMError as exc:
         _fail(exc)
     typer.echo(f"t-SNE plot: {written}")
@@ -601,13 +731,21 @@ def zstats(
 
     try:
         with cli_progress("zstats") as (progress, cancel):
-            table = zstack_stats(stacks, magnification=magnification, percentiles=percentiles, rows=rows,
-                                 channel=channel, progress=progress, cancel=cancel)
+            table = zstack_stats(
+                stacks,
+                magnification=magnification,
+                percentiles=percentiles,
+                rows=rows,
+                channel=channel,
+                progress=progress,
+                cancel=cancel,
+            )
         if append and out.is_file():
             old = StatsTable.read_csv(out)
             keys = {(r["magnification"], r["channel"], r["plane"]) for r in table.rows}
-            table = StatsTable([r for r in old.rows if (r["magnification"], r["channel"], r["plane"]) not in keys]
-                               + table.rows)
+            table = StatsTable(
+                [r for r in old.rows if (r["magnification"], r["channel"], r["plane"]) not in keys] + table.rows
+            )
         with atomic_path(out) as tmp:
             table.to_csv(tmp)
     except ValueError as exc:  # the pipelines' checks of option values
@@ -618,7 +756,9 @@ def zstats(
 @app.command()
 def translate(
     stack: Path = typer.Argument(..., help="Z-stack: folder of plane files, one plane file, multipage/OME-TIFF"),
-    checkpoint: list[Path] = typer.Option(..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"),
+    checkpoint: list[Path] = typer.Option(
+        ..., "--checkpoint", "-c", help="Translation checkpoint (repeat per channel)"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one OME-TIFF per channel + nuclei mask"),
     tile: int = typer.Option(512, min=16, help="Tile side in pixels (multiple of 16)"),
     stride: int = typer.Option(256, min=1, help="Step between tiles in pixels"),
@@ -634,8 +774,17 @@ def translate(
 
     try:
         with cli_progress("translate") as (progress, cancel):
-            result = translate_stack(stack, list(checkpoint), tile=tile, stride=stride, batch_size=batch_size,
-                                     threshold=threshold, device=device, progress=progress, cancel=cancel)
+            result = translate_stack(
+                stack,
+                list(checkpoint),
+                tile=tile,
+                stride=stride,
+                batch_size=batch_size,
+                threshold=threshold,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+            )
             write_translation(result, out, progress=progress, cancel=cancel)
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))
@@ -648,7 +797,9 @@ def translate(
 def evaluate_translation_cmd(
     sources: list[Path] = typer.Argument(..., help="Translation checkpoints (.safetensors) and/or predicted images"),
     stack: Path | None = typer.Option(None, "--stack", "-s", help="Z-stack the checkpoints translate"),
-    target: str | None = typer.Option(None, "--target", "-t", help="Real channel: a target of the stack (DAPI) or an image file"),
+    target: str | None = typer.Option(
+        None, "--target", "-t", help="Real channel: a target of the stack (DAPI) or an image file"
+    ),
     channel: str | None = typer.Option(None, help="Predicted channel to compare (default: the nuclei one)"),
     rows: str | None = typer.Option(None, help="Rows to evaluate, START:STOP (ISL validation: 768:1024)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the table as CSV"),
@@ -663,9 +814,19 @@ def evaluate_translation_cmd(
 
     try:
         with cli_progress("evaluate-translation") as (progress, cancel):
-            table = evaluate_translation(sources, stack=stack, target=target, channel=channel, rows=parse_span(rows),
-                                         tile=tile, stride=stride, batch_size=batch_size, device=device,
-                                         progress=progress, cancel=cancel)
+            table = evaluate_translation(
+                sources,
+                stack=stack,
+                target=target,
+                channel=channel,
+                rows=parse_span(rows),
+                tile=tile,
+                stride=stride,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+                cancel=cancel,
+            )
         if out is not None:
             write_table(table, out)
     except ValueError as exc:  # the pipelines' checks of option values

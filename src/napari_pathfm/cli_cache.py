@@ -11,8 +11,9 @@ from pathlib import Path
 
 import typer
 
-cache_app = typer.Typer(help="The shared tile-embedding cache (encoder outputs reused across runs).",
-                        no_args_is_help=True)
+cache_app = typer.Typer(
+    help="The shared tile-embedding cache (encoder outputs reused across runs).", no_args_is_help=True
+)
 
 _DIR_HELP = "Cache folder (default: $PATHFM_CACHE_DIR or ~/.napari-pathfm/cache)"
 
@@ -40,8 +41,17 @@ def list_cmd(
     entries = cache.entries()
     total = sum(e.bytes for e in entries)
     if as_json:
-        typer.echo(json.dumps({"root": str(cache.root), "bytes": total, "max_bytes": cache.max_bytes,
-                               "entries": [e.as_dict() for e in entries]}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "root": str(cache.root),
+                    "bytes": total,
+                    "max_bytes": cache.max_bytes,
+                    "entries": [e.as_dict() for e in entries],
+                },
+                indent=2,
+            )
+        )
         return
     typer.echo(f"{cache.root}: {len(entries)} entries, {_size(total)} of {_size(cache.max_bytes)}")
     for e in entries:
@@ -60,8 +70,11 @@ def _echo_entry(e) -> None:
 
 @cache_app.command("verify")
 def verify_cmd(
-    repair: bool = typer.Option(False, "--repair", help="Drop damaged tiles (the next run recomputes them) and "
-                                "remove unreadable or old-format entries"),
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Drop damaged tiles (the next run recomputes them) and remove unreadable or old-format entries",
+    ),
     directory: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
 ) -> None:
@@ -74,8 +87,9 @@ def verify_cmd(
     entries = [cache.inspect(p, full=True, repair=repair) for p in paths]
     bad = [e for e in entries if not e.ok]
     if as_json:
-        typer.echo(json.dumps({"root": str(cache.root), "ok": not bad, "entries": [e.as_dict() for e in entries]},
-                              indent=2))
+        typer.echo(
+            json.dumps({"root": str(cache.root), "ok": not bad, "entries": [e.as_dict() for e in entries]}, indent=2)
+        )
     else:
         typer.echo(f"{cache.root}: {len(entries)} entries checked, {len(bad)} with damage")
         for e in entries:

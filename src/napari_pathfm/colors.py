@@ -34,9 +34,22 @@ __all__ = [
 
 #: Fixed qualitative palette (RGB 0–255), in order of assignment to foreground classes.
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (0, 0, 128),
 )
 
 #: Class names drawn transparent (compared case-insensitively).
@@ -45,14 +58,20 @@ BACKGROUND_NAMES = frozenset({"background", "bg", "none", "unlabelled", "unlabel
 #: RGBA control points (0–1) and positions of the continuous overlays' colormaps, by kind.
 CONTINUOUS: dict[str, tuple[list[list[float]], list[float]]] = {
     # class probability: transparent → deep blue → teal → yellow (viridis-like)
-    "probability": ([[0, 0, 0, 0], [0.27, 0.0, 0.33, 0.55], [0.13, 0.57, 0.55, 0.8], [0.99, 0.91, 0.14, 1.0]],
-                    [0.0, 0.05, 0.55, 1.0]),
+    "probability": (
+        [[0, 0, 0, 0], [0.27, 0.0, 0.33, 0.55], [0.13, 0.57, 0.55, 0.8], [0.99, 0.91, 0.14, 1.0]],
+        [0.0, 0.05, 0.55, 1.0],
+    ),
     # Grad-CAM: transparent → purple → orange → yellow (inferno-like heat)
-    "gradcam": ([[0, 0, 0, 0], [0.05, 0.0, 0.35, 0.75], [0.75, 0.1, 0.45, 0.85], [1.0, 0.55, 0.0, 0.9], [1.0, 1.0, 0.3, 1.0]],
-                [0.0, 0.02, 0.4, 0.75, 1.0]),
+    "gradcam": (
+        [[0, 0, 0, 0], [0.05, 0.0, 0.35, 0.75], [0.75, 0.1, 0.45, 0.85], [1.0, 0.55, 0.0, 0.9], [1.0, 1.0, 0.3, 1.0]],
+        [0.0, 0.02, 0.4, 0.75, 1.0],
+    ),
     # MIL attention / patch score: transparent → green → yellow → red
-    "attention": ([[0, 0, 0, 0], [0.0, 0.55, 0.35, 0.6], [0.95, 0.85, 0.1, 0.85], [0.85, 0.05, 0.1, 1.0]],
-                  [0.0, 0.02, 0.5, 1.0]),
+    "attention": (
+        [[0, 0, 0, 0], [0.0, 0.55, 0.35, 0.6], [0.95, 0.85, 0.1, 0.85], [0.85, 0.05, 0.1, 1.0]],
+        [0.0, 0.02, 0.5, 1.0],
+    ),
 }
 
 

@@ -61,7 +61,7 @@ def rescale_slide_layers(layers, path: str, new_mpp: float | None, old_mpp: floa
             scale[ax] *= factor
             translate[ax] *= factor
         units = list(layer.units)
-        units[nd - 2:] = [unit, unit]
+        units[nd - 2 :] = [unit, unit]
         layer.scale, layer.translate, layer.units = scale, translate, units
         if "pathfm_slide" in meta:
             meta["pathfm_slide"]["mpp"] = new_mpp

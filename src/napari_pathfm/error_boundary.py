@@ -51,8 +51,13 @@ def format_traceback(exc: BaseException) -> str:
 def _kind_of(exc: PathFMError) -> str:
     from . import errors as e
 
-    for cls, name in ((e.Cancelled, "cancelled"), (e.CheckpointError, "checkpoint"), (e.OutputError, "output"),
-                      (e.ResourceError, "resource"), (e.InputError, "input")):
+    for cls, name in (
+        (e.Cancelled, "cancelled"),
+        (e.CheckpointError, "checkpoint"),
+        (e.OutputError, "output"),
+        (e.ResourceError, "resource"),
+        (e.InputError, "input"),
+    ):
         if isinstance(exc, cls):
             return name
     return "runtime"
@@ -66,7 +71,12 @@ def _os_names(exc: OSError) -> str:
 #: errno → (what went wrong, what to do, exit code, kind)
 _OS_ERRORS = {
     errno.EACCES: ("permission denied.", "Choose a location you can read/write, or fix its permissions.", 2, "input"),
-    errno.EPERM: ("operation not permitted.", "Choose a location you can read/write, or fix its permissions.", 2, "input"),
+    errno.EPERM: (
+        "operation not permitted.",
+        "Choose a location you can read/write, or fix its permissions.",
+        2,
+        "input",
+    ),
     errno.EROFS: ("is on a read-only file system.", "Write the output somewhere writable (--out).", 2, "output"),
     errno.ENOSPC: ("no space left on the device.", "Free some space or write to another disk.", 1, "resource"),
     errno.EDQUOT: ("disk quota exceeded.", "Free some space or write to another disk.", 1, "resource"),
@@ -101,7 +111,9 @@ def _describe_unicode(exc: UnicodeDecodeError) -> UserMessage:
     head = f"{where}: " if where else ""
     return UserMessage(
         f"{head}is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start} cannot be decoded). "
-        "Save it as UTF-8 and try again.", EXIT_INPUT, "input",
+        "Save it as UTF-8 and try again.",
+        EXIT_INPUT,
+        "input",
     )
 
 
@@ -109,8 +121,9 @@ def _describe_yaml(exc: BaseException) -> UserMessage:
     mark = getattr(exc, "problem_mark", None)
     where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return UserMessage(f"{where}not valid YAML ({problem}). Fix the syntax (indentation, a missing ':' or quote).",
-                       EXIT_INPUT, "input")
+    return UserMessage(
+        f"{where}not valid YAML ({problem}). Fix the syntax (indentation, a missing ':' or quote).", EXIT_INPUT, "input"
+    )
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -145,12 +158,20 @@ def describe(exc: BaseException) -> UserMessage:
         return _describe_yaml(exc)
     if _is_out_of_memory(exc):
         device = "GPU" if "cuda" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError" else "machine"
-        return UserMessage(f"the {device} ran out of memory. Lower --batch-size (or the tile size), close other "
-                           "programs, or run on --device cpu.", EXIT_RUNTIME, "resource")
+        return UserMessage(
+            f"the {device} ran out of memory. Lower --batch-size (or the tile size), close other "
+            "programs, or run on --device cpu.",
+            EXIT_RUNTIME,
+            "resource",
+        )
     if isinstance(exc, OSError):
         return _describe_os(exc)
-    return UserMessage(f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback "
-                       "and report it.", EXIT_RUNTIME, "internal", unexpected=True)
+    return UserMessage(
+        f"internal error: {type(exc).__name__}: {exc}. Run again with --debug for the traceback and report it.",
+        EXIT_RUNTIME,
+        "internal",
+        unexpected=True,
+    )
 
 
 def message_for(exc: BaseException, *, debug: bool | None = None) -> str:

@@ -14,8 +14,21 @@ def _version(dist: str) -> str | None:
 
 
 DISTRIBUTIONS = [
-    "napari-pathfm", "napari", "torch", "torchvision", "timm", "lightning", "openslide-python", "openslide-bin",
-    "tifffile", "zarr", "dask", "numpy", "safetensors", "magicgui", "PyQt6",
+    "napari-pathfm",
+    "napari",
+    "torch",
+    "torchvision",
+    "timm",
+    "lightning",
+    "openslide-python",
+    "openslide-bin",
+    "tifffile",
+    "zarr",
+    "dask",
+    "numpy",
+    "safetensors",
+    "magicgui",
+    "PyQt6",
 ]
 
 

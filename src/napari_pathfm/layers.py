@@ -14,8 +14,16 @@ from collections.abc import Mapping
 import numpy as np
 
 __all__ = [
-    "HEAT_PERCENTILES", "class_features", "class_heatmaps", "clip_to_slide", "entered_mpp", "nearest_first",
-    "patch_box", "slide_level0_shape", "tile_boxes", "visible_box",
+    "HEAT_PERCENTILES",
+    "class_features",
+    "class_heatmaps",
+    "clip_to_slide",
+    "entered_mpp",
+    "nearest_first",
+    "patch_box",
+    "slide_level0_shape",
+    "tile_boxes",
+    "visible_box",
 ]
 
 #: Percentiles of the shown class's patch scores that set the MIL heatmap's contrast limits.
@@ -70,8 +78,9 @@ def tile_boxes(grid) -> list[np.ndarray]:
 CLIP_MAX_PIXELS = 4_000_000
 
 
-def clip_to_slide(grid_map: np.ndarray, cell: float, level0_shape, *, finest: float = 16.0,
-                  max_pixels: int = CLIP_MAX_PIXELS) -> tuple[np.ndarray, float]:
+def clip_to_slide(
+    grid_map: np.ndarray, cell: float, level0_shape, *, finest: float = 16.0, max_pixels: int = CLIP_MAX_PIXELS
+) -> tuple[np.ndarray, float]:
     """A per-tile map (one pixel per ``cell`` level-0 pixels) refined so that it stops at the slide's edge.
 
     Tiles of the last row and column hang over the slide; drawn one pixel per tile, the map
@@ -127,8 +136,12 @@ def visible_box(center_yx, zoom: float, canvas_size, unit: float) -> tuple[float
     half = np.asarray(canvas_size, float) / (2.0 * max(float(zoom), 1e-12))
     cy, cx = (float(v) for v in center_yx[-2:])
     unit = unit or 1.0
-    return ((cy - half[0]) / unit + 0.5, (cx - half[1]) / unit + 0.5,
-            (cy + half[0]) / unit + 0.5, (cx + half[1]) / unit + 0.5)
+    return (
+        (cy - half[0]) / unit + 0.5,
+        (cx - half[1]) / unit + 0.5,
+        (cy + half[0]) / unit + 0.5,
+        (cx + half[1]) / unit + 0.5,
+    )
 
 
 def nearest_first(indices, tiles, cell: float, box) -> np.ndarray:

@@ -154,5 +154,7 @@ class TiledReader:
                 t = self._tile(ty, tx)
                 sy0, sx0 = max(y, ty * th), max(x, tx * tw)
                 sy1, sx1 = min(y + h, ty * th + t.shape[0]), min(x + w, tx * tw + t.shape[1])
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw]
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = t[
+                    sy0 - ty * th : sy1 - ty * th, sx0 - tx * tw : sx1 - tx * tw
+                ]
         return out

@@ -106,21 +106,29 @@ class TiffBackend:
         self.native_tiled = [bool(lvl.keyframe.is_tiled) for lvl in series.levels]
         for lvl in series.levels:
             page = lvl.keyframe
-            self.tile_sizes.append((page.tilelength or min(512, page.imagelength), page.tilewidth or min(512, page.imagewidth)))
+            self.tile_sizes.append(
+                (page.tilelength or min(512, page.imagelength), page.tilewidth or min(512, page.imagewidth))
+            )
         page0 = series.levels[0].keyframe
         self.mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else None
         self.mpp = self.mpp or resolution_to_mpp(page0)
         self.objective_power = None
         self.vendor = "ome-tiff" if self._tif.is_ome else "generic-tiff"
         self.properties = {
-            "tiff.compression": str(page0.compression.name if hasattr(page0.compression, "name") else page0.compression),
+            "tiff.compression": str(
+                page0.compression.name if hasattr(page0.compression, "name") else page0.compression
+            ),
             "tiff.photometric": str(getattr(page0.photometric, "name", page0.photometric)),
             "tiff.axes": self._axes,
             "tiff.dtype": str(series.dtype),
         }
         if page0.description and not self._tif.is_ome:
             self.properties["tiff.ImageDescription"] = page0.description[:2000]
-        self._assoc = {s.name.lower(): s for s in self._tif.series[1:] if s.name and s.name.lower() in {"label", "macro", "thumbnail"}}
+        self._assoc = {
+            s.name.lower(): s
+            for s in self._tif.series[1:]
+            if s.name and s.name.lower() in {"label", "macro", "thumbnail"}
+        }
         self.associated_names = list(self._assoc)
         #: ``[values read, of which NaN/Inf]`` over every float block read so far (float TIFFs only),
         #: so an all-NaN image can be told from a black one (:func:`napari_pathfm.io.slide.check_has_content`).
@@ -173,7 +181,9 @@ class PlainImageBackend:
                 mode = img.mode
                 rgba = img.convert("RGBA")
         except Exception as exc:
-            raise SlideError(path, f"is not an image Pillow can read ({exc}).", "Save it as PNG or TIFF and try again.") from exc
+            raise SlideError(
+                path, f"is not an image Pillow can read ({exc}).", "Save it as PNG or TIFF and try again."
+            ) from exc
         self._rgb = composite_rgba(np.asarray(rgba), self.background)
         h, w = self._rgb.shape[:2]
         self.level_shapes = [(h, w)]

@@ -153,10 +153,16 @@ def create_feature_store(path: str | Path, n: int, dim: int, attrs: dict):
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.create_array("features", shape=(n, dim), dtype="float32", chunks=(max(1, min(n, chunk_rows(dim))), dim),
-                       compressors=_compressors())
-    group.create_array("coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2),
-                       compressors=_compressors())
+    group.create_array(
+        "features",
+        shape=(n, dim),
+        dtype="float32",
+        chunks=(max(1, min(n, chunk_rows(dim))), dim),
+        compressors=_compressors(),
+    )
+    group.create_array(
+        "coords", shape=(n, 2), dtype="int64", chunks=(max(1, min(n, 1 << 16)), 2), compressors=_compressors()
+    )
     full = {
         "patch_order": PATCH_ORDER,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -288,7 +294,8 @@ def write_features(path: str | Path, features: Any, coords: Any, attrs: dict | N
     coords = np.asarray(coords, np.int64)
     if features.ndim != 2 or coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] != features.shape[0]:
         raise FeatureError(
-            path, f"cannot be written: features {features.shape} and coords {coords.shape} do not match.",
+            path,
+            f"cannot be written: features {features.shape} and coords {coords.shape} do not match.",
             "Give features (N, D) and coords (N, 2) with the same N.",
         )
     _check_finite(path, features)
@@ -311,12 +318,14 @@ def _open(path: Path):
         names = set(group.array_keys())
     except Exception as exc:
         raise FeatureError(
-            path, f"is not a patch-feature file ({type(exc).__name__}: {exc}).",
+            path,
+            f"is not a patch-feature file ({type(exc).__name__}: {exc}).",
             "Point at a <slide>.features.zarr folder written by pathfm features.",
         ) from exc
     if not {"features", "coords"} <= names:
         raise FeatureError(
-            path, "is not a patch-feature file: it has no 'features' and 'coords' arrays.",
+            path,
+            "is not a patch-feature file: it has no 'features' and 'coords' arrays.",
             "Point at a <slide>.features.zarr folder written by pathfm features.",
         )
     return group
@@ -341,12 +350,14 @@ def _check_layout(path: Path, group) -> dict:
         raise FeatureError(path, "is incomplete: the extraction that wrote it was interrupted.", _RERUN)
     if len(feats.shape) != 2 or len(coords.shape) != 2 or coords.shape[1] != 2:
         raise FeatureError(
-            path, f"has features of shape {feats.shape} and coords {coords.shape}; expected (N, D) and (N, 2).",
+            path,
+            f"has features of shape {feats.shape} and coords {coords.shape}; expected (N, D) and (N, 2).",
             "Delete it and run pathfm features again.",
         )
     if feats.shape[0] != coords.shape[0]:
         raise FeatureError(
-            path, f"has {feats.shape[0]} feature rows but {coords.shape[0]} coordinates; they must match.",
+            path,
+            f"has {feats.shape[0]} feature rows but {coords.shape[0]} coordinates; they must match.",
             "The file was changed after writing; delete it and run pathfm features again.",
         )
     return attrs
@@ -402,7 +413,8 @@ def read_features(path: str | Path) -> FeatureBag:
         coords = np.asarray(group["coords"][:], np.int64)
     except Exception as exc:  # a chunk that fails its CRC32C or does not decode
         raise FeatureError(
-            path, f"is damaged: a chunk cannot be read ({type(exc).__name__}: {exc}).",
+            path,
+            f"is damaged: a chunk cannot be read ({type(exc).__name__}: {exc}).",
             "Delete it and run pathfm features again.",
         ) from exc
     if features.shape[0] == 0:
@@ -441,8 +453,18 @@ def check_feature_dim(bag: FeatureBag, expected_dim: int, checkpoint_path: str |
 
 #: Feature-file attributes that say how features were extracted (:func:`extractor_card`).
 EXTRACTOR_KEYS = (
-    "extractor", "backbone", "weights", "weights_sha256", "input_size", "mean", "std", "feature_dim",
-    "target_mpp", "tile_size", "min_tissue", "tissue_mpp",
+    "extractor",
+    "backbone",
+    "weights",
+    "weights_sha256",
+    "input_size",
+    "mean",
+    "std",
+    "feature_dim",
+    "target_mpp",
+    "tile_size",
+    "min_tissue",
+    "tissue_mpp",
 )
 
 

@@ -62,8 +62,12 @@ def _boundary_edges(mask: np.ndarray):
     bot = np.nonzero(m[:-1] & ~m[1:])
     left = np.nonzero(m[:, 1:] & ~m[:, :-1])
     right = np.nonzero(m[:, :-1] & ~m[:, 1:])
-    for (r, c), sy, sx, ey, ex, py, px in ((top, 1, 0, 1, 1, 1, 0), (bot, 1, 1, 1, 0, 0, 0),
-                                           (left, 1, 1, 0, 1, 0, 1), (right, 0, 1, 1, 1, 0, 0)):
+    for (r, c), sy, sx, ey, ex, py, px in (
+        (top, 1, 0, 1, 1, 1, 0),
+        (bot, 1, 1, 1, 0, 0, 0),
+        (left, 1, 1, 0, 1, 0, 1),
+        (right, 0, 1, 1, 1, 0, 0),
+    ):
         starts.append((r + sy) * v + c + sx)
         ends.append((r + ey) * v + c + ex)
         pixels.append((r + py) * w + c + px)
@@ -146,8 +150,11 @@ def _trace(mask: np.ndarray) -> list[tuple[np.ndarray, float, int]]:
         at_saddle = np.isin(start[flat], end[saddle])
         pinched = set(np.repeat(np.arange(len(rings)), lens)[at_saddle].tolist())
         start_l = start.tolist()
-        rings = [piece for i, ring in enumerate(rings)
-                 for piece in (_split_at_repeats(ring, start_l) if i in pinched else [ring])]
+        rings = [
+            piece
+            for i, ring in enumerate(rings)
+            for piece in (_split_at_repeats(ring, start_l) if i in pinched else [ring])
+        ]
     flat, lens, first = _flatten(rings)
     ring_pix = pix[flat[first]]
     ids = start[flat]
@@ -275,18 +282,27 @@ def labels_to_geojson(
                 continue
             polys_by_group.setdefault(gid, []).extend(polys)
         for gid in sorted(polys_by_group):
-            polys = [[_coords(_simplify(r, simplify_tolerance), downsample, offset) for r in poly]
-                     for poly in polys_by_group[gid]]
-            geometry = ({"type": "Polygon", "coordinates": polys[0]} if len(polys) == 1
-                        else {"type": "MultiPolygon", "coordinates": polys})
+            polys = [
+                [_coords(_simplify(r, simplify_tolerance), downsample, offset) for r in poly]
+                for poly in polys_by_group[gid]
+            ]
+            geometry = (
+                {"type": "Polygon", "coordinates": polys[0]}
+                if len(polys) == 1
+                else {"type": "MultiPolygon", "coordinates": polys}
+            )
             classification = {"name": names.get(value, f"class {value}"), "color": class_color(value, colors)}
             properties = {"objectType": "annotation", "classification": classification, "label": value}
             features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     return {"type": "FeatureCollection", "features": features}
 
 
-def write_geojson(path: str | os.PathLike, labels: np.ndarray,
-                  class_names: dict[int, str] | Sequence[str] | None = None, **kwargs: Any) -> Path:
+def write_geojson(
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    class_names: dict[int, str] | Sequence[str] | None = None,
+    **kwargs: Any,
+) -> Path:
     """Write :func:`labels_to_geojson` output to ``path`` atomically; returns the path."""
     collection = labels_to_geojson(labels, class_names, **kwargs)
     path = Path(path)
@@ -372,8 +388,10 @@ def geojson_to_labels(
             elif not by_name:
                 value = 1
             else:
-                raise PathFMError(f"GeoJSON feature has class {name!r}, which is not among "
-                                  f"{sorted(by_name)}; pass class_names that include it")
+                raise PathFMError(
+                    f"GeoJSON feature has class {name!r}, which is not among "
+                    f"{sorted(by_name)}; pass class_names that include it"
+                )
         polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
         items.append((int(value), polys))
     if dtype is None:
@@ -382,8 +400,9 @@ def geojson_to_labels(
     out = np.zeros(tuple(shape), dtype)
     for value, polys in items:
         for poly in polys:
-            rings = [(np.asarray(r, np.float64)[:, :2] - [offset[1], offset[0]]) / downsample
-                     for r in poly if len(r) >= 3]
+            rings = [
+                (np.asarray(r, np.float64)[:, :2] - [offset[1], offset[0]]) / downsample for r in poly if len(r) >= 3
+            ]
             filled = _fill(rings, out.shape) if rings else None
             if filled is not None:
                 rs, cs, mask = filled

@@ -73,14 +73,19 @@ class StatsTable:
 
     def select(self, channel: str, magnification: str | None = None) -> list[dict[str, Any]]:
         """Rows of one channel (and magnification), sorted by plane."""
-        rows = [r for r in self.rows if str(r["channel"]) == str(channel)
-                and (magnification is None or str(r["magnification"]) == str(magnification))]
+        rows = [
+            r
+            for r in self.rows
+            if str(r["channel"]) == str(channel)
+            and (magnification is None or str(r["magnification"]) == str(magnification))
+        ]
         if magnification is None and len({r["magnification"] for r in rows}) > 1:
             raise ValueError(f"channel {channel!r} has rows for several magnifications; pass magnification=")
         return sorted(rows, key=lambda r: int(r["plane"]))
 
-    def limits(self, channel: str, magnification: str | None = None,
-               low: str = "min", high: str = "max") -> tuple[np.ndarray, np.ndarray]:
+    def limits(
+        self, channel: str, magnification: str | None = None, low: str = "min", high: str = "max"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(lows, highs)`` float64 arrays, one value per plane, for :func:`normalize_minmax`.
 
         ``low``/``high`` name the columns to use, e.g. ``"p1"``/``"p99.8"``.
@@ -123,6 +128,7 @@ def example_stats_path() -> Path:
 
 
 # --------------------------------------------------------------------------- statistics
+
 
 def _small_int(dtype: np.dtype) -> bool:
     return np.dtype(dtype).kind in "uib" and np.dtype(dtype).itemsize <= 2
@@ -220,6 +226,7 @@ def compute_stats(
 
 # --------------------------------------------------------------------------- normalisation
 
+
 def _per_plane(values: Any, ndim: int, name: str, nplanes: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)
     if v.ndim == 0:
@@ -261,8 +268,15 @@ def normalize_minmax(array: Any, mins: Any, maxs: Any, *, clip: bool = True) -> 
     return out.astype(np.float32)
 
 
-def normalize_percentile(array: Any, low: float = 1.0, high: float = 99.8, *, per_plane: bool = True,
-                         clip: bool = True, return_limits: bool = False) -> Any:
+def normalize_percentile(
+    array: Any,
+    low: float = 1.0,
+    high: float = 99.8,
+    *,
+    per_plane: bool = True,
+    clip: bool = True,
+    return_limits: bool = False,
+) -> Any:
     """Normalise between the ``low`` and ``high`` percentiles (float32, see :func:`normalize_minmax`).
 
     With ``per_plane`` the percentiles are taken per plane along axis 0, else over the

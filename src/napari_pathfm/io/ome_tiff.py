@@ -179,8 +179,10 @@ def _read(plane: Any, y0: int, y1: int, dtype: np.dtype | None) -> np.ndarray:
         if np.issubdtype(dtype, np.integer) and band.dtype != bool and band.size:
             info = np.iinfo(dtype)
             if band.min() < info.min or band.max() > info.max:
-                raise PathFMError(f"values {band.min()}..{band.max()} do not fit {dtype}; relabel "
-                                  "to fewer labels or convert to float before writing")
+                raise PathFMError(
+                    f"values {band.min()}..{band.max()} do not fit {dtype}; relabel "
+                    "to fewer labels or convert to float before writing"
+                )
         band = band.astype(dtype)
     return band
 
@@ -213,8 +215,12 @@ def _buffers(n: int, shape: tuple, dtype: np.dtype, chunk_rows: int, scratch: Pa
     import zarr
 
     chunks = (max(1, chunk_rows), min(shape[1], 4096)) + tuple(shape[2:])
-    return [zarr.create_array(store=str(scratch / f"level{level}_plane{i}.zarr"), shape=shape,
-                              dtype=dtype, chunks=chunks, fill_value=0) for i in range(n)]
+    return [
+        zarr.create_array(
+            store=str(scratch / f"level{level}_plane{i}.zarr"), shape=shape, dtype=dtype, chunks=chunks, fill_value=0
+        )
+        for i in range(n)
+    ]
 
 
 def _tiles(planes, tile, dtype, is_labels, nxt, step: Callable[[], None]) -> Iterator[np.ndarray]:
@@ -231,8 +237,9 @@ def _tiles(planes, tile, dtype, is_labels, nxt, step: Callable[[], None]) -> Ite
                     yield band[ty : ty + th, tx : tx + tw]
 
 
-def _encoded_label_tiles(tiles: Iterator[np.ndarray], tile: tuple[int, int], dtype: np.dtype,
-                         compressionargs: dict | None) -> Iterator[bytes]:
+def _encoded_label_tiles(
+    tiles: Iterator[np.ndarray], tile: tuple[int, int], dtype: np.dtype, compressionargs: dict | None
+) -> Iterator[bytes]:
     """zlib-encode (horizontal predictor) label tiles as tifffile would, for its iterator of bytes.
 
     Tiles of a single label (background, mostly) are encoded once per label and reused; the others
@@ -355,8 +362,7 @@ def write_ome_tiff(
 
     ome: dict[str, Any] = {"axes": store_axes}
     if mpp:
-        ome.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
-                   PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
+        ome.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm", PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
     if channel_names and store_axes == "CYX":
         if len(channel_names) != len(planes):
             raise ValueError(f"{len(channel_names)} channel names for {len(planes)} channels")
@@ -364,15 +370,15 @@ def write_ome_tiff(
     payload = _json_payload(store_axes, is_labels, class_names, channel_names, mpp, metadata)
     ome["MapAnnotation"] = {"Namespace": NAMESPACE, "Value": {"pathfm": payload}}
     rgb = store_axes == "YXS"
-    common: dict[str, Any] = dict(tile=(th, tw), compression=compression,
-                                  photometric="rgb" if rgb else "minisblack")
+    common: dict[str, Any] = dict(tile=(th, tw), compression=compression, photometric="rgb" if rgb else "minisblack")
     if compression in _LOSSLESS and np.issubdtype(dtype, np.integer):
         common["predictor"] = "horizontal"  # not all readers (Bio-Formats) know the float one
     if rgb:
         common["planarconfig"] = "contig"
     # Single-plane integer labels: tiles are encoded here, so that the many constant ones are encoded once.
-    encode_labels = (is_labels and store_axes == "YX" and compression == "zlib"
-                     and common.get("predictor") == "horizontal")
+    encode_labels = (
+        is_labels and store_axes == "YX" and compression == "zlib" and common.get("predictor") == "horizontal"
+    )
     raw_bytes = sum(int(np.prod(full_shape(s))) for s in shapes) * dtype.itemsize
     path = Path(path)
     with (
@@ -384,14 +390,14 @@ def write_ome_tiff(
         for k, hw in enumerate(shapes):
             nxt = None
             if k + 1 < len(shapes):
-                nxt = _buffers(len(planes), shapes[k + 1] + samples, dtype,
-                               _band_rows(src[0], th) // 2, Path(scratch), k + 1)
+                nxt = _buffers(
+                    len(planes), shapes[k + 1] + samples, dtype, _band_rows(src[0], th) // 2, Path(scratch), k + 1
+                )
             kwargs = dict(common)
             if mpp:
                 res = 1e4 / (float(mpp) * 2**k)
                 kwargs.update(resolution=(res, res), resolutionunit="CENTIMETER")
-            kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0
-                          else dict(metadata=None, subfiletype=1))
+            kwargs.update(dict(metadata=ome, subifds=len(shapes) - 1) if k == 0 else dict(metadata=None, subfiletype=1))
             tiles = _tiles(src, (th, tw), dtype, is_labels, nxt, step)
             if encode_labels:
                 tiles = _encoded_label_tiles(tiles, (th, tw), dtype, compressionargs)
@@ -450,8 +456,9 @@ def read_ome_tiff(path: str | os.PathLike, *, lazy: bool = False) -> tuple[list[
             axes, nlevels = series.axes, len(series.levels)
             levels = [] if lazy else [lvl.asarray() for lvl in series.levels]
     except (OSError, ValueError, tifffile.TiffFileError, ET.ParseError) as exc:
-        raise SlideError(path, f"cannot be read as OME-TIFF ({exc}).",
-                         "Check that the file is complete and was written as OME-TIFF.") from exc
+        raise SlideError(
+            path, f"cannot be read as OME-TIFF ({exc}).", "Check that the file is complete and was written as OME-TIFF."
+        ) from exc
     if lazy:
         import dask.array as da
         import zarr

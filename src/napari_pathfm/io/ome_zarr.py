@@ -93,13 +93,23 @@ def write_ome_zarr(
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         arrays = []
         for k, hw in enumerate(shapes):
-            arrays.append(root.create_array(
-                str(k), shape=lead + hw, dtype=dtype, chunks=(1,) * len(lead) + (chunks, chunks),
-                fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"},
-            ))
+            arrays.append(
+                root.create_array(
+                    str(k),
+                    shape=lead + hw,
+                    dtype=dtype,
+                    chunks=(1,) * len(lead) + (chunks, chunks),
+                    fill_value=0,
+                    chunk_key_encoding={"name": "v2", "separator": "/"},
+                )
+            )
             step = float(mpp or 1.0) * 2**k
-            datasets.append({"path": str(k), "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0] * len(lead) + [step, step]}]})
+            datasets.append(
+                {
+                    "path": str(k),
+                    "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(lead) + [step, step]}],
+                }
+            )
         src = planes
         for k, arr in enumerate(arrays):
             for p, plane in enumerate(src):
@@ -125,9 +135,7 @@ def write_ome_zarr(
             attrs["image-label"] = _label_attrs(class_names, colors)
         elif channel_names:
             attrs["omero"] = {"channels": [{"label": str(c), "active": True} for c in channel_names]}
-        attrs["pathfm"] = json.loads(
-            _json_payload(store_axes, is_labels, class_names, channel_names, mpp, metadata)
-        )
+        attrs["pathfm"] = json.loads(_json_payload(store_axes, is_labels, class_names, channel_names, mpp, metadata))
         root.attrs.update(attrs)
     report(progress, total, total, f"wrote {path.name}")
     return path
@@ -170,8 +178,11 @@ def read_ome_zarr(path: str | os.PathLike) -> tuple[list[Any], float | None, dic
         ms = (attrs.get("ome") or attrs)["multiscales"][0]
         levels = [da.from_zarr(root[d["path"]]) for d in ms["datasets"]]
     except (KeyError, IndexError, OSError, ValueError, TypeError) as exc:
-        raise SlideError(path, f"is not a readable OME-Zarr multiscale image ({exc!r}).",
-                         "Point to the image group that has a 'multiscales' attribute.") from exc
+        raise SlideError(
+            path,
+            f"is not a readable OME-Zarr multiscale image ({exc!r}).",
+            "Point to the image group that has a 'multiscales' attribute.",
+        ) from exc
     axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])).upper()
     mpp = None
     space = [a for a in ms.get("axes", []) if isinstance(a, dict) and a.get("type") == "space"]

@@ -81,12 +81,19 @@ def _check_not_an_input(out: Output, inputs: list[Path], input_folders: list[tup
         target = _resolved(shown)
         for src in inputs:
             if _same(target, src):
-                raise OutputError(shown, f"is an input of this run ({out.option} would overwrite it).",
-                                  f"Choose another {out.option} path; inputs are never overwritten.")
+                raise OutputError(
+                    shown,
+                    f"is an input of this run ({out.option} would overwrite it).",
+                    f"Choose another {out.option} path; inputs are never overwritten.",
+                )
         for folder, given in input_folders:
             if target == folder or folder in target.parents:
-                raise OutputError(shown, f"is inside the input folder {given} ({out.option} would add files to it "
-                                  "and change what is read next time).", f"Choose a {out.option} outside it.")
+                raise OutputError(
+                    shown,
+                    f"is inside the input folder {given} ({out.option} would add files to it "
+                    "and change what is read next time).",
+                    f"Choose a {out.option} outside it.",
+                )
 
 
 def _first_existing(path: Path) -> Path:
@@ -98,10 +105,12 @@ def _first_existing(path: Path) -> Path:
 def _os_problem(where: Path, exc: OSError, out: Output) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(where, "has no space left.", f"Free some space or choose another {out.option}.")
-    reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
-              errno.EPERM: "is not writable (operation not permitted)",
-              errno.ENOTDIR: "cannot be created: a part of the path is a file"}.get(
-        exc.errno, f"cannot be written ({exc.strerror or exc})")
+    reason = {
+        errno.EROFS: "is on a read-only file system",
+        errno.EACCES: "is not writable (permission denied)",
+        errno.EPERM: "is not writable (operation not permitted)",
+        errno.ENOTDIR: "cannot be created: a part of the path is a file",
+    }.get(exc.errno, f"cannot be written ({exc.strerror or exc})")
     return OutputError(where, f"{reason}.", f"Choose a writable {out.option} location.")
 
 
@@ -110,15 +119,21 @@ def _check_writable(out: Output) -> Path:
     path = _shown(out.path)
     if path.exists():
         if out.folder and not path.is_dir():
-            raise OutputError(path, f"is a file, but {out.option} needs a folder.", f"Give a folder path for {out.option}.")
+            raise OutputError(
+                path, f"is a file, but {out.option} needs a folder.", f"Give a folder path for {out.option}."
+            )
         if not out.folder and path.is_dir():
-            raise OutputError(path, f"is a folder, but {out.option} needs a file name.",
-                              f"Give a file path, e.g. {path / 'result.ome.tif'}.")
+            raise OutputError(
+                path,
+                f"is a folder, but {out.option} needs a file name.",
+                f"Give a file path, e.g. {path / 'result.ome.tif'}.",
+            )
     folder = path if out.folder else path.parent
     existing = _first_existing(folder)
     if not existing.is_dir():
-        raise OutputError(folder, f"cannot be created: {existing} is a file, not a folder.",
-                          f"Choose another {out.option} location.")
+        raise OutputError(
+            folder, f"cannot be created: {existing} is a file, not a folder.", f"Choose another {out.option} location."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -141,8 +156,13 @@ def _check_writable(out: Output) -> Path:
     return folder
 
 
-def check_outputs(outputs: Iterable[Output | PathLike], inputs: Iterable[PathLike | None] = (), *,
-                  input_folders: Iterable[PathLike | None] = (), need_bytes: int = 0) -> list[Path]:
+def check_outputs(
+    outputs: Iterable[Output | PathLike],
+    inputs: Iterable[PathLike | None] = (),
+    *,
+    input_folders: Iterable[PathLike | None] = (),
+    need_bytes: int = 0,
+) -> list[Path]:
     """Refuse outputs that would overwrite inputs or cannot be written; make their folders.
 
     Parameters
@@ -186,7 +206,10 @@ def check_outputs(outputs: Iterable[Output | PathLike], inputs: Iterable[PathLik
         except OSError:
             free = None
         if free is not None and free < need:
-            raise DiskFullError(folder, f"has {free / 2**20:.1f} MB free; this run needs about {need / 2**20:.0f} MB.",
-                                f"Free some space or choose another {out.option}.")
+            raise DiskFullError(
+                folder,
+                f"has {free / 2**20:.1f} MB free; this run needs about {need / 2**20:.0f} MB.",
+                f"Free some space or choose another {out.option}.",
+            )
         made.append(folder)
     return made

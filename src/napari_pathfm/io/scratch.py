@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 LEGACY_AGE = 24 * 3600.0
 
 _OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-"
-_OWNED_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-" + _OWNER + r"(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.DOTALL)
+_OWNED_TEMP = re.compile(
+    r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-" + _OWNER + r"(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.DOTALL
+)
 _OWNED_SCRATCH = re.compile(r"^\.pathfm-(?P<kind>[a-z]+)-" + _OWNER, re.DOTALL)
 _LEGACY_TEMP = re.compile(r"^\.(?P<stem>.+)\.(?P<kind>tmp|old)-(?P<token>[0-9a-f]{8})(?P<rest>.*)$", re.DOTALL)
 _LEGACY_SCRATCH = re.compile(r"^\.?pathfm-(segment|translate|features|classify)-[a-z0-9_]{8}$")

@@ -26,8 +26,21 @@ PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8"}
 #: Suffixes the napari reader claims (folders are handled by the z-stack reader).
 SLIDE_SUFFIXES = [
-    ".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".tif", ".tiff", ".dcm",
-    ".btf", ".png", ".jpg", ".jpeg",
+    ".svs",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".tif",
+    ".tiff",
+    ".dcm",
+    ".btf",
+    ".png",
+    ".jpg",
+    ".jpeg",
 ]
 OVERVIEW_MAX = 2048  # a pyramid's smallest level should be at most this many px on its long side
 
@@ -194,7 +207,9 @@ class Slide:
     def associated_image(self, name: str) -> np.ndarray:
         """Label, macro or thumbnail image stored beside the slide, as RGB uint8."""
         if name not in self._backend.associated_names:
-            raise SlideError(self.path, f"has no associated image {name!r}.", f"Available: {self.associated_image_names}.")
+            raise SlideError(
+                self.path, f"has no associated image {name!r}.", f"Available: {self.associated_image_names}."
+            )
         return self._backend.associated(name)
 
     def signature(self) -> SlideSignature:
@@ -283,7 +298,9 @@ def open_slide(path: str | os.PathLike, *, background: tuple[int, int, int] | No
     if not p.exists():
         raise SlideError(p, "does not exist.", "Check the path.")
     if p.is_dir() and p.suffix.lower() != ".mrxs":
-        raise SlideError(p, "is a folder, not a slide file.", "Open a slide file (or use open_zstack for plane folders).")
+        raise SlideError(
+            p, "is a folder, not a slide file.", "Open a slide file (or use open_zstack for plane folders)."
+        )
     suffix = p.suffix.lower()
     if suffix in PLAIN_IMAGE_SUFFIXES:
         from ._tiff_backend import PlainImageBackend

@@ -21,6 +21,8 @@ def read_utf8(path: str | Path, error: type[FileProblem], fix: str) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise error(
-            path, f"is not UTF-8 text: line {line} has a byte (0x{data[exc.start]:02x}) that UTF-8 cannot decode "
-            "(the file was probably saved as Latin-1 or Windows-1252).", fix,
+            path,
+            f"is not UTF-8 text: line {line} has a byte (0x{data[exc.start]:02x}) that UTF-8 cannot decode "
+            "(the file was probably saved as Latin-1 or Windows-1252).",
+            fix,
         ) from None

@@ -34,9 +34,18 @@ __all__ = ["ZStack", "get_zstack_reader", "looks_like_zstack", "open_zstack", "z
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _WSI_FLAGS = ("is_svs", "is_ndpi", "is_scn", "is_philips", "is_bif", "is_qpi")
 #: napari colormap per target name (lower case); others cycle through _SPARE_COLORMAPS.
-TARGET_COLORMAPS = {"nuclei": "blue", "dapi": "blue", "hoechst": "blue", "lipids": "green",
-                    "bodipy": "green", "cytoplasm": "red", "map2": "magenta", "nfh": "green",
-                    "tuj1": "yellow", "cellmask": "red"}
+TARGET_COLORMAPS = {
+    "nuclei": "blue",
+    "dapi": "blue",
+    "hoechst": "blue",
+    "lipids": "green",
+    "bodipy": "green",
+    "cytoplasm": "red",
+    "map2": "magenta",
+    "nfh": "green",
+    "tuj1": "yellow",
+    "cellmask": "red",
+}
 _SPARE_COLORMAPS = ("cyan", "yellow", "magenta", "red", "green")
 
 
@@ -83,11 +92,14 @@ class ZStack:
         return self.data.dtype
 
     def __repr__(self) -> str:
-        return (f"ZStack({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
-                f"channel={self.channel_name!r}, targets={sorted(self.targets)})")
+        return (
+            f"ZStack({str(self.path)!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"channel={self.channel_name!r}, targets={sorted(self.targets)})"
+        )
 
 
 # --------------------------------------------------------------------------- plane files
+
 
 def _probe(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a single-plane file from its header only."""
@@ -113,8 +125,11 @@ def _probe(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     except Exception as exc:  # unreadable header
         raise ZStackError(path, f"cannot be read as an image ({exc}).", "Check that the file is complete.") from exc
     if len(shape) != 2:
-        raise ZStackError(path, f"holds an image of shape {shape}, not one grayscale 2-D plane.",
-                          "Save every plane as a single-channel (grayscale) image.")
+        raise ZStackError(
+            path,
+            f"holds an image of shape {shape}, not one grayscale 2-D plane.",
+            "Save every plane as a single-channel (grayscale) image.",
+        )
     return shape, dtype
 
 
@@ -132,12 +147,18 @@ def _read_plane(path: str, shape: tuple[int, ...], dtype: str, key: int | None =
         arr = _decode(p, key)
     except Exception as exc:  # tifffile / Pillow / imagecodecs raise many types for damaged files
         where = f"page {key} of it" if key is not None else "the plane"
-        raise ZStackError(p, f"{where} could not be decoded ({type(exc).__name__}: {exc}); the file is truncated "
-                          "or damaged.", "Copy or re-export this plane file, then open the z-stack again.") from exc
+        raise ZStackError(
+            p,
+            f"{where} could not be decoded ({type(exc).__name__}: {exc}); the file is truncated or damaged.",
+            "Copy or re-export this plane file, then open the z-stack again.",
+        ) from exc
     arr = np.squeeze(arr) if arr.ndim > 2 else arr
     if arr.shape != tuple(shape):
-        raise ZStackError(p, f"decoded to shape {arr.shape} but its header said {tuple(shape)}.",
-                          "The file may have changed since the stack was opened; open it again.")
+        raise ZStackError(
+            p,
+            f"decoded to shape {arr.shape} but its header said {tuple(shape)}.",
+            "The file may have changed since the stack was opened; open it again.",
+        )
     # Old Pillow decodes 16-bit PNGs as int32 ('I'); the header dtype is authoritative.
     arr = arr.astype(dtype, copy=False)
     _plane_cache.put(path, key, arr)
@@ -208,8 +229,10 @@ def _lazy_planes(reads: list[tuple[str, int | None]], shape: tuple[int, ...], dt
     import dask
     import dask.array as da
 
-    planes = [da.from_delayed(dask.delayed(_read_plane, pure=True)(f, shape, dtype.str, key), shape=shape, dtype=dtype)
-              for f, key in reads]
+    planes = [
+        da.from_delayed(dask.delayed(_read_plane, pure=True)(f, shape, dtype.str, key), shape=shape, dtype=dtype)
+        for f, key in reads
+    ]
     return da.stack(planes)
 
 
@@ -219,35 +242,53 @@ def _open_folder(folder: Path, like: Path | None, **select: Any) -> ZStack:
     for p in files.planes[1:]:
         shape, dtype = _probe(p.path)
         if shape != ref_shape or dtype != ref_dtype:
-            raise ZStackError(p.path, f"plane {p.plane_name} is {shape} {dtype} but plane "
-                              f"{files.planes[0].plane_name} ({files.planes[0].path.name}) is {ref_shape} {ref_dtype}.",
-                              "All planes of a z-stack must have the same size and bit depth; re-export this plane.")
+            raise ZStackError(
+                p.path,
+                f"plane {p.plane_name} is {shape} {dtype} but plane "
+                f"{files.planes[0].plane_name} ({files.planes[0].path.name}) is {ref_shape} {ref_dtype}.",
+                "All planes of a z-stack must have the same size and bit depth; re-export this plane.",
+            )
     data = _lazy_planes([(str(p.path), None) for p in files.planes], ref_shape, ref_dtype)
     targets = {}
     for name, tfiles in files.targets.items():
         tshape, tdtype = _probe(tfiles[0].path)
         if tshape != ref_shape:
-            raise ZStackError(tfiles[0].path, f"target {name} has shape {tshape} but the planes are {ref_shape} "
-                              f"({files.planes[0].path.name}).",
-                              "Targets must be registered to the z-stack; remove or re-export this file.")
+            raise ZStackError(
+                tfiles[0].path,
+                f"target {name} has shape {tshape} but the planes are {ref_shape} ({files.planes[0].path.name}).",
+                "Targets must be registered to the z-stack; remove or re-export this file.",
+            )
         for t in tfiles[1:]:  # a target made of several planes: every one like the first
             if _probe(t.path) != (tshape, tdtype):
                 shape, dtype = _probe(t.path)
-                raise ZStackError(t.path, f"target {name} plane is {shape} {dtype} but {tfiles[0].path.name} is "
-                                  f"{tshape} {tdtype}.", "All planes of a target must match; re-export this file.")
+                raise ZStackError(
+                    t.path,
+                    f"target {name} plane is {shape} {dtype} but {tfiles[0].path.name} is {tshape} {tdtype}.",
+                    "All planes of a target must match; re-export this file.",
+                )
         stack = _lazy_planes([(str(t.path), None) for t in tfiles], tshape, tdtype)
         targets[name] = stack[0] if len(tfiles) == 1 else stack.max(axis=0)  # several planes: max projection
     return ZStack(
-        path=like or folder, data=data,
-        plane_names=[p.plane_name for p in files.planes], plane_files=[p.path for p in files.planes],
-        targets=targets, channel_name=files.channel,
-        metadata={"format": f"{files.scheme}-folder", "folder": str(folder), "site": files.site_label,
-                  "well": files.well, "field": files.field, "z_indices": [p.z for p in files.planes],
-                  "target_files": {k: [str(t.path) for t in v] for k, v in files.targets.items()}},
+        path=like or folder,
+        data=data,
+        plane_names=[p.plane_name for p in files.planes],
+        plane_files=[p.path for p in files.planes],
+        targets=targets,
+        channel_name=files.channel,
+        metadata={
+            "format": f"{files.scheme}-folder",
+            "folder": str(folder),
+            "site": files.site_label,
+            "well": files.well,
+            "field": files.field,
+            "z_indices": [p.z for p in files.planes],
+            "target_files": {k: [str(t.path) for t in v] for k, v in files.targets.items()},
+        },
     )
 
 
 # --------------------------------------------------------------------------- TIFF files
+
 
 def _ome_info(tif: Any) -> dict[str, Any]:
     """Physical pixel sizes and channel names from OME-XML (empty when absent)."""
@@ -272,14 +313,20 @@ def _tiff_layout(tif: Any, path: Path, channel: int | str | None) -> tuple[Any, 
         ref = tif.pages[0]
         for i, page in enumerate(tif.pages):
             if page.shape != ref.shape or page.dtype != ref.dtype:
-                raise ZStackError(path, f"page {i} is {page.shape} {page.dtype} but page 0 is {ref.shape} {ref.dtype}.",
-                                  "All planes of a z-stack must have the same size and bit depth; re-export the file.")
+                raise ZStackError(
+                    path,
+                    f"page {i} is {page.shape} {page.dtype} but page 0 is {ref.shape} {ref.dtype}.",
+                    "All planes of a z-stack must have the same size and bit depth; re-export the file.",
+                )
         raise ZStackError(path, f"holds {len(tif.series)} separate images.", "Save one z-stack per file.")
     s = tif.series[0]
     axes, shape = s.axes, s.shape
     if "S" in axes and shape[axes.index("S")] > 1:
-        raise ZStackError(path, f"holds colour (RGB) planes, axes {axes} shape {shape}.",
-                          "Save the z-stack as single-channel (grayscale) planes.")
+        raise ZStackError(
+            path,
+            f"holds colour (RGB) planes, axes {axes} shape {shape}.",
+            "Save the z-stack as single-channel (grayscale) planes.",
+        )
     outer = [(a, n) for a, n in zip(axes, shape) if a not in "YXS"]
     zaxis = "Z" if "Z" in axes else next((a for a, n in outer if n > 1 and a != "C"), None)
     index = [0] * len(outer)
@@ -287,15 +334,22 @@ def _tiff_layout(tif: Any, path: Path, channel: int | str | None) -> tuple[Any, 
         if a == "C" and n > 1 and a != zaxis:
             names = _ome_info(tif).get("channel_names") or []
             if channel is None:
-                raise ZStackError(path, f"has {n} channels {names or ''}.",
-                                  "Choose the brightfield channel with open_zstack(path, channel=<index or name>).")
+                raise ZStackError(
+                    path,
+                    f"has {n} channels {names or ''}.",
+                    "Choose the brightfield channel with open_zstack(path, channel=<index or name>).",
+                )
             index[i] = names.index(channel) if isinstance(channel, str) and channel in names else int(channel)
         elif a != zaxis and n > 1:
-            raise ZStackError(path, f"has a {a} axis of size {n} besides the planes (axes {axes}).",
-                              "Save one z-stack (one time point / position) per file.")
+            raise ZStackError(
+                path,
+                f"has a {a} axis of size {n} besides the planes (axes {axes}).",
+                "Save one z-stack (one time point / position) per file.",
+            )
     if len(s.pages) != int(np.prod([n for _, n in outer])):
-        raise ZStackError(path, f"has an unsupported page layout (axes {axes}).",
-                          "Save it as an OME-TIFF with axes ZYX.")
+        raise ZStackError(
+            path, f"has an unsupported page layout (axes {axes}).", "Save it as an OME-TIFF with axes ZYX."
+        )
     nz = dict(outer).get(zaxis, 1) if zaxis else 1
     pos = [a for a, _ in outer].index(zaxis) if zaxis else None
     keys = []
@@ -319,17 +373,29 @@ def _open_tiff(path: Path, channel: int | str | None) -> ZStack:
         dtype, is_ome = np.dtype(s.dtype), bool(tif.is_ome)
         info = _ome_info(tif) if is_ome else {}
     data = _lazy_planes([(str(path), k) for k in keys], shape2d, dtype)
-    return ZStack(path=path, data=data, plane_names=[f"z{i}" for i in range(len(keys))],
-                  plane_files=[path] * len(keys), targets={},
-                  channel_name=str(channel if channel is not None else ""),
-                  metadata={"format": "ome-tiff" if is_ome else "multipage-tiff", "axes": s.axes,
-                            "z_indices": list(range(len(keys))), "pages": keys, **info})
+    return ZStack(
+        path=path,
+        data=data,
+        plane_names=[f"z{i}" for i in range(len(keys))],
+        plane_files=[path] * len(keys),
+        targets={},
+        channel_name=str(channel if channel is not None else ""),
+        metadata={
+            "format": "ome-tiff" if is_ome else "multipage-tiff",
+            "axes": s.axes,
+            "z_indices": list(range(len(keys))),
+            "pages": keys,
+            **info,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- public API
 
-def open_zstack(path: str | Path, *, well: str | None = None, field: int | None = None,
-                channel: int | str | None = None) -> ZStack:
+
+def open_zstack(
+    path: str | Path, *, well: str | None = None, field: int | None = None, channel: int | str | None = None
+) -> ZStack:
     """Open a brightfield z-stack lazily.
 
     Parameters
@@ -372,8 +438,11 @@ def open_zstack(path: str | Path, *, well: str | None = None, field: int | None 
         return _open_folder(path.parent, path, well=well, field=field, channel=channel)
     if path.suffix.lower() in _TIFF_SUFFIXES:
         return _open_tiff(path, channel)
-    raise ZStackError(path, "is neither a folder of plane files nor a TIFF.",
-                      "Pass a folder of per-plane images, one plane file, a multipage TIFF or an OME-TIFF.")
+    raise ZStackError(
+        path,
+        "is neither a folder of plane files nor a TIFF.",
+        "Pass a folder of per-plane images, one plane file, a multipage TIFF or an OME-TIFF.",
+    )
 
 
 def looks_like_zstack(path: str | Path) -> bool:
@@ -391,8 +460,14 @@ def looks_like_zstack(path: str | Path) -> bool:
             return False
         ref = parse_plane_name(path)
         if ref is not None:
-            return sum(1 for e in path.parent.iterdir()
-                       if (p := parse_plane_name(e)) is not None and p.site == ref.site and p.z is not None) >= 2
+            return (
+                sum(
+                    1
+                    for e in path.parent.iterdir()
+                    if (p := parse_plane_name(e)) is not None and p.site == ref.site and p.z is not None
+                )
+                >= 2
+            )
         if path.suffix.lower() not in _TIFF_SUFFIXES:
             return False
         import tifffile
@@ -431,7 +506,9 @@ def zstack_layer_data(path: str | Path, **kwargs: Any) -> list[tuple]:
     scale = (md.get("PhysicalSizeZ", 1.0), md.get("PhysicalSizeY", xy), xy) if xy else None
     # Axis names and units: napari labels an unnamed axis "-3"; the Z slider reads "z", in µm when
     # the plane spacing is known, else as a plain plane index (napari's "pixel").
-    units = ("micrometer" if xy and "PhysicalSizeZ" in md else "pixel",) + (("micrometer",) * 2 if xy else ("pixel",) * 2)
+    units = ("micrometer" if xy and "PhysicalSizeZ" in md else "pixel",) + (
+        ("micrometer",) * 2 if xy else ("pixel",) * 2
+    )
     # The shown (middle) plane and every target are decoded here anyway (contrast limits): decode
     # them in parallel (Pillow/tifffile release the GIL). The middle plane stays in the plane cache
     # and the 2-D targets are handed to napari in memory, so napari's own first slice of these
@@ -445,21 +522,33 @@ def zstack_layer_data(path: str | Path, **kwargs: Any) -> list[tuple]:
     targets = dict(zip(zs.targets, decoded[1:]))
     common = {"path": str(zs.path), "zstack": md, "channel": zs.channel_name}
     stack_kwargs: dict[str, Any] = {
-        "name": f"{stem} z-stack", "colormap": "gray", "contrast_limits": limits[0],
-        "axis_labels": ("z", "y", "x"), "units": units,
+        "name": f"{stem} z-stack",
+        "colormap": "gray",
+        "contrast_limits": limits[0],
+        "axis_labels": ("z", "y", "x"),
+        "units": units,
         "metadata": {**common, "plane_names": zs.plane_names, "plane_files": [str(f) for f in zs.plane_files]},
     }
     if scale:
         stack_kwargs["scale"] = scale
     layers = [(zs.data, stack_kwargs, "image")]
     for i, (name, target) in enumerate(targets.items()):
-        layers.append((target, {
-            "name": f"{stem} {name}", "blending": "additive",
-            "colormap": TARGET_COLORMAPS.get(name.lower(), _SPARE_COLORMAPS[i % len(_SPARE_COLORMAPS)]),
-            "contrast_limits": limits[1 + i], "axis_labels": ("y", "x"), "units": units[1:],
-            "metadata": {**common, "target": name, "files": md.get("target_files", {}).get(name, [])},
-            **({"scale": scale[1:]} if scale else {}),
-        }, "image"))
+        layers.append(
+            (
+                target,
+                {
+                    "name": f"{stem} {name}",
+                    "blending": "additive",
+                    "colormap": TARGET_COLORMAPS.get(name.lower(), _SPARE_COLORMAPS[i % len(_SPARE_COLORMAPS)]),
+                    "contrast_limits": limits[1 + i],
+                    "axis_labels": ("y", "x"),
+                    "units": units[1:],
+                    "metadata": {**common, "target": name, "files": md.get("target_files", {}).get(name, [])},
+                    **({"scale": scale[1:]} if scale else {}),
+                },
+                "image",
+            )
+        )
     return layers
 
 

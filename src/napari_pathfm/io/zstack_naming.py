@@ -91,9 +91,14 @@ def parse_plane_name(path: str | Path) -> PlaneFile | None:
     if m:
         well, f, t, l = m["well"].upper(), int(m["f"]), int(m["t"]), int(m["l"])
         return PlaneFile(
-            path=path, scheme="haste", site=(m["plate"], well, t, f, l),
+            path=path,
+            scheme="haste",
+            site=(m["plate"], well, t, f, l),
             site_label=f"well {well} F{f:03d} T{t:04d}" + (f" L{l:02d}" if l != 1 else ""),
-            well=well, field=f, channel=f"C{int(m['c']):02d}", z=int(m["z"]),
+            well=well,
+            field=f,
+            channel=f"C{int(m['c']):02d}",
+            z=int(m["z"]),
         )
     if "z_depth-" not in stem and "depth_computation-" not in stem:
         return None
@@ -108,8 +113,9 @@ def parse_plane_name(path: str | Path) -> PlaneFile | None:
     site = tuple(t for t in tokens if t.split("-", 1)[0] not in ("z_depth", "depth_computation", "channel"))
     well = values.get("well", "")
     label = " ".join(f"{k} {values[k]}" for k in ("condition", "well") if k in values) or stem
-    return PlaneFile(path=path, scheme="zdepth", site=site, site_label=label, well=well,
-                     field=None, channel=values["channel"], z=z)
+    return PlaneFile(
+        path=path, scheme="zdepth", site=site, site_label=label, well=well, field=None, channel=values["channel"], z=z
+    )
 
 
 @dataclass
@@ -167,14 +173,17 @@ def find_stack_files(
     folder = Path(folder)
     files = _scan(folder)
     if not files:
-        raise ZStackError(folder, "holds no plane files named like '...,z_depth-N,...' or "
-                          "'..._T0001F001L01A01Z01C01.tif'.",
-                          "Pass a folder of per-plane images, a multipage TIFF or an OME-TIFF with a Z axis.")
+        raise ZStackError(
+            folder,
+            "holds no plane files named like '...,z_depth-N,...' or '..._T0001F001L01A01Z01C01.tif'.",
+            "Pass a folder of per-plane images, a multipage TIFF or an OME-TIFF with a Z axis.",
+        )
     if like is not None:
         ref = parse_plane_name(like)
         if ref is None:
-            raise ZStackError(like, "is not named like a z-stack plane file.",
-                              "Pass the folder or a multipage TIFF instead.")
+            raise ZStackError(
+                like, "is not named like a z-stack plane file.", "Pass the folder or a multipage TIFF instead."
+            )
         files = [f for f in files if f.site == ref.site]
         # A plane of a multi-plane channel selects that channel; a single-plane target
         # file (HASTE C01..C03 Z01) selects its site with the default input channel.
@@ -188,13 +197,19 @@ def find_stack_files(
     for f in files:
         sites.setdefault(f.site, []).append(f)
     if not sites:
-        raise ZStackError(folder, f"holds no plane files for well={well!r} field={field!r}.",
-                          "Check the well/field names in the file names.")
+        raise ZStackError(
+            folder,
+            f"holds no plane files for well={well!r} field={field!r}.",
+            "Check the well/field names in the file names.",
+        )
     if len(sites) > 1:
         labels = "; ".join(sorted(v[0].site_label for v in sites.values()))
-        raise ZStackError(folder, f"holds {len(sites)} z-stacks ({labels}).",
-                          "Pass the path of one plane file of the stack you want, or choose one with "
-                          "open_zstack(folder, well=..., field=...).")
+        raise ZStackError(
+            folder,
+            f"holds {len(sites)} z-stacks ({labels}).",
+            "Pass the path of one plane file of the stack you want, or choose one with "
+            "open_zstack(folder, well=..., field=...).",
+        )
     site_files = next(iter(sites.values()))
     channel = _pick_channel(folder, site_files, channel)
     planes = sorted((f for f in site_files if f.channel == channel and f.z is not None), key=lambda f: f.z)
@@ -204,8 +219,16 @@ def find_stack_files(
         if f.channel != channel:
             targets.setdefault(f.target_name, []).append(f)
     first = planes[0]
-    return StackFiles(folder=folder, scheme=first.scheme, site_label=first.site_label, channel=channel,
-                      planes=planes, targets=targets, well=first.well, field=first.field)
+    return StackFiles(
+        folder=folder,
+        scheme=first.scheme,
+        site_label=first.site_label,
+        channel=channel,
+        planes=planes,
+        targets=targets,
+        well=first.well,
+        field=first.field,
+    )
 
 
 def _pick_channel(folder: Path, files: list[PlaneFile], channel: str | None) -> str:
@@ -216,8 +239,11 @@ def _pick_channel(folder: Path, files: list[PlaneFile], channel: str | None) -> 
     if channel is not None:
         wanted = f"C{int(channel[1:]):02d}" if re.fullmatch(r"[cC]\d+", str(channel)) else str(channel)
         if wanted not in counts:
-            raise ZStackError(folder, f"has no planes of channel {channel!r} (channels: {sorted(counts)}).",
-                              "Pass one of the listed channels.")
+            raise ZStackError(
+                folder,
+                f"has no planes of channel {channel!r} (channels: {sorted(counts)}).",
+                "Pass one of the listed channels.",
+            )
         return wanted
     if not counts:
         raise ZStackError(folder, "holds only target/projection files, no z planes.", "Add the z-plane files.")
@@ -228,8 +254,11 @@ def _pick_channel(folder: Path, files: list[PlaneFile], channel: str | None) -> 
         return multi[0]
     if len(counts) == 1:
         return next(iter(counts))
-    raise ZStackError(folder, f"holds z planes of several channels {sorted(counts)}.",
-                      "Choose one with open_zstack(path, channel=...) or pass one plane file.")
+    raise ZStackError(
+        folder,
+        f"holds z planes of several channels {sorted(counts)}.",
+        "Choose one with open_zstack(path, channel=...) or pass one plane file.",
+    )
 
 
 def _check_indices(folder: Path, planes: list[PlaneFile]) -> None:
@@ -237,14 +266,19 @@ def _check_indices(folder: Path, planes: list[PlaneFile]) -> None:
     seen: dict[int, Path] = {}
     for p in planes:
         if p.z in seen:
-            raise ZStackError(folder, f"has two files for plane {p.plane_name}: {seen[p.z].name} and {p.path.name}.",
-                              "Remove one of them.")
+            raise ZStackError(
+                folder,
+                f"has two files for plane {p.plane_name}: {seen[p.z].name} and {p.path.name}.",
+                "Remove one of them.",
+            )
         seen[p.z] = p.path
     missing = sorted(set(range(min(zs), max(zs) + 1)) - set(zs))
     if missing:
         names = ", ".join(plane_label(planes[0].scheme, z) for z in missing)
-        raise ZStackError(folder, f"is missing plane {names} of the {planes[0].channel} stack "
-                          f"({planes[0].site_label}; found {len(zs)} planes from "
-                          f"{planes[0].plane_name} to {planes[-1].plane_name}).",
-                          "Restore the missing plane file(s), or remove the planes after the gap so the "
-                          "indices are contiguous.")
+        raise ZStackError(
+            folder,
+            f"is missing plane {names} of the {planes[0].channel} stack "
+            f"({planes[0].site_label}; found {len(zs)} planes from "
+            f"{planes[0].plane_name} to {planes[-1].plane_name}).",
+            "Restore the missing plane file(s), or remove the planes after the gap so the indices are contiguous.",
+        )

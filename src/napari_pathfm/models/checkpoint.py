@@ -325,7 +325,8 @@ def check_family(card: dict, family: str, source: str | Path) -> None:
         except KeyError:
             use = ""
         raise CheckpointError(
-            source, f"is a {found!r} checkpoint (model {card.get('name')!r}), not {spec.noun}.",
+            source,
+            f"is a {found!r} checkpoint (model {card.get('name')!r}), not {spec.noun}.",
             pick + (f"; use this one with {use}." if use else "."),
         )
     for key in spec.card_keys:
@@ -368,7 +369,8 @@ def load_any(path: str | Path, device: str = "cpu", *, family: str | None = None
         spec = get_family(family or "")
     except KeyError as exc:
         raise CheckpointError(
-            path, f"is of family {family!r}, which this version of napari-pathfm does not know ({exc.args[0]}).",
+            path,
+            f"is of family {family!r}, which this version of napari-pathfm does not know ({exc.args[0]}).",
             "Install the plugin that registers this family (entry point group napari_pathfm.families, "
             "or a module named in PATHFM_PLUGINS).",
         ) from None

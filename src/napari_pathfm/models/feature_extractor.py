@@ -149,8 +149,11 @@ class FeatureExtractor(nn.Module):
 
     def embedding_spec(self) -> dict:
         """What the tile-embedding cache keys on: the trunk's weights and how it was built."""
-        return {"name": f"{self.name}:{self.backbone}", "modules": [self.trunk],
-                "config": {"extractor": self.name, "backbone": self.backbone, "feature_dim": self.out_dim}}
+        return {
+            "name": f"{self.name}:{self.backbone}",
+            "modules": [self.trunk],
+            "config": {"extractor": self.name, "backbone": self.backbone, "feature_dim": self.out_dim},
+        }
 
     def describe(self) -> dict:
         """JSON-friendly record of how features are made (written into feature files)."""
@@ -186,8 +189,12 @@ def _load_trunk_weights(
     path = Path(weights)
     state_dict = load_state_dict_file(path)
     check_fit(
-        load_into(trunk, state_dict, source=path, dry_run=True), path, what, partial=partial,
-        allow_unexpected=True, partial_hint="pass partial_weights=True (pathfm features --partial-weights)",
+        load_into(trunk, state_dict, source=path, dry_run=True),
+        path,
+        what,
+        partial=partial,
+        allow_unexpected=True,
+        partial_hint="pass partial_weights=True (pathfm features --partial-weights)",
     )
     report = load_into(trunk, state_dict, source=path)
     if report.unexpected:
@@ -292,7 +299,9 @@ def timm_features(
 
     trunk = timm.create_model(backbone, pretrained=False, num_classes=0)
     cfg = trunk.pretrained_cfg
-    report, sha = _load_trunk_weights(trunk, weights, f"{backbone} backbone", partial_weights) if weights else (None, None)
+    report, sha = (
+        _load_trunk_weights(trunk, weights, f"{backbone} backbone", partial_weights) if weights else (None, None)
+    )
     return FeatureExtractor(
         trunk.eval(),
         name="timm_features",

@@ -219,9 +219,23 @@ class SLCAClassifier(nn.Module):
     """
 
     def __init__(
-        self, *, backbone: str, sam: str, num_classes: int, sam_img_size: int, taps: Sequence[Tap], fusion: str,
-        projector: bool, projector_dim: int, slca_kernel: int, slca_reduction: int, drop_rate: float,
-        freeze_sam: bool, sam_kwargs: dict | None, backbone_kwargs: dict | None, backbone_weights: str | Path | None,
+        self,
+        *,
+        backbone: str,
+        sam: str,
+        num_classes: int,
+        sam_img_size: int,
+        taps: Sequence[Tap],
+        fusion: str,
+        projector: bool,
+        projector_dim: int,
+        slca_kernel: int,
+        slca_reduction: int,
+        drop_rate: float,
+        freeze_sam: bool,
+        sam_kwargs: dict | None,
+        backbone_kwargs: dict | None,
+        backbone_weights: str | Path | None,
     ):
         super().__init__()
         import timm
@@ -315,7 +329,8 @@ class SLCAClassifier(nn.Module):
         rep = load_into(net, sd, source=path, dry_run=True)
         if rep.missing or rep.mismatched:
             raise CheckpointError(
-                path, f"does not fit the timm backbone {name!r}: {rep}.",
+                path,
+                f"does not fit the timm backbone {name!r}: {rep}.",
                 f"Give timm weights of {name} (a classifier head of any size is fine), or change model.backbone.",
             )
         self.load_reports["backbone"] = load_into(net, sd, source=path)
@@ -334,7 +349,8 @@ class SLCAClassifier(nn.Module):
         kind = _foreign_kind(sd)
         if kind is not None:
             raise CheckpointError(
-                path, f"is a {kind} checkpoint, not a SAM (v1) ViT image encoder.",
+                path,
+                f"is a {kind} checkpoint, not a SAM (v1) ViT image encoder.",
                 "Pass the original Segment Anything checkpoint (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or "
                 "sam_vit_h_4b8939.pth) as sam_checkpoint, with the matching model.sam.",
             )
@@ -346,8 +362,10 @@ class SLCAClassifier(nn.Module):
             fits = _SAM_BY_WIDTH.get(width)
             hint = f" The file holds a {width}-wide ViT{f' ({fits})' if fits else ''}." if width else ""
             raise CheckpointError(
-                path, f"does not fit the SAM encoder {self.sam_name!r}: {rep}.{hint}",
-                f"Set model.sam to {fits!r} (and no sam_kwargs)." if fits and fits != self.sam_name
+                path,
+                f"does not fit the SAM encoder {self.sam_name!r}: {rep}.{hint}",
+                f"Set model.sam to {fits!r} (and no sam_kwargs)."
+                if fits and fits != self.sam_name
                 else "Use the checkpoint made for this SAM size, or remove sam_kwargs.",
             )
         self.load_reports["sam"] = load_into(self.sam, mapped, source=path)
@@ -416,9 +434,16 @@ class SLCAClassifier(nn.Module):
         """What the tile-embedding cache keys on: the SAM encoder (by weights hash) and the taps used."""
         cfg = getattr(self, "pathfm_config", {}) or {}
         taps = sorted(str(k) for k in {*self.taps, self.projector_tap} if k is not None)
-        return {"name": f"sam:{self.sam_name}", "modules": [self.sam],
-                "config": {"sam": self.sam_name, "sam_img_size": self.sam_img_size, "taps": taps,
-                           "sam_kwargs": cfg.get("sam_kwargs")}}
+        return {
+            "name": f"sam:{self.sam_name}",
+            "modules": [self.sam],
+            "config": {
+                "sam": self.sam_name,
+                "sam_img_size": self.sam_img_size,
+                "taps": taps,
+                "sam_kwargs": cfg.get("sam_kwargs"),
+            },
+        }
 
     def decode(self, x: torch.Tensor, feats: dict) -> torch.Tensor:
         """Logits from the pixels ``x`` and the SAM taps ``feats`` (:meth:`sam_features` or :meth:`encode`)."""

@@ -64,8 +64,12 @@ def timm_classifier(
         state = load_state_dict_file(weights)
         head = model.pretrained_cfg.get("classifier") or "fc"
         check_fit(
-            load_into(model, state, source=weights, dry_run=True), weights, f"timm {backbone} classifier",
-            partial=partial_weights, ignore=(f"{head}.",), partial_hint="set model.partial_weights: true",
+            load_into(model, state, source=weights, dry_run=True),
+            weights,
+            f"timm {backbone} classifier",
+            partial=partial_weights,
+            ignore=(f"{head}.",),
+            partial_hint="set model.partial_weights: true",
         )
         report = load_into(model, state, source=weights)
         log.info("%s: %s", weights, report)

@@ -62,8 +62,10 @@ def check_options(task: str, options: dict) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
         where = spec.pipeline.replace(":", ".")
-        raise UsageError(f"--set {', '.join(unknown)}: not an option of task '{task}' ({where}).",
-                         f"Use one of: {', '.join(sorted(allowed))}.")
+        raise UsageError(
+            f"--set {', '.join(unknown)}: not an option of task '{task}' ({where}).",
+            f"Use one of: {', '.join(sorted(allowed))}.",
+        )
 
 
 @dataclass
@@ -86,8 +88,13 @@ class BatchSummary:
 
     def to_dict(self) -> dict:
         """JSON-friendly form written to ``batch-summary.json``."""
-        return {"task": self.task, "out_dir": str(self.out_dir), "counts": self.counts,
-                "seconds": round(self.seconds, 3), "slides": self.rows}
+        return {
+            "task": self.task,
+            "out_dir": str(self.out_dir),
+            "counts": self.counts,
+            "seconds": round(self.seconds, 3),
+            "slides": self.rows,
+        }
 
 
 def read_manifest(manifest_csv: PathLike) -> list[Path]:
@@ -99,12 +106,16 @@ def read_manifest(manifest_csv: PathLike) -> list[Path]:
     path = Path(manifest_csv)
     if not path.is_file():
         raise ManifestError(path, "manifest not found.", "Give a CSV file with a 'slide' column.")
-    text = read_utf8(path, ManifestError,
-                     "Save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8) and run again.")
+    text = read_utf8(
+        path, ManifestError, "Save it as UTF-8 (e.g. 'CSV UTF-8' in Excel, or iconv -f latin1 -t utf-8) and run again."
+    )
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames or "slide" not in [c.strip() for c in reader.fieldnames]:
-        raise ManifestError(path, f"no 'slide' column (columns: {reader.fieldnames}).",
-                            "Add a header line with a 'slide' column of slide paths.")
+        raise ManifestError(
+            path,
+            f"no 'slide' column (columns: {reader.fieldnames}).",
+            "Add a header line with a 'slide' column of slide paths.",
+        )
     key = next(c for c in reader.fieldnames if c.strip() == "slide")
     slides: list[Path] = []
     for row in reader:
@@ -160,8 +171,13 @@ def run_slide(slide: str, task: str, out: str, checkpoint: list[str] | None, opt
         folder.mkdir(parents=True, exist_ok=True)
         info = batch_task(task)(Path(slide), folder, checkpoint, dict(options))
         row["seconds"] = round(time.perf_counter() - t0, 3)
-        done = {**_key(task, checkpoint, options), "slide": slide, "seconds": row["seconds"], "result": info,
-                "outputs": record_outputs(folder)}
+        done = {
+            **_key(task, checkpoint, options),
+            "slide": slide,
+            "seconds": row["seconds"],
+            "result": info,
+            "outputs": record_outputs(folder),
+        }
         with atomic_path(folder / DONE) as tmp:
             tmp.write_text(safe_dumps(done, where=str(folder / DONE), indent=2, default=str))
     except Exception as exc:  # noqa: BLE001 - reported per slide, the batch goes on
@@ -254,8 +270,12 @@ def run_batch(
     if todo:
         client, cluster = _client(scheduler, n_workers)
         try:
-            futures = {client.submit(run_slide, str(s), task, str(f), ckpts, options, key=f"pathfm-{task}-{f.name}",
-                                     pure=False): (s, f) for s, f in todo}
+            futures = {
+                client.submit(
+                    run_slide, str(s), task, str(f), ckpts, options, key=f"pathfm-{task}-{f.name}", pure=False
+                ): (s, f)
+                for s, f in todo
+            }
             pending = set(futures)
             try:
                 while pending:
@@ -295,8 +315,16 @@ def _plan(slides: list[Path], out: Path, key: dict, summary: BatchSummary) -> tu
         folder = slide_out_dir(out, slide)
         complete, reason = check_done(folder, key)
         if complete:
-            summary.rows.append({"slide": str(slide), "status": "skipped", "error": "", "seconds": 0.0,
-                                 "output": str(folder), "note": ""})
+            summary.rows.append(
+                {
+                    "slide": str(slide),
+                    "status": "skipped",
+                    "error": "",
+                    "seconds": 0.0,
+                    "output": str(folder),
+                    "note": "",
+                }
+            )
             continue
         if reason:
             log.warning("%s: %s; running it again", slide, reason)
@@ -347,8 +375,14 @@ def _row(fut: Any, slide: Path, folder: Path) -> dict:
     if fut.status == "finished":
         return fut.result()
     exc = fut.exception()
-    return {"slide": str(slide), "status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": 0.0,
-            "output": str(folder), "note": ""}
+    return {
+        "slide": str(slide),
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "seconds": 0.0,
+        "output": str(folder),
+        "note": "",
+    }
 
 
 def _wait_some(wait: Callable[..., Any], pending: set) -> tuple[set, set]:
@@ -374,6 +408,7 @@ def parse_options(pairs: Sequence[str]) -> dict:
             options[k.strip()] = yaml.safe_load(v) if v.strip() else None
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).strip()
-            raise UsageError(f"--set {pair!r}: the value is not valid YAML ({problem}).",
-                             "Quote it, e.g. --set 'key=\"a: b\"'.") from None
+            raise UsageError(
+                f"--set {pair!r}: the value is not valid YAML ({problem}).", "Quote it, e.g. --set 'key=\"a: b\"'."
+            ) from None
     return options

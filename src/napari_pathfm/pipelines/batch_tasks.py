@@ -56,11 +56,14 @@ def mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dic
     top_k = int(opts.pop("top_k", 10))
     with open_slide(slide) as s:
         pred = mil_predict(need_checkpoints(checkpoint, "mil")[0], slide=s, **opts)
-        written = write_mil_outputs(pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json",
-                                    mpp=s.mpp, top_k=top_k)
+        written = write_mil_outputs(
+            pred, heatmap=out / "heatmap.ome.tif", json_path=out / "prediction.json", mpp=s.mpp, top_k=top_k
+        )
     info = pred.to_dict(0)
-    return {**{k: info[k] for k in ("predicted", "probabilities", "n_patches", "level0_tile_size")},
-            "written": {k: str(v) for k, v in written.items()}}
+    return {
+        **{k: info[k] for k in ("predicted", "probabilities", "n_patches", "level0_tile_size")},
+        "written": {k: str(v) for k, v in written.items()},
+    }
 
 
 def translate(stack: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
@@ -78,6 +81,8 @@ def need_checkpoints(checkpoint: Sequence[str | Path] | None, task: str) -> list
         from ..families import get_family
 
         each = get_family(task).checkpoint_each
-        raise UsageError(f"task '{task}' needs --checkpoint" + (f" (one per {each})." if each else "."),
-                         f"Give a checkpoint of family '{task}'.")
+        raise UsageError(
+            f"task '{task}' needs --checkpoint" + (f" (one per {each})." if each else "."),
+            f"Give a checkpoint of family '{task}'.",
+        )
     return [str(c) for c in checkpoint]

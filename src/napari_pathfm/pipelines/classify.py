@@ -136,7 +136,6 @@ def class_logits(out: Any):
     return out["logits"] if isinstance(out, dict) else out
 
 
-
 # -- run ---------------------------------------------------------------------------------------
 
 
@@ -203,14 +202,23 @@ def classify_slide(
     >>> res.class_map.shape == res.grid.grid_shape  # doctest: +SKIP
     True
     """
-    options = ClassifyOptions(mpp=mpp, tile=tile, batch_size=batch_size, device=device, tissue_only=tissue_only,
-                              min_tissue=min_tissue, workers=workers, cache=cache)
+    options = ClassifyOptions(
+        mpp=mpp,
+        tile=tile,
+        batch_size=batch_size,
+        device=device,
+        tissue_only=tissue_only,
+        min_tissue=min_tissue,
+        workers=workers,
+        cache=cache,
+    )
     with opened_slide(slide, image_mpp) as s:
         return _classify(s, model_or_checkpoint, options, progress=progress, cancel=cancel)
 
 
-def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progress: Any,
-              cancel: Any) -> ClassifyResult:
+def _classify(
+    slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progress: Any, cancel: Any
+) -> ClassifyResult:
     from ..device import reader_workers, resolve_device
     from .notes import merge_notes, model_notes
 
@@ -223,8 +231,17 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
     if t < 8:
         raise ValueError(f"tile must be at least 8 pixels, got {t}")
     # the level the tissue mask and the tiles both read is decoded only once
-    reader, grid, tissue = plan_tiles(slide, target, t, what="classification", tissue_only=o.tissue_only,
-                                      min_tissue=o.min_tissue, workers=workers, progress=progress, cancel=cancel)
+    reader, grid, tissue = plan_tiles(
+        slide,
+        target,
+        t,
+        what="classification",
+        tissue_only=o.tissue_only,
+        min_tissue=o.min_tissue,
+        workers=workers,
+        progress=progress,
+        cancel=cancel,
+    )
     if not len(grid):
         messages.append(f"no tissue found in {Path(slide.path).name}: nothing was classified.")
     mean, std = card_normalization(card)
@@ -233,28 +250,46 @@ def _classify(slide: Any, model_or_checkpoint: Any, o: ClassifyOptions, *, progr
         probs = np.zeros((0, 0), np.float32)
         if len(grid):
             tiles = _ClassifyTiles(model, len(grid), dev, mean, std, source, enc)
-            run_tiles(reader, grid, tiles.task(), batch_size=o.batch_size, workers=workers, progress=progress,
-                      cancel=cancel)
+            run_tiles(
+                reader, grid, tiles.task(), batch_size=o.batch_size, workers=workers, progress=progress, cancel=cancel
+            )
             probs = tiles.out
     classes = _classes(card, probs.shape[1] if probs.size else getattr(model, "num_classes", None))
     if classes is None:
         classes = []
     if probs.size and len(classes) != probs.shape[1]:
         raise CheckpointError(
-            source or "the model card", f"lists {len(classes)} classes ({', '.join(classes)}) but the model "
-            f"predicts {probs.shape[1]}.", "Use the card that was saved with these weights, or fix its 'classes'.",
+            source or "the model card",
+            f"lists {len(classes)} classes ({', '.join(classes)}) but the model predicts {probs.shape[1]}.",
+            "Use the card that was saved with these weights, or fix its 'classes'.",
         )
     if not probs.size:
         probs = np.zeros((0, len(classes)), np.float32)
-    notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
-                        run_tile=t, tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
-                        stain=tissue.stain if tissue is not None else None)
+    notes = model_notes(
+        card,
+        source,
+        slide_mpp=slide.mpp,
+        run_mpp=grid.mpp,
+        slide_name=Path(slide.path).name,
+        run_tile=t,
+        tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
+        stain=tissue.stain if tissue is not None else None,
+    )
     messages = merge_notes(notes, messages)
     for m in messages:
         log.info(m)
-    return ClassifyResult(classes=classes, probabilities=probs, grid=grid, mpp=slide.mpp, model_mpp=grid.mpp,
-                          source=str(slide.path), checkpoint=source, messages=messages,
-                          cache=enc.summary(), notes=notes)
+    return ClassifyResult(
+        classes=classes,
+        probabilities=probs,
+        grid=grid,
+        mpp=slide.mpp,
+        model_mpp=grid.mpp,
+        source=str(slide.path),
+        checkpoint=source,
+        messages=messages,
+        cache=enc.summary(),
+        notes=notes,
+    )
 
 
 class _ClassifyTiles:
@@ -285,7 +320,8 @@ class _ClassifyTiles:
                 logits = class_logits(self.model(x))
         if logits.ndim != 2 or logits.shape[0] != len(batch.indices):
             raise CheckpointError(
-                self.source or "the model", f"produced output of shape {tuple(logits.shape)}; a tile classifier "
+                self.source or "the model",
+                f"produced output of shape {tuple(logits.shape)}; a tile classifier "
                 f"must give (batch, classes) logits, here ({len(batch.indices)}, C).",
                 "Pick a checkpoint of family 'classify'.",
             )

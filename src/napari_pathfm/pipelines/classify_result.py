@@ -151,10 +151,18 @@ class ClassifyResult:
 
         scale, translate = self.transform()
         return {
-            "scale": scale, "translate": translate, "units": layer_units(self.mpp),
-            "metadata": {"pathfm_kind": "classify", "classes": self.label_names(), "downsample": self.cell,
-                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp,
-                         "pathfm_notes": list(self.notes)},
+            "scale": scale,
+            "translate": translate,
+            "units": layer_units(self.mpp),
+            "metadata": {
+                "pathfm_kind": "classify",
+                "classes": self.label_names(),
+                "downsample": self.cell,
+                "source": self.source,
+                "checkpoint": self.checkpoint,
+                "model_mpp": self.model_mpp,
+                "pathfm_notes": list(self.notes),
+            },
         }
 
     def summary(self) -> dict:
@@ -223,20 +231,46 @@ def write_classify_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cell_mpp = result.mpp * result.cell if result.mpp else None
-    meta = {"kind": "classify", "slide": result.source, "checkpoint": result.checkpoint, "downsample": result.cell,
-            "model_mpp": result.model_mpp, "classes": result.classes, "tile_size": int(result.grid.tile_size),
-            "notes": result.notes}
-    names = {"class_map": "class-map.ome.tif", "probabilities": "probabilities.ome.tif", "tiles_csv": "tiles.csv",
-             **({"geojson": "tiles.geojson"} if geojson else {}), "summary": "summary.json"}
+    meta = {
+        "kind": "classify",
+        "slide": result.source,
+        "checkpoint": result.checkpoint,
+        "downsample": result.cell,
+        "model_mpp": result.model_mpp,
+        "classes": result.classes,
+        "tile_size": int(result.grid.tile_size),
+        "notes": result.notes,
+    }
+    names = {
+        "class_map": "class-map.ome.tif",
+        "probabilities": "probabilities.ome.tif",
+        "tiles_csv": "tiles.csv",
+        **({"geojson": "tiles.geojson"} if geojson else {}),
+        "summary": "summary.json",
+    }
     steps = len(names)
     with scratch_dir("classify", dir=out) as tmp_dir:
         tmp = {k: Path(tmp_dir) / v for k, v in names.items()}
         report(progress, 0, steps, "writing class map")
-        write_ome_tiff(tmp["class_map"], result.class_map, mpp=cell_mpp, is_labels=True,
-                       class_names=result.label_names(), metadata=meta, cancel=cancel)
+        write_ome_tiff(
+            tmp["class_map"],
+            result.class_map,
+            mpp=cell_mpp,
+            is_labels=True,
+            class_names=result.label_names(),
+            metadata=meta,
+            cancel=cancel,
+        )
         report(progress, 1, steps, "writing probabilities")
-        write_ome_tiff(tmp["probabilities"], result.prob_maps, mpp=cell_mpp, axes="CYX", channel_names=result.classes,
-                       metadata=meta, cancel=cancel)
+        write_ome_tiff(
+            tmp["probabilities"],
+            result.prob_maps,
+            mpp=cell_mpp,
+            axes="CYX",
+            channel_names=result.classes,
+            metadata=meta,
+            cancel=cancel,
+        )
         check_cancel(cancel, "writing")
         report(progress, 2, steps, "writing tiles.csv")
         _write_csv(result, tmp["tiles_csv"])

@@ -197,7 +197,8 @@ class CorrectionRecorder:
         if labelled.size and int(labelled.max()) >= len(self.classes):
             bad = sorted(set(np.unique(mask).tolist()) - set(range(len(self.classes))) - {IGNORE})
             raise CorrectionError(
-                self.folder, f"tile {name} holds label values {bad}, but the model has classes 0..{len(self.classes) - 1}.",
+                self.folder,
+                f"tile {name} holds label values {bad}, but the model has classes 0..{len(self.classes) - 1}.",
                 f"Paint with labels 0..{len(self.classes) - 1} ({', '.join(self.classes)}).",
             )
         image = read_tile(self.slide, self.grid, i)

@@ -59,8 +59,18 @@ log = logging.getLogger(__name__)
 PathLike = str | Path
 #: Attributes that must match for an existing feature file to be reused.
 MATCH_KEYS = (
-    "extractor", "backbone", "weights_sha256", "input_size", "mean", "std", "feature_dim",
-    "target_mpp", "tile_size", "min_tissue", "tissue_mpp", "slide_bytes",
+    "extractor",
+    "backbone",
+    "weights_sha256",
+    "input_size",
+    "mean",
+    "std",
+    "feature_dim",
+    "target_mpp",
+    "tile_size",
+    "min_tissue",
+    "tissue_mpp",
+    "slide_bytes",
 )
 
 
@@ -103,7 +113,8 @@ def find_slides(inputs: PathLike | Iterable[PathLike]) -> list[Path]:
     for item in map(Path, items):
         if item.is_dir() and item.suffix.lower() != ".mrxs":
             out += sorted(
-                p for p in item.iterdir()
+                p
+                for p in item.iterdir()
                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_SUFFIXES
             )
         else:
@@ -141,22 +152,35 @@ def _is_up_to_date(path: Path, settings: dict, slide_path: Path | None = None) -
     """
     attrs, problem = reusable_feature_attrs(path)
     if problem:
-        log.warning("%s: the existing feature file %s is damaged or incomplete (%s); recomputing it",
-                    Path(slide_path or path).name, path, problem)
+        log.warning(
+            "%s: the existing feature file %s is damaged or incomplete (%s); recomputing it",
+            Path(slide_path or path).name,
+            path,
+            problem,
+        )
     wanted = _jsonable(settings)
     return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
 
-def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: FeatureOptions, *, progress: Any,
-             cancel: Any) -> int:
+def _extract(
+    slide: Any, extractor: Any, out_path: Path, settings: dict, o: FeatureOptions, *, progress: Any, cancel: Any
+) -> int:
     """Write the feature file of one open slide (atomically); returns the number of tiles."""
     from ..device import resolve_device
     from ..io.atomic import atomic_path
     from .tile_run import plan_tiles, run_tiles, tile_encoder
 
-    _, grid, tissue = plan_tiles(slide, settings["target_mpp"], settings["tile_size"], what="feature extraction",
-                            min_tissue=settings["min_tissue"], mask_mpp=settings["tissue_mpp"], share=False,
-                            progress=progress, cancel=cancel)
+    _, grid, tissue = plan_tiles(
+        slide,
+        settings["target_mpp"],
+        settings["tile_size"],
+        what="feature extraction",
+        min_tissue=settings["min_tissue"],
+        mask_mpp=settings["tissue_mpp"],
+        share=False,
+        progress=progress,
+        cancel=cancel,
+    )
     if slide.mpp is None:
         log.warning("%s has no pixel size: tiles are read at level 0 without resizing (mpp None)", slide.path)
     n, dim = len(grid), int(extractor.out_dim)
@@ -184,8 +208,16 @@ def _extract(slide: Any, extractor: Any, out_path: Path, settings: dict, o: Feat
         prep = {"mean": list(extractor.mean), "std": list(extractor.std), "input_size": extractor.input_size}
         with tile_encoder(extractor, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
             task = _feature_task(extractor, dev, dim, writer, encoder)
-            run_tiles(slide, grid, task, batch_size=o.batch_size, prefetch=2 * o.batch_size, encoder=encoder,
-                      progress=progress, cancel=cancel)
+            run_tiles(
+                slide,
+                grid,
+                task,
+                batch_size=o.batch_size,
+                prefetch=2 * o.batch_size,
+                encoder=encoder,
+                progress=progress,
+                cancel=cancel,
+            )
         check_cancel(cancel, "feature extraction")
         finish_feature_store(group)
     return n
@@ -269,16 +301,25 @@ def extract_features(
     from .tile_run import opened_slide
 
     extractor = _as_extractor(extractor)
-    o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       tissue_mpp=tissue_mpp, cache=cache)
+    o = FeatureOptions(
+        mpp=mpp,
+        tile_size=tile_size,
+        min_tissue=min_tissue,
+        batch_size=batch_size,
+        device=device,
+        tissue_mpp=tissue_mpp,
+        cache=cache,
+    )
     with opened_slide(slide) as s:
-        _extract(s, extractor, Path(out_path), _settings(extractor, o, Path(s.path)), o, progress=progress,
-                 cancel=cancel)
+        _extract(
+            s, extractor, Path(out_path), _settings(extractor, o, Path(s.path)), o, progress=progress, cancel=cancel
+        )
     return Path(out_path)
 
 
-def _run_many(inputs: Any, out_dir: PathLike, extractor: Any, o: FeatureOptions, *, overwrite: bool, progress: Any,
-              cancel: Any) -> list[SlideResult]:
+def _run_many(
+    inputs: Any, out_dir: PathLike, extractor: Any, o: FeatureOptions, *, overwrite: bool, progress: Any, cancel: Any
+) -> list[SlideResult]:
     """Extract the features of every slide of ``inputs`` (``extractor`` built), skipping up-to-date files."""
     from ..io.slide import open_slide
 
@@ -354,10 +395,24 @@ def extract_features_many(
         as is; anything else is recomputed. Cancelling raises
         :class:`~napari_pathfm.errors.Cancelled` (finished slides stay).
     """
-    o = FeatureOptions(mpp=mpp, tile_size=tile_size, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       tissue_mpp=tissue_mpp, cache=cache)
-    results = _run_many(inputs, out_dir, _as_extractor(extractor, extractor_kwargs), o, overwrite=overwrite,
-                        progress=progress, cancel=cancel)
+    o = FeatureOptions(
+        mpp=mpp,
+        tile_size=tile_size,
+        min_tissue=min_tissue,
+        batch_size=batch_size,
+        device=device,
+        tissue_mpp=tissue_mpp,
+        cache=cache,
+    )
+    results = _run_many(
+        inputs,
+        out_dir,
+        _as_extractor(extractor, extractor_kwargs),
+        o,
+        overwrite=overwrite,
+        progress=progress,
+        cancel=cancel,
+    )
     return {str(r.slide): (r.error if r.status == "failed" else r.path) for r in results}
 
 
@@ -412,8 +467,9 @@ def features_command(
     extractor = _as_extractor(name, kwargs)
     if weights is None:
         log.warning("no --weights given: %s is randomly initialised", backbone)
-    o = FeatureOptions(mpp=mpp, tile_size=tile, min_tissue=min_tissue, batch_size=batch_size, device=device,
-                       cache=cache)
+    o = FeatureOptions(
+        mpp=mpp, tile_size=tile, min_tissue=min_tissue, batch_size=batch_size, device=device, cache=cache
+    )
     results = _run_many(inputs, out_dir, extractor, o, overwrite=overwrite, progress=progress, cancel=cancel)
     counts = {k: sum(r.status == k for r in results) for k in ("written", "empty", "skipped", "failed")}
     return {

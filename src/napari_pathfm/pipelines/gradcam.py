@@ -189,7 +189,9 @@ def gradcam_images(
             check_cancel(cancel, "Grad-CAM")
             x = preprocess_tiles(images[s : s + batch_size], device, mean, std).requires_grad_(True)
             with torch.enable_grad():
-                maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(k)) for k in targets[s : s + batch_size]])
+                maps = cam(
+                    input_tensor=x, targets=[ClassifierOutputTarget(int(k)) for k in targets[s : s + batch_size]]
+                )
             out.append(np.asarray(maps, np.float32))
     heat = np.concatenate(out) if out else np.zeros((0, *images.shape[1:3]), np.float32)
     return np.clip(np.nan_to_num(heat), 0.0, 1.0)
@@ -241,11 +243,11 @@ def gradcam_tiles(
     check_cancel(cancel, "Grad-CAM")
     report(progress, 1, 2, f"Grad-CAM: {idx.size} tiles")
     mean, std = card_normalization(card)
-    heat = gradcam_images(model, images, targets, mean=mean, std=std, device=dev, batch_size=batch_size,
-                          cancel=cancel)
+    heat = gradcam_images(model, images, targets, mean=mean, std=std, device=dev, batch_size=batch_size, cancel=cancel)
     report(progress, 2, 2, "Grad-CAM done")
-    return GradCAMResult(heat=heat, indices=idx, targets=targets, grid=result.grid, mpp=result.mpp, capped=capped,
-                         images=images)
+    return GradCAMResult(
+        heat=heat, indices=idx, targets=targets, grid=result.grid, mpp=result.mpp, capped=capped, images=images
+    )
 
 
 def overlay_rgb(tile: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:

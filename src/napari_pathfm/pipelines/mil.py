@@ -93,7 +93,11 @@ def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
     in_dim = config.get("in_dim")
     n_classes = config.get("n_classes") or len(card.get("classes") or []) or 2
     if in_dim is None:
-        raise CheckpointError(checkpoint, "has no `in_dim` in its model card; it is not a MIL checkpoint.", "Pick a checkpoint trained with the `mil` family.")
+        raise CheckpointError(
+            checkpoint,
+            "has no `in_dim` in its model card; it is not a MIL checkpoint.",
+            "Pick a checkpoint trained with the `mil` family.",
+        )
     classes = [str(c) for c in (card.get("classes") or [f"class {i}" for i in range(n_classes)])]
     return int(in_dim), classes
 
@@ -110,15 +114,23 @@ def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
     if checkpoint_dir is not None and (Path(checkpoint_dir) / recorded.name).is_file():
         return str(Path(checkpoint_dir) / recorded.name)
     raise FeatureError(
-        recorded, "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
+        recorded,
+        "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
         "Copy it to that path or next to the checkpoint, or extract features yourself with "
         "`pathfm features --weights <file>` and pass --features.",
     )
 
 
 def features_for_slide(
-    slide, card: dict, *, device: str = "auto", progress=None, cancel=None, cache_dir: Path | None = None,
-    checkpoint_dir: Path | None = None, cache: Any = None,
+    slide,
+    card: dict,
+    *,
+    device: str = "auto",
+    progress=None,
+    cancel=None,
+    cache_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    cache: Any = None,
 ):
     """Extract features from ``slide`` with the extractor recorded in the checkpoint's card.
 
@@ -134,7 +146,8 @@ def features_for_slide(
     fx = card.get("feature_extractor") or {}
     if not fx.get("extractor"):
         raise CheckpointError(
-            card.get("weights_file", "checkpoint"), "does not record which feature extractor it was trained with.",
+            card.get("weights_file", "checkpoint"),
+            "does not record which feature extractor it was trained with.",
             "Extract features with `pathfm features` (same settings as training) and pass them with --features.",
         )
     # A recorded input_size of None means the trunk saw tiles at their own size (0 for create_model).
@@ -145,14 +158,23 @@ def features_for_slide(
         kwargs.update(mean=fx.get("mean"), std=fx.get("std"))
     extractor = create_model(fx["extractor"], **{k: v for k, v in kwargs.items() if v is not None})
     if fx.get("weights_sha256") and extractor.weights_sha256 != fx["weights_sha256"]:
-        raise FeatureError(fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch).")
+        raise FeatureError(
+            fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch)."
+        )
     with scratch_dir("features") as tmp:
         out_dir = Path(cache_dir or tmp)
         path = extract_features(
-            slide, extractor, out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
-            mpp=fx.get("target_mpp") or 0.5, tile_size=fx.get("tile_size") or 256,
+            slide,
+            extractor,
+            out_dir / f"{Path(slide.path).name.split('.')[0]}.features.zarr",
+            mpp=fx.get("target_mpp") or 0.5,
+            tile_size=fx.get("tile_size") or 256,
             min_tissue=fx.get("min_tissue") if fx.get("min_tissue") is not None else 0.25,
-            tissue_mpp=fx.get("tissue_mpp") or 8.0, device=device, progress=progress, cancel=cancel, cache=cache,
+            tissue_mpp=fx.get("tissue_mpp") or 8.0,
+            device=device,
+            progress=progress,
+            cancel=cancel,
+            cache=cache,
         )
         bag = read_features(path)  # in memory: the temporary file can go
     if cache_dir is None:
@@ -218,8 +240,9 @@ def mil_predict(
         try:
             if image_mpp is not None:
                 slide.mpp = float(image_mpp)
-            bag = features_for_slide(slide, card, device=device, progress=progress, cancel=cancel,
-                                     checkpoint_dir=where, cache=cache)
+            bag = features_for_slide(
+                slide, card, device=device, progress=progress, cancel=cancel, checkpoint_dir=where, cache=cache
+            )
         finally:
             slide.mpp = saved_mpp
             if own:
@@ -238,20 +261,34 @@ def mil_predict(
         scores = np.stack([heatmap_scores(out, c)[0].float().cpu().numpy() for c in range(len(classes))], axis=1)
     report(progress, 3, 3, "done")
     fx = card.get("feature_extractor") or {}
-    notes_card = {**card, "tile_size": card.get("tile_size") or fx.get("tile_size"),
-                  "input_mpp": card.get("input_mpp") or fx.get("target_mpp")}
+    notes_card = {
+        **card,
+        "tile_size": card.get("tile_size") or fx.get("tile_size"),
+        "input_mpp": card.get("input_mpp") or fx.get("target_mpp"),
+    }
     slide_name = Path(str(bag.attrs.get("slide") or "the slide")).name
-    notes = model_notes(notes_card, None if isinstance(checkpoint, tuple) else str(checkpoint),
-                        slide_mpp=bag.attrs.get("slide_mpp"), run_mpp=bag.attrs.get("mpp"), slide_name=slide_name,
-                        run_tile=bag.attrs.get("tile_size"), stain=bag.attrs.get("stain"))
+    notes = model_notes(
+        notes_card,
+        None if isinstance(checkpoint, tuple) else str(checkpoint),
+        slide_mpp=bag.attrs.get("slide_mpp"),
+        run_mpp=bag.attrs.get("mpp"),
+        slide_name=slide_name,
+        run_tile=bag.attrs.get("tile_size"),
+        stain=bag.attrs.get("stain"),
+    )
     return MILPrediction(
         classes=classes,
         probabilities=probs,
         patch_scores=scores.astype(np.float32),
         coords=np.asarray(bag.coords, dtype=np.int64),
         level0_tile_size=float(bag.attrs.get("level0_tile_size") or bag.attrs.get("tile_size") or 1.0),
-        source={"features": str(bag.path) if getattr(bag, "path", None) else None, "slide": bag.attrs.get("slide"), "slide_mpp": bag.attrs.get("slide_mpp")},
-        notes=notes, messages=list(notes),
+        source={
+            "features": str(bag.path) if getattr(bag, "path", None) else None,
+            "slide": bag.attrs.get("slide"),
+            "slide_mpp": bag.attrs.get("slide_mpp"),
+        },
+        notes=notes,
+        messages=list(notes),
     )
 
 
@@ -273,7 +310,9 @@ def heatmap_grid(pred: MILPrediction, cls: int | None = None) -> tuple[np.ndarra
     return grid, cell
 
 
-def write_mil_outputs(pred: MILPrediction, *, heatmap: Path | None, json_path: Path | None, mpp: float | None, top_k: int = 10) -> dict[str, Path]:
+def write_mil_outputs(
+    pred: MILPrediction, *, heatmap: Path | None, json_path: Path | None, mpp: float | None, top_k: int = 10
+) -> dict[str, Path]:
     """Write the heatmap (OME-TIFF float32, cell-sized pixels) and the prediction JSON atomically."""
     from ..io.atomic import atomic_path
     from ..io.ome_tiff import write_ome_tiff
@@ -282,7 +321,9 @@ def write_mil_outputs(pred: MILPrediction, *, heatmap: Path | None, json_path: P
     if heatmap is not None:
         grid, cell = heatmap_grid(pred)
         write_ome_tiff(
-            heatmap, np.nan_to_num(grid, nan=0.0), mpp=(mpp * cell) if mpp else None,
+            heatmap,
+            np.nan_to_num(grid, nan=0.0),
+            mpp=(mpp * cell) if mpp else None,
             metadata={"kind": "mil-heatmap", "class": pred.predicted, "downsample": cell, **pred.to_dict(top_k)},
         )
         written["heatmap"] = Path(heatmap)

@@ -49,8 +49,14 @@ MPP_TOLERANCE = 1.5
 STAIN_TOLERANCE = 3.0
 
 #: public data sets named in bundled cards, matched case-insensitively in training_data / description
-_DATASETS = (("glas", "GlaS"), ("isl-blue", "the ISL well"), ("in-silico labeling", "the ISL well"),
-             ("camelyon", "CAMELYON"), ("tcga", "TCGA"), ("panda", "PANDA"))
+_DATASETS = (
+    ("glas", "GlaS"),
+    ("isl-blue", "the ISL well"),
+    ("in-silico labeling", "the ISL well"),
+    ("camelyon", "CAMELYON"),
+    ("tcga", "TCGA"),
+    ("panda", "PANDA"),
+)
 
 
 def bundled_models_dir() -> Path:
@@ -154,26 +160,34 @@ def model_notes(
     trained = float(trained) if trained else None
     if trained and slide_mpp is None:
         name = slide_name or "the slide"
-        notes.append(f"{name} has no pixel size (µm/px unknown): run at its own resolution, not at the model's "
-                     f"{trained:.3g} µm/px; give --image-mpp (or enter it in the Slide dock) to resample.")
+        notes.append(
+            f"{name} has no pixel size (µm/px unknown): run at its own resolution, not at the model's "
+            f"{trained:.3g} µm/px; give --image-mpp (or enter it in the Slide dock) to resample."
+        )
     if trained and run_mpp and _ratio(run_mpp, trained) > MPP_TOLERANCE:
         notes.append(f"Out of domain: run at {run_mpp:.3g} µm/px, but the model was trained at {trained:.3g} µm/px.")
     if trained and slide_mpp and slide_mpp > MPP_TOLERANCE * trained:
-        notes.append(f"Out of domain: the slide has {slide_mpp:.3g} µm/px, coarser than the {trained:.3g} µm/px "
-                     "the model was trained at.")
+        notes.append(
+            f"Out of domain: the slide has {slide_mpp:.3g} µm/px, coarser than the {trained:.3g} µm/px "
+            "the model was trained at."
+        )
     card_tile = card.get("tile_size")
     if card_tile and run_tile and _ratio(float(run_tile), float(card_tile)) > MPP_TOLERANCE:
-        notes.append(f"Out of domain: tiles of {int(run_tile)} px, but the model was trained on {int(card_tile)} px "
-                     "tiles.")
+        notes.append(
+            f"Out of domain: tiles of {int(run_tile)} px, but the model was trained on {int(card_tile)} px tiles."
+        )
     if tissue_fraction is not None and 0 < tissue_fraction < 0.01:
         notes.append(f"Only {100 * tissue_fraction:.2g} % of the slide was detected as tissue.")
     ref = card.get("stain") if isinstance(card.get("stain"), dict) else None
     if ref and stain and ref.get("mean") and ref.get("std") and stain.get("mean"):
-        dist = max(abs(float(m) - float(r)) / max(float(s), 1e-3)
-                   for m, r, s in zip(stain["mean"], ref["mean"], ref["std"]))
+        dist = max(
+            abs(float(m) - float(r)) / max(float(s), 1e-3) for m, r, s in zip(stain["mean"], ref["mean"], ref["std"])
+        )
         if dist > STAIN_TOLERANCE:
-            notes.append(f"Out of domain: the slide's tissue colour is {dist:.1f} standard deviations from the "
-                         "stain the model was trained on (different stain or scanner?).")
+            notes.append(
+                f"Out of domain: the slide's tissue colour is {dist:.1f} standard deviations from the "
+                "stain the model was trained on (different stain or scanner?)."
+            )
     return notes
 
 
@@ -204,16 +218,21 @@ def translate_notes(
         notes.append(demo)
     n = card.get("input_planes")
     if n and int(n) != int(planes):
-        notes.append(f"the stack has {int(planes)} planes; {label} was trained on {int(n)} (the planes it names "
-                     "are used).")
+        notes.append(
+            f"the stack has {int(planes)} planes; {label} was trained on {int(n)} (the planes it names are used)."
+        )
     card_dtype = card.get("input_dtype")
     if card_dtype and np.dtype(card_dtype) != np.dtype(dtype):
-        notes.append(f"the stack is {np.dtype(dtype)} but checkpoint {label} was trained on {card_dtype} planes;"
-                     " the card's intensity ranges are used as they are")
+        notes.append(
+            f"the stack is {np.dtype(dtype)} but checkpoint {label} was trained on {card_dtype} planes;"
+            " the card's intensity ranges are used as they are"
+        )
     trained = card.get("input_mpp")
     if trained and pixel_size and _ratio(float(pixel_size), float(trained)) > MPP_TOLERANCE:
-        notes.append(f"Out of domain: the stack has {pixel_size:.3g} µm/px, but {label} was trained at "
-                     f"{float(trained):.3g} µm/px (not resampled).")
+        notes.append(
+            f"Out of domain: the stack has {pixel_size:.3g} µm/px, but {label} was trained at "
+            f"{float(trained):.3g} µm/px (not resampled)."
+        )
     mag = card.get("magnification")
     if mag and magnification and _ratio(float(magnification), float(mag)) > MPP_TOLERANCE:
         notes.append(f"Out of domain: the stack is at {magnification:g}x, but {label} was trained at {float(mag):g}x.")

@@ -80,8 +80,9 @@ def label_nuclei(mask: Any, *, min_distance: int = 5, min_size: int = 16, split:
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
-def segment_nuclei(image: Any, *, threshold: float | None = None, min_distance: int = 5,
-                   min_size: int = 16, split: bool = True) -> tuple[np.ndarray, float]:
+def segment_nuclei(
+    image: Any, *, threshold: float | None = None, min_distance: int = 5, min_size: int = 16, split: bool = True
+) -> tuple[np.ndarray, float]:
     """Nuclei of a stain image: ``image > threshold`` (Otsu when None), then :func:`label_nuclei`.
 
     Returns ``(labels int32, threshold used)``. A constant image has no nuclei.
@@ -149,8 +150,7 @@ def measure_nuclei(labels: Any, image: Any, *, value_range: tuple[float, float] 
     img = np.asarray(image, np.float64)
     n = int(labels.max()) if labels.size else 0
     if n == 0:
-        return {"count": 0, "mean_area": float("nan"), "mean_intensity": float("nan"),
-                "texture_contrast": float("nan")}
+        return {"count": 0, "mean_area": float("nan"), "mean_intensity": float("nan"), "texture_contrast": float("nan")}
     index = np.arange(1, n + 1)
     areas = ndi.sum_labels(np.ones_like(img), labels, index)
     present = areas > 0

@@ -151,9 +151,15 @@ class SegmentationResult:
             "scale": scale,
             "translate": translate,
             "units": layer_units(self.mpp),
-            "metadata": {"pathfm_kind": "segment", "classes": self.class_names(), "downsample": 1.0,
-                         "source": self.source, "checkpoint": self.checkpoint, "model_mpp": self.model_mpp,
-                         "pathfm_notes": list(self.notes)},
+            "metadata": {
+                "pathfm_kind": "segment",
+                "classes": self.class_names(),
+                "downsample": 1.0,
+                "source": self.source,
+                "checkpoint": self.checkpoint,
+                "model_mpp": self.model_mpp,
+                "pathfm_notes": list(self.notes),
+            },
         }
 
     def summary(self) -> dict:
@@ -260,16 +266,32 @@ def segment_slide(
     """
     out = check_suffix(out, (".ome.tif", ".ome.tiff"), "mask output")
     geojson = check_suffix(geojson, (".geojson", ".json"), "GeoJSON output")
-    options = SegmentOptions(mpp=mpp, tile_size=tile_size, overlap=overlap, tissue_only=tissue_only,
-                             min_tissue=min_tissue, batch_size=batch_size, device=device, weights=weights,
-                             workers=workers, cache=cache)
+    options = SegmentOptions(
+        mpp=mpp,
+        tile_size=tile_size,
+        overlap=overlap,
+        tissue_only=tissue_only,
+        min_tissue=min_tissue,
+        batch_size=batch_size,
+        device=device,
+        weights=weights,
+        workers=workers,
+        cache=cache,
+    )
     with opened_slide(slide_or_image, image_mpp) as slide:
-        return _segment(slide, model_or_checkpoint, options, out=out, geojson=geojson, progress=progress,
-                        cancel=cancel)
+        return _segment(slide, model_or_checkpoint, options, out=out, geojson=geojson, progress=progress, cancel=cancel)
 
 
-def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Path | None, geojson: Path | None,
-             progress: Any, cancel: Any) -> SegmentationResult:
+def _segment(
+    slide: Any,
+    model_or_checkpoint: Any,
+    o: SegmentOptions,
+    *,
+    out: Path | None,
+    geojson: Path | None,
+    progress: Any,
+    cancel: Any,
+) -> SegmentationResult:
     from ..device import reader_workers, resolve_device
     from .notes import merge_notes, model_notes
 
@@ -283,9 +305,18 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Pa
     target = run_mpp(slide, o.mpp, card, "segmented", "segment")
     t, ov = tile_geometry(model, card, o.tile_size, o.overlap)
     # the level the tissue mask and the tiles both read is decoded only once
-    reader, grid, tissue = plan_tiles(slide, target, t, what="segmentation", tissue_only=o.tissue_only,
-                                      min_tissue=max(o.min_tissue, 1e-9), overlap=ov, workers=workers,
-                                      progress=progress, cancel=cancel)
+    reader, grid, tissue = plan_tiles(
+        slide,
+        target,
+        t,
+        what="segmentation",
+        tissue_only=o.tissue_only,
+        min_tissue=max(o.min_tissue, 1e-9),
+        overlap=ov,
+        workers=workers,
+        progress=progress,
+        cancel=cancel,
+    )
 
     tmp_dir = None
     if grid.level0_shape[0] * grid.level0_shape[1] > IN_MEMORY_PIXELS:
@@ -294,13 +325,28 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Pa
         store = _label_store(grid.level0_shape, Path(tmp_dir.name) if tmp_dir else None)
         if not len(grid):
             messages.append(f"no tissue found in {Path(slide.path).name}: the mask is all background.")
-        notes = model_notes(card, source, slide_mpp=slide.mpp, run_mpp=grid.mpp, slide_name=Path(slide.path).name,
-                            tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
-                            stain=tissue.stain if tissue is not None else None)
+        notes = model_notes(
+            card,
+            source,
+            slide_mpp=slide.mpp,
+            run_mpp=grid.mpp,
+            slide_name=Path(slide.path).name,
+            tissue_fraction=float(tissue.mask.mean()) if tissue is not None else None,
+            stain=tissue.stain if tissue is not None else None,
+        )
         messages[:] = merge_notes(notes, messages)  # before the OME-TIFF writer starts: its metadata has both
         result = SegmentationResult(
-            labels=store, classes=classes or [], mpp=slide.mpp, model_mpp=grid.mpp, grid=grid, tissue=tissue,
-            source=str(slide.path), checkpoint=source, messages=messages, notes=notes, _tmp=tmp_dir,
+            labels=store,
+            classes=classes or [],
+            mpp=slide.mpp,
+            model_mpp=grid.mpp,
+            grid=grid,
+            tissue=tissue,
+            source=str(slide.path),
+            checkpoint=source,
+            messages=messages,
+            notes=notes,
+            _tmp=tmp_dir,
         )
         meta = {"overlap": ov, "tile_size": t, "blend": o.weights}
         outputs = SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel)
@@ -308,13 +354,34 @@ def _segment(slide: Any, model_or_checkpoint: Any, o: SegmentOptions, *, out: Pa
             if classes is not None:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
-                prep = {"mean": list(getattr(model, "mean", ())), "std": list(getattr(model, "std", ())),
-                        "input_size": getattr(model, "input_size", None)}
+                prep = {
+                    "mean": list(getattr(model, "mean", ())),
+                    "std": list(getattr(model, "std", ())),
+                    "input_size": getattr(model, "input_size", None),
+                }
                 with tile_encoder(model, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
-                    tiles = _SegmentTiles(model, grid, dev, k, store, weights=o.weights, source=source,
-                                          outputs=outputs, encoder=encoder, cancel=cancel)
-                    run_tiles(reader, grid, tiles.task(), batch_size=o.batch_size, workers=workers, encoder=encoder,
-                              progress=progress, cancel=cancel)
+                    tiles = _SegmentTiles(
+                        model,
+                        grid,
+                        dev,
+                        k,
+                        store,
+                        weights=o.weights,
+                        source=source,
+                        outputs=outputs,
+                        encoder=encoder,
+                        cancel=cancel,
+                    )
+                    run_tiles(
+                        reader,
+                        grid,
+                        tiles.task(),
+                        batch_size=o.batch_size,
+                        workers=workers,
+                        encoder=encoder,
+                        progress=progress,
+                        cancel=cancel,
+                    )
                     k = tiles.k
                 result.cache = encoder.summary()
             if classes is None:
@@ -339,8 +406,20 @@ class _SegmentTiles:
     keeps the adds in order, so the result is the same as blending inline.
     """
 
-    def __init__(self, model: Any, grid: Any, dev: str, k: int | None, store: Any, *, weights: str, source: Any,
-                 outputs: SegmentOutputs, encoder: Any, cancel: Any):
+    def __init__(
+        self,
+        model: Any,
+        grid: Any,
+        dev: str,
+        k: int | None,
+        store: Any,
+        *,
+        weights: str,
+        source: Any,
+        outputs: SegmentOutputs,
+        encoder: Any,
+        cancel: Any,
+    ):
         model.to(dev).eval()
         self.model, self.grid, self.dev, self.k, self.store = model, grid, dev, k, store
         self.weights, self.source, self.outputs, self.encoder, self.cancel = weights, source, outputs, encoder, cancel
@@ -365,8 +444,14 @@ class _SegmentTiles:
 
         if self.canvas is None:
             self.k = logits.shape[1]
-            self.canvas = BandedCanvas(self.grid, self.k, self.store, None if self.dev == "cpu" else self.dev,
-                                       weights=self.weights, on_rows=self.outputs.rows_done)
+            self.canvas = BandedCanvas(
+                self.grid,
+                self.k,
+                self.store,
+                None if self.dev == "cpu" else self.dev,
+                weights=self.weights,
+                on_rows=self.outputs.rows_done,
+            )
         if self.blender is None:
             self._blend(batch.indices.tolist(), logits)
             return
@@ -400,5 +485,6 @@ def _label_store(shape: tuple[int, int], tmp: Path | None) -> Any:
         return np.zeros(shape, np.uint8)
     import zarr
 
-    return zarr.create_array(store=str(tmp / "labels.zarr"), shape=shape, dtype=np.uint8,
-                             chunks=(512, 4096), fill_value=0)
+    return zarr.create_array(
+        store=str(tmp / "labels.zarr"), shape=shape, dtype=np.uint8, chunks=(512, 4096), fill_value=0
+    )

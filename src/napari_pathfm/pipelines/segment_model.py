@@ -41,8 +41,7 @@ def default_segment_checkpoint() -> Path:
     if not found:
         raise CheckpointError(
             BUNDLED_MODELS,
-            "holds no segmentation model, and none was found in "
-            f"{user_models_dir()} either.",
+            f"holds no segmentation model, and none was found in {user_models_dir()} either.",
             "Pass a checkpoint with --checkpoint (a .safetensors + .json pair of family 'segment'), "
             "train one with `pathfm train training/pathsam2/<recipe>.yaml`, or copy one into the user "
             "model folder (set PATHFM_MODELS to use another folder).",
@@ -73,8 +72,9 @@ def load_segmentation_model(model_or_checkpoint: Any = None, device: str = "cpu"
     names = card.get("classes")
     if names is not None and k is not None and len(names) != int(k):
         raise CheckpointError(
-            source or "the model card", f"lists {len(names)} classes ({', '.join(map(str, names))}) but the model "
-            f"predicts {int(k)}.", "Use the card that was saved with these weights, or fix its 'classes'.",
+            source or "the model card",
+            f"lists {len(names)} classes ({', '.join(map(str, names))}) but the model predicts {int(k)}.",
+            "Use the card that was saved with these weights, or fix its 'classes'.",
         )
     return model, dict(card), source
 
@@ -117,8 +117,10 @@ def tile_logits(model: Any, batch: Any, dev: str, t: int, k: int | None, source:
     logits = out["logits"] if isinstance(out, dict) else out
     if logits.ndim != 4 or (k is not None and logits.shape[1] != k):
         raise CheckpointError(
-            source or "the model", f"produced logits of shape {tuple(logits.shape)}, expected {k} classes "
-            "(B, K, H, W) as its model card says.", "Use the card saved with these weights.",
+            source or "the model",
+            f"produced logits of shape {tuple(logits.shape)}, expected {k} classes "
+            "(B, K, H, W) as its model card says.",
+            "Use the card saved with these weights.",
         )
     logits = logits.float()
     if tuple(logits.shape[-2:]) != (t, t):

@@ -143,12 +143,27 @@ class SegmentOutputs:
             return
         r = self.result
         meta = {
-            "kind": "segmentation", "source": r.source, "checkpoint": r.checkpoint, "model_mpp": r.model_mpp,
-            "tiles": r.n_tiles, "messages": r.messages, "notes": r.notes, "downsample": 1.0, **self.metadata,
+            "kind": "segmentation",
+            "source": r.source,
+            "checkpoint": r.checkpoint,
+            "model_mpp": r.model_mpp,
+            "tiles": r.n_tiles,
+            "messages": r.messages,
+            "notes": r.notes,
+            "downsample": 1.0,
+            **self.metadata,
         }
-        self.writer = self._pool.submit(write_ome_tiff, self._tmp_out, self.rows, mpp=r.mpp, is_labels=True,
-                                        class_names=r.classes, metadata=meta, cancel=self.cancel,
-                                        compressionargs={"level": 1})  # fast zlib: ~1.3x larger masks
+        self.writer = self._pool.submit(
+            write_ome_tiff,
+            self._tmp_out,
+            self.rows,
+            mpp=r.mpp,
+            is_labels=True,
+            class_names=r.classes,
+            metadata=meta,
+            cancel=self.cancel,
+            compressionargs={"level": 1},
+        )  # fast zlib: ~1.3x larger masks
 
     def rows_done(self, rows: int) -> None:
         self.rows.mark(rows)

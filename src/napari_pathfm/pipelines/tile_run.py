@@ -103,9 +103,9 @@ def run_mpp(slide: Any, mpp: float | None, card: dict, done: str, do: str) -> fl
     if slide.mpp is None:
         if mpp is not None:
             raise SlideError(
-                slide.path, f"has no pixel size (µm/px) in its metadata, so it cannot be {done} at {mpp} µm/px.",
-                f"Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to {do} it at its own "
-                "resolution.",
+                slide.path,
+                f"has no pixel size (µm/px) in its metadata, so it cannot be {done} at {mpp} µm/px.",
+                f"Give the image's µm/px (image_mpp / --image-mpp), or leave out mpp to {do} it at its own resolution.",
             )
         # the card's µm/px is not reached: model_notes says so ("has no pixel size (µm/px unknown) ...")
         return None
@@ -131,9 +131,21 @@ def shared_level(slide: Any, target: float | None, tissue_only: bool, workers: i
     return level_in_memory(slide, level, workers=max(2, workers), cancel=cancel)
 
 
-def plan_tiles(slide: Any, target: float | None, tile: int, *, what: str, tissue_only: bool = True,
-               min_tissue: float = 0.0, overlap: int = 0, workers: int = 2, share: bool = True,
-               mask_mpp: float = 8.0, progress: Any = None, cancel: Any = None) -> tuple[Any, Any, Any]:
+def plan_tiles(
+    slide: Any,
+    target: float | None,
+    tile: int,
+    *,
+    what: str,
+    tissue_only: bool = True,
+    min_tissue: float = 0.0,
+    overlap: int = 0,
+    workers: int = 2,
+    share: bool = True,
+    mask_mpp: float = 8.0,
+    progress: Any = None,
+    cancel: Any = None,
+) -> tuple[Any, Any, Any]:
     """``(reader, grid, tissue)``: where tiles are read from, the tiles to run, the tissue mask (or None).
 
     With ``tissue_only`` the grid keeps tiles with more than ``min_tissue`` tissue (mask at
@@ -148,8 +160,16 @@ def plan_tiles(slide: Any, target: float | None, tile: int, *, what: str, tissue
     reader = shared_level(slide, target, tissue_only, workers, cancel) if share else slide
     tissue = None
     if tissue_only:
-        tt = compute_tissue_tiles(reader, tile_size=tile, mpp=target, overlap=overlap, min_tissue=min_tissue,
-                                  mask_mpp=mask_mpp, progress=progress, cancel=cancel)
+        tt = compute_tissue_tiles(
+            reader,
+            tile_size=tile,
+            mpp=target,
+            overlap=overlap,
+            min_tissue=min_tissue,
+            mask_mpp=mask_mpp,
+            progress=progress,
+            cancel=cancel,
+        )
         grid, tissue = tt.grid, tt.tissue
     else:
         grid = tile_grid(reader, tile, mpp=target, overlap=overlap)
@@ -184,8 +204,18 @@ def autocast(dev: str) -> Any:
     return torch.autocast("cuda", dtype=amp) if amp is not None else nullcontext()
 
 
-def run_tiles(reader: Any, grid: Any, task: TileTask, *, batch_size: int, workers: int = 2, prefetch: int | None = None,
-              encoder: Any = None, progress: Any = None, cancel: Any = None) -> None:
+def run_tiles(
+    reader: Any,
+    grid: Any,
+    task: TileTask,
+    *,
+    batch_size: int,
+    workers: int = 2,
+    prefetch: int | None = None,
+    encoder: Any = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> None:
     """Run ``task`` over every tile of ``grid``, in grid order, read from ``reader``.
 
     Reader threads (``workers``) decode up to ``prefetch`` tiles ahead (default

@@ -57,8 +57,13 @@ def compute_tissue_tiles(
     check_cancel(cancel, "tissue detection")
     report(progress, 1, 2, "tile grid")
     grid = tile_grid(
-        slide, tile_size, mpp=None if level is not None else mpp, level=level,
-        overlap=overlap, tissue=tissue, min_tissue=min_tissue,
+        slide,
+        tile_size,
+        mpp=None if level is not None else mpp,
+        level=level,
+        overlap=overlap,
+        tissue=tissue,
+        min_tissue=min_tissue,
     )
     report(progress, 2, 2, f"{len(grid.tiles)} tissue tiles")
     return TissueTiles(slide, tissue, grid)
@@ -75,10 +80,18 @@ def overview_png(result: TissueTiles, path: Path, max_size: int = 1600) -> Path:
     h0, _w0 = result.slide.shape
     f = thumb.shape[0] / h0
     tissue = result.tissue
-    mask = np.asarray(Image.fromarray(tissue.mask.astype(np.uint8) * 255).resize(
-        (max(1, round(tissue.mask.shape[1] * tissue.downsample * f)), max(1, round(tissue.mask.shape[0] * tissue.downsample * f))),
-        Image.Resampling.NEAREST,
-    ))[: thumb.shape[0], : thumb.shape[1]] > 0
+    mask = (
+        np.asarray(
+            Image.fromarray(tissue.mask.astype(np.uint8) * 255).resize(
+                (
+                    max(1, round(tissue.mask.shape[1] * tissue.downsample * f)),
+                    max(1, round(tissue.mask.shape[0] * tissue.downsample * f)),
+                ),
+                Image.Resampling.NEAREST,
+            )
+        )[: thumb.shape[0], : thumb.shape[1]]
+        > 0
+    )
     edge = mask & ~ndimage.binary_erosion(mask, iterations=2)
     img = thumb.copy()
     img[: edge.shape[0], : edge.shape[1]][edge] = (0, 170, 90)
@@ -103,13 +116,19 @@ def write_tissue_tiles(result: TissueTiles, out_dir: Path) -> dict[str, Path]:
     tissue = result.tissue
     written = {
         "tissue_mask": write_ome_tiff(
-            out_dir / f"{stem}.tissue.ome.tif", tissue.mask.astype(np.uint8), mpp=tissue.mpp, is_labels=True,
+            out_dir / f"{stem}.tissue.ome.tif",
+            tissue.mask.astype(np.uint8),
+            mpp=tissue.mpp,
+            is_labels=True,
             class_names=TISSUE_CLASSES,
             metadata={"slide": str(result.slide.path), "downsample": tissue.downsample},
         ),
         "tissue_geojson": write_geojson(
-            out_dir / f"{stem}.tissue.geojson", tissue.mask.astype(np.uint8), {1: "Tissue"},
-            downsample=tissue.downsample, colors=TISSUE_COLOURS,
+            out_dir / f"{stem}.tissue.geojson",
+            tissue.mask.astype(np.uint8),
+            {1: "Tissue"},
+            downsample=tissue.downsample,
+            colors=TISSUE_COLOURS,
         ),
     }
     csv_path, json_path = out_dir / f"{stem}.tiles.csv", out_dir / f"{stem}.tiles.json"

@@ -68,8 +68,11 @@ __all__ = [
 IN_MEMORY_PIXELS = 2048 * 2048
 #: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
 ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
-_ROLE_NAMES = {"nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"), "lipids": ("lipids", "lipid", "bodipy", "c02"),
-               "cytoplasm": ("cytoplasm", "cellmask", "c03")}
+_ROLE_NAMES = {
+    "nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"),
+    "lipids": ("lipids", "lipid", "bodipy", "c02"),
+    "cytoplasm": ("cytoplasm", "cellmask", "c03"),
+}
 
 PathLike = str | Path
 
@@ -147,11 +150,17 @@ class TranslationResult:
 
     def summary(self) -> dict:
         return {
-            "input": self.source, "checkpoints": self.checkpoints, "shape": list(self.shape),
+            "input": self.source,
+            "checkpoints": self.checkpoints,
+            "shape": list(self.shape),
             "channels": {k: {"role": self.roles[k], "dtype": str(v.dtype)} for k, v in self.channels.items()},
-            "confidence": self.confidence is not None, "threshold": self.threshold,
+            "confidence": self.confidence is not None,
+            "threshold": self.threshold,
             "nuclei": int(self.nuclei_labels.max()) if self.nuclei_labels is not None else None,
-            "tiles": self.n_tiles, "pixel_size_um": self.pixel_size, "notes": self.notes, "messages": self.messages,
+            "tiles": self.n_tiles,
+            "pixel_size_um": self.pixel_size,
+            "notes": self.notes,
+            "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
         }
 
@@ -259,8 +268,9 @@ def _add_notes(result: TranslationResult, data: Any) -> None:
 
     notes: list[str] = []
     for label, card in zip(result.checkpoints, result.cards):
-        for note in translate_notes(card, label, planes=int(data.shape[0]),
-                                    dtype=data.dtype, pixel_size=result.pixel_size):
+        for note in translate_notes(
+            card, label, planes=int(data.shape[0]), dtype=data.dtype, pixel_size=result.pixel_size
+        ):
             if note not in notes:
                 notes.append(note)
     result.notes = join_demonstration_notes(notes)
@@ -277,8 +287,16 @@ def _reopen(result: TranslationResult, root: Path) -> None:
     result.confidence = again(result.confidence)
 
 
-def _translate(stack: StackPlanes, checkpoints: list, dev: str, root: CanvasStore | None, o: TileOptions, *,
-               progress: Any, cancel: Any) -> TranslationResult:
+def _translate(
+    stack: StackPlanes,
+    checkpoints: list,
+    dev: str,
+    root: CanvasStore | None,
+    o: TileOptions,
+    *,
+    progress: Any,
+    cancel: Any,
+) -> TranslationResult:
     """Run every checkpoint over the tiles of ``stack``; the channels (and confidence) of all of them."""
     from ..io.normalize import denormalize, normalize_minmax
 
@@ -301,17 +319,26 @@ def _translate(stack: StackPlanes, checkpoints: list, dev: str, root: CanvasStor
         used = used_planes(data, planes)  # numpy (Z', Y, X) when cheap, else the lazy stack
         in_memory = isinstance(used, np.ndarray)
         sample = sample_planes(used, list(range(len(planes)))) if in_memory else sample_planes(data, planes)
-        check_input(sample, data.dtype, card, lims, [plane_names[p] for p in planes],
-                     [plane_files[p] for p in planes], label, result.messages)
+        check_input(
+            sample,
+            data.dtype,
+            card,
+            lims,
+            [plane_names[p] for p in planes],
+            [plane_files[p] for p in planes],
+            label,
+            result.messages,
+        )
         if lims is None:
             lims = (sample.min(axis=(1, 2)).astype(np.float64), sample.max(axis=(1, 2)).astype(np.float64))
-            result.messages.append(f"checkpoint {label} has no input normalisation; each plane was scaled by its "
-                                   "own min/max")
+            result.messages.append(
+                f"checkpoint {label} has no input normalisation; each plane was scaled by its own min/max"
+            )
         run = BlendRun(Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
         report(progress, done, total, f"{label}: reading planes")
         for y, band in tile_bands(used, planes, ys, th, cancel):
             for x in xs:  # normalised per tile: a float32 band would be 2x the band's size, several times over
-                run.batch.append(pad_to(normalize_minmax(band[:, :, x:x + tw], lims[0], lims[1]), th, tw))
+                run.batch.append(pad_to(normalize_minmax(band[:, :, x : x + tw], lims[0], lims[1]), th, tw))
                 run.where.append((y, x))
                 if len(run.batch) == batch_size:
                     done += run.flush()
@@ -325,23 +352,33 @@ def _translate(stack: StackPlanes, checkpoints: list, dev: str, root: CanvasStor
         n_img = canvas.shape[2] - (1 if forward.has_mask else 0)
         names = [str(c) for c in (card.get("channels") or [])] or [f"{Path(label).stem}-{i}" for i in range(n_img)]
         if len(names) != n_img:
-            raise CheckpointError(label, f"the card names {len(names)} channels {names} but the model outputs "
-                                  f"{n_img}.", "Fix 'channels' in the model card.")
+            raise CheckpointError(
+                label,
+                f"the card names {len(names)} channels {names} but the model outputs {n_img}.",
+                "Fix 'channels' in the model card.",
+            )
         roles = list(card.get("channel_roles") or [None] * n_img)
         tlims = limits(card, "target_min", "target_max", n_img, label)
         tdtype = np.dtype((card.get("normalization") or {}).get("target_dtype") or ("uint16" if tlims else "float32"))
         for c, cname in enumerate(names):
             key = cname if cname not in result.channels else f"{cname} ({Path(label).stem})"
             lo, hi = (tlims[0][c], tlims[1][c]) if tlims is not None else (0.0, 1.0)
-            result.channels[key] = blockwise(canvas, c, partial(denormalize, mins=lo, maxs=hi, dtype=tdtype),
-                                              tdtype, root, f"canvas{k}", f"channel{c}")
+            result.channels[key] = blockwise(
+                canvas,
+                c,
+                partial(denormalize, mins=lo, maxs=hi, dtype=tdtype),
+                tdtype,
+                root,
+                f"canvas{k}",
+                f"channel{c}",
+            )
             result.roles[key] = channel_role(cname, roles[c] if c < len(roles) else None)
         if forward.has_mask and result.confidence is None:
-            result.confidence = blockwise(canvas, n_img, lambda v: v.clip(0, 1), np.float32, root,
-                                           f"canvas{k}", "confidence")
+            result.confidence = blockwise(
+                canvas, n_img, lambda v: v.clip(0, 1), np.float32, root, f"canvas{k}", "confidence"
+            )
         del model, run, forward
     return result
-
 
 
 def _label(result: TranslationResult, cancel: Any) -> None:
@@ -364,8 +401,9 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def write_translation(result: TranslationResult, out_dir: PathLike, *, progress: Callable[..., Any] | None = None,
-                      cancel: Any = None) -> dict[str, Path]:
+def write_translation(
+    result: TranslationResult, out_dir: PathLike, *, progress: Callable[..., Any] | None = None, cancel: Any = None
+) -> dict[str, Path]:
     """Write the result into ``out_dir``, all files or none.
 
     Files: ``<channel>.ome.tif`` per channel (its dtype, e.g. uint16), ``nuclei-mask.ome.tif``
@@ -381,14 +419,32 @@ def write_translation(result: TranslationResult, out_dir: PathLike, *, progress:
     meta = {"kind": "translate", "input": result.source, "checkpoints": result.checkpoints, "notes": result.notes}
     jobs: list[tuple[str, str, Any, dict]] = []
     for cname, arr in result.channels.items():
-        jobs.append((f"channel:{cname}", f"{_safe(cname)}.ome.tif", arr,
-                     {"channel_names": [cname], "metadata": {**meta, "channel": cname, "role": result.roles[cname]}}))
+        jobs.append(
+            (
+                f"channel:{cname}",
+                f"{_safe(cname)}.ome.tif",
+                arr,
+                {"channel_names": [cname], "metadata": {**meta, "channel": cname, "role": result.roles[cname]}},
+            )
+        )
     if result.nuclei_labels is not None:
-        jobs.append(("nuclei_mask", "nuclei-mask.ome.tif", result.nuclei_labels,
-                     {"is_labels": True, "metadata": {**meta, "threshold": result.threshold}}))
+        jobs.append(
+            (
+                "nuclei_mask",
+                "nuclei-mask.ome.tif",
+                result.nuclei_labels,
+                {"is_labels": True, "metadata": {**meta, "threshold": result.threshold}},
+            )
+        )
     if result.confidence is not None:
-        jobs.append(("nuclei_confidence", "nuclei-confidence.ome.tif", result.confidence,
-                     {"channel_names": ["nuclei confidence"], "metadata": meta}))
+        jobs.append(
+            (
+                "nuclei_confidence",
+                "nuclei-confidence.ome.tif",
+                result.confidence,
+                {"channel_names": ["nuclei confidence"], "metadata": meta},
+            )
+        )
     steps = len(jobs) + 1
     with scratch_dir("translate", dir=out) as tmp_dir:
         tmp = Path(tmp_dir)

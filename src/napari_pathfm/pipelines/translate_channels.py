@@ -12,7 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["SPARE_COLORMAPS", "card_targets", "channel_colormaps", "default_checkpoints", "duplicate_targets", "is_lupi"]
+__all__ = [
+    "SPARE_COLORMAPS",
+    "card_targets",
+    "channel_colormaps",
+    "default_checkpoints",
+    "duplicate_targets",
+    "is_lupi",
+]
 
 #: Colormaps handed to channels without a colour of their own, or whose colour is already taken.
 SPARE_COLORMAPS = ("cyan", "yellow", "magenta", "red", "green", "blue", "bop orange", "bop purple")
@@ -95,6 +102,7 @@ def default_checkpoints(found: Sequence[tuple[Path, dict]], first: Sequence[str]
     its targets, so the rows never start with a duplicate. With only the bundled ISL models
     this gives DAPI (LUPI), MAP2 and NFH; with HASTE nuclei/lipids/cytoplasm models, those.
     """
+
     def targets(item: tuple[Path, dict]) -> set[str]:
         return {r.lower() for _n, r in card_targets(item[1], item[0])}
 

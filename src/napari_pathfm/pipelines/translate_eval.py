@@ -33,8 +33,19 @@ from ..errors import InputError, PathFMError, SlideError, UsageError, ZStackErro
 __all__ = ["COLUMNS", "compare_images", "evaluate_translation", "format_table", "parse_span", "write_table"]
 
 #: Columns of the table, in order (``source`` first).
-COLUMNS = ("source", "channel", "mae_over_median", "psnr", "ssim", "nuclei_real", "nuclei_pred", "count_rel",
-           "area_rel", "intensity_rel", "texture_rel")
+COLUMNS = (
+    "source",
+    "channel",
+    "mae_over_median",
+    "psnr",
+    "ssim",
+    "nuclei_real",
+    "nuclei_pred",
+    "count_rel",
+    "area_rel",
+    "intensity_rel",
+    "texture_rel",
+)
 _CHECKPOINT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -101,14 +112,18 @@ def compare_images(pred: Any, real: Any) -> dict:
     grey = tuple(np.percentile(inside, [1, 99])) if inside.size else (float(t.min()), float(t.max()))
     m_real = measure_nuclei(real_labels, t, value_range=grey)
     m_pred = measure_nuclei(pred_labels, p, value_range=grey)
-    out.update({
-        "nuclei_real": m_real["count"], "nuclei_pred": m_pred["count"],
-        "count_rel": _rel(m_pred["count"], m_real["count"]),
-        "area_rel": _rel(m_pred["mean_area"], m_real["mean_area"]),
-        "intensity_rel": _rel(m_pred["mean_intensity"], m_real["mean_intensity"]),
-        "texture_rel": _rel(m_pred["texture_contrast"], m_real["texture_contrast"]),
-        "real": m_real, "pred": m_pred,
-    })
+    out.update(
+        {
+            "nuclei_real": m_real["count"],
+            "nuclei_pred": m_pred["count"],
+            "count_rel": _rel(m_pred["count"], m_real["count"]),
+            "area_rel": _rel(m_pred["mean_area"], m_real["mean_area"]),
+            "intensity_rel": _rel(m_pred["mean_intensity"], m_real["mean_intensity"]),
+            "texture_rel": _rel(m_pred["texture_contrast"], m_real["texture_contrast"]),
+            "real": m_real,
+            "pred": m_pred,
+        }
+    )
     return out
 
 
@@ -123,8 +138,10 @@ def _label(path: Path) -> str:
 
 
 _TIFF_LIKE = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".scn", ".bif")
-_IMAGE_FIX = ("Give a translation checkpoint (.safetensors with its .json card) or one predicted channel as "
-              "OME-TIFF/TIFF/PNG (pathfm translate writes them).")
+_IMAGE_FIX = (
+    "Give a translation checkpoint (.safetensors with its .json card) or one predicted channel as "
+    "OME-TIFF/TIFF/PNG (pathfm translate writes them)."
+)
 
 
 def _decode_image(path: Path) -> np.ndarray:
@@ -146,8 +163,11 @@ def _decode_image(path: Path) -> np.ndarray:
 def _check_one_channel(path: Path, shape: tuple) -> None:
     if sum(int(n) > 1 for n in shape) != 2:
         colour = " (a colour image, e.g. a slide or a photo)" if len(shape) >= 3 and shape[-1] in (3, 4) else ""
-        raise SlideError(path, f"holds an image of shape {tuple(shape)}{colour}, not one 2-D channel (one stain).",
-                         "Save each channel as its own grayscale file (pathfm translate does for predictions).")
+        raise SlideError(
+            path,
+            f"holds an image of shape {tuple(shape)}{colour}, not one 2-D channel (one stain).",
+            "Save each channel as its own grayscale file (pathfm translate does for predictions).",
+        )
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -160,8 +180,11 @@ def _read_image(path: Path) -> np.ndarray:
 
     path = Path(path)
     if path.is_dir():
-        raise InputError(path, "is a folder, not a predicted image or a checkpoint.",
-                         "Give the z-stack with --stack; sources are checkpoints or predicted images.")
+        raise InputError(
+            path,
+            "is a folder, not a predicted image or a checkpoint.",
+            "Give the z-stack with --stack; sources are checkpoints or predicted images.",
+        )
     if not path.is_file():
         raise InputError(path, "file not found.", _IMAGE_FIX)
     refuse_pickle(path)
@@ -170,12 +193,16 @@ def _read_image(path: Path) -> np.ndarray:
     except PathFMError:
         raise
     except Exception as exc:  # Pillow / tifffile raise many types for files that are not images
-        raise SlideError(path, f"is neither a checkpoint nor a readable image ({type(exc).__name__}: {exc}).",
-                         _IMAGE_FIX) from exc
+        raise SlideError(
+            path, f"is neither a checkpoint nor a readable image ({type(exc).__name__}: {exc}).", _IMAGE_FIX
+        ) from exc
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise SlideError(path, f"holds {bad} NaN/Inf values of {arr.size}; no metric is defined on them.",
-                         "Re-export the prediction (pathfm translate never writes NaN).")
+        raise SlideError(
+            path,
+            f"holds {bad} NaN/Inf values of {arr.size}; no metric is defined on them.",
+            "Re-export the prediction (pathfm translate never writes NaN).",
+        )
     return arr
 
 
@@ -208,8 +235,9 @@ def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int]
         _check_not_flat(Path(str(target)), real)
         return Path(str(target)).name, real
     if zs is None:
-        raise UsageError("evaluate-translation needs the real channel.",
-                         "Give --target FILE, or --stack with its targets.")
+        raise UsageError(
+            "evaluate-translation needs the real channel.", "Give --target FILE, or --stack with its targets."
+        )
     names = list(zs.targets)
     wanted = target or channel
     if wanted is None or wanted not in zs.targets:
@@ -217,8 +245,11 @@ def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int]
 
         nuclei = [n for n in names if channel_role(n) == "nuclei"]
         if wanted is not None and not nuclei:
-            raise ZStackError(zs.path, f"has no target channel {wanted!r} (targets: {names}).",
-                              "Pass --target with one of them or with an image file of the real stain.")
+            raise ZStackError(
+                zs.path,
+                f"has no target channel {wanted!r} (targets: {names}).",
+                "Pass --target with one of them or with an image file of the real stain.",
+            )
         if not nuclei:
             raise ZStackError(zs.path, f"has no nuclei target among {names}.", "Pass --target NAME or FILE.")
         wanted = nuclei[0]
@@ -230,8 +261,12 @@ def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int]
 def _check_not_flat(path: Any, real: np.ndarray) -> None:
     """The real stain must vary: against a flat image MAE/median, SSIM and every nuclei measure are undefined."""
     if real.size and float(real.min()) == float(real.max()):
-        raise SlideError(path, f"the real channel is one flat value ({real.flat[0]}) in the rows compared, so no "
-                         "metric is defined against it.", "Check --target (and --rows): it should be the real stain.")
+        raise SlideError(
+            path,
+            f"the real channel is one flat value ({real.flat[0]}) in the rows compared, so no "
+            "metric is defined against it.",
+            "Check --target (and --rows): it should be the real stain.",
+        )
 
 
 def evaluate_translation(
@@ -284,15 +319,30 @@ def evaluate_translation(
             if zs is None:
                 raise InputError(source, "is a checkpoint: it needs the z-stack to translate.", "Pass it with --stack.")
             data = _rows(zs.data, rows, None)
-            sub = type(zs)(path=zs.path, data=data, plane_names=zs.plane_names, plane_files=zs.plane_files,
-                           channel_name=zs.channel_name, metadata=zs.metadata)
+            sub = type(zs)(
+                path=zs.path,
+                data=data,
+                plane_names=zs.plane_names,
+                plane_files=zs.plane_files,
+                channel_name=zs.channel_name,
+                metadata=zs.metadata,
+            )
 
             def step(done: int, total: int, message: str = "", i: int = i) -> None:
                 if progress is not None:
                     progress(i * 1000 + done * 1000 // max(total, 1), len(sources) * 1000, message)
 
-            res = translate_stack(sub, source, tile=tile, stride=stride, batch_size=batch_size, device=device,
-                                  nuclei_mask=False, progress=step, cancel=cancel)
+            res = translate_stack(
+                sub,
+                source,
+                tile=tile,
+                stride=stride,
+                batch_size=batch_size,
+                device=device,
+                nuclei_mask=False,
+                progress=step,
+                cancel=cancel,
+            )
             card = res.cards[0]
             cname, pred = _pick_channel(res, card, channel, res.checkpoints[0])
             label = str(card.get("name")) if is_pair else _label(Path(source))
@@ -304,8 +354,11 @@ def evaluate_translation(
             real_name, real = _real_image(target, zs, channel, rows)
         pred = np.asarray(pred)
         if pred.shape != real.shape:
-            raise InputError(source if not is_pair else label, f"prediction is {pred.shape} but the real {real_name} "
-                             f"is {real.shape}.", "Give images of the same field (and the same --rows).")
+            raise InputError(
+                source if not is_pair else label,
+                f"prediction is {pred.shape} but the real {real_name} is {real.shape}.",
+                "Give images of the same field (and the same --rows).",
+            )
         metrics = compare_images(pred, real)
         out.append({"source": label, "channel": f"{cname or '?'} vs {real_name}", **metrics})
     return out
@@ -326,8 +379,10 @@ def format_table(rows: Sequence[dict]) -> str:
     """
     cells = [list(COLUMNS)] + [[_fmt(r.get(c, ""), c.endswith("_rel")) for c in COLUMNS] for r in rows]
     widths = [max(len(row[j]) for row in cells) for j in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(cell.ljust(w) if j < 2 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
     return "\n".join(lines)
 
 
@@ -361,6 +416,9 @@ def _blank_undefined(rows: Sequence[dict], path: Path) -> list[dict]:
                 found.append(f"{r.get('source', i)}.{c}")
         out.append(row)
     if found:
-        warnings.warn(f"{path}: {len(found)} undefined metric(s) left empty: {', '.join(found[:8])}",
-                      UndefinedMetricWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: {len(found)} undefined metric(s) left empty: {', '.join(found[:8])}",
+            UndefinedMetricWarning,
+            stacklevel=3,
+        )
     return out

@@ -29,13 +29,19 @@ def plane_indices(card: dict, n_planes: int, stack_name: str, label: str) -> lis
     if picked:
         picked = [int(p) for p in picked]
         if max(picked) >= n_planes:
-            raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} uses planes {picked}.",
-                              "Open the full z-stack the checkpoint was trained on.")
+            raise ZStackError(
+                stack_name,
+                f"has {n_planes} planes but checkpoint {label} uses planes {picked}.",
+                "Open the full z-stack the checkpoint was trained on.",
+            )
         return picked
     if n_planes != wanted:
-        raise ZStackError(stack_name, f"has {n_planes} planes but checkpoint {label} takes {wanted}.",
-                          f"Open a stack with {wanted} planes (HASTE: Z01..Z07), or use a checkpoint trained on "
-                          f"{n_planes}-plane stacks.")
+        raise ZStackError(
+            stack_name,
+            f"has {n_planes} planes but checkpoint {label} takes {wanted}.",
+            f"Open a stack with {wanted} planes (HASTE: Z01..Z07), or use a checkpoint trained on "
+            f"{n_planes}-plane stacks.",
+        )
     return list(range(n_planes))
 
 
@@ -47,8 +53,11 @@ def limits(card: dict, key_lo: str, key_hi: str, n: int, label: str) -> tuple[np
     if lo.size == 1 and n > 1:
         lo, hi = np.repeat(lo, n), np.repeat(hi, n)
     if lo.size != n or hi.size != n:
-        raise CheckpointError(label, f"normalization.{key_lo}/{key_hi} have {lo.size}/{hi.size} values for "
-                              f"{n} planes or channels.", "Re-export the checkpoint with the training statistics.")
+        raise CheckpointError(
+            label,
+            f"normalization.{key_lo}/{key_hi} have {lo.size}/{hi.size} values for {n} planes or channels.",
+            "Re-export the checkpoint with the training statistics.",
+        )
     return lo, hi
 
 
@@ -64,30 +73,49 @@ def sample_planes(data: Any, planes: list[int]) -> np.ndarray:
         return np.stack([np.asarray(data[p, ::step, ::step]) for p in planes])
     starts = np.linspace(0, H - 32, 8).astype(int)
     sel = selector(data, planes)
-    return np.concatenate([np.asarray(data[sel, y:y + 32, ::step]) for y in starts], axis=1)
+    return np.concatenate([np.asarray(data[sel, y : y + 32, ::step]) for y in starts], axis=1)
 
 
-def check_input(sample: np.ndarray, dtype: np.dtype, card: dict, lims: Any, names: Sequence[str],
-                 files: Sequence[Any], label: str, messages: list[str]) -> None:
+def check_input(
+    sample: np.ndarray,
+    dtype: np.dtype,
+    card: dict,
+    lims: Any,
+    names: Sequence[str],
+    files: Sequence[Any],
+    label: str,
+    messages: list[str],
+) -> None:
     """Constant/NaN planes and 8-bit vs 16-bit surprises, naming the plane file and the checkpoint."""
     for i, plane in enumerate(sample):
         if plane.dtype.kind == "f" and not np.isfinite(plane).all():
-            raise ZStackError(files[i], f"plane {names[i]} holds NaN or infinite values.",
-                              "Replace them (e.g. by the background value) before translating.")
+            raise ZStackError(
+                files[i],
+                f"plane {names[i]} holds NaN or infinite values.",
+                "Replace them (e.g. by the background value) before translating.",
+            )
         if plane.min() == plane.max():
-            raise ZStackError(files[i], f"plane {names[i]} is constant (every pixel {plane.min()}).",
-                              "An empty or failed acquisition; re-acquire the plane or open another stack.")
+            raise ZStackError(
+                files[i],
+                f"plane {names[i]} is constant (every pixel {plane.min()}).",
+                "An empty or failed acquisition; re-acquire the plane or open another stack.",
+            )
     card_dtype = card.get("input_dtype")  # another dtype than the card's: a note (pipelines.notes.translate_notes)
     if lims is not None and np.dtype(dtype) == np.uint8 and float(lims[1].max()) > 255:
-        raise ZStackError(files[0], f"is 8-bit (uint8) but checkpoint {label} was trained on "
-                          f"{card_dtype or '16-bit'} planes with values up to {float(lims[1].max()):g}: every "
-                          "pixel would look dark to it.",
-                          "Open the 16-bit export of the planes (8-bit exports lose the intensity scale).")
+        raise ZStackError(
+            files[0],
+            f"is 8-bit (uint8) but checkpoint {label} was trained on "
+            f"{card_dtype or '16-bit'} planes with values up to {float(lims[1].max()):g}: every "
+            "pixel would look dark to it.",
+            "Open the 16-bit export of the planes (8-bit exports lose the intensity scale).",
+        )
     if lims is not None:
         above = [names[i] for i, p in enumerate(sample) if np.mean(p > lims[1][i]) > 0.5]
         if above:
-            messages.append(f"most pixels of planes {above} are brighter than checkpoint {label}'s training maximum "
-                            "(saturated after normalisation): different exposure or bit depth?")
+            messages.append(
+                f"most pixels of planes {above} are brighter than checkpoint {label}'s training maximum "
+                "(saturated after normalisation): different exposure or bit depth?"
+            )
 
 
 class StackPlanes(NamedTuple):
@@ -104,15 +132,23 @@ def stack_array(stack: Any) -> StackPlanes:
     """The :class:`StackPlanes` of a ZStack, a path to one, or an array ``(Z, Y, X)``."""
     if hasattr(stack, "plane_names"):
         meta = getattr(stack, "metadata", {}) or {}
-        return StackPlanes(stack.data, str(stack.path), list(stack.plane_names), list(stack.plane_files) or [stack.path]
-                           * stack.n_planes, meta.get("PhysicalSizeX"))
+        return StackPlanes(
+            stack.data,
+            str(stack.path),
+            list(stack.plane_names),
+            list(stack.plane_files) or [stack.path] * stack.n_planes,
+            meta.get("PhysicalSizeX"),
+        )
     if isinstance(stack, (str, Path)):
         from ..io.zstack import open_zstack
 
         return stack_array(open_zstack(stack))
     data = stack if hasattr(stack, "shape") and hasattr(stack, "dtype") else np.asarray(stack)
     if data.ndim != 3:
-        raise ZStackError("<array>", f"has shape {tuple(data.shape)}, not (Z, Y, X) planes.",
-                          "Pass a z-stack (open_zstack) or a 3-D array of planes.")
+        raise ZStackError(
+            "<array>",
+            f"has shape {tuple(data.shape)}, not (Z, Y, X) planes.",
+            "Pass a z-stack (open_zstack) or a 3-D array of planes.",
+        )
     names = [f"z{i}" for i in range(data.shape[0])]
     return StackPlanes(data, "<array>", names, ["<array>"] * data.shape[0], None)

@@ -102,7 +102,7 @@ def tile_bands(data: Any, planes: list[int], ys: list[int], th: int, cancel: Any
     sel = slice(None) if isinstance(data, np.ndarray) else selector(data, planes)
     for y in ys:
         check_cancel(cancel, "translation")
-        yield y, np.asarray(data[sel, y:y + th])
+        yield y, np.asarray(data[sel, y : y + th])
 
 
 def used_planes(data: Any, planes: list[int]) -> Any:
@@ -139,8 +139,10 @@ class Forward:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.amp,
-                                                    enabled=self.amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None),
+        ):
             out = self.model(x)
         if isinstance(out, tuple) and hasattr(out, "mask_logits"):
             self.has_mask = True
@@ -167,8 +169,7 @@ class BlendRun:
         out = self.forward(np.stack(self.batch))
         (H, W), (th, tw) = self.shape, self.tile
         if self.blender is None:
-            self.blender = TileBlender((H, W, out.shape[1]), weights="pyramidal", chunks=(1024, 1024),
-                                       store=self.group)
+            self.blender = TileBlender((H, W, out.shape[1]), weights="pyramidal", chunks=(1024, 1024), store=self.group)
         for (y, x), values in zip(self.where, out):
             self.blender.add(y, x, values.transpose(1, 2, 0)[: min(th, H - y), : min(tw, W - x)])
         n = len(self.batch)
@@ -216,12 +217,13 @@ class CanvasStore:
             self._tmpdir.cleanup()
 
 
-def blockwise(canvas: Any, c: int, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, root: Any,
-               key: str, name: str) -> Any:
+def blockwise(
+    canvas: Any, c: int, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, root: Any, key: str, name: str
+) -> Any:
     """``fn`` of channel ``c`` of a blended canvas, into memory or a zarr array beside it."""
     if root is None:
         return fn(np.asarray(canvas[..., c]))
     out = root.group(key).create_array(name, shape=canvas.shape[:2], chunks=(1024, 1024), dtype=dtype, overwrite=True)
     for y in range(0, canvas.shape[0], 256):  # 256 rows at a time: fn works in float64
-        out[y:y + 256] = fn(np.asarray(canvas[y:y + 256, :, c]))
+        out[y : y + 256] = fn(np.asarray(canvas[y : y + 256, :, c]))
     return out

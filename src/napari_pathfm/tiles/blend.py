@@ -71,9 +71,7 @@ def gaussian_weights(h: int, w: int, sigma_scale: float = 1 / 8) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _gaussian(
-    h: int, w: int, sigma_scale: float, flat: tuple[bool, bool, bool, bool] = _NO_FLAT
-) -> np.ndarray:
+def _gaussian(h: int, w: int, sigma_scale: float, flat: tuple[bool, bool, bool, bool] = _NO_FLAT) -> np.ndarray:
     if h < 1 or w < 1:
         raise ValueError(f"tile shape must be positive, got {(h, w)}")
     if sigma_scale <= 0:
@@ -245,9 +243,7 @@ class TileBlender:
         if self.group is None:
             return np.empty(shape, dtype)
         chunks = self.chunks + shape[2:]
-        return self.group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True
-        )
+        return self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True)
 
     def result(self, out: Any = None) -> Any:
         """Blended canvas: ``sum(w * value) / sum(w)``, ``fill_value`` where nothing landed.

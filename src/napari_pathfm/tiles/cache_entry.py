@@ -99,8 +99,16 @@ class CacheEntry:
     entry cannot be written; :attr:`damaged`, :attr:`rebuilt` and :attr:`unrepaired` say what happened.
     """
 
-    def __init__(self, cache: EntryOwner, path: Path, key: dict, grid_shape: tuple[int, int], *,
-                 n_tiles: int = 0, repair: bool = True):
+    def __init__(
+        self,
+        cache: EntryOwner,
+        path: Path,
+        key: dict,
+        grid_shape: tuple[int, int],
+        *,
+        n_tiles: int = 0,
+        repair: bool = True,
+    ):
         self.cache, self.path, self.key, self.grid_shape = cache, path, key, tuple(grid_shape)
         self.n_tiles, self.repair = int(n_tiles), bool(repair)
         self._group = self._data = self._tab = None
@@ -156,7 +164,12 @@ class CacheEntry:
             raise ValueError(f"data {data.shape} and row table {tab.shape} do not fit the layout")
         index = _read_whole(group, INDEX, self.grid_shape)  # None when damaged; read before the table (see append)
         table, bad_table = _read_table(tab)
-        self._group, self._data, self._tab, self._table = group, data.with_config({"write_empty_chunks": True}), tab, table
+        self._group, self._data, self._tab, self._table = (
+            group,
+            data.with_config({"write_empty_chunks": True}),
+            tab,
+            table,
+        )
         self._reconcile(index, bad_table)
 
     def _reconcile(self, index: np.ndarray | None, bad_table: np.ndarray) -> None:
@@ -463,15 +476,36 @@ class CacheEntry:
         layout, offset = [], 0
         for name in sorted(arrays):
             a = arrays[name]
-            layout.append({"name": name, "dtype": dtypes[name], "storage": a.dtype.str, "shape": list(a.shape[1:]),
-                           "offset": offset, "nbytes": int(a[0].nbytes) if len(a) else 0})
+            layout.append(
+                {
+                    "name": name,
+                    "dtype": dtypes[name],
+                    "storage": a.dtype.str,
+                    "shape": list(a.shape[1:]),
+                    "offset": offset,
+                    "nbytes": int(a[0].nbytes) if len(a) else 0,
+                }
+            )
             offset += layout[-1]["nbytes"]
         capacity = max(1, self.grid_shape[0] * self.grid_shape[1])  # unwritten chunks take no space
         per_chunk = int(min(256, max(1, CHUNK_BYTES // max(1, offset))))
-        data = group.create_array(DATA, shape=(capacity, offset), chunks=(per_chunk, offset), dtype="uint8",
-                                  compressors=[Crc32cCodec()], overwrite=True)
-        tab = group.create_array(TABLE, shape=(capacity, 3), chunks=(TABLE_CHUNK, 3), dtype="int64", fill_value=-1,
-                                 compressors=[Crc32cCodec()], overwrite=True)
+        data = group.create_array(
+            DATA,
+            shape=(capacity, offset),
+            chunks=(per_chunk, offset),
+            dtype="uint8",
+            compressors=[Crc32cCodec()],
+            overwrite=True,
+        )
+        tab = group.create_array(
+            TABLE,
+            shape=(capacity, 3),
+            chunks=(TABLE_CHUNK, 3),
+            dtype="int64",
+            fill_value=-1,
+            compressors=[Crc32cCodec()],
+            overwrite=True,
+        )
         _create_index(group, *self.grid_shape)
         group.attrs.update({"key": self.key, "layout": layout})
         self._group, self._data, self._tab = group, data.with_config({"write_empty_chunks": True}), tab
@@ -548,8 +582,15 @@ def _reason(exc: BaseException) -> str:
 def _create_index(group: Any, rows: int, cols: int) -> Any:
     from zarr.codecs import Crc32cCodec
 
-    return group.create_array(INDEX, shape=(rows, cols), chunks=(min(rows, 1024), min(cols, 1024)), dtype="int32",
-                              fill_value=-1, compressors=[Crc32cCodec()], overwrite=True)
+    return group.create_array(
+        INDEX,
+        shape=(rows, cols),
+        chunks=(min(rows, 1024), min(cols, 1024)),
+        dtype="int32",
+        fill_value=-1,
+        compressors=[Crc32cCodec()],
+        overwrite=True,
+    )
 
 
 def _read_whole(group: Any, name: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -611,9 +652,12 @@ def _pack(arrays: dict[str, np.ndarray], layout: list, b: int) -> np.ndarray:
     for item in layout:
         a = arrays[item["name"]]
         if list(a.shape[1:]) != item["shape"] or a.dtype.str != item["storage"]:
-            raise ValueError(f"output {item['name']!r} is {a.dtype} {a.shape[1:]}, stored {item['storage']} "
-                             f"{tuple(item['shape'])}")
-        rows[:, item["offset"] : item["offset"] + item["nbytes"]] = np.ascontiguousarray(a).reshape(b, -1).view(np.uint8)
+            raise ValueError(
+                f"output {item['name']!r} is {a.dtype} {a.shape[1:]}, stored {item['storage']} {tuple(item['shape'])}"
+            )
+        rows[:, item["offset"] : item["offset"] + item["nbytes"]] = (
+            np.ascontiguousarray(a).reshape(b, -1).view(np.uint8)
+        )
     return rows
 
 

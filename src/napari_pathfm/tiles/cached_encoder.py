@@ -63,8 +63,9 @@ class CachedEncoder:
         Autocast dtype the encoder runs in (None = float32), part of the key.
     """
 
-    def __init__(self, model: Any, slide: Any, grid: Any, *, cache: Any = None, preprocess: dict,
-                 precision: str | None = None):
+    def __init__(
+        self, model: Any, slide: Any, grid: Any, *, cache: Any = None, preprocess: dict, precision: str | None = None
+    ):
         self.model, self.grid = model, grid
         self.entry = None
         self.rows: np.ndarray | None = None
@@ -133,9 +134,12 @@ class CachedEncoder:
             dtypes = self.entry.dtypes
             return {k: as_tensor(v, dtypes[k], device) for k, v in cached.items()}
         if x is None:
-            raise ResourceError(self.entry.path, f"the cached tiles of {self.slide_name} changed during the run "
-                                "(damaged on disk or by another process).",
-                                "Run the command again: damaged tiles are recomputed.")
+            raise ResourceError(
+                self.entry.path,
+                f"the cached tiles of {self.slide_name} changed during the run "
+                "(damaged on disk or by another process).",
+                "Run the command again: damaged tiles are recomputed.",
+            )
         fresh = self._encode(indices, x, hit)
         self.computed += int((~hit).sum())
         if not hit.any():
@@ -224,8 +228,9 @@ class CachedEncoder:
             except OSError as exc:
                 log.warning("embedding cache %s: %s", self.entry.path, exc)
             if self.computed or self.reused:
-                log.info("embedding cache: %d tiles encoded, %d read from %s", self.computed, self.reused,
-                         self.entry.path)
+                log.info(
+                    "embedding cache: %d tiles encoded, %d read from %s", self.computed, self.reused, self.entry.path
+                )
 
     def __enter__(self) -> CachedEncoder:
         return self

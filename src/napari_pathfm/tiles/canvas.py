@@ -60,8 +60,16 @@ class BandedCanvas:
     to ``store``) as soon as the incoming tiles (row-major, non-decreasing y) can no longer reach it.
     """
 
-    def __init__(self, grid: Any, n_classes: int, store: Any, device: Any = None, *, weights: str = "pyramidal",
-                 on_rows: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        grid: Any,
+        n_classes: int,
+        store: Any,
+        device: Any = None,
+        *,
+        weights: str = "pyramidal",
+        on_rows: Callable[[int], None] | None = None,
+    ):
         from .blend import TileBlender
 
         self.k, self.store, self.on_rows = int(n_classes), store, on_rows

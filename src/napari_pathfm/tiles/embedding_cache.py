@@ -113,8 +113,12 @@ def weights_sha256(modules: Iterable[Any]) -> str:
 def grid_key(grid: Any) -> dict:
     """The geometry part of a cache key: where and how big every tile of ``grid`` is."""
     return {
-        "level": int(grid.level), "level_downsample": float(grid.level_downsample), "read_size": int(grid.read_size),
-        "tile_size": int(grid.tile_size), "overlap": int(grid.overlap), "grid_shape": [int(v) for v in grid.grid_shape],
+        "level": int(grid.level),
+        "level_downsample": float(grid.level_downsample),
+        "read_size": int(grid.read_size),
+        "tile_size": int(grid.tile_size),
+        "overlap": int(grid.overlap),
+        "grid_shape": [int(v) for v in grid.grid_shape],
         "target_mpp": None if grid.target_mpp is None else float(grid.target_mpp),
         "mpp": None if grid.mpp is None else round(float(grid.mpp), 9),
     }
@@ -182,10 +186,20 @@ class EntryInfo:
         return text
 
     def as_dict(self) -> dict:
-        return {"path": str(self.path), "slide": self.slide, "encoder": self.encoder, "tiles": self.tiles,
-                "bytes": self.bytes, "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_used)),
-                "stale": self.stale, "declined": self.declined, "health": self.health, "damaged": self.damaged,
-                "wanted": self.wanted, "problem": self.problem}
+        return {
+            "path": str(self.path),
+            "slide": self.slide,
+            "encoder": self.encoder,
+            "tiles": self.tiles,
+            "bytes": self.bytes,
+            "last_used": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.last_used)),
+            "stale": self.stale,
+            "declined": self.declined,
+            "health": self.health,
+            "damaged": self.damaged,
+            "wanted": self.wanted,
+            "problem": self.problem,
+        }
 
 
 class EmbeddingCache:
@@ -217,8 +231,12 @@ class EmbeddingCache:
         sig = slide.signature()
         key = {
             "format": FORMAT,
-            "slide": {"path": sig.path, "size": sig.size, "mtime_ns": sig.mtime_ns,
-                      "level_shapes": [list(s) for s in sig.level_shapes]},
+            "slide": {
+                "path": sig.path,
+                "size": sig.size,
+                "mtime_ns": sig.mtime_ns,
+                "level_shapes": [list(s) for s in sig.level_shapes],
+            },
             "encoder": encoder,
             "tiles": grid_key(grid),
         }
@@ -297,8 +315,11 @@ def _read_attrs(path: Path, any_format: bool = False) -> dict | None:
 def _key_complete(key: dict) -> bool:
     """The key has what listing and checking an entry need (slide path, encoder, grid shape)."""
     try:
-        return (len([int(v) for v in key["tiles"]["grid_shape"]]) == 2 and isinstance(key["slide"]["path"], str)
-                and isinstance(key["encoder"], dict))
+        return (
+            len([int(v) for v in key["tiles"]["grid_shape"]]) == 2
+            and isinstance(key["slide"]["path"], str)
+            and isinstance(key["encoder"], dict)
+        )
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -312,16 +333,35 @@ def _quick_info(path: Path) -> EntryInfo:
         if old is not None:
             key = old["key"]
             slide = key.get("slide") if isinstance(key.get("slide"), dict) else {}
-            return EntryInfo(slide=str(slide.get("path", path.parent.name)), encoder=str(path.stem.rsplit("-", 1)[0]),
-                             tiles=0, stale=_is_stale(slide), health="old format",
-                             problem=f"{key.get('format')}, never used", **common)
-        return EntryInfo(slide=path.parent.name, encoder=str(path.stem.rsplit("-", 1)[0]), tiles=0, stale=False,
-                         health="unreadable", problem="its zarr.json cannot be read", **common)
+            return EntryInfo(
+                slide=str(slide.get("path", path.parent.name)),
+                encoder=str(path.stem.rsplit("-", 1)[0]),
+                tiles=0,
+                stale=_is_stale(slide),
+                health="old format",
+                problem=f"{key.get('format')}, never used",
+                **common,
+            )
+        return EntryInfo(
+            slide=path.parent.name,
+            encoder=str(path.stem.rsplit("-", 1)[0]),
+            tiles=0,
+            stale=False,
+            health="unreadable",
+            problem="its zarr.json cannot be read",
+            **common,
+        )
     key = attrs["key"]
     slide = key["slide"]
-    return EntryInfo(slide=slide["path"], encoder=str(key["encoder"].get("name")), tiles=_count_tiles(path),
-                     stale=_is_stale(slide), declined=attrs.get("declined"),
-                     health="declined" if attrs.get("declined") else "unverified", **common)
+    return EntryInfo(
+        slide=slide["path"],
+        encoder=str(key["encoder"].get("name")),
+        tiles=_count_tiles(path),
+        stale=_is_stale(slide),
+        declined=attrs.get("declined"),
+        health="declined" if attrs.get("declined") else "unverified",
+        **common,
+    )
 
 
 def _health(info: EntryInfo, entry: CacheEntry, *, full: bool, repair: bool) -> EntryInfo:
@@ -330,8 +370,11 @@ def _health(info: EntryInfo, entry: CacheEntry, *, full: bool, repair: bool) -> 
     info.damaged = int(entry.damaged.sum())
     if entry.rebuilt is not None:
         done = repair and entry.unusable is None
-        info.health, info.problem = ("repaired", f"removed (unreadable: {entry.rebuilt})") if done else (
-            "unreadable", entry.rebuilt + (f"; {entry.unusable}" if repair and entry.unusable else ""))
+        info.health, info.problem = (
+            ("repaired", f"removed (unreadable: {entry.rebuilt})")
+            if done
+            else ("unreadable", entry.rebuilt + (f"; {entry.unusable}" if repair and entry.unusable else ""))
+        )
         return info
     if info.damaged or entry.index_fixed:
         fixed = repair and entry.unrepaired is None

@@ -180,8 +180,16 @@ class TileGrid:
 
 
 _SCALARS = (
-    "level", "level_downsample", "read_size", "tile_size", "overlap", "scale",
-    "mpp", "target_mpp", "slide_path", "meta",
+    "level",
+    "level_downsample",
+    "read_size",
+    "tile_size",
+    "overlap",
+    "scale",
+    "mpp",
+    "target_mpp",
+    "slide_path",
+    "meta",
 )
 
 

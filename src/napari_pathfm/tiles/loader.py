@@ -261,8 +261,9 @@ class _TileCachedLevel(_LevelView):
         return self._reader(y, x, h, w)
 
 
-def level_in_memory(slide: Any, level: int, *, workers: int = 2, max_bytes: int = LEVEL_CACHE_BYTES,
-                    cancel: Any = None) -> Any:
+def level_in_memory(
+    slide: Any, level: int, *, workers: int = 2, max_bytes: int = LEVEL_CACHE_BYTES, cancel: Any = None
+) -> Any:
     """``slide`` with ``level`` decoded once, whole, into memory (in strips, by ``workers`` threads).
 
     For slides whose level is read more than once, e.g. a one-level slide where the tissue mask and

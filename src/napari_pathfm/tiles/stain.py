@@ -60,12 +60,14 @@ def stain_reference(images: Iterable[np.ndarray]) -> dict | None:
         return None
     means = np.asarray(means, float)
     std = np.maximum(means.std(axis=0), MIN_STD)
-    return {"mean": [round(float(v), 3) for v in means.mean(axis=0)],
-            "std": [round(float(v), 3) for v in std], "images": len(means)}
+    return {
+        "mean": [round(float(v), 3) for v in means.mean(axis=0)],
+        "std": [round(float(v), 3) for v in std],
+        "images": len(means),
+    }
 
 
-def stain_reference_from_paths(paths, *, step: int = STEP, max_images: int = 200,
-                               min_images: int = 10) -> dict | None:
+def stain_reference_from_paths(paths, *, step: int = STEP, max_images: int = 200, min_images: int = 10) -> dict | None:
     """:func:`stain_reference` of image files (each read at 1/``step``), as a training task records it.
 
     At most ``max_images`` files are read, spread evenly over the list (a tile data set has
@@ -108,11 +110,15 @@ def record_in_card(card_path: str | Path, images_folder: str | Path) -> dict:
         raise ValueError(f"no stained tissue found in the images of {images_folder}")
     lines = text.splitlines()
     indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 else 2
-    card["stain"] = {**ref, "source": "/".join(Path(images_folder).resolve().parts[-3:]),
-                     "how": "mean tissue RGB (0-1) per image at 1/8 size; std between images"}
+    card["stain"] = {
+        **ref,
+        "source": "/".join(Path(images_folder).resolve().parts[-3:]),
+        "how": "mean tissue RGB (0-1) per image at 1/8 size; std between images",
+    }
     with atomic_path(card_path) as tmp:
-        Path(tmp).write_text(json.dumps(card, indent=indent or None, ensure_ascii="\\u" in text) + "\n",
-                             encoding="utf-8")
+        Path(tmp).write_text(
+            json.dumps(card, indent=indent or None, ensure_ascii="\\u" in text) + "\n", encoding="utf-8"
+        )
     return card["stain"]
 
 

@@ -238,8 +238,11 @@ def tissue_stain(rgb: np.ndarray, mask: np.ndarray | None = None) -> dict | None
     pixels = rgb[keep] / 255.0
     if len(pixels) == 0:
         return None
-    return {"mean": [round(float(v), 3) for v in pixels.mean(axis=0)],
-            "std": [round(float(v), 3) for v in pixels.std(axis=0)], "pixels": len(pixels)}
+    return {
+        "mean": [round(float(v), 3) for v in pixels.mean(axis=0)],
+        "std": [round(float(v), 3) for v in pixels.std(axis=0)],
+        "pixels": len(pixels),
+    }
 
 
 def _otsu(values: np.ndarray, default: float) -> float:

@@ -76,7 +76,8 @@ def _fold_ids(recipe, k: int | None) -> tuple[list[int], str]:
         ids = sorted({it.fold for it in pool})
         if k is not None and k != len(ids):
             raise RecipeError(
-                recipe.get("data.csv"), f"has {len(ids)} folds in its fold column but {k} were asked for.",
+                recipe.get("data.csv"),
+                f"has {len(ids)} folds in its fold column but {k} were asked for.",
                 "Leave k out to use the CSV's folds, or remove the fold column to deal k folds.",
             )
         return ids, "csv fold column"
@@ -152,7 +153,8 @@ def run_cv(
     rec = load_recipe(recipe, overrides)
     if rec.get("family") != "mil":
         raise RecipeError(
-            rec.path or "<recipe>", f"is a {rec.get('family')!r} recipe; cross-validation runs mil recipes.",
+            rec.path or "<recipe>",
+            f"is a {rec.get('family')!r} recipe; cross-validation runs mil recipes.",
             "Use a recipe from training/s4mil/.",
         )
     out = Path(output or f"{rec.get('output') or Path('runs') / rec.name}_cv").resolve()
@@ -174,15 +176,27 @@ def run_cv(
 
         fold_overrides = [f"data.val_fold={fold}", f"data.n_folds={len(ids)}"]
         result = run_recipe(
-            rec, fold_overrides, output=fold_out, progress=fold_progress if progress else None, cancel=cancel,
-            device=device, resume=resume, on_event=fold_event if on_event else None,
+            rec,
+            fold_overrides,
+            output=fold_out,
+            progress=fold_progress if progress else None,
+            cancel=cancel,
+            device=device,
+            resume=resume,
+            on_event=fold_event if on_event else None,
         )
         best = result.best_metrics
         record = {
-            "fold": fold, "output": str(fold_out), "checkpoint": str(result.checkpoint),
-            "val_loss": best.get("val_loss"), "val_acc": best.get("val_acc"), "val_auroc": best.get("val_auroc"),
+            "fold": fold,
+            "output": str(fold_out),
+            "checkpoint": str(result.checkpoint),
+            "val_loss": best.get("val_loss"),
+            "val_acc": best.get("val_acc"),
+            "val_auroc": best.get("val_auroc"),
             **({"val_patch_auroc": best["val_patch_auroc"]} if "val_patch_auroc" in best else {}),
-            "epoch": best.get("epoch"), "epochs_run": result.epoch, "stopped_early": result.stopped_early,
+            "epoch": best.get("epoch"),
+            "epochs_run": result.epoch,
+            "stopped_early": result.stopped_early,
         }
         if result.cancelled:
             cancelled = True

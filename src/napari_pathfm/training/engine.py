@@ -243,8 +243,15 @@ def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches:
     )
 
 
-def _run(recipe: Recipe, out: Path, events: EngineCallback, resume: bool, device: str, quiet: bool,
-         extra_callbacks: Sequence[Any] = ()) -> TrainResult:
+def _run(
+    recipe: Recipe,
+    out: Path,
+    events: EngineCallback,
+    resume: bool,
+    device: str,
+    quiet: bool,
+    extra_callbacks: Sequence[Any] = (),
+) -> TrainResult:
     L.seed_everything(recipe.get("seed"), workers=True, verbose=False)
     task, data, card = _build(recipe)
     (out / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")

@@ -97,7 +97,8 @@ def finetune_recipe(
     names = _pairs(corrections)
     if not names:
         raise CorrectionError(
-            corrections, "holds no corrected tiles (images/*.png with masks/*.png).",
+            corrections,
+            "holds no corrected tiles (images/*.png with masks/*.png).",
             "Paint on the segmentation layer with 'Record corrections' on, then fine-tune.",
         )
     tile = int(card.get("tile_size") or (card.get("config") or {}).get("image_size") or 256)
@@ -109,13 +110,16 @@ def finetune_recipe(
         # one tile: all of it trains, no validation (the engine then keeps the last epoch);
         # two or more: a seeded ~20 % (at least one tile) is held out and picks the best epoch
         _, val = split_names(names, val_fraction=0.2, seed=seed) if len(names) > 1 else (names, [])
-        data = {"root": str(corrections), "mask_format": "index", "mpp": mpp,
-                "val_names": val, "extra_dirs": []}
+        data = {"root": str(corrections), "mask_format": "index", "mpp": mpp, "val_names": val, "extra_dirs": []}
     else:
         data = {"root": str(base_root), "extra_dirs": [{**corr, "repeat": 4}], "mpp": card.get("data_mpp") or mpp}
     data.update(
-        classes=list(card.get("classes") or []), input_mpp=mpp, tile_size=tile, init_checkpoint=str(weights),
-        samples_per_image=2, ignore_index=int(card.get("ignore_index", 255)),
+        classes=list(card.get("classes") or []),
+        input_mpp=mpp,
+        tile_size=tile,
+        init_checkpoint=str(weights),
+        samples_per_image=2,
+        ignore_index=int(card.get("ignore_index", 255)),
     )
     config = {
         "family": "segment",
@@ -160,8 +164,11 @@ def finetune_from_corrections(
         if result.cancelled:
             raise Cancelled("fine-tuning stopped by the user; no new model was kept.")
         if result.checkpoint is None or not Path(result.checkpoint).is_file():
-            raise CorrectionError(corrections, "fine-tuning ended before the first epoch; nothing was saved.",
-                                  "Let it run at least one epoch.")
+            raise CorrectionError(
+                corrections,
+                "fine-tuning ended before the first epoch; nothing was saved.",
+                "Let it run at least one epoch.",
+            )
     except BaseException:
         if made:
             shutil.rmtree(out, ignore_errors=True)

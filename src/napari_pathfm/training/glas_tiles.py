@@ -156,8 +156,15 @@ def build_glas_tiles(
 
     src, out = Path(src), Path(out)
     params = {
-        "format": _FORMAT, "source": str(src.resolve()), "tile": tile, "stride": stride, "gland_min": gland_min,
-        "non_gland_max": non_gland_max, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+        "format": _FORMAT,
+        "source": str(src.resolve()),
+        "tile": tile,
+        "stride": stride,
+        "gland_min": gland_min,
+        "non_gland_max": non_gland_max,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
         "images": sorted(images) if images is not None else None,
     }
     existing = out / "tiles.json"
@@ -167,7 +174,8 @@ def build_glas_tiles(
             return info
         if not overwrite:
             raise RecipeError(
-                out, "already holds a GlaS tile data set built with other parameters.",
+                out,
+                "already holds a GlaS tile data set built with other parameters.",
                 "Choose another output folder or pass overwrite=True.",
             )
     elif out.exists() and any(out.iterdir()):
@@ -200,8 +208,17 @@ def build_glas_tiles(
                 Image.fromarray(np.ascontiguousarray(rgb)).save(tmp / rel)
                 part = part_of[name]
                 counts[part][label] += 1
-                tiles.append({"file": rel, "image": name, "y": y, "x": x, "gland_fraction": round(frac, 6),
-                              "label": label, "split": part})
+                tiles.append(
+                    {
+                        "file": rel,
+                        "image": name,
+                        "y": y,
+                        "x": x,
+                        "gland_fraction": round(frac, 6),
+                        "label": label,
+                        "split": part,
+                    }
+                )
             report(progress, i + 1, len(pairs), f"GlaS tiles: {name}")
         if not tiles:
             raise RecipeError(
@@ -209,8 +226,15 @@ def build_glas_tiles(
             )
         files = {part: [t["file"] for t in tiles if t["split"] == part] for part in split}
         (tmp / "split.json").write_text(json.dumps(files, indent=1), encoding="utf-8")
-        info = {**params, "mpp": GLAS_MPP, "classes": list(CLASSES), "split": split, "counts": counts,
-                "dropped": dropped, "tiles": tiles}
+        info = {
+            **params,
+            "mpp": GLAS_MPP,
+            "classes": list(CLASSES),
+            "split": split,
+            "counts": counts,
+            "dropped": dropped,
+            "tiles": tiles,
+        }
         (tmp / "tiles.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     return info
 

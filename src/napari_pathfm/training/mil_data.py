@@ -53,8 +53,22 @@ __all__ = [
 # Feature-file attributes copied onto the model card (with those of io.features.extractor_card, which
 # inference reads to re-extract matching features); these extra ones say where the patches came from.
 FEATURE_ATTRS = (
-    "extractor", "backbone", "feature_dim", "input_size", "mean", "std", "weights", "weights_sha256",
-    "mpp", "target_mpp", "tile_size", "level0_tile_size", "read_size", "min_tissue", "tissue_mpp", "patch_order",
+    "extractor",
+    "backbone",
+    "feature_dim",
+    "input_size",
+    "mean",
+    "std",
+    "weights",
+    "weights_sha256",
+    "mpp",
+    "target_mpp",
+    "tile_size",
+    "level0_tile_size",
+    "read_size",
+    "min_tissue",
+    "tissue_mpp",
+    "patch_order",
 )
 _SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "": None}
 
@@ -125,7 +139,8 @@ def read_bag_table(
         rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows or not {"slide", "label"} <= set(rows[0]):
         raise RecipeError(
-            csv_path, "needs a header with columns 'slide' and 'label' and at least one row.",
+            csv_path,
+            "needs a header with columns 'slide' and 'label' and at least one row.",
             "Write e.g. 'slide,label' then 'tumor_001,tumor'; optional columns: fold, split.",
         )
     classes = [str(c) for c in classes] if classes else _class_order([r["label"] for r in rows])
@@ -138,7 +153,8 @@ def read_bag_table(
         seen.add(slide)
         if label not in index:
             raise RecipeError(
-                csv_path, f"line {line}: label {label!r} of slide {slide!r} is not one of the classes {classes}.",
+                csv_path,
+                f"line {line}: label {label!r} of slide {slide!r} is not one of the classes {classes}.",
                 "Fix the label or the recipe's data.classes list.",
             )
         split = r.get("split", "").lower()
@@ -156,7 +172,8 @@ def read_bag_table(
         path = _bag_path(features_dir, slide)
         if not path.exists():
             raise FeatureError(
-                path, f"has no features for slide {slide!r} (line {line} of {csv_path.name}).",
+                path,
+                f"has no features for slide {slide!r} (line {line} of {csv_path.name}).",
                 "Extract its features with `pathfm features`, or remove the row.",
             )
         items.append(BagItem(slide, path, index[label], fold, _SPLITS[split]))
@@ -187,7 +204,8 @@ def bag_info(path: str | Path) -> dict:
         has_labels = "patch_labels" in g
     except Exception as exc:
         raise FeatureError(
-            path, f"is not a readable feature file ({type(exc).__name__}: {exc}).",
+            path,
+            f"is not a readable feature file ({type(exc).__name__}: {exc}).",
             "Re-extract it with `pathfm features`.",
         ) from exc
     if len(shape) != 2:
@@ -278,12 +296,14 @@ class BagDataset:
         feats = np.asarray(bag.features, dtype=np.float32)
         if feats.ndim != 2 or len(feats) == 0:
             raise FeatureError(
-                item.path, f"bag of slide {item.slide!r} is empty.",
+                item.path,
+                f"bag of slide {item.slide!r} is empty.",
                 "Check the slide's tissue detection or drop it from the CSV.",
             )
         if feats.shape[1] != self.dim:
             raise FeatureError(
-                item.path, f"has {feats.shape[1]}-d features but this run uses {self.dim}-d ones.",
+                item.path,
+                f"has {feats.shape[1]}-d features but this run uses {self.dim}-d ones.",
                 "Use features from one extractor for all slides (and the model's in_dim).",
             )
         out = (feats, np.asarray(bag.coords), read_patch_labels(item.path, len(feats)))

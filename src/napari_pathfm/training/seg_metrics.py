@@ -54,7 +54,9 @@ def _check(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return pred, target
 
 
-def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = 255) -> np.ndarray:
+def confusion_matrix(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = 255
+) -> np.ndarray:
     """Pixel counts ``cm[true, predicted]`` (int64, ``(K, K)``) over the pixels not ignored.
 
     Values outside ``0..K-1`` (other than ``ignore_index`` in the ground truth)
@@ -92,7 +94,9 @@ def dice_iou(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dice, iou
 
 
-def dice_per_class(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = 255) -> np.ndarray:
+def dice_per_class(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = 255
+) -> np.ndarray:
     """Dice of every class ``0..K-1`` (NaN where the class is in neither map)."""
     return dice_iou(confusion_matrix(pred, target, num_classes, ignore_index))[0]
 

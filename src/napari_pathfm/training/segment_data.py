@@ -69,12 +69,17 @@ def read_mask(path: str | Path) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise RecipeError(
-                path, "is a colour mask (its R, G and B channels differ).",
+                path,
+                "is a colour mask (its R, G and B channels differ).",
                 "Save masks as single-channel images of class indices (or 0/255 for binary masks).",
             )
         arr = arr[..., 0]
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise RecipeError(path, f"has shape {arr.shape} and type {arr.dtype}; expected a 2-D integer mask.", "Save masks as 8-bit PNG.")
+        raise RecipeError(
+            path,
+            f"has shape {arr.shape} and type {arr.dtype}; expected a 2-D integer mask.",
+            "Save masks as 8-bit PNG.",
+        )
     return arr
 
 
@@ -127,8 +132,10 @@ def mask_to_classes(
         unknown = [v for v in values.tolist() if v not in table]
         if unknown:
             raise RecipeError(
-                where, f"has mask values {_values_text(unknown)} that data.mask_values does not map "
-                f"(values found: {_values_text(values)}).", "Add them to data.mask_values.",
+                where,
+                f"has mask values {_values_text(unknown)} that data.mask_values does not map "
+                f"(values found: {_values_text(values)}).",
+                "Add them to data.mask_values.",
             )
         lut_keys = np.array(sorted(table), dtype=np.int64)
         lut_vals = np.array([table[k] for k in lut_keys], dtype=np.int64)
@@ -143,8 +150,10 @@ def mask_to_classes(
         bad = [v for v in values.tolist() if v not in (0, 1, 255)]
         if bad:
             raise RecipeError(
-                where, f"is read as a binary mask (0 = background, 255 = foreground) but holds the values "
-                f"{_values_text(values)}.", "Set data.mask_format: index for class-index masks, or map the "
+                where,
+                f"is read as a binary mask (0 = background, 255 = foreground) but holds the values "
+                f"{_values_text(values)}.",
+                "Set data.mask_format: index for class-index masks, or map the "
                 "values with data.mask_values (e.g. {0: 0, 128: 1}).",
             )
         return (raw > 0).astype(np.uint8)
@@ -155,7 +164,8 @@ def mask_to_classes(
     if bad:
         what = f"{num_classes} classes (0..{num_classes - 1})" if num_classes is not None else "class indices below 255"
         raise RecipeError(
-            where, f"has mask values {_values_text(bad)} that are not {what} or the ignore value "
+            where,
+            f"has mask values {_values_text(bad)} that are not {what} or the ignore value "
             f"{ignore_index} (values found: {_values_text(values)}).",
             "Map them with data.mask_values, fix model.num_classes / data.classes, or fix the mask.",
         )
@@ -215,7 +225,8 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
     for d in (images_dir, masks_dir):
         if not d.is_dir():
             raise RecipeError(
-                root, f"has no '{d.name}/' folder.",
+                root,
+                f"has no '{d.name}/' folder.",
                 "A segmentation data folder holds images/ and masks/ with one mask per image of the same name.",
             )
     exts = _exts(extensions)
@@ -224,9 +235,12 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
         raise RecipeError(images_dir, f"contains no images with suffixes {sorted(exts)}.", "Check data.root.")
     lonely = sorted(set(images) - set(masks))
     if lonely:
-        shown = ", ".join(images[n].name for n in lonely[:5]) + (f" and {len(lonely) - 5} more" if len(lonely) > 5 else "")
+        shown = ", ".join(images[n].name for n in lonely[:5]) + (
+            f" and {len(lonely) - 5} more" if len(lonely) > 5 else ""
+        )
         raise RecipeError(
-            masks_dir, f"has no mask for {len(lonely)} image(s): {shown}.",
+            masks_dir,
+            f"has no mask for {len(lonely)} image(s): {shown}.",
             "Add masks with the same file name (any of PNG/TIFF/JPG) or remove those images.",
         )
     return [(n, images[n], masks[n]) for n in sorted(images, key=_natural)]
@@ -237,7 +251,10 @@ def _natural(name: str):
 
 
 def split_names(
-    names: Sequence[str], val_names: Sequence[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
+    names: Sequence[str],
+    val_names: Sequence[str] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
     where: str | Path = "data.root",
 ) -> tuple[list[str], list[str]]:
     """Train and validation image names: ``val_names`` as given, or a seeded ``val_fraction`` of them.
@@ -254,7 +271,8 @@ def split_names(
         missing = sorted(set(want) - set(names))
         if missing:
             raise RecipeError(
-                where, f"has no images named {missing[:10]} (listed in data.val_names).",
+                where,
+                f"has no images named {missing[:10]} (listed in data.val_names).",
                 f"Use image names without suffix, e.g. {names[:3]}.",
             )
         held = set(want)
@@ -348,7 +366,9 @@ class _Store:
         mask = self.mask(item)
         if img.shape[:2] != mask.shape:
             raise RecipeError(
-                item.mask, f"is {mask.shape[1]}x{mask.shape[0]} px but its image {item.image.name} is "
-                f"{img.shape[1]}x{img.shape[0]} px.", "Masks must have the size of their image.",
+                item.mask,
+                f"is {mask.shape[1]}x{mask.shape[0]} px but its image {item.image.name} is "
+                f"{img.shape[1]}x{img.shape[0]} px.",
+                "Masks must have the size of their image.",
             )
         return img

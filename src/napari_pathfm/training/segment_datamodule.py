@@ -45,8 +45,15 @@ class SegmentTileDataset(Dataset):
     seeding) make it reproducible.
     """
 
-    def __init__(self, items: list[SegItem], store: _Store, tile: int, samples_per_image: int = 1,
-                 augment: bool = True, color_jitter: float = 0.0):
+    def __init__(
+        self,
+        items: list[SegItem],
+        store: _Store,
+        tile: int,
+        samples_per_image: int = 1,
+        augment: bool = True,
+        color_jitter: float = 0.0,
+    ):
         self.store, self.tile, self.augment, self.color_jitter = store, int(tile), bool(augment), float(color_jitter)
         self.index = [it for it in items for _ in range(max(1, int(samples_per_image)) * max(1, int(it.repeat)))]
         self.items = items
@@ -114,7 +121,9 @@ def _folder_meta(folder: Path) -> dict:
         except (OSError, json.JSONDecodeError) as exc:
             raise RecipeError(f, f"cannot be read as JSON ({exc}).", "Fix or delete it.") from exc
         if not isinstance(meta, dict):
-            raise RecipeError(f, "must hold a JSON object (mpp, mask_format, mask_values, classes).", "Fix or delete it.")
+            raise RecipeError(
+                f, "must hold a JSON object (mpp, mask_format, mask_values, classes).", "Fix or delete it."
+            )
         if name == CORRECTIONS_META:
             meta = {"mask_format": "index", **{k: meta[k] for k in ("mpp", "classes") if meta.get(k) is not None}}
         return {k: v for k, v in meta.items() if k in ("mpp", "mask_format", "mask_values", "classes")}
@@ -137,8 +146,16 @@ class SegmentDataModule(L.LightningDataModule):
         Fallbacks for ``mpp``/``input_mpp``/``classes`` (an initial checkpoint's card).
     """
 
-    def __init__(self, data: dict, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 num_classes: int | None = None, base: Path | None = None, defaults: dict | None = None):
+    def __init__(
+        self,
+        data: dict,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+        num_classes: int | None = None,
+        base: Path | None = None,
+        defaults: dict | None = None,
+    ):
         super().__init__()
         self.cfg, self.seed = dict(data), int(seed)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -152,14 +169,17 @@ class SegmentDataModule(L.LightningDataModule):
             self.mpp = self.input_mpp
         if self.input_mpp is not None and self.mpp is None:
             raise RecipeError(
-                self.root, f"data.input_mpp is {self.input_mpp} but the µm/px of the images is unknown.",
+                self.root,
+                f"data.input_mpp is {self.input_mpp} but the µm/px of the images is unknown.",
                 "Set data.mpp to the µm/px of the image files (GlaS: 0.62) or drop data.input_mpp.",
             )
         if self.input_mpp is None:
             self.input_mpp = self.mpp
         base_items = self._folder_items(self.root, {**root_meta, **self._recipe_mask_cfg()}, extra=False)
         names = [it.name for it in base_items]
-        train_names, val_names = split_names(names, data.get("val_names"), data.get("val_fraction", 0.2), self.seed, self.root)
+        train_names, val_names = split_names(
+            names, data.get("val_names"), data.get("val_fraction", 0.2), self.seed, self.root
+        )
         by_name = {it.name: it for it in base_items}
         self.train_items = [by_name[n] for n in train_names]
         self.val_items = [by_name[n] for n in val_names]
@@ -167,7 +187,11 @@ class SegmentDataModule(L.LightningDataModule):
         for entry in data.get("extra_dirs") or []:
             self.extra_items += self._extra(entry, base or Path.cwd())
         if not self.train_items + self.extra_items:
-            raise RecipeError(self.root, "leaves no images for training after the split.", "Lower data.val_fraction or shorten data.val_names.")
+            raise RecipeError(
+                self.root,
+                "leaves no images for training after the split.",
+                "Lower data.val_fraction or shorten data.val_names.",
+            )
         self.store = _Store(None, self.ignore_index, bool(data.get("in_memory", True)))
         names = data.get("classes") or root_meta.get("classes") or defaults.get("classes")
         if num_classes is None and names:
@@ -180,7 +204,8 @@ class SegmentDataModule(L.LightningDataModule):
         for folder, meta in {it.source: it.meta for it in self.extra_items}.items():
             if meta.get("classes") and [str(c) for c in meta["classes"]] != self.classes:
                 raise RecipeError(
-                    folder, f"was labelled with classes {meta['classes']} but this model has {self.classes}.",
+                    folder,
+                    f"was labelled with classes {meta['classes']} but this model has {self.classes}.",
                     "Use corrections made with this model, or train on them with a matching data.classes.",
                 )
         self.tile_size: int | None = data.get("tile_size")
@@ -214,11 +239,16 @@ class SegmentDataModule(L.LightningDataModule):
     def _extra(self, entry: Any, base: Path) -> list[SegItem]:
         spec = {"path": entry} if isinstance(entry, (str, Path)) else dict(entry or {})
         if "path" not in spec:
-            raise RecipeError(self.root, f"data.extra_dirs entry {entry!r} has no 'path'.", "Write a folder path or {path: ..., repeat: 2}.")
+            raise RecipeError(
+                self.root,
+                f"data.extra_dirs entry {entry!r} has no 'path'.",
+                "Write a folder path or {path: ..., repeat: 2}.",
+            )
         unknown = set(spec) - {"path", "repeat", "mpp", "mask_format", "mask_values"}
         if unknown:
             raise RecipeError(
-                self.root, f"data.extra_dirs entry has unknown keys {sorted(unknown)}.",
+                self.root,
+                f"data.extra_dirs entry has unknown keys {sorted(unknown)}.",
                 "Known: path, repeat, mpp, mask_format, mask_values.",
             )
         folder = Path(spec["path"])
@@ -244,7 +274,8 @@ class SegmentDataModule(L.LightningDataModule):
         gaps = sorted(set(range(1, k)) - set(values))
         if gaps:
             raise RecipeError(
-                found[values[-1]], f"holds mask value {values[-1]}, but no mask holds the values {_values_text(gaps)}: "
+                found[values[-1]],
+                f"holds mask value {values[-1]}, but no mask holds the values {_values_text(gaps)}: "
                 f"class ids must run 0..K-1 (values found in {self.root}: {_values_text(values)}).",
                 "Set data.classes (one name per class) or map the values with data.mask_values.",
             )
@@ -254,7 +285,8 @@ class SegmentDataModule(L.LightningDataModule):
         if names:
             if len(names) != self.num_classes:
                 raise RecipeError(
-                    self.root, f"has {len(names)} class names {list(names)} for {self.num_classes} classes.",
+                    self.root,
+                    f"has {len(names)} class names {list(names)} for {self.num_classes} classes.",
                     "List one name per class, background first, in data.classes.",
                 )
             return [str(n) for n in names]
@@ -266,8 +298,12 @@ class SegmentDataModule(L.LightningDataModule):
 
     def train_dataset(self) -> SegmentTileDataset:
         return SegmentTileDataset(
-            self.train_items + self.extra_items, self.store, self._tile(), self.cfg.get("samples_per_image", 1),
-            self.cfg.get("augment", True), self.cfg.get("color_jitter", 0.0),
+            self.train_items + self.extra_items,
+            self.store,
+            self._tile(),
+            self.cfg.get("samples_per_image", 1),
+            self.cfg.get("augment", True),
+            self.cfg.get("color_jitter", 0.0),
         )
 
     def val_dataset(self) -> SegmentImageDataset:
@@ -281,15 +317,22 @@ class SegmentDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=len(ds) > self.batch_size,
+            ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(ds) > self.batch_size,
         )
 
     def val_dataloader(self):
         if not self.val_items:
             return []
         return DataLoader(
-            self.val_dataset(), batch_size=None, shuffle=False, num_workers=self.num_workers,
+            self.val_dataset(),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -312,7 +355,9 @@ class SegmentDataModule(L.LightningDataModule):
         if self.extra_items:
             folders = sorted({str(it.source) for it in self.extra_items})
             text += f" + {len(self.extra_items)} training pairs from {', '.join(folders)}"
-        mpp = f"{self.mpp} µm/px resampled to {self.input_mpp} µm/px" if self.mpp and self.mpp != self.input_mpp else (
-            f"{self.input_mpp} µm/px" if self.input_mpp else "µm/px unknown"
+        mpp = (
+            f"{self.mpp} µm/px resampled to {self.input_mpp} µm/px"
+            if self.mpp and self.mpp != self.input_mpp
+            else (f"{self.input_mpp} µm/px" if self.input_mpp else "µm/px unknown")
         )
         return f"{text}; classes {self.classes}; {mpp}; tiles {self.tile_size} px"

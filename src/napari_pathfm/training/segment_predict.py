@@ -16,8 +16,15 @@ __all__ = ["fit_target", "predict_image"]
 
 
 @torch.no_grad()
-def predict_image(model, image: torch.Tensor, tile: int, stride: int | None = None, batch_size: int = 4,
-                  target: torch.Tensor | None = None, loss_fn=None):
+def predict_image(
+    model,
+    image: torch.Tensor,
+    tile: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    target: torch.Tensor | None = None,
+    loss_fn=None,
+):
     """Logits ``(K, H, W)`` of one uint8 ``(H, W, 3)`` image (H, W ≥ tile) by sliding tiles, averaged in overlaps.
 
     With ``target`` (H, W) and ``loss_fn(out, target_tiles)``, also the mean loss
@@ -53,4 +60,3 @@ def fit_target(target: torch.Tensor, size) -> torch.Tensor:
     if tuple(target.shape[-2:]) == tuple(size):
         return target
     return F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
-

@@ -69,8 +69,11 @@ class GracefulStop(L.Callback):
             self.cancel.set()
             name = signal.Signals(signum).name
             # os.write, not print: a handler may run while the main thread is inside a print to stderr
-            os.write(2, f"{name}: stopping after this batch (saving last.ckpt, exporting the model); "
-                        f"send {name} again to stop at once\n".encode())
+            os.write(
+                2,
+                f"{name}: stopping after this batch (saving last.ckpt, exporting the model); "
+                f"send {name} again to stop at once\n".encode(),
+            )
             return
         launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "kill"):  # DDP ranks started by this process go too

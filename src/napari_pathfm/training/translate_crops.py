@@ -36,8 +36,14 @@ def _pad(a: np.ndarray, tile: int) -> np.ndarray:
     return np.pad(a, pads, mode="reflect" if min(h, w) > 1 else "edge")
 
 
-def random_crop(fov: FieldOfView, tile: int, rng: np.random.Generator, *, centre_on_mask: bool = False,
-                ssr: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def random_crop(
+    fov: FieldOfView,
+    tile: int,
+    rng: np.random.Generator,
+    *,
+    centre_on_mask: bool = False,
+    ssr: tuple[float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """One ``tile`` crop ``(planes, targets, mask)`` of ``fov``.
 
     Without ``ssr`` a plain random window. With ``ssr = (shift, scale, rotate_deg)`` an
@@ -74,13 +80,13 @@ def random_crop(fov: FieldOfView, tile: int, rng: np.random.Generator, *, centre
     # output pixel (u, v) relative to the crop centre -> source = centre + R(a) @ (u, v) / s
     cos, sin = np.cos(a) / s, np.sin(a) / s
     half = (tile - 1) / 2.0
-    mat = np.array([[cos, -sin, cxx - cos * half + sin * half],
-                    [sin, cos, cyy - sin * half - cos * half]], np.float64)
+    mat = np.array([[cos, -sin, cxx - cos * half + sin * half], [sin, cos, cyy - sin * half - cos * half]], np.float64)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
 
     def warp(plane: np.ndarray, interp: int = flags) -> np.ndarray:
-        return cv2.warpAffine(np.ascontiguousarray(plane), mat, (tile, tile), flags=interp,
-                              borderMode=cv2.BORDER_REFLECT_101)
+        return cv2.warpAffine(
+            np.ascontiguousarray(plane), mat, (tile, tile), flags=interp, borderMode=cv2.BORDER_REFLECT_101
+        )
 
     cx = np.stack([warp(p) for p in x])
     cy = np.stack([warp(p) for p in y])
@@ -108,8 +114,16 @@ class TranslateCropDataset:
     torch's generator, so ``seed_everything`` makes it reproducible.
     """
 
-    def __init__(self, fovs: list[FieldOfView], tile: int, samples: int, *, augment: bool = True,
-                 nuclei_centred: float = 0.0, ssr: tuple[float, float, float] | None = None):
+    def __init__(
+        self,
+        fovs: list[FieldOfView],
+        tile: int,
+        samples: int,
+        *,
+        augment: bool = True,
+        nuclei_centred: float = 0.0,
+        ssr: tuple[float, float, float] | None = None,
+    ):
         if not fovs:
             raise ValueError("no training fields of view")
         self.fovs, self.tile, self.samples = fovs, int(tile), int(samples)
@@ -130,8 +144,10 @@ class TranslateCropDataset:
         x, y, m = random_crop(fov, self.tile, rng, centre_on_mask=centred, ssr=ssr)
         if self.augment:
             x, y, m = _flip_rot([x, y, m], rng)
-        item = {"input": torch.from_numpy(np.ascontiguousarray(x, np.float32)),
-                "target": torch.from_numpy(np.ascontiguousarray(y, np.float32))}
+        item = {
+            "input": torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(y, np.float32)),
+        }
         if m is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(m, np.float32)[None])
         return item
@@ -142,8 +158,12 @@ class TranslateTileDataset:
 
     def __init__(self, fovs: list[FieldOfView], tile: int):
         self.fovs, self.tile = fovs, int(tile)
-        self.index = [(i, y, x) for i, f in enumerate(fovs)
-                      for y in tile_origins(f.shape[0], self.tile) for x in tile_origins(f.shape[1], self.tile)]
+        self.index = [
+            (i, y, x)
+            for i, f in enumerate(fovs)
+            for y in tile_origins(f.shape[0], self.tile)
+            for x in tile_origins(f.shape[1], self.tile)
+        ]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -154,8 +174,10 @@ class TranslateTileDataset:
         k, y0, x0 = self.index[i]
         f, t = self.fovs[k], self.tile
         sl = (slice(None), slice(y0, y0 + t), slice(x0, x0 + t))
-        item = {"input": torch.from_numpy(np.ascontiguousarray(_pad(f.planes[sl], t))),
-                "target": torch.from_numpy(np.ascontiguousarray(_pad(f.targets[sl], t)))}
+        item = {
+            "input": torch.from_numpy(np.ascontiguousarray(_pad(f.planes[sl], t))),
+            "target": torch.from_numpy(np.ascontiguousarray(_pad(f.targets[sl], t))),
+        }
         if f.mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(_pad(f.mask[sl[1:]], t))[None])
         return item

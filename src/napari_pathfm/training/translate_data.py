@@ -60,8 +60,11 @@ class StackSpec:
         spec = {"path": entry} if isinstance(entry, (str, Path)) else dict(entry or {})
         unknown = set(spec) - {"path", "well", "field", "channel"}
         if "path" not in spec or unknown:
-            raise RecipeError(base or "<recipe>", f"data.stacks entry {entry!r} is not a path or a mapping "
-                              "{path, well, field, channel}.", "Write a folder path or {path: ..., well: D04}.")
+            raise RecipeError(
+                base or "<recipe>",
+                f"data.stacks entry {entry!r} is not a path or a mapping {{path, well, field, channel}}.",
+                "Write a folder path or {path: ..., well: D04}.",
+            )
         p = Path(str(spec["path"]))
         if base is not None and not p.is_absolute():
             p = (base / p).resolve()
@@ -111,8 +114,13 @@ class FieldOfView:
     def rows(self, start: int, stop: int) -> FieldOfView:
         """Rows ``start:stop`` of every array (a view, no copy)."""
         m = None if self.mask is None else self.mask[start:stop]
-        return FieldOfView(f"{self.source} rows {start}:{stop}", self.planes[:, start:stop],
-                           self.targets[:, start:stop], m, dict(self.meta))
+        return FieldOfView(
+            f"{self.source} rows {start}:{stop}",
+            self.planes[:, start:stop],
+            self.targets[:, start:stop],
+            m,
+            dict(self.meta),
+        )
 
 
 def open_fov_stack(spec: StackSpec):
@@ -135,14 +143,18 @@ def check_planes(zs, planes: Sequence[int] | None, in_channels: int, where: Any)
     idx = list(range(n)) if planes is None else [int(p) for p in planes]
     bad = [p for p in idx if not 0 <= p < n]
     if bad:
-        raise ZStackError(zs.path, f"has {n} planes ({zs.plane_names[0]}..{zs.plane_names[-1]}) but data.planes "
-                          f"asks for plane(s) {bad}.", f"Use 0-based plane indices below {n} in data.planes.")
+        raise ZStackError(
+            zs.path,
+            f"has {n} planes ({zs.plane_names[0]}..{zs.plane_names[-1]}) but data.planes asks for plane(s) {bad}.",
+            f"Use 0-based plane indices below {n} in data.planes.",
+        )
     if len(idx) != int(in_channels):
         pick = ", ".join(str(i) for i in np.linspace(0, n - 1, int(in_channels)).round().astype(int))
-        raise ZStackError(zs.path, f"gives {len(idx)} input planes but the model takes {in_channels} "
-                          f"(model.in_channels in {where}).",
-                          f"Set model.in_channels: {len(idx)}, or choose {in_channels} planes with "
-                          f"data.planes (e.g. [{pick}]).")
+        raise ZStackError(
+            zs.path,
+            f"gives {len(idx)} input planes but the model takes {in_channels} (model.in_channels in {where}).",
+            f"Set model.in_channels: {len(idx)}, or choose {in_channels} planes with data.planes (e.g. [{pick}]).",
+        )
     return idx
 
 
@@ -151,8 +163,15 @@ def _target_files(zs, name: str) -> str:
     return files[0]
 
 
-def check_dtypes(zs, channels: Sequence[str], stats: StatsTable | None, *, magnification: str | None,
-                 input_dtype: str | None, target_dtype: str | None) -> None:
+def check_dtypes(
+    zs,
+    channels: Sequence[str],
+    stats: StatsTable | None,
+    *,
+    magnification: str | None,
+    input_dtype: str | None,
+    target_dtype: str | None,
+) -> None:
     """8-bit vs 16-bit surprises, naming the file.
 
     * the stack (or a target) is 8-bit but the stats table says values above 255;
@@ -160,19 +179,26 @@ def check_dtypes(zs, channels: Sequence[str], stats: StatsTable | None, *, magni
     """
     plane0 = zs.plane_files[0] if zs.plane_files else zs.path
     if input_dtype and np.dtype(zs.dtype) != np.dtype(input_dtype):
-        raise ZStackError(plane0, f"is {zs.dtype} but data.input_dtype is {input_dtype}.",
-                          f"Re-export the planes as {input_dtype}, or set data.input_dtype: {zs.dtype} "
-                          "(and statistics computed on such files).")
+        raise ZStackError(
+            plane0,
+            f"is {zs.dtype} but data.input_dtype is {input_dtype}.",
+            f"Re-export the planes as {input_dtype}, or set data.input_dtype: {zs.dtype} "
+            "(and statistics computed on such files).",
+        )
     for name in channels:
         t = zs.targets[name]
         if target_dtype and np.dtype(t.dtype) != np.dtype(target_dtype):
-            raise ZStackError(_target_files(zs, name), f"target {name} is {t.dtype} but data.target_dtype is "
-                              f"{target_dtype}.", f"Use the {target_dtype} export of this channel (8-bit exports "
-                              "lose the intensity scale), or set data.target_dtype: null.")
+            raise ZStackError(
+                _target_files(zs, name),
+                f"target {name} is {t.dtype} but data.target_dtype is {target_dtype}.",
+                f"Use the {target_dtype} export of this channel (8-bit exports "
+                "lose the intensity scale), or set data.target_dtype: null.",
+            )
     if stats is None:
         return
-    checks = [(zs.channel_name or "input", zs.dtype, plane0)] + [(n, zs.targets[n].dtype, _target_files(zs, n))
-                                                                  for n in channels]
+    checks = [(zs.channel_name or "input", zs.dtype, plane0)] + [
+        (n, zs.targets[n].dtype, _target_files(zs, n)) for n in channels
+    ]
     for chan, dtype, path in checks:
         if np.dtype(dtype) != np.uint8:
             continue
@@ -181,51 +207,79 @@ def check_dtypes(zs, channels: Sequence[str], stats: StatsTable | None, *, magni
         except (KeyError, ValueError):
             continue
         if float(np.max(highs)) > MAX_UINT8:
-            raise ZStackError(path, f"is 8-bit (uint8) but the stats table gives {chan} a max of "
-                              f"{float(np.max(highs)):g}: the table was computed on 16-bit data.",
-                              "Use the 16-bit files the table was made from, or compute a new table on these "
-                              "files with `pathfm zstats`.")
+            raise ZStackError(
+                path,
+                f"is 8-bit (uint8) but the stats table gives {chan} a max of "
+                f"{float(np.max(highs)):g}: the table was computed on 16-bit data.",
+                "Use the 16-bit files the table was made from, or compute a new table on these "
+                "files with `pathfm zstats`.",
+            )
 
 
 def check_targets(zs, channels: Sequence[str]) -> None:
     """Raise when a target channel needed for training is missing from the stack's site."""
     missing = [c for c in channels if c not in zs.targets]
     if missing:
-        raise ZStackError(zs.path, f"has no target channel(s) {missing} (it has {sorted(zs.targets) or 'none'}).",
-                          "Training needs the fluorescence targets beside the planes: add the files, fix "
-                          "data.channels, or select another site with well/field.")
+        raise ZStackError(
+            zs.path,
+            f"has no target channel(s) {missing} (it has {sorted(zs.targets) or 'none'}).",
+            "Training needs the fluorescence targets beside the planes: add the files, fix "
+            "data.channels, or select another site with well/field.",
+        )
 
 
 def _check_finite(arr: np.ndarray, what: str, path: Any) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise ZStackError(path, f"{what} holds NaN or infinite values.",
-                          "Fix or drop this plane (e.g. replace NaN by the background value) before training.")
+        raise ZStackError(
+            path,
+            f"{what} holds NaN or infinite values.",
+            "Fix or drop this plane (e.g. replace NaN by the background value) before training.",
+        )
     lo, hi = arr.min(), arr.max()
     if lo == hi:
-        raise ZStackError(path, f"{what} is constant (every pixel {lo}).",
-                          "An empty or failed acquisition; remove this field of view or re-acquire the plane.")
+        raise ZStackError(
+            path,
+            f"{what} is constant (every pixel {lo}).",
+            "An empty or failed acquisition; remove this field of view or re-acquire the plane.",
+        )
 
 
-def fov_limits(stats: StatsTable, channel: str, n: int, magnification: str | None, columns: Sequence[str],
-               where: Any, planes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fov_limits(
+    stats: StatsTable,
+    channel: str,
+    n: int,
+    magnification: str | None,
+    columns: Sequence[str],
+    where: Any,
+    planes: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-plane ``(lows, highs)`` for one channel from the table (``columns`` like ``["p1", "p99.8"]``)."""
     try:
         lows, highs = stats.limits(channel, magnification, low=columns[0], high=columns[1])
     except KeyError as exc:
         have = sorted({str(r["channel"]) for r in stats.rows})
-        raise RecipeError(where, f"the stats table has no rows for channel {channel!r} at magnification "
-                          f"{magnification!r} (it has channels {have}).",
-                          "Compute one with `pathfm zstats` on the training stacks, or fix data.magnification.") from exc
+        raise RecipeError(
+            where,
+            f"the stats table has no rows for channel {channel!r} at magnification "
+            f"{magnification!r} (it has channels {have}).",
+            "Compute one with `pathfm zstats` on the training stacks, or fix data.magnification.",
+        ) from exc
     except ValueError as exc:
         raise RecipeError(where, str(exc), "Set data.magnification (20x, 40x or 60x).") from exc
     if planes is not None and len(lows) > 1:
         if max(planes) >= len(lows):
-            raise RecipeError(where, f"the stats table has {len(lows)} planes for {channel!r} but plane "
-                              f"{max(planes)} is used.", "Compute the table on stacks with all planes.")
+            raise RecipeError(
+                where,
+                f"the stats table has {len(lows)} planes for {channel!r} but plane {max(planes)} is used.",
+                "Compute the table on stacks with all planes.",
+            )
         lows, highs = lows[list(planes)], highs[list(planes)]
     if len(lows) not in (1, n):
-        raise RecipeError(where, f"the stats table has {len(lows)} planes for {channel!r}, the data {n}.",
-                          "Compute the table on the same kind of stacks (`pathfm zstats`).")
+        raise RecipeError(
+            where,
+            f"the stats table has {len(lows)} planes for {channel!r}, the data {n}.",
+            "Compute the table on the same kind of stacks (`pathfm zstats`).",
+        )
     if len(lows) == 1 and n > 1:
         lows, highs = np.repeat(lows, n), np.repeat(highs, n)
     return lows.astype(np.float64), highs.astype(np.float64)
@@ -239,8 +293,17 @@ def otsu_mask(target01: np.ndarray) -> np.ndarray:
     return (target01 > t).astype(np.float32)
 
 
-def load_fov(spec: StackSpec, zs, channels: Sequence[str], planes: Sequence[int], in_limits, target_limits,
-             *, with_mask: bool, where: Any) -> FieldOfView:
+def load_fov(
+    spec: StackSpec,
+    zs,
+    channels: Sequence[str],
+    planes: Sequence[int],
+    in_limits,
+    target_limits,
+    *,
+    with_mask: bool,
+    where: Any,
+) -> FieldOfView:
     """Read, check and normalise one FOV (all rows).
 
     ``in_limits``/``target_limits`` are ``(lows, highs)`` per used plane / per channel.

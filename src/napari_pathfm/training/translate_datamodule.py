@@ -50,8 +50,16 @@ class TranslateDataModule(L.LightningDataModule):
         The recipe, for messages.
     """
 
-    def __init__(self, data: dict, in_channels: int, with_mask: bool, batch_size: int = 4, num_workers: int = 0,
-                 where=None, base: Path | None = None):
+    def __init__(
+        self,
+        data: dict,
+        in_channels: int,
+        with_mask: bool,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        where=None,
+        base: Path | None = None,
+    ):
         super().__init__()
         self.cfg, self.where = dict(data), where or "<recipe>"
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
@@ -59,20 +67,27 @@ class TranslateDataModule(L.LightningDataModule):
         self.magnification = data.get("magnification")
         self.columns = list(data.get("stats_columns") or ["min", "max"])
         if len(self.columns) != 2:
-            raise RecipeError(self.where, f"data.stats_columns is {self.columns}; give two column names.",
-                              "For example [min, max] or [p1, p99.8].")
+            raise RecipeError(
+                self.where,
+                f"data.stats_columns is {self.columns}; give two column names.",
+                "For example [min, max] or [p1, p99.8].",
+            )
         train_specs, val_specs = stack_specs(data.get("stacks"), base), stack_specs(data.get("val_stacks"), base)
         if not train_specs:
             raise RecipeError(self.where, "data.stacks names no z-stack.", "List at least one stack folder.")
         rows = data.get("val_rows")
         self.val_rows = None if rows is None else (int(rows[0]), int(rows[1]))
         val_wells = {str(w).upper() for w in data.get("val_wells") or []}
-        opened = [(sp, zs, is_val or str(zs.metadata.get("well", "")).upper() in val_wells)
-                  for specs, is_val in ((train_specs, False), (val_specs, True))
-                  for sp in specs for zs in open_spec_sites(sp)]
+        opened = [
+            (sp, zs, is_val or str(zs.metadata.get("well", "")).upper() in val_wells)
+            for specs, is_val in ((train_specs, False), (val_specs, True))
+            for sp in specs
+            for zs in open_spec_sites(sp)
+        ]
         if not any(not v for _, _, v in opened):
-            raise RecipeError(self.where, f"data.val_wells {sorted(val_wells)} leaves no training site.",
-                              "Hold out fewer wells.")
+            raise RecipeError(
+                self.where, f"data.val_wells {sorted(val_wells)} leaves no training site.", "Hold out fewer wells."
+            )
         for _, zs, _ in opened:
             check_targets(zs, self.channels)
         opened.sort(key=lambda t: t[2])  # training sites first
@@ -84,11 +99,24 @@ class TranslateDataModule(L.LightningDataModule):
         self.target_dtype = str(ref.targets[self.channels[0]].dtype) if self.channels[0] in ref.targets else None
         self.stats, self.stats_source, per_used_plane = self._stats([zs for _, zs, v in opened if not v])
         for _, zs, _ in opened:
-            check_dtypes(zs, self.channels, self.stats, magnification=self.magnification,
-                         input_dtype=data.get("input_dtype"), target_dtype=data.get("target_dtype"))
+            check_dtypes(
+                zs,
+                self.channels,
+                self.stats,
+                magnification=self.magnification,
+                input_dtype=data.get("input_dtype"),
+                target_dtype=data.get("target_dtype"),
+            )
         chan = ref.channel_name or "input"
-        self.input_limits = fov_limits(self.stats, chan, len(self.planes), self.magnification, self.columns,
-                                       self.where, planes=None if per_used_plane else self.planes)
+        self.input_limits = fov_limits(
+            self.stats,
+            chan,
+            len(self.planes),
+            self.magnification,
+            self.columns,
+            self.where,
+            planes=None if per_used_plane else self.planes,
+        )
         lows, highs = [], []
         for c in self.channels:
             lo, hi = fov_limits(self.stats, c, 1, self.magnification, self.columns, self.where)
@@ -97,16 +125,27 @@ class TranslateDataModule(L.LightningDataModule):
         self.target_limits = (np.array(lows), np.array(highs))
         self.train_fovs, self.val_fovs = [], []
         for spec, zs, is_val in opened:
-            fov = load_fov(spec, zs, self.channels, self.planes, self.input_limits, self.target_limits,
-                           with_mask=with_mask, where=self.where)
+            fov = load_fov(
+                spec,
+                zs,
+                self.channels,
+                self.planes,
+                self.input_limits,
+                self.target_limits,
+                with_mask=with_mask,
+                where=self.where,
+            )
             if is_val:
                 self.val_fovs.append(fov)
             elif self.val_rows is not None:
                 a, b = self.val_rows
                 h = fov.shape[0]
                 if not (0 <= a < b <= h):
-                    raise RecipeError(self.where, f"data.val_rows {list(self.val_rows)} is outside the {h} rows "
-                                      f"of {spec.label}.", "Give [start, stop] within the image (ISL: [768, 1024]).")
+                    raise RecipeError(
+                        self.where,
+                        f"data.val_rows {list(self.val_rows)} is outside the {h} rows of {spec.label}.",
+                        "Give [start, stop] within the image (ISL: [768, 1024]).",
+                    )
                 self.val_fovs.append(fov.rows(a, b))
                 for lo, hi in ((0, a), (b, h)):
                     if hi - lo > 0:
@@ -133,16 +172,25 @@ class TranslateDataModule(L.LightningDataModule):
         if path:
             p = Path(path)
             if not p.is_file():
-                raise RecipeError(self.where, f"data.stats {p} does not exist.",
-                                  "Compute it with `pathfm zstats STACK... --out stats.csv` or set data.stats: null.")
+                raise RecipeError(
+                    self.where,
+                    f"data.stats {p} does not exist.",
+                    "Compute it with `pathfm zstats STACK... --out stats.csv` or set data.stats: null.",
+                )
             return StatsTable.read_csv(p), str(p), False
         rows = None
         if self.val_rows is not None:
             a, b = self.val_rows
             rows = (0, a) if a > 0 else (b, None)
         percentiles = [float(q) for q in self.cfg.get("percentiles") or (1.0, 99.8)]
-        table = pooled_stats(list(train), percentiles=percentiles, magnification=self.magnification or "",
-                             rows=rows, planes=self.planes, channels=self.channels)
+        table = pooled_stats(
+            list(train),
+            percentiles=percentiles,
+            magnification=self.magnification or "",
+            rows=rows,
+            planes=self.planes,
+            channels=self.channels,
+        )
         if self.magnification is None:
             self.magnification = ""
         return table, f"computed on the training part ({'rows ' + str(rows) if rows else 'whole stacks'})", True
@@ -150,11 +198,19 @@ class TranslateDataModule(L.LightningDataModule):
     def setup(self, stage=None) -> None:
         ssr = None
         if self.cfg.get("shift_scale_rotate"):
-            ssr = (float(self.cfg.get("ssr_shift", 0.2)), float(self.cfg.get("ssr_scale", 0.1)),
-                   float(self.cfg.get("ssr_rotate", 180.0)))
-        self.train_ds = TranslateCropDataset(self.train_fovs, self.crop, int(self.cfg.get("samples_per_epoch", 64)),
-                                             augment=bool(self.cfg.get("augment", True)),
-                                             nuclei_centred=float(self.cfg.get("nuclei_centred", 0.0)), ssr=ssr)
+            ssr = (
+                float(self.cfg.get("ssr_shift", 0.2)),
+                float(self.cfg.get("ssr_scale", 0.1)),
+                float(self.cfg.get("ssr_rotate", 180.0)),
+            )
+        self.train_ds = TranslateCropDataset(
+            self.train_fovs,
+            self.crop,
+            int(self.cfg.get("samples_per_epoch", 64)),
+            augment=bool(self.cfg.get("augment", True)),
+            nuclei_centred=float(self.cfg.get("nuclei_centred", 0.0)),
+            ssr=ssr,
+        )
         self.val_ds = TranslateTileDataset(self.val_fovs, self.val_tile) if self.val_fovs else None
 
     @property
@@ -164,8 +220,14 @@ class TranslateDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not hasattr(self, "train_ds"):
             self.setup()
-        return DataLoader(self.train_ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=len(self.train_ds) > self.batch_size)
+        return DataLoader(
+            self.train_ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=len(self.train_ds) > self.batch_size,
+        )
 
     def val_dataloader(self):
         if not hasattr(self, "train_ds"):
@@ -176,23 +238,36 @@ class TranslateDataModule(L.LightningDataModule):
 
     def normalization(self) -> dict:
         """The card's ``normalization`` (contract): per-plane input and per-channel target limits."""
-        return {"kind": "minmax", "columns": self.columns,
-                "input_min": [float(v) for v in self.input_limits[0]],
-                "input_max": [float(v) for v in self.input_limits[1]],
-                "target_min": [float(v) for v in self.target_limits[0]],
-                "target_max": [float(v) for v in self.target_limits[1]],
-                "target_dtype": self.target_dtype, "stats": self.stats_source}
+        return {
+            "kind": "minmax",
+            "columns": self.columns,
+            "input_min": [float(v) for v in self.input_limits[0]],
+            "input_max": [float(v) for v in self.input_limits[1]],
+            "target_min": [float(v) for v in self.target_limits[0]],
+            "target_max": [float(v) for v in self.target_limits[1]],
+            "target_dtype": self.target_dtype,
+            "stats": self.stats_source,
+        }
 
     def save_split(self, path) -> None:
         """``split.json`` (train/val FOVs and rows) and the stats table used, beside it."""
-        _write_json(Path(path), {"train": [f.source for f in self.train_fovs], "val": [f.source for f in self.val_fovs],
-                                 "planes": self.planes, "channels": self.channels})
+        _write_json(
+            Path(path),
+            {
+                "train": [f.source for f in self.train_fovs],
+                "val": [f.source for f in self.val_fovs],
+                "planes": self.planes,
+                "channels": self.channels,
+            },
+        )
         self.stats.to_csv(Path(path).with_name("stats.csv"))
 
     def describe(self) -> str:
-        return (f"{len(self.train_fovs)} training / {len(self.val_fovs)} validation part(s): "
-                f"{'; '.join(f.source for f in self.train_fovs + self.val_fovs)}; planes {self.plane_names}; "
-                f"targets {self.channels}; crops {self.crop} px")
+        return (
+            f"{len(self.train_fovs)} training / {len(self.val_fovs)} validation part(s): "
+            f"{'; '.join(f.source for f in self.train_fovs + self.val_fovs)}; planes {self.plane_names}; "
+            f"targets {self.channels}; crops {self.crop} px"
+        )
 
 
 def _write_json(path: Path, doc: dict) -> None:

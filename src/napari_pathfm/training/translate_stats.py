@@ -17,9 +17,17 @@ from .translate_data import open_stacks
 __all__ = ["pooled_stats", "zstack_stats"]
 
 
-def pooled_stats(stacks: list, *, percentiles: Sequence[float] = (1.0, 99.8), magnification: str = "",
-                 rows: tuple[int, int] | None = None, planes: Sequence[int] | None = None,
-                 channels: Sequence[str] | None = None, progress=None, cancel=None) -> StatsTable:
+def pooled_stats(
+    stacks: list,
+    *,
+    percentiles: Sequence[float] = (1.0, 99.8),
+    magnification: str = "",
+    rows: tuple[int, int] | None = None,
+    planes: Sequence[int] | None = None,
+    channels: Sequence[str] | None = None,
+    progress=None,
+    cancel=None,
+) -> StatsTable:
     """One stats table over several z-stacks (exact pooled min/max/percentiles per plane and target).
 
     Parameters
@@ -40,31 +48,58 @@ def pooled_stats(stacks: list, *, percentiles: Sequence[float] = (1.0, 99.8), ma
     ref = stacks[0]
     for zs in stacks[1:]:
         if zs.n_planes != ref.n_planes:
-            raise ZStackError(zs.path, f"has {zs.n_planes} planes but {ref.path} has {ref.n_planes}.",
-                              "Compute one table per kind of stack (same plane count).")
+            raise ZStackError(
+                zs.path,
+                f"has {zs.n_planes} planes but {ref.path} has {ref.n_planes}.",
+                "Compute one table per kind of stack (same plane count).",
+            )
     sel = slice(*rows) if rows else slice(None)
     for zs in stacks:
         height = int(zs.data.shape[-2])
         if rows and not (0 <= rows[0] < rows[1] <= height):
-            raise ZStackError(zs.path, f"has rows 0..{height}, so rows {rows[0]}..{rows[1]} cannot be used.",
-                              f"Give --rows START STOP with 0 <= START < STOP <= {height}.")
+            raise ZStackError(
+                zs.path,
+                f"has rows 0..{height}, so rows {rows[0]}..{rows[1]} cannot be used.",
+                f"Give --rows START STOP with 0 <= START < STOP <= {height}.",
+            )
     idx = list(range(ref.n_planes)) if planes is None else list(planes)
     flat = [zs.data[idx][:, sel].reshape(len(idx), 1, -1) for zs in stacks]
     data = da.concatenate(flat, axis=2) if len(flat) > 1 else flat[0]
     chan = ref.channel_name or "input"
-    table = compute_stats(data, percentiles=percentiles, magnification=magnification, channel=chan,
-                          include_targets=False, progress=progress, cancel=cancel)
+    table = compute_stats(
+        data,
+        percentiles=percentiles,
+        magnification=magnification,
+        channel=chan,
+        include_targets=False,
+        progress=progress,
+        cancel=cancel,
+    )
     names = list(channels) if channels is not None else [n for n in ref.targets if all(n in s.targets for s in stacks)]
     for name in names:
         parts = [zs.targets[name][sel].reshape(1, -1) for zs in stacks if name in zs.targets]
-        t = compute_stats(da.concatenate(parts, axis=1), percentiles=percentiles, magnification=magnification,
-                          channel=name, include_targets=False, cancel=cancel)
+        t = compute_stats(
+            da.concatenate(parts, axis=1),
+            percentiles=percentiles,
+            magnification=magnification,
+            channel=name,
+            include_targets=False,
+            cancel=cancel,
+        )
         table.rows += t.rows
     return table
 
-def zstack_stats(paths: Sequence[str | Path], *, magnification: str = "", percentiles: Sequence[float] = (1.0, 99.8),
-                 rows: tuple[int, int] | None = None, channel: str | None = None, progress=None,
-                 cancel=None) -> StatsTable:
+
+def zstack_stats(
+    paths: Sequence[str | Path],
+    *,
+    magnification: str = "",
+    percentiles: Sequence[float] = (1.0, 99.8),
+    rows: tuple[int, int] | None = None,
+    channel: str | None = None,
+    progress=None,
+    cancel=None,
+) -> StatsTable:
     """The ``pathfm zstats`` table: pooled statistics of every stack (site) under ``paths``.
 
     Examples
@@ -74,5 +109,6 @@ def zstack_stats(paths: Sequence[str | Path], *, magnification: str = "", percen
     (13,)
     """
     stacks = [zs for p in paths for zs in open_stacks(p, channel=channel)]
-    return pooled_stats(stacks, percentiles=percentiles, magnification=magnification, rows=rows, progress=progress,
-                        cancel=cancel)
+    return pooled_stats(
+        stacks, percentiles=percentiles, magnification=magnification, rows=rows, progress=progress, cancel=cancel
+    )

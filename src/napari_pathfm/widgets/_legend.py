@@ -75,8 +75,11 @@ def layer_classes(layer) -> list[tuple[int, str, tuple[int, int, int]]]:
     if not values:
         return []
     rgba = np.asarray(layer.colormap.map(np.asarray(values, dtype=np.int64)), float).reshape(len(values), 4)
-    return [(v, str(classes.get(v, classes.get(str(v)))), tuple(int(round(c * 255)) for c in row[:3]))
-            for v, row in zip(values, rgba) if row[3] > 0]
+    return [
+        (v, str(classes.get(v, classes.get(str(v)))), tuple(int(round(c * 255)) for c in row[:3]))
+        for v, row in zip(values, rgba)
+        if row[3] > 0
+    ]
 
 
 class Legend(QGroupBox):
@@ -178,8 +181,11 @@ class Legend(QGroupBox):
         row.addWidget(high)
         row.addStretch(1)
         col.addLayout(row)
-        box.setToolTip(f"{layer.name}: colormap {layer.colormap.name}, contrast {fmt_value(lo)} – {fmt_value(hi)}; "
-                       "values at or below the low end are transparent where the colormap starts transparent")
+        box.setToolTip(
+            f"{layer.name}: colormap {layer.colormap.name}, contrast {fmt_value(lo)} – {fmt_value(hi)}; "
+            "values at or below the low end are transparent where the colormap starts transparent"
+        )
         self._add(box)
-        self.entries.append({"layer": layer.name, "kind": "colorbar", "colormap": layer.colormap.name,
-                             "range": (lo, hi)})
+        self.entries.append(
+            {"layer": layer.name, "kind": "colorbar", "colormap": layer.colormap.name, "range": (lo, hi)}
+        )

@@ -50,8 +50,12 @@ class TaskRunner(QObject):
         Called on the GUI thread with ``(done, total, message)`` as the task reports progress.
     """
 
-    def __init__(self, on_state: Callable[[str], None] | None = None, parent=None,
-                 on_progress: Callable[[int, int, str], None] | None = None):
+    def __init__(
+        self,
+        on_state: Callable[[str], None] | None = None,
+        parent=None,
+        on_progress: Callable[[int, int, str], None] | None = None,
+    ):
         super().__init__(parent)
         self._bridge = _Bridge()
         self._bridge.progressed.connect(self._on_progress)

@@ -113,8 +113,12 @@ class LossPlot(QWidget):
         grid = QColor(fg)
         grid.setAlpha(40)
         m = _MARGIN
-        area = QRectF(m["left"], m["top"], max(10, self.width() - m["left"] - m["right"]),
-                      max(10, self.height() - m["top"] - m["bottom"]))
+        area = QRectF(
+            m["left"],
+            m["top"],
+            max(10, self.width() - m["left"] - m["right"]),
+            max(10, self.height() - m["top"] - m["bottom"]),
+        )
         p.setPen(QPen(fg, 1))
         p.drawRect(area)
         self._labels(p, area, fg)
@@ -125,7 +129,10 @@ class LossPlot(QWidget):
         xs = [x for pts in self.curves.values() for x, _ in pts]
         xticks = nice_ticks(0.0, max(max(xs), 1.0))
         x0, x1 = xticks[0], xticks[-1]
-        sides = {True: [n for n in self.curves if self._on_left(n)], False: [n for n in self.curves if not self._on_left(n)]}
+        sides = {
+            True: [n for n in self.curves if self._on_left(n)],
+            False: [n for n in self.curves if not self._on_left(n)],
+        }
         for left, names in sides.items():
             ys = [y for n in names for _, y in self.curves[n]]
             if not ys:
@@ -134,15 +141,24 @@ class LossPlot(QWidget):
             y0, y1 = yticks[0], yticks[-1]
 
             def to_px(x, y, y0=y0, y1=y1):
-                return QPointF(area.left() + (x - x0) / (x1 - x0) * area.width(),
-                               area.bottom() - (y - y0) / ((y1 - y0) or 1) * area.height())
+                return QPointF(
+                    area.left() + (x - x0) / (x1 - x0) * area.width(),
+                    area.bottom() - (y - y0) / ((y1 - y0) or 1) * area.height(),
+                )
 
             p.setPen(QPen(fg, 1))
             for t in yticks:
                 y = to_px(x0, t).y()
-                p.drawLine(QPointF(area.left() if left else area.right() - 4, y), QPointF(area.left() + 4 if left else area.right(), y))
-                rect = QRectF(0, y - 8, m["left"] - 6, 16) if left else QRectF(area.right() + 6, y - 8, m["right"] - 6, 16)
-                align = (Qt.AlignmentFlag.AlignRight if left else Qt.AlignmentFlag.AlignLeft) | Qt.AlignmentFlag.AlignVCenter
+                p.drawLine(
+                    QPointF(area.left() if left else area.right() - 4, y),
+                    QPointF(area.left() + 4 if left else area.right(), y),
+                )
+                rect = (
+                    QRectF(0, y - 8, m["left"] - 6, 16) if left else QRectF(area.right() + 6, y - 8, m["right"] - 6, 16)
+                )
+                align = (
+                    Qt.AlignmentFlag.AlignRight if left else Qt.AlignmentFlag.AlignLeft
+                ) | Qt.AlignmentFlag.AlignVCenter
                 p.drawText(rect, int(align), _fmt(t))
             for name in names:
                 self._curve(p, name, [to_px(x, y) for x, y in self._thin(self.curves[name], area.width())])
@@ -176,8 +192,13 @@ class LossPlot(QWidget):
 
     def _labels(self, p: QPainter, area: QRectF, fg: QColor) -> None:
         p.setPen(QPen(fg, 1))
-        p.drawText(QRectF(area.left(), self.height() - 18, area.width(), 16), int(Qt.AlignmentFlag.AlignHCenter), self.x_label)
-        for text, x, angle in ((self.y_label, 12, -90), (self.y2_label if any(not self._on_left(n) for n in self.curves) else "", self.width() - 12, 90)):
+        p.drawText(
+            QRectF(area.left(), self.height() - 18, area.width(), 16), int(Qt.AlignmentFlag.AlignHCenter), self.x_label
+        )
+        for text, x, angle in (
+            (self.y_label, 12, -90),
+            (self.y2_label if any(not self._on_left(n) for n in self.curves) else "", self.width() - 12, 90),
+        ):
             if not text:
                 continue
             p.save()
@@ -200,4 +221,8 @@ class LossPlot(QWidget):
             p.setPen(QPen(QColor(COLORS[i % len(COLORS)]), 2))
             p.drawLine(QPointF(box.left() + 4, y), QPointF(box.left() + 22, y))
             p.setPen(QPen(fg, 1))
-            p.drawText(QRectF(box.left() + 26, y - fm.height() / 2, w - 26, fm.height()), int(Qt.AlignmentFlag.AlignVCenter), pretty_name(name))
+            p.drawText(
+                QRectF(box.left() + 26, y - fm.height() / 2, w - 26, fm.height()),
+                int(Qt.AlignmentFlag.AlignVCenter),
+                pretty_name(name),
+            )

@@ -73,7 +73,9 @@ class ViewerDataActions:
     def add_viewer_corrections(self) -> list[Path]:
         """Append the viewer's corrections folders to ``data.extra_dirs``; returns the folders added."""
         return self._put_paths(
-            "data.extra_dirs", self.viewer_corrections(), append=True,
+            "data.extra_dirs",
+            self.viewer_corrections(),
+            append=True,
             missing="No corrections found: record some with the Segment widget (Record corrections).",
             done="training also on corrections folder(s): ",
         )
@@ -88,7 +90,9 @@ class ViewerDataActions:
     def use_viewer_zstacks(self) -> list[Path]:
         """Set ``data.stacks`` to the open z-stacks; returns them."""
         return self._put_paths(
-            "data.stacks", self.viewer_zstacks(), append=False,
+            "data.stacks",
+            self.viewer_zstacks(),
+            append=False,
             missing="No z-stack is open: open one (File > Open) with its target images first.",
             done="training on the open z-stack(s): ",
         )

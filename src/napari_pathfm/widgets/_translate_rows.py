@@ -18,6 +18,7 @@ from ._checkpoint_picker import CheckpointPicker
 
 __all__ = ["ChannelRow"]
 
+
 class ChannelRow(QWidget):
     """One channel row: what the checkpoint predicts, the checkpoint picker, a remove button.
 

@@ -136,8 +136,9 @@ class ClassifyWidget(TaskDock):
             from ..layers import class_features, clip_to_slide
             from ..tiles.cached_encoder import cache_note
 
-            result = classify_slide(slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel,
-                                    image_mpp=image_mpp)
+            result = classify_slide(
+                slide_path, checkpoint, batch_size=batch, progress=progress, cancel=cancel, image_mpp=image_mpp
+            )
             # per-tile maps refined to stop at the slide's edge (the last tiles hang over it)
             class_map, cell = clip_to_slide(result.class_map, result.cell, level0_shape)
             prob_maps, _ = clip_to_slide(result.prob_maps, result.cell, level0_shape)
@@ -159,16 +160,27 @@ class ClassifyWidget(TaskDock):
         kwargs["metadata"] = {**kwargs["metadata"], "run": self._runs, "downsample": maps["cell"]}
         names = result.label_names()
         self.labels_layer = self.show_layer(
-            f"{base} classes", maps["class_map"], "labels", opacity=OVERLAY_OPACITY, features=features,
-            colormap=label_colormap(names), **kwargs,
+            f"{base} classes",
+            maps["class_map"],
+            "labels",
+            opacity=OVERLAY_OPACITY,
+            features=features,
+            colormap=label_colormap(names),
+            **kwargs,
         )
         old_probs = [layer for layer in self.prob_layers if layer in self.viewer.layers]
         self.prob_layers = []
         prob_maps = maps["prob_maps"]
         for k, cls in enumerate(result.classes):
             layer = self.show_layer(
-                f"{base} p({cls})", prob_maps[k], "image", colormap=napari_colormap("probability"),
-                opacity=OVERLAY_OPACITY, contrast_limits=(0.0, 1.0), blending="translucent", interpolation2d="nearest",
+                f"{base} p({cls})",
+                prob_maps[k],
+                "image",
+                colormap=napari_colormap("probability"),
+                opacity=OVERLAY_OPACITY,
+                contrast_limits=(0.0, 1.0),
+                blending="translucent",
+                interpolation2d="nearest",
                 visible=k == 0,
                 **{**kwargs, "metadata": {**kwargs["metadata"], "class": cls, "pathfm_kind": "classify-probability"}},
             )
@@ -265,12 +277,24 @@ class ClassifyWidget(TaskDock):
         self.gradcam = cam
         image, scale, translate = cam.mosaic()
         name = f"{self._slide_layer_name} Grad-CAM"
-        meta = {"pathfm_kind": "gradcam", "tiles": cam.indices.tolist(), "targets": cam.targets.tolist(),
-                "classes": [self.result.classes[k] for k in cam.targets]}
+        meta = {
+            "pathfm_kind": "gradcam",
+            "tiles": cam.indices.tolist(),
+            "targets": cam.targets.tolist(),
+            "classes": [self.result.classes[k] for k in cam.targets],
+        }
         kwargs = {"scale": scale, "translate": translate, "metadata": meta}
-        cam_layer = self.show_layer(name, image, "image", colormap=napari_colormap("gradcam"), opacity=0.6,
-                              contrast_limits=(0.0, 1.0), blending="translucent", units=layer_units(self.result.mpp),
-                              **kwargs)
+        cam_layer = self.show_layer(
+            name,
+            image,
+            "image",
+            colormap=napari_colormap("gradcam"),
+            opacity=0.6,
+            contrast_limits=(0.0, 1.0),
+            blending="translucent",
+            units=layer_units(self.result.mpp),
+            **kwargs,
+        )
         shown = [self.labels_layer, *self.prob_layers[:1], cam_layer]
         self.legend.show_layers([layer for layer in shown if layer in self.viewer.layers], title=self._legend_title)
         classes = sorted(set(meta["classes"]))
@@ -279,8 +303,10 @@ class ClassifyWidget(TaskDock):
         if empty:
             text += f" {len(empty)} map(s) are all 0: no positive evidence for the class in those tiles."
         if cam.capped:
-            text += (f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}, those nearest the "
-                     "centre): zoom in.")
+            text += (
+                f" {cam.capped} more tiles in view were left out (at most {len(cam.indices)}, those nearest the "
+                "centre): zoom in."
+            )
         self.status.setText(text)
 
     def _arm_click(self, on: bool) -> None:

@@ -172,10 +172,13 @@ class MILWidget(TaskDock):
         self.prediction = pred
         self._runs += 1
         best = int(np.argmax(pred.probabilities))
-        others = ", ".join(f"{c} {p:.3f}" for i, (c, p) in enumerate(zip(pred.classes, pred.probabilities)) if i != best)
+        others = ", ".join(
+            f"{c} {p:.3f}" for i, (c, p) in enumerate(zip(pred.classes, pred.probabilities)) if i != best
+        )
         self.result_label.setText(
             f"prediction: <b>{pred.predicted}</b> (probability {float(pred.probabilities[best]):.3f}; {others}), "
-            f"{len(pred.coords)} patches")
+            f"{len(pred.coords)} patches"
+        )
         self.show_notes(getattr(pred, "notes", []))
         self.status.setText("")
         if self.box_layer is not None and self.box_layer in self.viewer.layers:
@@ -200,12 +203,27 @@ class MILWidget(TaskDock):
         scale, translate = layer_transform(mpp, cell)
         name = f"{self._slide_layer_name} MIL heatmap"
         layer = self.show_layer(
-            name, data, "image", scale=scale, translate=translate, units=layer_units(mpp), opacity=0.6,
-            blending="translucent", interpolation2d="nearest", colormap=napari_colormap("attention"),
+            name,
+            data,
+            "image",
+            scale=scale,
+            translate=translate,
+            units=layer_units(mpp),
+            opacity=0.6,
+            blending="translucent",
+            interpolation2d="nearest",
+            colormap=napari_colormap("attention"),
             contrast_limits=limits,
         )
-        layer.metadata.update({"pathfm_kind": "mil-heatmap", "class": pred.classes[cls], "downsample": cell,
-                               "contrast_percentiles": list(HEAT_PERCENTILES), "run": self._runs})
+        layer.metadata.update(
+            {
+                "pathfm_kind": "mil-heatmap",
+                "class": pred.classes[cls],
+                "downsample": cell,
+                "contrast_percentiles": list(HEAT_PERCENTILES),
+                "run": self._runs,
+            }
+        )
         self.heat_layer = layer
         self.legend.show_layers([layer], title=f"{self._legend_title or 'model'}, run {self._runs}")
         self.top_list.clear()
@@ -236,14 +254,23 @@ class MILWidget(TaskDock):
             layer = self.viewer.layers[name]
         if layer is None:
             layer = self.viewer.add_shapes(
-                name=name, scale=(unit, unit), units=layer_units(mpp), ndim=2, edge_color=BOX_COLOR,
-                face_color="transparent", metadata={"pathfm_kind": "mil-top-patch"},
+                name=name,
+                scale=(unit, unit),
+                units=layer_units(mpp),
+                ndim=2,
+                edge_color=BOX_COLOR,
+                face_color="transparent",
+                metadata={"pathfm_kind": "mil-top-patch"},
             )
             if selection is not None:
                 self.viewer.layers.selection.active = selection  # keep the user's layer controls
         layer.data = []
-        layer.add_rectangles(box, edge_color=BOX_COLOR, face_color="transparent",
-                             edge_width=max(2.0, 0.04 * self.prediction.level0_tile_size))
+        layer.add_rectangles(
+            box,
+            edge_color=BOX_COLOR,
+            face_color="transparent",
+            edge_width=max(2.0, 0.04 * self.prediction.level0_tile_size),
+        )
         layer.metadata.update({"patch": [int(y), int(x)], "level0_box": box.tolist()})
         self.box_layer = layer
         camera = viewer_camera(self.viewer)

@@ -82,8 +82,9 @@ class SegmentWidget(TaskDock):
         self.segment_btn.clicked.connect(self.run)
         self.record = QCheckBox("Record corrections")
         self.record.setChecked(True)
-        self.record.setToolTip("Save every painted tile (image + corrected mask) in your napari-pathfm data folder "
-                               "for fine-tuning")
+        self.record.setToolTip(
+            "Save every painted tile (image + corrected mask) in your napari-pathfm data folder for fine-tuning"
+        )
         self.record.toggled.connect(self._toggle_recording)
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 500)
@@ -158,7 +159,9 @@ class SegmentWidget(TaskDock):
             self.status.setText("Open a slide first (File → Open, or the Slide widget).")
             return None
         if not checkpoint:
-            self.status.setText("No segmentation checkpoint: train one (pathfm train training/pathsam2/…) or browse to one.")
+            self.status.setText(
+                "No segmentation checkpoint: train one (pathfm train training/pathsam2/…) or browse to one."
+            )
             return None
         slide_path = self.viewer.layers[name].metadata["pathfm_path"]
         mpp = self.mpp.value() or None
@@ -176,16 +179,22 @@ class SegmentWidget(TaskDock):
             from ..tiles.cached_encoder import cache_note
             from ._colormaps import label_colormap
 
-            result = segment_slide(slide_path, checkpoint, mpp=mpp, progress=progress, cancel=cancel,
-                                   image_mpp=image_mpp)
+            result = segment_slide(
+                slide_path, checkpoint, mpp=mpp, progress=progress, cancel=cancel, image_mpp=image_mpp
+            )
             card = read_card(checkpoint_paths(result.checkpoint or checkpoint)[1])
             labels = result.labels
-            baseline = np.array(labels) if isinstance(labels, np.ndarray) and labels.size <= BASELINE_MAX_PIXELS else None
+            baseline = (
+                np.array(labels) if isinstance(labels, np.ndarray) and labels.size <= BASELINE_MAX_PIXELS else None
+            )
             slide = open_slide(slide_path)  # for the corrections recorder
             if image_mpp is not None and slide.mpp is None:
                 slide.mpp = image_mpp
-            look = {"colormap": label_colormap(result.classes), "features": class_features(list(result.classes)),
-                    "cache_note": cache_note(result.cache)}
+            look = {
+                "colormap": label_colormap(result.classes),
+                "features": class_features(list(result.classes)),
+                "cache_note": cache_note(result.cache),
+            }
             recorder = self._make_recorder(slide, labels, result, card, baseline) if record else None
             return result, baseline, card, slide, look, recorder
 
@@ -200,8 +209,15 @@ class SegmentWidget(TaskDock):
         kwargs["metadata"]["pathfm_notes"] = notes
         kwargs["metadata"]["classes"] = dict(enumerate(result.classes))  # the legend and GeoJSON writer read it
         kwargs.pop("name", None)
-        layer = self.show_layer(f"{self._slide_layer_name} segmentation", result.labels, "labels", opacity=0.5,
-                                colormap=look["colormap"], features=look["features"], **kwargs)
+        layer = self.show_layer(
+            f"{self._slide_layer_name} segmentation",
+            result.labels,
+            "labels",
+            opacity=0.5,
+            colormap=look["colormap"],
+            features=look["features"],
+            **kwargs,
+        )
         self._runs += 1
         model = Path(result.checkpoint).stem if getattr(result, "checkpoint", None) else "model"
         self.legend.show_layers([layer], title=f"{model}, run {self._runs}")
@@ -229,8 +245,9 @@ class SegmentWidget(TaskDock):
     def _start_recording(self) -> None:
         if self.labels_layer is None or self.result is None or self.recorder is not None:
             return
-        recorder = self._make_recorder(self._slide, self.labels_layer.data, self.result, getattr(self, "_card", None),
-                                       self._baseline)
+        recorder = self._make_recorder(
+            self._slide, self.labels_layer.data, self.result, getattr(self, "_card", None), self._baseline
+        )
         self._attach_recorder(recorder)
 
     @staticmethod
@@ -248,8 +265,13 @@ class SegmentWidget(TaskDock):
         baseline = baseline if baseline is not None and baseline.shape == labels.shape else None
         try:
             return CorrectionRecorder(
-                slide, labels, mpp=result.model_mpp or slide.mpp, classes=result.classes, tile_size=tile,
-                labels_downsample=1.0, baseline=baseline,
+                slide,
+                labels,
+                mpp=result.model_mpp or slide.mpp,
+                classes=result.classes,
+                tile_size=tile,
+                labels_downsample=1.0,
+                baseline=baseline,
                 schedule=lambda fn: QTimer.singleShot(0, fn),  # napari may write a stroke after its paint event
             )
         except Exception as exc:  # noqa: BLE001 - a corrections folder of another model: say so, keep the mask
@@ -271,8 +293,10 @@ class SegmentWidget(TaskDock):
         n_saved = len(self.recorder.saved)
         self.restore_btn.setEnabled(n_saved > 0)
         if n_saved:
-            self.status.setText(self.status.text() + f" {n_saved} corrected tiles of this slide are saved: "
-                                "press Restore corrections to put them into the mask.")
+            self.status.setText(
+                self.status.text() + f" {n_saved} corrected tiles of this slide are saved: "
+                "press Restore corrections to put them into the mask."
+            )
 
     def _stop_recording(self) -> None:
         if self.recorder is not None:
@@ -312,7 +336,12 @@ class SegmentWidget(TaskDock):
         if not self.recorder.saved:
             self.status.setText("No corrections yet: paint on the segmentation layer first.")
             return None
-        checkpoint, folder, epochs, lr = self.checkpoint.path(), self.recorder.folder, self.epochs.value(), self.lr.value()
+        checkpoint, folder, epochs, lr = (
+            self.checkpoint.path(),
+            self.recorder.folder,
+            self.epochs.value(),
+            self.lr.value(),
+        )
         n = len(self.recorder.saved)
         log = self.log_lines = [f"Fine-tune of {checkpoint} on {n} corrected tiles in {folder}"]
 
@@ -322,12 +351,15 @@ class SegmentWidget(TaskDock):
             log.append(json.dumps(event, default=str))
 
         def job(progress, cancel):
-            return finetune_from_corrections(checkpoint, folder, epochs=epochs, lr=lr, progress=progress,
-                                             cancel=cancel, on_event=on_event)
+            return finetune_from_corrections(
+                checkpoint, folder, epochs=epochs, lr=lr, progress=progress, cancel=cancel, on_event=on_event
+            )
 
         self.log_btn.setEnabled(True)
-        self.status.setText(f"Fine-tuning on {n} corrected tile{'s' * (n != 1)}"
-                            f"{' (no validation tile: the last epoch is kept)' if n == 1 else ''}…")
+        self.status.setText(
+            f"Fine-tuning on {n} corrected tile{'s' * (n != 1)}"
+            f"{' (no validation tile: the last epoch is kept)' if n == 1 else ''}…"
+        )
         return self.start_task(job, description="Fine-tune on corrections", on_done=self._finetuned)
 
     def _finetuned(self, new_checkpoint: Path) -> None:
@@ -337,8 +369,10 @@ class SegmentWidget(TaskDock):
         self.checkpoint.refresh()
         self.checkpoint.set_path(new_checkpoint)
         self.log_lines.append(f"New checkpoint: {new_checkpoint}")
-        self.status.setText(f"New checkpoint {Path(new_checkpoint).parent.name} is selected; press Segment to "
-                            f"re-run with it. (Saved in {Path(new_checkpoint).parent}.)")
+        self.status.setText(
+            f"New checkpoint {Path(new_checkpoint).parent.name} is selected; press Segment to "
+            f"re-run with it. (Saved in {Path(new_checkpoint).parent}.)"
+        )
 
     # -- errors, log -------------------------------------------------------------------------
     def task_failed(self, exc: BaseException) -> None:

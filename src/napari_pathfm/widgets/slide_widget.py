@@ -40,8 +40,14 @@ from ..layers import tile_boxes
 from ._compact import compact_combo
 from ._dock import TaskDock
 
-__all__ = ["MAX_TILE_SHAPES", "SlideWidget", "add_tissue_tiles_layers", "fill_slide_combo", "slide_layers",
-           "tile_boxes"]
+__all__ = [
+    "MAX_TILE_SHAPES",
+    "SlideWidget",
+    "add_tissue_tiles_layers",
+    "fill_slide_combo",
+    "slide_layers",
+    "tile_boxes",
+]
 
 MAX_TILE_SHAPES = 5000  # beyond this many rectangles napari's Shapes layer gets sluggish
 
@@ -86,8 +92,10 @@ class SlideWidget(TaskDock):
 
         self.mpp_note = QLabel("pixel size unknown — enter µm/px")
         self.mpp_note.setStyleSheet("color: orange")
-        self.mpp_note.setToolTip("The file does not say how large a pixel is. Until you enter it, all layers of "
-                                 "this slide are in pixels, tiles are read at level 0 and no µm/px is assumed.")
+        self.mpp_note.setToolTip(
+            "The file does not say how large a pixel is. Until you enter it, all layers of "
+            "this slide are in pixels, tiles are read at level 0 and no µm/px is assumed."
+        )
         self.slide_mpp = QDoubleSpinBox()
         self.slide_mpp.setRange(0.0, 100.0)
         self.slide_mpp.setDecimals(4)
@@ -164,7 +172,12 @@ class SlideWidget(TaskDock):
 
     # -- slides -----------------------------------------------------------------
     def _choose_file(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", "Slides (*.svs *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.tif *.tiff *.dcm *.png *.jpg);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self,
+            "Open slide",
+            "",
+            "Slides (*.svs *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.tif *.tiff *.dcm *.png *.jpg);;All files (*)",
+        )
         if path:
             self.open_path(path)
 
@@ -221,8 +234,11 @@ class SlideWidget(TaskDock):
         if path in self._slides:
             self._slides[path].mpp = mpp
         self._show_properties()
-        self.status.setText(f"{layer.name}: {mpp:g} µm/px (entered) on all its layers." if mpp
-                            else f"{layer.name}: pixel size unknown; its layers are in pixels.")
+        self.status.setText(
+            f"{layer.name}: {mpp:g} µm/px (entered) on all its layers."
+            if mpp
+            else f"{layer.name}: pixel size unknown; its layers are in pixels."
+        )
 
     def _refresh_layers(self, *_) -> None:
         current = self.layer_combo.currentText()
@@ -285,8 +301,10 @@ class SlideWidget(TaskDock):
             self.status.setText("Open a slide first.")
             return None
         params = dict(
-            tile_size=self.tile_size.value(), mpp=self.tile_mpp.value(),
-            min_tissue=self.min_tissue.value(), mask_mpp=self.mask_mpp.value(),
+            tile_size=self.tile_size.value(),
+            mpp=self.tile_mpp.value(),
+            min_tissue=self.min_tissue.value(),
+            mask_mpp=self.mask_mpp.value(),
         )
         name = self.current_layer().name
 
@@ -311,8 +329,12 @@ def add_tissue_tiles_layers(viewer, name: str, result) -> str:
     labels_name, tiles_name = f"{name} tissue", f"{name} tiles"
     path = str(slide.path)
     mask = tissue.mask.astype(np.uint8)
-    meta = {"pathfm_kind": "tissue", "pathfm_of": path, "classes": {0: "Background", 1: "Tissue"},
-            "downsample": tissue.downsample}
+    meta = {
+        "pathfm_kind": "tissue",
+        "pathfm_of": path,
+        "classes": {0: "Background", 1: "Tissue"},
+        "downsample": tissue.downsample,
+    }
     # A re-run updates the layers in place: removing a layer makes napari collect garbage and
     # rebuild its visual on the GUI thread (~0.3 s here), replacing the data does not.
     if labels_name in viewer.layers:
@@ -321,8 +343,16 @@ def add_tissue_tiles_layers(viewer, name: str, result) -> str:
         tissue_layer.data = mask
         tissue_layer.metadata.update(meta)
     else:
-        tissue_layer = viewer.add_labels(mask, name=labels_name, scale=scale, translate=translate, opacity=0.8,
-                                         units=units, axis_labels=("y", "x"), metadata=meta)
+        tissue_layer = viewer.add_labels(
+            mask,
+            name=labels_name,
+            scale=scale,
+            translate=translate,
+            opacity=0.8,
+            units=units,
+            axis_labels=("y", "x"),
+            metadata=meta,
+        )
         tissue_layer.contour = 1
     n = len(grid.tiles)
     boxes = tile_boxes(grid) if 0 < n <= MAX_TILE_SHAPES else []
@@ -339,10 +369,23 @@ def add_tissue_tiles_layers(viewer, name: str, result) -> str:
             tiles_layer.add_rectangles(boxes, **style)
         tiles_layer.metadata.update(tiles_meta)
     elif boxes:
-        viewer.add_shapes(boxes, shape_type="rectangle", name=tiles_name, scale=(unit, unit), units=units,
-                          axis_labels=("y", "x"), metadata=tiles_meta, **style)
+        viewer.add_shapes(
+            boxes,
+            shape_type="rectangle",
+            name=tiles_name,
+            scale=(unit, unit),
+            units=units,
+            axis_labels=("y", "x"),
+            metadata=tiles_meta,
+            **style,
+        )
     level_mpp = slide.level_mpp(grid.level)
-    read = f"read at level {grid.level} ({level_mpp:.4g} µm/px)" if level_mpp else f"read at level {grid.level} (µm/px unknown)"
+    read = (
+        f"read at level {grid.level} ({level_mpp:.4g} µm/px)"
+        if level_mpp
+        else f"read at level {grid.level} (µm/px unknown)"
+    )
     out = f", {grid.mpp:.4g} µm/px per tile pixel" if grid.mpp else ""
-    return (f"{n} tissue tiles of {grid.tile_size} px {read}{out}; tissue covers "
-            f"{tissue.tissue_fraction:.0%} of the slide.")
+    return (
+        f"{n} tissue tiles of {grid.tile_size} px {read}{out}; tissue covers {tissue.tissue_fraction:.0%} of the slide."
+    )

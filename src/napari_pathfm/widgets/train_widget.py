@@ -55,7 +55,13 @@ from ._train_state import RunState
 from ._train_viewer_data import ViewerDataActions, viewer_data_button
 
 __all__ = [
-    "COMMON_KEYS", "RECIPES_DIR", "SKIP_KEYS", "RunState", "TrainWidget", "default_output", "flatten",
+    "COMMON_KEYS",
+    "RECIPES_DIR",
+    "SKIP_KEYS",
+    "RunState",
+    "TrainWidget",
+    "default_output",
+    "flatten",
     "list_recipes",
 ]
 
@@ -142,7 +148,11 @@ class TrainWidget(ViewerDataActions, QWidget):
         self.viewer_data = QPushButton()  # text, tooltip and visibility follow the family's spec (viewer_data)
         self.viewer_data.clicked.connect(self.add_viewer_data)
 
-        self.start_btn, self.stop_btn, self.resume_btn = QPushButton("Start"), QPushButton("Stop"), QPushButton("Resume")
+        self.start_btn, self.stop_btn, self.resume_btn = (
+            QPushButton("Start"),
+            QPushButton("Stop"),
+            QPushButton("Resume"),
+        )
         self.start_btn.clicked.connect(lambda: self.start(resume=False))
         self.resume_btn.clicked.connect(lambda: self.start(resume=True))
         self.stop_btn.clicked.connect(self.stop)

@@ -80,8 +80,11 @@ def zstack_layers(viewer) -> list[str]:
     """Names of the Image layers that look like z-stacks: 3-D, one value per pixel (not RGB)."""
     from napari.layers import Image
 
-    return [layer.name for layer in viewer.layers
-            if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb and not layer.multiscale]
+    return [
+        layer.name
+        for layer in viewer.layers
+        if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb and not layer.multiscale
+    ]
 
 
 def layer_colormap(name: str, role: str) -> str:
@@ -254,8 +257,10 @@ class TranslateWidget(TaskDock):
         if dup is not None:
             i, j, target = dup
             a, b = (Path(self.rows[k].path()).name for k in (i, j))
-            return (f"Rows {i + 1} ({a}) and {j + 1} ({b}) both predict {target}: one checkpoint per target. "
-                    "Remove one of the rows (✕) or choose a checkpoint for another target.")
+            return (
+                f"Rows {i + 1} ({a}) and {j + 1} ({b}) both predict {target}: one checkpoint per target. "
+                "Remove one of the rows (✕) or choose a checkpoint for another target."
+            )
         return None
 
     def _rows_changed(self) -> None:
@@ -268,7 +273,10 @@ class TranslateWidget(TaskDock):
         self.threshold.setEnabled(lupi is not None or has_conf)
         self.threshold.setToolTip(
             f"Nuclei confidence of {Path(lupi).name} (LUPI): keep only pixels above this value; moves re-label "
-            "the nuclei without running the model again" if lupi else "Needs a LUPI nuclei checkpoint in a row")
+            "the nuclei without running the model again"
+            if lupi
+            else "Needs a LUPI nuclei checkpoint in a row"
+        )
         problem = self.problem()
         if problem and (self.status.text().startswith("⚠") or not self.status.text()):
             self.status.setText(f"⚠ {problem}")
@@ -297,8 +305,9 @@ class TranslateWidget(TaskDock):
             from ..io.zstack import open_zstack
 
             stack = open_zstack(path) if path else data  # a file stack: errors then name its planes
-            result = translate_stack(stack, checkpoints, tile=tile, threshold=threshold, progress=progress,
-                                     cancel=cancel)
+            result = translate_stack(
+                stack, checkpoints, tile=tile, threshold=threshold, progress=progress, cancel=cancel
+            )
             return result, channel_limits(result)
 
         self.status.setText("Translating…")
@@ -331,22 +340,51 @@ class TranslateWidget(TaskDock):
         made = []
         for cname, data in result.channels.items():
             role = result.roles[cname]
-            self._put(f"channel:{cname}", "image", data, name=f"{stem} {cname} (predicted)",
-                      colormap=colormaps[cname], blending="additive", contrast_limits=limits[cname], opacity=opacity,
-                      metadata={"pathfm_kind": "translate", "channel": cname, "role": role,
-                                "contrast_percentiles": list(CHANNEL_PERCENTILES), **run}, **place)
+            self._put(
+                f"channel:{cname}",
+                "image",
+                data,
+                name=f"{stem} {cname} (predicted)",
+                colormap=colormaps[cname],
+                blending="additive",
+                contrast_limits=limits[cname],
+                opacity=opacity,
+                metadata={
+                    "pathfm_kind": "translate",
+                    "channel": cname,
+                    "role": role,
+                    "contrast_percentiles": list(CHANNEL_PERCENTILES),
+                    **run,
+                },
+                **place,
+            )
             made.append(f"channel:{cname}")
         if result.confidence is not None:
-            self._put("confidence", "image", result.confidence, name=f"{stem} nuclei confidence",
-                      colormap=napari_colormap("probability"), blending="translucent", contrast_limits=(0.0, 1.0),
-                      opacity=0.6, visible=False, metadata={"pathfm_kind": "translate-confidence", **run},
-                      **place)
+            self._put(
+                "confidence",
+                "image",
+                result.confidence,
+                name=f"{stem} nuclei confidence",
+                colormap=napari_colormap("probability"),
+                blending="translucent",
+                contrast_limits=(0.0, 1.0),
+                opacity=0.6,
+                visible=False,
+                metadata={"pathfm_kind": "translate-confidence", **run},
+                **place,
+            )
             made.append("confidence")
         if result.nuclei_labels is not None:
-            self._put("nuclei", "labels", result.nuclei_labels, name=f"{stem} nuclei (predicted)", opacity=0.4,
-                      blending="translucent_no_depth",
-                      metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold, **run},
-                      **place)
+            self._put(
+                "nuclei",
+                "labels",
+                result.nuclei_labels,
+                name=f"{stem} nuclei (predicted)",
+                opacity=0.4,
+                blending="translucent_no_depth",
+                metadata={"pathfm_kind": "translate-nuclei", "threshold": result.threshold, **run},
+                **place,
+            )
             made.append("nuclei")
         # a re-run replaces, never piles up: drop the previous run's layers this run does not produce
         for key in [k for k in self.layers if k not in made]:

@@ -48,11 +48,20 @@ class DenseUNet(TiramisuNet):
 
     translate_kind = "regression"
 
-    def __init__(self, in_channels: int = 7, out_channels: int = 1, init_filters: int = 48,
-                 down_blocks: tuple[int, ...] = (4, 4, 4, 4), up_blocks: tuple[int, ...] = (4, 4, 4, 4),
-                 bottleneck_layers: int = 4, growth_rate: int = 12, dropout: float = 0.2):
-        super().__init__(in_channels, out_channels, init_filters, down_blocks, up_blocks, bottleneck_layers,
-                         growth_rate, dropout)
+    def __init__(
+        self,
+        in_channels: int = 7,
+        out_channels: int = 1,
+        init_filters: int = 48,
+        down_blocks: tuple[int, ...] = (4, 4, 4, 4),
+        up_blocks: tuple[int, ...] = (4, 4, 4, 4),
+        bottleneck_layers: int = 4,
+        growth_rate: int = 12,
+        dropout: float = 0.2,
+    ):
+        super().__init__(
+            in_channels, out_channels, init_filters, down_blocks, up_blocks, bottleneck_layers, growth_rate, dropout
+        )
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         prev = self.encoder.out_channels
@@ -78,9 +87,24 @@ class DenseUNet(TiramisuNet):
 
 
 @register_model(family="translate")
-def dense_unet(in_channels: int = 7, out_channels: int = 1, init_filters: int = 48,
-               down_blocks: tuple = (4, 4, 4, 4), up_blocks: tuple = (4, 4, 4, 4), bottleneck_layers: int = 4,
-               growth_rate: int = 12, dropout: float = 0.2) -> DenseUNet:
+def dense_unet(
+    in_channels: int = 7,
+    out_channels: int = 1,
+    init_filters: int = 48,
+    down_blocks: tuple = (4, 4, 4, 4),
+    up_blocks: tuple = (4, 4, 4, 4),
+    bottleneck_layers: int = 4,
+    growth_rate: int = 12,
+    dropout: float = 0.2,
+) -> DenseUNet:
     """HASTE Dense U-Net (tiramisu): z-stack → fluorescence in [0, 1], ~1.2M parameters."""
-    return DenseUNet(in_channels, out_channels, init_filters, tuple(down_blocks), tuple(up_blocks),
-                     bottleneck_layers, growth_rate, dropout)
+    return DenseUNet(
+        in_channels,
+        out_channels,
+        init_filters,
+        tuple(down_blocks),
+        tuple(up_blocks),
+        bottleneck_layers,
+        growth_rate,
+        dropout,
+    )

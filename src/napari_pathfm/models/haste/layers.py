@@ -98,11 +98,11 @@ class DenseBlock(nn.Module):
         Return only the maps the layers made (decoder blocks), not the input.
     """
 
-    def __init__(self, in_channels: int, growth_rate: int, n_layers: int, dropout: float = 0.2,
-                 new_only: bool = False):
+    def __init__(self, in_channels: int, growth_rate: int, n_layers: int, dropout: float = 0.2, new_only: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(
-            DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers))
+            DenseLayer(in_channels + i * growth_rate, growth_rate, dropout) for i in range(n_layers)
+        )
         self.new_only = new_only
         self.out_channels = n_layers * growth_rate + (0 if new_only else in_channels)
 
@@ -158,12 +158,16 @@ def check_input(x: torch.Tensor, in_channels: int, multiple: int, model: str) ->
     that every decoder scale meets its encoder skip at the same size.
     """
     if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"{model} expects (N, {in_channels}, H, W) z-planes, got shape {tuple(x.shape)}; "
-                         f"pass {in_channels} planes (the model's in_channels) as channels")
+        raise ValueError(
+            f"{model} expects (N, {in_channels}, H, W) z-planes, got shape {tuple(x.shape)}; "
+            f"pass {in_channels} planes (the model's in_channels) as channels"
+        )
     h, w = x.shape[-2:]
     if h % multiple or w % multiple:
-        raise ValueError(f"{model} needs H and W divisible by {multiple} (one halving per transition down), "
-                         f"got {h}x{w}; pad or crop the tile (512x512 tiles work)")
+        raise ValueError(
+            f"{model} needs H and W divisible by {multiple} (one halving per transition down), "
+            f"got {h}x{w}; pad or crop the tile (512x512 tiles work)"
+        )
 
 
 class TiramisuEncoder(nn.Module):
@@ -175,8 +179,15 @@ class TiramisuEncoder(nn.Module):
     ``skip_channels`` lists their widths in the same order.
     """
 
-    def __init__(self, in_channels: int, init_filters: int, down_blocks: tuple[int, ...],
-                 bottleneck_layers: int, growth_rate: int, dropout: float):
+    def __init__(
+        self,
+        in_channels: int,
+        init_filters: int,
+        down_blocks: tuple[int, ...],
+        bottleneck_layers: int,
+        growth_rate: int,
+        dropout: float,
+    ):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, init_filters, kernel_size=3, padding=1, bias=True)
         self.blocks = nn.ModuleList()
@@ -209,15 +220,25 @@ class TiramisuNet(nn.Module):
     plane count or a size that is not a multiple of ``2 ** len(down_blocks)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, init_filters: int, down_blocks: tuple[int, ...],
-                 up_blocks: tuple[int, ...], bottleneck_layers: int, growth_rate: int, dropout: float):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        init_filters: int,
+        down_blocks: tuple[int, ...],
+        up_blocks: tuple[int, ...],
+        bottleneck_layers: int,
+        growth_rate: int,
+        dropout: float,
+    ):
         super().__init__()
         if len(down_blocks) != len(up_blocks):
             raise ValueError(f"down_blocks {down_blocks} and up_blocks {up_blocks} must have the same length")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.multiple = 2 ** len(down_blocks)
-        self.encoder = TiramisuEncoder(in_channels, init_filters, tuple(down_blocks), bottleneck_layers,
-                                       growth_rate, dropout)
+        self.encoder = TiramisuEncoder(
+            in_channels, init_filters, tuple(down_blocks), bottleneck_layers, growth_rate, dropout
+        )
 
     def check(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming the fix when ``x`` does not fit the network."""

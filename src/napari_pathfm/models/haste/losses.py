@@ -62,8 +62,9 @@ def _f32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.float() for t in tensors)
 
 
-def log_squared_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                     eps: float = 1e-8) -> torch.Tensor:
+def log_squared_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """Mean squared log-ratio ``mean(w · log((target + eps) / (pred + eps))²)``.
 
     Zero when ``pred == target``; symmetric in the ratio (predicting half or twice the
@@ -85,8 +86,9 @@ def median_normalizer(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(med > eps, med, torch.where(mean > eps, mean, torch.ones_like(mean)))
 
 
-def median_mae_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                    eps: float = 1e-6) -> torch.Tensor:
+def median_mae_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
     """``mean(w · |pred − target|) / median(target)`` (see :func:`median_normalizer` for median 0)."""
     pred, target = _f32(pred, target)
     return _weighted_mean((pred - target).abs(), weight) / median_normalizer(target, eps)
@@ -113,15 +115,20 @@ def gradient_loss(pred: torch.Tensor, target: torch.Tensor, absolute: bool = Tru
     return ((gp[0] - gt[0]).abs().mean() + (gp[1] - gt[1]).abs().mean()) / 2
 
 
-def _refs(real: torch.Tensor, fake: torch.Tensor, real_ref: torch.Tensor | None,
-          fake_ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _refs(
+    real: torch.Tensor, fake: torch.Tensor, real_ref: torch.Tensor | None, fake_ref: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     r = real if real_ref is None else real_ref
     f = fake if fake_ref is None else fake_ref
     return r.float().mean(), f.float().mean()
 
 
-def ralsgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_ref: torch.Tensor | None = None,
-                   fake_ref: torch.Tensor | None = None) -> torch.Tensor:
+def ralsgan_d_loss(
+    real_logits: torch.Tensor,
+    fake_logits: torch.Tensor,
+    real_ref: torch.Tensor | None = None,
+    fake_ref: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Discriminator loss of the relativistic average LS GAN.
 
     ``½ [ mean((D(real) − E[D(fake)] − 1)²) + mean((D(fake) − E[D(real)] + 1)²) ]``:
@@ -135,8 +142,12 @@ def ralsgan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_re
     return (((real_logits - f_avg - 1) ** 2).mean() + ((fake_logits - r_avg + 1) ** 2).mean()) / 2
 
 
-def ralsgan_g_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_ref: torch.Tensor | None = None,
-                   fake_ref: torch.Tensor | None = None) -> torch.Tensor:
+def ralsgan_g_loss(
+    real_logits: torch.Tensor,
+    fake_logits: torch.Tensor,
+    real_ref: torch.Tensor | None = None,
+    fake_ref: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Generator loss of the relativistic average LS GAN: the discriminator loss with the targets swapped.
 
     ``½ [ mean((D(real) − E[D(fake)] + 1)²) + mean((D(fake) − E[D(real)] − 1)²) ]``.
@@ -220,8 +231,9 @@ def _resize_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def mask_bce_loss(mask_logits: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None,
-                  pos_weight: float | None = None) -> torch.Tensor:
+def mask_bce_loss(
+    mask_logits: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None, pos_weight: float | None = None
+) -> torch.Tensor:
     """BCE with logits of the segmentation decoder against the privileged mask.
 
     ``mask``: (N, 1, H, W) or (N, H, W), nonzero = nucleus; resized (nearest) to the
@@ -235,8 +247,9 @@ def mask_bce_loss(mask_logits: torch.Tensor, mask: torch.Tensor, weight: torch.T
 
 
 @torch.no_grad()
-def lwm_weight_map(mask_logits: torch.Tensor, mask: torch.Tensor, pixel_weight: float = 2.0,
-                   threshold: float = 0.5) -> torch.Tensor:
+def lwm_weight_map(
+    mask_logits: torch.Tensor, mask: torch.Tensor, pixel_weight: float = 2.0, threshold: float = 0.5
+) -> torch.Tensor:
     """Per-pixel loss weights (N, 1, H, W): ``pixel_weight`` where the segmentation is wrong, 1 elsewhere.
 
     "Wrong" = ``sigmoid(mask_logits) > threshold`` differs from ``mask > 0``. Detached:
@@ -248,13 +261,25 @@ def lwm_weight_map(mask_logits: torch.Tensor, mask: torch.Tensor, pixel_weight: 
     return 1 + (pixel_weight - 1) * wrong
 
 
-_BASE_LOSSES = {"median_mae": median_mae_loss, "log_squared": log_squared_loss,
-                "l1": lambda p, t, weight=None: _weighted_mean((p.float() - t.float()).abs(), weight)}
+_BASE_LOSSES = {
+    "median_mae": median_mae_loss,
+    "log_squared": log_squared_loss,
+    "l1": lambda p, t, weight=None: _weighted_mean((p.float() - t.float()).abs(), weight),
+}
 
 
-def lwm_loss(out: Any, target: torch.Tensor, mask: torch.Tensor, *, base: str = "median_mae",
-             pixel_weight: float = 2.0, threshold: float = 0.5, image_weight: float = 0.5, mask_weight: float = 1.0,
-             side_weight: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+def lwm_loss(
+    out: Any,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    base: str = "median_mae",
+    pixel_weight: float = 2.0,
+    threshold: float = 0.5,
+    image_weight: float = 0.5,
+    mask_weight: float = 1.0,
+    side_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of the LUPI nuclei net with loss-weight modules (HASTE's ``LWMIntLayersMedianMAELoss``).
 
     ``W = lwm_weight_map(out.mask_logits, mask)``;
@@ -294,6 +319,10 @@ def lwm_loss(out: Any, target: torch.Tensor, mask: torch.Tensor, *, base: str = 
         w_s = F.interpolate(weight, size=size, mode="area")
         side_term = side_term + fn(tanh_scaled(side), t_s, weight=w_s)
     total = image_weight * image_term + mask_weight * mask_term + side_weight * side_term
-    parts = {"image": float(image_term.detach()), "mask": float(mask_term.detach()),
-             "side": float(side_term.detach()), "wrong_fraction": float(((weight - 1) > 0).float().mean())}
+    parts = {
+        "image": float(image_term.detach()),
+        "mask": float(mask_term.detach()),
+        "side": float(side_term.detach()),
+        "wrong_fraction": float(((weight - 1) > 0).float().mean()),
+    }
     return total, parts

@@ -70,12 +70,22 @@ class LUPIUNet(TiramisuNet):
 
     translate_kind = "lupi"
 
-    def __init__(self, in_channels: int = 7, out_channels: int = 1, init_filters: int = 32,
-                 down_blocks: tuple[int, ...] = (4, 4, 4, 4), up_blocks: tuple[int, ...] = (4, 4, 4, 4),
-                 bottleneck_layers: int = 4, growth_rate: int = 12, dropout: float = 0.2,
-                 final_layers: int = 2, final_growth: int = 2):
-        super().__init__(in_channels, out_channels, init_filters, down_blocks, up_blocks, bottleneck_layers,
-                         growth_rate, dropout)
+    def __init__(
+        self,
+        in_channels: int = 7,
+        out_channels: int = 1,
+        init_filters: int = 32,
+        down_blocks: tuple[int, ...] = (4, 4, 4, 4),
+        up_blocks: tuple[int, ...] = (4, 4, 4, 4),
+        bottleneck_layers: int = 4,
+        growth_rate: int = 12,
+        dropout: float = 0.2,
+        final_layers: int = 2,
+        final_growth: int = 2,
+    ):
+        super().__init__(
+            in_channels, out_channels, init_filters, down_blocks, up_blocks, bottleneck_layers, growth_rate, dropout
+        )
         skips = self.encoder.skip_channels[::-1]
         n_up = len(up_blocks)
         self.seg_ups, self.seg_blocks = nn.ModuleList(), nn.ModuleList()
@@ -101,12 +111,12 @@ class LUPIUNet(TiramisuNet):
         bottom, skips = self.encoder(x)
         seg, seg_feats = bottom, []
         for up, block in zip(self.seg_ups, self.seg_blocks):
-            seg_feats.append(seg)          # the segmentation features entering each transition up
+            seg_feats.append(seg)  # the segmentation features entering each transition up
             seg = block(up(seg))
         reg, sides = bottom, []
         for i, (up, block, skip) in enumerate(zip(self.reg_ups, self.reg_blocks, reversed(skips))):
             if i > 0:
-                reg = reg + seg_feats[i]   # combine with the segmentation decoder at this scale
+                reg = reg + seg_feats[i]  # combine with the segmentation decoder at this scale
             reg = block(torch.cat([skip, up(reg)], 1))
             if i < len(self.side_heads):
                 sides.append(self.side_heads[i](reg))
@@ -115,9 +125,28 @@ class LUPIUNet(TiramisuNet):
 
 
 @register_model(family="translate")
-def lupi_unet(in_channels: int = 7, out_channels: int = 1, init_filters: int = 32,
-              down_blocks: tuple = (4, 4, 4, 4), up_blocks: tuple = (4, 4, 4, 4), bottleneck_layers: int = 4,
-              growth_rate: int = 12, dropout: float = 0.2, final_layers: int = 2, final_growth: int = 2) -> LUPIUNet:
+def lupi_unet(
+    in_channels: int = 7,
+    out_channels: int = 1,
+    init_filters: int = 32,
+    down_blocks: tuple = (4, 4, 4, 4),
+    up_blocks: tuple = (4, 4, 4, 4),
+    bottleneck_layers: int = 4,
+    growth_rate: int = 12,
+    dropout: float = 0.2,
+    final_layers: int = 2,
+    final_growth: int = 2,
+) -> LUPIUNet:
     """HASTE LUPI nuclei net: shared encoder, mask + regression decoders, side outputs; ~1.6M parameters."""
-    return LUPIUNet(in_channels, out_channels, init_filters, tuple(down_blocks), tuple(up_blocks),
-                    bottleneck_layers, growth_rate, dropout, final_layers, final_growth)
+    return LUPIUNet(
+        in_channels,
+        out_channels,
+        init_filters,
+        tuple(down_blocks),
+        tuple(up_blocks),
+        bottleneck_layers,
+        growth_rate,
+        dropout,
+        final_layers,
+        final_growth,
+    )

@@ -34,7 +34,7 @@ PAPER_PATCHGAN_PARAMS = 1_700_000
 def receptive_field(n_layers: int, kernel: int = 4) -> int:
     """Input patch size seen by one output logit: ``n_layers`` stride-2 convs, then two stride-1."""
     rf = 1
-    for stride in [1, 1] + [2] * n_layers:     # from the output back to the input
+    for stride in [1, 1] + [2] * n_layers:  # from the output back to the input
         rf = (rf - 1) * stride + kernel
     return rf
 
@@ -58,14 +58,16 @@ class PatchGAN(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.receptive_field = receptive_field(n_layers)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1),
-                                   nn.LeakyReLU(0.2, inplace=True)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         mult = 1
         for i in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** i, 8)
+            prev, mult = mult, min(2**i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
         self.reset_parameters()
@@ -83,8 +85,10 @@ class PatchGAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"PatchGAN expects (N, {self.in_channels}, H, W) = z-planes + channels, "
-                             f"got shape {tuple(x.shape)}; concatenate the stack with the fluorescence image")
+            raise ValueError(
+                f"PatchGAN expects (N, {self.in_channels}, H, W) = z-planes + channels, "
+                f"got shape {tuple(x.shape)}; concatenate the stack with the fluorescence image"
+            )
         return self.net(x)
 
 

@@ -18,8 +18,12 @@ __all__ = ["UNet", "unet"]
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -40,16 +44,19 @@ class UNet(nn.Module):
         self.down = nn.ModuleList([_double_conv(self.in_channels, widths[0])])
         self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(self.depth))
         self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                for i in reversed(range(self.depth)))
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(self.depth))
+        )
         self.dec = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(self.depth)))
         self.head = nn.Conv2d(widths[0], self.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = 2**self.depth
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] % m or x.shape[-2] % m:
-            raise ValueError(f"UNet expects (N, {self.in_channels}, H, W) with H, W multiples of {m}; "
-                             f"got {tuple(x.shape)}. Pad or crop the tiles.")
+            raise ValueError(
+                f"UNet expects (N, {self.in_channels}, H, W) with H, W multiples of {m}; "
+                f"got {tuple(x.shape)}. Pad or crop the tiles."
+            )
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else self.pool(x))

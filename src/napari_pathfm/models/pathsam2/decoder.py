@@ -72,7 +72,9 @@ class Attention(nn.Module):
 class TwoWayAttentionBlock(nn.Module):
     """Tokens attend to themselves and to the image; the image attends to the tokens (SAM)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int = 2, skip_first_layer_pe: bool = False):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int = 2, skip_first_layer_pe: bool = False
+    ):
         super().__init__()
         self.self_attn = Attention(dim, num_heads)
         self.norm1 = nn.LayerNorm(dim)

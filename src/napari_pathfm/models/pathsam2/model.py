@@ -128,8 +128,11 @@ class PathSAM2(nn.Module):
         are shared by checkpoints whose encoders were frozen in training and never go stale)."""
         cfg = getattr(self, "pathfm_config", {}) or {}
         enc, uni = cfg.get("encoder", type(self.trunk).__name__), cfg.get("uni", None if self.uni is None else "vit")
-        return {"name": f"{enc}+{uni}" if uni else str(enc), "modules": self.encoders(),
-                "config": {"encoder": enc, "uni": uni, "image_size": self.input_size}}
+        return {
+            "name": f"{enc}+{uni}" if uni else str(enc),
+            "modules": self.encoders(),
+            "config": {"encoder": enc, "uni": uni, "image_size": self.input_size},
+        }
 
     def class_prompts(self) -> torch.Tensor:
         """``K`` class prompt tokens ``(K, decoder_dim)`` (they replace manual point prompts)."""
@@ -185,14 +188,18 @@ class PathSAM2(nn.Module):
         trunk_sd = sam2_trunk_keys(sd)
         if not trunk_sd:
             raise CheckpointError(
-                path, "has no image_encoder.trunk.* tensors; it is not an original SAM2 checkpoint.",
+                path,
+                "has no image_encoder.trunk.* tensors; it is not an original SAM2 checkpoint.",
                 "Use sam2_hiera_tiny.pt / small / base_plus / large from the SAM2 release.",
             )
         rep = load_into(self.trunk, trunk_sd, source=path, dry_run=True)
         missing = [k for k in rep.missing if not k.startswith("head.")]
         if missing or rep.mismatched:
-            raise CheckpointError(path, f"does not fit the {self._encoder_name()} trunk: {rep}.",
-                                  "Pick the SAM2 checkpoint of the same size as model.encoder.")
+            raise CheckpointError(
+                path,
+                f"does not fit the {self._encoder_name()} trunk: {rep}.",
+                "Pick the SAM2 checkpoint of the same size as model.encoder.",
+            )
         self.load_reports["sam2_trunk"] = load_into(self.trunk, trunk_sd, source=path)
         if decoder:
             self.load_reports["sam2_decoder"] = self._load_decoder(sd, path, "sam_mask_decoder.", "sam_prompt_encoder.")
@@ -203,7 +210,9 @@ class PathSAM2(nn.Module):
         from ..weights import load_state_dict_file
 
         sd = load_state_dict_file(path)
-        sd = {k.replace(".mlp.lin1.", ".mlp.layers.0.").replace(".mlp.lin2.", ".mlp.layers.1."): v for k, v in sd.items()}
+        sd = {
+            k.replace(".mlp.lin1.", ".mlp.layers.0.").replace(".mlp.lin2.", ".mlp.layers.1."): v for k, v in sd.items()
+        }
         self.load_reports["sam_decoder"] = self._load_decoder(sd, path, "mask_decoder.", "prompt_encoder.")
         return self.load_reports
 
@@ -219,8 +228,11 @@ class PathSAM2(nn.Module):
             elif k.startswith(prompt + "no_mask_embed."):
                 mapped["decoder.no_mask_embed." + k[len(prompt + "no_mask_embed.") :]] = v
         if not mapped:
-            raise CheckpointError(path, f"has no {dec}* tensors to load into the decoder.",
-                                  "Pass a SAM2 or SAM checkpoint, or leave the decoder random.")
+            raise CheckpointError(
+                path,
+                f"has no {dec}* tensors to load into the decoder.",
+                "Pass a SAM2 or SAM checkpoint, or leave the decoder random.",
+            )
         report = load_into(self, mapped, source=path)
         if report.mismatched:
             log.warning("%s: decoder tensors of another width were skipped: %s", path, report)
@@ -231,13 +243,19 @@ class PathSAM2(nn.Module):
         from ..weights import load_into, load_state_dict_file
 
         if self.uni is None:
-            raise CheckpointError(path, "is UNI weights, but this model has no UNI encoder (uni: null).",
-                                  "Set model.uni: uni to use them.")
+            raise CheckpointError(
+                path,
+                "is UNI weights, but this model has no UNI encoder (uni: null).",
+                "Set model.uni: uni to use them.",
+            )
         sd = load_state_dict_file(path)
         rep = load_into(self.uni, sd, source=path, dry_run=True)
         if rep.missing or rep.mismatched:
-            raise CheckpointError(path, f"does not fit the UNI encoder: {rep}.",
-                                  "Use UNI's pytorch_model.bin (ViT-L/16) with model.uni: uni.")
+            raise CheckpointError(
+                path,
+                f"does not fit the UNI encoder: {rep}.",
+                "Use UNI's pytorch_model.bin (ViT-L/16) with model.uni: uni.",
+            )
         self.load_reports["uni"] = load_into(self.uni, sd, source=path)
         return self.load_reports
 
@@ -290,8 +308,16 @@ def pathsam2(
         SAM v1 (decoder only). Load reports: ``model.load_reports`` / ``weights_report()``.
     """
     model = PathSAM2(
-        num_classes, encoder, uni, image_size, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim,
-        prompt_head, freeze_encoders,
+        num_classes,
+        encoder,
+        uni,
+        image_size,
+        decoder_dim,
+        decoder_depth,
+        decoder_heads,
+        decoder_mlp_dim,
+        prompt_head,
+        freeze_encoders,
     )
     if sam_checkpoint:
         model.load_sam_decoder(sam_checkpoint)

@@ -173,9 +173,7 @@ def is_low_contrast(tile: np.ndarray, fraction: float = 0.05) -> bool:
     return bool(_low(grey.astype(np.uint8), fraction_threshold=fraction, lower_percentile=5, upper_percentile=99))
 
 
-def split_by_source(
-    labels: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
-) -> list[str]:
+def split_by_source(labels: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> list[str]:
     """Assign each item (source image) to ``train``/``val``/``test``, per class, seeded.
 
     Each class is shuffled with ``seed``; ``round(n * fraction)`` items go to val and to test, with at least one

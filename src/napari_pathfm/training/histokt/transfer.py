@@ -232,8 +232,15 @@ def transfer_matrix(
     for name, root in zip(names, roots):  # stage 1: a model per data set (the diagonal)
         label = f"{name}__{'twostage_source' if imagenet_weights is not None else 'scratch'}"
         weights = Path(imagenet_weights).resolve() if imagenet_weights is not None else None
-        res = _run(_config(src_recipe, root, runs_dir / label, weights), overrides, runs_dir / label, label,
-                   device, cancel, skipped)
+        res = _run(
+            _config(src_recipe, root, runs_dir / label, weights),
+            overrides,
+            runs_dir / label,
+            label,
+            device,
+            cancel,
+            skipped,
+        )
         sources[name] = Path(res["checkpoint"])
         acc[name][name], auroc[name][name] = res["test"].get("test_acc"), res["test"].get("test_auroc")
         runs[name][name] = str(runs_dir / label)
@@ -244,8 +251,15 @@ def transfer_matrix(
             if s == t:
                 continue
             label = f"{s}__to__{t}__{tag}"
-            res = _run(_config(dst_recipe, root, runs_dir / label, sources[s]), overrides, runs_dir / label, label,
-                       device, cancel, skipped)
+            res = _run(
+                _config(dst_recipe, root, runs_dir / label, sources[s]),
+                overrides,
+                runs_dir / label,
+                label,
+                device,
+                cancel,
+                skipped,
+            )
             acc[s][t], auroc[s][t] = res["test"].get("test_acc"), res["test"].get("test_auroc")
             runs[s][t] = str(runs_dir / label)
             done += 1

@@ -42,8 +42,9 @@ def _items(root: Path, split: str, limit: int | None, seed: int) -> list[tuple[P
     return [(f, classes[y]) for f, y in items]
 
 
-def encoder_features(model, files: Sequence[Path], card: dict, *, device: str = "cpu", batch_size: int = 32,
-                     progress=None, cancel=None) -> np.ndarray:
+def encoder_features(
+    model, files: Sequence[Path], card: dict, *, device: str = "cpu", batch_size: int = 32, progress=None, cancel=None
+) -> np.ndarray:
     """Features entering ``model``'s classifier head for each image file, ``(N, D)`` float32.
 
     Images are resized to the card's ``tile_size`` and normalised with its mean/std, as in training.
@@ -55,11 +56,18 @@ def encoder_features(model, files: Sequence[Path], card: dict, *, device: str = 
 
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, torch.nn.Module):
-        raise CheckpointError(card.get("name", "model"), "has no classifier head (get_classifier()).",
-                              "Use a classify checkpoint (timm_classifier or slca).")
+        raise CheckpointError(
+            card.get("name", "model"),
+            "has no classifier head (get_classifier()).",
+            "Use a classify checkpoint (timm_classifier or slca).",
+        )
     norm = card.get("normalization") or {}
-    tf = classify_transforms(int(card.get("tile_size") or 224), False, norm.get("mean", [0.485, 0.456, 0.406]),
-                             norm.get("std", [0.229, 0.224, 0.225]))
+    tf = classify_transforms(
+        int(card.get("tile_size") or 224),
+        False,
+        norm.get("mean", [0.485, 0.456, 0.406]),
+        norm.get("std", [0.229, 0.224, 0.225]),
+    )
     captured: list = []
     hook = head.register_forward_hook(lambda m, args, out: captured.append(args[0].detach().flatten(1).float().cpu()))
     try:
@@ -133,8 +141,11 @@ def tsne_plot(
         d = Path(d)
         rows += [(f, c, d.name) for f, c in _items(d, split, max_per_dataset, seed)]
     if len(rows) < 3:
-        raise RecipeError(datasets[0], f"gives only {len(rows)} images in the {split!r} part; t-SNE needs 3 or more.",
-                          "Use --split all or more data.")
+        raise RecipeError(
+            datasets[0],
+            f"gives only {len(rows)} images in the {split!r} part; t-SNE needs 3 or more.",
+            "Use --split all or more data.",
+        )
     feats = encoder_features(model, [r[0] for r in rows], card, device=device, progress=progress, cancel=cancel)
     perp = float(min(perplexity, max(1.0, (len(rows) - 1) / 3)))
     xy = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(feats)
@@ -147,8 +158,15 @@ def tsne_plot(
         for ci, c in enumerate(classes):
             sel = [i for i, r in enumerate(rows) if r[1] == c and r[2] == name]
             if sel:
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=18, marker=_MARKERS[di % len(_MARKERS)],
-                           color=colours(ci % colours.N), label=f"{name}: {c}", alpha=0.8)
+                ax.scatter(
+                    xy[sel, 0],
+                    xy[sel, 1],
+                    s=18,
+                    marker=_MARKERS[di % len(_MARKERS)],
+                    color=colours(ci % colours.N),
+                    label=f"{name}: {c}",
+                    alpha=0.8,
+                )
     where = f"{Path(checkpoint).parent.name}/{Path(checkpoint).name}"
     ax.set_title(f"t-SNE of encoder features: {where} ({split}, perplexity {perp:.3g})", fontsize=9)
     ax.set_xticks([])

@@ -240,8 +240,12 @@ def evaluate_bags(
         pl = np.concatenate(patch_labels)
         metrics["patch_auroc"] = patch_auroc(np.concatenate(scores), np.where(pl < 0, -1, pl == positive))
     return {
-        "probs": probs_arr, "labels": labels, "patch_scores": scores, "patch_labels": patch_labels,
-        "slides": [it.slide for it in dataset.items], "metrics": metrics,
+        "probs": probs_arr,
+        "labels": labels,
+        "patch_scores": scores,
+        "patch_labels": patch_labels,
+        "slides": [it.slide for it in dataset.items],
+        "metrics": metrics,
     }
 
 
@@ -261,7 +265,8 @@ class BagDataModule(L.LightningDataModule):
         self.train_items, self.val_items, self.test_items = parts["train"], parts["val"], parts["test"]
         if not self.train_items:
             raise RecipeError(
-                self.csv, "leaves no bags for training after the split.",
+                self.csv,
+                "leaves no bags for training after the split.",
                 "Check the split/fold columns or data.val_fold.",
             )
         self.infos = {it.slide: bag_info(it.path) for it in items}
@@ -276,7 +281,8 @@ class BagDataModule(L.LightningDataModule):
             info = self.infos[it.slide]
             if info["dim"] != ref["dim"]:
                 raise FeatureError(
-                    it.path, f"has {info['dim']}-d features but {first.path.name} has {ref['dim']}-d ones.",
+                    it.path,
+                    f"has {info['dim']}-d features but {first.path.name} has {ref['dim']}-d ones.",
                     "Extract all slides with the same backbone.",
                 )
             for key in ("backbone", "weights_sha256", "tile_size"):
@@ -294,14 +300,20 @@ class BagDataModule(L.LightningDataModule):
         """Bags of ``part`` (``"train"``, ``"val"`` or ``"test"``); patch subsets only when ``train``."""
         items = {"train": self.train_items, "val": self.val_items, "test": self.test_items}[part]
         return BagDataset(
-            items, self.dim, max_patches=self.cfg.get("max_patches") if train else None,
-            in_memory=bool(self.cfg.get("in_memory")), seed=self.seed,
+            items,
+            self.dim,
+            max_patches=self.cfg.get("max_patches") if train else None,
+            in_memory=bool(self.cfg.get("in_memory")),
+            seed=self.seed,
         )
 
     def _loader(self, part: str, train: bool) -> DataLoader:
         return DataLoader(
-            self._datasets[part], batch_size=1, shuffle=train,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            self._datasets[part],
+            batch_size=1,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -341,18 +353,26 @@ def build(recipe: Recipe):
             cfg[key] = value
         elif int(cfg[key]) != value:
             raise RecipeError(
-                where, f"model.{key} is {cfg[key]} but the feature bags give a {what} of {value}.",
+                where,
+                f"model.{key} is {cfg[key]} but the feature bags give a {what} of {value}.",
                 f"Remove model.{key} (it follows the data) or use matching features.",
             )
     multitask = bool(cfg.get("multitask", False))
     if multitask and not data.has_patch_labels:
         raise RecipeError(
-            where, "model.multitask is true but no feature file has a patch_labels array.",
+            where,
+            "model.multitask is true but no feature file has a patch_labels array.",
             "Add per-patch labels (int8, -1 = unknown) to the feature files, or set model.multitask: false.",
         )
     model = create_model(recipe.get("model.name"), **cfg)
-    task = MILTask(model, len(data.classes), recipe.get("optim"), recipe.get("trainer.max_epochs"),
-                   recipe.get("loss.patch_weight"), multitask)
+    task = MILTask(
+        model,
+        len(data.classes),
+        recipe.get("optim"),
+        recipe.get("trainer.max_epochs"),
+        recipe.get("loss.patch_weight"),
+        multitask,
+    )
     fx = data.feature_attrs
     card = {
         "classes": data.classes,

@@ -102,9 +102,20 @@ class SegmentTask(L.LightningModule):
         File that must never be overwritten by this run's export.
     """
 
-    def __init__(self, model, classes: list[str], optim: dict, max_epochs: int, alpha: float = 0.125,
-                 beta: float = 0.01, ignore_index: int = IGNORE, tile_size: int = 256, val_stride: int | None = None,
-                 val_batch_size: int = 4, init_checkpoint: Path | None = None):
+    def __init__(
+        self,
+        model,
+        classes: list[str],
+        optim: dict,
+        max_epochs: int,
+        alpha: float = 0.125,
+        beta: float = 0.01,
+        ignore_index: int = IGNORE,
+        tile_size: int = 256,
+        val_stride: int | None = None,
+        val_batch_size: int = 4,
+        init_checkpoint: Path | None = None,
+    ):
         super().__init__()
         self.model = model
         self.classes = list(classes)
@@ -136,7 +147,8 @@ class SegmentTask(L.LightningModule):
         out = (Path(self.trainer.default_root_dir) / "model.safetensors").resolve()
         if out == self.init_checkpoint.resolve():
             raise RecipeError(
-                self.init_checkpoint, "is data.init_checkpoint and would be overwritten by this run's export.",
+                self.init_checkpoint,
+                "is data.init_checkpoint and would be overwritten by this run's export.",
                 "Choose another output folder (--out) so the new checkpoint is saved beside the old one.",
             )
 
@@ -147,8 +159,14 @@ class SegmentTask(L.LightningModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for k, v in (parts or {}).items():
             if k != "loss":
-                self.log(f"train_loss_{k}", torch.as_tensor(v, dtype=torch.float32).detach().mean(), on_step=False,
-                         on_epoch=True, batch_size=n, sync_dist=True)
+                self.log(
+                    f"train_loss_{k}",
+                    torch.as_tensor(v, dtype=torch.float32).detach().mean(),
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=n,
+                    sync_dist=True,
+                )
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -157,7 +175,12 @@ class SegmentTask(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         h, w = (int(v) for v in batch["size"])
         logits, loss = predict_image(
-            self.model, batch["image"], self.tile_size, self.val_stride, self.val_batch_size, batch["mask"],
+            self.model,
+            batch["image"],
+            self.tile_size,
+            self.val_stride,
+            self.val_batch_size,
+            batch["mask"],
             lambda out, t: self.loss(out, t)[0],
         )
         pred = logits[:, :h, :w].argmax(0)
@@ -229,7 +252,8 @@ def _init_card(path: Path, where) -> dict:
     card = read_card(path)
     if card.get("family") not in (None, "", "segment"):
         raise RecipeError(
-            where, f"data.init_checkpoint {path} is a {card.get('family')!r} checkpoint, not a segmentation one.",
+            where,
+            f"data.init_checkpoint {path} is a {card.get('family')!r} checkpoint, not a segmentation one.",
             "Pick a checkpoint trained with a segment recipe.",
         )
     return card
@@ -256,7 +280,8 @@ def build(recipe: Recipe):
         init_card = _init_card(init, where)
         if init_card.get("name") != name:
             raise RecipeError(
-                where, f"model.name is {name!r} but data.init_checkpoint was trained as {init_card.get('name')!r}.",
+                where,
+                f"model.name is {name!r} but data.init_checkpoint was trained as {init_card.get('name')!r}.",
                 f"Set model.name: {init_card.get('name')}.",
             )
         base = dict(init_card.get("config") or {})
@@ -273,12 +298,18 @@ def build(recipe: Recipe):
     if init_card is not None:
         defaults = {"input_mpp": init_card.get("input_mpp"), "classes": init_card.get("classes")}
     data = SegmentDataModule(
-        data_cfg, recipe.get("trainer.batch_size"), recipe.get("trainer.num_workers"), recipe.get("seed"),
-        num_classes=known, base=recipe.path.parent if recipe.path else Path.cwd(), defaults=defaults,
+        data_cfg,
+        recipe.get("trainer.batch_size"),
+        recipe.get("trainer.num_workers"),
+        recipe.get("seed"),
+        num_classes=known,
+        base=recipe.path.parent if recipe.path else Path.cwd(),
+        defaults=defaults,
     )
     if cfg.get("num_classes") is not None and int(cfg["num_classes"]) != data.num_classes:
         raise RecipeError(
-            where, f"model.num_classes is {cfg['num_classes']} but the data have {data.num_classes} classes.",
+            where,
+            f"model.num_classes is {cfg['num_classes']} but the data have {data.num_classes} classes.",
             "Remove model.num_classes (it follows data.classes) or fix data.classes.",
         )
     cfg["num_classes"] = data.num_classes
@@ -289,9 +320,16 @@ def build(recipe: Recipe):
     tile = int(data_cfg.get("tile_size") or (init_card or {}).get("tile_size") or _input_size(model))
     data.tile_size = tile
     task = SegmentTask(
-        model, data.classes, recipe.get("optim"), recipe.get("trainer.max_epochs"),
-        alpha=recipe.get("loss.alpha"), beta=recipe.get("loss.beta"), ignore_index=IGNORE,
-        tile_size=tile, val_stride=data_cfg.get("val_stride"), val_batch_size=recipe.get("trainer.batch_size"),
+        model,
+        data.classes,
+        recipe.get("optim"),
+        recipe.get("trainer.max_epochs"),
+        alpha=recipe.get("loss.alpha"),
+        beta=recipe.get("loss.beta"),
+        ignore_index=IGNORE,
+        tile_size=tile,
+        val_stride=data_cfg.get("val_stride"),
+        val_batch_size=recipe.get("trainer.batch_size"),
         init_checkpoint=init,
     )
     mean = getattr(model, "mean", None)

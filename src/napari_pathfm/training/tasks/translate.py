@@ -47,8 +47,18 @@ from .classify import build_optimizer
 __all__ = ["MODES", "TranslateTask", "build", "channel_role"]
 
 MODES = ("regression", "gan", "lupi")
-_ROLES = {"nuclei": "nuclei", "dapi": "nuclei", "hoechst": "nuclei", "c01": "nuclei", "lipids": "lipids",
-          "bodipy": "lipids", "c02": "lipids", "cytoplasm": "cytoplasm", "cellmask": "cytoplasm", "c03": "cytoplasm"}
+_ROLES = {
+    "nuclei": "nuclei",
+    "dapi": "nuclei",
+    "hoechst": "nuclei",
+    "c01": "nuclei",
+    "lipids": "lipids",
+    "bodipy": "lipids",
+    "c02": "lipids",
+    "cytoplasm": "cytoplasm",
+    "cellmask": "cytoplasm",
+    "c03": "cytoplasm",
+}
 
 
 def channel_role(name: str) -> str:
@@ -119,9 +129,14 @@ class TranslateTask(L.LightningModule):
         target = batch["target"]
         if self.mode == "lupi":
             total, parts = losses.lwm_loss(
-                out, target, batch["mask"], base=c.get("lupi_base", "median_mae"),
-                pixel_weight=float(c.get("lwm_pixel_weight", 2.0)), image_weight=float(c.get("median_mae_weight", 0.5)),
-                mask_weight=float(c.get("bce_weight", 1.0)), side_weight=float(c.get("side_weight", 1.0)),
+                out,
+                target,
+                batch["mask"],
+                base=c.get("lupi_base", "median_mae"),
+                pixel_weight=float(c.get("lwm_pixel_weight", 2.0)),
+                image_weight=float(c.get("median_mae_weight", 0.5)),
+                mask_weight=float(c.get("bce_weight", 1.0)),
+                side_weight=float(c.get("side_weight", 1.0)),
             )
             return total, {k: torch.tensor(v) for k, v in parts.items()}
         if self.mode == "gan" and (validation or self.current_epoch >= int(c.get("pretrain_epochs", 0))):
@@ -231,22 +246,32 @@ class TranslateTask(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         if self.mode == "gan":
-            opt_g = torch.optim.Adam(self.model.parameters(), lr=float(o.get("lr", 1e-4)),
-                                     weight_decay=float(o.get("weight_decay", 0.0)))
+            opt_g = torch.optim.Adam(
+                self.model.parameters(), lr=float(o.get("lr", 1e-4)), weight_decay=float(o.get("weight_decay", 0.0))
+            )
             opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=float(self.loss_cfg.get("disc_lr", 1e-6)))
             return [opt_g, opt_d]
         if o.get("scheduler") == "cosine_warm_restarts":
             opt = build_optimizer(self.model.parameters(), {**o, "scheduler": "none"}, self.max_epochs)
             self._warm_restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                opt, T_0=int(o.get("t0", 2)), T_mult=int(o.get("t_mult", 2)))
+                opt, T_0=int(o.get("t0", 2)), T_mult=int(o.get("t_mult", 2))
+            )
             return opt
         return build_optimizer(self.model.parameters(), o, self.max_epochs)
 
     # validation
 
     def _reset_val(self) -> None:
-        self._val = {"loss": 0.0, "abs": 0.0, "sq": 0.0, "pixels": 0, "tiles": 0, "ssim": 0.0, "inter": 0.0,
-                     "union": 0.0}
+        self._val = {
+            "loss": 0.0,
+            "abs": 0.0,
+            "sq": 0.0,
+            "pixels": 0,
+            "tiles": 0,
+            "ssim": 0.0,
+            "inter": 0.0,
+            "union": 0.0,
+        }
         self._val_targets: list = []
 
     def on_validation_epoch_start(self) -> None:
@@ -276,9 +301,13 @@ class TranslateTask(L.LightningModule):
             return
         mae, mse = v["abs"] / v["pixels"], v["sq"] / v["pixels"]
         med = float(torch.cat(self._val_targets).median()) if self._val_targets else 0.0
-        metrics = {"val_loss": v["loss"] / v["tiles"], "val_mae": mae,
-                   "val_mae_median": mae / med if med > 0 else float("nan"),
-                   "val_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))), "val_ssim": v["ssim"] / v["tiles"]}
+        metrics = {
+            "val_loss": v["loss"] / v["tiles"],
+            "val_mae": mae,
+            "val_mae_median": mae / med if med > 0 else float("nan"),
+            "val_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),
+            "val_ssim": v["ssim"] / v["tiles"],
+        }
         if self.mode == "lupi":
             metrics["val_mask_iou"] = v["inter"] / v["union"] if v["union"] else 1.0
         for k, val in metrics.items():
@@ -302,38 +331,56 @@ def build(recipe: Recipe):
     where = recipe.path or "<recipe>"
     name = recipe.get("model.name")
     if model_info(name)["family"] != "translate":
-        raise RecipeError(where, f"model.name {name!r} is not a translate model.",
-                          "Use dense_unet, lupi_unet or unet (see `pathfm models --family translate`).")
+        raise RecipeError(
+            where,
+            f"model.name {name!r} is not a translate model.",
+            "Use dense_unet, lupi_unet or unet (see `pathfm models --family translate`).",
+        )
     mode = _mode(recipe, name, where)
     cfg = {k: v for k, v in (recipe.get("model") or {}).items() if k != "name"}
     data_cfg = dict(recipe.get("data"))
     in_channels = int(cfg.get("in_channels") or model_info(name)["default_cfg"].get("in_channels") or 7)
     # the nuclei mask is the LUPI target and also where nuclei-centred crops are centred (any mode)
     with_mask = mode == "lupi" or bool(data_cfg.get("mask")) or float(data_cfg.get("nuclei_centred") or 0) > 0
-    data = TranslateDataModule(data_cfg, in_channels, with_mask=with_mask,
-                               batch_size=recipe.get("trainer.batch_size"),
-                               num_workers=recipe.get("trainer.num_workers"), where=where,
-                               base=recipe.path.parent if recipe.path else None)
+    data = TranslateDataModule(
+        data_cfg,
+        in_channels,
+        with_mask=with_mask,
+        batch_size=recipe.get("trainer.batch_size"),
+        num_workers=recipe.get("trainer.num_workers"),
+        where=where,
+        base=recipe.path.parent if recipe.path else None,
+    )
     n_out = len(data.channels)
     if cfg.get("out_channels") not in (None, n_out):
-        raise RecipeError(where, f"model.out_channels is {cfg['out_channels']} but data.channels lists {n_out} "
-                          f"target(s) {data.channels}.", "Drop model.out_channels (it follows data.channels).")
+        raise RecipeError(
+            where,
+            f"model.out_channels is {cfg['out_channels']} but data.channels lists {n_out} target(s) {data.channels}.",
+            "Drop model.out_channels (it follows data.channels).",
+        )
     cfg.update(in_channels=in_channels, out_channels=n_out)
     multiple = 16
     if data.crop % multiple or data.val_tile % multiple:
-        raise RecipeError(where, f"data.crop_size {data.crop} / data.val_tile {data.val_tile} must be multiples of "
-                          f"{multiple} (4 poolings).", "Use 64, 128, 256 or 512.")
+        raise RecipeError(
+            where,
+            f"data.crop_size {data.crop} / data.val_tile {data.val_tile} must be multiples of {multiple} (4 poolings).",
+            "Use 64, 128, 256 or 512.",
+        )
     model = create_model(name, **cfg)
     disc = None
     if mode == "gan":
         dcfg = dict(recipe.get("loss.discriminator") or {})
         disc = create_model("patchgan", **{"in_channels": in_channels + n_out, **dcfg})
         if recipe.get("trainer.gradient_clip_val") is not None or recipe.get("trainer.accumulate_grad_batches") != 1:
-            raise RecipeError(where, "loss.mode gan optimises by hand: trainer.gradient_clip_val and "
-                              "trainer.accumulate_grad_batches do not apply.",
-                              "Remove them; the GAN clips gradients to loss.grad_clip.")
-    task = TranslateTask(model, mode, recipe.get("optim"), recipe.get("loss"), recipe.get("trainer.max_epochs"),
-                         discriminator=disc)
+            raise RecipeError(
+                where,
+                "loss.mode gan optimises by hand: trainer.gradient_clip_val and "
+                "trainer.accumulate_grad_batches do not apply.",
+                "Remove them; the GAN clips gradients to loss.grad_clip.",
+            )
+    task = TranslateTask(
+        model, mode, recipe.get("optim"), recipe.get("loss"), recipe.get("trainer.max_epochs"), discriminator=disc
+    )
     card = {
         "channels": data.channels,
         "channel_roles": [channel_role(c) for c in data.channels],
