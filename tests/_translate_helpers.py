@@ -12,8 +12,15 @@ import numpy as np
 from napari_pathfm.io.normalize import normalize_minmax
 
 #: A tiny LUPI net: 13 ISL planes in, DAPI + nuclei mask out (~15k parameters).
-TINY = {"in_channels": 13, "init_filters": 8, "down_blocks": (1, 1, 1, 1), "up_blocks": (1, 1, 1, 1),
-        "bottleneck_layers": 1, "growth_rate": 4, "dropout": 0.0}
+TINY = {
+    "in_channels": 13,
+    "init_filters": 8,
+    "down_blocks": (1, 1, 1, 1),
+    "up_blocks": (1, 1, 1, 1),
+    "bottleneck_layers": 1,
+    "growth_rate": 4,
+    "dropout": 0.0,
+}
 
 
 def one_thread():
@@ -33,11 +40,23 @@ def isl_card(planes: np.ndarray, dapi: np.ndarray, **extra) -> dict:
     """A translate model card with min/max statistics of the ISL training rows (top 768)."""
     data = planes[:, :768:4, ::4].astype(np.float64)
     top = dapi[:768]
-    card = {"family": "translate", "channels": ["DAPI"], "channel_roles": ["nuclei"], "input_planes": 13,
-            "normalization": {"kind": "minmax", "input_min": data.min(axis=(1, 2)).tolist(),
-                              "input_max": data.max(axis=(1, 2)).tolist(), "target_min": [float(top.min())],
-                              "target_max": [float(top.max())], "target_dtype": "uint16"},
-            "tile_size": 64, "has_mask": True, "input_dtype": "uint16"}
+    card = {
+        "family": "translate",
+        "channels": ["DAPI"],
+        "channel_roles": ["nuclei"],
+        "input_planes": 13,
+        "normalization": {
+            "kind": "minmax",
+            "input_min": data.min(axis=(1, 2)).tolist(),
+            "input_max": data.max(axis=(1, 2)).tolist(),
+            "target_min": [float(top.min())],
+            "target_max": [float(top.max())],
+            "target_dtype": "uint16",
+        },
+        "tile_size": 64,
+        "has_mask": True,
+        "input_dtype": "uint16",
+    }
     card.update(extra)
     return card
 
@@ -68,7 +87,7 @@ def train_tiny_lupi(planes: np.ndarray, dapi: np.ndarray, card: dict, path: Path
         ys, xs = rng.integers(0, 768 - 64, 4), rng.integers(0, 512 - 64, 4)
 
         def crops(a: np.ndarray, ys=ys, xs=xs) -> torch.Tensor:
-            return torch.from_numpy(np.stack([a[..., y:y + 64, x:x + 64] for y, x in zip(ys, xs)]))
+            return torch.from_numpy(np.stack([a[..., y : y + 64, x : x + 64] for y, x in zip(ys, xs)]))
 
         out = model(crops(x_all))
         loss = (out.image - crops(y_all[None])).abs().mean()

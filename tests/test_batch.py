@@ -46,9 +46,13 @@ def test_manifest_and_options(tmp_path):
     with pytest.raises(PathFMError, match="nope.safetensors: checkpoint not found"):
         run_batch(m, "mil", tmp_path / "out", checkpoint=tmp_path / "nope.safetensors")
     assert not (tmp_path / "out" / "batch-summary.json").exists()
-    for task, ok in [("features", {"backbone": "x", "tile": 64, "min_tissue": 0.1}), ("segment", {"overlap": 0.1}),
-                     ("classify", {"tissue_only": False}), ("mil", {"top_k": 3, "device": "cpu"}),
-                     ("translate", {"stride": 128, "threshold": 0.4})]:
+    for task, ok in [
+        ("features", {"backbone": "x", "tile": 64, "min_tissue": 0.1}),
+        ("segment", {"overlap": 0.1}),
+        ("classify", {"tissue_only": False}),
+        ("mil", {"top_k": 3, "device": "cpu"}),
+        ("translate", {"stride": 128, "threshold": 0.4}),
+    ]:
         check_options(task, ok)
         with pytest.raises(PathFMError, match="not an option"):
             check_options(task, {**ok, "progress": None})  # filled in by the task itself
@@ -69,8 +73,9 @@ def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu
     out = tmp_path / "out"
     seen = []
 
-    summary = run_batch(manifest, "features", out, n_workers=2, options=OPTIONS,
-                        progress=lambda d, t, m="": seen.append((d, t)))
+    summary = run_batch(
+        manifest, "features", out, n_workers=2, options=OPTIONS, progress=lambda d, t, m="": seen.append((d, t))
+    )
     rows = {r["slide"]: r for r in summary.rows}
     assert summary.counts == {"ok": 4, "skipped": 0, "failed": 1}
     bad = rows[str((wsi_dir / "unreadable.svs").resolve())]
@@ -98,8 +103,9 @@ def test_batch_local_cluster_resumes_and_reports_failures(tmp_path, wsi_dir, cmu
     # a deleted done.json makes that slide run again; through the CLI (exit 1: a slide failed)
     (folders[copy] / "done.json").unlink()
     sets = [f"--set={k}={v}" for k, v in OPTIONS.items()]
-    result = CliRunner().invoke(app, ["batch", str(manifest), "--task", "features", "--out", str(out),
-                                      "--workers", "1", *sets])
+    result = CliRunner().invoke(
+        app, ["batch", str(manifest), "--task", "features", "--out", str(out), "--workers", "1", *sets]
+    )
     assert result.exit_code == 1, result.output
     assert "ok 1, skipped 3, failed 1" in result.output
     assert (folders[copy] / "done.json").exists()
@@ -113,8 +119,15 @@ def test_batch_cancel_stops_pending_slides_and_writes_the_summary(tmp_path, cmu_
     cancel = threading.Event()
     with pytest.raises(Cancelled, match="1 slides not run"):
         # the first progress call (before any slide finished) asks to stop
-        run_batch(manifest, "features", tmp_path / "out", n_workers=1, options=OPTIONS,
-                  progress=lambda *a: cancel.set(), cancel=cancel)
+        run_batch(
+            manifest,
+            "features",
+            tmp_path / "out",
+            n_workers=1,
+            options=OPTIONS,
+            progress=lambda *a: cancel.set(),
+            cancel=cancel,
+        )
     assert json.loads((tmp_path / "out" / "batch-summary.json").read_text())["slides"] == []
     assert not (slide_out_dir(tmp_path / "out", cmu_small.resolve()) / "done.json").exists()
 
@@ -131,7 +144,8 @@ def test_run_slide_classify_task_and_reported_mistakes(tmp_path, cmu_small):
     row = run_slide(str(cmu_small), "classify", str(out), [str(ckpt)], {"device": "cpu", "batch_size": 16})
     assert row["status"] == "ok", row["error"]
     assert {"class-map.ome.tif", "probabilities.ome.tif", "tiles.csv", "summary.json", "done.json"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     done = json.loads((out / "done.json").read_text())
     assert done["result"]["tiles"] > 0 and done["checkpoint"] == [str(ckpt)]
     key = {k: done[k] for k in ("task", "checkpoint", "checkpoint_files", "options")}
@@ -214,8 +228,21 @@ def test_batch_segment_shared_slides_bundled_model(tmp_path, wsi_dir, cmu_small,
 
     # rerun through the CLI on the same cluster: complete slides skipped untouched, unreadable ones retried
     stamp = (slide_out_dir(out, copy) / "mask.ome.tif").stat().st_mtime_ns
-    result = CliRunner().invoke(app, ["batch", str(manifest), "--task", "segment", "--out", str(out),
-                                      "--scheduler", scheduler, "--set", "device=cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "batch",
+            str(manifest),
+            "--task",
+            "segment",
+            "--out",
+            str(out),
+            "--scheduler",
+            scheduler,
+            "--set",
+            "device=cpu",
+        ],
+    )
     assert result.exit_code == 1, result.output  # a slide failed
     assert f"ok 0, skipped {len(slides) - n_bad}, failed {n_bad}" in result.output
     assert (slide_out_dir(out, copy) / "mask.ome.tif").stat().st_mtime_ns == stamp
@@ -233,8 +260,14 @@ def test_batch_mil_bundled_demo_model(tmp_path, wsi_dir, cmu_small, scheduler):
     shutil.copy(cmu_small, copy)
     slides = [cmu_small, copy, wsi_dir / "small.svs"]
     out = tmp_path / "mil"
-    summary = run_batch(_manifest(tmp_path, slides), "mil", out, scheduler=scheduler, checkpoint=demo_mil_checkpoint(),
-                        options={"device": "cpu", "top_k": 3})
+    summary = run_batch(
+        _manifest(tmp_path, slides),
+        "mil",
+        out,
+        scheduler=scheduler,
+        checkpoint=demo_mil_checkpoint(),
+        options={"device": "cpu", "top_k": 3},
+    )
     # small.svs (a tiny test slide) has no tile with enough tissue for the extractor the model records
     assert [r["status"] for r in summary.rows] == ["ok", "ok", "failed"]
     assert "FeatureError" in summary.rows[2]["error"] and "small.svs" in summary.rows[2]["error"]
@@ -249,7 +282,8 @@ def test_batch_mil_bundled_demo_model(tmp_path, wsi_dir, cmu_small, scheduler):
         done = json.loads((folder / "done.json").read_text())
         assert done["options"] == {"device": "cpu", "top_k": 3}
         assert {k: done["result"][k] for k in ("predicted", "probabilities", "n_patches")} == {
-            k: pred[k] for k in ("predicted", "probabilities", "n_patches")}
+            k: pred[k] for k in ("predicted", "probabilities", "n_patches")
+        }
         preds.append(pred["probabilities"])
     assert preds[0] == pytest.approx(preds[1])  # a copy of the slide gets the same prediction
 
@@ -266,8 +300,14 @@ def test_batch_translate_zstacks_bundled_dapi_model(tmp_path, scheduler):
     shutil.copy(stack, copy)
     out = tmp_path / "tr"
     ckpt = BUNDLED_MODELS / "haste-isl-dapi.safetensors"
-    summary = run_batch(_manifest(tmp_path, [stack, copy]), "translate", out, scheduler=scheduler, checkpoint=ckpt,
-                        options={"device": "cpu", "threshold": 0.3})
+    summary = run_batch(
+        _manifest(tmp_path, [stack, copy]),
+        "translate",
+        out,
+        scheduler=scheduler,
+        checkpoint=ckpt,
+        options={"device": "cpu", "threshold": 0.3},
+    )
     assert summary.counts == {"ok": 2, "skipped": 0, "failed": 0}, summary.rows
     plane = tifffile.imread(stack)
     for s in (stack, copy):
@@ -280,5 +320,13 @@ def test_batch_translate_zstacks_bundled_dapi_model(tmp_path, scheduler):
         assert done["checkpoint"] == [str(ckpt.resolve())] and done["result"]["channels"]["DAPI"]["role"] == "nuclei"
         assert done["result"]["threshold"] == 0.3 and done["result"]["nuclei"] > 0
         assert json.loads((folder / "summary.json").read_text())["channels"] == done["result"]["channels"]
-    assert run_batch(_manifest(tmp_path, [stack, copy]), "translate", out, checkpoint=ckpt,
-                     options={"device": "cpu", "threshold": 0.3}).counts["skipped"] == 2  # no cluster needed
+    assert (
+        run_batch(
+            _manifest(tmp_path, [stack, copy]),
+            "translate",
+            out,
+            checkpoint=ckpt,
+            options={"device": "cpu", "threshold": 0.3},
+        ).counts["skipped"]
+        == 2
+    )  # no cluster needed

@@ -10,8 +10,14 @@ from napari_pathfm.training.batchnorm import recalibrate_batchnorm
 def _net():
     torch.manual_seed(0)
     # conv -> dropout -> BN, as in the tiramisu dense layers (BN-ReLU-conv-dropout, then the next layer's BN)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Dropout2d(0.5), torch.nn.BatchNorm2d(4),
-                               torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.Dropout2d(0.5),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 2, 1),
+        torch.nn.BatchNorm2d(2),
+    )
 
 
 def test_statistics_are_those_of_the_batches_with_dropout_off():
@@ -64,8 +70,15 @@ def test_eval_output_matches_batch_statistics_after_recalibration():
 def test_lupi_unet_is_recalibrated_in_place():
     from napari_pathfm.models import create_model
 
-    net = create_model("lupi_unet", in_channels=3, init_filters=8, down_blocks=[1, 1], up_blocks=[1, 1],
-                       bottleneck_layers=1, growth_rate=4)
+    net = create_model(
+        "lupi_unet",
+        in_channels=3,
+        init_filters=8,
+        down_blocks=[1, 1],
+        up_blocks=[1, 1],
+        bottleneck_layers=1,
+        growth_rate=4,
+    )
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert recalibrate_batchnorm(net, (torch.rand(2, 3, 32, 32) + 5 for _ in range(3))) == 6
     assert all(int(m.num_batches_tracked) == 3 for m in norms)  # every layer, counted from a reset

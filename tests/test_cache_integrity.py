@@ -118,8 +118,7 @@ def _warnings(caplog) -> list[str]:
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damage_is_recomputed_bit_identically_and_repaired(damage, cache, filled, slide, segmenter, reference,
-                                                           caplog):
+def test_damage_is_recomputed_bit_identically_and_repaired(damage, cache, filled, slide, segmenter, reference, caplog):
     store, entry = cache
     how, recomputed = DAMAGE[damage]
     how(entry)
@@ -202,8 +201,15 @@ def test_cache_list_shows_structural_damage_and_old_or_unreadable_entries(cache,
     _truncate(entry / "data/c/0/0")
     old = store.root / "old-slide-0123456789abcdef" / "enc-0123456789abcdef.zarr"
     old.mkdir(parents=True)
-    (old / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
-        "key": {"format": "pathfm-tile-embeddings/1", "slide": {"path": "/gone.svs"}}}}))
+    (old / "zarr.json").write_text(
+        json.dumps(
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {"key": {"format": "pathfm-tile-embeddings/1", "slide": {"path": "/gone.svs"}}},
+            }
+        )
+    )
     junk = store.root / "junk-0123456789abcdef" / "enc-fedcba9876543210.zarr"
     junk.mkdir(parents=True)
     (junk / "zarr.json").write_text("not json")

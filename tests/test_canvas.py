@@ -15,8 +15,13 @@ torch = pytest.importorskip("torch")
 
 @pytest.mark.parametrize(
     "image, mpp, backend",
-    [("glas", None, "numpy"), ("glas", None, "torch"), ("cmu", 1.0, "numpy"), ("cmu", 1.0, "torch"),
-     ("cmu", 0.5, "numpy")],
+    [
+        ("glas", None, "numpy"),
+        ("glas", None, "torch"),
+        ("cmu", 1.0, "numpy"),
+        ("cmu", 1.0, "torch"),
+        ("cmu", 0.5, "numpy"),
+    ],
 )
 def test_banded_canvas_is_the_whole_slide_blend_resampled(cmu_small, shared_data, monkeypatch, image, mpp, backend):
     """Tiles that disagree (random logits, per-tile offsets): blending them in narrow bands gives
@@ -59,8 +64,9 @@ def test_banded_canvas_is_the_whole_slide_blend_resampled(cmu_small, shared_data
         expected = np.where(covered, blended.argmax(0).numpy(), 0)[:h0, :w0]
     else:
         rel = (blended[1:] - blended[:1])[None]
-        up = F.interpolate(rel, scale_factor=(s, s), mode="bilinear", align_corners=False,
-                           recompute_scale_factor=False)[0, :, :h0, :w0]
+        up = F.interpolate(
+            rel, scale_factor=(s, s), mode="bilinear", align_corners=False, recompute_scale_factor=False
+        )[0, :, :h0, :w0]
         near_y = np.minimum(((np.arange(h0) + 0.5) / s).astype(int), covered.shape[0] - 1)
         near_x = np.minimum(((np.arange(w0) + 0.5) / s).astype(int), covered.shape[1] - 1)
         full = torch.cat([torch.zeros_like(up[:1]), up]).numpy()  # class 0 is 0

@@ -142,9 +142,19 @@ def test_wrong_family_checkpoints_are_refused(slide, tmp_path):
 
     mil = save_checkpoint(create_model("s4mil", in_dim=16, n_classes=2, d_model=8, d_state=4), tmp_path / "mil-s4")
     seg = save_checkpoint(
-        create_model("pathsam2", num_classes=2, encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32,
-                     decoder_depth=1, decoder_heads=2, decoder_mlp_dim=64),
-        tmp_path / "seg-pathsam2", {"classes": ["background", "gland"]},
+        create_model(
+            "pathsam2",
+            num_classes=2,
+            encoder="hiera_micro",
+            uni=None,
+            image_size=64,
+            decoder_dim=32,
+            decoder_depth=1,
+            decoder_heads=2,
+            decoder_mlp_dim=64,
+        ),
+        tmp_path / "seg-pathsam2",
+        {"classes": ["background", "gland"]},
     )
     for ckpt, family in ((mil, "mil"), (seg, "segment")):
         with pytest.raises(CheckpointError) as err:
@@ -160,8 +170,23 @@ def test_cli_writes_all_outputs(cmu_small, trained, result, tmp_path):
     from napari_pathfm.io.ome_tiff import read_ome_tiff
 
     out = tmp_path / "classified"
-    run = CliRunner().invoke(app, ["classify", str(cmu_small), "--checkpoint", str(trained), "--out", str(out),
-                                   "--device", "cpu", "--batch-size", "16", "--gradcam", "1"])
+    run = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            str(cmu_small),
+            "--checkpoint",
+            str(trained),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "16",
+            "--gradcam",
+            "1",
+        ],
+    )
     assert run.exit_code == 0, run.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tiles"] == result.n_tiles and summary["classes"] == result.classes
@@ -174,8 +199,16 @@ def test_cli_writes_all_outputs(cmu_small, trained, result, tmp_path):
     np.testing.assert_allclose(probs[0], result.prob_maps, atol=1e-6)
     assert pmeta["channel_names"] == result.classes
     rows = (out / "tiles.csv").read_text().splitlines()
-    assert len(rows) == result.n_tiles + 1 and rows[0].split(",")[:8] == ["index", "row", "col", "y0", "x0", "size0",
-                                                                         "class", "label"]
+    assert len(rows) == result.n_tiles + 1 and rows[0].split(",")[:8] == [
+        "index",
+        "row",
+        "col",
+        "y0",
+        "x0",
+        "size0",
+        "class",
+        "label",
+    ]
     geo = json.loads((out / "tiles.geojson").read_text())
     assert {f["properties"]["classification"]["name"] for f in geo["features"]} <= set(result.classes)
     pngs = sorted((out / "gradcam").glob("*.png"))
@@ -207,8 +240,14 @@ def test_gradcam_maps_are_placed_and_differ_between_classes(slide, trained, resu
     # every class for the same tiles in one batch
     tiles = np.concatenate([a.images] * 8)
     targets = np.repeat(np.arange(8), 3)
-    heats = gradcam_images(model[0], tiles, targets, mean=model[1]["normalization"]["mean"],
-                           std=model[1]["normalization"]["std"], batch_size=24).reshape(8, 3, t, t)
+    heats = gradcam_images(
+        model[0],
+        tiles,
+        targets,
+        mean=model[1]["normalization"]["mean"],
+        std=model[1]["normalization"]["std"],
+        batch_size=24,
+    ).reshape(8, 3, t, t)
     np.testing.assert_allclose(heats[0], a.heat, atol=1e-5)
     assert heats.min() >= 0 and heats.max() <= 1
     # a map is scaled to [0, 1] per tile, or all 0 where the class has no positive evidence (ReLU)
@@ -250,8 +289,13 @@ def test_gradcam_target_layers_for_vit_and_slca():
     assert default_target_layers(res)[0][0] is res.layer4
     if "slca" in list_models():
         torch.manual_seed(0)
-        slca = create_model("slca", backbone="resnet10t", num_classes=3, sam_img_size=64,
-                            sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2})
+        slca = create_model(
+            "slca",
+            backbone="resnet10t",
+            num_classes=3,
+            sam_img_size=64,
+            sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        )
         target = default_target_layers(slca)[0]
         assert target == list(slca.gradcam_target_layers())
         heat = gradcam_images(slca, images[:1], [1], mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -284,10 +328,16 @@ def test_slca_model_classifies_a_slide(slide):
     if "slca" not in list_models():
         pytest.skip("slca model not registered")
     torch.manual_seed(0)
-    model = create_model("slca", backbone="resnet10t", num_classes=2, sam_img_size=64,
-                         sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2})
-    res = classify_slide(slide, (model, {"classes": ["gland", "stroma"], "tile_size": 64, "input_mpp": 8.0}),
-                         device="cpu")
+    model = create_model(
+        "slca",
+        backbone="resnet10t",
+        num_classes=2,
+        sam_img_size=64,
+        sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2},
+    )
+    res = classify_slide(
+        slide, (model, {"classes": ["gland", "stroma"], "tile_size": 64, "input_mpp": 8.0}), device="cpu"
+    )
     assert res.n_tiles > 0 and res.probabilities.shape == (res.n_tiles, 2)
     np.testing.assert_allclose(res.probabilities.sum(1), 1.0, atol=1e-5)
     assert set(np.unique(res.class_map)) <= {0, 1, 2}

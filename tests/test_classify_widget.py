@@ -21,8 +21,12 @@ def checkpoint(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("timm_classifier", backbone="resnet10t", num_classes=3)
-    card = {"classes": CLASSES, "input_mpp": 2.0, "tile_size": 64,
-            "normalization": {"mean": [0.7, 0.5, 0.7], "std": [0.15, 0.2, 0.15]}}
+    card = {
+        "classes": CLASSES,
+        "input_mpp": 2.0,
+        "tile_size": 64,
+        "normalization": {"mean": [0.7, 0.5, 0.7], "std": [0.15, 0.2, 0.15]},
+    }
     return save_checkpoint(model, tmp_path / "toy-classifier", card)
 
 
@@ -49,8 +53,9 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
     sub = labels.metadata["downsample"]
     k = round(result.cell / sub)
     assert k > 1 and result.cell / k == pytest.approx(sub)
-    np.testing.assert_array_equal(labels.data[::k, ::k], result.class_map[: -(-labels.data.shape[0] // k),
-                                                                            : -(-labels.data.shape[1] // k)])
+    np.testing.assert_array_equal(
+        labels.data[::k, ::k], result.class_map[: -(-labels.data.shape[0] // k), : -(-labels.data.shape[1] // k)]
+    )
     from napari_pathfm.coords import layer_transform
 
     np.testing.assert_allclose(labels.scale, layer_transform(result.mpp, sub)[0])
@@ -66,8 +71,9 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
     assert [p.name for p in widget.prob_layers] == [f"{slide_layer.name} p({c})" for c in CLASSES]
     assert [p.visible for p in widget.prob_layers] == [True, False, False]
     for k_, layer in enumerate(widget.prob_layers):
-        np.testing.assert_allclose(layer.data[::k, ::k], result.prob_maps[k_][: labels.data[::k].shape[0],
-                                                                               : labels.data[0, ::k].shape[0]])
+        np.testing.assert_allclose(
+            layer.data[::k, ::k], result.prob_maps[k_][: labels.data[::k].shape[0], : labels.data[0, ::k].shape[0]]
+        )
         assert layer.data.shape == labels.data.shape
         np.testing.assert_allclose(layer.translate, labels.translate)
     assert str(result.n_tiles) in widget.status.text()
@@ -119,7 +125,7 @@ def test_classify_widget_layers_and_gradcam(make_napari_viewer, qtbot, cmu_small
     assert len(names) == 3, f"class map, probabilities and Grad-CAM share a colormap: {names}"
     assert [e["layer"] for e in widget.legend.entries][-1] == cam.name
     assert widget.gradcam.indices.tolist() == [i] and widget.gradcam.targets.tolist() == [result.predicted[i]]
-    first_px = (np.asarray(cam.translate) / mpp - (result.grid.scale - 1) / 2)  # level-0 px of its first pixel
+    first_px = np.asarray(cam.translate) / mpp - (result.grid.scale - 1) / 2  # level-0 px of its first pixel
     np.testing.assert_allclose(first_px, result.grid.tiles[i], atol=1.0)
     widget.click_btn.setChecked(False)
     assert widget._on_click not in viewer.mouse_drag_callbacks

@@ -85,7 +85,9 @@ def test_demo_writes_everything_it_promises(tmp_path):
     for key in ("tissue_mask", "tissue_geojson", "tiles_csv", "overview_png", "mil_heatmap", "mil_json"):
         assert Path(summary["files"][key]).exists()
     mil = summary["mil"]
-    assert mil["predicted"] in ("no gland", "gland") and sum(mil["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert mil["predicted"] in ("no gland", "gland") and sum(mil["probabilities"].values()) == pytest.approx(
+        1, abs=1e-3
+    )
     assert mil["patches"] > 100 and mil["model_test_metrics"]["auroc"] > 0.8
     prediction = json.loads((tmp_path / "mil-prediction.json").read_text())
     assert prediction["predicted"] == mil["predicted"] and len(prediction["top_patches"]) == 10
@@ -126,7 +128,10 @@ def _check_demo_classify_translate(out: Path, summary: dict, slide_canvas: np.nd
 
     cls = summary["classify"]
     assert cls["classes"] == ["gland", "non_gland"] and cls["tiles"] > 10
-    assert sum(cls["class_fractions"].values()) == pytest.approx(1, abs=1e-3) and cls["model_test_metrics"]["test_auroc"] > 0.8
+    assert (
+        sum(cls["class_fractions"].values()) == pytest.approx(1, abs=1e-3)
+        and cls["model_test_metrics"]["test_auroc"] > 0.8
+    )
     class_map = tifffile.imread(summary["files"]["classify_class_map"])
     assert (class_map > 0).sum() == cls["tiles"] and class_map.max() <= 2
     tiles = json.loads((out / "classify" / "summary.json").read_text())

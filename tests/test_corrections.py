@@ -43,8 +43,15 @@ def test_a_brush_stroke_in_a_real_viewer_saves_exactly_the_touched_tiles(make_na
     from qtpy.QtCore import QTimer
 
     # napari emits a single paint()'s event before writing it: the GUI defers saving to the event loop
-    rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["background", "gland"], tile_size=T, folder=tmp_path,
-                             schedule=lambda fn: QTimer.singleShot(0, fn))
+    rec = CorrectionRecorder(
+        slide,
+        layer.data,
+        mpp=MPP,
+        classes=["background", "gland"],
+        tile_size=T,
+        folder=tmp_path,
+        schedule=lambda fn: QTimer.singleShot(0, fn),
+    )
     rec.attach(layer)
     layer.brush_size = 10
     layer.paint((T + 20, 2 * T - 3), 1)  # straddles the border between tile columns 1 and 2 of row 1
@@ -60,7 +67,9 @@ def test_a_brush_stroke_in_a_real_viewer_saves_exactly_the_touched_tiles(make_na
     i = rec.tiles_in_box(T + 20, T + 21, T + 5, T + 6)[0]
     from napari_pathfm.tiles.loader import read_tile
 
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / f"{names[0]}.png")), read_tile(slide, grid, i))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "images" / f"{names[0]}.png")), read_tile(slide, grid, i)
+    )
     doc = json.loads((tmp_path / "corrections.json").read_text())
     assert doc["classes"] == ["background", "gland"] and doc["tile_size"] == T and set(doc["tiles"]) == set(names)
     assert not list(tmp_path.rglob("*.tmp*")), "no temporary files are left"
@@ -118,8 +127,9 @@ def test_level0_labels_are_saved_on_the_model_grid(slide, tmp_path):
     h, w = slide.pyramid[0].shape[:2]
     labels = np.zeros((h, w), np.uint8)
     labels[:, w // 2 :] = 1
-    rec = CorrectionRecorder(slide, labels, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
-                             labels_downsample=1.0)
+    rec = CorrectionRecorder(
+        slide, labels, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path, labels_downsample=1.0
+    )
     g = tile_grid(slide, T, mpp=MPP)
     col = int((w // 2) // g.level0_size)
     tiles = rec.tiles_in_box(10, 12, w // 2 - 1, w // 2 + 1)
@@ -135,8 +145,9 @@ def test_undo_drops_a_tile_back_at_the_baseline_and_restore_writes_saved_tiles_b
 
     labels, _grid = _labels(slide)
     layer = Labels(labels)
-    rec = CorrectionRecorder(slide, layer.data, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path,
-                             baseline=labels.copy())
+    rec = CorrectionRecorder(
+        slide, layer.data, mpp=MPP, classes=["bg", "gland"], tile_size=T, folder=tmp_path, baseline=labels.copy()
+    )
     rec.attach(layer)
     with layer.block_history():
         layer.paint((T + 20, T + 20), 1, refresh=False)

@@ -39,7 +39,8 @@ def _dead_pid() -> int:
 def _leftovers(folder: Path) -> list[str]:
     """Hidden temporaries and scratch folders anywhere under ``folder``."""
     return sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*")
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
         if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith((".pathfm-", "pathfm-"))
     )
 
@@ -77,11 +78,18 @@ def _run(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
 
 def test_sweep_removes_only_dead_owners_of_this_host(tmp_path):
     dead, me, host = _dead_pid(), os.getpid(), host_id()
-    stale = [f".mask.tmp-{host}-{dead}-0123abcd.ome.tif", f".mask.tmp-{host}-{dead}-0123abcd.ome.tif.k2j4_x9q",
-             f".pathfm-segment-{host}-{dead}-a1b2c3d4"]
-    kept = [f".mask.tmp-{host}-{me}-0123abcd.ome.tif",  # a live process (this one) is writing it
-            f".mask.tmp-ffffffff-{dead}-0123abcd.ome.tif",  # another host's (shared folder): never ours to judge
-            ".pathfm-translate-deadbeef-1-zzzz", ".notes.txt", "mask.ome.tif"]
+    stale = [
+        f".mask.tmp-{host}-{dead}-0123abcd.ome.tif",
+        f".mask.tmp-{host}-{dead}-0123abcd.ome.tif.k2j4_x9q",
+        f".pathfm-segment-{host}-{dead}-a1b2c3d4",
+    ]
+    kept = [
+        f".mask.tmp-{host}-{me}-0123abcd.ome.tif",  # a live process (this one) is writing it
+        f".mask.tmp-ffffffff-{dead}-0123abcd.ome.tif",  # another host's (shared folder): never ours to judge
+        ".pathfm-translate-deadbeef-1-zzzz",
+        ".notes.txt",
+        "mask.ome.tif",
+    ]
     for name in stale + kept:
         (tmp_path / name).mkdir() if "pathfm-" in name or name.endswith("x9q") else (tmp_path / name).write_text("x")
     (tmp_path / stale[1] / "level1_plane0.zarr").mkdir()  # a scratch store inside
@@ -147,8 +155,17 @@ def test_segment_killed_mid_write_then_rerun(tmp_path):
     import tifffile
 
     out = tmp_path / "out"
-    cmd = [str(PATHFM), "segment", str(SLIDE), "--out", str(out / "mask.ome.tif"), "--geojson",
-           str(out / "mask.geojson"), "--device", "cpu"]
+    cmd = [
+        str(PATHFM),
+        "segment",
+        str(SLIDE),
+        "--out",
+        str(out / "mask.ome.tif"),
+        "--geojson",
+        str(out / "mask.geojson"),
+        "--device",
+        "cpu",
+    ]
     env = _env(tmp_path)
     _kill_when(cmd, env, lambda: out.is_dir() and any(".tmp-" in n for n in os.listdir(out)))
     assert _leftovers(out), "the kill landed while a temporary output existed"
@@ -167,8 +184,23 @@ def test_features_killed_mid_extraction_then_rerun(tmp_path):
     from napari_pathfm.pipelines.features import read_features
 
     out = tmp_path / "feats"
-    cmd = [str(PATHFM), "features", str(SLIDE), "--out", str(out), "--backbone", "resnet10t", "--mpp", "1",
-           "--tile", "64", "--batch-size", "4", "--device", "cpu"]
+    cmd = [
+        str(PATHFM),
+        "features",
+        str(SLIDE),
+        "--out",
+        str(out),
+        "--backbone",
+        "resnet10t",
+        "--mpp",
+        "1",
+        "--tile",
+        "64",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
     env = _env(tmp_path)
 
     def features_being_written() -> bool:  # the temporary feature store exists: the tiles are being encoded
@@ -191,11 +223,25 @@ def test_batch_killed_mid_slide_then_rerun(tmp_path):
 
     for name in ("a.svs", "b.svs"):
         os.link(SLIDE, tmp_path / name) if SLIDE.stat().st_dev == tmp_path.stat().st_dev else shutil.copy(
-            SLIDE, tmp_path / name)
+            SLIDE, tmp_path / name
+        )
     (tmp_path / "m.csv").write_text("slide\na.svs\nb.svs\n")
     out = tmp_path / "out"
-    cmd = [str(PATHFM), "batch", str(tmp_path / "m.csv"), "--task", "segment", "--out", str(out), "--workers", "1",
-           "--set", "device=cpu", "--set", "cache=false"]
+    cmd = [
+        str(PATHFM),
+        "batch",
+        str(tmp_path / "m.csv"),
+        "--task",
+        "segment",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--set",
+        "device=cpu",
+        "--set",
+        "cache=false",
+    ]
     env = _env(tmp_path)
 
     def second_slide_being_written() -> bool:

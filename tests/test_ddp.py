@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = '''
+SCRIPT = """
 import json, os, sys
 from pathlib import Path
 
@@ -47,7 +47,7 @@ if __name__ == "__main__":
     from napari_pathfm.cli import main
 
     main()
-'''
+"""
 
 
 def test_ddp_two_cpu_ranks_split_the_data_and_save_once(tmp_path, shared_data):
@@ -56,11 +56,29 @@ def test_ddp_two_cpu_ranks_split_the_data_and_save_once(tmp_path, shared_data):
     samples = tmp_path / "samples"
     samples.mkdir()
     out = tmp_path / "run"
-    env = {**os.environ, "PATHFM_SHARED_DATA": str(shared_data), "PATHFM_TEST_SAMPLES": str(samples),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(script), "train", str(REPO / "training/classify/crc_tiny.yaml"), "--out", str(out),
-           "--device", "cpu", "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp",
-           "--set", "trainer.max_epochs=1", "--json-progress"]
+    env = {
+        **os.environ,
+        "PATHFM_SHARED_DATA": str(shared_data),
+        "PATHFM_TEST_SAMPLES": str(samples),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        str(script),
+        "train",
+        str(REPO / "training/classify/crc_tiny.yaml"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        "trainer.devices=2",
+        "--set",
+        "trainer.strategy=ddp",
+        "--set",
+        "trainer.max_epochs=1",
+        "--json-progress",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

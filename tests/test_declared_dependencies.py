@@ -31,8 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "napari_pathfm"
 PRODUCT_EXTRAS = ("torch", "napari", "distributed")
 #: Modules of the package that must run with the core dependencies only (no extra installed).
-CORE_ONLY = ("io", "colors.py", "coords.py", "errors.py", "progress.py", "userdata.py", "recipe_files.py",
-             "_lazy.py", "_reader.py", "_writer.py", "_sample_data.py")
+CORE_ONLY = (
+    "io",
+    "colors.py",
+    "coords.py",
+    "errors.py",
+    "progress.py",
+    "userdata.py",
+    "recipe_files.py",
+    "_lazy.py",
+    "_reader.py",
+    "_writer.py",
+    "_sample_data.py",
+)
 
 
 def _normalize(name: str) -> str:

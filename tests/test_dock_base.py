@@ -13,8 +13,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-             decoder_mlp_dim=64, freeze_encoders=False)
+MODEL = dict(
+    encoder="hiera_micro",
+    uni=None,
+    image_size=64,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    freeze_encoders=False,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +39,13 @@ def tiny_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, **MODEL)
-    card = {"family": "segment", "classes": ["background", "gland"], "num_classes": 2, "input_mpp": 2.0,
-            "tile_size": 64}
+    card = {
+        "family": "segment",
+        "classes": ["background", "gland"],
+        "num_classes": 2,
+        "input_mpp": 2.0,
+        "tile_size": 64,
+    }
     return save_checkpoint(model, tmp_path / "models" / "toy-pathsam2", card)
 
 

@@ -38,8 +38,7 @@ def test_segment_dock_stays_narrow_with_a_long_checkpoint_name(viewer, long_name
 
     from napari_pathfm.widgets.segment_widget import SegmentWidget
 
-    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name=LONG,
-                     metadata={"pathfm_path": "x.svs"})
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name=LONG, metadata={"pathfm_path": "x.svs"})
     dock = SegmentWidget(viewer)
     qtbot.addWidget(dock)
     combo = dock.checkpoint.combo

@@ -229,10 +229,18 @@ def test_features_and_mil_prediction_reuse_extractor_outputs(cmu_small, tmp_path
     card = json.loads(ckpt.with_suffix(".json").read_text())["feature_extractor"]
     from napari_pathfm.models import create_model
 
-    fx = create_model(card["extractor"], backbone=card["backbone"], input_size=card.get("input_size") or 0,
-                      weights=str(ckpt.parent / card["weights"].split("/")[-1]))
-    kw = dict(mpp=card["target_mpp"], tile_size=card["tile_size"], device="cpu",
-              min_tissue=card["min_tissue"] if card.get("min_tissue") is not None else 0.25)  # as mil_predict does
+    fx = create_model(
+        card["extractor"],
+        backbone=card["backbone"],
+        input_size=card.get("input_size") or 0,
+        weights=str(ckpt.parent / card["weights"].split("/")[-1]),
+    )
+    kw = dict(
+        mpp=card["target_mpp"],
+        tile_size=card["tile_size"],
+        device="cpu",
+        min_tissue=card["min_tissue"] if card.get("min_tissue") is not None else 0.25,
+    )  # as mil_predict does
     a = read_features(extract_features(cmu_small, fx, tmp_path / "a.features.zarr", cache=False, **kw))
     b = read_features(extract_features(cmu_small, fx, tmp_path / "b.features.zarr", cache=cache, **kw))
     assert len(cache.entries()) == 1, "pathfm features and MIL prediction share one entry"
@@ -264,8 +272,9 @@ def test_cache_cli_lists_and_clears(slide_copy, segmenter, tmp_path):
     out = subprocess.run([*run, "list", "--dir", str(root), "--json"], capture_output=True, text=True, check=True)
     listed = json.loads(out.stdout)
     assert [e["slide"] for e in listed["entries"]] == [str(slide_copy.resolve())] and listed["bytes"] > 0
-    out = subprocess.run([*run, "clear", "--dir", str(root), "--slide", str(slide_copy)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [*run, "clear", "--dir", str(root), "--slide", str(slide_copy)], capture_output=True, text=True, check=True
+    )
     assert "removed 1 entries" in out.stdout and EmbeddingCache(root, always_store=True).entries() == []
 
 
@@ -326,5 +335,6 @@ def test_widgets_say_when_the_cache_was_used():
     from napari_pathfm.tiles.cached_encoder import cache_note
 
     assert cache_note({"tiles_from_cache": 21, "tiles_encoded": 0}) == (
-        "Encoder outputs of 21 tiles read from the embedding cache.")
+        "Encoder outputs of 21 tiles read from the embedding cache."
+    )
     assert cache_note({"tiles_from_cache": 0}) == "" and cache_note(None) == ""

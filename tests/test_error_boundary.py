@@ -103,11 +103,14 @@ def test_unexpected_errors_say_so_and_debug_shows_the_traceback():
     assert "Traceback" in message_for(err, debug=True)
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["open", "/no/such/slide.svs"], 2, ["/no/such/slide.svs", "does not exist"]),
-    (["segment", "/no/such/slide.svs", "--out", "/sys/mask.ome.tif"], 2, ["/sys", "not writable"]),
-    (["mil", "predict", "-c", "x.safetensors"], 2, ["exactly one of --slide or --features"]),
-])
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["open", "/no/such/slide.svs"], 2, ["/no/such/slide.svs", "does not exist"]),
+        (["segment", "/no/such/slide.svs", "--out", "/sys/mask.ome.tif"], 2, ["/sys", "not writable"]),
+        (["mil", "predict", "-c", "x.safetensors"], 2, ["exactly one of --slide or --features"]),
+    ],
+)
 def test_cli_errors_are_one_message_with_the_exit_code(args, code, words):
     result = runner.invoke(app, args)
     assert result.exit_code == code, result.output
@@ -120,8 +123,9 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path):
     env = {**os.environ, "PATHFM_DEBUG": "0"}
     plain = subprocess.run([str(PATHFM), "open", str(tmp_path / "gone.svs")], capture_output=True, text=True, env=env)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and "gone.svs" in plain.stderr
-    debug = subprocess.run([str(PATHFM), "--debug", "open", str(tmp_path / "gone.svs")], capture_output=True,
-                           text=True, env=env)
+    debug = subprocess.run(
+        [str(PATHFM), "--debug", "open", str(tmp_path / "gone.svs")], capture_output=True, text=True, env=env
+    )
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "gone.svs" in debug.stderr.splitlines()[-1]
     env["PATHFM_DEBUG"] = "1"
     by_env = subprocess.run([str(PATHFM), "open", str(tmp_path / "gone.svs")], capture_output=True, text=True, env=env)
@@ -150,9 +154,13 @@ def test_disk_full_during_an_atomic_write_names_the_output_and_leaves_nothing(tm
 
     where = tmp_path / "tiny"
     where.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a tmpfs is not allowed here (needs root / CAP_SYS_ADMIN)")
     try:
         final = where / "mask.ome.tif"

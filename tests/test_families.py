@@ -46,9 +46,12 @@ def test_models_recipes_and_docks_belong_to_known_rows():
 
 
 def test_wrong_family_is_refused_in_words_from_the_rows():
-    with pytest.raises(CheckpointError, match=r"x\.json: is a 'mil' checkpoint \(model 's4mil'\), not a tile "
-                       r"classifier\. Pick a checkpoint of family 'classify' \(timm_classifier or slca.*\); use this "
-                       r"one with pathfm mil predict / the MIL widget\."):
+    with pytest.raises(
+        CheckpointError,
+        match=r"x\.json: is a 'mil' checkpoint \(model 's4mil'\), not a tile "
+        r"classifier\. Pick a checkpoint of family 'classify' \(timm_classifier or slca.*\); use this "
+        r"one with pathfm mil predict / the MIL widget\.",
+    ):
         check_family({"family": "mil", "name": "s4mil", "config": {"in_dim": 8}}, "classify", "x.json")
     # no family on the card: the registry's family of its model counts
     with pytest.raises(CheckpointError, match="is a 'classify' checkpoint .*not a segmentation model"):

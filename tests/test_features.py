@@ -174,8 +174,12 @@ def resnet50_file(tmp_path_factory):
 
     g = torch.Generator().manual_seed(0)
     sd = timm.create_model("resnet50", pretrained=False, num_classes=1000).state_dict()
-    sd = {k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if "running_var" in k else 0.0)).abs()
-          if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {
+        k: (torch.randn(v.shape, generator=g) * 0.05 + (1.0 if "running_var" in k else 0.0)).abs()
+        if v.is_floating_point()
+        else v
+        for k, v in sd.items()
+    }
     path = tmp_path_factory.mktemp("w") / "resnet50_imagenet.pth"
     torch.save(sd, path)
     return path, sd
@@ -198,7 +202,11 @@ def test_resnet50_trunc_loads_weights_and_extracts_1024d(resnet50_file, cmu_smal
     bag = read_features(out)
     assert bag.dim == 1024 and 0 < len(bag) <= 4
     assert bag.attrs["weights_sha256"] == ex.weights_sha256 and bag.attrs["weights"] == str(path)
-    assert (bag.attrs["extractor"], bag.attrs["backbone"], bag.attrs["input_size"]) == ("resnet50_trunc", "resnet50", 224)
+    assert (bag.attrs["extractor"], bag.attrs["backbone"], bag.attrs["input_size"]) == (
+        "resnet50_trunc",
+        "resnet50",
+        224,
+    )
 
 
 def test_torchvision_safetensors_weights_and_wrong_file(tmp_path):
@@ -260,9 +268,18 @@ def test_read_features_errors_name_the_file(tmp_path):
         "plain": ("not a patch-feature file", lambda p: p.mkdir()),
         "group_only.zarr": ("no 'features' and 'coords'", lambda p: zarr.open_group(str(p), mode="w")),
         "partial.zarr": ("(?i)interrupted.*run pathfm features again", lambda p: create_feature_store(p, 3, 4, {})),
-        "mismatch.zarr": ("3 feature rows but 2 coordinates", lambda p: _raw(p, np.ones((3, 4)), coords[:2], {"complete": True})),
-        "nan.zarr": ("NaN or infinite features in 1 of 3 patches .*row 1", lambda p: _raw(p, [[0.0] * 4, [np.nan, 0, np.inf, 0], [1.0] * 4], coords, {"complete": True})),
-        "empty.zarr": ("no tissue tiles.*lower --min-tissue", lambda p: write_features(p, np.zeros((0, 4)), np.zeros((0, 2)), {"min_tissue": 0.25})),
+        "mismatch.zarr": (
+            "3 feature rows but 2 coordinates",
+            lambda p: _raw(p, np.ones((3, 4)), coords[:2], {"complete": True}),
+        ),
+        "nan.zarr": (
+            "NaN or infinite features in 1 of 3 patches .*row 1",
+            lambda p: _raw(p, [[0.0] * 4, [np.nan, 0, np.inf, 0], [1.0] * 4], coords, {"complete": True}),
+        ),
+        "empty.zarr": (
+            "no tissue tiles.*lower --min-tissue",
+            lambda p: write_features(p, np.zeros((0, 4)), np.zeros((0, 2)), {"min_tissue": 0.25}),
+        ),
     }
     for name, (message, make) in cases.items():
         path = tmp_path / name

@@ -27,8 +27,16 @@ from napari_pathfm import userdata
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BUNDLED_SLIDE = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data" / "CMU-1-Small-Region.svs"
-MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-             decoder_mlp_dim=64, freeze_encoders=False)
+MODEL = dict(
+    encoder="hiera_micro",
+    uni=None,
+    image_size=64,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    freeze_encoders=False,
+)
 
 
 @pytest.fixture
@@ -41,7 +49,13 @@ def tiny_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, **MODEL)
-    card = {"family": "segment", "classes": ["background", "gland"], "num_classes": 2, "input_mpp": 2.0, "tile_size": 64}
+    card = {
+        "family": "segment",
+        "classes": ["background", "gland"],
+        "num_classes": 2,
+        "input_mpp": 2.0,
+        "tile_size": 64,
+    }
     return save_checkpoint(model, tmp_path / "models" / "toy-pathsam2", card)
 
 
@@ -181,7 +195,10 @@ def test_a_failing_finetune_says_so_once_and_leaves_no_folder(make_napari_viewer
     assert len(notification_manager.records) == n_notes, "the dock's status line is the one message (no toast)"
     runs = userdata.finetune_dir(slide_copy)
     assert not runs.exists() or not any(runs.iterdir()), "no half-made fine-tune folder is left"
-    assert sorted(p.relative_to(widget.corrections_folder()) for p in widget.corrections_folder().rglob("*")) == corrections
+    assert (
+        sorted(p.relative_to(widget.corrections_folder()) for p in widget.corrections_folder().rglob("*"))
+        == corrections
+    )
     assert widget.checkpoint.path() == str(tiny_checkpoint)
     assert widget.log_btn.isEnabled()
     dialog = widget.show_log()

@@ -82,7 +82,8 @@ def test_cli_translate_refuses_nan_checkpoint(tmp_path):
     weights = poison("haste-isl-dapi", tmp_path)
     cli_refuses(
         ["translate", DATA / "isl-blue-crop.ome.tif", "-c", weights, "--out", tmp_path / "out"],
-        weights.name, "NaN or Inf",
+        weights.name,
+        "NaN or Inf",
     )
     assert not (tmp_path / "out" / "summary.json").exists()
 
@@ -140,7 +141,8 @@ def test_training_with_unrelated_weights_is_refused(shared_data, tmp_path, monke
     assert not (tmp_path / "run" / "model.safetensors").exists()
     cli_refuses(
         ["train", TINY, "--out", tmp_path / "run2", "--set", f"model.weights={UNRELATED}"],
-        "s4mil-glas-glands-demo.safetensors", "0 matched",
+        "s4mil-glas-glands-demo.safetensors",
+        "0 matched",
     )
 
 
@@ -148,8 +150,13 @@ def test_training_with_partial_weights_on_purpose(shared_data, tmp_path, monkeyp
     from napari_pathfm.training.engine import run_recipe
 
     monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
-    sets = [f"model.weights={BACKBONE}", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.image_size=32",
-            "trainer.log_every_n_steps=1"]
+    sets = [
+        f"model.weights={BACKBONE}",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "data.image_size=32",
+        "trainer.log_every_n_steps=1",
+    ]
     with pytest.raises(CheckpointError, match="partial_weights"):
         run_recipe(TINY, sets, output=tmp_path / "refused", device="cpu")
     result = run_recipe(TINY, [*sets, "model.partial_weights=true"], output=tmp_path / "run", device="cpu")
@@ -185,7 +192,9 @@ def test_lightning_ckpt_given_as_checkpoint_is_named_and_never_unpickled(tmp_pat
         read_card(ckpt)
     text = cli_refuses(
         ["classify", DATA / "CMU-1-Small-Region.svs", "-c", ckpt, "--out", tmp_path / "out"],
-        "last.ckpt", "Lightning", ".safetensors",
+        "last.ckpt",
+        "Lightning",
+        ".safetensors",
     )
     assert "model card not found" not in text
     assert not Path("/tmp/pathfm-garbage-pwned").exists()
@@ -195,10 +204,18 @@ def test_diverged_training_warns_at_export_and_its_checkpoint_is_refused(shared_
     from napari_pathfm.training.engine import run_recipe
 
     monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
-    sets = ["optim.lr=1e30", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.image_size=32",
-            "trainer.log_every_n_steps=1", "trainer.early_stopping=false"]
-    with pytest.warns(UndefinedMetricWarning, match="metrics.best.val_loss"), \
-            pytest.warns(RuntimeWarning, match="training diverged"):
+    sets = [
+        "optim.lr=1e30",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "data.image_size=32",
+        "trainer.log_every_n_steps=1",
+        "trainer.early_stopping=false",
+    ]
+    with (
+        pytest.warns(UndefinedMetricWarning, match="metrics.best.val_loss"),
+        pytest.warns(RuntimeWarning, match="training diverged"),
+    ):
         result = run_recipe(TINY, sets, output=tmp_path / "run", device="cpu")
     json.loads((tmp_path / "run" / "model.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]

@@ -106,7 +106,9 @@ def test_truncated_plane_is_named_at_the_lazy_read(isl_copy):
 def test_cli_translate_names_the_truncated_plane(isl_copy, tmp_path):
     plane = _plane(isl_copy, 2)
     plane.write_bytes(plane.read_bytes()[:5000])
-    cli_refuses(["translate", isl_copy, "-c", DAPI, "--out", tmp_path / "out", "--device", "cpu"], plane.name, "truncated")
+    cli_refuses(
+        ["translate", isl_copy, "-c", DAPI, "--out", tmp_path / "out", "--device", "cpu"], plane.name, "truncated"
+    )
 
 
 def test_planes_of_another_shape_or_dtype_name_both_files(isl_copy):
@@ -138,10 +140,16 @@ def real_dapi(tmp_path_factory) -> Path:
         (lambda d: (d / "notes.txt").write_text("not an image") and d / "notes.txt", SlideError, "readable image"),
         (lambda d: DATA / "CMU-1-Small-Region.svs", SlideError, "a colour image"),
         (lambda d: DATA / "models" / "slca-glas-glands-demo.safetensors", CheckpointError, "not a translation one"),
-        (lambda d: tifffile.imwrite(d / "small.tif", np.ones((10, 10), np.uint16)) or d / "small.tif", InputError,
-         "prediction is (10, 10)"),
-        (lambda d: tifffile.imwrite(d / "nan.tif", np.full((256, 256), np.nan, np.float32)) or d / "nan.tif",
-         SlideError, "NaN/Inf"),
+        (
+            lambda d: tifffile.imwrite(d / "small.tif", np.ones((10, 10), np.uint16)) or d / "small.tif",
+            InputError,
+            "prediction is (10, 10)",
+        ),
+        (
+            lambda d: tifffile.imwrite(d / "nan.tif", np.full((256, 256), np.nan, np.float32)) or d / "nan.tif",
+            SlideError,
+            "NaN/Inf",
+        ),
         (lambda d: d, InputError, "is a folder"),
     ],
     ids=["text", "slide", "classify-checkpoint", "wrong-size", "nan-image", "folder"],
@@ -166,8 +174,11 @@ def test_evaluate_translation_refuses_a_flat_real_stain(real_dapi, tmp_path):
 def test_cli_evaluate_translation_wrong_sources(real_dapi, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     cli_refuses(["evaluate-translation", tmp_path / "notes.txt", "--target", real_dapi], "notes.txt", "readable image")
-    cli_refuses(["evaluate-translation", DATA / "CMU-1-Small-Region.svs", "--target", real_dapi],
-                "CMU-1-Small-Region.svs", "colour image")
+    cli_refuses(
+        ["evaluate-translation", DATA / "CMU-1-Small-Region.svs", "--target", real_dapi],
+        "CMU-1-Small-Region.svs",
+        "colour image",
+    )
 
 
 # --- undefined metrics -----------------------------------------------------------------------

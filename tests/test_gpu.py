@@ -93,8 +93,16 @@ def test_auto_device_picks_cuda():
 def test_pathsam2_matches_cpu_on_cuda_and_trains():
     from napari_pathfm.models.pathsam2.loss import pathsam2_loss
 
-    kw = dict(num_classes=3, encoder="hiera_micro", uni="uni_micro", image_size=128, decoder_dim=64, decoder_heads=4,
-              decoder_mlp_dim=128, freeze_encoders=False)
+    kw = dict(
+        num_classes=3,
+        encoder="hiera_micro",
+        uni="uni_micro",
+        image_size=128,
+        decoder_dim=64,
+        decoder_heads=4,
+        decoder_mlp_dim=128,
+        freeze_encoders=False,
+    )
     cpu, gpu = _pair("pathsam2", **kw)
     g = torch.Generator().manual_seed(4)
     y = torch.zeros(2, 128, 128, dtype=torch.long)

@@ -37,10 +37,13 @@ def _seed():
 
 # --------------------------------------------------------------------------- registry
 
+
 def test_registry_lists_translate_models_without_torch():
-    code = ("import sys; from napari_pathfm.models import list_models, model_info; "
-            "names = list_models('translate'); info = model_info('lupi_unet'); "
-            "print(sorted(names), info['family'], 'torch' in sys.modules)")
+    code = (
+        "import sys; from napari_pathfm.models import list_models, model_info; "
+        "names = list_models('translate'); info = model_info('lupi_unet'); "
+        "print(sorted(names), info['family'], 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "'dense_unet'" in out and "'lupi_unet'" in out and "'patchgan'" in out
     assert out.strip().endswith("translate False")
@@ -68,13 +71,16 @@ def test_config_round_trips_through_json_card(tmp_path: Path):
 
 # --------------------------------------------------------------------------- sizes
 
+
 def test_parameter_counts_match_the_paper(capsys):
     counts = {
         "dense_unet": (count_parameters(create_model("dense_unet")), PAPER_DENSE_UNET_PARAMS),
         "lupi_unet": (count_parameters(create_model("lupi_unet")), PAPER_LUPI_UNET_PARAMS),
         "patchgan": (count_parameters(create_model("patchgan")), PAPER_PATCHGAN_PARAMS),
-        "patchgan(ndf=32, n_layers=4) [HASTE config]":
-            (count_parameters(create_model("patchgan", ndf=32, n_layers=4)), PAPER_PATCHGAN_PARAMS),
+        "patchgan(ndf=32, n_layers=4) [HASTE config]": (
+            count_parameters(create_model("patchgan", ndf=32, n_layers=4)),
+            PAPER_PATCHGAN_PARAMS,
+        ),
     }
     with capsys.disabled():
         for name, (n, paper) in counts.items():
@@ -85,10 +91,11 @@ def test_parameter_counts_match_the_paper(capsys):
 
 # --------------------------------------------------------------------------- shapes
 
+
 @pytest.mark.parametrize("size", [64, 128])
 def test_dense_unet_shapes_and_range(size):
     net = create_model("dense_unet", in_channels=7, out_channels=2)
-    y = net(torch.rand(2, 7, size, size))                      # train mode (dropout on)
+    y = net(torch.rand(2, 7, size, size))  # train mode (dropout on)
     assert y.shape == (2, 2, size, size)
     assert float(y.detach().min()) >= 0 and float(y.detach().max()) <= 1
     y.mean().backward()
@@ -134,8 +141,9 @@ def test_bad_inputs_say_what_to_do(name):
 
 # --------------------------------------------------------------------------- patchgan
 
+
 def _measured_receptive_field(net, size=256) -> tuple[int, int]:
-    net.eval()                                   # BatchNorm in train mode would couple all pixels
+    net.eval()  # BatchNorm in train mode would couple all pixels
     x = torch.rand(1, net.in_channels, size, size, requires_grad=True)
     y = net(x)
     h, w = y.shape[-2:]
@@ -160,17 +168,18 @@ def test_haste_released_discriminator_sees_142_pixels():
 
 # --------------------------------------------------------------------------- ICNR
 
+
 def test_icnr_pixel_shuffle_is_checkerboard_free_at_init():
     up = TransitionUp(16, 8)
-    w = up.conv.weight                                      # (4·8, 16, 3, 3)
-    for c in range(8):                                      # the 4 sub-pixel kernels of each output channel
+    w = up.conv.weight  # (4·8, 16, 3, 3)
+    for c in range(8):  # the 4 sub-pixel kernels of each output channel
         for k in range(1, 4):
             torch.testing.assert_close(w[4 * c + k], w[4 * c])
     with torch.no_grad():
-        z = up.upsample(torch.randn(2, 16, 10, 10))         # (2, 8, 20, 20), before the blur
+        z = up.upsample(torch.randn(2, 16, 10, 10))  # (2, 8, 20, 20), before the blur
         blocks = [z[..., i::2, j::2] for i in (0, 1) for j in (0, 1)]
         for b in blocks[1:]:
-            torch.testing.assert_close(b, blocks[0])        # every 2×2 block is constant: no checkerboard
+            torch.testing.assert_close(b, blocks[0])  # every 2×2 block is constant: no checkerboard
         assert up(torch.randn(2, 16, 10, 10)).shape == (2, 8, 20, 20)
     # Without ICNR the four sub-pixel positions differ (what makes checkerboards).
     torch.nn.init.kaiming_normal_(up.conv.weight)
@@ -181,13 +190,15 @@ def test_icnr_pixel_shuffle_is_checkerboard_free_at_init():
 
 # --------------------------------------------------------------------------- losses
 
+
 def test_log_squared_known_values():
     t = torch.full((1, 1, 4, 4), 1.0)
     assert float(L.log_squared_loss(t, t)) == 0.0
     assert float(L.log_squared_loss(torch.full_like(t, 0.5), t)) == pytest.approx(np.log(2) ** 2, rel=1e-6)
     # symmetric in the ratio: half or double the target cost the same
     assert float(L.log_squared_loss(torch.full_like(t, 0.25), torch.full_like(t, 0.5))) == pytest.approx(
-        float(L.log_squared_loss(torch.full_like(t, 1.0), torch.full_like(t, 0.5))), rel=1e-6)
+        float(L.log_squared_loss(torch.full_like(t, 1.0), torch.full_like(t, 0.5))), rel=1e-6
+    )
     w = torch.zeros_like(t)
     w[..., :2, :] = 1
     assert float(L.log_squared_loss(torch.full_like(t, 0.5), t, weight=w)) == pytest.approx(np.log(2) ** 2 / 2)
@@ -197,11 +208,11 @@ def test_median_mae_known_values_and_zero_median_guard():
     t = torch.tensor([0.2, 0.4, 0.5, 0.6, 0.8]).view(1, 1, 1, 5)
     assert float(L.median_mae_loss(t + 0.1, t)) == pytest.approx(0.1 / 0.5)
     sparse = torch.zeros(1, 1, 4, 4)
-    sparse[..., 0, :2] = 1.0                                # median 0, mean 2/16
+    sparse[..., 0, :2] = 1.0  # median 0, mean 2/16
     assert float(L.median_normalizer(sparse)) == pytest.approx(2 / 16)
     assert float(L.median_mae_loss(sparse + 0.1, sparse)) == pytest.approx(0.1 / (2 / 16))
     zero = torch.zeros(1, 1, 4, 4)
-    assert float(L.median_mae_loss(zero + 0.3, zero)) == pytest.approx(0.3)   # all-zero target: plain MAE
+    assert float(L.median_mae_loss(zero + 0.3, zero)) == pytest.approx(0.3)  # all-zero target: plain MAE
 
 
 def test_gradient_loss_known_values():
@@ -210,8 +221,8 @@ def test_gradient_loss_known_values():
     flat = torch.zeros_like(ramp)
     # |dx| of the ramp is 0.1 except the last (zero-padded) column; dy is 0 everywhere.
     assert float(L.gradient_loss(flat, ramp)) == pytest.approx(0.1 * (W - 1) / W / 2)
-    assert float(L.gradient_loss(ramp + 0.3, ramp)) == pytest.approx(0.0, abs=1e-7)   # offsets do not count
-    assert float(L.gradient_loss(-ramp, ramp)) == pytest.approx(0.0, abs=1e-7)        # magnitudes (HASTE)
+    assert float(L.gradient_loss(ramp + 0.3, ramp)) == pytest.approx(0.0, abs=1e-7)  # offsets do not count
+    assert float(L.gradient_loss(-ramp, ramp)) == pytest.approx(0.0, abs=1e-7)  # magnitudes (HASTE)
     assert float(L.gradient_loss(-ramp, ramp, absolute=False)) == pytest.approx(0.2 * (W - 1) / W / 2)
     dx, dy = L.image_gradients(ramp)
     assert dx.shape == dy.shape == ramp.shape and float(dx[..., -1].abs().max()) == 0
@@ -219,10 +230,10 @@ def test_gradient_loss_known_values():
 
 def test_ralsgan_known_values():
     real, fake = torch.full((2, 1, 3, 3), 0.5), torch.full((2, 1, 3, 3), -0.5)
-    assert float(L.ralsgan_d_loss(real, fake)) == pytest.approx(0.0)       # the discriminator's optimum
+    assert float(L.ralsgan_d_loss(real, fake)) == pytest.approx(0.0)  # the discriminator's optimum
     assert float(L.ralsgan_g_loss(real, fake)) == pytest.approx(4.0)
     assert float(L.ralsgan_d_loss(torch.ones_like(real), -torch.ones_like(fake))) == pytest.approx(1.0)
-    assert float(L.ralsgan_g_loss(fake, real)) == pytest.approx(0.0)       # roles swapped: G's optimum
+    assert float(L.ralsgan_g_loss(fake, real)) == pytest.approx(0.0)  # roles swapped: G's optimum
     # history averages replace the batch averages
     ref = torch.full((50, 1, 3, 3), -1.5)
     assert float(L.ralsgan_d_loss(real, fake, fake_ref=ref)) == pytest.approx(((0.5 + 1.5 - 1) ** 2) / 2)
@@ -233,17 +244,17 @@ def test_mask_bce_and_lwm_weight_map():
     mask = torch.zeros(1, 4, 4)
     assert float(L.mask_bce_loss(logits, mask)) == pytest.approx(np.log(2))
     assert float(L.mask_bce_loss(logits.half(), mask)) == pytest.approx(np.log(2))
-    mask[0, 0, 0] = 1                                       # one nucleus pixel counted pos_weight times
+    mask[0, 0, 0] = 1  # one nucleus pixel counted pos_weight times
     assert float(L.mask_bce_loss(logits, mask, pos_weight=3.0)) == pytest.approx(np.log(2) * (15 + 3) / 16)
     mask[0, 0, 0] = 0
     logits = torch.full((1, 1, 4, 4), -5.0)
-    logits[..., :2, :] = 5.0                                # predicts nuclei in the top half
+    logits[..., :2, :] = 5.0  # predicts nuclei in the top half
     mask = torch.zeros(1, 1, 4, 4)
-    mask[..., :, :2] = 1                                    # nuclei are in the left half
+    mask[..., :, :2] = 1  # nuclei are in the left half
     w = L.lwm_weight_map(logits, mask)
     expected = torch.ones(1, 1, 4, 4)
-    expected[..., :2, 2:] = 2                               # predicted, not true
-    expected[..., 2:, :2] = 2                               # true, missed
+    expected[..., :2, 2:] = 2  # predicted, not true
+    expected[..., 2:, :2] = 2  # true, missed
     torch.testing.assert_close(w, expected)
     assert not w.requires_grad
 
@@ -252,17 +263,17 @@ def test_lwm_loss_composition_and_double_weight_where_segmentation_is_wrong():
     target = torch.full((1, 1, 8, 8), 0.5)
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4, :] = 1
-    right = torch.where(mask > 0, 6.0, -6.0)                # segmentation right everywhere
+    right = torch.where(mask > 0, 6.0, -6.0)  # segmentation right everywhere
     image = torch.full_like(target, 0.6)
     side = [torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 4, 4)]
     total, parts = L.lwm_loss(LUPIOutput(image, right, side), target, mask)
     mae = 0.1 / 0.5
-    side_mae = abs(float(tanh_scaled(torch.zeros(()))) - 0.5) / 0.5            # tanh_scaled(0) = 0.5 → 0
+    side_mae = abs(float(tanh_scaled(torch.zeros(()))) - 0.5) / 0.5  # tanh_scaled(0) = 0.5 → 0
     bce = float(torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(6.0), torch.tensor(1.0)))
     assert parts["wrong_fraction"] == 0
     assert parts["image"] == pytest.approx(mae) and parts["side"] == pytest.approx(2 * side_mae, abs=1e-7)
     assert float(total) == pytest.approx(0.5 * mae + bce + 0.1 * 2 * side_mae, rel=1e-5)
-    wrong = -right                                          # segmentation wrong everywhere: every weight 2
+    wrong = -right  # segmentation wrong everywhere: every weight 2
     _, parts_w = L.lwm_loss(LUPIOutput(image, wrong, side), target, mask)
     assert parts_w["wrong_fraction"] == 1 and parts_w["image"] == pytest.approx(2 * mae)
     with pytest.raises(ValueError, match="unknown base"):
@@ -271,14 +282,14 @@ def test_lwm_loss_composition_and_double_weight_where_segmentation_is_wrong():
 
 def test_losses_give_finite_gradients_even_on_dark_targets():
     target = torch.zeros(2, 1, 16, 16)
-    target[:, :, 4:8, 4:8] = 0.9                            # sparse nuclei: median 0
-    pred = torch.rand(2, 1, 16, 16).mul(1e-9).requires_grad_()   # predictions at ~0 stress the log
+    target[:, :, 4:8, 4:8] = 0.9  # sparse nuclei: median 0
+    pred = torch.rand(2, 1, 16, 16).mul(1e-9).requires_grad_()  # predictions at ~0 stress the log
     for fn in (L.log_squared_loss, L.median_mae_loss, L.gradient_loss):
         pred.grad = None
         loss = fn(pred, target)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(pred.grad).all(), fn.__name__
-    half = torch.zeros(2, 1, 16, 16, dtype=torch.float16)       # fp16 (autocast) outputs: eps must not vanish
+    half = torch.zeros(2, 1, 16, 16, dtype=torch.float16)  # fp16 (autocast) outputs: eps must not vanish
     assert torch.isfinite(L.log_squared_loss(half, target)) and L.log_squared_loss(half, target).dtype == torch.float32
     d_real, d_fake = torch.randn(2, 1, 6, 6, requires_grad=True), torch.randn(2, 1, 6, 6, requires_grad=True)
     (L.ralsgan_d_loss(d_real, d_fake) + L.ralsgan_g_loss(d_real, d_fake)).backward()
@@ -298,22 +309,23 @@ def test_lwm_loss_trains_both_decoders():
 
 # --------------------------------------------------------------------------- image pool
 
+
 def test_image_pool_caps_at_50_and_mixes_half_stored():
     pool = L.ImagePool(50, seed=42)
     first = torch.arange(50, dtype=torch.float32).view(50, 1, 1, 1)
-    torch.testing.assert_close(pool.query(first), first)   # filling: items come back as they are
+    torch.testing.assert_close(pool.query(first), first)  # filling: items come back as they are
     assert len(pool) == 50
     new = torch.arange(100, 300, dtype=torch.float32).view(200, 1, 1, 1)
-    out = torch.cat([pool.query(new[i:i + 4]) for i in range(0, 200, 4)])
+    out = torch.cat([pool.query(new[i : i + 4]) for i in range(0, 200, 4)])
     assert len(pool) == 50 and out.shape == new.shape
     stored = int((out < 100).sum() + (out != new).logical_and(out >= 100).sum())
-    assert 70 <= stored <= 130                              # ~half of the queries swap with a stored item
+    assert 70 <= stored <= 130  # ~half of the queries swap with a stored item
     seen = set(first.flatten().tolist()) | set(new.flatten().tolist())
     assert set(pool.stacked().flatten().tolist()) <= seen
     # the same seed replays the same history
     again = L.ImagePool(50, seed=42)
     again.query(first)
-    torch.testing.assert_close(torch.cat([again.query(new[i:i + 4]) for i in range(0, 200, 4)]), out)
+    torch.testing.assert_close(torch.cat([again.query(new[i : i + 4]) for i in range(0, 200, 4)]), out)
     state = again.state_dict()
     resumed = L.ImagePool(50)
     resumed.load_state_dict(state)
@@ -333,6 +345,7 @@ def test_image_pool_edge_cases():
 
 # --------------------------------------------------------------------------- real data
 
+
 @pytest.fixture(scope="module")
 def isl_crop(shared_data: Path):
     from napari_pathfm.io import open_zstack
@@ -342,15 +355,15 @@ def isl_crop(shared_data: Path):
     if not d.is_dir():
         pytest.skip(f"{d} not found")
     zs = open_zstack(d)
-    dapi = np.asarray(zs.targets["DAPI"][:768], np.float32)          # training rows only
+    dapi = np.asarray(zs.targets["DAPI"][:768], np.float32)  # training rows only
     lo, hi = np.percentile(dapi, [1, 99.9])
     # the 64×64 window (64 px grid) with the most nuclei signal
     tiles = dapi[:768, :1024].reshape(12, 64, 16, 64).mean((1, 3))
     ty, tx = np.unravel_index(int(np.argmax(tiles)), tiles.shape)
     y, x = int(ty) * 64, int(tx) * 64
-    planes = np.asarray(zs.data[:, y:y + 64, x:x + 64])
+    planes = np.asarray(zs.data[:, y : y + 64, x : x + 64])
     x01 = normalize_minmax(planes, planes.reshape(13, -1).min(1), planes.reshape(13, -1).max(1))
-    t01 = normalize_minmax(dapi[y:y + 64, x:x + 64], lo, hi)
+    t01 = normalize_minmax(dapi[y : y + 64, x : x + 64], lo, hi)
     return torch.from_numpy(x01)[None], torch.from_numpy(t01)[None, None]
 
 

@@ -144,9 +144,13 @@ def test_transfer_recipes_say_what_trains(monkeypatch):
 
     monkeypatch.setenv("HISTOKT_SOURCE_CHECKPOINT", "/src/model.safetensors")
     monkeypatch.setenv("PATHFM_RESNET18_WEIGHTS", "/w/resnet18.safetensors")
-    expect = {"scratch": ("all", None), "finetune": ("head", "/src/model.safetensors"),
-              "deeptune": ("all", "/src/model.safetensors"), "twostage_source": ("all", "/w/resnet18.safetensors"),
-              "twostage_target": ("all", "/src/model.safetensors")}
+    expect = {
+        "scratch": ("all", None),
+        "finetune": ("head", "/src/model.safetensors"),
+        "deeptune": ("all", "/src/model.safetensors"),
+        "twostage_source": ("all", "/w/resnet18.safetensors"),
+        "twostage_target": ("all", "/src/model.safetensors"),
+    }
     for name, (trainable, weights) in expect.items():
         for suffix in ("", "_tiny"):
             r = load_recipe(default_recipe_dir() / f"{name}{suffix}.yaml")

@@ -33,7 +33,9 @@ def features_and_checkpoint(cmu_small, tmp_path_factory):
     bag = read_features(feats)
     torch.manual_seed(0)
     model = create_model("s4mil", in_dim=bag.dim, n_classes=2, d_model=64, d_state=8)
-    ckpt = save_checkpoint(model, root / "s4mil", {"classes": ["normal", "tumour"], "feature_extractor": extractor_card(bag.attrs)})
+    ckpt = save_checkpoint(
+        model, root / "s4mil", {"classes": ["normal", "tumour"], "feature_extractor": extractor_card(bag.attrs)}
+    )
     return feats, ckpt, bag
 
 
@@ -42,7 +44,9 @@ def test_cli_predict_from_features_writes_heatmap_and_json(features_and_checkpoi
 
     feats, ckpt, bag = features_and_checkpoint
     heat, js = tmp_path / "heat.ome.tif", tmp_path / "pred.json"
-    result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--out", str(heat), "--json", str(js)])
+    result = runner.invoke(
+        app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--out", str(heat), "--json", str(js)]
+    )
     assert result.exit_code == 0, result.output
     pred = json.loads(js.read_text())
     assert set(pred["probabilities"]) == {"normal", "tumour"}
@@ -60,7 +64,10 @@ def test_cli_predict_from_features_writes_heatmap_and_json(features_and_checkpoi
 def test_cli_predict_from_slide_matches_features(features_and_checkpoint, cmu_small, tmp_path):
     feats, ckpt, _ = features_and_checkpoint
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--json", str(a)]).exit_code == 0
+    assert (
+        runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(feats), "--json", str(a)]).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--slide", str(cmu_small), "--json", str(b)])
     assert result.exit_code == 0, result.output
     pa, pb = json.loads(a.read_text())["probabilities"], json.loads(b.read_text())["probabilities"]
@@ -71,7 +78,9 @@ def test_feature_dimension_mismatch_is_a_clear_error_and_writes_nothing(features
     from napari_pathfm.models import create_model, save_checkpoint
 
     feats, _, bag = features_and_checkpoint
-    wrong = save_checkpoint(create_model("s4mil", in_dim=bag.dim + 1, n_classes=2, d_model=32, d_state=4), tmp_path / "wrong")
+    wrong = save_checkpoint(
+        create_model("s4mil", in_dim=bag.dim + 1, n_classes=2, d_model=32, d_state=4), tmp_path / "wrong"
+    )
     heat = tmp_path / "heat.ome.tif"
     result = runner.invoke(app, ["mil", "predict", "-c", str(wrong), "--features", str(feats), "--out", str(heat)])
     assert result.exit_code == 2
@@ -99,14 +108,18 @@ def test_bad_feature_files_are_refused(features_and_checkpoint, tmp_path, proble
         group.create_array("coords", shape=(0, 2), dtype="int64", overwrite=True)
     else:
         group.create_array("coords", shape=(len(bag) - 1, 2), dtype="int64", overwrite=True)
-    result = runner.invoke(app, ["mil", "predict", "-c", str(ckpt), "--features", str(broken), "--json", str(tmp_path / "p.json")])
+    result = runner.invoke(
+        app, ["mil", "predict", "-c", str(ckpt), "--features", str(broken), "--json", str(tmp_path / "p.json")]
+    )
     assert result.exit_code == 2
     assert "broken.features.zarr" in result.output
     assert not (tmp_path / "p.json").exists()
 
 
 @pytest.mark.gui
-def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napari_viewer, qtbot, cmu_small, features_and_checkpoint):
+def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(
+    make_napari_viewer, qtbot, cmu_small, features_and_checkpoint
+):
     from napari_pathfm.coords import layer_transform
     from napari_pathfm.widgets.mil_widget import MILWidget, viewer_camera
     from napari_pathfm.widgets.slide_widget import SlideWidget
@@ -139,10 +152,17 @@ def test_mil_widget_shows_probabilities_heatmap_and_goes_to_top_patch(make_napar
     cls = widget.class_combo.currentIndex()
     scores = widget.prediction.patch_scores[:, cls]
     lo, hi = np.percentile(scores, [1, 99])
-    assert tuple(heat.contrast_limits) == pytest.approx((lo, hi), rel=1e-5) and tuple(heat.contrast_limits) != (0.0, 1.0)
+    assert tuple(heat.contrast_limits) == pytest.approx((lo, hi), rel=1e-5) and tuple(heat.contrast_limits) != (
+        0.0,
+        1.0,
+    )
     assert heat.colormap.name == "pathfm-attention"
     [bar] = widget.legend.entries
-    assert widget.legend.isVisibleTo(widget) and bar["kind"] == "colorbar" and bar["range"] == pytest.approx((lo, hi), rel=1e-5)
+    assert (
+        widget.legend.isVisibleTo(widget)
+        and bar["kind"] == "colorbar"
+        and bar["range"] == pytest.approx((lo, hi), rel=1e-5)
+    )
     assert float(np.asarray(heat.data).min()) < lo  # cells without a patch sit under the transparent end
 
     # clicking a top patch draws its box over the patch's level-0 pixels (in µm) and centres the view on it

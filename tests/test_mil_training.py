@@ -228,6 +228,7 @@ def test_multitask_loss_reduces_patch_error():
         pl = (rng.random(n) < (0.3 if b % 2 else 0.0)).astype(np.int64)
         x = (rng.normal(size=(n, 8)) + 1.5 * pl[:, None] * direction).astype(np.float32)
         bags.append((torch.from_numpy(x)[None], torch.tensor([b % 2]), torch.from_numpy(pl)[None]))
+
     def train(multitask):
         task = _task(multitask, lr=1e-2)
         opt = task.configure_optimizers()
@@ -255,9 +256,26 @@ def glas_bags(shared_data, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("glas-mil")
     args = build_bags.parser().parse_args(
-        ["--glas", str(shared_data / "glas" / "train"), "--images", "6", "--cache", str(root / "cache"),
-         "--out", str(root / "bags"), "--extractor", "timm_features", "--backbone", "resnet10t",
-         "--bags", "4,2,2", "--min-len", "16", "--max-len", "48"]
+        [
+            "--glas",
+            str(shared_data / "glas" / "train"),
+            "--images",
+            "6",
+            "--cache",
+            str(root / "cache"),
+            "--out",
+            str(root / "bags"),
+            "--extractor",
+            "timm_features",
+            "--backbone",
+            "resnet10t",
+            "--bags",
+            "4,2,2",
+            "--min-len",
+            "16",
+            "--max-len",
+            "48",
+        ]
     )
     return build_bags.build(args)
 

@@ -116,8 +116,7 @@ def test_classify_notes_in_summary_json_and_image_mpp(crop_png, tmp_path):
     plain = classify_slide(crop_png, bundled, device="cpu", cache=False, workers=0, tissue_only=False)
     assert plain.mpp is None and plain.model_mpp is None
     assert any("cmu1-crop.png has no pixel size" in n for n in plain.notes), plain.notes
-    given = classify_slide(crop_png, bundled, image_mpp=0.499, device="cpu", cache=False, workers=0,
-                           tissue_only=False)
+    given = classify_slide(crop_png, bundled, image_mpp=0.499, device="cpu", cache=False, workers=0, tissue_only=False)
     assert given.mpp == pytest.approx(0.499) and given.model_mpp == pytest.approx(1.24, rel=0.02)
     assert given.cell == pytest.approx(112 * 1.24 / 0.499, rel=0.02), "tiles of 112 px at 1.24 µm/px"
     assert not any("no pixel size" in n for n in given.notes) and len(_demo(given.notes)) == 1
@@ -129,8 +128,9 @@ def test_classify_notes_in_summary_json_and_image_mpp(crop_png, tmp_path):
     # (tissue_only=False: no tissue overview is made, so there is no stain to compare with the card's)
     assert own.notes == [], "the user's model at its own µm/px: nothing to say"
     tissue = classify_slide(crop_png, mine, image_mpp=0.499, device="cpu", cache=False, workers=0)
-    assert [n for n in tissue.notes if "tissue colour" in n] == tissue.notes and tissue.notes, \
+    assert [n for n in tissue.notes if "tissue colour" in n] == tissue.notes and tissue.notes, (
         "with the tissue overview: CMU-1's stain is far from the GlaS stain in the card"
+    )
 
 
 def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
@@ -145,8 +145,7 @@ def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
     # CMU-1 (skin, another lab and scanner) is pinker than the GlaS colon the model saw: the card's stain says so
     assert len(pred.notes) == 2 and "tissue colour" in pred.notes[1], pred.notes
     assert pred.messages == pred.notes
-    written = write_mil_outputs(pred, heatmap=tmp_path / "heat.ome.tif", json_path=tmp_path / "pred.json",
-                                mpp=0.499)
+    written = write_mil_outputs(pred, heatmap=tmp_path / "heat.ome.tif", json_path=tmp_path / "pred.json", mpp=0.499)
     assert json.loads(written["json"].read_text())["notes"] == pred.notes
     assert read_ome_tiff(written["heatmap"])[2]["notes"] == pred.notes
     with pytest.raises(ValueError, match="image_mpp"):
@@ -162,7 +161,9 @@ def test_translate_notes_for_bundled_models_and_plane_count(tmp_path):
     assert planes.shape == (13, 128, 128) and planes.dtype == np.uint16
     bundled = MODELS / "haste-isl-dapi.safetensors"
     res = translate_stack(planes, bundled, tile=128, device="cpu", nuclei_mask=False)
-    assert res.notes == ["Demonstration model (haste-isl-dapi: small, CPU-trained on the ISL well) — not for diagnosis."]
+    assert res.notes == [
+        "Demonstration model (haste-isl-dapi: small, CPU-trained on the ISL well) — not for diagnosis."
+    ]
     write_translation(res, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["notes"] == res.notes
 
@@ -178,8 +179,10 @@ def test_translate_notes_for_bundled_models_and_plane_count(tmp_path):
 def test_demonstration_notes_of_several_models_read_as_one_sentence():
     from napari_pathfm.pipelines.notes import join_demonstration_notes
 
-    notes = [f"Demonstration model (haste-isl-{c}: small, CPU-trained on ISL) — not for diagnosis." for c in
-             ("dapi", "map2", "nfh")] + ["The z-stack has 12 planes; the models were trained on 13."]
+    notes = [
+        f"Demonstration model (haste-isl-{c}: small, CPU-trained on ISL) — not for diagnosis."
+        for c in ("dapi", "map2", "nfh")
+    ] + ["The z-stack has 12 planes; the models were trained on 13."]
     assert join_demonstration_notes(notes) == [
         (
             "Demonstration models (haste-isl-dapi, haste-isl-map2, haste-isl-nfh: small, CPU-trained on ISL) — not for "

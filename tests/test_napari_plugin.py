@@ -77,7 +77,11 @@ def test_slide_widget_shows_properties_and_tissue_overlay(make_napari_viewer, qt
     assert layer is not None and widget.layer_combo.currentText() == layer.name
     props = {widget.table.item(r, 0).text(): widget.table.item(r, 1).text() for r in range(widget.table.rowCount())}
     assert props["µm/px"] == "0.499" and props["magnification"] == "20x"
-    assert [widget.assoc_combo.itemText(i) for i in range(widget.assoc_combo.count())] == ["label", "macro", "thumbnail"]
+    assert [widget.assoc_combo.itemText(i) for i in range(widget.assoc_combo.count())] == [
+        "label",
+        "macro",
+        "thumbnail",
+    ]
     widget.assoc_combo.setCurrentText("macro")
     assert widget.assoc_label.pixmap() is not None and not widget.assoc_label.pixmap().isNull()
 

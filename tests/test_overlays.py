@@ -60,8 +60,10 @@ def test_geojson_of_a_labels_layer_has_the_layer_colours(viewer, tmp_path):
     def written() -> dict[str, tuple]:
         out = tmp_path / "layer.geojson"
         layer.save(str(out), plugin="napari-pathfm")
-        return {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
-                for f in json.loads(out.read_text())["features"]}
+        return {
+            f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+            for f in json.loads(out.read_text())["features"]
+        }
 
     shown = {NAMES[v]: _rgb255(layer.colormap.map(np.array([v]))[0]) for v in (1, 2, 4)}
     assert written() == shown
@@ -79,12 +81,16 @@ def test_legend_colorbar_follows_contrast_limits(viewer):
     from napari_pathfm.widgets._colormaps import napari_colormap
     from napari_pathfm.widgets._legend import Legend
 
-    layer = viewer.add_image(np.linspace(0, 3, 100, dtype=np.float32).reshape(10, 10),
-                             colormap=napari_colormap("attention"), contrast_limits=(0.5, 2.5))
+    layer = viewer.add_image(
+        np.linspace(0, 3, 100, dtype=np.float32).reshape(10, 10),
+        colormap=napari_colormap("attention"),
+        contrast_limits=(0.5, 2.5),
+    )
     legend = Legend()
     legend.show_layers([layer], title="run 1")
-    assert legend.entries == [{"layer": layer.name, "kind": "colorbar", "colormap": "pathfm-attention",
-                               "range": (0.5, 2.5)}]
+    assert legend.entries == [
+        {"layer": layer.name, "kind": "colorbar", "colormap": "pathfm-attention", "range": (0.5, 2.5)}
+    ]
     layer.contrast_limits = (1.0, 2.0)
     assert legend.entries[0]["range"] == (1.0, 2.0)
     legend.clear()

@@ -10,7 +10,9 @@ torch = pytest.importorskip("torch")
 from napari_pathfm.errors import CheckpointError
 from napari_pathfm.models.registry import create_model
 
-SMALL = dict(encoder="hiera_micro", uni="uni_micro", image_size=64, decoder_dim=64, decoder_heads=4, decoder_mlp_dim=128)
+SMALL = dict(
+    encoder="hiera_micro", uni="uni_micro", image_size=64, decoder_dim=64, decoder_heads=4, decoder_mlp_dim=128
+)
 
 
 def small(**kw):
@@ -150,7 +152,11 @@ def _sam2_decoder_tensors(dim=256, mlp=2048, internal=128, tokens=4):
             t[f"{L}.norm{n}.weight"], t[f"{L}.norm{n}.bias"] = 1 + r(dim), r(dim)
     attn(f"{d}transformer.final_attn_token_to_image", internal)
     t[f"{d}transformer.norm_final_attn.weight"], t[f"{d}transformer.norm_final_attn.bias"] = 1 + r(dim), r(dim)
-    t[f"{d}iou_token.weight"], t[f"{d}mask_tokens.weight"], t[f"{d}obj_score_token.weight"] = r(1, dim), r(tokens, dim), r(1, dim)
+    t[f"{d}iou_token.weight"], t[f"{d}mask_tokens.weight"], t[f"{d}obj_score_token.weight"] = (
+        r(1, dim),
+        r(tokens, dim),
+        r(1, dim),
+    )
     t[f"{d}output_upscaling.0.weight"], t[f"{d}output_upscaling.0.bias"] = r(dim, dim // 4, 2, 2), r(dim // 4)
     t[f"{d}output_upscaling.1.weight"], t[f"{d}output_upscaling.1.bias"] = 1 + r(dim // 4), r(dim // 4)
     t[f"{d}output_upscaling.3.weight"], t[f"{d}output_upscaling.3.bias"] = r(dim // 4, dim // 8, 2, 2), r(dim // 8)
@@ -178,7 +184,11 @@ def _sam2_checkpoint(path, encoder="sam2_hiera_tiny"):
     from napari_pathfm.models.pathsam2.encoders import HIERA_PRESETS
 
     torch.manual_seed(2)
-    trunk = HieraDet(num_classes=0, **HIERA_PRESETS[encoder]) if encoder in HIERA_PRESETS else timm.create_model(encoder, num_classes=0)
+    trunk = (
+        HieraDet(num_classes=0, **HIERA_PRESETS[encoder])
+        if encoder in HIERA_PRESETS
+        else timm.create_model(encoder, num_classes=0)
+    )
     sd = {}
     for k, v in trunk.state_dict().items():
         if k.startswith("head."):
@@ -194,14 +204,20 @@ def test_original_sam2_checkpoint_loads_trunk_and_compatible_decoder(tmp_path):
     sd = _sam2_checkpoint(ckpt)
     assert "image_encoder.trunk.blocks.0.mlp.layers.0.weight" in sd
     torch.manual_seed(0)
-    model = create_model("pathsam2", num_classes=2, encoder="sam2_hiera_tiny", uni=None, image_size=64, sam2_checkpoint=str(ckpt))
+    model = create_model(
+        "pathsam2", num_classes=2, encoder="sam2_hiera_tiny", uni=None, image_size=64, sam2_checkpoint=str(ckpt)
+    )
     trunk = model.load_reports["sam2_trunk"]
     assert not [k for k in trunk.missing if not k.startswith("head.")] and len(trunk.loaded) > 100
-    torch.testing.assert_close(model.trunk.blocks[0].mlp.fc1.weight, sd["image_encoder.trunk.blocks.0.mlp.layers.0.weight"])
+    torch.testing.assert_close(
+        model.trunk.blocks[0].mlp.fc1.weight, sd["image_encoder.trunk.blocks.0.mlp.layers.0.weight"]
+    )
     dec = model.load_reports["sam2_decoder"]
     assert "decoder.transformer.layers.1.mlp.layers.1.weight" in dec.loaded
     assert "pe_layer.positional_encoding_gaussian_matrix" in dec.loaded and "decoder.no_mask_embed.weight" in dec.loaded
-    torch.testing.assert_close(model.decoder.output_upscaling[3].weight, sd["sam_mask_decoder.output_upscaling.3.weight"])
+    torch.testing.assert_close(
+        model.decoder.output_upscaling[3].weight, sd["sam_mask_decoder.output_upscaling.3.weight"]
+    )
     report = model.weights_report()
     assert "sam2_trunk" in report and "sam2_decoder" in report
     assert "pathsam2" in model.pathfm_config["name"] and "sam2_checkpoint" not in model.pathfm_config
@@ -212,7 +228,9 @@ def test_sam2_checkpoint_of_another_size_is_refused_by_name(tmp_path):
     ckpt = tmp_path / "sam2_hiera_micro_as_tiny.pt"
     _sam2_checkpoint(ckpt, encoder="hiera_micro")
     with pytest.raises(CheckpointError, match="does not fit") as err:
-        create_model("pathsam2", num_classes=2, encoder="sam2_hiera_tiny", uni=None, image_size=64, sam2_checkpoint=str(ckpt))
+        create_model(
+            "pathsam2", num_classes=2, encoder="sam2_hiera_tiny", uni=None, image_size=64, sam2_checkpoint=str(ckpt)
+        )
     assert str(ckpt) in str(err.value)
     other = tmp_path / "not_sam2.pt"
     torch.save({"model": {"backbone.weight": torch.zeros(2)}}, other)
@@ -236,7 +254,10 @@ def test_sam_v1_decoder_weights_load_with_their_own_mlp_names(tmp_path):
     model = small(decoder_dim=256, decoder_heads=8, decoder_mlp_dim=2048, sam_checkpoint=str(path))
     rep = model.load_reports["sam_decoder"]
     assert "decoder.transformer.layers.0.mlp.layers.0.weight" in rep.loaded
-    torch.testing.assert_close(model.decoder.transformer.layers[0].mlp.layers[0].weight, sam1["mask_decoder.transformer.layers.0.mlp.lin1.weight"])
+    torch.testing.assert_close(
+        model.decoder.transformer.layers[0].mlp.layers[0].weight,
+        sam1["mask_decoder.transformer.layers.0.mlp.lin1.weight"],
+    )
 
 
 def test_decoder_weights_of_another_width_are_skipped_and_reported(tmp_path):

@@ -130,13 +130,25 @@ def test_cli_segment_over_its_input_is_refused_in_under_a_second(tmp_path):
     assert elapsed < 5.0, elapsed  # a fresh interpreter; the check itself is ~0.05 s (benchmarks/faults.py)
 
 
-@pytest.mark.parametrize("args", [
-    lambda t, s: ["segment", str(s), "--out", str(t / "afile" / "mask.ome.tif")],
-    lambda t, s: ["classify", str(s), "-c", "none.safetensors", "--out", str(t / "afile" / "classified")],
-    lambda t, s: ["tiles", str(s), "--out", str(t / "afile")],
-    lambda t, s: ["features", str(s), "--out", str(t / "afile" / "features")],
-    lambda t, s: ["mil", "predict", "-c", "x.safetensors", "--slide", str(s), "--out", str(t / "afile" / "h.ome.tif")],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        lambda t, s: ["segment", str(s), "--out", str(t / "afile" / "mask.ome.tif")],
+        lambda t, s: ["classify", str(s), "-c", "none.safetensors", "--out", str(t / "afile" / "classified")],
+        lambda t, s: ["tiles", str(s), "--out", str(t / "afile")],
+        lambda t, s: ["features", str(s), "--out", str(t / "afile" / "features")],
+        lambda t, s: [
+            "mil",
+            "predict",
+            "-c",
+            "x.safetensors",
+            "--slide",
+            str(s),
+            "--out",
+            str(t / "afile" / "h.ome.tif"),
+        ],
+    ],
+)
 def test_cli_commands_check_outputs_before_loading_anything(tmp_path, args):
     (tmp_path / "afile").write_text("in the way")
     slide = BUNDLED / "CMU-1-Small-Region.svs"
@@ -159,8 +171,11 @@ def test_cli_train_into_its_data_or_over_its_weights_is_refused(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "training" / "classify" / "crc_tiny.yaml"
     from napari_pathfm.training.recipes import load_recipe
 
-    data = [v for k, v in _flat(load_recipe(recipe).config) if k.startswith("data.") and isinstance(v, str)
-            and Path(v).is_dir()]
+    data = [
+        v
+        for k, v in _flat(load_recipe(recipe).config)
+        if k.startswith("data.") and isinstance(v, str) and Path(v).is_dir()
+    ]
     if not data:
         pytest.skip("the CRC tiles of ../shared/data are not here")
     result = runner.invoke(app, ["train", str(recipe), "--out", str(Path(data[0]) / "run")])

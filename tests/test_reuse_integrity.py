@@ -63,8 +63,12 @@ def test_latin1_manifest_is_refused_naming_the_line(tmp_path):
 
 
 def test_damaged_feature_file_is_refused_by_name(tmp_path):
-    path = write_features(tmp_path / "bag.features.zarr", np.random.default_rng(0).normal(size=(3000, 512)),
-                          np.zeros((3000, 2)), {"backbone": "toy"})
+    path = write_features(
+        tmp_path / "bag.features.zarr",
+        np.random.default_rng(0).normal(size=(3000, 512)),
+        np.zeros((3000, 2)),
+        {"backbone": "toy"},
+    )
     assert len(read_features(path)) == 3000
     chunk = _chunk(path)
     _flip_byte(chunk)
@@ -86,11 +90,14 @@ def test_mil_predict_on_a_damaged_feature_file_is_a_clear_error(tmp_path):
     ckpt = demo_mil_checkpoint()
     card = read_card(ckpt)
     dim = int(card.get("in_dim") or card.get("model_kwargs", {}).get("in_dim") or 1024)
-    path = write_features(tmp_path / "case.features.zarr", np.ones((40, dim)),
-                          np.stack([np.arange(40) * 256, np.zeros(40)], 1))
+    path = write_features(
+        tmp_path / "case.features.zarr", np.ones((40, dim)), np.stack([np.arange(40) * 256, np.zeros(40)], 1)
+    )
     _flip_byte(next(p for p in sorted((path / "coords" / "c").rglob("*")) if p.is_file()))
-    result = CliRunner().invoke(app, ["mil", "predict", "--checkpoint", str(ckpt), "--features", str(path),
-                                      "--json", str(tmp_path / "pred.json")])
+    result = CliRunner().invoke(
+        app,
+        ["mil", "predict", "--checkpoint", str(ckpt), "--features", str(path), "--json", str(tmp_path / "pred.json")],
+    )
     assert result.exit_code == 2, result.output
     assert "case.features.zarr" in result.output and "damaged" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "pred.json").exists()

@@ -29,8 +29,13 @@ def test_slide_dock_screenshot(tmp_path):
     if not display_available():
         pytest.skip("needs a (virtual) display: run under xvfb-run")
     env = {**os.environ, "PATHFM_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run([sys.executable, str(SCRIPT), "slide", "--out", str(tmp_path / "shots"), "--width", "600"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "slide", "--out", str(tmp_path / "shots"), "--width", "600"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shots = _load_script()
     out = tmp_path / "shots"

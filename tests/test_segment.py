@@ -80,8 +80,16 @@ def pathsam2_checkpoint(tmp_path_factory) -> Path:
     from napari_pathfm.models.registry import create_model
 
     torch.manual_seed(0)
-    model = create_model("pathsam2", num_classes=2, encoder="hiera_micro", uni=None, image_size=128,
-                         decoder_dim=32, decoder_heads=2, decoder_mlp_dim=64)
+    model = create_model(
+        "pathsam2",
+        num_classes=2,
+        encoder="hiera_micro",
+        uni=None,
+        image_size=128,
+        decoder_dim=32,
+        decoder_heads=2,
+        decoder_mlp_dim=64,
+    )
     folder = tmp_path_factory.mktemp("segment-models")
     card = {"classes": ["background", "gland"], "input_mpp": 2.0, "tile_size": 128}
     return save_checkpoint(model, folder / "pathsam2-test", card)
@@ -189,8 +197,25 @@ def test_cli_writes_ome_tiff_and_geojson_that_agree(pathsam2_checkpoint, cmu_sma
     from napari_pathfm.io.ome_tiff import read_ome_tiff
 
     out, geo = tmp_path / "mask.ome.tif", tmp_path / "mask.geojson"
-    result = runner.invoke(app, ["segment", str(cmu_small), "-c", str(pathsam2_checkpoint), "--out", str(out),
-                                 "--geojson", str(geo), "--mpp", "4", "--device", "cpu", "--batch-size", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            str(cmu_small),
+            "-c",
+            str(pathsam2_checkpoint),
+            "--out",
+            str(out),
+            "--geojson",
+            str(geo),
+            "--mpp",
+            "4",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{") :])
     assert summary["classes"] == ["background", "gland"] and summary["tiles"] > 3
@@ -206,8 +231,9 @@ def test_cli_writes_ome_tiff_and_geojson_that_agree(pathsam2_checkpoint, cmu_sma
     assert not list(tmp_path.glob(".*")), "no temporary files are left behind"
 
 
-def test_default_checkpoint_is_found_or_the_error_says_how_to_get_one(pathsam2_checkpoint, cmu_small, tmp_path,
-                                                                       monkeypatch):
+def test_default_checkpoint_is_found_or_the_error_says_how_to_get_one(
+    pathsam2_checkpoint, cmu_small, tmp_path, monkeypatch
+):
     import shutil
 
     import napari_pathfm.checkpoints as ck
@@ -248,8 +274,9 @@ def test_cancel_leaves_no_output_and_keeps_an_old_one(cmu_small, tmp_path, stage
             cancel.set()
 
     with pytest.raises(Cancelled):
-        seg.segment_slide(cmu_small, ColourThreshold(), mpp=2.0, device="cpu", out=out, geojson=geo,
-                          progress=progress, cancel=cancel)
+        seg.segment_slide(
+            cmu_small, ColourThreshold(), mpp=2.0, device="cpu", out=out, geojson=geo, progress=progress, cancel=cancel
+        )
     assert cancel.is_set(), seen
     assert out.read_bytes() == b"old result" and not geo.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.ome.tif"], "no temporary files either"

@@ -182,8 +182,9 @@ def test_index_masks_ignore_and_mask_values(tmp_path):
     assert dm.num_classes == 2
     np.testing.assert_array_equal(dm.store.mask(dm.train_items[0]), [[0, 1, 255, 1]] * 4)
     grey = np.array([[0, 128, 255, 128]] * 4, np.uint8)
-    dm = _data(_folder(tmp_path / "grey", {"a": grey}), val_fraction=0.0, tile_size=4,
-               mask_values={0: 0, 128: 1, 255: 2})
+    dm = _data(
+        _folder(tmp_path / "grey", {"a": grey}), val_fraction=0.0, tile_size=4, mask_values={0: 0, 128: 1, 255: 2}
+    )
     assert dm.num_classes == 3
     np.testing.assert_array_equal(dm.store.mask(dm.train_items[0]), [[0, 1, 2, 1]] * 4)
 
@@ -226,8 +227,16 @@ def test_extra_dirs_train_only_with_their_own_mpp(tmp_path):
     corr[9] = 255  # past the slide edge
     extra = _folder(tmp_path / "slide.pathfm-corrections", {"slide_r0_c0": corr})
     (extra / "corrections.json").write_text(json.dumps({"mpp": 2.0, "classes": ["background", "gland"], "tiles": []}))
-    dm = _data(base, val_names=["b"], mpp=0.5, input_mpp=1.0, classes=["background", "gland"],
-               extra_dirs=[{"path": str(extra), "repeat": 3}], samples_per_image=2, tile_size=16)
+    dm = _data(
+        base,
+        val_names=["b"],
+        mpp=0.5,
+        input_mpp=1.0,
+        classes=["background", "gland"],
+        extra_dirs=[{"path": str(extra), "repeat": 3}],
+        samples_per_image=2,
+        tile_size=16,
+    )
     assert [it.name for it in dm.val_items] == ["b"] and [it.name for it in dm.extra_items] == ["slide_r0_c0"]
     assert dm.extra_items[0].mask_format == "index" and dm.extra_items[0].scale == 2.0
     assert dm.store.mask(dm.train_items[0]).shape == (20, 20)  # 0.5 -> 1.0 µm/px
@@ -292,7 +301,15 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     assert card["split"]["val"] == ["train_1", "train_2"] and "train_1" not in card["split"]["train"]
     assert "GlaS" in card["description"] and "83 train / 2 val" in card["training_data"]
     best = card["metrics"]["best"]
-    for key in ("val_loss", "val_dice", "val_iou", "val_object_f1", "val_dice_gland", "val_iou_background", "train_loss"):
+    for key in (
+        "val_loss",
+        "val_dice",
+        "val_iou",
+        "val_object_f1",
+        "val_dice_gland",
+        "val_iou_background",
+        "train_loss",
+    ):
         assert np.isfinite(best[key]), key
     assert 0.0 <= best["val_dice"] <= 1.0 and best["val_dice"] == best["val_dice_gland"]
     model, loaded = load_checkpoint(first / "model.safetensors")
@@ -310,11 +327,26 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     (corr / "masks").mkdir()
     small = Image.open(shared_data / "glas" / "train" / "images" / "train_3.png").reduce(4).crop((0, 0, 64, 64))
     small.save(corr / "images" / "train_3_r0_c0.png")
-    Image.fromarray(np.where(np.arange(64)[:, None] < 32, 1, 0).astype(np.uint8)).save(corr / "masks" / "train_3_r0_c0.png")
-    (corr / "corrections.json").write_text(json.dumps({"mpp": 2.48, "tile_size": 64, "classes": ["background", "gland"]}))
+    Image.fromarray(np.where(np.arange(64)[:, None] < 32, 1, 0).astype(np.uint8)).save(
+        corr / "masks" / "train_3_r0_c0.png"
+    )
+    (corr / "corrections.json").write_text(
+        json.dumps({"mpp": 2.48, "tile_size": 64, "classes": ["background", "gland"]})
+    )
     extra = f"data.extra_dirs=[{{path: {corr}, repeat: 4}}]"
-    _train([str(RECIPES / "glas_tiny.yaml"), "--out", str(second), "--set", init, "--set", extra,
-            "--set", "trainer.max_epochs=1"])
+    _train(
+        [
+            str(RECIPES / "glas_tiny.yaml"),
+            "--out",
+            str(second),
+            "--set",
+            init,
+            "--set",
+            extra,
+            "--set",
+            "trainer.max_epochs=1",
+        ]
+    )
     assert json.loads((second / "split.json").read_text())["extra"] == [str(corr / "images" / "train_3_r0_c0.png")]
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
     tuned = json.loads((second / "model.json").read_text())
@@ -327,8 +359,9 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
 
     from napari_pathfm.cli import app
 
-    result = CliRunner().invoke(app, ["train", str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--no-resume",
-                                      "--set", init])
+    result = CliRunner().invoke(
+        app, ["train", str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--no-resume", "--set", init]
+    )
     assert result.exit_code == 2 and "is an input of this run" in result.output  # refused before training starts
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
 

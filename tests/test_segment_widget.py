@@ -11,8 +11,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MODEL = dict(encoder="hiera_micro", uni=None, image_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2,
-             decoder_mlp_dim=64, freeze_encoders=False)
+MODEL = dict(
+    encoder="hiera_micro",
+    uni=None,
+    image_size=64,
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    decoder_mlp_dim=64,
+    freeze_encoders=False,
+)
 MPP = 2.0
 
 
@@ -26,7 +34,13 @@ def tiny_checkpoint(tmp_path):
 
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, **MODEL)
-    card = {"family": "segment", "classes": ["background", "gland"], "num_classes": 2, "input_mpp": MPP, "tile_size": 64}
+    card = {
+        "family": "segment",
+        "classes": ["background", "gland"],
+        "num_classes": 2,
+        "input_mpp": MPP,
+        "tile_size": 64,
+    }
     return save_checkpoint(model, tmp_path / "models" / "toy-pathsam2", card)
 
 
@@ -95,7 +109,9 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     _wait(qtbot, widget) if widget.finetune() is not None else pytest.fail(widget.status.text())
     new = widget.checkpoint.path()
     assert new and new != str(tiny_checkpoint) and userdata.finetune_dir(slide_path) in Path(new).parents
-    assert list(Path(new).parent.glob("best-*.ckpt")), "several corrected tiles: a validation split picks the best epoch"
+    assert list(Path(new).parent.glob("best-*.ckpt")), (
+        "several corrected tiles: a validation split picks the best epoch"
+    )
     assert json.loads(Path(new).with_suffix(".json").read_text())["metrics"]["monitor"]
     assert _sha(tiny_checkpoint) == before_sha, "the old checkpoint is never overwritten"
 

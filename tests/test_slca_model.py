@@ -28,8 +28,15 @@ def _sam_state(img_size: int, seed: int = 1) -> tuple[torch.nn.Module, dict]:
 
     torch.manual_seed(seed)
     enc = timm.create_model(
-        "samvit_base_patch16", pretrained=False, num_classes=0, img_size=img_size,
-        depth=4, embed_dim=64, num_heads=2, neck_chans=32, global_attn_indexes=[0, 1, 2, 3],
+        "samvit_base_patch16",
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        depth=4,
+        embed_dim=64,
+        num_heads=2,
+        neck_chans=32,
+        global_attn_indexes=[0, 1, 2, 3],
     )
     for p in enc.parameters():  # zero-initialised position tables would hide resampling errors
         p.data.normal_(0, 0.02) if p.ndim > 1 else None
@@ -114,7 +121,11 @@ def test_tap_mapping_defaults_and_choices():
     assert model.taps == ["patch_embed", 0, 1, 3] and model.projector_tap == "neck"  # depth 4: middle = block 1
     feats = model.sam_features(torch.randn(1, 3, 96, 96))  # resized to sam_img_size=64 -> 4x4 grid
     assert {k: tuple(v.shape) for k, v in feats.items()} == {
-        "patch_embed": (1, 64, 4, 4), 0: (1, 64, 4, 4), 1: (1, 64, 4, 4), 3: (1, 64, 4, 4), "neck": (1, 32, 4, 4)
+        "patch_embed": (1, 64, 4, 4),
+        0: (1, 64, 4, 4),
+        1: (1, 64, 4, 4),
+        3: (1, 64, 4, 4),
+        "neck": (1, 32, 4, 4),
     }
     model = small(taps=[None, "middle", -1, 2, "last"], projector=True)
     assert model.taps == [None, 1, 3, 2] and model.projector_tap == 3 and model.fused[0].fusion is None
@@ -132,7 +143,10 @@ def test_ablation_switches_change_parameters_and_outputs():
     x = torch.randn(2, 3, 64, 64)
     outs, names = {}, {}
     for tag, kw in {
-        "slca": {}, "sigmoid": {"fusion": "sigmoid"}, "add": {"fusion": "add"}, "no_projector": {"projector": False},
+        "slca": {},
+        "sigmoid": {"fusion": "sigmoid"},
+        "add": {"fusion": "add"},
+        "no_projector": {"projector": False},
         "neck_only": {"taps": [None, None, None, "neck", "neck"]},
     }.items():
         model = small(**kw).eval()
@@ -163,8 +177,15 @@ def test_one_step_trains_everything_but_the_frozen_sam():
     assert all(p.grad is None for p in model.sam.parameters())
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert not any(n.startswith("sam.") for n in changed)
-    for part in ("backbone.conv1.", "backbone.layer1.stage.", "backbone.layer1.fusion.attn.up.",
-                 "backbone.layer4.fusion.proj.", "projector.stem.", "projector.down.2.", "head.fc."):
+    for part in (
+        "backbone.conv1.",
+        "backbone.layer1.stage.",
+        "backbone.layer1.fusion.attn.up.",
+        "backbone.layer4.fusion.proj.",
+        "projector.stem.",
+        "projector.down.2.",
+        "head.fc.",
+    ):
         assert any(n.startswith(part) for n in changed), part
     unfrozen = small(freeze_sam=False).train()
     assert unfrozen.sam.training and all(p.requires_grad for p in unfrozen.sam.parameters())
@@ -179,8 +200,10 @@ def test_parameter_count_of_the_paper_size_model():
     fusions = sum(count(s.fusion) for s in model.fused)
     backbone = count(model.backbone) - fusions
     total, trainable = count(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"slca resnet152+samvit_base: total {total:,}; SAM {sam:,}; backbone {backbone:,}; fusions {fusions:,}; "
-          f"projector {count(model.projector):,}; head {head:,}; trainable {trainable:,}")
+    print(
+        f"slca resnet152+samvit_base: total {total:,}; SAM {sam:,}; backbone {backbone:,}; fusions {fusions:,}; "
+        f"projector {count(model.projector):,}; head {head:,}; trainable {trainable:,}"
+    )
     assert sam == 89_670_912  # timm samvit_base_patch16 encoder at 1024 px (SAM ViT-B)
     assert backbone == 60_192_808 - 2048 * 1000 - 1000  # timm resnet152 without its ImageNet head
     assert head == (2048 + 256) * 9 + 9 and trainable == total - sam
@@ -192,8 +215,12 @@ def test_parameter_count_of_the_paper_size_model():
 
 def test_original_sam_checkpoint_loads_and_position_tables_follow_the_input_size(tmp_path):
     enc, sd = _sam_state(img_size=128)
-    assert {"image_encoder.patch_embed.proj.weight", "image_encoder.blocks.3.attn.rel_pos_h",
-            "image_encoder.blocks.0.mlp.lin1.weight", "image_encoder.neck.3.bias"} <= set(sd)
+    assert {
+        "image_encoder.patch_embed.proj.weight",
+        "image_encoder.blocks.3.attn.rel_pos_h",
+        "image_encoder.blocks.0.mlp.lin1.weight",
+        "image_encoder.neck.3.bias",
+    } <= set(sd)
     path = tmp_path / "sam_vit_tiny.pth"
     torch.save(sd, path)
     kw = {"sam_kwargs": {**TINY_SAM, "global_attn_indexes": [0, 1, 2, 3]}}
@@ -223,8 +250,14 @@ def test_foreign_checkpoints_are_refused_with_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match=r"sam2_hiera_base_plus\.pt.*SAM2.*sam_vit_h_4b8939\.pth"):
         small(sam_checkpoint=str(sam2))
     uni = tmp_path / "pytorch_model.bin"
-    torch.save({"cls_token": torch.zeros(1, 1, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
-                "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, uni)
+    torch.save(
+        {
+            "cls_token": torch.zeros(1, 1, 8),
+            "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+            "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+        },
+        uni,
+    )
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*plain ViT.*UNI"):
         small(sam_checkpoint=str(uni))
     huge = tmp_path / "sam_vit_h_4b8939.pth"
@@ -278,7 +311,7 @@ def test_classify_recipe_trains_slca_and_the_export_reproduces_logits(shared_dat
     assert card["config"]["taps"] == ["patch_embed", "first", "middle", "last", "neck"]
     trained = torch.load(result.output / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     again = create_model("slca", **card["config"]).eval()
-    again.load_state_dict({k[len("model."):]: v for k, v in trained.items() if k.startswith("model.")})
+    again.load_state_dict({k[len("model.") :]: v for k, v in trained.items() if k.startswith("model.")})
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), again(x))
@@ -320,7 +353,9 @@ def test_recipe_file_keys_are_relative_to_the_recipe(tmp_path):
 def test_paper_backbones_with_sam_vit_h_build(backbone, kwargs, channels):
     """The paper's configurations construct (on the meta device): 4 fused stages fed by SAM ViT-H's 1280-d taps."""
     with torch.device("meta"):
-        model = create_model("slca", backbone=backbone, sam="samvit_huge_patch16", num_classes=4, backbone_kwargs=kwargs)
+        model = create_model(
+            "slca", backbone=backbone, sam="samvit_huge_patch16", num_classes=4, backbone_kwargs=kwargs
+        )
     assert [s.fusion.proj.out_channels for s in model.fused] == channels
     assert [s.fusion.proj.in_channels for s in model.fused] == [1280] * 4
     assert model.projector.stem[0].in_channels == 256 and model.head.fc.in_features == channels[-1] + 256

@@ -82,7 +82,9 @@ def test_slca_recipes_validate(shared_data, monkeypatch, tmp_path):
     for name in ("breakhis", "crc"):  # paper-like: SAM ViT-H at 1024, ResNet-152, AdamW 1e-4 / 0.005, 224 px
         r = recipes[name]
         assert (r.get("model.sam"), r.get("model.sam_img_size"), r.get("model.backbone")) == (
-            "samvit_huge_patch16", 1024, "resnet152"
+            "samvit_huge_patch16",
+            1024,
+            "resnet152",
         )
         assert (r.get("optim.name"), r.get("optim.lr"), r.get("optim.weight_decay")) == ("adamw", 1e-4, 0.005)
         assert r.get("data.image_size") == 224 and r.get("model.backbone_weights") is None
@@ -99,7 +101,11 @@ def test_slca_head_only_trains_only_its_classifier():
     from napari_pathfm.training.tasks.classify import ClassifyTask
 
     model = create_model(
-        "slca", backbone="resnet10t", sam_img_size=64, num_classes=3, projector_dim=16,
+        "slca",
+        backbone="resnet10t",
+        sam_img_size=64,
+        num_classes=3,
+        projector_dim=16,
         sam_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2, "neck_chans": 16},
     )
     ClassifyTask(model, 3, {}, 1, trainable="head")

@@ -89,7 +89,7 @@ def test_unreadable_files_raise_naming_the_file(wsi_dir, name, problem):
 
 def test_truncated_copy_raises(cmu_small, tmp_path):
     broken = tmp_path / "truncated.svs"
-    broken.write_bytes(cmu_small.read_bytes()[: 1_000_000])
+    broken.write_bytes(cmu_small.read_bytes()[:1_000_000])
     with pytest.raises(SlideError, match="truncated.svs"):
         open_slide(broken)
 
@@ -193,8 +193,15 @@ def test_opening_a_large_slide_costs_little_memory(tmp_path):
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
         for factor in (1, 4, 16):
             n = shape[0] // factor
-            tw.write(tiles((n // 512) ** 2), shape=(n, n, 3), dtype=np.uint8, tile=(512, 512), photometric="rgb",
-                     compression="zlib", subfiletype=0 if factor == 1 else 1)
+            tw.write(
+                tiles((n // 512) ** 2),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(512, 512),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=0 if factor == 1 else 1,
+            )
     code = textwrap.dedent(
         f"""
         import resource, json

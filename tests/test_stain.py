@@ -60,8 +60,9 @@ def test_glas_is_in_the_bundled_stain_and_cmu1_is_not(shared_data, cmu_small):
     ref = stain_reference_from_folder(images)
     card = json.loads((MODELS / "pathsam2-glas-small.json").read_text())
     assert ref["images"] == 85
-    assert ref["mean"] == card["stain"]["mean"] and ref["std"] == card["stain"]["std"], \
+    assert ref["mean"] == card["stain"]["mean"] and ref["std"] == card["stain"]["std"], (
         "the bundled card's stain is what `python -m napari_pathfm.tiles.stain` measures on GlaS train"
+    )
 
     # a GlaS image opened as a slide (array input) is in the domain: no stain note
     with Image.open(min(images.iterdir())) as im:

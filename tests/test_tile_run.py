@@ -28,10 +28,12 @@ def sample():
 def _toy(calls: list) -> TileTask:
     """Mean colour of each tile; records the calls it gets."""
     return TileTask(
-        "toy run", "toying",
+        "toy run",
+        "toying",
         infer=lambda batch: batch.images.reshape(len(batch.indices), -1).mean(1),
         collect=lambda batch, means: calls.append(("collect", batch.indices.tolist(), means)),
-        finish=lambda: calls.append(("finish",)), close=lambda: calls.append(("close",)),
+        finish=lambda: calls.append(("finish",)),
+        close=lambda: calls.append(("close",)),
     )
 
 
@@ -57,8 +59,14 @@ def test_cancel_skips_finish_but_closes(sample):
     with opened_slide(sample) as slide:
         reader, grid, _ = plan_tiles(slide, 2.0, 64, what="toy run", tissue_only=False)
         with pytest.raises(Cancelled):
-            run_tiles(reader, grid, _toy(calls), batch_size=2, cancel=cancel,
-                      progress=lambda d, t, m="": cancel.set() if d >= 2 else None)
+            run_tiles(
+                reader,
+                grid,
+                _toy(calls),
+                batch_size=2,
+                cancel=cancel,
+                progress=lambda d, t, m="": cancel.set() if d >= 2 else None,
+            )
     assert ("finish",) not in calls and calls[-1] == ("close",)
     assert len([c for c in calls if c[0] == "collect"]) == 1
 

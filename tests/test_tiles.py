@@ -107,7 +107,9 @@ def test_tissue_parameters_act_monotonically(lowres):
     area = [_count(lowres, min_object_area_um2=a) for a in (0, 1e4, 1e5, 1e6)]
     assert area == sorted(area, reverse=True) and area[-1] == 0  # all tissue is < 1 mm²
 
-    white = [_count(lowres, method="saturation", saturation_threshold=0.02, exclude_white=w) for w in (250, 200, 150, 100)]
+    white = [
+        _count(lowres, method="saturation", saturation_threshold=0.02, exclude_white=w) for w in (250, 200, 150, 100)
+    ]
     assert white == sorted(white, reverse=True) and white[0] > white[-1]
 
     dark = [_count(lowres, exclude_dark=d) for d in (None, 40, 120, 200)]
@@ -207,8 +209,13 @@ def test_choose_level_never_upsamples_more_than_needed():
 
 
 def test_grid_on_a_pyramid_reads_from_the_right_level(slide):
-    pyr = _Proxy(slide, mpp=0.25, level_count=3, level_downsamples=[1.0, 4.0, 16.0],
-                 level_shapes=[(4000, 3000), (1000, 750), (250, 188)])
+    pyr = _Proxy(
+        slide,
+        mpp=0.25,
+        level_count=3,
+        level_downsamples=[1.0, 4.0, 16.0],
+        level_shapes=[(4000, 3000), (1000, 750), (250, 188)],
+    )
     g = tile_grid(pyr, 256, mpp=2.0)
     assert (g.level, g.read_size, g.scale) == (1, 512, 8.0)
     np.testing.assert_array_equal(g.level_coords, g.tile_index * 512)
@@ -246,7 +253,13 @@ def test_grid_json_and_csv_round_trip(slide, tissue, tmp_path):
     np.testing.assert_array_equal(back.tiles, g.tiles)
     np.testing.assert_allclose(back.tissue_fraction, g.tissue_fraction)
     assert (back.level, back.read_size, back.scale, back.mpp, back.grid_shape, back.output_shape) == (
-        g.level, g.read_size, g.scale, g.mpp, g.grid_shape, g.output_shape)
+        g.level,
+        g.read_size,
+        g.scale,
+        g.mpp,
+        g.grid_shape,
+        g.output_shape,
+    )
     g.to_csv(tmp_path / "grid.csv")
     lines = (tmp_path / "grid.csv").read_text().splitlines()
     assert lines[0].startswith("index,row,col,y0,x0") and len(lines) == len(g) + 1

@@ -174,8 +174,9 @@ def toy(tmp_path, monkeypatch):
 
 
 def _pathfm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "napari_pathfm.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_pathfm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_toy_family_trains_batches_and_loads(toy, tmp_path):
@@ -185,8 +186,9 @@ def test_toy_family_trains_batches_and_loads(toy, tmp_path):
     # pathfm train: the recipe's keys come from the toy spec, the task from its training module
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(RECIPE)
-    run = _pathfm("train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu", "--json-progress",
-                  cwd=tmp_path)
+    run = _pathfm(
+        "train", str(recipe), "--out", str(tmp_path / "run"), "--device", "cpu", "--json-progress", cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     summary = next(e for e in events if e.get("event") == "summary")
@@ -220,8 +222,21 @@ def test_toy_family_trains_batches_and_loads(toy, tmp_path):
 
     with pytest.raises(UsageError, match=r"not an option of task 'toy' \(toy_family.predict\)\. Use one of: device"):
         check_options("toy", {"tile": 3})
-    run = _pathfm("batch", str(manifest), "--task", "toy", "--out", str(tmp_path / "b"), "-c", str(ckpt),
-                  "--workers", "1", "--set", "device=cpu", cwd=tmp_path)
+    run = _pathfm(
+        "batch",
+        str(manifest),
+        "--task",
+        "toy",
+        "--out",
+        str(tmp_path / "b"),
+        "-c",
+        str(ckpt),
+        "--workers",
+        "1",
+        "--set",
+        "device=cpu",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     out = json.loads((tmp_path / "b" / "batch-summary.json").read_text())
     assert out["counts"] == {"ok": 1, "skipped": 0, "failed": 0}
@@ -235,7 +250,8 @@ def test_unknown_family_is_named(tmp_path):
     from napari_pathfm.models import create_model, save_checkpoint
     from napari_pathfm.models.checkpoint import load_any
 
-    ckpt = save_checkpoint(create_model("meanpool", in_dim=4, n_classes=2, d_model=4), tmp_path / "m",
-                           {"family": "nosuch"})
+    ckpt = save_checkpoint(
+        create_model("meanpool", in_dim=4, n_classes=2, d_model=4), tmp_path / "m", {"family": "nosuch"}
+    )
     with pytest.raises(CheckpointError, match="family 'nosuch', which this version of napari-pathfm does not know"):
         load_any(ckpt)

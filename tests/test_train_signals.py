@@ -23,13 +23,28 @@ RECIPE = REPO / "training" / "classify" / "crc_tiny.yaml"
 def _env(shared_data: Path, tmp_path: Path) -> dict:
     if not (shared_data / "crc-tiles" / "kather2016").is_dir():
         pytest.skip(f"Kather 2016 tiles not found under {shared_data}/crc-tiles (see ../shared/data/README)")
-    return {**os.environ, "PATHFM_SHARED_DATA": str(shared_data), "PATHFM_MODELS": str(tmp_path / "no-models"),
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PATHFM_SHARED_DATA": str(shared_data),
+        "PATHFM_MODELS": str(tmp_path / "no-models"),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _start(out: Path, env: dict, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", str(RECIPE), "--out", str(out), "--json-progress",
-           "--set", "trainer.max_epochs=50", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "napari_pathfm.cli",
+        "train",
+        str(RECIPE),
+        "--out",
+        str(out),
+        "--json-progress",
+        "--set",
+        "trainer.max_epochs=50",
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent)
 
 
@@ -64,7 +79,9 @@ def test_sigterm_stops_gracefully_with_143_and_the_run_resumes(shared_data, tmp_
     summary = events[-1]
     assert summary["cancelled"] is True and summary["epochs_run"] <= 1
     assert (out / "last.ckpt").is_file(), "the state to resume from"
-    assert (out / "model.safetensors").is_file() and json.loads((out / "model.json").read_text())["family"] == "classify"
+    assert (out / "model.safetensors").is_file() and json.loads((out / "model.json").read_text())[
+        "family"
+    ] == "classify"
     stopped_at = next(e for e in events if e["event"] == "done")["epoch"]
     assert stopped_at < 50
 

@@ -233,7 +233,10 @@ def test_run_states_from_events_jsonl(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     found = {r.path.name: r for r in scan_runs(tmp_path, running=None)}
     assert {n: r.state for n, r in found.items()} == {
-        "finished": "finished", "stopped": "stopped", "error": "crashed", "killed": "crashed"
+        "finished": "finished",
+        "stopped": "stopped",
+        "error": "crashed",
+        "killed": "crashed",
     }
     assert found["stopped"].resumable and not found["finished"].resumable and found["error"].resumable
     assert found["stopped"].metrics == {"val_loss": 0.5} and "RecipeError" in found["error"].message

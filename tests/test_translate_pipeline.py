@@ -82,8 +82,15 @@ def test_one_tile_equals_the_bare_model_and_tiles_agree_with_it(lupi_checkpoint,
     np.testing.assert_allclose(whole.confidence, conf, atol=1e-5)
 
     seen = []
-    tiled = translate_stack(planes, lupi_checkpoint, tile=64, stride=32, batch_size=3, device="cpu",
-                            progress=lambda d, t, m: seen.append((d, t)))
+    tiled = translate_stack(
+        planes,
+        lupi_checkpoint,
+        tile=64,
+        stride=32,
+        batch_size=3,
+        device="cpu",
+        progress=lambda d, t, m: seen.append((d, t)),
+    )
     assert tiled.n_tiles == 4 * 6 and seen[-1] == (24, 24)
     dapi = tiled.channels["DAPI"]
     assert dapi.dtype == np.uint16 and dapi.shape == planes.shape[1:]
@@ -158,8 +165,9 @@ def test_bad_input_errors_name_the_stack_and_checkpoint(lupi_checkpoint, planes,
     nan[5, 10, 10] = np.nan
     with pytest.raises(ZStackError, match="plane z5 holds NaN"):
         translate_stack(nan, lupi_checkpoint, tile=64, device="cpu")
-    sub = type(isl)(path=isl.path, data=isl.data[:5, :64, :64], plane_names=isl.plane_names[:5],
-                    plane_files=isl.plane_files[:5])
+    sub = type(isl)(
+        path=isl.path, data=isl.data[:5, :64, :64], plane_names=isl.plane_names[:5], plane_files=isl.plane_files[:5]
+    )
     with pytest.raises(ZStackError, match="isl-blue-sample: has 5 planes"):
         translate_stack(sub, lupi_checkpoint, tile=64, device="cpu")
 
@@ -174,8 +182,17 @@ def test_cancel_leaves_no_files(lupi_checkpoint, planes, tmp_path):
             stop.set()
 
     with pytest.raises(Cancelled):
-        translate_stack(planes, lupi_checkpoint, tile=64, stride=32, batch_size=2, device="cpu",
-                        store=tmp_path / "run.zarr", progress=progress, cancel=stop)
+        translate_stack(
+            planes,
+            lupi_checkpoint,
+            tile=64,
+            stride=32,
+            batch_size=2,
+            device="cpu",
+            store=tmp_path / "run.zarr",
+            progress=progress,
+            cancel=stop,
+        )
     assert list(tmp_path.iterdir()) == []
 
     res = translate_stack(planes, lupi_checkpoint, tile=64, stride=32, device="cpu")
@@ -196,8 +213,25 @@ def test_cli_translate_writes_ome_tiffs(lupi_checkpoint, planes, tmp_path):
     stack = tmp_path / "crop.ome.tif"
     tifffile.imwrite(stack, planes, ome=True, metadata={"axes": "ZYX"})
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["translate", str(stack), "--checkpoint", str(lupi_checkpoint), "--out", str(out),
-                                 "--tile", "64", "--stride", "32", "--device", "cpu", "--threshold", "0.4"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "translate",
+            str(stack),
+            "--checkpoint",
+            str(lupi_checkpoint),
+            "--out",
+            str(out),
+            "--tile",
+            "64",
+            "--stride",
+            "32",
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in out.iterdir())
     assert names == ["DAPI.ome.tif", "nuclei-confidence.ome.tif", "nuclei-mask.ome.tif", "summary.json"]
@@ -206,8 +240,10 @@ def test_cli_translate_writes_ome_tiffs(lupi_checkpoint, planes, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["threshold"] == 0.4 and summary["channels"]["DAPI"]["role"] == "nuclei"
 
-    bad = CliRunner().invoke(app, ["translate", str(stack), "--checkpoint", str(tmp_path / "missing.safetensors"),
-                                   "--out", str(tmp_path / "o2")])
+    bad = CliRunner().invoke(
+        app,
+        ["translate", str(stack), "--checkpoint", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o2")],
+    )
     assert bad.exit_code == 2 and "missing" in bad.output
 
 
@@ -248,9 +284,28 @@ def test_cli_evaluate_translation_checkpoint_vs_image(lupi_checkpoint, isl, tmp_
     noisy += np.random.default_rng(0).normal(0, 500, noisy.shape)
     tifffile.imwrite(tmp_path / "noisy.tif", noisy.clip(0, 65535).astype(np.uint16))
     out = tmp_path / "table.csv"
-    r = CliRunner().invoke(app, ["evaluate-translation", str(lupi_checkpoint), str(tmp_path / "noisy.tif"),
-                                 "--stack", str(isl.path), "--target", "DAPI", "--rows", "768:1024",
-                                 "--tile", "256", "--stride", "256", "--device", "cpu", "--out", str(out)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate-translation",
+            str(lupi_checkpoint),
+            str(tmp_path / "noisy.tif"),
+            "--stack",
+            str(isl.path),
+            "--target",
+            "DAPI",
+            "--rows",
+            "768:1024",
+            "--tile",
+            "256",
+            "--stride",
+            "256",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "tiny-lupi-dapi" in r.output and "noisy.tif" in r.output
     lines = out.read_text().splitlines()

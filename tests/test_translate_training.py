@@ -15,8 +15,10 @@ from napari_pathfm.errors import RecipeError, ZStackError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "training" / "translate"
-ISL_NAME = ("lab-FINKBEINER,condition-KEVAN_0_8,acquisition_date,year-2015,month-10,day-5,minute-0,well-A4,"
-            "tile_computation-STITCHED,{part},channel-{channel},is_mask-false.png")
+ISL_NAME = (
+    "lab-FINKBEINER,condition-KEVAN_0_8,acquisition_date,year-2015,month-10,day-5,minute-0,well-A4,"
+    "tile_computation-STITCHED,{part},channel-{channel},is_mask-false.png"
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,15 @@ def isl(shared_data: Path) -> Path:
 
 
 def _data(isl: Path, **extra) -> dict:
-    return {"stacks": [str(isl)], "val_rows": [768, 1024], "channels": ["DAPI"], "stats_columns": ["p1", "p99.8"],
-            "crop_size": 64, "samples_per_epoch": 8, **extra}
+    return {
+        "stacks": [str(isl)],
+        "val_rows": [768, 1024],
+        "channels": ["DAPI"],
+        "stats_columns": ["p1", "p99.8"],
+        "crop_size": 64,
+        "samples_per_epoch": 8,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +57,9 @@ def _write_stack(folder: Path, planes: list, targets: dict) -> Path:
     for z, p in enumerate(planes):
         Image.fromarray(p).save(folder / ISL_NAME.format(part=f"z_depth-{z}", channel="PHASE_CONTRAST"))
     for name, t in targets.items():
-        Image.fromarray(t).save(folder / ISL_NAME.format(part="depth_computation-MAXPROJECT",
-                                                          channel=f"{name}_CONFOCAL"))
+        Image.fromarray(t).save(
+            folder / ISL_NAME.format(part="depth_computation-MAXPROJECT", channel=f"{name}_CONFOCAL")
+        )
     return folder
 
 
@@ -141,11 +151,18 @@ def test_8bit_surprises_name_the_file(tmp_path: Path, isl: Path):
     rng = np.random.default_rng(0)
     planes8 = [rng.integers(0, 255, (48, 48), dtype=np.uint8) for _ in range(3)]
     stack8 = _write_stack(tmp_path / "s8", planes8, {"DAPI": rng.integers(0, 255, (48, 48), dtype=np.uint8)})
-    rows = [{"magnification": "20x", "channel": "PHASE_CONTRAST", "plane": z, "min": 100.0, "max": 9000.0}
-            for z in range(3)] + [{"magnification": "20x", "channel": "DAPI", "plane": 0, "min": 0.0, "max": 60000.0}]
+    rows = [
+        {"magnification": "20x", "channel": "PHASE_CONTRAST", "plane": z, "min": 100.0, "max": 9000.0} for z in range(3)
+    ] + [{"magnification": "20x", "channel": "DAPI", "plane": 0, "min": 0.0, "max": 60000.0}]
     table = StatsTable(rows).to_csv(tmp_path / "stats16.csv")
-    cfg = {"stacks": [str(stack8)], "val_rows": [32, 48], "channels": ["DAPI"], "stats": str(table),
-           "magnification": "20x", "crop_size": 16}
+    cfg = {
+        "stacks": [str(stack8)],
+        "val_rows": [32, 48],
+        "channels": ["DAPI"],
+        "stats": str(table),
+        "magnification": "20x",
+        "crop_size": 16,
+    }
     with pytest.raises(ZStackError, match="8-bit.*computed on 16-bit data") as err:
         TranslateDataModule(cfg, 3, with_mask=False)
     assert "z_depth-0" in str(err.value)
@@ -180,8 +197,16 @@ def test_constant_and_nan_planes_are_refused(tmp_path: Path):
     tifffile.imwrite(tif, data, metadata={"axes": "ZYX"})
     spec = StackSpec(tif)
     with pytest.raises(ZStackError, match="plane z2 holds NaN") as err:
-        load_fov(spec, open_fov_stack(spec), ["DAPI"], [0, 1, 2], (np.zeros(3), np.ones(3)),
-                 (np.zeros(1), np.ones(1)), with_mask=False, where="t")
+        load_fov(
+            spec,
+            open_fov_stack(spec),
+            ["DAPI"],
+            [0, 1, 2],
+            (np.zeros(3), np.ones(3)),
+            (np.zeros(1), np.ones(1)),
+            with_mask=False,
+            where="t",
+        )
     assert "nan.ome.tif" in str(err.value)
 
 
@@ -207,8 +232,12 @@ def test_every_translate_recipe_validates():
     from napari_pathfm.training.recipes import load_recipe
 
     names = sorted(p.name for p in RECIPES.glob("*.yaml"))
-    assert {"isl_dapi_lupi_cpu.yaml", "isl_map2_gan_cpu.yaml", "isl_nfh_gan_cpu.yaml",
-            "isl_dapi_l1_unet_cpu.yaml"} <= set(names)
+    assert {
+        "isl_dapi_lupi_cpu.yaml",
+        "isl_map2_gan_cpu.yaml",
+        "isl_nfh_gan_cpu.yaml",
+        "isl_dapi_l1_unet_cpu.yaml",
+    } <= set(names)
     for name in names:
         r = load_recipe(RECIPES / name)
         assert r.get("family") == "translate" and r.get("loss.mode") in ("regression", "gan", "lupi")
@@ -226,15 +255,15 @@ def test_tiny_training_exports_a_card_per_contract_and_reloads(mode: str, isl: P
     from napari_pathfm.models import load_checkpoint
     from napari_pathfm.training.engine import run_recipe
 
-    res = run_recipe(RECIPES / f"tiny_{mode}.yaml", ["trainer.limit_val_batches=1"], output=tmp_path / mode,
-                     progress=lambda *a: None)
+    res = run_recipe(
+        RECIPES / f"tiny_{mode}.yaml", ["trainer.limit_val_batches=1"], output=tmp_path / mode, progress=lambda *a: None
+    )
     assert res.history and all(np.isfinite(h["train_loss"]) for h in res.history)
     for key in ("val_loss", "val_mae_median", "val_psnr", "val_ssim"):
         assert np.isfinite(res.best_metrics[key])
     card = res.card
     assert card["family"] == "translate" and card["input_planes"] == 13 and card["input_dtype"] == "uint16"
-    assert card["has_mask"] is (mode == "lupi") and card["channel_roles"] == [
-        "map2" if mode == "gan" else "nuclei"]
+    assert card["has_mask"] is (mode == "lupi") and card["channel_roles"] == ["map2" if mode == "gan" else "nuclei"]
     n = card["normalization"]
     assert n["kind"] == "minmax" and len(n["input_min"]) == 13 and len(n["target_max"]) == 1
     assert (tmp_path / mode / "stats.csv").is_file() and (tmp_path / mode / "split.json").is_file()
@@ -259,8 +288,23 @@ def test_zstats_cli_on_the_isl_stack(isl: Path, tmp_path: Path):
     from napari_pathfm.io.zstack import open_zstack
 
     out = tmp_path / "stats.csv"
-    res = CliRunner().invoke(app, ["zstats", str(isl), "--out", str(out), "--magnification", "20x",
-                                   "--percentiles", "1", "99.8", "--rows", "0", "768"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "zstats",
+            str(isl),
+            "--out",
+            str(out),
+            "--magnification",
+            "20x",
+            "--percentiles",
+            "1",
+            "99.8",
+            "--rows",
+            "0",
+            "768",
+        ],
+    )
     assert res.exit_code == 0, res.output
     table = StatsTable.read_csv(out)
     assert len(table) == 16 and {r["channel"] for r in table.rows} == {"PHASE_CONTRAST", "DAPI", "MAP2", "NFH"}
@@ -288,12 +332,19 @@ def test_haste_folder_of_sites_splits_by_well_and_pools_stats(tmp_path: Path):
     for well in ("B04", "D04"):
         for c, planes in ((4, 3), (1, 1)):
             for z in range(1, planes + 1):
-                tifffile.imwrite(folder / f"AssayPlate_Greiner_#655090_{well}_T0001F001L01A0{c}Z0{z}C0{c}.tif",
-                                 rng.integers(100, 5000, (48, 64), dtype=np.uint16))
+                tifffile.imwrite(
+                    folder / f"AssayPlate_Greiner_#655090_{well}_T0001F001L01A0{c}Z0{z}C0{c}.tif",
+                    rng.integers(100, 5000, (48, 64), dtype=np.uint16),
+                )
     table = zstack_stats([folder], magnification="20x", percentiles=(0.01, 99.99))
     assert [r["channel"] for r in table.rows] == ["C04"] * 3 + ["nuclei"]
-    cfg = {"stacks": [str(folder)], "val_wells": ["D04"], "channels": ["nuclei"], "crop_size": 32,
-           "magnification": "20x"}
+    cfg = {
+        "stacks": [str(folder)],
+        "val_wells": ["D04"],
+        "channels": ["nuclei"],
+        "crop_size": 32,
+        "magnification": "20x",
+    }
     m = TranslateDataModule(cfg, 3, with_mask=True)
     assert len(m.train_fovs) == 1 and len(m.val_fovs) == 1
     assert "B04" in m.train_fovs[0].source and "D04" in m.val_fovs[0].source

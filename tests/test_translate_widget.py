@@ -126,7 +126,8 @@ def test_add_remove_rows_refuse_duplicates_and_colour_other_targets(make_napari_
     widget.rows[4].picker.set_path(dapi_ckpt)
     assert widget.run() is None and widget.runner.worker is None
     assert "Rows 1 (haste-isl-dapi.safetensors) and 5 (haste-isl-dapi.safetensors) both predict nuclei" in (
-        widget.status.text())
+        widget.status.text()
+    )
     # a checkpoint of another family is refused, naming it
     widget.rows[4].picker.set_path(demo_classify_checkpoint())
     assert widget.run() is None and "not a translation one" in widget.status.text()
@@ -172,21 +173,28 @@ def test_default_rows_colours_and_duplicates_from_cards():
     from napari_pathfm.widgets.translate_widget import ROLES, layer_colormap
 
     def ckpt(name, channels, roles=None):
-        return Path(f"{name}.safetensors"), {"name": "dense_unet", "channels": channels,
-                                             **({"channel_roles": roles} if roles else {})}
+        return Path(f"{name}.safetensors"), {
+            "name": "dense_unet",
+            "channels": channels,
+            **({"channel_roles": roles} if roles else {}),
+        }
 
     isl = [ckpt("dapi", ["DAPI"], ["nuclei"]), ckpt("map2", ["MAP2"], ["map2"]), ckpt("nfh", ["NFH"], ["nfh"])]
     haste = [ckpt("hoechst", ["Hoechst"]), ckpt("bodipy", ["BODIPY"]), ckpt("cellmask", ["CellMask"])]
     assert default_checkpoints(isl, ROLES) == ["dapi.safetensors", "map2.safetensors", "nfh.safetensors"]
     # HASTE's three roles come first; the second nuclei model (Hoechst) is not pre-filled next to DAPI
-    assert default_checkpoints(isl + haste, ROLES) == ["dapi.safetensors", "bodipy.safetensors",
-                                                        "cellmask.safetensors"]
+    assert default_checkpoints(isl + haste, ROLES) == ["dapi.safetensors", "bodipy.safetensors", "cellmask.safetensors"]
     assert default_checkpoints([], ROLES) == []
     assert card_targets({}, "x/gfap-net.safetensors") == [("gfap-net", "gfap-net")]
     assert card_targets({"target": "GFAP", "role": "astrocytes"}) == [("GFAP", "astrocytes")]
     targets = [t for _p, card in isl + haste[1:] for t in card_targets(card)]
-    assert channel_colormaps(targets) == {"DAPI": "blue", "MAP2": "magenta", "NFH": "green", "BODIPY": "cyan",
-                                          "CellMask": "red"}  # lipids' green is NFH's already: a spare colour
+    assert channel_colormaps(targets) == {
+        "DAPI": "blue",
+        "MAP2": "magenta",
+        "NFH": "green",
+        "BODIPY": "cyan",
+        "CellMask": "red",
+    }  # lipids' green is NFH's already: a spare colour
     assert layer_colormap("lipids", "lipids") == "green" and layer_colormap("XYZ", "XYZ") == "cyan"
     assert duplicate_targets([card_targets(c) for _p, c in isl]) is None
     assert duplicate_targets([[("MAP2", "map2")], [("Hoechst", "nuclei")], [("map2", "MAP2")]]) == (0, 2, "MAP2")

@@ -57,7 +57,9 @@ def test_slide_without_mpp_is_in_pixels_everywhere_then_in_entered_micrometres(m
     assert "pixel size unknown" in widget.mpp_note.text() and not widget.mpp_note.isHidden()
     assert not widget.tile_mpp.isEnabled()  # no µm/px target can be honoured without µm/px
     _run_tissue(widget, qtbot)
-    ours = [layer for layer in viewer.layers if layer is slide_layer or layer.metadata.get("pathfm_of") == str(boxes_tiff)]
+    ours = [
+        layer for layer in viewer.layers if layer is slide_layer or layer.metadata.get("pathfm_of") == str(boxes_tiff)
+    ]
     assert len(ours) == 3  # image, tissue, tiles
     for layer in ours:
         assert _units(layer) == {"pixel"}, layer.name

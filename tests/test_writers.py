@@ -90,8 +90,13 @@ def test_ome_tiff_labels_round_trip(tmp_path):
     names = {0: "background", 1: "gland", 2: "stroma", 3: "necrosis"}
     calls = []
     out = write_ome_tiff(
-        tmp_path / "mask.ome.tif", labels, mpp=0.504, is_labels=True, class_names=names,
-        metadata={"model": "path-sam2", "slide": "CMU-1"}, progress=lambda d, t, m="": calls.append((d, t)),
+        tmp_path / "mask.ome.tif",
+        labels,
+        mpp=0.504,
+        is_labels=True,
+        class_names=names,
+        metadata={"model": "path-sam2", "slide": "CMU-1"},
+        progress=lambda d, t, m="": calls.append((d, t)),
     )
     levels, mpp, meta = read_ome_tiff(out)
     assert [lvl.shape for lvl in levels] == [(3000, 2200), (1500, 1100), (750, 550)]
@@ -180,8 +185,12 @@ def test_ome_tiff_large_levels_use_disk_buffers(tmp_path, monkeypatch):
 
     labels = _blocks_labels((2600, 2100), seed=6)
     monkeypatch.setattr(ome_tiff, "_BAND_BYTES", 2**20)  # forces zarr scratch buffers and thin bands
-    write_ome_tiff(tmp_path / "m.ome.tif", da.from_array(labels, chunks=(900, 2100)), is_labels=True,
-                   metadata={"score": np.float32(0.5)})
+    write_ome_tiff(
+        tmp_path / "m.ome.tif",
+        da.from_array(labels, chunks=(900, 2100)),
+        is_labels=True,
+        metadata={"score": np.float32(0.5)},
+    )
     levels, _, meta = read_ome_tiff(tmp_path / "m.ome.tif")
     np.testing.assert_array_equal(levels[0], labels)
     expected = labels
@@ -211,8 +220,9 @@ def test_ome_tiff_failure_and_cancel_leave_nothing(tmp_path):
     seen = []
     cancel = lambda: len(seen) > 20
     with pytest.raises(Cancelled):
-        write_ome_tiff(final, np.zeros((3000, 3000), np.uint8), cancel=cancel,
-                       progress=lambda d, t, m="": seen.append(d))
+        write_ome_tiff(
+            final, np.zeros((3000, 3000), np.uint8), cancel=cancel, progress=lambda d, t, m="": seen.append(d)
+        )
     assert final.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.ome.tif"]
 
@@ -230,8 +240,7 @@ def test_ome_tiff_dtype_rules(tmp_path):
     with pytest.raises(PathFMError, match="do not fit"):
         write_ome_tiff(tmp_path / "i.ome.tif", np.full((20, 20), 2**40, np.int64), is_labels=True)
     with pytest.raises(ValueError, match="lossy"):
-        write_ome_tiff(tmp_path / "j.ome.tif", np.zeros((20, 20), np.uint8), is_labels=True,
-                       compression="jpeg")
+        write_ome_tiff(tmp_path / "j.ome.tif", np.zeros((20, 20), np.uint8), is_labels=True, compression="jpeg")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.ome.tif"]
 
 
@@ -241,8 +250,15 @@ def test_ome_tiff_dtype_rules(tmp_path):
 def test_ome_zarr_labels_round_trip(tmp_path):
     labels = _blocks_labels((2500, 1800), n_classes=3, seed=3)
     store = tmp_path / "mask.ome.zarr"
-    write_ome_zarr(store, da.from_array(labels, chunks=700), mpp=0.25, is_labels=True,
-                   class_names=["bg", "gland", "stroma"], chunks=256, metadata={"run": 7})
+    write_ome_zarr(
+        store,
+        da.from_array(labels, chunks=700),
+        mpp=0.25,
+        is_labels=True,
+        class_names=["bg", "gland", "stroma"],
+        chunks=256,
+        metadata={"run": 7},
+    )
     levels, mpp, meta = read_ome_zarr(store)
     assert [lvl.shape for lvl in levels] == [(2500, 1800), (1250, 900), (625, 450)]
     np.testing.assert_array_equal(levels[0].compute(), labels)
@@ -320,8 +336,9 @@ def test_geojson_round_trip_glas_masks(shared_data):
 def test_geojson_glas_downsample_offset_and_path(tmp_path, shared_data):
     _, mask = next(_glas_masks(shared_data, step=40))
     labels = (mask > 0).astype(np.uint8)
-    out = write_geojson(tmp_path / "glands.geojson", labels, {1: "Tumor"}, downsample=4.0,
-                        offset=(1000, 2000), colors={1: (200, 0, 0)})
+    out = write_geojson(
+        tmp_path / "glands.geojson", labels, {1: "Tumor"}, downsample=4.0, offset=(1000, 2000), colors={1: (200, 0, 0)}
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["glands.geojson"]
     fc = json.loads(out.read_text())
     xs = [p[0] for f in fc["features"] for poly in _polygons(f) for r in poly for p in r]
@@ -343,20 +360,20 @@ def test_geojson_glas_downsample_offset_and_path(tmp_path, shared_data):
 def _three_class_synthetic():
     lab = np.zeros((60, 70), np.uint8)
     lab[5:40, 5:40] = 1
-    lab[12:20, 12:20] = 0          # hole
-    lab[25:32, 25:32] = 2          # class-2 island inside class 1 (hole of class 1)
-    lab[27:30, 27:30] = 0          # hole inside the island
-    lab[5:40, 40:55] = 3           # touches class 1 along an edge
+    lab[12:20, 12:20] = 0  # hole
+    lab[25:32, 25:32] = 2  # class-2 island inside class 1 (hole of class 1)
+    lab[27:30, 27:30] = 0  # hole inside the island
+    lab[5:40, 40:55] = 3  # touches class 1 along an edge
     lab[45:50, 10:15] = 1
-    lab[50:55, 15:20] = 1          # touches the block above only at a corner
-    lab[44, 4] = lab[43, 3] = 2    # diagonal pair
+    lab[50:55, 15:20] = 1  # touches the block above only at a corner
+    lab[44, 4] = lab[43, 3] = 2  # diagonal pair
     ring = np.zeros((9, 9), bool)
     ring[1:8, 1:8] = True
     ring[2:7, 2:7] = False
-    ring[1, 1] = False             # the C's tips touch at a corner: a pinched hole
+    ring[1, 1] = False  # the C's tips touch at a corner: a pinched hole
     lab[48:57, 55:64][ring] = 3
     lab[5:10, 60:65] = 2
-    lab[6, 61] = lab[8, 63] = 0    # holes touching each other diagonally: (7,62) pinches
+    lab[6, 61] = lab[8, 63] = 0  # holes touching each other diagonally: (7,62) pinches
     lab[7, 62] = 0
     return lab
 
@@ -406,9 +423,11 @@ def test_geojson_min_area_and_simplify():
 def test_geojson_accepts_feature_list_and_ignores_points():
     features = [
         {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}},
-        {"type": "Feature",
-         "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
-         "properties": {"classification": {"name": "Tumor"}}},
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 3], [1, 3], [1, 1]]]},
+            "properties": {"classification": {"name": "Tumor"}},
+        },
     ]
     out = geojson_to_labels(features, (5, 6))
     expected = np.zeros((5, 6), np.uint8)

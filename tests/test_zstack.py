@@ -33,6 +33,7 @@ HASTE_PREFIX = "AssayPlate_Greiner_#655090"
 
 # --------------------------------------------------------------------------- fixtures
 
+
 @pytest.fixture(scope="module")
 def isl_dir(shared_data: Path) -> Path:
     d = shared_data / "isl-blue-sample"
@@ -93,6 +94,7 @@ def write_haste(folder: Path, well="D04", field=6, nz=11, shape=(8, 10), targets
 
 
 # --------------------------------------------------------------------------- ISL folder (real data)
+
 
 def test_isl_folder_opens_sorted_uint16(isl_stack, isl_dir):
     zs = isl_stack
@@ -159,6 +161,7 @@ def test_isl_mismatched_shape_and_dtype(isl_dir, tmp_path):
 
 # --------------------------------------------------------------------------- HASTE naming (synthetic)
 
+
 def test_parse_haste_name():
     p = parse_plane_name(haste_name(z=7))
     assert (p.scheme, p.well, p.field, p.channel, p.z) == ("haste", "D04", 6, "C04", 7)
@@ -210,6 +213,7 @@ def test_haste_channel_selection(tmp_path):
 
 # --------------------------------------------------------------------------- TIFF stacks (real crops)
 
+
 @pytest.mark.parametrize("kind", ["shaped", "pages"])
 def test_multipage_tiff(isl_crops, tmp_path, kind):
     path = tmp_path / "stack.tif"
@@ -228,8 +232,9 @@ def test_multipage_tiff(isl_crops, tmp_path, kind):
 
 def test_ome_tiff_z_axis(isl_crops, tmp_path):
     path = tmp_path / "stack.ome.tif"
-    tifffile.imwrite(path, isl_crops, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
-                                                "PhysicalSizeZ": 2.0})
+    tifffile.imwrite(
+        path, isl_crops, metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeZ": 2.0}
+    )
     assert looks_like_zstack(path)
     zs = open_zstack(path)
     assert zs.metadata["format"] == "ome-tiff" and zs.metadata["PhysicalSizeZ"] == 2.0
@@ -260,6 +265,7 @@ def test_multipage_mismatched_page(isl_crops, tmp_path):
 
 
 # --------------------------------------------------------------------------- napari reader helpers
+
 
 def test_looks_like_zstack(isl_dir, shared_data, tmp_path):
     assert looks_like_zstack(isl_dir) and looks_like_zstack(isl_plane(isl_dir, 0))
@@ -292,17 +298,20 @@ def test_zstack_layer_data(isl_dir):
 
 # --------------------------------------------------------------------------- normalisation
 
+
 def test_compute_stats_equals_numpy(isl_stack, isl_array):
     calls = []
-    table = compute_stats(isl_stack, percentiles=(1, 50, 99.8), magnification="20x",
-                          progress=lambda d, t, m: calls.append((d, t)))
+    table = compute_stats(
+        isl_stack, percentiles=(1, 50, 99.8), magnification="20x", progress=lambda d, t, m: calls.append((d, t))
+    )
     assert len(table) == 16 and calls[-1] == (16, 16)
     for row in table.rows[:13]:
         plane = isl_array[row["plane"]]
         assert row["channel"] == "PHASE_CONTRAST"
         assert (row["min"], row["max"]) == (plane.min(), plane.max())
-        np.testing.assert_allclose([row["p1"], row["p50"], row["p99.8"]],
-                                   np.percentile(plane, [1, 50, 99.8]), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            [row["p1"], row["p50"], row["p99.8"]], np.percentile(plane, [1, 50, 99.8]), rtol=0, atol=1e-6
+        )
     dapi = isl_stack.targets["DAPI"].compute()
     (row,) = [r for r in table.rows if r["channel"] == "DAPI"]
     assert row["max"] == dapi.max() and row["p99.8"] == pytest.approx(np.percentile(dapi, 99.8))
