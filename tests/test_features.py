@@ -18,12 +18,11 @@ from napari_pathfm.pipelines.features import (
     PATCH_ORDER,
     check_feature_dim,
     extract_features,
-    extract_features_many,
     feature_path,
-    features_command,
     read_features,
     write_features,
 )
+from napari_pathfm.pipelines.features_many import extract_features_many, features_command
 
 COARSE = {"mpp": 2.0, "tile_size": 64, "device": "cpu", "batch_size": 16}
 

@@ -18,7 +18,7 @@ import pytest
 from napari_pathfm.errors import FeatureError, ManifestError
 from napari_pathfm.io.features import read_features, write_features
 from napari_pathfm.pipelines.batch import read_manifest, run_batch, slide_out_dir
-from napari_pathfm.pipelines.features import extract_features_many
+from napari_pathfm.pipelines.features_many import extract_features_many
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "data"
 SLIDE = DATA / "CMU-1-Small-Region.svs"

@@ -299,7 +299,7 @@ def features(
     from .io.preflight import Output
 
     _preflight([Output(out, folder=True)], [*inputs, weights])
-    from .pipelines.features import features_command
+    from .pipelines.features_many import features_command
 
     try:
         with cli_progress("features") as (progress, cancel):

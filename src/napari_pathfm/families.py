@@ -299,7 +299,7 @@ for _spec in (
         noun="a feature extractor",
         examples="resnet50_trunc or timm_features",
         use="pathfm features",
-        pipeline=f"{_P}.features:features_command",
+        pipeline=f"{_P}.features_many:features_command",
         batch=f"{_P}.batch_tasks:features",
         batch_options=frozenset({"backbone"}),
         batch_fills=frozenset({"inputs", "out_dir", "weights", "progress", "cancel"}),

@@ -18,7 +18,7 @@ __all__ = ["classify", "features", "mil", "need_checkpoints", "segment", "transl
 
 def features(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dict:
     """Patch features of one slide (``checkpoint``: optional backbone weights)."""
-    from .features import features_command
+    from .features_many import features_command
 
     weights = checkpoint[0] if checkpoint else None
     result = features_command([slide], out, weights=weights, **opts)

@@ -19,14 +19,14 @@ the weights they would have on the full canvas), and a band is turned into level
 dropped as soon as no later tile can reach it. The level-0 class map lives in memory for slides up
 to :data:`IN_MEMORY_PIXELS` and in a compressed temporary zarr array beyond. Results are written
 as a pyramidal OME-TIFF (class names in its metadata) and optionally QuPath GeoJSON, both
-atomically: a cancel or an error leaves no file behind. Importing this module does not import torch.
+atomically: a cancel or an error leaves no file behind. The per-batch model call and blending live in
+:mod:`.segment_tiles`, the writers in :mod:`.segment_outputs`. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from ..io.scratch import scratch_dir
-from ..progress import check_cancel
-from .segment_model import class_names, default_segment_checkpoint, load_segmentation_model, tile_geometry, tile_logits
+from .segment_model import class_names, default_segment_checkpoint, load_segmentation_model, tile_geometry
 from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
-from .tile_run import TileTask, autocast, opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder
+from .segment_tiles import SegmentTiles
+from .tile_run import opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder
 
 __all__ = [
     "IN_MEMORY_PIXELS",
@@ -360,7 +360,7 @@ def _segment(
                     "input_size": getattr(model, "input_size", None),
                 }
                 with tile_encoder(model, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
-                    tiles = _SegmentTiles(
+                    tiles = SegmentTiles(
                         model,
                         grid,
                         dev,
@@ -394,89 +394,6 @@ def _segment(
     for m in messages:
         log.info(m)
     return result
-
-
-class _SegmentTiles:
-    """Segmentation's part of the tile run: the logits of a batch, blended into a banded canvas.
-
-    Reader threads decode tiles ahead while the caller's thread runs the model and blends on its
-    device; the canvas tells ``outputs`` when level-0 rows are final, and ``outputs.poll()`` runs
-    per batch (a failed background writer stops the run). On the CPU, blending a batch (numpy,
-    releases the GIL) runs in one helper thread while the model runs the next batch; one thread
-    keeps the adds in order, so the result is the same as blending inline.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        grid: Any,
-        dev: str,
-        k: int | None,
-        store: Any,
-        *,
-        weights: str,
-        source: Any,
-        outputs: SegmentOutputs,
-        encoder: Any,
-        cancel: Any,
-    ):
-        model.to(dev).eval()
-        self.model, self.grid, self.dev, self.k, self.store = model, grid, dev, k, store
-        self.weights, self.source, self.outputs, self.encoder, self.cancel = weights, source, outputs, encoder, cancel
-        self.autocast = autocast(dev)
-        self.coords = grid.output_coords.tolist()
-        self.canvas: Any = None
-        self.blender = ThreadPoolExecutor(1, thread_name_prefix="pathfm-blend") if dev == "cpu" else None
-        self.pending: list = []
-
-    def task(self) -> TileTask:
-        return TileTask("segmentation", "segmenting", self.infer, self.collect, self.finish, self.close)
-
-    def infer(self, batch: Any) -> Any:
-        """``(B, K, T, T)`` logits: numpy on the CPU, torch on an accelerator."""
-        self.outputs.poll()
-        with self.autocast:
-            logits = tile_logits(self.model, batch, self.dev, self.grid.tile_size, self.k, self.source, self.encoder)
-        return logits.numpy() if self.dev == "cpu" else logits
-
-    def collect(self, batch: Any, logits: Any) -> None:
-        from ..tiles.canvas import BandedCanvas
-
-        if self.canvas is None:
-            self.k = logits.shape[1]
-            self.canvas = BandedCanvas(
-                self.grid,
-                self.k,
-                self.store,
-                None if self.dev == "cpu" else self.dev,
-                weights=self.weights,
-                on_rows=self.outputs.rows_done,
-            )
-        if self.blender is None:
-            self._blend(batch.indices.tolist(), logits)
-            return
-        self.pending.append(self.blender.submit(self._blend, batch.indices.tolist(), logits))
-        while len(self.pending) > 2:  # bounded: at most two batches of logits wait
-            self.pending.pop(0).result()
-
-    def _blend(self, indices: list[int], logits: Any) -> None:
-        for i, idx in enumerate(indices):
-            self.canvas.add(*self.coords[idx], logits[i])
-
-    def finish(self) -> None:
-        for future in self.pending:
-            future.result()
-        self.pending.clear()
-        check_cancel(self.cancel, "segmentation")
-        self.canvas.finish()
-
-    def close(self) -> None:
-        if self.blender is not None:
-            for future in self.pending:
-                future.cancel()
-            self.blender.shutdown(wait=True)
-        if self.canvas is not None:
-            self.canvas.close()
 
 
 def _label_store(shape: tuple[int, int], tmp: Path | None) -> Any:

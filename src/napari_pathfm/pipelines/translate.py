@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel, report
+from .translate_channels import channel_role
 from .translate_inputs import StackPlanes, check_input, limits, plane_indices, sample_planes, stack_array
 from .translate_tiles import (
     BlendRun,
@@ -56,9 +57,7 @@ from .translate_tiles import (
 
 __all__ = [
     "IN_MEMORY_PIXELS",
-    "ROLE_COLORMAPS",
     "TranslationResult",
-    "channel_role",
     "load_translation_model",
     "translate_stack",
     "write_translation",
@@ -66,27 +65,8 @@ __all__ = [
 
 #: Canvases with more pixels than this blend in a zarr directory instead of memory.
 IN_MEMORY_PIXELS = 2048 * 2048
-#: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
-ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
-_ROLE_NAMES = {
-    "nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"),
-    "lipids": ("lipids", "lipid", "bodipy", "c02"),
-    "cytoplasm": ("cytoplasm", "cellmask", "c03"),
-}
 
 PathLike = str | Path
-
-
-def channel_role(name: str, card_role: str | None = None) -> str:
-    """Role of an output channel (``nuclei``, ``lipids``, ``cytoplasm`` or the name itself).
-
-    >>> channel_role("DAPI"), channel_role("x", "lipids"), channel_role("MAP2")
-    ('nuclei', 'lipids', 'MAP2')
-    """
-    if card_role:
-        return str(card_role)
-    low = str(name).lower()
-    return next((role for role, names in _ROLE_NAMES.items() if low in names), str(name))
 
 
 # --------------------------------------------------------------------------- result

@@ -1,7 +1,8 @@
 """Which channels translation checkpoints predict, and how the Translate dock shows them (no Qt, no torch).
 
-The Translate dock runs one checkpoint per target channel. These helpers read what a card
-predicts (:func:`card_targets`), tell a LUPI nuclei model (:func:`is_lupi`), give each predicted
+The Translate dock runs one checkpoint per target channel. These helpers name the role of a
+channel (:func:`channel_role`: nuclei, lipids, cytoplasm, with its colour in :data:`ROLE_COLORMAPS`),
+read what a card predicts (:func:`card_targets`), tell a LUPI nuclei model (:func:`is_lupi`), give each predicted
 channel a distinct colormap name (:func:`channel_colormaps`), find two checkpoints that would
 predict the same target (:func:`duplicate_targets`) and pick the checkpoints that pre-fill the
 dock's rows (:func:`default_checkpoints`).
@@ -13,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
+    "ROLE_COLORMAPS",
     "SPARE_COLORMAPS",
     "card_targets",
     "channel_colormaps",
+    "channel_role",
     "default_checkpoints",
     "duplicate_targets",
     "is_lupi",
@@ -23,6 +26,25 @@ __all__ = [
 
 #: Colormaps handed to channels without a colour of their own, or whose colour is already taken.
 SPARE_COLORMAPS = ("cyan", "yellow", "magenta", "red", "green", "blue", "bop orange", "bop purple")
+#: Colour per channel role (HASTE's display: nuclei blue, lipids green, cytoplasm red).
+ROLE_COLORMAPS = {"nuclei": "blue", "lipids": "green", "cytoplasm": "red"}
+_ROLE_NAMES = {
+    "nuclei": ("nuclei", "nucleus", "dapi", "hoechst", "c01"),
+    "lipids": ("lipids", "lipid", "bodipy", "c02"),
+    "cytoplasm": ("cytoplasm", "cellmask", "c03"),
+}
+
+
+def channel_role(name: str, card_role: str | None = None) -> str:
+    """Role of an output channel (``nuclei``, ``lipids``, ``cytoplasm`` or the name itself).
+
+    >>> channel_role("DAPI"), channel_role("x", "lipids"), channel_role("MAP2")
+    ('nuclei', 'lipids', 'MAP2')
+    """
+    if card_role:
+        return str(card_role)
+    low = str(name).lower()
+    return next((role for role, names in _ROLE_NAMES.items() if low in names), str(name))
 
 
 def card_targets(card: dict, weights: str | Path | None = None) -> list[tuple[str, str]]:
@@ -37,8 +59,6 @@ def card_targets(card: dict, weights: str | Path | None = None) -> list[tuple[st
     >>> card_targets({"channels": ["MAP2"]})
     [('MAP2', 'MAP2')]
     """
-    from .translate import channel_role
-
     names = card.get("channels") or card.get("target") or ([Path(weights).stem] if weights else [])
     names = [names] if isinstance(names, str) else [str(n) for n in names]
     roles = card.get("channel_roles") or card.get("role") or []
@@ -63,7 +83,6 @@ def channel_colormaps(channels: Sequence[tuple[str, str]]) -> dict[str, str]:
     {'DAPI': 'blue', 'MAP2': 'magenta', 'NFH': 'green', 'GFAP': 'cyan'}
     """
     from ..io.zstack import TARGET_COLORMAPS
-    from .translate import ROLE_COLORMAPS
 
     out: dict[str, str] = {}
     for name, role in channels:

@@ -241,7 +241,7 @@ def _real_image(target: Any, zs: Any, channel: str | None, span: tuple[int, int]
     names = list(zs.targets)
     wanted = target or channel
     if wanted is None or wanted not in zs.targets:
-        from .translate import channel_role
+        from .translate_channels import channel_role
 
         nuclei = [n for n in names if channel_role(n) == "nuclei"]
         if wanted is not None and not nuclei:
