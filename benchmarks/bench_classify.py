@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import _sync  # CUDA synchronise (no-op on the CPU)
 from bench_segment import mosaic_slide  # n x n pyramidal OME-TIFF mosaic of a slide
+from timing import sync  # CUDA synchronise (no-op on the CPU)
 
 MODELS = {
     "resnet18": ("timm_classifier", {"backbone": "resnet18", "num_classes": 8}),
@@ -49,10 +49,10 @@ MODELS = {
 
 
 def _timed(fn, device: str) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.demo import demo_slide_path
     from napari_pathfm.device import autocast_dtype, resolve_device
     from napari_pathfm.io import open_slide
     from napari_pathfm.pipelines.classify import (
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from napari_pathfm.tiles import read_tile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("slide", nargs="?", type=Path, default=sample_slide_path())
+    ap.add_argument("slide", nargs="?", type=Path, default=demo_slide_path())
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--model", choices=sorted(MODELS), default="resnet18")
     ap.add_argument("--batch-size", type=int, default=32)

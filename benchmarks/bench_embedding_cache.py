@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import _sync  # CUDA synchronise (no-op on the CPU)
 from bench_segment import mosaic_slide  # n x n pyramidal OME-TIFF mosaic of a slide
+from timing import sync  # CUDA synchronise (no-op on the CPU)
 
 
 def _segmenter(size: str):
@@ -96,10 +96,10 @@ def _runs(slide: Path, size: str, device: str):
 
 
 def _timed(fn, cache, device):
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     result = fn(cache)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, result
 
 

@@ -32,31 +32,12 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _median_time(fn, repeats: int, before=None, device: str = "cpu") -> float:
-    times = []
-    for i in range(repeats + 1):
-        if before is not None:
-            before()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_time  # median of repeats after a warm-up, CUDA-synchronised
 
 
 def _bag(n: int, in_dim: int, device: str = "cpu"):
@@ -78,7 +59,7 @@ def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = 
     model = create_model("s4mil", in_dim=in_dim).eval().to(device)
     x = _bag(n, in_dim, device)
     with torch.inference_mode():
-        seconds = _median_time(lambda: model(x), repeats, before=model.s4.clear_cache, device=device)
+        seconds = median_time(lambda: model(x), repeats, before=model.s4.clear_cache, device=device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     print(json.dumps({"n": n, "seconds": seconds, "peak_rss": peak, "peak_gpu": gpu, "input_bytes": x.numel() * 4}))
@@ -124,14 +105,14 @@ def main(argv=None) -> int:
     x = _bag(L, args.in_dim, dev)
     rows = []
     with torch.inference_mode():
-        cold = _median_time(lambda: s4(x), repeats, before=s4.s4.clear_cache, device=dev)
-        cached = _median_time(lambda: s4(x), repeats, device=dev)
-        t_pub = _median_time(lambda: tm(x), repeats, device=dev)
+        cold = median_time(lambda: s4(x), repeats, before=s4.s4.clear_cache, device=dev)
+        cached = median_time(lambda: s4(x), repeats, device=dev)
+        t_pub = median_time(lambda: tm(x), repeats, device=dev)
         for layer in (tm.layer1, tm.layer2):
             layer.attn.reassociate = True
-        t_re = _median_time(lambda: tm(x), repeats, device=dev)
+        t_re = median_time(lambda: tm(x), repeats, device=dev)
     s4.train()
-    train = _median_time(lambda: s4(x)["logits"], repeats, device=dev)
+    train = median_time(lambda: s4(x)["logits"], repeats, device=dev)
     rows += [
         ("s4mil inference, cold kernel", cold, t_pub / cold, t_re / cold),
         ("s4mil inference, cached kernel", cached, t_pub / cached, t_re / cached),

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import _median_time  # median of repeats after a warm-up, CUDA-synchronised
+from timing import median_time  # median of repeats after a warm-up, CUDA-synchronised
 
 CONFIGS = {
     "small": dict(encoder="hiera_micro", uni=None, image_size=256, decoder_dim=128, decoder_heads=4,
@@ -91,14 +91,14 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from napari_pathfm._sample_data import sample_slide_path
+    from napari_pathfm.demo import demo_slide_path
     from napari_pathfm.device import autocast_dtype, resolve_device
     from napari_pathfm.io import open_slide
     from napari_pathfm.pipelines.segment import segment_slide
     from napari_pathfm.tiles import read_tile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("slide", nargs="?", type=Path, default=sample_slide_path())
+    ap.add_argument("slide", nargs="?", type=Path, default=demo_slide_path())
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="small")
     ap.add_argument("--mpp", type=float, default=None, help="model µm/px (default: the card's)")
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         write_at = phases.get("write", t1)
         state.setdefault("phases", []).append((tiles_at - t0, write_at - tiles_at, t1 - write_at))
 
-    t_pipe = _median_time(pipeline, args.repeats, device=dev)
+    t_pipe = median_time(pipeline, args.repeats, device=dev)
     res = state["res"]
     grid = res.grid
     tiles = np.stack([read_tile(slide, grid, i) for i in range(len(grid))])
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
                 x = model.preprocess(torch.from_numpy(tiles[i : i + B]).to(dev))
                 model(x)
 
-    t_bare = _median_time(bare, args.repeats, device=dev)
+    t_bare = median_time(bare, args.repeats, device=dev)
     ph = [statistics.median(p) for p in zip(*state["phases"][1:] or state["phases"])]
     n = len(grid)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"

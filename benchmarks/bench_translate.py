@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mil_speed import _sync  # CUDA synchronise (no-op on the CPU)
+from timing import sync  # CUDA synchronise (no-op on the CPU)
 
 REPO = Path(__file__).resolve().parents[1]
 ISL = REPO.parent / "shared" / "data" / "isl-blue-sample"
@@ -120,10 +120,10 @@ def speed(args) -> None:
         bare_run(model, tiles, args.batch_size, args.device)
 
     def timed(fn) -> float:
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         fn()
-        _sync(args.device)
+        sync(args.device)
         return time.perf_counter() - t0
 
     timed(bare), timed(pipe)  # warm-up
@@ -131,11 +131,11 @@ def speed(args) -> None:
     start = [0.0]
 
     def pre(*_):
-        _sync(args.device)
+        sync(args.device)
         start[0] = time.perf_counter()
 
     def post(*_):
-        _sync(args.device)
+        sync(args.device)
         in_model[0] += time.perf_counter() - start[0]
 
     pairs = []

@@ -36,8 +36,8 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiles": ("tiles/<br/>tissue, grid, loader, blend, canvas, cache", ("tiles",)),
     "io": ("io/<br/>slides, z-stacks, OME, GeoJSON, atomic outputs", ("io",)),
     "core": (
-        "small core<br/>colors, coords, device, progress, errors, error_boundary,<br/>"
-        "userdata, recipe_files, families, _lazy",
+        ("small core<br/>colors, coords, device, progress, errors, error_boundary,<br/>"
+         "userdata, recipe_files, families, _lazy"),
         ("colors", "coords", "device", "progress", "errors", "error_boundary", "userdata", "recipe_files",
          "families", "_lazy"),
     ),

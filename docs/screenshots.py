@@ -68,9 +68,9 @@ def _fix_window(viewer, dock_name: str | None) -> None:
 
 def _wait(widget, key: str, deadline: float) -> None:
     """Turn the event loop until ``widget``'s run (worker) ends; raise if it failed or timed out."""
-    from napari_pathfm.demo import _await
+    from napari_pathfm.demo import await_run
 
-    _await(widget, key, deadline)
+    await_run(widget, key, deadline)
     _qapp_turns(40)
 
 
@@ -113,10 +113,9 @@ def _show_only(viewer, keep) -> None:
 
 def _slide_viewer(dock: str):
     """A viewer with the bundled slide, tissue + tiles and the Slide dock; with ``dock`` that dock too, run."""
-    from napari_pathfm._sample_data import sample_slide_path
-    from napari_pathfm.demo import build_viewer
+    from napari_pathfm.demo import build_viewer, demo_slide_path
 
-    viewer, widgets = build_viewer(sample_slide_path(), show=True, mil=dock == "mil", segment=dock == "segment",
+    viewer, widgets = build_viewer(demo_slide_path(), show=True, mil=dock == "mil", segment=dock == "segment",
                                    classify=dock == "classify")  # fmt: skip
     return viewer, widgets
 
@@ -152,7 +151,7 @@ def _train(viewer, deadline: float, run: bool):
 
 def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, train_run: bool | None = None) -> dict:
     """Render ``out/<dock>.png`` (window) and ``out/<dock>-dock.png`` (dock alone). Returns {kind: path}."""
-    from napari_pathfm.widgets._gl_safety import keep_triton_out
+    from napari_pathfm.widgets import keep_triton_out
 
     if dock not in DOCKS:
         raise ValueError(f"unknown dock {dock!r}; choose from {DOCKS}")

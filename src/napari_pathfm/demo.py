@@ -201,8 +201,11 @@ def _settle(viewer, turns: int = 20) -> None:
         QApplication.processEvents()
 
 
-def _await(widget, key: str, deadline: float) -> None:
-    """Turn the Qt event loop until ``widget``'s run ends; raise if it failed or outlived ``deadline``."""
+def await_run(widget, key: str, deadline: float) -> None:
+    """Turn the Qt event loop until ``widget``'s run ends; raise if it failed or outlived ``deadline``.
+
+    Public for scripts that drive the docks without a user (``docs/screenshots.py``).
+    """
     from qtpy.QtWidgets import QApplication
 
     while widget.runner.running and time.monotonic() < deadline:
@@ -242,7 +245,7 @@ def render_canvas_png(
             widget = widgets.get(key)
             if widget is None or target is None:
                 continue
-            _await(widget, key, deadline)
+            await_run(widget, key, deadline)
             kind = {"mil": "mil-heatmap", "segment": "segment"}.get(key)
             only = getattr(widget, "labels_layer", None) if key == "classify" else None  # not the probabilities
             for layer in viewer.layers:
@@ -255,7 +258,7 @@ def render_canvas_png(
         tviewer, twidget = build_translate_viewer(show=True)
         try:
             if twidget is not None:
-                _await(twidget, "translate", deadline)
+                await_run(twidget, "translate", deadline)
                 for layer in tviewer.layers:
                     if layer.metadata.get("pathfm_kind") in ("translate-confidence", "translate-nuclei"):
                         layer.visible = False
