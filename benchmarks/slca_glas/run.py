@@ -2,7 +2,8 @@
 
 1. Builds the gland / non-gland tile data set from ``../shared/data/glas/train``
    (:func:`napari_pathfm.training.glas_tiles.build_glas_tiles`: 224 px tiles, split by
-   image 51 / 17 / 17, cached in ``runs/glas_tiles``).
+   image 51 / 17 / 17, cached in ``<per-user data folder>/glas_tiles``, where the recipes look
+   unless ``PATHFM_GLAS_TILES`` is set).
 2. For every seed, label fraction and model, trains with the CPU recipes
    ``training/slca/glas_cpu.yaml`` (SLCA) and ``glas_cpu_noslca.yaml`` (bare ResNet-18),
    which differ only in their ``model`` section; ``seed`` sets the weights init, the
@@ -176,7 +177,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--models", default="slca,noslca")
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "slca_glas")
-    ap.add_argument("--tiles", type=Path, default=REPO / "runs" / "glas_tiles")
+    ap.add_argument("--tiles", type=Path, default=None, help="tile cache (default: where the recipes look)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override (both models)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--report", action="store_true", help="only rewrite the table from the finished runs")
@@ -191,7 +192,9 @@ def main(argv=None) -> None:
 
     from napari_pathfm.training.glas_tiles import build_glas_tiles
     from napari_pathfm.training.recipes import default_shared_data
+    from napari_pathfm.userdata import data_dir
 
+    a.tiles = a.tiles or Path(os.environ.get("PATHFM_GLAS_TILES") or data_dir() / "glas_tiles")
     info = build_glas_tiles(default_shared_data() / "glas" / "train", a.tiles)
     print(f"GlaS tiles in {a.tiles}: {json.dumps(info['counts'])}, {info['dropped']} mixed tiles dropped", flush=True)
     fractions = [float(f) for f in a.fractions.split(",")]

@@ -36,6 +36,7 @@ Example
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -240,17 +241,24 @@ def build_glas_tiles(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m napari_pathfm.training.glas_tiles SRC OUT [--seed N]``: build the data set, print the counts."""
+    """``python -m napari_pathfm.training.glas_tiles SRC [OUT] [--seed N]``: build the data set, print the counts.
+
+    OUT defaults to ``<per-user data folder>/glas_tiles``, where the ``slca/glas*`` recipes look for the tiles
+    unless ``PATHFM_GLAS_TILES`` says otherwise.
+    """
     import argparse
+
+    from ..userdata import data_dir
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("src")
-    ap.add_argument("out")
+    ap.add_argument("out", nargs="?", default=None, help="output folder (default: <per-user data folder>/glas_tiles)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tile", type=int, default=224)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    info = build_glas_tiles(a.src, a.out, tile=a.tile, stride=a.tile, seed=a.seed, overwrite=a.overwrite)
+    out = a.out or os.environ.get("PATHFM_GLAS_TILES") or data_dir() / "glas_tiles"
+    info = build_glas_tiles(a.src, out, tile=a.tile, stride=a.tile, seed=a.seed, overwrite=a.overwrite)
     print(json.dumps({"counts": info["counts"], "dropped": info["dropped"]}, indent=1))
 
 

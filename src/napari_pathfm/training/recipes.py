@@ -6,8 +6,11 @@ A recipe has the top-level keys ``family``, ``description``, ``seed``, ``output`
 key with its type, default and help text (the family's keys come from its
 :class:`~napari_pathfm.families.FamilySpec`), so the CLI can validate and a GUI can render a form.
 
-Strings may use ``${VAR}`` or ``${VAR:-default}``; ``${PATHFM_SHARED_DATA}``
-defaults to ``<per-user data folder>/shared-data`` (:func:`default_shared_data`). A recipe is a
+Strings may use ``${VAR}`` or ``${VAR:-default}`` (a default may itself hold one ``${VAR}``, as in
+``${PATHFM_GLAS_TILES:-${PATHFM_DATA_DIR}/glas_tiles}``); ``${PATHFM_SHARED_DATA}``
+defaults to ``<per-user data folder>/shared-data`` (:func:`default_shared_data`) and ``${PATHFM_DATA_DIR}``
+to the per-user data folder itself (:func:`napari_pathfm.userdata.data_dir`), so a bundled recipe's data
+defaults never point inside the installed package. A recipe is a
 file or the name of a bundled one (``pathsam2/glas_cpu``, :mod:`napari_pathfm.recipe_files`).
 Relative paths written in a recipe file
 resolve against the recipe's folder; relative paths given as overrides resolve
@@ -109,7 +112,8 @@ class Recipe:
         return yaml.safe_dump(self.config, sort_keys=False)
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${VAR} or ${VAR:-default}; the default may hold one nested ${VAR} (expanded only when the default is used).
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$}]|\$(?!\{)|\$\{[^}]*\})*))?\}")
 
 
 def _expand(value: Any, where: str) -> Any:
@@ -126,8 +130,12 @@ def _expand(value: Any, where: str) -> Any:
             return os.environ[var]
         if var == "PATHFM_SHARED_DATA":
             return str(_shared_data(where))
+        if var == "PATHFM_DATA_DIR":  # the per-user data folder, as userdata resolves it
+            from ..userdata import data_dir
+
+            return str(data_dir())
         if fallback is not None:
-            return fallback
+            return _VAR.sub(sub, fallback)
         raise RecipeError(
             where,
             f"uses ${{{var}}} but the environment variable {var} is not set.",
