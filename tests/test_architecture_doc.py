@@ -28,3 +28,23 @@ def test_check_fails_on_a_stale_diagram(tmp_path, monkeypatch):
     assert diagram.main([]) == 0
     assert "    pipelines --> tiles\n" in doc.read_text(encoding="utf-8")
     assert diagram.main(["--check"]) == 0
+
+
+def test_named_modules_exist():
+    """Every module the doc names exists: `dir/module.py` and `dir/module.name` under the package (or the
+    repository), a bare `module.py` (in a list under its folder) somewhere in the package."""
+    import re
+
+    repo = SCRIPT.parents[1]
+    package = repo / "src" / "napari_pathfm"
+    text = (repo / "docs" / "architecture.md").read_text(encoding="utf-8")
+    in_package = {p.name for p in package.rglob("*.py")}
+    missing = []
+    for ref in sorted(set(re.findall(r"`((?:[a-z_0-9]+/)*[a-z_0-9]+\.py)", text))):
+        found = any((base / ref).is_file() for base in (package, repo)) if "/" in ref else ref in in_package
+        if not found:
+            missing.append(ref)
+    for folder, module in sorted(set(re.findall(r"`((?:[a-z_0-9]+/)+)([a-z_0-9]+)\.[A-Za-z_]+`", text))):
+        if not folder.startswith("src/") and not any((b / folder / f"{module}.py").is_file() for b in (package, repo)):
+            missing.append(f"{folder}{module}")
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
