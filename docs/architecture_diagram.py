@@ -26,9 +26,15 @@ END = "<!-- diagram:end -->"
 # Box id -> (label, the top-level modules or subpackages under napari_pathfm it holds), top to bottom as
 # in the layers contract of pyproject.toml.
 BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "cli": ("cli.py + subcommands<br/>cli, demo, info, cli_cache, cli_recipes", ("cli", "demo", "info", "cli_cache", "cli_recipes")),
+    "cli": (
+        "cli.py + subcommands<br/>cli, demo, info, cli_cache, cli_recipes",
+        ("cli", "demo", "info", "cli_cache", "cli_recipes"),
+    ),
     "widgets": ("widgets/<br/>napari docks (Qt)", ("widgets",)),
-    "napari": ("napari contributions<br/>layers, _sample_data, _reader, _writer", ("layers", "_sample_data", "_reader", "_writer")),
+    "napari": (
+        "napari contributions<br/>layers, _sample_data, _reader, _writer",
+        ("layers", "_sample_data", "_reader", "_writer"),
+    ),
     "pipelines": ("pipelines/<br/>slide-scale runs, batch", ("pipelines",)),
     "training": ("training/<br/>engine, tasks, datasets, recipes", ("training",)),
     "checkpoints": ("checkpoints.py<br/>where checkpoints are found", ("checkpoints",)),
@@ -36,10 +42,22 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "tiles": ("tiles/<br/>tissue, grid, loader, blend, canvas, cache", ("tiles",)),
     "io": ("io/<br/>slides, z-stacks, OME, GeoJSON, atomic outputs", ("io",)),
     "core": (
-        ("small core<br/>colors, coords, device, progress, errors, error_boundary,<br/>"
-         "userdata, recipe_files, families, _lazy"),
-        ("colors", "coords", "device", "progress", "errors", "error_boundary", "userdata", "recipe_files",
-         "families", "_lazy"),
+        (
+            "small core<br/>colors, coords, device, progress, errors, error_boundary,<br/>"
+            "userdata, recipe_files, families, _lazy"
+        ),
+        (
+            "colors",
+            "coords",
+            "device",
+            "progress",
+            "errors",
+            "error_boundary",
+            "userdata",
+            "recipe_files",
+            "families",
+            "_lazy",
+        ),
     ),
 }
 
@@ -53,7 +71,9 @@ def box_of(module: str) -> str | None:
     for box, (_label, members) in BOXES.items():
         if top in members:
             return box
-    raise SystemExit(f"{module}: no box in docs/architecture_diagram.py BOXES; add it there (and to the layers contract)")
+    raise SystemExit(
+        f"{module}: no box in docs/architecture_diagram.py BOXES; add it there (and to the layers contract)"
+    )
 
 
 def box_edges() -> set[tuple[str, str]]:

@@ -52,8 +52,11 @@ def test_nested_default_expands_only_when_used(monkeypatch):
 
     monkeypatch.setenv("PATHFM_TEST_A", "/a")
     monkeypatch.delenv("PATHFM_TEST_B", raising=False)
-    raw = {"family": "classify", "model": {"name": "timm_classifier"},
-           "data": {"root": "${PATHFM_TEST_A:-${PATHFM_TEST_B}/x}"}}
+    raw = {
+        "family": "classify",
+        "model": {"name": "timm_classifier"},
+        "data": {"root": "${PATHFM_TEST_A:-${PATHFM_TEST_B}/x}"},
+    }
     recipe = load_recipe(raw)
     assert recipe.get("data.root") == "/a"
     monkeypatch.delenv("PATHFM_TEST_A")
