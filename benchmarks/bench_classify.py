@@ -43,9 +43,16 @@ from timing import sync  # CUDA synchronise (no-op on the CPU)
 
 MODELS = {
     "resnet18": ("timm_classifier", {"backbone": "resnet18", "num_classes": 8}),
-    "slca-small": ("slca", {"backbone": "resnet18", "num_classes": 8, "sam_img_size": 224,
-                            "sam_kwargs": {"depth": 4, "embed_dim": 192, "num_heads": 3}}),
-}  # fmt: skip
+    "slca-small": (
+        "slca",
+        {
+            "backbone": "resnet18",
+            "num_classes": 8,
+            "sam_img_size": 224,
+            "sam_kwargs": {"depth": 4, "embed_dim": 192, "num_heads": 3},
+        },
+    ),
+}
 
 
 def _timed(fn, device: str) -> float:
@@ -145,10 +152,12 @@ def main(argv=None) -> int:
     ph = [statistics.median(p) for p in zip(*state["phases"][1:])]
     n = len(grid)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
-    print(f"# {args.slide.name} {slide.shape[0]}x{slide.shape[1]} px, {slide.level_count} levels at {slide.mpp} "
-          f"µm/px; model {what}, {grid.tile_size} px tiles at {grid.mpp:.3g} µm/px, {n} tissue tiles, batch {B}; "
-          f"{name}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f}, "
-          f"median of {args.repeats}")  # fmt: skip
+    print(
+        f"# {args.slide.name} {slide.shape[0]}x{slide.shape[1]} px, {slide.level_count} levels at {slide.mpp} "
+        f"µm/px; model {what}, {grid.tile_size} px tiles at {grid.mpp:.3g} µm/px, {n} tissue tiles, batch {B}; "
+        f"{name}, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.2f}, "
+        f"median of {args.repeats}"
+    )
     print(f"bare model          {t_bare:8.3f} s   {n / t_bare:8.2f} tiles/s")
     print(f"pipeline (total)    {t_pipe:8.3f} s   {n / t_pipe:8.2f} tiles/s")
     print(f"  tissue + grid     {ph[0]:8.3f} s")

@@ -127,8 +127,10 @@ def main() -> None:
     runs = _runs(slide, args.size, args.device)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"slide {slide.name} (mosaic {args.mosaic}), models '{args.size}', {dev}, load {os.getloadavg()[0]:.1f}")
-    print(f"{'pipeline':<9} {'tiles':>5} {'off s':>7} {'cold s':>7} {'warm s':>7} {'off/warm':>8} {'cold/off':>8} "
-          f"{'cache MB':>8}  stored  max|warm-off|")  # fmt: skip
+    print(
+        f"{'pipeline':<9} {'tiles':>5} {'off s':>7} {'cold s':>7} {'warm s':>7} {'off/warm':>8} {'cold/off':>8} "
+        f"{'cache MB':>8}  stored  max|warm-off|"
+    )
     for name, fn in runs.items():
         if args.only and name not in args.only:
             continue
@@ -147,8 +149,10 @@ def main() -> None:
             diff = max(diff, float(np.abs(res.astype(np.float64) - ref).max()) if ref.size else 0.0)
             size = sum(e.bytes for e in cache.entries())
         m_off, m_cold, m_warm = (statistics.median(v) for v in (off, cold, warm))
-        print(f"{name:<9} {n:>5} {m_off:>7.2f} {m_cold:>7.2f} {m_warm:>7.2f} {m_off / m_warm:>8.2f} "
-              f"{m_cold / m_off:>8.2f} {size / 2**20:>8.1f}  {str(stored):<6}  {diff:.2g}")  # fmt: skip
+        print(
+            f"{name:<9} {n:>5} {m_off:>7.2f} {m_cold:>7.2f} {m_warm:>7.2f} {m_off / m_warm:>8.2f} "
+            f"{m_cold / m_off:>8.2f} {size / 2**20:>8.1f}  {stored!s:<6}  {diff:.2g}"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

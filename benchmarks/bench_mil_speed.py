@@ -125,10 +125,14 @@ def main(argv=None) -> int:
 
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     if dev.startswith("cuda"):
-        print(f"# device: {torch.cuda.get_device_name()} (float32, TF32 matmul {torch.backends.cuda.matmul.allow_tf32})")
-    print(f"# MIL forward speed: CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
-          f"load avg {load}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {repeats} after 1 warm-up")  # fmt: skip
+        print(
+            f"# device: {torch.cuda.get_device_name()} (float32, TF32 matmul {torch.backends.cuda.matmul.allow_tf32})"
+        )
+    print(
+        f"# MIL forward speed: CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+        f"load avg {load}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"median of {repeats} after 1 warm-up"
+    )
     print(f"\nbag {L} x {args.in_dim}")
     print(f"{'model / mode':44s} {'seconds':>8s} {'transmil/this':>14s} {'transmil-reassoc/this':>22s}")
     for name, sec, r1, r2 in rows:
@@ -139,11 +143,15 @@ def main(argv=None) -> int:
     a, b = runs[small], runs[large]
     print(f"\ns4mil scaling (cold inference, one process per size, in_dim {args.in_dim})")
     for r in (a, b):
-        print(f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
-              f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)"
-              + (f", peak GPU {r['peak_gpu'] / 2**30:5.2f} GiB" if r.get("peak_gpu") else ""))  # fmt: skip
-    print(f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f}  "
-          f"(target <= 4.5; linear = {large / small:.1f});  peak RSS target < 8 GiB")  # fmt: skip
+        print(
+            f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
+            f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)"
+            + (f", peak GPU {r['peak_gpu'] / 2**30:5.2f} GiB" if r.get("peak_gpu") else "")
+        )
+    print(
+        f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f}  "
+        f"(target <= 4.5; linear = {large / small:.1f});  peak RSS target < 8 GiB"
+    )
     print(f"\ns4mil parameters (binary, in_dim 1024, d_state 32): {n_params:,}   paper: {PAPER_S4MIL_PARAMS:,}")
     return 0
 

@@ -20,8 +20,15 @@ import time
 
 CONFIGS = {
     "paper": dict(encoder="sam2_hiera_base_plus", uni="uni", image_size=1024),
-    "small": dict(encoder="hiera_micro", uni=None, image_size=256, decoder_dim=128, decoder_heads=4,
-                  decoder_mlp_dim=512, freeze_encoders=False),  # fmt: skip
+    "small": dict(
+        encoder="hiera_micro",
+        uni=None,
+        image_size=256,
+        decoder_dim=128,
+        decoder_heads=4,
+        decoder_mlp_dim=512,
+        freeze_encoders=False,
+    ),
 }
 
 
@@ -67,9 +74,11 @@ def main(argv=None) -> None:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(f"# Path-SAM2 {args.config}: {n_all / 1e6:.1f} M parameters ({n_train / 1e6:.1f} M trainable), "
-          f"{S} px tiles, batch {B}, {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if args.amp else 'fp32'}")  # fmt: skip
+    print(
+        f"# Path-SAM2 {args.config}: {n_all / 1e6:.1f} M parameters ({n_train / 1e6:.1f} M trainable), "
+        f"{S} px tiles, batch {B}, {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{'bf16 autocast' if args.amp else 'fp32'}"
+    )
     for label, fn in (("inference", infer), ("train step", train)):
         times = []
         for i in range(args.repeats + 1):

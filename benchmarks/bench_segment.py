@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import median_time  # median of repeats after a warm-up, CUDA-synchronised
 
 CONFIGS = {
-    "small": dict(encoder="hiera_micro", uni=None, image_size=256, decoder_dim=128, decoder_heads=4,
-                  decoder_mlp_dim=512),  # fmt: skip
+    "small": dict(
+        encoder="hiera_micro", uni=None, image_size=256, decoder_dim=128, decoder_heads=4, decoder_mlp_dim=512
+    ),
     "paper": dict(encoder="sam2_hiera_base_plus", uni="uni", image_size=1024),
 }
 CARD_MPP = {"small": 1.24, "paper": 0.62}
@@ -67,8 +68,7 @@ def load_model(args):
         return model, card, Path(args.checkpoint).name
     torch.manual_seed(0)
     model = create_model("pathsam2", num_classes=2, **CONFIGS[args.config])
-    card = {"classes": ["background", "gland"], "input_mpp": CARD_MPP[args.config],
-            "tile_size": model.input_size}  # fmt: skip
+    card = {"classes": ["background", "gland"], "input_mpp": CARD_MPP[args.config], "tile_size": model.input_size}
     return model, card, f"random-init pathsam2 ({args.config})"
 
 
@@ -133,8 +133,9 @@ def main(argv=None) -> int:
     def pipeline():
         phases.clear()
         t0 = time.perf_counter()
-        state["res"] = segment_slide(slide, (model, card), mpp=args.mpp, batch_size=B, device=dev, out=out,
-                                     progress=progress)  # fmt: skip
+        state["res"] = segment_slide(
+            slide, (model, card), mpp=args.mpp, batch_size=B, device=dev, out=out, progress=progress
+        )
         t1 = time.perf_counter()
         tiles_at = phases.get("tiles", t0)
         write_at = phases.get("write", t1)
@@ -156,10 +157,12 @@ def main(argv=None) -> int:
     ph = [statistics.median(p) for p in zip(*state["phases"][1:] or state["phases"])]
     n = len(grid)
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else "CPU"
-    print(f"# {args.slide.name} {slide.shape[0]}x{slide.shape[1]} px, {slide.level_count} levels at {slide.mpp} µm/px; model {what}, "
-          f"{grid.tile_size} px tiles at {grid.mpp:.3g} µm/px, overlap {grid.overlap} px, {n} tissue tiles, "
-          f"batch {B}; {name}, {torch.get_num_threads()} torch threads, load average "
-          f"{os.getloadavg()[0]:.2f}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"# {args.slide.name} {slide.shape[0]}x{slide.shape[1]} px, {slide.level_count} levels at {slide.mpp} µm/px; model {what}, "
+        f"{grid.tile_size} px tiles at {grid.mpp:.3g} µm/px, overlap {grid.overlap} px, {n} tissue tiles, "
+        f"batch {B}; {name}, {torch.get_num_threads()} torch threads, load average "
+        f"{os.getloadavg()[0]:.2f}, median of {args.repeats}"
+    )
     print(f"bare forward        {t_bare:8.3f} s   {n / t_bare:8.2f} tiles/s")
     print(f"pipeline (total)    {t_pipe:8.3f} s   {n / t_pipe:8.2f} tiles/s")
     print(f"  tissue + grid     {ph[0]:8.3f} s")

@@ -84,8 +84,10 @@ def main(argv=None) -> int:
             headline = ratio
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"dask fixed cost of one compute() of a cached chunk: {overhead_ms:.2f} ms")
-    print(f"ratio for {args.tiles} x {args.size}px (raw time / ours): {headline:.2f}  target >= 0.90  "
-          f"{'OK' if headline >= 0.9 else 'BELOW TARGET'}")
+    print(
+        f"ratio for {args.tiles} x {args.size}px (raw time / ours): {headline:.2f}  target >= 0.90  "
+        f"{'OK' if headline >= 0.9 else 'BELOW TARGET'}"
+    )
     print(f"peak RSS: {peak_mb:.0f} MB")
     return 0
 

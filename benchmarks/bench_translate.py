@@ -47,10 +47,18 @@ ISL = REPO.parent / "shared" / "data" / "isl-blue-sample"
 MODELS = {
     "dense_unet": ("dense_unet", {}),  # the paper's tiramisu, ~1.2M parameters
     "lupi_unet": ("lupi_unet", {}),  # the paper's nuclei net, ~1.6M parameters
-    "small": ("lupi_unet", {"init_filters": 16, "down_blocks": (2, 2, 2, 2), "up_blocks": (2, 2, 2, 2),
-                            "bottleneck_layers": 2, "growth_rate": 8}),
+    "small": (
+        "lupi_unet",
+        {
+            "init_filters": 16,
+            "down_blocks": (2, 2, 2, 2),
+            "up_blocks": (2, 2, 2, 2),
+            "bottleneck_layers": 2,
+            "growth_rate": 8,
+        },
+    ),
     "unet-tiny": ("unet", {"base": 4, "depth": 4}),
-}  # fmt: skip
+}
 
 
 def isl_planes(n: int, size: int) -> np.ndarray:
@@ -76,9 +84,18 @@ def build(args, planes: np.ndarray):
     torch.manual_seed(0)
     model = create_model(name, in_channels=len(planes), **cfg).to(args.device).eval()
     sample = planes[:, ::8, ::8].astype(np.float64)
-    card = {"name": name, "channels": ["nuclei" if name == "lupi_unet" else "lipids"], "input_planes": len(planes),
-            "normalization": {"input_min": sample.min(axis=(1, 2)).tolist(), "input_max": sample.max(axis=(1, 2)).tolist(),
-                              "target_min": [0.0], "target_max": [65535.0], "target_dtype": "uint16"}}  # fmt: skip
+    card = {
+        "name": name,
+        "channels": ["nuclei" if name == "lupi_unet" else "lipids"],
+        "input_planes": len(planes),
+        "normalization": {
+            "input_min": sample.min(axis=(1, 2)).tolist(),
+            "input_max": sample.max(axis=(1, 2)).tolist(),
+            "target_min": [0.0],
+            "target_max": [65535.0],
+            "target_dtype": "uint16",
+        },
+    }
     return model, card
 
 
@@ -91,7 +108,7 @@ def bare_tiles(planes: np.ndarray, card: dict, tile: int, stride: int) -> np.nda
     norm = normalize_minmax(planes, n["input_min"], n["input_max"])
     ys, th = tile_positions(planes.shape[1], tile, stride)
     xs, tw = tile_positions(planes.shape[2], tile, stride)
-    return np.stack([pad_to(norm[:, y:y + th, x:x + tw], th, tw) for y in ys for x in xs])
+    return np.stack([pad_to(norm[:, y : y + th, x : x + tw], th, tw) for y in ys for x in xs])
 
 
 def bare_run(model, tiles: np.ndarray, batch: int, device: str) -> None:
@@ -99,7 +116,7 @@ def bare_run(model, tiles: np.ndarray, batch: int, device: str) -> None:
 
     with torch.inference_mode():
         for i in range(0, len(tiles), batch):
-            out = model(torch.from_numpy(tiles[i:i + batch]).to(device))
+            out = model(torch.from_numpy(tiles[i : i + batch]).to(device))
             if hasattr(out, "mask_logits"):
                 out = torch.cat([out.image, torch.sigmoid(out.mask_logits)], 1)
             out.float().cpu().numpy()
@@ -113,8 +130,15 @@ def speed(args) -> None:
     tiles = bare_tiles(planes, card, args.tile, args.stride)
 
     def pipe() -> None:
-        translate_stack(planes, (model, card), tile=args.tile, stride=args.stride, batch_size=args.batch_size,
-                        device=args.device, nuclei_mask=False)  # fmt: skip
+        translate_stack(
+            planes,
+            (model, card),
+            tile=args.tile,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            device=args.device,
+            nuclei_mask=False,
+        )
 
     def bare() -> None:
         bare_run(model, tiles, args.batch_size, args.device)
@@ -147,18 +171,31 @@ def speed(args) -> None:
         pairs.append((t_p, timed(bare)))
     t_pipe, t_bare = statistics.median(p for p, _ in pairs), statistics.median(b for _, b in pairs)
     n = len(tiles)
-    print(f"field {planes.shape} {planes.dtype}, model {args.checkpoint or args.model} "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters), {n} tiles of {args.tile} px "
-          f"(stride {args.stride}), batch {args.batch_size}, device {args.device}, threads {args.threads}")
+    print(
+        f"field {planes.shape} {planes.dtype}, model {args.checkpoint or args.model} "
+        f"({sum(p.numel() for p in model.parameters()):,} parameters), {n} tiles of {args.tile} px "
+        f"(stride {args.stride}), batch {args.batch_size}, device {args.device}, threads {args.threads}"
+    )
     print(f"bare      {t_bare:8.2f} s  {n / t_bare:6.2f} tiles/s")
     print(f"pipeline  {t_pipe:8.2f} s  {n / t_pipe:6.2f} tiles/s")
-    print(f"bare / pipeline = {t_bare / t_pipe:.3f} (median of pairs {statistics.median(b / p for p, b in pairs):.3f}; "
-          f"target >= 0.9); load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"bare / pipeline = {t_bare / t_pipe:.3f} (median of pairs {statistics.median(b / p for p, b in pairs):.3f}; "
+        f"target >= 0.9); load average {os.getloadavg()[0]:.1f}"
+    )
     total = sum(p for p, _ in pairs)
-    print(f"share of the pipeline's time spent in the model forward: {in_model[0] / total:.3f} "
-          f"(same runs, so a busy machine slows both; the rest is checks, normalising, tiling, blending)")
-    res = translate_stack(planes, (model, card), tile=args.tile, stride=args.stride, batch_size=args.batch_size,
-                          device=args.device, nuclei_mask=False)  # fmt: skip
+    print(
+        f"share of the pipeline's time spent in the model forward: {in_model[0] / total:.3f} "
+        f"(same runs, so a busy machine slows both; the rest is checks, normalising, tiling, blending)"
+    )
+    res = translate_stack(
+        planes,
+        (model, card),
+        tile=args.tile,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        nuclei_mask=False,
+    )
     if res.confidence is not None:
         t0 = time.perf_counter()
         labels = res.nuclei_mask()
@@ -192,12 +229,16 @@ def _memory_child(args, queue) -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-translate-") as tmp:
-        z = zarr.create_array(f"{tmp}/stack.zarr", shape=(args.planes, args.memory_size, args.memory_size),
-                              chunks=(1, 512, 512), dtype=np.uint16)  # fmt: skip
+        z = zarr.create_array(
+            f"{tmp}/stack.zarr",
+            shape=(args.planes, args.memory_size, args.memory_size),
+            chunks=(1, 512, 512),
+            dtype=np.uint16,
+        )
         src = isl_planes(args.planes, 1024)
         for y in range(0, args.memory_size, 1024):
             for x in range(0, args.memory_size, 1024):
-                z[:, y:y + 1024, x:x + 1024] = src[:, : args.memory_size - y, : args.memory_size - x]
+                z[:, y : y + 1024, x : x + 1024] = src[:, : args.memory_size - y, : args.memory_size - x]
         stack = da.from_zarr(z)
         margs = argparse.Namespace(**{**vars(args), "model": args.memory_model, "checkpoint": args.checkpoint})
         model, card = build(margs, src)
@@ -206,15 +247,30 @@ def _memory_child(args, queue) -> None:
         reset = _reset_peak()  # ru_maxrss would include the parent's peak (kept across fork + exec)
         tracemalloc.start()
         t0 = time.perf_counter()
-        res = translate_stack(stack, (model, card), tile=args.tile, stride=args.stride, batch_size=args.batch_size,
-                              device=args.device, nuclei_mask=False)  # fmt: skip
+        res = translate_stack(
+            stack,
+            (model, card),
+            tile=args.tile,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            device=args.device,
+            nuclei_mask=False,
+        )
         seconds = time.perf_counter() - t0
         _, traced = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         peak_mb = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         kind = type(next(iter(res.channels.values()))).__module__.split(".")[0]
-        queue.put({"base_mb": base_mb, "peak_mb": peak_mb, "traced_mb": traced / 2**20,
-                   "seconds": seconds, "tiles": res.n_tiles, "output": kind})  # fmt: skip
+        queue.put(
+            {
+                "base_mb": base_mb,
+                "peak_mb": peak_mb,
+                "traced_mb": traced / 2**20,
+                "seconds": seconds,
+                "tiles": res.n_tiles,
+                "output": kind,
+            }
+        )
 
 
 def memory(args) -> None:
@@ -225,12 +281,18 @@ def memory(args) -> None:
     out = queue.get()
     proc.join()
     s, z = args.memory_size, args.planes
-    print(f"memory: {z} x {s} x {s} uint16 zarr stack ({z * s * s * 2 / 2**20:.0f} MiB on disk), model "
-          f"{args.checkpoint or args.memory_model}, {out['tiles']} tiles in {out['seconds']:.0f} s, outputs in {out['output']}")
-    print(f"peak RSS {out['peak_mb']:.0f} MiB = baseline {out['base_mb']:.0f} + {out['peak_mb'] - out['base_mb']:.0f} MiB "
-          f"for the run; tracemalloc peak (numpy) {out['traced_mb']:.0f} MiB")
-    print(f"in memory it would hold: stack {z * s * s * 2 / 2**20:.0f} MiB + float32 planes {z * s * s * 4 / 2**20:.0f} "
-          f"MiB + blend canvas {s * s * 8 / 2**20:.0f} MiB")
+    print(
+        f"memory: {z} x {s} x {s} uint16 zarr stack ({z * s * s * 2 / 2**20:.0f} MiB on disk), model "
+        f"{args.checkpoint or args.memory_model}, {out['tiles']} tiles in {out['seconds']:.0f} s, outputs in {out['output']}"
+    )
+    print(
+        f"peak RSS {out['peak_mb']:.0f} MiB = baseline {out['base_mb']:.0f} + {out['peak_mb'] - out['base_mb']:.0f} MiB "
+        f"for the run; tracemalloc peak (numpy) {out['traced_mb']:.0f} MiB"
+    )
+    print(
+        f"in memory it would hold: stack {z * s * s * 2 / 2**20:.0f} MiB + float32 planes {z * s * s * 4 / 2**20:.0f} "
+        f"MiB + blend canvas {s * s * 8 / 2**20:.0f} MiB"
+    )
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "src" / "napari_pathfm" / "data"
@@ -76,7 +76,7 @@ class Result:
 class Case:
     group: str
     name: str
-    fn: Callable[["Bench"], tuple[str, str]]
+    fn: Callable[[Bench], tuple[str, str]]
     model: bool  # runs a model (slow); --quick leaves these out
 
 
@@ -108,10 +108,17 @@ class Bench:
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
-    def run(self, *args, timeout: float = 600, env: Optional[dict] = None) -> Run:
+    def run(self, *args, timeout: float = 600, env: dict | None = None) -> Run:
         t0 = time.perf_counter()
-        p = subprocess.run([str(PATHFM), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                           env=env or self.env(), cwd=self.root)  # fmt: skip
+        p = subprocess.run(
+            [str(PATHFM), *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env(),
+            cwd=self.root,
+            check=False,
+        )  # the cases judge the exit code
         return Run(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
 
     def path(self, name: str) -> Path:
@@ -146,7 +153,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def judge_error(r: Run, names: list[str], code: int = 2, untouched: Optional[dict] = None) -> tuple[str, str]:
+def judge_error(r: Run, names: list[str], code: int = 2, untouched: dict | None = None) -> tuple[str, str]:
     """Classify a run that should have failed with one clear message naming ``names``."""
     msg = r.err.strip().splitlines()[-1] if r.err.strip() else r.out.strip()[-200:]
     if "Traceback (most recent call last)" in r.text:
@@ -207,7 +214,9 @@ def _(b: Bench):
     shutil.copyfile(SEG_MODEL, ck)
     shutil.copyfile(SEG_MODEL.with_suffix(".json"), ck.with_suffix(".json"))
     r = b.run("distill", ck, ck, "--out", ck)
-    return judge_error(r, [str(ck)], untouched={ck: digest(ck), ck.with_suffix(".json"): digest(ck.with_suffix(".json"))})
+    return judge_error(
+        r, [str(ck)], untouched={ck: digest(ck), ck.with_suffix(".json"): digest(ck.with_suffix(".json"))}
+    )
 
 
 @case("outputs", "translate --out inside the z-stack folder")
@@ -242,13 +251,13 @@ def _(b: Bench):
 
 def _mount(where: Path, options: str) -> None:
     where.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, check=False)
     if p.returncode != 0:
         raise Skip("cannot mount a tmpfs here")
 
 
 def _umount(where: Path) -> None:
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)  # best effort: cleanup
 
 
 @case("outputs", "output on a read-only mount")
@@ -282,8 +291,14 @@ def _(b: Bench):
     _mount(where, "size=16m")
     try:
         out = where / "seg" / "mask.ome.tif"
-        p = subprocess.Popen([str(PATHFM), "segment", str(b.slide_copy()), "--out", str(out), "--no-cache"],
-                             env=b.env(), cwd=b.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [str(PATHFM), "segment", str(b.slide_copy()), "--out", str(out), "--no-cache"],
+            env=b.env(),
+            cwd=b.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         t0 = time.time()  # another program fills the disk once the run is past its preflight check
         while time.time() - t0 < 60 and not out.parent.is_dir():
             time.sleep(0.05)
@@ -370,7 +385,8 @@ def _stack_copy(b: Bench, name: str) -> Path:
 
 def _planes(stack: Path) -> list[Path]:
     return sorted(p for p in stack.iterdir() if "BRIGHTFIELD" in p.name or "PHASE" in p.name.upper()) or sorted(
-        p for p in stack.iterdir() if "z_depth" in p.name)  # fmt: skip
+        p for p in stack.iterdir() if "z_depth" in p.name
+    )
 
 
 @case("inputs", "z-stack with a truncated plane")
@@ -435,15 +451,18 @@ def _(b: Bench):
 @case("inputs", "train: bad --set value")
 def _(b: Bench):
     rec = REPO / "training" / "classify" / "crc_tiny.yaml"
-    return judge_error(b.run("train", rec, "--out", b.path("rec/run3"), "--set", "trainer.max_epochs=[1"), ["max_epochs"])
+    return judge_error(
+        b.run("train", rec, "--out", b.path("rec/run3"), "--set", "trainer.max_epochs=[1"), ["max_epochs"]
+    )
 
 
 @case("inputs", "batch: bad --set value")
 def _(b: Bench):
     m = b.path("bset/manifest.csv")
     m.write_text(f"slide\n{SLIDE}\n")
-    return judge_error(b.run("batch", m, "--task", "segment", "--out", b.path("bset/out"), "--set", "batch_size"),
-                       ["batch_size"])  # fmt: skip
+    return judge_error(
+        b.run("batch", m, "--task", "segment", "--out", b.path("bset/out"), "--set", "batch_size"), ["batch_size"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,8 +524,16 @@ def _(b: Bench):
     if not (SHARED / "crc-tiles").is_dir():
         raise Skip("no CRC tiles in shared data")
     unrelated = BUNDLED / "models" / "s4mil-glas-glands-demo.safetensors"
-    r = b.run("train", rec, "--out", b.path("unrel/run"), "--set", f"model.weights={unrelated}",
-              "--set", "trainer.max_epochs=1")  # fmt: skip
+    r = b.run(
+        "train",
+        rec,
+        "--out",
+        b.path("unrel/run"),
+        "--set",
+        f"model.weights={unrelated}",
+        "--set",
+        "trainer.max_epochs=1",
+    )
     return judge_error(r, ["s4mil-glas-glands-demo"])
 
 
@@ -603,10 +630,20 @@ def _(b: Bench):
 def _(b: Bench):
     ck = BUNDLED / "models" / "s4mil-glas-glands-demo.safetensors"
 
-    def predict(tag: str, *extra) -> tuple[Run, Optional[dict]]:
+    def predict(tag: str, *extra) -> tuple[Run, dict | None]:
         out = b.path(f"milc/{tag}.json")
-        r = b.run("mil", "predict", "-c", ck, "--slide", b.slide_copy(), "--json", out, *extra,
-                  env=b.env(PATHFM_CACHE_DIR=b.root / "cache-mil"))  # fmt: skip
+        r = b.run(
+            "mil",
+            "predict",
+            "-c",
+            ck,
+            "--slide",
+            b.slide_copy(),
+            "--json",
+            out,
+            *extra,
+            env=b.env(PATHFM_CACHE_DIR=b.root / "cache-mil"),
+        )
         return r, (json.loads(out.read_text()) if r.rc == 0 else None)
 
     ref_run, ref = predict("nocache", "--no-cache")
@@ -641,8 +678,13 @@ def _(b: Bench):
     folder = b.path("kill/out")
     out = folder / "mask.ome.tif"
     env = b.env(PATHFM_CACHE_DIR=b.root / "cache-kill")
-    p = subprocess.Popen([str(PATHFM), "segment", str(b.slide_copy()), "--out", str(out)], env=env, cwd=b.root,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    p = subprocess.Popen(
+        [str(PATHFM), "segment", str(b.slide_copy()), "--out", str(out)],
+        env=env,
+        cwd=b.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.time()
     while time.time() - t0 < 120 and not list((b.root / "cache-kill").rglob("data/c/*")):
         time.sleep(0.05)
@@ -660,9 +702,14 @@ def _(b: Bench):
 @case("crashes", "Ctrl-C (SIGINT) during segment", model=True)
 def _(b: Bench):
     folder = b.path("sigint/out")
-    p = subprocess.Popen([str(PATHFM), "segment", str(b.slide_copy()), "--out", str(folder / "mask.ome.tif"),
-                          "--no-cache"], env=b.env(), cwd=b.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)  # fmt: skip
+    p = subprocess.Popen(
+        [str(PATHFM), "segment", str(b.slide_copy()), "--out", str(folder / "mask.ome.tif"), "--no-cache"],
+        env=b.env(),
+        cwd=b.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(6.0)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
@@ -699,7 +746,7 @@ def _(b: Bench):
 
 
 # ---------------------------------------------------------------------------------------------
-def run_battery(quick: bool, only: Optional[str] = None, keep: bool = False) -> list[Result]:
+def run_battery(quick: bool, only: str | None = None, keep: bool = False) -> list[Result]:
     root = Path(tempfile.mkdtemp(prefix="pathfm-faults-"))
     bench = Bench(root)
     results = []
@@ -735,7 +782,7 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the cases that run no model")
     ap.add_argument("--only", help="only cases whose name contains this (or a group name)")

@@ -30,8 +30,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SLIDE = ROOT / "src" / "napari_pathfm" / "data" / "CMU-1-Small-Region.svs"
 ZSTACK = Path("/work/shared/data/isl-blue-sample")
-DOCKS = ["Slide", "Segment (Path-SAM2)", "Classify tiles (SLCA)", "MIL slide prediction",
-         "Translate z-stack (HASTE)", "Train a model"]
+DOCKS = [
+    "Slide",
+    "Segment (Path-SAM2)",
+    "Classify tiles (SLCA)",
+    "MIL slide prediction",
+    "Translate z-stack (HASTE)",
+    "Train a model",
+]
 
 
 class Heartbeat:
@@ -149,11 +155,20 @@ def main(argv=None) -> int:
     with open_slide(SLIDE) as s:
         shapes, mpp = [tuple(level.shape) for level in s.pyramid], s.mpp
     um = ("micrometer", "micrometer")
-    clear = lambda: _remove_all(viewer)  # noqa: E731
+    clear = lambda: _remove_all(viewer)
     np.save(tmp / "slide.npy", np.zeros(shapes[0], np.uint8))
     ours = med(lambda: viewer.open(str(SLIDE), plugin="napari-pathfm"), before=clear)
-    own = med(lambda: viewer.add_image([np.zeros(sh, np.uint8) for sh in shapes], multiscale=True, rgb=True,
-                                       contrast_limits=(0, 255), scale=(mpp, mpp), units=um), before=clear)
+    own = med(
+        lambda: viewer.add_image(
+            [np.zeros(sh, np.uint8) for sh in shapes],
+            multiscale=True,
+            rgb=True,
+            contrast_limits=(0, 255),
+            scale=(mpp, mpp),
+            units=um,
+        ),
+        before=clear,
+    )
     own_open = med(lambda: viewer.open(str(tmp / "slide.npy"), plugin="napari"), before=clear)
     rows.append(("open slide (reader)", ours, own, own_open))
     # the plugin's own code in that step: the reader function alone, as napari.yaml names it (napari then
@@ -197,6 +212,7 @@ def main(argv=None) -> int:
     hb.pump(0.5)
     docks = {}
     for name in DOCKS:
+
         def open_dock(name=name):
             docks[name] = viewer.window.add_plugin_dock_widget("napari-pathfm", name)[1]
 
@@ -218,8 +234,14 @@ def main(argv=None) -> int:
     def own_tissue():
         viewer.add_labels(np.zeros(mask_shape, np.uint8), scale=mask_scale, opacity=0.8, units=tissue_layer.units)
         if boxes:
-            viewer.add_shapes(boxes, shape_type="rectangle", edge_color="royalblue", face_color="transparent",
-                              scale=tiles_layer.scale, units=tiles_layer.units)
+            viewer.add_shapes(
+                boxes,
+                shape_type="rectangle",
+                edge_color="royalblue",
+                face_color="transparent",
+                scale=tiles_layer.scale,
+                units=tiles_layer.units,
+            )
 
     own = med(own_tissue)
     rows.append(("Slide dock: tissue & tiles", ours, own, None))
@@ -239,9 +261,14 @@ def main(argv=None) -> int:
         ours = hb.measure(lambda: seg.run(), until=lambda: not seg.runner.running, settle=1.0)
         labels = seg.labels_layer
         if labels is not None:
-            own = hb.measure(lambda: viewer.add_labels(np.zeros(labels.data.shape, labels.data.dtype),
-                                                       scale=labels.scale, translate=labels.translate,
-                                                       units=labels.units))
+            own = hb.measure(
+                lambda: viewer.add_labels(
+                    np.zeros(labels.data.shape, labels.data.dtype),
+                    scale=labels.scale,
+                    translate=labels.translate,
+                    units=labels.units,
+                )
+            )
             rows.append(("import torch+timm in a thread (alone)", imports, imports, None))
             rows.append(("Segment run, first (imports torch)", ours, max(own, imports), None))
             plain = viewer.layers[-1]
@@ -254,6 +281,7 @@ def main(argv=None) -> int:
                     layer.brush_size = 20
                     for i in range(10):
                         layer.paint(layer.data_to_world((h // 2, w // 4 + 4 * i)), 1, refresh=True)
+
                 return go
 
             ours = med(stroke(labels), settle=1.0)
@@ -267,8 +295,9 @@ def main(argv=None) -> int:
                 if seg.recorder is not None:
                     seg.recorder.flush()
                 started = time.perf_counter()
-                ours = hb.measure(lambda: seg.finetune(), until=lambda: time.perf_counter() - started > 3.0,
-                                  settle=0.1)  # fmt: skip
+                ours = hb.measure(
+                    lambda: seg.finetune(), until=lambda t0=started: time.perf_counter() - t0 > 3.0, settle=0.1
+                )
                 seg.runner.cancel()
                 hb.pump(0.5, until=lambda: not seg.runner.running)
                 rows.append((label, ours, 0.0, None))
@@ -277,9 +306,11 @@ def main(argv=None) -> int:
 
     # napari ms: napari adding equal in-memory layers; napari open ms: napari's viewer.open of equal .npy
     # files (same open path and progress bar as our reader); share: beyond the larger of the two.
-    print(f"\n| {'step':<38} | {'stall ms':>8} | {'napari add ms':>13} | {'napari open ms':>14} | {'plugin share ms':>15} |")
+    print(
+        f"\n| {'step':<38} | {'stall ms':>8} | {'napari add ms':>13} | {'napari open ms':>14} | {'plugin share ms':>15} |"
+    )
     print(f"|{'-' * 40}|{'-' * 10}:|{'-' * 15}:|{'-' * 16}:|{'-' * 17}:|")
-    fmt = lambda v, n: f"{v:{n}.0f}" if v is not None else f"{'—':>{n}}"  # noqa: E731
+    fmt = lambda v, n: f"{v:{n}.0f}" if v is not None else f"{'—':>{n}}"
     for step, ours, own, own_open in rows:
         base = max(v for v in (own, own_open, 0.0) if v is not None)
         share = max(0.0, ours - base) if own is not None else None

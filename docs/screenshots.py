@@ -115,8 +115,9 @@ def _slide_viewer(dock: str):
     """A viewer with the bundled slide, tissue + tiles and the Slide dock; with ``dock`` that dock too, run."""
     from napari_pathfm.demo import build_viewer, demo_slide_path
 
-    viewer, widgets = build_viewer(demo_slide_path(), show=True, mil=dock == "mil", segment=dock == "segment",
-                                   classify=dock == "classify")  # fmt: skip
+    viewer, widgets = build_viewer(
+        demo_slide_path(), show=True, mil=dock == "mil", segment=dock == "segment", classify=dock == "classify"
+    )
     return viewer, widgets
 
 

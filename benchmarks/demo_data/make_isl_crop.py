@@ -31,26 +31,35 @@ def _write(path: Path, data: np.ndarray, axes: str, names: list[str] | None = No
     if names:
         meta["Channel"] = {"Name": names}
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, data, ome=True, photometric="minisblack", compression="zlib",
-                         compressionargs={"level": 9}, metadata=meta)
+        tifffile.imwrite(
+            tmp,
+            data,
+            ome=True,
+            photometric="minisblack",
+            compression="zlib",
+            compressionargs={"level": 9},
+            metadata=meta,
+        )
 
 
 def main(folder: Path) -> None:
     from napari_pathfm.io.zstack import open_zstack
 
     zs = open_zstack(folder)
-    stack = np.asarray(zs.data[:, ROWS[0]:ROWS[1]])
-    dapi = np.asarray(zs.targets["DAPI"]).astype(np.float64)[ROWS[0]:ROWS[1]]
+    stack = np.asarray(zs.data[:, ROWS[0] : ROWS[1]])
+    dapi = np.asarray(zs.targets["DAPI"]).astype(np.float64)[ROWS[0] : ROWS[1]]
     # the column window with the most nuclei signal above the median, on a 64-px step
-    score = [(dapi[:, x:x + SIZE] - np.median(dapi)).clip(0).sum() for x in range(0, dapi.shape[1] - SIZE + 1, 64)]
+    score = [(dapi[:, x : x + SIZE] - np.median(dapi)).clip(0).sum() for x in range(0, dapi.shape[1] - SIZE + 1, 64)]
     x0 = 64 * int(np.argmax(score))
-    crop = np.ascontiguousarray(stack[:, :, x0:x0 + SIZE])
+    crop = np.ascontiguousarray(stack[:, :, x0 : x0 + SIZE])
     names = ["DAPI", "MAP2", "NFH"]
-    targets = np.stack([np.asarray(zs.targets[n])[ROWS[0]:ROWS[1], x0:x0 + SIZE] for n in names])
+    targets = np.stack([np.asarray(zs.targets[n])[ROWS[0] : ROWS[1], x0 : x0 + SIZE] for n in names])
     _write(OUT / "isl-blue-crop.ome.tif", crop, "ZYX")
     _write(OUT / "isl-blue-crop-targets.ome.tif", np.ascontiguousarray(targets), "CYX", names)
-    print(f"crop rows {ROWS[0]}:{ROWS[1]} cols {x0}:{x0 + SIZE}; stack {crop.shape} {crop.dtype}, targets "
-          f"{targets.shape}; sizes {[(OUT / f).stat().st_size for f in ('isl-blue-crop.ome.tif', 'isl-blue-crop-targets.ome.tif')]}")
+    print(
+        f"crop rows {ROWS[0]}:{ROWS[1]} cols {x0}:{x0 + SIZE}; stack {crop.shape} {crop.dtype}, targets "
+        f"{targets.shape}; sizes {[(OUT / f).stat().st_size for f in ('isl-blue-crop.ome.tif', 'isl-blue-crop-targets.ome.tif')]}"
+    )
 
 
 if __name__ == "__main__":

@@ -161,9 +161,12 @@ def tile_features(images, tile: int, extractor, cache: Path, device: str = "cpu"
         print(f"\rfeatures: image {i + 1}/{len(images)} ({time.perf_counter() - t0:.0f} s)", end="", flush=True)
     print()
     arrays = {
-        "features": np.concatenate(feats).astype(np.float32), "labels": np.concatenate(labels),
-        "image": np.concatenate(image_idx), "yx": np.concatenate(yx), "gland_fraction": np.concatenate(frac),
-    }  # fmt: skip
+        "features": np.concatenate(feats).astype(np.float32),
+        "labels": np.concatenate(labels),
+        "image": np.concatenate(image_idx),
+        "yx": np.concatenate(yx),
+        "gland_fraction": np.concatenate(frac),
+    }
     attrs = {**extractor.describe(), "tile_size": tile, "mpp": GLAS_MPP, "images": [n for n, *_ in images]}
     tmp = cache / f".tiles-{key}.tmp"
     g = zarr.open_group(str(tmp), mode="w")
@@ -265,8 +268,10 @@ def build(args) -> Path:
     which = {n: s for s, ns in split.items() for n in ns}
     tile_split = np.array([which[names[i]] for i in tiles["image"]])
     labels = tiles["labels"]
-    pools = {s: (np.flatnonzero((tile_split == s) & (labels == 1)), np.flatnonzero((tile_split == s) & (labels == 0)))
-             for s in split}  # fmt: skip
+    pools = {
+        s: (np.flatnonzero((tile_split == s) & (labels == 1)), np.flatnonzero((tile_split == s) & (labels == 0)))
+        for s in split
+    }
     for s, (g, o) in pools.items():
         if len(g) == 0 or len(o) == 0:
             raise SystemExit(f"the {s} split has {len(g)} gland and {len(o)} non-gland tiles; use more images")
@@ -274,16 +279,22 @@ def build(args) -> Path:
     attrs.update(level0_tile_size=args.tile, target_mpp=GLAS_MPP)
     attrs["patch_order"] = (
         "raster over a virtual slide (ceil(sqrt(L)) columns, row by row); gland tiles form 1-3 rectangles"
-        if args.order == "raster" else "shuffled"
-    )  # fmt: skip
+        if args.order == "raster"
+        else "shuffled"
+    )
     rows, stats = [], []
     names = dict(zip(("negative", "positive"), args.labels.split(",")))
     for name, part, label, idx, flags in compose_bags(pools, counts, min_len, max_len, args.seed, args.order):
         label = names[label]
         width = math.ceil(math.sqrt(len(idx)))
         coords = np.stack([np.arange(len(idx)) // width, np.arange(len(idx)) % width], 1) * args.tile
-        bag_attrs = {**attrs, "slide": name, "split": part, "n_gland": int(flags.sum()),
-                     "gland_fraction": float(flags.mean())}  # fmt: skip
+        bag_attrs = {
+            **attrs,
+            "slide": name,
+            "split": part,
+            "n_gland": int(flags.sum()),
+            "gland_fraction": float(flags.mean()),
+        }
         path = out / "bags" / f"{name}.features.zarr"
         write_bag(path, tiles["features"][idx], coords, bag_attrs, flags.astype(np.int8))
         rows.append((name, label, part))
@@ -295,10 +306,13 @@ def build(args) -> Path:
     probe = probe_auroc(tiles["features"], labels, tile_split == "train", tile_split == "test")
     doc = {
         "settings": {k: v for k, v in vars(args).items()} | {"counts": counts, "min_len": min_len, "max_len": max_len},
-        "extractor": attrs, "tile_cache": str(tiles["path"]), "images": split,
+        "extractor": attrs,
+        "tile_cache": str(tiles["path"]),
+        "images": split,
         "pools": {s: {"gland": len(g), "non_gland": len(o)} for s, (g, o) in pools.items()},
-        "tile_probe_auroc": probe, "bags": stats,
-    }  # fmt: skip
+        "tile_probe_auroc": probe,
+        "bags": stats,
+    }
     (out / "build.json").write_text(json.dumps(doc, indent=1, default=str))
     lengths = [s["length"] for s in stats]
     print(f"{len(rows)} bags in {out} (lengths {min(lengths)}-{max(lengths)}), tile probe AUROC {probe:.3f}")
@@ -317,9 +331,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet50", help="timm backbone of the extractor")
     p.add_argument("--weights", help="real extractor weights file (default: seeded random init, saved in the cache)")
     p.add_argument(
-        "--no-bn-calibration", dest="bn_calibration", action="store_false",
+        "--no-bn-calibration",
+        dest="bn_calibration",
+        action="store_false",
         help="keep BatchNorm's default statistics in the random extractor (features ~10x smaller)",
-    )  # fmt: skip
+    )
     p.add_argument("--labels", default="negative,positive", help="CSV labels of gland-free,gland bags")
     p.add_argument("--bags", help="bags per split 'train,val,test' (default from the setting)")
     p.add_argument("--min-len", type=int, help="shortest bag")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_bags  # noqa: E402
+import build_bags
 
 REPO = build_bags.REPO
 RECIPE = REPO / "training" / "s4mil" / "glas_demo.yaml"
@@ -34,9 +34,19 @@ DEST = REPO / "src" / "napari_pathfm" / "data" / "models"
 NAME = "s4mil-glas-glands-demo"
 EXTRACTOR_FILE = "resnet10t-trunc-glas-bncal.safetensors"
 BAG_ARGS = [
-    "--extractor", "resnet50_trunc", "--backbone", "resnet10t", "--bags", "64,16,40",
-    "--min-len", "32", "--max-len", "2048", "--labels", "no gland,gland",
-]  # fmt: skip
+    "--extractor",
+    "resnet50_trunc",
+    "--backbone",
+    "resnet10t",
+    "--bags",
+    "64,16,40",
+    "--min-len",
+    "32",
+    "--max-len",
+    "2048",
+    "--labels",
+    "no gland,gland",
+]
 
 
 def main(argv=None) -> dict:

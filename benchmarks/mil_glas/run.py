@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_bags  # noqa: E402
+import build_bags
 
 REPO = build_bags.REPO
 RECIPE = REPO / "training" / "s4mil" / "glas_bags.yaml"
@@ -93,14 +93,20 @@ def run_one(bags: Path, model: str, seed: int, out: Path, overrides: list[str], 
     t1 = time.perf_counter()
     ev = evaluate_bags(net, test)
     record = {
-        "model": model, "seed": seed, "multitask": multitask,
-        "slide_auroc": ev["metrics"]["auroc"], "slide_acc": ev["metrics"]["acc"],
+        "model": model,
+        "seed": seed,
+        "multitask": multitask,
+        "slide_auroc": ev["metrics"]["auroc"],
+        "slide_acc": ev["metrics"]["acc"],
         "patch_auroc": ev["metrics"]["patch_auroc"],
         "patch_auroc_within": within_bag_auroc(ev["patch_scores"], ev["patch_labels"]),
-        "best_epoch": result.best_metrics.get("epoch"), "epochs": result.epoch,
-        "val_auroc": result.best_metrics.get("val_auroc"), "train_s": train_s,
-        "test_s": time.perf_counter() - t1, "num_parameters": card.get("num_parameters"),
-    }  # fmt: skip
+        "best_epoch": result.best_metrics.get("epoch"),
+        "epochs": result.epoch,
+        "val_auroc": result.best_metrics.get("val_auroc"),
+        "train_s": train_s,
+        "test_s": time.perf_counter() - t1,
+        "num_parameters": card.get("num_parameters"),
+    }
     done.write_text(json.dumps(record, indent=1))
     return record
 

@@ -37,7 +37,11 @@ def _scores(preds: list[np.ndarray], targets: list[np.ndarray], k: int, names: l
     cm = sum(sm.confusion_matrix(p, t, k) for p, t in zip(preds, targets))
     dice, iou = sm.dice_iou(cm)
     counts = np.sum([sm.object_counts(p, t, c) for p, t in zip(preds, targets) for c in range(1, k)], axis=0)
-    out = {"dice": float(np.nanmean(dice[1:])), "iou": float(np.nanmean(iou[1:])), "object_f1": sm.f1_from_counts(*counts)}
+    out = {
+        "dice": float(np.nanmean(dice[1:])),
+        "iou": float(np.nanmean(iou[1:])),
+        "object_f1": sm.f1_from_counts(*counts),
+    }
     out.update({f"dice_{n}": float(d) for n, d in zip(names, dice)})
     return out
 
@@ -45,7 +49,9 @@ def _scores(preds: list[np.ndarray], targets: list[np.ndarray], k: int, names: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
-    ap.add_argument("--root", default=None, help="GlaS folder with images/ and masks/ (default: the card's recipe data.root)")
+    ap.add_argument(
+        "--root", default=None, help="GlaS folder with images/ and masks/ (default: the card's recipe data.root)"
+    )
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))

@@ -48,8 +48,19 @@ REPO = HERE.parents[1]
 os.environ.setdefault("PATHFM_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 RECIPES = {"slca": REPO / "training/slca/glas_cpu.yaml", "noslca": REPO / "training/slca/glas_cpu_noslca.yaml"}
 LABELS = {"slca": "SLCA (ResNet-18 + random-init SAM)", "noslca": "ResNet-18 without SLCA"}
-FIELDS = ["model", "label_fraction", "seed", "n_train", "epochs", "best_epoch", "val_auroc", "test_acc",
-          "test_auroc", "test_loss", "seconds"]  # fmt: skip
+FIELDS = [
+    "model",
+    "label_fraction",
+    "seed",
+    "n_train",
+    "epochs",
+    "best_epoch",
+    "val_auroc",
+    "test_acc",
+    "test_auroc",
+    "test_loss",
+    "seconds",
+]
 MARK = ("<!-- results:start -->", "<!-- results:end -->")
 
 
@@ -63,11 +74,18 @@ def _row(model: str, fraction: float, seed: int, card: dict, seconds: float) -> 
     best, test = metrics.get("best", {}), metrics.get("test", {})
     n_train = card["training_data"].split(" train /")[0].rsplit("(", 1)[-1]
     return {
-        "model": model, "label_fraction": fraction, "seed": seed, "n_train": int(n_train),
-        "epochs": card.get("epochs"), "best_epoch": best.get("epoch"), "val_auroc": best.get("val_auroc"),
-        "test_acc": test.get("test_acc"), "test_auroc": test.get("test_auroc"), "test_loss": test.get("test_loss"),
+        "model": model,
+        "label_fraction": fraction,
+        "seed": seed,
+        "n_train": int(n_train),
+        "epochs": card.get("epochs"),
+        "best_epoch": best.get("epoch"),
+        "val_auroc": best.get("val_auroc"),
+        "test_acc": test.get("test_acc"),
+        "test_auroc": test.get("test_auroc"),
+        "test_loss": test.get("test_loss"),
         "seconds": round(seconds, 1),
-    }  # fmt: skip
+    }
 
 
 def _finished(out: Path) -> dict | None:
@@ -102,8 +120,13 @@ def train_one(model: str, fraction: float, seed: int, tiles: Path, runs: Path, e
     timing = out / "seconds.txt"
     if _finished(out) is not None:
         return
-    overrides = [f"data.root={tiles}", f"data.split_file={tiles / 'split.json'}", f"seed={seed}",
-                 f"data.label_fraction={fraction}", *extra]  # fmt: skip
+    overrides = [
+        f"data.root={tiles}",
+        f"data.split_file={tiles / 'split.json'}",
+        f"seed={seed}",
+        f"data.label_fraction={fraction}",
+        *extra,
+    ]
 
     def on_event(ev: dict) -> None:
         if ev.get("event") in ("epoch", "done"):

@@ -35,7 +35,10 @@ def time_v(log: Path) -> dict:
     """Wall, user and system seconds from the ``/usr/bin/time -v`` report at the end of ``log``."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     out = {}
-    for key, pattern in (("user_s", r"User time \(seconds\): ([\d.]+)"), ("system_s", r"System time \(seconds\): ([\d.]+)")):
+    for key, pattern in (
+        ("user_s", r"User time \(seconds\): ([\d.]+)"),
+        ("system_s", r"System time \(seconds\): ([\d.]+)"),
+    ):
         m = re.search(pattern, text)
         if m:
             out[key] = float(m.group(1))
@@ -65,9 +68,13 @@ def bundle(run: Path, name: str) -> Path:
     card = _portable(card, str(default_shared_data().resolve()))
     card["weights_file"] = f"{name}.safetensors"
     card["data_license"] = ISL_LICENSE
-    card["command"] = f"OMP_NUM_THREADS=1 pathfm train {card.get('recipe_file') or recipe} --out runs/translate/{recipe.stem} --device cpu"
-    card["training_time"] = {**time_v(run / "stderr.log"),
-                             "machine": "2 CPU cores shared with other jobs (see docs/translate.md)"}
+    card["command"] = (
+        f"OMP_NUM_THREADS=1 pathfm train {card.get('recipe_file') or recipe} --out runs/translate/{recipe.stem} --device cpu"
+    )
+    card["training_time"] = {
+        **time_v(run / "stderr.log"),
+        "machine": "2 CPU cores shared with other jobs (see docs/translate.md)",
+    }
     BUNDLED.mkdir(parents=True, exist_ok=True)
     weights = BUNDLED / f"{name}.safetensors"
     with atomic_path(weights) as tmp:

@@ -45,15 +45,22 @@ def evaluate(checkpoint, thresholds: tuple[float, ...] = (0.3, 0.5), label: str 
     real_labels, _ = segment_nuclei(tifffile.imread(targets_path)[0])
     real = real_labels > 0
     n_real = int(real_labels.max())
-    out = {"checkpoint": label or str(checkpoint), "real_nuclei": n_real, "max_confidence": round(float(conf.max()), 4),
-           "p99_confidence": round(float(np.percentile(conf, 99)), 4),
-           "median_confidence_in_real_nuclei": round(float(np.median(conf[real])), 4) if real.any() else None}
+    out = {
+        "checkpoint": label or str(checkpoint),
+        "real_nuclei": n_real,
+        "max_confidence": round(float(conf.max()), 4),
+        "p99_confidence": round(float(np.percentile(conf, 99)), 4),
+        "median_confidence_in_real_nuclei": round(float(np.median(conf[real])), 4) if real.any() else None,
+    }
     for t in thresholds:
         fg = conf > t
         n = int(label_nuclei(fg).max())
         union = int((fg | real).sum())
-        out[f"at_{t}"] = {"nuclei": n, "count_rel_diff": round((n - n_real) / n_real, 3) if n_real else None,
-                          "foreground_iou": round(int((fg & real).sum()) / union, 3) if union else 1.0}
+        out[f"at_{t}"] = {
+            "nuclei": n,
+            "count_rel_diff": round((n - n_real) / n_real, 3) if n_real else None,
+            "foreground_iou": round(int((fg & real).sum()) / union, 3) if union else 1.0,
+        }
     return out
 
 

@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def recalibrate_run(run: Path, out: Path, *, samples: int = 64, crop: int = 256, batch_size: int = 8,
-                    seed: int = 0) -> Path:
+def recalibrate_run(
+    run: Path, out: Path, *, samples: int = 64, crop: int = 256, batch_size: int = 8, seed: int = 0
+) -> Path:
     """Recalibrated copy of ``run``'s exported model in ``out``; returns the new weights file."""
     import torch
 
@@ -38,15 +39,19 @@ def recalibrate_run(run: Path, out: Path, *, samples: int = 64, crop: int = 256,
     _, data, _ = build(load_recipe(run / "recipe.yaml"))
     torch.manual_seed(seed)
     ds = TranslateCropDataset(data.train_fovs, crop, samples, augment=False)
-    batches = (torch.stack([ds[j]["input"] for j in range(i, min(i + batch_size, samples))])
-               for i in range(0, samples, batch_size))
+    batches = (
+        torch.stack([ds[j]["input"] for j in range(i, min(i + batch_size, samples))])
+        for i in range(0, samples, batch_size)
+    )
     seen = recalibrate_batchnorm(model, batches)
     card = {k: v for k, v in card.items() if k not in ("sha256", "created", "weights_file")}
     card["batchnorm_recalibration"] = {
-        "samples": seen, "crop": crop, "seed": seed,
+        "samples": seen,
+        "crop": crop,
+        "seed": seed,
         "data": "uniform random crops of the training part (no nuclei centring, flips or warps), dropout off",
         "command": f"benchmarks/translate_training/recalibrate_bn.py {run.name} {out.name} --samples {samples} "
-                   f"--crop {crop} --seed {seed}",
+        f"--crop {crop} --seed {seed}",
     }
     out.mkdir(parents=True, exist_ok=True)
     weights = save_checkpoint(model, out / "model.safetensors", card)
@@ -65,5 +70,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    print(recalibrate_run(a.run.resolve(), a.out.resolve(), samples=a.samples, crop=a.crop, batch_size=a.batch_size,
-                          seed=a.seed))
+    print(
+        recalibrate_run(
+            a.run.resolve(), a.out.resolve(), samples=a.samples, crop=a.crop, batch_size=a.batch_size, seed=a.seed
+        )
+    )

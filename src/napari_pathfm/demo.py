@@ -87,9 +87,15 @@ def _default_slide(slide: Path | None) -> Path:
 
 
 def build_viewer(
-    slide_path: Path, *, show: bool = False, tile_mpp: float = 0.5, tile_size: int = 256, mil: bool = True,
-    segment: bool = True, classify: bool = True,
-):  # fmt: skip
+    slide_path: Path,
+    *,
+    show: bool = False,
+    tile_mpp: float = 0.5,
+    tile_size: int = 256,
+    mil: bool = True,
+    segment: bool = True,
+    classify: bool = True,
+):
     """A napari viewer with the slide, its tissue mask and tile grid, and the Slide widget docked.
 
     With ``mil`` the MIL widget is docked too, set to the bundled demo model, and
@@ -115,8 +121,9 @@ def build_viewer(
         from .widgets.mil_widget import MILWidget
 
         mil_widget = MILWidget(viewer)
-        viewer.window.add_dock_widget(mil_widget, name="MIL slide prediction (napari-pathfm)", area="right",
-                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
+        viewer.window.add_dock_widget(
+            mil_widget, name="MIL slide prediction (napari-pathfm)", area="right", tabify=True
+        )  # one dock tall: the window (and canvas) keeps its size
         mil_widget.layer_combo.setCurrentText(layer.name)
         mil_widget.set_checkpoint(demo_mil_checkpoint())
         mil_widget.run()
@@ -125,8 +132,9 @@ def build_viewer(
         from .widgets.segment_widget import SegmentWidget
 
         seg_widget = SegmentWidget(viewer)
-        viewer.window.add_dock_widget(seg_widget, name="Segment (napari-pathfm)", area="right",
-                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
+        viewer.window.add_dock_widget(
+            seg_widget, name="Segment (napari-pathfm)", area="right", tabify=True
+        )  # one dock tall: the window (and canvas) keeps its size
         seg_widget.layer_combo.setCurrentText(layer.name)
         seg_widget.checkpoint.set_path(seg_checkpoint)
         seg_widget.run()
@@ -135,8 +143,9 @@ def build_viewer(
         from .widgets.classify_widget import ClassifyWidget
 
         cls_widget = ClassifyWidget(viewer)
-        viewer.window.add_dock_widget(cls_widget, name="Classify tiles (napari-pathfm)", area="right",
-                                      tabify=True)  # one dock tall: the window (and canvas) keeps its size
+        viewer.window.add_dock_widget(
+            cls_widget, name="Classify tiles (napari-pathfm)", area="right", tabify=True
+        )  # one dock tall: the window (and canvas) keeps its size
         cls_widget.layer_combo.setCurrentText(layer.name)
         cls_widget.checkpoint.set_path(demo_classify_checkpoint())
         cls_widget.run()
@@ -164,9 +173,15 @@ def build_translate_viewer(*, show: bool = False):
         stack_name = stack_name or viewer.add_image(data, **kwargs).name
     names = ("DAPI", "MAP2", "NFH")
     for name, target in zip(names, tifffile.imread(targets_path)):
-        viewer.add_image(target, name=f"{name} (real confocal)", blending="additive", visible=False,
-                         colormap=TARGET_COLORMAPS[name.lower()], contrast_limits=estimate_contrast_limits(target),
-                         metadata={"pathfm_kind": "translate-target", "target": name})  # fmt: skip
+        viewer.add_image(
+            target,
+            name=f"{name} (real confocal)",
+            blending="additive",
+            visible=False,
+            colormap=TARGET_COLORMAPS[name.lower()],
+            contrast_limits=estimate_contrast_limits(target),
+            metadata={"pathfm_kind": "translate-target", "target": name},
+        )
     checkpoints = demo_translate_checkpoints()
     widget = None
     if checkpoints:
@@ -224,9 +239,14 @@ def _export(viewer, target: Path) -> None:
 
 
 def render_canvas_png(
-    slide_path: Path, png: Path, mil_png: Path | None = None, segment_png: Path | None = None,
-    classify_png: Path | None = None, translate_png: Path | None = None, timeout: float = 300.0,
-) -> Path:  # fmt: skip
+    slide_path: Path,
+    png: Path,
+    mil_png: Path | None = None,
+    segment_png: Path | None = None,
+    classify_png: Path | None = None,
+    translate_png: Path | None = None,
+    timeout: float = 300.0,
+) -> Path:
     """Render the napari canvas (slide + tissue + tiles) to ``png`` in this process.
 
     With ``mil_png`` / ``segment_png`` / ``classify_png``, the MIL / Segment / Classify
@@ -236,8 +256,13 @@ def render_canvas_png(
     run of the DAPI, MAP2 and NFH models ends: the z-stack with the predicted stains. Needs OpenGL and a (possibly virtual) display: a hidden viewer renders
     black, so the window is shown and Qt gets a few event-loop turns to load the tiles.
     """
-    viewer, widgets = build_viewer(slide_path, show=True, mil=mil_png is not None, segment=segment_png is not None,
-                                   classify=classify_png is not None)  # fmt: skip
+    viewer, widgets = build_viewer(
+        slide_path,
+        show=True,
+        mil=mil_png is not None,
+        segment=segment_png is not None,
+        classify=classify_png is not None,
+    )
     deadline = time.monotonic() + timeout
     try:
         _export(viewer, png)
@@ -374,9 +399,13 @@ def _segment_step(slide, checkpoint: Path | None, out: Path, written: dict, canc
     from .pipelines.segment import segment_slide
 
     res = segment_slide(
-        slide, checkpoint, device="cpu", cancel=cancel, out=out / "segmentation.ome.tif",
+        slide,
+        checkpoint,
+        device="cpu",
+        cancel=cancel,
+        out=out / "segmentation.ome.tif",
         geojson=out / "segmentation.geojson",
-    )  # fmt: skip
+    )
     written.update({"segmentation_mask": res.written["mask"], "segmentation_geojson": res.written["geojson"]})
     labels = np.asarray(res.labels)
     card = read_card(checkpoint.with_suffix(".json"))
@@ -427,13 +456,17 @@ def _translate_step(out_dir: Path, written: dict, cancel) -> Any:
     from .io.zstack import open_zstack
     from .pipelines.translate import translate_stack, write_translation
 
-    res = translate_stack(open_zstack(stack_path), checkpoints, tile=256, device="cpu",
-                          threshold=DEMO_NUCLEI_THRESHOLD, cancel=cancel)  # fmt: skip
+    res = translate_stack(
+        open_zstack(stack_path), checkpoints, tile=256, device="cpu", threshold=DEMO_NUCLEI_THRESHOLD, cancel=cancel
+    )
     files = write_translation(res, out_dir, cancel=cancel)
     written.update({f"translate_{k.replace('channel:', '')}": v for k, v in files.items()})
     real = dict(zip(("DAPI", "MAP2", "NFH"), tifffile.imread(targets_path).astype(np.float64)))
-    pearson = {c: round(float(np.corrcoef(np.asarray(a, np.float64).ravel(), real[c].ravel())[0, 1]), 4)
-               for c, a in res.channels.items() if c in real}  # fmt: skip
+    pearson = {
+        c: round(float(np.corrcoef(np.asarray(a, np.float64).ravel(), real[c].ravel())[0, 1]), 4)
+        for c, a in res.channels.items()
+        if c in real
+    }
     return {
         "input": stack_path.name,
         "models": [p.name for p in checkpoints],
@@ -443,7 +476,7 @@ def _translate_step(out_dir: Path, written: dict, cancel) -> Any:
         "nuclei_threshold": DEMO_NUCLEI_THRESHOLD,
         "shape": list(res.shape),
         "note": "models trained on rows 0:768 of the same ISL well for a few CPU minutes; the crop is from rows "
-                "768:1024 (held out)",
+        "768:1024 (held out)",
     }
 
 
@@ -486,6 +519,9 @@ if __name__ == "__main__":
         more = [Path(a) if a != "-" else None for a in sys.argv[4:]] + [None] * 4
         render_canvas_png(Path(sys.argv[2]), Path(sys.argv[3]), *more[:4])
     else:
-        print("usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-] "
-              "[CLASSIFY.png|-] [TRANSLATE.png|-]", file=sys.stderr)
+        print(
+            "usage: python -m napari_pathfm.demo --canvas SLIDE OUT.png [MIL.png|-] [SEGMENT.png|-] "
+            "[CLASSIFY.png|-] [TRANSLATE.png|-]",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "Field", "SCHEMA", "CLASSIFY", "MIL", "SEGMENT", "TRANSLATE", "family_fields", "IMAGENET_MEAN", "IMAGENET_STD",
+    "CLASSIFY",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "MIL",
+    "SCHEMA",
+    "SEGMENT",
+    "TRANSLATE",
+    "Field",
+    "family_fields",
 ]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -143,7 +151,8 @@ SEGMENT: dict[str, Field] = {
         (list, type(None)), None, "Class names, background first (default: background, foreground / class_i)."
     ),
     "data.mask_format": Field(
-        (str,), "auto",
+        (str,),
+        "auto",
         "binary (0/255), index (class ids, ignore_index = unlabelled), nonzero (instance ids -> 1) or auto.",
         ("auto", "binary", "index", "nonzero"),
     ),
@@ -158,16 +167,24 @@ SEGMENT: dict[str, Field] = {
     ),
     "data.val_fraction": Field(_NUM, 0.2, "Share of the images held out for validation (seeded, by image)."),
     "data.extra_dirs": Field(
-        (list,), [], "More images/ + masks/ folders for training only (e.g. corrections): a path or "
+        (list,),
+        [],
+        "More images/ + masks/ folders for training only (e.g. corrections): a path or "
         "{path, repeat, mpp, mask_format, mask_values}.",
     ),
     "data.init_checkpoint": Field(
-        (str, type(None)), None, "Start from this checkpoint's weights (fine-tuning); it is never overwritten.",
+        (str, type(None)),
+        None,
+        "Start from this checkpoint's weights (fine-tuning); it is never overwritten.",
         path=True,
     ),
-    "data.tile_size": Field((int, type(None)), None, "Training crop / validation tile size (default: model input size)."),
+    "data.tile_size": Field(
+        (int, type(None)), None, "Training crop / validation tile size (default: model input size)."
+    ),
     "data.samples_per_image": Field((int,), 4, "Random training crops per image and epoch."),
-    "data.val_stride": Field((int, type(None)), None, "Validation tile stride (default: tile_size; last tile at the edge)."),
+    "data.val_stride": Field(
+        (int, type(None)), None, "Validation tile stride (default: tile_size; last tile at the edge)."
+    ),
     "data.mpp": Field(_OPT_NUM, None, "µm per pixel of the image files (GlaS: 0.62)."),
     "data.input_mpp": Field(
         _OPT_NUM, None, "µm per pixel the model sees; images are resampled from data.mpp (default: no resampling)."
@@ -190,20 +207,27 @@ SEGMENT: dict[str, Field] = {
 
 TRANSLATE: dict[str, Field] = {
     "data.stacks": Field(
-        (list, str), None, "Training z-stacks: folders/plane files/TIFFs, or {path, well, field, channel}.",
-        required=True, path=True,
+        (list, str),
+        None,
+        "Training z-stacks: folders/plane files/TIFFs, or {path, well, field, channel}.",
+        required=True,
+        path=True,
     ),
     "data.val_stacks": Field((list, str, type(None)), None, "Validation z-stacks (whole fields of view).", path=True),
     "data.val_wells": Field((list, type(None)), None, "Wells whose sites validate (HASTE folders of many sites)."),
     "data.val_rows": Field(
-        (list, type(None)), None, "[start, stop] rows of every training stack held out for validation "
-        "(ISL convention: [768, 1024]).",
+        (list, type(None)),
+        None,
+        "[start, stop] rows of every training stack held out for validation (ISL convention: [768, 1024]).",
     ),
-    "data.channels": Field((list,), None, "Target channel names in output order, e.g. [DAPI] or [lipids].",
-                           required=True),
+    "data.channels": Field(
+        (list,), None, "Target channel names in output order, e.g. [DAPI] or [lipids].", required=True
+    ),
     "data.planes": Field((list, type(None)), None, "0-based input planes to use (default: all of them)."),
     "data.stats": Field(
-        (str, type(None)), None, "Stats table CSV (`pathfm zstats`); default: computed on the training part.",
+        (str, type(None)),
+        None,
+        "Stats table CSV (`pathfm zstats`); default: computed on the training part.",
         path=True,
     ),
     "data.magnification": Field((str, type(None)), None, "Rows of the stats table to use (20x, 40x, 60x)."),
@@ -221,8 +245,12 @@ TRANSLATE: dict[str, Field] = {
     "data.mask": Field((bool,), False, "Compute the Otsu nuclei mask of the first target (always for lupi)."),
     "data.input_dtype": Field((str, type(None)), None, "Required bit depth of the planes (uint16, uint8)."),
     "data.target_dtype": Field((str, type(None)), None, "Required bit depth of the targets (uint16, uint8)."),
-    "loss.mode": Field((str,), "regression", "regression, gan (HASTE lipids/cytoplasm) or lupi (HASTE nuclei).",
-                       ("regression", "gan", "lupi")),
+    "loss.mode": Field(
+        (str,),
+        "regression",
+        "regression, gan (HASTE lipids/cytoplasm) or lupi (HASTE nuclei).",
+        ("regression", "gan", "lupi"),
+    ),
     "loss.kind": Field((str,), "log_squared", "Regression loss.", ("log_squared", "l1", "mse", "median_mae")),
     "loss.pretrain_epochs": Field((int,), 0, "GAN: epochs of log-squared pretraining before the GAN."),
     "loss.adv_weight": Field(_NUM, 0.01, "GAN: weight of the relativistic average LS adversarial loss."),
@@ -238,7 +266,9 @@ TRANSLATE: dict[str, Field] = {
     "loss.lupi_base": Field((str,), "median_mae", "LUPI: regression error.", ("median_mae", "log_squared", "l1")),
     "optim.lr": Field(_NUM, 1e-3, "Learning rate (generator lr in GAN mode)."),
     "optim.scheduler": Field(
-        (str,), "none", "none, cosine, or cosine_warm_restarts (per batch; HASTE nuclei).",
+        (str,),
+        "none",
+        "none, cosine, or cosine_warm_restarts (per batch; HASTE nuclei).",
         ("none", "cosine", "cosine_warm_restarts"),
     ),
     "optim.t0": Field((int,), 2, "Warm restarts: epochs of the first cycle."),

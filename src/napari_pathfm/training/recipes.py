@@ -29,9 +29,10 @@ import copy
 import difflib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -40,7 +41,7 @@ from ..families import list_families
 from ..io.text import read_utf8
 from .recipe_fields import SCHEMA, Field, family_fields
 
-__all__ = ["Recipe", "load_recipe", "parse_override", "schema", "default_shared_data"]
+__all__ = ["Recipe", "default_shared_data", "load_recipe", "parse_override", "schema"]
 
 
 _SECTIONS = {"model", "data", "optim", "loss", "trainer", "trainer.early_stopping"}
@@ -195,9 +196,8 @@ def _unknown(key: str, known: Iterable[str], where: str) -> RecipeError:
 def _validate(config: dict, where: str, base: Path | None) -> dict:
     config = copy.deepcopy(config)
     trainer = config.get("trainer")
-    if isinstance(trainer, dict) and "early_stopping" in trainer and not isinstance(trainer["early_stopping"], dict):
-        if trainer["early_stopping"] in (None, False, True):
-            trainer["early_stopping"] = {"enabled": bool(trainer["early_stopping"])}
+    if isinstance(trainer, dict) and "early_stopping" in trainer and trainer["early_stopping"] in (None, False, True):
+        trainer["early_stopping"] = {"enabled": bool(trainer["early_stopping"])}
     family = config.get("family")
     families = list_families("training")
     if family not in families:
@@ -309,8 +309,11 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
                 text = lines[mark.line].strip() if mark.line < len(lines) else ""
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" + (f" ({text!r})" if text else "")
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise RecipeError(path, f"is not valid YAML{where} ({problem}).",
-                              "Fix the syntax there (indentation, a missing ':', bracket or quote).") from exc  # fmt: skip
+            raise RecipeError(
+                path,
+                f"is not valid YAML{where} ({problem}).",
+                "Fix the syntax there (indentation, a missing ':', bracket or quote).",
+            ) from exc
         if not isinstance(raw, dict):
             raise RecipeError(
                 path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml."
