@@ -17,7 +17,7 @@ APT_PKGS := xvfb xauth libgl1-mesa-dri libegl1 libxkbcommon-x11-0 libxcb-icccm4 
             libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint-imports install system-deps bench clean
+.PHONY: demo test lint-imports lint install system-deps bench clean
 
 install: $(VENV)/.installed
 
@@ -44,7 +44,13 @@ demo: install system-deps
 lint-imports: install
 	$(BIN)/lint-imports
 
-test: install lint-imports system-deps
+# Style (pyproject.toml [tool.ruff]): the lint rules, then the formatter's layout (`ruff format` fixes it locally).
+# Also seconds, also before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint-imports lint system-deps
 	xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
