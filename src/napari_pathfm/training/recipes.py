@@ -41,7 +41,7 @@ from ..families import list_families
 from ..io.text import read_utf8
 from .recipe_fields import SCHEMA, Field, family_fields
 
-__all__ = ["Recipe", "default_shared_data", "load_recipe", "parse_override", "schema"]
+__all__ = ["Recipe", "default_shared_data", "load_recipe", "parse_override", "read_recipe_mapping", "schema"]
 
 
 _SECTIONS = {"model", "data", "optim", "loss", "trainer", "trainer.early_stopping"}
@@ -266,6 +266,36 @@ def _get(config: dict, key: str, default: Any) -> Any:
     return node
 
 
+def read_recipe_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a recipe file as written (no overrides, expansion or validation).
+
+    One reader for the CLI, the engine and the training panel: undecodable bytes, YAML syntax errors
+    (line, column and the line's text) and a file that is not a mapping are :class:`RecipeError`.
+    """
+    path = Path(path)
+    text = read_utf8(path, RecipeError, "Save it as UTF-8.")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = ""
+        if mark is not None:
+            lines = text.splitlines()
+            text = lines[mark.line].strip() if mark.line < len(lines) else ""
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" + (f" ({text!r})" if text else "")
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(
+            path,
+            f"is not valid YAML{where} ({problem}).",
+            "Fix the syntax there (indentation, a missing ':', bracket or quote).",
+        ) from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(
+            path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml."
+        )
+    return raw
+
+
 def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = ()) -> Recipe:
     """Read, override, expand and validate a recipe.
 
@@ -298,26 +328,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: Iterable[str] = (
 
         path = resolve_recipe(source).resolve()  # a file, or the bundled recipe of that name
         where = str(path)
-        text = read_utf8(path, RecipeError, "Save it as UTF-8.")
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = ""
-            if mark is not None:
-                lines = text.splitlines()
-                text = lines[mark.line].strip() if mark.line < len(lines) else ""
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" + (f" ({text!r})" if text else "")
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise RecipeError(
-                path,
-                f"is not valid YAML{where} ({problem}).",
-                "Fix the syntax there (indentation, a missing ':', bracket or quote).",
-            ) from exc
-        if not isinstance(raw, dict):
-            raise RecipeError(
-                path, "must be a mapping of keys (family, model, data, ...).", "See training/classify/crc_tiny.yaml."
-            )
+        raw = read_recipe_mapping(path)
     config = _validate(_expand(raw, where), where, path.parent if path else Path.cwd())
     if overrides:
         for item in overrides:

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TAIL_BYTES", "RunInfo", "read_run", "scan_runs"]
+__all__ = ["TAIL_BYTES", "RunInfo", "parse_event_line", "read_run", "scan_runs"]
 
 TAIL_BYTES = 64 * 1024
 MARKERS = ("events.jsonl", "last.ckpt", "model.safetensors")
@@ -83,6 +83,22 @@ def _tail_events(path: Path) -> tuple[dict | None, dict | None]:
             epoch = event
             break
     return end, epoch
+
+
+def parse_event_line(line: bytes | str) -> dict | None:
+    """One :class:`~napari_pathfm.training.TrainEvent` from a line of ``events.jsonl`` or of
+    ``pathfm train --json-progress`` output; None for anything else (a library printing to stdout).
+
+    >>> parse_event_line(b'{"event": "epoch", "epoch": 0}')
+    {'event': 'epoch', 'epoch': 0}
+    >>> parse_event_line("Seed set to 0") is None
+    True
+    """
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
 
 
 def read_run(folder: str | Path, running: bool = False) -> RunInfo | None:

@@ -17,7 +17,6 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from qtpy.QtCore import QProcess, Qt
 from qtpy.QtWidgets import (
     QComboBox,
@@ -45,6 +43,7 @@ from qtpy.QtWidgets import (
 from ..checkpoints import add_search_folder
 from ..families import get_family, list_families
 from ..recipe_files import recipes_dir
+from ..training.runs import parse_event_line
 from ..userdata import runs_dir
 from ._checkpoint_picker import refresh_all_pickers
 from ._dock import DockLines
@@ -214,7 +213,9 @@ class TrainWidget(ViewerDataActions, QWidget):
     def set_recipe(self, path: str | Path) -> None:
         """Select the recipe file ``path`` (adding it to the list), switching family to the recipe's."""
         path = str(Path(path).resolve())
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = self._read_recipe(path)
+        if raw is None:
+            return
         if raw.get("family") in list_families("training") and raw["family"] != self.family.currentText():
             self.family.setCurrentText(raw["family"])
         index = self.recipe.findData(path)
@@ -224,15 +225,24 @@ class TrainWidget(ViewerDataActions, QWidget):
         self.recipe.setCurrentIndex(index)
         self._load_recipe()
 
+    def _read_recipe(self, path: str) -> dict | None:
+        """The recipe file's mapping (training.recipes reads it), or None with the reason in the status line."""
+        from ..error_boundary import describe
+        from ..training.recipes import read_recipe_mapping
+
+        try:
+            return read_recipe_mapping(path)
+        except Exception as exc:  # noqa: BLE001 - unreadable or invalid file: one status line, the form stays
+            self.status.setText(f"Cannot use this recipe: {describe(exc).text}")
+            return None
+
     def _load_recipe(self) -> None:
         path = self.recipe.currentData()
         if not path:
             self.form.build(self.family.currentText(), {})
             return
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            self.status.setText(f"{path}: cannot read the recipe ({exc}). Fix the file or pick another.")
+        raw = self._read_recipe(path)
+        if raw is None:
             return
         self.form.build(self.family.currentText(), flatten(raw))
         text, tip, _ = viewer_data_button(self.family.currentText())
@@ -335,11 +345,8 @@ class TrainWidget(ViewerDataActions, QWidget):
         self._buffer += bytes(self.process.readAllStandardOutput())
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue  # not one of ours (a library printing to stdout)
-            if isinstance(event, dict):
+            event = parse_event_line(line)  # None: not one of ours (a library printing to stdout)
+            if event is not None:
                 self._on_event(event)
 
     def _read_stderr(self) -> None:
