@@ -9,6 +9,12 @@ images by adding the matrices (what the trainer does): Dice of class ``c`` is
 ``2 TP / (2 TP + FP + FN)`` and IoU is ``TP / (TP + FP + FN)``, NaN when the class
 is in neither map.
 
+Object Dice and object Hausdorff (:func:`object_dice_hausdorff`) are the challenge's other two
+metrics: each ground-truth object is paired with the predicted object it overlaps most and each
+predicted object with the ground-truth object it overlaps most (the nearest one, by Hausdorff
+distance, when it overlaps none), and Dice / Hausdorff of the pairs are averaged with weights
+proportional to object area, half over each side.
+
 Object F1 follows the GlaS challenge (Sirinukunwattana et al. 2017): objects are
 the connected components of each foreground class (8-connectivity by default);
 a predicted object is a true positive when it covers more than 50% of the
@@ -42,6 +48,7 @@ __all__ = [
     "f1_from_counts",
     "iou_per_class",
     "object_counts",
+    "object_dice_hausdorff",
     "object_f1",
     "segmentation_metrics",
 ]
@@ -175,6 +182,89 @@ def object_counts(
     return tp, int(n_p - tp), int(n_g - tp)
 
 
+def _labels(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=_structure(connectivity))
+    return lab, int(n)
+
+
+def _hausdorff(a: np.ndarray, b: np.ndarray, dist_to: dict, key_a, key_b) -> float:
+    """Symmetric Hausdorff distance (pixels) of two boolean masks, with cached distance transforms.
+
+    ``max over a of dist(a, B)`` is the largest value of B's outside distance transform on A (exact:
+    points of A inside B are at 0), and the same the other way round.
+    """
+    from scipy import ndimage
+
+    for key, m in ((key_a, a), (key_b, b)):
+        if key not in dist_to:
+            dist_to[key] = ndimage.distance_transform_edt(~m)
+    return float(max(dist_to[key_b][a].max(), dist_to[key_a][b].max()))
+
+
+def _one_side(src_lab, n_src, dst_lab, n_dst, sizes_src, overlap, dist_to, src_key, dst_key):
+    """Area-weighted Dice and Hausdorff of each ``src`` object with its best ``dst`` partner."""
+    total = sizes_src[1:].sum()
+    dice = haus = 0.0
+    for i in range(1, n_src + 1):
+        a = src_lab == i
+        row = overlap[i, 1:]
+        if row.max() > 0:
+            j = int(row.argmax()) + 1
+            b = dst_lab == j
+            d = 2.0 * row[j - 1] / (sizes_src[i] + b.sum())
+            h = _hausdorff(a, b, dist_to, (src_key, i), (dst_key, j))
+        else:  # no overlap: Dice 0, Hausdorff to the nearest partner
+            d = 0.0
+            h = min(_hausdorff(a, dst_lab == j, dist_to, (src_key, i), (dst_key, j)) for j in range(1, n_dst + 1))
+        w = sizes_src[i] / total
+        dice += w * d
+        haus += w * h
+    return dice, haus
+
+
+def object_dice_hausdorff(
+    pred: np.ndarray,
+    target: np.ndarray,
+    cls: int = 1,
+    ignore_index: int | None = 255,
+    connectivity: int = 8,
+) -> tuple[float, float]:
+    """The GlaS challenge's object Dice and object Hausdorff (pixels) of class ``cls`` on one image.
+
+    ``D = ½ [Σ_i γ_i Dice(G_i, S*(G_i)) + Σ_j σ_j Dice(G*(S_j), S_j)]`` with ``γ_i``, ``σ_j`` the
+    area shares of ground-truth object ``G_i`` and predicted object ``S_j`` and ``*`` the partner
+    that overlaps most (Dice 0 without overlap); the Hausdorff distance likewise, the partner of an
+    object that overlaps none being the nearest one. Without objects on one side: Dice 0 and
+    Hausdorff NaN (no partner at all); without objects on both, Dice 1 and Hausdorff 0.
+
+    >>> gt = np.zeros((8, 8), int); gt[1:4, 1:4] = 1; gt[5:7, 5:7] = 1
+    >>> pred = np.zeros((8, 8), int); pred[1:4, 1:4] = 1
+    >>> d, h = object_dice_hausdorff(pred, gt)
+    >>> round(d, 3), round(h, 3)
+    (0.846, 0.87)
+    """
+    pred, target = _check(pred, target)
+    p_mask = pred == cls
+    if ignore_index is not None:
+        p_mask &= target != ignore_index
+    g_lab, n_g = _labels(target == cls, connectivity)
+    p_lab, n_p = _labels(p_mask, connectivity)
+    if n_g == 0 and n_p == 0:
+        return 1.0, 0.0
+    if n_g == 0 or n_p == 0:
+        return 0.0, float("nan")
+    g_size = np.bincount(g_lab.ravel(), minlength=n_g + 1)
+    p_size = np.bincount(p_lab.ravel(), minlength=n_p + 1)
+    overlap = np.bincount(g_lab.ravel() * (n_p + 1) + p_lab.ravel(), minlength=(n_g + 1) * (n_p + 1))
+    overlap = overlap.reshape(n_g + 1, n_p + 1)
+    dist_to: dict = {}
+    d_g, h_g = _one_side(g_lab, n_g, p_lab, n_p, g_size, overlap, dist_to, "g", "p")
+    d_p, h_p = _one_side(p_lab, n_p, g_lab, n_g, p_size, overlap.T, dist_to, "p", "g")
+    return float(0.5 * (d_g + d_p)), float(0.5 * (h_g + h_p))
+
+
 def f1_from_counts(tp: int, fp: int, fn: int) -> float:
     """``2 TP / (2 TP + FP + FN)``; 1.0 when there are no objects at all, in either map."""
     denom = 2 * tp + fp + fn
@@ -216,13 +306,15 @@ def segmentation_metrics(
     ignore_index: int | None = 255,
     connectivity: int = 8,
 ) -> dict[str, float]:
-    """Dice, IoU (per class and mean over the foreground classes) and object F1 of one map or a stack.
+    """Dice, IoU (per class and mean over the foreground classes) and the GlaS object metrics of one map or a stack.
 
     Returns
     -------
     dict
         ``dice``, ``iou`` (means over classes 1..K-1 that are present),
-        ``dice_<name>``, ``iou_<name>`` for every class, and ``object_f1``.
+        ``dice_<name>``, ``iou_<name>`` for every class, ``object_f1`` (pooled), and ``object_dice`` and
+        ``object_hausdorff`` (pixels) averaged over images and foreground classes (images where one side
+        has no object have no Hausdorff distance and are left out of that mean).
     """
     pred, target = _check(pred, target)
     dice, iou = dice_iou(confusion_matrix(pred, target, num_classes, ignore_index))
@@ -236,4 +328,12 @@ def segmentation_metrics(
     for i, name in enumerate(names):
         out[f"dice_{name}"], out[f"iou_{name}"] = float(dice[i]), float(iou[i])
     out["object_f1"] = object_f1(pred, target, range(1, num_classes), ignore_index, connectivity)
+    pairs = [
+        object_dice_hausdorff(p, t, c, ignore_index, connectivity)
+        for c in range(1, num_classes)
+        for p, t in zip(*(m[None] if m.ndim == 2 else m for m in (pred, target)))
+    ]
+    hausdorff = [h for _d, h in pairs if np.isfinite(h)]
+    out["object_dice"] = float(np.mean([d for d, _h in pairs])) if pairs else float("nan")
+    out["object_hausdorff"] = float(np.mean(hausdorff)) if hausdorff else float("nan")
     return out
