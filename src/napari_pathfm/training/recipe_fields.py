@@ -182,6 +182,12 @@ SEGMENT: dict[str, Field] = {
         (int, type(None)), None, "Training crop / validation tile size (default: model input size)."
     ),
     "data.samples_per_image": Field((int,), 4, "Random training crops per image and epoch."),
+    "data.contour_width": Field(
+        (int, type(None)),
+        None,
+        "Gland contours as class 2: the band of this many model pixels along each gland's edge (keeps touching "
+        "glands apart; data.classes then names three classes). None: masks as they are.",
+    ),
     "data.val_stride": Field(
         (int, type(None)), None, "Validation tile stride (default: tile_size; last tile at the edge)."
     ),

@@ -62,6 +62,7 @@ FIELD_LABELS: dict[str, tuple[str, str]] = {
     "data.extra_dirs": ("Extra training folders", ""),
     "data.init_checkpoint": ("Start from checkpoint", ""),
     "data.samples_per_image": ("Crops per image", "per epoch"),
+    "data.contour_width": ("Gland contour class", "model px"),
     "data.samples_per_epoch": ("Crops per epoch", ""),
     "data.in_memory": ("Keep data in memory", ""),
     "data.ignore_index": ("Unlabelled mask value", ""),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RecipeError
+from .gland_targets import contour_target
 from .recipe_fields import IMAGE_EXTENSIONS
 
 IGNORE = 255
@@ -343,8 +344,11 @@ def _jitter(tile: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
 class _Store:
     """Reads (and optionally keeps) images and masks of items, resampled and converted to classes."""
 
-    def __init__(self, num_classes: int | None, ignore_index: int = IGNORE, in_memory: bool = True):
+    def __init__(
+        self, num_classes: int | None, ignore_index: int = IGNORE, in_memory: bool = True, contour_width: int = 0
+    ):
         self.num_classes, self.ignore_index, self.in_memory = num_classes, ignore_index, in_memory
+        self.contour_width = int(contour_width or 0)  # > 0: gland contours become class 2 (gland_targets)
         self.masks: dict[Path, np.ndarray] = {}
         self.images: dict[Path, np.ndarray] = {}
 
@@ -354,6 +358,8 @@ class _Store:
             raw = read_mask(item.mask)
             m = mask_to_classes(raw, item.mask_format, self.num_classes, item.mask_values, self.ignore_index, item.mask)
             m = resize(m, item.scale, labels=True)
+            if self.contour_width and not item.extra:  # corrections already carry the model's classes
+                m = contour_target(m, self.contour_width, self.ignore_index)
             self.masks[item.mask] = m  # masks are small (uint8): always kept
         return m
 

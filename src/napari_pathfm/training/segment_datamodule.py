@@ -192,7 +192,7 @@ class SegmentDataModule(L.LightningDataModule):
                 "leaves no images for training after the split.",
                 "Lower data.val_fraction or shorten data.val_names.",
             )
-        self.store = _Store(None, self.ignore_index, bool(data.get("in_memory", True)))
+        self.store = _Store(None, self.ignore_index, bool(data.get("in_memory", True)), data.get("contour_width") or 0)
         names = data.get("classes") or root_meta.get("classes") or defaults.get("classes")
         if num_classes is None and names:
             num_classes = len(names)
