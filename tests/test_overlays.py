@@ -106,3 +106,18 @@ def test_robust_limits_ignore_nan_outliers_and_flat_maps():
     big = np.arange(3000 * 3000, dtype=np.uint16).reshape(3000, 3000)  # strided sample, not every pixel
     lo, hi = robust_limits(big)
     assert 0 < lo < hi < 65535
+
+
+def test_per_tile_maps_stop_at_the_slide_edge_and_class_planes_match():
+    from napari_pathfm.layers import clip_to_slide
+
+    grid = np.arange(12).reshape(3, 4)
+    refined, sub = clip_to_slide(grid, 512, (1200, 1800))
+    assert sub == 16.0 and refined.shape == (75, 113), "ends within one refined pixel of the edge"
+    assert refined.shape[0] * sub >= 1200 > (refined.shape[0] - 1) * sub
+    np.testing.assert_array_equal(refined[::32, ::32], grid)
+    # a big grid: refined less, the same way for a map and its per-class planes
+    big = np.zeros((300, 400), np.uint8)
+    one, s1 = clip_to_slide(big, 512, (300 * 512 - 100, 400 * 512 - 100))
+    three, s3 = clip_to_slide(np.zeros((3, 300, 400), np.float32), 512, (300 * 512 - 100, 400 * 512 - 100))
+    assert s1 == s3 and three.shape[1:] == one.shape and one.size <= 4_000_000

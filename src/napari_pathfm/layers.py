@@ -86,7 +86,8 @@ def clip_to_slide(
     Tiles of the last row and column hang over the slide; drawn one pixel per tile, the map
     reached up to a tile past the slide's bottom and right edges. Each map pixel becomes ``k x k``
     pixels of ``cell / k`` level-0 pixels (``k`` makes them at most ``finest`` level-0 pixels, and
-    the result at most ``max_pixels``), and the rows and columns that lie wholly past the edge are
+    each plane of the result at most ``max_pixels``, so maps of one grid with and
+    without leading axes are refined alike), and the rows and columns that lie wholly past the edge are
     dropped, so the map ends within ``cell / k`` of the edge. Leading axes (classes) are kept.
 
     Returns
@@ -104,9 +105,8 @@ def clip_to_slide(
     """
     grid_map = np.asarray(grid_map)
     rows, cols = grid_map.shape[-2:]
-    lead = int(np.prod(grid_map.shape[:-2], dtype=np.int64))
     by_size = math.ceil(float(cell) / finest)
-    by_memory = math.floor(math.sqrt(max_pixels / max(1, rows * cols * lead)))
+    by_memory = math.floor(math.sqrt(max_pixels / max(1, rows * cols)))
     k = max(1, min(by_size, by_memory))
     sub = float(cell) / k
     h = min(rows * k, math.ceil(level0_shape[0] / sub))
