@@ -33,6 +33,23 @@ from napari_pathfm.training.segment_predict import predict_image
 GLAS_MPP = 0.62
 
 
+def _glands(class_map: np.ndarray, min_size: int = 1500) -> np.ndarray:
+    """Gland (1) / background (0) of a three-class contour model: one object per predicted interior
+    (training/gland_targets.glands_from_contour), objects under ``min_size`` px dropped, one-pixel gaps
+    between touching objects so that their connected components are the instances."""
+    from scipy import ndimage
+
+    from napari_pathfm.training.gland_targets import glands_from_contour
+
+    inst = glands_from_contour(class_map, min_interior=200)
+    sizes = np.bincount(inst.ravel())
+    small = sizes < min_size
+    small[0] = False
+    inst[small[inst]] = 0
+    edge = (ndimage.grey_dilation(inst, size=3) != ndimage.grey_erosion(inst, size=3)) & (inst > 0)
+    return ((inst > 0) & ~edge).astype(np.uint8)
+
+
 def _scores(preds: list[np.ndarray], targets: list[np.ndarray], k: int, names: list[str]) -> dict:
     cm = sum(sm.confusion_matrix(p, t, k) for p, t in zip(preds, targets))
     dice, iou = sm.dice_iou(cm)
@@ -63,6 +80,9 @@ def main() -> None:
     root = Path(args.root or card["recipe"]["data"]["root"])
     val = card["split"]["val"]
     k, names, tile = card["num_classes"], card["classes"], int(card["tile_size"])
+    contour = k == 3 and "contour" in str(names[2]).lower()
+    if contour:
+        k, names = 2, names[:2]
     scale = GLAS_MPP / float(card["input_mpp"] or GLAS_MPP)
     pairs = {n: (i, m) for n, i, m in find_pairs(root)}
     res: dict[str, dict[str, list]] = {"model": {"p": [], "t": []}, "native": {"p": [], "t": []}}
@@ -76,10 +96,13 @@ def main() -> None:
         padded[:h, :w] = small
         logits, _ = predict_image(model, torch.from_numpy(padded), tile, None, 8)
         logits = logits[:, :h, :w]
-        res["model"]["p"].append(logits.argmax(0).numpy())
-        res["model"]["t"].append(small_t)
         big = F.interpolate(logits[None], size=target.shape, mode="bilinear", align_corners=False)[0]
-        res["native"]["p"].append(big.argmax(0).numpy())
+        small_p, big_p = logits.argmax(0).numpy(), big.argmax(0).numpy()
+        if contour:  # gland contour model (data.contour_width): instances from interiors, scored as gland/background
+            small_p, big_p = _glands(small_p), _glands(big_p)
+        res["model"]["p"].append(small_p)
+        res["model"]["t"].append(small_t)
+        res["native"]["p"].append(big_p)
         res["native"]["t"].append(target)
     seconds = time.perf_counter() - t0
     report = {"checkpoint": str(args.checkpoint), "held_out": val, "seconds": round(seconds, 1)}
