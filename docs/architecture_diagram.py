@@ -44,7 +44,7 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "core": (
         (
             "small core<br/>colors, coords, device, progress, errors, error_boundary,<br/>"
-            "userdata, recipe_files, families, _lazy"
+            "userdata, recipe_files, families, instances, _lazy"
         ),
         (
             "colors",
@@ -56,6 +56,7 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
             "userdata",
             "recipe_files",
             "families",
+            "instances",
             "_lazy",
         ),
     ),

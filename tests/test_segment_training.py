@@ -271,7 +271,11 @@ def test_pathsam2_recipes_validate(shared_data, monkeypatch, tmp_path):
     assert cpu.get("model.encoder") == "hiera_micro" and cpu.get("model.uni") is None
     assert cpu.get("model.freeze_encoders") is False and cpu.get("model.image_size") <= 256
     assert Path(cpu.get("data.root")) == shared_data / "glas" / "train"
-    assert len(cpu.get("data.val_names")) == 17
+    # the bundled model trains on all 85 images for a CPU budget; its estimate is cross-validated (cv.py)
+    assert cpu.get("data.val_names") == [] and cpu.get("trainer.cpu_budget_minutes") == 12
+    unet = load_recipe(RECIPES / "glas_unet_baseline.yaml")
+    for key in ("data", "objects", "trainer.cpu_budget_minutes", "trainer.batch_size", "loss.alpha", "seed"):
+        assert unet.get(key) == cpu.get(key), key  # the baseline gets the same data and budget
     monkeypatch.delenv("SAM2_CHECKPOINT")
     with pytest.raises(RecipeError, match="SAM2_CHECKPOINT"):
         load_recipe(RECIPES / "glas.yaml")

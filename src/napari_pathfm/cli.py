@@ -351,6 +351,13 @@ def segment(
     batch_size: int = typer.Option(8, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
+    objects: bool | None = typer.Option(
+        None,
+        "--objects/--no-objects",
+        help="One region per gland: fill holes, drop crumbs, split touching glands [default: when the "
+        "model's card has object settings, as the bundled GlaS model does]; --no-objects: the raw class map",
+        show_default=False,
+    ),
 ) -> None:
     """Segment a slide or image into classes (Path-SAM2); write the mask as OME-TIFF (+ GeoJSON)."""
     from .io.preflight import Output
@@ -378,6 +385,7 @@ def segment(
                 out=out,
                 geojson=geojson,
                 cache=None if cache else False,
+                objects=objects,
             )
     except ValueError as exc:  # the pipelines' checks of option values
         _fail(UsageError(f"{exc}"))

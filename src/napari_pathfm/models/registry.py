@@ -104,6 +104,13 @@ _BUILTINS: dict[str, ModelEntry] = {
             },
         ),
         ModelEntry(
+            name="resnet_unet",
+            target="napari_pathfm.models.unet_seg:resnet_unet",
+            family="segment",
+            description="Plain U-Net with a timm ResNet encoder (random init): the segmentation baseline.",
+            default_cfg={"num_classes": 2, "encoder": "resnet18", "image_size": 256, "pretrained": False},
+        ),
+        ModelEntry(
             name="pathsam2",
             target="napari_pathfm.models.pathsam2.model:pathsam2",
             family="segment",

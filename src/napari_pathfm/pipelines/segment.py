@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..instances import ObjectOptions, object_options, separate, split_objects
 from ..io.scratch import scratch_dir
 from .segment_model import class_names, default_segment_checkpoint, load_segmentation_model, tile_geometry
 from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
@@ -62,6 +63,7 @@ class SegmentOptions:
     """How :func:`segment_slide` runs the model over a slide (its keyword arguments of the same names).
 
     ``mpp``/``tile_size`` None take the model card's; ``workers`` None the device's default.
+    ``objects``: see :func:`~napari_pathfm.instances.object_options` (None: the card's settings).
     """
 
     mpp: float | None = None
@@ -74,6 +76,7 @@ class SegmentOptions:
     weights: str = "pyramidal"
     workers: int | None = None
     cache: Any = None
+    objects: Any = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -106,6 +109,11 @@ class SegmentationResult:
         far from or unknown to the card's. Also in the written files' metadata.
     written : dict of str to Path
         Files written (``"mask"``, ``"geojson"``).
+    instances : ndarray (H, W) int32 or None
+        One id per object (gland) at level 0 when objects were split (:mod:`napari_pathfm.instances`;
+        ``labels`` then has a background line wherever two objects touch); None otherwise.
+    object_classes : ndarray (N + 1,) uint8 or None
+        Class of each object id (``object_classes[0] == 0``).
     cache : dict
         What the tile-embedding cache did: its entry, tiles encoded, tiles read from it.
     """
@@ -122,6 +130,8 @@ class SegmentationResult:
     written: dict[str, Path] = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    instances: Any = None
+    object_classes: Any = None
     _tmp: Any = field(default=None, repr=False)
 
     @property
@@ -175,6 +185,7 @@ class SegmentationResult:
             "messages": self.messages,
             "written": {k: str(v) for k, v in self.written.items()},
             "cache": self.cache,
+            "objects": None if self.object_classes is None else int(len(self.object_classes) - 1),
         }
 
     def close(self) -> None:
@@ -203,6 +214,7 @@ def segment_slide(
     out: PathLike | None = None,
     geojson: PathLike | None = None,
     cache: Any = None,
+    objects: Any = None,
 ) -> SegmentationResult:
     """Segment a whole slide (or a plain image) into classes at the input's level-0 size.
 
@@ -251,6 +263,14 @@ def segment_slide(
         Tile-embedding cache of the frozen encoders (:mod:`napari_pathfm.tiles.embedding_cache`):
         None uses the default one (off with ``PATHFM_CACHE=0``), False none. A second run on the
         same slide and tiles with the same encoder weights reads no pixels and skips the encoder.
+    objects : None, bool, dict or ObjectOptions
+        Turn each foreground class into objects (:func:`napari_pathfm.instances.split_objects`: holes
+        filled, crumbs dropped, touching glands split; a background line drawn between objects, so
+        the Labels layer's and the GeoJSON's regions are the objects; ``instances`` holds their
+        ids). None (default): with the settings in the model card's ``objects`` (the bundled GlaS
+        model has them), no objects for a card without. True: the card's or the default settings.
+        False: the model's class map as it is. Done for class maps held in memory (up to
+        :data:`IN_MEMORY_PIXELS`); larger ones keep the model's map and say so in ``messages``.
 
     Returns
     -------
@@ -277,6 +297,7 @@ def segment_slide(
         weights=weights,
         workers=workers,
         cache=cache,
+        objects=objects,
     )
     with opened_slide(slide_or_image, image_mpp) as slide:
         return _segment(slide, model_or_checkpoint, options, out=out, geojson=geojson, progress=progress, cancel=cancel)
@@ -350,8 +371,15 @@ def _segment(
         )
         meta = {"overlap": ov, "tile_size": t, "blend": o.weights}
         outputs = SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel)
+        objects = object_options(o.objects, card)
+        split = objects is not None and isinstance(store, np.ndarray)
+        if objects is not None and not split:
+            messages.append(
+                f"glands were not split into objects: the class map ({store.shape[1]} x {store.shape[0]} px) "
+                "is too large to hold in memory; touching glands may be one region."
+            )
         with outputs:
-            if classes is not None:
+            if classes is not None and not split:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
                 prep = {
@@ -386,6 +414,8 @@ def _segment(
                 result.cache = encoder.summary()
             if classes is None:
                 result.classes = class_names({}, k or 2)
+            if split:
+                _split_objects(result, objects, progress, cancel)
             outputs.finish()
     except BaseException:
         if tmp_dir is not None:
@@ -394,6 +424,19 @@ def _segment(
     for m in messages:
         log.info(m)
     return result
+
+
+def _split_objects(result: SegmentationResult, options: ObjectOptions, progress: Any, cancel: Any) -> None:
+    """Objects of the in-memory class map (:mod:`napari_pathfm.instances`), gaps drawn into it."""
+    from ..progress import check_cancel, report
+
+    check_cancel(cancel, "splitting glands")
+    report(progress, 0, 1, "splitting glands into objects")
+    instances, object_classes = split_objects(result.labels, result.mpp, options=options)
+    result.labels[...] = separate(instances, object_classes)
+    result.instances, result.object_classes = instances, object_classes
+    report(progress, 1, 1, f"{len(object_classes) - 1} objects")
+    check_cancel(cancel, "splitting glands")
 
 
 def _label_store(shape: tuple[int, int], tmp: Path | None) -> Any:

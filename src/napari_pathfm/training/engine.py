@@ -33,6 +33,7 @@ from ..errors import RecipeError
 from ..families import get_family
 from ..models.checkpoint import save_checkpoint
 from ..models.weights import load_into, load_state_dict_file
+from .budget import CPUBudget
 from .callbacks import EngineCallback, TrainEvent, floats
 from .recipes import Recipe, load_recipe
 
@@ -198,8 +199,10 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
     last = ModelCheckpoint(
         dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
     )
+    budget = recipe.get("trainer.cpu_budget_minutes")
+    first = [events] + ([CPUBudget(budget, cosine=recipe.get("optim.scheduler") == "cosine")] if budget else [])
     if not has_val:
-        return [events, last], last, None
+        return [*first, last], last, None
     monitor, mode = es["monitor"], es["mode"]
     ckpt = ModelCheckpoint(
         dirpath=events.events_file.parent,
@@ -211,7 +214,7 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
     stopper = None
     if es["enabled"]:
         stopper = EarlyStopping(monitor=monitor, mode=mode, patience=es["patience"], min_delta=es["min_delta"])
-    return [c for c in (events, ckpt, last, stopper) if c is not None], ckpt, stopper
+    return [c for c in (*first, ckpt, last, stopper) if c is not None], ckpt, stopper
 
 
 def _trainer(recipe: Recipe, out: Path, callbacks: list, device: str, n_batches: int, quiet: bool):

@@ -68,6 +68,12 @@ SCHEMA: dict[str, Field] = {
     ),
     "trainer.strategy": Field((str,), "auto", "Lightning strategy, e.g. 'ddp' (passed through unchanged)."),
     "trainer.num_nodes": Field((int,), 1, "Machines for multi-node DDP."),
+    "trainer.cpu_budget_minutes": Field(
+        _OPT_NUM,
+        None,
+        "Stop after this much CPU time of the training process (all threads; other jobs do not count); "
+        "with optim.scheduler cosine the schedule runs over the budget. max_epochs still caps the run.",
+    ),
     "trainer.limit_train_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of train batches per epoch."),
     "trainer.limit_val_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of validation batches."),
     "trainer.log_every_n_steps": Field((int,), 10, "Log training metrics every n steps."),
@@ -190,6 +196,12 @@ SEGMENT: dict[str, Field] = {
     ),
     "data.val_stride": Field(
         (int, type(None)), None, "Validation tile stride (default: tile_size; last tile at the edge)."
+    ),
+    "objects": Field(
+        (dict, type(None)),
+        None,
+        "How `pathfm segment` turns this model's class map into objects by default, written to the card "
+        "(napari_pathfm.instances.ObjectOptions: min_area_um2, split_um, min_piece_um2, fill_holes). None: none.",
     ),
     "data.mpp": Field(_OPT_NUM, None, "µm per pixel of the image files (GlaS: 0.62)."),
     "data.input_mpp": Field(

@@ -195,6 +195,8 @@ class SegmentWidget(TaskDock):
                 "features": class_features(list(result.classes)),
                 "cache_note": cache_note(result.cache),
             }
+            if result.object_classes is not None:  # the status bar names each object's class
+                look["objects"] = class_features([result.classes[c] for c in result.object_classes])
             recorder = self._make_recorder(slide, labels, result, card, baseline) if record else None
             return result, baseline, card, slide, look, recorder
 
@@ -222,6 +224,7 @@ class SegmentWidget(TaskDock):
         model = Path(result.checkpoint).stem if getattr(result, "checkpoint", None) else "model"
         self.legend.show_layers([layer], title=f"{model}, run {self._runs}")
         self.labels_layer = layer
+        self._show_objects(result, kwargs, look.get("objects"))
         if previous is not None:  # its temporary store (large slides) only goes once the layer holds the new map
             previous.close()
         if self._slide is not None:
@@ -229,11 +232,28 @@ class SegmentWidget(TaskDock):
         self._slide = slide
         self.show_notes(notes)
         text = f"{len(result.grid)} tiles at {result.model_mpp or 0:.3g} µm/px; classes: {', '.join(result.classes)}."
+        if result.object_classes is not None:
+            text += f" {len(result.object_classes) - 1} objects (layer '{self._slide_layer_name} objects')."
         others = [m for m in result.messages if m not in notes]
         self.status.setText(" ".join(t for t in [text, look["cache_note"], *others] if t))
         self.restore_btn.setEnabled(False)
         if recorder is not None and self.record.isChecked():
             self._attach_recorder(recorder)
+
+    def _show_objects(self, result, kwargs: dict, features) -> None:
+        """One label per gland (``result.instances``) in a layer of its own, hidden at first; a run
+        without objects removes the previous run's layer."""
+        name = f"{self._slide_layer_name} objects"
+        if result.instances is None:
+            self.remove_layers([name])
+            return
+        names = {i: result.classes[c] for i, c in enumerate(result.object_classes)}  # the GeoJSON writer's classes
+        meta = {**kwargs["metadata"], "pathfm_kind": "segment_objects", "classes": names}
+        layer_kw = {k: v for k, v in kwargs.items() if k != "metadata"}
+        first = name not in self.viewer.layers
+        layer = self.show_layer(name, result.instances, "labels", features=features, metadata=meta, **layer_kw)
+        if first:
+            layer.visible = False
 
     # -- corrections ----------------------------------------------------------------------
     def _toggle_recording(self, on: bool) -> None:

@@ -13,18 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.convs import double_conv
+
 __all__ = ["UNet", "unet"]
-
-
-def _double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 class UNet(nn.Module):
@@ -41,13 +32,13 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.depth = int(in_channels), int(out_channels), int(depth)
         widths = [int(base) * 2**i for i in range(self.depth + 1)]
-        self.down = nn.ModuleList([_double_conv(self.in_channels, widths[0])])
-        self.down.extend(_double_conv(widths[i], widths[i + 1]) for i in range(self.depth))
+        self.down = nn.ModuleList([double_conv(self.in_channels, widths[0])])
+        self.down.extend(double_conv(widths[i], widths[i + 1]) for i in range(self.depth))
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ModuleList(
             nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(self.depth))
         )
-        self.dec = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in reversed(range(self.depth)))
+        self.dec = nn.ModuleList(double_conv(2 * widths[i], widths[i]) for i in reversed(range(self.depth)))
         self.head = nn.Conv2d(widths[0], self.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

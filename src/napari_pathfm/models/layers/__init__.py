@@ -16,6 +16,8 @@ _LAZY = {
     "optim_groups": "s4d",
     "NystromAttention": "nystrom",
     "iterative_pinv": "nystrom",
+    "normalise_tiles": "tile_input",
+    "double_conv": "convs",
 }
 
 __all__ = list(_LAZY)

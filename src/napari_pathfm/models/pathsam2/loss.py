@@ -31,7 +31,7 @@ def pathsam2_loss(
     Parameters
     ----------
     out : dict
-        Model output: ``logits (B, K, H, W)``, ``iou (B, K)``.
+        Model output: ``logits (B, K, H, W)``, ``iou (B, K)`` (None: no IoU term).
     target : LongTensor (B, H, W)
         Class indices, ``ignore_index`` where unknown. Logits of another size are
         resized (bilinear) to the target's.
@@ -64,7 +64,8 @@ def pathsam2_loss(
         i = (pred * onehot).sum((2, 3))
         u = ((pred + onehot) > 0).float().sum((2, 3))
         true_iou = torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u))
-    iou_mse = (out["iou"].float() - true_iou) ** 2
+    # models without an IoU head (a plain U-Net: ``iou`` None) leave the term out
+    iou_mse = (out["iou"].float() - true_iou) ** 2 if out.get("iou") is not None else torch.zeros_like(true_iou)
 
     per_class = (1 - alpha) * dice + alpha * focal + beta * iou_mse
     parts = {"dice": dice.mean().detach(), "focal": focal.mean().detach(), "iou_mse": iou_mse.mean().detach()}

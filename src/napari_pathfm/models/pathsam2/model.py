@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import CheckpointError
+from ..layers.tile_input import normalise_tiles
 from ..registry import register_model
 from .decoder import MaskDecoder, PositionEmbeddingRandom
 from .encoders import (
@@ -156,17 +157,7 @@ class PathSAM2(nn.Module):
 
     def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:
         """RGB uint8 tiles ``(B, T, T, 3)`` (numpy or tensor) → normalised ``(B, 3, S, S)`` at ``input_size``."""
-        x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        if x.ndim == 3:
-            x = x[None]
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"expected RGB uint8 tiles (B, T, T, 3), got {x.dtype} {tuple(x.shape)}")
-        device = self._mean.device if device is None else device
-        x = x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-        s = self.input_size
-        if tuple(x.shape[-2:]) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self._mean) / self._std
+        return normalise_tiles(images, self._mean, self._std, self.input_size, device)
 
     @torch.no_grad()
     def predict(self, images: Any) -> np.ndarray:

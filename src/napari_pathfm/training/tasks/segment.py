@@ -53,6 +53,7 @@ read, and a run whose output would overwrite it stops before training.
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -346,6 +347,13 @@ def build(recipe: Recipe):
     }
     if foundation:
         card["foundation_weights"] = foundation
+    if recipe.get("objects") is not None:  # the object settings `pathfm segment` uses with this model
+        from ...instances import object_options
+
+        try:
+            card["objects"] = asdict(object_options(recipe.get("objects")))
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(where, f"objects: {exc}.", "See napari_pathfm.instances.ObjectOptions.") from None
     # the training images' stain (too few images, e.g. a fine-tune on painted tiles: the parent model's)
     stain = stain_reference_from_paths([it.image for it in data.train_items]) or (init_card or {}).get("stain")
     if stain:

@@ -1,0 +1,76 @@
+"""Train for a fixed amount of CPU time, not a fixed number of epochs (``trainer.cpu_budget_minutes``).
+
+Comparing two models "with the same budget" on a shared machine needs a clock that other jobs do
+not move: the training process's own CPU time (:func:`time.process_time`, all its threads), which
+is what a model costs on a given CPU whatever else runs beside it. :class:`CPUBudget` stops the
+run once that much CPU time is used and, with ``optim.scheduler: cosine``, sets the learning rate
+before every step to the cosine of the fraction of the budget spent, so each model gets a whole
+schedule however fast its steps are. The time used survives a resume (it is in ``last.ckpt``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+
+__all__ = ["CPUBudget", "budget_lr_factor"]
+
+
+def budget_lr_factor(spent: float) -> float:
+    """Cosine factor of the base learning rate when ``spent`` (0–1) of the budget is used.
+
+    >>> budget_lr_factor(0.0), budget_lr_factor(0.5), budget_lr_factor(1.0)
+    (1.0, 0.5, 0.0)
+    """
+    spent = min(max(float(spent), 0.0), 1.0)
+    return round(0.5 * (1.0 + math.cos(math.pi * spent)), 12)
+
+
+class CPUBudget(L.Callback):
+    """Stop training after ``minutes`` of process CPU time; optionally anneal the LR over it.
+
+    Parameters
+    ----------
+    minutes : float
+        CPU minutes (all threads of this process) the training steps may use.
+    cosine : bool
+        Set every parameter group's LR to ``base_lr * budget_lr_factor(spent)`` before each step.
+    """
+
+    def __init__(self, minutes: float, cosine: bool = False):
+        if not minutes or minutes <= 0:
+            raise ValueError(f"the CPU budget must be positive, got {minutes} minutes")
+        self.seconds, self.cosine = float(minutes) * 60.0, bool(cosine)
+        self.used = 0.0  # CPU seconds of earlier (resumed) runs
+        self._t0: float | None = None
+        self._base: list[float] = []
+
+    @property
+    def spent(self) -> float:
+        """Share of the budget used so far (can pass 1 by the last step)."""
+        now = self.used + (time.process_time() - self._t0 if self._t0 is not None else 0.0)
+        return now / self.seconds
+
+    def state_dict(self) -> dict:
+        return {"used": self.spent * self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.used = float(state_dict.get("used", 0.0))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.process_time()
+        self._base = [float(g.get("initial_lr", g["lr"])) for opt in trainer.optimizers for g in opt.param_groups]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.cosine:
+            return
+        factor = budget_lr_factor(self.spent)
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        for group, base in zip(groups, self._base):
+            group["lr"] = base * factor
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.spent >= 1.0:
+            trainer.should_stop = True

@@ -1,0 +1,92 @@
+"""trainer.cpu_budget_minutes: a run stops after that much CPU time of its own process, with the cosine
+schedule spread over the budget; the plain U-Net baseline trains through the same task and runs in
+`pathfm segment`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from napari_pathfm.training.budget import budget_lr_factor
+
+torch = pytest.importorskip("torch")
+
+
+def test_cosine_factor_over_the_budget():
+    assert budget_lr_factor(0.0) == 1.0 and budget_lr_factor(1.0) == 0.0
+    assert budget_lr_factor(0.25) == pytest.approx(0.8535533906)
+    assert budget_lr_factor(2.0) == 0.0 and budget_lr_factor(-1) == 1.0
+
+
+def test_unet_baseline_trains_for_its_budget_and_segments(shared_data, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from napari_pathfm.cli import app
+    from napari_pathfm.pipelines.segment import segment_slide
+
+    if not (shared_data / "glas" / "train").is_dir():
+        pytest.skip("GlaS not found")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "unet"
+    sets = [
+        "trainer.cpu_budget_minutes=0.15",  # 9 CPU-seconds: a few steps
+        "data.tile_size=64",
+        "model.image_size=64",
+        "data.samples_per_image=1",
+        "trainer.batch_size=4",
+        "data.input_mpp=2.48",
+    ]
+    args = ["train", "pathsam2/glas_unet_baseline", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["event"] == "batch"]
+    assert 0 < len(steps) < 100, "the budget, not max_epochs (200), ended the run"
+    # the cosine ran over the budget: the learning rate logged last is far below the start (1e-3)
+    card = json.loads((out / "model.json").read_text())
+    assert card["name"] == "resnet_unet" and card["objects"]["split_um"] == 35
+    image = shared_data / "glas" / "train" / "images" / "train_1.png"
+    res = segment_slide(image, out / "model.safetensors", image_mpp=0.62, cache=False, device="cpu")
+    assert res.labels.shape == (522, 775) and res.object_classes is not None
+
+
+def test_budget_lowers_the_learning_rate_step_by_step():
+    import lightning as L
+
+    from napari_pathfm.training.budget import CPUBudget
+
+    class Burn(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(64, 64))
+            self.lrs = []
+
+        def training_step(self, batch, _i):
+            self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            x = batch[0]
+            for _ in range(20):  # some real CPU work per step
+                x = torch.tanh(x @ self.w)
+            return x.pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(4096, 64))
+            return torch.utils.data.DataLoader(data, batch_size=256)
+
+    model = Burn()
+    trainer = L.Trainer(
+        max_epochs=10_000,
+        callbacks=[CPUBudget(0.02, cosine=True)],  # 1.2 CPU-seconds
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert trainer.current_epoch < 10_000 - 1, "stopped by the budget"
+    lrs = model.lrs
+    assert lrs[0] == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(lrs))
