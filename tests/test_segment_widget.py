@@ -120,3 +120,38 @@ def test_segment_paint_finetune_rerun(make_napari_viewer, qtbot, cmu_small, tiny
     inside_before = float((first[box] == 1).mean())
     inside_after = float((second[box] == 1).mean())
     assert inside_after > inside_before + 0.3, (inside_before, inside_after)
+
+
+def test_segment_dock_shows_one_object_per_gland(make_napari_viewer, qtbot, cmu_small, tmp_path):
+    """A model whose card names object settings: the class layer's regions are the objects, and a hidden
+    '<slide> objects' layer holds one id per object, named by class in its features; a re-run without
+    objects removes that layer."""
+    from scipy import ndimage
+
+    from napari_pathfm.models import save_checkpoint
+    from napari_pathfm.models.checkpoint import load_checkpoint
+    from napari_pathfm.pipelines.segment_model import default_segment_checkpoint
+    from napari_pathfm.widgets._gl_safety import keep_triton_out
+    from napari_pathfm.widgets.segment_widget import SegmentWidget
+
+    keep_triton_out()
+    model, card = load_checkpoint(default_segment_checkpoint())
+    card = {k: v for k, v in card.items() if k not in ("sha256", "weights_file", "created")}
+    objects = save_checkpoint(model, tmp_path / "with-objects", {**card, "objects": {"split_um": 35}})
+    plain = save_checkpoint(model, tmp_path / "without", {k: v for k, v in card.items() if k != "objects"})
+    viewer = make_napari_viewer()
+    viewer.open(str(cmu_small), plugin="napari-pathfm")
+    widget = SegmentWidget(viewer)
+    widget.checkpoint.set_path(objects)
+    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
+    name = f"{viewer.layers[0].name} objects"
+    layer = viewer.layers[name]
+    n = int(layer.data.max())
+    assert n > 0 and not layer.visible and "objects" in widget.status.text()
+    assert list(layer.features["class"])[1:] == ["gland"] * n
+    np.testing.assert_allclose(layer.scale, widget.labels_layer.scale)
+    regions = ndimage.label(np.asarray(widget.labels_layer.data) > 0, structure=np.ones((3, 3)))[1]
+    assert regions == n, "every region of the class layer is one object"
+    widget.checkpoint.set_path(plain)
+    _wait(qtbot, widget) if widget.run() is not None else pytest.fail(widget.status.text())
+    assert name not in viewer.layers

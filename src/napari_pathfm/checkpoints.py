@@ -54,3 +54,32 @@ def find_checkpoints(family: str | None = None) -> list[tuple[Path, dict]]:
                 seen.add(weights)
                 found.append((weights, card))
     return found
+
+
+def describe_checkpoint(weights: Path, card: dict) -> dict:
+    """What a user needs to judge a checkpoint, from its card: where it is, what it was trained on, how,
+    how good it is measured and against what, its licence and intended use (missing entries are None).
+
+    ``evaluation`` is the card's ``evaluation.summary`` (the bundled models' cross-validated numbers
+    with their baselines), else its best validation metrics, labelled as such.
+    """
+    where = "bundled" if weights.parent.resolve() == BUNDLED_MODELS.resolve() else str(weights.parent)
+    evaluation = (card.get("evaluation") or {}).get("summary")
+    if evaluation is None:
+        best = ((card.get("metrics") or {}).get("best")) or {}
+        shown = {k: round(v, 3) for k, v in best.items() if k.startswith("val_") and isinstance(v, float)}
+        evaluation = f"validation split only: {shown}" if shown else None
+    recipe = card.get("recipe") or {}
+    return {
+        "name": weights.stem,
+        "family": card.get("family"),
+        "model": card.get("name"),
+        "where": where,
+        "description": card.get("description"),
+        "training_data": card.get("training_data"),
+        "training_budget": card.get("training_time"),
+        "command": card.get("command") or (f"pathfm train {card['recipe_file']}" if card.get("recipe_file") else None),
+        "evaluation": evaluation,
+        "licence": card.get("licence") or card.get("data_license") or (recipe.get("licence") if recipe else None),
+        "intended_use": card.get("intended_use"),
+    }

@@ -157,10 +157,32 @@ def info() -> None:
 
 
 @app.command()
-def models(family: str | None = typer.Option(None, help="Only this family (e.g. classify)")) -> None:
-    """List registered models: name, family and what each is."""
+def models(
+    family: str | None = typer.Option(None, help="Only this family (e.g. classify)"),
+    checkpoints: bool = typer.Option(
+        False,
+        "--checkpoints",
+        help="List the trained checkpoints instead (bundled, user folder, runs) with their cards",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --checkpoints: the full descriptions as JSON"),
+) -> None:
+    """List registered models: name, family and what each is (--checkpoints: the trained ones and their cards)."""
     from .models import list_models, model_info
 
+    if checkpoints:
+        from .checkpoints import describe_checkpoint, find_checkpoints
+
+        found = [describe_checkpoint(w, c) for w, c in find_checkpoints(family)]
+        if as_json:
+            typer.echo(_json(found, indent=2, default=str))
+            return
+        for d in found:
+            typer.echo(f"{d['name']}  [{d['family']}, {d['where']}]")
+            for key in ("description", "training_data", "training_budget", "command", "evaluation", "licence"):
+                if d[key]:
+                    typer.echo(f"    {key.replace('_', ' ')}: {d[key]}")
+            typer.echo(f"    intended use: {d['intended_use'] or 'not stated'}")
+        return
     for name in list_models(family):
         info = model_info(name)
         typer.echo(f"{name:<24} {info['family']:<10} {info['description']}")
