@@ -63,6 +63,26 @@ def test_forward_gives_per_class_masks_at_input_size_and_iou():
         model(torch.zeros(1, 3, 48, 48))
 
 
+def test_high_res_features_reach_the_masks_as_in_sam2():
+    """high_res: the trunk's stride-4/8 features enter the decoder's upscaling (SAM2's use_high_res_features),
+    so they are in encode()'s output (what the embedding cache stores) and they change the masks."""
+    model = small(high_res=True).eval()
+    x = model.preprocess(np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8))
+    enc = model.encode(x)
+    assert {k: tuple(v.shape[-2:]) for k, v in enc.items() if k.startswith("hiera")} == {
+        "hiera": (2, 2),
+        "hiera_s0": (16, 16),
+        "hiera_s1": (8, 8),
+    }
+    out = model.decode(None, enc)
+    assert out["logits"].shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out["logits"], model(x)["logits"])
+    zeroed = {**enc, "hiera_s0": torch.zeros_like(enc["hiera_s0"])}
+    assert not torch.allclose(model.decode(None, zeroed)["logits"], out["logits"])
+    assert model.embedding_spec()["config"]["high_res"] is True
+    assert "hiera_s0" not in small().eval().encode(x), "off by default: older checkpoints load as they were"
+
+
 def test_kan_and_mlp_heads_are_the_ablation_switch():
     kan, mlp = small(), small(prompt_head="mlp")
     assert type(kan.prompt_generator).__name__ == "KAN" and len(kan.prompt_generator.layers) == 3

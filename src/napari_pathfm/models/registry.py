@@ -129,6 +129,7 @@ _BUILTINS: dict[str, ModelEntry] = {
                 "sam2_checkpoint": None,
                 "uni_checkpoint": None,
                 "sam_checkpoint": None,
+                "high_res": False,
             },
         ),
         ModelEntry(

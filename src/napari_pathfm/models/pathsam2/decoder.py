@@ -154,6 +154,11 @@ class MaskDecoder(nn.Module):
         Two-way transformer size (2, 8, 2048 in SAM/SAM2).
     head_kind : str
         ``"kan"`` (Path-SAM2) or ``"mlp"`` (SAM) for the hypernetwork and IoU heads.
+    high_res_channels : (int, int), optional
+        Channels of the encoder's stride-4 and stride-8 features. Given, the output upscaling adds
+        them (through 1x1 convolutions ``conv_s0``/``conv_s1``) after each of its two 2x steps, as
+        SAM2's decoder does with ``use_high_res_features``: the masks then follow edges at stride 4
+        instead of being painted from stride-16 tokens.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class MaskDecoder(nn.Module):
         mlp_dim: int = 2048,
         head_kind: str = "kan",
         iou_hidden: int = 256,
+        high_res_channels: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -183,9 +189,22 @@ class MaskDecoder(nn.Module):
             head(head_kind, [dim, dim, dim // 8]) for _ in range(num_classes)
         )
         self.iou_prediction_head = head(head_kind, [dim, iou_hidden, num_classes])
+        self.high_res = high_res_channels is not None
+        if self.high_res:
+            self.conv_s0 = nn.Conv2d(high_res_channels[0], dim // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(high_res_channels[1], dim // 4, kernel_size=1)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor):
-        """``image (B, C, h, w)``, ``image_pe (C, h, w)``, ``prompts (B, K, C)`` → masks ``(B, K, 4h, 4w)``, IoU ``(B, K)``."""
+    def _upscale(self, src: torch.Tensor, high_res: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if not self.high_res:
+            return self.output_upscaling(src)
+        dc1, ln1, act1, dc2, act2 = self.output_upscaling  # SAM2's MaskDecoder with use_high_res_features
+        feat_s0, feat_s1 = high_res
+        up = act1(ln1(dc1(src) + self.conv_s1(feat_s1)))
+        return act2(dc2(up) + self.conv_s0(feat_s0))
+
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None):
+        """``image (B, C, h, w)``, ``image_pe (C, h, w)``, ``prompts (B, K, C)`` (and, with high-resolution
+        features, ``(stride-4, stride-8)`` maps of sides 4h and 2h) → masks ``(B, K, 4h, 4w)``, IoU ``(B, K)``."""
         B, C, h, w = image.shape
         K = self.num_classes
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], 0).expand(B, -1, -1)
@@ -193,7 +212,7 @@ class MaskDecoder(nn.Module):
         src = image + self.no_mask_embed.weight.reshape(1, C, 1, 1)
         pe = image_pe.unsqueeze(0).expand(B, -1, -1, -1)
         hs, src = self.transformer(src, pe, tokens)
-        up = self.output_upscaling(src.transpose(1, 2).reshape(B, C, h, w))
+        up = self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res)
         hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         masks = (hyper @ up.flatten(2)).reshape(B, K, *up.shape[-2:])
         return masks, self.iou_prediction_head(hs[:, 0])

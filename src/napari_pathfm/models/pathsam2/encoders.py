@@ -22,7 +22,15 @@ from torch import nn
 
 from .decoder import LayerNorm2d
 
-__all__ = ["HIERA_PRESETS", "UNI_PRESETS", "DimensionAlignment", "build_hiera", "build_uni", "sam2_trunk_keys"]
+__all__ = [
+    "HIERA_PRESETS",
+    "UNI_PRESETS",
+    "DimensionAlignment",
+    "build_hiera",
+    "build_uni",
+    "hiera_pyramid",
+    "sam2_trunk_keys",
+]
 
 # Small Hiera for CPU training and tests: 4 stages of 1-1-2-1 blocks, 32→256 channels.
 HIERA_PRESETS = {
@@ -66,6 +74,11 @@ def build_uni(name: str, img_size: int) -> nn.Module:
 def hiera_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Last-stage Hiera features ``(B, C, H/32, W/32)``."""
     return trunk.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+
+
+def hiera_pyramid(trunk: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every Hiera stage's features, strides 4, 8, 16 and 32 (one pass of the trunk)."""
+    return list(trunk.forward_intermediates(x, indices=len(trunk.feature_info), intermediates_only=True))
 
 
 def uni_features(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:

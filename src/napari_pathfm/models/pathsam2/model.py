@@ -33,6 +33,7 @@ from .encoders import (
     build_hiera,
     build_uni,
     hiera_features,
+    hiera_pyramid,
     sam2_trunk_keys,
     to_stride16,
     uni_features,
@@ -62,6 +63,7 @@ class PathSAM2(nn.Module):
         decoder_mlp_dim: int = 2048,
         prompt_head: str = "kan",
         freeze_encoders: bool = True,
+        high_res: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -78,8 +80,16 @@ class PathSAM2(nn.Module):
         self.pe_layer = PositionEmbeddingRandom(decoder_dim // 2)
         self.class_embed = nn.Embedding(num_classes, decoder_dim)
         self.prompt_generator = head(prompt_head, [decoder_dim] * 4)  # 3 KAN layers
+        self.high_res = bool(high_res)
+        stages = [int(f["num_chs"]) for f in self.trunk.feature_info]
         self.decoder = MaskDecoder(
-            num_classes, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_dim, head_kind=prompt_head
+            num_classes,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            decoder_mlp_dim,
+            head_kind=prompt_head,
+            high_res_channels=(stages[0], stages[1]) if self.high_res else None,
         )
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -111,7 +121,11 @@ class PathSAM2(nn.Module):
         These are what the embedding cache stores (see :meth:`embedding_spec`).
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
-            out = {"hiera": hiera_features(self.trunk, x)}
+            if self.high_res:  # SAM2's stride-4 and stride-8 features for the decoder's upscaling too
+                s0, s1, _s2, s3 = hiera_pyramid(self.trunk, x)
+                out = {"hiera": s3, "hiera_s0": s0, "hiera_s1": s1}
+            else:
+                out = {"hiera": hiera_features(self.trunk, x)}
             if self.uni is not None:
                 out["uni"] = uni_features(self.uni, x)
         # one memory layout whether fresh or read from the cache: the decoder's kernels, and so its
@@ -132,7 +146,7 @@ class PathSAM2(nn.Module):
         return {
             "name": f"{enc}+{uni}" if uni else str(enc),
             "modules": self.encoders(),
-            "config": {"encoder": enc, "uni": uni, "image_size": self.input_size},
+            "config": {"encoder": enc, "uni": uni, "image_size": self.input_size, "high_res": self.high_res},
         }
 
     def class_prompts(self) -> torch.Tensor:
@@ -151,7 +165,8 @@ class PathSAM2(nn.Module):
         size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
         emb = self._align(encoded, (size[0] // 16, size[1] // 16))
         prompts = self.class_prompts().unsqueeze(0).expand(emb.shape[0], -1, -1)
-        masks, iou = self.decoder(emb, self.pe_layer(emb.shape[-2:]), prompts)
+        high = (encoded["hiera_s0"], encoded["hiera_s1"]) if self.high_res else None
+        masks, iou = self.decoder(emb, self.pe_layer(emb.shape[-2:]), prompts, high)
         logits = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return {"logits": logits, "iou": iou}
 
@@ -275,6 +290,7 @@ def pathsam2(
     sam2_checkpoint: str | None = None,
     uni_checkpoint: str | None = None,
     sam_checkpoint: str | None = None,
+    high_res: bool = False,
 ) -> PathSAM2:
     """Path-SAM2 semantic segmenter (see :class:`PathSAM2`).
 
@@ -294,6 +310,9 @@ def pathsam2(
         ``"kan"`` (Path-SAM2) or ``"mlp"`` (ablation) for the class prompts and decoder heads.
     freeze_encoders : bool
         Keep the Hiera and UNI weights fixed (the paper's setting).
+    high_res : bool
+        Feed the Hiera trunk's stride-4 and stride-8 features into the decoder's upscaling, as SAM2's
+        decoder does (``use_high_res_features``); sharper gland edges and gaps between glands.
     sam2_checkpoint, uni_checkpoint, sam_checkpoint : str, optional
         Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin``,
         SAM v1 (decoder only). Load reports: ``model.load_reports`` / ``weights_report()``.
@@ -309,6 +328,7 @@ def pathsam2(
         decoder_mlp_dim,
         prompt_head,
         freeze_encoders,
+        high_res,
     )
     if sam_checkpoint:
         model.load_sam_decoder(sam_checkpoint)
