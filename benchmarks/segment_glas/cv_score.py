@@ -69,6 +69,22 @@ def _predict(checkpoint: Path, image: Path) -> np.ndarray:
     return (np.asarray(res.labels) > 0).astype(np.uint8)
 
 
+def predictions(run: Path, images: dict[str, Path]) -> dict[str, np.ndarray]:
+    """The fold model's class maps of its held-out images, kept in ``<run>/heldout.npz`` for the
+    checkpoint they were made with (its sha256), so scoring again does not segment again."""
+    from napari_pathfm.models.checkpoint import read_card
+
+    sha = read_card(run / "model.json").get("sha256")
+    kept = run / "heldout.npz"
+    if kept.is_file():
+        with np.load(kept) as z:
+            if str(z["sha256"]) == sha and set(images) <= set(z.files):
+                return {n: z[n] for n in images}
+    out = {n: _predict(run / "model.safetensors", p) for n, p in images.items()}
+    np.savez_compressed(kept, sha256=np.array(sha), **out)
+    return out
+
+
 def _fold_training(run: Path) -> dict:
     """Steps, epochs and CPU budget of one fold's training (from its events and recipe)."""
     done = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if '"done"' in line]
@@ -105,10 +121,11 @@ def score_runs(root: Path, runs: Path, split: list[list[str]], models: list[str]
             t0 = time.perf_counter()
             objects = object_options(True, read_card(run / "model.json"))  # the card's: what segment_slide uses
             fold = {"raw": ([], []), "default": ([], [])}
+            maps = predictions(run, {n: pairs[n][0] for n in split[f]})
             for name in split[f]:
-                image, mask = pairs[name]
+                mask = pairs[name][1]
                 target = (mask_to_classes(read_mask(mask), "auto", 2, where=mask) > 0).astype(np.uint8)
-                raw = _predict(ckpt, image)
+                raw = maps[name]
                 default = (separate(*split_objects(raw, GLAS_MPP, options=objects)) > 0).astype(np.uint8)
                 for key, pred in (("raw", raw), ("default", default)):
                     fold[key][0].append(pred)

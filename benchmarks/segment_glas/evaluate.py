@@ -8,7 +8,8 @@ gland class and GlaS object-level F1 (:mod:`napari_pathfm.training.seg_metrics`)
 - at the model's resolution (what training validates on), and
 - at the images' own 0.62 µm/px (logits upsampled bilinearly to the original size),
 
-together with the all-background and all-gland predictions as baselines.
+together with the all-background and all-gland predictions as baselines. For a model trained on all
+85 images (the bundled one) there is nothing held out: ``cv.py`` cross-validates its recipe instead.
 
     .venv/bin/python benchmarks/segment_glas/evaluate.py runs/pathsam2_glas_cpu/model.safetensors [--json out.json]
 """
@@ -79,6 +80,11 @@ def main() -> None:
     model, card = load_checkpoint(args.checkpoint)
     root = Path(args.root or card["recipe"]["data"]["root"])
     val = card["split"]["val"]
+    if not val:
+        raise SystemExit(
+            f"{args.checkpoint} was trained on every image (nothing held out); its estimate comes from "
+            "cross-validation of its recipe: .venv/bin/python benchmarks/segment_glas/cv.py"
+        )
     k, names, tile = card["num_classes"], card["classes"], int(card["tile_size"])
     contour = k == 3 and "contour" in str(names[2]).lower()
     if contour:
