@@ -90,6 +90,17 @@ def train_fold(model: str, fold: int, held_out: list[str], runs: Path, threads: 
     return ckpt
 
 
+def train_final(out: Path, threads: int = 1) -> Path:
+    """The bundled model's run: ``pathsam2/glas_cpu`` on all 85 images (what ``bundle.py`` ships)."""
+    if (out / "model.safetensors").is_file():
+        return out / "model.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"[cv] training the final model on every image → {out}", flush=True)
+    cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", MODELS["pathsam2"], "--out", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    return out / "model.safetensors"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=None, help="GlaS train folder (default: $PATHFM_SHARED_DATA/glas/train)")
@@ -100,6 +111,7 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train what is missing, do not score")
     ap.add_argument("--threads", type=int, default=1, help="threads per training process (1: no OpenMP spin-waits)")
     ap.add_argument("--parallel", type=int, default=2, help="training processes at a time (one per core)")
+    ap.add_argument("--final", action="store_true", help="also train the bundled model on every image first")
     ap.add_argument("--out", default=str(HERE / "cv_results"), help="results prefix (.json and .md)")
     args = ap.parse_args()
     shared = os.environ.get("PATHFM_SHARED_DATA")
@@ -114,7 +126,11 @@ def main() -> None:
     if not args.score_only:  # one queue of (model, fold) runs, --parallel at a time, each on its own core(s)
         jobs = [(m, f) for f in args.folds for m in args.models]
         with ThreadPoolExecutor(args.parallel) as pool:
-            for done in [pool.submit(train_fold, m, f, split[f], runs, args.threads) for m, f in jobs]:
+            futures = (
+                [pool.submit(train_final, runs.parent / "pathsam2_glas_cpu_final", args.threads)] if args.final else []
+            )
+            futures += [pool.submit(train_fold, m, f, split[f], runs, args.threads) for m, f in jobs]
+            for done in futures:
                 done.result()
     if args.train_only:
         return
