@@ -347,11 +347,13 @@ def build(recipe: Recipe):
     }
     if foundation:
         card["foundation_weights"] = foundation
-    if recipe.get("objects") is not None:  # the object settings `pathfm segment` uses with this model
+    # the object settings `pathfm segment` uses with this model: the recipe's, else (a fine-tune) the parent's
+    objects = recipe.get("objects") if recipe.get("objects") is not None else (init_card or {}).get("objects")
+    if objects is not None:
         from ...instances import object_options
 
         try:
-            card["objects"] = asdict(object_options(recipe.get("objects")))
+            card["objects"] = asdict(object_options(objects))
         except (TypeError, ValueError) as exc:
             raise RecipeError(where, f"objects: {exc}.", "See napari_pathfm.instances.ObjectOptions.") from None
     # the training images' stain (too few images, e.g. a fine-tune on painted tiles: the parent model's)
