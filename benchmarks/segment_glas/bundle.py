@@ -75,6 +75,7 @@ def main() -> None:
     card.update(
         {
             "weights_file": TARGET.name + ".safetensors",
+            "recipe_file": "training/pathsam2/glas_cpu.yaml",  # not this machine's absolute path
             "description": (
                 "Small Path-SAM2 for gland vs background in H&E (colon): random-init SAM2-style Hiera micro trunk "
                 "(no SAM2 weights), no UNI branch, KAN class prompts and heads, SAM-style decoder of width 128, "

@@ -11,8 +11,9 @@ What it does, in one run:
    do not change what a model gets) and nothing held out for model selection: the last weights are
    the fold's model;
 3. predicts every held-out image with the segment command's defaults
-   (:func:`napari_pathfm.pipelines.segment_image.segment_array`: flip averaging, hole filling, small
-   objects dropped, touching glands split), at the images' own 0.62 µm/px;
+   (:func:`napari_pathfm.pipelines.segment.segment_slide`, then the card's object settings through
+   :mod:`napari_pathfm.instances`: holes filled, small objects dropped, touching glands split), at the
+   images' own 0.62 µm/px (``cv_score.py``);
 4. scores each fold (pixel Dice of the gland class, GlaS object F1, object Dice, object Hausdorff)
    and reports the mean over folds with a 95% t-interval, plus the metrics pooled over all 85
    images, for both models side by side.
