@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,17 @@ def test_features_over_a_folder_reports_each_slide_and_resumes(wsi_dir, tmp_path
     assert bag.features.shape[0] == bag.coords.shape[0] > 10
     again = runner.invoke(app, args)
     assert "skipped" in again.output and "written 0" in again.output
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "training").glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_passes_the_train_preflight(recipe, shared_data, tmp_path, monkeypatch):
+    """``pathfm train`` checks the folders a recipe names before it starts; a long description (one
+    "word" over the file system's 255-character name limit) once crashed that check."""
+    from napari_pathfm.cli import _preflight_recipe
+
+    monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
+    given = tmp_path / "given.pt"  # what the user sets for recipes that name their own weights or data
+    given.write_bytes(b"")
+    for var in set(re.findall(r"\$\{(\w+)\}", recipe.read_text(encoding="utf-8"))) - {"PATHFM_SHARED_DATA"}:
+        monkeypatch.setenv(var, str(given))
+    _preflight_recipe(recipe, [], tmp_path / "run")

@@ -107,7 +107,18 @@ def _preflight(outputs, inputs=(), input_folders=(), need_bytes: int = 0) -> Non
     check_outputs(outputs, inputs, input_folders=input_folders, need_bytes=need_bytes)
 
 
-def _recipe_paths(config, skip=("output",)) -> list:
+def _names_a_path(text) -> bool:
+    """Whether a recipe string is an existing file or folder (a long description is not; it may not even be
+    a valid path: a part over the file system's name limit makes ``stat`` raise)."""
+    if not (isinstance(text, str) and text and len(text) < 4096 and ("/" in text or "." in text)):
+        return False
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _recipe_paths(config, skip=("output", "description")) -> list:
     """Every existing file or folder a recipe names (data folders, CSVs, weights): the run's inputs."""
     found = []
     if isinstance(config, dict):
@@ -117,13 +128,7 @@ def _recipe_paths(config, skip=("output",)) -> list:
     elif isinstance(config, list):
         for v in config:
             found += _recipe_paths(v, ())
-    elif (
-        isinstance(config, str)
-        and config
-        and len(config) < 4096
-        and ("/" in config or "." in config)
-        and Path(config).exists()
-    ):
+    elif _names_a_path(config):
         found.append(Path(config))
     return found
 
