@@ -44,6 +44,9 @@ def test_unet_baseline_trains_for_its_budget_and_segments(shared_data, tmp_path,
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in events if e["event"] == "batch"]
     assert 0 < len(steps) < 100, "the budget, not max_epochs (200), ended the run"
+    batches = [e for e in events if e["event"] == "batch"]
+    assert batches[-1]["total"] < 3 * len(steps) < 200, "progress: the total is the budget's, not 200 epochs'"
+    assert "CPU-minutes" in batches[-1]["message"] and "/200" not in batches[-1]["message"]
     # the cosine ran over the budget: the learning rate logged last is far below the start (1e-3)
     card = json.loads((out / "model.json").read_text())
     assert card["name"] == "resnet_unet" and card["objects"]["split_um"] == 35

@@ -82,15 +82,28 @@ class EngineCallback(L.Callback):
         self.start_epoch = trainer.current_epoch
 
     def _totals(self, trainer, batch_idx: int) -> tuple[int, int]:
+        """Batches done and expected. Under a CPU budget the run ends when the budget is spent, not at
+        ``max_epochs``, so the total is what the pace so far gives for the whole budget."""
         n = trainer.num_training_batches
         n = n if math.isfinite(n) else batch_idx + 1
-        return trainer.current_epoch * n + batch_idx + 1, n * (trainer.max_epochs or 1)
+        done, total = trainer.current_epoch * n + batch_idx + 1, n * (trainer.max_epochs or 1)
+        budget = _budget(trainer)
+        if budget is not None and budget.spent > 0:
+            total = min(total, max(done, round(done / min(budget.spent, 1.0))))
+        return done, total
+
+    def _epoch_text(self, trainer) -> str:
+        budget = _budget(trainer)
+        if budget is None:
+            return f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        used = min(budget.spent, 1.0) * 100
+        return f"epoch {trainer.current_epoch + 1} ({used:.0f}% of {budget.seconds / 60:g} CPU-minutes)"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done, total = self._last = self._totals(trainer, batch_idx)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         metrics = {"loss": float(loss)} if loss is not None else {}
-        msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}, batch {batch_idx + 1}/{trainer.num_training_batches}"
+        msg = f"{self._epoch_text(trainer)}, batch {batch_idx + 1}/{trainer.num_training_batches}"
         msg += f": loss {metrics['loss']:.4f}" if metrics else ""
         if trainer.is_global_zero:
             report(self.progress, done, total, msg)
@@ -116,7 +129,7 @@ class EngineCallback(L.Callback):
         self.epochs_run += 1
         if trainer.is_global_zero:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
-            msg = f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done: {shown}"
+            msg = f"{self._epoch_text(trainer)} done: {shown}"
             done, total = self._last
             report(self.progress, done, total, msg)
             self.emit(
@@ -130,3 +143,10 @@ class EngineCallback(L.Callback):
                     "message": msg,
                 }
             )
+
+
+def _budget(trainer):
+    """The run's :class:`~.budget.CPUBudget`, or None when it trains for ``max_epochs``."""
+    from .budget import CPUBudget
+
+    return next((c for c in trainer.callbacks if isinstance(c, CPUBudget)), None)
