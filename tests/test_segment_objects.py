@@ -59,8 +59,12 @@ def test_default_objects_are_the_instances_of_the_raw_map(bundled, glas_image):
     assert res.summary()["objects"] == n >= 3
     # no two objects touch: the 8-connected regions of the class map are the objects
     assert ndimage.label(res.labels > 0, structure=np.ones((3, 3)))[1] == n
-    # the split added objects the raw map had merged (train_12 has glands that touch in the prediction)
-    assert n >= ndimage.label(raw.labels > 0)[1] - 2
+    # the split added objects the raw map had merged (train_12 has glands that touch in the prediction):
+    # more objects than the raw map has regions of at least the minimum area (crumbs are dropped)
+    regions, k = ndimage.label(raw.labels > 0)
+    min_px = 575.0 / GLAS_MPP**2
+    large = int(np.count_nonzero(np.bincount(regions.ravel())[1:] >= min_px)) if k else 0
+    assert n > large, (n, large)
 
 
 def test_cli_writes_the_objects_to_ome_tiff_and_geojson(bundled, glas_image, tmp_path):
