@@ -11,8 +11,8 @@ measurements (count, area, intensity, texture).
 
 Models:
 
-- DAPI: ``lupi`` — the bundled ``haste-isl-dapi`` recipe (HASTE's LUPI nuclei net),
-  ``lupi_nodrop`` — the same with dropout 0 (the BatchNorm statistics problem in docs/translate.md),
+- DAPI: ``lupi`` — the bundled ``haste-isl-dapi`` recipe (HASTE's LUPI nuclei net, dropout 0),
+  ``lupi_dropout`` — the same with HASTE's dropout 0.2 (the BatchNorm statistics problem in docs/translate.md),
   ``unet`` — ``isl_dapi_l1_unet_cpu`` (plain U-Net, L1, same crops and augmentation);
 - MAP2 and NFH: ``gan`` — the bundled GAN recipe, ``unet`` — ``isl_<target>_l1_unet_cpu``.
 
@@ -42,7 +42,7 @@ ROWS = (768, 1024)
 MODELS = {
     "DAPI": {
         "lupi": ("training/translate/isl_dapi_lupi_cpu.yaml", []),
-        "lupi_nodrop": ("training/translate/isl_dapi_lupi_cpu.yaml", ["model.dropout=0"]),
+        "lupi_dropout": ("training/translate/isl_dapi_lupi_cpu.yaml", ["model.dropout=0.2"]),
         "unet": ("training/translate/isl_dapi_l1_unet_cpu.yaml", []),
     },
     "MAP2": {
