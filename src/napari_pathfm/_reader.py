@@ -1,4 +1,5 @@
-"""napari reader contribution: whole slides as multiscale RGB layers, z-stacks with a Z slider.
+"""napari reader contribution: whole slides as multiscale RGB layers, z-stacks with a Z slider,
+QuPath GeoJSON / ASAP XML annotations as a Labels layer on their slide.
 
 Following napari's convention, ``napari_get_reader`` returns ``None`` for paths it
 cannot read (so another plugin can try) and never raises into napari.
@@ -29,6 +30,8 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
             return None
         path = path[0]
     p = Path(path)
+    if _annotation_format(p):
+        return read_annotations_layer
     if _is_zstack(p):
         return read_zstack
     if p.is_dir() and p.suffix.lower() != ".mrxs":
@@ -114,3 +117,100 @@ def read_zstack(path: str | list[str]) -> list[LayerData]:
     if isinstance(path, (list, tuple)):
         path = path[0]
     return zstack_layer_data(Path(path))
+
+
+def _annotation_format(p: Path) -> str | None:
+    from .io.annotations import annotation_format
+
+    return annotation_format(p)
+
+
+def _slide_for(p: Path) -> tuple[float | None, tuple[int, int] | None]:
+    """µm/px and level-0 ``(height, width)`` of the slide an annotation file belongs to.
+
+    The slide open in the current viewer (the one named like the file if there are several), else
+    a slide file next to it with the same stem (QuPath writes ``slide.geojson`` or
+    ``slide.svs.geojson``); ``(None, None)`` when there is neither.
+    """
+    stem = p.name.split(".")[0]
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # noqa: BLE001 - no viewer (a script, a test): look next to the file
+        viewer = None
+    slides = [layer for layer in (viewer.layers if viewer else []) if "pathfm_slide" in (layer.metadata or {})]
+    slides.sort(key=lambda layer: Path(str(layer.metadata.get("pathfm_path", ""))).name.split(".")[0] != stem)
+    if slides:
+        layer = slides[0]
+        data = layer.data[0] if layer.multiscale else layer.data
+        mpp = (layer.metadata["pathfm_slide"] or {}).get("mpp")
+        return (float(mpp) if mpp else None), (int(data.shape[0]), int(data.shape[1]))
+    from .io.slide import SLIDE_SUFFIXES, open_slide
+
+    for candidate in sorted(p.parent.glob(f"{stem}.*")):
+        if candidate.suffix.lower() in SLIDE_SUFFIXES and candidate != p:
+            try:
+                with open_slide(candidate) as slide:
+                    return slide.mpp, tuple(int(s) for s in slide.level_shapes[0][:2])
+            except Exception:  # noqa: BLE001 - not a slide after all: annotations stay in pixels
+                log.info("napari-pathfm: %s is not a readable slide", candidate)
+    return None, None
+
+
+def annotation_layer_data(path: str | Path, mpp: float | None, slide_shape: tuple[int, int] | None) -> LayerData:
+    """LayerData of a QuPath GeoJSON / ASAP XML file: one label per object, placed on the slide.
+
+    Labels cover the annotations' bounding box (level 0 when it fits, else a power-of-two
+    downsample, :func:`~napari_pathfm.io.annotations.label_grid`), at the slide's µm scale when
+    ``mpp`` is known; the layer's ``classes`` metadata and features name each object's class and its
+    colours are the file's, so saving the layer as GeoJSON/XML writes the same classes back.
+    """
+    import numpy as np
+
+    from .colors import class_colors
+    from .io.annotations import annotations_to_labels, label_grid, read_annotations
+
+    p = Path(path)
+    found = read_annotations(p)
+    bounds = found.bounds() or (0.0, 0.0, 1.0, 1.0)
+    ds, (y0, x0), shape = label_grid(bounds, slide_shape)
+    labels, classes, colors = annotations_to_labels(found, shape, downsample=ds, offset=(y0, x0))
+    names = dict(enumerate(sorted(set(classes.values())), start=1))
+    by_name = {names[i]: rgb for i, rgb in class_colors(names).items()}  # classes without a colour in the file
+    clear = [0.0, 0.0, 0.0, 0.0]
+    colormap = {None: clear, 0: clear}
+    colormap.update(
+        {k: [c / 255 for c in colors.get(k) or by_name.get(n, (128, 128, 128))] + [1.0] for k, n in classes.items()}
+    )
+    unit = mpp or 1.0
+    keys = sorted(classes)
+    kwargs = {
+        "name": p.name,
+        "scale": (unit * ds, unit * ds),
+        "translate": ((y0 + (ds - 1) / 2) * unit, (x0 + (ds - 1) / 2) * unit),
+        "units": layer_units(mpp),
+        "axis_labels": ("y", "x"),
+        "colormap": colormap,
+        "features": {"index": [0, *keys], "class": ["", *[classes[k] for k in keys]]},
+        "metadata": {
+            "classes": classes,
+            "class_colors": found.class_colors(),  # the file's class colours, which the writers keep
+            "downsample": ds,
+            "pathfm_kind": "annotations",
+            "pathfm_source": str(p),
+            "pathfm_skipped": dict(found.skipped),
+        },
+    }
+    if found.skipped:
+        log.info("napari-pathfm: %s: left out %s (not areas)", p.name, found.skipped)
+    return (np.asarray(labels), kwargs, "labels")
+
+
+def read_annotations_layer(path: str | list[str]) -> list[LayerData]:
+    """napari reader: a QuPath GeoJSON or ASAP XML file as a Labels layer on its slide."""
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    p = Path(path)
+    mpp, shape = _slide_for(p)
+    return [annotation_layer_data(p, mpp, shape)]

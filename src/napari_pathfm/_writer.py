@@ -1,4 +1,4 @@
-"""napari writer contributions: Labels → OME-TIFF or QuPath GeoJSON; Images → pyramidal OME-TIFF.
+"""napari writer contributions: Labels → OME-TIFF, QuPath GeoJSON or ASAP XML; Images → pyramidal OME-TIFF.
 
 Layers made by napari-pathfm carry ``metadata["downsample"]`` (level-0 px per layer px)
 and are scaled in µm, so GeoJSON comes out in level-0 pixel coordinates of the slide,
@@ -51,7 +51,7 @@ def _layer_colors(attributes: dict, values: list[int]) -> dict[int, tuple[int, i
 
 
 def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
-    """Save a Labels layer as ``.ome.tif`` (pyramidal, class names kept) or ``.geojson`` (QuPath)."""
+    """Save a Labels layer as ``.ome.tif`` (pyramidal, class names kept), ``.geojson`` (QuPath) or ``.xml`` (ASAP)."""
     import numpy as np
 
     from .io.geojson import write_geojson
@@ -62,12 +62,18 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     classes = meta.get("classes") or {int(v): f"class {int(v)}" for v in np.unique(labels) if v}
     classes = {int(k): str(v) for k, v in classes.items()}
     ds, mpp, offset = _geometry(attributes)
-    if path.lower().endswith(".geojson"):
+    if path.lower().endswith((".geojson", ".xml")):
         from .colors import class_colors
+        from .io.annotations import UNCLASSIFIED, write_asap_xml
 
         fg = {k: v for k, v in classes.items() if k != 0}
-        colors = {**class_colors(classes), **_layer_colors(attributes, sorted(fg))}
-        return [str(write_geojson(path, labels, fg, downsample=ds, offset=offset, colors=colors))]
+        colors = {**class_colors(classes, meta.get("class_colors")), **_layer_colors(attributes, sorted(fg))}
+        if path.lower().endswith(".xml"):
+            return [str(write_asap_xml(path, labels, fg, downsample=ds, offset=offset, colors=colors))]
+        # an object layer (annotations read from a file, segmentation objects): one feature per object
+        objects = meta.get("pathfm_kind") in {"annotations", "segment_objects"}
+        extra = {"per_value": True, "unclassified": UNCLASSIFIED} if objects else {}
+        return [str(write_geojson(path, labels, fg, downsample=ds, offset=offset, colors=colors, **extra))]
     return [
         str(write_ome_tiff(path, labels, mpp=mpp, is_labels=True, class_names=classes, metadata={"downsample": ds}))
     ]

@@ -223,6 +223,8 @@ def labels_to_geojson(
     simplify_tolerance: float = 0.0,
     connectivity: int = 1,
     background: int = 0,
+    per_value: bool = False,
+    unclassified: str | None = None,
 ) -> dict:
     """Trace every region of every class of a 2-D label image into a GeoJSON FeatureCollection.
 
@@ -237,6 +239,10 @@ def labels_to_geojson(
     simplify_tolerance : Douglas-Peucker tolerance in label pixels; 0 keeps polygons exact.
     connectivity : 1: one Polygon per 4-connected region; 2: regions touching diagonally
         form one MultiPolygon feature.
+    per_value : every region of a value in one (Multi)Polygon feature: for object images, where a
+        value is one object (an annotation read from QuPath as a MultiPolygon stays one).
+    unclassified : features of the class with this name get no ``classification`` (QuPath's
+        unclassified objects).
 
     Examples
     --------
@@ -260,7 +266,10 @@ def labels_to_geojson(
         value = int(value)
         mask = labels == value
         comp4, _ = ndimage.label(mask)
-        groups = comp4 if connectivity == 1 else ndimage.label(mask, np.ones((3, 3), int))[0]
+        if per_value:
+            groups = mask.astype(np.int32)
+        else:
+            groups = comp4 if connectivity == 1 else ndimage.label(mask, np.ones((3, 3), int))[0]
         areas = np.bincount(groups.ravel())
         shells: dict[int, list] = {}
         holes: dict[int, list] = {}
@@ -293,6 +302,8 @@ def labels_to_geojson(
             )
             classification = {"name": names.get(value, f"class {value}"), "color": class_color(value, colors)}
             properties = {"objectType": "annotation", "classification": classification, "label": value}
+            if unclassified is not None and classification["name"] == unclassified:
+                del properties["classification"]
             features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     return {"type": "FeatureCollection", "features": features}
 
