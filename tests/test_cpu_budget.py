@@ -20,6 +20,14 @@ def test_cosine_factor_over_the_budget():
     assert budget_lr_factor(2.0) == 0.0 and budget_lr_factor(-1) == 1.0
 
 
+def test_warmup_rises_linearly_then_the_cosine_runs_over_the_rest():
+    assert budget_lr_factor(0.0, warmup=0.1) == pytest.approx(1e-3)
+    assert budget_lr_factor(0.05, warmup=0.1) == pytest.approx(0.5)
+    assert budget_lr_factor(0.1, warmup=0.1) == 1.0
+    assert budget_lr_factor(0.55, warmup=0.1) == pytest.approx(0.5)  # half-way through the cosine part
+    assert budget_lr_factor(1.0, warmup=0.1) == 0.0
+
+
 def test_unet_baseline_trains_for_its_budget_and_segments(shared_data, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -4,8 +4,8 @@ Comparing two models "with the same budget" on a shared machine needs a clock th
 not move: the training process's own CPU time (:func:`time.process_time`, all its threads), which
 is what a model costs on a given CPU whatever else runs beside it. :class:`CPUBudget` stops the
 run once that much CPU time is used and, with ``optim.scheduler: cosine``, sets the learning rate
-before every step to the cosine of the fraction of the budget spent, so each model gets a whole
-schedule however fast its steps are. The time used survives a resume (it is in ``last.ckpt``).
+before every step to the cosine of the fraction of the budget spent (after an optional linear
+warm-up, ``optim.warmup_fraction``), so each model gets a whole schedule however fast its steps are. The time used survives a resume (it is in ``last.ckpt``).
 """
 
 from __future__ import annotations
@@ -18,14 +18,23 @@ import lightning as L
 __all__ = ["CPUBudget", "budget_lr_factor"]
 
 
-def budget_lr_factor(spent: float) -> float:
-    """Cosine factor of the base learning rate when ``spent`` (0–1) of the budget is used.
+def budget_lr_factor(spent: float, warmup: float = 0.0) -> float:
+    """Factor of the base learning rate when ``spent`` (0–1) of the budget is used.
+
+    A linear warm-up over the first ``warmup`` share of the budget (a randomly initialised
+    transformer diverges or collapses when it starts at a high rate), then a cosine to 0 over the rest.
 
     >>> budget_lr_factor(0.0), budget_lr_factor(0.5), budget_lr_factor(1.0)
     (1.0, 0.5, 0.0)
+    >>> budget_lr_factor(0.05, warmup=0.1), budget_lr_factor(0.1, warmup=0.1)
+    (0.5, 1.0)
     """
     spent = min(max(float(spent), 0.0), 1.0)
-    return round(0.5 * (1.0 + math.cos(math.pi * spent)), 12)
+    warmup = min(max(float(warmup), 0.0), 0.99)
+    if spent < warmup:
+        return round(max(spent / warmup, 1e-3), 12)
+    rest = (spent - warmup) / (1.0 - warmup)
+    return round(0.5 * (1.0 + math.cos(math.pi * rest)), 12)
 
 
 class CPUBudget(L.Callback):
@@ -36,13 +45,15 @@ class CPUBudget(L.Callback):
     minutes : float
         CPU minutes (all threads of this process) the training steps may use.
     cosine : bool
-        Set every parameter group's LR to ``base_lr * budget_lr_factor(spent)`` before each step.
+        Set every parameter group's LR to ``base_lr * budget_lr_factor(spent, warmup)`` before each step.
+    warmup : float
+        Share of the budget over which the LR rises linearly from 0 (with ``cosine``).
     """
 
-    def __init__(self, minutes: float, cosine: bool = False):
+    def __init__(self, minutes: float, cosine: bool = False, warmup: float = 0.0):
         if not minutes or minutes <= 0:
             raise ValueError(f"the CPU budget must be positive, got {minutes} minutes")
-        self.seconds, self.cosine = float(minutes) * 60.0, bool(cosine)
+        self.seconds, self.cosine, self.warmup = float(minutes) * 60.0, bool(cosine), float(warmup or 0.0)
         self.used = 0.0  # CPU seconds of earlier (resumed) runs
         self._t0: float | None = None
         self._base: list[float] = []
@@ -66,7 +77,7 @@ class CPUBudget(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if not self.cosine:
             return
-        factor = budget_lr_factor(self.spent)
+        factor = budget_lr_factor(self.spent, self.warmup)
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         for group, base in zip(groups, self._base):
             group["lr"] = base * factor

@@ -200,7 +200,8 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
         dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
     )
     budget = recipe.get("trainer.cpu_budget_minutes")
-    first = [events] + ([CPUBudget(budget, cosine=recipe.get("optim.scheduler") == "cosine")] if budget else [])
+    cosine, warmup = recipe.get("optim.scheduler") == "cosine", recipe.get("optim.warmup_fraction") or 0.0
+    first = [events] + ([CPUBudget(budget, cosine=cosine, warmup=warmup)] if budget else [])
     if not has_val:
         return [*first, last], last, None
     monitor, mode = es["monitor"], es["mode"]

@@ -58,6 +58,9 @@ SCHEMA: dict[str, Field] = {
     "optim.weight_decay": Field(_NUM, 0.0, "Weight decay."),
     "optim.momentum": Field(_NUM, 0.9, "Momentum (SGD only)."),
     "optim.scheduler": Field((str,), "none", "Learning-rate schedule over max_epochs.", ("none", "cosine")),
+    "optim.warmup_fraction": Field(
+        _NUM, 0.0, "With trainer.cpu_budget_minutes and cosine: share of the budget with a linear LR warm-up."
+    ),
     "trainer.max_epochs": Field((int,), 10, "Epochs to train in total (a resumed run continues up to this)."),
     "trainer.batch_size": Field((int,), 32, "Images per batch (per device)."),
     "trainer.num_workers": Field((int,), 0, "Data-loading worker processes."),

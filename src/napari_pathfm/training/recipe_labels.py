@@ -17,6 +17,7 @@ FIELD_LABELS: dict[str, tuple[str, str]] = {
     "optim.weight_decay": ("Weight decay", ""),
     "optim.momentum": ("Momentum", ""),
     "optim.scheduler": ("Learning-rate schedule", ""),
+    "optim.warmup_fraction": ("Warm-up share of the CPU budget", ""),
     "optim.trainable": ("Layers trained", ""),
     "optim.lookahead_k": ("Lookahead steps", "batches"),
     "optim.lookahead_alpha": ("Lookahead step size", ""),
