@@ -32,10 +32,12 @@ from .atomic import atomic_path
 from .geojson import _fill, labels_to_geojson
 
 __all__ = [
+    "ANNOTATION_SUFFIXES",
     "EXCLUSION_GROUPS",
     "UNCLASSIFIED",
     "Annotation",
     "AnnotationSet",
+    "annotation_class_map",
     "annotation_format",
     "annotations_to_labels",
     "label_grid",
@@ -347,3 +349,37 @@ def label_grid(
     while np.ceil(h / ds) * np.ceil(w / ds) > max_pixels:
         ds *= 2
     return float(ds), (top, left), (int(np.ceil(h / ds)), int(np.ceil(w / ds)))
+
+
+#: Mask files that are annotation files (a segmentation data folder's masks/ may hold these).
+ANNOTATION_SUFFIXES = (".geojson", ".json", ".xml")
+
+
+def annotation_class_map(path: str | os.PathLike, shape: tuple[int, int], class_names: Sequence[str]) -> np.ndarray:
+    """A class-index mask (uint8) of the annotation file ``path`` drawn on an image of ``shape`` pixels.
+
+    Annotation coordinates are the image's pixels (what QuPath writes for an image it opened);
+    each object's class is looked up by name in ``class_names`` (case-insensitively; index 0 is
+    the background, which is also what no annotation covers). QuPath's unclassified objects are
+    class 1 when there is a single foreground class.
+
+    Raises
+    ------
+    PathFMError
+        An object's class is not among ``class_names`` (the message names the file and the class).
+    """
+    found = read_annotations(path)
+    lookup = {str(n).lower(): i for i, n in enumerate(class_names)}
+    labels, classes, _ = annotations_to_labels(found, shape)
+    lut = np.zeros(len(classes) + 1, np.uint8)
+    for value, name in classes.items():
+        index = lookup.get(name.lower())
+        if index is None and name == UNCLASSIFIED and len(class_names) == 2:
+            index = 1
+        if index is None:
+            raise PathFMError(
+                f"{path}: an object has class {name!r}, which is not one of the classes {list(class_names)}; "
+                "rename the class where the annotations were made or add it to data.classes"
+            )
+        lut[value] = index
+    return lut[labels]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RecipeError
+from ..io.annotations import ANNOTATION_SUFFIXES, annotation_class_map
 from .gland_targets import contour_target
 from .recipe_fields import IMAGE_EXTENSIONS
 
@@ -61,6 +62,22 @@ def read_rgb(path: str | Path) -> np.ndarray:
         a = arr[..., 3:4].astype(np.float32) / 255.0
         arr = np.round(arr[..., :3] * a + 255.0 * (1.0 - a)).astype(np.uint8)
     return np.ascontiguousarray(arr)
+
+
+def is_annotation(path: Path) -> bool:
+    """Whether a mask file is an annotation file (QuPath GeoJSON / ASAP XML) rather than an image."""
+    return path.suffix.lower() in ANNOTATION_SUFFIXES
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception:  # noqa: BLE001 - Pillow cannot read every TIFF: read the pixels
+        return read_rgb(path).shape[:2]
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -231,7 +248,7 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
                 "A segmentation data folder holds images/ and masks/ with one mask per image of the same name.",
             )
     exts = _exts(extensions)
-    images, masks = _files(images_dir, exts), _files(masks_dir, exts)
+    images, masks = _files(images_dir, exts), _files(masks_dir, exts | set(ANNOTATION_SUFFIXES))
     if not images:
         raise RecipeError(images_dir, f"contains no images with suffixes {sorted(exts)}.", "Check data.root.")
     lonely = sorted(set(images) - set(masks))
@@ -242,7 +259,8 @@ def find_pairs(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -
         raise RecipeError(
             masks_dir,
             f"has no mask for {len(lonely)} image(s): {shown}.",
-            "Add masks with the same file name (any of PNG/TIFF/JPG) or remove those images.",
+            "Add masks with the same file name (PNG/TIFF/JPG, or QuPath GeoJSON / ASAP XML annotations) "
+            "or remove those images.",
         )
     return [(n, images[n], masks[n]) for n in sorted(images, key=_natural)]
 
@@ -349,14 +367,19 @@ class _Store:
     ):
         self.num_classes, self.ignore_index, self.in_memory = num_classes, ignore_index, in_memory
         self.contour_width = int(contour_width or 0)  # > 0: gland contours become class 2 (gland_targets)
+        self.class_names: list[str] | None = None  # data.classes: annotation-file masks name their classes
         self.masks: dict[Path, np.ndarray] = {}
         self.images: dict[Path, np.ndarray] = {}
 
     def mask(self, item: SegItem) -> np.ndarray:
         m = self.masks.get(item.mask)
         if m is None:
-            raw = read_mask(item.mask)
-            m = mask_to_classes(raw, item.mask_format, self.num_classes, item.mask_values, self.ignore_index, item.mask)
+            if is_annotation(item.mask):  # QuPath / ASAP shapes in the image's pixels, classes by name
+                m = annotation_class_map(item.mask, image_size(item.image), self.class_names or ["background", "fg"])
+            else:
+                raw = read_mask(item.mask)
+                fmt, values = item.mask_format, item.mask_values
+                m = mask_to_classes(raw, fmt, self.num_classes, values, self.ignore_index, item.mask)
             m = resize(m, item.scale, labels=True)
             if self.contour_width and not item.extra:  # corrections already carry the model's classes
                 m = contour_target(m, self.contour_width, self.ignore_index)
