@@ -212,6 +212,9 @@ SEGMENT: dict[str, Field] = {
     ),
     "data.augment": Field((bool,), True, "Random flips and 90-degree rotations of training crops."),
     "data.color_jitter": Field(_NUM, 0.1, "Brightness/contrast/saturation jitter strength (0 turns it off)."),
+    "data.stain_jitter": Field(
+        _NUM, 0.0, "HED stain augmentation: each stain's amount scaled/shifted by up to this share (0 turns it off)."
+    ),
     "data.in_memory": Field((bool,), True, "Keep decoded images in memory after first use."),
     "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image and mask file suffixes to use."),
     "trainer.batch_size": Field((int,), 4, "Training crops per batch; also tiles per forward pass in validation."),

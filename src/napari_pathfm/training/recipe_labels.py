@@ -55,6 +55,7 @@ FIELD_LABELS: dict[str, tuple[str, str]] = {
     "data.split_file": ("Split file", ""),
     "data.augment": ("Flips and rotations", ""),
     "data.color_jitter": ("Colour jitter", "strength"),
+    "data.stain_jitter": ("Stain (HED) jitter", "strength"),
     "data.mpp": ("Resolution of the images", "µm/px"),
     "data.input_mpp": ("Resolution", "µm/px"),
     "data.mean": ("Normalisation mean", "RGB, 0–1"),

@@ -27,9 +27,11 @@ from .segment_data import (
     _Store,
     _values_text,
     find_pairs,
+    is_annotation,
     read_mask,
     split_names,
 )
+from .stain_augment import hed_jitter
 
 __all__ = ["CORRECTIONS_META", "FOLDER_META", "SegmentDataModule", "SegmentImageDataset", "SegmentTileDataset"]
 
@@ -53,8 +55,10 @@ class SegmentTileDataset(Dataset):
         samples_per_image: int = 1,
         augment: bool = True,
         color_jitter: float = 0.0,
+        stain_jitter: float = 0.0,
     ):
         self.store, self.tile, self.augment, self.color_jitter = store, int(tile), bool(augment), float(color_jitter)
+        self.stain_jitter = float(stain_jitter)  # HED stain augmentation (training/stain_augment.py)
         self.index = [it for it in items for _ in range(max(1, int(samples_per_image)) * max(1, int(it.repeat)))]
         self.items = items
 
@@ -77,7 +81,7 @@ class SegmentTileDataset(Dataset):
             img, msk = np.rot90(img, k), np.rot90(msk, k)
             if rng.random() < 0.5:
                 img, msk = img[:, ::-1], msk[:, ::-1]
-            img = _jitter(img, self.color_jitter, rng)
+            img = _jitter(hed_jitter(np.ascontiguousarray(img), self.stain_jitter, rng), self.color_jitter, rng)
         return {
             "image": torch.from_numpy(np.array(img)),  # a copy: never a view of the cached image
             "mask": torch.from_numpy(msk.astype(np.int64)),
@@ -197,6 +201,7 @@ class SegmentDataModule(L.LightningDataModule):
         if num_classes is None and names:
             num_classes = len(names)
         self.store.num_classes = num_classes  # known: each mask is checked against it, naming the file
+        self.store.class_names = [str(n) for n in names] if names else None
         self._check_masks()
         self.num_classes = self._num_classes(num_classes)
         self.store.num_classes = self.num_classes
@@ -231,8 +236,9 @@ class SegmentDataModule(L.LightningDataModule):
             SegItem(n, i, m, folder, scale, repeat, fmt, meta.get("mask_values"), extra, meta) for n, i, m in pairs
         ]
         if fmt == "auto":  # one decision per folder: 0/255 everywhere = binary, else class indices
-            binary = all(set(np.unique(read_mask(it.mask)).tolist()) <= {0, 255} for it in items)
-            for it in items:
+            raster = [it for it in items if not is_annotation(it.mask)]  # annotation files name their classes
+            binary = all(set(np.unique(read_mask(it.mask)).tolist()) <= {0, 255} for it in raster)
+            for it in raster:
                 it.mask_format = "binary" if binary and not it.mask_values else "index"
         return items
 
@@ -304,6 +310,7 @@ class SegmentDataModule(L.LightningDataModule):
             self.cfg.get("samples_per_image", 1),
             self.cfg.get("augment", True),
             self.cfg.get("color_jitter", 0.0),
+            self.cfg.get("stain_jitter", 0.0),
         )
 
     def val_dataset(self) -> SegmentImageDataset:
