@@ -40,7 +40,9 @@ __all__ = [
     "annotation_class_map",
     "annotation_format",
     "annotations_to_labels",
+    "class_index",
     "label_grid",
+    "labels_to_annotations",
     "read_annotations",
     "write_asap_xml",
 ]
@@ -369,17 +371,46 @@ def annotation_class_map(path: str | os.PathLike, shape: tuple[int, int], class_
         An object's class is not among ``class_names`` (the message names the file and the class).
     """
     found = read_annotations(path)
-    lookup = {str(n).lower(): i for i, n in enumerate(class_names)}
     labels, classes, _ = annotations_to_labels(found, shape)
     lut = np.zeros(len(classes) + 1, np.uint8)
     for value, name in classes.items():
-        index = lookup.get(name.lower())
-        if index is None and name == UNCLASSIFIED and len(class_names) == 2:
-            index = 1
-        if index is None:
-            raise PathFMError(
-                f"{path}: an object has class {name!r}, which is not one of the classes {list(class_names)}; "
-                "rename the class where the annotations were made or add it to data.classes"
-            )
-        lut[value] = index
+        lut[value] = class_index(name, class_names, path, "data.classes")
     return lut[labels]
+
+
+def class_index(name: str, class_names: Sequence[str], path: str | os.PathLike = "", where: str = "the classes") -> int:
+    """Index of an annotation's class among a model's ``class_names`` (case-insensitive).
+
+    QuPath's unclassified objects are class 1 when there is a single foreground class.
+
+    >>> class_index("gland", ["background", "Gland"]), class_index(UNCLASSIFIED, ["bg", "tumour"])
+    (1, 1)
+    """
+    lookup = {str(n).lower(): i for i, n in enumerate(class_names)}
+    index = lookup.get(str(name).lower())
+    if index is None and name == UNCLASSIFIED and len(class_names) == 2:
+        index = 1
+    if index is None:
+        raise PathFMError(
+            f"{path}: an object has class {name!r}, which is not one of the classes {list(class_names)}; "
+            f"rename the class where the annotations were made or add it to {where}"
+        )
+    return index
+
+
+def labels_to_annotations(
+    labels: np.ndarray,
+    classes: dict[int, str],
+    *,
+    downsample: float = 1.0,
+    offset: Sequence[float] = (0, 0),
+    source: str | os.PathLike = "layer",
+) -> AnnotationSet:
+    """The objects of a label image (``{label: class}``) as an :class:`AnnotationSet` in level-0 pixels.
+
+    What an annotations layer holds after the user edited it, in the form :func:`read_annotations`
+    gives: one object per label value, traced along pixel edges.
+    """
+    fc = labels_to_geojson(labels, classes, downsample=downsample, offset=offset, per_value=True)
+    items, skipped = _geojson_items(fc, Path(source))
+    return AnnotationSet(items, Path(source), "geojson", skipped)

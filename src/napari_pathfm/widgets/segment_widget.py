@@ -102,6 +102,9 @@ class SegmentWidget(TaskDock):
         self.restore_btn.setToolTip("Put the corrections saved for this slide (earlier sessions) back into the mask")
         self.restore_btn.setEnabled(False)
         self.restore_btn.clicked.connect(self.restore_corrections)
+        self.seed_btn = QPushButton("From annotations")
+        self.seed_btn.setToolTip("Draw an opened QuPath/ASAP annotation layer's objects into the mask as corrections")
+        self.seed_btn.clicked.connect(self.corrections_from_annotations)
         self.log_btn = QPushButton("Show log")
         self.log_btn.setToolTip("What the last fine-tune reported (training events and the error, if any)")
         self.log_btn.setEnabled(False)
@@ -129,6 +132,7 @@ class SegmentWidget(TaskDock):
         corr_row = QHBoxLayout()
         corr_row.addWidget(self.record)
         corr_row.addWidget(self.restore_btn)
+        corr_row.addWidget(self.seed_btn)
         layout.addLayout(corr_row)
         layout.addLayout(tune_row)
         log_row = QHBoxLayout()
@@ -343,6 +347,12 @@ class SegmentWidget(TaskDock):
             self.status.setText(f"Restored {len(names)} corrected tiles from {recorder.folder}.")
 
         return self.start_task(job, description="Restore corrections", on_done=done)
+
+    def corrections_from_annotations(self):
+        """Opened QuPath/ASAP annotation layers drawn into the mask as corrections (worker); returns the worker."""
+        from ._annotation_corrections import start_corrections_from_annotations
+
+        return start_corrections_from_annotations(self)
 
     # -- fine-tune --------------------------------------------------------------------------
     def finetune(self):
