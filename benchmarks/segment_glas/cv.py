@@ -31,7 +31,6 @@ Results: ``benchmarks/segment_glas/cv_results.json`` and ``cv_results.md`` (the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -54,33 +53,19 @@ def folds(names: list[str], k: int = K) -> list[list[str]]:
     return [[n for n in names if fold_of(n, k) == f] for f in range(k)]
 
 
-SECTIONS = ("seed", "model", "data", "objects", "loss", "optim", "trainer")
-
-
-def _same_recipe(card_recipe: dict, recipe: dict) -> bool:
-    """Whether a finished fold was trained with what the recipe says now (output folders aside)."""
-    return all(
-        json.dumps(card_recipe.get(k), sort_keys=True) == json.dumps(recipe.get(k), sort_keys=True) for k in SECTIONS
-    )
-
-
 def train_fold(model: str, fold: int, held_out: list[str], runs: Path, threads: int = 1) -> Path:
     """Train ``model``'s recipe without ``held_out``; the fold's checkpoint. A finished fold is reused
     only when it was trained with the recipe as it is now; otherwise its folder is set aside
     (renamed ``*.stale-<time>``) and the fold is trained again."""
     from napari_pathfm.training.recipes import load_recipe
+    from napari_pathfm.training.runs import reusable_run
 
     out = runs / model / f"fold_{fold}"
     ckpt = out / "model.safetensors"
     names = "[" + ", ".join(held_out) + "]"
     sets = [f"data.val_names={names}", "trainer.limit_val_batches=0"]
-    if ckpt.is_file():
-        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
-        if _same_recipe(card.get("recipe") or {}, load_recipe(MODELS[model], sets).config):
-            return ckpt
-        stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"[cv] {out} was trained with another recipe: moved to {stale.name}, training again", flush=True)
-        out.rename(stale)
+    if reusable_run(out, load_recipe(MODELS[model], sets).config, label="cv"):
+        return ckpt
     cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", MODELS[model], "--out", str(out)]
     cmd += [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()

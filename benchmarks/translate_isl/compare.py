@@ -54,7 +54,6 @@ MODELS = {
         "unet": ("training/translate/isl_nfh_l1_unet_cpu.yaml", []),
     },
 }
-SECTIONS = ("seed", "model", "data", "loss", "optim", "trainer")
 
 
 def budget_sets(minutes: float) -> list[str]:
@@ -68,27 +67,17 @@ def budget_sets(minutes: float) -> list[str]:
     ]
 
 
-def _same_recipe(card_recipe: dict, recipe: dict) -> bool:
-    return all(
-        json.dumps(card_recipe.get(k), sort_keys=True) == json.dumps(recipe.get(k), sort_keys=True) for k in SECTIONS
-    )
-
-
 def train(target: str, model: str, minutes: float, runs: Path, threads: int = 1) -> Path:
     """Train one model of ``target`` (or reuse a finished run of the same recipe); its checkpoint."""
     from napari_pathfm.training.recipes import load_recipe
+    from napari_pathfm.training.runs import reusable_run
 
     recipe, extra = MODELS[target][model]
     sets = budget_sets(minutes) + extra
     out = runs / target / model
     ckpt = out / "model.safetensors"
-    if ckpt.is_file():
-        card = json.loads((out / "model.json").read_text(encoding="utf-8"))
-        if _same_recipe(card.get("recipe") or {}, load_recipe(recipe, sets).config):
-            return ckpt
-        stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        print(f"[translate] {out} was trained with another recipe: moved to {stale.name}", flush=True)
-        out.rename(stale)
+    if reusable_run(out, load_recipe(recipe, sets).config, label="translate"):
+        return ckpt
     cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", recipe, "--out", str(out), "--device", "cpu"]
     cmd += [a for s in sets for a in ("--set", s)]
     print(f"[translate] training {target} {model} → {out}", flush=True)

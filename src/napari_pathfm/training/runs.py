@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["TAIL_BYTES", "RunInfo", "parse_event_line", "read_run", "scan_runs"]
+__all__ = ["RECIPE_SECTIONS", "TAIL_BYTES", "RunInfo", "parse_event_line", "read_run", "reusable_run", "scan_runs"]
 
 TAIL_BYTES = 64 * 1024
 MARKERS = ("events.jsonl", "last.ckpt", "model.safetensors")
@@ -136,3 +136,55 @@ def scan_runs(parent: str | Path, running: Path | None = None) -> list[RunInfo]:
             if info is not None:
                 runs.append(info)
     return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+#: The parts of a recipe that decide what a run trains (its output folder and description aside).
+RECIPE_SECTIONS = ("seed", "model", "data", "objects", "loss", "optim", "trainer")
+_ABSENT = object()
+
+
+def _same_section(trained: dict | None, now: dict | None, defaults: dict) -> bool:
+    """Equal, where a key the earlier run did not record counts as its default (a recipe key added later
+    with a default that keeps the old behaviour does not make every earlier run stale)."""
+    if not isinstance(trained, dict) or not isinstance(now, dict):
+        return json.dumps(trained, sort_keys=True) == json.dumps(now, sort_keys=True)
+    for key in set(trained) | set(now):
+        a, b = trained.get(key, _ABSENT), now.get(key, _ABSENT)
+        a = defaults.get(key, _ABSENT) if a is _ABSENT else a
+        b = defaults.get(key, _ABSENT) if b is _ABSENT else b
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            return False
+    return True
+
+
+def reusable_run(out: str | Path, config: dict, label: str = "run") -> bool:
+    """Whether ``out`` holds a finished model trained with the recipe ``config`` (as loaded now).
+
+    A benchmark that trains many models (cross-validation folds, same-budget comparisons) reuses a
+    finished one only when its card's recipe says it was trained as the recipe says now
+    (:data:`RECIPE_SECTIONS`). A finished folder trained otherwise is set aside as ``<name>.stale-<time>``
+    (never deleted: it is somebody's CPU time) so a new run can take its place; an unfinished one is
+    left for the new run to resume.
+    """
+    from .recipe_fields import SCHEMA, family_fields
+
+    out = Path(out)
+    card_path = out / "model.json"
+    if not ((out / "model.safetensors").is_file() and card_path.is_file()):
+        return False  # nothing finished there: training into it resumes from its last.ckpt
+    trained = (json.loads(card_path.read_text(encoding="utf-8")).get("recipe")) or {}
+    fields = {**SCHEMA, **(family_fields(config["family"]) if config.get("family") else {})}
+    same = all(
+        _same_section(
+            trained.get(section),
+            config.get(section),
+            {k.split(".", 1)[1]: f.default for k, f in fields.items() if k.startswith(section + ".")},
+        )
+        for section in RECIPE_SECTIONS
+    )
+    if same:
+        return True
+    stale = out.with_name(f"{out.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"[{label}] {out} was not trained with this recipe: moved to {stale.name}, training again", flush=True)
+    out.rename(stale)
+    return False
