@@ -163,16 +163,29 @@ def info() -> None:
 
 @app.command()
 def models(
+    action: str | None = typer.Argument(
+        None, metavar="[list|verify]", help="list: also the foundation models found offline; verify: check weights"
+    ),
+    paths: list[Path] | None = typer.Argument(
+        None, help="verify: feature files (.features.zarr) or model cards/checkpoints to check (default: all found)"
+    ),
+    folder: list[Path] | None = typer.Option(None, "--folder", help="Also look for foundation models in this folder"),
     family: str | None = typer.Option(None, help="Only this family (e.g. classify)"),
     checkpoints: bool = typer.Option(
         False,
         "--checkpoints",
         help="List the trained checkpoints instead (bundled, user folder, runs) with their cards",
     ),
-    as_json: bool = typer.Option(False, "--json", help="With --checkpoints: the full descriptions as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="With --checkpoints, list or verify: JSON output"),
 ) -> None:
-    """List registered models: name, family and what each is (--checkpoints: the trained ones and their cards)."""
+    """List registered models: name, family and what each is (--checkpoints: the trained ones and their cards;
+    `list`: also the foundation models found offline; `verify`: check local weights against recorded sha256s)."""
     from .models import list_models, model_info
+
+    if action is not None:
+        from .cli_models import models_command
+
+        raise typer.Exit(models_command(action, paths or [], folder or [], as_json))
 
     if checkpoints:
         from .checkpoints import describe_checkpoint, find_checkpoints
@@ -309,7 +322,9 @@ def features(
     inputs: list[Path] = typer.Argument(..., help="Slides, plain images, or folders of them"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one <slide>.zarr per slide"),
     backbone: str = typer.Option(
-        "resnet50_trunc", help="resnet50_trunc (ResNet50 to layer3, 1024-d) or any timm model name"
+        "resnet50_trunc",
+        help="resnet50_trunc (ResNet50 to layer3, 1024-d), any timm model name, or a foundation model found "
+        "offline: hf-hub:ORG/NAME from the local Hugging Face cache, or a model folder (pathfm models list)",
     ),
     weights: Path | None = typer.Option(None, help="Local weights file for the backbone (no downloads)"),
     mpp: float = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px"),

@@ -20,7 +20,6 @@ must say about how its features were made: ``out_dim``, ``mean``, ``std``,
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from .checkpoint import _sha256
 from .registry import register_model
-from .weights import LoadReport, check_fit, load_into, load_state_dict_file
+from .weights import LoadReport, load_backbone_weights
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "FeatureExtractor", "resnet50_trunc", "timm_features"]
 
@@ -172,36 +171,12 @@ class FeatureExtractor(nn.Module):
         return f"name={self.name!r}, backbone={self.backbone!r}, out_dim={self.out_dim}, input_size={self.input_size}"
 
 
-def _unused_summary(keys: Sequence[str]) -> str:
-    groups = Counter(k.split(".", 1)[0] for k in keys)
-    return ", ".join(f"{g}.* ({n} tensors)" for g, n in groups.items())
-
-
 def _load_trunk_weights(
     trunk: nn.Module, weights: str | Path, what: str, partial: bool = False
 ) -> tuple[LoadReport, str]:
-    """Load a local weights file into ``trunk``; refuse files that leave part of it random.
-
-    The file's own head (``fc.*``, ``layer4.*``) may be unused. A file in which no
-    tensor fits is always refused; one that fits only partly is refused unless
-    ``partial`` (features from a partly random network are rarely what anyone wants).
-    """
-    path = Path(weights)
-    state_dict = load_state_dict_file(path)
-    check_fit(
-        load_into(trunk, state_dict, source=path, dry_run=True),
-        path,
-        what,
-        partial=partial,
-        allow_unexpected=True,
-        partial_hint="pass partial_weights=True (pathfm features --partial-weights)",
-    )
-    report = load_into(trunk, state_dict, source=path)
-    if report.unexpected:
-        log.info("%s: unused by the %s: %s", path, what, _unused_summary(report.unexpected))
-    if report.missing or report.mismatched:
-        log.warning("%s: partial load into the %s (asked for): %s", path, what, report)
-    return report, _sha256(path)
+    """Load a local weights file into ``trunk`` (:func:`~.weights.load_backbone_weights`); returns the
+    load report and the file's sha256, which every feature file records."""
+    return load_backbone_weights(trunk, weights, what, partial=partial), _sha256(Path(weights))
 
 
 def _resolve_input_size(input_size: int | None, model: nn.Module) -> int | None:
@@ -279,10 +254,13 @@ def timm_features(
     ----------
     backbone : str
         Any timm model name (``"resnet10t"``, ``"efficientnet_b0"``,
-        ``"vit_small_patch16_224"``, ...), built with ``num_classes=0``.
+        ``"vit_small_patch16_224"``, ...), built with ``num_classes=0``; or a foundation
+        model found offline: ``"hf-hub:ORG/NAME"`` from the local Hugging Face cache, or a
+        model folder (:mod:`.foundation`), whose own weights are then loaded.
     weights : str or Path, optional
         Local weights file with timm key names; classifier keys are unused. A file
-        that leaves any backbone tensor unloaded is refused. None: random init.
+        that leaves any backbone tensor unloaded is refused. None: random init (a
+        foundation model: its own weights).
     input_size : int, optional
         Side tiles are resized to; None: the backbone's ``pretrained_cfg`` size
         (needed by ViTs); 0: keep the tile size.
@@ -295,6 +273,10 @@ def timm_features(
     -------
     FeatureExtractor
     """
+    from .hub_cache import is_foundation_name
+
+    if is_foundation_name(backbone):
+        return _foundation_features(backbone, weights, input_size, mean, std, partial_weights)
     import timm
 
     trunk = timm.create_model(backbone, pretrained=False, num_classes=0)
@@ -313,4 +295,23 @@ def timm_features(
         weights=str(weights) if weights else None,
         weights_sha256=sha,
         load_report=report,
+    )
+
+
+def _foundation_features(backbone, weights, input_size, mean, std, partial_weights) -> FeatureExtractor:
+    """:func:`timm_features` of a foundation model found offline (:func:`.foundation.build_foundation`)."""
+    from .foundation import build_foundation
+
+    fm = build_foundation(backbone, weights=weights, partial=partial_weights)
+    return FeatureExtractor(
+        fm.module.eval(),
+        name="timm_features",
+        backbone=fm.name,
+        out_dim=fm.out_dim,
+        mean=mean or fm.mean,
+        std=std or fm.std,
+        input_size=fm.input_size if input_size is None else (int(input_size) or None),
+        weights=str(fm.weights),
+        weights_sha256=fm.sha256,
+        load_report=fm.report,
     )

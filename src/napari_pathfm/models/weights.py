@@ -14,7 +14,9 @@ builds the common prefix-renaming kind.
 
 from __future__ import annotations
 
+import logging
 import pickle
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "check_finite",
     "check_fit",
     "describe_pickle",
+    "load_backbone_weights",
     "load_into",
     "load_state_dict_file",
     "rename_keys",
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 KeyMap = Callable[[dict, Any], dict]
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
@@ -397,4 +402,48 @@ def check_fit(
             f"does not fit the {what}; loading it would leave part of the model random:\n{report.table()}\n",
             f"Give weights made for this model, or, to load only the tensors that fit on purpose, {partial_hint}.",
         )
+    return report
+
+
+def _unused_summary(keys: list[str]) -> str:
+    groups = Counter(k.split(".", 1)[0] for k in keys)
+    return ", ".join(f"{g}.* ({n} tensors)" for g, n in groups.items())
+
+
+def load_backbone_weights(
+    module,
+    path: str | Path,
+    what: str,
+    *,
+    partial: bool = False,
+    ignore: tuple[str, ...] = (),
+    partial_hint: str = "pass partial_weights=True (pathfm features --partial-weights)",
+) -> LoadReport:
+    """Load a local weights file into a backbone; refuse files that would leave part of it random.
+
+    The file's own head (``fc.*``, ``layer4.*`` of a truncated ResNet, a foundation model's
+    classifier) may be unused. A file in which no tensor fits is always refused; one that fits
+    only partly is refused unless ``partial`` (features from a partly random network are rarely
+    what anyone wants). See :func:`check_fit` for ``ignore`` and ``partial_hint``.
+
+    Returns
+    -------
+    LoadReport
+    """
+    path = Path(path)
+    state_dict = load_state_dict_file(path)
+    check_fit(
+        load_into(module, state_dict, source=path, dry_run=True),
+        path,
+        what,
+        partial=partial,
+        ignore=ignore,
+        allow_unexpected=True,
+        partial_hint=partial_hint,
+    )
+    report = load_into(module, state_dict, source=path)
+    if report.unexpected:
+        log.info("%s: unused by the %s: %s", path, what, _unused_summary(report.unexpected))
+    if report.missing or report.mismatched:
+        log.warning("%s: partial load into the %s (asked for): %s", path, what, report)
     return report

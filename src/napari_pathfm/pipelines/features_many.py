@@ -184,10 +184,12 @@ def features_command(
     ----------
     backbone : str
         A registry name of family ``"features"`` (``"resnet50_trunc"``,
-        ``"timm_features"``) or any timm model name (run through ``timm_features``).
+        ``"timm_features"``), any timm model name, or a foundation model found offline
+        (``"hf-hub:ORG/NAME"`` in the local Hugging Face cache, or a model folder), all run
+        through ``timm_features``.
     weights : path, optional
-        Local weights file for the backbone; without it the network is randomly
-        initialised (features are then only good for testing).
+        Local weights file for the backbone; without it a timm network is randomly
+        initialised (features are then only good for testing), a foundation model uses its own.
     cache : None, False, path or EmbeddingCache
         Tile-embedding cache, as in :func:`extract_features`.
     partial_weights : bool
@@ -211,7 +213,7 @@ def features_command(
         kwargs["weights"] = str(weights)
         kwargs["partial_weights"] = bool(partial_weights)
     extractor = as_extractor(name, kwargs)
-    if weights is None:
+    if weights is None and extractor.weights is None:
         log.warning("no --weights given: %s is randomly initialised", backbone)
     o = FeatureOptions(
         mpp=mpp, tile_size=tile, min_tissue=min_tissue, batch_size=batch_size, device=device, cache=cache

@@ -1,0 +1,196 @@
+"""Foundation models by name, offline: a Hugging Face cache written here, features that record and check
+the weights' sha256, and the `pathfm models list|verify` commands.
+
+Each test builds its own hub cache in ``tmp_path`` (``HF_HUB_CACHE``) in the real layout
+(``models--ORG--NAME/{refs/main, snapshots/<commit>/, blobs/<sha256>}``) holding tiny random-weight
+timm ViTs saved by timm's own ``save_for_hf`` (``config.json`` with ``architecture``, ``model_args``,
+``pretrained_cfg``), so the code reads exactly what ``hf download`` leaves on a user's disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from napari_pathfm.cli import app
+from napari_pathfm.errors import InputError
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+runner = CliRunner()
+TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32, "init_values": 1e-5}
+NAME = "hf-hub:pathfm-test/tiny-vit"
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def add_to_cache(cache, repo: str, model, *, drop_args=(), commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """Save ``model`` with timm's ``save_for_hf`` into ``cache`` as ``hf download repo`` would leave it."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_for_hf
+
+    staging = cache.parent / f"staging-{repo.replace('/', '-')}"
+    save_for_hf(model, staging, model_args={k: None for k in drop_args} or None)
+    config = json.loads((staging / "config.json").read_text())
+    for key in drop_args:  # layer classes cannot be written to JSON: the model card passes them in code
+        config["model_args"].pop(key, None)
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
+    (staging / "pytorch_model.bin").unlink()
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for f in staging.iterdir():
+        blob = root / "blobs" / _sha(f)
+        shutil.move(f, blob)
+        (snap / f.name).symlink_to(f"../../blobs/{blob.name}")
+    staging.rmdir()
+    return snap / "model.safetensors"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A hub cache with one tiny ViT (``pathfm-test/tiny-vit``); returns (cache folder, model, weights file)."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY)
+    return cache, model, add_to_cache(cache, "pathfm-test/tiny-vit", model)
+
+
+def test_name_resolves_to_exactly_the_cached_weights(hub):
+    from napari_pathfm.models import create_model
+
+    _, model, weights = hub
+    fx = create_model("timm_features", backbone=NAME)
+    ref = model.blocks[0].attn.qkv.weight
+    assert torch.equal(fx.trunk.blocks[0].attn.qkv.weight, ref)
+    assert fx.backbone == NAME and fx.out_dim == 32 and fx.input_size == 32
+    assert fx.weights_sha256 == _sha(weights) == weights.resolve().name  # the blob is named by its sha256
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fx(x), model.eval()(x), atol=1e-6)
+
+
+def test_hf_home_and_case_insensitive_names(hub, monkeypatch):
+    from napari_pathfm.models.hub_cache import hub_cache_dir, resolve_local_model
+
+    cache, _, weights = hub
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    assert hub_cache_dir() == cache
+    local = resolve_local_model("hf-hub:PathFM-Test/Tiny-ViT")  # the hub ignores case, so does the lookup
+    assert local.weights == weights and local.architecture == "vit_small_patch16_224"
+
+
+def test_missing_model_is_one_clear_refusal_with_exit_2(hub, cmu_small, tmp_path):
+    result = runner.invoke(
+        app, ["features", str(cmu_small), "--out", str(tmp_path / "f"), "--backbone", "hf-hub:nobody/absent"]
+    )
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "Traceback" not in text
+    for piece in (
+        "hf-hub:nobody/absent",
+        "not in the local Hugging Face cache",
+        "never downloads",
+        "hf download nobody/absent",
+    ):
+        assert piece in text, text
+    assert str(hub[0]) in text.replace(" ", "") or "models--nobody--absent" in text
+    assert not (tmp_path / "f" / "CMU-1-Small-Region.features.zarr").exists()
+
+
+def test_phikon_and_conch_are_refused_with_how(hub):
+    from napari_pathfm.models.foundation import build_foundation
+
+    for name, what in (("hf-hub:owkin/phikon-v2", "transformers"), ("hf-hub:MahmoodLab/CONCH", "conch")):
+        with pytest.raises(InputError, match=what):
+            build_foundation(name)
+
+
+def test_virchow_layout_gives_class_and_mean_tokens_and_shows_terms_once(hub, caplog):
+    """A Virchow2-shaped model (4 registers, SwiGLU from the table, config.json without layer classes)."""
+    from timm.layers import SwiGLUPacked
+
+    from napari_pathfm.models import create_model
+
+    cache = hub[0]
+    args = dict(TINY, img_size=28, reg_tokens=4, global_pool="", dynamic_img_size=True, mlp_ratio=2.0)
+    torch.manual_seed(1)
+    vit = timm.create_model(
+        "vit_huge_patch14_224", pretrained=False, num_classes=0, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, **args
+    )
+    add_to_cache(cache, "paige-ai/Virchow2", vit, drop_args=("mlp_layer", "act_layer"))
+    with caplog.at_level("WARNING"):
+        fx = create_model("timm_features", backbone="hf-hub:paige-ai/Virchow2")
+        again = create_model("timm_features", backbone="hf-hub:paige-ai/Virchow2")
+    assert sum("CC-BY-NC-ND-4.0" in r.getMessage() for r in caplog.records) == 1  # licence terms shown once
+    assert fx.out_dim == again.out_dim == 64
+    x = torch.rand(1, 3, 28, 28)
+    with torch.no_grad():
+        tokens = vit.eval().forward_features(x)
+        expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=-1)  # class token + patches, no registers
+        assert torch.allclose(fx(x), expected, atol=1e-6)
+
+
+def test_features_record_the_sha256_and_a_changed_weight_file_is_caught(hub, cmu_small, tmp_path):
+    from safetensors.torch import save_file
+
+    from napari_pathfm.io.features import extractor_card, read_feature_attrs
+    from napari_pathfm.pipelines.features_many import features_command
+
+    _, model, weights = hub
+    out = tmp_path / "features"
+    kw = {"mpp": 8.0, "tile": 32, "device": "cpu", "cache": False, "min_tissue": 0.1}
+    first = features_command(cmu_small, out, backbone=NAME, **kw)
+    assert first["counts"]["written"] == 1, first
+    path = out / "CMU-1-Small-Region.features.zarr"
+    attrs = read_feature_attrs(path)
+    assert attrs["backbone"] == NAME and attrs["weights_sha256"] == _sha(weights)
+    card = tmp_path / "mil-card.json"  # what a MIL model trained on these features keeps of them
+    card.write_text(json.dumps({"family": "mil", "feature_extractor": extractor_card(attrs)}))
+
+    ok = runner.invoke(app, ["models", "verify", str(path), str(card)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.count("ok ") == 2
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["blocks.0.attn.qkv.weight"] += 0.01
+    blob = weights.resolve()
+    blob.unlink()
+    save_file(state, blob)  # the cached file changed in place (its blob name still says the old sha256)
+
+    changed = runner.invoke(app, ["models", "verify", str(path), str(card)])
+    assert changed.exit_code == 1, changed.output
+    assert changed.output.count("changed") >= 2 and "the weights changed" in changed.output
+    damaged = runner.invoke(app, ["models", "verify"])
+    assert damaged.exit_code == 1 and "damaged" in damaged.output, damaged.output
+
+    second = features_command(cmu_small, out, backbone=NAME, **kw)  # not reused: recomputed with the new weights
+    assert second["counts"] == {"written": 1, "empty": 0, "skipped": 0, "failed": 0}, second
+    assert read_feature_attrs(path)["weights_sha256"] == _sha(blob) != attrs["weights_sha256"]
+
+
+def test_models_list_shows_cached_models_and_keeps_the_plain_listing(hub):
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert NAME in listed.output and "timm_features" in listed.output
+    data = json.loads(runner.invoke(app, ["models", "list", "--json"]).output)
+    assert [m["name"] for m in data["foundation"]] == [NAME]
+    plain = runner.invoke(app, ["models"])
+    assert plain.exit_code == 0 and "timm_features" in plain.output and NAME not in plain.output
+    bad = runner.invoke(app, ["models", "frobnicate"])
+    assert bad.exit_code == 2 and "list" in bad.output
