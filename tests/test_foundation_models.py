@@ -194,3 +194,45 @@ def test_models_list_shows_cached_models_and_keeps_the_plain_listing(hub):
     assert plain.exit_code == 0 and "timm_features" in plain.output and NAME not in plain.output
     bad = runner.invoke(app, ["models", "frobnicate"])
     assert bad.exit_code == 2 and "list" in bad.output
+
+
+def test_mil_model_finds_its_foundation_extractor_by_name_and_refuses_other_weights(
+    hub, cmu_small, tmp_path, monkeypatch
+):
+    """A MIL card records hf-hub:ORG/NAME and the sha256; on a machine whose cache lives elsewhere prediction finds
+    the model by name, and features or weights of another sha256 are refused, never silently used."""
+    from safetensors.torch import save_file
+
+    from napari_pathfm.errors import FeatureError
+    from napari_pathfm.io.features import extractor_card, read_features
+    from napari_pathfm.models import create_model, save_checkpoint
+    from napari_pathfm.pipelines.features import extract_features
+    from napari_pathfm.pipelines.mil import mil_predict
+
+    cache, model, _ = hub
+    kw = {"mpp": 8.0, "tile_size": 32, "device": "cpu", "cache": False, "min_tissue": 0.1}
+    bag = read_features(
+        extract_features(cmu_small, create_model("timm_features", backbone=NAME), tmp_path / "a.zarr", **kw)
+    )
+    mil = create_model("s4mil", in_dim=bag.dim, n_classes=2, d_model=16, d_state=4)
+    ckpt = save_checkpoint(
+        mil, tmp_path / "s4mil", {"classes": ["a", "b"], "feature_extractor": extractor_card(bag.attrs)}
+    )
+
+    moved = tmp_path / "other-machine" / "hub"
+    shutil.copytree(cache, moved, symlinks=True)
+    shutil.rmtree(cache)  # the recorded weights path is gone; the name still resolves in the new cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(moved))
+    pred = mil_predict(ckpt, slide=cmu_small, device="cpu")
+    assert len(pred.coords) == len(bag.features) and pred.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["norm.weight"] *= 2
+    blob = next(moved.glob("models--*/snapshots/*/model.safetensors")).resolve()
+    blob.unlink()
+    save_file(state, blob)
+    with pytest.raises(FeatureError, match="sha256"):
+        mil_predict(ckpt, slide=cmu_small, device="cpu")
+    other = extract_features(cmu_small, create_model("timm_features", backbone=NAME), tmp_path / "b.zarr", **kw)
+    with pytest.raises(FeatureError, match="trained with"):
+        mil_predict(ckpt, features=other, device="cpu")

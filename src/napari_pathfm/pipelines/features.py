@@ -118,7 +118,19 @@ def up_to_date_attrs(path: Path, settings: dict, slide_path: Path | None = None)
             problem,
         )
     wanted = _jsonable(settings)
-    return attrs if attrs is not None and all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
+    if attrs is None:
+        return None
+    made, now = attrs.get("weights_sha256"), wanted.get("weights_sha256")
+    if made and now and made != now and attrs.get("backbone") == wanted.get("backbone"):
+        log.warning(
+            "%s: the existing feature file %s was made with other %s weights (sha256 %s…, now %s…); recomputing it",
+            Path(slide_path or path).name,
+            path,
+            wanted.get("backbone"),
+            made[:12],
+            now[:12],
+        )
+    return attrs if all(attrs.get(k) == wanted.get(k) for k in MATCH_KEYS) else None
 
 
 def extract_open_slide(

@@ -102,23 +102,47 @@ def _model_dims(model, card: dict, checkpoint) -> tuple[int, list[str]]:
     return int(in_dim), classes
 
 
-def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str:
-    """The extractor weights file the card names: as recorded, else the same name beside the checkpoint.
+def _extractor_weights(fx: dict, checkpoint_dir: Path | None) -> str | None:
+    """The extractor weights file the card names: as recorded, else the same name beside the checkpoint;
+    None for a foundation model (``hf-hub:ORG/NAME``) whose recorded file is not here: it is then found by
+    name on this machine (:mod:`napari_pathfm.models.hub_cache`).
 
     Bundled and shared models keep their extractor weights next to the card, so the
     pair can be copied anywhere; the sha256 check that follows proves it is the same file.
     """
+    from ..models.hub_cache import is_foundation_name
+
     recorded = Path(fx["weights"])
     if recorded.is_file():
         return str(recorded)
     if checkpoint_dir is not None and (Path(checkpoint_dir) / recorded.name).is_file():
         return str(Path(checkpoint_dir) / recorded.name)
+    if is_foundation_name(fx.get("backbone") or ""):
+        return None
     raise FeatureError(
         recorded,
         "is the feature-extractor weights file this MIL model was trained with, and it is missing.",
         "Copy it to that path or next to the checkpoint, or extract features yourself with "
         "`pathfm features --weights <file>` and pass --features.",
     )
+
+
+def check_extractor_weights(fx: dict, sha256: str | None, source: Any) -> None:
+    """Refuse features or an extractor made with other weights than the MIL model was trained on.
+
+    ``fx`` is the card's ``feature_extractor``; ``sha256`` what the features or the extractor at hand
+    were made with (None: not recorded, nothing to compare). Features of other weights look just as
+    valid and give silently wrong predictions, so a mismatch is an error, not a warning.
+    """
+    expected = fx.get("weights_sha256")
+    if expected and sha256 and sha256 != expected:
+        raise FeatureError(
+            source or fx.get("backbone") or "the features",
+            f"were made with feature-extractor weights of sha256 {sha256[:12]}…, but this MIL model was trained "
+            f"on features of {fx.get('backbone')} with weights of sha256 {expected[:12]}… (a different file).",
+            "Extract the features again with the weights the model was trained with (`pathfm models verify` "
+            "checks which local weights match), or choose a model trained on these weights.",
+        )
 
 
 def features_for_slide(
@@ -157,10 +181,7 @@ def features_for_slide(
     if fx["extractor"] == "timm_features":
         kwargs.update(mean=fx.get("mean"), std=fx.get("std"))
     extractor = create_model(fx["extractor"], **{k: v for k, v in kwargs.items() if v is not None})
-    if fx.get("weights_sha256") and extractor.weights_sha256 != fx["weights_sha256"]:
-        raise FeatureError(
-            fx.get("weights"), "differs from the extractor weights this MIL model was trained with (sha256 mismatch)."
-        )
+    check_extractor_weights(fx, extractor.weights_sha256, extractor.weights)
     with scratch_dir("features") as tmp:
         out_dir = Path(cache_dir or tmp)
         path = extract_features(
@@ -249,6 +270,7 @@ def mil_predict(
                 slide.close()
     else:
         bag = read_features(features) if isinstance(features, (str, Path)) else features
+        check_extractor_weights(card.get("feature_extractor") or {}, bag.attrs.get("weights_sha256"), bag.path)
     check_feature_dim(bag, in_dim, str(checkpoint) if not isinstance(checkpoint, tuple) else "the model")
     check_cancel(cancel, "MIL prediction")
     report(progress, 1, 3, f"MIL model on {len(bag.features)} patches")
