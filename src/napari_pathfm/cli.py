@@ -547,6 +547,7 @@ def mil_predict_cmd(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Reuse/store encoder tile embeddings (pathfm cache)"),
+    bootstrap: int = typer.Option(0, min=0, help="Resampled bags for an uncertainty interval (e.g. 20; 0: none)"),
 ) -> None:
     """Predict a slide's class with a MIL model and write the patch heatmap over the slide."""
     from .pipelines.mil import mil_predict, write_mil_outputs
@@ -575,9 +576,17 @@ def mil_predict_cmd(
                         cancel=cancel,
                         cache=None if cache else False,
                         image_mpp=image_mpp,
+                        bootstrap=bootstrap,
                     )
             else:
-                pred = mil_predict(checkpoint, features=features_path, device=device, progress=progress, cancel=cancel)
+                pred = mil_predict(
+                    checkpoint,
+                    features=features_path,
+                    device=device,
+                    progress=progress,
+                    cancel=cancel,
+                    bootstrap=bootstrap,
+                )
                 mpp = pred.source.get("slide_mpp")
             written = write_mil_outputs(pred, heatmap=out, json_path=json_out, mpp=mpp, top_k=top_k)
     except PathFMError as exc:
@@ -589,6 +598,7 @@ def mil_predict_cmd(
             {
                 "predicted": pred.predicted,
                 "probabilities": pred.to_dict(top_k)["probabilities"],
+                **({"uncertainty": pred.uncertainty} if pred.uncertainty else {}),
                 "written": {k: str(v) for k, v in written.items()},
             },
             indent=2,

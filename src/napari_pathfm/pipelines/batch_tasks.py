@@ -54,6 +54,7 @@ def mil(slide: Path, out: Path, checkpoint: list[str] | None, opts: dict) -> dic
     from .mil import mil_predict, write_mil_outputs
 
     top_k = int(opts.pop("top_k", 10))
+    opts.setdefault("bootstrap", 20)  # the review queue's uncertainty (pipelines/mil_review.py)
     with open_slide(slide) as s:
         pred = mil_predict(need_checkpoints(checkpoint, "mil")[0], slide=s, **opts)
         written = write_mil_outputs(

@@ -41,6 +41,8 @@ class MILPrediction:
         (:func:`~napari_pathfm.pipelines.notes.model_notes`); in the prediction JSON and heatmap metadata.
     messages : list of str
         Things the user should know (``notes`` first).
+    uncertainty : dict or None
+        The patch bootstrap's ``{"n", "interval", "flip_rate"}`` (:mod:`.mil_uncertainty`), when asked for.
     """
 
     classes: list[str]
@@ -51,6 +53,7 @@ class MILPrediction:
     source: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    uncertainty: dict | None = None
 
     @property
     def predicted(self) -> str:
@@ -75,6 +78,7 @@ class MILPrediction:
             "level0_tile_size": self.level0_tile_size,
             "top_patches": self.top_patches(k),
             "notes": list(self.notes),
+            **({"uncertainty": self.uncertainty} if self.uncertainty else {}),
             **self.source,
         }
 
@@ -213,6 +217,7 @@ def mil_predict(
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
     cache: Any = None,
+    bootstrap: int = 0,
 ) -> MILPrediction:
     """Predict a slide's class and per-patch evidence with a MIL checkpoint.
 
@@ -229,6 +234,9 @@ def mil_predict(
         :func:`~napari_pathfm.pipelines.segment.segment_slide`. Ignored with ``features``.
     cache : None, False, path or EmbeddingCache
         Tile-embedding cache used when features are extracted from ``slide`` (None = the default).
+    bootstrap : int
+        Predict the slide again on this many bags resampled from its patches and record the interval
+        of each class probability and the share of flipped decisions (``MILPrediction.uncertainty``).
 
     Returns
     -------
@@ -281,6 +289,12 @@ def mil_predict(
         out = model(x)
         probs = torch.softmax(out["logits"].float(), dim=-1)[0].cpu().numpy()
         scores = np.stack([heatmap_scores(out, c)[0].float().cpu().numpy() for c in range(len(classes))], axis=1)
+    uncertainty = None
+    if bootstrap:
+        from .mil_uncertainty import bootstrap_probabilities, summarize
+
+        report(progress, 2, 3, f"bootstrap: {int(bootstrap)} resampled bags")
+        uncertainty = summarize(probs, bootstrap_probabilities(model, x, int(bootstrap), cancel=cancel), classes)
     report(progress, 3, 3, "done")
     fx = card.get("feature_extractor") or {}
     notes_card = {
@@ -311,6 +325,7 @@ def mil_predict(
         },
         notes=notes,
         messages=list(notes),
+        uncertainty=uncertainty,
     )
 
 

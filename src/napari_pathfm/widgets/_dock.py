@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidg
 
 from ._runner import TaskRunner
 
-__all__ = ["DockLines", "TaskDock"]
+__all__ = ["DockLines", "TaskDock", "viewer_camera"]
 
 #: Colour of the note line (model notes: demonstration model, out of domain, …).
 NOTE_STYLE = "color: #e0a040;"
@@ -175,3 +175,9 @@ class TaskDock(QWidget):
 
         layer = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None
         return entered_mpp(layer)
+
+
+def viewer_camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera

@@ -8,6 +8,10 @@ Image layer over the slide, and the top-k patches in a list — clicking one dra
 box (a Shapes rectangle on the patch's level-0 pixels, in the slide's units) and
 centres the view on it.
 
+*Review a batch* lists the slides of a ``pathfm batch --task mil`` folder, least certain first, opens
+each at its top patches and saves Agree / Disagree / label to a CSV that MIL training reads
+(:mod:`napari_pathfm.widgets._mil_review`).
+
 The heatmap has a colormap of its own (transparent → green → yellow → red, not the
 classify probabilities' or Grad-CAM's) and contrast limits from the data: the 1st–99th
 percentiles of the patch scores of the shown class, computed in the worker, so a map
@@ -40,8 +44,11 @@ from ..layers import HEAT_PERCENTILES, class_heatmaps, slide_level0_shape
 from ._checkpoint_picker import CheckpointPicker
 from ._colormaps import napari_colormap
 from ._compact import compact_combo
-from ._dock import TaskDock
+from ._dock import TaskDock, viewer_camera
 from ._legend import Legend
+from ._mil_review import ReviewPanel
+
+__all__ = ["MILWidget", "heat_colormap", "viewer_camera"]
 from .slide_widget import fill_slide_combo
 
 HEAT_COLORS = CONTINUOUS["gradcam"][0]
@@ -52,12 +59,6 @@ BOX_COLOR = "cyan"
 def heat_colormap():
     """Inferno-like colormap whose zero is transparent (Grad-CAM's; the MIL heatmap has its own)."""
     return napari_colormap("gradcam")
-
-
-def viewer_camera(viewer):
-    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 class MILWidget(TaskDock):
@@ -116,6 +117,8 @@ class MILWidget(TaskDock):
         layout.addWidget(self.legend)
         layout.addWidget(QLabel("top patches (click to draw the box and go there)"))
         layout.addWidget(self.top_list)
+        self.review = ReviewPanel(self)  # a MIL batch's slides, least certain first (pathfm batch --task mil)
+        layout.addWidget(self.review)
 
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
