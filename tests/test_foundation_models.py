@@ -236,3 +236,41 @@ def test_mil_model_finds_its_foundation_extractor_by_name_and_refuses_other_weig
     other = extract_features(cmu_small, create_model("timm_features", backbone=NAME), tmp_path / "b.zarr", **kw)
     with pytest.raises(FeatureError, match="trained with"):
         mil_predict(ckpt, features=other, device="cpu")
+
+
+def test_classifier_and_pathsam2_on_cached_foundation_weights_record_them_in_the_card(hub, tmp_path):
+    """A tile classifier on hf-hub:ORG/NAME and Path-SAM2's UNI by name: the cached weights load, the card
+    keeps name and sha256 (``foundation_weights``), and `pathfm models verify CARD` checks them."""
+    from napari_pathfm.models import create_model, load_checkpoint, save_checkpoint
+    from napari_pathfm.models.checkpoint import read_card
+
+    cache, model, weights = hub
+    clf = create_model("timm_classifier", backbone=NAME, num_classes=3)
+    assert torch.equal(clf.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight) and clf.head.out_features == 3
+    path = save_checkpoint(clf, tmp_path / "clf", {"classes": ["a", "b", "c"]})
+    record = read_card(path)["foundation_weights"]["backbone"]
+    assert record["backbone"] == NAME and record["weights_sha256"] == _sha(weights)
+    again, _ = load_checkpoint(path)
+    assert torch.equal(again.head.weight, clf.head.weight)
+
+    torch.manual_seed(2)
+    uni_micro = dict(patch_size=16, embed_dim=96, depth=2, num_heads=3, init_values=1e-5)  # pathsam2's preset
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **uni_micro)
+    uni_file = add_to_cache(cache, "pathfm-test/uni-micro", vit)
+    seg = create_model(
+        "pathsam2",
+        num_classes=2,
+        encoder="hiera_micro",
+        uni="uni_micro",
+        image_size=64,
+        decoder_dim=64,
+        decoder_heads=4,
+        decoder_mlp_dim=128,
+        uni_checkpoint="hf-hub:pathfm-test/uni-micro",
+    )
+    assert torch.equal(seg.uni.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    seg_path = save_checkpoint(seg, tmp_path / "seg", {"classes": ["bg", "gland"]})
+    assert read_card(seg_path)["foundation_weights"]["uni"]["weights_sha256"] == _sha(uni_file)
+    verified = runner.invoke(app, ["models", "verify", str(path), str(seg_path), "--json"])
+    assert verified.exit_code == 0, verified.output
+    assert [r["status"] for r in json.loads(verified.output)["checked"]] == ["ok", "ok"]

@@ -72,15 +72,25 @@ def models_list(folders: list[Path], as_json: bool) -> None:
     typer.echo("use one with `pathfm features SLIDE --out DIR --backbone hf-hub:ORG/NAME`", err=True)
 
 
-def recorded_weights(path: Path) -> dict:
-    """``{"backbone", "weights", "weights_sha256"}`` a feature file or model card recorded of its extractor."""
+def _card_records(card: dict) -> list[dict]:
+    """The weights a model card recorded: its feature extractor's (MIL) and its foundation backbones'."""
+    keys = ("backbone", "weights", "weights_sha256")
+    found = [card.get("feature_extractor") or {}, *(card.get("foundation_weights") or {}).values()]
+    if "weights_sha256" in card:  # a bare extractor record
+        found.append(card)
+    return [{k: r.get(k) for k in keys} for r in found if r.get("weights_sha256") or r.get("backbone")]
+
+
+def recorded_weights(path: Path) -> list[dict]:
+    """``[{"backbone", "weights", "weights_sha256"}]`` a feature file or model card recorded of the weights it
+    was made with (a feature file: its extractor; a card: its feature extractor and foundation backbones)."""
     from .io.features import read_feature_attrs
 
     if path.is_dir():
         attrs = read_feature_attrs(path)
         if attrs is None:
             raise UsageError(f"{path} is not a complete feature file.", "Give a .features.zarr folder or a card.")
-        return {k: attrs.get(k) for k in ("backbone", "weights", "weights_sha256")}
+        return [{k: attrs.get(k) for k in ("backbone", "weights", "weights_sha256")}]
     if path.suffix.lower() == ".json":
         try:
             card = json.loads(path.read_text(encoding="utf-8"))
@@ -90,8 +100,7 @@ def recorded_weights(path: Path) -> dict:
         from .models.checkpoint import read_card
 
         card = read_card(path)
-    fx = card.get("feature_extractor") or card
-    return {k: fx.get(k) for k in ("backbone", "weights", "weights_sha256")}
+    return _card_records(card)
 
 
 class _Hasher:
@@ -173,15 +182,13 @@ def models_verify(paths: list[Path], folders: list[Path], as_json: bool) -> int:
     """
     sha256 = _Hasher()
     if paths:
-        rows = [_check_record(str(p), recorded_weights(Path(p)), sha256) for p in paths]
+        rows = [_check_record(str(p), r, sha256) for p in paths for r in recorded_weights(Path(p))]
     else:
         from .checkpoints import find_checkpoints
 
         rows = _check_cached(sha256, folders)
         for weights, card in find_checkpoints():
-            fx = card.get("feature_extractor") or {}
-            if fx.get("weights_sha256"):
-                rows.append(_check_record(str(weights), fx, sha256))
+            rows += [_check_record(str(weights), r, sha256) for r in _card_records(card) if r["weights_sha256"]]
     bad = [r for r in rows if r["status"] in ("changed", "missing")]
     if as_json:
         typer.echo(json.dumps({"ok": not bad, "checked": rows}, indent=2))

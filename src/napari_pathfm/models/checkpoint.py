@@ -131,6 +131,8 @@ def save_checkpoint(model, path: str | Path, card: dict | None = None) -> Path:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "weights_file": weights_path.name,
     }
+    if getattr(model, "pathfm_foundation", None) and "foundation_weights" not in full:
+        full["foundation_weights"] = model.pathfm_foundation  # name + sha256 of the foundation weights it started from
     tensors = _cpu_tensors(model)
     full["num_parameters"] = int(sum(p.numel() for p in model.parameters()))
 

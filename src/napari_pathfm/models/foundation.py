@@ -257,6 +257,15 @@ class BuiltTrunk:
     report: Any
     spec: FoundationModel | None
 
+    def record(self) -> dict:
+        """What a model card keeps of these weights (``foundation_weights``), for ``pathfm models verify``."""
+        return {
+            "backbone": self.name,
+            "weights": str(self.weights),
+            "weights_sha256": self.sha256,
+            "licence": self.spec.licence if self.spec else None,
+        }
+
 
 def _class_mean_tokens(vit):
     """Wrap a timm ViT so that it returns class token ⊕ mean of the patch tokens (Virchow's embedding)."""
@@ -295,6 +304,7 @@ def build_foundation(
     num_classes: int = 0,
     partial: bool = False,
     partial_hint: str = "pass partial_weights=True (pathfm features --partial-weights)",
+    timm_kwargs: dict | None = None,
 ) -> BuiltTrunk:
     """Build a foundation model from files on this machine: never a download, never a random network.
 
@@ -309,6 +319,10 @@ def build_foundation(
         0: a feature trunk (pooled embedding); >0: with a new classifier head of that size.
     partial : bool
         Accept weights that fit only partly (the rest stays random).
+    partial_hint : str
+        How the user asks for a partial load, named when weights do not fit.
+    timm_kwargs : dict, optional
+        More ``timm.create_model`` arguments (e.g. ``drop_rate``); they win over the config's.
 
     Returns
     -------
@@ -340,7 +354,7 @@ def build_foundation(
     if not arch:
         raise InputError(where, "names no timm architecture.", "Use a model saved by timm (push_to_hub/save_for_hf).")
     kwargs = {**(config.get("model_args") or {}), **_timm_kwargs(spec.timm_args if spec else {})}
-    kwargs["num_classes"] = int(num_classes)
+    kwargs.update(timm_kwargs or {}, num_classes=int(num_classes))
     if spec is not None and spec.pooling == "cls+mean":
         kwargs["global_pool"] = ""
     try:

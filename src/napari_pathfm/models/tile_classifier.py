@@ -32,7 +32,10 @@ def timm_classifier(
     Parameters
     ----------
     backbone : str
-        timm model name, e.g. ``"resnet18"``, ``"resnet10t"``, ``"efficientnet_b0"``.
+        timm model name, e.g. ``"resnet18"``, ``"resnet10t"``, ``"efficientnet_b0"``; or a
+        foundation model found offline (``"hf-hub:ORG/NAME"``, a model folder), whose own weights
+        are loaded (its classifier head is new) and recorded in the card (``foundation_weights``).
+        Loading such a checkpoint later needs that model's files again (its architecture).
     num_classes : int
         Number of output logits.
     in_chans : int
@@ -55,6 +58,10 @@ def timm_classifier(
     torch.nn.Module
         Maps ``(N, in_chans, H, W)`` float images to ``(N, num_classes)`` logits.
     """
+    from .hub_cache import is_foundation_name
+
+    if is_foundation_name(backbone):
+        return _foundation_classifier(backbone, num_classes, in_chans, drop_rate, weights, partial_weights)
     import timm
 
     model = timm.create_model(
@@ -74,4 +81,24 @@ def timm_classifier(
         report = load_into(model, state, source=weights)
         log.info("%s: %s", weights, report)
         model.pathfm_load_report = report
+    return model
+
+
+def _foundation_classifier(backbone, num_classes, in_chans, drop_rate, weights, partial_weights):
+    """:func:`timm_classifier` on a foundation model found offline (:func:`.foundation.build_foundation`)."""
+    from .foundation import build_foundation
+
+    if int(in_chans) != 3:
+        raise ValueError(f"{backbone} takes RGB tiles (in_chans 3), not in_chans {in_chans}")
+    built = build_foundation(
+        backbone,
+        weights=weights,
+        num_classes=num_classes,
+        partial=partial_weights,
+        partial_hint="set model.partial_weights: true",
+        timm_kwargs={"drop_rate": drop_rate},
+    )
+    model = built.module
+    model.pathfm_load_report = built.report
+    model.pathfm_foundation = {"backbone": built.record()}
     return model

@@ -314,8 +314,10 @@ def pathsam2(
         Feed the Hiera trunk's stride-4 and stride-8 features into the decoder's upscaling, as SAM2's
         decoder does (``use_high_res_features``); sharper gland edges and gaps between glands.
     sam2_checkpoint, uni_checkpoint, sam_checkpoint : str, optional
-        Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin``,
-        SAM v1 (decoder only). Load reports: ``model.load_reports`` / ``weights_report()``.
+        Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin`` (or
+        ``"hf-hub:MahmoodLab/UNI"``, found in the local Hugging Face cache), SAM v1 (decoder
+        only). Load reports: ``model.load_reports`` / ``weights_report()``; UNI's name and
+        sha256 go into the checkpoint card (``foundation_weights``).
     """
     model = PathSAM2(
         num_classes,
@@ -335,7 +337,21 @@ def pathsam2(
     if sam2_checkpoint:
         model.load_sam2(sam2_checkpoint)
     if uni_checkpoint:
-        model.load_uni(uni_checkpoint)
+        model.load_uni(_foundation_file(model, "uni", uni_checkpoint))
     if model.load_reports:
         log.info("Path-SAM2 weights: %s", model.weights_report())
     return model
+
+
+def _foundation_file(model: PathSAM2, key: str, source: str) -> Path:
+    """The local file of foundation weights ``source`` (a file, or ``hf-hub:ORG/NAME`` found offline);
+    records its name and sha256 in ``model.pathfm_foundation[key]`` for the checkpoint card."""
+    from ..checkpoint import _sha256
+    from ..hub_cache import is_foundation_name, resolve_local_model
+
+    path = resolve_local_model(source).weights if is_foundation_name(source) else Path(source)
+    if path.is_file():
+        records = dict(getattr(model, "pathfm_foundation", None) or {})
+        records[key] = {"backbone": str(source), "weights": str(path), "weights_sha256": _sha256(path)}
+        model.pathfm_foundation = records
+    return path
