@@ -9,6 +9,10 @@ widget, runs it with the bundled model and waits for the run, then writes
 * ``<dock>.png``: the whole napari window (canvas, layer list, dock), downscaled to ``--width`` px;
 * ``<dock>-dock.png``: the dock alone (``QWidget.grab()``).
 
+Two more pictures show a dock in a second state: ``annotations`` (the bundled model's glands saved
+as QuPath GeoJSON and opened again over the slide, with the Segment dock) and ``review`` (the MIL
+dock's review queue over a two-slide batch of the bundled demo model: the slide and its copy).
+
 The Train dock is filled with ``training/classify/crc_tiny.yaml``; when the CRC tiles are present
 (``$PATHFM_SHARED_DATA/crc-tiles``) one epoch is trained so that the plot and the run list show it
 (into a temporary per-user data folder), else the form is shown as filled. The window has a fixed
@@ -26,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DOCKS = ("slide", "segment", "classify", "mil", "translate", "train")
+DOCKS = ("slide", "segment", "classify", "mil", "translate", "train", "annotations", "review")
+#: Pictures of a dock in a second state: the picture's name → the dock whose window it shows.
+SCENES = {"annotations": "segment", "review": "mil"}
 WINDOW = (1500, 900)  # napari main window size (px), fixed for every picture
 DOCK_WIDTH = 400  # width given to the right dock area (px)
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +156,35 @@ def _train(viewer, deadline: float, run: bool):
     return widget
 
 
+def _annotations(viewer, widget, deadline: float) -> None:
+    """Save the Segment dock's objects as QuPath GeoJSON, open that file over the slide, show only it."""
+    _wait(widget, "segment", deadline)
+    objects = next(la for la in viewer.layers if la.metadata.get("pathfm_kind") == "segment_objects")
+    path = Path(tempfile.mkdtemp()) / "CMU-1-Small-Region.geojson"
+    objects.save(str(path), plugin="napari-pathfm")
+    viewer.open(str(path), plugin="napari-pathfm")
+    _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") == "annotations")
+
+
+def _review(viewer, widget, deadline: float) -> None:
+    """A two-slide MIL batch (the bundled slide and a copy) reviewed in the MIL dock, the first verdict given."""
+    from napari_pathfm.demo import demo_mil_checkpoint, demo_slide_path
+    from napari_pathfm.pipelines.batch import run_batch
+
+    _wait(widget, "mil", deadline)
+    root = Path(tempfile.mkdtemp())
+    copy = root / "case-002.svs"
+    shutil.copy(demo_slide_path(), copy)
+    (root / "manifest.csv").write_text(f"slide\n{demo_slide_path()}\n{copy}\n", encoding="utf-8")
+    run_batch(root / "manifest.csv", "mil", root / "batch", n_workers=1, checkpoint=demo_mil_checkpoint())
+    widget.review.load(root / "batch")
+    while (widget.review.list.count() < 2 or widget.runner.running) and time.monotonic() < deadline:
+        _qapp_turns(5)
+    widget.review.record("agree")
+    _wait(widget, "mil", deadline)
+    _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") in ("mil-heatmap", "mil-top-patch"))
+
+
 def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, train_run: bool | None = None) -> dict:
     """Render ``out/<dock>.png`` (window) and ``out/<dock>-dock.png`` (dock alone). Returns {kind: path}."""
     from napari_pathfm.widgets import keep_triton_out
@@ -166,8 +201,8 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
         if widget is None:
             raise RuntimeError("no bundled haste-isl-* model installed")
     else:
-        viewer, widgets = _slide_viewer(dock)  # the Slide dock has computed tissue & tiles already
-        widget = widgets.get(dock)
+        viewer, widgets = _slide_viewer(SCENES.get(dock, dock))  # the Slide dock has computed tissue & tiles already
+        widget = widgets.get(SCENES.get(dock, dock))
     try:
         if dock == "train":
             if train_run is None:
@@ -186,14 +221,19 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
             else:
                 kind = {"mil": "mil-heatmap", "segment": "segment"}[dock]
                 _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") == kind)
+        elif dock == "annotations":
+            _annotations(viewer, widget, deadline)
+        elif dock == "review":
+            _review(viewer, widget, deadline)
         elif dock == "translate":
             _wait(widget, dock, deadline)
             for layer in viewer.layers:
                 if layer.metadata.get("pathfm_kind") == "translate-confidence":
                     layer.visible = False
-        _fix_window(viewer, DOCK_NAMES[dock])
+        name = DOCK_NAMES[SCENES.get(dock, dock)]
+        _fix_window(viewer, name)
         window = viewer.screenshot(canvas_only=False, flash=False)
-        dock_widget = _dock(viewer, DOCK_NAMES[dock])
+        dock_widget = _dock(viewer, name)
         written = {
             "window": _save_png(window, out / f"{dock}.png", width),
             "dock": _save_png(_grab(dock_widget), out / f"{dock}-dock.png", None),

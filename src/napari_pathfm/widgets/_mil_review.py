@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..coords import layer_transform, layer_units
+from ..layers import HEAT_PERCENTILES
 from ._colormaps import napari_colormap
 from ._compact import compact_combo
 from ._dock import viewer_camera
@@ -136,8 +137,8 @@ class ReviewPanel(QGroupBox):
         if heat is not None:
             data, cell = heat
             scale, translate = layer_transform(mpp, cell)
-            positive = data[data > 0]
-            hi = float(np.percentile(positive, 99)) if positive.size else 1.0
+            positive = data[data > 0]  # cells without a patch are 0; limits as the dock's own heatmap
+            lo, hi = (float(v) for v in np.percentile(positive, HEAT_PERCENTILES)) if positive.size else (0.0, 1.0)
             self.dock.show_layer(
                 f"{slide_layer.name} MIL heatmap",
                 data,
@@ -149,7 +150,7 @@ class ReviewPanel(QGroupBox):
                 blending="translucent",
                 interpolation2d="nearest",
                 colormap=napari_colormap("attention"),
-                contrast_limits=(0.0, max(hi, 1e-6)),
+                contrast_limits=(lo, max(hi, lo + 1e-6)),
                 metadata={"pathfm_kind": "mil-heatmap", "class": item.predicted, "downsample": cell},
             )
         size = item.level0_tile_size
