@@ -274,3 +274,14 @@ def test_classifier_and_pathsam2_on_cached_foundation_weights_record_them_in_the
     verified = runner.invoke(app, ["models", "verify", str(path), str(seg_path), "--json"])
     assert verified.exit_code == 0, verified.output
     assert [r["status"] for r in json.loads(verified.output)["checked"]] == ["ok", "ok"]
+
+
+def test_the_docs_table_names_every_known_model():
+    from pathlib import Path
+
+    from napari_pathfm.models.foundation import FOUNDATION_MODELS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "foundation-models.md").read_text(encoding="utf-8")
+    for spec in FOUNDATION_MODELS.values():
+        assert f"`{spec.repo_id}`" in doc, spec.repo_id
+        assert str(spec.embed_dim) in doc
