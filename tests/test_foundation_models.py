@@ -285,3 +285,19 @@ def test_the_docs_table_names_every_known_model():
     for spec in FOUNDATION_MODELS.values():
         assert f"`{spec.repo_id}`" in doc, spec.repo_id
         assert str(spec.embed_dim) in doc
+
+
+@pytest.mark.gui
+def test_training_form_offers_the_cached_foundation_models(hub, qtbot):
+    """The training panel's backbone row lists the models found offline (looked up in a thread), keeping its text."""
+    from napari_pathfm.widgets._train_form import Form
+
+    form = Form()
+    qtbot.addWidget(form)
+    form.build("classify", {"model.name": "timm_classifier", "model.backbone": "resnet10t"})
+    combo = form.editors["model.backbone"][0]
+    qtbot.waitUntil(lambda: combo.count() == 2, timeout=10000)
+    assert combo.currentText() == "resnet10t" and combo.itemText(1) == NAME
+    assert form.overrides() == []
+    combo.setCurrentIndex(1)
+    assert form.overrides() == [f"model.backbone={NAME}"]

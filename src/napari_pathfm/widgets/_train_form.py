@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..training.recipe_labels import field_label
 from ..training.recipes import schema
+from ._foundation_names import FoundationNames
 
 __all__ = ["COMMON_KEYS", "SKIP_KEYS", "Form", "row_label", "row_tooltip"]
 
@@ -35,6 +36,8 @@ __all__ = ["COMMON_KEYS", "SKIP_KEYS", "Form", "row_label", "row_tooltip"]
 COMMON_KEYS = ("optim.lr", "optim.weight_decay", "trainer.max_epochs", "trainer.batch_size")
 # identity of a recipe, not hyperparameters: not editable in the form
 SKIP_KEYS = {"family", "description", "output", "model.name"}
+# keys naming a backbone: an editable list that also offers the foundation models found on this machine
+BACKBONE_KEYS = ("model.backbone", "model.uni_checkpoint")
 
 
 def row_label(key: str, family: str | None = None) -> str:
@@ -59,6 +62,8 @@ class Form(QWidget):
         self.labels: dict[str, QLabel] = {}
         self.family: str | None = None
         self._fields: dict[str, dict] = {}
+        self.foundation = FoundationNames(self)
+        self.foundation.found.connect(self._offer_foundation_models)
 
     def build(self, family: str, values: dict[str, Any]) -> None:
         while self.layout_.rowCount():
@@ -71,11 +76,21 @@ class Form(QWidget):
         self._fields = fields
         for key in keys:
             self.add_row(key, values.get(key, fields.get(key, {}).get("default")))
+        if any(k in self.editors for k in BACKBONE_KEYS):
+            self.foundation.request()  # the names arrive later, from a thread
+
+    def _offer_foundation_models(self, names: list) -> None:
+        """Add the foundation models found offline to the backbone rows' lists (their text stays)."""
+        for key in BACKBONE_KEYS:
+            editor = self.editors.get(key, (None,))[0]
+            if isinstance(editor, QComboBox) and editor.isEditable():
+                have = {editor.itemText(i) for i in range(editor.count())}
+                editor.addItems([n for n in names if n not in have])
 
     def add_row(self, key: str, value: Any) -> None:
         """One editor row for ``key`` showing ``value``; it is only overridden once edited."""
         field = self._fields.get(key, {})
-        editor = self._editor(value, field)
+        editor = self._backbone_editor(value) if key in BACKBONE_KEYS else self._editor(value, field)
         tip = row_tooltip(key, field.get("help"))
         editor.setToolTip(tip)
         label = QLabel(row_label(key, self.family))
@@ -84,18 +99,18 @@ class Form(QWidget):
         self.editors[key] = (editor, self.value(key, editor))
         self.layout_.addRow(label, self._with_browse(key, editor) if field.get("path") else editor)
 
-    def _with_browse(self, key: str, editor: QLineEdit) -> QWidget:
+    def _with_browse(self, key: str, editor: QWidget) -> QWidget:
         """``editor`` plus a ``…`` button choosing a folder (``*root``/``*dir`` keys) or a file."""
         folder = key.endswith(("root", "dir"))
 
         def browse() -> None:
-            start = os.path.expandvars(editor.text())
+            start = os.path.expandvars(self.value(key, editor))
             if folder:
                 path = QFileDialog.getExistingDirectory(self, row_label(key, self.family), start)
             else:
                 path, _ = QFileDialog.getOpenFileName(self, row_label(key, self.family), start)
             if path:
-                editor.setText(path)
+                self.set_value(key, path)
 
         row = QWidget()
         layout = QHBoxLayout(row)
@@ -106,6 +121,14 @@ class Form(QWidget):
         layout.addWidget(editor, 1)
         layout.addWidget(button)
         return row
+
+    @staticmethod
+    def _backbone_editor(value: Any) -> QComboBox:
+        """An editable list: any timm name or file typed in, or a foundation model found offline."""
+        editor = QComboBox()
+        editor.setEditable(True)
+        editor.addItem("" if value is None else str(value))
+        return editor
 
     @staticmethod
     def _editor(value: Any, field: dict) -> QWidget:
