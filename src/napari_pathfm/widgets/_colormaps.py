@@ -13,7 +13,7 @@ import numpy as np
 
 from ..colors import CONTINUOUS, class_colors, normalize_class_names
 
-__all__ = ["label_colormap", "napari_colormap"]
+__all__ = ["heatmap_look", "label_colormap", "napari_colormap"]
 
 
 def label_colormap(class_names: Mapping[int, str] | Sequence[str] | None, pinned=None, opacity: float = 1.0):
@@ -36,3 +36,21 @@ def napari_colormap(kind: str):
 
     colors, controls = CONTINUOUS[kind]
     return Colormap(colors, controls=controls, name=f"pathfm-{kind}")
+
+
+def heatmap_look(mpp: float | None, cell: float, limits) -> dict:
+    """napari ``add_image`` arguments of a MIL patch heatmap over a slide: one pixel per patch of
+    ``cell`` level-0 pixels, the attention colormap, ``limits`` as contrast (the MIL dock and its review)."""
+    from ..coords import layer_transform, layer_units
+
+    scale, translate = layer_transform(mpp, cell)
+    return {
+        "scale": scale,
+        "translate": translate,
+        "units": layer_units(mpp),
+        "opacity": 0.6,
+        "blending": "translucent",
+        "interpolation2d": "nearest",
+        "colormap": napari_colormap("attention"),
+        "contrast_limits": tuple(limits),
+    }

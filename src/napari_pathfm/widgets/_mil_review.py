@@ -26,9 +26,9 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ..coords import layer_transform, layer_units
+from ..coords import layer_units
 from ..layers import HEAT_PERCENTILES
-from ._colormaps import napari_colormap
+from ._colormaps import heatmap_look
 from ._compact import compact_combo
 from ._dock import viewer_camera
 
@@ -136,23 +136,11 @@ class ReviewPanel(QGroupBox):
         unit = mpp or 1.0
         if heat is not None:
             data, cell = heat
-            scale, translate = layer_transform(mpp, cell)
             positive = data[data > 0]  # cells without a patch are 0; limits as the dock's own heatmap
             lo, hi = (float(v) for v in np.percentile(positive, HEAT_PERCENTILES)) if positive.size else (0.0, 1.0)
-            self.dock.show_layer(
-                f"{slide_layer.name} MIL heatmap",
-                data,
-                "image",
-                scale=scale,
-                translate=translate,
-                units=layer_units(mpp),
-                opacity=0.6,
-                blending="translucent",
-                interpolation2d="nearest",
-                colormap=napari_colormap("attention"),
-                contrast_limits=(lo, max(hi, lo + 1e-6)),
-                metadata={"pathfm_kind": "mil-heatmap", "class": item.predicted, "downsample": cell},
-            )
+            meta = {"pathfm_kind": "mil-heatmap", "class": item.predicted, "downsample": cell}
+            look = heatmap_look(mpp, cell, (lo, max(hi, lo + 1e-6)))
+            self.dock.show_layer(f"{slide_layer.name} MIL heatmap", data, "image", metadata=meta, **look)
         size = item.level0_tile_size
         boxes = [np.array([[p["y"], p["x"]], [p["y"] + size, p["x"] + size]], float) for p in item.top_patches]
         name = f"{slide_layer.name} MIL top patches"

@@ -39,10 +39,10 @@ from qtpy.QtWidgets import (
 )
 
 from ..colors import CONTINUOUS
-from ..coords import layer_transform, layer_units
+from ..coords import layer_units
 from ..layers import HEAT_PERCENTILES, class_heatmaps, slide_level0_shape
 from ._checkpoint_picker import CheckpointPicker
-from ._colormaps import napari_colormap
+from ._colormaps import heatmap_look, napari_colormap
 from ._compact import compact_combo
 from ._dock import TaskDock, viewer_camera
 from ._legend import Legend
@@ -202,22 +202,8 @@ class MILWidget(TaskDock):
             return
         cls = max(0, self.class_combo.currentIndex())
         data, limits, cell = self.heatmaps[cls]
-        mpp = self._mpp()
-        scale, translate = layer_transform(mpp, cell)
         name = f"{self._slide_layer_name} MIL heatmap"
-        layer = self.show_layer(
-            name,
-            data,
-            "image",
-            scale=scale,
-            translate=translate,
-            units=layer_units(mpp),
-            opacity=0.6,
-            blending="translucent",
-            interpolation2d="nearest",
-            colormap=napari_colormap("attention"),
-            contrast_limits=limits,
-        )
+        layer = self.show_layer(name, data, "image", **heatmap_look(self._mpp(), cell, limits))
         layer.metadata.update(
             {
                 "pathfm_kind": "mil-heatmap",
