@@ -301,3 +301,24 @@ def test_training_form_offers_the_cached_foundation_models(hub, qtbot):
     assert form.overrides() == []
     combo.setCurrentIndex(1)
     assert form.overrides() == [f"model.backbone={NAME}"]
+
+
+def test_a_weights_file_alone_is_built_with_the_table_architecture(hub, tmp_path, monkeypatch):
+    """`--backbone hf-hub:ORG/NAME --weights FILE` with no cached copy: the table's architecture and timm
+    arguments (here a tiny entry added to the one table) build the network the file is loaded into."""
+    from safetensors.torch import save_file
+
+    from napari_pathfm.models import create_model
+    from napari_pathfm.models.foundation import FOUNDATION_MODELS, FoundationModel
+
+    entry = FoundationModel(
+        "pathfm-test/tiny-table", "tiny", "MIT", "test terms", 32, timm_args=TINY, architecture="vit_small_patch16_224"
+    )
+    monkeypatch.setitem(FOUNDATION_MODELS, entry.repo_id.lower(), entry)
+    _, model, _ = hub
+    loose = tmp_path / "downloaded-by-hand.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, loose)
+    fx = create_model("timm_features", backbone="hf-hub:pathfm-test/tiny-table", weights=str(loose))
+    assert torch.equal(fx.trunk.pos_embed, model.pos_embed) and fx.weights_sha256 == _sha(loose)
+    with pytest.raises(InputError, match="not in the local Hugging Face cache"):
+        create_model("timm_features", backbone="hf-hub:pathfm-test/tiny-table")  # no file, no cached copy
