@@ -255,6 +255,31 @@ def tiles(
         typer.echo(f"{name}: {path}")
 
 
+@app.command("annotation-tiles")
+def annotation_tiles(
+    slide: Path = typer.Argument(..., help="Slide file"),
+    annotations: Path = typer.Argument(..., help="Its QuPath GeoJSON (.geojson/.json) or ASAP XML annotations"),
+    out: Path = typer.Option(..., "--out", "-o", help="Data set folder: one sub-folder of PNG tiles per class"),
+    mpp: float = typer.Option(0.5, min=1e-6, help="Tile resolution in µm/px"),
+    size: int = typer.Option(224, min=8, help="Tile size in pixels"),
+    min_cover: float = typer.Option(0.5, min=0.01, max=1.0, help="Share of a tile its class must cover"),
+) -> None:
+    """Cut the annotated tiles of a slide into class folders: a tile-classification data set (docs/annotations.md)."""
+    from .io.preflight import Output
+
+    _preflight([Output(out, folder=True)], [slide, annotations])
+    from .pipelines.annotation_tiles import export_annotation_tiles
+
+    try:
+        with cli_progress("annotation tiles") as (progress, cancel):
+            info = export_annotation_tiles(
+                slide, annotations, out, mpp=mpp, size=size, min_cover=min_cover, progress=progress, cancel=cancel
+            )
+    except PathFMError as exc:
+        _fail(exc)
+    typer.echo(_json(info, indent=2))
+
+
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML, or a bundled recipe name (see `pathfm recipes`)"),

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PathFMError
+from ..errors import InputError
 from .atomic import atomic_path
 from .geojson import _fill, labels_to_geojson
 
@@ -145,9 +145,10 @@ def _geojson_items(obj: Any, source: Path) -> tuple[list[Annotation], dict[str, 
     elif isinstance(obj, list):
         features = obj
     else:
-        raise PathFMError(
-            f"{source}: not a GeoJSON FeatureCollection, Feature or list of features; "
-            "export annotations from QuPath with File > Export objects as GeoJSON"
+        raise InputError(
+            source,
+            "is not a GeoJSON FeatureCollection, Feature or list of features.",
+            "Export annotations from QuPath with File > Export objects as GeoJSON.",
         )
     items: list[Annotation] = []
     skipped: dict[str, int] = {}
@@ -174,7 +175,7 @@ def _geojson_items(obj: Any, source: Path) -> tuple[list[Annotation], dict[str, 
 
 def _asap_items(root: ET.Element, source: Path) -> tuple[list[Annotation], dict[str, int]]:
     if root.tag != "ASAP_Annotations":
-        raise PathFMError(f"{source}: not an ASAP annotation file (its root is <{root.tag}>, not <ASAP_Annotations>)")
+        raise InputError(source, f"is not an ASAP annotation file (its root is <{root.tag}>, not <ASAP_Annotations>).")
     groups = {g.get("Name"): _rgb(g.get("Color") or "") for g in root.iter("Group")}
     items: list[Annotation] = []
     skipped: dict[str, int] = {}
@@ -187,7 +188,7 @@ def _asap_items(root: ET.Element, source: Path) -> tuple[list[Annotation], dict[
         try:
             ring = np.array([[float(c.get("X")), float(c.get("Y"))] for c in coords], np.float64)
         except (TypeError, ValueError) as exc:
-            raise PathFMError(f"{source}: annotation {a.get('Name')!r} has a coordinate that is not a number") from exc
+            raise InputError(source, f"annotation {a.get('Name')!r} has a coordinate that is not a number.") from exc
         if len(ring) < 3:
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
@@ -205,15 +206,16 @@ def read_annotations(path: str | os.PathLike) -> AnnotationSet:
 
     Raises
     ------
-    PathFMError
+    InputError
         The file cannot be read or is neither format (the message names the file and what to do).
     """
     p = Path(path)
     kind = annotation_format(p)
     if kind is None:
-        raise PathFMError(
-            f"{p}: not a QuPath GeoJSON (.geojson/.json) or ASAP (.xml) annotation file; "
-            "export annotations from QuPath as GeoJSON or from ASAP as XML"
+        raise InputError(
+            p,
+            "is not a QuPath GeoJSON (.geojson/.json) or ASAP (.xml) annotation file.",
+            "Export annotations from QuPath as GeoJSON or from ASAP as XML.",
         )
     try:
         if kind == "asap":
@@ -222,9 +224,9 @@ def read_annotations(path: str | os.PathLike) -> AnnotationSet:
             with open(p, encoding="utf-8") as fh:
                 items, skipped = _geojson_items(json.load(fh), p)
     except (ET.ParseError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PathFMError(f"{p}: the annotation file is damaged or cut short ({exc}); export it again") from exc
+        raise InputError(p, f"the annotation file is damaged or cut short ({exc}).", "Export it again.") from exc
     except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise PathFMError(f"{p}: a shape in the annotation file is malformed ({exc!r}); export it again") from exc
+        raise InputError(p, f"a shape in the annotation file is malformed ({exc!r}).", "Export it again.") from exc
     return AnnotationSet(items, p, kind, skipped)
 
 
@@ -367,7 +369,7 @@ def annotation_class_map(path: str | os.PathLike, shape: tuple[int, int], class_
 
     Raises
     ------
-    PathFMError
+    InputError
         An object's class is not among ``class_names`` (the message names the file and the class).
     """
     found = read_annotations(path)
@@ -391,9 +393,10 @@ def class_index(name: str, class_names: Sequence[str], path: str | os.PathLike =
     if index is None and name == UNCLASSIFIED and len(class_names) == 2:
         index = 1
     if index is None:
-        raise PathFMError(
-            f"{path}: an object has class {name!r}, which is not one of the classes {list(class_names)}; "
-            f"rename the class where the annotations were made or add it to {where}"
+        raise InputError(
+            path,
+            f"an object has class {name!r}, which is not one of the classes {list(class_names)}.",
+            f"Rename the class where the annotations were made or add it to {where}.",
         )
     return index
 

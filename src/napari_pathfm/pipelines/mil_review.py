@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PathFMError
+from ..errors import InputError, UsageError
 from ..io.atomic import atomic_path
 
 __all__ = ["REVIEW_CSV", "ReviewItem", "ReviewLog", "review_queue"]
@@ -80,7 +80,7 @@ def _item(slide: Path, folder: Path) -> ReviewItem | None:
         probs = pred["probabilities"]
         predicted = str(pred["predicted"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PathFMError(f"{path}: not a MIL prediction ({exc}); run pathfm batch --task mil again") from exc
+        raise InputError(path, f"is not a MIL prediction ({exc}).", "Run pathfm batch --task mil again.") from exc
     boot = pred.get("uncertainty") or {}
     interval = (boot.get("interval") or {}).get(predicted)
     return ReviewItem(
@@ -101,7 +101,7 @@ def review_queue(batch_dir: str | Path) -> list[ReviewItem]:
 
     Raises
     ------
-    PathFMError
+    InputError
         The folder has no ``batch-summary.json`` of a MIL batch (the message says what to run).
     """
     batch_dir = Path(batch_dir)
@@ -109,11 +109,13 @@ def review_queue(batch_dir: str | Path) -> list[ReviewItem]:
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PathFMError(
-            f"{batch_dir}: no readable batch-summary.json; choose the --out folder of `pathfm batch --task mil`"
+        raise InputError(
+            batch_dir, "has no readable batch-summary.json.", "Choose the --out folder of `pathfm batch --task mil`."
         ) from exc
     if summary.get("task") != "mil":
-        raise PathFMError(f"{batch_dir}: a batch of task {summary.get('task')!r}, not mil; choose a MIL batch folder")
+        raise InputError(
+            batch_dir, f"is a batch of task {summary.get('task')!r}, not mil.", "Choose a MIL batch folder."
+        )
     items = []
     for row in summary.get("slides") or []:
         if row.get("status") not in ("ok", "skipped", "redone") or not row.get("output"):
@@ -150,10 +152,10 @@ class ReviewLog:
         elif verdict == "disagree" and label is None:
             others = [c for c in item.classes if c != item.predicted]
             if len(others) != 1:
-                raise PathFMError(f"{item.name}: pick the right class among {others} to disagree with {item.predicted}")
+                raise UsageError(f"{item.name}: pick the right class among {others} to disagree with {item.predicted}.")
             label = others[0]
         if label not in item.classes:
-            raise PathFMError(f"{item.name}: label {label!r} is not one of the model's classes {item.classes}")
+            raise UsageError(f"{item.name}: label {label!r} is not one of the model's classes {item.classes}.")
         if verdict == "label":
             verdict = "agree" if label == item.predicted else "disagree"
         row = {
