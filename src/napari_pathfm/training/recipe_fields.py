@@ -222,6 +222,9 @@ SEGMENT: dict[str, Field] = {
     "optim.weight_decay": Field(_NUM, 1e-2, "Weight decay."),
     "loss.alpha": Field(_NUM, 0.125, "α: loss = (1-α)·Dice + α·Focal + β·MSE(IoU)."),
     "loss.beta": Field(_NUM, 0.01, "β: weight of the IoU-prediction MSE."),
+    "loss.prompt_weight": Field(
+        _NUM, 0.0, "With model.prompts: weight of the loss of clicks/boxes simulated from the masks (0: off)."
+    ),
     "trainer.early_stopping.monitor": Field(
         (str,), "val_dice", "Metric for early stopping and for the best checkpoint."
     ),

@@ -79,6 +79,7 @@ FIELD_LABELS: dict[str, tuple[str, str]] = {
     "loss.patch_weight": ("Patch loss weight", "λ"),
     "loss.alpha": ("Focal loss weight", "α"),
     "loss.beta": ("IoU loss weight", "β"),
+    "loss.prompt_weight": ("Click/box prompt loss weight", ""),
     "loss.pretrain_epochs": ("Pretraining", "epochs"),
     "loss.disc_lr": ("Discriminator learning rate", ""),
     "model.backbone": ("Backbone", ""),

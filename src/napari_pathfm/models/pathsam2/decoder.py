@@ -171,6 +171,7 @@ class MaskDecoder(nn.Module):
         head_kind: str = "kan",
         iou_hidden: int = 256,
         high_res_channels: tuple[int, int] | None = None,
+        prompt_mask: bool = False,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -193,6 +194,9 @@ class MaskDecoder(nn.Module):
         if self.high_res:
             self.conv_s0 = nn.Conv2d(high_res_channels[0], dim // 8, kernel_size=1)
             self.conv_s1 = nn.Conv2d(high_res_channels[1], dim // 4, kernel_size=1)
+        if prompt_mask:  # interactive prompts (clicks, boxes): one more mask token and head, as SAM's
+            self.prompt_mask_token = nn.Embedding(1, dim)
+            self.prompt_hypernetwork = head(head_kind, [dim, dim, dim // 8])
 
     def _upscale(self, src: torch.Tensor, high_res: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if not self.high_res:
@@ -205,14 +209,24 @@ class MaskDecoder(nn.Module):
     def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None):
         """``image (B, C, h, w)``, ``image_pe (C, h, w)``, ``prompts (B, K, C)`` (and, with high-resolution
         features, ``(stride-4, stride-8)`` maps of sides 4h and 2h) → masks ``(B, K, 4h, 4w)``, IoU ``(B, K)``."""
+        hs, up = self._run(image, image_pe, self.mask_tokens.weight, prompts, high_res)
+        hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
+        masks = (hyper @ up.flatten(2)).reshape(image.shape[0], self.num_classes, *up.shape[-2:])
+        return masks, self.iou_prediction_head(hs[:, 0])
+
+    def forward_prompt(self, image: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, high_res=None):
+        """The object a click/box prompt points at: ``sparse (B, N, C)`` tokens of
+        :class:`~napari_pathfm.models.pathsam2.prompt.PromptEncoder` → mask logits ``(B, 1, 4h, 4w)``."""
+        hs, up = self._run(image, image_pe, self.prompt_mask_token.weight, sparse, high_res)
+        hyper = self.prompt_hypernetwork(hs[:, 1])
+        return (hyper[:, None] @ up.flatten(2)).reshape(image.shape[0], 1, *up.shape[-2:])
+
+    def _run(self, image, image_pe, mask_tokens, prompts, high_res):
+        """The two-way transformer over ``[iou token, mask tokens, prompts]`` and the upscaled image."""
         B, C, h, w = image.shape
-        K = self.num_classes
-        out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], 0).expand(B, -1, -1)
+        out_tokens = torch.cat([self.iou_token.weight, mask_tokens], 0).expand(B, -1, -1)
         tokens = torch.cat([out_tokens, prompts], 1)
         src = image + self.no_mask_embed.weight.reshape(1, C, 1, 1)
         pe = image_pe.unsqueeze(0).expand(B, -1, -1, -1)
         hs, src = self.transformer(src, pe, tokens)
-        up = self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res)
-        hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
-        masks = (hyper @ up.flatten(2)).reshape(B, K, *up.shape[-2:])
-        return masks, self.iou_prediction_head(hs[:, 0])
+        return hs, self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pathsam2_loss"]
+__all__ = ["pathsam2_loss", "prompt_loss"]
 
 
 def pathsam2_loss(
@@ -70,3 +70,24 @@ def pathsam2_loss(
     per_class = (1 - alpha) * dice + alpha * focal + beta * iou_mse
     parts = {"dice": dice.mean().detach(), "focal": focal.mean().detach(), "iou_mse": iou_mse.mean().detach()}
     return per_class.mean(), parts
+
+
+def prompt_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.125, ignore_index: int = 255):
+    """(1 − α)·Dice + α·Focal of prompted-object logits ``(B, 1, H, W)`` against a 0/1 ``target (B, H, W)``.
+
+    The loss :func:`pathsam2_loss` gives a class mask, for the one mask a click or box asks for
+    (SAM trains its prompted masks with the same focal/Dice mix).
+    """
+    logits = logits.float()
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    valid = (target != ignore_index).unsqueeze(1).float()
+    truth = (target == 1).unsqueeze(1).float()
+    prob = logits.sigmoid()
+    inter = (prob * truth * valid).sum((2, 3))
+    dice = 1 - (2 * inter + 1) / ((prob * valid).sum((2, 3)) + (truth * valid).sum((2, 3)) + 1)
+    ce = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
+    p_t = prob * truth + (1 - prob) * (1 - truth)
+    a_t = 0.25 * truth + 0.75 * (1 - truth)
+    focal = (a_t * ce * (1 - p_t) ** 2 * valid).sum((2, 3)) / valid.sum((2, 3)).clamp(min=1)
+    return ((1 - alpha) * dice + alpha * focal).mean()

@@ -39,6 +39,7 @@ from .encoders import (
     uni_features,
 )
 from .kan import head
+from .prompt import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class PathSAM2(nn.Module):
         prompt_head: str = "kan",
         freeze_encoders: bool = True,
         high_res: bool = False,
+        prompts: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -90,7 +92,9 @@ class PathSAM2(nn.Module):
             decoder_mlp_dim,
             head_kind=prompt_head,
             high_res_channels=(stages[0], stages[1]) if self.high_res else None,
+            prompt_mask=prompts,
         )
+        self.prompt_encoder = PromptEncoder(decoder_dim, self.pe_layer) if prompts else None
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.load_reports: dict[str, Any] = {}
@@ -169,6 +173,26 @@ class PathSAM2(nn.Module):
         masks, iou = self.decoder(emb, self.pe_layer(emb.shape[-2:]), prompts, high)
         logits = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
         return {"logits": logits, "iou": iou}
+
+    def decode_prompt(
+        self,
+        x: torch.Tensor | None,
+        encoded: dict[str, torch.Tensor],
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, 1, H, W)`` of the object under clicks ``points (B, N, 2)`` (x, y input pixels;
+        ``labels`` 1 positive, 0 negative, -1 padding) and/or ``boxes (B, 4)`` (x0, y0, x1, y1), from
+        :meth:`encode`'s outputs (a cached tile embedding serves every prompt on that tile)."""
+        if self.prompt_encoder is None:
+            raise ValueError("this Path-SAM2 model has no prompt path (built with prompts=False)")
+        size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
+        emb = self._align(encoded, (size[0] // 16, size[1] // 16))
+        sparse = self.prompt_encoder(points, labels, boxes, size)
+        high = (encoded["hiera_s0"], encoded["hiera_s1"]) if self.high_res else None
+        masks = self.decoder.forward_prompt(emb, self.pe_layer(emb.shape[-2:]), sparse, high)
+        return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
     def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:
         """RGB uint8 tiles ``(B, T, T, 3)`` (numpy or tensor) → normalised ``(B, 3, S, S)`` at ``input_size``."""
@@ -291,6 +315,7 @@ def pathsam2(
     uni_checkpoint: str | None = None,
     sam_checkpoint: str | None = None,
     high_res: bool = False,
+    prompts: bool = False,
 ) -> PathSAM2:
     """Path-SAM2 semantic segmenter (see :class:`PathSAM2`).
 
@@ -313,6 +338,9 @@ def pathsam2(
     high_res : bool
         Feed the Hiera trunk's stride-4 and stride-8 features into the decoder's upscaling, as SAM2's
         decoder does (``use_high_res_features``); sharper gland edges and gaps between glands.
+    prompts : bool
+        Add SAM's click/box prompt path (:meth:`PathSAM2.decode_prompt`): a prompt encoder and one more
+        mask token, trained with simulated clicks (``loss.prompt_weight``).
     sam2_checkpoint, uni_checkpoint, sam_checkpoint : str, optional
         Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin`` (or
         ``"hf-hub:MahmoodLab/UNI"``, found in the local Hugging Face cache), SAM v1 (decoder
@@ -331,6 +359,7 @@ def pathsam2(
         prompt_head,
         freeze_encoders,
         high_res,
+        prompts,
     )
     if sam_checkpoint:
         model.load_sam_decoder(sam_checkpoint)

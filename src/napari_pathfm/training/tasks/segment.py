@@ -116,6 +116,7 @@ class SegmentTask(L.LightningModule):
         val_stride: int | None = None,
         val_batch_size: int = 4,
         init_checkpoint: Path | None = None,
+        prompt_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
@@ -125,6 +126,9 @@ class SegmentTask(L.LightningModule):
         self.alpha, self.beta, self.ignore_index = float(alpha), float(beta), int(ignore_index)
         self.tile_size, self.val_stride, self.val_batch_size = int(tile_size), val_stride, int(val_batch_size)
         self.init_checkpoint = Path(init_checkpoint) if init_checkpoint else None
+        # > 0 and a model with a prompt path: also train clicks/boxes simulated from the masks (prompt_clicks)
+        self.prompt_weight = float(prompt_weight or 0.0)
+        self._prompt_rng = np.random.default_rng(0)
         self._reset_val()
 
     def _reset_val(self) -> None:
@@ -154,8 +158,10 @@ class SegmentTask(L.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
-        out = self(batch["image"])
-        loss, parts = self.loss(out, batch["mask"])
+        if self.prompt_weight > 0 and getattr(self.model, "prompt_encoder", None) is not None:
+            loss, parts = self._with_prompts(batch)
+        else:
+            loss, parts = self.loss(self(batch["image"]), batch["mask"])
         n = len(batch["mask"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for k, v in (parts or {}).items():
@@ -169,6 +175,26 @@ class SegmentTask(L.LightningModule):
                     sync_dist=True,
                 )
         return loss
+
+    def _with_prompts(self, batch):
+        """The class-mask loss plus ``prompt_weight`` x the loss of one simulated prompt per crop."""
+        from ...models.pathsam2.loss import prompt_loss
+        from ..prompt_clicks import simulate_prompts
+
+        x = self.model.preprocess(batch["image"])
+        encoded = self.model.encode(x)
+        loss, parts = self.loss(self.model.decode(x, encoded), batch["mask"])
+        masks = batch["mask"]
+        p = simulate_prompts(masks.cpu().numpy(), self._prompt_rng, scale=x.shape[-1] / masks.shape[-1])
+        if p is None:
+            return loss, parts
+        idx = torch.as_tensor(p["index"], device=x.device)
+        as_t = lambda a: None if a is None else torch.as_tensor(a, device=x.device)
+        logits = self.model.decode_prompt(
+            x[idx], {k: v[idx] for k, v in encoded.items()}, as_t(p["points"]), as_t(p["labels"]), as_t(p["boxes"])
+        )
+        extra = prompt_loss(logits, as_t(p["targets"]).long(), ignore_index=self.ignore_index)
+        return loss + self.prompt_weight * extra, {**(parts or {}), "prompt": extra.detach()}
 
     def on_validation_epoch_start(self) -> None:
         self._reset_val()
@@ -327,6 +353,7 @@ def build(recipe: Recipe):
         recipe.get("trainer.max_epochs"),
         alpha=recipe.get("loss.alpha"),
         beta=recipe.get("loss.beta"),
+        prompt_weight=recipe.get("loss.prompt_weight"),
         ignore_index=IGNORE,
         tile_size=tile,
         val_stride=data_cfg.get("val_stride"),
