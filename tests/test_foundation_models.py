@@ -192,6 +192,10 @@ def test_models_list_shows_cached_models_and_keeps_the_plain_listing(hub):
     assert [m["name"] for m in data["foundation"]] == [NAME]
     plain = runner.invoke(app, ["models"])
     assert plain.exit_code == 0 and "timm_features" in plain.output and NAME not in plain.output
+    verified = runner.invoke(app, ["models", "verify", "--json"])  # the cache and the bundled MIL demo's extractor
+    checked = json.loads(verified.output)["checked"]
+    assert verified.exit_code == 0 and {r["status"] for r in checked} == {"ok"}, verified.output
+    assert any(r["source"].endswith("s4mil-glas-glands-demo.safetensors") for r in checked)
     bad = runner.invoke(app, ["models", "frobnicate"])
     assert bad.exit_code == 2 and "list" in bad.output
 

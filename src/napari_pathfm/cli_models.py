@@ -118,13 +118,16 @@ class _Hasher:
         return self.done[key]
 
 
-def _local_weights(record: dict) -> Path | None:
-    """The weights file on this machine that ``record`` names: its recorded path, else its model by name."""
+def _local_weights(record: dict, beside: Path | None = None) -> Path | None:
+    """The weights file on this machine that ``record`` names: its recorded path, the same name ``beside`` the
+    card (bundled and shared models keep their extractor there), else its foundation model by name."""
     from .errors import InputError
     from .models.hub_cache import is_foundation_name, resolve_local_model
 
-    if record.get("weights") and Path(record["weights"]).is_file():
-        return Path(record["weights"])
+    recorded = Path(record["weights"]) if record.get("weights") else None
+    for candidate in (recorded, beside / recorded.name if recorded and beside else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
     if record.get("backbone") and is_foundation_name(record["backbone"]):
         try:
             return resolve_local_model(record["backbone"]).weights
@@ -133,12 +136,12 @@ def _local_weights(record: dict) -> Path | None:
     return None
 
 
-def _check_record(source: str, record: dict, sha256: _Hasher) -> dict:
+def _check_record(source: Path, record: dict, sha256: _Hasher) -> dict:
     expected = record.get("weights_sha256")
-    row = {"source": source, "backbone": record.get("backbone"), "recorded": expected, "weights": None}
+    row = {"source": str(source), "backbone": record.get("backbone"), "recorded": expected, "weights": None}
     if not expected:
         return {**row, "status": "unrecorded", "detail": "no weights sha256 recorded (randomly initialised backbone)"}
-    local = _local_weights(record)
+    local = _local_weights(record, Path(source).parent)
     if local is None:
         detail = f"the weights it was made with ({record.get('weights') or record.get('backbone')}) are not here"
         return {**row, "status": "missing", "detail": detail}
@@ -182,13 +185,13 @@ def models_verify(paths: list[Path], folders: list[Path], as_json: bool) -> int:
     """
     sha256 = _Hasher()
     if paths:
-        rows = [_check_record(str(p), r, sha256) for p in paths for r in recorded_weights(Path(p))]
+        rows = [_check_record(Path(p), r, sha256) for p in paths for r in recorded_weights(Path(p))]
     else:
         from .checkpoints import find_checkpoints
 
         rows = _check_cached(sha256, folders)
         for weights, card in find_checkpoints():
-            rows += [_check_record(str(weights), r, sha256) for r in _card_records(card) if r["weights_sha256"]]
+            rows += [_check_record(Path(weights), r, sha256) for r in _card_records(card) if r["weights_sha256"]]
     bad = [r for r in rows if r["status"] in ("changed", "missing")]
     if as_json:
         typer.echo(json.dumps({"ok": not bad, "checked": rows}, indent=2))
