@@ -12,6 +12,7 @@ twice, and the layers are multiscale so napari reads only the tiles it shows.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,9 @@ def _slide_for(p: Path) -> tuple[float | None, tuple[int, int] | None]:
     ``slide.svs.geojson``); ``(None, None)`` when there is neither.
     """
     stem = p.name.split(".")[0]
+    napari = sys.modules.get("napari")  # loaded when napari calls this reader; never imported from here
     try:
-        import napari
-
-        viewer = napari.current_viewer()
+        viewer = napari.current_viewer() if napari is not None else None
     except Exception:  # noqa: BLE001 - no viewer (a script, a test): look next to the file
         viewer = None
     slides = [layer for layer in (viewer.layers if viewer else []) if "pathfm_slide" in (layer.metadata or {})]
