@@ -326,3 +326,32 @@ def test_a_weights_file_alone_is_built_with_the_table_architecture(hub, tmp_path
     assert torch.equal(fx.trunk.pos_embed, model.pos_embed) and fx.weights_sha256 == _sha(loose)
     with pytest.raises(InputError, match="not in the local Hugging Face cache"):
         create_model("timm_features", backbone="hf-hub:pathfm-test/tiny-table")  # no file, no cached copy
+
+
+def test_model_folders_modern_and_legacy_configs(tmp_path, monkeypatch):
+    """A folder in the repository layout (`--backbone FOLDER` or `local-dir:FOLDER`), and timm's older flat
+    config.json (no pretrained_cfg: the normalisation sits at the top level)."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_for_hf
+
+    from napari_pathfm.models import create_model
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    torch.manual_seed(3)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **TINY)
+    modern = tmp_path / "modern"
+    save_for_hf(model, modern, safe_serialization=True)
+    (modern / "pytorch_model.bin").unlink(missing_ok=True)
+    for name in (str(modern), f"local-dir:{modern}"):
+        fx = create_model("timm_features", backbone=name)
+        assert torch.equal(fx.trunk.patch_embed.proj.weight, model.patch_embed.proj.weight) and fx.out_dim == 32
+        assert fx.weights == str(modern / "model.safetensors")
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, legacy / "model.safetensors")
+    flat = {"architecture": "vit_tiny_patch16_224", "num_classes": 0, "mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    (legacy / "config.json").write_text(json.dumps(flat))
+    fx = create_model("timm_features", backbone=str(legacy))
+    assert fx.mean == (0.1, 0.2, 0.3) and fx.std == (0.4, 0.5, 0.6) and fx.out_dim == 192

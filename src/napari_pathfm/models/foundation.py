@@ -348,7 +348,7 @@ def build_foundation(
         spec = foundation_spec(local.repo_id)  # a folder saved from a known hub model
         if spec is not None and spec.framework != "timm":
             raise InputError(name, f"is {spec.title}, a {spec.framework} model that timm cannot build.", spec.note)
-    cfg = config.get("pretrained_cfg") or ({} if "architecture" in config else dict(config))
+    cfg = config.get("pretrained_cfg") or dict(config)  # timm's legacy configs are one flat dict
     arch = config.get("architecture") or cfg.get("architecture")
     where = local.folder / "config.json" if local else name
     if not arch:
