@@ -116,6 +116,9 @@ class ReviewPanel(QGroupBox):
             (la for la in self.viewer.layers if str(la.metadata.get("pathfm_path", "")) == str(item.slide)), None
         )
         if slide_layer is None:
+            if not item.slide.is_file():
+                self.dock.status.setText(f"{item.slide}: slide not found (moved or renamed since the batch ran).")
+                return None
             (slide_layer,) = self.viewer.open(str(item.slide), plugin="napari-pathfm")  # lazy: tiles load as shown
         heatmap = item.heatmap
 
