@@ -20,19 +20,9 @@ import json
 import time
 
 import numpy as np
+from bench_pathsam2_model import CONFIGS  # the script's folder is on sys.path
 
-SMALL = dict(
-    encoder="hiera_micro",
-    uni=None,
-    image_size=256,
-    decoder_dim=128,
-    decoder_depth=2,
-    decoder_heads=4,
-    decoder_mlp_dim=512,
-    freeze_encoders=False,
-    high_res=True,
-    prompts=True,
-)
+SMALL = {**CONFIGS["small"], "high_res": True, "prompts": True}  # the bundled model's architecture
 
 
 def main(argv=None) -> dict:

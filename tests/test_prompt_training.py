@@ -10,20 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_segment_widget import MODEL  # the toy Path-SAM2 of the dock tests
+
 from napari_pathfm.models import create_model
 from napari_pathfm.training.prompt_clicks import simulate_prompts
 
-TINY = dict(
-    encoder="hiera_micro",
-    uni=None,
-    image_size=64,
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    decoder_mlp_dim=64,
-    freeze_encoders=False,
-    high_res=True,
-)
+TINY = {**MODEL, "high_res": True}
 RECIPES = Path(__file__).resolve().parents[1] / "src" / "napari_pathfm" / "recipes" / "pathsam2"
 
 
