@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DOCKS = ("slide", "segment", "classify", "mil", "translate", "train", "annotations", "review")
+DOCKS = ("slide", "segment", "classify", "mil", "translate", "train", "annotations", "review", "prompt")
 #: Pictures of a dock in a second state: the picture's name → the dock whose window it shows.
-SCENES = {"annotations": "segment", "review": "mil"}
+SCENES = {"annotations": "segment", "review": "mil", "prompt": "segment"}
 WINDOW = (1500, 900)  # napari main window size (px), fixed for every picture
 DOCK_WIDTH = 400  # width given to the right dock area (px)
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +185,25 @@ def _review(viewer, widget, deadline: float) -> None:
     _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") in ("mil-heatmap", "mil-top-patch"))
 
 
+def _prompt(viewer, widget, deadline: float) -> None:
+    """Prompt mode in the Segment dock: a click on the middle of each of the three largest glands."""
+    import numpy as np
+    from scipy import ndimage
+
+    _wait(widget, "segment", deadline)
+    objects = next(la for la in viewer.layers if la.metadata.get("pathfm_kind") == "segment_objects")
+    data = np.asarray(objects.data)
+    row = widget.prompts
+    row.button.click()
+    for k in np.argsort(np.bincount(data.ravel())[1:])[::-1][:3] + 1:
+        inner = ndimage.distance_transform_edt(data == k)
+        row.points.add(list(np.unravel_index(int(np.argmax(inner)), inner.shape)))
+        while (row.runner.running or row.queue) and time.monotonic() < deadline:
+            _qapp_turns(5)
+    keep = (row.objects, row.points)
+    _show_only(viewer, lambda layer: layer in keep)
+
+
 def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, train_run: bool | None = None) -> dict:
     """Render ``out/<dock>.png`` (window) and ``out/<dock>-dock.png`` (dock alone). Returns {kind: path}."""
     from napari_pathfm.widgets import keep_triton_out
@@ -225,6 +244,8 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
             _annotations(viewer, widget, deadline)
         elif dock == "review":
             _review(viewer, widget, deadline)
+        elif dock == "prompt":
+            _prompt(viewer, widget, deadline)
         elif dock == "translate":
             _wait(widget, dock, deadline)
             for layer in viewer.layers:

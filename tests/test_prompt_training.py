@@ -27,7 +27,7 @@ def test_prompt_path_is_optional_and_named_as_sam():
     model = create_model("pathsam2", num_classes=2, prompts=True, **TINY).eval()
     keys = set(model.state_dict())
     assert {"prompt_encoder.point_embeddings.0.weight", "prompt_encoder.not_a_point_embed.weight"} <= keys
-    assert "decoder.prompt_mask_token.weight" in keys
+    assert "prompt_decoder.mask_tokens.weight" in keys and "decoder.mask_tokens.weight" in keys
     x = torch.rand(2, 3, 64, 64)
     enc = model.encode(x)
     pts, lbl = torch.tensor([[[10.0, 12.0], [0.0, 0.0]], [[40.0, 30.0], [5.0, 5.0]]]), torch.tensor([[1, -1], [1, 0]])

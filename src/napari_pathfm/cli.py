@@ -9,14 +9,19 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from typer.core import TyperGroup
 
+from .cli_common import cli_progress
+from .cli_common import fail as _fail
+from .cli_common import folders as _folders
+from .cli_common import json_text as _json
+from .cli_common import preflight as _preflight
+from .cli_prompt import prompt_cmd
 from .cli_recipes import recipes_cmd
-from .errors import Cancelled, PathFMError, UsageError
+from .errors import PathFMError, UsageError
 
 
 class BoundaryGroup(TyperGroup):
@@ -52,59 +57,6 @@ def _main_options(
         import os
 
         os.environ["PATHFM_DEBUG"] = "1"
-
-
-@contextmanager
-def cli_progress(description: str):
-    """Yield ``(progress, cancel)``: a rich progress bar callback and a Ctrl-C cancel event."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cancel = threading.Event()
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[msg]}"),
-        transient=False,
-        disable=not sys.stderr.isatty(),
-    )
-    task = bar.add_task(description, total=None, msg="")
-
-    def progress(done: int, total: int, message: str = "") -> None:
-        bar.update(task, completed=done, total=total or None, msg=message)
-
-    with bar:
-        try:
-            yield progress, cancel
-        except KeyboardInterrupt:
-            cancel.set()
-            raise Cancelled(f"{description} cancelled by the user") from None
-
-
-def _fail(exc: BaseException) -> None:
-    """Print the one message for ``exc`` (traceback first with --debug) and exit with its code."""
-    from .error_boundary import debug_enabled, describe, format_traceback
-
-    if debug_enabled():
-        typer.echo(format_traceback(exc), err=True, nl=False)
-    message = describe(exc)
-    typer.secho(f"error: {message.text}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(message.exit_code)
-
-
-def _json(obj, **kwargs) -> str:
-    """JSON for stdout: undefined numbers (NaN/Inf) as null with a warning, never invalid JSON."""
-    from .io.jsonsafe import dumps
-
-    return dumps(obj, where="pathfm output", **{"default": str, **kwargs})
-
-
-def _preflight(outputs, inputs=(), input_folders=(), need_bytes: int = 0) -> None:
-    """Refuse outputs over inputs and unwritable/full locations before anything heavy is imported or loaded."""
-    from .io.preflight import check_outputs
-
-    check_outputs(outputs, inputs, input_folders=input_folders, need_bytes=need_bytes)
 
 
 def _names_a_path(text) -> bool:
@@ -146,11 +98,6 @@ def _preflight_recipe(recipe: Path, overrides, out: Path | None) -> None:
     _preflight(
         [Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs], _folders(inputs)
     )
-
-
-def _folders(paths) -> list:
-    """The paths among ``paths`` that are folders (z-stacks, data sets): nothing is written inside them."""
-    return [p for p in paths if p is not None and Path(p).is_dir()]
 
 
 @app.command()
@@ -340,6 +287,7 @@ def train(
 
 
 app.command("recipes")(recipes_cmd)
+app.command("prompt")(prompt_cmd)
 
 
 @app.command()

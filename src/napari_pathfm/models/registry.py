@@ -130,6 +130,7 @@ _BUILTINS: dict[str, ModelEntry] = {
                 "uni_checkpoint": None,
                 "sam_checkpoint": None,
                 "high_res": False,
+                "prompts": False,
             },
         ),
         ModelEntry(

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..instances import ObjectOptions, object_options, separate, split_objects
 from ..io.scratch import scratch_dir
+from . import segment_model as _sm
 from .segment_model import class_names, default_segment_checkpoint, load_segmentation_model, tile_geometry
 from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
 from .segment_tiles import SegmentTiles
@@ -382,11 +383,7 @@ def _segment(
             if classes is not None and not split:
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
-                prep = {
-                    "mean": list(getattr(model, "mean", ())),
-                    "std": list(getattr(model, "std", ())),
-                    "input_size": getattr(model, "input_size", None),
-                }
+                prep = _sm.encoder_preprocess(model)
                 with tile_encoder(model, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
                     tiles = SegmentTiles(
                         model,

@@ -14,7 +14,14 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-__all__ = ["class_names", "default_segment_checkpoint", "load_segmentation_model", "tile_geometry", "tile_logits"]
+__all__ = [
+    "class_names",
+    "default_segment_checkpoint",
+    "encoder_preprocess",
+    "load_segmentation_model",
+    "tile_geometry",
+    "tile_logits",
+]
 
 
 def default_segment_checkpoint() -> Path:
@@ -87,6 +94,16 @@ def class_names(card: dict, k: int | None) -> list[str] | None:
     if k is None:
         return None
     return ["background"] + [f"class {i}" for i in range(1, int(k))]
+
+
+def encoder_preprocess(model: Any) -> dict:
+    """How tiles become ``model``'s encoder input (normalisation, input size): part of the embedding cache
+    key, so a segment run and a prompt session on the same slide share their cached tiles."""
+    return {
+        "mean": list(getattr(model, "mean", ())),
+        "std": list(getattr(model, "std", ())),
+        "input_size": getattr(model, "input_size", None),
+    }
 
 
 def tile_geometry(model: Any, card: dict, tile_size: int | None, overlap: float) -> tuple[int, int]:

@@ -225,6 +225,13 @@ SEGMENT: dict[str, Field] = {
     "loss.prompt_weight": Field(
         _NUM, 0.0, "With model.prompts: weight of the loss of clicks/boxes simulated from the masks (0: off)."
     ),
+    "optim.trainable": Field(
+        (str,),
+        "all",
+        "all: train every layer; prompt: only the click/box path of a model.prompts model started from "
+        "data.init_checkpoint (its class masks stay exactly as they were).",
+        ("all", "prompt"),
+    ),
     "trainer.early_stopping.monitor": Field(
         (str,), "val_dice", "Metric for early stopping and for the best checkpoint."
     ),

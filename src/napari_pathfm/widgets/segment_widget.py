@@ -47,6 +47,7 @@ from ._checkpoint_picker import CheckpointPicker
 from ._compact import compact_combo
 from ._dock import TaskDock
 from ._legend import Legend
+from ._prompting import PromptRow
 from .slide_widget import fill_slide_combo
 
 __all__ = ["SegmentWidget"]
@@ -103,12 +104,15 @@ class SegmentWidget(TaskDock):
         self.restore_btn.setEnabled(False)
         self.restore_btn.clicked.connect(self.restore_corrections)
         self.seed_btn = QPushButton("From annotations")
-        self.seed_btn.setToolTip("Draw an opened QuPath/ASAP annotation layer's objects into the mask as corrections")
+        self.seed_btn.setToolTip(
+            "Draw opened QuPath/ASAP annotations and prompted objects into the mask as corrections"
+        )
         self.seed_btn.clicked.connect(self.corrections_from_annotations)
         self.log_btn = QPushButton("Show log")
         self.log_btn.setToolTip("What the last fine-tune reported (training events and the error, if any)")
         self.log_btn.setEnabled(False)
         self.log_btn.clicked.connect(self.show_log)
+        self.prompts = PromptRow(self)  # clicks/boxes → objects (its own worker; see _prompting)
         self.run_buttons = [self.segment_btn, self.finetune_btn]
         self.legend = Legend("Legend")  # class names ↔ the colours of the mask (same as in its GeoJSON)
         self._runs = 0
@@ -133,6 +137,7 @@ class SegmentWidget(TaskDock):
         corr_row.addWidget(self.record)
         corr_row.addWidget(self.restore_btn)
         corr_row.addWidget(self.seed_btn)
+        layout.addWidget(self.prompts)
         layout.addLayout(corr_row)
         layout.addLayout(tune_row)
         log_row = QHBoxLayout()
@@ -431,6 +436,7 @@ class SegmentWidget(TaskDock):
 
     def closeEvent(self, event) -> None:
         self._stop_recording()
+        self.prompts.stop()
         if self._slide is not None:
             self._slide.close()
         super().closeEvent(event)

@@ -171,7 +171,6 @@ class MaskDecoder(nn.Module):
         head_kind: str = "kan",
         iou_hidden: int = 256,
         high_res_channels: tuple[int, int] | None = None,
-        prompt_mask: bool = False,
     ):
         super().__init__()
         self.num_classes = int(num_classes)
@@ -194,9 +193,6 @@ class MaskDecoder(nn.Module):
         if self.high_res:
             self.conv_s0 = nn.Conv2d(high_res_channels[0], dim // 8, kernel_size=1)
             self.conv_s1 = nn.Conv2d(high_res_channels[1], dim // 4, kernel_size=1)
-        if prompt_mask:  # interactive prompts (clicks, boxes): one more mask token and head, as SAM's
-            self.prompt_mask_token = nn.Embedding(1, dim)
-            self.prompt_hypernetwork = head(head_kind, [dim, dim, dim // 8])
 
     def _upscale(self, src: torch.Tensor, high_res: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if not self.high_res:
@@ -206,27 +202,23 @@ class MaskDecoder(nn.Module):
         up = act1(ln1(dc1(src) + self.conv_s1(feat_s1)))
         return act2(dc2(up) + self.conv_s0(feat_s0))
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None):
+    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None, dense=None):
         """``image (B, C, h, w)``, ``image_pe (C, h, w)``, ``prompts (B, K, C)`` (and, with high-resolution
         features, ``(stride-4, stride-8)`` maps of sides 4h and 2h) → masks ``(B, K, 4h, 4w)``, IoU ``(B, K)``."""
-        hs, up = self._run(image, image_pe, self.mask_tokens.weight, prompts, high_res)
+        hs, up = self._run(image, image_pe, self.mask_tokens.weight, prompts, high_res, dense)
         hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         masks = (hyper @ up.flatten(2)).reshape(image.shape[0], self.num_classes, *up.shape[-2:])
         return masks, self.iou_prediction_head(hs[:, 0])
 
-    def forward_prompt(self, image: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor, high_res=None):
-        """The object a click/box prompt points at: ``sparse (B, N, C)`` tokens of
-        :class:`~napari_pathfm.models.pathsam2.prompt.PromptEncoder` → mask logits ``(B, 1, 4h, 4w)``."""
-        hs, up = self._run(image, image_pe, self.prompt_mask_token.weight, sparse, high_res)
-        hyper = self.prompt_hypernetwork(hs[:, 1])
-        return (hyper[:, None] @ up.flatten(2)).reshape(image.shape[0], 1, *up.shape[-2:])
-
-    def _run(self, image, image_pe, mask_tokens, prompts, high_res):
-        """The two-way transformer over ``[iou token, mask tokens, prompts]`` and the upscaled image."""
+    def _run(self, image, image_pe, mask_tokens, prompts, high_res, dense=None):
+        """The two-way transformer over ``[iou token, mask tokens, prompts]`` and the upscaled image
+        (``dense``: SAM's dense prompt embedding, added to the image's)."""
         B, C, h, w = image.shape
         out_tokens = torch.cat([self.iou_token.weight, mask_tokens], 0).expand(B, -1, -1)
         tokens = torch.cat([out_tokens, prompts], 1)
         src = image + self.no_mask_embed.weight.reshape(1, C, 1, 1)
+        if dense is not None:
+            src = src + dense
         pe = image_pe.unsqueeze(0).expand(B, -1, -1, -1)
         hs, src = self.transformer(src, pe, tokens)
         return hs, self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res)

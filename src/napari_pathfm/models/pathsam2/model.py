@@ -43,7 +43,10 @@ from .prompt import PromptEncoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PathSAM2", "pathsam2"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PROMPT_PATH", "PathSAM2", "pathsam2"]
+
+#: State-dict prefixes of the click/box path alone (``prompts=True``); everything else makes the class masks.
+PROMPT_PATH = ("prompt_encoder.", "prompt_decoder.")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,6 +54,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class PathSAM2(nn.Module):
     """See the module docstring; build it with :func:`pathsam2` / ``create_model("pathsam2", ...)``."""
+
+    prompt_path_keys = PROMPT_PATH
 
     def __init__(
         self,
@@ -84,17 +89,19 @@ class PathSAM2(nn.Module):
         self.prompt_generator = head(prompt_head, [decoder_dim] * 4)  # 3 KAN layers
         self.high_res = bool(high_res)
         stages = [int(f["num_chs"]) for f in self.trunk.feature_info]
-        self.decoder = MaskDecoder(
-            num_classes,
-            decoder_dim,
-            decoder_depth,
-            decoder_heads,
-            decoder_mlp_dim,
+        shape = dict(
+            dim=decoder_dim,
+            depth=decoder_depth,
+            num_heads=decoder_heads,
+            mlp_dim=decoder_mlp_dim,
             head_kind=prompt_head,
             high_res_channels=(stages[0], stages[1]) if self.high_res else None,
-            prompt_mask=prompts,
         )
-        self.prompt_encoder = PromptEncoder(decoder_dim, self.pe_layer) if prompts else None
+        self.decoder = MaskDecoder(num_classes, **shape)
+        self.prompt_encoder = self.prompt_decoder = None
+        if prompts:  # SAM's interactive path: clicks/boxes → tokens → a one-mask decoder of its own
+            self.prompt_encoder = PromptEncoder(decoder_dim, self.pe_layer)
+            self.prompt_decoder = MaskDecoder(1, **shape)
         self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.load_reports: dict[str, Any] = {}
@@ -103,6 +110,37 @@ class PathSAM2(nn.Module):
     # -- encoders -----------------------------------------------------------------
     def encoders(self) -> list[nn.Module]:
         return [m for m in (self.trunk, self.uni) if m is not None]
+
+    def prompt_path(self) -> list[nn.Module]:
+        """The modules only clicks and boxes use (empty without ``prompts``): training just these adds
+        prompting to a trained model and leaves its class masks exactly as they were."""
+        return [] if self.prompt_encoder is None else [self.prompt_encoder, self.prompt_decoder]
+
+    def prompt_init(self, state_dict: dict) -> dict:
+        """``prompt_decoder.*`` tensors made from a checkpoint's class decoder (``decoder.*``), for a model
+        that gains the prompt path after training: the same transformer and upscaling, the first
+        foreground class's mask token and head as the one prompted mask's (SAM's decoder starts from
+        what the class decoder learnt about the tissue; the clicks then have to pick the object).
+        Tensors the model does not have, or whose shapes differ (the IoU head's last layer), are left out."""
+        if self.prompt_decoder is None:
+            return {}
+        own, out = self.state_dict(), {}
+        fg = 1 if self.num_classes > 1 else 0
+        for key, value in state_dict.items():
+            if not key.startswith("decoder."):
+                continue
+            rest = key[len("decoder.") :]
+            if rest == "mask_tokens.weight":
+                value = value[fg : fg + 1]
+            elif rest.startswith("output_hypernetworks_mlps."):
+                index, tail = rest[len("output_hypernetworks_mlps.") :].split(".", 1)
+                if int(index) != fg:
+                    continue
+                rest = f"output_hypernetworks_mlps.0.{tail}"
+            target = "prompt_decoder." + rest
+            if target in own and tuple(own[target].shape) == tuple(value.shape):
+                out[target] = value
+        return out
 
     def _apply_freeze(self) -> None:
         for enc in self.encoders():
@@ -190,8 +228,9 @@ class PathSAM2(nn.Module):
         size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
         emb = self._align(encoded, (size[0] // 16, size[1] // 16))
         sparse = self.prompt_encoder(points, labels, boxes, size)
+        dense = self.prompt_encoder.dense(points, labels, boxes, size, tuple(emb.shape[-2:]))
         high = (encoded["hiera_s0"], encoded["hiera_s1"]) if self.high_res else None
-        masks = self.decoder.forward_prompt(emb, self.pe_layer(emb.shape[-2:]), sparse, high)
+        masks, _iou = self.prompt_decoder(emb, self.pe_layer(emb.shape[-2:]), sparse, high, dense)
         return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
     def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:

@@ -47,7 +47,11 @@ images (and DDP processes) before the ratios are taken.
 
 ``data.init_checkpoint`` starts from an existing checkpoint (its card supplies the
 model config, classes and µm/px unless the recipe sets them); that file is only
-read, and a run whose output would overwrite it stops before training.
+read, and a run whose output would overwrite it stops before training. A checkpoint without the
+click/box path loads into a ``model.prompts: true`` model (only that path starts untrained), and
+``optim.trainable: prompt`` then trains that path alone, on prompts simulated from the masks
+(``loss.prompt_weight``): the encoders and the class-mask decoder stay frozen in eval mode, so the
+checkpoint's automatic masks, and the metrics measured for them, do not change.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import torch
 from ...errors import RecipeError
 from ...models.registry import create_model
 from ...tiles.stain import stain_reference_from_paths
+from ..prompt_training import freeze_all_but_prompts, load_init, prompt_step
 from ..recipes import Recipe
 from ..seg_metrics import dice_iou, f1_from_counts, object_counts
 from ..segment_data import IGNORE
@@ -101,6 +106,11 @@ class SegmentTask(L.LightningModule):
         Tiles per forward pass in validation.
     init_checkpoint : Path, optional
         File that must never be overwritten by this run's export.
+    prompt_weight : float
+        Weight of the simulated click/box loss (models with a prompt path).
+    trainable : str
+        ``"all"``, or ``"prompt"``: only :meth:`~napari_pathfm.models.pathsam2.PathSAM2.prompt_path`
+        trains, on the prompt loss alone; the rest is frozen and kept in eval mode.
     """
 
     def __init__(
@@ -117,6 +127,7 @@ class SegmentTask(L.LightningModule):
         val_batch_size: int = 4,
         init_checkpoint: Path | None = None,
         prompt_weight: float = 0.0,
+        trainable: str = "all",
     ):
         super().__init__()
         self.model = model
@@ -129,7 +140,17 @@ class SegmentTask(L.LightningModule):
         # > 0 and a model with a prompt path: also train clicks/boxes simulated from the masks (prompt_clicks)
         self.prompt_weight = float(prompt_weight or 0.0)
         self._prompt_rng = np.random.default_rng(0)
+        self.prompt_only = trainable == "prompt"
+        if self.prompt_only:
+            freeze_all_but_prompts(model, self.prompt_weight)
         self._reset_val()
+
+    def train(self, mode: bool = True):
+        """With ``trainable: prompt`` the frozen model stays in eval mode (no norm statistics change)."""
+        super().train(mode)
+        if self.prompt_only:
+            self.model.eval()
+        return self
 
     def _reset_val(self) -> None:
         self._cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
@@ -162,6 +183,8 @@ class SegmentTask(L.LightningModule):
             loss, parts = self._with_prompts(batch)
         else:
             loss, parts = self.loss(self(batch["image"]), batch["mask"])
+        if loss is None:
+            return None
         n = len(batch["mask"])
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for k, v in (parts or {}).items():
@@ -177,24 +200,8 @@ class SegmentTask(L.LightningModule):
         return loss
 
     def _with_prompts(self, batch):
-        """The class-mask loss plus ``prompt_weight`` x the loss of one simulated prompt per crop."""
-        from ...models.pathsam2.loss import prompt_loss
-        from ..prompt_clicks import simulate_prompts
-
-        x = self.model.preprocess(batch["image"])
-        encoded = self.model.encode(x)
-        loss, parts = self.loss(self.model.decode(x, encoded), batch["mask"])
-        masks = batch["mask"]
-        p = simulate_prompts(masks.cpu().numpy(), self._prompt_rng, scale=x.shape[-1] / masks.shape[-1])
-        if p is None:
-            return loss, parts
-        idx = torch.as_tensor(p["index"], device=x.device)
-        as_t = lambda a: None if a is None else torch.as_tensor(a, device=x.device)
-        logits = self.model.decode_prompt(
-            x[idx], {k: v[idx] for k, v in encoded.items()}, as_t(p["points"]), as_t(p["labels"]), as_t(p["boxes"])
-        )
-        extra = prompt_loss(logits, as_t(p["targets"]).long(), ignore_index=self.ignore_index)
-        return loss + self.prompt_weight * extra, {**(parts or {}), "prompt": extra.detach()}
+        """The class-mask loss (none with ``trainable: prompt``) plus ``prompt_weight`` x the prompt loss."""
+        return prompt_step(self, batch)
 
     def on_validation_epoch_start(self) -> None:
         self._reset_val()
@@ -294,13 +301,18 @@ def build(recipe: Recipe):
     error. ``data.tile_size`` defaults to the model's input size.
     """
     from ...models.checkpoint import checkpoint_paths, refuse_pickle
-    from ...models.weights import load_into, load_state_dict_file
 
     where = recipe.path or "<recipe>"
     data_cfg = dict(recipe.get("data"))
     cfg = {k: v for k, v in (recipe.get("model") or {}).items() if k != "name"}
     name = recipe.get("model.name")
     init, init_card = None, None
+    if recipe.get("optim.trainable") == "prompt" and not data_cfg.get("init_checkpoint"):
+        raise RecipeError(
+            where,
+            "optim.trainable is 'prompt' but data.init_checkpoint is not set: prompting is added to a trained model.",
+            "Set data.init_checkpoint to that model (e.g. --set data.init_checkpoint=runs/pathsam2_glas_cpu/model).",
+        )
     if data_cfg.get("init_checkpoint"):
         refuse_pickle(data_cfg["init_checkpoint"])  # a .pt/.ckpt: say what it is, not "card not found"
         init, _ = checkpoint_paths(data_cfg["init_checkpoint"])
@@ -343,7 +355,7 @@ def build(recipe: Recipe):
     model = create_model(name, **cfg)
     foundation = _forget_weight_files(model)
     if init is not None:
-        load_into(model, load_state_dict_file(init), strict=True, source=init)
+        load_init(model, init)
     tile = int(data_cfg.get("tile_size") or (init_card or {}).get("tile_size") or _input_size(model))
     data.tile_size = tile
     task = SegmentTask(
@@ -354,6 +366,7 @@ def build(recipe: Recipe):
         alpha=recipe.get("loss.alpha"),
         beta=recipe.get("loss.beta"),
         prompt_weight=recipe.get("loss.prompt_weight"),
+        trainable=recipe.get("optim.trainable"),
         ignore_index=IGNORE,
         tile_size=tile,
         val_stride=data_cfg.get("val_stride"),

@@ -1,0 +1,393 @@
+"""Whole-slide prompting: clicks and boxes on a slide → the object under them, one label per prompt.
+
+A click (positive or negative) or a box in level-0 pixels picks the tile of the segmentation grid
+whose centre is nearest to it — the grid ``pathfm segment`` runs, so the tile's encoder outputs
+are the ones the embedding cache already holds after a segment run, and are encoded (and stored)
+only when they are not. Path-SAM2's prompt path
+(:meth:`~napari_pathfm.models.pathsam2.PathSAM2.decode_prompt`) turns them and the prompt into the
+object's mask on that tile; it is resized to level 0, cut to the connected part under the positive
+clicks (or the largest part in the box), its holes filled when the model's card fills them, and
+returned with its level-0 offset. An object larger than a tile is cut at the tile's edge
+(:attr:`PromptedObject.at_edge` says so).
+
+:class:`PromptSession` keeps the model, the grid and the last tiles' encoder outputs, so the second
+click on a tile costs only the decoder; :func:`prompt_slide` is the CLI's path (all prompts of a
+slide, then one labels image, earlier prompts first where objects overlap).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..progress import check_cancel, report
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Prompt", "PromptSession", "PromptedObject", "paint_objects", "prompt_slide"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt in level-0 pixels: clicks ``(x, y)`` with labels (1 positive, 0 negative) and/or a box.
+
+    >>> Prompt(points=((10, 20),)).center()
+    (10.0, 20.0)
+    """
+
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] | None = None  # None: every click positive
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1
+
+    def __post_init__(self) -> None:
+        points = tuple((float(x), float(y)) for x, y in self.points)
+        labels = tuple(int(v) for v in self.labels) if self.labels is not None else (1,) * len(points)
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "labels", labels)
+        if len(labels) != len(points):
+            raise ValueError(f"{len(points)} clicks but {len(labels)} labels")
+        if any(v not in (0, 1) for v in labels):
+            raise ValueError("click labels are 1 (positive) or 0 (negative)")
+        if self.box is not None:
+            x0, y0, x1, y1 = (float(v) for v in self.box)
+            if not (x1 > x0 and y1 > y0):
+                raise ValueError(f"a box is x0,y0,x1,y1 with x1 > x0 and y1 > y0, got {self.box}")
+            object.__setattr__(self, "box", (x0, y0, x1, y1))
+        if self.box is None and 1 not in labels:
+            raise ValueError("a prompt needs a positive click or a box")
+
+    def center(self) -> tuple[float, float]:
+        """``(x, y)`` the tile is chosen around: the box's centre, else the positive clicks' mean."""
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            return (x0 + x1) / 2, (y0 + y1) / 2
+        pos = np.array([p for p, v in zip(self.points, self.labels, strict=True) if v == 1])
+        return float(pos[:, 0].mean()), float(pos[:, 1].mean())
+
+
+@dataclass
+class PromptedObject:
+    """A prompted object: ``mask`` (bool) placed at level-0 ``(y0, x0)``; ``tile`` is its grid tile."""
+
+    y0: int
+    x0: int
+    mask: np.ndarray
+    tile: int
+    from_cache: bool = False
+    at_edge: bool = False  # touches its tile's edge inside the slide: may be cut there
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+class PromptSession:
+    """The model, tile grid and recent tile embeddings of one slide, for prompt after prompt.
+
+    Parameters
+    ----------
+    slide
+        An open slide (:func:`napari_pathfm.io.open_slide`).
+    model_or_checkpoint
+        A segmentation checkpoint with a prompt path (``model.prompts``), a ``(model, card)`` pair,
+        or None for the bundled model.
+    device : str
+    mpp : float, optional
+        µm/px the model runs at (default: the card's), as for ``pathfm segment``.
+    overlap : float
+        Tile overlap of the segment run whose cached embeddings to use (its default, 0.25).
+    cache
+        The embedding cache (``None`` default, ``False`` none, a folder or an ``EmbeddingCache``).
+    keep : int
+        Tiles whose encoder outputs stay in memory.
+    """
+
+    def __init__(
+        self,
+        slide: Any,
+        model_or_checkpoint: Any = None,
+        *,
+        device: str = "auto",
+        mpp: float | None = None,
+        overlap: float = 0.25,
+        cache: Any = None,
+        keep: int = 16,
+    ):
+        from ..device import resolve_device
+        from ..errors import CheckpointError
+        from ..tiles import tile_grid
+        from .segment_model import encoder_preprocess, load_segmentation_model, tile_geometry
+        from .tile_run import run_mpp
+
+        self.slide, self.dev = slide, resolve_device(device)
+        self.model, self.card, self.source = load_segmentation_model(model_or_checkpoint, device=self.dev)
+        if getattr(self.model, "prompt_encoder", None) is None:
+            raise CheckpointError(
+                self.source or "the model",
+                "has no click/box prompt path, so it cannot segment the object under a prompt.",
+                "Use the bundled model, or add prompting to yours: "
+                "pathfm train pathsam2/glas_cpu_prompts --set data.init_checkpoint=YOUR_MODEL.",
+            )
+        self.model.to(self.dev).eval()
+        t, ov = tile_geometry(self.model, self.card, None, overlap)
+        self.grid = tile_grid(slide, t, mpp=run_mpp(slide, mpp, self.card, "prompted", "prompt"), overlap=ov)
+        self.preprocess = encoder_preprocess(self.model)
+        self.cache, self.keep = cache, int(keep)
+        self._memory: OrderedDict[int, dict] = OrderedDict()
+        self._encoder: Any = None
+        self.fill_holes = bool((self.card.get("objects") or {}).get("fill_holes", False))
+
+    # -- tiles ----------------------------------------------------------------------------------
+    def tile_for(self, prompt: Prompt) -> int:
+        """Index of the grid tile whose centre is nearest (Chebyshev, level 0) to the prompt's centre."""
+        cx, cy = prompt.center()
+        half = self.grid.level0_size / 2
+        centres = self.grid.tiles[:, ::-1] + half  # (x, y)
+        d = np.abs(centres - np.array([cx, cy])).max(1)
+        return int(np.argmin(d))
+
+    def _encoder_for_grid(self) -> Any:
+        if self._encoder is None:
+            from .tile_run import tile_encoder
+
+            self._encoder = tile_encoder(
+                self.model, self.slide, self.grid, self.dev, cache=self.cache, preprocess=self.preprocess
+            )
+        return self._encoder
+
+    def _pixels(self, i: int) -> Any:
+        """Tile ``i`` read from the slide and preprocessed for the encoder, ``(1, 3, S, S)``."""
+        import torch
+
+        from ..tiles.loader import read_tile
+
+        tile = np.array(read_tile(self.slide, self.grid, i)[None])  # writable copy for torch
+        return self.model.preprocess(torch.from_numpy(tile).to(self.dev))
+
+    def embedding(self, i: int) -> tuple[dict, bool]:
+        """Encoder outputs of tile ``i`` (batch of one) and whether they came from a cache."""
+        import torch
+
+        if i in self._memory:
+            self._memory.move_to_end(i)
+            return self._memory[i], True
+        enc = self._encoder_for_grid()
+        idx = np.array([i])
+        stored = enc.rows is not None and enc.rows[i] >= 0
+        x = None
+        with torch.inference_mode():
+            if not stored or not enc.active:
+                x = self._pixels(i)
+            try:
+                out = enc(idx, x, self.dev) if enc.active else self.model.encode(x)
+            except Exception:  # the stored row failed its checks: computed from pixels instead
+                if x is not None:
+                    raise
+                x = self._pixels(i)
+                out = enc(idx, x, self.dev)
+        self._memory[i] = out
+        while len(self._memory) > self.keep:
+            self._memory.popitem(last=False)
+        return out, bool(stored)
+
+    # -- prompts --------------------------------------------------------------------------------
+    def segment(self, prompt: Prompt) -> PromptedObject:
+        """The object under ``prompt`` (an empty mask when the model finds none)."""
+        import torch
+
+        i = self.tile_for(prompt)
+        encoded, cached = self.embedding(i)
+        g = self.grid
+        ty, tx = (float(v) for v in g.tiles[i])
+        s = self.model.input_size / (g.tile_size * g.scale)  # model input px per level-0 px
+        points = labels = boxes = None
+        if prompt.points:
+            pts = (np.array(prompt.points, np.float32) - [tx, ty]) * s
+            points = torch.as_tensor(pts[None], device=self.dev)
+            labels = torch.as_tensor(np.array(prompt.labels, np.int64)[None], device=self.dev)
+        if prompt.box is not None:
+            b = (np.array(prompt.box, np.float32) - [tx, ty, tx, ty]) * s
+            boxes = torch.as_tensor(b[None], device=self.dev)
+        with torch.inference_mode():
+            logits = self.model.decode_prompt(None, encoded, points, labels, boxes)
+        return self._place(prompt, i, logits[0, 0].float().cpu().numpy(), cached)
+
+    def _place(self, prompt: Prompt, i: int, logits: np.ndarray, cached: bool) -> PromptedObject:
+        """Model-resolution logits of tile ``i`` → the level-0 mask of the prompted object."""
+        from PIL import Image
+        from scipy import ndimage
+
+        g = self.grid
+        h0, w0 = g.level0_shape
+        ty, tx = (int(v) for v in g.tiles[i])
+        side = int(round(g.level0_size))
+        y1, x1 = min(h0, ty + side), min(w0, tx + side)
+        big = np.asarray(Image.fromarray(logits.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
+        mask = big[: y1 - ty, : x1 - tx] > 0
+        parts, n = ndimage.label(mask)
+        keep = np.zeros(n + 1, bool)
+        clicks = [(int(y) - ty, int(x) - tx) for (x, y), v in zip(prompt.points, prompt.labels, strict=True) if v]
+        clicks = [(y, x) for y, x in clicks if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]]
+        if clicks and n:  # the part under each positive click, or the nearest within 1/16 of a tile
+            dist, (iy, ix) = ndimage.distance_transform_edt(parts == 0, return_indices=True)
+            for y, x in clicks:
+                if dist[y, x] <= side / 16:
+                    keep[parts[iy[y, x], ix[y, x]]] = True
+        keep[0] = False
+        if not keep.any() and n and prompt.box is not None:
+            region = parts
+            bx0, by0, bx1, by1 = (int(round(v)) for v in prompt.box)
+            region = parts[max(0, by0 - ty) : max(0, by1 - ty), max(0, bx0 - tx) : max(0, bx1 - tx)]
+            sizes = np.bincount(region.ravel(), minlength=n + 1)
+            sizes[0] = 0
+            if sizes.any():
+                keep[int(np.argmax(sizes))] = True
+        mask = keep[parts]
+        if self.fill_holes and mask.any():
+            mask = ndimage.binary_fill_holes(mask)
+        at_edge = bool(
+            (mask[0].any() and ty > 0)
+            or (mask[:, 0].any() and tx > 0)
+            or (mask[-1].any() and y1 < h0)
+            or (mask[:, -1].any() and x1 < w0)
+        )
+        ys, xs = np.nonzero(mask)
+        if not len(ys):
+            return PromptedObject(ty, tx, np.zeros((0, 0), bool), i, cached, False)
+        crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        return PromptedObject(ty + int(ys.min()), tx + int(xs.min()), crop, i, cached, at_edge)
+
+    def release(self) -> None:
+        """Let go of the cache entry (others may store to it again); the model and memory stay."""
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+
+    def close(self) -> None:
+        self.release()
+        self._memory.clear()
+
+    def __enter__(self) -> PromptSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def paint_objects(labels: Any, objects: list[PromptedObject], first_id: int) -> list[int]:
+    """Draw ``objects`` into ``labels`` (level 0, writable) as ``first_id``, ``first_id + 1``, …, only where
+    it is 0: nothing already there is overwritten. Returns the ids drawn (0 for an empty object)."""
+    ids = []
+    for k, obj in enumerate(objects):
+        if not obj.area:
+            ids.append(0)
+            continue
+        h, w = obj.mask.shape
+        window = (slice(obj.y0, obj.y0 + h), slice(obj.x0, obj.x0 + w))
+        region = np.asarray(labels[window])
+        region = np.where(obj.mask & (region == 0), first_id + k, region).astype(region.dtype)
+        labels[window] = region
+        ids.append(first_id + k)
+    return ids
+
+
+def objects_image(objects: list[PromptedObject], shape: tuple[int, int], dtype: Any = np.uint32) -> Any:
+    """A lazy (dask) level-0 labels image of ``objects``, object ``k`` as ``k + 1``, earlier ones first
+    where they overlap; computed band by band, so a slide-sized image never sits in memory."""
+    import dask.array as da
+
+    def band(block: np.ndarray, block_info: Any = None) -> np.ndarray:
+        (y0, y1), (x0, x1) = block_info[0]["array-location"]
+        out = np.zeros(block.shape, dtype)
+        for k, obj in enumerate(objects):
+            h, w = obj.mask.shape
+            oy0, ox0, oy1, ox1 = max(y0, obj.y0), max(x0, obj.x0), min(y1, obj.y0 + h), min(x1, obj.x0 + w)
+            if oy0 >= oy1 or ox0 >= ox1:
+                continue
+            m = obj.mask[oy0 - obj.y0 : oy1 - obj.y0, ox0 - obj.x0 : ox1 - obj.x0]
+            view = out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
+            view[m & (view == 0)] = k + 1
+        return out
+
+    rows = max(1, min(shape[0], (64 << 20) // max(1, shape[1] * np.dtype(dtype).itemsize)))
+    return da.zeros(shape, dtype=dtype, chunks=(rows, shape[1])).map_blocks(band, dtype=dtype)
+
+
+def prompt_slide(
+    slide_or_path: Any,
+    prompts: list[Prompt],
+    model_or_checkpoint: Any = None,
+    *,
+    image_mpp: float | None = None,
+    mpp: float | None = None,
+    device: str = "auto",
+    cache: Any = None,
+    out: Any = None,
+    progress: Any = None,
+    cancel: Any = None,
+) -> dict:
+    """Every prompt's object on one slide; with ``out``, a level-0 labels OME-TIFF (object ``k`` = prompt ``k``).
+
+    Returns a summary: ``objects`` (per prompt: id, level-0 bbox, area in px, tile, from cache,
+    at the tile's edge), ``shape``, ``mpp``, ``tile_side`` (level-0 px) and ``out``. A prompt outside
+    the image is a ``ValueError``, raised before the model loads.
+    """
+    from .tile_run import opened_slide
+
+    with opened_slide(slide_or_path, image_mpp) as slide:
+        h0, w0 = (int(v) for v in slide.level_shapes[0])
+        for n, p in enumerate(prompts):
+            for x, y in p.points + ((p.box[:2], p.box[2:]) if p.box else ()):
+                if not (0 <= x <= w0 and 0 <= y <= h0):
+                    raise ValueError(f"prompt {n + 1} at ({x:g}, {y:g}) is outside the image ({w0} x {h0} px)")
+        with PromptSession(slide, model_or_checkpoint, device=device, mpp=mpp, cache=cache) as session:
+            objects = []
+            for n, p in enumerate(prompts):
+                check_cancel(cancel, "prompting")
+                objects.append(session.segment(p))
+                report(progress, n + 1, len(prompts), "prompting")
+            summary = {
+                "source": str(getattr(slide, "path", "")),
+                "checkpoint": session.source,
+                "shape": [h0, w0],
+                "mpp": slide.mpp,
+                "tile_side": int(round(session.grid.level0_size)),
+                "objects": [_describe(k + 1, o) for k, o in enumerate(objects)],
+                "out": None,
+            }
+        if out is not None:
+            from ..io.ome_tiff import write_ome_tiff
+
+            write_ome_tiff(
+                out,
+                objects_image(objects, (h0, w0)),
+                axes="YX",
+                is_labels=True,
+                mpp=slide.mpp,
+                metadata={"prompts": [_prompt_dict(p) for p in prompts], "checkpoint": summary["checkpoint"]},
+                progress=progress,
+                cancel=cancel,
+            )
+            summary["out"] = str(out)
+    return summary
+
+
+def _describe(k: int, o: PromptedObject) -> dict:
+    h, w = o.mask.shape
+    return {
+        "id": k,
+        "area_px": o.area,
+        "bbox": [o.x0, o.y0, o.x0 + w, o.y0 + h] if o.area else None,
+        "tile": o.tile,
+        "from_cache": bool(o.from_cache),
+        "at_tile_edge": bool(o.at_edge),
+    }
+
+
+def _prompt_dict(p: Prompt) -> dict:
+    return {"points": [list(v) for v in p.points], "labels": list(p.labels), "box": list(p.box) if p.box else None}
