@@ -125,6 +125,33 @@ def _remove_all(viewer) -> None:
         viewer.layers.pop()
 
 
+def prompt_rows(hb, viewer, seg, labels, plain) -> list:
+    """The Segment dock's Prompt row: switching it on (three layers) and clicks on segmented glands, each
+    drawn as a new object; napari's share: adding the same three layers, and ``data_setitem`` of the
+    same object's pixels into a plain Labels layer."""
+    row, rows = seg.prompts, []
+    place = {"scale": labels.scale, "translate": labels.translate, "units": labels.units}
+    ours = hb.measure(lambda: row.button.click())
+    own = hb.measure(
+        lambda: (
+            viewer.add_labels(np.zeros(labels.data.shape, np.uint16), **place),
+            viewer.add_points(ndim=2, **place),
+            viewer.add_shapes(ndim=2, **place),
+        )
+    )
+    rows.append(("Prompt on (3 layers)", ours, own, None))
+    ys, xs = np.nonzero(np.asarray(labels.data) > 0)
+    for i, step in enumerate(("prompt click, first (loads model)", "prompt click", "prompt click")):
+        k = (2 * i + 1) * len(ys) // 6
+        idle = lambda: not row.runner.running and not row.queue
+        ours = hb.measure(lambda k=k: row.points.add([ys[k], xs[k]]), until=idle, settle=0.5)
+        drawn = np.nonzero(np.asarray(row.objects.data) == i + 1)
+        own = hb.measure(lambda d=drawn, v=i + 1: plain.data_setitem(d, v), settle=0.5)
+        rows.append((step, ours, own, None))
+    row.button.click()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -301,6 +328,7 @@ def main(argv=None) -> int:
                 seg.runner.cancel()
                 hb.pump(0.5, until=lambda: not seg.runner.running)
                 rows.append((label, ours, 0.0, None))
+            rows += prompt_rows(hb, viewer, seg, labels, plain)
         else:
             rows.append((f"Segment run: {seg.status.text()[:60]}", ours, None, None))
 

@@ -6,7 +6,13 @@ judge it (``pathfm models --checkpoints`` shows it): the training data, budget a
 cross-validated metrics with 95% intervals from ``cv_results.json`` (written by ``cv.py``) beside
 the plain U-Net's from the same run, the licence and the intended use.
 
+With ``--prompts RUN`` (a ``pathsam2/glas_cpu_prompts`` run started from ``--run``'s model) the bundled
+weights are that run's: the same class masks (its training froze them) plus the click/box path; the
+card then also says how that path was trained and, with ``--prompt-eval`` (``prompt_eval.py --json``),
+how well it finds held-out glands beside picking them from automatic masks.
+
     .venv/bin/python benchmarks/segment_glas/bundle.py [--run runs/pathsam2_glas_cpu_final]
+        [--prompts runs/pathsam2_glas_cpu_prompts --prompt-eval runs/prompt/eval.json]
 """
 
 from __future__ import annotations
@@ -61,13 +67,44 @@ def evaluation(report: dict) -> dict:
     }
 
 
+def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Path, dict]:
+    """The weights of the prompt run and what its card adds to the base model's (see the module docstring)."""
+    prompt = json.loads((run / "model.json").read_text(encoding="utf-8"))
+    if prompt.get("init_checkpoint", {}).get("sha256") != base.get("sha256"):
+        raise SystemExit(f"{run} was not trained from the base model's weights (init_checkpoint sha256 differs)")
+    done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
+    budget = prompt["recipe"]["trainer"]["cpu_budget_minutes"]
+    extra = {k: prompt[k] for k in ("config", "sha256", "num_parameters", "created", "package_version")}
+    extra["prompt_training"] = {
+        "recipe_file": "training/pathsam2/glas_cpu_prompts.yaml",
+        "command": "pathfm train pathsam2/glas_cpu_prompts --set data.init_checkpoint=runs/pathsam2_glas_cpu/model",
+        "what": (
+            "Only the click/box path (prompt encoder with dense click/box maps, a one-mask prompt decoder started "
+            "as a copy of the class decoder) trained, on one prompt per crop simulated from the 85 GlaS masks; "
+            "everything else frozen, so the class masks and the metrics under 'evaluation' are unchanged."
+        ),
+        "training_time": f"{budget} CPU-minutes, {done['step']} steps of 8 crops, one thread",
+        "base_sha256": base.get("sha256"),
+    }
+    if evaluation_json:
+        report = json.loads(Path(evaluation_json).read_text(encoding="utf-8"))
+        extra["prompt_evaluation"] = {**report, "command": ".venv/bin/python benchmarks/segment_glas/prompt_eval.py"}
+    return run / "model.safetensors", extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(REPO / "runs" / "pathsam2_glas_cpu_final"))
     ap.add_argument("--cv", default=str(HERE / "cv_results.json"))
+    ap.add_argument("--prompts", default=None, help="the glas_cpu_prompts run on --run's model")
+    ap.add_argument("--prompt-eval", default=None, help="prompt_eval.py's JSON report")
     args = ap.parse_args()
     run = Path(args.run)
     card = json.loads((run / "model.json").read_text(encoding="utf-8"))
+    weights = run / "model.safetensors"
+    if args.prompts:
+        weights, extra = _prompt_card(Path(args.prompts), card, args.prompt_eval)
+        card.update(extra)
     report = json.loads(Path(args.cv).read_text(encoding="utf-8"))
     done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
@@ -105,7 +142,7 @@ def main() -> None:
         if suffix == ".json":
             tmp.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
         else:
-            shutil.copyfile(run / "model.safetensors", tmp)
+            shutil.copyfile(weights, tmp)
         tmp.replace(TARGET.with_name(TARGET.name + suffix))
     print(card["evaluation"]["summary"])
 

@@ -42,7 +42,7 @@ def glands(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
 
 def click_of(gland: np.ndarray) -> tuple[int, int]:
     """``(x, y)``: the gland's innermost pixel (a user clicks the middle of a gland)."""
-    d = ndimage.distance_transform_edt(gland)
+    d = ndimage.distance_transform_edt(np.pad(gland, 1))[1:-1, 1:-1]  # the image's edge is an edge too
     y, x = np.unravel_index(int(np.argmax(d)), d.shape)
     return int(x), int(y)
 
@@ -93,6 +93,14 @@ def summarise(rows: list[dict], seed: int = 0) -> dict:
     return out
 
 
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository when inside it (the report names no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> dict:
     from napari_pathfm.models.checkpoint import load_family_checkpoint, read_card
     from napari_pathfm.pipelines.prompt import Prompt, PromptSession
@@ -139,8 +147,8 @@ def main(argv=None) -> dict:
     report = {
         "fold": args.fold,
         "held_out_images": len(held),
-        "prompt_model": str(prompt_model),
-        "auto_models": {m: str(p) for m, p in auto.items()},
+        "prompt_model": _rel(prompt_model),
+        "auto_models": {m: _rel(p) for m, p in auto.items()},
         "results": {k: summarise(v) for k, v in rows.items()},
         "command": "benchmarks/segment_glas/prompt_eval.py " + " ".join(argv or []),
     }

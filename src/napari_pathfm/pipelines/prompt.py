@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ResourceError
 from ..progress import check_cancel, report
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,10 @@ class PromptSession:
                 x = self._pixels(i)
             try:
                 out = enc(idx, x, self.dev) if enc.active else self.model.encode(x)
-            except Exception:  # the stored row failed its checks: computed from pixels instead
+            except ResourceError:  # the stored row failed its checks (and was dropped): from pixels instead
                 if x is not None:
                     raise
-                x = self._pixels(i)
+                x, stored = self._pixels(i), False
                 out = enc(idx, x, self.dev)
         self._memory[i] = out
         while len(self._memory) > self.keep:
@@ -229,6 +230,8 @@ class PromptSession:
         y1, x1 = min(h0, ty + side), min(w0, tx + side)
         big = np.asarray(Image.fromarray(logits.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
         mask = big[: y1 - ty, : x1 - tx] > 0
+        if self.fill_holes:  # first: a click in a gland's lumen is a click on that gland
+            mask = ndimage.binary_fill_holes(mask)
         parts, n = ndimage.label(mask)
         keep = np.zeros(n + 1, bool)
         clicks = [(int(y) - ty, int(x) - tx) for (x, y), v in zip(prompt.points, prompt.labels, strict=True) if v]
@@ -248,8 +251,6 @@ class PromptSession:
             if sizes.any():
                 keep[int(np.argmax(sizes))] = True
         mask = keep[parts]
-        if self.fill_holes and mask.any():
-            mask = ndimage.binary_fill_holes(mask)
         at_edge = bool(
             (mask[0].any() and ty > 0)
             or (mask[:, 0].any() and tx > 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
 
 from ._runner import TaskRunner
@@ -49,6 +50,7 @@ class PromptRow(QWidget):
         self.session: Any = None  # used by the worker only; made there on the first prompt
         self._key: tuple | None = None
         self._slide_path: str | None = None
+        self._windows: dict[int, tuple] = {}  # each object's level-0 box (y0, x0, y1, x1)
         self._seen = {"points": 0, "boxes": 0}
         self.last: tuple[Any, int] | None = None  # the last object's prompt and id
         self.next_id = 1
@@ -77,8 +79,9 @@ class PromptRow(QWidget):
         if objects not in layers or layers[objects].data.shape != shape:
             self.dock.remove_layers([objects])
             meta = {"pathfm_kind": "annotations", "classes": {}, "pathfm_prompted": True}
-            self.objects = self.viewer.add_labels(np.zeros(shape, np.uint16), name=objects, metadata=meta, **place)
-            self.next_id = 1
+            self.objects = self.viewer.add_labels(self._blank(shape), name=objects, metadata=meta, **place)
+            self.next_id, self.last = 1, None
+            self._windows.clear()
         else:
             self.objects = layers[objects]
         self.boxes = self._layer(f"{name} prompt boxes", "shapes", place)
@@ -86,12 +89,32 @@ class PromptRow(QWidget):
         self._seen = {"points": len(self.points.data), "boxes": len(self.boxes.data)}
         self.points.events.data.connect(self._on_points)
         self.boxes.events.data.connect(self._on_boxes)
-        self.viewer.layers.selection.active = self.points
-        self.points.mode = "add"
+        QTimer.singleShot(0, self._activate)  # its own event: adding layers and switching controls each cost napari
         self.dock.status.setText(
             "Click a gland to segment it (or draw a rectangle on the boxes layer); each prompt becomes a label."
         )
         return True
+
+    def _blank(self, shape: tuple[int, int]) -> Any:
+        """Zeros at the slide's level-0 size: in memory (allocated lazily by the OS) up to the size the
+        segmentation keeps in memory, else a zarr array in a temporary folder kept by this row."""
+        from ..pipelines.segment import IN_MEMORY_PIXELS
+
+        if shape[0] * shape[1] <= IN_MEMORY_PIXELS:
+            return np.zeros(shape, np.uint16)
+        import tempfile
+
+        import zarr
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="pathfm-prompted-")
+        store = f"{self._tmp.name}/objects.zarr"
+        return zarr.create_array(store=store, shape=shape, dtype=np.uint16, chunks=(512, 4096), fill_value=0)
+
+    def _activate(self) -> None:
+        """Select the prompts layer in add mode: the next click on the canvas is a prompt."""
+        if self.points is not None and self.points in self.viewer.layers:
+            self.viewer.layers.selection.active = self.points
+            self.points.mode = "add"
 
     def _layer(self, name: str, kind: str, place: dict) -> Any:
         if name in self.viewer.layers:
@@ -187,18 +210,10 @@ class PromptRow(QWidget):
         layer = self.objects
         if layer is not None and layer in self.viewer.layers:
             classes = list(card.get("classes") or ["background", "object"])
-            h, w = obj.mask.shape
-            window = (slice(obj.y0, obj.y0 + h), slice(obj.x0, obj.x0 + w))
-            current = np.asarray(layer.data[window])
-            if (current == oid).any():  # a refined object: its old pixels go first
-                ys, xs = np.nonzero(current == oid)
-                layer.data_setitem((ys + obj.y0, xs + obj.x0), 0)
-                current = np.asarray(layer.data[window])
-            ys, xs = np.nonzero(obj.mask & (current == 0)) if obj.area else ((), ())
-            if len(ys):
-                layer.data_setitem((np.asarray(ys) + obj.y0, np.asarray(xs) + obj.x0), oid)
+            n, self._windows[oid] = _paint(layer, obj, oid, self._windows.get(oid))
+            if n:
                 layer.metadata["classes"][oid] = classes[1] if len(classes) > 1 else classes[0]
-            text = f"Object {oid}: {int(len(ys))} px" if len(ys) else f"Prompt {oid}: no object found there."
+            text = f"Object {oid}: {n} px." if n else f"Prompt {oid}: no object found there."
             if obj.at_edge:
                 text += " It reaches the edge of the tile it was found on and may be cut there."
             self.dock.status.setText(text)
@@ -209,3 +224,31 @@ class PromptRow(QWidget):
         self._forget_session()
         self.dock.status.setText(f"Prompt failed: {self.runner.last_message}")
         self.button.setChecked(False)
+
+
+def _paint(layer: Any, obj: Any, oid: int, before: tuple | None) -> tuple[int, tuple | None]:
+    """Draw ``obj`` as ``oid`` where the layer is 0, after clearing ``oid`` inside its earlier box ``before``
+    (a refined object); returns the pixels drawn and the box to remember.
+
+    In-memory layers go through ``data_setitem`` (undoable, only the changed pixels redrawn); a zarr-backed
+    layer of a large slide gets the region written and refreshed."""
+    h, w = obj.mask.shape
+    boxes = [b for b in (before, (obj.y0, obj.x0, obj.y0 + h, obj.x0 + w) if obj.area else None) if b]
+    if not boxes:
+        return 0, None
+    y0, x0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    y1, x1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    current = np.asarray(layer.data[y0:y1, x0:x1])
+    new = np.where(current == oid, 0, current)
+    if obj.area:
+        part = new[obj.y0 - y0 : obj.y0 - y0 + h, obj.x0 - x0 : obj.x0 - x0 + w]
+        part[obj.mask & (part == 0)] = oid
+    if isinstance(layer.data, np.ndarray):
+        changed = np.nonzero(new != current)
+        if len(changed[0]):
+            layer.data_setitem((changed[0] + y0, changed[1] + x0), new[changed])
+    else:
+        layer.data[y0:y1, x0:x1] = new.astype(current.dtype)
+        layer.refresh()
+    n = int((new == oid).sum())
+    return n, ((obj.y0, obj.x0, obj.y0 + h, obj.x0 + w) if n else None)
