@@ -11,7 +11,9 @@ widget, runs it with the bundled model and waits for the run, then writes
 
 Two more pictures show a dock in a second state: ``annotations`` (the bundled model's glands saved
 as QuPath GeoJSON and opened again over the slide, with the Segment dock) and ``review`` (the MIL
-dock's review queue over a two-slide batch of the bundled demo model: the slide and its copy).
+dock's review queue over a two-slide batch of the bundled demo model: the slide and its copy), and
+``prompt`` (the Segment dock's Prompt row on a GlaS image shown as a 0.62 µm/px slide: five clicks
+and a box, each gland a new label).
 
 The Train dock is filled with ``training/classify/crc_tiny.yaml``; when the CRC tiles are present
 (``$PATHFM_SHARED_DATA/crc-tiles``) one epoch is trained so that the plot and the run list show it
@@ -185,22 +187,53 @@ def _review(viewer, widget, deadline: float) -> None:
     _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") in ("mil-heatmap", "mil-top-patch"))
 
 
-def _prompt(viewer, widget, deadline: float) -> None:
-    """Prompt mode in the Segment dock: a click on the middle of each of the three largest glands."""
+GLAS_IMAGE = "train_12"  # a GlaS training image with many glands, shown as a 0.62 µm/px slide
+
+
+def _glas_viewer():
+    """A viewer with a GlaS image (written as an OME-TIFF at its 0.62 µm/px) and the Segment dock, run."""
+    import napari
     import numpy as np
+    from PIL import Image
+
+    from napari_pathfm.io.ome_tiff import write_ome_tiff
+    from napari_pathfm.widgets.segment_widget import SegmentWidget
+
+    root = Path(os.environ["PATHFM_SHARED_DATA"]) / "glas" / "train"
+    path = Path(tempfile.mkdtemp()) / f"glas-{GLAS_IMAGE}.ome.tif"
+    rgb = np.asarray(Image.open(root / "images" / f"{GLAS_IMAGE}.png").convert("RGB"))
+    write_ome_tiff(path, rgb, axes="YXS", mpp=0.62)
+    viewer = napari.Viewer(show=True)
+    viewer.open(str(path), plugin="napari-pathfm")
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name=DOCK_NAMES["segment"], area="right")
+    widget.run()
+    return viewer, widget
+
+
+def _prompt(viewer, widget, deadline: float) -> None:
+    """Prompt mode on the GlaS image: a click in the middle of five glands and a box around a sixth
+    (glands of the image's ground-truth mask, as a user would pick them by eye)."""
+    import numpy as np
+    from PIL import Image
     from scipy import ndimage
 
     _wait(widget, "segment", deadline)
-    objects = next(la for la in viewer.layers if la.metadata.get("pathfm_kind") == "segment_objects")
-    data = np.asarray(objects.data)
+    root = Path(os.environ["PATHFM_SHARED_DATA"]) / "glas" / "train"
+    parts, _ = ndimage.label(np.asarray(Image.open(root / "masks" / f"{GLAS_IMAGE}.png")) > 0)
+    sizes = np.bincount(parts.ravel())
+    glands = [k for k in np.argsort(sizes[1:])[::-1] + 1 if sizes[k] > 2000][:6]
     row = widget.prompts
     row.button.click()
-    for k in np.argsort(np.bincount(data.ravel())[1:])[::-1][:3] + 1:
-        inner = ndimage.distance_transform_edt(data == k)
+    _qapp_turns(5)
+    for k in glands[:-1]:
+        inner = ndimage.distance_transform_edt(np.pad(parts == k, 1))[1:-1, 1:-1]
         row.points.add(list(np.unravel_index(int(np.argmax(inner)), inner.shape)))
-        while (row.runner.running or row.queue) and time.monotonic() < deadline:
-            _qapp_turns(5)
-    keep = (row.objects, row.points)
+    ys, xs = np.nonzero(parts == glands[-1])
+    row.boxes.add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
+    while (row.runner.running or row.queue) and time.monotonic() < deadline:
+        _qapp_turns(5)
+    keep = (row.objects, row.points, row.boxes)
     _show_only(viewer, lambda layer: layer in keep)
 
 
@@ -219,6 +252,8 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
         viewer, widget = build_translate_viewer(show=True)
         if widget is None:
             raise RuntimeError("no bundled haste-isl-* model installed")
+    elif dock == "prompt":
+        viewer, widget = _glas_viewer()
     else:
         viewer, widgets = _slide_viewer(SCENES.get(dock, dock))  # the Slide dock has computed tissue & tiles already
         widget = widgets.get(SCENES.get(dock, dock))

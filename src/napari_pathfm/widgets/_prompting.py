@@ -120,7 +120,9 @@ class PromptRow(QWidget):
         if name in self.viewer.layers:
             return self.viewer.layers[name]
         if kind == "points":
-            return self.viewer.add_points(ndim=2, name=name, size=12, face_color="lime", border_color="black", **place)
+            layer = self.viewer.add_points(ndim=2, name=name, size=12, face_color="lime", border_color="black", **place)
+            layer.canvas_size_limits = (10, 40)  # a click stays visible at any zoom of a whole slide
+            return layer
         layer = self.viewer.add_shapes(ndim=2, name=name, edge_color="yellow", face_color="transparent", **place)
         layer.mode = "add_rectangle"
         return layer
