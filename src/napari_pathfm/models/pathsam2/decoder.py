@@ -194,23 +194,28 @@ class MaskDecoder(nn.Module):
             self.conv_s0 = nn.Conv2d(high_res_channels[0], dim // 8, kernel_size=1)
             self.conv_s1 = nn.Conv2d(high_res_channels[1], dim // 4, kernel_size=1)
 
-    def _upscale(self, src: torch.Tensor, high_res: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        if not self.high_res:
-            return self.output_upscaling(src)
+    def _upscale(self, src: torch.Tensor, high_res, extra=None) -> torch.Tensor:
+        """4x upscaling of the image tokens; ``extra``: ``(stride-8, stride-4)`` terms added with the
+        high-resolution features (a prompt's click/box maps)."""
         dc1, ln1, act1, dc2, act2 = self.output_upscaling  # SAM2's MaskDecoder with use_high_res_features
+        e1, e0 = extra if extra is not None else (0, 0)
+        if not self.high_res:
+            return act2(dc2(act1(ln1(dc1(src) + e1))) + e0)
         feat_s0, feat_s1 = high_res
-        up = act1(ln1(dc1(src) + self.conv_s1(feat_s1)))
-        return act2(dc2(up) + self.conv_s0(feat_s0))
+        up = act1(ln1(dc1(src) + self.conv_s1(feat_s1) + e1))
+        return act2(dc2(up) + self.conv_s0(feat_s0) + e0)
 
-    def forward(self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None, dense=None):
+    def forward(
+        self, image: torch.Tensor, image_pe: torch.Tensor, prompts: torch.Tensor, high_res=None, dense=None, extra=None
+    ):
         """``image (B, C, h, w)``, ``image_pe (C, h, w)``, ``prompts (B, K, C)`` (and, with high-resolution
         features, ``(stride-4, stride-8)`` maps of sides 4h and 2h) → masks ``(B, K, 4h, 4w)``, IoU ``(B, K)``."""
-        hs, up = self._run(image, image_pe, self.mask_tokens.weight, prompts, high_res, dense)
+        hs, up = self._run(image, image_pe, self.mask_tokens.weight, prompts, high_res, dense, extra)
         hyper = torch.stack([mlp(hs[:, 1 + k]) for k, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         masks = (hyper @ up.flatten(2)).reshape(image.shape[0], self.num_classes, *up.shape[-2:])
         return masks, self.iou_prediction_head(hs[:, 0])
 
-    def _run(self, image, image_pe, mask_tokens, prompts, high_res, dense=None):
+    def _run(self, image, image_pe, mask_tokens, prompts, high_res, dense=None, extra=None):
         """The two-way transformer over ``[iou token, mask tokens, prompts]`` and the upscaled image
         (``dense``: SAM's dense prompt embedding, added to the image's)."""
         B, C, h, w = image.shape
@@ -221,4 +226,4 @@ class MaskDecoder(nn.Module):
             src = src + dense
         pe = image_pe.unsqueeze(0).expand(B, -1, -1, -1)
         hs, src = self.transformer(src, pe, tokens)
-        return hs, self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res)
+        return hs, self._upscale(src.transpose(1, 2).reshape(B, C, h, w), high_res, extra)

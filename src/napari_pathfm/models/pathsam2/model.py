@@ -228,9 +228,9 @@ class PathSAM2(nn.Module):
         size = tuple(x.shape[-2:]) if x is not None else (self.input_size, self.input_size)
         emb = self._align(encoded, (size[0] // 16, size[1] // 16))
         sparse = self.prompt_encoder(points, labels, boxes, size)
-        dense = self.prompt_encoder.dense(points, labels, boxes, size, tuple(emb.shape[-2:]))
+        dense, extra = self.prompt_encoder.dense(points, labels, boxes, size, tuple(emb.shape[-2:]))
         high = (encoded["hiera_s0"], encoded["hiera_s1"]) if self.high_res else None
-        masks, _iou = self.prompt_decoder(emb, self.pe_layer(emb.shape[-2:]), sparse, high, dense)
+        masks, _iou = self.prompt_decoder(emb, self.pe_layer(emb.shape[-2:]), sparse, high, dense, extra)
         return F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
 
     def preprocess(self, images: Any, device: Any = None) -> torch.Tensor:

@@ -56,6 +56,13 @@ class PromptEncoder(nn.Module):
         )
         nn.init.zeros_(self.mask_downscaling[-1].weight)
         nn.init.zeros_(self.mask_downscaling[-1].bias)
+        # the same maps into the decoder's stride-8 and stride-4 upscaling (SAM2's high-resolution path),
+        # so the object's outline is not only what the stride-16 embedding can say; zero at the start too
+        self.hr_s1 = nn.Conv2d(3, dim // 4, kernel_size=3, stride=2, padding=1)
+        self.hr_s0 = nn.Conv2d(3, dim // 8, kernel_size=3, padding=1)
+        for conv in (self.hr_s1, self.hr_s0):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def maps(self, points, labels, boxes, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
         """``(B, 3, 4h, 4w)`` click/box maps for an embedding of ``grid`` (h, w) cells over an input of
@@ -79,9 +86,12 @@ class PromptEncoder(nn.Module):
             out[:, 2] = ((xx[:, 0] >= x0) & (xx[:, 0] <= x1) & (yy[:, 0] >= y0) & (yy[:, 0] <= y1)).float()
         return out
 
-    def dense(self, points, labels, boxes, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-        """``(B, C, h, w)``: the click/box maps through ``mask_downscaling`` (zero before training)."""
-        return self.mask_downscaling(self.maps(points, labels, boxes, size, grid))
+    def dense(self, points, labels, boxes, size: tuple[int, int], grid: tuple[int, int]):
+        """``(B, C, h, w)`` (the click/box maps through ``mask_downscaling``) and the maps' terms for the
+        decoder's stride-8 and stride-4 upscaling, ``(B, C/4, 2h, 2w)`` and ``(B, C/8, 4h, 4w)``; all zero
+        before training."""
+        maps = self.maps(points, labels, boxes, size, grid)
+        return self.mask_downscaling(maps), (self.hr_s1(maps), self.hr_s0(maps))
 
     def _encode(self, xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Random-Fourier encoding of pixel positions ``(..., 2)`` (x, y) in an image of ``size`` (h, w)."""
