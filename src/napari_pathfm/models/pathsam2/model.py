@@ -378,8 +378,9 @@ def pathsam2(
         Feed the Hiera trunk's stride-4 and stride-8 features into the decoder's upscaling, as SAM2's
         decoder does (``use_high_res_features``); sharper gland edges and gaps between glands.
     prompts : bool
-        Add SAM's click/box prompt path (:meth:`PathSAM2.decode_prompt`): a prompt encoder and one more
-        mask token, trained with simulated clicks (``loss.prompt_weight``).
+        Add SAM's click/box prompt path (:meth:`PathSAM2.decode_prompt`): a prompt encoder (tokens and
+        click/box maps) and a one-mask prompt decoder of its own, trained with simulated clicks
+        (``loss.prompt_weight``; ``optim.trainable: prompt`` adds it to a trained model).
     sam2_checkpoint, uni_checkpoint, sam_checkpoint : str, optional
         Local original weights: SAM2 (trunk + decoder), UNI ``pytorch_model.bin`` (or
         ``"hf-hub:MahmoodLab/UNI"``, found in the local Hugging Face cache), SAM v1 (decoder
