@@ -11,6 +11,10 @@ neck removed) and UNI (stride 16) → both at stride 16, concatenated →
 with ``K`` class prompt tokens made by a 3-layer KAN from learned class
 embeddings (no clicks) → masks upsampled 4x by the decoder, then bilinearly to
 the input size. The encoders are frozen by default (``freeze_encoders``).
+
+With ``prompts=True`` the model also has SAM's interactive path: :meth:`PathSAM2.decode_prompt` turns
+clicks and boxes (:class:`~.prompt.PromptEncoder`) and the same encoder outputs into one object's mask
+through a prompt decoder of its own, so the class masks do not depend on it (:mod:`napari_pathfm.pipelines.prompt`).
 """
 
 from __future__ import annotations
