@@ -143,9 +143,17 @@ class PromptRow(QWidget):
             self._key = key
 
     def _forget_session(self) -> None:
+        """Close the session and the slide it opened (a running prompt's worker still holds them: left be)."""
         session, self.session = self.session, None
         if session is not None and not self.runner.running:
             session.close()
+            session.slide.close()
+
+    def close(self) -> None:
+        """The dock closes: stop listening, close the session and the slide it opened (the layers stay, and
+        with them a large slide's zarr scratch folder, removed when the row goes)."""
+        self.stop()
+        self._forget_session()
 
     # -- prompts ---------------------------------------------------------------------------
     def _new(self, kind: str, layer: Any) -> list[np.ndarray]:

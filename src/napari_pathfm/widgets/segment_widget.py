@@ -436,7 +436,7 @@ class SegmentWidget(TaskDock):
 
     def closeEvent(self, event) -> None:
         self._stop_recording()
-        self.prompts.stop()
+        self.prompts.close()
         if self._slide is not None:
             self._slide.close()
         super().closeEvent(event)
