@@ -355,3 +355,35 @@ def test_model_folders_modern_and_legacy_configs(tmp_path, monkeypatch):
     (legacy / "config.json").write_text(json.dumps(flat))
     fx = create_model("timm_features", backbone=str(legacy))
     assert fx.mean == (0.1, 0.2, 0.3) and fx.std == (0.4, 0.5, 0.6) and fx.out_dim == 192
+
+
+def test_slca_takes_its_taps_from_a_cached_foundation_vit(hub, tmp_path):
+    """SLCA with ``sam: hf-hub:ORG/NAME``: the cached ViT's weights are the frozen tap source (patch tokens of
+    its blocks and final norm as maps), recorded in the card, cached by weights hash, saved and reloaded."""
+    from napari_pathfm.models import create_model, load_checkpoint, save_checkpoint
+    from napari_pathfm.models.checkpoint import read_card
+    from napari_pathfm.models.slca import ViTTaps
+
+    _cache, vit, weights = hub
+    model = create_model("slca", backbone="resnet10t", sam=NAME, num_classes=3, sam_img_size=64).eval()
+    assert isinstance(model.sam, ViTTaps)
+    assert torch.equal(model.sam.vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight), "cached weights"
+    assert not any(p.requires_grad for p in model.sam.parameters()), "frozen, as SAM is"
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        taps = model.sam_features(x)
+        logits = model(x)
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    assert {tuple(t.shape) for t in taps.values()} == {(2, 32, 4, 4)}, "64 px at patch 16: 4 x 4 maps of width 32"
+    with torch.no_grad():  # the neck tap is the ViT's own embedding: its final-norm patch tokens
+        small = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        tokens = model.sam.vit.forward_features(small)[:, 1:]
+    torch.testing.assert_close(taps["neck"], tokens.reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+    assert model.embedding_spec()["name"] == f"sam:{NAME}"
+    path = save_checkpoint(model, tmp_path / "slca-uni", {"classes": ["a", "b", "c"]})
+    assert read_card(path)["foundation_weights"]["sam"]["weights_sha256"] == _sha(weights)
+    again, _ = load_checkpoint(path)
+    with torch.no_grad():
+        assert torch.allclose(again.eval()(x), logits)
+    with pytest.raises(ValueError, match="multiple of the encoder's patch size"):
+        create_model("slca", backbone="resnet10t", sam=NAME, num_classes=3, sam_img_size=60)

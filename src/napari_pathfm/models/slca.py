@@ -211,6 +211,58 @@ class Projector(nn.Module):
         return resize_to(self.down(self.stem(x)), size)  # exact for any size: 8h -> 4h -> 2h -> h
 
 
+class ViTTaps(nn.Module):
+    """A plain (foundation) ViT as SLCA's frozen tap source, in place of SAM's encoder.
+
+    UNI, Virchow2, H-optimus and Prov-GigaPath are plain ViTs: a patch embedding, class (and
+    register) tokens, blocks and a final norm, no neck. Their patch tokens at each tap become
+    ``(B, C, S/p, S/p)`` maps like SAM's: ``patch_embed`` (with positions), block outputs, and
+    ``neck`` = the final norm's output (the embedding the model was trained to give). Built with
+    timm's ``dynamic_img_size``, so ``sam_img_size`` may differ from the model's own input size.
+    """
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.embed_dim = self.num_features = int(vit.embed_dim)
+        self.patch = int(vit.patch_embed.patch_size[0])
+
+    @property
+    def blocks(self) -> nn.Module:
+        return self.vit.blocks
+
+    def _grid(self, t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        t = t[:, self.vit.num_prefix_tokens :]
+        return t.reshape(t.shape[0], hw[0], hw[1], t.shape[-1]).permute(0, 3, 1, 2)
+
+    def taps(self, x: torch.Tensor, wanted: set, stop: int) -> dict:
+        """``{key: (B, C, S/p, S/p)}`` for ``wanted`` taps, running the blocks up to ``stop``."""
+        vit = self.vit
+        t = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
+        hw, out = tuple(t.shape[1:3]), {}
+        t = vit.norm_pre(vit.patch_drop(vit._pos_embed(t)))
+        if "patch_embed" in wanted:  # with positions, as SAM's patch_embed tap
+            out["patch_embed"] = self._grid(t, hw)
+        for i in range(stop + 1):
+            t = vit.blocks[i](t)
+            if i in wanted:
+                out[i] = self._grid(t, hw)
+        if "neck" in wanted:
+            out["neck"] = self._grid(vit.norm(t), hw)
+        return out
+
+
+def _foundation_taps(name: str, weights: str | None) -> tuple[ViTTaps, Any]:
+    """:class:`ViTTaps` of a foundation model found offline, and what was built (for the card)."""
+    from .foundation import build_foundation
+
+    built = build_foundation(name, weights=weights, timm_kwargs={"dynamic_img_size": True})
+    vit = getattr(built.module, "vit", built.module)  # Virchow's class ⊕ mean-token wrapper
+    if not all(hasattr(vit, a) for a in ("patch_embed", "blocks", "norm", "_pos_embed", "num_prefix_tokens")):
+        raise ValueError(f"{name} ({type(vit).__name__}) is not a plain ViT: SLCA takes its taps from ViT blocks")
+    return ViTTaps(vit), built
+
+
 class SLCAClassifier(nn.Module):
     """See the module docstring; build with :func:`slca` / ``create_model("slca", ...)`` (the defaults live there).
 
@@ -236,6 +288,7 @@ class SLCAClassifier(nn.Module):
         sam_kwargs: dict | None,
         backbone_kwargs: dict | None,
         backbone_weights: str | Path | None,
+        sam_weights: str | Path | None = None,
     ):
         super().__init__()
         import timm
@@ -243,12 +296,19 @@ class SLCAClassifier(nn.Module):
 
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {list(FUSIONS)}, not {fusion!r}")
-        if int(sam_img_size) % 16:
-            raise ValueError(f"sam_img_size must be a multiple of 16 (SAM's patch size), not {sam_img_size}")
+        from .hub_cache import is_foundation_name
+
         self.sam_name, self.sam_img_size, self.freeze_sam = sam, int(sam_img_size), bool(freeze_sam)
         self.load_reports: dict[str, Any] = {}
-
-        self.sam = build_sam_encoder(sam, self.sam_img_size, sam_kwargs)
+        if is_foundation_name(sam):  # UNI, Virchow2, … found offline: its ViT blocks are the taps
+            self.sam, built = _foundation_taps(sam, sam_weights)
+            self.load_reports["sam"] = built.report
+            self.pathfm_foundation = {"sam": built.record()}
+        else:
+            self.sam = build_sam_encoder(sam, self.sam_img_size, sam_kwargs)
+        patch = getattr(self.sam, "patch", 16)
+        if int(sam_img_size) % patch:
+            raise ValueError(f"sam_img_size must be a multiple of the encoder's patch size {patch}, not {sam_img_size}")
         depth = len(self.sam.blocks)
 
         _check_timm_name(backbone, "backbone")
@@ -407,6 +467,9 @@ class SLCAClassifier(nn.Module):
         s = (self.sam_img_size, self.sam_img_size)
         x = F.interpolate(x, size=s, mode="bilinear", align_corners=False, antialias=x.shape[-1] > s[-1])
         sam = self.sam
+        if isinstance(sam, ViTTaps):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_sam):
+                return sam.taps(x, wanted, stop)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_sam):
             t = sam.patch_embed(x)
             if sam.pos_embed is not None:
@@ -489,7 +552,10 @@ def slca(
         ``swinv2_*``, or small ones for CPU work (``resnet10t``, ``resnet18``, ``seresnet18``).
     sam : str
         timm SAM encoder: ``samvit_base_patch16`` / ``samvit_large_patch16`` /
-        ``samvit_huge_patch16`` (the paper's ViT-H).
+        ``samvit_huge_patch16`` (the paper's ViT-H); or a foundation ViT found offline
+        (``"hf-hub:MahmoodLab/UNI"``, a model folder; :class:`ViTTaps`), whose weights are
+        loaded and recorded in the card (``foundation_weights``). Loading such a checkpoint
+        later needs that model's files again (its architecture), as for ``timm_classifier``.
     num_classes : int
         Number of output logits.
     sam_img_size : int
@@ -527,8 +593,13 @@ def slca(
     SLCAClassifier
         ``(B, 3, H, W)`` normalised tiles -> ``(B, num_classes)`` logits.
     """
+    from .hub_cache import is_foundation_name
+
     cfg = dict(locals())  # the arguments above; the factory is the one place with defaults
+    cfg.pop("is_foundation_name")
     sam_checkpoint = cfg.pop("sam_checkpoint")
+    if is_foundation_name(sam):  # a weights file for the foundation ViT replaces its cached one
+        cfg["sam_weights"], sam_checkpoint = sam_checkpoint, None
     model = SLCAClassifier(**cfg)
     if sam_checkpoint:
         report = model.load_sam(sam_checkpoint)

@@ -37,7 +37,7 @@ COMMON_KEYS = ("optim.lr", "optim.weight_decay", "trainer.max_epochs", "trainer.
 # identity of a recipe, not hyperparameters: not editable in the form
 SKIP_KEYS = {"family", "description", "output", "model.name"}
 # keys naming a backbone: an editable list that also offers the foundation models found on this machine
-BACKBONE_KEYS = ("model.backbone", "model.uni_checkpoint")
+BACKBONE_KEYS = ("model.backbone", "model.uni_checkpoint", "model.sam")
 
 
 def row_label(key: str, family: str | None = None) -> str:
