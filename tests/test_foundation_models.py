@@ -113,12 +113,78 @@ def test_missing_model_is_one_clear_refusal_with_exit_2(hub, cmu_small, tmp_path
     assert not (tmp_path / "f" / "CMU-1-Small-Region.features.zarr").exists()
 
 
-def test_phikon_and_conch_are_refused_with_how(hub):
+def test_conch_is_refused_with_how(hub):
     from napari_pathfm.models.foundation import build_foundation
 
-    for name, what in (("hf-hub:owkin/phikon-v2", "transformers"), ("hf-hub:MahmoodLab/CONCH", "conch")):
-        with pytest.raises(InputError, match=what):
-            build_foundation(name)
+    with pytest.raises(InputError, match="conch"):
+        build_foundation("hf-hub:MahmoodLab/CONCH")
+
+
+def _as_transformers_dinov2(vit) -> dict:
+    """A timm ViT's tensors under transformers ``Dinov2Model`` names (Phikon-v2's layout), qkv split in three."""
+    out = {"embeddings.mask_token": torch.zeros(1, vit.embed_dim)}
+    names = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings", "norm": "layernorm"}
+    for key, value in vit.state_dict().items():
+        parts = key.split(".")
+        if key.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + parts[-1]] = value
+        elif parts[0] in names:
+            out[".".join([names[parts[0]], *parts[1:]])] = value
+        elif parts[0] == "blocks":
+            i, rest = parts[1], ".".join(parts[2:])
+            layer = f"encoder.layer.{i}."
+            if rest.startswith("attn.qkv."):
+                for name, chunk in zip(("query", "key", "value"), value.chunk(3, 0)):
+                    out[layer + f"attention.attention.{name}.{parts[-1]}"] = chunk.clone()
+            elif rest.startswith("attn.proj."):
+                out[layer + "attention.output.dense." + parts[-1]] = value
+            elif rest.startswith(("ls1.", "ls2.")):
+                out[layer + f"layer_scale{rest[2]}.lambda1"] = value
+            else:
+                out[layer + rest] = value  # norm1, norm2, mlp.fc1, mlp.fc2
+    return out
+
+
+def test_phikon_v2_transformers_layout_is_built_as_a_timm_vit(hub):
+    """Phikon-v2 ships as a transformers Dinov2Model (config model_type dinov2, embeddings.* / encoder.layer.*
+    names): it is built as a timm ViT with the weights renamed, and gives the original network's embedding."""
+    from safetensors.torch import save_file
+
+    from napari_pathfm.models.foundation import build_foundation
+
+    cache = hub[0]
+    torch.manual_seed(3)
+    tiny = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 16, "img_size": 32, "init_values": 0.5}
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, global_pool="token", **tiny)
+    snap = cache / "models--owkin--phikon-v2" / "snapshots" / ("ab" * 20)
+    snap.mkdir(parents=True)
+    (cache / "models--owkin--phikon-v2" / "refs").mkdir()
+    (cache / "models--owkin--phikon-v2" / "refs" / "main").write_text("ab" * 20)
+    config = {
+        "architectures": ["Dinov2Model"],
+        "model_type": "dinov2",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 16,
+        "image_size": 32,
+        "mlp_ratio": 4,
+        "layerscale_value": 1.0,
+        "use_swiglu_ffn": False,
+        "qkv_bias": True,
+    }
+    (snap / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in _as_transformers_dinov2(vit).items()}, snap / "model.safetensors")
+    built = build_foundation("hf-hub:owkin/phikon-v2")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(built.module.eval()(x), vit.eval()(x))
+    assert built.out_dim == 32 and built.input_size == 32 and built.report.ok
+
+    config["use_swiglu_ffn"] = True
+    (snap / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="SwiGLU"):
+        build_foundation("hf-hub:owkin/phikon-v2")
 
 
 def test_virchow_layout_gives_class_and_mean_tokens_and_shows_terms_once(hub, caplog):

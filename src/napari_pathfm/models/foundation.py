@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import hf_dinov2
 from .hub_cache import LocalModel, resolve_local_model, split_hub_name
 
 __all__ = ["FOUNDATION_MODELS", "BuiltTrunk", "FoundationModel", "build_foundation", "foundation_spec"]
@@ -167,10 +168,9 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
             "Owkin non-commercial licence (unverified here)",
             "Phikon-v2: non-commercial research use (check the model card).",
             1024,
-            framework="transformers (Dinov2Model)",
-            note="A transformers Dinov2Model, not a timm one: its keys and config do not load into timm. "
-            "Extract its class-token features with transformers (AutoModel.from_pretrained(folder)) and "
-            "write them with napari_pathfm.io.features.write_features to use them for MIL.",
+            note="Published as a transformers Dinov2Model: built as a timm ViT from its config.json and its "
+            "weights renamed (models/hf_dinov2.py); the embedding is the class token after the final norm "
+            "(Dinov2Model's pooler_output). ImageNet normalisation, 224 px.",
         ),
         FoundationModel(
             "MahmoodLab/CONCH",
@@ -331,7 +331,7 @@ def build_foundation(
     Raises
     ------
     InputError
-        Not found locally, a model timm cannot build (Phikon-v2, CONCH), or timm refused the config.
+        Not found locally, a model timm cannot build (CONCH), or timm refused the config.
     CheckpointError
         The weights do not fit the network built from the config.
     """
@@ -351,9 +351,17 @@ def build_foundation(
     cfg = config.get("pretrained_cfg") or dict(config)  # timm's legacy configs are one flat dict
     arch = config.get("architecture") or cfg.get("architecture")
     where = local.folder / "config.json" if local else name
+    key_map, model_args = None, dict(config.get("model_args") or {})
+    if hf_dinov2.is_transformers_dinov2(config):  # Phikon-v2: a transformers Dinov2Model, renamed for timm
+        try:
+            model_args = hf_dinov2.timm_args(config)
+        except (KeyError, ValueError) as exc:
+            raise InputError(where, f"is a transformers DINOv2 config, but {exc}.", "Use a plain DINOv2 ViT.") from None
+        arch, key_map = hf_dinov2.ARCHITECTURE, hf_dinov2.to_timm
+        cfg = {**cfg, "input_size": (3, model_args["img_size"], model_args["img_size"])}
     if not arch:
         raise InputError(where, "names no timm architecture.", "Use a model saved by timm (push_to_hub/save_for_hf).")
-    kwargs = {**(config.get("model_args") or {}), **_timm_kwargs(spec.timm_args if spec else {})}
+    kwargs = {**model_args, **_timm_kwargs(spec.timm_args if spec else {})}
     kwargs.update(timm_kwargs or {}, num_classes=int(num_classes))
     if spec is not None and spec.pooling == "cls+mean":
         kwargs["global_pool"] = ""
@@ -373,6 +381,7 @@ def build_foundation(
         partial=partial,
         ignore=(f"{head}.",) if head else (),
         partial_hint=partial_hint,
+        key_map=key_map,
     )
     show_terms_once(spec)
     if spec is not None and spec.pooling == "cls+mean" and not num_classes:

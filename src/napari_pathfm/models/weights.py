@@ -418,6 +418,7 @@ def load_backbone_weights(
     partial: bool = False,
     ignore: tuple[str, ...] = (),
     partial_hint: str = "pass partial_weights=True (pathfm features --partial-weights)",
+    key_map: KeyMap | None = None,
 ) -> LoadReport:
     """Load a local weights file into a backbone; refuse files that would leave part of it random.
 
@@ -432,6 +433,8 @@ def load_backbone_weights(
     """
     path = Path(path)
     state_dict = load_state_dict_file(path)
+    if key_map is not None:  # another library's names for the same tensors (timm's checkpoint_filter_fn)
+        state_dict = key_map(state_dict, module)
     check_fit(
         load_into(module, state_dict, source=path, dry_run=True),
         path,
