@@ -13,7 +13,8 @@ Two more pictures show a dock in a second state: ``annotations`` (the bundled mo
 as QuPath GeoJSON and opened again over the slide, with the Segment dock) and ``review`` (the MIL
 dock's review queue over a two-slide batch of the bundled demo model: the slide and its copy), and
 ``prompt`` (the Segment dock's Prompt row on a GlaS image shown as a 0.62 µm/px slide: five clicks
-and a box, each gland a new label).
+and a box, each gland a new label), and ``foundation`` (the Train dock's backbone row set to a model
+found in a local Hugging Face cache: a small random ViT written there for the picture).
 
 The Train dock is filled with ``training/classify/crc_tiny.yaml``; when the CRC tiles are present
 (``$PATHFM_SHARED_DATA/crc-tiles``) one epoch is trained so that the plot and the run list show it
@@ -32,9 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-DOCKS = ("slide", "segment", "classify", "mil", "translate", "train", "annotations", "review", "prompt")
+DOCKS = ("slide", "segment", "classify", "mil", "translate", "train", "annotations", "review", "prompt", "foundation")
 #: Pictures of a dock in a second state: the picture's name → the dock whose window it shows.
-SCENES = {"annotations": "segment", "review": "mil", "prompt": "segment"}
+SCENES = {"annotations": "segment", "review": "mil", "prompt": "segment", "foundation": "train"}
 WINDOW = (1500, 900)  # napari main window size (px), fixed for every picture
 DOCK_WIDTH = 400  # width given to the right dock area (px)
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +188,38 @@ def _review(viewer, widget, deadline: float) -> None:
     _show_only(viewer, lambda layer: layer.metadata.get("pathfm_kind") in ("mil-heatmap", "mil-top-patch"))
 
 
+def _hub_with_a_small_vit() -> str:
+    """A Hugging Face cache in a temporary folder (``HF_HUB_CACHE``) holding one small random timm ViT,
+    saved by timm's ``save_for_hf`` in the hub's layout: what the picker finds is real files, not a list."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    cache = Path(tempfile.mkdtemp()) / "hub"
+    commit = "0" * 40
+    snap = cache / "models--pathfm-demo--small-vit" / "snapshots" / commit
+    vit = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, depth=2, embed_dim=64, num_heads=2
+    )
+    save_for_hf(vit, snap, safe_serialization=True)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(commit)
+    os.environ["HF_HUB_CACHE"] = str(cache)
+    return "hf-hub:pathfm-demo/small-vit"
+
+
+def _foundation(viewer, deadline: float):
+    """The Train dock on ``classify/crc_tiny.yaml`` with the backbone row set to a model of the local Hugging
+    Face cache, picked from the list the panel fills off the GUI thread."""
+    name = _hub_with_a_small_vit()
+    widget = _train(viewer, deadline, run=False)
+    combo = widget.form.editors["model.backbone"][0]
+    while combo.findText(name) < 0 and time.monotonic() < deadline:
+        _qapp_turns(5)
+    combo.setCurrentIndex(combo.findText(name))
+    _show_only(viewer, lambda layer: False)
+    return widget
+
+
 GLAS_IMAGE = "train_12"  # a GlaS training image with many glands, shown as a 0.62 µm/px slide
 
 
@@ -258,7 +291,9 @@ def shoot(dock: str, out: Path, *, width: int = 1200, timeout: float = 600.0, tr
         viewer, widgets = _slide_viewer(SCENES.get(dock, dock))  # the Slide dock has computed tissue & tiles already
         widget = widgets.get(SCENES.get(dock, dock))
     try:
-        if dock == "train":
+        if dock == "foundation":
+            widget = _foundation(viewer, deadline)
+        elif dock == "train":
             if train_run is None:
                 from napari_pathfm.training.recipes import default_shared_data
 
