@@ -97,3 +97,11 @@ def test_click_negative_box_undo_and_corrections(make_napari_viewer, qtbot, shar
     assert "saved as corrections" in dock.status.text()
     row.button.click()
     assert row.points is None
+    row.button.click()  # on again: the objects stay, new prompts take the next free label
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is row.points)
+    assert row.objects is objects and row.next_id == max(objects.metadata["classes"]) + 1
+    row.points.add([y, x])
+    _wait(qtbot, row)
+    drawn = (np.asarray(objects.data) == row.next_id - 1).any()
+    assert drawn or "already labelled" in dock.status.text() or "no object" in dock.status.text()
+    assert (np.asarray(objects.data) == 1).sum() > 0, "the earlier object is kept"

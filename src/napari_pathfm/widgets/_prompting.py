@@ -82,8 +82,10 @@ class PromptRow(QWidget):
             self.objects = self.viewer.add_labels(self._blank(shape), name=objects, metadata=meta, **place)
             self.next_id, self.last = 1, None
             self._windows.clear()
-        else:
+        else:  # an earlier session's objects stay; new ones get the next free labels
             self.objects = layers[objects]
+            self.next_id = max((int(k) for k in self.objects.metadata.get("classes", {})), default=0) + 1
+            self.last = None
         self.boxes = self._layer(f"{name} prompt boxes", "shapes", place)
         self.points = self._layer(f"{name} prompts", "points", place)
         self._seen = {"points": len(self.points.data), "boxes": len(self.boxes.data)}
@@ -202,15 +204,16 @@ class PromptRow(QWidget):
         image_mpp = self.dock.slide_image_mpp(self.dock.layer_combo.currentText())
 
         def job(progress, cancel):
-            if self.session is None:
+            session = self.session  # this job's own reference: the GUI may forget the session meanwhile
+            if session is None:
                 from ..io.slide import open_slide
                 from ..pipelines.prompt import PromptSession
 
                 slide = open_slide(slide_path)
                 if image_mpp is not None and slide.mpp is None:
                     slide.mpp = image_mpp
-                self.session = PromptSession(slide, checkpoint or None, mpp=mpp)
-            return self.session.segment(prompt), self.session.card
+                session = self.session = PromptSession(slide, checkpoint or None, mpp=mpp)
+            return session.segment(prompt), session.card
 
         self.runner.start(job, description="Prompt", on_done=lambda done: self._draw(done, oid), on_error=self._failed)
 
@@ -223,7 +226,14 @@ class PromptRow(QWidget):
             n, self._windows[oid] = _paint(layer, obj, oid, self._windows.get(oid))
             if n:
                 layer.metadata["classes"][oid] = classes[1] if len(classes) > 1 else classes[0]
-            text = f"Object {oid}: {n} px." if n else f"Prompt {oid}: no object found there."
+            else:  # refined to nothing: no class for a label that is not there
+                layer.metadata["classes"].pop(oid, None)
+            if n:
+                text = f"Object {oid}: {n} px."
+            elif obj.area:
+                text = f"Prompt {oid}: its object is already labelled (objects never overwrite each other)."
+            else:
+                text = f"Prompt {oid}: no object found there."
             if obj.at_edge:
                 text += " It reaches the edge of the tile it was found on and may be cut there."
             self.dock.status.setText(text)
