@@ -243,7 +243,6 @@ class PromptSession:
                     keep[parts[iy[y, x], ix[y, x]]] = True
         keep[0] = False
         if not keep.any() and n and prompt.box is not None:
-            region = parts
             bx0, by0, bx1, by1 = (int(round(v)) for v in prompt.box)
             region = parts[max(0, by0 - ty) : max(0, by1 - ty), max(0, bx0 - tx) : max(0, bx1 - tx)]
             sizes = np.bincount(region.ravel(), minlength=n + 1)
