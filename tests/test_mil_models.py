@@ -160,6 +160,40 @@ def test_s4d_inference_path_cache_and_channel_blocks_match_autograd():
     assert layer._cache is None
 
 
+@pytest.mark.parametrize("L", [16 * 32, 16 * 32 + 77, 3000])
+def test_s4d_chunked_inference_passes_the_state_between_chunks(L):
+    """Long bags are convolved in chunks with the diagonal state carried over: same output as the full FFT."""
+    torch.manual_seed(0)
+    layer = S4D(20, 16, transposed=True, chunk_len=32).eval()
+    with torch.no_grad():
+        layer.kernel.log_dt.fill_(math.log(1e-3))  # slow decay: earlier chunks matter
+    u = torch.randn(2, 20, L)
+    reference = layer(u).detach()  # autograd path: one full-length FFT
+    with torch.no_grad():
+        chunked = layer(u)
+        layer.fft_block = 3000  # several channel blocks
+        blocks = layer(u)
+        far = (
+            layer._conv_chunked(u)[..., -1]
+            - layer._conv_chunked(torch.cat([0 * u[..., :32], u[..., 32:]], -1))[..., -1]
+        )
+    torch.testing.assert_close(chunked, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(blocks, reference, atol=1e-4, rtol=1e-4)
+    assert far.abs().amax() > 1e-3  # the first chunk still reaches the last position
+
+
+def test_s4mil_blocked_inference_projection_matches_the_autograd_path():
+    """Eval-mode inference projects blocks of patches straight into the S4D layout; same numbers, batches kept apart."""
+    torch.manual_seed(0)
+    model = create_model("s4mil", in_dim=40, d_model=24, d_state=8).eval()
+    x = torch.randn(2, 1300, 40)
+    reference = model(x)["logits"].detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(model._project_inference(x, rows=512), model.norm(model.fc1(x)).transpose(1, 2))
+        torch.testing.assert_close(model(x)["logits"], reference, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x[1:])["logits"], reference[1:], atol=1e-5, rtol=1e-4)
+
+
 def test_optimizer_groups_honour_the_s4d_hints():
     model = create_model("s4mil", in_dim=16, d_model=32)
     groups = optim_groups(model, lr=2e-4, weight_decay=1e-3)

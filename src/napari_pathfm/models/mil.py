@@ -145,18 +145,41 @@ class S4MIL(MILModel):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Each patch's S4D output before pooling, (B, H, L); position ``t`` sees patches ``<= t`` only."""
-        h = self.norm(self.fc1(self.check_input(x)))
-        return self.s4(h.transpose(1, 2))
+        x = self.check_input(x)
+        plain = torch.is_grad_enabled() or self.training or x.dtype != self.norm.weight.dtype
+        if plain or torch.is_autocast_enabled(x.device.type):
+            return self.s4(self.norm(self.fc1(x)).transpose(1, 2))
+        return self.s4(self._project_inference(x))
+
+    @torch.no_grad()
+    def _project_inference(self, x: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """``norm(fc1(x))`` laid out (B, H, L), a block of ``rows`` patches at a time.
+
+        Same numbers as the plain path (eval mode: dropout is the identity). Each
+        block's projection, ReLU and LayerNorm stay in cache and are written
+        straight into the layout the S4D convolution reads, so a 200 000-patch
+        bag never holds a second (L, H) copy; this keeps inference time linear
+        in the bag length.
+        """
+        lin, H = self.fc1[0], self.norm.normalized_shape[0]
+        out = x.new_empty(x.shape[0], H, x.shape[1])
+        for b in range(x.shape[0]):
+            for l0 in range(0, x.shape[1], rows):
+                z = torch.addmm(lin.bias, x[b, l0 : l0 + rows], lin.weight.t()).relu_()
+                z = F.layer_norm(z, (H,), self.norm.weight, self.norm.bias, self.norm.eps)
+                out[b, :, l0 : l0 + rows].copy_(z.t())
+        return out
 
     def forward(self, x: torch.Tensor) -> dict:
         """Slide logits and patch scores for bags ``x`` (B, L, in_dim); see the module docstring."""
         y = self.hidden(x)
         logits = self.classifier(y.amax(-1))
-        per_patch = y.transpose(1, 2)
+        head = self.patch_head if self.patch_head is not None else self.classifier
+        # (C, H) @ (B, H, L) in the layout y already has: no (B, L, H) copy of a long bag
+        patch = (torch.matmul(head.weight, y) + head.bias[:, None]).transpose(1, 2)
         if self.patch_head is not None:
-            patch = F.linear(per_patch, self.patch_head.weight, self.patch_head.bias)
             return {"logits": logits, "patch_logits": patch, "patch_scores": patch}
-        return {"logits": logits, "patch_scores": F.linear(per_patch, self.classifier.weight, self.classifier.bias)}
+        return {"logits": logits, "patch_scores": patch}
 
 
 @register_model(family="mil")

@@ -21,8 +21,10 @@ product give the same kernel (to float rounding) in ``O(H·L)`` memory.
 Without autograd (eval mode under ``no_grad``/``inference_mode``) the convolution,
 skip, GELU and output mixing run a block of channels (or positions) at a time in
 reused buffers: FFTs of a few channels stay in cache, and a 200 000-patch bag
-never holds a full padded or frequency-domain copy. Training uses the plain
-differentiable path.
+never holds a full padded or frequency-domain copy. Long bags (``16 · chunk_len``
+positions and more) are convolved in fixed-length chunks that pass the diagonal
+state from one chunk to the next, so inference time is linear in the bag length
+instead of ``L log L``. Training uses the plain differentiable path.
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ def optim_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 def _exp_table(dtA: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """``exp(dtA[..., None] · steps)`` via ``polar``, which is faster than complex ``exp`` on CPU."""
     return torch.polar(torch.exp(dtA.real[..., None] * steps), dtA.imag[..., None] * steps)
+
+
+def _powers(dtA: torch.Tensor, n: int) -> torch.Tensor:
+    """``exp(dtA[..., None] · i)`` for ``i = 0 … n-1``, from two tables of ``⌈√n⌉`` exponentials each."""
+    g = math.isqrt(max(n - 1, 0)) + 1
+    steps = torch.arange(g, device=dtA.device, dtype=torch.float32)
+    hi, lo = _exp_table(dtA, steps * g), _exp_table(dtA, steps)
+    return (hi[..., :, None] * lo[..., None, :]).flatten(-2)[..., :n]
 
 
 def _copy_tiled(dst: torch.Tensor, src: torch.Tensor, tile: int = 1024) -> None:
@@ -191,6 +201,10 @@ class S4D(nn.Module):
     fft_block_gpu : int
         The same on other devices, 64x larger: a GPU is limited by kernel launches,
         not cache, and 128 Mi elements (1 GiB complex) fit any card that runs this.
+    chunk_len : int
+        Inference on bags of at least ``16 · chunk_len`` positions runs in chunks of
+        this many positions (:meth:`_conv_chunked`), so its time grows linearly
+        with the bag; shorter bags take one full-length FFT, which is faster there.
 
     Notes
     -----
@@ -214,6 +228,7 @@ class S4D(nn.Module):
         lr: float = 1e-3,
         fft_block: int = 1 << 21,
         fft_block_gpu: int = 1 << 27,
+        chunk_len: int = 256,
     ):
         super().__init__()
         self.d_model = d_model
@@ -223,6 +238,7 @@ class S4D(nn.Module):
         self.kernel = S4DKernel(d_model, d_state, lr=lr)
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Conv1d(d_model, 2 * d_model, kernel_size=1)
+        self.chunk_len = chunk_len
         self.cache_kernel = True
         self.cache_max_bytes = 512 * 2**20
         self._cache = None
@@ -312,6 +328,53 @@ class S4D(nn.Module):
         return out
 
     @torch.no_grad()
+    def _conv_chunked(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_conv_inference` in chunks of ``T = chunk_len`` positions: time linear in ``L``.
+
+        The kernel is a sum of decaying exponentials (``z = exp(dtA)``), so what
+        position ``c·T + i`` receives from the chunks before its own is
+        ``2·Re Σ_n C̃_n z_n^i S_c[n]``, with the state ``S_c[n] = Σ_{s < cT} z_n^{cT-s} u_s``
+        and ``S_{c+1} = z^T·S_c + Σ_i z^{T-i} u_{cT+i}``. Each chunk is convolved with
+        the first ``T`` kernel taps by FFTs of fixed length ``2T``; the chunk sums
+        and the states' contributions are batched real matrix products with
+        ``(T, N)`` tables, and the states a scan over the chunks. Same output as
+        the full-length FFT to float rounding; the full FFT's ``L log L`` becomes
+        ``L (log T + N)``.
+        """
+        B, H, L = u.shape
+        T, C = self.chunk_len, -(-L // self.chunk_len)
+        dtA, Ct = self.kernel.discretize()
+        M = dtA.shape[1]
+        z = _powers(dtA, T + 1)  # z^0 … z^T, (H, M, T + 1)
+        z_out = (2 * Ct)[..., None] * z[..., :T]  # 2·C̃·z^i
+        k_f = torch.fft.rfft(z_out.real.sum(1), n=2 * T)  # the first T kernel taps
+        z_in = z[..., 1:].flip(-1)  # z^(T-i)
+        w_in = torch.cat([z_in.real, z_in.imag], 1).transpose(1, 2)  # (H, T, 2M)
+        w_out = torch.cat([z_out.real, -z_out.imag], 1)  # (H, 2M, T)
+        step = min(H, self._block(B, 2 * C * T))
+        blocks = [(s, min(H, s + step)) for s in range(0, H, step)]
+
+        def chunks(s: int, e: int) -> torch.Tensor:
+            buf = u.new_zeros(B, e - s, C * T)
+            _copy_tiled(buf[..., :L], u[:, s:e])
+            return buf.view(B, e - s, C, T)
+
+        sums = torch.cat([chunks(s, e) @ w_in[s:e] for s, e in blocks], 1)  # (B, H, C, 2M)
+        sums = torch.complex(sums[..., :M], sums[..., M:])
+        state, z_T = torch.zeros_like(sums), z[..., T]
+        for c in range(1, C):
+            state[:, :, c] = state[:, :, c - 1] * z_T + sums[:, :, c - 1]
+        state = torch.cat([state.real, state.imag], -1)
+        out = u.new_empty(B, H, L)
+        for s, e in blocks:
+            f = torch.fft.rfft(chunks(s, e), n=2 * T).mul_(k_f[s:e, None])
+            y = torch.fft.irfft(f, n=2 * T)[..., :T] + state[:, s:e] @ w_out[s:e]
+            block = out[:, s:e]
+            torch.addcmul(y.reshape(B, e - s, C * T)[..., :L], u[:, s:e], self.D[s:e, None], out=block)
+            torch.ops.aten.gelu_(block)
+        return out
+
+    @torch.no_grad()
     def _mix_inference(self, y: torch.Tensor) -> torch.Tensor:
         """Output 1x1 conv + GLU without autograd, over blocks of positions, written into ``y``."""
         H, L = y.shape[1], y.shape[2]
@@ -332,7 +395,9 @@ class S4D(nn.Module):
         fast = not torch.is_grad_enabled() and not self.training
         with torch.autocast(u.device.type, enabled=False):
             u = u.to(self.D.dtype)
-            if fast:
+            if fast and L >= 16 * self.chunk_len:
+                y = self._conv_chunked(u)
+            elif fast:
                 y = self._conv_inference(u, self.kernel_fft(L, n) if self._cacheable(n) else None, n)
             else:
                 y = self._conv_autograd(u.contiguous(), self.kernel_fft(L, n), n)
