@@ -25,10 +25,10 @@ Timings on a machine shared with other jobs are unreliable with more threads tha
 free cores (OpenMP threads wait for each other); ``--threads 1`` is the robust
 setting there. The load average is printed with the table for that reason.
 
-Why the scaling ratio is measured twice: with one thread the model's CPU time grows
-linearly (3.8-4.1x from 50k to 200k: the input projection and the output mixing are
-row-wise, the S4D convolution runs a few channels at a time with FFT lengths of the
-form 2^a 3^b 5^c, and the kernel tables grow with sqrt(L)), but the wall-clock ratio
+Why the scaling ratio is measured twice: with one thread the model's work grows
+linearly (the input projection and the output mixing are row-wise; bags of 4 096
+patches and more are convolved in chunks of 256 with the S4D state carried between
+chunks, so the FFT length stays 512 instead of growing with the bag), but the wall-clock ratio
 moves with the other jobs on the machine: each size runs in its own process, minutes
 apart, and the 200k run (2.3 GB of working memory, memory-bound) loses more to a
 neighbour than the 50k run does. So the sizes alternate over ``--rounds`` rounds and
