@@ -17,6 +17,7 @@ Each time is the median of ``--repeats`` runs after one warm-up run.
 
     .venv/bin/python benchmarks/bench_mil_speed.py [--quick] [--length 30000] [--repeats 3] [--threads N]
     .venv/bin/python benchmarks/bench_mil_speed.py --device cuda     # the paper's setting (GPU)
+    .venv/bin/python benchmarks/bench_mil_speed.py --scaling-only --full-fft --threads 1   # chunked vs full FFT
 
 On ``--device cuda`` every time is taken after ``torch.cuda.synchronize()`` and the
 scaling runs report peak GPU memory (``torch.cuda.max_memory_allocated``) beside RSS.
@@ -60,8 +61,11 @@ def _bag(n: int, in_dim: int, device: str = "cpu"):
     return torch.randn(1, n, in_dim, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu") -> None:
-    """Time cold s4mil inference on one ``n``-patch bag and print JSON with the peak RSS."""
+def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu", full_fft: bool = False) -> None:
+    """Time cold s4mil inference on one ``n``-patch bag and print JSON with the peak RSS.
+
+    ``full_fft`` turns the chunked S4D path off: one full-length FFT per channel, as before it existed.
+    """
     import torch
 
     if threads:
@@ -71,6 +75,8 @@ def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = 
 
     torch.manual_seed(0)
     model = create_model("s4mil", in_dim=in_dim).eval().to(device)
+    if full_fft:
+        model.s4.chunk_len = n + 1  # longer than the bag: never chunked
     x = _bag(n, in_dim, device)
     cpu = []
 
@@ -87,9 +93,10 @@ def child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = 
     print(json.dumps(doc | {"input_bytes": x.numel() * 4}))
 
 
-def _run_child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu") -> dict:
+def _run_child(n: int, in_dim: int, repeats: int, threads: int | None, device: str = "cpu", full: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", str(n), "--in-dim", str(in_dim), "--repeats", str(repeats)]
     cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--full-fft"] if full else []
     cmd += ["--device", device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,15 +130,19 @@ def comparison(L: int, in_dim: int, repeats: int, dev: str) -> list[tuple]:
     ]
 
 
-def scaling(sizes, rounds: int, in_dim: int, repeats: int, threads: int | None, device: str) -> dict:
-    """One child per size and round, sizes alternating; per size the round with the least wall-clock time."""
-    runs = {n: [] for n in sizes}
+def scaling(sizes, rounds: int, in_dim: int, repeats: int, threads: int | None, device: str, full=False) -> dict:
+    """One child per size and round, sizes alternating; per size the round with the least wall-clock time.
+
+    With ``full=True`` each round also times the full-length-FFT path (keys ``("full", n)``), alternating.
+    """
+    keys = [(v, n) for n in sizes for v in ((False, True) if full else (False,))]
+    runs = {k: [] for k in keys}
     for _ in range(rounds):
-        for n in sizes:
-            runs[n].append(_run_child(n, in_dim, repeats, threads, device))
-    best = {n: min(rs, key=lambda r: r["seconds"]) for n, rs in runs.items()}
-    for n, rs in runs.items():
-        best[n] = best[n] | {"cpu_seconds": min(r["cpu_seconds"] for r in rs), "rounds": [r["seconds"] for r in rs]}
+        for k in keys:
+            runs[k].append(_run_child(k[1], in_dim, repeats, threads, device, k[0]))
+    best = {k: min(rs, key=lambda r: r["seconds"]) for k, rs in runs.items()}
+    for k, rs in runs.items():
+        best[k] = best[k] | {"cpu_seconds": min(r["cpu_seconds"] for r in rs), "rounds": [r["seconds"] for r in rs]}
     return best
 
 
@@ -145,11 +156,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the scaling runs (default 2)")
     ap.add_argument("--scaling-only", action="store_true", help="only the 50k -> 200k scaling and memory")
+    ap.add_argument(
+        "--full-fft", action="store_true", help="scaling: also time the full-length-FFT path (no chunks), alternating"
+    )
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     if args.child is not None:
-        child(args.child, args.in_dim, repeats, args.threads, args.device)
+        child(args.child, args.in_dim, repeats, args.threads, args.device, args.full_fft)
         return 0
 
     import torch
@@ -164,7 +178,7 @@ def main(argv=None) -> int:
     small, large = (5_000, 20_000) if args.quick else (50_000, 200_000)
     dev = args.device
     rows = [] if args.scaling_only else comparison(L, args.in_dim, repeats, dev)
-    runs = scaling((small, large), args.rounds, args.in_dim, repeats, args.threads, dev)
+    runs = scaling((small, large), args.rounds, args.in_dim, repeats, args.threads, dev, args.full_fft)
     n_params = sum(p.numel() for p in create_model("s4mil").parameters())
 
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -185,23 +199,25 @@ def main(argv=None) -> int:
             f2 = f"{r2:21.2f}x" if r2 else ""
             print(f"{name:44s} {sec:8.3f} {f1} {f2}")
         print("  target: transmil/s4mil >= 4.5x (paper: 4.4x on GPU)")
-    a, b = runs[small], runs[large]
-    print(
-        f"\ns4mil scaling (cold inference, one process per size, sizes alternating over {args.rounds} rounds, "
-        f"fastest round kept; in_dim {args.in_dim})"
-    )
-    for r in (a, b):
+    for full in (False, True) if args.full_fft else (False,):
+        a, b = runs[(full, small)], runs[(full, large)]
+        what = "S4D convolution as one full-length FFT (no chunks)" if full else "as shipped"
         print(
-            f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s wall, {r['cpu_seconds']:7.3f} s CPU "
-            f"(rounds: {', '.join(f'{t:.2f}' for t in r['rounds'])} s)   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
-            f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)"
-            + (f", peak GPU {r['peak_gpu'] / 2**30:5.2f} GiB" if r.get("peak_gpu") else "")
+            f"\ns4mil scaling, {what} (cold inference, one process per size, sizes alternating over "
+            f"{args.rounds} rounds, fastest round kept; in_dim {args.in_dim})"
         )
-    print(
-        f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f} wall, "
-        f"{b['cpu_seconds'] / a['cpu_seconds']:.2f} CPU  (target <= 4.3; linear = {large / small:.1f});  "
-        "peak RSS target < 8 GiB"
-    )
+        for r in (a, b):
+            print(
+                f"  {r['n']:>7d} patches: {r['seconds']:7.3f} s wall, {r['cpu_seconds']:7.3f} s CPU "
+                f"(rounds: {', '.join(f'{t:.2f}' for t in r['rounds'])} s)   peak RSS {r['peak_rss'] / 2**30:5.2f} GiB "
+                f"(input alone {r['input_bytes'] / 2**30:4.2f} GiB)"
+                + (f", peak GPU {r['peak_gpu'] / 2**30:5.2f} GiB" if r.get("peak_gpu") else "")
+            )
+        print(
+            f"  time({large})/time({small}) = {b['seconds'] / a['seconds']:.2f} wall, "
+            f"{b['cpu_seconds'] / a['cpu_seconds']:.2f} CPU  (target <= 4.3; linear = {large / small:.1f});  "
+            "peak RSS target < 8 GiB"
+        )
     print(f"\ns4mil parameters (binary, in_dim 1024, d_state 32): {n_params:,}   paper: {PAPER_S4MIL_PARAMS:,}")
     return 0
 
