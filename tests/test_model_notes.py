@@ -141,7 +141,9 @@ def test_mil_notes_in_prediction_json_and_image_mpp(crop_png, tmp_path):
     pred = mil_predict(ckpt, slide=crop_png, image_mpp=0.499, device="cpu", cache=False)
     assert pred.source["slide_mpp"] == pytest.approx(0.499), "features were extracted with the given µm/px"
     assert pred.level0_tile_size == pytest.approx(64 * 0.62 / 0.499, abs=1)
-    assert pred.notes[0] == "Demonstration model (s4mil-glas-glands-demo: small, CPU-trained on GlaS) — not for diagnosis."
+    assert (
+        pred.notes[0] == "Demonstration model (s4mil-glas-glands-demo: small, CPU-trained on GlaS) — not for diagnosis."
+    )
     # CMU-1 (skin, another lab and scanner) is pinker than the GlaS colon the model saw: the card's stain says so
     assert len(pred.notes) == 2 and "tissue colour" in pred.notes[1], pred.notes
     assert pred.messages == pred.notes
