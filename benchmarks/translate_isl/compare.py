@@ -21,6 +21,7 @@ with what the recipe and budget say now (otherwise set aside as ``*.stale-<time>
 
     .venv/bin/python benchmarks/translate_isl/compare.py                  # all targets, 15 CPU-minutes each
     .venv/bin/python benchmarks/translate_isl/compare.py --targets DAPI --minutes 15
+    .venv/bin/python benchmarks/translate_isl/compare.py --targets DAPI --models lupi,unet --minutes 30
     .venv/bin/python benchmarks/translate_isl/compare.py --score-only
 
 Results: ``benchmarks/translate_isl/results.json`` and ``results.md``.
@@ -99,13 +100,17 @@ def _training(run: Path) -> dict:
     }
 
 
-def score(stack: Path, runs: Path, targets: list[str]) -> dict:
+def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None = None) -> dict:
     """Every trained model of each target on the validation rows, as ``pathfm evaluate-translation``."""
     from napari_pathfm.pipelines.translate_eval import evaluate_translation
 
     report = {"rows": list(ROWS), "targets": {}}
     for target in targets:
-        models = [m for m in MODELS[target] if (runs / target / m / "model.safetensors").is_file()]
+        models = [
+            m
+            for m in MODELS[target]
+            if (wanted is None or m in wanted) and (runs / target / m / "model.safetensors").is_file()
+        ]
         rows = evaluate_translation(
             [runs / target / m / "model.safetensors" for m in models],
             stack=stack,
@@ -143,6 +148,7 @@ def table(report: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", help="comma-separated models to train and score (default: all of each target)")
     ap.add_argument("--minutes", type=float, default=15.0, help="CPU minutes of training per model")
     ap.add_argument("--runs", default="runs/translate_compare")
     ap.add_argument("--parallel", type=int, default=2, help="training processes at a time (one per core)")
@@ -155,12 +161,16 @@ def main() -> None:
     if not shared or not stack.is_dir():
         sys.exit(f"ISL stack not found: {stack} (set PATHFM_SHARED_DATA to the shared data folder)")
     runs = Path(args.runs)
+    wanted = set(args.models.split(",")) if args.models else {m for t in MODELS.values() for m in t}
+    unknown = wanted - {m for t in args.targets for m in MODELS[t]}
+    if unknown:
+        sys.exit(f"unknown model(s) for {', '.join(args.targets)}: {', '.join(sorted(unknown))}")
     if not args.score_only:
-        jobs = [(t, m) for t in args.targets for m in MODELS[t]]
+        jobs = [(t, m) for t in args.targets for m in MODELS[t] if m in wanted]
         with ThreadPoolExecutor(args.parallel) as pool:
             for f in [pool.submit(train, t, m, args.minutes, runs, args.threads) for t, m in jobs]:
                 f.result()
-    report = score(stack, runs, args.targets)
+    report = score(stack, runs, args.targets, wanted)
     report["machine"] = {"cpus": os.cpu_count()}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ import typer
 
 from .errors import Cancelled
 
-__all__ = ["cli_progress", "fail", "folders", "json_text", "preflight"]
+__all__ = ["cli_progress", "fail", "folders", "json_text", "preflight", "preflight_recipe"]
 
 
 @contextmanager
@@ -72,3 +72,44 @@ def preflight(outputs, inputs=(), input_folders=(), need_bytes: int = 0) -> None
 def folders(paths) -> list:
     """The paths among ``paths`` that are folders (z-stacks, data sets): nothing is written inside them."""
     return [p for p in paths if p is not None and Path(p).is_dir()]
+
+
+def _names_a_path(text) -> bool:
+    """Whether a recipe string is an existing file or folder (a long description is not; it may not even be
+    a valid path: a part over the file system's name limit makes ``stat`` raise)."""
+    if not (isinstance(text, str) and text and len(text) < 4096 and ("/" in text or "." in text)):
+        return False
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _recipe_paths(config, skip=("output", "description")) -> list:
+    """Every existing file or folder a recipe names (data folders, CSVs, weights): the run's inputs."""
+    found = []
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if k not in skip:
+                found += _recipe_paths(v, ())
+    elif isinstance(config, list):
+        for v in config:
+            found += _recipe_paths(v, ())
+    elif _names_a_path(config):
+        found.append(Path(config))
+    return found
+
+
+def preflight_recipe(recipe: Path, overrides, out: Path | None) -> None:
+    """Check a training run's output folder against the recipe (a file or bundled name) and the data it names."""
+    from .io.preflight import Output
+    from .recipe_files import resolve_recipe
+    from .training.recipes import load_recipe
+
+    recipe = resolve_recipe(recipe)  # as given when it is a file, else the bundled recipe of that name
+    loaded = load_recipe(recipe, overrides)
+    folder = Path(out or loaded.get("output") or Path("runs") / loaded.name)
+    inputs = _recipe_paths(loaded.config)
+    preflight(
+        [Output(folder, folder=True, names=("model.safetensors", "model.json"))], [recipe, *inputs], folders(inputs)
+    )
