@@ -27,8 +27,23 @@ END = "<!-- diagram:end -->"
 # in the layers contract of pyproject.toml.
 BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cli": (
-        "cli.py + subcommands<br/>cli, demo, info, cli_cache, cli_recipes, cli_models, cli_prompt, cli_common",
-        ("cli", "demo", "info", "cli_cache", "cli_recipes", "cli_models", "cli_prompt", "cli_common"),
+        (
+            "cli.py + subcommands<br/>cli, demo, info, cli_cache, cli_recipes, cli_models, cli_prompt, "
+            "cli_mil, cli_histokt, cli_translate, cli_common"
+        ),
+        (
+            "cli",
+            "demo",
+            "info",
+            "cli_cache",
+            "cli_recipes",
+            "cli_models",
+            "cli_prompt",
+            "cli_mil",
+            "cli_histokt",
+            "cli_translate",
+            "cli_common",
+        ),
     ),
     "widgets": ("widgets/<br/>napari docks (Qt)", ("widgets",)),
     "napari": (
