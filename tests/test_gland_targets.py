@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -59,3 +61,31 @@ def test_segment_data_serves_the_three_class_target(shared_data, tmp_path):
     assert data.classes == ["background", "gland", "gland_contour"]
     mask = data.store.mask(data.train_items[0])
     assert set(np.unique(mask)) == {0, 1, 2}
+
+
+def test_a_contour_model_segments_one_object_per_interior(shared_data, tmp_path, monkeypatch):
+    """Train the tiny GlaS recipe with gland contours through `pathfm train`: its card's objects name the
+    contour class, and `segment_slide`'s default objects step turns its map into glands only."""
+    from typer.testing import CliRunner
+
+    from napari_pathfm.cli import app
+    from napari_pathfm.pipelines.segment import segment_slide
+
+    root = shared_data / "glas" / "train"
+    if not root.is_dir():
+        pytest.skip(f"GlaS not found at {root}")
+    monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
+    out = tmp_path / "contour"
+    sets = ["data.contour_width=2", "data.classes=[background, gland, gland_contour]", "objects={split_um: 35}"]
+    args = ["train", "pathsam2/glas_tiny", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    card = json.loads((out / "model.json").read_text())
+    assert card["objects"]["contour_class"] == CONTOUR and card["num_classes"] == 3
+    res = segment_slide(
+        root / "images" / "train_1.png", str(out / "model.safetensors"), image_mpp=0.62, cache=False, device="cpu"
+    )
+    labels = np.asarray(res.labels)
+    assert set(np.unique(labels).tolist()) <= {0, GLAND}, "the contour class is folded into the objects"
+    assert res.instances is not None and int(res.instances.max()) == len(res.object_classes) - 1
+    assert set(res.object_classes[1:].tolist()) <= {GLAND}

@@ -65,3 +65,34 @@ def test_separate_draws_a_line_between_touching_objects(shared_data):
     # each object loses at most its line to a neighbour: the outer edge is untouched
     assert ((out > 0) & (inst == 0)).sum() == 0
     assert (out > 0).sum() > 0.97 * (inst > 0).sum()
+
+
+def test_a_contour_models_interiors_are_the_objects(shared_data):
+    """A contour model's map (classes of training/gland_targets.contour_target on real GlaS masks, with the
+    gaps between glands bridged by contour as a model does): one object per true gland, no watershed,
+    full size back, and the contour class gone from the separated map."""
+    from napari_pathfm.training.gland_targets import contour_target
+
+    for name in ("train_3", "train_12", "train_40"):
+        mask = (_glas_mask(shared_data, name) > 0).astype(np.uint8)
+        truth, n_true = ndimage.label(mask)
+        target = contour_target(mask, 4)
+        bridged = ndimage.binary_closing(mask, structure=np.ones((9, 9)), iterations=2) & (mask == 0)
+        target[bridged] = 2  # the gaps predicted as contour: one connected region, interiors apart
+        options = ObjectOptions(split_um=None, contour_class=2)
+        inst, cls = split_objects(target, GLAS_MPP, options=options)
+        big = np.bincount(truth.ravel())[1:] * GLAS_MPP**2 >= options.min_area_um2
+        assert abs(int(inst.max()) - int(big.sum())) <= 1, name
+        assert set(cls[1:].tolist()) == {1}
+        # each object sits on one true gland and covers most of it
+        for i in range(1, int(inst.max()) + 1):
+            under = np.bincount(truth[inst == i], minlength=n_true + 1)[1:]
+            assert under.max() >= 0.8 * (truth == under.argmax() + 1).sum()
+        assert set(np.unique(separate(inst, cls)).tolist()) <= {0, 1}
+
+
+def test_a_contour_only_region_is_one_object():
+    m = np.zeros((60, 60), np.uint8)
+    m[5:55, 5:55] = 2
+    inst, cls = split_objects(m, GLAS_MPP, classes=[1, 2], options=ObjectOptions(contour_class=2))
+    assert int(inst.max()) == 1 and cls.tolist() == [0, 1]

@@ -66,7 +66,7 @@ def _predict(checkpoint: Path, image: Path) -> np.ndarray:
     from napari_pathfm.pipelines.segment import segment_slide
 
     res = segment_slide(image, str(checkpoint), image_mpp=GLAS_MPP, cache=False, objects=False, device="cpu")
-    return (np.asarray(res.labels) > 0).astype(np.uint8)
+    return np.asarray(res.labels).astype(np.uint8)  # the class map: a contour model's objects need its classes
 
 
 def predictions(run: Path, images: dict[str, Path]) -> dict[str, np.ndarray]:
@@ -125,8 +125,8 @@ def score_runs(root: Path, runs: Path, split: list[list[str]], models: list[str]
             for name in split[f]:
                 mask = pairs[name][1]
                 target = (mask_to_classes(read_mask(mask), "auto", 2, where=mask) > 0).astype(np.uint8)
-                raw = maps[name]
-                default = (separate(*split_objects(raw, GLAS_MPP, options=objects)) > 0).astype(np.uint8)
+                raw = (maps[name] > 0).astype(np.uint8)
+                default = (separate(*split_objects(maps[name], GLAS_MPP, options=objects)) > 0).astype(np.uint8)
                 for key, pred in (("raw", raw), ("default", default)):
                     fold[key][0].append(pred)
                     fold[key][1].append(target)

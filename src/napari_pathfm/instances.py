@@ -11,6 +11,10 @@ count against it. :func:`split_objects` turns each foreground class of a class m
    bridge is their saddle);
 4. drop pieces under ``min_piece_um2`` that the split leaves.
 
+A model trained with a gland-contour class (``data.contour_width``, :mod:`napari_pathfm.training.gland_targets`)
+names it in ``contour_class``: then each connected interior (the other foreground classes) is one
+object, the contour pixels go to the nearest interior, and no watershed is needed.
+
 The result is an instance image (0 background, 1..N objects) and each object's class;
 :func:`separate` cuts a one-pixel background line between touching objects of a class map, so its
 connected regions — what a Labels layer shows and what the GeoJSON writer traces — are the objects.
@@ -34,12 +38,15 @@ class ObjectOptions:
     """How :func:`split_objects` turns a class's mask into objects (sizes in µm and µm²).
 
     ``split_um`` None keeps merged regions whole (holes and crumbs are still handled).
+    ``contour_class``: the class of a contour model's gland contours; its pixels join the nearest
+    interior (interiors under ``min_piece_um2`` are not seeds) and ``split_um`` is not used.
     """
 
     min_area_um2: float = 575.0
     split_um: float | None = 35.0
     min_piece_um2: float = 190.0
     fill_holes: bool = True
+    contour_class: int | None = None
 
 
 def object_options(value, card: dict | None = None) -> ObjectOptions | None:
@@ -125,6 +132,9 @@ def split_objects(
     distance = int(round(o.split_um / mpp)) if o.split_um else 0
     class_map = np.asarray(class_map)
     todo = [int(c) for c in (classes if classes is not None else np.unique(class_map)) if int(c) > 0]
+    if o.contour_class is not None:
+        todo = [c for c in todo if c != o.contour_class]
+        return _contour_objects(class_map, int(o.contour_class), todo, min_area, min_piece, o.fill_holes)
     instances = np.zeros(class_map.shape, np.int32)
     object_class = [0]
     for c in todo:
@@ -146,6 +156,51 @@ def split_objects(
                     continue
                 instances[sl][(pieces == p) & (instances[sl] == 0)] = len(object_class)
                 object_class.append(c)
+    return instances, np.asarray(object_class, np.uint8)
+
+
+def _contour_objects(
+    class_map: np.ndarray, contour: int, classes: list[int], min_area: float, min_seed: float, fill_holes: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split_objects` for a contour model (sizes in pixels): one object per interior, region by region.
+
+    Each connected foreground region (interiors and contour, 8-connected) is cropped; its interiors
+    (4-connected regions of ``classes``, at least ``min_seed`` px) are the seeds and every pixel of the
+    region joins the nearest seed, so the contour between two interiors splits along its middle. A
+    region without a seed (all contour) is one object of the first class. Objects under ``min_area``
+    are dropped; holes are filled per object.
+    """
+    from scipy import ndimage
+
+    fg = np.isin(class_map, [*classes, contour])
+    regions, _ = ndimage.label(fg, np.ones((3, 3), bool))
+    instances = np.zeros(class_map.shape, np.int32)
+    object_class = [0]
+    for i, sl in enumerate(ndimage.find_objects(regions), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)  # a background border
+        region, cm = regions[sl] == i, class_map[sl]
+        seeds, n = ndimage.label(region & np.isin(cm, classes))
+        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
+        keep = sizes >= min_seed
+        keep[0] = False
+        seeds, n = ndimage.label(keep[seeds])
+        if n:
+            _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+            pieces = np.where(region, seeds[iy, ix], 0)
+        else:
+            pieces, n = region.astype(np.int32), 1
+        for p in range(1, n + 1):
+            obj = pieces == p
+            if fill_holes:
+                obj |= ndimage.binary_fill_holes(obj) & ~region
+            if obj.sum() < min_area:
+                continue
+            inside = cm[obj & np.isin(cm, classes)]
+            c = int(np.bincount(inside).argmax()) if inside.size else (classes[0] if classes else contour)
+            instances[sl][obj & (instances[sl] == 0)] = len(object_class)
+            object_class.append(c)
     return instances, np.asarray(object_class, np.uint8)
 
 

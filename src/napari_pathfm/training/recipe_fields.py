@@ -204,7 +204,8 @@ SEGMENT: dict[str, Field] = {
         (dict, type(None)),
         None,
         "How `pathfm segment` turns this model's class map into objects by default, written to the card "
-        "(napari_pathfm.instances.ObjectOptions: min_area_um2, split_um, min_piece_um2, fill_holes). None: none.",
+        "(napari_pathfm.instances.ObjectOptions: min_area_um2, split_um, min_piece_um2, fill_holes, contour_class; "
+        "with data.contour_width, contour_class is 2). None: none.",
     ),
     "data.mpp": Field(_OPT_NUM, None, "µm per pixel of the image files (GlaS: 0.62)."),
     "data.input_mpp": Field(

@@ -389,6 +389,10 @@ def build(recipe: Recipe):
         card["foundation_weights"] = foundation
     # the object settings `pathfm segment` uses with this model: the recipe's, else (a fine-tune) the parent's
     objects = recipe.get("objects") if recipe.get("objects") is not None else (init_card or {}).get("objects")
+    if isinstance(objects, dict) and recipe.get("data.contour_width") and "contour_class" not in objects:
+        from ..gland_targets import CONTOUR
+
+        objects = {**objects, "contour_class": CONTOUR}  # a contour model's objects are its interiors
     if objects is not None:
         from ...instances import object_options
 
