@@ -180,7 +180,8 @@ def _contour_objects(
         if sl is None:
             continue
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)  # a background border
-        region, cm = regions[sl] == i, class_map[sl]
+        crop, cm = regions[sl], class_map[sl]
+        region = crop == i
         seeds, n = ndimage.label(region & np.isin(cm, classes))
         sizes = np.bincount(seeds.ravel(), minlength=n + 1)
         keep = sizes >= min_seed
@@ -194,7 +195,7 @@ def _contour_objects(
         for p in range(1, n + 1):
             obj = pieces == p
             if fill_holes:
-                obj |= ndimage.binary_fill_holes(obj) & ~region
+                obj |= ndimage.binary_fill_holes(obj) & (crop == 0)  # the lumen, not other regions in it
             if obj.sum() < min_area:
                 continue
             inside = cm[obj & np.isin(cm, classes)]
