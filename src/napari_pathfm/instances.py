@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ObjectOptions", "object_options", "separate", "split_objects"]
+__all__ = ["ObjectOptions", "grow_interiors", "object_options", "separate", "split_objects"]
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,8 @@ def _contour_objects(
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)  # a background border
         crop, cm = regions[sl], class_map[sl]
         region = crop == i
-        seeds, n = ndimage.label(region & np.isin(cm, classes))
-        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
-        keep = sizes >= min_seed
-        keep[0] = False
-        seeds, n = ndimage.label(keep[seeds])
-        if n:
-            _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-            pieces = np.where(region, seeds[iy, ix], 0)
-        else:
+        pieces, n = grow_interiors(region & np.isin(cm, classes), region, min_seed)
+        if not n:
             pieces, n = region.astype(np.int32), 1
         for p in range(1, n + 1):
             obj = pieces == p
@@ -203,6 +196,27 @@ def _contour_objects(
             instances[sl][obj & (instances[sl] == 0)] = len(object_class)
             object_class.append(c)
     return instances, np.asarray(object_class, np.uint8)
+
+
+def grow_interiors(interior: np.ndarray, region: np.ndarray, min_seed: float = 0) -> tuple[np.ndarray, int]:
+    """Seeds are the 4-connected regions of ``interior`` of at least ``min_seed`` px; every pixel of
+    ``region`` joins the nearest seed. Returns the labels (0 outside ``region``) and the number of seeds.
+
+    >>> r = np.zeros((1, 7), bool); r[0, 1:6] = True; i = np.zeros_like(r); i[0, [1, 5]] = True
+    >>> grow_interiors(i, r)[0].tolist()
+    [[0, 1, 1, 1, 2, 2, 0]]
+    """
+    from scipy import ndimage
+
+    seeds, n = ndimage.label(interior)
+    if n and min_seed > 0:
+        keep = np.bincount(seeds.ravel(), minlength=n + 1) >= min_seed
+        keep[0] = False
+        seeds, n = ndimage.label(keep[seeds])
+    if n == 0:
+        return np.zeros(region.shape, np.int32), 0
+    _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
+    return np.where(region, seeds[iy, ix], 0).astype(np.int32), n
 
 
 def separate(instances: np.ndarray, object_class: np.ndarray) -> np.ndarray:

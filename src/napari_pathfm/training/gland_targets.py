@@ -57,16 +57,8 @@ def glands_from_contour(class_map: np.ndarray, min_interior: int = 0) -> np.ndar
     >>> glands_from_contour(m)[2].tolist()
     [0, 1, 1, 1, 1, 2, 2, 2, 0]
     """
+    from ..instances import grow_interiors
+
     class_map = np.asarray(class_map)
-    seeds, n = ndimage.label(class_map == GLAND)
-    if n and min_interior > 0:
-        sizes = np.bincount(seeds.ravel(), minlength=n + 1)
-        keep = sizes >= min_interior
-        keep[0] = False
-        seeds, n = ndimage.label(keep[seeds])
     gland = (class_map == GLAND) | (class_map == CONTOUR)
-    if n == 0:
-        return np.zeros(class_map.shape, np.int32)
-    _, (iy, ix) = ndimage.distance_transform_edt(seeds == 0, return_indices=True)
-    labels = seeds[iy, ix]
-    return np.where(gland, labels, 0).astype(np.int32)
+    return grow_interiors(class_map == GLAND, gland, min_interior)[0]
