@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .cache_rows import as_tensor, pack_rows, row_checksum, to_numpy, unpack_rows
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "CacheEntry", "EntryOwner", "as_tensor", "lock_holder_alive"]
@@ -75,13 +77,6 @@ def lock_holder_alive(lock: Path) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
-
-
-def row_checksum(row: np.ndarray) -> int:
-    """CRC32C of one packed row (C-contiguous uint8)."""
-    import google_crc32c
-
-    return int(google_crc32c.value(np.ascontiguousarray(row)))
 
 
 def chunk_file(array_dir: Path, coords: tuple[int, ...]) -> Path:
@@ -263,7 +258,7 @@ class CacheEntry:
             raise KeyError("asked for tiles that are not stored")
         raw, ok = self._read_raw(rows)
         self.read_tiles += int(ok.sum())
-        return _unpack(raw[ok] if len(rows) else None, self._group.attrs["layout"], int(ok.sum())), ok
+        return unpack_rows(raw[ok] if len(rows) else None, self._group.attrs["layout"], int(ok.sum())), ok
 
     def _read_raw(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(len(rows), width)`` bytes of ``rows`` and which of them verified; drops the others."""
@@ -415,7 +410,7 @@ class CacheEntry:
         want = self.dtypes
         arrays, dtypes = {}, {}
         for k, v in outputs.items():
-            arrays[k], dtypes[k] = _to_numpy(v, want.get(k))
+            arrays[k], dtypes[k] = to_numpy(v, want.get(k))
         b = len(tile_index)
         if any(a.shape[0] != b for a in arrays.values()):
             raise ValueError("every output needs one row per tile")
@@ -423,7 +418,7 @@ class CacheEntry:
             self._create(arrays, dtypes)
         if not self.added:
             self._note_wanted()
-        packed = _pack(arrays, self._group.attrs["layout"], b)
+        packed = pack_rows(arrays, self._group.attrs["layout"], b)
         start = self._next
         self._grow(start + b)
         self._write_data(start, packed)
@@ -627,57 +622,3 @@ def _index_from_table(table: np.ndarray, grid_shape: tuple[int, int]) -> np.ndar
     rows = np.nonzero(valid)[0]
     index[table[rows, 0], table[rows, 1]] = rows.astype(np.int32)
     return index
-
-
-def _to_numpy(v: Any, want: str | None = None) -> tuple[np.ndarray, str]:
-    """``(array to store, torch dtype name)``: float32 and float16 as they are, bfloat16 as its int16
-    bits (numpy has no bfloat16), so a cached output is bit for bit the one the encoder gave."""
-    if not hasattr(v, "detach"):
-        return np.ascontiguousarray(v, dtype=np.float32), "float32"
-    import torch
-
-    v = v.detach()
-    name = want or {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(v.dtype, "float32")
-    v = v.to(getattr(torch, name)).cpu().contiguous()
-    if name == "bfloat16":
-        return v.view(torch.int16).numpy(), name
-    return v.numpy(), name
-
-
-def _pack(arrays: dict[str, np.ndarray], layout: list, b: int) -> np.ndarray:
-    """``(b, bytes per tile)`` uint8 rows holding every output of ``layout`` side by side."""
-    if sorted(arrays) != sorted(item["name"] for item in layout):
-        raise ValueError(f"outputs {sorted(arrays)} differ from the stored {[item['name'] for item in layout]}")
-    rows = np.empty((b, sum(item["nbytes"] for item in layout)), np.uint8)
-    for item in layout:
-        a = arrays[item["name"]]
-        if list(a.shape[1:]) != item["shape"] or a.dtype.str != item["storage"]:
-            raise ValueError(
-                f"output {item['name']!r} is {a.dtype} {a.shape[1:]}, stored {item['storage']} {tuple(item['shape'])}"
-            )
-        rows[:, item["offset"] : item["offset"] + item["nbytes"]] = (
-            np.ascontiguousarray(a).reshape(b, -1).view(np.uint8)
-        )
-    return rows
-
-
-def _unpack(raw: np.ndarray | None, layout: list, b: int) -> dict[str, np.ndarray]:
-    out = {}
-    for item in layout:
-        dt = np.dtype(item["storage"])
-        if raw is None or b == 0:
-            out[item["name"]] = np.empty((0, *item["shape"]), dt)
-            continue
-        part = np.ascontiguousarray(raw[:, item["offset"] : item["offset"] + item["nbytes"]])
-        out[item["name"]] = part.view(dt).reshape(b, *item["shape"])
-    return out
-
-
-def as_tensor(a: np.ndarray, dtype_name: str, device: Any):
-    """A stored array back as the torch tensor the encoder gave (see :func:`_to_numpy`)."""
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if dtype_name == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t.to(device)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ResourceError
-from .cache_entry import as_tensor
+from .cache_rows import as_tensor
 from .embedding_cache import resolve_cache, weights_sha256
 
 log = logging.getLogger(__name__)
