@@ -101,3 +101,63 @@ def test_budget_lowers_the_learning_rate_step_by_step():
     assert trainer.current_epoch < 10_000 - 1, "stopped by the budget"
     lrs = model.lrs
     assert lrs[0] == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.05 and all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_step_budget_stops_at_its_step_and_runs_the_cosine_over_the_steps():
+    import lightning as L
+
+    from napari_pathfm.training.budget import StepBudget
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(8))
+            self.lrs = []
+
+        def training_step(self, batch, _i):
+            self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+            return (batch[0] * self.w).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8)), batch_size=8)
+
+    model = Tiny()
+    trainer = L.Trainer(
+        max_epochs=100,
+        callbacks=[StepBudget(37, cosine=True)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model)
+    assert trainer.global_step == 37 and len(model.lrs) == 37, "exactly the budgeted steps, mid-epoch"
+    # step k runs at base * budget_lr_factor(k / 37): the schedule depends on the step, not on the clock
+    assert model.lrs == pytest.approx([0.1 * budget_lr_factor(k / 37) for k in range(37)])
+    with pytest.raises(ValueError, match="positive whole number"):
+        StepBudget(0)
+
+
+def test_a_card_records_its_steps_and_step_budget_repeats_them(shared_data, tmp_path, monkeypatch):
+    """`pathfm train ... --set trainer.step_budget=N` stops at step N, and the card says how many steps
+    the run made: the number that repeats a CPU-budget run on another machine."""
+    from typer.testing import CliRunner
+
+    from napari_pathfm.cli import app
+
+    if not (shared_data / "crc-tiles" / "kather2016").is_dir():
+        pytest.skip("the Kather 2016 CRC tiles are not in the shared data")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "steps"
+    sets = ["trainer.step_budget=5", "trainer.max_epochs=50", "trainer.limit_val_batches=0"]
+    args = ["train", "classify/crc_tiny", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    batches = [e for e in events if e["event"] == "batch"]
+    assert len(batches) == 5 and "of 5 steps" in batches[-1]["message"]
+    card = json.loads((out / "model.json").read_text())
+    assert card["steps"] == 5 and card["recipe"]["trainer"]["step_budget"] == 5

@@ -97,7 +97,7 @@ class EngineCallback(L.Callback):
         if budget is None:
             return f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
         used = min(budget.spent, 1.0) * 100
-        return f"epoch {trainer.current_epoch + 1} ({used:.0f}% of {budget.seconds / 60:g} CPU-minutes)"
+        return f"epoch {trainer.current_epoch + 1} ({used:.0f}% of {budget.describe()})"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done, total = self._last = self._totals(trainer, batch_idx)
@@ -146,7 +146,7 @@ class EngineCallback(L.Callback):
 
 
 def _budget(trainer):
-    """The run's :class:`~.budget.CPUBudget`, or None when it trains for ``max_epochs``."""
-    from .budget import CPUBudget
+    """The run's :class:`~.budget.Budget` (CPU time or steps), or None when it trains for ``max_epochs``."""
+    from .budget import Budget
 
-    return next((c for c in trainer.callbacks if isinstance(c, CPUBudget)), None)
+    return next((c for c in trainer.callbacks if isinstance(c, Budget)), None)

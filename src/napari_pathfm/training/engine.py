@@ -33,7 +33,7 @@ from ..errors import RecipeError
 from ..families import get_family
 from ..models.checkpoint import save_checkpoint
 from ..models.weights import load_into, load_state_dict_file
-from .budget import CPUBudget
+from .budget import CPUBudget, StepBudget
 from .callbacks import EngineCallback, TrainEvent, floats
 from .recipes import Recipe, load_recipe
 
@@ -182,6 +182,20 @@ def run_recipe(
         raise
 
 
+def _budget(recipe: Recipe) -> list:
+    """The run's budget callback (``trainer.step_budget`` or ``trainer.cpu_budget_minutes``), if any.
+
+    A step budget wins over a CPU budget: it is how a recorded run is reproduced (``--set
+    trainer.step_budget=N`` on a recipe that names CPU-minutes), and one run has one schedule.
+    """
+    cosine, warmup = recipe.get("optim.scheduler") == "cosine", recipe.get("optim.warmup_fraction") or 0.0
+    if recipe.get("trainer.step_budget"):
+        return [StepBudget(recipe.get("trainer.step_budget"), cosine=cosine, warmup=warmup)]
+    if recipe.get("trainer.cpu_budget_minutes"):
+        return [CPUBudget(recipe.get("trainer.cpu_budget_minutes"), cosine=cosine, warmup=warmup)]
+    return []
+
+
 def _callbacks(recipe: Recipe, data, events: EngineCallback):
     """Engine callback, checkpoints and early stopping; returns ``(callbacks, exported checkpoint, stopper)``.
 
@@ -199,9 +213,7 @@ def _callbacks(recipe: Recipe, data, events: EngineCallback):
     last = ModelCheckpoint(
         dirpath=events.events_file.parent, filename="last", save_top_k=1, enable_version_counter=False
     )
-    budget = recipe.get("trainer.cpu_budget_minutes")
-    cosine, warmup = recipe.get("optim.scheduler") == "cosine", recipe.get("optim.warmup_fraction") or 0.0
-    first = [events] + ([CPUBudget(budget, cosine=cosine, warmup=warmup)] if budget else [])
+    first = [events, *_budget(recipe)]
     if not has_val:
         return [*first, last], last, None
     monitor, mode = es["monitor"], es["mode"]
@@ -303,6 +315,7 @@ def _run(
         "description": recipe.get("description"),
         "metrics": {"best": best, "last": last_metrics, "monitor": monitor},
         "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,  # optimizer steps: `--set trainer.step_budget=<steps>` repeats the run anywhere
         "recipe_file": str(recipe.path) if recipe.path else None,
         "recipe": recipe.config,
     }

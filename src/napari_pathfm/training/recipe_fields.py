@@ -59,7 +59,7 @@ SCHEMA: dict[str, Field] = {
     "optim.momentum": Field(_NUM, 0.9, "Momentum (SGD only)."),
     "optim.scheduler": Field((str,), "none", "Learning-rate schedule over max_epochs.", ("none", "cosine")),
     "optim.warmup_fraction": Field(
-        _NUM, 0.0, "With trainer.cpu_budget_minutes and cosine: share of the budget with a linear LR warm-up."
+        _NUM, 0.0, "With a CPU or step budget and cosine: share of the budget with a linear LR warm-up."
     ),
     "trainer.max_epochs": Field((int,), 10, "Epochs to train in total (a resumed run continues up to this)."),
     "trainer.batch_size": Field((int,), 32, "Images per batch (per device)."),
@@ -76,6 +76,12 @@ SCHEMA: dict[str, Field] = {
         None,
         "Stop after this much CPU time of the training process (all threads; other jobs do not count); "
         "with optim.scheduler cosine the schedule runs over the budget. max_epochs still caps the run.",
+    ),
+    "trainer.step_budget": Field(
+        (int, type(None)),
+        None,
+        "Stop after this many optimizer steps, the cosine schedule over them (wins over cpu_budget_minutes): "
+        "reproduces a CPU-budget run on any machine from the steps its card records. max_epochs still caps the run.",
     ),
     "trainer.limit_train_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of train batches per epoch."),
     "trainer.limit_val_batches": Field(_NUM, 1.0, "Fraction (float) or number (int) of validation batches."),
