@@ -28,8 +28,9 @@ setting there. The load average is printed with the table for that reason.
 
 Why the scaling ratio is measured twice: with one thread the model's work grows
 linearly (the input projection and the output mixing are row-wise; bags of 4 096
-patches and more are convolved in chunks of 256 with the S4D state carried between
-chunks, so the FFT length stays 512 instead of growing with the bag), but the wall-clock ratio
+patches and more run block by block: 4 096 patches are projected, convolved in chunks of 256 with
+the S4D state carried between chunks and blocks, mixed and scored while they are in cache, so the
+FFT length stays 512 and no (H, L) array is written and read back), but the wall-clock ratio
 moves with the other jobs on the machine: each size runs in its own process, minutes
 apart, and the 200k run (2.3 GB of working memory, memory-bound) loses more to a
 neighbour than the 50k run does. So the sizes alternate over ``--rounds`` rounds and

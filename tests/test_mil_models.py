@@ -194,6 +194,27 @@ def test_s4mil_blocked_inference_projection_matches_the_autograd_path():
         torch.testing.assert_close(model(x[1:])["logits"], reference[1:], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("multitask", [False, True])
+def test_s4mil_streams_long_bags_block_by_block_with_the_same_numbers(multitask):
+    """A long bag in inference runs projection, chunked S4D, mixing and scoring one block at a time,
+    the S4D state carried between blocks: the same logits and patch scores as the autograd path."""
+    torch.manual_seed(0)
+    model = create_model("s4mil", in_dim=40, d_model=24, d_state=8, multitask=multitask).eval()
+    model.s4.chunk_len = 32
+    model.s4.fft_block = 2 * 24 * 33 * 3  # two bags, three chunks per block: 1613 patches take 17 blocks
+    with torch.no_grad():
+        model.s4.kernel.log_dt.fill_(math.log(1e-3))  # slow decay: earlier blocks matter
+    x = torch.randn(2, 32 * 16 * 3 + 77, 40)
+    reference = {k: v.detach() for k, v in model(x).items()}
+    with torch.inference_mode():
+        assert model._streams(x) and not model._streams(x[:, :500])
+        assert model.s4.block_positions(2) == 96
+        out = model(x)
+    assert out.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(out[key], value, atol=1e-5, rtol=1e-4)
+
+
 def test_optimizer_groups_honour_the_s4d_hints():
     model = create_model("s4mil", in_dim=16, d_model=32)
     groups = optim_groups(model, lr=2e-4, weight_decay=1e-3)

@@ -170,13 +170,53 @@ class S4MIL(MILModel):
                 out[b, :, l0 : l0 + rows].copy_(z.t())
         return out
 
+    def _streams(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs block by block (:meth:`_forward_streaming`): inference without
+        autograd or autocast, float32 like the weights, on a bag long enough for the chunked S4D."""
+        fast = not (torch.is_grad_enabled() or self.training or torch.is_autocast_enabled(x.device.type))
+        return fast and x.dtype == self.norm.weight.dtype and x.shape[1] >= 16 * self.s4.chunk_len
+
+    @torch.no_grad()
+    def _forward_streaming(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled S4D outputs (B, H) and patch scores (B, C, L) of a long bag, a block at a time.
+
+        Each block of patches is projected, normalised, convolved (:meth:`S4D.conv_block`, the state
+        carried from the block before), mixed and scored while it is in cache, so the only arrays as
+        long as the bag are the input and the scores: nothing (H, L) is written and read back, which
+        made a 200 000-patch bag cost more per patch than a 50 000-patch one. Same numbers as
+        :meth:`hidden` followed by the pooling and the heads, to float rounding.
+        """
+        B, L, _ = x.shape
+        s4, lin, H = self.s4, self.fc1[0], self.norm.normalized_shape[0]
+        head = self.patch_head if self.patch_head is not None else self.classifier
+        P, T, tables = s4.block_positions(B), s4.chunk_len, s4.chunk_tables()
+        pooled = x.new_full((B, H), float("-inf"))
+        patch = x.new_empty(B, head.out_features, L)
+        buf, state = x.new_zeros(B, H, P), None
+        for l0 in range(0, L, P):
+            n = min(P, L - l0)
+            if n < P:
+                buf.zero_()  # the padding after the bag's end: causal, so it changes nothing before it
+            for b in range(B):
+                z = torch.addmm(lin.bias, x[b, l0 : l0 + n], lin.weight.t()).relu_()
+                buf[b, :, :n] = F.layer_norm(z, (H,), self.norm.weight, self.norm.bias, self.norm.eps).t()
+            y, state = s4.conv_block(buf[..., : -(-n // T) * T], state, tables)
+            y = s4._mix_inference(y)[..., :n]
+            torch.maximum(pooled, y.amax(-1), out=pooled)
+            patch[..., l0 : l0 + n] = torch.matmul(head.weight, y) + head.bias[:, None]
+        return pooled, patch
+
     def forward(self, x: torch.Tensor) -> dict:
         """Slide logits and patch scores for bags ``x`` (B, L, in_dim); see the module docstring."""
-        y = self.hidden(x)
-        logits = self.classifier(y.amax(-1))
         head = self.patch_head if self.patch_head is not None else self.classifier
-        # (C, H) @ (B, H, L) in the layout y already has: no (B, L, H) copy of a long bag
-        patch = (torch.matmul(head.weight, y) + head.bias[:, None]).transpose(1, 2)
+        if self._streams(self.check_input(x)):
+            pooled, patch = self._forward_streaming(x)
+            logits, patch = self.classifier(pooled), patch.transpose(1, 2)
+        else:
+            y = self.hidden(x)
+            logits = self.classifier(y.amax(-1))
+            # (C, H) @ (B, H, L) in the layout y already has: no (B, L, H) copy of a long bag
+            patch = (torch.matmul(head.weight, y) + head.bias[:, None]).transpose(1, 2)
         if self.patch_head is not None:
             return {"logits": logits, "patch_logits": patch, "patch_scores": patch}
         return {"logits": logits, "patch_scores": patch}

@@ -328,50 +328,85 @@ class S4D(nn.Module):
         return out
 
     @torch.no_grad()
-    def _conv_chunked(self, u: torch.Tensor) -> torch.Tensor:
-        """:meth:`_conv_inference` in chunks of ``T = chunk_len`` positions: time linear in ``L``.
+    def chunk_tables(self) -> tuple[torch.Tensor, ...]:
+        """What :meth:`conv_block` needs for chunks of ``T = chunk_len`` positions, computed once per bag.
 
-        The kernel is a sum of decaying exponentials (``z = exp(dtA)``), so what
-        position ``c·T + i`` receives from the chunks before its own is
-        ``2·Re Σ_n C̃_n z_n^i S_c[n]``, with the state ``S_c[n] = Σ_{s < cT} z_n^{cT-s} u_s``
-        and ``S_{c+1} = z^T·S_c + Σ_i z^{T-i} u_{cT+i}``. Each chunk is convolved with
-        the first ``T`` kernel taps by FFTs of fixed length ``2T``; the chunk sums
-        and the states' contributions are batched real matrix products with
-        ``(T, N)`` tables, and the states a scan over the chunks. Same output as
-        the full-length FFT to float rounding; the full FFT's ``L log L`` becomes
-        ``L (log T + N)``.
+        The kernel is a sum of decaying exponentials (``z = exp(dtA)``), so what position ``c·T + i``
+        receives from the chunks before its own is ``2·Re Σ_n C̃_n z_n^i S_c[n]``, with the state
+        ``S_c[n] = Σ_{s < cT} z_n^{cT-s} u_s`` and ``S_{c+1} = z^T·S_c + Σ_i z^{T-i} u_{cT+i}``.
+        Returns ``(z^T, w_in, w_out, k_f)``: ``w_in`` (H, T, 2M) gives a chunk's sums
+        ``Σ_i z^{T-i} u_i`` as real and imaginary parts, ``w_out`` (H, 2M, T) turns a state into
+        ``2·Re C̃ z^i S``, and ``k_f`` is the FFT (length ``2T``) of the first ``T`` kernel taps.
         """
-        B, H, L = u.shape
-        T, C = self.chunk_len, -(-L // self.chunk_len)
+        T = self.chunk_len
         dtA, Ct = self.kernel.discretize()
-        M = dtA.shape[1]
         z = _powers(dtA, T + 1)  # z^0 … z^T, (H, M, T + 1)
         z_out = (2 * Ct)[..., None] * z[..., :T]  # 2·C̃·z^i
         k_f = torch.fft.rfft(z_out.real.sum(1), n=2 * T)  # the first T kernel taps
         z_in = z[..., 1:].flip(-1)  # z^(T-i)
         w_in = torch.cat([z_in.real, z_in.imag], 1).transpose(1, 2)  # (H, T, 2M)
         w_out = torch.cat([z_out.real, -z_out.imag], 1)  # (H, 2M, T)
-        step = min(H, self._block(B, 2 * C * T))
-        blocks = [(s, min(H, s + step)) for s in range(0, H, step)]
+        return z[..., T], w_in, w_out, k_f
 
-        def chunks(s: int, e: int) -> torch.Tensor:
-            buf = u.new_zeros(B, e - s, C * T)
-            _copy_tiled(buf[..., :L], u[:, s:e])
-            return buf.view(B, e - s, C, T)
+    @torch.no_grad()
+    def conv_block(
+        self, u: torch.Tensor, state: torch.Tensor | None, tables: tuple, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``GELU(K * u + D·u)`` of one block of whole chunks, given the state the earlier blocks left.
 
-        sums = torch.cat([chunks(s, e) @ w_in[s:e] for s, e in blocks], 1)  # (B, H, C, 2M)
+        ``u`` is (B, H, P) with ``P`` a multiple of ``chunk_len`` (zero-pad the last block: the
+        convolution is causal, so padding changes nothing before it); ``state`` is the complex
+        (B, H, M) state before the block (None: the bag starts here); ``tables`` come from
+        :meth:`chunk_tables`. Returns the block's output (into ``out`` when given) and the state
+        after it, so a bag of any length is convolved block by block in memory of one block:
+        each chunk by FFTs of length ``2T``, the earlier chunks through the state, a batched real
+        matrix product each way and a scan over the block's chunks.
+        """
+        B, H, P = u.shape
+        T = self.chunk_len
+        if P % T:
+            raise ValueError(f"a block must hold whole chunks of {T} positions, got {P}")
+        z_T, w_in, w_out, k_f = tables
+        M, C = z_T.shape[-1], P // T
+        chunks = u.reshape(B, H, C, T)
+        sums = chunks @ w_in  # (B, H, C, 2M)
         sums = torch.complex(sums[..., :M], sums[..., M:])
-        state, z_T = torch.zeros_like(sums), z[..., T]
-        for c in range(1, C):
-            state[:, :, c] = state[:, :, c - 1] * z_T + sums[:, :, c - 1]
-        state = torch.cat([state.real, state.imag], -1)
-        out = u.new_empty(B, H, L)
-        for s, e in blocks:
-            f = torch.fft.rfft(chunks(s, e), n=2 * T).mul_(k_f[s:e, None])
-            y = torch.fft.irfft(f, n=2 * T)[..., :T] + state[:, s:e] @ w_out[s:e]
-            block = out[:, s:e]
-            torch.addcmul(y.reshape(B, e - s, C * T)[..., :L], u[:, s:e], self.D[s:e, None], out=block)
-            torch.ops.aten.gelu_(block)
+        states = torch.empty_like(sums)
+        prev = state if state is not None else torch.zeros_like(sums[:, :, 0])
+        for c in range(C):
+            states[:, :, c] = prev
+            prev = prev * z_T + sums[:, :, c]
+        f = torch.fft.rfft(chunks, n=2 * T).mul_(k_f[:, None])
+        y = torch.fft.irfft(f, n=2 * T)[..., :T] + torch.cat([states.real, states.imag], -1) @ w_out
+        out = u.new_empty(B, H, P) if out is None else out
+        torch.addcmul(y.reshape(B, H, P), u, self.D[:, None], out=out)
+        return torch.ops.aten.gelu_(out), prev
+
+    def block_positions(self, B: int) -> int:
+        """Positions per block of :meth:`conv_block` on the CPU: whole chunks whose FFTs fit the
+        ``fft_block`` budget (16 chunks of 256 at ``H = 512``), so a block stays in cache."""
+        per_chunk = B * self.d_model * (self.chunk_len + 1)
+        return self.chunk_len * max(1, self._budget() // per_chunk)
+
+    @torch.no_grad()
+    def _conv_chunked(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_conv_inference` block by block (:meth:`conv_block`): time linear in ``L``.
+
+        Same output as the full-length FFT to float rounding; the full FFT's ``L log L`` becomes
+        ``L (log T + N)``.
+        """
+        B, H, L = u.shape
+        tables, P = self.chunk_tables(), self.block_positions(B)
+        out, state = u.new_empty(B, H, L), None
+        buf = u.new_zeros(B, H, P)
+        for l0 in range(0, L, P):
+            n = min(P, L - l0)
+            if n < P:
+                buf.zero_()
+            _copy_tiled(buf[..., :n], u[..., l0 : l0 + n])
+            m = -(-n // self.chunk_len) * self.chunk_len
+            y, state = self.conv_block(buf[..., :m], state, tables)
+            out[..., l0 : l0 + n] = y[..., :n]
         return out
 
     @torch.no_grad()
