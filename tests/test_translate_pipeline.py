@@ -103,6 +103,24 @@ def test_one_tile_equals_the_bare_model_and_tiles_agree_with_it(lupi_checkpoint,
     assert np.abs(tiled.confidence[inner] - conf[inner]).mean() < 0.05
 
 
+def test_flips_average_the_model_over_the_four_flips_of_each_tile(lupi_checkpoint, isl_planes):
+    """translate_stack(flips=True): each tile predicted as it is, mirrored left-right, up-down and both,
+    each prediction mirrored back, the four averaged (channels and nuclei confidence)."""
+    from napari_pathfm.pipelines.translate import translate_stack
+
+    square = isl_planes[:, 600:824, 300:524]  # one 224 px tile, no padding: its flips are the field's flips
+    plain = translate_stack(square, lupi_checkpoint, tile=224, stride=224, device="cpu")
+    flipped = translate_stack(square, lupi_checkpoint, tile=224, stride=224, device="cpu", flips=True)
+    images, confs = [], []
+    for axes in ((), (1,), (0,), (0, 1)):
+        img, conf, _ = _bare(lupi_checkpoint, np.ascontiguousarray(np.flip(square, [a + 1 for a in axes])))
+        images.append(np.flip(img.astype(float), axes) if axes else img.astype(float))
+        confs.append(np.flip(conf, axes) if axes else conf)
+    assert np.abs(flipped.channels["DAPI"].astype(float) - np.mean(images, 0)).max() <= 1.0  # rounding aside
+    np.testing.assert_allclose(flipped.confidence, np.mean(confs, 0), atol=1e-5)
+    assert np.abs(flipped.confidence - plain.confidence).max() > 1e-3, "the flips changed the prediction"
+
+
 def test_constant_model_gives_a_seamless_constant_field(norm_card):
     from napari_pathfm.models import create_model
     from napari_pathfm.pipelines.translate import translate_stack

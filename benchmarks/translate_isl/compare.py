@@ -23,6 +23,13 @@ with what the recipe and budget say now (otherwise set aside as ``*.stale-<time>
     .venv/bin/python benchmarks/translate_isl/compare.py --targets DAPI --minutes 15
     .venv/bin/python benchmarks/translate_isl/compare.py --targets DAPI --models lupi,unet --minutes 30
     .venv/bin/python benchmarks/translate_isl/compare.py --score-only
+    .venv/bin/python benchmarks/translate_isl/compare.py --targets DAPI --models lupi,unet \
+        --steps-from benchmarks/translate_isl/results.json --flips --runs runs/translate_steps
+
+``--steps-from`` gives each model the steps it made in an earlier results file
+(``trainer.step_budget``, the cosine over the steps): that run's training lengths repeated on a
+machine of another speed. ``--flips`` scores every model with flip averaging (``pathfm
+evaluate-translation --flips``), and without it, side by side.
 
 Results: ``benchmarks/translate_isl/results.json`` and ``results.md``.
 """
@@ -68,13 +75,16 @@ def budget_sets(minutes: float) -> list[str]:
     ]
 
 
-def train(target: str, model: str, minutes: float, runs: Path, threads: int = 1) -> Path:
-    """Train one model of ``target`` (or reuse a finished run of the same recipe); its checkpoint."""
+def train(target: str, model: str, minutes: float, runs: Path, threads: int = 1, steps: int | None = None) -> Path:
+    """Train one model of ``target`` (or reuse a finished run of the same recipe); its checkpoint.
+
+    ``steps``: a step budget instead of the CPU budget (``trainer.step_budget`` wins over it).
+    """
     from napari_pathfm.training.recipes import load_recipe
     from napari_pathfm.training.runs import reusable_run
 
     recipe, extra = MODELS[target][model]
-    sets = budget_sets(minutes) + extra
+    sets = budget_sets(minutes) + extra + ([f"trainer.step_budget={steps}"] if steps else [])
     out = runs / target / model
     ckpt = out / "model.safetensors"
     if reusable_run(out, load_recipe(recipe, sets).config, label="translate"):
@@ -97,11 +107,16 @@ def _training(run: Path) -> dict:
         "epochs": card.get("epochs"),
         "steps": int(done[-1].get("step", 0)) if done else None,
         "cpu_budget_minutes": card.get("recipe", {}).get("trainer", {}).get("cpu_budget_minutes"),
+        "step_budget": card.get("recipe", {}).get("trainer", {}).get("step_budget"),
     }
 
 
-def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None = None) -> dict:
-    """Every trained model of each target on the validation rows, as ``pathfm evaluate-translation``."""
+def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None = None, flips: bool = False) -> dict:
+    """Every trained model of each target on the validation rows, as ``pathfm evaluate-translation``.
+
+    With ``flips``, each model is scored twice: as it is (``<model>``) and with flip averaging
+    (``<model>+flips``).
+    """
     from napari_pathfm.pipelines.translate_eval import evaluate_translation
 
     report = {"rows": list(ROWS), "targets": {}}
@@ -111,18 +126,24 @@ def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None =
             for m in MODELS[target]
             if (wanted is None or m in wanted) and (runs / target / m / "model.safetensors").is_file()
         ]
-        rows = evaluate_translation(
-            [runs / target / m / "model.safetensors" for m in models],
-            stack=stack,
-            target=target,
-            rows=ROWS,
-            tile=256,
-            device="cpu",
-        )
-        report["targets"][target] = {
-            m: {**{k: v for k, v in r.items() if k != "source"}, "training": _training(runs / target / m)}
-            for m, r in zip(models, rows)
-        }
+        report["targets"][target] = {}
+        for f in (False, True) if flips else (False,):
+            rows = evaluate_translation(
+                [runs / target / m / "model.safetensors" for m in models],
+                stack=stack,
+                target=target,
+                rows=ROWS,
+                tile=256,
+                device="cpu",
+                flips=f,
+            )
+            report["targets"][target] |= {
+                m + ("+flips" if f else ""): {
+                    **{k: v for k, v in r.items() if k != "source"},
+                    "training": _training(runs / target / m),
+                }
+                for m, r in zip(models, rows)
+            }
     return report
 
 
@@ -154,6 +175,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="training processes at a time (one per core)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--score-only", action="store_true")
+    ap.add_argument("--flips", action="store_true", help="also score every model with flip averaging")
+    ap.add_argument("--steps-from", help="results .json: train each model for the steps it made there")
     ap.add_argument("--out", default=str(HERE / "results"), help="results prefix (.json and .md)")
     args = ap.parse_args()
     shared = os.environ.get("PATHFM_SHARED_DATA")
@@ -167,10 +190,15 @@ def main() -> None:
         sys.exit(f"unknown model(s) for {', '.join(args.targets)}: {', '.join(sorted(unknown))}")
     if not args.score_only:
         jobs = [(t, m) for t in args.targets for m in MODELS[t] if m in wanted]
+        steps = {}
+        if args.steps_from:
+            earlier = json.loads(Path(args.steps_from).read_text(encoding="utf-8"))["targets"]
+            steps = {(t, m): earlier[t][m]["training"]["steps"] for t, m in jobs}
         with ThreadPoolExecutor(args.parallel) as pool:
-            for f in [pool.submit(train, t, m, args.minutes, runs, args.threads) for t, m in jobs]:
+            futures = [pool.submit(train, t, m, args.minutes, runs, args.threads, steps.get((t, m))) for t, m in jobs]
+            for f in futures:
                 f.result()
-    report = score(stack, runs, args.targets, wanted)
+    report = score(stack, runs, args.targets, wanted, args.flips)
     report["machine"] = {"cpus": os.cpu_count()}
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

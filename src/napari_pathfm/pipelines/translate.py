@@ -169,6 +169,7 @@ def translate_stack(
     device: str = "auto",
     threshold: float = 0.5,
     nuclei_mask: bool = True,
+    flips: bool = False,
     store: PathLike | None = None,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
@@ -193,6 +194,8 @@ def translate_stack(
         Confidence above which a pixel belongs to a nucleus (LUPI checkpoints).
     nuclei_mask : bool
         Label nuclei instances (confidence map or predicted nuclei channel).
+    flips : bool
+        Average each tile over its four flips (4x the compute; :class:`~.translate_tiles.Forward`).
     store : path, optional
         Zarr directory for the blending canvases and the results (created, atomically:
         a cancel leaves nothing). Default: memory, or a temporary directory for canvases
@@ -223,7 +226,7 @@ def translate_stack(
     """
     from ..device import resolve_device
 
-    o = TileOptions(tile, stride, batch_size)
+    o = TileOptions(tile, stride, batch_size, flips)
     planes = stack_array(stack)
     checkpoints = list(checkpoint) if isinstance(checkpoint, list) else [checkpoint]
     dev = resolve_device(device)
@@ -314,7 +317,8 @@ def _translate(
             result.messages.append(
                 f"checkpoint {label} has no input normalisation; each plane was scaled by its own min/max"
             )
-        run = BlendRun(Forward(model, dev), (H, W), (th, tw), root.group(f"canvas{k}") if root is not None else None)
+        group = root.group(f"canvas{k}") if root is not None else None
+        run = BlendRun(Forward(model, dev, o.flips), (H, W), (th, tw), group)
         report(progress, done, total, f"{label}: reading planes")
         for y, band in tile_bands(used, planes, ys, th, cancel):
             for x in xs:  # normalised per tile: a float32 band would be 2x the band's size, several times over

@@ -280,6 +280,7 @@ def evaluate_translation(
     stride: int | None = None,
     batch_size: int = 4,
     device: str = "auto",
+    flips: bool = False,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> list[dict]:
@@ -300,7 +301,7 @@ def evaluate_translation(
         nuclei channel, else its first).
     rows : (start, stop), optional
         Evaluate these rows only; checkpoints translate only these rows of the stack.
-    tile, stride, batch_size, device, progress, cancel
+    tile, stride, batch_size, device, flips, progress, cancel
         As :func:`~.translate.translate_stack`.
 
     Returns
@@ -340,6 +341,7 @@ def evaluate_translation(
                 batch_size=batch_size,
                 device=device,
                 nuclei_mask=False,
+                flips=flips,
                 progress=step,
                 cancel=cancel,
             )

@@ -24,6 +24,7 @@ from ..io.scratch import scratch_dir
 from ..progress import check_cancel
 
 __all__ = [
+    "FLIPS",
     "READ_ONCE_BYTES",
     "BlendRun",
     "CanvasStore",
@@ -44,11 +45,13 @@ READ_ONCE_BYTES = 1 << 30
 
 @dataclass
 class TileOptions:
-    """Tile side (a multiple of 16: the models pool 4 times), step (None: half a tile) and tiles per batch."""
+    """Tile side (a multiple of 16: the models pool 4 times), step (None: half a tile), tiles per batch,
+    and whether each tile is also predicted flipped (see :class:`Forward`)."""
 
     tile: int = 512
     stride: int | None = None
     batch_size: int = 4
+    flips: bool = False
 
     def __post_init__(self) -> None:
         if int(self.tile) % 16 or self.tile < 16:
@@ -124,21 +127,43 @@ def _read_once(data: Any, planes: list[int]) -> bool:
     return bool(single and nbytes <= READ_ONCE_BYTES)
 
 
-class Forward:
-    """The model call of one batch: float32 tiles in, numpy ``(N, C[+1], h, w)`` out."""
+#: The flips of :class:`Forward` with ``flips=True``: none, left-right, up-down, both (tensor dims).
+FLIPS = ((), (-1,), (-2,), (-2, -1))
 
-    def __init__(self, model: Any, device: str):
+
+class Forward:
+    """The model call of one batch: float32 tiles in, numpy ``(N, C[+1], h, w)`` out.
+
+    With ``flips``, each batch is also predicted flipped left-right, up-down and both, each
+    prediction flipped back, and the four averaged (for LUPI models the nuclei probabilities
+    too): 4x the compute for a prediction that depends less on which way the tissue lies,
+    as ``pathfm segment`` does for class maps.
+    """
+
+    def __init__(self, model: Any, device: str, flips: bool = False):
         import torch
 
         from ..device import autocast_dtype
 
-        self.torch, self.model, self.device = torch, model, device
+        self.torch, self.model, self.device, self.flips = torch, model, device, bool(flips)
         self.amp = autocast_dtype(device)
         self.has_mask: bool | None = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device)
+        total = None
+        for dims in FLIPS if self.flips else ((),):
+            out = self._once(x.flip(dims) if dims else x)
+            out = out.flip(dims) if dims else out
+            total = out if total is None else total.add_(out)
+        if self.flips:
+            total /= len(FLIPS)
+        return total.cpu().numpy()
+
+    def _once(self, x: Any) -> Any:
+        """One forward pass: the float32 channels (and the nuclei probability of LUPI models)."""
+        torch = self.torch
         with (
             torch.inference_mode(),
             torch.autocast(self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None),
@@ -146,11 +171,9 @@ class Forward:
             out = self.model(x)
         if isinstance(out, tuple) and hasattr(out, "mask_logits"):
             self.has_mask = True
-            out = torch.cat([out.image.float(), torch.sigmoid(out.mask_logits.float())], dim=1)
-        else:
-            self.has_mask = False
-            out = out.float()
-        return out.cpu().numpy()
+            return torch.cat([out.image.float(), torch.sigmoid(out.mask_logits.float())], dim=1)
+        self.has_mask = False
+        return out.float()
 
 
 class BlendRun:
