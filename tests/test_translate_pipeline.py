@@ -119,6 +119,29 @@ def test_flips_average_the_model_over_the_four_flips_of_each_tile(lupi_checkpoin
     assert np.abs(flipped.channels["DAPI"].astype(float) - np.mean(images, 0)).max() <= 1.0  # rounding aside
     np.testing.assert_allclose(flipped.confidence, np.mean(confs, 0), atol=1e-5)
     assert np.abs(flipped.confidence - plain.confidence).max() > 1e-3, "the flips changed the prediction"
+    # by default a checkpoint runs as its card says (`flips`), and the option overrides the card
+    from napari_pathfm.models import load_checkpoint
+
+    model, card = load_checkpoint(lupi_checkpoint)
+    by_card = translate_stack(square, (model, {**card, "flips": True}), tile=224, stride=224, device="cpu")
+    np.testing.assert_array_equal(by_card.confidence, flipped.confidence)
+    off = translate_stack(square, (model, {**card, "flips": True}), tile=224, stride=224, device="cpu", flips=False)
+    np.testing.assert_array_equal(off.confidence, plain.confidence)
+
+
+def test_flips_of_a_plain_output_model():
+    """A model that returns one tensor (the plain U-Net, the GAN generator): the same average."""
+    from napari_pathfm.pipelines.translate_tiles import Forward
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1).eval()
+    batch = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    x = torch.from_numpy(batch)
+    with torch.no_grad():
+        want = sum(conv(x.flip(d)).flip(d) if d else conv(x) for d in ((), (-1,), (-2,), (-2, -1))) / 4
+    got = Forward(conv, "cpu", flips=True)(batch)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+    assert not np.allclose(got, Forward(conv, "cpu")(batch), atol=1e-4)
 
 
 def test_constant_model_gives_a_seamless_constant_field(norm_card):

@@ -135,7 +135,7 @@ def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None =
                 rows=ROWS,
                 tile=256,
                 device="cpu",
-                flips=f,
+                flips=f,  # explicit: both ways whatever a card says
             )
             report["targets"][target] |= {
                 m + ("+flips" if f else ""): {

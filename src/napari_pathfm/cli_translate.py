@@ -65,7 +65,11 @@ def translate(
     batch_size: int = typer.Option(4, min=1, help="Tiles per forward pass"),
     threshold: float = typer.Option(0.5, min=0.0, max=1.0, help="Nuclei confidence threshold (LUPI checkpoints)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
-    flips: bool = typer.Option(False, help="Average each tile over its four flips (4x the compute)"),
+    flips: bool | None = typer.Option(
+        None,
+        "--flips/--no-flips",
+        help="Average each tile over its four flips, 4x the compute (default: as the card says)",
+    ),
 ) -> None:
     """Brightfield z-stack → fluorescence channels (HASTE), nuclei mask and confidence, as OME-TIFFs."""
     from .io.preflight import Output
@@ -108,7 +112,9 @@ def evaluate_translation_cmd(
     stride: int = typer.Option(256, help="Tile step for checkpoints"),
     batch_size: int = typer.Option(4, min=1, help="Tiles per forward pass"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, mps"),
-    flips: bool = typer.Option(False, help="Checkpoints average each tile over its four flips (as translate --flips)"),
+    flips: bool | None = typer.Option(
+        None, "--flips/--no-flips", help="Checkpoints average each tile over its four flips (default: as the card says)"
+    ),
 ) -> None:
     """Compare predicted stains with the real one: MAE/median, PSNR, SSIM, nuclei count/area/intensity/texture."""
     preflight([out], [*sources, stack, target if target and Path(target).exists() else None], folders([stack]))

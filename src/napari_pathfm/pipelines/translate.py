@@ -169,7 +169,7 @@ def translate_stack(
     device: str = "auto",
     threshold: float = 0.5,
     nuclei_mask: bool = True,
-    flips: bool = False,
+    flips: bool | None = None,
     store: PathLike | None = None,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
@@ -194,8 +194,8 @@ def translate_stack(
         Confidence above which a pixel belongs to a nucleus (LUPI checkpoints).
     nuclei_mask : bool
         Label nuclei instances (confidence map or predicted nuclei channel).
-    flips : bool
-        Average each tile over its four flips (4x the compute; :class:`~.translate_tiles.Forward`).
+    flips : bool, optional
+        Average each tile over its four flips (4x the compute); default: as each card says (``flips``).
     store : path, optional
         Zarr directory for the blending canvases and the results (created, atomically:
         a cancel leaves nothing). Default: memory, or a temporary directory for canvases
@@ -318,7 +318,7 @@ def _translate(
                 f"checkpoint {label} has no input normalisation; each plane was scaled by its own min/max"
             )
         group = root.group(f"canvas{k}") if root is not None else None
-        run = BlendRun(Forward(model, dev, o.flips), (H, W), (th, tw), group)
+        run = BlendRun(Forward(model, dev, o.flips_for(card)), (H, W), (th, tw), group)
         report(progress, done, total, f"{label}: reading planes")
         for y, band in tile_bands(used, planes, ys, th, cancel):
             for x in xs:  # normalised per tile: a float32 band would be 2x the band's size, several times over

@@ -280,7 +280,7 @@ def evaluate_translation(
     stride: int | None = None,
     batch_size: int = 4,
     device: str = "auto",
-    flips: bool = False,
+    flips: bool | None = None,
     progress: Callable[..., Any] | None = None,
     cancel: Any = None,
 ) -> list[dict]:

@@ -46,12 +46,16 @@ READ_ONCE_BYTES = 1 << 30
 @dataclass
 class TileOptions:
     """Tile side (a multiple of 16: the models pool 4 times), step (None: half a tile), tiles per batch,
-    and whether each tile is also predicted flipped (see :class:`Forward`)."""
+    and whether each tile is also predicted flipped (see :class:`Forward`; None: as each card says)."""
 
     tile: int = 512
     stride: int | None = None
     batch_size: int = 4
-    flips: bool = False
+    flips: bool | None = None
+
+    def flips_for(self, card: dict) -> bool:
+        """Flip averaging for a checkpoint: the option when given, else the card's ``flips`` (default off)."""
+        return bool(card.get("flips", False)) if self.flips is None else bool(self.flips)
 
     def __post_init__(self) -> None:
         if int(self.tile) % 16 or self.tile < 16:
@@ -153,21 +157,19 @@ class Forward:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device)
         total = None
-        for dims in FLIPS if self.flips else ((),):
-            out = self._once(x.flip(dims) if dims else x)
-            out = out.flip(dims) if dims else out
-            total = out if total is None else total.add_(out)
-        if self.flips:
-            total /= len(FLIPS)
+        with torch.inference_mode():
+            for dims in FLIPS if self.flips else ((),):
+                out = self._once(x.flip(dims) if dims else x)
+                out = out.flip(dims) if dims else out
+                total = out if total is None else total.add_(out)
+            if self.flips:
+                total /= len(FLIPS)
         return total.cpu().numpy()
 
     def _once(self, x: Any) -> Any:
         """One forward pass: the float32 channels (and the nuclei probability of LUPI models)."""
         torch = self.torch
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None),
-        ):
+        with torch.autocast(self.device.split(":")[0], dtype=self.amp, enabled=self.amp is not None):
             out = self.model(x)
         if isinstance(out, tuple) and hasattr(out, "mask_logits"):
             self.has_mask = True
