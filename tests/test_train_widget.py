@@ -101,6 +101,9 @@ def test_stop_resume_plot_runs_list_and_new_checkpoint_listed(panel, qtbot):
     try:
         before = len(notification_manager.records)
         panel.form.set_value("trainer.max_epochs", 50)
+        # no early stopping (patience 10): on a busy machine the dock may read the first epoch's event only
+        # after a dozen fast epochs, and the run must still be going when Stop is pressed
+        panel.extra.setText("trainer.early_stopping.enabled=false")
         panel.start()
         qtbot.waitUntil(lambda: any(e.get("event") == "epoch" for e in panel.events), timeout=90_000)
         assert panel.runs.select(out).state == "running"
