@@ -161,9 +161,9 @@ class Forward:
             for dims in FLIPS if self.flips else ((),):
                 out = self._once(x.flip(dims) if dims else x)
                 out = out.flip(dims) if dims else out
-                total = out if total is None else total.add_(out)
+                total = out if total is None else total + out  # not in place: ``out`` may share storage
             if self.flips:
-                total /= len(FLIPS)
+                total = total / len(FLIPS)
         return total.cpu().numpy()
 
     def _once(self, x: Any) -> Any:
