@@ -180,7 +180,7 @@ class S4MIL(MILModel):
     def _forward_streaming(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled S4D outputs (B, H) and patch scores (B, C, L) of a long bag, a block at a time.
 
-        Each block of patches is projected, normalised, convolved (:meth:`S4D.conv_block`, the state
+        Each block of patches is projected, normalised, convolved (:meth:`S4D.stream`, the state
         carried from the block before), mixed and scored while it is in cache, so the only arrays as
         long as the bag are the input and the scores: nothing (H, L) is written and read back, which
         made a 200 000-patch bag cost more per patch than a 50 000-patch one. Same numbers as
@@ -189,18 +189,15 @@ class S4MIL(MILModel):
         B, L, _ = x.shape
         s4, lin, H = self.s4, self.fc1[0], self.norm.normalized_shape[0]
         head = self.patch_head if self.patch_head is not None else self.classifier
-        P, T, tables = s4.block_positions(B), s4.chunk_len, s4.chunk_tables()
         pooled = x.new_full((B, H), float("-inf"))
         patch = x.new_empty(B, head.out_features, L)
-        buf, state = x.new_zeros(B, H, P), None
-        for l0 in range(0, L, P):
-            n = min(P, L - l0)
-            if n < P:
-                buf.zero_()  # the padding after the bag's end: causal, so it changes nothing before it
+
+        def project(dst: torch.Tensor, l0: int, n: int) -> None:
             for b in range(B):
                 z = torch.addmm(lin.bias, x[b, l0 : l0 + n], lin.weight.t()).relu_()
-                buf[b, :, :n] = F.layer_norm(z, (H,), self.norm.weight, self.norm.bias, self.norm.eps).t()
-            y, state = s4.conv_block(buf[..., : -(-n // T) * T], state, tables)
+                dst[b] = F.layer_norm(z, (H,), self.norm.weight, self.norm.bias, self.norm.eps).t()
+
+        for l0, n, y in s4.stream(B, L, project, x):
             y = s4._mix_inference(y)[..., :n]
             torch.maximum(pooled, y.amax(-1), out=pooled)
             patch[..., l0 : l0 + n] = torch.matmul(head.weight, y) + head.bias[:, None]

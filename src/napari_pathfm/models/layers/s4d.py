@@ -350,14 +350,14 @@ class S4D(nn.Module):
 
     @torch.no_grad()
     def conv_block(
-        self, u: torch.Tensor, state: torch.Tensor | None, tables: tuple, out: torch.Tensor | None = None
+        self, u: torch.Tensor, state: torch.Tensor | None, tables: tuple
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``GELU(K * u + D·u)`` of one block of whole chunks, given the state the earlier blocks left.
 
         ``u`` is (B, H, P) with ``P`` a multiple of ``chunk_len`` (zero-pad the last block: the
         convolution is causal, so padding changes nothing before it); ``state`` is the complex
         (B, H, M) state before the block (None: the bag starts here); ``tables`` come from
-        :meth:`chunk_tables`. Returns the block's output (into ``out`` when given) and the state
+        :meth:`chunk_tables`. Returns the block's output and the state
         after it, so a bag of any length is convolved block by block in memory of one block:
         each chunk by FFTs of length ``2T``, the earlier chunks through the state, a batched real
         matrix product each way and a scan over the block's chunks.
@@ -378,7 +378,7 @@ class S4D(nn.Module):
             prev = prev * z_T + sums[:, :, c]
         f = torch.fft.rfft(chunks, n=2 * T).mul_(k_f[:, None])
         y = torch.fft.irfft(f, n=2 * T)[..., :T] + torch.cat([states.real, states.imag], -1) @ w_out
-        out = u.new_empty(B, H, P) if out is None else out
+        out = u.new_empty(B, H, P)
         torch.addcmul(y.reshape(B, H, P), u, self.D[:, None], out=out)
         return torch.ops.aten.gelu_(out), prev
 
@@ -389,23 +389,36 @@ class S4D(nn.Module):
         return self.chunk_len * max(1, self._budget() // per_chunk)
 
     @torch.no_grad()
+    def stream(self, B: int, L: int, fill, like: torch.Tensor):
+        """Convolve an ``L``-position input block by block; yield ``(l0, n, y)`` per block.
+
+        ``fill(dst, l0, n)`` writes positions ``l0 … l0 + n`` of the input into ``dst`` (B, H, n),
+        so a caller can produce the input block by block too (S4 MIL projects its patches there).
+        ``y`` is the block's output, (B, H, n) valid positions followed by the zero padding's; the
+        state passes from block to block and the tables are made once. ``like`` gives the dtype
+        and device of the buffers.
+        """
+        T, P = self.chunk_len, self.block_positions(B)
+        tables, state = self.chunk_tables(), None
+        buf = like.new_zeros(B, self.d_model, P)
+        for l0 in range(0, L, P):
+            n = min(P, L - l0)
+            if n < P:
+                buf.zero_()  # the padding after the end: causal, so it changes nothing before it
+            fill(buf[..., :n], l0, n)
+            y, state = self.conv_block(buf[..., : -(-n // T) * T], state, tables)
+            yield l0, n, y
+
+    @torch.no_grad()
     def _conv_chunked(self, u: torch.Tensor) -> torch.Tensor:
-        """:meth:`_conv_inference` block by block (:meth:`conv_block`): time linear in ``L``.
+        """:meth:`_conv_inference` block by block (:meth:`stream`): time linear in ``L``.
 
         Same output as the full-length FFT to float rounding; the full FFT's ``L log L`` becomes
         ``L (log T + N)``.
         """
         B, H, L = u.shape
-        tables, P = self.chunk_tables(), self.block_positions(B)
-        out, state = u.new_empty(B, H, L), None
-        buf = u.new_zeros(B, H, P)
-        for l0 in range(0, L, P):
-            n = min(P, L - l0)
-            if n < P:
-                buf.zero_()
-            _copy_tiled(buf[..., :n], u[..., l0 : l0 + n])
-            m = -(-n // self.chunk_len) * self.chunk_len
-            y, state = self.conv_block(buf[..., :m], state, tables)
+        out = u.new_empty(B, H, L)
+        for l0, n, y in self.stream(B, L, lambda dst, l0, n: _copy_tiled(dst, u[..., l0 : l0 + n]), u):
             out[..., l0 : l0 + n] = y[..., :n]
         return out
 
