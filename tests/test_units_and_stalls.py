@@ -138,8 +138,9 @@ def test_zstack_shown_plane_is_decoded_once(tmp_path):
     if not ZSTACK.exists():
         pytest.skip("ISL z-stack not in shared data")
     from napari_pathfm.io import zstack
+    from napari_pathfm.io.zstack_layers import zstack_layer_data
 
-    layers = zstack.zstack_layer_data(ZSTACK)
+    layers = zstack_layer_data(ZSTACK)
     data = layers[0][0]
     calls = []
     original = zstack._decode

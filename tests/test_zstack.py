@@ -25,7 +25,8 @@ from napari_pathfm.io.normalize import (
     normalize_minmax,
     normalize_percentile,
 )
-from napari_pathfm.io.zstack import get_zstack_reader, looks_like_zstack, open_zstack, zstack_layer_data
+from napari_pathfm.io.zstack import looks_like_zstack, open_zstack
+from napari_pathfm.io.zstack_layers import get_zstack_reader, zstack_layer_data
 from napari_pathfm.io.zstack_naming import parse_plane_name
 
 HASTE_PREFIX = "AssayPlate_Greiner_#655090"

@@ -113,7 +113,7 @@ def read_slide(path: str | list[str]) -> list[LayerData]:
 
 
 def read_zstack(path: str | list[str]) -> list[LayerData]:
-    from .io.zstack import zstack_layer_data
+    from .io.zstack_layers import zstack_layer_data
 
     if isinstance(path, (list, tuple)):
         path = path[0]

@@ -163,7 +163,7 @@ def build_translate_viewer(*, show: bool = False):
     import napari
     import tifffile
 
-    from .io.zstack import TARGET_COLORMAPS, estimate_contrast_limits, zstack_layer_data
+    from .io.zstack_layers import TARGET_COLORMAPS, estimate_contrast_limits, zstack_layer_data
     from .widgets.translate_widget import TranslateWidget
 
     stack_path, targets_path = demo_zstack_paths()

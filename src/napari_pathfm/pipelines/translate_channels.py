@@ -82,7 +82,7 @@ def channel_colormaps(channels: Sequence[tuple[str, str]]) -> dict[str, str]:
     >>> channel_colormaps([("DAPI", "nuclei"), ("MAP2", "map2"), ("NFH", "nfh"), ("GFAP", "GFAP")])
     {'DAPI': 'blue', 'MAP2': 'magenta', 'NFH': 'green', 'GFAP': 'cyan'}
     """
-    from ..io.zstack import TARGET_COLORMAPS
+    from ..io.zstack_layers import TARGET_COLORMAPS
 
     out: dict[str, str] = {}
     for name, role in channels:
