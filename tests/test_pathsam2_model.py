@@ -109,6 +109,15 @@ def test_sam2_alone_without_uni():
     assert model.uni is None and model(torch.zeros(1, 3, 64, 64))["logits"].shape == (1, 3, 64, 64)
 
 
+def test_hiera_mini_preset_is_a_wider_deeper_trunk_with_the_same_strides():
+    """``hiera_mini`` (the bigger CPU preset; benchmarks/segment_glas/levers.md) builds and keeps micro's strides."""
+    mini, micro = small(encoder="hiera_mini", uni=None, high_res=True), small(uni=None)
+    assert [f["num_chs"] for f in mini.trunk.feature_info] == [64, 128, 256, 512]
+    assert [f["reduction"] for f in mini.trunk.feature_info] == [f["reduction"] for f in micro.trunk.feature_info]
+    assert len(mini.trunk.blocks) == 9 and len(micro.trunk.blocks) == 5
+    assert mini(torch.zeros(1, 3, 64, 64))["logits"].shape == (1, 3, 64, 64)
+
+
 def test_paper_configuration_builds_with_frozen_foundation_encoders():
     model = create_model("pathsam2", num_classes=2)
     total = sum(p.numel() for p in model.parameters())

@@ -53,17 +53,20 @@ def folds(names: list[str], k: int = K) -> list[list[str]]:
     return [[n for n in names if fold_of(n, k) == f] for f in range(k)]
 
 
-def train_fold(model: str, fold: int, held_out: list[str], runs: Path, threads: int = 1) -> Path:
-    """Train ``model``'s recipe without ``held_out``; the fold's checkpoint. A finished fold is reused
-    only when it was trained with the recipe as it is now; otherwise its folder is set aside
-    (renamed ``*.stale-<time>``) and the fold is trained again."""
+def train_fold(
+    model: str, fold: int, held_out: list[str], runs: Path, threads: int = 1, extra: tuple[str, ...] = ()
+) -> Path:
+    """Train ``model``'s recipe without ``held_out``; the fold's checkpoint. ``extra``: more recipe
+    ``--set`` overrides (a candidate change to test before it goes into the recipe). A finished fold is
+    reused only when it was trained with the recipe as it is now (overrides included); otherwise its
+    folder is set aside (renamed ``*.stale-<time>``) and the fold is trained again."""
     from napari_pathfm.training.recipes import load_recipe
     from napari_pathfm.training.runs import reusable_run
 
     out = runs / model / f"fold_{fold}"
     ckpt = out / "model.safetensors"
     names = "[" + ", ".join(held_out) + "]"
-    sets = [f"data.val_names={names}", "trainer.limit_val_batches=0"]
+    sets = [f"data.val_names={names}", "trainer.limit_val_batches=0", *extra]
     if reusable_run(out, load_recipe(MODELS[model], sets).config, label="cv"):
         return ckpt
     cmd = [sys.executable, "-m", "napari_pathfm.cli", "train", MODELS[model], "--out", str(out)]
@@ -99,7 +102,17 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="training processes at a time (one per core)")
     ap.add_argument("--final", action="store_true", help="also train the bundled model on every image first")
     ap.add_argument("--out", default=str(HERE / "cv_results"), help="results prefix (.json and .md)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for the Path-SAM2 trainings only (repeat; e.g. data.input_mpp=0.62): a candidate change",
+    )
     args = ap.parse_args()
+    if args.final and args.sets:
+        sys.exit("--final trains the recipe as it is: put a --set change into the recipe first")
     shared = os.environ.get("PATHFM_SHARED_DATA")
     root = Path(args.root or (Path(shared) / "glas" / "train" if shared else ""))
     if not (root / "images").is_dir():
@@ -115,7 +128,8 @@ def main() -> None:
             futures = (
                 [pool.submit(train_final, runs.parent / "pathsam2_glas_cpu_final", args.threads)] if args.final else []
             )
-            futures += [pool.submit(train_fold, m, f, split[f], runs, args.threads) for m, f in jobs]
+            extra = {"pathsam2": tuple(args.sets)}
+            futures += [pool.submit(train_fold, m, f, split[f], runs, args.threads, extra.get(m, ())) for m, f in jobs]
             for done in futures:
                 done.result()
     if args.train_only:
