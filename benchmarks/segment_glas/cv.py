@@ -24,6 +24,9 @@ with the recipe as it is now (otherwise it is set aside and trained again), so a
     .venv/bin/python benchmarks/segment_glas/cv.py                 # train what is missing, then score
     .venv/bin/python benchmarks/segment_glas/cv.py --score-only    # score the folds trained so far
     .venv/bin/python benchmarks/segment_glas/cv.py --folds 0 1     # only these folds
+    .venv/bin/python benchmarks/segment_glas/cv.py --runs runs/segment_cv_full --set data.input_mpp=0.62
+
+(``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in.)
 
 Results: ``benchmarks/segment_glas/cv_results.json`` and ``cv_results.md`` (the table in the docs).
 """
