@@ -8,7 +8,7 @@ different shape or dtype with a :class:`~napari_pathfm.errors.ZStackError` that
 names the file and the fix.
 
 Also here: :func:`looks_like_zstack` (cheap, never raises), what napari's reader asks
-first; the layers it then makes are :mod:`napari_pathfm.io.zstack_layers`'.
+first; the napari layers it then makes come from :mod:`napari_pathfm.io.zstack_layers`.
 """
 
 from __future__ import annotations
