@@ -24,7 +24,7 @@ with the recipe as it is now (otherwise it is set aside and trained again), so a
     .venv/bin/python benchmarks/segment_glas/cv.py                 # train what is missing, then score
     .venv/bin/python benchmarks/segment_glas/cv.py --score-only    # score the folds trained so far
     .venv/bin/python benchmarks/segment_glas/cv.py --folds 0 1     # only these folds
-    .venv/bin/python benchmarks/segment_glas/cv.py --runs runs/segment_cv_full --set data.input_mpp=0.62
+    .venv/bin/python benchmarks/segment_glas/cv.py --runs runs/cv_x --set data.input_mpp=0.62 --out runs/cv_x/results
 
 (``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in.)
 
@@ -116,6 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.final and args.sets:
         sys.exit("--final trains the recipe as it is: put a --set change into the recipe first")
+    if args.sets and Path(args.out) == HERE / "cv_results":
+        sys.exit("--set scores a candidate, not the recipe: give --out so the recipe's cv_results stay as they are")
     shared = os.environ.get("PATHFM_SHARED_DATA")
     root = Path(args.root or (Path(shared) / "glas" / "train" if shared else ""))
     if not (root / "images").is_dir():
@@ -131,8 +133,10 @@ def main() -> None:
             futures = (
                 [pool.submit(train_final, runs.parent / "pathsam2_glas_cpu_final", args.threads)] if args.final else []
             )
-            extra = {"pathsam2": tuple(args.sets)}
-            futures += [pool.submit(train_fold, m, f, split[f], runs, args.threads, extra.get(m, ())) for m, f in jobs]
+            futures += [
+                pool.submit(train_fold, m, f, split[f], runs, args.threads, tuple(args.sets) if m == "pathsam2" else ())
+                for m, f in jobs
+            ]
             for done in futures:
                 done.result()
     if args.train_only:
@@ -141,6 +145,7 @@ def main() -> None:
     from cv_score import score_runs, write_report
 
     report = score_runs(root, runs, split, args.models, args.folds)
+    report["pathsam2_overrides"] = args.sets  # the candidate change, if any (--set)
     write_report(report, Path(args.out))
 
 

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 # Small Hiera for CPU training and tests. hiera_micro: 4 stages of 1-1-2-1 blocks, 32→256 channels;
-# hiera_mini: 1-2-5-1 blocks, 64→512 channels (about 3.4x micro's cost per step, a third of SAM2-tiny's).
+# hiera_mini: 1-2-5-1 blocks, 64→512 channels (about 4x micro's cost per training step, 2/5 of SAM2-tiny's).
 HIERA_PRESETS = {
     "hiera_micro": dict(embed_dim=32, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,), global_pos_size=(7, 7)),
     "hiera_mini": dict(
