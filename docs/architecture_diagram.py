@@ -29,7 +29,7 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cli": (
         (
             "cli.py + subcommands<br/>cli, demo, info, cli_cache, cli_recipes, cli_models, cli_prompt, "
-            "cli_mil, cli_histokt, cli_translate, cli_common"
+            "cli_mil, cli_histokt, cli_translate, cli_segment, cli_common"
         ),
         (
             "cli",
@@ -42,6 +42,7 @@ BOXES: dict[str, tuple[str, tuple[str, ...]]] = {
             "cli_mil",
             "cli_histokt",
             "cli_translate",
+            "cli_segment",
             "cli_common",
         ),
     ),

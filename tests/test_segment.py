@@ -116,6 +116,48 @@ def test_blended_class_map_is_the_per_pixel_answer_on_tissue_tiles(cmu_small, cm
     assert kw["metadata"]["classes"] == {0: "background", 1: "class 1"}
 
 
+class RightBias(ColourThreshold):
+    """ColourThreshold plus a ramp across each tile that favours class 1 towards its right edge: a
+    model whose answer depends on which way the tile lies. The ramp is odd about the tile's middle,
+    so averaged over the tile's flips it cancels and ColourThreshold's exact answer is left."""
+
+    def forward(self, x):
+        logits = super().forward(x)["logits"]
+        ramp = torch.linspace(-60.0, 60.0, x.shape[-1])
+        return {"logits": torch.cat([logits[:, :1], logits[:, 1:] + ramp], 1)}
+
+
+def test_flips_average_each_tile_over_its_mirror_images(cmu_small, cmu_rgb, pathsam2_checkpoint, glas_image, tmp_path):
+    """segment_slide(flips=True): every tile is run as it is and mirrored left-right, up-down and both,
+    each output mirrored back before the four are averaged, so the ramp cancels exactly; by default
+    the model card's ``flips`` decides; a flips run neither reads nor fills the embedding cache."""
+    from napari_pathfm.pipelines.segment import segment_slide
+
+    plain = segment_slide(cmu_small, RightBias(), device="cpu")
+    flipped = segment_slide(cmu_small, RightBias(), device="cpu", flips=True)
+    expected = np.where(covered_by_tiles(flipped.grid), per_pixel_answer(cmu_rgb), 0)
+    np.testing.assert_array_equal(flipped.labels, expected)
+    assert (plain.labels != expected).mean() > 0.01, "without flips the ramp shows"
+    assert flipped.flips and flipped.summary()["flips"] and not plain.summary()["flips"]
+    by_card = segment_slide(cmu_small, (RightBias(), {"flips": True}), device="cpu")
+    np.testing.assert_array_equal(by_card.labels, flipped.labels)
+    off = segment_slide(cmu_small, (RightBias(), {"flips": True}), device="cpu", flips=False)
+    np.testing.assert_array_equal(off.labels, plain.labels)
+
+    # Path-SAM2 has the cache protocol: with flips it runs through forward and the cache stays empty
+    cache = tmp_path / "cache"
+    res = runner.invoke(
+        app,
+        ["segment", str(glas_image), "-o", str(tmp_path / "m.ome.tif"), "-c", str(pathsam2_checkpoint)]
+        + ["--image-mpp", "0.62", "--flips", "--no-objects"],
+        env={"PATHFM_CACHE_DIR": str(cache)},
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{") :])
+    assert summary["flips"] is True and summary["cache"]["tiles_encoded"] == 0, summary
+    assert not cache.exists() or not any(cache.rglob("*")), "a flips run stores no embeddings"
+
+
 @pytest.fixture(scope="module")
 def coarse_result(cmu_small):
     """The colour model at 1 µm/px on a 0.499 µm/px slide: logits are upsampled ~2x to level 0."""

@@ -24,6 +24,7 @@ with the recipe as it is now (otherwise it is set aside and trained again), so a
     .venv/bin/python benchmarks/segment_glas/cv.py                 # train what is missing, then score
     .venv/bin/python benchmarks/segment_glas/cv.py --score-only    # score the folds trained so far
     .venv/bin/python benchmarks/segment_glas/cv.py --folds 0 1     # only these folds
+    .venv/bin/python benchmarks/segment_glas/cv.py --score-only --flips --out runs/cv_flips  # test-time flips
     .venv/bin/python benchmarks/segment_glas/cv.py --runs runs/cv_x --set data.input_mpp=0.62 --out runs/cv_x/results
 
 (``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in.)
@@ -106,6 +107,12 @@ def main() -> None:
     ap.add_argument("--final", action="store_true", help="also train the bundled model on every image first")
     ap.add_argument("--out", default=str(HERE / "cv_results"), help="results prefix (.json and .md)")
     ap.add_argument(
+        "--flips",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score every model with (or without) test-time flips, as segment --flips/--no-flips (default: each card's)",
+    )
+    ap.add_argument(
         "--set",
         dest="sets",
         action="append",
@@ -116,8 +123,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.final and args.sets:
         sys.exit("--final trains the recipe as it is: put a --set change into the recipe first")
-    if args.sets and Path(args.out) == HERE / "cv_results":
-        sys.exit("--set scores a candidate, not the recipe: give --out so the recipe's cv_results stay as they are")
+    if (args.sets or args.flips is not None) and Path(args.out) == HERE / "cv_results":
+        sys.exit(
+            "--set/--flips score a candidate, not the recipe: give --out so the recipe's cv_results stay as they are"
+        )
     shared = os.environ.get("PATHFM_SHARED_DATA")
     root = Path(args.root or (Path(shared) / "glas" / "train" if shared else ""))
     if not (root / "images").is_dir():
@@ -144,8 +153,9 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from cv_score import score_runs, write_report
 
-    report = score_runs(root, runs, split, args.models, args.folds)
+    report = score_runs(root, runs, split, args.models, args.folds, flips=args.flips)
     report["pathsam2_overrides"] = args.sets  # the candidate change, if any (--set)
+    report["flips"] = args.flips  # None: each card's (the training rows say what was used)
     write_report(report, Path(args.out))
 
 

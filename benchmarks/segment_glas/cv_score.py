@@ -62,25 +62,28 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "n": n, "folds": v}
 
 
-def _predict(checkpoint: Path, image: Path) -> np.ndarray:
+def _predict(checkpoint: Path, image: Path, flips: bool) -> np.ndarray:
     from napari_pathfm.pipelines.segment import segment_slide
 
-    res = segment_slide(image, str(checkpoint), image_mpp=GLAS_MPP, cache=False, objects=False, device="cpu")
+    res = segment_slide(
+        image, str(checkpoint), image_mpp=GLAS_MPP, cache=False, objects=False, device="cpu", flips=flips
+    )
     return np.asarray(res.labels).astype(np.uint8)  # the class map: a contour model's objects need its classes
 
 
-def predictions(run: Path, images: dict[str, Path]) -> dict[str, np.ndarray]:
-    """The fold model's class maps of its held-out images, kept in ``<run>/heldout.npz`` for the
-    checkpoint they were made with (its sha256), so scoring again does not segment again."""
+def predictions(run: Path, images: dict[str, Path], flips: bool = False) -> dict[str, np.ndarray]:
+    """The fold model's class maps of its held-out images, kept in ``<run>/heldout.npz`` (with test-time
+    flips: ``heldout_flips.npz``) for the checkpoint they were made with (its sha256), so scoring
+    again does not segment again."""
     from napari_pathfm.models.checkpoint import read_card
 
     sha = read_card(run / "model.json").get("sha256")
-    kept = run / "heldout.npz"
+    kept = run / ("heldout_flips.npz" if flips else "heldout.npz")
     if kept.is_file():
         with np.load(kept) as z:
             if str(z["sha256"]) == sha and set(images) <= set(z.files):
                 return {n: z[n] for n in images}
-    out = {n: _predict(run / "model.safetensors", p) for n, p in images.items()}
+    out = {n: _predict(run / "model.safetensors", p, flips) for n, p in images.items()}
     np.savez_compressed(kept, sha256=np.array(sha), **out)
     return out
 
@@ -100,8 +103,12 @@ def _fold_training(run: Path) -> dict:
     }
 
 
-def score_runs(root: Path, runs: Path, split: list[list[str]], models: list[str], fold_ids: list[int]) -> dict:
-    """Score every trained fold of every model; the report :func:`write_report` writes."""
+def score_runs(
+    root: Path, runs: Path, split: list[list[str]], models: list[str], fold_ids: list[int], flips: bool | None = None
+) -> dict:
+    """Score every trained fold of every model; the report :func:`write_report` writes. ``flips``: predict
+    with test-time flips or without (``pathfm segment --flips/--no-flips``) for every model alike;
+    None: as each model's card says, as the segment command does."""
     from napari_pathfm.instances import object_options, separate, split_objects
     from napari_pathfm.models.checkpoint import read_card
     from napari_pathfm.training.segment_data import find_pairs, mask_to_classes, read_mask
@@ -119,9 +126,11 @@ def score_runs(root: Path, runs: Path, split: list[list[str]], models: list[str]
                 print(f"[cv] {model} fold {f}: not trained yet, left out")
                 continue
             t0 = time.perf_counter()
-            objects = object_options(True, read_card(run / "model.json"))  # the card's: what segment_slide uses
+            card = read_card(run / "model.json")
+            objects = object_options(True, card)  # the card's: what segment_slide uses
+            used = bool(card.get("flips", False)) if flips is None else flips
             fold = {"raw": ([], []), "default": ([], [])}
-            maps = predictions(run, {n: pairs[n][0] for n in split[f]})
+            maps = predictions(run, {n: pairs[n][0] for n in split[f]}, used)
             for name in split[f]:
                 mask = pairs[name][1]
                 target = (mask_to_classes(read_mask(mask), "auto", 2, where=mask) > 0).astype(np.uint8)
@@ -134,7 +143,8 @@ def score_runs(root: Path, runs: Path, split: list[list[str]], models: list[str]
                     pooled[key][1].append(target)
             for key, rows in per_fold.items():
                 rows.append({"fold": f, **scores(*fold[key])})
-            training.append({"fold": f, **_fold_training(run), "score_seconds": round(time.perf_counter() - t0, 1)})
+            seconds = round(time.perf_counter() - t0, 1)
+            training.append({"fold": f, **_fold_training(run), "flips": used, "score_seconds": seconds})
             print(f"[cv] {model} fold {f}: " + json.dumps({k: round(v, 3) for k, v in per_fold["default"][-1].items()}))
         if not training:
             continue

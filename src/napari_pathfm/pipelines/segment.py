@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from ..io.scratch import scratch_dir
 from . import segment_model as _sm
 from .segment_model import class_names, default_segment_checkpoint, load_segmentation_model, tile_geometry
 from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
+from .segment_result import SegmentationResult
 from .segment_tiles import SegmentTiles
 from .tile_run import opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder
 
@@ -65,6 +66,7 @@ class SegmentOptions:
 
     ``mpp``/``tile_size`` None take the model card's; ``workers`` None the device's default.
     ``objects``: see :func:`~napari_pathfm.instances.object_options` (None: the card's settings).
+    ``flips`` None: the card's ``flips`` (default off).
     """
 
     mpp: float | None = None
@@ -78,122 +80,11 @@ class SegmentOptions:
     workers: int | None = None
     cache: Any = None
     objects: Any = None
+    flips: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-
-
-@dataclass
-class SegmentationResult:
-    """A slide's class map and where it sits.
-
-    Attributes
-    ----------
-    labels : ndarray (H, W) uint8, or a zarr/dask array for large slides
-        Class per level-0 pixel of the input; 0 = background (and everything outside tissue).
-    classes : list of str
-        Class names indexed by label value (``classes[0]`` is the background).
-    mpp : float or None
-        µm per pixel of ``labels`` (the input's level 0), None when the input does not say.
-    model_mpp : float or None
-        µm per pixel the model actually saw.
-    grid : TileGrid
-        The tiles that were run (model-resolution geometry, level-0 positions).
-    tissue : TissueMask or None
-        The tissue mask used to choose tiles (None with ``tissue_only=False``).
-    messages : list of str
-        Things the user should know (no tissue found, resolution fallback, ...), ``notes`` first.
-    notes : list of str
-        What the model is and how far the run is from its training domain
-        (:func:`~napari_pathfm.pipelines.notes.model_notes`): a bundled demonstration model, µm/px
-        far from or unknown to the card's. Also in the written files' metadata.
-    written : dict of str to Path
-        Files written (``"mask"``, ``"geojson"``).
-    instances : ndarray (H, W) int32 or None
-        One id per object (gland) at level 0 when objects were split (:mod:`napari_pathfm.instances`;
-        ``labels`` then has a background line wherever two objects touch); None otherwise.
-    object_classes : ndarray (N + 1,) uint8 or None
-        Class of each object id (``object_classes[0] == 0``).
-    cache : dict
-        What the tile-embedding cache did: its entry, tiles encoded, tiles read from it.
-    """
-
-    labels: Any
-    classes: list[str]
-    mpp: float | None
-    model_mpp: float | None
-    grid: Any
-    tissue: Any = None
-    source: str | None = None
-    checkpoint: str | None = None
-    messages: list[str] = field(default_factory=list)
-    written: dict[str, Path] = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    instances: Any = None
-    object_classes: Any = None
-    _tmp: Any = field(default=None, repr=False)
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.grid)
-
-    @property
-    def empty(self) -> bool:
-        """True when no tile was run (no tissue found): the class map is all background."""
-        return self.n_tiles == 0
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(int(s) for s in self.labels.shape[:2])  # type: ignore[return-value]
-
-    def class_names(self) -> dict[int, str]:
-        return dict(enumerate(self.classes))
-
-    def layer_kwargs(self) -> dict:
-        """Keyword arguments for ``viewer.add_labels(result.labels, **kw)``: scale, translate, units
-        and metadata (class names, downsample 1) so the mask overlays the slide layer."""
-        from ..coords import layer_transform, layer_units
-
-        scale, translate = layer_transform(self.mpp, 1.0)
-        return {
-            "name": "segmentation",
-            "scale": scale,
-            "translate": translate,
-            "units": layer_units(self.mpp),
-            "metadata": {
-                "pathfm_kind": "segment",
-                "classes": self.class_names(),
-                "downsample": 1.0,
-                "source": self.source,
-                "checkpoint": self.checkpoint,
-                "model_mpp": self.model_mpp,
-                "pathfm_notes": list(self.notes),
-            },
-        }
-
-    def summary(self) -> dict:
-        return {
-            "input": self.source,
-            "checkpoint": self.checkpoint,
-            "notes": self.notes,
-            "shape": list(self.shape),
-            "mpp": self.mpp,
-            "model_mpp": self.model_mpp,
-            "classes": self.classes,
-            "tiles": self.n_tiles,
-            "messages": self.messages,
-            "written": {k: str(v) for k, v in self.written.items()},
-            "cache": self.cache,
-            "objects": None if self.object_classes is None else int(len(self.object_classes) - 1),
-        }
-
-    def close(self) -> None:
-        """Delete the temporary store of a large class map (a no-op for in-memory results)."""
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 def segment_slide(
@@ -216,6 +107,7 @@ def segment_slide(
     geojson: PathLike | None = None,
     cache: Any = None,
     objects: Any = None,
+    flips: bool | None = None,
 ) -> SegmentationResult:
     """Segment a whole slide (or a plain image) into classes at the input's level-0 size.
 
@@ -272,6 +164,9 @@ def segment_slide(
         model has them), no objects for a card without. True: the card's or the default settings.
         False: the model's class map as it is. Done for class maps held in memory (up to
         :data:`IN_MEMORY_PIXELS`); larger ones keep the model's map and say so in ``messages``.
+    flips : bool, optional
+        Average each tile's logits over the tile and its mirror images (left-right, up-down, both):
+        4x the model's compute, and no embedding cache. None (default): the model card's ``flips``.
 
     Returns
     -------
@@ -299,6 +194,7 @@ def segment_slide(
         workers=workers,
         cache=cache,
         objects=objects,
+        flips=flips,
     )
     with opened_slide(slide_or_image, image_mpp) as slide:
         return _segment(slide, model_or_checkpoint, options, out=out, geojson=geojson, progress=progress, cancel=cancel)
@@ -326,6 +222,7 @@ def _segment(
     messages: list[str] = []
     target = run_mpp(slide, o.mpp, card, "segmented", "segment")
     t, ov = tile_geometry(model, card, o.tile_size, o.overlap)
+    flips = bool(card.get("flips", False)) if o.flips is None else bool(o.flips)
     # the level the tissue mask and the tiles both read is decoded only once
     reader, grid, tissue = plan_tiles(
         slide,
@@ -368,9 +265,10 @@ def _segment(
             checkpoint=source,
             messages=messages,
             notes=notes,
+            flips=flips,
             _tmp=tmp_dir,
         )
-        meta = {"overlap": ov, "tile_size": t, "blend": o.weights}
+        meta = {"overlap": ov, "tile_size": t, "blend": o.weights, "flips": flips}
         outputs = SegmentOutputs(result, out=out, geojson=geojson, metadata=meta, progress=progress, cancel=cancel)
         objects = object_options(o.objects, card)
         split = objects is not None and isinstance(store, np.ndarray)
@@ -384,7 +282,8 @@ def _segment(
                 outputs.start()  # the OME-TIFF is written while the tiles run, band by band
             if len(grid):
                 prep = _sm.encoder_preprocess(model)
-                with tile_encoder(model, slide, grid, dev, cache=o.cache, preprocess=prep) as encoder:
+                cache = False if flips else o.cache  # the cache holds unflipped tiles only
+                with tile_encoder(model, slide, grid, dev, cache=cache, preprocess=prep) as encoder:
                     tiles = SegmentTiles(
                         model,
                         grid,
@@ -396,6 +295,7 @@ def _segment(
                         outputs=outputs,
                         encoder=encoder,
                         cancel=cancel,
+                        flips=flips,
                     )
                     run_tiles(
                         reader,

@@ -117,21 +117,32 @@ def tile_geometry(model: Any, card: dict, tile_size: int | None, overlap: float)
     return t, px
 
 
-def tile_logits(model: Any, batch: Any, dev: str, t: int, k: int | None, source: Any, encoder: Any = None):
+def tile_logits(
+    model: Any, batch: Any, dev: str, t: int, k: int | None, source: Any, encoder: Any = None, flips: bool = False
+):
     """Model logits of a batch of uint8 tiles as ``(B, K, T, T)`` float32 torch on ``dev``.
 
     With an active :class:`~napari_pathfm.tiles.cached_encoder.CachedEncoder` the encoder outputs come
-    from the embedding cache where stored (``batch.images`` is None when all of them are).
+    from the embedding cache where stored (``batch.images`` is None when all of them are). With
+    ``flips`` the logits are the mean over the tile and its three mirror images
+    (:func:`~.tile_run.flip_average`) through ``model(x)``: the cache holds unflipped tiles only, so
+    a flips run opens none and needs the pixels of every tile.
     """
     import torch
     import torch.nn.functional as F
 
+    from .tile_run import flip_average
+
+    def logits_of(out: Any) -> Any:
+        return (out["logits"] if isinstance(out, dict) else out).float()
+
     x = None if batch.images is None else model.preprocess(torch.from_numpy(batch.images).to(dev)).to(dev)
-    if encoder is not None and encoder.active:
-        out = model.decode(x, encoder(batch.indices, x, dev))
+    if flips:  # through forward: the cache holds the encoder outputs of unflipped tiles only
+        logits = flip_average(lambda v: logits_of(model(v)), x)
+    elif encoder is not None and encoder.active:
+        logits = logits_of(model.decode(x, encoder(batch.indices, x, dev)))
     else:
-        out = model(x)
-    logits = out["logits"] if isinstance(out, dict) else out
+        logits = logits_of(model(x))
     if logits.ndim != 4 or (k is not None and logits.shape[1] != k):
         raise CheckpointError(
             source or "the model",
@@ -139,7 +150,6 @@ def tile_logits(model: Any, batch: Any, dev: str, t: int, k: int | None, source:
             "(B, K, H, W) as its model card says.",
             "Use the card saved with these weights.",
         )
-    logits = logits.float()
     if tuple(logits.shape[-2:]) != (t, t):
         logits = F.interpolate(logits, size=(t, t), mode="bilinear", align_corners=False)
     return logits

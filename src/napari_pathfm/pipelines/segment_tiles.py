@@ -27,7 +27,8 @@ class SegmentTiles:
     device; the canvas tells ``outputs`` when level-0 rows are final, and ``outputs.poll()`` runs
     per batch (a failed background writer stops the run). On the CPU, blending a batch (numpy,
     releases the GIL) runs in one helper thread while the model runs the next batch; one thread
-    keeps the adds in order, so the result is the same as blending inline.
+    keeps the adds in order, so the result is the same as blending inline. ``flips`` averages each
+    tile's logits over its mirror images (:func:`~.segment_model.tile_logits`).
     """
 
     def __init__(
@@ -43,11 +44,12 @@ class SegmentTiles:
         outputs: SegmentOutputs,
         encoder: Any,
         cancel: Any,
+        flips: bool = False,
     ):
         model.to(dev).eval()
         self.model, self.grid, self.dev, self.k, self.store = model, grid, dev, k, store
         self.weights, self.source, self.outputs, self.encoder, self.cancel = weights, source, outputs, encoder, cancel
-        self.autocast = autocast(dev)
+        self.flips, self.autocast = flips, autocast(dev)
         self.coords = grid.output_coords.tolist()
         self.canvas: Any = None
         self.blender = ThreadPoolExecutor(1, thread_name_prefix="pathfm-blend") if dev == "cpu" else None
@@ -60,7 +62,9 @@ class SegmentTiles:
         """``(B, K, T, T)`` logits: numpy on the CPU, torch on an accelerator."""
         self.outputs.poll()
         with self.autocast:
-            logits = tile_logits(self.model, batch, self.dev, self.grid.tile_size, self.k, self.source, self.encoder)
+            logits = tile_logits(
+                self.model, batch, self.dev, self.grid.tile_size, self.k, self.source, self.encoder, self.flips
+            )
         return logits.numpy() if self.dev == "cpu" else logits
 
     def collect(self, batch: Any, logits: Any) -> None:

@@ -9,6 +9,7 @@ Every slide-scale pipeline does the same things around its model, and they live 
 - :func:`plan_tiles`: the tissue mask and tile grid, with the level the tiles come from held in
   memory (or its native tiles cached) when it is read more than once;
 - :func:`tile_encoder`: the tile-embedding cache of the model's frozen encoder;
+- :func:`flip_average`: test-time flips of a batch (segment's and translate's ``flips``);
 - :func:`run_tiles`: prefetched batches (or, when the cache holds every tile, batches without
   pixels) through a :class:`TileTask` — its ``infer`` (model on one batch) and ``collect``
   (blend or store the output) — under inference mode, with progress after every batch and a
@@ -30,7 +31,18 @@ from typing import Any
 from ..errors import SlideError
 from ..progress import check_cancel, report
 
-__all__ = ["TileTask", "autocast", "opened_slide", "plan_tiles", "run_mpp", "run_tiles", "shared_level", "tile_encoder"]
+__all__ = [
+    "FLIPS",
+    "TileTask",
+    "autocast",
+    "flip_average",
+    "opened_slide",
+    "plan_tiles",
+    "run_mpp",
+    "run_tiles",
+    "shared_level",
+    "tile_encoder",
+]
 
 
 def _nothing() -> None:
@@ -190,6 +202,25 @@ def tile_encoder(model: Any, slide: Any, grid: Any, dev: str, *, cache: Any, pre
 
     amp = autocast_dtype(dev)
     return CachedEncoder(model, slide, grid, cache=cache, preprocess=preprocess, precision=str(amp) if amp else None)
+
+
+#: The test-time flips of :func:`flip_average`: none, left-right, up-down, both (dims of an (N, C, H, W) tensor).
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+def flip_average(fn: Callable[[Any], Any], x: Any) -> Any:
+    """Mean of ``fn`` over the four :data:`FLIPS` of the batch ``x``, each output flipped back.
+
+    Test-time augmentation: 4x the compute for a prediction that depends less on which way the
+    tissue lies. ``fn`` maps an ``(N, C, H, W)`` tensor to an ``(N, C', h, w)`` one on the same
+    spatial grid (any stride), so flipping its output back lines it up with the unflipped one.
+    """
+    total = None
+    for dims in FLIPS:
+        out = fn(x.flip(dims) if dims else x)
+        out = out.flip(dims) if dims else out
+        total = out if total is None else total + out  # not in place: ``out`` may share storage
+    return total / len(FLIPS)
 
 
 def autocast(dev: str) -> Any:

@@ -22,9 +22,9 @@ import numpy as np
 
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel
+from .tile_run import flip_average
 
 __all__ = [
-    "FLIPS",
     "READ_ONCE_BYTES",
     "BlendRun",
     "CanvasStore",
@@ -131,10 +131,6 @@ def _read_once(data: Any, planes: list[int]) -> bool:
     return bool(single and nbytes <= READ_ONCE_BYTES)
 
 
-#: The flips of :class:`Forward` with ``flips=True``: none, left-right, up-down, both (tensor dims).
-FLIPS = ((), (-1,), (-2,), (-2, -1))
-
-
 class Forward:
     """The model call of one batch: float32 tiles in, numpy ``(N, C[+1], h, w)`` out.
 
@@ -156,15 +152,9 @@ class Forward:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         x = torch.from_numpy(batch).to(self.device)
-        total = None
         with torch.inference_mode():
-            for dims in FLIPS if self.flips else ((),):
-                out = self._once(x.flip(dims) if dims else x)
-                out = out.flip(dims) if dims else out
-                total = out if total is None else total + out  # not in place: ``out`` may share storage
-            if self.flips:
-                total = total / len(FLIPS)
-        return total.cpu().numpy()
+            out = flip_average(self._once, x) if self.flips else self._once(x)
+        return out.cpu().numpy()
 
     def _once(self, x: Any) -> Any:
         """One forward pass: the float32 channels (and the nuclei probability of LUPI models)."""
