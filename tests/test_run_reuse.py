@@ -33,6 +33,19 @@ def test_a_run_trained_before_a_new_default_key_existed_is_reused(tmp_path):
     assert run.is_dir()
 
 
+def test_how_the_model_is_run_afterwards_does_not_make_it_stale(tmp_path):
+    """objects and flips are read from the recipe when the run is scored: no weight depends on them."""
+    run = _finished(tmp_path / "fold_0", {**_recipe(), "objects": {"split_um": 35}})
+    assert reusable_run(run, {**_recipe(), "objects": {"split_um": 45}, "flips": True})
+    assert run.is_dir()
+
+
+def test_the_same_held_out_images_named_in_another_order_are_the_same_split(tmp_path):
+    run = _finished(tmp_path / "fold_0", {**_recipe(), "data": {"val_names": ["train_10", "train_5"]}})
+    assert reusable_run(run, {**_recipe(), "data": {"val_names": ["train_5", "train_10"]}})
+    assert not reusable_run(run, {**_recipe(), "data": {"val_names": ["train_5", "train_15"]}})
+
+
 def test_a_run_trained_otherwise_is_set_aside_not_deleted(tmp_path, capsys):
     run = _finished(tmp_path / "fold_0", _recipe())
     assert not reusable_run(run, _recipe(warmup_fraction=0.1), label="cv")

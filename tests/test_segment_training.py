@@ -297,9 +297,12 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
     _glas(shared_data)
     first = tmp_path / "first"
-    _train([str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--set", "objects={split_um: 20}"])
+    _train(
+        [str(RECIPES / "glas_tiny.yaml"), "--out", str(first), "--set", "objects={split_um: 20}", "--set", "flips=true"]
+    )
     card = json.loads((first / "model.json").read_text())
     assert card["objects"]["split_um"] == 20 and card["objects"]["min_area_um2"] == 575  # the recipe's + defaults
+    assert card["flips"] is True  # pathfm segment runs it with test-time flips unless told --no-flips
     assert card["family"] == "segment" and card["name"] == "pathsam2"
     assert card["classes"] == ["background", "gland"] and card["num_classes"] == 2
     assert card["input_mpp"] == pytest.approx(2.48) and card["tile_size"] == 64
@@ -358,6 +361,7 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
     assert tuned["init_checkpoint"]["sha256"] == card["sha256"] and tuned["sha256"] != card["sha256"]
     assert tuned["config"] == card["config"]
     assert tuned["objects"] == card["objects"], "a fine-tune keeps its parent's object settings"
+    assert tuned["flips"] is True, "and its test-time flips"
     assert f"1 training pairs from {corr}" in tuned["training_data"]
     load_checkpoint(second / "model.safetensors")
     # an export over the initial checkpoint is refused before training

@@ -11,9 +11,11 @@ What it does, in one run:
    do not change what a model gets) and nothing held out for model selection: the last weights are
    the fold's model;
 3. predicts every held-out image with the segment command's defaults
-   (:func:`napari_pathfm.pipelines.segment.segment_slide`, then the card's object settings through
-   :mod:`napari_pathfm.instances`: holes filled, small objects dropped, touching glands split), at the
-   images' own 0.62 µm/px (``cv_score.py``);
+   (:func:`napari_pathfm.pipelines.segment.segment_slide`, with test-time flips where the recipe says
+   ``flips: true``, then the recipe's object settings through :mod:`napari_pathfm.instances`: holes
+   filled, small objects dropped, touching glands split), at the images' own 0.62 µm/px
+   (``cv_score.py``); ``objects`` and ``flips`` are read from the recipe when scoring, so changing
+   them reuses the trained folds;
 4. scores each fold (pixel Dice of the gland class, GlaS object F1, object Dice, object Hausdorff)
    and reports the mean over folds with a 95% t-interval, plus the metrics pooled over all 85
    images, for both models side by side.
@@ -153,7 +155,11 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from cv_score import score_runs, write_report
 
-    report = score_runs(root, runs, split, args.models, args.folds, flips=args.flips)
+    from napari_pathfm.training.recipes import load_recipe
+
+    recipes = {m: load_recipe(MODELS[m], args.sets if m == "pathsam2" else []).config for m in args.models}
+    report = score_runs(root, runs, split, args.models, args.folds, flips=args.flips, recipes=recipes)
+    report["inference"] = {m: {k: recipes[m].get(k) for k in ("objects", "flips")} for m in args.models}
     report["pathsam2_overrides"] = args.sets  # the candidate change, if any (--set)
     report["flips"] = args.flips  # None: each card's (the training rows say what was used)
     write_report(report, Path(args.out))

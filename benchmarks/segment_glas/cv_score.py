@@ -104,11 +104,20 @@ def _fold_training(run: Path) -> dict:
 
 
 def score_runs(
-    root: Path, runs: Path, split: list[list[str]], models: list[str], fold_ids: list[int], flips: bool | None = None
+    root: Path,
+    runs: Path,
+    split: list[list[str]],
+    models: list[str],
+    fold_ids: list[int],
+    flips: bool | None = None,
+    recipes: dict[str, dict] | None = None,
 ) -> dict:
-    """Score every trained fold of every model; the report :func:`write_report` writes. ``flips``: predict
-    with test-time flips or without (``pathfm segment --flips/--no-flips``) for every model alike;
-    None: as each model's card says, as the segment command does."""
+    """Score every trained fold of every model; the report :func:`write_report` writes.
+
+    Each fold model is run as ``pathfm segment`` runs its card, with the ``objects`` and ``flips`` of
+    ``recipes[model]`` (the recipe as it is now; a fold trained before they changed keeps its weights)
+    taking the card's place. ``flips`` True/False: with or without test-time flips for every model alike.
+    """
     from napari_pathfm.instances import object_options, separate, split_objects
     from napari_pathfm.models.checkpoint import read_card
     from napari_pathfm.training.segment_data import find_pairs, mask_to_classes, read_mask
@@ -126,8 +135,11 @@ def score_runs(
                 print(f"[cv] {model} fold {f}: not trained yet, left out")
                 continue
             t0 = time.perf_counter()
-            card = read_card(run / "model.json")
-            objects = object_options(True, card)  # the card's: what segment_slide uses
+            now = {
+                k: v for k, v in (recipes or {}).get(model, {}).items() if k in ("objects", "flips") and v is not None
+            }
+            card = {**read_card(run / "model.json"), **now}  # the card this recipe writes today
+            objects = object_options(True, card)  # what segment_slide uses with that card
             used = bool(card.get("flips", False)) if flips is None else flips
             fold = {"raw": ([], []), "default": ([], [])}
             maps = predictions(run, {n: pairs[n][0] for n in split[f]}, used)
@@ -194,13 +206,13 @@ def table(report: dict) -> str:
                 f"{p['object_hausdorff']:.0f} |"
             )
     rows.append("")
-    rows.append("| model | fold | training steps (batch 8) | epochs | CPU budget (min) | parameters |")
-    rows.append("|" + "---|" * 6)
+    rows.append("| model | fold | training steps | batch | epochs | CPU budget (min) | parameters | flips |")
+    rows.append("|" + "---|" * 8)
     for model, r in report["models"].items():
         for t in r["training"]:
             rows.append(
-                f"| {model} | {t['fold']} | {t['steps']} | {t['epochs']} | {t['cpu_budget_minutes']} | "
-                f"{t['parameters']} |"
+                f"| {model} | {t['fold']} | {t['steps']} | {t.get('batch_size')} | {t['epochs']} | "
+                f"{t['cpu_budget_minutes']} | {t['parameters']} | {t.get('flips', False)} |"
             )
     return "\n".join(rows) + "\n"
 

@@ -213,6 +213,12 @@ SEGMENT: dict[str, Field] = {
         "(napari_pathfm.instances.ObjectOptions: min_area_um2, split_um, min_piece_um2, fill_holes, contour_class; "
         "with data.contour_width, contour_class is 2). None: none.",
     ),
+    "flips": Field(
+        (bool, type(None)),
+        None,
+        "Whether `pathfm segment` runs this model with test-time flips by default (each tile also mirrored "
+        "three ways, the logits averaged; 4x the compute), written to the card as 'flips'. None: off.",
+    ),
     "data.mpp": Field(_OPT_NUM, None, "µm per pixel of the image files (GlaS: 0.62)."),
     "data.input_mpp": Field(
         _OPT_NUM, None, "µm per pixel the model sees; images are resampled from data.mpp (default: no resampling)."

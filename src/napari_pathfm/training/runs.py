@@ -138,9 +138,12 @@ def scan_runs(parent: str | Path, running: Path | None = None) -> list[RunInfo]:
     return sorted(runs, key=lambda r: r.modified, reverse=True)
 
 
-#: The parts of a recipe that decide what a run trains (its output folder and description aside).
-RECIPE_SECTIONS = ("seed", "model", "data", "objects", "loss", "optim", "trainer")
+#: The parts of a recipe that decide what a run trains (its output folder and description aside). How the
+#: model is run afterwards (``objects``, ``flips``) changes no weight, so a new setting there reuses the run.
+RECIPE_SECTIONS = ("seed", "model", "data", "loss", "optim", "trainer")
 _ABSENT = object()
+#: Keys that name a set of images (held-out images listed in another order are the same split).
+_NAME_SETS = ("val_names",)
 
 
 def _same_section(trained: dict | None, now: dict | None, defaults: dict) -> bool:
@@ -152,6 +155,8 @@ def _same_section(trained: dict | None, now: dict | None, defaults: dict) -> boo
         a, b = trained.get(key, _ABSENT), now.get(key, _ABSENT)
         a = defaults.get(key, _ABSENT) if a is _ABSENT else a
         b = defaults.get(key, _ABSENT) if b is _ABSENT else b
+        if key in _NAME_SETS and isinstance(a, list) and isinstance(b, list):
+            a, b = sorted(map(str, a)), sorted(map(str, b))  # which images, not in which order they were named
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             return False
     return True

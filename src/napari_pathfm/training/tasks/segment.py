@@ -400,6 +400,9 @@ def build(recipe: Recipe):
             card["objects"] = asdict(object_options(objects))
         except (TypeError, ValueError) as exc:
             raise RecipeError(where, f"objects: {exc}.", "See napari_pathfm.instances.ObjectOptions.") from None
+    flips = recipe.get("flips") if recipe.get("flips") is not None else (init_card or {}).get("flips")
+    if flips is not None:  # test-time flips by default (pathfm segment --flips): the recipe's, else the parent's
+        card["flips"] = bool(flips)
     # the training images' stain (too few images, e.g. a fine-tune on painted tiles: the parent model's)
     stain = stain_reference_from_paths([it.image for it in data.train_items]) or (init_card or {}).get("stain")
     if stain:
