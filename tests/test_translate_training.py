@@ -218,6 +218,28 @@ def test_nuclei_centred_crops_get_the_mask_in_every_mode(isl: Path):
     assert data.train_fovs[0].mask is not None and card["has_mask"] is False  # centring only, no mask output
 
 
+def test_lupi_gradient_term_adds_its_weight_times_the_edge_error(isl: Path):
+    """loss.lupi_grad_weight w: the LUPI loss plus w x the L1 between image gradients (0 by default)."""
+    import torch
+
+    from napari_pathfm.models.haste.losses import gradient_loss
+    from napari_pathfm.training.recipes import load_recipe
+    from napari_pathfm.training.tasks.translate import build
+
+    task, _data, _card = build(load_recipe(RECIPES / "tiny_lupi.yaml"))
+    with_grad, _d, _c = build(load_recipe(RECIPES / "tiny_lupi.yaml", ["loss.lupi_grad_weight=5"]))
+    g = torch.Generator().manual_seed(0)
+    batch = {"input": torch.rand(2, 13, 32, 32, generator=g), "target": torch.rand(2, 1, 32, 32, generator=g)}
+    batch["mask"] = (batch["target"] > 0.5).float()
+    with torch.no_grad():
+        out = task.model(batch["input"])
+        plain, parts = task.generator_loss(out, batch)
+        total, parts_grad = with_grad.generator_loss(out, batch)
+    edge = gradient_loss(out.image, batch["target"])
+    assert "gradient" not in parts and float(parts_grad["gradient"]) == pytest.approx(float(edge))
+    assert float(total) == pytest.approx(float(plain) + 5 * float(edge), rel=1e-5)
+
+
 def test_recipe_errors_are_plain():
     from napari_pathfm.training.recipes import load_recipe
     from napari_pathfm.training.tasks.translate import build

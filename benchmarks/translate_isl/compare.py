@@ -51,6 +51,7 @@ MODELS = {
     "DAPI": {
         "lupi": ("training/translate/isl_dapi_lupi_cpu.yaml", []),
         "lupi_dropout": ("training/translate/isl_dapi_lupi_cpu.yaml", ["model.dropout=0.2"]),
+        "lupi_grad": ("training/translate/isl_dapi_lupi_cpu.yaml", ["loss.lupi_grad_weight=5"]),
         "unet": ("training/translate/isl_dapi_l1_unet_cpu.yaml", []),
     },
     "MAP2": {

@@ -311,6 +311,9 @@ TRANSLATE: dict[str, Field] = {
     "loss.bce_weight": Field(_NUM, 1.0, "LUPI: weight of the mask BCE."),
     "loss.lwm_pixel_weight": Field(_NUM, 2.0, "LUPI: loss weight where the predicted mask is wrong (1 elsewhere)."),
     "loss.lupi_base": Field((str,), "median_mae", "LUPI: regression error.", ("median_mae", "log_squared", "l1")),
+    "loss.lupi_grad_weight": Field(
+        _NUM, 0.0, "LUPI: weight of the image-gradient L1 term (the GAN's; sharper texture). 0: off."
+    ),
     "optim.lr": Field(_NUM, 1e-3, "Learning rate (generator lr in GAN mode)."),
     "optim.scheduler": Field(
         (str,),

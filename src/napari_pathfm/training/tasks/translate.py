@@ -20,7 +20,8 @@ Modes (``loss.mode``):
   information, the Otsu mask of the target; loss (``models.haste.losses.lwm_loss``) =
   ``median_mae_weight``·MAE/median(image) + ``bce_weight``·BCE(mask) +
   ``side_weight``·Σ side-output errors, every term weighted per pixel by the
-  loss-weight modules (``lwm_pixel_weight`` 2 where the predicted mask is wrong); AdamW with
+  loss-weight modules (``lwm_pixel_weight`` 2 where the predicted mask is wrong), plus
+  ``lupi_grad_weight``·gradient (the GAN's edge term; 0, off, by default); AdamW with
   cosine annealing with warm restarts (``optim.t0`` 2, ``optim.t_mult`` 2, stepped
   per batch) and, from ``optim.low_lr_epoch`` on, a constant ``optim.low_lr``.
 
@@ -138,6 +139,10 @@ class TranslateTask(L.LightningModule):
                 mask_weight=float(c.get("bce_weight", 1.0)),
                 side_weight=float(c.get("side_weight", 1.0)),
             )
+            if float(c.get("lupi_grad_weight", 0.0)):  # sharper edges and texture (HASTE's GAN term)
+                grad = losses.gradient_loss(out.image, target)
+                total = total + float(c["lupi_grad_weight"]) * grad
+                parts["gradient"] = float(grad.detach())
             return total, {k: torch.tensor(v) for k, v in parts.items()}
         if self.mode == "gan" and (validation or self.current_epoch >= int(c.get("pretrain_epochs", 0))):
             grad = losses.gradient_loss(out, target)
