@@ -13,6 +13,7 @@ Models:
 
 - DAPI: ``lupi`` — the bundled ``haste-isl-dapi`` recipe (HASTE's LUPI nuclei net, dropout 0),
   ``lupi_dropout`` — the same with HASTE's dropout 0.2 (the BatchNorm statistics problem in docs/translate.md),
+  ``lupi_grad`` — the same plus the GAN's image-gradient term (``loss.lupi_grad_weight=5``),
   ``unet`` — ``isl_dapi_l1_unet_cpu`` (plain U-Net, L1, same crops and augmentation);
 - MAP2 and NFH: ``gan`` — the bundled GAN recipe, ``unet`` — ``isl_<target>_l1_unet_cpu``.
 
@@ -148,7 +149,17 @@ def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None =
     return report
 
 
-COLUMNS = ("mae_over_median", "psnr", "ssim", "nuclei_real", "nuclei_pred", "count_rel", "area_rel")
+COLUMNS = (
+    "mae_over_median",
+    "psnr",
+    "ssim",
+    "nuclei_real",
+    "nuclei_pred",
+    "count_rel",
+    "area_rel",
+    "intensity_rel",
+    "texture_rel",
+)
 
 
 def table(report: dict) -> str:
