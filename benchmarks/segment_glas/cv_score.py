@@ -135,11 +135,12 @@ def score_runs(
                 print(f"[cv] {model} fold {f}: not trained yet, left out")
                 continue
             t0 = time.perf_counter()
-            now = {
-                k: v for k, v in (recipes or {}).get(model, {}).items() if k in ("objects", "flips") and v is not None
-            }
-            card = {**read_card(run / "model.json"), **now}  # the card this recipe writes today
-            objects = object_options(True, card)  # what segment_slide uses with that card
+            card, recipe = read_card(run / "model.json"), (recipes or {}).get(model, {})
+            if isinstance(recipe.get("objects"), dict):  # over the card's: a contour model keeps its contour_class
+                card["objects"] = {**(card.get("objects") or {}), **recipe["objects"]}
+            if recipe.get("flips") is not None:
+                card["flips"] = recipe["flips"]
+            objects = object_options(True, card)  # what segment_slide uses with the card this recipe writes today
             used = bool(card.get("flips", False)) if flips is None else flips
             fold = {"raw": ([], []), "default": ([], [])}
             maps = predictions(run, {n: pairs[n][0] for n in split[f]}, used)
