@@ -46,6 +46,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from napari_pathfm.pipelines.translate_eval import COLUMNS as EVALUATION_COLUMNS
+
 HERE = Path(__file__).resolve().parent
 ROWS = (768, 1024)
 MODELS = {
@@ -149,17 +151,8 @@ def score(stack: Path, runs: Path, targets: list[str], wanted: set[str] | None =
     return report
 
 
-COLUMNS = (
-    "mae_over_median",
-    "psnr",
-    "ssim",
-    "nuclei_real",
-    "nuclei_pred",
-    "count_rel",
-    "area_rel",
-    "intensity_rel",
-    "texture_rel",
-)
+#: ``pathfm evaluate-translation``'s metric columns (its ``source`` and ``channel`` are the table's rows here).
+COLUMNS = tuple(c for c in EVALUATION_COLUMNS if c not in ("source", "channel"))
 
 
 def table(report: dict) -> str:
