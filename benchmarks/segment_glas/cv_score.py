@@ -120,6 +120,7 @@ def score_runs(
     """
     from napari_pathfm.instances import object_options, separate, split_objects
     from napari_pathfm.models.checkpoint import read_card
+    from napari_pathfm.pipelines.tile_run import uses_flips
     from napari_pathfm.training.segment_data import find_pairs, mask_to_classes, read_mask
 
     pairs = {n: (i, m) for n, i, m in find_pairs(root)}
@@ -141,7 +142,7 @@ def score_runs(
             if recipe.get("flips") is not None:
                 card["flips"] = recipe["flips"]
             objects = object_options(True, card)  # what segment_slide uses with the card this recipe writes today
-            used = bool(card.get("flips", False)) if flips is None else flips
+            used = uses_flips(flips, card)
             fold = {"raw": ([], []), "default": ([], [])}
             maps = predictions(run, {n: pairs[n][0] for n in split[f]}, used)
             for name in split[f]:

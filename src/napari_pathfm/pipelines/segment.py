@@ -40,7 +40,7 @@ from .segment_model import class_names, default_segment_checkpoint, load_segment
 from .segment_outputs import SegmentOutputs, check_suffix, write_segmentation
 from .segment_result import SegmentationResult
 from .segment_tiles import SegmentTiles
-from .tile_run import opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder
+from .tile_run import opened_slide, plan_tiles, run_mpp, run_tiles, tile_encoder, uses_flips
 
 __all__ = [
     "IN_MEMORY_PIXELS",
@@ -222,7 +222,7 @@ def _segment(
     messages: list[str] = []
     target = run_mpp(slide, o.mpp, card, "segmented", "segment")
     t, ov = tile_geometry(model, card, o.tile_size, o.overlap)
-    flips = bool(card.get("flips", False)) if o.flips is None else bool(o.flips)
+    flips = uses_flips(o.flips, card)
     # the level the tissue mask and the tiles both read is decoded only once
     reader, grid, tissue = plan_tiles(
         slide,

@@ -42,6 +42,7 @@ __all__ = [
     "run_tiles",
     "shared_level",
     "tile_encoder",
+    "uses_flips",
 ]
 
 
@@ -206,6 +207,12 @@ def tile_encoder(model: Any, slide: Any, grid: Any, dev: str, *, cache: Any, pre
 
 #: The test-time flips of :func:`flip_average`: none, left-right, up-down, both (dims of an (N, C, H, W) tensor).
 FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+def uses_flips(option: bool | None, card: dict) -> bool:
+    """Whether a run averages over :data:`FLIPS`: the ``flips`` option when given, else the model card's
+    ``flips`` (off when absent), so a model runs as it was evaluated unless the user says otherwise."""
+    return bool(card.get("flips", False)) if option is None else bool(option)
 
 
 def flip_average(fn: Callable[[Any], Any], x: Any) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..io.scratch import scratch_dir
 from ..progress import check_cancel
-from .tile_run import flip_average
+from .tile_run import flip_average, uses_flips
 
 __all__ = [
     "READ_ONCE_BYTES",
@@ -55,7 +55,7 @@ class TileOptions:
 
     def flips_for(self, card: dict) -> bool:
         """Flip averaging for a checkpoint: the option when given, else the card's ``flips`` (default off)."""
-        return bool(card.get("flips", False)) if self.flips is None else bool(self.flips)
+        return uses_flips(self.flips, card)
 
     def __post_init__(self) -> None:
         if int(self.tile) % 16 or self.tile < 16:
