@@ -165,6 +165,8 @@ def test_segment_killed_mid_write_then_rerun(tmp_path):
         str(out / "mask.geojson"),
         "--device",
         "cpu",
+        "--mpp",
+        "1.24",  # a quarter of the bundled model's tiles at 0.62: the test is about the kill, not the mask
     ]
     env = _env(tmp_path)
     _kill_when(cmd, env, lambda: out.is_dir() and any(".tmp-" in n for n in os.listdir(out)))
@@ -241,6 +243,8 @@ def test_batch_killed_mid_slide_then_rerun(tmp_path):
         "device=cpu",
         "--set",
         "cache=false",
+        "--set",
+        "mpp=1.24",  # a quarter of the bundled model's tiles at 0.62 µm/px
     ]
     env = _env(tmp_path)
 

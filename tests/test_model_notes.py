@@ -63,22 +63,23 @@ def _demo(notes: list[str]) -> list[str]:
 def test_bundled_means_inside_the_package_or_marked_on_the_card(tmp_path):
     card = json.loads((MODELS / "pathsam2-glas-small.json").read_text())
     bundled = MODELS / "pathsam2-glas-small.safetensors"
+    m = card["input_mpp"]  # the µm/px the model was trained at
     assert bundled.resolve().parent == bundled_models_dir()
-    notes = model_notes(card, bundled, slide_mpp=0.5, run_mpp=1.24)
+    notes = model_notes(card, bundled, slide_mpp=0.5, run_mpp=m)
     assert notes == ["Demonstration model (pathsam2-glas-small: small, CPU-trained on GlaS) — not for diagnosis."]
     copy = _copy_model("pathsam2-glas-small", tmp_path / "mine")
-    assert model_notes(card, copy, slide_mpp=0.5, run_mpp=1.24) == [], "a copy elsewhere is the user's model"
-    marked = model_notes({**card, "demonstration": True}, copy, slide_mpp=0.5, run_mpp=1.24)
+    assert model_notes(card, copy, slide_mpp=0.5, run_mpp=m) == [], "a copy elsewhere is the user's model"
+    marked = model_notes({**card, "demonstration": True}, copy, slide_mpp=0.5, run_mpp=m)
     assert len(_demo(marked)) == 1
     unknown = model_notes(card, copy, slide_mpp=None, run_mpp=None, slide_name="x.png")
     assert unknown and "x.png has no pixel size" in unknown[0] and "--image-mpp" in unknown[0]
-    far = model_notes(card, copy, slide_mpp=0.5, run_mpp=3 * 1.24, run_tile=256)
-    assert far == ["Out of domain: run at 3.72 µm/px, but the model was trained at 1.24 µm/px."]
+    far = model_notes(card, copy, slide_mpp=0.5, run_mpp=3 * m, run_tile=256)
+    assert far == [f"Out of domain: run at {3 * m:.3g} µm/px, but the model was trained at {m:.3g} µm/px."]
     coarse = model_notes(card, copy, slide_mpp=4.0, run_mpp=4.0)
-    assert any("coarser than the 1.24 µm/px" in n for n in coarse)
+    assert any(f"coarser than the {m:.3g} µm/px" in n for n in coarse)
     stain = {**card, "stain": {"mean": [0.8, 0.5, 0.7], "std": [0.05, 0.05, 0.05]}}
-    assert not model_notes(stain, copy, slide_mpp=0.5, run_mpp=1.24, stain={"mean": [0.82, 0.5, 0.68]})
-    assert "tissue colour" in model_notes(stain, copy, slide_mpp=0.5, run_mpp=1.24, stain={"mean": [0.5, 0.3, 0.7]})[0]
+    assert not model_notes(stain, copy, slide_mpp=0.5, run_mpp=m, stain={"mean": [0.82, 0.5, 0.68]})
+    assert "tissue colour" in model_notes(stain, copy, slide_mpp=0.5, run_mpp=m, stain={"mean": [0.5, 0.3, 0.7]})[0]
 
 
 def test_segment_notes_in_result_messages_and_the_ome_tiff(tmp_path):

@@ -274,8 +274,13 @@ def test_pathsam2_recipes_validate(shared_data, monkeypatch, tmp_path):
     # the bundled model trains on all 85 images for a CPU budget; its estimate is cross-validated (cv.py)
     assert cpu.get("data.val_names") == [] and cpu.get("trainer.cpu_budget_minutes") == 12
     unet = load_recipe(RECIPES / "glas_unet_baseline.yaml")
-    for key in ("data", "objects", "trainer.cpu_budget_minutes", "trainer.batch_size", "loss.alpha", "seed"):
-        assert unet.get(key) == cpu.get(key), key  # the baseline gets the same data and budget
+    same = ("root", "classes", "val_names", "mpp", "tile_size", "samples_per_image", "color_jitter")
+    for key in (*(f"data.{k}" for k in same), "trainer.cpu_budget_minutes", "loss.alpha", "seed"):
+        assert unet.get(key) == cpu.get(key), key  # the baseline gets the same data, crops and budget
+    # resolution, batch and object settings are each model's best (levers.md, cv_objects.json)
+    chosen = json.loads((REPO / "benchmarks" / "segment_glas" / "cv_objects.json").read_text())
+    for recipe, model in ((cpu, "pathsam2"), (unet, "unet")):
+        assert recipe.get("objects") == chosen["models"][model]["best"], model
     monkeypatch.delenv("SAM2_CHECKPOINT")
     with pytest.raises(RecipeError, match="SAM2_CHECKPOINT"):
         load_recipe(RECIPES / "glas.yaml")
@@ -378,7 +383,8 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
 
 def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_data):
     """The shipped pathsam2-glas-small checkpoint: its card carries the cross-validated numbers of
-    benchmarks/segment_glas/cv_results.json beside the baseline's, and the model segments glands.
+    benchmarks/segment_glas/cv_objects.json (objects_select.py on cv.py's fold models: object settings
+    cross-selected) beside the baseline's, and the model segments glands.
 
     The bundled model is trained on all 85 GlaS images (the held-out estimate is the cross-validation
     on the card), so the Dice here, on four of its training images, is a check that the weights
@@ -394,12 +400,19 @@ def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_d
     root = _glas(shared_data)
     path = REPO / "src" / "napari_pathfm" / "data" / "models" / "pathsam2-glas-small.safetensors"
     model, card = load_checkpoint(path)
-    assert card["family"] == "segment" and card["classes"] == ["background", "gland"] and card["input_mpp"] == 1.24
+    assert card["family"] == "segment" and card["classes"] == ["background", "gland"] and card["input_mpp"] == 0.62
     assert "research use only" in card["licence"] and len(card["split"]["train"]) == 85 and not card["split"]["val"]
     assert path.stat().st_size <= 20 * 2**20
-    report = json.loads((REPO / "benchmarks" / "segment_glas" / "cv_results.json").read_text(encoding="utf-8"))
-    assert card["evaluation"]["cv"] == report["models"]["pathsam2"]["default"]["cv"]
-    assert card["evaluation"]["baseline"]["cv"] == report["models"]["unet"]["default"]["cv"]
+    here = REPO / "benchmarks" / "segment_glas"
+    report = json.loads((here / "cv_results.json").read_text(encoding="utf-8"))  # cv.py on the fold models
+    chosen = json.loads((here / "cv_objects.json").read_text(encoding="utf-8"))  # objects_select.py on their maps
+    assert card["evaluation"]["cv"] == chosen["models"]["pathsam2"]["cross_selected"]["cv"]
+    assert card["evaluation"]["baseline"]["cv"] == chosen["models"]["unet"]["cross_selected"]["cv"]
+    assert card["evaluation"]["cv_shipped_objects"] == report["models"]["pathsam2"]["default"]["cv"]
+    best = chosen["models"]["pathsam2"]["best"]  # what `pathfm segment` does by default
+    assert {k: card["objects"][k] for k in best} == best
+    steps = card["recipe"]["trainer"]["step_budget"]  # the bundled model trained as long as each fold model
+    assert [t["steps"] for t in report["models"]["pathsam2"]["training"]] == [steps] * 5
     for key in ("dice", "object_f1", "object_dice"):  # the words a user reads say the same
         assert f"{card['evaluation']['cv'][key]['mean']:.3f}" in card["evaluation"]["summary"], key
     assert (
@@ -408,8 +421,9 @@ def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_d
     )
     preds, targets = [], []
     for name in ("train_5", "train_10", "train_15", "train_20"):
-        image = resize(read_rgb(root / "images" / f"{name}.png"), 0.5, labels=False)
-        target = resize(mask_to_classes(read_mask(root / "masks" / f"{name}.png")), 0.5, labels=True)
+        scale = 0.62 / card["input_mpp"]  # GlaS is 0.62 µm/px
+        image = resize(read_rgb(root / "images" / f"{name}.png"), scale, labels=False)
+        target = resize(mask_to_classes(read_mask(root / "masks" / f"{name}.png")), scale, labels=True)
         logits, _ = predict_image(model, torch.from_numpy(np.array(image)), card["tile_size"])
         preds.append(logits.argmax(0).numpy())
         targets.append(target)

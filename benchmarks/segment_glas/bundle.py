@@ -4,7 +4,9 @@ Copies ``<run>/model.safetensors`` + ``model.json`` to
 ``src/napari_pathfm/data/models/pathsam2-glas-small.*`` and writes into the card what a user needs to
 judge it (``pathfm models --checkpoints`` shows it): the training data, budget and command, the
 cross-validated metrics with 95% intervals from ``cv_results.json`` (written by ``cv.py``) beside
-the plain U-Net's from the same run, the licence and the intended use.
+the plain U-Net's from the same run, the licence and the intended use. With ``--objects``
+(``objects_select.py``'s report on the same fold models, ``cv_objects.json``) the headline numbers of
+both models are the cross-selected ones (object settings chosen without the scored fold).
 
 With ``--prompts RUN`` (a ``pathsam2/glas_cpu_prompts`` run started from ``--run``'s model) the bundled
 weights are that run's: the same class masks (its training froze them) plus the click/box path; the
@@ -12,6 +14,7 @@ card then also says how that path was trained and, with ``--prompt-eval`` (``pro
 how well it finds held-out glands beside picking them from automatic masks.
 
     .venv/bin/python benchmarks/segment_glas/bundle.py [--run runs/pathsam2_glas_cpu_final]
+        [--objects benchmarks/segment_glas/cv_objects.json]
         [--prompts runs/pathsam2_glas_cpu_prompts --prompt-eval runs/prompt/eval.json]
 """
 
@@ -37,34 +40,64 @@ def _line(cv: dict) -> str:
     return ", ".join(parts)
 
 
-def evaluation(report: dict) -> dict:
-    """The card's ``evaluation`` section from a ``cv.py`` report."""
+def evaluation(report: dict, objects: dict | None = None) -> dict:
+    """The card's ``evaluation`` section from a ``cv.py`` report.
+
+    With ``objects`` (an ``objects_select.py`` report on the same fold models) the headline numbers are
+    its cross-selected estimate for both models: fold k scored with the object setting that did best
+    on the other folds, so no fold's number comes from a choice made on that fold. The recipes must
+    ship the setting best over all folds (the one ``cv.py`` scored), which is reported beside it."""
     ours, unet = report["models"]["pathsam2"], report["models"]["unet"]
-    k = ours["default"]["cv"]["dice"]["n"]
+    cv_ours, cv_unet = ours["default"]["cv"], unet["default"]["cv"]
+    how = "The object settings were chosen on fold 0's images with an earlier model."
+    command = ".venv/bin/python benchmarks/segment_glas/cv.py"
+    if objects is not None:
+        for m in ("pathsam2", "unet"):
+            best, used = objects["models"][m]["best"], report["inference"][m]["objects"]
+            if best != used:
+                raise SystemExit(
+                    f"{m}: cv.py scored the objects {used}, objects_select found {best} best: "
+                    "put that into the recipe and run cv.py --score-only again"
+                )
+        cv_ours, cv_unet = (objects["models"][m]["cross_selected"]["cv"] for m in ("pathsam2", "unet"))
+        how = (
+            "Object settings (split_um x min_area_um2 grid, objects_select.py) chosen the same way for both "
+            "models: fold k is scored with the setting best (mean of object F1 and object Dice) on the other "
+            f"folds; the recipe ships the setting best on all folds ({objects['models']['pathsam2']['best']}), "
+            "whose scores are under cv_shipped_objects (slightly optimistic)."
+        )
+        command += (
+            " && .venv/bin/python benchmarks/segment_glas/objects_select.py --runs runs/segment_cv"
+            " --out benchmarks/segment_glas/cv_objects"
+        )
+    k = cv_ours["dice"]["n"]
     summary = (
         f"{k}-fold cross-validation on the 85 GlaS training images, scored as `pathfm segment` writes it "
-        f"(objects on, 0.62 µm/px; mean [95% t-interval] over folds; Hausdorff in px): {_line(ours['default']['cv'])}. "
-        f"Plain ResNet18 U-Net, same data and CPU budget, same run: {_line(unet['default']['cv'])}."
+        f"(objects on, 0.62 µm/px; mean [95% t-interval] over folds; Hausdorff in px): {_line(cv_ours)}. "
+        f"Plain ResNet18 U-Net, same data and CPU budget, same run: {_line(cv_unet)}."
     )
-    return {
+    out = {
         "summary": summary,
         "method": (
             f"{k} folds by image number (train_<i> in fold i mod {k}; GlaS names carry no patient ids); each fold "
             "trained with this model's recipe on the other folds, last weights, nothing held out for selection; "
-            "held-out images segmented by segment_slide, then its default objects (napari_pathfm.instances). "
-            "The object settings were chosen on fold 0's images with an earlier model."
+            "held-out images segmented by segment_slide, then objects (napari_pathfm.instances). " + how
         ),
-        "command": ".venv/bin/python benchmarks/segment_glas/cv.py",
-        "cv": ours["default"]["cv"],
+        "command": command,
+        "cv": cv_ours,
         "cv_class_map_without_objects": ours["raw"]["cv"],
         "pooled": ours["default"]["pooled"],
         "baseline": {
             "model": "resnet_unet (ResNet18 encoder, random init), recipe pathsam2/glas_unet_baseline",
-            "cv": unet["default"]["cv"],
+            "cv": cv_unet,
             "pooled": unet["default"]["pooled"],
         },
         "training_steps": {m: [t["steps"] for t in r["training"]] for m, r in report["models"].items()},
     }
+    if objects is not None:
+        out["cv_shipped_objects"] = ours["default"]["cv"]
+        out["baseline"]["cv_shipped_objects"] = unet["default"]["cv"]
+    return out
 
 
 def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Path, dict]:
@@ -83,7 +116,7 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
             "as a copy of the class decoder) trained, on one prompt per crop simulated from the 85 GlaS masks; "
             "everything else frozen, so the class masks and the metrics under 'evaluation' are unchanged."
         ),
-        "training_time": f"{budget} CPU-minutes, {done['step']} steps of 8 crops, one thread",
+        "training_time": f"{budget} CPU-minutes, {done['step']} steps of {prompt['recipe']['trainer']['batch_size']} crops, one thread",
         "base_sha256": base.get("sha256"),
     }
     if evaluation_json:
@@ -95,7 +128,8 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(REPO / "runs" / "pathsam2_glas_cpu_final"))
-    ap.add_argument("--cv", default=str(HERE / "cv_results.json"))
+    ap.add_argument("--cv", default=str(HERE / "cv_results.json"), help="cv.py's report on the fold models")
+    ap.add_argument("--objects", default=None, help="objects_select.py's report on the same fold models")
     ap.add_argument("--prompts", default=None, help="the glas_cpu_prompts run on --run's model")
     ap.add_argument("--prompt-eval", default=None, help="prompt_eval.py's JSON report")
     args = ap.parse_args()
@@ -106,8 +140,10 @@ def main() -> None:
         weights, extra = _prompt_card(Path(args.prompts), card, args.prompt_eval)
         card.update(extra)
     report = json.loads(Path(args.cv).read_text(encoding="utf-8"))
+    objects = json.loads(Path(args.objects).read_text(encoding="utf-8")) if args.objects else None
     done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
+    mpp, batch, tile = card["recipe"]["data"]["input_mpp"], card["recipe"]["trainer"]["batch_size"], card["tile_size"]
     card.pop("held_out_evaluation", None)  # an earlier model's 17-image hold-out
     card.update(
         {
@@ -116,25 +152,30 @@ def main() -> None:
             "description": (
                 "Small Path-SAM2 for gland vs background in H&E (colon): random-init SAM2-style Hiera micro trunk "
                 "(no SAM2 weights), no UNI branch, KAN class prompts and heads, SAM-style decoder of width 128, "
-                f"256 px tiles at 1.24 µm/px. Trained from scratch on the 85 GlaS training images for {budget} "
-                "CPU-minutes. The default model of `pathfm segment` and the Segment widget; one object per gland."
+                f"{tile} px tiles at {mpp:g} µm/px. Trained from scratch on the 85 GlaS training images for {done['step']} steps "
+                f"({budget} CPU-minutes). The default model of `pathfm segment` and the Segment widget; one object per gland."
             ),
             "command": "pathfm train pathsam2/glas_cpu",
             "training_data": (
                 "GlaS (MICCAI 2015 gland segmentation; Sirinukunwattana et al., Medical Image Analysis 2017) "
-                "training part, all 85 images; 0.62 µm/px resampled to 1.24 µm/px; binary gland masks."
+                f"training part, all 85 images at {mpp:g} µm/px (GlaS's own 0.62 µm/px"
+                + (")" if mpp == 0.62 else f" resampled to {mpp:g})")
+                + "; binary gland masks."
             ),
             "training_time": (
-                f"{budget} CPU-minutes of the training process (trainer.cpu_budget_minutes): {done['step']} steps "
-                f"of 8 random 256 px crops, {card.get('epochs')} epochs, one thread"
-            ),
+                f"{done['step']} steps (trainer.step_budget: what {budget} CPU-minutes of the training process "
+                "bought in the cross-validation run)"
+                if card["recipe"]["trainer"].get("step_budget")
+                else f"{budget} CPU-minutes of the training process (trainer.cpu_budget_minutes): {done['step']} steps"
+            )
+            + f" of {batch} random {tile} px crops, {card.get('epochs')} epochs, one thread",
             "intended_use": (
                 "Research and demonstration: gland / background in H&E of colon at about 0.5–1.3 µm/px, and a "
                 "starting point to fine-tune on your own slides with painted corrections. Not for diagnosis; "
                 "on other tissue it marks gland-like epithelium."
             ),
             "licence": "GlaS: research use only, no commercial use. These weights inherit that restriction.",
-            "evaluation": evaluation(report),
+            "evaluation": evaluation(report, objects),
         }
     )
     for suffix in (".safetensors", ".json"):

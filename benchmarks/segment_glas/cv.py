@@ -6,10 +6,12 @@ What it does, in one run:
    is the old 17-image hold-out; GlaS file names carry no patient or slide ids, so the folds cannot
    be grouped by patient — neighbouring numbers may come from the same slide);
 2. for each fold and each model (``pathsam2/glas_cpu``, the bundled model's recipe, and
-   ``pathsam2/glas_unet_baseline``), trains on the other four folds with the recipe's CPU budget
-   (``trainer.cpu_budget_minutes``: CPU time of the training process, so other jobs on the machine
-   do not change what a model gets) and nothing held out for model selection: the last weights are
-   the fold's model;
+   ``pathsam2/glas_unet_baseline``), trains on the other four folds with the recipe's budget and
+   nothing held out for model selection: the last weights are the fold's model. Both recipes record
+   their 12 CPU-minutes as the steps they bought in the CV run of 2026-12-05 (``trainer.step_budget``,
+   so a faster or slower machine repeats the same schedule); ``--set trainer.step_budget=null``
+   trains on ``trainer.cpu_budget_minutes`` instead (CPU time of the training process, so other jobs
+   on the machine do not change what a model gets);
 3. predicts every held-out image with the segment command's defaults
    (:func:`napari_pathfm.pipelines.segment.segment_slide`, with test-time flips where the recipe says
    ``flips: true``, then the recipe's object settings through :mod:`napari_pathfm.instances`: holes
@@ -31,7 +33,9 @@ with the recipe as it is now (otherwise it is set aside and trained again), so a
 
 (``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in.)
 
-Results: ``benchmarks/segment_glas/cv_results.json`` and ``cv_results.md`` (the table in the docs).
+Results: ``benchmarks/segment_glas/cv_results.json`` and ``cv_results.md``; then
+``objects_select.py --runs runs/segment_cv --out benchmarks/segment_glas/cv_objects`` chooses the
+object settings on the kept held-out maps and gives the cross-selected rows (the table in the docs).
 """
 
 from __future__ import annotations
