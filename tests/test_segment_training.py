@@ -271,7 +271,7 @@ def test_pathsam2_recipes_validate(shared_data, monkeypatch, tmp_path):
     assert cpu.get("model.encoder") == "hiera_micro" and cpu.get("model.uni") is None
     assert cpu.get("model.freeze_encoders") is False and cpu.get("model.image_size") <= 256
     assert Path(cpu.get("data.root")) == shared_data / "glas" / "train"
-    # the bundled model trains on all 85 images for a CPU budget; its estimate is cross-validated (cv.py)
+    # the bundled model trains on all 85 images for a budget; its estimate is cross-validated (cv.py)
     assert cpu.get("data.val_names") == [] and cpu.get("trainer.cpu_budget_minutes") == 12
     unet = load_recipe(RECIPES / "glas_unet_baseline.yaml")
     same = ("root", "classes", "val_names", "mpp", "tile_size", "samples_per_image", "color_jitter")

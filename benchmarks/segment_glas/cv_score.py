@@ -97,6 +97,7 @@ def _fold_training(run: Path) -> dict:
         "steps": int(done[-1].get("step", 0)) if done else None,
         "epochs": card.get("epochs"),
         "cpu_budget_minutes": recipe.get("trainer", {}).get("cpu_budget_minutes"),
+        "step_budget": recipe.get("trainer", {}).get("step_budget"),  # wins over the minutes when set
         "batch_size": recipe.get("trainer", {}).get("batch_size"),
         "model": card.get("name"),
         "parameters": card.get("num_parameters"),
@@ -183,6 +184,13 @@ def _cell(stats: dict, digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _budget(training: dict) -> str:
+    """What ended a fold's training: its step budget when the recipe had one, else its CPU-minutes."""
+    if training.get("step_budget"):
+        return f"{training['step_budget']} steps"
+    return f"{training['cpu_budget_minutes']} CPU-min"
+
+
 def table(report: dict) -> str:
     """Markdown table: one row per model and output, CV mean [95% CI] and the pooled value."""
     head = "| model | output | folds | Dice | object F1 | object Dice | object Hausdorff (px) | objects/image |"
@@ -208,13 +216,13 @@ def table(report: dict) -> str:
                 f"{p['object_hausdorff']:.0f} |"
             )
     rows.append("")
-    rows.append("| model | fold | training steps | batch | epochs | CPU budget (min) | parameters | flips |")
+    rows.append("| model | fold | training steps | batch | epochs | budget | parameters | flips |")
     rows.append("|" + "---|" * 8)
     for model, r in report["models"].items():
         for t in r["training"]:
             rows.append(
                 f"| {model} | {t['fold']} | {t['steps']} | {t.get('batch_size')} | {t['epochs']} | "
-                f"{t['cpu_budget_minutes']} | {t['parameters']} | {t.get('flips', False)} |"
+                f"{_budget(t)} | {t['parameters']} | {t.get('flips', False)} |"
             )
     return "\n".join(rows) + "\n"
 
