@@ -10,7 +10,8 @@ on a tile that is not in the session's memory (``keep=0``), so each one reads th
 ``model`` times :meth:`~napari_pathfm.models.pathsam2.PathSAM2.decode_prompt` alone on one embedding.
 
 Prompts: a positive click at a random tissue pixel, every third with a negative click 40 px away,
-every other one a box of 120 px around the click instead. The model is ``--checkpoint`` (default: the
+every other one a box of 120 px around the click instead (a box's object grows across the tiles the box
+reaches: ``tiles_per_prompt``). The model is ``--checkpoint`` (default: the
 bundled one); one without a prompt path is replaced by its architecture with ``prompts`` and random
 weights (speed does not depend on the weights).
 
@@ -62,19 +63,25 @@ def _prompts(slide, n: int, rng) -> list:
     return out
 
 
-def _time(session, prompts, labels) -> np.ndarray:
+def _time(session, prompts, labels) -> tuple[np.ndarray, list[int]]:
     from napari_pathfm.pipelines.prompt import paint_objects
 
-    times = []
+    times, tiles = [], []
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
-        paint_objects(labels, [session.segment(p)], i + 1)
+        obj = session.segment(p)
+        paint_objects(labels, [obj], i + 1)
         times.append(time.perf_counter() - t0)
-    return np.array(times[3:]) * 1000  # the first 3 warm up
+        tiles.append(len(obj.tiles))
+    return np.array(times[3:]) * 1000, tiles[3:]  # the first 3 warm up
 
 
-def _row(ms: np.ndarray) -> dict:
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+def _row(timed: tuple[np.ndarray, list[int]] | np.ndarray) -> dict:
+    ms, tiles = timed if isinstance(timed, tuple) else (timed, None)
+    row = {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p95_ms": round(float(np.percentile(ms, 95)), 1)}
+    if tiles:
+        row["tiles_per_prompt"] = round(float(np.mean(tiles)), 2)
+    return row
 
 
 def main(argv=None) -> dict:

@@ -8,12 +8,14 @@ compared with that gland (Dice, IoU). Each image is prompted through
 :class:`napari_pathfm.pipelines.prompt.PromptSession` as a 0.62 µm/px image, exactly as ``pathfm
 prompt`` and the Segment dock do. Baselines in the same run: the object under the same click in the
 automatic segmentation (``pathfm segment``'s default objects) of the same Path-SAM2 fold model and of
-the plain U-Net fold model — what a user gets by clicking an already segmented gland.
+the plain U-Net fold model — what a user gets by clicking an already segmented gland. Also in the same
+run: the box answered on its nearest tile alone (``box_one_tile``, what boxes did before they grew
+across tiles) and clicks grown across tiles the way boxes are (``click_grown``, not the default).
 
 Glands are the connected components of the binary masks (GlaS keeps gaps between glands) of at least
 ``--min-area`` px. Reported per method: mean Dice and IoU over glands with a 95% bootstrap interval
-(2000 resamples of glands), the share of glands found (IoU > 0.5), and how many glands were larger
-than the prompt tile and cut at its edge.
+(2000 resamples of glands), the share of glands found (IoU > 0.5), how many objects reach the edge of
+the tiles they were answered on (may be cut there) and the tiles per prompt.
 
     .venv/bin/python benchmarks/segment_glas/prompt_eval.py [--fold 0] [--json runs/prompt/eval.json]
 """
@@ -90,6 +92,7 @@ def summarise(rows: list[dict], seed: int = 0) -> dict:
     out["found"] = float(np.mean([r["iou"] > 0.5 for r in rows]))
     if "at_edge" in rows[0]:
         out["cut_at_tile_edge"] = int(sum(r["at_edge"] for r in rows))
+        out["tiles_per_prompt"] = float(np.mean([r["tiles"] for r in rows]))
     return out
 
 
@@ -125,7 +128,8 @@ def main(argv=None) -> dict:
     held = card["split"]["val"]
     pair = load_family_checkpoint(prompt_model, "segment")
     auto = {m: args.runs / m / f"fold_{args.fold}" / "model.safetensors" for m in ("pathsam2", "unet")}
-    rows: dict[str, list] = {"click": [], "box": [], "pathsam2_auto_click": [], "unet_auto_click": []}
+    kinds = ("click", "box", "click_grown", "box_one_tile")
+    rows: dict[str, list] = {k: [] for k in (*kinds, "pathsam2_auto_click", "unet_auto_click")}
     for name in held:
         image = args.root / "images" / f"{name}.png"
         truth = read_mask(args.root / "masks" / f"{name}.png")
@@ -137,10 +141,15 @@ def main(argv=None) -> dict:
         with opened_slide(image, GLAS_MPP) as slide, PromptSession(slide, pair, device="cpu", cache=False) as s:
             for g in glands(truth, args.min_area):
                 xy = click_of(g)
-                for kind, prompt in (("click", Prompt(points=(xy,))), ("box", Prompt(box=box_of(g)))):
-                    obj = s.segment(prompt)
+                for kind in kinds:
+                    prompt = Prompt(points=(xy,)) if kind.startswith("click") else Prompt(box=box_of(g))
+                    obj = s.segment(
+                        prompt, max_tiles=1 if kind.endswith("one_tile") else None, grow_clicks=kind == "click_grown"
+                    )
                     d, i = overlap(as_image(obj, g.shape), g)
-                    rows[kind].append({"image": name, "dice": d, "iou": i, "at_edge": obj.at_edge})
+                    rows[kind].append(
+                        {"image": name, "dice": d, "iou": i, "at_edge": obj.at_edge, "tiles": len(obj.tiles)}
+                    )
                 for m, binary in autos.items():
                     d, i = overlap(under_click(binary, xy), g)
                     rows[f"{m}_auto_click"].append({"image": name, "dice": d, "iou": i})

@@ -63,7 +63,7 @@ def prompt_cmd(
     if not points and not boxes:
         raise UsageError("no prompt given.", "Add --point X,Y or --box X0,Y0,X1,Y1 (level-0 pixels).")
     preflight([Output(out)], [input_path, checkpoint], folders([input_path]))
-    from .pipelines.prompt import Prompt, prompt_slide
+    from .pipelines.prompt import Prompt, edge_note, prompt_slide
 
     neg = tuple(negatives)
     try:
@@ -88,10 +88,5 @@ def prompt_cmd(
         if not obj["area_px"]:
             typer.secho(f"prompt {obj['id']}: no object found there.", fg=typer.colors.YELLOW, err=True)
         elif obj["at_tile_edge"]:
-            typer.secho(
-                f"object {obj['id']} reaches the edge of the {summary['tile_side']} px tile it was found on "
-                "and may be cut there.",
-                fg=typer.colors.YELLOW,
-                err=True,
-            )
+            typer.secho(f"object {obj['id']} {edge_note(len(obj['tiles']))}", fg=typer.colors.YELLOW, err=True)
     typer.echo(json_text(summary, indent=2))

@@ -5,10 +5,13 @@ whose centre is nearest to it — the grid ``pathfm segment`` runs, so the tile'
 are the ones the embedding cache already holds after a segment run, and are encoded (and stored)
 only when they are not. Path-SAM2's prompt path
 (:meth:`~napari_pathfm.models.pathsam2.PathSAM2.decode_prompt`) turns them and the prompt into the
-object's mask on that tile; it is resized to level 0, cut to the connected part under the positive
-clicks (or the largest part in the box), its holes filled when the model's card fills them, and
-returned with its level-0 offset. An object larger than a tile is cut at the tile's edge
-(:attr:`PromptedObject.at_edge` says so).
+object's logits on that tile, resized to level 0. Where the object reaches pixels a neighbouring tile
+sees better (nearer its centre), that tile is prompted too, with the clicks and box inside it or a
+click inside the object found so far (:mod:`.prompt_tiles`), and the tiles' logits are joined, each
+pixel from its nearest tile, as ``pathfm segment`` stitches. The result is cut to the connected part
+under the positive clicks (or the largest part in the box), its holes filled when the model's card
+fills them, and returned with its level-0 offset. An object larger than the tiles a prompt may use
+(``max_tiles``) is cut at their edge (:attr:`PromptedObject.at_edge` says so).
 
 :class:`PromptSession` keeps the model, the grid and the last tiles' encoder outputs, so the second
 click on a tile costs only the decoder; :func:`prompt_slide` is the CLI's path (all prompts of a
@@ -29,7 +32,7 @@ from ..progress import check_cancel, report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prompt", "PromptSession", "PromptedObject", "paint_objects", "prompt_slide"]
+__all__ = ["Prompt", "PromptSession", "PromptedObject", "edge_note", "paint_objects", "prompt_slide"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,9 @@ class PromptedObject:
     x0: int
     mask: np.ndarray
     tile: int
-    from_cache: bool = False
-    at_edge: bool = False  # touches its tile's edge inside the slide: may be cut there
+    from_cache: bool = False  # every tile it was answered on came from the embedding cache
+    at_edge: bool = False  # touches the edge of the tiles it was answered on, inside the slide: may be cut
+    tiles: tuple[int, ...] = ()  # the tiles it was answered on, ``tile`` first
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,6 +110,8 @@ class PromptSession:
         The embedding cache (``None`` default, ``False`` none, a folder or an ``EmbeddingCache``).
     keep : int
         Tiles whose encoder outputs stay in memory.
+    max_tiles : int
+        Most tiles one prompt's object is answered on (:meth:`segment`).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class PromptSession:
         overlap: float = 0.25,
         cache: Any = None,
         keep: int = 16,
+        max_tiles: int = 9,
     ):
         from ..device import resolve_device
         from ..errors import CheckpointError
@@ -138,7 +145,7 @@ class PromptSession:
         t, ov = tile_geometry(self.model, self.card, None, overlap)
         self.grid = tile_grid(slide, t, mpp=run_mpp(slide, mpp, self.card, "prompted", "prompt"), overlap=ov)
         self.preprocess = encoder_preprocess(self.model)
-        self.cache, self.keep = cache, int(keep)
+        self.cache, self.keep, self.max_tiles = cache, int(keep), max(1, int(max_tiles))
         self._memory: OrderedDict[int, dict] = OrderedDict()
         self._encoder: Any = None
         self.fill_holes = bool((self.card.get("objects") or {}).get("fill_holes", False))
@@ -197,11 +204,54 @@ class PromptSession:
         return out, bool(stored)
 
     # -- prompts --------------------------------------------------------------------------------
-    def segment(self, prompt: Prompt) -> PromptedObject:
-        """The object under ``prompt`` (an empty mask when the model finds none)."""
-        import torch
+    def segment(self, prompt: Prompt, *, max_tiles: int | None = None, grow_clicks: bool = False) -> PromptedObject:
+        """The object under ``prompt`` (an empty mask when the model finds none).
 
-        i = self.tile_for(prompt)
+        Answered first on the tile nearest to the prompt. A prompt with a box goes on across tiles:
+        where the object reaches pixels that another tile inside the box decides (the tile whose centre
+        is nearest to them, as ``pathfm segment`` stitches), that tile is prompted too
+        (:func:`~napari_pathfm.pipelines.prompt_tiles.carried_prompt`) and decides them, until every
+        pixel of the object is decided by its own tile or ``max_tiles`` tiles (the session's by
+        default) were asked. Clicks alone are answered on the nearest tile: grown the same way
+        (``grow_clicks=True``, for measuring), their objects merged with neighbouring glands more
+        often than they gained (docs/prompting.md).
+        """
+        from .prompt_tiles import carried_prompt, reaches_uncovered, stitch_logits, tiles_needed, tiles_within
+
+        limit = self.max_tiles if max_tiles is None else max(1, int(max_tiles))
+        if prompt.box is not None:
+            reach = tiles_within(self.grid, prompt.box)
+        else:
+            reach = set(range(len(self.grid.tiles))) if grow_clicks else set()
+        first = self.tile_for(prompt)
+        logits: dict[int, np.ndarray] = {}
+        asked, todo, cached = {first}, [(first, prompt)], True
+        while todo:
+            for i, p in todo:
+                logits[i], was_cached = self._logits(i, p)
+                cached = cached and was_cached
+            stitched, covered, y0, x0 = stitch_logits(self.grid, logits)
+            mask = self._object(prompt, (stitched > 0) & covered, y0, x0)
+            todo = []
+            for j in sorted((tiles_needed(self.grid, mask, y0, x0) & reach) - asked):
+                if len(asked) >= limit:
+                    break
+                asked.add(j)  # asked once: a tile with too little of the object gets no prompt
+                carried = carried_prompt(prompt, self.grid, j, mask, y0, x0)
+                if carried is not None:
+                    todo.append((j, carried))
+        at_edge = reaches_uncovered(mask, covered, y0, x0, self.grid.level0_shape)
+        ys, xs = np.nonzero(mask)
+        if not len(ys):
+            return PromptedObject(y0, x0, np.zeros((0, 0), bool), first, cached, False, tiles=tuple(logits))
+        crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+        return PromptedObject(y0 + int(ys.min()), x0 + int(xs.min()), crop, first, cached, at_edge, tiles=tuple(logits))
+
+    def _logits(self, i: int, prompt: Prompt) -> tuple[np.ndarray, bool]:
+        """Tile ``i``'s logits for ``prompt``, resized to level 0 and clipped to the slide; from its cache?"""
+        import torch
+        from PIL import Image
+
         encoded, cached = self.embedding(i)
         g = self.grid
         ty, tx = (float(v) for v in g.tiles[i])
@@ -215,52 +265,38 @@ class PromptSession:
             b = (np.array(prompt.box, np.float32) - [tx, ty, tx, ty]) * s
             boxes = torch.as_tensor(b[None], device=self.dev)
         with torch.inference_mode():
-            logits = self.model.decode_prompt(None, encoded, points, labels, boxes)
-        return self._place(prompt, i, logits[0, 0].float().cpu().numpy(), cached)
+            logits = self.model.decode_prompt(None, encoded, points, labels, boxes)[0, 0].float().cpu().numpy()
+        h0, w0 = g.level0_shape
+        side = int(round(g.level0_size))
+        big = np.asarray(Image.fromarray(logits.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
+        return big[: min(h0, int(ty) + side) - int(ty), : min(w0, int(tx) + side) - int(tx)], cached
 
-    def _place(self, prompt: Prompt, i: int, logits: np.ndarray, cached: bool) -> PromptedObject:
-        """Model-resolution logits of tile ``i`` → the level-0 mask of the prompted object."""
-        from PIL import Image
+    def _object(self, prompt: Prompt, fg: np.ndarray, y0: int, x0: int) -> np.ndarray:
+        """The prompted object in a level-0 foreground ``fg`` placed at ``(y0, x0)``: holes filled when the
+        card fills them, then the connected part under the positive clicks (or the nearest part within
+        1/16 of a tile), else the largest part inside the box."""
         from scipy import ndimage
 
-        g = self.grid
-        h0, w0 = g.level0_shape
-        ty, tx = (int(v) for v in g.tiles[i])
-        side = int(round(g.level0_size))
-        y1, x1 = min(h0, ty + side), min(w0, tx + side)
-        big = np.asarray(Image.fromarray(logits.astype(np.float32)).resize((side, side), Image.Resampling.BILINEAR))
-        mask = big[: y1 - ty, : x1 - tx] > 0
         if self.fill_holes:  # first: a click in a gland's lumen is a click on that gland
-            mask = ndimage.binary_fill_holes(mask)
-        parts, n = ndimage.label(mask)
+            fg = ndimage.binary_fill_holes(fg)
+        parts, n = ndimage.label(fg)
         keep = np.zeros(n + 1, bool)
-        clicks = [(int(y) - ty, int(x) - tx) for (x, y), v in zip(prompt.points, prompt.labels, strict=True) if v]
-        clicks = [(y, x) for y, x in clicks if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]]
-        if clicks and n:  # the part under each positive click, or the nearest within 1/16 of a tile
+        clicks = [(int(y) - y0, int(x) - x0) for (x, y), v in zip(prompt.points, prompt.labels, strict=True) if v]
+        clicks = [(y, x) for y, x in clicks if 0 <= y < fg.shape[0] and 0 <= x < fg.shape[1]]
+        if clicks and n:
             dist, (iy, ix) = ndimage.distance_transform_edt(parts == 0, return_indices=True)
             for y, x in clicks:
-                if dist[y, x] <= side / 16:
+                if dist[y, x] <= self.grid.level0_size / 16:
                     keep[parts[iy[y, x], ix[y, x]]] = True
         keep[0] = False
         if not keep.any() and n and prompt.box is not None:
             bx0, by0, bx1, by1 = (int(round(v)) for v in prompt.box)
-            region = parts[max(0, by0 - ty) : max(0, by1 - ty), max(0, bx0 - tx) : max(0, bx1 - tx)]
+            region = parts[max(0, by0 - y0) : max(0, by1 - y0), max(0, bx0 - x0) : max(0, bx1 - x0)]
             sizes = np.bincount(region.ravel(), minlength=n + 1)
             sizes[0] = 0
             if sizes.any():
                 keep[int(np.argmax(sizes))] = True
-        mask = keep[parts]
-        at_edge = bool(
-            (mask[0].any() and ty > 0)
-            or (mask[:, 0].any() and tx > 0)
-            or (mask[-1].any() and y1 < h0)
-            or (mask[:, -1].any() and x1 < w0)
-        )
-        ys, xs = np.nonzero(mask)
-        if not len(ys):
-            return PromptedObject(ty, tx, np.zeros((0, 0), bool), i, cached, False)
-        crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-        return PromptedObject(ty + int(ys.min()), tx + int(xs.min()), crop, i, cached, at_edge)
+        return keep[parts]
 
     def release(self) -> None:
         """Let go of the cache entry (others may store to it again); the model and memory stay."""
@@ -277,6 +313,16 @@ class PromptSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def edge_note(tiles: int) -> str:
+    """The words for an object that reaches the edge of the ``tiles`` tiles it was answered on (CLI and dock)."""
+    if tiles == 1:
+        return (
+            "reaches the edge of the tile it was answered on and may be cut there "
+            "(a click is answered on one tile: draw a box around a large object)."
+        )
+    return f"reaches the edge of the {tiles} tiles it was answered on and may be cut there."
 
 
 def paint_objects(labels: Any, objects: list[PromptedObject], first_id: int) -> list[int]:
@@ -333,9 +379,9 @@ def prompt_slide(
 ) -> dict:
     """Every prompt's object on one slide; with ``out``, a level-0 labels OME-TIFF (object ``k`` = prompt ``k``).
 
-    Returns a summary: ``objects`` (per prompt: id, level-0 bbox, area in px, tile, from cache,
-    at the tile's edge), ``shape``, ``mpp``, ``tile_side`` (level-0 px) and ``out``. A prompt outside
-    the image is a ``ValueError``, raised before the model loads.
+    Returns a summary: ``objects`` (per prompt: id, level-0 bbox, area in px, first tile, from cache,
+    at the edge of its tiles, the tiles used), ``shape``, ``mpp``, ``tile_side`` (level-0 px) and
+    ``out``. A prompt outside the image is a ``ValueError``, raised before the model loads.
     """
     from .tile_run import opened_slide
 
@@ -386,6 +432,7 @@ def _describe(k: int, o: PromptedObject) -> dict:
         "tile": o.tile,
         "from_cache": bool(o.from_cache),
         "at_tile_edge": bool(o.at_edge),
+        "tiles": [int(t) for t in o.tiles],
     }
 
 

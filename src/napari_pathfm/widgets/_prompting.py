@@ -235,7 +235,9 @@ class PromptRow(QWidget):
             else:
                 text = f"Prompt {oid}: no object found there."
             if obj.at_edge:
-                text += " It reaches the edge of the tile it was found on and may be cut there."
+                from ..pipelines.prompt import edge_note
+
+                text += f" It {edge_note(len(obj.tiles))}"
             self.dock.status.setText(text)
         self._pump()
 
