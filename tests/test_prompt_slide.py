@@ -109,7 +109,7 @@ def glas_image(shared_data, tmp_path):
 def test_bundled_model_prompts_glands_from_the_segment_cache(glas_image, tmp_path):
     """Every gland of a GlaS image, clicked in its middle and boxed, on a segmented image (embedding cache).
 
-    The bounds are below what this image gives (mean Dice 0.61 by click, 0.83 by box across tiles, over its 8 glands of
+    The bounds are below what this image gives (mean Dice 0.70 by click, 0.86 by box across tiles, over its 8 glands of
     at least 500 px clear of the image's edge); the held-out numbers are
     benchmarks/segment_glas/prompt_eval.py's."""
     from napari_pathfm.pipelines.prompt import Prompt, PromptSession, paint_objects
@@ -137,7 +137,7 @@ def test_bundled_model_prompts_glands_from_the_segment_cache(glas_image, tmp_pat
             assert _dice(grown, big) > _dice(one, big) + 0.1, (_dice(grown, big), _dice(one, big))
             assert s._encoder.computed == 0, "a segmented image's tiles come from the cache"
     assert len(dice["click"]) >= 5
-    assert np.mean(dice["click"]) > 0.5 and np.mean(dice["box"]) > 0.7, {k: np.mean(v) for k, v in dice.items()}
+    assert np.mean(dice["click"]) > 0.55 and np.mean(dice["box"]) > 0.75, {k: np.mean(v) for k, v in dice.items()}
     x, y, gland = _gland_click(mask)
     with opened_slide(image, GLAS_MPP) as slide, PromptSession(slide, cache=False, device="cpu") as s:
         obj = s.segment(Prompt(points=((x, y),)))

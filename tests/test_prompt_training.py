@@ -46,7 +46,7 @@ def test_simulated_prompts_pick_one_gland_of_a_real_mask(shared_data):
     if not path.is_file():
         pytest.skip(f"{path} not found")
     mask = (np.asarray(Image.open(path))[:256, :256] > 0).astype(np.uint8)
-    p = simulate_prompts(mask[None], np.random.default_rng(1), p_box=1.0, p_negative=1.0)
+    p = simulate_prompts(mask[None], np.random.default_rng(1), p_box=1.0, p_negative=1.0, p_box_only=0.0)
     (target,) = p["targets"]
     x, y = (int(v) for v in p["points"][0, 0])
     assert p["labels"][0, 0] == 1 and target[y, x] == 1, "the positive click is on the object"
@@ -61,6 +61,8 @@ def test_simulated_prompts_pick_one_gland_of_a_real_mask(shared_data):
     h, w = ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
     exact = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], float)
     assert (np.abs(p["boxes"][0] - exact) <= 0.1 * np.array([w, h, w, h]) + 1e-3).all(), "SAM's box noise"
+    alone = simulate_prompts(mask[None], np.random.default_rng(1), p_box=1.0, p_box_only=1.0)
+    assert alone["boxes"] is not None and (alone["labels"] == -1).all(), "a box alone, as a user draws it"
 
 
 def test_training_with_simulated_prompts_saves_a_promptable_model(shared_data, tmp_path):

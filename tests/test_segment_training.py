@@ -392,6 +392,7 @@ def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_d
     import json
 
     import torch
+    import yaml
 
     from napari_pathfm.models.checkpoint import load_checkpoint
     from napari_pathfm.training.segment_data import mask_to_classes, read_mask, read_rgb, resize
@@ -413,6 +414,11 @@ def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_d
     assert {k: card["objects"][k] for k in best} == best
     steps = card["recipe"]["trainer"]["step_budget"]  # the bundled model trained as long as each fold model
     assert [t["steps"] for t in report["models"]["pathsam2"]["training"]] == [steps] * 5
+    prompt_recipe = yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu_prompts.yaml").read_text())
+    minutes = prompt_recipe["trainer"]["cpu_budget_minutes"]  # the prompt path: the recipe's budget
+    assert card["prompt_training"]["training_time"].startswith(f"{minutes:g} CPU-minutes")
+    held = json.loads((here / "prompt_results.json").read_text(encoding="utf-8"))  # prompt_eval.py, fold 0
+    assert card["prompt_evaluation"]["results"] == held["results"] and held["prompt_model_steps"] > 0
     for key in ("dice", "object_f1", "object_dice"):  # the words a user reads say the same
         assert f"{card['evaluation']['cv'][key]['mean']:.3f}" in card["evaluation"]["summary"], key
     assert (

@@ -116,7 +116,12 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
             "as a copy of the class decoder) trained, on one prompt per crop simulated from the 85 GlaS masks; "
             "everything else frozen, so the class masks and the metrics under 'evaluation' are unchanged."
         ),
-        "training_time": f"{budget} CPU-minutes, {done['step']} steps of {prompt['recipe']['trainer']['batch_size']} crops, one thread",
+        "training_time": (
+            f"{done['step']} steps (trainer.step_budget: what {budget} CPU-minutes bought the evaluated fold-0 prompt run)"
+            if prompt["recipe"]["trainer"].get("step_budget")
+            else f"{budget} CPU-minutes, {done['step']} steps"
+        )
+        + f" of {prompt['recipe']['trainer']['batch_size']} crops, one thread",
         "base_sha256": base.get("sha256"),
     }
     if evaluation_json:

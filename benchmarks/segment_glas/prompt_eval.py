@@ -18,6 +18,12 @@ Glands are the connected components of the binary masks (GlaS keeps gaps between
 the tiles they were answered on (may be cut there) and the tiles per prompt.
 
     .venv/bin/python benchmarks/segment_glas/prompt_eval.py [--fold 0] [--json runs/prompt/eval.json]
+
+The fold's prompt model is trained with the bundled prompt recipe on the fold model of ``cv.py``, the
+fold's held-out images kept out (``data.val_names``, as in that fold's ``recipe.yaml``):
+
+    pathfm train pathsam2/glas_cpu_prompts --set data.init_checkpoint=runs/segment_cv/pathsam2/fold_0/model \\
+        --set "data.val_names=[train_10, train_15, ...]" --out runs/prompt/fold_0
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +164,10 @@ def main(argv=None) -> dict:
         "fold": args.fold,
         "held_out_images": len(held),
         "prompt_model": _rel(prompt_model),
+        "prompt_model_steps": card.get("steps"),
         "auto_models": {m: _rel(p) for m, p in auto.items()},
         "results": {k: summarise(v) for k, v in rows.items()},
-        "command": "benchmarks/segment_glas/prompt_eval.py " + " ".join(argv or []),
+        "command": " ".join(["benchmarks/segment_glas/prompt_eval.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(json.dumps(report["results"], indent=2))
     if args.json:

@@ -5,13 +5,14 @@ whose centre is nearest to it — the grid ``pathfm segment`` runs, so the tile'
 are the ones the embedding cache already holds after a segment run, and are encoded (and stored)
 only when they are not. Path-SAM2's prompt path
 (:meth:`~napari_pathfm.models.pathsam2.PathSAM2.decode_prompt`) turns them and the prompt into the
-object's logits on that tile, resized to level 0. Where the object reaches pixels a neighbouring tile
-sees better (nearer its centre), that tile is prompted too, with the clicks and box inside it or a
-click inside the object found so far (:mod:`.prompt_tiles`), and the tiles' logits are joined, each
-pixel from its nearest tile, as ``pathfm segment`` stitches. The result is cut to the connected part
-under the positive clicks (or the largest part in the box), its holes filled when the model's card
-fills them, and returned with its level-0 offset. An object larger than the tiles a prompt may use
-(``max_tiles``) is cut at their edge (:attr:`PromptedObject.at_edge` says so).
+object's logits on that tile, resized to level 0. For a box, where the object reaches pixels that a
+neighbouring tile of the box sees better (nearer its centre), that tile is prompted too, with the box
+clipped to it and a click inside the object found so far (:mod:`.prompt_tiles`), and the tiles'
+logits are joined, each pixel from its nearest tile, as ``pathfm segment`` stitches; clicks alone
+are answered on their one tile. The result is cut to the connected part under the positive clicks
+(or the largest part in the box), its holes filled when the model's card fills them, and returned
+with its level-0 offset. An object larger than the tiles its prompt was answered on is cut at their
+edge (:attr:`PromptedObject.at_edge` says so).
 
 :class:`PromptSession` keeps the model, the grid and the last tiles' encoder outputs, so the second
 click on a tile costs only the decoder; :func:`prompt_slide` is the CLI's path (all prompts of a
@@ -257,6 +258,9 @@ class PromptSession:
         ty, tx = (float(v) for v in g.tiles[i])
         s = self.model.input_size / (g.tile_size * g.scale)  # model input px per level-0 px
         points = labels = boxes = None
+        if not prompt.points:  # a box alone: two padding clicks, as the prompt path trained on it
+            points = torch.zeros((1, 2, 2), device=self.dev)
+            labels = torch.full((1, 2), -1, dtype=torch.int64, device=self.dev)
         if prompt.points:
             pts = (np.array(prompt.points, np.float32) - [tx, ty]) * s
             points = torch.as_tensor(pts[None], device=self.dev)

@@ -8,7 +8,8 @@ the connected regions of its foreground classes; one is drawn at random (at leas
 a positive click falls on one of its pixels well inside it (at least half its largest distance to the
 edge), with probability ``p_negative`` a negative click falls on background within its box grown by a
 quarter, and with probability ``p_box`` (one draw per batch, so the batch stacks) the prompt carries
-its bounding box with each side moved by up to 10 % of the box (SAM's box noise). The target is that
+its bounding box with each side moved by up to 10 % of the box (SAM's box noise), and then, for half
+the crops, the box alone (its clicks become padding: how a drawn box arrives). The target is that
 object alone. Numpy and SciPy; the crops' pixels are the model input's (``scale`` maps them).
 """
 
@@ -57,13 +58,15 @@ def simulate_prompts(
     min_area: int = 64,
     p_negative: float = 0.3,
     p_box: float = 0.5,
+    p_box_only: float = 0.5,
     ignore: int = 255,
     scale: float = 1.0,
 ) -> dict | None:
     """Prompts for a batch of class masks ``(B, H, W)``; None when no crop has an object.
 
     Returns ``{"index", "points" (b, 2, 2) x, y, "labels" (b, 2) with -1 padding, "boxes" (b, 4) or
-    None, "targets" (b, H, W)}`` for the ``b`` crops that have an object (``index`` into the batch);
+    None, "targets" (b, H, W)}``; with boxes, each crop's clicks are all padding with probability
+    ``p_box_only`` (the box alone, as the Segment dock and ``pathfm prompt --box`` send it) for the ``b`` crops that have an object (``index`` into the batch);
     coordinates are multiplied by ``scale`` (model input pixels per mask pixel).
 
     >>> m = np.zeros((1, 32, 32), np.uint8); m[0, 8:24, 8:24] = 1
@@ -81,6 +84,8 @@ def simulate_prompts(
         points[row, : len(pts)] = pts
         labels[row, : len(lbl)] = lbl
     boxes = np.stack([f[2] for _, f in found]) * scale if rng.random() < p_box else None
+    if boxes is not None:  # a box alone, as a user draws one: its crops' clicks become padding
+        labels[rng.random(len(found)) < p_box_only] = -1
     return {
         "index": np.array([i for i, _ in found]),
         "points": points * scale,
