@@ -65,9 +65,10 @@ def simulate_prompts(
     """Prompts for a batch of class masks ``(B, H, W)``; None when no crop has an object.
 
     Returns ``{"index", "points" (b, 2, 2) x, y, "labels" (b, 2) with -1 padding, "boxes" (b, 4) or
-    None, "targets" (b, H, W)}``; with boxes, each crop's clicks are all padding with probability
-    ``p_box_only`` (the box alone, as the Segment dock and ``pathfm prompt --box`` send it) for the ``b`` crops that have an object (``index`` into the batch);
-    coordinates are multiplied by ``scale`` (model input pixels per mask pixel).
+    None, "targets" (b, H, W)}`` for the ``b`` crops that have an object (``index`` into the batch);
+    coordinates are multiplied by ``scale`` (model input pixels per mask pixel). With boxes, each
+    crop's clicks are all padding with probability ``p_box_only``: the box alone, as the Segment dock
+    and ``pathfm prompt --box`` send it.
 
     >>> m = np.zeros((1, 32, 32), np.uint8); m[0, 8:24, 8:24] = 1
     >>> p = simulate_prompts(m, np.random.default_rng(0), min_area=10, p_negative=0.0)
