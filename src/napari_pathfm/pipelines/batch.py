@@ -243,7 +243,8 @@ def run_batch(
         ``mpp``; ``features``: ``backbone``, ``tile``, ``min_tissue``; ``mil``: ``top_k``).
     progress, cancel
         ``progress(done, total, message)`` after each slide; cancel cancels the pending
-        futures, writes the summary so far and raises :class:`~napari_pathfm.errors.Cancelled`.
+        futures (set before any slide started, none is started), writes the summary so far and
+        raises :class:`~napari_pathfm.errors.Cancelled`.
 
     Returns
     -------
@@ -267,6 +268,10 @@ def run_batch(
     todo, notes = _plan(slides, out, key, summary)
     total = len(slides)
     report(progress, len(summary.rows), total, f"{len(summary.rows)} complete slides skipped")
+    if todo and is_cancelled(cancel):  # asked to stop before any slide started: start none
+        summary.seconds = time.perf_counter() - t0
+        _write_summary(summary)
+        raise Cancelled(f"batch {task} cancelled by the user ({len(todo)} slides not run)")
     if todo:
         client, cluster = _client(scheduler, n_workers)
         try:
