@@ -25,19 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_pathfm.pipelines.translate_eval import COLUMNS
+
 HERE = Path(__file__).resolve().parent
 TRAIN, HELD = slice(0, 768), slice(768, 1024)
-KEYS = (
-    "mae_over_median",
-    "psnr",
-    "ssim",
-    "nuclei_real",
-    "nuclei_pred",
-    "count_rel",
-    "area_rel",
-    "intensity_rel",
-    "texture_rel",
-)
+KEYS = COLUMNS[2:]  # evaluate-translation's metric columns (after source and channel)
 
 
 def quantile_map(pred: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
