@@ -126,7 +126,8 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
     }
     if evaluation_json:
         report = json.loads(Path(evaluation_json).read_text(encoding="utf-8"))
-        extra["prompt_evaluation"] = {**report, "command": ".venv/bin/python benchmarks/segment_glas/prompt_eval.py"}
+        command = report.get("command", "benchmarks/segment_glas/prompt_eval.py")  # as it was run
+        extra["prompt_evaluation"] = {**report, "command": f".venv/bin/python {command}"}
     return run / "model.safetensors", extra
 
 
