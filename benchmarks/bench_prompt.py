@@ -4,7 +4,7 @@ Issue 18's target: p95 ≤ 200 ms per prompt on a cached slide on 2 CPU cores. `
 click in the Segment dock costs once the slide has been segmented (its tile embeddings are in the
 embedding cache): :meth:`napari_pathfm.pipelines.prompt.PromptSession.segment` (pick the tile, read and
 check its cached encoder outputs, prompt encoder + decoder, mask to level 0, connected part, holes
-filled) plus drawing the object into a level-0 labels array (:func:`paint_objects`). Every prompt is
+filled) plus drawing the object into a level-0 labels array (:func:`~napari_pathfm.pipelines.prompt_labels.paint_objects`). Every prompt is
 on a tile that is not in the session's memory (``keep=0``), so each one reads the disk cache; the
 ``uncached`` row is the same prompts with no cache at all (an encoder pass per prompt), for the ratio.
 ``model`` times :meth:`~napari_pathfm.models.pathsam2.PathSAM2.decode_prompt` alone on one embedding.
@@ -64,7 +64,7 @@ def _prompts(slide, n: int, rng) -> list:
 
 
 def _time(session, prompts, labels) -> tuple[np.ndarray, list[int]]:
-    from napari_pathfm.pipelines.prompt import paint_objects
+    from napari_pathfm.pipelines.prompt_labels import paint_objects
 
     times, tiles = [], []
     for i, p in enumerate(prompts):

@@ -114,7 +114,8 @@ def test_bundled_model_prompts_glands_from_the_segment_cache(glas_image, tmp_pat
     its glands come back merged with the tissue around them (Dice 0.07 and 0.14). The earlier 10-minute prompt path
     gave 0.70 here but was worse held out (fold-0 click Dice 0.615 against 0.653); the held-out numbers are
     benchmarks/segment_glas/prompt_eval.py's (docs/prompting.md)."""
-    from napari_pathfm.pipelines.prompt import Prompt, PromptSession, paint_objects
+    from napari_pathfm.pipelines.prompt import Prompt, PromptSession
+    from napari_pathfm.pipelines.prompt_labels import paint_objects
     from napari_pathfm.pipelines.segment import segment_slide
     from napari_pathfm.pipelines.tile_run import opened_slide
     from napari_pathfm.tiles.embedding_cache import EmbeddingCache

@@ -31,7 +31,8 @@ with the recipe as it is now (otherwise it is set aside and trained again), so a
     .venv/bin/python benchmarks/segment_glas/cv.py --score-only --flips --out runs/cv_flips  # test-time flips
     .venv/bin/python benchmarks/segment_glas/cv.py --runs runs/cv_x --set data.input_mpp=0.62 --out runs/cv_x/results
 
-(``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in.)
+(``--set``: a candidate change to the Path-SAM2 recipe, cross-validated beside the U-Net before it goes in;
+``--baseline-set``: the U-Net's side of a change both should get, such as a longer budget.)
 
 Results: ``benchmarks/segment_glas/cv_results.json`` and ``cv_results.md``; then
 ``objects_select.py --runs runs/segment_cv --out benchmarks/segment_glas/cv_objects`` chooses the
@@ -126,10 +127,18 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a recipe override for the Path-SAM2 trainings only (repeat; e.g. data.input_mpp=0.62): a candidate change",
     )
+    ap.add_argument(
+        "--baseline-set",
+        dest="baseline_sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for the U-Net trainings (repeat): the baseline's side of a change such as a longer budget",
+    )
     args = ap.parse_args()
     if args.final and args.sets:
         sys.exit("--final trains the recipe as it is: put a --set change into the recipe first")
-    if (args.sets or args.flips is not None) and Path(args.out) == HERE / "cv_results":
+    if (args.sets or args.baseline_sets or args.flips is not None) and Path(args.out) == HERE / "cv_results":
         sys.exit(
             "--set/--flips score a candidate, not the recipe: give --out so the recipe's cv_results stay as they are"
         )
@@ -142,16 +151,14 @@ def main() -> None:
     names = sorted((n for n, _i, _m in find_pairs(root)), key=lambda n: int(n.rsplit("_", 1)[1]))
     split = folds(names)
     runs = Path(args.runs)
+    sets = {"pathsam2": args.sets, "unet": args.baseline_sets}  # each model's overrides
     if not args.score_only:  # one queue of (model, fold) runs, --parallel at a time, each on its own core(s)
         jobs = [(m, f) for f in args.folds for m in args.models]
         with ThreadPoolExecutor(args.parallel) as pool:
             futures = (
                 [pool.submit(train_final, runs.parent / "pathsam2_glas_cpu_final", args.threads)] if args.final else []
             )
-            futures += [
-                pool.submit(train_fold, m, f, split[f], runs, args.threads, tuple(args.sets) if m == "pathsam2" else ())
-                for m, f in jobs
-            ]
+            futures += [pool.submit(train_fold, m, f, split[f], runs, args.threads, tuple(sets[m])) for m, f in jobs]
             for done in futures:
                 done.result()
     if args.train_only:
@@ -161,10 +168,11 @@ def main() -> None:
 
     from napari_pathfm.training.recipes import load_recipe
 
-    recipes = {m: load_recipe(MODELS[m], args.sets if m == "pathsam2" else []).config for m in args.models}
+    recipes = {m: load_recipe(MODELS[m], sets[m]).config for m in args.models}
     report = score_runs(root, runs, split, args.models, args.folds, flips=args.flips, recipes=recipes)
     report["inference"] = {m: {k: recipes[m].get(k) for k in ("objects", "flips")} for m in args.models}
     report["pathsam2_overrides"] = args.sets  # the candidate change, if any (--set)
+    report["baseline_overrides"] = args.baseline_sets
     report["flips"] = args.flips  # None: each card's (the training rows say what was used)
     write_report(report, Path(args.out))
 

@@ -16,7 +16,8 @@ edge (:attr:`PromptedObject.at_edge` says so).
 
 :class:`PromptSession` keeps the model, the grid and the last tiles' encoder outputs, so the second
 click on a tile costs only the decoder; :func:`prompt_slide` is the CLI's path (all prompts of a
-slide, then one labels image, earlier prompts first where objects overlap).
+slide, then one labels image, earlier prompts first where objects overlap, drawn by
+:mod:`.prompt_labels`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..progress import check_cancel, report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prompt", "PromptSession", "PromptedObject", "edge_note", "paint_objects", "prompt_slide"]
+__all__ = ["Prompt", "PromptSession", "PromptedObject", "edge_note", "prompt_slide"]
 
 
 @dataclass(frozen=True)
@@ -329,45 +330,6 @@ def edge_note(tiles: int) -> str:
     return f"reaches the edge of the {tiles} tiles it was answered on and may be cut there."
 
 
-def paint_objects(labels: Any, objects: list[PromptedObject], first_id: int) -> list[int]:
-    """Draw ``objects`` into ``labels`` (level 0, writable) as ``first_id``, ``first_id + 1``, …, only where
-    it is 0: nothing already there is overwritten. Returns the ids drawn (0 for an empty object)."""
-    ids = []
-    for k, obj in enumerate(objects):
-        if not obj.area:
-            ids.append(0)
-            continue
-        h, w = obj.mask.shape
-        window = (slice(obj.y0, obj.y0 + h), slice(obj.x0, obj.x0 + w))
-        region = np.asarray(labels[window])
-        region = np.where(obj.mask & (region == 0), first_id + k, region).astype(region.dtype)
-        labels[window] = region
-        ids.append(first_id + k)
-    return ids
-
-
-def objects_image(objects: list[PromptedObject], shape: tuple[int, int], dtype: Any = np.uint32) -> Any:
-    """A lazy (dask) level-0 labels image of ``objects``, object ``k`` as ``k + 1``, earlier ones first
-    where they overlap; computed band by band, so a slide-sized image never sits in memory."""
-    import dask.array as da
-
-    def band(block: np.ndarray, block_info: Any = None) -> np.ndarray:
-        (y0, y1), (x0, x1) = block_info[0]["array-location"]
-        out = np.zeros(block.shape, dtype)
-        for k, obj in enumerate(objects):
-            h, w = obj.mask.shape
-            oy0, ox0, oy1, ox1 = max(y0, obj.y0), max(x0, obj.x0), min(y1, obj.y0 + h), min(x1, obj.x0 + w)
-            if oy0 >= oy1 or ox0 >= ox1:
-                continue
-            m = obj.mask[oy0 - obj.y0 : oy1 - obj.y0, ox0 - obj.x0 : ox1 - obj.x0]
-            view = out[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
-            view[m & (view == 0)] = k + 1
-        return out
-
-    rows = max(1, min(shape[0], (64 << 20) // max(1, shape[1] * np.dtype(dtype).itemsize)))
-    return da.zeros(shape, dtype=dtype, chunks=(rows, shape[1])).map_blocks(band, dtype=dtype)
-
-
 def prompt_slide(
     slide_or_path: Any,
     prompts: list[Prompt],
@@ -412,6 +374,7 @@ def prompt_slide(
             }
         if out is not None:
             from ..io.ome_tiff import write_ome_tiff
+            from .prompt_labels import objects_image
 
             write_ome_tiff(
                 out,
