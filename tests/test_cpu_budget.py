@@ -39,7 +39,7 @@ def test_unet_baseline_trains_for_its_budget_and_segments(shared_data, tmp_path,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "unet"
     sets = [
-        "trainer.step_budget=null",  # the recipe's 72 steps would win over the minutes
+        "trainer.step_budget=null",  # the recipe's step budget would win over the minutes
         "trainer.cpu_budget_minutes=0.15",  # 9 CPU-seconds: a few steps
         "data.tile_size=64",
         "model.image_size=64",

@@ -109,11 +109,11 @@ def glas_image(shared_data, tmp_path):
 def test_bundled_model_prompts_glands_from_the_segment_cache(glas_image, tmp_path):
     """Every gland of a GlaS image, clicked in its middle and boxed, on a segmented image (embedding cache).
 
-    The bounds are below what this image gives (mean Dice 0.50 by click, 0.88 by box across tiles, over its 8 glands of
-    at least 500 px clear of the image's edge). Clicks on this image are among the bundled prompt path's worst: two of
-    its glands come back merged with the tissue around them (Dice 0.07 and 0.14). The earlier 10-minute prompt path
-    gave 0.70 here but was worse held out (fold-0 click Dice 0.615 against 0.653); the held-out numbers are
-    benchmarks/segment_glas/prompt_eval.py's (docs/prompting.md)."""
+    The bounds are below what this image gives (mean Dice 0.61 by click, 0.88 by box across tiles, over its 8 glands of
+    at least 500 px clear of the image's edge). Clicks on this image are among the bundled model's worst: one of its
+    glands comes back merged with the tissue around it (Dice 0.09). The earlier bundled model (871 steps, 10-minute
+    prompt path) gave 0.70 here but was worse held out (fold-0 click Dice 0.615 against 0.691); the held-out numbers
+    are benchmarks/segment_glas/prompt_eval.py's (docs/prompting.md)."""
     from napari_pathfm.pipelines.prompt import Prompt, PromptSession
     from napari_pathfm.pipelines.prompt_labels import paint_objects
     from napari_pathfm.pipelines.segment import segment_slide
@@ -140,7 +140,7 @@ def test_bundled_model_prompts_glands_from_the_segment_cache(glas_image, tmp_pat
             assert _dice(grown, big) > _dice(one, big) + 0.1, (_dice(grown, big), _dice(one, big))
             assert s._encoder.computed == 0, "a segmented image's tiles come from the cache"
     assert len(dice["click"]) >= 5
-    assert np.mean(dice["click"]) > 0.4 and np.mean(dice["box"]) > 0.75, {k: np.mean(v) for k, v in dice.items()}
+    assert np.mean(dice["click"]) > 0.5 and np.mean(dice["box"]) > 0.75, {k: np.mean(v) for k, v in dice.items()}
     x, y, gland = _gland_click(mask)
     with opened_slide(image, GLAS_MPP) as slide, PromptSession(slide, cache=False, device="cpu") as s:
         obj = s.segment(Prompt(points=((x, y),)))

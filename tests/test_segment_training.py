@@ -272,7 +272,7 @@ def test_pathsam2_recipes_validate(shared_data, monkeypatch, tmp_path):
     assert cpu.get("model.freeze_encoders") is False and cpu.get("model.image_size") <= 256
     assert Path(cpu.get("data.root")) == shared_data / "glas" / "train"
     # the bundled model trains on all 85 images for a budget; its estimate is cross-validated (cv.py)
-    assert cpu.get("data.val_names") == [] and cpu.get("trainer.cpu_budget_minutes") == 12
+    assert cpu.get("data.val_names") == [] and cpu.get("trainer.cpu_budget_minutes") == 36
     unet = load_recipe(RECIPES / "glas_unet_baseline.yaml")
     same = ("root", "classes", "val_names", "mpp", "tile_size", "samples_per_image", "color_jitter")
     for key in (*(f"data.{k}" for k in same), "trainer.cpu_budget_minutes", "loss.alpha", "seed"):
@@ -415,9 +415,15 @@ def test_bundled_glas_model_card_tells_the_truth_and_the_model_segments(shared_d
     steps = card["recipe"]["trainer"]["step_budget"]  # the bundled model trained as long as each fold model
     assert [t["steps"] for t in report["models"]["pathsam2"]["training"]] == [steps] * 5
     prompt_recipe = yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu_prompts.yaml").read_text())
-    minutes = prompt_recipe["trainer"]["cpu_budget_minutes"]  # the prompt path: the recipe's budget
-    assert card["prompt_training"]["training_time"].startswith(f"{minutes:g} CPU-minutes")
+    budget, words = prompt_recipe["trainer"], card["prompt_training"]["training_time"]  # the prompt path's budget
     held = json.loads((here / "prompt_results.json").read_text(encoding="utf-8"))  # prompt_eval.py, fold 0
+    if budget.get("step_budget"):  # the steps the evaluated fold-0 prompt run took, repeated by the bundled one
+        assert (
+            words.startswith(f"{budget['step_budget']} steps") and held["prompt_model_steps"] == budget["step_budget"]
+        )
+        assert f"what {budget['cpu_budget_minutes']:g} CPU-minutes bought" in words
+    else:
+        assert words.startswith(f"{budget['cpu_budget_minutes']:g} CPU-minutes")
     assert card["prompt_evaluation"]["results"] == held["results"] and held["prompt_model_steps"] > 0
     for key in ("dice", "object_f1", "object_dice"):  # the words a user reads say the same
         assert f"{card['evaluation']['cv'][key]['mean']:.3f}" in card["evaluation"]["summary"], key

@@ -131,6 +131,20 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
     return run / "model.safetensors", extra
 
 
+def _ship_objects(card: dict, best: dict) -> None:
+    """Give the card the object settings chosen on the folds (``best``), which the recipe must hold too.
+
+    They only turn the class map into objects (``pathfm segment``), so a final run trained before the
+    recipe took them ships them without training again."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu.yaml").read_text(encoding="utf-8"))
+    if {k: recipe["objects"].get(k) for k in best} != best:
+        raise SystemExit(f"put the chosen object settings {best} into training/pathsam2/glas_cpu.yaml first")
+    card["objects"] = {**card.get("objects", {}), **best}
+    card["recipe"]["objects"] = {**card["recipe"].get("objects", {}), **best}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=str(REPO / "runs" / "pathsam2_glas_cpu_final"))
@@ -147,6 +161,8 @@ def main() -> None:
         card.update(extra)
     report = json.loads(Path(args.cv).read_text(encoding="utf-8"))
     objects = json.loads(Path(args.objects).read_text(encoding="utf-8")) if args.objects else None
+    if objects is not None:
+        _ship_objects(card, objects["models"]["pathsam2"]["best"])
     done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
     mpp, batch, tile = card["recipe"]["data"]["input_mpp"], card["recipe"]["trainer"]["batch_size"], card["tile_size"]

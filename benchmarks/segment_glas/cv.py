@@ -8,8 +8,8 @@ What it does, in one run:
 2. for each fold and each model (``pathsam2/glas_cpu``, the bundled model's recipe, and
    ``pathsam2/glas_unet_baseline``), trains on the other four folds with the recipe's budget and
    nothing held out for model selection: the last weights are the fold's model. Both recipes record
-   their 12 CPU-minutes as the steps they bought in the CV run of 2026-12-05 (``trainer.step_budget``,
-   so a faster or slower machine repeats the same schedule); ``--set trainer.step_budget=null``
+   their budget as steps (``trainer.step_budget``: three times what 12 CPU-minutes bought in the CV run
+   of 2026-12-05), so a faster or slower machine repeats the same schedule; ``--set trainer.step_budget=null``
    trains on ``trainer.cpu_budget_minutes`` instead (CPU time of the training process, so other jobs
    on the machine do not change what a model gets);
 3. predicts every held-out image with the segment command's defaults
