@@ -131,14 +131,19 @@ def _prompt_card(run: Path, base: dict, evaluation_json: str | None) -> tuple[Pa
     return run / "model.safetensors", extra
 
 
+def _recipe() -> dict:
+    """The bundled model's recipe file as it is now (its card names it as ``recipe_file``)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu.yaml").read_text(encoding="utf-8"))
+
+
 def _ship_objects(card: dict, best: dict) -> None:
     """Give the card the object settings chosen on the folds (``best``), which the recipe must hold too.
 
     They only turn the class map into objects (``pathfm segment``), so a final run trained before the
     recipe took them ships them without training again."""
-    import yaml
-
-    recipe = yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu.yaml").read_text(encoding="utf-8"))
+    recipe = _recipe()
     if {k: recipe["objects"].get(k) for k in best} != best:
         raise SystemExit(f"put the chosen object settings {best} into training/pathsam2/glas_cpu.yaml first")
     card["objects"] = {**card.get("objects", {}), **best}
@@ -167,6 +172,9 @@ def main() -> None:
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
     mpp, batch, tile = card["recipe"]["data"]["input_mpp"], card["recipe"]["trainer"]["batch_size"], card["tile_size"]
     card.pop("held_out_evaluation", None)  # an earlier model's 17-image hold-out
+    recipe = _recipe()
+    if card["recipe"]["trainer"].get("step_budget") == recipe["trainer"].get("step_budget"):
+        card["recipe"]["description"] = recipe["description"]  # a run made with --set keeps the old words
     card.update(
         {
             "weights_file": TARGET.name + ".safetensors",
