@@ -140,7 +140,7 @@ def main() -> None:
         sys.exit("--final trains the recipe as it is: put a --set change into the recipe first")
     if (args.sets or args.baseline_sets or args.flips is not None) and Path(args.out) == HERE / "cv_results":
         sys.exit(
-            "--set/--flips score a candidate, not the recipe: give --out so the recipe's cv_results stay as they are"
+            "--set/--baseline-set/--flips score a candidate, not the recipe: give --out so the recipe's cv_results stay as they are"
         )
     shared = os.environ.get("PATHFM_SHARED_DATA")
     root = Path(args.root or (Path(shared) / "glas" / "train" if shared else ""))
