@@ -138,12 +138,11 @@ def _recipe() -> dict:
     return yaml.safe_load((REPO / "training" / "pathsam2" / "glas_cpu.yaml").read_text(encoding="utf-8"))
 
 
-def _ship_objects(card: dict, best: dict) -> None:
+def _ship_objects(card: dict, best: dict, recipe: dict) -> None:
     """Give the card the object settings chosen on the folds (``best``), which the recipe must hold too.
 
     They only turn the class map into objects (``pathfm segment``), so a final run trained before the
     recipe took them ships them without training again."""
-    recipe = _recipe()
     if {k: recipe["objects"].get(k) for k in best} != best:
         raise SystemExit(f"put the chosen object settings {best} into training/pathsam2/glas_cpu.yaml first")
     card["objects"] = {**card.get("objects", {}), **best}
@@ -166,13 +165,13 @@ def main() -> None:
         card.update(extra)
     report = json.loads(Path(args.cv).read_text(encoding="utf-8"))
     objects = json.loads(Path(args.objects).read_text(encoding="utf-8")) if args.objects else None
+    recipe = _recipe()
     if objects is not None:
-        _ship_objects(card, objects["models"]["pathsam2"]["best"])
+        _ship_objects(card, objects["models"]["pathsam2"]["best"], recipe)
     done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
     mpp, batch, tile = card["recipe"]["data"]["input_mpp"], card["recipe"]["trainer"]["batch_size"], card["tile_size"]
     card.pop("held_out_evaluation", None)  # an earlier model's 17-image hold-out
-    recipe = _recipe()
     if card["recipe"]["trainer"].get("step_budget") == recipe["trainer"].get("step_budget"):
         card["recipe"]["description"] = recipe["description"]  # a run made with --set keeps the old words
     card.update(

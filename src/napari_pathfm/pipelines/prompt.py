@@ -258,14 +258,14 @@ class PromptSession:
         g = self.grid
         ty, tx = (float(v) for v in g.tiles[i])
         s = self.model.input_size / (g.tile_size * g.scale)  # model input px per level-0 px
-        points = labels = boxes = None
-        if not prompt.points:  # a box alone: two padding clicks, as the prompt path trained on it
-            points = torch.zeros((1, 2, 2), device=self.dev)
-            labels = torch.full((1, 2), -1, dtype=torch.int64, device=self.dev)
+        boxes = None
         if prompt.points:
             pts = (np.array(prompt.points, np.float32) - [tx, ty]) * s
             points = torch.as_tensor(pts[None], device=self.dev)
             labels = torch.as_tensor(np.array(prompt.labels, np.int64)[None], device=self.dev)
+        else:  # a box alone: two padding clicks, as the prompt path trained on it
+            points = torch.zeros((1, 2, 2), device=self.dev)
+            labels = torch.full((1, 2), -1, dtype=torch.int64, device=self.dev)
         if prompt.box is not None:
             b = (np.array(prompt.box, np.float32) - [tx, ty, tx, ty]) * s
             boxes = torch.as_tensor(b[None], device=self.dev)
