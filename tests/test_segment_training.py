@@ -358,12 +358,15 @@ def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatc
             extra,
             "--set",
             "trainer.max_epochs=1",
+            "--set",
+            "loss.border_weight=10",  # the U-Net paper's border weights on the fine-tune's loss
         ]
     )
     assert json.loads((second / "split.json").read_text())["extra"] == [str(corr / "images" / "train_3_r0_c0.png")]
     assert {p.name: p.read_bytes() for p in (first / "model.safetensors", first / "model.json")} == before
     tuned = json.loads((second / "model.json").read_text())
     assert tuned["init_checkpoint"]["sha256"] == card["sha256"] and tuned["sha256"] != card["sha256"]
+    assert np.isfinite(tuned["metrics"]["best"]["train_loss"])
     assert tuned["config"] == card["config"]
     assert tuned["objects"] == card["objects"], "a fine-tune keeps its parent's object settings"
     assert tuned["flips"] is True, "and its test-time flips"

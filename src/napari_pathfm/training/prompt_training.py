@@ -65,7 +65,7 @@ def prompt_step(task: Any, batch: dict) -> tuple[Any, dict]:
         loss, parts = x.new_zeros(()), {}
     else:
         encoded = model.encode(x)
-        loss, parts = task.loss(model.decode(x, encoded), batch["mask"])
+        loss, parts = task.loss(model.decode(x, encoded), batch["mask"], weighted=True)
     masks = batch["mask"]
     p = simulate_prompts(masks.cpu().numpy(), task._prompt_rng, scale=x.shape[-1] / masks.shape[-1])
     if p is None:

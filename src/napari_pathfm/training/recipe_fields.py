@@ -235,6 +235,10 @@ SEGMENT: dict[str, Field] = {
     "optim.weight_decay": Field(_NUM, 1e-2, "Weight decay."),
     "loss.alpha": Field(_NUM, 0.125, "α: loss = (1-α)·Dice + α·Focal + β·MSE(IoU)."),
     "loss.beta": Field(_NUM, 0.01, "β: weight of the IoU-prediction MSE."),
+    "loss.border_weight": Field(
+        _NUM, 0.0, "w0 of the U-Net paper's border weights: background between two glands counts up to 1+w0 (0: off)."
+    ),
+    "loss.border_sigma_um": Field(_NUM, 5.0, "σ of the border weights in µm (how narrow a gap gets the weight)."),
     "loss.prompt_weight": Field(
         _NUM, 0.0, "With model.prompts: weight of the loss of clicks/boxes simulated from the masks (0: off)."
     ),

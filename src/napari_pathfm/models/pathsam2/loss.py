@@ -25,6 +25,7 @@ def pathsam2_loss(
     ignore_index: int = 255,
     gamma: float = 2.0,
     focal_alpha: float = 0.25,
+    weight: torch.Tensor | None = None,
 ):
     """Loss of a batch.
 
@@ -35,6 +36,9 @@ def pathsam2_loss(
     target : LongTensor (B, H, W)
         Class indices, ``ignore_index`` where unknown. Logits of another size are
         resized (bilinear) to the target's.
+    weight : Tensor (B, H, W), optional
+        Per-pixel weights of the Dice and focal terms (the U-Net's border weights,
+        :func:`napari_pathfm.training.border_weights.border_weights`); 1 everywhere if None.
 
     Returns
     -------
@@ -49,15 +53,17 @@ def pathsam2_loss(
     onehot = F.one_hot(torch.where(target == ignore_index, 0, target).clamp(0, K - 1), K).permute(0, 3, 1, 2).float()
     onehot = onehot * valid
     prob = logits.sigmoid()
+    w = valid if weight is None else valid * weight.unsqueeze(1).float()
 
-    inter = (prob * onehot * valid).sum((2, 3))
-    denom = (prob * valid).sum((2, 3)) + onehot.sum((2, 3))
+    inter = (prob * onehot * w).sum((2, 3))
+    denom = (prob * w).sum((2, 3)) + (onehot * w).sum((2, 3))
     dice = 1 - (2 * inter + 1) / (denom + 1)
 
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = prob * onehot + (1 - prob) * (1 - onehot)
     a_t = focal_alpha * onehot + (1 - focal_alpha) * (1 - onehot)
-    focal = (a_t * ce * (1 - p_t) ** gamma * valid).sum((2, 3)) / valid.sum((2, 3)).clamp(min=1)
+    # normalised by the labelled pixels, not the weights: a border weight adds emphasis, it takes none away
+    focal = (a_t * ce * (1 - p_t) ** gamma * w).sum((2, 3)) / valid.sum((2, 3)).clamp(min=1)
 
     with torch.no_grad():
         pred = (logits > 0).float() * valid

@@ -67,6 +67,7 @@ import torch
 from ...errors import RecipeError
 from ...models.registry import create_model
 from ...tiles.stain import stain_reference_from_paths
+from ..border_weights import batch_border_weights
 from ..prompt_training import freeze_all_but_prompts, load_init, prompt_step
 from ..recipes import Recipe
 from ..seg_metrics import dice_iou, f1_from_counts, object_counts
@@ -128,6 +129,8 @@ class SegmentTask(L.LightningModule):
         init_checkpoint: Path | None = None,
         prompt_weight: float = 0.0,
         trainable: str = "all",
+        border_weight: float = 0.0,
+        border_sigma_px: float = 8.0,
     ):
         super().__init__()
         self.model = model
@@ -141,6 +144,8 @@ class SegmentTask(L.LightningModule):
         self.prompt_weight = float(prompt_weight or 0.0)
         self._prompt_rng = np.random.default_rng(0)
         self.prompt_only = trainable == "prompt"
+        # > 0: the U-Net paper's border weights on the class-mask loss (training/border_weights.py)
+        self.border_weight, self.border_sigma_px = float(border_weight or 0.0), float(border_sigma_px)
         if self.prompt_only:
             freeze_all_but_prompts(model, self.prompt_weight)
         self._reset_val()
@@ -157,12 +162,23 @@ class SegmentTask(L.LightningModule):
         self._obj = torch.zeros(3, dtype=torch.float64)  # TP, FP, FN over the foreground classes
         self._loss = torch.zeros(2, dtype=torch.float64)  # sum, count
 
-    def loss(self, out: dict, target: torch.Tensor):
-        """``(loss, parts)`` of :func:`~napari_pathfm.models.pathsam2.loss.pathsam2_loss`."""
+    def loss(self, out: dict, target: torch.Tensor, weighted: bool = False):
+        """``(loss, parts)`` of :func:`~napari_pathfm.models.pathsam2.loss.pathsam2_loss`.
+
+        ``weighted`` (training crops) applies the border weights when ``border_weight`` > 0.
+        """
         from ...models.pathsam2.loss import pathsam2_loss
 
-        target = fit_target(target, out["logits"].shape[-2:])
-        return pathsam2_loss(out, target, alpha=self.alpha, beta=self.beta, ignore_index=self.ignore_index)
+        size = out["logits"].shape[-2:]
+        sigma = self.border_sigma_px * size[-1] / target.shape[-1]  # σ in pixels of the loss's map
+        target = fit_target(target, size)
+        weight = None
+        if weighted and self.border_weight > 0:
+            w = batch_border_weights(target.cpu().numpy(), self.border_weight, sigma, self.ignore_index)
+            weight = torch.from_numpy(w).to(out["logits"].device)
+        return pathsam2_loss(
+            out, target, alpha=self.alpha, beta=self.beta, ignore_index=self.ignore_index, weight=weight
+        )
 
     def forward(self, images_uint8: torch.Tensor) -> dict:
         return self.model(self.model.preprocess(images_uint8))
@@ -182,7 +198,7 @@ class SegmentTask(L.LightningModule):
         if self.prompt_weight > 0 and getattr(self.model, "prompt_encoder", None) is not None:
             loss, parts = self._with_prompts(batch)
         else:
-            loss, parts = self.loss(self(batch["image"]), batch["mask"])
+            loss, parts = self.loss(self(batch["image"]), batch["mask"], weighted=True)
         if loss is None:
             return None
         n = len(batch["mask"])
@@ -367,6 +383,8 @@ def build(recipe: Recipe):
         beta=recipe.get("loss.beta"),
         prompt_weight=recipe.get("loss.prompt_weight"),
         trainable=recipe.get("optim.trainable"),
+        border_weight=recipe.get("loss.border_weight"),
+        border_sigma_px=recipe.get("loss.border_sigma_um") / float(data.input_mpp or data.mpp or 1.0),
         ignore_index=IGNORE,
         tile_size=tile,
         val_stride=data_cfg.get("val_stride"),
