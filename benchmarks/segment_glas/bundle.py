@@ -6,7 +6,9 @@ judge it (``pathfm models --checkpoints`` shows it): the training data, budget a
 cross-validated metrics with 95% intervals from ``cv_results.json`` (written by ``cv.py``) beside
 the plain U-Net's from the same run, the licence and the intended use. With ``--objects``
 (``objects_select.py``'s report on the same fold models, ``cv_objects.json``) the headline numbers of
-both models are the cross-selected ones (object settings chosen without the scored fold).
+both models are the cross-selected ones (object settings chosen without the scored fold); with
+``--headline shipped`` they are both models' scores at the settings their recipes ship (what
+``pathfm segment`` does), and the cross-selected ones stand beside them.
 
 With ``--prompts RUN`` (a ``pathsam2/glas_cpu_prompts`` run started from ``--run``'s model) the bundled
 weights are that run's: the same class masks (its training froze them) plus the click/box path; the
@@ -14,7 +16,7 @@ card then also says how that path was trained and, with ``--prompt-eval`` (``pro
 how well it finds held-out glands beside picking them from automatic masks.
 
     .venv/bin/python benchmarks/segment_glas/bundle.py [--run runs/pathsam2_glas_cpu_final]
-        [--objects benchmarks/segment_glas/cv_objects.json]
+        [--objects benchmarks/segment_glas/cv_objects.json [--headline shipped]]
         [--prompts runs/pathsam2_glas_cpu_prompts --prompt-eval runs/prompt/eval.json]
 """
 
@@ -40,13 +42,15 @@ def _line(cv: dict) -> str:
     return ", ".join(parts)
 
 
-def evaluation(report: dict, objects: dict | None = None) -> dict:
+def evaluation(report: dict, objects: dict | None = None, headline: str = "cross-selected") -> dict:
     """The card's ``evaluation`` section from a ``cv.py`` report.
 
     With ``objects`` (an ``objects_select.py`` report on the same fold models) the headline numbers are
     its cross-selected estimate for both models: fold k scored with the object setting that did best
     on the other folds, so no fold's number comes from a choice made on that fold. The recipes must
-    ship the setting best over all folds (the one ``cv.py`` scored), which is reported beside it."""
+    ship the setting best over all folds (the one ``cv.py`` scored), which is reported beside it.
+    ``headline="shipped"`` swaps the two: the headline is each model at its recipe's settings (for a
+    recipe whose settings were fixed before its fold models were trained, the estimate without choice)."""
     ours, unet = report["models"]["pathsam2"], report["models"]["unet"]
     cv_ours, cv_unet = ours["default"]["cv"], unet["default"]["cv"]
     how = "The object settings were chosen on fold 0's images with an earlier model."
@@ -59,15 +63,25 @@ def evaluation(report: dict, objects: dict | None = None) -> dict:
                     f"{m}: cv.py scored the objects {used}, objects_select found {best} best: "
                     "put that into the recipe and run cv.py --score-only again"
                 )
-        cv_ours, cv_unet = (objects["models"][m]["cross_selected"]["cv"] for m in ("pathsam2", "unet"))
-        how = (
-            "Object settings (split_um x min_area_um2 grid, objects_select.py) chosen the same way for both "
-            "models: fold k is scored with the setting best (mean of object F1 and object Dice) on the other "
-            f"folds; the recipe ships the setting best on all folds ({objects['models']['pathsam2']['best']}), "
-            "whose scores are under cv_shipped_objects (slightly optimistic)."
-        )
+        crossed = [objects["models"][m]["cross_selected"]["cv"] for m in ("pathsam2", "unet")]
+        best = objects["models"]["pathsam2"]["best"]
+        if headline == "cross-selected":
+            cv_ours, cv_unet = crossed
+            how = (
+                "Object settings (split_um x min_area_um2 grid, objects_select.py) chosen the same way for both "
+                "models: fold k is scored with the setting best (mean of object F1 and object Dice) on the other "
+                f"folds; the recipe ships the setting best on all folds ({best}), "
+                "whose scores are under cv_shipped_objects (slightly optimistic)."
+            )
+        else:
+            how = (
+                f"Each model scored at the object settings its recipe ships (this model: {best}, kept from the "
+                "previous bundled model's folds and best on these folds too; the U-Net: its own best on its folds). "
+                "Under cv_cross_selected_objects: fold k scored with the setting best (mean of object F1 and "
+                "object Dice) on the other folds of a split_um x min_area_um2 grid (objects_select.py)."
+            )
         command += (
-            " && .venv/bin/python benchmarks/segment_glas/objects_select.py --runs runs/segment_cv"
+            f" && .venv/bin/python benchmarks/segment_glas/objects_select.py --runs {objects.get('runs', 'runs/segment_cv')}"
             " --out benchmarks/segment_glas/cv_objects"
         )
     k = cv_ours["dice"]["n"]
@@ -94,9 +108,11 @@ def evaluation(report: dict, objects: dict | None = None) -> dict:
         },
         "training_steps": {m: [t["steps"] for t in r["training"]] for m, r in report["models"].items()},
     }
-    if objects is not None:
+    if objects is not None and headline == "cross-selected":
         out["cv_shipped_objects"] = ours["default"]["cv"]
         out["baseline"]["cv_shipped_objects"] = unet["default"]["cv"]
+    elif objects is not None:
+        out["cv_cross_selected_objects"], out["baseline"]["cv_cross_selected_objects"] = crossed
     return out
 
 
@@ -154,6 +170,12 @@ def main() -> None:
     ap.add_argument("--run", default=str(REPO / "runs" / "pathsam2_glas_cpu_final"))
     ap.add_argument("--cv", default=str(HERE / "cv_results.json"), help="cv.py's report on the fold models")
     ap.add_argument("--objects", default=None, help="objects_select.py's report on the same fold models")
+    ap.add_argument(
+        "--headline",
+        choices=("cross-selected", "shipped"),
+        default="cross-selected",
+        help="with --objects: the card's headline numbers (see evaluation())",
+    )
     ap.add_argument("--prompts", default=None, help="the glas_cpu_prompts run on --run's model")
     ap.add_argument("--prompt-eval", default=None, help="prompt_eval.py's JSON report")
     args = ap.parse_args()
@@ -171,6 +193,7 @@ def main() -> None:
     done = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines() if '"done"' in x][-1]
     budget = card["recipe"]["trainer"]["cpu_budget_minutes"]
     mpp, batch, tile = card["recipe"]["data"]["input_mpp"], card["recipe"]["trainer"]["batch_size"], card["tile_size"]
+    border = card["recipe"].get("loss", {}).get("border_weight")  # the U-Net paper's border weights, if used
     card.pop("held_out_evaluation", None)  # an earlier model's 17-image hold-out
     if card["recipe"]["trainer"].get("step_budget") == recipe["trainer"].get("step_budget"):
         card["recipe"]["description"] = recipe["description"]  # a run made with --set keeps the old words
@@ -181,7 +204,9 @@ def main() -> None:
             "description": (
                 "Small Path-SAM2 for gland vs background in H&E (colon): random-init SAM2-style Hiera micro trunk "
                 "(no SAM2 weights), no UNI branch, KAN class prompts and heads, SAM-style decoder of width 128, "
-                f"{tile} px tiles at {mpp:g} µm/px. Trained from scratch on the 85 GlaS training images for {done['step']} steps "
+                f"{tile} px tiles at {mpp:g} µm/px"
+                + (f", border-weighted loss (w0 {border:g})" if border else "")
+                + f". Trained from scratch on the 85 GlaS training images for {done['step']} steps "
                 f"({budget} CPU-minutes). The default model of `pathfm segment` and the Segment widget; one object per gland."
             ),
             "command": "pathfm train pathsam2/glas_cpu",
@@ -204,7 +229,7 @@ def main() -> None:
                 "on other tissue it marks gland-like epithelium."
             ),
             "licence": "GlaS: research use only, no commercial use. These weights inherit that restriction.",
-            "evaluation": evaluation(report, objects),
+            "evaluation": evaluation(report, objects, args.headline),
         }
     )
     for suffix in (".safetensors", ".json"):
