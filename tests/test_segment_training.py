@@ -296,6 +296,21 @@ def _train(args: list[str]):
     return result
 
 
+def test_border_weights_refused_without_the_pixel_size(shared_data, tmp_path, monkeypatch):
+    """loss.border_sigma_um is in µm: with no µm/px known the run is refused, not trained at a guessed size."""
+    from typer.testing import CliRunner
+
+    from napari_pathfm.cli import app
+
+    monkeypatch.setenv("PATHFM_SHARED_DATA", str(shared_data))
+    _glas(shared_data)
+    sets = ["data.mpp=null", "data.input_mpp=null", "loss.border_weight=10"]
+    args = [str(RECIPES / "glas_tiny.yaml"), "--out", str(tmp_path / "run"), *(a for s in sets for a in ("--set", s))]
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 2 and "µm/px of the images is unknown" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_train_glas_tiny_then_finetune_from_it(shared_data, tmp_path, monkeypatch):
     from napari_pathfm.models.checkpoint import load_checkpoint
 

@@ -368,6 +368,12 @@ def build(recipe: Recipe):
             "Remove model.num_classes (it follows data.classes) or fix data.classes.",
         )
     cfg["num_classes"] = data.num_classes
+    if recipe.get("loss.border_weight") and data.input_mpp is None:  # σ is in µm: never guess the pixel size
+        raise RecipeError(
+            where,
+            "loss.border_weight is set but the µm/px of the images is unknown (loss.border_sigma_um is in µm).",
+            "Set data.mpp to the µm/px of the image files (GlaS: 0.62), or remove loss.border_weight.",
+        )
     model = create_model(name, **cfg)
     foundation = _forget_weight_files(model)
     if init is not None:
@@ -384,7 +390,7 @@ def build(recipe: Recipe):
         prompt_weight=recipe.get("loss.prompt_weight"),
         trainable=recipe.get("optim.trainable"),
         border_weight=recipe.get("loss.border_weight"),
-        border_sigma_px=recipe.get("loss.border_sigma_um") / float(data.input_mpp or data.mpp or 1.0),
+        border_sigma_px=recipe.get("loss.border_sigma_um") / float(data.input_mpp or 1.0),  # 1.0: weights off
         ignore_index=IGNORE,
         tile_size=tile,
         val_stride=data_cfg.get("val_stride"),
