@@ -13,17 +13,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MODEL = dict(
-    encoder="hiera_micro",
-    uni=None,
-    image_size=64,
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    decoder_mlp_dim=64,
-    freeze_encoders=False,
-)
-
 
 @pytest.fixture(autouse=True)
 def _no_triton():
@@ -33,12 +22,12 @@ def _no_triton():
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path):
+def tiny_checkpoint(tmp_path, tiny_pathsam2):
     """A random-init toy Path-SAM2 segmentation checkpoint (64 px tiles at 2 µm/px)."""
     from napari_pathfm.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
-    model = create_model("pathsam2", num_classes=2, **MODEL)
+    model = create_model("pathsam2", num_classes=2, **tiny_pathsam2)
     card = {
         "family": "segment",
         "classes": ["background", "gland"],

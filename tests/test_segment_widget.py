@@ -11,21 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-MODEL = dict(
-    encoder="hiera_micro",
-    uni=None,
-    image_size=64,
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    decoder_mlp_dim=64,
-    freeze_encoders=False,
-)
 MPP = 2.0
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path):
+def tiny_checkpoint(tmp_path, tiny_pathsam2):
     """A random-init toy Path-SAM2 saved as a segmentation checkpoint (64 px tiles at 2 µm/px)."""
     from napari_pathfm.widgets._gl_safety import keep_triton_out
 
@@ -33,7 +23,7 @@ def tiny_checkpoint(tmp_path):
     from napari_pathfm.models import create_model, save_checkpoint
 
     torch.manual_seed(0)
-    model = create_model("pathsam2", num_classes=2, **MODEL)
+    model = create_model("pathsam2", num_classes=2, **tiny_pathsam2)
     card = {
         "family": "segment",
         "classes": ["background", "gland"],

@@ -16,7 +16,7 @@ card then also says how that path was trained and, with ``--prompt-eval`` (``pro
 how well it finds held-out glands beside picking them from automatic masks.
 
     .venv/bin/python benchmarks/segment_glas/bundle.py [--run runs/pathsam2_glas_cpu_final]
-        [--objects benchmarks/segment_glas/cv_objects.json [--headline shipped]]
+        [--objects benchmarks/segment_glas/cv_objects.json [--headline shipped --objects-origin TEXT]]
         [--prompts runs/pathsam2_glas_cpu_prompts --prompt-eval runs/prompt/eval.json]
 """
 
@@ -42,7 +42,9 @@ def _line(cv: dict) -> str:
     return ", ".join(parts)
 
 
-def evaluation(report: dict, objects: dict | None = None, headline: str = "cross-selected") -> dict:
+def evaluation(
+    report: dict, objects: dict | None = None, headline: str = "cross-selected", origin: str | None = None
+) -> dict:
     """The card's ``evaluation`` section from a ``cv.py`` report.
 
     With ``objects`` (an ``objects_select.py`` report on the same fold models) the headline numbers are
@@ -50,7 +52,8 @@ def evaluation(report: dict, objects: dict | None = None, headline: str = "cross
     on the other folds, so no fold's number comes from a choice made on that fold. The recipes must
     ship the setting best over all folds (the one ``cv.py`` scored), which is reported beside it.
     ``headline="shipped"`` swaps the two: the headline is each model at its recipe's settings (for a
-    recipe whose settings were fixed before its fold models were trained, the estimate without choice)."""
+    recipe whose settings were fixed before its fold models were trained, the estimate without choice);
+    ``origin`` then says where this model's settings came from, in the card's words."""
     ours, unet = report["models"]["pathsam2"], report["models"]["unet"]
     cv_ours, cv_unet = ours["default"]["cv"], unet["default"]["cv"]
     how = "The object settings were chosen on fold 0's images with an earlier model."
@@ -74,9 +77,13 @@ def evaluation(report: dict, objects: dict | None = None, headline: str = "cross
                 "whose scores are under cv_shipped_objects (slightly optimistic)."
             )
         else:
+            if not origin:
+                raise SystemExit(
+                    "--headline shipped needs --objects-origin: where the recipe's object settings came from"
+                )
             how = (
-                f"Each model scored at the object settings its recipe ships (this model: {best}, kept from the "
-                "previous bundled model's folds and best on these folds too; the U-Net: its own best on its folds). "
+                f"Each model scored at the object settings its recipe ships (this model: {best}, {origin} "
+                "and best on these folds too; the U-Net: its own best on its folds). "
                 "Under cv_cross_selected_objects: fold k scored with the setting best (mean of object F1 and "
                 "object Dice) on the other folds of a split_um x min_area_um2 grid (objects_select.py)."
             )
@@ -176,6 +183,12 @@ def main() -> None:
         default="cross-selected",
         help="with --objects: the card's headline numbers (see evaluation())",
     )
+    ap.add_argument(
+        "--objects-origin",
+        default=None,
+        help="with --headline shipped: where the recipe's object settings came from, for the card "
+        "(e.g. 'kept from the previous bundled model's folds')",
+    )
     ap.add_argument("--prompts", default=None, help="the glas_cpu_prompts run on --run's model")
     ap.add_argument("--prompt-eval", default=None, help="prompt_eval.py's JSON report")
     args = ap.parse_args()
@@ -229,7 +242,7 @@ def main() -> None:
                 "on other tissue it marks gland-like epithelium."
             ),
             "licence": "GlaS: research use only, no commercial use. These weights inherit that restriction.",
-            "evaluation": evaluation(report, objects, args.headline),
+            "evaluation": evaluation(report, objects, args.headline, args.objects_origin),
         }
     )
     for suffix in (".safetensors", ".json"):

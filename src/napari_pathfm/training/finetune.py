@@ -4,7 +4,8 @@
 folder (``images/`` + ``masks/`` written by
 :class:`~napari_pathfm.pipelines.corrections.CorrectionRecorder`) into an
 ordinary ``segment`` recipe: same model and classes, weights initialised from
-the checkpoint (``data.init_checkpoint``), tiles at the model's µm/px, the
+the checkpoint (``data.init_checkpoint``), tiles at the model's µm/px, the loss
+terms it was trained with (:data:`INHERITED_LOSS`, e.g. the bundled model's border weights), the
 checkpoint's own training data optionally mixed in (``base_root``). The
 training goes through the one engine (progress, Stop, logs), and the result is a
 NEW checkpoint in its own run folder: the starting checkpoint is never touched.
@@ -28,7 +29,10 @@ from typing import Any
 
 from ..errors import Cancelled, CorrectionError
 
-__all__ = ["default_output", "finetune_from_corrections", "finetune_recipe"]
+__all__ = ["INHERITED_LOSS", "default_output", "finetune_from_corrections", "finetune_recipe"]
+
+#: Loss settings a fine-tune takes over from the checkpoint's training recipe (its card's ``recipe.loss``).
+INHERITED_LOSS = ("alpha", "beta", "border_weight", "border_sigma_um")
 
 
 def _pairs(folder: Path) -> list[str]:
@@ -121,6 +125,10 @@ def finetune_recipe(
         samples_per_image=2,
         ignore_index=int(card.get("ignore_index", 255)),
     )
+    # the loss the checkpoint was trained with (its card's resolved recipe): a fine-tune of the bundled
+    # model keeps its border weights, so corrections do not teach it to merge neighbouring glands again
+    trained = (card.get("recipe") or {}).get("loss") or {}
+    loss = {k: trained[k] for k in INHERITED_LOSS if trained.get(k) is not None}
     config = {
         "family": "segment",
         "description": f"Fine-tune of {weights.name} on {len(names)} corrected tiles from {corrections}.",
@@ -128,6 +136,7 @@ def finetune_recipe(
         "output": str(output or default_output(weights, corrections)),
         "model": {"name": card["name"]},
         "data": data,
+        "loss": loss,
         "optim": {"name": "adamw", "lr": float(lr), "weight_decay": 1e-2},
         "trainer": {"max_epochs": int(epochs), "batch_size": int(batch_size), "accelerator": "auto", "devices": 1},
     }

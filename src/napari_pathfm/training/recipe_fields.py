@@ -228,6 +228,11 @@ SEGMENT: dict[str, Field] = {
     "data.stain_jitter": Field(
         _NUM, 0.0, "HED stain augmentation: each stain's amount scaled/shifted by up to this share (0 turns it off)."
     ),
+    "data.shift_scale_rotate": Field(
+        (bool,), False, "Training crops also turned at any angle and rescaled (the window's centre stays)."
+    ),
+    "data.ssr_scale": Field(_NUM, 0.1, "Scale limit of those crops (1 ± this)."),
+    "data.ssr_rotate": Field(_NUM, 180.0, "Rotation limit of those crops in degrees."),
     "data.in_memory": Field((bool,), True, "Keep decoded images in memory after first use."),
     "data.extensions": Field((list,), IMAGE_EXTENSIONS, "Image and mask file suffixes to use."),
     "trainer.batch_size": Field((int,), 4, "Training crops per batch; also tiles per forward pass in validation."),

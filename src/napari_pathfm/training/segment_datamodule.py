@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import RecipeError
+from .affine_crop import ssr_matrix, warp_crop
 from .recipe_fields import IMAGE_EXTENSIONS
 from .segment_data import (
     IGNORE,
@@ -56,9 +57,11 @@ class SegmentTileDataset(Dataset):
         augment: bool = True,
         color_jitter: float = 0.0,
         stain_jitter: float = 0.0,
+        ssr: tuple[float, float] | None = None,
     ):
         self.store, self.tile, self.augment, self.color_jitter = store, int(tile), bool(augment), float(color_jitter)
         self.stain_jitter = float(stain_jitter)  # HED stain augmentation (training/stain_augment.py)
+        self.ssr = ssr  # (scale, rotate_deg): crops rotated at any angle and rescaled (training/affine_crop.py)
         self.index = [it for it in items for _ in range(max(1, int(samples_per_image)) * max(1, int(it.repeat)))]
         self.items = items
 
@@ -75,7 +78,14 @@ class SegmentTileDataset(Dataset):
         img, msk = _pad_to(img, msk, t, off)
         y = int(rng.integers(0, msk.shape[0] - t + 1))
         x = int(rng.integers(0, msk.shape[1] - t + 1))
-        img, msk = img[y : y + t, x : x + t], msk[y : y + t, x : x + t]
+        if self.augment and self.ssr is not None:
+            # the same window's centre, the crop turned and rescaled around it; source pixels
+            # outside the (padded) image are white and ignored by the loss, as padding is
+            mat = ssr_matrix((y + (t - 1) / 2, x + (t - 1) / 2), t, rng, scale=self.ssr[0], rotate_deg=self.ssr[1])
+            img = warp_crop(img, mat, t, fill=255)
+            msk = warp_crop(msk.astype(np.uint8, copy=False), mat, t, nearest=True, fill=IGNORE)
+        else:
+            img, msk = img[y : y + t, x : x + t], msk[y : y + t, x : x + t]
         if self.augment:
             k = int(rng.integers(0, 4))
             img, msk = np.rot90(img, k), np.rot90(msk, k)
@@ -311,7 +321,13 @@ class SegmentDataModule(L.LightningDataModule):
             self.cfg.get("augment", True),
             self.cfg.get("color_jitter", 0.0),
             self.cfg.get("stain_jitter", 0.0),
+            self._ssr(),
         )
+
+    def _ssr(self) -> tuple[float, float] | None:
+        if not self.cfg.get("shift_scale_rotate"):
+            return None
+        return float(self.cfg.get("ssr_scale", 0.1)), float(self.cfg.get("ssr_rotate", 180.0))
 
     def val_dataset(self) -> SegmentImageDataset:
         return SegmentImageDataset(self.val_items, self.store, self._tile())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .affine_crop import ssr_matrix, warp_crop
 from .translate_data import FieldOfView
 
 __all__ = ["TranslateCropDataset", "TranslateTileDataset", "random_crop", "tile_origins"]
@@ -68,29 +69,13 @@ def random_crop(
         cx, cy = _pad(x[sl], tile), _pad(y[sl], tile)
         cm = None if m is None else _pad(m[sl[1:]], tile)
         return cx, cy, cm
-    import cv2
-
     shift, scale, rot = ssr
     if centre is None:
         centre = (float(rng.uniform(0, h)), float(rng.uniform(0, w)))
-    cyy = centre[0] + float(rng.uniform(-shift, shift)) * tile
-    cxx = centre[1] + float(rng.uniform(-shift, shift)) * tile
-    s = 1.0 + float(rng.uniform(-scale, scale))
-    a = np.deg2rad(float(rng.uniform(-rot, rot)))
-    # output pixel (u, v) relative to the crop centre -> source = centre + R(a) @ (u, v) / s
-    cos, sin = np.cos(a) / s, np.sin(a) / s
-    half = (tile - 1) / 2.0
-    mat = np.array([[cos, -sin, cxx - cos * half + sin * half], [sin, cos, cyy - sin * half - cos * half]], np.float64)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-
-    def warp(plane: np.ndarray, interp: int = flags) -> np.ndarray:
-        return cv2.warpAffine(
-            np.ascontiguousarray(plane), mat, (tile, tile), flags=interp, borderMode=cv2.BORDER_REFLECT_101
-        )
-
-    cx = np.stack([warp(p) for p in x])
-    cy = np.stack([warp(p) for p in y])
-    cm = None if m is None else warp(m, cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    mat = ssr_matrix(centre, tile, rng, shift=shift, scale=scale, rotate_deg=rot)
+    cx = np.stack([warp_crop(p, mat, tile) for p in x])
+    cy = np.stack([warp_crop(p, mat, tile) for p in y])
+    cm = None if m is None else warp_crop(m, mat, tile, nearest=True)
     return cx, cy, cm
 
 
