@@ -75,6 +75,8 @@ FIELD_LABELS: dict[str, tuple[str, str]] = {
     "data.val_stacks": ("Validation z-stacks", ""),
     "data.channels": ("Target channels", ""),
     "data.planes": ("Input planes", ""),
+    "data.shift_scale_rotate": ("Turn and rescale crops", ""),
+    "data.ssr_scale": ("Scale limit", "±"),
     "data.ssr_rotate": ("Rotation limit", "°"),
     "loss.patch_weight": ("Patch loss weight", "λ"),
     "loss.alpha": ("Focal loss weight", "α"),
