@@ -66,14 +66,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def tiny_pathsam2() -> dict:
-    """``create_model("pathsam2", **tiny_pathsam2)`` settings of a random-init toy Path-SAM2 (64 px tiles, seconds to train)."""
-    return dict(
-        encoder="hiera_micro",
-        uni=None,
-        image_size=64,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        decoder_mlp_dim=64,
-        freeze_encoders=False,
-    )
+    """``create_model("pathsam2", **tiny_pathsam2)`` settings of a random-init toy Path-SAM2 (tests/toy_models.py)."""
+    from toy_models import TINY_PATHSAM2
+
+    return dict(TINY_PATHSAM2)

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_segment_widget import MODEL  # the toy Path-SAM2 of the dock tests
+from toy_models import TINY_PATHSAM2 as MODEL  # the toy Path-SAM2 of the dock tests
 
 from napari_pathfm.cli import app
 from napari_pathfm.models import create_model, save_checkpoint
